@@ -1,0 +1,185 @@
+//! The one error type of the crate, and its `Result` alias.
+//!
+//! Every variant carries the context needed to act on it: the file and byte position of
+//! corruption, the offset range a store holds, the instance or key involved.
+
+use std::io;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use crate::record::Offset;
+use crate::router::InstanceId;
+
+/// The result type used throughout cauce.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// Everything that can go wrong in cauce.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// An operating-system call on a file failed.
+    #[error("{op} {path}: {source}")]
+    Io {
+        /// What was being done (`"open"`, `"write"`, `"fdatasync"`, ...).
+        op: &'static str,
+        /// The file or directory involved.
+        path: PathBuf,
+        /// The underlying error.
+        #[source]
+        source: io::Error,
+    },
+
+    /// Stored data failed its checks somewhere other than a torn tail.
+    ///
+    /// Nothing after this point is returned as data. A log with corruption in the middle
+    /// can still be opened read-only up to this point.
+    #[error("corrupt data in {path} at byte {position}{}: {reason}", offset_suffix(*.offset))]
+    Corrupt {
+        /// The file holding the bad bytes.
+        path: PathBuf,
+        /// Byte position of the first bad byte (or of the frame that failed its check).
+        position: u64,
+        /// The log offset expected at that position, when known.
+        offset: Option<Offset>,
+        /// What check failed.
+        reason: String,
+    },
+
+    /// A read asked for an offset the store does not hold.
+    #[error("offset {requested} is out of range: the store holds offsets {start}..{end}")]
+    OffsetOutOfRange {
+        /// The offset asked for.
+        requested: Offset,
+        /// The first offset still held (earlier ones were dropped by retention).
+        start: Offset,
+        /// The next offset to be written.
+        end: Offset,
+    },
+
+    /// A record (or a batch) is larger than the configured limit.
+    #[error("record of {size} bytes exceeds the limit of {limit} bytes")]
+    RecordTooLarge {
+        /// Size of the record as it would be stored.
+        size: usize,
+        /// The configured limit.
+        limit: usize,
+    },
+
+    /// A value could not be encoded or decoded by a [`Codec`](crate::Codec).
+    #[error("codec error ({context}): {message}")]
+    Codec {
+        /// What was being encoded or decoded.
+        context: &'static str,
+        /// The codec's own message.
+        message: String,
+    },
+
+    /// A name (cursor, snapshot) is not acceptable.
+    #[error("invalid name {name:?}: {reason}")]
+    InvalidName {
+        /// The name given.
+        name: String,
+        /// Why it was refused.
+        reason: &'static str,
+    },
+
+    /// A configuration value is out of its allowed range.
+    #[error("invalid configuration: {0}")]
+    Config(String),
+
+    /// A non-blocking publish found the stream full; nothing was published.
+    #[error("stream is full")]
+    Full,
+
+    /// The other side is gone: every publisher (or every subscriber) was dropped, or the
+    /// service shut down.
+    #[error("closed")]
+    Closed,
+
+    /// A blocking call gave up after its timeout.
+    #[error("timed out after {0:?}")]
+    Timeout(Duration),
+
+    /// The store was opened read-only (for example up to a corruption point).
+    #[error("the store is read-only: {0}")]
+    ReadOnly(String),
+
+    /// Another process holds the store's directory.
+    #[error("{path} is locked by another process")]
+    Locked {
+        /// The lock file.
+        path: PathBuf,
+    },
+
+    /// A stream cannot be read from a stored position because it is only notified.
+    #[error("this stream is not stored: it can only be subscribed to from now on")]
+    NotStored,
+
+    /// An instance id that the router or launcher does not know.
+    #[error("instance {0} is unknown")]
+    UnknownInstance(InstanceId),
+
+    /// The router has no instance to route to.
+    #[error("no instance is available")]
+    NoInstance,
+
+    /// An instance's queue is full; a non-blocking submit was refused and nothing was
+    /// accepted.
+    #[error("instance {instance} is busy: its queue of {capacity} requests is full")]
+    Busy {
+        /// The instance whose queue is full.
+        instance: InstanceId,
+        /// The queue's capacity.
+        capacity: usize,
+    },
+
+    /// The handler panicked while handling a request; the request was logged, its
+    /// instance restarted and the key's state rebuilt without it.
+    #[error("handler panicked on instance {instance} at offset {offset}: {message}")]
+    HandlerPanicked {
+        /// The instance that ran the handler.
+        instance: InstanceId,
+        /// The offset of the request in the input log.
+        offset: Offset,
+        /// The panic message.
+        message: String,
+    },
+}
+
+fn offset_suffix(offset: Option<Offset>) -> String {
+    match offset {
+        Some(o) => format!(" (offset {o})"),
+        None => String::new(),
+    }
+}
+
+impl Error {
+    /// Builds an [`Error::Io`] for `op` on `path`.
+    pub fn io(op: &'static str, path: impl Into<PathBuf>, source: io::Error) -> Self {
+        Error::Io {
+            op,
+            path: path.into(),
+            source,
+        }
+    }
+
+    /// Builds an [`Error::Corrupt`].
+    pub fn corrupt(
+        path: impl Into<PathBuf>,
+        position: u64,
+        offset: Option<Offset>,
+        reason: impl Into<String>,
+    ) -> Self {
+        Error::Corrupt {
+            path: path.into(),
+            position,
+            offset,
+            reason: reason.into(),
+        }
+    }
+
+    /// True for errors that a retry may cure (full, busy, timed out).
+    pub fn is_transient(&self) -> bool {
+        matches!(self, Error::Full | Error::Busy { .. } | Error::Timeout(_))
+    }
+}

@@ -1,0 +1,402 @@
+//! The conformance suite for [`Store`] implementations.
+//!
+//! Every rule of the [`Store`] contract has a check here, and every store in the crate
+//! runs them all. An implementation outside the crate runs them from its own tests:
+//!
+//! ```
+//! use cauce::store::conformance::{self, Fixture};
+//! use cauce::store::MemoryStore;
+//!
+//! struct Memory;
+//! impl Fixture for Memory {
+//!     type Store = MemoryStore;
+//!     fn create(&mut self) -> MemoryStore { MemoryStore::new() }
+//!     fn reopen(&mut self, store: MemoryStore) -> MemoryStore { store }
+//! }
+//! conformance::run_all(&mut Memory);
+//! ```
+//!
+//! The checks panic with a message naming the broken rule, as test assertions do.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use super::{Snapshot, Store};
+use crate::error::Error;
+use crate::record::{Entry, Offset, Record};
+
+/// Makes stores for the suite.
+pub trait Fixture {
+    /// The store under test.
+    type Store: Store;
+
+    /// A new, empty store.
+    fn create(&mut self) -> Self::Store;
+
+    /// Closes `store` and opens the same storage again, as a restarted process would
+    /// (after a [`Store::sync`]). An in-memory store returns itself.
+    fn reopen(&mut self, store: Self::Store) -> Self::Store;
+}
+
+/// Runs every check of the suite.
+pub fn run_all<F: Fixture>(fixture: &mut F) {
+    append_gives_consecutive_offsets(fixture);
+    read_returns_exact_bytes_in_order(fixture);
+    read_outside_the_range_is_an_error(fixture);
+    reader_sees_records_committed_after_it_caught_up(fixture);
+    readers_never_see_part_of_a_batch(fixture);
+    wait_for_wakes_on_append_timeout_and_wake(fixture);
+    retention_drops_only_records_before_the_offset(fixture);
+    compaction_keeps_the_latest_record_per_key(fixture);
+    cursors_are_durable_and_names_are_checked(fixture);
+    snapshots_are_durable_and_latest_wins(fixture);
+    synced_records_survive_reopen(fixture);
+    large_and_empty_records_round_trip(fixture);
+}
+
+fn key(i: u64) -> Vec<u8> {
+    format!("key-{}", i % 7).into_bytes()
+}
+
+fn payload(i: u64) -> Vec<u8> {
+    // Varying lengths, including zero, with content that depends on i.
+    (0..(i % 13) * 11).map(|j| (i * 31 + j) as u8).collect()
+}
+
+fn append_numbered<S: Store>(store: &S, range: std::ops::Range<u64>) {
+    let keys: Vec<_> = range.clone().map(key).collect();
+    let payloads: Vec<_> = range.clone().map(payload).collect();
+    let batch: Vec<_> = keys
+        .iter()
+        .zip(&payloads)
+        .zip(range.clone())
+        .map(|((k, p), i)| Entry::with_timestamp(1_000 + i, k, p))
+        .collect();
+    let got = store.append(&batch).expect("append");
+    assert_eq!(got, range, "append must return the offsets it gave");
+}
+
+fn read_all<S: Store>(store: &S, from: Offset) -> Vec<Record> {
+    store
+        .read_from(from)
+        .expect("read_from")
+        .collect::<Result<Vec<_>, _>>()
+        .expect("reading committed records")
+}
+
+fn assert_numbered(records: &[Record], range: std::ops::Range<u64>) {
+    assert_eq!(
+        records.iter().map(|r| r.offset).collect::<Vec<_>>(),
+        range.clone().collect::<Vec<_>>(),
+        "records must come back in offset order, none missing"
+    );
+    for r in records {
+        assert_eq!(r.key, key(r.offset), "key of offset {}", r.offset);
+        assert_eq!(
+            r.payload,
+            payload(r.offset),
+            "payload of offset {}",
+            r.offset
+        );
+        assert_eq!(
+            r.timestamp,
+            1_000 + r.offset,
+            "timestamp of offset {}",
+            r.offset
+        );
+    }
+}
+
+/// `append` gives consecutive offsets from `next_offset()`; an empty batch gives none.
+pub fn append_gives_consecutive_offsets<F: Fixture>(fixture: &mut F) {
+    let store = fixture.create();
+    assert_eq!(store.next_offset(), 0);
+    assert_eq!(store.start_offset(), 0);
+    assert_eq!(store.append(&[]).expect("empty append"), 0..0);
+    append_numbered(&store, 0..1);
+    append_numbered(&store, 1..40);
+    assert_eq!(store.append(&[]).expect("empty append"), 40..40);
+    assert_eq!(store.next_offset(), 40);
+}
+
+/// Records come back in order, byte for byte, from any offset.
+pub fn read_returns_exact_bytes_in_order<F: Fixture>(fixture: &mut F) {
+    let store = fixture.create();
+    for chunk in 0..20 {
+        append_numbered(&store, chunk * 50..(chunk + 1) * 50);
+    }
+    for from in [0, 1, 49, 50, 333, 999, 1000] {
+        assert_numbered(&read_all(&store, from), from..1000);
+    }
+}
+
+/// Reading before the start or after the end is `OffsetOutOfRange`.
+pub fn read_outside_the_range_is_an_error<F: Fixture>(fixture: &mut F) {
+    let store = fixture.create();
+    append_numbered(&store, 0..10);
+    match store.read_from(11) {
+        Err(Error::OffsetOutOfRange {
+            requested: 11,
+            end: 10,
+            ..
+        }) => {}
+        other => panic!(
+            "read past the end must be OffsetOutOfRange, got {:?}",
+            other.err()
+        ),
+    }
+    store.truncate_before(5).expect("truncate_before");
+    match store.read_from(4) {
+        Err(Error::OffsetOutOfRange {
+            requested: 4,
+            start: 5,
+            ..
+        }) => {}
+        other => panic!(
+            "read before the start must be OffsetOutOfRange, got {:?}",
+            other.err()
+        ),
+    }
+}
+
+/// A reader that returned `None` returns records committed later.
+pub fn reader_sees_records_committed_after_it_caught_up<F: Fixture>(fixture: &mut F) {
+    let store = fixture.create();
+    append_numbered(&store, 0..3);
+    let mut reader = store.read_from(0).expect("read_from");
+    for expected in 0..3 {
+        let r = reader.next().expect("a record").expect("no error");
+        assert_eq!(r.offset, expected);
+    }
+    assert!(reader.next().is_none(), "caught up");
+    append_numbered(&store, 3..5);
+    let rest: Vec<_> = reader.by_ref().map(|r| r.expect("no error")).collect();
+    assert_numbered(&rest, 3..5);
+}
+
+/// Concurrent readers see whole batches only, and every record once, in order.
+pub fn readers_never_see_part_of_a_batch<F: Fixture>(fixture: &mut F) {
+    const BATCH: u64 = 8;
+    const BATCHES: u64 = 300;
+    let store = Arc::new(fixture.create());
+    let done = Arc::new(AtomicBool::new(false));
+    let readers: Vec<_> = (0..2)
+        .map(|_| {
+            let store = store.clone();
+            let done = done.clone();
+            thread::spawn(move || {
+                let mut reader = store.read_from(0).expect("read_from");
+                let mut expected = 0;
+                loop {
+                    let finished = done.load(Ordering::SeqCst);
+                    while let Some(r) = reader.next() {
+                        let r = r.expect("reading while appending");
+                        assert_eq!(r.offset, expected, "no gap, no repeat");
+                        assert_eq!(r.key, key(r.offset));
+                        assert_eq!(r.payload, payload(r.offset));
+                        expected += 1;
+                    }
+                    assert_eq!(expected % BATCH, 0, "reader stopped inside a batch");
+                    if finished {
+                        return expected;
+                    }
+                    store.wait_for(expected, Some(Duration::from_millis(5)));
+                }
+            })
+        })
+        .collect();
+    for b in 0..BATCHES {
+        append_numbered(&*store, b * BATCH..(b + 1) * BATCH);
+    }
+    done.store(true, Ordering::SeqCst);
+    for r in readers {
+        assert_eq!(r.join().expect("reader thread"), BATCH * BATCHES);
+    }
+}
+
+/// `wait_for` returns when the end moves, when it times out, and on `wake_waiters`.
+pub fn wait_for_wakes_on_append_timeout_and_wake<F: Fixture>(fixture: &mut F) {
+    let store = Arc::new(fixture.create());
+    append_numbered(&*store, 0..2);
+    assert_eq!(store.wait_for(1, None), 2, "already past: returns at once");
+    let started = Instant::now();
+    assert_eq!(store.wait_for(2, Some(Duration::from_millis(30))), 2);
+    assert!(
+        started.elapsed() >= Duration::from_millis(25),
+        "timeout honoured"
+    );
+
+    let s = store.clone();
+    let waiter = thread::spawn(move || s.wait_for(2, None));
+    thread::sleep(Duration::from_millis(20));
+    append_numbered(&*store, 2..3);
+    assert_eq!(waiter.join().expect("waiter"), 3);
+
+    let s = store.clone();
+    let waiter = thread::spawn(move || s.wait_for(100, None));
+    thread::sleep(Duration::from_millis(20));
+    store.wake_waiters();
+    assert_eq!(
+        waiter.join().expect("waiter"),
+        3,
+        "wake_waiters ends the wait"
+    );
+}
+
+/// Retention moves the start exactly and keeps everything after it.
+pub fn retention_drops_only_records_before_the_offset<F: Fixture>(fixture: &mut F) {
+    let store = fixture.create();
+    for chunk in 0..10 {
+        append_numbered(&store, chunk * 100..(chunk + 1) * 100);
+    }
+    store.truncate_before(250).expect("truncate_before");
+    assert_eq!(store.start_offset(), 250);
+    assert_numbered(&read_all(&store, 250), 250..1000);
+    store.truncate_before(100).expect("lower offset is a no-op");
+    assert_eq!(store.start_offset(), 250);
+    assert!(matches!(
+        store.truncate_before(1001),
+        Err(Error::OffsetOutOfRange { .. })
+    ));
+    let store = fixture.reopen(store);
+    assert_eq!(store.start_offset(), 250, "retention survives reopen");
+    assert_numbered(&read_all(&store, 250), 250..1000);
+    store.truncate_before(1000).expect("truncate everything");
+    assert_eq!(read_all(&store, 1000), vec![]);
+    append_numbered(&store, 1000..1001);
+    assert_numbered(&read_all(&store, 1000), 1000..1001);
+}
+
+/// Compaction keeps the latest record of each key (and every keyless record), with its
+/// offset, and nothing else.
+pub fn compaction_keeps_the_latest_record_per_key<F: Fixture>(fixture: &mut F) {
+    let store = fixture.create();
+    let mut expected = Vec::new();
+    let keys: [&[u8]; 4] = [b"a", b"b", b"", b"c"];
+    for round in 0..50u64 {
+        let batch: Vec<_> = keys
+            .iter()
+            .map(|k| Entry::with_timestamp(round, k, b"value"))
+            .collect();
+        store.append(&batch).expect("append");
+    }
+    // Latest of a, b, c are in the last round; every keyless record stays.
+    for round in 0..50u64 {
+        expected.push(round * 4 + 2);
+    }
+    expected.extend([196, 197, 199]);
+    expected.sort_unstable();
+    let report = store.compact().expect("compact");
+    assert_eq!(report.until, 200);
+    assert_eq!(report.kept, expected.len() as u64);
+    assert_eq!(report.dropped, 200 - expected.len() as u64);
+    let offsets = |s: &F::Store| {
+        read_all(s, s.start_offset())
+            .iter()
+            .map(|r| r.offset)
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(offsets(&store), expected);
+    store.sync().expect("sync");
+    let store = fixture.reopen(store);
+    assert_eq!(offsets(&store), expected, "compaction survives reopen");
+    assert_eq!(store.next_offset(), 200);
+    let more = store
+        .append(&[Entry::new(b"a", b"new")])
+        .expect("append after compaction");
+    assert_eq!(more, 200..201);
+}
+
+/// Cursors are durable, can move either way, and names are checked.
+pub fn cursors_are_durable_and_names_are_checked<F: Fixture>(fixture: &mut F) {
+    let store = fixture.create();
+    assert_eq!(store.cursor("reader").expect("cursor"), None);
+    store.commit_cursor("reader", 10).expect("commit");
+    store.commit_cursor("other.one_2-x", 3).expect("commit");
+    store.commit_cursor("reader", 12).expect("commit");
+    for bad in ["", ".hidden", "a/b", "sp ace", &"x".repeat(129)] {
+        assert!(
+            matches!(store.commit_cursor(bad, 1), Err(Error::InvalidName { .. })),
+            "name {bad:?} must be refused"
+        );
+    }
+    let store = fixture.reopen(store);
+    assert_eq!(store.cursor("reader").expect("cursor"), Some(12));
+    assert_eq!(store.cursor("other.one_2-x").expect("cursor"), Some(3));
+    store
+        .commit_cursor("reader", 5)
+        .expect("a cursor may move back");
+    assert_eq!(store.cursor("reader").expect("cursor"), Some(5));
+}
+
+/// Snapshots are durable, and the one with the highest offset is the latest.
+pub fn snapshots_are_durable_and_latest_wins<F: Fixture>(fixture: &mut F) {
+    let store = fixture.create();
+    assert_eq!(store.latest_snapshot("state").expect("latest"), None);
+    store.save_snapshot("state", 10, b"ten").expect("save");
+    store.save_snapshot("state", 30, b"thirty").expect("save");
+    store.save_snapshot("state", 20, b"twenty").expect("save");
+    store.save_snapshot("other", 5, &[0u8; 0]).expect("save");
+    let thirty = Snapshot {
+        offset: 30,
+        blob: bytes::Bytes::from_static(b"thirty"),
+    };
+    assert_eq!(
+        store.latest_snapshot("state").expect("latest"),
+        Some(thirty.clone())
+    );
+    assert!(matches!(
+        store.save_snapshot("../x", 1, b""),
+        Err(Error::InvalidName { .. })
+    ));
+    let store = fixture.reopen(store);
+    assert_eq!(
+        store.latest_snapshot("state").expect("latest"),
+        Some(thirty)
+    );
+    let other = store
+        .latest_snapshot("other")
+        .expect("latest")
+        .expect("saved");
+    assert_eq!((other.offset, other.blob.len()), (5, 0));
+}
+
+/// Records synced before a reopen are all there after it, and appends continue.
+pub fn synced_records_survive_reopen<F: Fixture>(fixture: &mut F) {
+    let store = fixture.create();
+    for chunk in 0..30 {
+        append_numbered(&store, chunk * 10..(chunk + 1) * 10);
+    }
+    store.sync().expect("sync");
+    let store = fixture.reopen(store);
+    assert_eq!(store.next_offset(), 300);
+    assert_numbered(&read_all(&store, 0), 0..300);
+    append_numbered(&store, 300..310);
+    store.sync().expect("sync");
+    let store = fixture.reopen(store);
+    assert_numbered(&read_all(&store, 0), 0..310);
+}
+
+/// A 1 MiB payload, an empty key and an empty payload come back as written.
+pub fn large_and_empty_records_round_trip<F: Fixture>(fixture: &mut F) {
+    let store = fixture.create();
+    let big: Vec<u8> = (0..1 << 20).map(|i: u32| (i * 7 % 251) as u8).collect();
+    store
+        .append(&[
+            Entry::with_timestamp(1, b"", b""),
+            Entry::with_timestamp(2, b"big", &big),
+            Entry::with_timestamp(u64::MAX, &[0xff; 300], b"x"),
+        ])
+        .expect("append");
+    let records = read_all(&store, 0);
+    assert_eq!(records.len(), 3);
+    assert_eq!(
+        (&records[0].key[..], &records[0].payload[..]),
+        (&b""[..], &b""[..])
+    );
+    assert_eq!(records[1].payload, big);
+    assert_eq!(records[2].timestamp, u64::MAX);
+    assert_eq!(records[2].key, vec![0xff; 300]);
+}

@@ -1,0 +1,224 @@
+//! Stores: append-only logs of records, the ground everything else stands on.
+//!
+//! A [`Store`] keeps records in the order they were appended and gives each one an
+//! [`Offset`]. Everything cauce knows is a fold over such a log: a handler's state is
+//! the fold of its requests, a consumer's position is a named cursor in it, and a
+//! snapshot is a shortcut through the fold that names the offset it was taken at. So a
+//! store must never lose what it acknowledged, never return bytes other than those that
+//! were written, and say exactly where it found damage.
+//!
+//! Two implementations come with the crate: [`MemoryStore`] (tests, caches, models) and
+//! [`LogStore`] (segmented files on disk with group commit, the embedded default).
+//! [`conformance`] holds the test suite that checks any implementation against the
+//! contract written on [`Store`].
+//!
+//! ```
+//! use cauce::store::{MemoryStore, Store};
+//! use cauce::Entry;
+//!
+//! let store = MemoryStore::new();
+//! let offsets = store
+//!     .append(&[Entry::new(b"alice", b"hello"), Entry::new(b"bob", b"hi")])
+//!     .unwrap();
+//! assert_eq!(offsets, 0..2);
+//! let keys: Vec<_> = store
+//!     .read_from(0)
+//!     .unwrap()
+//!     .map(|r| r.unwrap().key)
+//!     .collect();
+//! assert_eq!(keys, [&b"alice"[..], &b"bob"[..]]);
+//! store.commit_cursor("mailer", 2).unwrap();
+//! assert_eq!(store.cursor("mailer").unwrap(), Some(2));
+//! ```
+
+use std::ops::Range;
+use std::time::Duration;
+
+use bytes::Bytes;
+
+use crate::error::{Error, Result};
+use crate::record::{Entry, Offset, Record};
+
+pub mod conformance;
+// pub mod log;
+mod memory;
+mod tail;
+
+// pub use log::{LogOptions, LogStore, SyncPolicy};
+pub use memory::MemoryStore;
+
+/// An iterator over stored records, as returned by [`Store::read_from`].
+///
+/// It yields records in offset order. When it has returned every committed record it
+/// yields `None`; it is not fused: calling `next` again later yields the records
+/// committed since. An `Err` item means the store found damage or could not read; the
+/// iterator yields nothing after it.
+pub type RecordIter = Box<dyn Iterator<Item = Result<Record>> + Send>;
+
+/// A snapshot: an opaque blob that stands for the fold of every record before `offset`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Snapshot {
+    /// The records before this offset are folded into the blob.
+    pub offset: Offset,
+    /// The snapshot's bytes, exactly as saved.
+    pub blob: Bytes,
+}
+
+/// What [`Store::compact`] did.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Compaction {
+    /// Records before this offset are compacted (only the latest per key remains).
+    pub until: Offset,
+    /// Records kept.
+    pub kept: u64,
+    /// Records dropped because a later record has the same key.
+    pub dropped: u64,
+}
+
+/// An append-only log of records.
+///
+/// # Contract
+/// - `append` gives a batch consecutive offsets, starting at `next_offset()`, and returns
+///   them. A batch is atomic: after a crash it is either all there or not at all. An
+///   append that returned `Ok` is durable as the implementation's sync policy promises.
+/// - A reader sees only committed records: a record is visible once the append that wrote
+///   it has returned, never before, and never a part of one.
+/// - `read_from(o)` yields every held record with an offset `>= o`, in order, with its
+///   bytes exactly as appended. Reading from `next_offset()` is valid and yields nothing
+///   yet. Reading before `start_offset()` or after `next_offset()` is
+///   [`Error::OffsetOutOfRange`].
+/// - `truncate_before(o)` (retention) sets `start_offset()` to `o` if that is higher;
+///   records before it are never returned again. `o > next_offset()` is
+///   [`Error::OffsetOutOfRange`].
+/// - `compact()` drops every committed record that has a later record with the same key
+///   (records with an empty key are kept); offsets of the kept records do not change.
+/// - Named cursors and snapshots are durable once their call returns. Names are 1 to 128
+///   characters from `[A-Za-z0-9._-]`, not starting with a dot; others are
+///   [`Error::InvalidName`].
+/// - Bad input or damaged storage is an error, never a panic.
+pub trait Store: Send + Sync + 'static {
+    /// Appends `batch` in order and returns the offsets it was given.
+    ///
+    /// An empty batch appends nothing and returns an empty range at `next_offset()`.
+    fn append(&self, batch: &[Entry<'_>]) -> Result<Range<Offset>>;
+
+    /// Reads committed records with offsets `>= from`, in order.
+    fn read_from(&self, from: Offset) -> Result<RecordIter>;
+
+    /// The first offset still held.
+    fn start_offset(&self) -> Offset;
+
+    /// The offset the next appended record will get: one past the last committed one.
+    fn next_offset(&self) -> Offset;
+
+    /// Blocks until `next_offset() > offset`, the timeout passes (`None`: no timeout), or
+    /// [`wake_waiters`](Store::wake_waiters) is called; returns `next_offset()`.
+    ///
+    /// This is how followers of the tail wait without polling.
+    fn wait_for(&self, offset: Offset, timeout: Option<Duration>) -> Offset;
+
+    /// Wakes every thread blocked in [`wait_for`](Store::wait_for).
+    fn wake_waiters(&self);
+
+    /// Makes every committed record durable, whatever the sync policy.
+    fn sync(&self) -> Result<()>;
+
+    /// Drops every record before `offset` (retention); see the contract above.
+    fn truncate_before(&self, offset: Offset) -> Result<()>;
+
+    /// Keeps only the latest committed record of each key; see the contract above.
+    fn compact(&self) -> Result<Compaction>;
+
+    /// Durably records that the consumer `name` has processed everything before `offset`.
+    fn commit_cursor(&self, name: &str, offset: Offset) -> Result<()>;
+
+    /// The last committed position of the consumer `name`, if it ever committed one.
+    fn cursor(&self, name: &str) -> Result<Option<Offset>>;
+
+    /// Durably saves a snapshot `name` taken at `offset` (the fold of every record before
+    /// it). A later snapshot of the same name supersedes earlier ones.
+    fn save_snapshot(&self, name: &str, offset: Offset, blob: &[u8]) -> Result<()>;
+
+    /// The snapshot `name` with the highest offset, if any was saved.
+    fn latest_snapshot(&self, name: &str) -> Result<Option<Snapshot>>;
+}
+
+/// Checks a cursor or snapshot name against the rule in the [`Store`] contract.
+pub fn check_name(name: &str) -> Result<()> {
+    let reason = if name.is_empty() {
+        Some("empty")
+    } else if name.len() > 128 {
+        Some("longer than 128 bytes")
+    } else if name.starts_with('.') {
+        Some("starts with a dot")
+    } else if !name
+        .bytes()
+        .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
+    {
+        Some("only A-Z, a-z, 0-9, '.', '_' and '-' are allowed")
+    } else {
+        None
+    };
+    match reason {
+        Some(reason) => Err(Error::InvalidName {
+            name: name.to_string(),
+            reason,
+        }),
+        None => Ok(()),
+    }
+}
+
+/// Checks `from` against a store's range, as `read_from` must.
+pub(crate) fn check_read_range(from: Offset, start: Offset, end: Offset) -> Result<()> {
+    if from < start || from > end {
+        Err(Error::OffsetOutOfRange {
+            requested: from,
+            start,
+            end,
+        })
+    } else {
+        Ok(())
+    }
+}
+
+impl<S: Store + ?Sized> Store for std::sync::Arc<S> {
+    fn append(&self, batch: &[Entry<'_>]) -> Result<Range<Offset>> {
+        (**self).append(batch)
+    }
+    fn read_from(&self, from: Offset) -> Result<RecordIter> {
+        (**self).read_from(from)
+    }
+    fn start_offset(&self) -> Offset {
+        (**self).start_offset()
+    }
+    fn next_offset(&self) -> Offset {
+        (**self).next_offset()
+    }
+    fn wait_for(&self, offset: Offset, timeout: Option<Duration>) -> Offset {
+        (**self).wait_for(offset, timeout)
+    }
+    fn wake_waiters(&self) {
+        (**self).wake_waiters()
+    }
+    fn sync(&self) -> Result<()> {
+        (**self).sync()
+    }
+    fn truncate_before(&self, offset: Offset) -> Result<()> {
+        (**self).truncate_before(offset)
+    }
+    fn compact(&self) -> Result<Compaction> {
+        (**self).compact()
+    }
+    fn commit_cursor(&self, name: &str, offset: Offset) -> Result<()> {
+        (**self).commit_cursor(name, offset)
+    }
+    fn cursor(&self, name: &str) -> Result<Option<Offset>> {
+        (**self).cursor(name)
+    }
+    fn save_snapshot(&self, name: &str, offset: Offset, blob: &[u8]) -> Result<()> {
+        (**self).save_snapshot(name, offset, blob)
+    }
+    fn latest_snapshot(&self, name: &str) -> Result<Option<Snapshot>> {
+        (**self).latest_snapshot(name)
+    }
+}

@@ -1,0 +1,104 @@
+//! The committed end of a store, and the threads waiting for it to move.
+
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use parking_lot::{Condvar, Mutex};
+
+use crate::record::Offset;
+
+/// Publishes a store's committed end (`next_offset`) and lets readers block until it
+/// passes an offset, without a lock on the append path when nobody waits.
+#[derive(Debug, Default)]
+pub(crate) struct Tail {
+    next: AtomicU64,
+    waiters: AtomicUsize,
+    wakes: AtomicU64,
+    lock: Mutex<()>,
+    cond: Condvar,
+}
+
+impl Tail {
+    pub(crate) fn new(next: Offset) -> Self {
+        Tail {
+            next: AtomicU64::new(next),
+            ..Tail::default()
+        }
+    }
+
+    /// The committed end.
+    pub(crate) fn get(&self) -> Offset {
+        self.next.load(Ordering::SeqCst)
+    }
+
+    /// Moves the committed end to `next` and wakes the waiters.
+    pub(crate) fn publish(&self, next: Offset) {
+        // SeqCst pairs with the waiter's increment then load in `wait_for`: either this
+        // load sees the waiter, or the waiter's load sees the new end.
+        self.next.store(next, Ordering::SeqCst);
+        if self.waiters.load(Ordering::SeqCst) > 0 {
+            let _guard = self.lock.lock();
+            self.cond.notify_all();
+        }
+    }
+
+    /// Wakes every waiter, whether the end moved or not.
+    pub(crate) fn wake(&self) {
+        self.wakes.fetch_add(1, Ordering::SeqCst);
+        let _guard = self.lock.lock();
+        self.cond.notify_all();
+    }
+
+    /// Blocks until the end is past `offset`, `timeout` passes, or [`wake`](Self::wake)
+    /// is called. Returns the end.
+    pub(crate) fn wait_for(&self, offset: Offset, timeout: Option<Duration>) -> Offset {
+        let now = self.get();
+        if now > offset {
+            return now;
+        }
+        let deadline = timeout.map(|t| Instant::now() + t);
+        let wakes = self.wakes.load(Ordering::SeqCst);
+        self.waiters.fetch_add(1, Ordering::SeqCst);
+        let mut guard = self.lock.lock();
+        loop {
+            let now = self.get();
+            if now > offset || self.wakes.load(Ordering::SeqCst) != wakes {
+                break;
+            }
+            match deadline {
+                Some(d) => {
+                    if self.cond.wait_until(&mut guard, d).timed_out() {
+                        break;
+                    }
+                }
+                None => self.cond.wait(&mut guard),
+            }
+        }
+        drop(guard);
+        self.waiters.fetch_sub(1, Ordering::SeqCst);
+        self.get()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Arc;
+
+    #[test]
+    fn waiter_wakes_on_publish_and_on_wake() {
+        let tail = Arc::new(Tail::new(0));
+        let t = tail.clone();
+        let h = std::thread::spawn(move || t.wait_for(4, None));
+        std::thread::sleep(Duration::from_millis(20));
+        tail.publish(5);
+        assert_eq!(h.join().unwrap(), 5);
+
+        let t = tail.clone();
+        let h = std::thread::spawn(move || t.wait_for(10, None));
+        std::thread::sleep(Duration::from_millis(20));
+        tail.wake();
+        assert_eq!(h.join().unwrap(), 5);
+        assert_eq!(tail.wait_for(10, Some(Duration::from_millis(5))), 5);
+    }
+}
