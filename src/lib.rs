@@ -9,6 +9,7 @@ pub mod error;
 pub mod record;
 pub mod router;
 pub mod store;
+pub mod stream;
 
 pub use codec::{Bincode, Codec};
 pub use error::{Error, Result};
