@@ -144,6 +144,34 @@ pub enum Error {
         /// The panic message.
         message: String,
     },
+
+    /// `commit` was called on a subscription whose position cannot be made durable: it
+    /// was not opened from a named cursor, its stream is not stored, or it merges several
+    /// streams.
+    #[error("cannot commit this subscription: {0}")]
+    CannotCommit(&'static str),
+
+    /// A batch published through a split routes to more than one instance, so it cannot
+    /// be published as one batch; publish its entries one by one.
+    #[error("entry {index} of the batch routes to instance {other}, entry 0 to {first}")]
+    BatchSpansInstances {
+        /// The instance the batch's first entry routes to.
+        first: InstanceId,
+        /// The instance entry `index` routes to.
+        other: InstanceId,
+        /// The first entry that routes elsewhere.
+        index: usize,
+    },
+
+    /// A thread the library needed could not be started.
+    #[error("could not start thread {name:?}: {source}")]
+    Spawn {
+        /// The thread's name.
+        name: String,
+        /// The operating system's error.
+        #[source]
+        source: io::Error,
+    },
 }
 
 fn offset_suffix(offset: Option<Offset>) -> String {

@@ -1,0 +1,308 @@
+//! [`LogStream`]: a stored stream over any [`Store`].
+//!
+//! Publishing appends to the store. A subscriber owns one store reader
+//! ([`Store::read_from`]) for its whole life: the reader replays what is stored, yields
+//! `None` when it has caught up, and yields later records once they are committed (a
+//! `RecordIter` is not fused). So replay and tail are the same loop over the same
+//! reader, and nothing can be missed or repeated where one hands over to the other.
+//! When the reader has caught up, the subscriber sleeps in [`Store::wait_for`] until the
+//! store's committed end passes its position; closing the stream calls
+//! [`Store::wake_waiters`].
+
+use std::ops::Range;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use parking_lot::RwLock;
+
+use super::{Position, Publish, Stream, Subscribe, remaining};
+use crate::error::{Error, Result};
+use crate::record::{Entry, Offset, Record};
+use crate::store::{RecordIter, Store};
+
+/// A stream stored in a [`Store`]: subscribers can start anywhere in it and replay.
+///
+/// - Publishing appends: a publish is durable as the store's sync policy says, and
+///   [`publish_batch`](Publish::publish_batch) appends one atomic batch. The stream is
+///   never full ([`try_publish`](Publish::try_publish) is `publish`): a slow subscriber
+///   does not hold publishers back, it reads the store at its own pace and keeps at most
+///   what the store's reader buffers.
+/// - Subscribing from [`Position::Beginning`], an [`Offset`](Position::Offset),
+///   [`End`](Position::End) or a named [`Cursor`](Position::Cursor) replays what is
+///   stored from there, then follows the tail. Each subscriber sees every record from its
+///   start, in order, once (records dropped by retention or compaction excepted).
+/// - A cursor subscription's [`commit`](Subscribe::commit) saves its position with
+///   [`Store::commit_cursor`]; subscribing to the same cursor later, in this process or
+///   after a restart, resumes after the last committed record.
+///
+/// Closing: the stream closes when its last publisher and its last `LogStream` value
+/// are dropped, or on [`Publish::close`]. Subscribers then read what is stored and end
+/// with [`Error::Closed`]; new subscribers can still replay the stored records. The store
+/// itself stays open: a new `LogStream` over it is a new, open stream.
+///
+/// ```
+/// use cauce::stream::{LogStream, Position, Publish, Stream, Subscribe};
+/// use cauce::store::MemoryStore;
+/// use cauce::Entry;
+///
+/// let store = MemoryStore::new();
+/// let stream = LogStream::new(store.clone());
+/// let publisher = stream.publisher();
+/// publisher.publish_batch(&[Entry::new(b"a", b"1"), Entry::new(b"b", b"2")])?;
+///
+/// let mut mailer = stream.subscribe(Position::Cursor("mailer".into()))?;
+/// assert_eq!(mailer.recv()?.offset, 0);
+/// mailer.commit()?; // record 0 is processed
+/// drop(mailer);     // the consumer stops...
+///
+/// let mut mailer = stream.subscribe(Position::Cursor("mailer".into()))?;
+/// assert_eq!(mailer.recv()?.offset, 1); // ...and resumes after what it committed
+/// publisher.publish(Entry::new(b"c", b"3"))?;
+/// assert_eq!(mailer.recv()?.payload, "3"); // then follows the tail
+/// # Ok::<(), cauce::Error>(())
+/// ```
+#[derive(Debug)]
+pub struct LogStream<S: Store> {
+    handle: Arc<Handle<S>>,
+}
+
+/// The publishing half of a [`LogStream`].
+#[derive(Debug)]
+pub struct LogPublisher<S: Store> {
+    handle: Arc<Handle<S>>,
+}
+
+/// The subscribing half of a [`LogStream`].
+pub struct LogSubscriber<S: Store> {
+    shared: Arc<Shared<S>>,
+    /// `None` after the reader failed: the next call opens a new one at `position`.
+    reader: Option<RecordIter>,
+    /// The offset after the last record delivered: what `commit` saves.
+    position: Offset,
+    cursor: Option<String>,
+}
+
+/// Owned by the stream values and publishers; dropping the last one closes the stream.
+#[derive(Debug)]
+struct Handle<S: Store> {
+    shared: Arc<Shared<S>>,
+}
+
+#[derive(Debug)]
+struct Shared<S> {
+    store: S,
+    /// Publishes hold it shared while they append, `close` exclusively: once a subscriber
+    /// sees `closed`, every append that will ever succeed has returned.
+    gate: RwLock<()>,
+    closed: AtomicBool,
+}
+
+/// The longest a follower sleeps in `wait_for` before it checks whether the stream was
+/// closed. Closing wakes it at once; this only bounds the race where the close lands
+/// between its check and its sleep.
+const WAIT_SLICE: Duration = Duration::from_millis(50);
+
+impl<S: Store> LogStream<S> {
+    /// An open stream over `store`. Pass an `Arc<S>`, or a cloneable store handle such
+    /// as [`MemoryStore`](crate::store::MemoryStore), to keep using the store alongside.
+    pub fn new(store: S) -> LogStream<S> {
+        let shared = Arc::new(Shared {
+            store,
+            gate: RwLock::new(()),
+            closed: AtomicBool::new(false),
+        });
+        LogStream {
+            handle: Arc::new(Handle { shared }),
+        }
+    }
+
+    /// The store the stream is kept in.
+    pub fn store(&self) -> &S {
+        &self.handle.shared.store
+    }
+}
+
+impl<S: Store> Clone for LogStream<S> {
+    fn clone(&self) -> Self {
+        LogStream {
+            handle: self.handle.clone(),
+        }
+    }
+}
+
+impl<S: Store> Clone for LogPublisher<S> {
+    fn clone(&self) -> Self {
+        LogPublisher {
+            handle: self.handle.clone(),
+        }
+    }
+}
+
+impl<S: Store> Drop for Handle<S> {
+    fn drop(&mut self) {
+        self.shared.close();
+    }
+}
+
+impl<S: Store> Shared<S> {
+    fn close(&self) {
+        let gate = self.gate.write();
+        self.closed.store(true, Ordering::SeqCst);
+        drop(gate);
+        self.store.wake_waiters();
+    }
+
+    fn append(&self, entries: &[Entry<'_>]) -> Result<Range<Offset>> {
+        let _gate = self.gate.read();
+        if self.closed.load(Ordering::SeqCst) {
+            return Err(Error::Closed);
+        }
+        self.store.append(entries)
+    }
+}
+
+impl<S: Store> Stream for LogStream<S> {
+    type Publisher = LogPublisher<S>;
+    type Subscriber = LogSubscriber<S>;
+
+    fn publisher(&self) -> LogPublisher<S> {
+        LogPublisher {
+            handle: self.handle.clone(),
+        }
+    }
+
+    fn subscribe(&self, from: Position) -> Result<LogSubscriber<S>> {
+        let shared = &self.handle.shared;
+        let store = &shared.store;
+        let (position, cursor) = match from {
+            Position::Beginning => (store.start_offset(), None),
+            Position::Offset(offset) => (offset, None),
+            Position::End => (store.next_offset(), None),
+            Position::Cursor(name) => {
+                let position = match store.cursor(&name)? {
+                    Some(offset) => offset,
+                    None => store.start_offset(),
+                };
+                (position, Some(name))
+            }
+        };
+        Ok(LogSubscriber {
+            reader: Some(store.read_from(position)?),
+            shared: shared.clone(),
+            position,
+            cursor,
+        })
+    }
+}
+
+impl<S: Store> Publish for LogPublisher<S> {
+    fn publish(&self, entry: Entry<'_>) -> Result<Offset> {
+        Ok(self.handle.shared.append(&[entry])?.start)
+    }
+
+    /// The same as `publish`: a log stream is never full.
+    fn try_publish(&self, entry: Entry<'_>) -> Result<Offset> {
+        self.publish(entry)
+    }
+
+    /// Appends the entries as one atomic batch.
+    fn publish_batch(&self, entries: &[Entry<'_>]) -> Result<Range<Offset>> {
+        self.handle.shared.append(entries)
+    }
+
+    fn close(&self) {
+        self.handle.shared.close();
+    }
+}
+
+/// How long a receive may wait.
+#[derive(Clone, Copy)]
+enum Wait {
+    No,
+    Until(Instant, Duration),
+    Forever,
+}
+
+impl<S: Store> LogSubscriber<S> {
+    /// The offset after the last record received (where a commit would resume).
+    pub fn position(&self) -> Offset {
+        self.position
+    }
+
+    /// The named cursor this subscription commits to, if it has one.
+    pub fn cursor(&self) -> Option<&str> {
+        self.cursor.as_deref()
+    }
+
+    fn next_record(&mut self, wait: Wait) -> Result<Option<Record>> {
+        let shared = &*self.shared;
+        loop {
+            // Read `closed` before reading: if it was set, every append had returned by
+            // then, so the read below sees everything there will ever be.
+            let closed = shared.closed.load(Ordering::SeqCst);
+            let reader = match &mut self.reader {
+                Some(reader) => reader,
+                None => self.reader.insert(shared.store.read_from(self.position)?),
+            };
+            match reader.next() {
+                Some(Ok(record)) => {
+                    self.position = record.offset + 1;
+                    return Ok(Some(record));
+                }
+                Some(Err(e)) => {
+                    // A reader yields nothing after an error; start a new one next time.
+                    self.reader = None;
+                    return Err(e);
+                }
+                None if closed => return Err(Error::Closed),
+                None => {}
+            }
+            let slice = match wait {
+                Wait::No => return Ok(None),
+                Wait::Forever => WAIT_SLICE,
+                Wait::Until(deadline, timeout) => match remaining(deadline) {
+                    Some(left) if !left.is_zero() => left.min(WAIT_SLICE),
+                    _ => return Err(Error::Timeout(timeout)),
+                },
+            };
+            shared.store.wait_for(self.position, Some(slice));
+        }
+    }
+}
+
+impl<S: Store> Subscribe for LogSubscriber<S> {
+    fn recv(&mut self) -> Result<Record> {
+        self.next_record(Wait::Forever)?.ok_or(Error::Closed)
+    }
+
+    fn recv_timeout(&mut self, timeout: Duration) -> Result<Record> {
+        let wait = match Instant::now().checked_add(timeout) {
+            Some(deadline) => Wait::Until(deadline, timeout),
+            None => Wait::Forever,
+        };
+        self.next_record(wait)?.ok_or(Error::Closed)
+    }
+
+    fn try_recv(&mut self) -> Result<Option<Record>> {
+        self.next_record(Wait::No)
+    }
+
+    fn commit(&mut self) -> Result<()> {
+        match &self.cursor {
+            Some(name) => self.shared.store.commit_cursor(name, self.position),
+            None => Err(Error::CannotCommit(
+                "the subscription was not opened from a named cursor",
+            )),
+        }
+    }
+}
+
+impl<S: Store> std::fmt::Debug for LogSubscriber<S> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LogSubscriber")
+            .field("position", &self.position)
+            .field("cursor", &self.cursor)
+            .finish_non_exhaustive()
+    }
+}
