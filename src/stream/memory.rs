@@ -64,7 +64,7 @@ use crate::record::{Entry, Offset, Record};
 pub struct MemoryStream {
     inner: Arc<Inner>,
     /// For a shared queue: its receiving end, which every subscriber clones.
-    shared_queue: Option<Receiver<Record>>,
+    shared_queue: Option<(Receiver<Record>, Readers)>,
 }
 
 /// The publishing half of a [`MemoryStream`].
@@ -77,6 +77,26 @@ pub struct MemoryPublisher {
 #[derive(Debug)]
 pub struct MemorySubscriber {
     queue: Receiver<Record>,
+    _readers: Readers,
+}
+
+/// Counts who can read a queue: its subscribers and, for a shared queue, the stream
+/// values that can make more. crossbeam reports a queue without receivers only when
+/// sending, and a full queue must not look merely full to `try_publish` once nobody can
+/// ever empty it.
+type Readers = Arc<()>;
+
+/// The sending end of one subscriber queue.
+#[derive(Debug)]
+struct Queue {
+    sender: Sender<Record>,
+    readers: Readers,
+}
+
+impl Queue {
+    fn has_readers(&self) -> bool {
+        Arc::strong_count(&self.readers) > 1
+    }
 }
 
 #[derive(Debug)]
@@ -87,7 +107,7 @@ struct Inner {
     state: Mutex<State>,
     /// Fan-out subscribers not yet picked up by a publish. Kept apart from `state` so
     /// that subscribing never waits behind a publisher blocked on a full queue.
-    joining: Mutex<Vec<Sender<Record>>>,
+    joining: Mutex<Vec<Queue>>,
     has_joining: AtomicBool,
     closed: AtomicBool,
     /// True while a publisher holds `state` and waits for room.
@@ -102,7 +122,7 @@ struct Inner {
 #[derive(Debug)]
 struct State {
     next: Offset,
-    queues: Vec<Sender<Record>>,
+    queues: Vec<Queue>,
 }
 
 /// How long `try_publish` waits for the publish lock before it checks again whether the
@@ -135,8 +155,13 @@ impl MemoryStream {
         let (queues, shared_queue) = if fan_out {
             (Vec::new(), None)
         } else {
-            let (tx, rx) = bounded(capacity);
-            (vec![tx], Some(rx))
+            let (sender, receiver) = bounded(capacity);
+            let readers = Readers::default();
+            let queue = Queue {
+                sender,
+                readers: readers.clone(),
+            };
+            (vec![queue], Some((receiver, readers)))
         };
         let inner = Inner {
             capacity,
@@ -198,20 +223,28 @@ impl Stream for MemoryStream {
         if from != Position::End {
             return Err(Error::NotStored);
         }
-        if let Some(queue) = &self.shared_queue {
+        if let Some((queue, readers)) = &self.shared_queue {
             return Ok(MemorySubscriber {
                 queue: queue.clone(),
+                _readers: readers.clone(),
             });
         }
-        let (tx, rx) = bounded(self.inner.capacity);
+        let (sender, receiver) = bounded(self.inner.capacity);
+        let readers = Readers::default();
         let mut joining = self.inner.joining.lock();
         // Under the `joining` lock, as in `close`: a subscriber added after close would
         // never see its queue disconnect.
         if !self.inner.closed.load(Ordering::SeqCst) {
-            joining.push(tx);
+            joining.push(Queue {
+                sender,
+                readers: readers.clone(),
+            });
             self.inner.has_joining.store(true, Ordering::SeqCst);
         }
-        Ok(MemorySubscriber { queue: rx })
+        Ok(MemorySubscriber {
+            queue: receiver,
+            _readers: readers,
+        })
     }
 }
 
@@ -245,8 +278,11 @@ impl Inner {
             return Err(Error::Closed);
         }
         self.admit_joining(state);
-        if !wait && state.queues.iter().any(Sender::is_full) {
-            return Err(Error::Full);
+        if !wait && state.queues.iter().any(|q| q.sender.is_full()) {
+            self.drop_unread_queues(state)?;
+            if state.queues.iter().any(|q| q.sender.is_full()) {
+                return Err(Error::Full);
+            }
         }
         if state.queues.is_empty() && self.streams.load(Ordering::SeqCst) == 0 {
             // Fan-out with no subscriber and no stream value to make one: nobody can
@@ -266,7 +302,7 @@ impl Inner {
                 record.clone()
             };
             let Some(message) = message else { break };
-            match self.send(&state.queues[i], message, wait)? {
+            match self.send(&state.queues[i].sender, message, wait)? {
                 Sent::Yes => i += 1,
                 Sent::Disconnected if self.fan_out => {
                     state.queues.swap_remove(i);
@@ -278,6 +314,19 @@ impl Inner {
         }
         state.next += 1;
         Ok(offset)
+    }
+
+    /// Drops the queues nobody can read any more; for a shared queue that means the
+    /// stream is closed for publishers.
+    fn drop_unread_queues(&self, state: &mut State) -> Result<()> {
+        if !self.fan_out {
+            return match state.queues.first() {
+                Some(queue) if queue.has_readers() => Ok(()),
+                _ => Err(Error::Closed),
+            };
+        }
+        state.queues.retain(Queue::has_readers);
+        Ok(())
     }
 
     /// Sends into one queue, waiting for room (or close) if `wait`.

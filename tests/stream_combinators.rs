@@ -1,0 +1,500 @@
+//! The combinators: what each does, that backpressure passes through, and that closing
+//! propagates through every one of them.
+
+use std::thread;
+use std::time::{Duration, Instant};
+
+use cauce::router::InstanceId;
+use cauce::store::MemoryStore;
+use cauce::stream::{
+    LogStream, MemoryStream, MemorySubscriber, Position, Publish, Stream, Subscribe, SubscribeExt,
+    Typed, forward, merge, split,
+};
+use cauce::{Entry, Error, Record};
+
+const PATIENCE: Duration = Duration::from_secs(10);
+
+fn payloads<S: Subscribe>(subscriber: &mut S) -> Vec<String> {
+    subscriber
+        .records()
+        .map(|r| String::from_utf8(r.expect("record").payload.to_vec()).expect("utf-8"))
+        .collect()
+}
+
+fn publish_all<P: Publish>(publisher: &P, payloads: &[&str]) {
+    for p in payloads {
+        publisher
+            .publish(Entry::new(b"k", p.as_bytes()))
+            .expect("publish");
+    }
+}
+
+/// A bounded stream with its two halves, the stream value dropped (so that dropping the
+/// publisher closes it).
+fn halves(capacity: usize) -> (cauce::stream::MemoryPublisher, MemorySubscriber) {
+    let stream = MemoryStream::bounded(capacity).expect("capacity");
+    let subscriber = stream.subscribe(Position::End).expect("subscribe");
+    (stream.publisher(), subscriber)
+}
+
+fn expect_closed<S: Subscribe>(subscriber: &mut S, what: &str) {
+    match subscriber.recv_timeout(PATIENCE) {
+        Err(Error::Closed) => {}
+        other => panic!("{what}: expected Closed, got {other:?}"),
+    }
+}
+
+#[test]
+fn map_changes_every_record_and_ends_with_its_input() {
+    let (publisher, subscriber) = halves(8);
+    let mut shouting = subscriber.map(|mut r: Record| {
+        r.payload = r.payload.to_ascii_uppercase().into();
+        r
+    });
+    publish_all(&publisher, &["a", "b"]);
+    assert!(shouting.try_recv().expect("try_recv").is_some());
+    drop(publisher);
+    assert_eq!(payloads(&mut shouting), ["B"]);
+    expect_closed(&mut shouting, "map after its input closed");
+}
+
+#[test]
+fn filter_passes_only_kept_records_and_ends_with_its_input() {
+    let (publisher, subscriber) = halves(8);
+    let mut odd = subscriber.filter(|r| r.offset % 2 == 1);
+    publish_all(&publisher, &["0", "1", "2", "3", "4"]);
+    drop(publisher);
+    assert_eq!(payloads(&mut odd), ["1", "3"]);
+    expect_closed(&mut odd, "filter after its input closed");
+}
+
+#[test]
+fn filter_timeout_covers_the_records_it_drops() {
+    let (publisher, subscriber) = halves(64);
+    let mut none = subscriber.filter(|_| false);
+    let feeding = thread::spawn(move || {
+        for _ in 0..40 {
+            publish_all(&publisher, &["dropped"]);
+            thread::sleep(Duration::from_millis(2));
+        }
+    });
+    let started = Instant::now();
+    let timeout = Duration::from_millis(30);
+    assert!(matches!(none.recv_timeout(timeout), Err(Error::Timeout(t)) if t == timeout));
+    let waited = started.elapsed();
+    assert!(
+        waited >= timeout && waited < timeout * 3,
+        "waited {waited:?}, not about {timeout:?}"
+    );
+    assert!(matches!(none.try_recv(), Ok(None)));
+    feeding.join().expect("feeder");
+}
+
+#[test]
+fn filter_and_map_commit_the_cursor_they_wrap() {
+    let store = MemoryStore::new();
+    let stream = LogStream::new(store.clone());
+    let publisher = stream.publisher();
+    publish_all(&publisher, &["skip", "take", "skip", "take"]);
+    let mut takes = stream
+        .subscribe(Position::Cursor("taker".into()))
+        .expect("subscribe")
+        .filter(|r| &r.payload[..] == b"take")
+        .map(|r| r);
+    assert_eq!(takes.recv().expect("recv").offset, 1);
+    takes.commit().expect("commit through filter and map");
+    use cauce::store::Store;
+    assert_eq!(store.cursor("taker").expect("cursor"), Some(2));
+}
+
+#[test]
+fn tee_copies_every_record_into_the_second_stream() {
+    let (publisher, subscriber) = halves(8);
+    let (audit, mut audit_log) = halves(8);
+    let mut handler = subscriber.tee(audit);
+    publish_all(&publisher, &["a", "b", "c"]);
+    drop(publisher);
+    assert_eq!(payloads(&mut handler), ["a", "b", "c"]);
+    let copies: Vec<_> = audit_log.records().map(|r| r.expect("record")).collect();
+    assert_eq!(
+        copies.iter().map(|r| &r.payload[..]).collect::<Vec<_>>(),
+        [b"a", b"b", b"c"]
+    );
+    assert!(copies.iter().all(|r| &r.key[..] == b"k"), "keys are kept");
+}
+
+#[test]
+fn tee_waits_for_room_in_the_second_stream_and_loses_nothing() {
+    let (publisher, subscriber) = halves(8);
+    let (audit, mut audit_log) = halves(1);
+    let mut handler = subscriber.tee(audit);
+    publish_all(&publisher, &["a", "b", "c"]);
+    assert_eq!(
+        handler
+            .try_recv()
+            .expect("room for one")
+            .expect("a")
+            .payload,
+        "a"
+    );
+    assert!(
+        handler
+            .try_recv()
+            .expect("the audit stream is full")
+            .is_none(),
+        "a full second stream holds the reader back"
+    );
+    assert_eq!(audit_log.recv().expect("audit").payload, "a");
+    assert_eq!(
+        handler.try_recv().expect("room again").expect("b").payload,
+        "b"
+    );
+    let draining = thread::spawn(move || payloads(&mut audit_log));
+    drop(publisher);
+    assert_eq!(payloads(&mut handler), ["c"]);
+    assert_eq!(draining.join().expect("audit reader"), ["b", "c"]);
+}
+
+#[test]
+fn tee_closes_its_second_stream_when_its_input_ends() {
+    let (publisher, subscriber) = halves(8);
+    let (audit, mut audit_log) = halves(8);
+    let mut handler = subscriber.tee(audit);
+    drop(publisher);
+    expect_closed(&mut handler, "tee after its input closed");
+    expect_closed(&mut audit_log, "the tee's second stream");
+}
+
+#[test]
+fn merge_takes_from_its_inputs_in_turn() {
+    let (busy, busy_sub) = halves(1_000);
+    let (quiet, quiet_sub) = halves(1_000);
+    for i in 0..500 {
+        busy.publish(Entry::new(b"busy", format!("{i}").as_bytes()))
+            .expect("publish");
+        quiet
+            .publish(Entry::new(b"quiet", format!("{i}").as_bytes()))
+            .expect("publish");
+    }
+    drop((busy, quiet));
+    let mut merged = merge([busy_sub, quiet_sub]).expect("merge");
+    // The reader is slower than the merge's forwarding threads, so both inputs always
+    // have records ready: which one is taken is then the merge's choice alone.
+    let first: Vec<_> = (0..100)
+        .map(|_| {
+            thread::sleep(Duration::from_micros(300));
+            merged.recv().expect("recv").key
+        })
+        .collect();
+    let from_quiet = first.iter().filter(|k| &k[..] == b"quiet").count();
+    assert!(
+        (35..=65).contains(&from_quiet),
+        "round robin: {from_quiet} of the first 100 records came from one of two full inputs"
+    );
+    let mut counts = (0, 0);
+    for r in merged.records() {
+        let r = r.expect("record");
+        if &r.key[..] == b"quiet" {
+            counts.1 += 1;
+        } else {
+            counts.0 += 1;
+        }
+    }
+    assert_eq!(counts.0 + counts.1 + 100, 1_000, "every record once");
+}
+
+#[test]
+fn merge_does_not_starve_a_quiet_input_behind_a_busy_one() {
+    let (busy, busy_sub) = halves(64);
+    let (quiet, quiet_sub) = halves(64);
+    let mut merged = merge([busy_sub, quiet_sub]).expect("merge");
+    let flooding = thread::spawn(move || {
+        // Floods until the merge is gone (then its input is dropped and publish fails).
+        while busy.publish(Entry::new(b"busy", b"x")).is_ok() {}
+    });
+    let trickling = thread::spawn(move || {
+        for i in 0..20u8 {
+            quiet.publish(Entry::new(b"quiet", &[i])).expect("publish");
+            thread::sleep(Duration::from_millis(1));
+        }
+    });
+    let started = Instant::now();
+    let mut quiet_seen = Vec::new();
+    while quiet_seen.len() < 20 {
+        assert!(started.elapsed() < PATIENCE, "the quiet input starved");
+        let r = merged.recv().expect("recv");
+        if &r.key[..] == b"quiet" {
+            quiet_seen.push(r.payload[0]);
+        }
+    }
+    assert_eq!(
+        quiet_seen,
+        (0..20).collect::<Vec<_>>(),
+        "in order, none lost"
+    );
+    trickling.join().expect("trickle");
+    drop(merged);
+    flooding
+        .join()
+        .expect("the flood ends once the merge is dropped");
+}
+
+#[test]
+fn merge_ends_when_every_input_has_ended() {
+    let (first, first_sub) = halves(8);
+    let (second, second_sub) = halves(8);
+    let mut merged = merge([first_sub, second_sub]).expect("merge");
+    publish_all(&first, &["1"]);
+    drop(first);
+    publish_all(&second, &["2"]);
+    let mut got = vec![
+        merged.recv().expect("recv").payload,
+        merged.recv().expect("recv").payload,
+    ];
+    got.sort();
+    assert_eq!(got, ["1", "2"]);
+    assert!(
+        matches!(
+            merged.recv_timeout(Duration::from_millis(20)),
+            Err(Error::Timeout(_))
+        ),
+        "one input still open: the merge goes on"
+    );
+    drop(second);
+    expect_closed(&mut merged, "merge after all its inputs closed");
+    assert!(matches!(merged.try_recv(), Err(Error::Closed)));
+    assert!(matches!(merged.commit(), Err(Error::CannotCommit(_))));
+}
+
+fn by_first_letter(key: &[u8]) -> Option<InstanceId> {
+    match key.first()? {
+        b'a'..=b'm' => Some(InstanceId(0)),
+        b'n'..=b'z' => Some(InstanceId(1)),
+        b'0'..=b'9' => Some(InstanceId(7)),
+        _ => None,
+    }
+}
+
+#[test]
+fn split_routes_each_key_to_its_instance() {
+    let (zero, mut zero_sub) = halves(8);
+    let (one, mut one_sub) = halves(8);
+    let by_key = split(
+        by_first_letter,
+        [(InstanceId(0), zero), (InstanceId(1), one)],
+    );
+    for key in ["alice", "zoe", "bob", "nina"] {
+        by_key
+            .publish(Entry::new(key.as_bytes(), b""))
+            .expect("publish");
+    }
+    assert!(matches!(
+        by_key.publish(Entry::new(b"7up", b"")),
+        Err(Error::UnknownInstance(InstanceId(7)))
+    ));
+    assert!(matches!(
+        by_key.publish(Entry::new(b"", b"")),
+        Err(Error::NoInstance)
+    ));
+    let mixed = [
+        Entry::new(b"amy", b""),
+        Entry::new(b"ann", b""),
+        Entry::new(b"zed", b""),
+    ];
+    assert!(matches!(
+        by_key.publish_batch(&mixed),
+        Err(Error::BatchSpansInstances {
+            index: 2,
+            first: InstanceId(0),
+            other: InstanceId(1)
+        })
+    ));
+    assert_eq!(
+        by_key.publish_batch(&mixed[..2]).expect("one instance"),
+        2..4
+    );
+    drop(by_key);
+    let keys = |s: &mut MemorySubscriber| -> Vec<_> {
+        s.records().map(|r| r.expect("record").key).collect()
+    };
+    assert_eq!(keys(&mut zero_sub), ["alice", "bob", "amy", "ann"]);
+    assert_eq!(
+        keys(&mut one_sub),
+        ["zoe", "nina"],
+        "and nothing of the refused batch"
+    );
+}
+
+#[test]
+fn split_pushes_back_only_on_the_full_instance() {
+    let (zero, mut zero_sub) = halves(2);
+    let (one, mut one_sub) = halves(2);
+    let by_key = split(
+        by_first_letter,
+        [(InstanceId(0), zero), (InstanceId(1), one)],
+    );
+    by_key.publish(Entry::new(b"a", b"1")).expect("room");
+    by_key.publish(Entry::new(b"a", b"2")).expect("room");
+    assert!(matches!(
+        by_key.try_publish(Entry::new(b"a", b"3")),
+        Err(Error::Full)
+    ));
+    by_key
+        .try_publish(Entry::new(b"z", b"1"))
+        .expect("the other instance still has room");
+    let blocked = {
+        let by_key = by_key.clone();
+        thread::spawn(move || by_key.publish(Entry::new(b"b", b"3")))
+    };
+    thread::sleep(Duration::from_millis(30));
+    assert!(
+        !blocked.is_finished(),
+        "a publish to the full instance waits"
+    );
+    assert_eq!(one_sub.recv().expect("recv").payload, "1");
+    assert_eq!(zero_sub.recv().expect("recv").payload, "1");
+    assert_eq!(blocked.join().expect("thread").expect("publish"), 2);
+}
+
+#[test]
+fn split_closes_every_instance_stream_when_dropped_or_closed() {
+    let (zero, mut zero_sub) = halves(8);
+    let (one, mut one_sub) = halves(8);
+    let by_key = split(
+        by_first_letter,
+        [(InstanceId(0), zero), (InstanceId(1), one)],
+    );
+    let clone = by_key.clone();
+    drop(by_key);
+    clone
+        .publish(Entry::new(b"a", b"x"))
+        .expect("a clone keeps it open");
+    drop(clone);
+    assert_eq!(zero_sub.recv().expect("recv").payload, "x");
+    expect_closed(&mut zero_sub, "instance 0 after the split was dropped");
+    expect_closed(&mut one_sub, "instance 1 after the split was dropped");
+
+    let streams = [
+        MemoryStream::bounded(8).expect("capacity"),
+        MemoryStream::bounded(8).expect("capacity"),
+    ];
+    let mut subs: Vec<_> = streams
+        .iter()
+        .map(|s| s.subscribe(Position::End).expect("subscribe"))
+        .collect();
+    let by_key = split(
+        by_first_letter,
+        [
+            (InstanceId(0), streams[0].publisher()),
+            (InstanceId(1), streams[1].publisher()),
+        ],
+    );
+    by_key.close();
+    for (i, sub) in subs.iter_mut().enumerate() {
+        expect_closed(
+            sub,
+            &format!("instance {i} after close, its stream value still alive"),
+        );
+    }
+}
+
+#[test]
+fn forward_moves_everything_then_closes_its_output() {
+    let (input, input_sub) = halves(4);
+    let (output, mut output_sub) = halves(4);
+    let pump = thread::spawn(move || forward(input_sub, output));
+    let reading = thread::spawn(move || payloads(&mut output_sub));
+    let sent: Vec<String> = (0..100).map(|i| i.to_string()).collect();
+    for s in &sent {
+        input
+            .publish(Entry::new(b"", s.as_bytes()))
+            .expect("publish");
+    }
+    drop(input);
+    assert_eq!(pump.join().expect("pump").expect("forward"), 100);
+    assert_eq!(
+        reading.join().expect("reader"),
+        sent,
+        "in order, then closed"
+    );
+}
+
+#[test]
+fn forward_into_a_split_splits_an_existing_stream() {
+    let log = LogStream::new(MemoryStore::new());
+    let (zero, zero_sub) = halves(4);
+    let (one, one_sub) = halves(4);
+    let by_key = split(
+        by_first_letter,
+        [(InstanceId(0), zero), (InstanceId(1), one)],
+    );
+    let from = log.subscribe(Position::Beginning).expect("subscribe");
+    let pump = thread::spawn(move || forward(from, by_key));
+    let readers: Vec<_> = [zero_sub, one_sub]
+        .into_iter()
+        .map(|mut s| thread::spawn(move || s.records().count()))
+        .collect();
+    let publisher = log.publisher();
+    for i in 0..200u32 {
+        let key = if i % 4 == 0 { "zed" } else { "amy" };
+        publisher
+            .publish(Entry::new(key.as_bytes(), &i.to_le_bytes()))
+            .expect("publish");
+    }
+    drop((publisher, log));
+    assert_eq!(pump.join().expect("pump").expect("forward"), 200);
+    let counts: Vec<_> = readers
+        .into_iter()
+        .map(|r| r.join().expect("reader"))
+        .collect();
+    assert_eq!(counts, [150, 50]);
+}
+
+#[test]
+fn typed_values_round_trip_and_a_bad_record_does_not_end_the_stream() {
+    let stream = LogStream::new(MemoryStore::new());
+    let raw = stream.publisher();
+    let typed: Typed<_, (String, u32)> = Typed::new(stream.publisher());
+    let mut reader: Typed<_, (String, u32)> =
+        Typed::new(stream.subscribe(Position::Beginning).expect("subscribe"));
+    typed
+        .publish(b"alice", &("hello".to_string(), 1))
+        .expect("publish");
+    raw.publish(Entry::new(b"mallory", &[0xff; 3]))
+        .expect("publish");
+    let pairs = [
+        (&b"bob"[..], &("hi".to_string(), 2)),
+        (&b"carol"[..], &("hey".to_string(), 3)),
+    ];
+    assert_eq!(typed.publish_batch(pairs).expect("batch"), 2..4);
+
+    let first = reader.recv().expect("first");
+    assert_eq!(
+        (first.offset, &first.key[..], first.value),
+        (0, &b"alice"[..], ("hello".into(), 1))
+    );
+    match reader.recv() {
+        Err(Error::Codec { message, .. }) => {
+            assert!(
+                message.contains("offset 1"),
+                "the error names the offset: {message}"
+            )
+        }
+        other => panic!("expected a codec error, got {other:?}"),
+    }
+    assert_eq!(reader.recv().expect("goes on").value.1, 2);
+    assert_eq!(
+        reader
+            .try_recv()
+            .expect("try_recv")
+            .expect("a value")
+            .value
+            .1,
+        3
+    );
+    drop((raw, typed, stream));
+    assert!(
+        matches!(reader.recv(), Err(Error::Closed)),
+        "closing passes through"
+    );
+}
