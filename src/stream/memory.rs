@@ -1,11 +1,13 @@
 //! [`MemoryStream`]: a notified stream on bounded crossbeam channels.
 //!
 //! Every publish takes one short lock that gives the record its offset and puts it in the
-//! subscriber queues, so offsets are in queue order even with many publishers. A
-//! publisher that finds a queue full waits for room while it keeps that lock: the other
-//! publishers would wait for the same room anyway, and the order stays exact. It waits
-//! in a crossbeam `Select` on the full queue and on the stream's close signal, so
-//! [`close`](Publish::close) wakes it.
+//! subscriber queues, so offsets are in queue order even with many publishers, and every
+//! fan-out subscriber sees the same order. A record goes into every queue or none: a
+//! publisher that finds a queue full lets go of the lock, waits for room (a short spin,
+//! then a crossbeam `Select` on the full queue and on the stream's close signal, so
+//! [`close`](Publish::close) wakes it) and tries again. Only a batch keeps the lock while
+//! it waits, so that its offsets are consecutive; `try_publish` does not wait behind it
+//! (a batch that waits means the stream is full).
 
 use std::ops::Range;
 use std::sync::Arc;
@@ -16,6 +18,7 @@ use bytes::Bytes;
 use crossbeam_channel::{
     Receiver, RecvTimeoutError, Select, Sender, TryRecvError, TrySendError, bounded,
 };
+use crossbeam_utils::Backoff;
 use parking_lot::{Mutex, MutexGuard};
 
 use super::{Position, Publish, Stream, Subscribe};
@@ -110,7 +113,7 @@ struct Inner {
     joining: Mutex<Vec<Queue>>,
     has_joining: AtomicBool,
     closed: AtomicBool,
-    /// True while a publisher holds `state` and waits for room.
+    /// True while a batch publish holds `state` and waits for room.
     blocked: AtomicBool,
     /// Dropped by `close`, which makes `closing` ready and wakes a blocked publisher.
     close_signal: Mutex<Option<Sender<()>>>,
@@ -126,7 +129,7 @@ struct State {
 }
 
 /// How long `try_publish` waits for the publish lock before it checks again whether the
-/// holder is blocked on a full queue (then the stream is full).
+/// holder is a batch waiting for room (then the stream is full).
 const TRY_LOCK_SLICE: Duration = Duration::from_micros(20);
 
 impl MemoryStream {
@@ -250,111 +253,116 @@ impl Stream for MemoryStream {
 
 /// Copies an entry into one allocation that the record's key and payload share.
 fn to_record(entry: &Entry<'_>) -> Record {
-    let mut buf = Vec::with_capacity(entry.key.len() + entry.payload.len());
-    buf.extend_from_slice(entry.key);
-    buf.extend_from_slice(entry.payload);
-    let mut key = Bytes::from(buf);
-    let payload = key.split_off(entry.key.len());
     Record {
         offset: 0,
         timestamp: entry.timestamp,
-        key,
-        payload,
+        key: Bytes::copy_from_slice(entry.key),
+        payload: Bytes::copy_from_slice(entry.payload),
     }
 }
 
 impl Inner {
     /// Moves subscribers that joined since the last publish into the queues.
     fn admit_joining(&self, state: &mut State) {
-        if self.has_joining.swap(false, Ordering::SeqCst) {
+        // A load first: the common case (nobody joined) writes nothing.
+        if self.has_joining.load(Ordering::SeqCst) && self.has_joining.swap(false, Ordering::SeqCst)
+        {
             state.queues.append(&mut self.joining.lock());
         }
     }
 
-    /// Gives `record` the next offset and puts it in every queue; `wait` says whether to
-    /// wait for room or to refuse with `Full`.
-    fn deliver(&self, state: &mut State, mut record: Record, wait: bool) -> Result<Offset> {
+    /// Gives `record` the next offset and puts it in every queue if every queue has room
+    /// now; otherwise hands it back with a full queue to wait on. Offsets are given
+    /// only here, under the publish lock, so they follow queue order.
+    fn deliver(&self, state: &mut State, mut record: Record) -> Result<Delivery> {
         if self.closed.load(Ordering::SeqCst) {
             return Err(Error::Closed);
         }
         self.admit_joining(state);
-        if !wait && state.queues.iter().any(|q| q.sender.is_full()) {
-            self.drop_unread_queues(state)?;
-            if state.queues.iter().any(|q| q.sender.is_full()) {
-                return Err(Error::Full);
-            }
-        }
-        if state.queues.is_empty() && self.streams.load(Ordering::SeqCst) == 0 {
-            // Fan-out with no subscriber and no stream value to make one: nobody can
-            // ever receive this.
-            return Err(Error::Closed);
-        }
-        let offset = state.next;
-        record.offset = offset;
-        // The last queue gets the record itself, the others a clone (which shares the
-        // bytes): a single queue costs no clone.
-        let mut record = Some(record);
-        let mut i = 0;
-        while i < state.queues.len() {
-            let message = if i + 1 == state.queues.len() {
-                record.take()
-            } else {
-                record.clone()
-            };
-            let Some(message) = message else { break };
-            match self.send(&state.queues[i].sender, message, wait)? {
-                Sent::Yes => i += 1,
-                Sent::Disconnected if self.fan_out => {
-                    state.queues.swap_remove(i);
+        loop {
+            // One queue (always, for a shared queue): try it directly, which is the
+            // cheapest way to find out whether it has room.
+            if let [queue] = &state.queues[..] {
+                record.offset = state.next;
+                match queue.sender.try_send(record) {
+                    Ok(()) => return Ok(self.delivered(state)),
+                    Err(TrySendError::Full(back)) if queue.has_readers() => {
+                        return Ok(Delivery::NoRoom(back, queue.sender.clone()));
+                    }
+                    Err(TrySendError::Full(back) | TrySendError::Disconnected(back)) => {
+                        record = back;
+                        self.drop_unread_queues(state)?;
+                        continue;
+                    }
                 }
-                // A shared queue is disconnected when every subscriber and every stream
-                // value is gone: nobody can receive again.
-                Sent::Disconnected => return Err(Error::Closed),
             }
+            // Several queues: the record goes in all or none, so check every queue for
+            // room first (only lock holders send, so room cannot shrink meanwhile).
+            if let Some(full) = state.queues.iter().find(|q| q.sender.is_full()) {
+                if full.has_readers() {
+                    return Ok(Delivery::NoRoom(record, full.sender.clone()));
+                }
+                self.drop_unread_queues(state)?;
+                continue;
+            }
+            if state.queues.is_empty() && self.streams.load(Ordering::SeqCst) == 0 {
+                // Fan-out with no subscriber and no stream value to make one: nobody
+                // can ever receive this.
+                return Err(Error::Closed);
+            }
+            record.offset = state.next;
+            let mut i = 0;
+            while i < state.queues.len() {
+                // Cannot be full (checked above); a queue whose subscriber left since is
+                // dropped.
+                match state.queues[i].sender.try_send(record.clone()) {
+                    Ok(()) => i += 1,
+                    Err(_) => {
+                        state.queues.swap_remove(i);
+                    }
+                }
+            }
+            return Ok(self.delivered(state));
         }
+    }
+
+    fn delivered(&self, state: &mut State) -> Delivery {
+        let offset = state.next;
         state.next += 1;
-        Ok(offset)
+        Delivery::Done(offset)
     }
 
     /// Drops the queues nobody can read any more; for a shared queue that means the
     /// stream is closed for publishers.
     fn drop_unread_queues(&self, state: &mut State) -> Result<()> {
         if !self.fan_out {
-            return match state.queues.first() {
-                Some(queue) if queue.has_readers() => Ok(()),
-                _ => Err(Error::Closed),
-            };
+            return Err(Error::Closed);
         }
         state.queues.retain(Queue::has_readers);
         Ok(())
     }
 
-    /// Sends into one queue, waiting for room (or close) if `wait`.
-    fn send(&self, queue: &Sender<Record>, message: Record, wait: bool) -> Result<Sent> {
-        let message = match queue.try_send(message) {
-            Ok(()) => return Ok(Sent::Yes),
-            Err(TrySendError::Disconnected(_)) => return Ok(Sent::Disconnected),
-            // Not reached when not waiting: under the publish lock nobody else sends,
-            // and every queue had room when `deliver` checked.
-            Err(TrySendError::Full(_)) if !wait => return Err(Error::Full),
-            Err(TrySendError::Full(message)) => message,
-        };
-        self.blocked.store(true, Ordering::SeqCst);
-        let mut select = Select::new();
-        let send = select.send(queue);
-        select.recv(&self.closing);
-        let operation = select.select();
-        let sent = if operation.index() == send {
-            match operation.send(queue, message) {
-                Ok(()) => Ok(Sent::Yes),
-                Err(_) => Ok(Sent::Disconnected),
+    /// Waits until `queue` has room (or nobody reads it any more), or the stream closes.
+    fn wait_for_room(&self, queue: &Sender<Record>) -> Result<()> {
+        // Room usually comes back within microseconds: spin and yield a little, as
+        // crossbeam's own `send` does, before the costlier select and park.
+        let backoff = Backoff::new();
+        while !backoff.is_completed() {
+            if !queue.is_full() {
+                return Ok(());
             }
-        } else {
-            let _ = operation.recv(&self.closing);
-            Err(Error::Closed)
-        };
-        self.blocked.store(false, Ordering::SeqCst);
-        sent
+            backoff.snooze();
+        }
+        if !self.closed.load(Ordering::SeqCst) {
+            let mut select = Select::new();
+            select.send(queue);
+            select.recv(&self.closing);
+            select.ready();
+        }
+        if self.closed.load(Ordering::SeqCst) {
+            return Err(Error::Closed);
+        }
+        Ok(())
     }
 
     fn close(&self) {
@@ -379,33 +387,55 @@ impl Inner {
     }
 }
 
-enum Sent {
-    Yes,
-    Disconnected,
+/// What [`Inner::deliver`] did with a record.
+enum Delivery {
+    /// Published at this offset.
+    Done(Offset),
+    /// Not published: this queue is full. The record comes back to try again.
+    NoRoom(Record, Sender<Record>),
 }
 
 impl Publish for MemoryPublisher {
     fn publish(&self, entry: Entry<'_>) -> Result<Offset> {
-        let record = to_record(&entry);
-        let mut state = self.inner.state.lock();
-        self.inner.deliver(&mut state, record, true)
+        let mut record = to_record(&entry);
+        loop {
+            // The lock is released while waiting for room, so other publishers (and
+            // `try_publish`) never wait behind this one.
+            let delivery = self.inner.deliver(&mut self.inner.state.lock(), record)?;
+            match delivery {
+                Delivery::Done(offset) => return Ok(offset),
+                Delivery::NoRoom(back, queue) => {
+                    record = back;
+                    self.inner.wait_for_room(&queue)?;
+                }
+            }
+        }
     }
 
     fn try_publish(&self, entry: Entry<'_>) -> Result<Offset> {
         let record = to_record(&entry);
         let mut state = self.inner.try_lock_state()?;
-        self.inner.deliver(&mut state, record, false)
+        match self.inner.deliver(&mut state, record)? {
+            Delivery::Done(offset) => Ok(offset),
+            Delivery::NoRoom(..) => Err(Error::Full),
+        }
     }
 
-    /// Publishes the batch under one lock: its records get consecutive offsets. If the
-    /// stream closes part way, the records before stay published and the result is
-    /// [`Error::Closed`].
+    /// Publishes the batch under one lock, which it keeps while it waits for room: its
+    /// records get consecutive offsets. If the stream closes part way, the records
+    /// before stay published and the result is [`Error::Closed`].
     fn publish_batch(&self, entries: &[Entry<'_>]) -> Result<Range<Offset>> {
         let records: Vec<Record> = entries.iter().map(to_record).collect();
         let mut state = self.inner.state.lock();
         let start = state.next;
-        for record in records {
-            self.inner.deliver(&mut state, record, true)?;
+        for mut record in records {
+            while let Delivery::NoRoom(back, queue) = self.inner.deliver(&mut state, record)? {
+                record = back;
+                self.inner.blocked.store(true, Ordering::SeqCst);
+                let waited = self.inner.wait_for_room(&queue);
+                self.inner.blocked.store(false, Ordering::SeqCst);
+                waited?;
+            }
         }
         Ok(start..state.next)
     }
