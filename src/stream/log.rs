@@ -14,7 +14,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use crossbeam_utils::Backoff;
+use crossbeam_utils::{Backoff, CachePadded};
 use parking_lot::RwLock;
 
 use super::{Position, Publish, Stream, Subscribe, remaining};
@@ -94,8 +94,9 @@ struct Handle<S: Store> {
 struct Shared<S> {
     store: S,
     /// Publishes hold it shared while they append, `close` exclusively: once a subscriber
-    /// sees `closed`, every append that will ever succeed has returned.
-    gate: RwLock<()>,
+    /// sees `closed`, every append that will ever succeed has returned. Padded: every
+    /// publish writes it, and followers keep reading `closed`.
+    gate: CachePadded<RwLock<()>>,
     closed: AtomicBool,
 }
 
@@ -110,7 +111,7 @@ impl<S: Store> LogStream<S> {
     pub fn new(store: S) -> LogStream<S> {
         let shared = Arc::new(Shared {
             store,
-            gate: RwLock::new(()),
+            gate: CachePadded::new(RwLock::new(())),
             closed: AtomicBool::new(false),
         });
         LogStream {
