@@ -106,10 +106,11 @@ impl Queue {
 struct Inner {
     capacity: usize,
     fan_out: bool,
-    /// Held by a publish from start to end; see the module docs.
+    /// Held while a record gets its offset and goes into the queues, and by a batch
+    /// throughout; see the module docs.
     state: Mutex<State>,
     /// Fan-out subscribers not yet picked up by a publish. Kept apart from `state` so
-    /// that subscribing never waits behind a publisher blocked on a full queue.
+    /// that subscribing never waits behind a batch blocked on a full queue.
     joining: Mutex<Vec<Queue>>,
     has_joining: AtomicBool,
     closed: AtomicBool,
