@@ -1,0 +1,600 @@
+//! [`LogStore`]: the embedded, durable [`Store`]: segmented files on disk, group commit,
+//! recovery on open.
+//!
+//! A log directory holds an append-only sequence of *segment* files. Appends go to the
+//! newest (active) segment; once it would grow past
+//! [`segment_bytes`](LogOptions::segment_bytes) it is sealed and a new one starts.
+//! Concurrent appenders share one `write` and one `fdatasync` (group commit), readers
+//! follow the tail without polling, and opening the directory *is* recovery: a torn tail
+//! left by a crash is cut, damage anywhere else is reported with its file and byte
+//! position and never returned as data.
+//!
+//! ```
+//! use cauce::store::{LogOptions, LogStore, Store, SyncPolicy};
+//! use cauce::Entry;
+//!
+//! let dir = tempfile::tempdir().unwrap();
+//! let log = LogStore::open(dir.path(), LogOptions::new().sync(SyncPolicy::Always)).unwrap();
+//! log.append(&[Entry::new(b"alice", b"hello"), Entry::new(b"bob", b"hi")]).unwrap();
+//! drop(log);
+//!
+//! let log = LogStore::open(dir.path(), LogOptions::new()).unwrap();
+//! let payloads: Vec<_> = log.read_from(0).unwrap().map(|r| r.unwrap().payload).collect();
+//! assert_eq!(payloads, [&b"hello"[..], &b"hi"[..]]);
+//! ```
+//!
+//! # On-disk format (version 1)
+//!
+//! All integers are little-endian; every checksum is CRC32C.
+//!
+//! | file | contents |
+//! | --- | --- |
+//! | `{base:020}.log` | a segment: header, then batches, `base` = its first offset |
+//! | `{base:020}.index` | the sparse index of a sealed segment (a hint, rebuilt when bad) |
+//! | `start.meta` | the start offset set by retention (magic, offset, CRC) |
+//! | `cursors.journal` | named cursors: `crc, name_len u8, name, offset u64` entries |
+//! | `snapshots/{name}/{offset:020}.snap` | a snapshot: 32-byte header (magic, offset, length, blob CRC, header CRC), blob |
+//! | `compact.commit` | present only while a committed compaction is being swapped in |
+//! | `lock` | `flock`ed by the one process that has the directory open for writing |
+//!
+//! **Segment header** (32 bytes): magic `CAUCELOG` (8), format version `u32` = 1, flags
+//! `u32` = 0, base offset `u64`, reserved `u32`, CRC of the 28 bytes before it `u32`.
+//!
+//! **Batch** (the unit of framing, appended atomically, starts at a multiple of 8):
+//! a 24-byte header: `header_crc u32` (CRC of the next 20 bytes), `body_len u32`,
+//! `count u32` (≥ 1), `body_crc u32`, `base_offset u64`; then the body, then zero padding
+//! to the next multiple of 8. The body is `count` records, each: `offset_delta u32`
+//! (from the batch's base offset, strictly increasing: compaction leaves gaps),
+//! `timestamp u64`, `key_len u32`, `payload_len u32`, key, payload. A sealed segment
+//! ends at its file's end; a preallocated active segment ends at the first all-zero
+//! batch header.
+//!
+//! **Index** (`.index`): magic `CAUCEIDX`, base `u64`, count `u64`, `count` pairs of
+//! (first offset of a batch `u64`, byte position of its header `u64`), one per
+//! [`index_interval_bytes`](LogOptions::index_interval_bytes), then a CRC of everything
+//! before it.
+//!
+//! # Recovery rules
+//!
+//! Each rule has a test named after it in `tests/log_recovery.rs`.
+//!
+//! 1. **A batch header's checksum is checked before its length is trusted**, and every
+//!    length is bounded by the end of the file (and of its batch): damaged bytes can never
+//!    make the reader allocate or read past what is there.
+//! 2. **A torn tail is cut**: in the newest segment, a bad batch (header checksum, body
+//!    checksum, framing, or a length past the end of the file) with no valid batch at any
+//!    aligned position after it is the trace of a write that a crash interrupted; the file
+//!    is truncated there and fdatasync'd, and its records were never acknowledged.
+//! 3. **Corruption in the middle is an error, not a cut**: a bad batch followed by a valid
+//!    batch means acknowledged data is damaged; opening for writing fails with
+//!    [`Error::Corrupt`] naming the file, byte position and offset.
+//!    [`LogStore::open_read_only`] opens up to that point instead.
+//! 4. **Zeros end the data**: an all-zero batch header followed only by zeros is the
+//!    unwritten part of the file (preallocation, or a crash before data reached the disk).
+//! 5. **Sealed segments are checked when read**: the reader checks every batch's checksums
+//!    before returning its records; damage yields [`Error::Corrupt`] and the reader stops.
+//!    [`LogStore::verify`] checks every segment at once.
+//! 6. **A torn header on the newest segment is a crash during a roll**: no record in it was
+//!    acknowledged (records go to a new segment only after its header, the file and the
+//!    directory are fsync'd). If nothing valid follows it and its base continues the
+//!    previous segment, the header is rewritten; otherwise it is corruption.
+//! 7. **The tail is fdatasync'd on open**: after a crash, what recovery reads may still be
+//!    only in the page cache; it is made durable before new records are built on it.
+//! 8. **A bad or missing index is rebuilt**: an index file is checked (checksum, base,
+//!    increasing entries inside the segment, and that its first, middle and last entries
+//!    point at batch headers with their offsets) and rebuilt from its segment if it fails.
+//! 9. **A committed compaction rolls forward, an uncommitted one is dropped**: with
+//!    `compact.commit` present, every listed `.log.compact` replaces its segment; without
+//!    it, `.log.compact` files are deleted.
+//! 10. **Retention's start offset is exact**: it is persisted atomically before any
+//!     segment is deleted, so reads below it are [`Error::OffsetOutOfRange`] after a
+//!     crash too.
+//! 11. **The cursor journal's torn tail is cut**; the last entry of each name wins.
+//! 12. **The newest snapshot that passes its checks wins**: a damaged one falls back to
+//!     the one before it (the newest two of each name are kept).
+//! 13. **One writer per directory**: a second writable open, in this process or another,
+//!     is [`Error::Locked`].
+//!
+//! # Durability and visibility
+//!
+//! A record is *committed* once its `append` returned: with [`SyncPolicy::Always`] that
+//! is after its `fdatasync`; with `Every` and `Never`, as soon as it is in the write
+//! buffer. Readers see exactly the committed records, including those still in the
+//! buffer, so a follower waiting in [`Store::wait_for`] sees a record as soon as its
+//! append returns. New segments are fsync'd, and so is the directory, before a record is
+//! acknowledged in them.
+
+use std::fs::File;
+use std::ops::Range;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use parking_lot::{Condvar, Mutex, RwLock};
+
+use super::tail::Tail;
+use super::{Compaction, RecordIter, Snapshot, Store, check_name, check_read_range};
+use crate::error::{Error, Result};
+use crate::record::{Entry, Offset};
+
+mod compact;
+mod index;
+mod meta;
+mod options;
+mod reader;
+mod recovery;
+mod segment;
+mod writer;
+
+pub use options::{LogOptions, SyncPolicy};
+
+use index::IndexEntry;
+
+/// One segment file, shared by the writer and every reader that has it open.
+pub(crate) struct Segment {
+    pub(crate) base: Offset,
+    pub(crate) path: PathBuf,
+    pub(crate) file: File,
+    /// Bytes of whole batches in the file (header included); the active segment's grows
+    /// as the writer writes.
+    pub(crate) end: AtomicU64,
+    pub(crate) sealed: AtomicBool,
+    /// The sparse index; `None` for a sealed segment until it is first needed.
+    index: Mutex<Option<Vec<IndexEntry>>>,
+    /// One past its last offset, when recovery computed it.
+    pub(crate) next_hint: Offset,
+    /// Damage found by a read-only open (the view stops there).
+    pub(crate) damage: Option<Error>,
+}
+
+impl Segment {
+    pub(crate) fn new(
+        base: Offset,
+        path: PathBuf,
+        file: File,
+        end: u64,
+        sealed: bool,
+        index: Option<Vec<IndexEntry>>,
+    ) -> Segment {
+        Segment {
+            base,
+            path,
+            file,
+            end: AtomicU64::new(end),
+            sealed: AtomicBool::new(sealed),
+            index: Mutex::new(index),
+            next_hint: base,
+            damage: None,
+        }
+    }
+
+    fn add_index_entry(&self, offset: Offset, position: u64) {
+        if let Some(entries) = self.index.lock().as_mut() {
+            entries.push(IndexEntry { offset, position });
+        }
+    }
+
+    fn index_entries(&self) -> Option<Vec<IndexEntry>> {
+        self.index.lock().clone()
+    }
+}
+
+/// The writer's side, under one short lock.
+pub(crate) struct WriterState {
+    active: Arc<Segment>,
+    /// The offset the next appended record gets.
+    next: Offset,
+    /// Encoded batches not yet handed to the file.
+    buf: Vec<u8>,
+    /// File position of `buf[0]`.
+    buf_pos: u64,
+    /// The buffer a leader is writing right now, at its file position.
+    inflight: Option<(u64, Bytes)>,
+    /// True while a leader writes outside the lock.
+    flushing: bool,
+    /// Every record before this offset is on disk.
+    synced: Offset,
+    /// When the oldest record not yet synced was appended (`Every`).
+    unsynced_since: Option<Instant>,
+    unsynced_records: u64,
+    /// The next batch at or past this position gets an index entry.
+    next_index_pos: u64,
+    /// Set when a write or fdatasync failed: later appends are refused.
+    poisoned: Option<String>,
+    /// An empty buffer kept for reuse.
+    spare: Vec<u8>,
+}
+
+/// Where the bytes at a position of the active segment are.
+pub(crate) enum TailBytes {
+    /// In memory (the buffer or the write in flight), from the position on.
+    Memory(Bytes),
+    /// In the file (written, or the segment is no longer the active one).
+    File,
+    /// Nowhere yet.
+    Nothing,
+}
+
+/// State shared by a store, its readers and its flusher thread.
+pub(crate) struct Shared {
+    dir: PathBuf,
+    options: LogOptions,
+    writable: bool,
+    writer: Mutex<WriterState>,
+    /// Signalled whenever a leader finishes (or a roll ends).
+    flushed: Condvar,
+    /// Wakes the `Every` flusher thread.
+    flusher_wake: Condvar,
+    tail: Tail,
+    segments: RwLock<Vec<Arc<Segment>>>,
+    start: AtomicU64,
+    cursors: Mutex<meta::CursorJournal>,
+    /// Serialises retention and compaction.
+    maintenance: Mutex<()>,
+    shutdown: AtomicBool,
+}
+
+impl Shared {
+    /// The bytes of the active segment `seg` at `pos` that are not in the file yet.
+    fn tail_bytes(&self, seg: &Segment, pos: u64) -> TailBytes {
+        let st = self.writer.lock();
+        if !std::ptr::eq(Arc::as_ptr(&st.active), seg) || pos < seg.end.load(Ordering::Acquire) {
+            return TailBytes::File;
+        }
+        if let Some((at, bytes)) = &st.inflight {
+            if pos >= *at && pos < at + bytes.len() as u64 {
+                return TailBytes::Memory(bytes.slice((pos - at) as usize..));
+            }
+        }
+        if pos >= st.buf_pos && pos < st.buf_pos + st.buf.len() as u64 {
+            let from = (pos - st.buf_pos) as usize;
+            return TailBytes::Memory(Bytes::copy_from_slice(&st.buf[from..]));
+        }
+        TailBytes::Nothing
+    }
+
+    /// The position to scan from for `offset` in `seg`, loading (or rebuilding) its index
+    /// first if needed.
+    fn seek(&self, seg: &Segment, offset: Offset) -> Result<u64> {
+        let mut index = seg.index.lock();
+        if index.is_none() {
+            let entries = index::load_or_rebuild(
+                &self.dir,
+                seg.base,
+                &seg.file,
+                seg.end.load(Ordering::Acquire),
+                self.options.index_interval_bytes,
+                self.writable,
+            )?;
+            *index = Some(entries);
+        }
+        Ok(index
+            .as_deref()
+            .map_or(segment::SEGMENT_HEADER_LEN as u64, |e| {
+                index::seek(e, offset)
+            }))
+    }
+
+    fn truncate_before(&self, offset: Offset) -> Result<()> {
+        if !self.writable {
+            return Err(Error::ReadOnly(
+                "opened read-only: retention is refused".into(),
+            ));
+        }
+        let _maintenance = self.maintenance.lock();
+        let start = self.start.load(Ordering::Acquire);
+        let end = self.tail.get();
+        if offset > end {
+            return Err(Error::OffsetOutOfRange {
+                requested: offset,
+                start,
+                end,
+            });
+        }
+        if offset <= start {
+            return Ok(());
+        }
+        // Persist the exact start first: a crash after it never shows records below it.
+        meta::write_start(&self.dir, offset)?;
+        self.start.store(offset, Ordering::Release);
+        let doomed: Vec<Arc<Segment>> = {
+            let mut segments = self.segments.write();
+            // A segment is wholly below `offset` when the next one starts at or before it;
+            // the active (last) segment always stays.
+            let keep_from = segments
+                .windows(2)
+                .take_while(|w| w[1].base <= offset)
+                .count();
+            segments.drain(..keep_from).collect()
+        };
+        for seg in &doomed {
+            meta::remove_if_exists(&seg.path)?;
+            meta::remove_if_exists(&index::index_path(&self.dir, seg.base))?;
+        }
+        if !doomed.is_empty() {
+            meta::sync_dir(&self.dir)?;
+        }
+        Ok(())
+    }
+}
+
+/// What [`LogStore::verify`] found: every segment checked, batch by batch.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct LogVerification {
+    /// Segment files checked.
+    pub segments: u64,
+    /// Batches whose checksums and framing hold.
+    pub batches: u64,
+    /// Records in those batches.
+    pub records: u64,
+    /// Bytes of those segments, headers and padding included.
+    pub bytes: u64,
+}
+
+/// A [`Store`] in a directory of segment files; see the [module docs](self) for the
+/// format, the recovery rules and the guarantees.
+pub struct LogStore {
+    shared: Arc<Shared>,
+    flusher: Option<JoinHandle<()>>,
+    corruption: Option<Error>,
+    _lock: Option<File>,
+}
+
+impl std::fmt::Debug for LogStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LogStore")
+            .field("dir", &self.shared.dir)
+            .field("writable", &self.shared.writable)
+            .field("start", &self.start_offset())
+            .field("next", &self.next_offset())
+            .finish()
+    }
+}
+
+impl LogStore {
+    /// Opens (creating it if needed) the log in `dir` for reading and writing, running
+    /// recovery: see the module docs. Fails with [`Error::Locked`] if another open store
+    /// holds the directory, and with [`Error::Corrupt`] on damage that is not a torn tail.
+    pub fn open(dir: impl AsRef<Path>, options: LogOptions) -> Result<LogStore> {
+        let dir = dir.as_ref();
+        options.validate()?;
+        std::fs::create_dir_all(dir).map_err(|e| Error::io("create directory", dir, e))?;
+        let lock = meta::lock_dir(dir)?;
+        LogStore::build(dir, options, Some(lock))
+    }
+
+    /// Opens the log in `dir` without changing anything in it, up to the first damage:
+    /// every segment is checked now, and the view ends before the first bad batch
+    /// ([`corruption`](Self::corruption) says where). A torn tail is left out of the view
+    /// but not cut. Appends, retention, compaction and cursor commits are
+    /// [`Error::ReadOnly`]. Takes no lock: a writer may be running.
+    pub fn open_read_only(dir: impl AsRef<Path>, options: LogOptions) -> Result<LogStore> {
+        let dir = dir.as_ref();
+        options.validate()?;
+        if !dir.is_dir() {
+            return Err(Error::io(
+                "open",
+                dir,
+                std::io::Error::new(std::io::ErrorKind::NotFound, "no such directory"),
+            ));
+        }
+        LogStore::build(dir, options, None)
+    }
+
+    fn build(dir: &Path, options: LogOptions, lock: Option<File>) -> Result<LogStore> {
+        let writable = lock.is_some();
+        let recovered = recovery::recover(dir, &options, writable)?;
+        let cursors = meta::CursorJournal::open(dir, writable)?;
+        let empty = || -> Result<Arc<Segment>> {
+            // A read-only view of a directory with no segment: a stand-in that holds
+            // nothing, never read.
+            let file = File::open(dir).map_err(|e| Error::io("open", dir, e))?;
+            Ok(Arc::new(Segment::new(
+                recovered.start,
+                dir.join("(none)"),
+                file,
+                segment::SEGMENT_HEADER_LEN as u64,
+                false,
+                Some(Vec::new()),
+            )))
+        };
+        let mut segments = recovered.segments;
+        if segments.is_empty() {
+            segments.push(empty()?);
+        }
+        let active = segments[segments.len() - 1].clone();
+        let buf_pos = active.end.load(Ordering::Acquire);
+        let next_index_pos = active
+            .index_entries()
+            .and_then(|e| e.last().map(|l| l.position + options.index_interval_bytes))
+            .unwrap_or(0);
+        let state = WriterState {
+            active,
+            next: recovered.next,
+            buf: Vec::new(),
+            buf_pos,
+            inflight: None,
+            flushing: false,
+            synced: recovered.next,
+            unsynced_since: None,
+            unsynced_records: 0,
+            next_index_pos,
+            poisoned: None,
+            spare: Vec::new(),
+        };
+        let sync = options.sync;
+        let shared = Arc::new(Shared {
+            dir: dir.to_path_buf(),
+            options,
+            writable,
+            writer: Mutex::new(state),
+            flushed: Condvar::new(),
+            flusher_wake: Condvar::new(),
+            tail: Tail::new(recovered.next),
+            segments: RwLock::new(segments),
+            start: AtomicU64::new(recovered.start),
+            cursors: Mutex::new(cursors),
+            maintenance: Mutex::new(()),
+            shutdown: AtomicBool::new(false),
+        });
+        let flusher = match sync {
+            SyncPolicy::Every { interval, .. } if writable => {
+                let s = shared.clone();
+                let handle = std::thread::Builder::new()
+                    .name("cauce-log-flusher".into())
+                    .spawn(move || s.flusher_loop(interval))
+                    .map_err(|e| Error::io("spawn flusher thread", dir, e))?;
+                Some(handle)
+            }
+            _ => None,
+        };
+        Ok(LogStore {
+            shared,
+            flusher,
+            corruption: recovered.corruption,
+            _lock: lock,
+        })
+    }
+
+    /// For a store opened with [`open_read_only`](Self::open_read_only): the damage where
+    /// its view stops, if it found any.
+    pub fn corruption(&self) -> Option<&Error> {
+        self.corruption.as_ref()
+    }
+
+    /// True when opened read-only.
+    pub fn is_read_only(&self) -> bool {
+        !self.shared.writable
+    }
+
+    /// The directory of the log.
+    pub fn dir(&self) -> &Path {
+        &self.shared.dir
+    }
+
+    /// Checks every batch of every segment (checksums, framing, offsets in order), up to
+    /// what is written to the files; the first damage is an [`Error::Corrupt`].
+    pub fn verify(&self) -> Result<LogVerification> {
+        let segments: Vec<Arc<Segment>> = self.shared.segments.read().clone();
+        let mut report = LogVerification::default();
+        for seg in segments.iter().filter(|s| s.path.extension().is_some()) {
+            let end = seg.end.load(Ordering::Acquire);
+            let mut data = vec![0u8; end as usize];
+            std::os::unix::fs::FileExt::read_exact_at(&seg.file, &mut data, 0)
+                .map_err(|e| Error::io("read", &seg.path, e))?;
+            segment::decode_segment_header(&data, &seg.path)?;
+            let mut counts = (0u64, 0u64);
+            let mut last = seg.base;
+            match segment::scan(&data, seg.base, |b| {
+                counts.0 += 1;
+                counts.1 += b.header.count as u64;
+                last = b.last + 1;
+            }) {
+                segment::ScanEnd::Clean => {}
+                segment::ScanEnd::Zeros { position } if !seg.sealed.load(Ordering::Acquire) => {
+                    let _ = position;
+                }
+                segment::ScanEnd::Zeros { position } | segment::ScanEnd::Torn { position, .. } => {
+                    return Err(Error::corrupt(
+                        &seg.path,
+                        position,
+                        Some(last),
+                        "a bad batch where a whole one was written",
+                    ));
+                }
+                segment::ScanEnd::Corrupt {
+                    position, reason, ..
+                } => return Err(Error::corrupt(&seg.path, position, Some(last), reason)),
+            }
+            report.segments += 1;
+            report.batches += counts.0;
+            report.records += counts.1;
+            report.bytes += end;
+        }
+        Ok(report)
+    }
+}
+
+impl Drop for LogStore {
+    fn drop(&mut self) {
+        if let Some(handle) = self.flusher.take() {
+            self.shared.stop_flusher();
+            let _ = handle.join();
+        }
+        if self.shared.writable {
+            self.shared.close();
+        }
+    }
+}
+
+impl Store for LogStore {
+    fn append(&self, batch: &[Entry<'_>]) -> Result<Range<Offset>> {
+        self.shared.append(batch)
+    }
+
+    fn read_from(&self, from: Offset) -> Result<RecordIter> {
+        check_read_range(from, self.start_offset(), self.next_offset())?;
+        Ok(Box::new(reader::LogReader::new(self.shared.clone(), from)))
+    }
+
+    fn start_offset(&self) -> Offset {
+        self.shared.start.load(Ordering::Acquire)
+    }
+
+    fn next_offset(&self) -> Offset {
+        self.shared.tail.get()
+    }
+
+    fn wait_for(&self, offset: Offset, timeout: Option<Duration>) -> Offset {
+        self.shared.tail.wait_for(offset, timeout)
+    }
+
+    fn wake_waiters(&self) {
+        self.shared.tail.wake();
+    }
+
+    fn sync(&self) -> Result<()> {
+        self.shared.sync_all()
+    }
+
+    fn truncate_before(&self, offset: Offset) -> Result<()> {
+        self.shared.truncate_before(offset)
+    }
+
+    fn compact(&self) -> Result<Compaction> {
+        self.shared.compact()
+    }
+
+    fn commit_cursor(&self, name: &str, offset: Offset) -> Result<()> {
+        check_name(name)?;
+        if !self.shared.writable {
+            return Err(Error::ReadOnly(
+                "opened read-only: cursors cannot move".into(),
+            ));
+        }
+        self.shared.cursors.lock().commit(name, offset)
+    }
+
+    fn cursor(&self, name: &str) -> Result<Option<Offset>> {
+        check_name(name)?;
+        Ok(self.shared.cursors.lock().get(name))
+    }
+
+    fn save_snapshot(&self, name: &str, offset: Offset, blob: &[u8]) -> Result<()> {
+        check_name(name)?;
+        if !self.shared.writable {
+            return Err(Error::ReadOnly(
+                "opened read-only: snapshots cannot be saved".into(),
+            ));
+        }
+        meta::save_snapshot(&self.shared.dir, name, offset, blob)
+    }
+
+    fn latest_snapshot(&self, name: &str) -> Result<Option<Snapshot>> {
+        check_name(name)?;
+        meta::latest_snapshot(&self.shared.dir, name)
+    }
+}

@@ -1,0 +1,246 @@
+//! Reading: an iterator over committed records that follows the tail.
+//!
+//! A reader walks segments in order, batch by batch. Sealed segments and the written part
+//! of the active one are read from the file in chunks of [`CHUNK_BYTES`] into one
+//! [`Bytes`] buffer, and every record's key and payload are slices of it (no copy). The
+//! part of the tail still in the writer's buffer is taken from memory, so a follower sees
+//! a record as soon as its append returns. Every batch's checksums are checked before a
+//! record of it is returned.
+
+use std::os::unix::fs::FileExt;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
+use bytes::{Bytes, BytesMut};
+
+use super::segment::{self, BATCH_HEADER_LEN, HeaderCheck, SEGMENT_HEADER_LEN};
+use super::{Segment, Shared, TailBytes};
+use crate::error::{Error, Result};
+use crate::record::{Offset, Record};
+
+/// Bytes read from a segment file at a time.
+pub(crate) const CHUNK_BYTES: usize = 256 << 10;
+
+/// An iterator over the records of a [`LogStore`](super::LogStore) from an offset.
+pub(crate) struct LogReader {
+    shared: Arc<Shared>,
+    /// The lowest offset still to be returned.
+    next: Offset,
+    segment: Option<Arc<Segment>>,
+    /// Byte position of the next batch in `segment`.
+    pos: u64,
+    /// Bytes of `segment` starting at `chunk_pos`.
+    chunk: Bytes,
+    chunk_pos: u64,
+    /// Records decoded from the last batch and not yet returned, in reverse order.
+    pending: Vec<Record>,
+    failed: bool,
+}
+
+impl LogReader {
+    pub(crate) fn new(shared: Arc<Shared>, from: Offset) -> Self {
+        LogReader {
+            shared,
+            next: from,
+            segment: None,
+            pos: 0,
+            chunk: Bytes::new(),
+            chunk_pos: 0,
+            pending: Vec::new(),
+            failed: false,
+        }
+    }
+
+    fn fail(&mut self, e: Error) -> Option<Result<Record>> {
+        self.failed = true;
+        self.pending.clear();
+        Some(Err(e))
+    }
+
+    /// Positions the reader in the segment holding `self.next`.
+    fn locate(&mut self) -> Result<()> {
+        let seg = {
+            let segments = self.shared.segments.read();
+            let i = segments.partition_point(|s| s.base <= self.next);
+            segments[i.saturating_sub(1)].clone()
+        };
+        self.pos = if self.next <= seg.base {
+            SEGMENT_HEADER_LEN as u64
+        } else {
+            self.shared.seek(&seg, self.next)?
+        };
+        self.segment = Some(seg);
+        self.chunk = Bytes::new();
+        Ok(())
+    }
+
+    /// Moves to the segment after the current one; false if there is none yet.
+    fn advance_segment(&mut self) -> bool {
+        let Some(current) = &self.segment else {
+            return false;
+        };
+        let base = current.base;
+        let segments = self.shared.segments.read();
+        let i = segments.partition_point(|s| s.base <= base);
+        match segments.get(i) {
+            Some(next) => {
+                self.segment = Some(next.clone());
+                self.pos = SEGMENT_HEADER_LEN as u64;
+                self.chunk = Bytes::new();
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Bytes of the current segment from `pos`, at least `want` of them if they exist:
+    /// `None` when the segment holds no data at `pos` yet (or ever, once sealed).
+    fn bytes_at(&mut self, seg: &Segment, pos: u64, want: usize) -> Result<Option<Bytes>> {
+        let chunk_end = self.chunk_pos + self.chunk.len() as u64;
+        if pos >= self.chunk_pos && pos + want as u64 <= chunk_end {
+            let from = (pos - self.chunk_pos) as usize;
+            return Ok(Some(self.chunk.slice(from..)));
+        }
+        loop {
+            let end = seg.end.load(Ordering::Acquire);
+            if pos + want as u64 <= end {
+                let len = CHUNK_BYTES.max(want).min((end - pos) as usize);
+                let mut buf = match std::mem::take(&mut self.chunk).try_into_mut() {
+                    Ok(mut b) if b.capacity() >= len => {
+                        b.clear();
+                        b
+                    }
+                    _ => BytesMut::with_capacity(len),
+                };
+                buf.resize(len, 0);
+                seg.file
+                    .read_exact_at(&mut buf, pos)
+                    .map_err(|e| Error::io("read", &seg.path, e))?;
+                self.chunk = buf.freeze();
+                self.chunk_pos = pos;
+                return Ok(Some(self.chunk.clone()));
+            }
+            if pos < end {
+                // Fewer than `want` bytes were written: what exists is all there is.
+                if seg.sealed.load(Ordering::Acquire) {
+                    return Ok(None);
+                }
+            }
+            if seg.sealed.load(Ordering::Acquire) {
+                return Ok(None);
+            }
+            match self.shared.tail_bytes(seg, pos) {
+                TailBytes::Memory(b) if b.len() >= want => {
+                    self.chunk = b;
+                    self.chunk_pos = pos;
+                    return Ok(Some(self.chunk.clone()));
+                }
+                TailBytes::Memory(_) | TailBytes::Nothing => return Ok(None),
+                TailBytes::File => continue,
+            }
+        }
+    }
+
+    fn corrupt(&self, seg: &Segment, pos: u64, reason: impl Into<String>) -> Error {
+        Error::corrupt(&seg.path, pos, Some(self.next), reason)
+    }
+
+    /// Decodes the next committed batch of the current segment into `pending`. False when
+    /// the segment has no further committed batch.
+    fn read_batch(&mut self, committed: Offset) -> Result<bool> {
+        let Some(seg) = self.segment.clone() else {
+            return Ok(false);
+        };
+        let pos = self.pos;
+        let Some(head) = self.bytes_at(&seg, pos, BATCH_HEADER_LEN)? else {
+            let end = seg.end.load(Ordering::Acquire);
+            if seg.sealed.load(Ordering::Acquire) && pos < end {
+                return Err(self.corrupt(&seg, pos, "batch header cut short at the end"));
+            }
+            return Ok(false);
+        };
+        let header = match segment::check_header(&head) {
+            HeaderCheck::Valid(h) => h,
+            HeaderCheck::Zero => return Err(self.corrupt(&seg, pos, "zero batch header")),
+            HeaderCheck::Short => return Err(self.corrupt(&seg, pos, "batch header cut short")),
+            HeaderCheck::Bad(reason) => return Err(self.corrupt(&seg, pos, reason)),
+        };
+        if header.base >= committed {
+            return Ok(false);
+        }
+        let total = header.total_len();
+        let body_len = header.body_len as usize;
+        let whole = match self.bytes_at(&seg, pos, BATCH_HEADER_LEN + body_len)? {
+            Some(b) => b,
+            None => {
+                return Err(self.corrupt(&seg, pos, "batch length past the end of the segment"));
+            }
+        };
+        let body = whole.slice(BATCH_HEADER_LEN..BATCH_HEADER_LEN + body_len);
+        if crc32c::crc32c(&body) != header.body_crc {
+            return Err(self.corrupt(&seg, pos, "batch body checksum mismatch"));
+        }
+        self.pending.clear();
+        segment::decode_body(&header, &body, self.next, &mut self.pending)
+            .map_err(|reason| self.corrupt(&seg, pos, reason))?;
+        self.pending.reverse();
+        self.pos = pos + total;
+        Ok(true)
+    }
+}
+
+impl Iterator for LogReader {
+    type Item = Result<Record>;
+
+    fn next(&mut self) -> Option<Result<Record>> {
+        if self.failed {
+            return None;
+        }
+        loop {
+            let start = self.shared.start.load(Ordering::Acquire);
+            if let Some(r) = self.pending.pop() {
+                if r.offset < start {
+                    let end = self.shared.tail.get();
+                    return self.fail(Error::OffsetOutOfRange {
+                        requested: r.offset,
+                        start,
+                        end,
+                    });
+                }
+                self.next = r.offset + 1;
+                return Some(Ok(r));
+            }
+            if self.next < start {
+                let end = self.shared.tail.get();
+                let requested = self.next;
+                return self.fail(Error::OffsetOutOfRange {
+                    requested,
+                    start,
+                    end,
+                });
+            }
+            let committed = self.shared.tail.get();
+            if self.next >= committed {
+                return None;
+            }
+            if self.segment.is_none() {
+                if let Err(e) = self.locate() {
+                    return self.fail(e);
+                }
+            }
+            match self.read_batch(committed) {
+                Ok(true) => continue,
+                Ok(false) => {
+                    let sealed = self
+                        .segment
+                        .as_ref()
+                        .is_some_and(|s| s.sealed.load(Ordering::Acquire));
+                    if !(sealed && self.advance_segment()) {
+                        return None;
+                    }
+                }
+                Err(e) => return self.fail(e),
+            }
+        }
+    }
+}

@@ -1,0 +1,366 @@
+//! The append path: encoding into a shared buffer, group commit, rolling segments, and
+//! the background flusher of [`SyncPolicy::Every`].
+//!
+//! Appenders encode their batch into `WriterState::buf` under a short lock and take
+//! offsets. Whoever must write (an `Always` appender whose records are not yet durable,
+//! a `Never`/`Every` appender that filled the buffer, the flusher thread) becomes the
+//! leader if nobody is writing: it takes the whole buffer, writes it (and fdatasyncs it)
+//! outside the lock while others append into the next buffer, then wakes everyone whose
+//! records it covered. One write and one fdatasync serve every appender that came in
+//! meanwhile.
+
+use std::fs::{File, OpenOptions};
+use std::ops::Range;
+use std::os::unix::fs::FileExt;
+use std::os::unix::io::AsRawFd;
+use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use parking_lot::MutexGuard;
+
+use super::segment::{self, SEGMENT_HEADER_LEN};
+use super::{Segment, Shared, SyncPolicy, WriterState, index, meta};
+use crate::error::{Error, Result};
+use crate::record::{Entry, Offset};
+
+/// With a leader writing, `Never`/`Every` appenders wait once the next buffer holds this
+/// many times `write_buffer_bytes` (back-pressure instead of unbounded memory).
+const MAX_BUFFERED_FACTOR: usize = 8;
+
+/// Creates the segment file starting at `base`: header written, optionally preallocated,
+/// fdatasync'd, and the directory fsync'd, before any record goes into it.
+pub(crate) fn create_segment(
+    dir: &Path,
+    base: Offset,
+    preallocate: Option<u64>,
+) -> Result<Segment> {
+    let path = segment::segment_path(dir, base);
+    let file = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(&path)
+        .map_err(|e| Error::io("create segment", &path, e))?;
+    file.write_all_at(&segment::encode_segment_header(base), 0)
+        .map_err(|e| Error::io("write segment header", &path, e))?;
+    if let Some(len) = preallocate {
+        preallocate_file(&file, len);
+    }
+    file.sync_all()
+        .map_err(|e| Error::io("fsync new segment", &path, e))?;
+    meta::sync_dir(dir)?;
+    Ok(Segment::new(
+        base,
+        path,
+        file,
+        SEGMENT_HEADER_LEN as u64,
+        false,
+        Some(Vec::new()),
+    ))
+}
+
+/// Reserves `len` bytes for `file`; a file system that cannot is left as it is (the
+/// segment then simply grows as it is written).
+fn preallocate_file(file: &File, len: u64) {
+    let Ok(len) = libc::off_t::try_from(len) else {
+        return;
+    };
+    // SAFETY: fallocate on a file descriptor we own; no memory is passed.
+    let rc = unsafe { libc::fallocate(file.as_raw_fd(), 0, 0, len) };
+    if rc != 0 {
+        tracing::debug!("fallocate failed: {}", std::io::Error::last_os_error());
+    }
+}
+
+fn poisoned(message: &str) -> Error {
+    Error::ReadOnly(format!(
+        "an earlier write or fdatasync failed ({message}); reopen the store to recover"
+    ))
+}
+
+impl Shared {
+    /// Appends a batch under the sync policy; see the module docs.
+    pub(crate) fn append(&self, batch: &[Entry<'_>]) -> Result<Range<Offset>> {
+        if !self.writable {
+            return Err(Error::ReadOnly(
+                "opened read-only: appends are refused".into(),
+            ));
+        }
+        let body_len = segment::check_batch(batch, self.options.max_record_bytes)?;
+        let len = segment::batch_len(body_len) as u64;
+        let mut st = self.writer.lock();
+        if batch.is_empty() {
+            return Ok(st.next..st.next);
+        }
+        if let Some(p) = &st.poisoned {
+            return Err(poisoned(p));
+        }
+        let pos = st.buf_pos + st.buf.len() as u64;
+        if pos > SEGMENT_HEADER_LEN as u64 && pos + len > self.options.segment_bytes {
+            self.roll(&mut st)?;
+        }
+        let pos = st.buf_pos + st.buf.len() as u64;
+        let first = st.next;
+        segment::encode_batch(
+            &mut st.buf,
+            body_len,
+            batch
+                .iter()
+                .enumerate()
+                .map(|(i, e)| (first + i as Offset, e)),
+        );
+        if pos >= st.next_index_pos {
+            st.next_index_pos = pos + self.options.index_interval_bytes;
+            st.active.add_index_entry(first, pos);
+        }
+        let end = first + batch.len() as Offset;
+        st.next = end;
+        match self.options.sync {
+            SyncPolicy::Always => {
+                self.wait_durable(&mut st, end)?;
+            }
+            SyncPolicy::Never => {
+                self.tail.publish(end);
+                self.maybe_write(&mut st)?;
+            }
+            SyncPolicy::Every { records, .. } => {
+                self.tail.publish(end);
+                st.unsynced_records += batch.len() as u64;
+                if st.unsynced_since.is_none() {
+                    st.unsynced_since = Some(Instant::now());
+                    self.flusher_wake.notify_one();
+                }
+                if st.unsynced_records >= records.max(1) {
+                    self.wait_idle(&mut st);
+                    if st.unsynced_records >= records.max(1) {
+                        self.lead(&mut st, true)?;
+                    }
+                }
+                self.maybe_write(&mut st)?;
+            }
+        }
+        Ok(first..end)
+    }
+
+    /// Writes the buffer once it is full (`Never` and `Every`).
+    fn maybe_write(&self, st: &mut MutexGuard<'_, WriterState>) -> Result<()> {
+        let limit = self.options.write_buffer_bytes;
+        if st.buf.len() < limit {
+            return Ok(());
+        }
+        if !st.flushing {
+            return self.lead(st, false);
+        }
+        while st.flushing && st.buf.len() >= limit * MAX_BUFFERED_FACTOR {
+            self.flushed.wait(st);
+        }
+        Ok(())
+    }
+
+    /// Returns once every record before `end` is durable (leading a group commit if
+    /// nobody is writing).
+    fn wait_durable(&self, st: &mut MutexGuard<'_, WriterState>, end: Offset) -> Result<()> {
+        loop {
+            if st.synced >= end {
+                return Ok(());
+            }
+            if let Some(p) = &st.poisoned {
+                return Err(poisoned(p));
+            }
+            if st.flushing {
+                self.flushed.wait(st);
+            } else {
+                self.lead(st, true)?;
+            }
+        }
+    }
+
+    /// Waits until no leader is writing.
+    fn wait_idle(&self, st: &mut MutexGuard<'_, WriterState>) {
+        while st.flushing {
+            self.flushed.wait(st);
+        }
+    }
+
+    /// Takes the buffer and writes it (and fdatasyncs the segment when `sync`) outside
+    /// the lock. The caller checked that nobody else is writing.
+    pub(crate) fn lead(&self, st: &mut MutexGuard<'_, WriterState>, sync: bool) -> Result<()> {
+        debug_assert!(!st.flushing);
+        let upto = st.next;
+        let seg = st.active.clone();
+        let pos = st.buf_pos;
+        let spare = std::mem::take(&mut st.spare);
+        let buf = std::mem::replace(&mut st.buf, spare);
+        let len = buf.len() as u64;
+        let bytes = Bytes::from(buf);
+        st.buf_pos += len;
+        st.inflight = Some((pos, bytes.clone()));
+        st.flushing = true;
+        let started = Instant::now();
+        let result: Result<()> = MutexGuard::unlocked(st, || {
+            if len > 0 {
+                seg.file
+                    .write_all_at(&bytes, pos)
+                    .map_err(|e| Error::io("write", &seg.path, e))?;
+            }
+            if sync {
+                seg.file
+                    .sync_data()
+                    .map_err(|e| Error::io("fdatasync", &seg.path, e))?;
+            }
+            Ok(())
+        });
+        st.flushing = false;
+        st.inflight = None;
+        match &result {
+            Ok(()) => {
+                seg.end.store(pos + len, Ordering::Release);
+                if sync {
+                    self.mark_synced(st, upto, started);
+                }
+                if let Ok(mut reusable) = bytes.try_into_mut() {
+                    reusable.clear();
+                    st.spare = reusable.into();
+                }
+            }
+            Err(e) => st.poisoned = Some(e.to_string()),
+        }
+        self.flushed.notify_all();
+        result
+    }
+
+    /// Notes that every record before `upto` is durable.
+    fn mark_synced(&self, st: &mut WriterState, upto: Offset, started: Instant) {
+        st.synced = st.synced.max(upto);
+        if self.options.sync == SyncPolicy::Always {
+            self.tail.publish(st.synced);
+        }
+        st.unsynced_records = st.next - st.synced;
+        // Records appended while the sync ran are no older than its start.
+        st.unsynced_since = (st.next > st.synced).then_some(started);
+    }
+
+    /// Seals the active segment (everything written and fdatasync'd, its index written)
+    /// and starts a new one at the next offset.
+    pub(crate) fn roll(&self, st: &mut MutexGuard<'_, WriterState>) -> Result<()> {
+        self.wait_idle(st);
+        if let Some(p) = &st.poisoned {
+            return Err(poisoned(p));
+        }
+        let result = self.roll_idle(st);
+        if let Err(e) = &result {
+            st.poisoned = Some(e.to_string());
+        }
+        self.flushed.notify_all();
+        result
+    }
+
+    fn roll_idle(&self, st: &mut WriterState) -> Result<()> {
+        let seg = st.active.clone();
+        let started = Instant::now();
+        if !st.buf.is_empty() {
+            seg.file
+                .write_all_at(&st.buf, st.buf_pos)
+                .map_err(|e| Error::io("write", &seg.path, e))?;
+            st.buf_pos += st.buf.len() as u64;
+            st.buf.clear();
+        }
+        let end = st.buf_pos;
+        if self.options.preallocate {
+            seg.file
+                .set_len(end)
+                .map_err(|e| Error::io("truncate sealed segment", &seg.path, e))?;
+        }
+        seg.file
+            .sync_data()
+            .map_err(|e| Error::io("fdatasync", &seg.path, e))?;
+        seg.end.store(end, Ordering::Release);
+        let upto = st.next;
+        self.mark_synced(st, upto, started);
+        seg.sealed.store(true, Ordering::Release);
+        if let Some(entries) = seg.index_entries() {
+            if let Err(e) = index::write(&self.dir, seg.base, &entries) {
+                // An index is a hint: a missing one is rebuilt on first use.
+                tracing::warn!("could not write the index of {}: {e}", seg.path.display());
+            }
+        }
+        let preallocate = self
+            .options
+            .preallocate
+            .then_some(self.options.segment_bytes);
+        let new = Arc::new(create_segment(&self.dir, st.next, preallocate)?);
+        self.segments.write().push(new.clone());
+        st.active = new;
+        st.buf_pos = SEGMENT_HEADER_LEN as u64;
+        st.next_index_pos = 0;
+        Ok(())
+    }
+
+    /// Makes every record appended so far durable.
+    pub(crate) fn sync_all(&self) -> Result<()> {
+        if !self.writable {
+            return Ok(());
+        }
+        let mut st = self.writer.lock();
+        let target = st.next;
+        loop {
+            if st.synced >= target {
+                return Ok(());
+            }
+            if let Some(p) = &st.poisoned {
+                return Err(poisoned(p));
+            }
+            if st.flushing {
+                self.flushed.wait(&mut st);
+            } else {
+                self.lead(&mut st, true)?;
+            }
+        }
+    }
+
+    /// Writes what is buffered on close (and syncs it unless the policy is `Never`).
+    pub(crate) fn close(&self) {
+        let mut st = self.writer.lock();
+        self.wait_idle(&mut st);
+        if st.poisoned.is_some() || (st.buf.is_empty() && st.synced >= st.next) {
+            return;
+        }
+        let sync = self.options.sync != SyncPolicy::Never;
+        if let Err(e) = self.lead(&mut st, sync) {
+            tracing::error!("writing the log's buffer on close failed: {e}");
+        }
+    }
+
+    /// The loop of the `Every` policy's background thread: syncs once the oldest
+    /// unsynced record is `interval` old, until `shutdown`.
+    pub(crate) fn flusher_loop(&self, interval: Duration) {
+        let mut st = self.writer.lock();
+        while !self.shutdown.load(Ordering::Acquire) {
+            match st.unsynced_since {
+                None => self.flusher_wake.wait(&mut st),
+                Some(since) => {
+                    let deadline = since + interval;
+                    if Instant::now() < deadline {
+                        self.flusher_wake.wait_until(&mut st, deadline);
+                    } else if st.flushing {
+                        self.flushed.wait_for(&mut st, interval);
+                    } else if let Err(e) = self.lead(&mut st, true) {
+                        tracing::error!("background fdatasync failed: {e}");
+                        return;
+                    }
+                }
+            }
+        }
+    }
+
+    /// Stops the flusher thread.
+    pub(crate) fn stop_flusher(&self) {
+        let _st = self.writer.lock();
+        self.shutdown.store(true, Ordering::Release);
+        self.flusher_wake.notify_all();
+    }
+}
