@@ -175,7 +175,7 @@ impl Builder {
     pub(crate) fn add(&mut self, offset: Offset, position: u64) -> Option<IndexEntry> {
         let due = self
             .last_position
-            .is_none_or(|last| position >= last + self.interval);
+            .is_none_or(|last| position >= last.saturating_add(self.interval));
         if due {
             let e = IndexEntry { offset, position };
             self.last_position = Some(position);
