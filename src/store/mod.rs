@@ -44,7 +44,7 @@ pub mod log;
 mod memory;
 mod tail;
 
-pub use log::{LogOptions, LogStore, LogVerification, SyncPolicy};
+pub use log::{LogOptions, LogStats, LogStore, LogVerification, SyncPolicy};
 pub use memory::MemoryStore;
 
 /// An iterator over stored records, as returned by [`Store::read_from`].

@@ -235,6 +235,9 @@ pub(crate) struct Shared {
     /// Serialises retention and compaction.
     maintenance: Mutex<()>,
     shutdown: AtomicBool,
+    /// `write` calls and `fdatasync` calls made for appended records.
+    writes: AtomicU64,
+    syncs: AtomicU64,
 }
 
 impl Shared {
@@ -334,12 +337,26 @@ pub struct LogVerification {
     pub bytes: u64,
 }
 
+/// Counters of the work a [`LogStore`] did since it was opened, from
+/// [`LogStore::stats`]: with group commit, `appends / syncs` is how many appends shared
+/// each `fdatasync`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct LogStats {
+    /// Records appended.
+    pub records: u64,
+    /// `write` calls that carried appended records to a segment file.
+    pub writes: u64,
+    /// `fdatasync` calls made for appended records.
+    pub syncs: u64,
+}
+
 /// A [`Store`] in a directory of segment files; see the [module docs](self) for the
 /// format, the recovery rules and the guarantees.
 pub struct LogStore {
     shared: Arc<Shared>,
     flusher: Option<JoinHandle<()>>,
     corruption: Option<Error>,
+    opened_at: Offset,
     _lock: Option<File>,
 }
 
@@ -439,6 +456,8 @@ impl LogStore {
             cursors: Mutex::new(cursors),
             maintenance: Mutex::new(()),
             shutdown: AtomicBool::new(false),
+            writes: AtomicU64::new(0),
+            syncs: AtomicU64::new(0),
         });
         let flusher = match sync {
             SyncPolicy::Every { interval, .. } if writable => {
@@ -455,6 +474,7 @@ impl LogStore {
             shared,
             flusher,
             corruption: recovered.corruption,
+            opened_at: recovered.next,
             _lock: lock,
         })
     }
@@ -463,6 +483,15 @@ impl LogStore {
     /// its view stops, if it found any.
     pub fn corruption(&self) -> Option<&Error> {
         self.corruption.as_ref()
+    }
+
+    /// What the store did since it was opened (records, writes, fdatasyncs).
+    pub fn stats(&self) -> LogStats {
+        LogStats {
+            records: self.shared.writer.lock().next - self.opened_at,
+            writes: self.shared.writes.load(Ordering::Relaxed),
+            syncs: self.shared.syncs.load(Ordering::Relaxed),
+        }
     }
 
     /// True when opened read-only.

@@ -203,11 +203,13 @@ impl Shared {
         let started = Instant::now();
         let result: Result<()> = MutexGuard::unlocked(st, || {
             if len > 0 {
+                self.writes.fetch_add(1, Ordering::Relaxed);
                 seg.file
                     .write_all_at(&bytes, pos)
                     .map_err(|e| Error::io("write", &seg.path, e))?;
             }
             if sync {
+                self.syncs.fetch_add(1, Ordering::Relaxed);
                 seg.file
                     .sync_data()
                     .map_err(|e| Error::io("fdatasync", &seg.path, e))?;
@@ -263,6 +265,7 @@ impl Shared {
         let seg = st.active.clone();
         let started = Instant::now();
         if !st.buf.is_empty() {
+            self.writes.fetch_add(1, Ordering::Relaxed);
             seg.file
                 .write_all_at(&st.buf, st.buf_pos)
                 .map_err(|e| Error::io("write", &seg.path, e))?;
@@ -275,6 +278,7 @@ impl Shared {
                 .set_len(end)
                 .map_err(|e| Error::io("truncate sealed segment", &seg.path, e))?;
         }
+        self.syncs.fetch_add(1, Ordering::Relaxed);
         seg.file
             .sync_data()
             .map_err(|e| Error::io("fdatasync", &seg.path, e))?;
