@@ -35,8 +35,11 @@ fn append(log: &LogStore, range: std::ops::Range<u64>, per_batch: u64) {
     }
 }
 
+/// Segments that are not preallocated, so a file's end is its data's end and the tests
+/// can cut and extend it; the crash test and the conformance suite cover preallocation.
 fn options() -> LogOptions {
     LogOptions::new()
+        .preallocate(false)
         .sync(SyncPolicy::Always)
         .segment_bytes(4096)
         .index_interval_bytes(256)

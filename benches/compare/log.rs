@@ -137,7 +137,17 @@ fn okaywal_append(wal: &okaywal::WriteAheadLog, chunk: &[Vec<u8>]) {
 /// Durable appends from `threads` threads, `per_thread` records each, `batch` per
 /// append. Returns records/s and records per fdatasync.
 fn ours_durable(dir: &Path, threads: usize, per_thread: &[Vec<u8>], batch: usize) -> (f64, f64) {
-    let log = LogStore::open(dir, LogOptions::new().sync(SyncPolicy::Always)).expect("open");
+    ours_durable_with(dir, threads, per_thread, batch, LogOptions::new())
+}
+
+fn ours_durable_with(
+    dir: &Path,
+    threads: usize,
+    per_thread: &[Vec<u8>],
+    batch: usize,
+    options: LogOptions,
+) -> (f64, f64) {
+    let log = LogStore::open(dir, options.sync(SyncPolicy::Always)).expect("open");
     let t = Instant::now();
     std::thread::scope(|s| {
         for _ in 0..threads {
@@ -249,6 +259,23 @@ fn durable(bench: &mut Bench, dirs: &Dirs) {
             || okaywal_durable(&dirs.fresh(), 1, &one, 1),
         );
     }
+    let id = "log.durable.100b.one.preallocated.vs_not";
+    if bench.wants(id) {
+        bench.compare(
+            id,
+            "rec/s",
+            Better::More,
+            None,
+            || {
+                let options = LogOptions::new().preallocate(true);
+                ours_durable_with(&dirs.fresh(), 1, &one, 1, options).0
+            },
+            || {
+                let options = LogOptions::new().preallocate(false);
+                ours_durable_with(&dirs.fresh(), 1, &one, 1, options).0
+            },
+        );
+    }
     let per_thread = payloads(bench.size(600, 60), 100);
     for threads in [4, 16] {
         let id = format!("log.durable.100b.threads{threads}.vs_okaywal");
@@ -346,10 +373,14 @@ fn replay(bench: &mut Bench, dirs: &Dirs) {
     }
     let n = bench.size(1_000_000, 200_000);
     let data = payloads(n, 100);
+    // Not preallocated, so the raw read reads exactly the log's bytes.
     let ours_dir = dirs.fresh();
     {
-        let log =
-            LogStore::open(&ours_dir, LogOptions::new().sync(SyncPolicy::Never)).expect("open");
+        let log = LogStore::open(
+            &ours_dir,
+            LogOptions::new().sync(SyncPolicy::Never).preallocate(false),
+        )
+        .expect("open");
         for chunk in data.chunks(1000) {
             let entries: Vec<_> = chunk
                 .iter()
@@ -371,7 +402,7 @@ fn replay(bench: &mut Bench, dirs: &Dirs) {
         log.flush().expect("flush");
     }
     drop(data);
-    let ours = LogStore::open(&ours_dir, LogOptions::new()).expect("open");
+    let ours = LogStore::open(&ours_dir, LogOptions::new().preallocate(false)).expect("open");
     let theirs = {
         let mut opts = commitlog::LogOptions::new(&theirs_dir);
         opts.segment_max_bytes(64 << 20);

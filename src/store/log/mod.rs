@@ -206,6 +206,16 @@ pub(crate) struct WriterState {
     poisoned: Option<String>,
     /// An empty buffer kept for reuse.
     spare: Vec<u8>,
+    /// Appends whose records are in `buf`.
+    buf_appends: u64,
+    /// Appends seen around the last group commit: how many appenders are active.
+    concurrency: u64,
+    /// How long the last write + fdatasync took.
+    last_sync: Duration,
+    /// While a leader gathers, the number of appends it waits for.
+    gather_target: Option<u64>,
+    /// Segments sealed under `SyncPolicy::Never` and not fdatasync'd yet.
+    unsynced_sealed: Vec<Arc<Segment>>,
 }
 
 /// Where the bytes at a position of the active segment are.
@@ -228,6 +238,8 @@ pub(crate) struct Shared {
     flushed: Condvar,
     /// Wakes the `Every` flusher thread.
     flusher_wake: Condvar,
+    /// Wakes a gathering leader once enough appenders joined its group.
+    joined: Condvar,
     tail: Tail,
     segments: RwLock<Vec<Arc<Segment>>>,
     start: AtomicU64,
@@ -441,6 +453,11 @@ impl LogStore {
             next_index_pos,
             poisoned: None,
             spare: Vec::new(),
+            buf_appends: 0,
+            concurrency: 1,
+            last_sync: Duration::ZERO,
+            gather_target: None,
+            unsynced_sealed: Vec::new(),
         };
         let sync = options.sync;
         let shared = Arc::new(Shared {
@@ -450,6 +467,7 @@ impl LogStore {
             writer: Mutex::new(state),
             flushed: Condvar::new(),
             flusher_wake: Condvar::new(),
+            joined: Condvar::new(),
             tail: Tail::new(recovered.next),
             segments: RwLock::new(segments),
             start: AtomicU64::new(recovered.start),

@@ -22,8 +22,11 @@ pub enum SyncPolicy {
         /// Sync at the latest this long after the oldest unsynced record was appended.
         interval: Duration,
     },
-    /// Never sync on its own: only [`Store::sync`](crate::store::Store::sync) and a clean
-    /// close make records durable. For tests and for logs that can be rebuilt.
+    /// Never sync on its own: only [`Store::sync`](crate::store::Store::sync) makes records
+    /// durable (a clean close writes them to the files without syncing). For tests and for
+    /// logs that can be rebuilt. A process crash loses nothing that was written to the
+    /// files; a power failure can lose any unsynced tail, and may leave a sealed segment
+    /// without its end, which reading then reports as [`Error::Corrupt`].
     Never,
 }
 
@@ -55,15 +58,15 @@ impl Default for LogOptions {
             segment_bytes: 64 << 20,
             max_record_bytes: 8 << 20,
             index_interval_bytes: 4096,
-            preallocate: false,
+            preallocate: true,
             write_buffer_bytes: 1 << 20,
         }
     }
 }
 
 impl LogOptions {
-    /// The defaults: [`SyncPolicy::Always`], 64 MiB segments, records up to 8 MiB, an
-    /// index entry every 4 KiB, no preallocation, a 1 MiB write buffer.
+    /// The defaults: [`SyncPolicy::Always`], 64 MiB segments (preallocated), records up
+    /// to 8 MiB, an index entry every 4 KiB, a 1 MiB write buffer.
     pub fn new() -> Self {
         LogOptions::default()
     }
@@ -95,8 +98,11 @@ impl LogOptions {
         self
     }
 
-    /// Reserve each new segment's full size on disk when it is created (default off).
-    /// The unwritten part reads as zeros, which the recovery scan takes as the end.
+    /// Reserve each new segment's full size on disk (`fallocate`) when it is created
+    /// (default on): an `fdatasync` then has no file size to update, which the log bench
+    /// measured at about 1.5x the durable appends per second
+    /// (`log.durable.100b.one.preallocated.vs_not`). The unwritten part reads as zeros,
+    /// which the recovery scan takes as the end; a sealed segment is cut to its data.
     pub fn preallocate(mut self, on: bool) -> Self {
         self.preallocate = on;
         self

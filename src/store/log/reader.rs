@@ -13,13 +13,13 @@ use std::sync::atomic::Ordering;
 
 use bytes::{Bytes, BytesMut};
 
-use super::segment::{self, BATCH_HEADER_LEN, HeaderCheck, SEGMENT_HEADER_LEN};
+use super::segment::{self, BATCH_HEADER_LEN, BatchRecords, HeaderCheck, SEGMENT_HEADER_LEN};
 use super::{Segment, Shared, TailBytes};
 use crate::error::{Error, Result};
 use crate::record::{Offset, Record};
 
 /// Bytes read from a segment file at a time.
-pub(crate) const CHUNK_BYTES: usize = 256 << 10;
+pub(crate) const CHUNK_BYTES: usize = 512 << 10;
 
 /// An iterator over the records of a [`LogStore`](super::LogStore) from an offset.
 pub(crate) struct LogReader {
@@ -32,8 +32,8 @@ pub(crate) struct LogReader {
     /// Bytes of `segment` starting at `chunk_pos`.
     chunk: Bytes,
     chunk_pos: u64,
-    /// Records decoded from the last batch and not yet returned, in reverse order.
-    pending: Vec<Record>,
+    /// Records of the last batch read, not yet returned.
+    pending: BatchRecords,
     failed: bool,
 }
 
@@ -46,14 +46,14 @@ impl LogReader {
             pos: 0,
             chunk: Bytes::new(),
             chunk_pos: 0,
-            pending: Vec::new(),
+            pending: BatchRecords::default(),
             failed: false,
         }
     }
 
     fn fail(&mut self, e: Error) -> Option<Result<Record>> {
         self.failed = true;
-        self.pending.clear();
+        self.pending = BatchRecords::default();
         Some(Err(e))
     }
 
@@ -105,14 +105,17 @@ impl LogReader {
             let end = seg.end.load(Ordering::Acquire);
             if pos + want as u64 <= end {
                 let len = CHUNK_BYTES.max(want).min((end - pos) as usize);
+                // Reuse the last chunk when no record holds a slice of it any more (its
+                // bytes are already initialised, so only growth is zeroed).
                 let mut buf = match std::mem::take(&mut self.chunk).try_into_mut() {
-                    Ok(mut b) if b.capacity() >= len => {
-                        b.clear();
-                        b
-                    }
-                    _ => BytesMut::with_capacity(len),
+                    Ok(b) if b.capacity() >= len => b,
+                    _ => BytesMut::new(),
                 };
-                buf.resize(len, 0);
+                if buf.len() >= len {
+                    buf.truncate(len);
+                } else {
+                    buf.resize(len, 0);
+                }
                 seg.file
                     .read_exact_at(&mut buf, pos)
                     .map_err(|e| Error::io("read", &seg.path, e))?;
@@ -152,6 +155,8 @@ impl LogReader {
             return Ok(false);
         };
         let pos = self.pos;
+        // Let go of the last batch first, so its chunk can be reused.
+        self.pending = BatchRecords::default();
         let Some(head) = self.bytes_at(&seg, pos, BATCH_HEADER_LEN)? else {
             let end = seg.end.load(Ordering::Acquire);
             if seg.sealed.load(Ordering::Acquire) && pos < end {
@@ -165,6 +170,7 @@ impl LogReader {
             HeaderCheck::Short => return Err(self.corrupt(&seg, pos, "batch header cut short")),
             HeaderCheck::Bad(reason) => return Err(self.corrupt(&seg, pos, reason)),
         };
+        drop(head);
         if header.base >= committed {
             return Ok(false);
         }
@@ -177,13 +183,8 @@ impl LogReader {
             }
         };
         let body = whole.slice(BATCH_HEADER_LEN..BATCH_HEADER_LEN + body_len);
-        if crc32c::crc32c(&body) != header.body_crc {
-            return Err(self.corrupt(&seg, pos, "batch body checksum mismatch"));
-        }
-        self.pending.clear();
-        segment::decode_body(&header, &body, self.next, &mut self.pending)
-            .map_err(|reason| self.corrupt(&seg, pos, reason))?;
-        self.pending.reverse();
+        segment::check_body(&header, &body).map_err(|reason| self.corrupt(&seg, pos, reason))?;
+        self.pending = BatchRecords::new(&header, body);
         self.pos = pos + total;
         Ok(true)
     }
@@ -198,7 +199,10 @@ impl Iterator for LogReader {
         }
         loop {
             let start = self.shared.start.load(Ordering::Acquire);
-            if let Some(r) = self.pending.pop() {
+            if let Some(r) = self.pending.next() {
+                if r.offset < self.next {
+                    continue; // before the offset asked for (a seek lands on a batch start)
+                }
                 if r.offset < start {
                     let end = self.shared.tail.get();
                     return self.fail(Error::OffsetOutOfRange {

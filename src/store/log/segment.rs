@@ -228,51 +228,56 @@ pub(crate) fn check_header(bytes: &[u8]) -> HeaderCheck {
     HeaderCheck::Valid(header)
 }
 
-/// Decodes the body of a batch whose header and body checksum already passed, slicing
-/// keys and payloads out of `body` without copying. Records with offsets below `from`
-/// are skipped. Returns the batch's last offset.
-pub(crate) fn decode_body(
-    header: &BatchHeader,
-    body: &Bytes,
-    from: Offset,
-    out: &mut Vec<Record>,
-) -> std::result::Result<Offset, &'static str> {
-    let mut at = 0usize;
-    let mut last_delta: Option<u32> = None;
-    for _ in 0..header.count {
-        if body.len() - at < RECORD_HEADER_LEN {
-            return Err("record header past the end of its batch");
+/// The records of a batch whose body passed [`check_body`], decoded one at a time:
+/// keys and payloads are slices of the body (no copy).
+#[derive(Debug, Default)]
+pub(crate) struct BatchRecords {
+    body: Bytes,
+    at: usize,
+    left: u32,
+    base: Offset,
+}
+
+impl BatchRecords {
+    /// The records of `body`; [`check_body`] must have accepted it with `header`.
+    pub(crate) fn new(header: &BatchHeader, body: Bytes) -> Self {
+        BatchRecords {
+            body,
+            at: 0,
+            left: header.count,
+            base: header.base,
         }
-        let delta = le32(body, at);
-        let timestamp = le64(body, at + 4);
-        let key_len = le32(body, at + 12) as usize;
-        let payload_len = le32(body, at + 16) as usize;
-        at += RECORD_HEADER_LEN;
-        if last_delta.is_some_and(|d| delta <= d) {
-            return Err("record offsets not increasing inside a batch");
-        }
-        if body.len() - at < key_len || body.len() - at - key_len < payload_len {
-            return Err("record length past the end of its batch");
-        }
-        let offset = header
-            .base
-            .checked_add(delta as u64)
-            .ok_or("record offset overflows")?;
-        if offset >= from {
-            out.push(Record {
-                offset,
-                timestamp,
-                key: body.slice(at..at + key_len),
-                payload: body.slice(at + key_len..at + key_len + payload_len),
-            });
-        }
-        at += key_len + payload_len;
-        last_delta = Some(delta);
     }
-    if at != body.len() {
-        return Err("bytes left over after the last record of a batch");
+}
+
+impl Iterator for BatchRecords {
+    type Item = Record;
+
+    fn next(&mut self) -> Option<Record> {
+        if self.left == 0 {
+            return None;
+        }
+        let b = &self.body[self.at..];
+        // check_body proved these bounds for every record of the body.
+        let delta = le32(b, 0);
+        let timestamp = le64(b, 4);
+        let key_len = le32(b, 12) as usize;
+        let payload_len = le32(b, 16) as usize;
+        let key_at = self.at + RECORD_HEADER_LEN;
+        let payload_at = key_at + key_len;
+        self.at = payload_at + payload_len;
+        self.left -= 1;
+        Some(Record {
+            offset: self.base + delta as u64,
+            timestamp,
+            key: if key_len == 0 {
+                Bytes::new()
+            } else {
+                self.body.slice(key_at..payload_at)
+            },
+            payload: self.body.slice(payload_at..self.at),
+        })
     }
-    Ok(header.base + last_delta.unwrap_or(0) as u64)
 }
 
 /// Checks the body checksum and the record framing of a batch, without building
