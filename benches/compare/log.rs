@@ -14,7 +14,7 @@ use std::time::Instant;
 use cauce::Entry;
 use cauce::store::{LogOptions, LogStore, Store, SyncPolicy};
 
-use crate::harness::{Bench, Better, Goal, peak_rss_kib};
+use crate::harness::{Bench, Better, Goal, peak_rss_kib, quantile, rate, time};
 
 /// Makes a fresh, empty directory for each measured run.
 struct Dirs {
@@ -306,11 +306,12 @@ fn durable(bench: &mut Bench, dirs: &Dirs) {
             || ours_durable(&dirs.fresh(), 1, &per_thread, 1).0,
         );
         let rpf = crate::harness::median(&per_fsync);
+        // The 10x goal above needs at least 10 appends to share each fdatasync.
         bench.record(
             "log.durable.100b.threads16.records_per_fsync.vs_raw",
             "rec/fsync",
             Better::More,
-            None,
+            Some(Goal::OursAtLeast(10.0)),
             rpf,
             1.0,
         );
@@ -367,6 +368,7 @@ fn replay(bench: &mut Bench, dirs: &Dirs) {
     let ids = [
         "log.replay.100b.vs_raw_read",
         "log.replay.100b.vs_commitlog",
+        "log.open.recovery.vs_raw_read",
     ];
     if !ids.iter().any(|id| bench.wants(id)) {
         return;
@@ -453,11 +455,7 @@ fn replay(bench: &mut Bench, dirs: &Dirs) {
             Better::More,
             Some(Goal::RatioAtLeast(0.8)),
             replay_ours,
-            || {
-                let t = Instant::now();
-                std::hint::black_box(raw_read(&ours_dir));
-                n as f64 / t.elapsed().as_secs_f64()
-            },
+            || rate(n, || _ = std::hint::black_box(raw_read(&ours_dir))),
         );
     }
     let ours_peak = peak_rss_kib();
@@ -472,15 +470,120 @@ fn replay(bench: &mut Bench, dirs: &Dirs) {
             replay_theirs,
         );
     }
+    let id = ids[2];
+    if bench.wants(id) {
+        // Opening is recovery: the newest segment is scanned and checked whole.
+        drop(ours);
+        bench.compare(
+            id,
+            "ms",
+            Better::Less,
+            None,
+            || {
+                let options = LogOptions::new().preallocate(false);
+                let opened = time(|| drop(LogStore::open(&ours_dir, options).expect("open")));
+                opened.as_secs_f64() * 1e3
+            },
+            || time(|| _ = std::hint::black_box(raw_read(&ours_dir))).as_secs_f64() * 1e3,
+        );
+    } else {
+        drop(ours);
+    }
     println!(
         "log.replay: peak RSS {} MiB before, {} MiB during the replays ({n} records)",
         before / 1024,
         ours_peak.max(peak_rss_kib()) / 1024
     );
-    drop(ours);
     drop(theirs);
     remove(&ours_dir);
     remove(&theirs_dir);
+}
+
+/// Append-to-follower latency: one appender, one follower blocked in `wait_for`, each
+/// record carrying the time it was appended; the next append waits for the follower to
+/// have seen the last one. Returns the p99 in microseconds.
+fn ours_tail_latency(dir: &Path, samples: usize) -> f64 {
+    let every = SyncPolicy::Every {
+        records: u64::MAX,
+        interval: std::time::Duration::from_millis(10),
+    };
+    let log = LogStore::open(dir, LogOptions::new().sync(every)).expect("open");
+    let base = Instant::now();
+    let seen = std::sync::atomic::AtomicU64::new(0);
+    let mut lat = std::thread::scope(|s| {
+        let follower = s.spawn(|| {
+            let mut reader = log.read_from(0).expect("read");
+            let mut lat = Vec::with_capacity(samples);
+            while lat.len() < samples {
+                log.wait_for(
+                    lat.len() as u64,
+                    Some(std::time::Duration::from_millis(100)),
+                );
+                for r in reader.by_ref() {
+                    let r = r.expect("record");
+                    let sent = u64::from_le_bytes(r.payload[..8].try_into().expect("8 bytes"));
+                    lat.push((base.elapsed().as_nanos() as u64 - sent) as f64 / 1e3);
+                    seen.store(r.offset + 1, Ordering::Release);
+                }
+            }
+            lat
+        });
+        let mut payload = [0u8; 100];
+        for i in 0..samples as u64 {
+            payload[..8].copy_from_slice(&(base.elapsed().as_nanos() as u64).to_le_bytes());
+            log.append(&[Entry::with_timestamp(0, b"", &payload)])
+                .expect("append");
+            while seen.load(Ordering::Acquire) <= i {
+                std::thread::yield_now();
+            }
+        }
+        follower.join().expect("follower")
+    });
+    drop(log);
+    remove(dir);
+    quantile(&mut lat, 0.99)
+}
+
+/// The same with a bare crossbeam channel: the limit of a hand-off between threads.
+fn channel_tail_latency(samples: usize) -> f64 {
+    let (tx, rx) = crossbeam_channel::bounded::<u64>(1024);
+    let base = Instant::now();
+    let seen = std::sync::atomic::AtomicU64::new(0);
+    let mut lat = std::thread::scope(|s| {
+        let follower = s.spawn(|| {
+            let mut lat = Vec::with_capacity(samples);
+            while let Ok(sent) = rx.recv() {
+                lat.push((base.elapsed().as_nanos() as u64 - sent) as f64 / 1e3);
+                seen.store(lat.len() as u64, Ordering::Release);
+            }
+            lat
+        });
+        for i in 0..samples as u64 {
+            tx.send(base.elapsed().as_nanos() as u64).expect("send");
+            while seen.load(Ordering::Acquire) <= i {
+                std::thread::yield_now();
+            }
+        }
+        drop(tx);
+        follower.join().expect("follower")
+    });
+    quantile(&mut lat, 0.99)
+}
+
+fn tail(bench: &mut Bench, dirs: &Dirs) {
+    let id = "log.tail.follow_p99_us.vs_channel";
+    if !bench.wants(id) {
+        return;
+    }
+    let samples = if bench.quick() { 2_000 } else { 20_000 };
+    bench.compare(
+        id,
+        "us",
+        Better::Less,
+        Some(Goal::OursAtMost(50.0)),
+        || ours_tail_latency(&dirs.fresh(), samples),
+        || channel_tail_latency(samples),
+    );
 }
 
 /// Runs the log group.
@@ -492,4 +595,5 @@ pub fn run(bench: &mut Bench) {
     unsynced(bench, &dirs);
     durable(bench, &dirs);
     replay(bench, &dirs);
+    tail(bench, &dirs);
 }
