@@ -25,7 +25,11 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             tmp.path().join("log")
         }
     };
-    let records: u64 = args.next().map(|n| n.parse()).transpose()?.unwrap_or(1_000_000);
+    let records: u64 = args
+        .next()
+        .map(|n| n.parse())
+        .transpose()?
+        .unwrap_or(1_000_000);
     let options = LogOptions::new().sync(SyncPolicy::Every {
         records: 100_000,
         interval: Duration::from_millis(10),
@@ -38,7 +42,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let mut written = first;
     while written < first + records {
         let n = (first + records - written).min(100);
-        let keys: Vec<[u8; 8]> = (written..written + n).map(|o| (o % 1000).to_le_bytes()).collect();
+        let keys: Vec<[u8; 8]> = (written..written + n)
+            .map(|o| (o % 1000).to_le_bytes())
+            .collect();
         let mut batch = Vec::with_capacity(n as usize);
         for k in &keys {
             batch.push(Entry::new(k, &payload));
