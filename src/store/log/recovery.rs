@@ -2,6 +2,7 @@
 
 use std::fs::{self, File, OpenOptions};
 use std::os::unix::fs::FileExt;
+use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -52,10 +53,32 @@ fn read_all(file: &File, path: &Path) -> Result<Vec<u8>> {
         .metadata()
         .map_err(|e| Error::io("stat", path, e))?
         .len();
+    let len = written_len(file, len);
     let mut data = vec![0u8; len as usize];
     file.read_exact_at(&mut data, 0)
         .map_err(|e| Error::io("read", path, e))?;
     Ok(data)
+}
+
+/// How much of a file of `len` bytes must be read to see all its data: up to its first
+/// hole when nothing but holes follows it (the unwritten, preallocated part reads as
+/// zeros anyway), else all of it. File systems without `SEEK_HOLE` give `len`.
+fn written_len(file: &File, len: u64) -> u64 {
+    let fd = file.as_raw_fd();
+    // SAFETY: lseek on a file descriptor we own; no memory is involved. The position it
+    // moves is not used by the positional reads and writes of this module.
+    let hole = unsafe { libc::lseek(fd, 0, libc::SEEK_HOLE) };
+    let Ok(hole) = u64::try_from(hole) else {
+        return len;
+    };
+    if hole >= len {
+        return len;
+    }
+    // SAFETY: as above.
+    let more = unsafe { libc::lseek(fd, hole as libc::off_t, libc::SEEK_DATA) };
+    let no_more_data = more < 0
+        && std::io::Error::last_os_error().raw_os_error() == Some(libc::ENXIO);
+    if no_more_data { hole } else { len }
 }
 
 /// A whole scan of one segment's bytes.
