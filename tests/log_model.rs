@@ -81,6 +81,17 @@ fn run(ops: &[Op], options: &LogOptions) -> Result<(), TestCaseError> {
         prop_assert_eq!(log.next_offset(), model.next_offset());
     }
     prop_assert_eq!(contents(&log), contents(&model));
+    let mut replayed = Vec::new();
+    let next = log
+        .replay_from(log.start_offset(), |offset, e| {
+            replayed.push(e.to_record(offset))
+        })
+        .expect("replay_from");
+    prop_assert_eq!(&replayed, &contents(&model));
+    prop_assert_eq!(
+        next,
+        replayed.last().map_or(log.start_offset(), |r| r.offset + 1)
+    );
     drop(log);
     let log = LogStore::open(tmp.path(), options.clone()).expect("final reopen");
     prop_assert_eq!(contents(&log), contents(&model));

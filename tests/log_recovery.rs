@@ -367,6 +367,13 @@ fn corruption_in_a_sealed_segment_is_found_when_read() {
         other => panic!("expected Corrupt, got {other:?}"),
     }
     assert!(ok > 0);
+    let mut replayed = 0;
+    let replay = log.replay_from(0, |offset, e| {
+        assert_eq!((e.key, e.payload), (&key(offset)[..], &payload(offset)[..]));
+        replayed += 1;
+    });
+    assert!(matches!(replay, Err(Error::Corrupt { .. })));
+    assert_eq!(replayed, ok, "replay stops where the reader stops");
     assert!(matches!(log.verify(), Err(Error::Corrupt { .. })));
     let ro = LogStore::open_read_only(&dir, options()).expect("read-only");
     assert!(ro.corruption().is_some());

@@ -364,11 +364,44 @@ fn raw_read(dir: &Path) -> usize {
     total
 }
 
+/// Replays a plain file of `len u32, crc32c u32, payload` frames (as `raw_write` writes
+/// it) in 1 MiB reads, checking every CRC: the limit of a checksummed replay, as the
+/// issue measured it ("a plain file, 8-byte len+CRC32C frame, 1 MiB buffer").
+fn raw_framed_replay(path: &Path) -> usize {
+    let mut file = File::open(path).expect("open");
+    let mut buf = vec![0u8; 1 << 20];
+    let (mut filled, mut count) = (0usize, 0usize);
+    loop {
+        let n = file.read(&mut buf[filled..]).expect("read");
+        filled += n;
+        let mut at = 0;
+        while filled - at >= 8 {
+            let len = u32::from_le_bytes(buf[at..at + 4].try_into().expect("4")) as usize;
+            let crc = u32::from_le_bytes(buf[at + 4..at + 8].try_into().expect("4"));
+            if filled - at - 8 < len {
+                break;
+            }
+            assert_eq!(crc32c::crc32c(&buf[at + 8..at + 8 + len]), crc, "raw frame");
+            count += 1;
+            at += 8 + len;
+        }
+        buf.copy_within(at..filled, 0);
+        filled -= at;
+        if n == 0 {
+            return count;
+        }
+    }
+}
+
 fn replay(bench: &mut Bench, dirs: &Dirs) {
     let ids = [
         "log.replay.100b.vs_raw_read",
         "log.replay.100b.vs_commitlog",
         "log.open.recovery.vs_raw_read",
+        "log.replay.100b.borrowed.vs_raw_read",
+        "log.replay.100b.borrowed.vs_commitlog",
+        "log.replay.100b.vs_raw_framed_replay",
+        "log.replay.100b.borrowed.vs_raw_framed_replay",
     ];
     if !ids.iter().any(|id| bench.wants(id)) {
         return;
@@ -403,6 +436,17 @@ fn replay(bench: &mut Bench, dirs: &Dirs) {
         }
         log.flush().expect("flush");
     }
+    let raw_dir = dirs.fresh();
+    {
+        let mut file = File::create(raw_dir.join("raw.log")).expect("create");
+        let mut buf = Vec::with_capacity(1 << 20);
+        for p in &data {
+            buf.extend_from_slice(&(p.len() as u32).to_le_bytes());
+            buf.extend_from_slice(&crc32c::crc32c(p).to_le_bytes());
+            buf.extend_from_slice(p);
+        }
+        file.write_all(&buf).expect("write");
+    }
     drop(data);
     let ours = LogStore::open(&ours_dir, LogOptions::new().preallocate(false)).expect("open");
     let theirs = {
@@ -421,6 +465,18 @@ fn replay(bench: &mut Bench, dirs: &Dirs) {
             count += 1;
         }
         assert_eq!((count, bytes), (n, n * 100));
+        n as f64 / t.elapsed().as_secs_f64()
+    };
+    let replay_ours_borrowed = || {
+        let t = Instant::now();
+        let (mut count, mut bytes) = (0usize, 0usize);
+        let next = ours
+            .replay_from(0, |_, e| {
+                bytes += e.payload.len();
+                count += 1;
+            })
+            .expect("replay");
+        assert_eq!((count, bytes, next), (n, n * 100, n as u64));
         n as f64 / t.elapsed().as_secs_f64()
     };
     let replay_theirs = || {
@@ -470,6 +526,48 @@ fn replay(bench: &mut Bench, dirs: &Dirs) {
             replay_theirs,
         );
     }
+    // The same replay through `replay_from` (records borrowed, no per-record refcount).
+    if bench.wants(ids[3]) {
+        bench.compare(
+            ids[3],
+            "rec/s",
+            Better::More,
+            Some(Goal::RatioAtLeast(0.8)),
+            replay_ours_borrowed,
+            || rate(n, || _ = std::hint::black_box(raw_read(&ours_dir))),
+        );
+    }
+    if bench.wants(ids[4]) {
+        bench.compare(
+            ids[4],
+            "rec/s",
+            Better::More,
+            Some(Goal::RatioAtLeast(1.0)),
+            replay_ours_borrowed,
+            replay_theirs,
+        );
+    }
+    let raw_file = raw_dir.join("raw.log");
+    let framed = || {
+        let t = Instant::now();
+        assert_eq!(raw_framed_replay(&raw_file), n);
+        n as f64 / t.elapsed().as_secs_f64()
+    };
+    if bench.wants(ids[5]) {
+        let goal = Some(Goal::RatioAtLeast(0.8));
+        bench.compare(ids[5], "rec/s", Better::More, goal, replay_ours, framed);
+    }
+    if bench.wants(ids[6]) {
+        let goal = Some(Goal::RatioAtLeast(0.8));
+        bench.compare(
+            ids[6],
+            "rec/s",
+            Better::More,
+            goal,
+            replay_ours_borrowed,
+            framed,
+        );
+    }
     let id = ids[2];
     if bench.wants(id) {
         // Opening is recovery: the newest segment is scanned and checked whole.
@@ -497,6 +595,7 @@ fn replay(bench: &mut Bench, dirs: &Dirs) {
     drop(theirs);
     remove(&ours_dir);
     remove(&theirs_dir);
+    remove(&raw_dir);
 }
 
 /// Append-to-follower latency: one appender, one follower blocked in `wait_for`, each

@@ -16,7 +16,7 @@ use bytes::{Bytes, BytesMut};
 use super::segment::{self, BATCH_HEADER_LEN, BatchRecords, HeaderCheck, SEGMENT_HEADER_LEN};
 use super::{Segment, Shared, TailBytes};
 use crate::error::{Error, Result};
-use crate::record::{Offset, Record};
+use crate::record::{Entry, Offset, Record};
 
 /// Bytes read from a segment file at a time.
 pub(crate) const CHUNK_BYTES: usize = 512 << 10;
@@ -190,6 +190,80 @@ impl LogReader {
     }
 }
 
+impl LogReader {
+    /// Loads the next committed batch into `pending`: `Some(Ok(()))` when one was loaded,
+    /// `None` when the reader is caught up, `Some(Err(_))` on damage or retention (the
+    /// caller stops the reader).
+    fn load_batch(&mut self) -> Option<Result<()>> {
+        loop {
+            let start = self.shared.start.load(Ordering::Acquire);
+            if self.next < start {
+                return Some(Err(Error::OffsetOutOfRange {
+                    requested: self.next,
+                    start,
+                    end: self.shared.tail.get(),
+                }));
+            }
+            let committed = self.shared.tail.get();
+            if self.next >= committed {
+                return None;
+            }
+            if self.segment.is_none() {
+                if let Err(e) = self.locate() {
+                    return Some(Err(e));
+                }
+            }
+            match self.read_batch(committed) {
+                Ok(true) => return Some(Ok(())),
+                Ok(false) => {
+                    let sealed = self
+                        .segment
+                        .as_ref()
+                        .is_some_and(|s| s.sealed.load(Ordering::Acquire));
+                    if !(sealed && self.advance_segment()) {
+                        return None;
+                    }
+                }
+                Err(e) => return Some(Err(e)),
+            }
+        }
+    }
+
+    /// Calls `f` with every committed record from the reader's position on, borrowed
+    /// from the read buffer; returns the offset after the last one. Errors stop it.
+    pub(crate) fn replay(&mut self, mut f: impl FnMut(Offset, Entry<'_>)) -> Result<Offset> {
+        if self.failed {
+            return Ok(self.next);
+        }
+        loop {
+            let start = self.shared.start.load(Ordering::Acquire);
+            while let Some((offset, entry)) = self.pending.next_entry() {
+                if offset < self.next {
+                    continue; // before the offset asked for (a seek lands on a batch start)
+                }
+                if offset < start {
+                    self.failed = true;
+                    return Err(Error::OffsetOutOfRange {
+                        requested: offset,
+                        start,
+                        end: self.shared.tail.get(),
+                    });
+                }
+                f(offset, entry);
+                self.next = offset + 1;
+            }
+            match self.load_batch() {
+                None => return Ok(self.next),
+                Some(Ok(())) => {}
+                Some(Err(e)) => {
+                    self.failed = true;
+                    return Err(e);
+                }
+            }
+        }
+    }
+}
+
 impl Iterator for LogReader {
     type Item = Result<Record>;
 
@@ -198,11 +272,11 @@ impl Iterator for LogReader {
             return None;
         }
         loop {
-            let start = self.shared.start.load(Ordering::Acquire);
             if let Some(r) = self.pending.next() {
                 if r.offset < self.next {
                     continue; // before the offset asked for (a seek lands on a batch start)
                 }
+                let start = self.shared.start.load(Ordering::Acquire);
                 if r.offset < start {
                     let end = self.shared.tail.get();
                     return self.fail(Error::OffsetOutOfRange {
@@ -214,36 +288,10 @@ impl Iterator for LogReader {
                 self.next = r.offset + 1;
                 return Some(Ok(r));
             }
-            if self.next < start {
-                let end = self.shared.tail.get();
-                let requested = self.next;
-                return self.fail(Error::OffsetOutOfRange {
-                    requested,
-                    start,
-                    end,
-                });
-            }
-            let committed = self.shared.tail.get();
-            if self.next >= committed {
-                return None;
-            }
-            if self.segment.is_none() {
-                if let Err(e) = self.locate() {
-                    return self.fail(e);
-                }
-            }
-            match self.read_batch(committed) {
-                Ok(true) => continue,
-                Ok(false) => {
-                    let sealed = self
-                        .segment
-                        .as_ref()
-                        .is_some_and(|s| s.sealed.load(Ordering::Acquire));
-                    if !(sealed && self.advance_segment()) {
-                        return None;
-                    }
-                }
-                Err(e) => return self.fail(e),
+            match self.load_batch() {
+                None => return None,
+                Some(Ok(())) => {}
+                Some(Err(e)) => return self.fail(e),
             }
         }
     }

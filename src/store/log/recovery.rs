@@ -76,8 +76,8 @@ fn written_len(file: &File, len: u64) -> u64 {
     }
     // SAFETY: as above.
     let more = unsafe { libc::lseek(fd, hole as libc::off_t, libc::SEEK_DATA) };
-    let no_more_data = more < 0
-        && std::io::Error::last_os_error().raw_os_error() == Some(libc::ENXIO);
+    let no_more_data =
+        more < 0 && std::io::Error::last_os_error().raw_os_error() == Some(libc::ENXIO);
     if no_more_data { hole } else { len }
 }
 

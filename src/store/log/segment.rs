@@ -250,10 +250,10 @@ impl BatchRecords {
     }
 }
 
-impl Iterator for BatchRecords {
-    type Item = Record;
-
-    fn next(&mut self) -> Option<Record> {
+impl BatchRecords {
+    /// Steps over the next record: its offset, timestamp, and where its key and payload
+    /// lie in the body.
+    fn step(&mut self) -> Option<(Offset, u64, usize, usize, usize)> {
         if self.left == 0 {
             return None;
         }
@@ -267,15 +267,42 @@ impl Iterator for BatchRecords {
         let payload_at = key_at + key_len;
         self.at = payload_at + payload_len;
         self.left -= 1;
+        Some((
+            self.base + delta as u64,
+            timestamp,
+            key_at,
+            payload_at,
+            self.at,
+        ))
+    }
+
+    /// The next record, borrowed from the body.
+    pub(crate) fn next_entry(&mut self) -> Option<(Offset, Entry<'_>)> {
+        let (offset, timestamp, key_at, payload_at, end) = self.step()?;
+        let entry = Entry {
+            timestamp,
+            key: &self.body[key_at..payload_at],
+            payload: &self.body[payload_at..end],
+        };
+        Some((offset, entry))
+    }
+}
+
+impl Iterator for BatchRecords {
+    type Item = Record;
+
+    fn next(&mut self) -> Option<Record> {
+        let (offset, timestamp, key_at, payload_at, end) = self.step()?;
+        let key_len = payload_at - key_at;
         Some(Record {
-            offset: self.base + delta as u64,
+            offset,
             timestamp,
             key: if key_len == 0 {
                 Bytes::new()
             } else {
                 self.body.slice(key_at..payload_at)
             },
-            payload: self.body.slice(payload_at..self.at),
+            payload: self.body.slice(payload_at..end),
         })
     }
 }
