@@ -216,6 +216,8 @@ pub(crate) struct WriterState {
     gather_target: Option<u64>,
     /// Segments sealed under `SyncPolicy::Never` and not fdatasync'd yet.
     unsynced_sealed: Vec<Arc<Segment>>,
+    /// Followers parked until the current write ends.
+    sleepers: Vec<std::thread::Thread>,
 }
 
 /// Where the bytes at a position of the active segment are.
@@ -240,6 +242,10 @@ pub(crate) struct Shared {
     flusher_wake: Condvar,
     /// Wakes a gathering leader once enough appenders joined its group.
     joined: Condvar,
+    /// `WriterState::synced`, readable without the lock.
+    durable: AtomicU64,
+    /// Counts the writes (and rolls) that ended; parked followers wait for it to move.
+    flush_epoch: AtomicU64,
     tail: Tail,
     segments: RwLock<Vec<Arc<Segment>>>,
     start: AtomicU64,
@@ -458,6 +464,7 @@ impl LogStore {
             last_sync: Duration::ZERO,
             gather_target: None,
             unsynced_sealed: Vec::new(),
+            sleepers: Vec::new(),
         };
         let sync = options.sync;
         let shared = Arc::new(Shared {
@@ -468,6 +475,8 @@ impl LogStore {
             flushed: Condvar::new(),
             flusher_wake: Condvar::new(),
             joined: Condvar::new(),
+            durable: AtomicU64::new(recovered.next),
+            flush_epoch: AtomicU64::new(0),
             tail: Tail::new(recovered.next),
             segments: RwLock::new(segments),
             start: AtomicU64::new(recovered.start),

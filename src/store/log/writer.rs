@@ -131,7 +131,7 @@ impl Shared {
         }
         match self.options.sync {
             SyncPolicy::Always => {
-                self.wait_durable(&mut st, end)?;
+                self.wait_durable(st, end)?;
             }
             SyncPolicy::Never => {
                 self.tail.publish(end);
@@ -173,7 +173,12 @@ impl Shared {
 
     /// Returns once every record before `end` is durable (leading a group commit if
     /// nobody is writing).
-    fn wait_durable(&self, st: &mut MutexGuard<'_, WriterState>, end: Offset) -> Result<()> {
+    ///
+    /// A follower sleeps outside the lock (parked, not on a condition variable of the
+    /// lock) until the current write ends, and returns without taking the lock again
+    /// when it made its records durable: the leader wakes all its followers at once
+    /// instead of handing the lock from one to the next.
+    fn wait_durable<'a>(&'a self, mut st: MutexGuard<'a, WriterState>, end: Offset) -> Result<()> {
         loop {
             if st.synced >= end {
                 return Ok(());
@@ -181,13 +186,33 @@ impl Shared {
             if let Some(p) = &st.poisoned {
                 return Err(poisoned(p));
             }
-            if st.flushing {
-                self.flushed.wait(st);
-            } else {
-                self.gather(st);
-                self.lead(st, true)?;
+            if !st.flushing {
+                self.gather(&mut st);
+                self.lead(&mut st, true)?;
+                continue;
             }
+            let epoch = self.flush_epoch.load(Ordering::Acquire);
+            st.sleepers.push(std::thread::current());
+            drop(st);
+            while self.flush_epoch.load(Ordering::Acquire) == epoch {
+                std::thread::park();
+            }
+            if self.durable.load(Ordering::Acquire) >= end {
+                return Ok(());
+            }
+            st = self.writer.lock();
         }
+    }
+
+    /// Ends a write (or a roll): wakes the followers parked for it and the threads
+    /// waiting for the writer to be idle.
+    fn end_flush(&self, st: &mut MutexGuard<'_, WriterState>) {
+        self.flush_epoch.fetch_add(1, Ordering::Release);
+        let sleepers = std::mem::take(&mut st.sleepers);
+        if !sleepers.is_empty() {
+            MutexGuard::unlocked(st, || sleepers.iter().for_each(|t| t.unpark()));
+        }
+        self.flushed.notify_all();
     }
 
     /// Before a group commit, waits briefly for the appenders that the last one released
@@ -267,13 +292,14 @@ impl Shared {
             }
             Err(e) => st.poisoned = Some(e.to_string()),
         }
-        self.flushed.notify_all();
+        self.end_flush(st);
         result
     }
 
     /// Notes that every record before `upto` is durable.
     fn mark_synced(&self, st: &mut WriterState, upto: Offset, started: Instant) {
         st.synced = st.synced.max(upto);
+        self.durable.store(st.synced, Ordering::Release);
         if self.options.sync == SyncPolicy::Always {
             self.tail.publish(st.synced);
         }
@@ -293,7 +319,7 @@ impl Shared {
         if let Err(e) = &result {
             st.poisoned = Some(e.to_string());
         }
-        self.flushed.notify_all();
+        self.end_flush(st);
         result
     }
 
