@@ -34,7 +34,8 @@
 //! | `start.meta` | the start offset set by retention (magic, offset, CRC) |
 //! | `cursors.journal` | named cursors: `crc, name_len u8, name, offset u64` entries |
 //! | `snapshots/{name}/{offset:020}.snap` | a snapshot: 32-byte header (magic, offset, length, blob CRC, header CRC), blob |
-//! | `compact.commit` | present only while a committed compaction is being swapped in |
+//! | `compact.commit` | only while a committed compaction is swapped in: magic `CAUCECMP`, count `u64`, the rewritten bases `u64`, CRC |
+//! | `{base:020}.log.compact` | a rewritten segment waiting for its swap |
 //! | `lock` | `flock`ed by the one process that has the directory open for writing |
 //!
 //! **Segment header** (32 bytes): magic `CAUCELOG` (8), format version `u32` = 1, flags
@@ -56,44 +57,61 @@
 //!
 //! # Recovery rules
 //!
-//! Each rule has a test named after it in `tests/log_recovery.rs`.
+//! Each rule has a test named after it, in `tests/log_recovery.rs` unless said otherwise.
 //!
 //! 1. **A batch header's checksum is checked before its length is trusted**, and every
 //!    length is bounded by the end of the file (and of its batch): damaged bytes can never
 //!    make the reader allocate or read past what is there.
+//!    (`batch_header_checksum_is_checked_before_its_length_is_trusted`)
 //! 2. **A torn tail is cut**: in the newest segment, a bad batch (header checksum, body
 //!    checksum, framing, or a length past the end of the file) with no valid batch at any
 //!    aligned position after it is the trace of a write that a crash interrupted; the file
 //!    is truncated there and fdatasync'd, and its records were never acknowledged.
+//!    (`torn_tail_is_cut_not_returned`,
+//!    `truncating_the_last_segment_at_any_byte_keeps_exactly_the_whole_records_before_it`,
+//!    and the SIGKILL test in `tests/log_crash.rs`)
 //! 3. **Corruption in the middle is an error, not a cut**: a bad batch followed by a valid
 //!    batch means acknowledged data is damaged; opening for writing fails with
 //!    [`Error::Corrupt`] naming the file, byte position and offset.
 //!    [`LogStore::open_read_only`] opens up to that point instead.
+//!    A power failure (not a process crash) that persisted a later page of one group
+//!    write without an earlier one looks the same, and is reported, not guessed at.
+//!    (`corruption_in_the_middle_is_an_error_not_a_cut`,
+//!    `random_byte_flips_give_a_typed_error_or_a_cut_tail_never_a_wrong_record`)
 //! 4. **Zeros end the data**: an all-zero batch header followed only by zeros is the
 //!    unwritten part of the file (preallocation, or a crash before data reached the disk).
+//!    Recovery reads a preallocated file only up to its first hole when only holes follow
+//!    (`SEEK_HOLE`), since a hole reads as zeros. (`zeros_after_the_last_batch_end_the_data`)
 //! 5. **Sealed segments are checked when read**: the reader checks every batch's checksums
 //!    before returning its records; damage yields [`Error::Corrupt`] and the reader stops.
 //!    [`LogStore::verify`] checks every segment at once.
+//!    (`corruption_in_a_sealed_segment_is_found_when_read`)
 //! 6. **A torn header on the newest segment is a crash during a roll**: no record in it was
 //!    acknowledged (records go to a new segment only after its header, the file and the
 //!    directory are fsync'd). If nothing valid follows it and its base continues the
 //!    previous segment, the header is rewritten; otherwise it is corruption.
+//!    (`torn_header_on_the_newest_segment_is_rewritten`)
 //! 7. **The tail is fdatasync'd on open**: after a crash, what recovery reads may still be
 //!    only in the page cache; it is made durable before new records are built on it.
+//!    (`tail_is_synced_on_open_and_appends_continue_after_recovery`)
 //! 8. **A bad or missing index is rebuilt**: an index file is checked (checksum, base,
 //!    increasing entries inside the segment, and that its first, middle and last entries
 //!    point at batch headers with their offsets) and rebuilt from its segment if it fails.
+//!    (`missing_or_wrong_index_is_rebuilt_and_reads_stay_correct`)
 //! 9. **A committed compaction rolls forward, an uncommitted one is dropped**: with
 //!    `compact.commit` present, every listed `.log.compact` replaces its segment; without
 //!    it, `.log.compact` files are deleted.
+//!    (`committed_compaction_rolls_forward_and_uncommitted_one_is_dropped`)
 //! 10. **Retention's start offset is exact**: it is persisted atomically before any
 //!     segment is deleted, so reads below it are [`Error::OffsetOutOfRange`] after a
-//!     crash too.
+//!     crash too. (`retention_start_offset_is_exact_after_reopen`)
 //! 11. **The cursor journal's torn tail is cut**; the last entry of each name wins.
+//!     (`cursor_journal_torn_tail_is_cut`)
 //! 12. **The newest snapshot that passes its checks wins**: a damaged one falls back to
 //!     the one before it (the newest two of each name are kept).
+//!     (`damaged_newest_snapshot_falls_back_to_the_previous_one`)
 //! 13. **One writer per directory**: a second writable open, in this process or another,
-//!     is [`Error::Locked`].
+//!     is [`Error::Locked`]. (`second_writable_open_of_a_directory_is_locked`)
 //!
 //! # Durability and visibility
 //!
@@ -102,7 +120,16 @@
 //! buffer. Readers see exactly the committed records, including those still in the
 //! buffer, so a follower waiting in [`Store::wait_for`] sees a record as soon as its
 //! append returns. New segments are fsync'd, and so is the directory, before a record is
-//! acknowledged in them.
+//! acknowledged in them. A sealed segment is fdatasync'd when it is sealed, except under
+//! [`SyncPolicy::Never`], where the next [`Store::sync`] does it.
+//!
+//! # Reading
+//!
+//! [`Store::read_from`] yields owned [`Record`](crate::Record)s whose key and payload are
+//! slices of one shared read buffer (no copy, one reference count per record);
+//! [`LogStore::replay_from`] hands out the same records borrowed, for folds that rebuild
+//! state at full speed. A read from offset N seeks through the sparse index, then checks
+//! every batch it passes.
 
 use std::fs::File;
 use std::ops::Range;
@@ -370,6 +397,10 @@ pub struct LogStats {
 
 /// A [`Store`] in a directory of segment files; see the [module docs](self) for the
 /// format, the recovery rules and the guarantees.
+///
+/// Share it between threads by reference or in an `Arc`: every method takes `&self`.
+/// Dropping it writes what is still buffered (and fdatasyncs it unless the policy is
+/// [`SyncPolicy::Never`]) and releases the directory's lock.
 pub struct LogStore {
     shared: Arc<Shared>,
     flusher: Option<JoinHandle<()>>,

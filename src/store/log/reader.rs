@@ -123,13 +123,9 @@ impl LogReader {
                 self.chunk_pos = pos;
                 return Ok(Some(self.chunk.clone()));
             }
-            if pos < end {
-                // Fewer than `want` bytes were written: what exists is all there is.
-                if seg.sealed.load(Ordering::Acquire) {
-                    return Ok(None);
-                }
-            }
-            if seg.sealed.load(Ordering::Acquire) {
+            // Fewer than `want` bytes were written at `pos` (buffers hold whole batches, so
+            // no more will come from memory), or the segment is sealed: that is all.
+            if pos < end || seg.sealed.load(Ordering::Acquire) {
                 return Ok(None);
             }
             match self.shared.tail_bytes(seg, pos) {
