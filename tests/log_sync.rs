@@ -18,7 +18,11 @@ fn every_policy_syncs_within_the_interval_when_appends_stop() {
     let tmp = tempfile::tempdir().expect("tmp");
     let log = LogStore::open(tmp.path(), every(u64::MAX, 20)).expect("open");
     log.append(&[Entry::new(b"k", b"v")]).expect("append");
-    assert_eq!(log.stats().syncs, 0, "an append under Every does not sync by itself");
+    assert_eq!(
+        log.stats().syncs,
+        0,
+        "an append under Every does not sync by itself"
+    );
     let started = Instant::now();
     while log.stats().syncs == 0 {
         assert!(
@@ -38,7 +42,8 @@ fn every_policy_syncs_after_the_record_count() {
     let tmp = tempfile::tempdir().expect("tmp");
     let log = LogStore::open(tmp.path(), every(10, 60_000)).expect("open");
     for i in 0..9u64 {
-        log.append(&[Entry::new(b"k", &i.to_le_bytes())]).expect("append");
+        log.append(&[Entry::new(b"k", &i.to_le_bytes())])
+            .expect("append");
     }
     assert_eq!(log.stats().syncs, 0);
     log.append(&[Entry::new(b"k", b"tenth")]).expect("append");
@@ -107,7 +112,11 @@ fn group_commit_shares_fsyncs_between_concurrent_appenders() {
         "400 appends from 8 threads took {} fdatasyncs",
         stats.syncs
     );
-    let got: Vec<_> = log.read_from(0).expect("read").map(|r| r.expect("ok")).collect();
+    let got: Vec<_> = log
+        .read_from(0)
+        .expect("read")
+        .map(|r| r.expect("ok"))
+        .collect();
     assert_eq!(got.len(), 400);
     for t in 0..8u8 {
         let mine: Vec<u8> = got

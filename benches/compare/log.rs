@@ -11,6 +11,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Instant;
 
+use bytes::Bytes;
 use cauce::Entry;
 use cauce::store::{LogOptions, LogStore, Store, SyncPolicy};
 
@@ -46,15 +47,18 @@ fn remove(dir: &Path) {
     let _ = std::fs::remove_dir_all(dir);
 }
 
-fn payloads(count: usize, size: usize) -> Vec<Vec<u8>> {
-    (0..count)
-        .map(|i| (0..size).map(|j| (i * 31 + j) as u8).collect())
-        .collect()
+/// `count` payloads of `size` bytes, cycling through a pool of 1021 distinct ones: the
+/// same bytes to write as `count` distinct payloads, without holding them all in memory.
+fn payloads(count: usize, size: usize) -> Vec<Bytes> {
+    let pool: Vec<Bytes> = (0..count.clamp(1, 1021))
+        .map(|i| Bytes::from((0..size).map(|j| (i * 31 + j) as u8).collect::<Vec<u8>>()))
+        .collect();
+    (0..count).map(|i| pool[i % pool.len()].clone()).collect()
 }
 
 /// The limit: records framed with a 4-byte length and a 4-byte CRC32C, gathered in a
 /// 1 MiB buffer and written with plain `write` calls.
-fn raw_write(dir: &Path, payloads: &[Vec<u8>], sync_every: Option<usize>) -> f64 {
+fn raw_write(dir: &Path, payloads: &[Bytes], sync_every: Option<usize>) -> f64 {
     let t = Instant::now();
     let mut file = File::create(dir.join("raw.log")).expect("create");
     let mut buf = Vec::with_capacity(1 << 20);
@@ -84,7 +88,7 @@ fn raw_write(dir: &Path, payloads: &[Vec<u8>], sync_every: Option<usize>) -> f64
     rate
 }
 
-fn ours_append(dir: &Path, payloads: &[Vec<u8>], batch: usize, sync: SyncPolicy) -> f64 {
+fn ours_append(dir: &Path, payloads: &[Bytes], batch: usize, sync: SyncPolicy) -> f64 {
     let log = LogStore::open(dir, LogOptions::new().sync(sync)).expect("open");
     let t = Instant::now();
     let mut entries = Vec::with_capacity(batch);
@@ -99,7 +103,7 @@ fn ours_append(dir: &Path, payloads: &[Vec<u8>], batch: usize, sync: SyncPolicy)
     rate
 }
 
-fn commitlog_append(dir: &Path, payloads: &[Vec<u8>], batch: usize) -> f64 {
+fn commitlog_append(dir: &Path, payloads: &[Bytes], batch: usize) -> f64 {
     let mut opts = commitlog::LogOptions::new(dir);
     opts.segment_max_bytes(64 << 20);
     opts.message_max_bytes(8 << 20);
@@ -126,7 +130,7 @@ fn okaywal_open(dir: &Path) -> okaywal::WriteAheadLog {
     okaywal::WriteAheadLog::recover(dir, okaywal::LogVoid).expect("okaywal")
 }
 
-fn okaywal_append(wal: &okaywal::WriteAheadLog, chunk: &[Vec<u8>]) {
+fn okaywal_append(wal: &okaywal::WriteAheadLog, chunk: &[Bytes]) {
     let mut entry = wal.begin_entry().expect("entry");
     for p in chunk {
         entry.write_chunk(p).expect("chunk");
@@ -136,14 +140,14 @@ fn okaywal_append(wal: &okaywal::WriteAheadLog, chunk: &[Vec<u8>]) {
 
 /// Durable appends from `threads` threads, `per_thread` records each, `batch` per
 /// append. Returns records/s and records per fdatasync.
-fn ours_durable(dir: &Path, threads: usize, per_thread: &[Vec<u8>], batch: usize) -> (f64, f64) {
+fn ours_durable(dir: &Path, threads: usize, per_thread: &[Bytes], batch: usize) -> (f64, f64) {
     ours_durable_with(dir, threads, per_thread, batch, LogOptions::new())
 }
 
 fn ours_durable_with(
     dir: &Path,
     threads: usize,
-    per_thread: &[Vec<u8>],
+    per_thread: &[Bytes],
     batch: usize,
     options: LogOptions,
 ) -> (f64, f64) {
@@ -170,7 +174,7 @@ fn ours_durable_with(
     (records / elapsed, records / stats.syncs.max(1) as f64)
 }
 
-fn okaywal_durable(dir: &Path, threads: usize, per_thread: &[Vec<u8>], batch: usize) -> f64 {
+fn okaywal_durable(dir: &Path, threads: usize, per_thread: &[Bytes], batch: usize) -> f64 {
     let wal = okaywal_open(dir);
     let t = Instant::now();
     std::thread::scope(|s| {

@@ -120,8 +120,8 @@
 //! buffer. Readers see exactly the committed records, including those still in the
 //! buffer, so a follower waiting in [`Store::wait_for`] sees a record as soon as its
 //! append returns. New segments are fsync'd, and so is the directory, before a record is
-//! acknowledged in them. A sealed segment is fdatasync'd when it is sealed, except under
-//! [`SyncPolicy::Never`], where the next [`Store::sync`] does it.
+//! acknowledged in them, and a sealed segment is fdatasync'd when it is sealed; under
+//! [`SyncPolicy::Never`] neither happens on its own, and the next [`Store::sync`] does both.
 //!
 //! # Reading
 //!
@@ -245,6 +245,8 @@ pub(crate) struct WriterState {
     unsynced_sealed: Vec<Arc<Segment>>,
     /// Followers parked until the current write ends.
     sleepers: Vec<std::thread::Thread>,
+    /// A segment was created under `SyncPolicy::Never` without an fsync of the directory.
+    dir_unsynced: bool,
 }
 
 /// Where the bytes at a position of the active segment are.
@@ -496,6 +498,7 @@ impl LogStore {
             gather_target: None,
             unsynced_sealed: Vec::new(),
             sleepers: Vec::new(),
+            dir_unsynced: false,
         };
         let sync = options.sync;
         let shared = Arc::new(Shared {

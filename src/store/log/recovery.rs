@@ -120,7 +120,7 @@ pub(crate) fn recover(dir: &Path, options: &LogOptions, writable: bool) -> Resul
                 corruption: None,
             });
         }
-        let seg = create_segment(dir, base, preallocation(options))?;
+        let seg = create_segment(dir, base, preallocation(options), true)?;
         return Ok(Recovered {
             segments: vec![Arc::new(seg)],
             start: base,

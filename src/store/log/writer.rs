@@ -34,11 +34,15 @@ const MAX_BUFFERED_FACTOR: usize = 8;
 const MAX_GATHER: Duration = Duration::from_micros(200);
 
 /// Creates the segment file starting at `base`: header written, optionally preallocated,
-/// fdatasync'd, and the directory fsync'd, before any record goes into it.
+/// and, when `durable`, fdatasync'd with the directory fsync'd before any record goes
+/// into it. (Under `SyncPolicy::Never` nothing is promised durable, and an fsync here
+/// would also push out the previous segment's dirty pages; a torn header is repaired
+/// on open, recovery rule 6.)
 pub(crate) fn create_segment(
     dir: &Path,
     base: Offset,
     preallocate: Option<u64>,
+    durable: bool,
 ) -> Result<Segment> {
     let path = segment::segment_path(dir, base);
     let file = OpenOptions::new()
@@ -53,9 +57,11 @@ pub(crate) fn create_segment(
     if let Some(len) = preallocate {
         preallocate_file(&file, len);
     }
-    file.sync_all()
-        .map_err(|e| Error::io("fsync new segment", &path, e))?;
-    meta::sync_dir(dir)?;
+    if durable {
+        file.sync_all()
+            .map_err(|e| Error::io("fsync new segment", &path, e))?;
+        meta::sync_dir(dir)?;
+    }
     Ok(Segment::new(
         base,
         path,
@@ -364,7 +370,9 @@ impl Shared {
             .options
             .preallocate
             .then_some(self.options.segment_bytes);
-        let new = Arc::new(create_segment(&self.dir, st.next, preallocate)?);
+        let durable = self.options.sync != SyncPolicy::Never;
+        let new = Arc::new(create_segment(&self.dir, st.next, preallocate, durable)?);
+        st.dir_unsynced |= !durable;
         self.segments.write().push(new.clone());
         st.active = new;
         st.buf_pos = SEGMENT_HEADER_LEN as u64;
@@ -383,6 +391,9 @@ impl Shared {
             seg.file
                 .sync_data()
                 .map_err(|e| Error::io("fdatasync", &seg.path, e))?;
+        }
+        if std::mem::take(&mut st.dir_unsynced) {
+            meta::sync_dir(&self.dir)?;
         }
         loop {
             if st.synced >= target {
