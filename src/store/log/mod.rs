@@ -288,8 +288,10 @@ pub(crate) struct Shared {
 }
 
 impl Shared {
-    /// The bytes of the active segment `seg` at `pos` that are not in the file yet.
-    fn tail_bytes(&self, seg: &Segment, pos: u64) -> TailBytes {
+    /// The bytes of the active segment `seg` at `pos` that are not in the file yet: at
+    /// least `want` of them when there are, and at most about a read chunk more (the
+    /// copy is made under the writer's lock).
+    fn tail_bytes(&self, seg: &Segment, pos: u64, want: usize) -> TailBytes {
         let st = self.writer.lock();
         if !std::ptr::eq(Arc::as_ptr(&st.active), seg) || pos < seg.end.load(Ordering::Acquire) {
             return TailBytes::File;
@@ -301,7 +303,8 @@ impl Shared {
         }
         if pos >= st.buf_pos && pos < st.buf_pos + st.buf.len() as u64 {
             let from = (pos - st.buf_pos) as usize;
-            return TailBytes::Memory(Bytes::copy_from_slice(&st.buf[from..]));
+            let to = st.buf.len().min(from + want.max(reader::CHUNK_BYTES));
+            return TailBytes::Memory(Bytes::copy_from_slice(&st.buf[from..to]));
         }
         TailBytes::Nothing
     }

@@ -128,7 +128,7 @@ impl LogReader {
             if pos < end || seg.sealed.load(Ordering::Acquire) {
                 return Ok(None);
             }
-            match self.shared.tail_bytes(seg, pos) {
+            match self.shared.tail_bytes(seg, pos, want) {
                 TailBytes::Memory(b) if b.len() >= want => {
                     self.chunk = b;
                     self.chunk_pos = pos;

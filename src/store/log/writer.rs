@@ -296,7 +296,11 @@ impl Shared {
                     st.spare = reusable.into();
                 }
             }
-            Err(e) => st.poisoned = Some(e.to_string()),
+            Err(e) => {
+                st.poisoned = Some(e.to_string());
+                // Readers keep seeing the committed records that never reached the file.
+                st.inflight = Some((pos, bytes));
+            }
         }
         self.end_flush(st);
         result
