@@ -127,3 +127,26 @@ fn group_commit_shares_fsyncs_between_concurrent_appenders() {
         assert_eq!(mine, (0..50).collect::<Vec<u8>>(), "per-thread order kept");
     }
 }
+
+#[test]
+fn a_write_buffer_larger_than_a_read_chunk_is_read_whole_from_memory() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let options = LogOptions::new()
+        .sync(SyncPolicy::Never)
+        .write_buffer_bytes(16 << 20);
+    let log = LogStore::open(tmp.path(), options).expect("open");
+    let payload = |i: u64| vec![(i % 251) as u8; 700 + (i % 300) as usize];
+    for chunk in 0..30u64 {
+        let payloads: Vec<_> = (chunk * 100..(chunk + 1) * 100).map(payload).collect();
+        let batch: Vec<_> = payloads.iter().map(|p| Entry::new(b"k", p)).collect();
+        log.append(&batch).expect("append");
+    }
+    assert_eq!(log.stats().writes, 0, "about 3 MB still in the write buffer");
+    let mut n = 0;
+    for r in log.read_from(0).expect("read") {
+        let r = r.expect("ok");
+        assert_eq!(r.payload, payload(r.offset));
+        n += 1;
+    }
+    assert_eq!(n, 3000);
+}
