@@ -141,7 +141,11 @@ fn a_write_buffer_larger_than_a_read_chunk_is_read_whole_from_memory() {
         let batch: Vec<_> = payloads.iter().map(|p| Entry::new(b"k", p)).collect();
         log.append(&batch).expect("append");
     }
-    assert_eq!(log.stats().writes, 0, "about 3 MB still in the write buffer");
+    assert_eq!(
+        log.stats().writes,
+        0,
+        "about 3 MB still in the write buffer"
+    );
     let mut n = 0;
     for r in log.read_from(0).expect("read") {
         let r = r.expect("ok");

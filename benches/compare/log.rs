@@ -406,6 +406,7 @@ fn replay(bench: &mut Bench, dirs: &Dirs) {
         "log.replay.100b.borrowed.vs_commitlog",
         "log.replay.100b.vs_raw_framed_replay",
         "log.replay.100b.borrowed.vs_raw_framed_replay",
+        "log.replay.100b.peak_rss_mib.vs_commitlog",
     ];
     if !ids.iter().any(|id| bench.wants(id)) {
         return;
@@ -505,7 +506,18 @@ fn replay(bench: &mut Bench, dirs: &Dirs) {
         assert_eq!((count, bytes), (n, n * 100));
         n as f64 / t.elapsed().as_secs_f64()
     };
-    // Peak memory of the replay itself: reset the high-water mark first (Linux).
+    // Peak memory of the process during each replay: reset the high-water mark (Linux),
+    // replay once, read the peak (VmHWM).
+    let peak_rss_mib = |replay: &dyn Fn() -> f64| {
+        let _ = std::fs::write("/proc/self/clear_refs", "5");
+        replay();
+        peak_rss_kib() as f64 / 1024.0
+    };
+    if bench.wants(ids[7]) {
+        let ours_mib = peak_rss_mib(&replay_ours);
+        let theirs_mib = peak_rss_mib(&replay_theirs);
+        bench.record(ids[7], "MiB", Better::Less, None, ours_mib, theirs_mib);
+    }
     let _ = std::fs::write("/proc/self/clear_refs", "5");
     let before = peak_rss_kib();
     if bench.wants(ids[0]) {

@@ -27,7 +27,7 @@ const START_MAGIC: [u8; 8] = *b"CAUCESTA";
 const SNAPSHOT_MAGIC: [u8; 8] = *b"CAUCESNP";
 const SNAPSHOT_HEADER_LEN: usize = 32;
 /// The journal is rewritten when it is larger than this and four times its live part.
-const JOURNAL_REWRITE_BYTES: u64 = 1 << 20;
+const JOURNAL_REWRITE_BYTES: u64 = 64 << 10;
 
 /// Takes the exclusive lock of `dir`, or fails with [`Error::Locked`].
 pub(crate) fn lock_dir(dir: &Path) -> Result<File> {

@@ -32,7 +32,7 @@
 //! | `{base:020}.log` | a segment: header, then batches, `base` = its first offset |
 //! | `{base:020}.index` | the sparse index of a sealed segment (a hint, rebuilt when bad) |
 //! | `start.meta` | the start offset set by retention (magic, offset, CRC) |
-//! | `cursors.journal` | named cursors: `crc, name_len u8, name, offset u64` entries |
+//! | `cursors.journal` | named cursors: `crc, name_len u8, name, offset u64` entries, one appended and fdatasync'd per commit; rewritten atomically once past 64 KiB and 4x its live entries |
 //! | `snapshots/{name}/{offset:020}.snap` | a snapshot: 32-byte header (magic, offset, length, blob CRC, header CRC), blob |
 //! | `compact.commit` | only while a committed compaction is swapped in: magic `CAUCECMP`, count `u64`, the rewritten bases `u64`, CRC |
 //! | `{base:020}.log.compact` | a rewritten segment waiting for its swap |
