@@ -338,9 +338,11 @@ pub(crate) fn check_body(
     if at != body.len() {
         return Err("bytes left over after the last record of a batch");
     }
+    // The offset after the last one must exist too.
     header
         .base
-        .checked_add(last_delta.unwrap_or(0) as u64)
+        .checked_add(last_delta.unwrap_or(0) as u64 + 1)
+        .map(|next| next - 1)
         .ok_or("record offset overflows")
 }
 
@@ -471,4 +473,84 @@ pub(crate) fn first_valid_batch_from(data: &[u8], from: usize, expected: Offset)
         pos += ALIGN;
     }
     None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn one_batch(base: Offset, entries: &[Entry<'_>]) -> Vec<u8> {
+        let body = check_batch(entries, 1 << 20).expect("sizes");
+        let mut out = Vec::new();
+        encode_batch(
+            &mut out,
+            body,
+            entries
+                .iter()
+                .enumerate()
+                .map(|(i, e)| (base + i as u64, e)),
+        );
+        out
+    }
+
+    #[test]
+    fn a_batch_round_trips_and_is_padded_to_eight_bytes() {
+        let entries = [
+            Entry::with_timestamp(5, b"k", b"hello"),
+            Entry::with_timestamp(6, b"", b""),
+        ];
+        let bytes = one_batch(40, &entries);
+        assert_eq!(bytes.len() % ALIGN, 0);
+        let HeaderCheck::Valid(h) = check_header(&bytes) else {
+            panic!("valid header")
+        };
+        assert_eq!((h.base, h.count), (40, 2));
+        let body = Bytes::copy_from_slice(
+            &bytes[BATCH_HEADER_LEN..BATCH_HEADER_LEN + h.body_len as usize],
+        );
+        assert_eq!(check_body(&h, &body), Ok(41));
+        let records: Vec<Record> = BatchRecords::new(&h, body).collect();
+        assert_eq!(
+            records,
+            [entries[0].to_record(40), entries[1].to_record(41)]
+        );
+    }
+
+    #[test]
+    fn a_header_is_refused_before_its_length_is_read() {
+        let mut bytes = one_batch(0, &[Entry::new(b"k", b"v")]);
+        bytes[5] ^= 1; // the body length
+        assert!(matches!(check_header(&bytes), HeaderCheck::Bad(_)));
+        assert_eq!(check_header(&[0u8; 24]), HeaderCheck::Zero);
+        assert_eq!(check_header(&[1u8; 10]), HeaderCheck::Short);
+    }
+
+    #[test]
+    fn offsets_that_would_overflow_are_refused() {
+        let bytes = one_batch(u64::MAX, &[Entry::new(b"k", b"v")]);
+        let HeaderCheck::Valid(h) = check_header(&bytes) else {
+            panic!("valid header")
+        };
+        let body = &bytes[BATCH_HEADER_LEN..BATCH_HEADER_LEN + h.body_len as usize];
+        assert!(check_body(&h, body).is_err());
+    }
+
+    #[test]
+    fn a_scan_tells_a_torn_tail_from_corruption_in_the_middle() {
+        let mut data = encode_segment_header(0).to_vec();
+        let first = one_batch(0, &[Entry::new(b"a", b"1")]);
+        let second = one_batch(1, &[Entry::new(b"b", b"2")]);
+        data.extend_from_slice(&first);
+        data.extend_from_slice(&second);
+        let whole = data.clone();
+        assert_eq!(scan(&whole, 0, |_| {}), ScanEnd::Clean);
+        let cut = &whole[..whole.len() - 3];
+        assert!(matches!(scan(cut, 0, |_| {}), ScanEnd::Torn { .. }));
+        data[SEGMENT_HEADER_LEN + 30] ^= 0xff; // inside the first batch's body
+        assert!(matches!(scan(&data, 0, |_| {}), ScanEnd::Corrupt { .. }));
+        let mut zeros = whole.clone();
+        zeros.extend_from_slice(&[0u8; 100]);
+        let end = whole.len() as u64;
+        assert_eq!(scan(&zeros, 0, |_| {}), ScanEnd::Zeros { position: end });
+    }
 }
