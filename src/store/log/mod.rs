@@ -247,6 +247,8 @@ pub(crate) struct WriterState {
     sleepers: Vec<std::thread::Thread>,
     /// A segment was created under `SyncPolicy::Never` without an fsync of the directory.
     dir_unsynced: bool,
+    /// The active segment is written (data or zeros) up to here.
+    zeroed_until: u64,
 }
 
 /// Where the bytes at a position of the active segment are.
@@ -502,6 +504,7 @@ impl LogStore {
             unsynced_sealed: Vec::new(),
             sleepers: Vec::new(),
             dir_unsynced: false,
+            zeroed_until: buf_pos,
         };
         let sync = options.sync;
         let shared = Arc::new(Shared {

@@ -33,6 +33,19 @@ const MAX_BUFFERED_FACTOR: usize = 8;
 /// The longest a group-commit leader waits for its group to fill.
 const MAX_GATHER: Duration = Duration::from_micros(200);
 
+/// With preallocation under a syncing policy, zeros are written this far ahead of the
+/// data, so that an `fdatasync` finds the blocks it flushes already written and has no
+/// extent to convert (an unwritten `fallocate` extent costs a journal commit when a
+/// write first lands in it). A plain write+fdatasync loop measured +32% syncs per second
+/// at 2.3 KiB per sync; the group commit of 16 threads went from 6.6-6.8x to 7.7-8.1x
+/// one thread.
+const ZERO_AHEAD: u64 = 1 << 20;
+/// Writes larger than this zero nothing ahead: they span many new blocks per sync
+/// anyway, and the bench measured durable batches of 1000 records 10% slower with zeros
+/// ahead (1.33x -> 1.17x okaywal).
+const ZERO_AHEAD_MAX_WRITE: u64 = 32 << 10;
+static ZEROS: [u8; 64 << 10] = [0; 64 << 10];
+
 /// Creates the segment file starting at `base`: header written, optionally preallocated,
 /// and, when `durable`, fdatasync'd with the directory fsync'd before any record goes
 /// into it. (Under `SyncPolicy::Never` nothing is promised durable, and an fsync here
@@ -83,6 +96,19 @@ fn preallocate_file(file: &File, len: u64) {
     if rc != 0 {
         tracing::debug!("fallocate failed: {}", std::io::Error::last_os_error());
     }
+}
+
+/// Writes zeros over `range` of a segment.
+fn write_zeros(seg: &Segment, range: Range<u64>) -> Result<()> {
+    let mut at = range.start;
+    while at < range.end {
+        let n = ZEROS.len().min((range.end - at) as usize);
+        seg.file
+            .write_all_at(&ZEROS[..n], at)
+            .map_err(|e| Error::io("write zeros ahead", &seg.path, e))?;
+        at += n as u64;
+    }
+    Ok(())
 }
 
 fn poisoned(message: &str) -> Error {
@@ -265,6 +291,7 @@ impl Shared {
         st.inflight = Some((pos, bytes.clone()));
         st.flushing = true;
         let covered = std::mem::take(&mut st.buf_appends);
+        let zero = self.zero_ahead(st, pos + len, len);
         let started = Instant::now();
         let result: Result<()> = MutexGuard::unlocked(st, || {
             if len > 0 {
@@ -272,6 +299,9 @@ impl Shared {
                 seg.file
                     .write_all_at(&bytes, pos)
                     .map_err(|e| Error::io("write", &seg.path, e))?;
+            }
+            if let Some(range) = zero {
+                write_zeros(&seg, range)?;
             }
             if sync {
                 self.syncs.fetch_add(1, Ordering::Relaxed);
@@ -304,6 +334,27 @@ impl Shared {
         }
         self.end_flush(st);
         result
+    }
+
+    /// The range to fill with zeros after a write that ends at `data_end`, if the
+    /// zeroed region must grow (preallocation under a syncing policy); the caller writes
+    /// it after its data and before its `fdatasync`. Only the leader writes the file, and
+    /// only past the data, so the zeros never land on records.
+    fn zero_ahead(&self, st: &mut WriterState, data_end: u64, len: u64) -> Option<Range<u64>> {
+        if !self.options.preallocate
+            || self.options.sync == SyncPolicy::Never
+            || len > ZERO_AHEAD_MAX_WRITE
+        {
+            return None;
+        }
+        let limit = self.options.segment_bytes.max(data_end);
+        if data_end + ZERO_AHEAD / 2 <= st.zeroed_until || st.zeroed_until >= limit {
+            return None;
+        }
+        let from = st.zeroed_until.max(data_end);
+        let to = (data_end + ZERO_AHEAD).min(limit);
+        st.zeroed_until = to;
+        (from < to).then_some(from..to)
     }
 
     /// Notes that every record before `upto` is durable.
@@ -346,6 +397,7 @@ impl Shared {
         }
         let end = st.buf_pos;
         if self.options.preallocate {
+            // Cut the reserved (and zeroed) rest: a sealed segment ends at its data.
             seg.file
                 .set_len(end)
                 .map_err(|e| Error::io("truncate sealed segment", &seg.path, e))?;
@@ -380,6 +432,7 @@ impl Shared {
         self.segments.write().push(new.clone());
         st.active = new;
         st.buf_pos = SEGMENT_HEADER_LEN as u64;
+        st.zeroed_until = SEGMENT_HEADER_LEN as u64;
         st.next_index_pos = 0;
         Ok(())
     }
