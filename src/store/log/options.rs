@@ -101,9 +101,9 @@ impl LogOptions {
     /// Reserve each new segment's full size on disk (`fallocate`) when it is created
     /// (default on): an `fdatasync` then has no file size to update, which the log bench
     /// measured at about 1.5x the durable appends per second
-    /// (`log.durable.100b.one.preallocated.vs_not`). Under [`SyncPolicy::Always`] and
-    /// [`SyncPolicy::Every`], small writes also get zeros written 1 MiB ahead of them, so
-    /// that their `fdatasync` converts no unwritten extent either. The unwritten part reads
+    /// (`log.durable.100b.one.preallocated.vs_not`). Under [`SyncPolicy::Always`], small
+    /// writes also get zeros written 1 MiB ahead of them, so that their `fdatasync`
+    /// converts no unwritten extent either. The unwritten part reads
     /// as zeros, which the recovery scan takes as the end; a sealed segment is cut to its
     /// data.
     pub fn preallocate(mut self, on: bool) -> Self {

@@ -33,7 +33,7 @@ const MAX_BUFFERED_FACTOR: usize = 8;
 /// The longest a group-commit leader waits for its group to fill.
 const MAX_GATHER: Duration = Duration::from_micros(200);
 
-/// With preallocation under a syncing policy, zeros are written this far ahead of the
+/// With preallocation under `SyncPolicy::Always`, zeros are written this far ahead of the
 /// data, so that an `fdatasync` finds the blocks it flushes already written and has no
 /// extent to convert (an unwritten `fallocate` extent costs a journal commit when a
 /// write first lands in it). A plain write+fdatasync loop measured +32% syncs per second
@@ -337,12 +337,13 @@ impl Shared {
     }
 
     /// The range to fill with zeros after a write that ends at `data_end`, if the
-    /// zeroed region must grow (preallocation under a syncing policy); the caller writes
+    /// zeroed region must grow (preallocation under `SyncPolicy::Always`, where appenders
+    /// wait for the sync; `Every` syncs in the background); the caller writes
     /// it after its data and before its `fdatasync`. Only the leader writes the file, and
     /// only past the data, so the zeros never land on records.
     fn zero_ahead(&self, st: &mut WriterState, data_end: u64, len: u64) -> Option<Range<u64>> {
         if !self.options.preallocate
-            || self.options.sync == SyncPolicy::Never
+            || self.options.sync != SyncPolicy::Always
             || len > ZERO_AHEAD_MAX_WRITE
         {
             return None;
