@@ -443,7 +443,8 @@ impl LogStore {
     /// every segment is checked now, and the view ends before the first bad batch
     /// ([`corruption`](Self::corruption) says where). A torn tail is left out of the view
     /// but not cut. Appends, retention, compaction and cursor commits are
-    /// [`Error::ReadOnly`]. Takes no lock: a writer may be running.
+    /// [`Error::ReadOnly`]. Takes no lock: a writer may be running, and the view is the
+    /// log as it was when opened (records appended later are not seen).
     pub fn open_read_only(dir: impl AsRef<Path>, options: LogOptions) -> Result<LogStore> {
         let dir = dir.as_ref();
         options.validate()?;
