@@ -2,11 +2,12 @@
 //!
 //! Real keys are skewed: under a Zipf law the busiest user alone can send more requests
 //! than a hundred quiet ones, and the instance that owns it drowns while the rest idle.
-//! Consistent hashing *with bounded loads* keeps every instance under a cap of
-//! `⌈(1 + ε) · mean⌉` (weighted: `⌈(1 + ε) · (total + 1) · w / W⌉`, the `+ 1` being the
-//! request at hand, so some instance always has room): a request or key whose owner is
-//! at the cap walks on to the next instance of its preference list. With ε = 0.25 (the
-//! default) no instance carries more than a quarter above the mean.
+//! Consistent hashing *with bounded loads* keeps every instance within a cap of
+//! `⌈(1 + ε) · mean⌉` (weighted: `⌈(1 + ε) · L · w / W⌉` for a load `L` in place, and at
+//! least 1; the caps add up to more than `L`, so some instance always has room): a
+//! request or key whose owner is at its cap walks on to the next instance of its
+//! preference list. With ε = 0.25 (the default) no instance carries more than a quarter
+//! above the mean.
 //!
 //! Two modes, for two kinds of work:
 //!
@@ -65,13 +66,14 @@ fn epsilon_ppm(epsilon: f64) -> Result<u32> {
     Ok((epsilon * PPM as f64).round() as u32)
 }
 
-/// `⌈(1 + ε) · demand · w / W⌉` in exact integers: the most load an instance of weight
-/// `weight` may carry when `demand` (the load in place, plus the request at hand) is
-/// spread over a total weight `total_weight`.
-fn load_cap(epsilon_ppm: u32, demand: u64, weight: u32, total_weight: u64) -> u64 {
-    let numerator = (PPM + u128::from(epsilon_ppm)) * u128::from(demand) * u128::from(weight);
+/// `max(1, ⌈(1 + ε) · load · w / W⌉)` in exact integers: the most an instance of weight
+/// `weight` may carry when `load` (the load in place, before the request at hand) is
+/// spread over a total weight `total_weight`. The caps add up to more than `load`, so
+/// some instance always has room for one more.
+fn load_cap(epsilon_ppm: u32, load: u64, weight: u32, total_weight: u64) -> u64 {
+    let numerator = (PPM + u128::from(epsilon_ppm)) * u128::from(load) * u128::from(weight);
     let denominator = PPM * u128::from(total_weight.max(1));
-    numerator.div_ceil(denominator).min(u128::from(u64::MAX)) as u64
+    numerator.div_ceil(denominator).clamp(1, u128::from(u64::MAX)) as u64
 }
 
 /// Live in-flight counters aligned with one table's seats.
@@ -179,7 +181,7 @@ impl BoundedLoads {
     pub fn begin_hash(&self, hash: u64) -> Option<LoadGuard> {
         let table = self.router.table();
         let counters = self.counters_for(&table);
-        let demand = self.total.load(Ordering::Acquire) + 1;
+        let demand = self.total.load(Ordering::Acquire);
         let claim = |index: usize| {
             let cap = load_cap(
                 self.epsilon_ppm,
@@ -511,7 +513,7 @@ impl Sticky {
 
     /// The first instance of the preference list with room for `load` more requests.
     fn place(&self, hash: u64, load: u64) -> Option<InstanceId> {
-        let demand = self.window.len() as u64 + 1;
+        let demand = self.window.len() as u64;
         let index = self
             .table
             .walk_preference(hash, |i| self.loads[i] + load <= self.cap(i, demand))
@@ -658,7 +660,7 @@ impl Sticky {
         orphans.sort_unstable_by(|&a, &b| order(&self.states, a, b));
         offered.sort_unstable_by(|&(a, _), &(b, _)| order(&self.states, a, b));
         let mut moves = Vec::with_capacity(orphans.len() + offered.len());
-        let demand = self.window.len() as u64 + 1;
+        let demand = self.window.len() as u64;
         for index in orphans {
             let state = &self.states[index as usize];
             let (hash, load, from) = (state.hash, u64::from(state.in_window), state.placed);

@@ -41,9 +41,12 @@
 //! many instances sit at it, and every change shifts caps by one slot or so for all of
 //! them, which cascades. Measured at 100 instances and ε = 0.02, keys moved when a
 //! 101st joins, over the ideal 1/101: 1.01–1.20 with 2^16 slots, 1.00–1.11 with 2^17,
-//! 1.00–1.04 with 2^18 (five memberships each). So [`SlotRouterOptions::for_instances`]
-//! picks at least 2,560 slots per instance, within 2^16..=2^20, and the default is 2^18
-//! (up to about 100 instances at that quality; a 512 KiB table, which stays in L2).
+//! 0.98–1.07 with 2^18 (median 1.01 over twelve). So
+//! [`SlotRouterOptions::for_instances`] picks 2,560 slots per instance, within
+//! 2^16..=2^18 (past that, a change costs more than 5 ms at 1,000 instances). The
+//! default, 2^16 slots, is for up to about 25 instances at that quality (and balanced
+//! within ε at any size): its builder takes 6 MiB where 2^18 takes 24 MiB, and a change
+//! costs a quarter as much, which matters most in unoptimized test builds.
 //!
 //! ```
 //! use cauce::router::{InstanceId, Router, SlotRouter, key_hash};
@@ -93,8 +96,8 @@ const PPM: u128 = 1_000_000;
 /// ```
 /// use cauce::router::SlotRouterOptions;
 ///
-/// assert_eq!(SlotRouterOptions::default().slot_count(), 1 << 18);
-/// assert_eq!(SlotRouterOptions::for_instances(1_000).slot_count(), 1 << 20);
+/// assert_eq!(SlotRouterOptions::default().slot_count(), 1 << 16);
+/// assert_eq!(SlotRouterOptions::for_instances(100).slot_count(), 1 << 18);
 /// let tight = SlotRouterOptions::default().table_epsilon(0.01).unwrap();
 /// assert_eq!(tight.epsilon(), 0.01);
 /// ```
@@ -106,12 +109,12 @@ pub struct SlotRouterOptions {
 }
 
 impl Default for SlotRouterOptions {
-    /// 2^18 slots, a table ε of 0.02 and 8 cached candidates per slot: balanced within
-    /// 2% and moving within a few percent of the ideal up to about 100 instances;
-    /// balanced, moving somewhat more, up to a few thousand.
+    /// 2^16 slots, a table ε of 0.02 and 8 cached candidates per slot: balanced within
+    /// 2% at any size, moving within a few percent of the ideal up to about 25
+    /// instances (use [`for_instances`](Self::for_instances) for more).
     fn default() -> Self {
         SlotRouterOptions {
-            slot_bits: 18,
+            slot_bits: 16,
             epsilon_ppm: 20_000,
             candidates: 8,
         }
@@ -125,9 +128,9 @@ impl SlotRouterOptions {
     pub const MAX_SLOTS: usize = 1 << 24;
 
     /// Options sized for up to `instances` instances: `S` is the power of two at or
-    /// above `2,560 × instances`, within 2^16..=2^20 (see the [module docs](self)).
+    /// above `2,560 × instances`, within 2^16..=2^18 (see the [module docs](self)).
     pub fn for_instances(instances: usize) -> Self {
-        let wanted = instances.saturating_mul(2_560).clamp(1 << 16, 1 << 20);
+        let wanted = instances.saturating_mul(2_560).clamp(1 << 16, 1 << 18);
         SlotRouterOptions {
             slot_bits: wanted.next_power_of_two().trailing_zeros(),
             ..SlotRouterOptions::default()
@@ -212,6 +215,8 @@ pub struct SlotTable {
     member_seats: Box<[u16]>,
     /// Seat → instance (the builder's numbering; vacant seats have weight 0).
     seats: Box<[SeatInfo]>,
+    /// Seat → id alone, 4 bytes a seat, for lookups.
+    seat_ids: Box<[InstanceId]>,
     /// Slot → seat of its owner; empty when there is no member.
     owners: Box<[u16]>,
     /// Slot → its best-ranked seats, [`RANKED_PER_SLOT`] per slot, best first.
@@ -227,6 +232,7 @@ impl SlotTable {
             members: Box::new([]),
             member_seats: Box::new([]),
             seats: Box::new([]),
+            seat_ids: Box::new([]),
             owners: Box::new([]),
             ranked: Box::new([]),
         }
@@ -238,6 +244,7 @@ impl SlotTable {
             return SlotTable::empty(builder.epoch, options);
         }
         let rows = builder.rows();
+        let seats = builder.seat_infos();
         SlotTable {
             epoch: builder.epoch,
             bits: options.slot_bits,
@@ -250,7 +257,8 @@ impl SlotTable {
                 })
                 .collect(),
             member_seats: rows.iter().map(|m| m.seat).collect(),
-            seats: builder.seat_infos().into_boxed_slice(),
+            seats: seats.clone().into_boxed_slice(),
+            seat_ids: seats.iter().map(|s| s.id).collect(),
             owners: builder.owners().into(),
             ranked: builder.ranked().into(),
         }
@@ -275,7 +283,7 @@ impl SlotTable {
     #[inline]
     pub fn owner_of_hash(&self, hash: u64) -> Option<InstanceId> {
         let seat = *self.owners.get(slot_of(hash, self.bits))?;
-        self.seats.get(usize::from(seat)).map(|s| s.id)
+        self.seat_ids.get(usize::from(seat)).copied()
     }
 
     /// The instance that owns `key`; `None` without members.
