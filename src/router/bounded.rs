@@ -40,7 +40,11 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
+#[cfg(not(loom))]
 use std::sync::atomic::{AtomicU64, Ordering};
+
+#[cfg(loom)]
+use loom::sync::atomic::{AtomicU64, Ordering};
 
 use arc_swap::ArcSwap;
 use bytes::Bytes;
@@ -57,13 +61,16 @@ const PPM: u128 = 1_000_000;
 /// The default ε of both modes.
 pub const DEFAULT_EPSILON: f64 = 0.25;
 
+/// ε in parts per million; ε must be positive (at 0 the caps could add up to exactly
+/// the load, leaving no room anywhere) and at most 100.
 fn epsilon_ppm(epsilon: f64) -> Result<u32> {
-    if !(0.0..=100.0).contains(&epsilon) {
+    let ppm = (epsilon * PPM as f64).round();
+    if !(1.0..=100.0 * PPM as f64).contains(&ppm) {
         return Err(Error::Config(format!(
-            "load epsilon {epsilon} must be in 0.0..=100.0"
+            "load epsilon {epsilon} must be in 0.000001..=100"
         )));
     }
-    Ok((epsilon * PPM as f64).round() as u32)
+    Ok(ppm as u32)
 }
 
 /// `max(1, ⌈(1 + ε) · load · w / W⌉)` in exact integers: the most an instance of weight
@@ -73,7 +80,18 @@ fn epsilon_ppm(epsilon: f64) -> Result<u32> {
 fn load_cap(epsilon_ppm: u32, load: u64, weight: u32, total_weight: u64) -> u64 {
     let numerator = (PPM + u128::from(epsilon_ppm)) * u128::from(load) * u128::from(weight);
     let denominator = PPM * u128::from(total_weight.max(1));
-    numerator.div_ceil(denominator).clamp(1, u128::from(u64::MAX)) as u64
+    numerator
+        .div_ceil(denominator)
+        .clamp(1, u128::from(u64::MAX)) as u64
+}
+
+/// Takes one unit of `load` if it is below `cap`. Racing claims never take it past
+/// `cap` (a compare-and-swap loop; the loom test below checks every interleaving).
+fn claim(load: &AtomicU64, cap: u64) -> bool {
+    load.fetch_update(Ordering::AcqRel, Ordering::Acquire, |l| {
+        (l < cap).then_some(l + 1)
+    })
+    .is_ok()
 }
 
 /// Live in-flight counters aligned with one table's seats.
@@ -99,12 +117,13 @@ struct Counters {
 /// router.add(InstanceId(1), 1).unwrap();
 /// router.add(InstanceId(2), 1).unwrap();
 /// let balancer = BoundedLoads::new(Arc::clone(&router));
-/// // The same hot key, three requests in flight: they do not all land on one instance.
+/// // The same hot key, two requests in flight: the second finds the owner at its cap
+/// // (⌈1.25 · 1 / 2⌉ = 1) and spills to the next instance of the key's list.
 /// let a = balancer.begin(b"hot").unwrap();
 /// let b = balancer.begin(b"hot").unwrap();
-/// let c = balancer.begin(b"hot").unwrap();
-/// assert_ne!(a.instance(), c.instance());
-/// drop((a, b, c)); // done: the loads go back to zero
+/// assert_eq!(Some(a.instance()), router.owner_of(b"hot"));
+/// assert_ne!(a.instance(), b.instance());
+/// drop((a, b)); // done: the loads go back to zero
 /// assert!(balancer.loads().iter().all(|&(_, load)| load == 0));
 /// ```
 pub struct BoundedLoads {
@@ -160,7 +179,7 @@ impl BoundedLoads {
         }
     }
 
-    /// Bounded loads over `router` with this ε (`0.0..=100.0`).
+    /// Bounded loads over `router` with this ε (`0.000001..=100`).
     pub fn with_epsilon(router: Arc<SlotRouter>, epsilon: f64) -> Result<Self> {
         let mut balancer = BoundedLoads::new(router);
         balancer.epsilon_ppm = epsilon_ppm(epsilon)?;
@@ -189,11 +208,7 @@ impl BoundedLoads {
                 table.seat_member(index).weight,
                 counters.total_weight,
             );
-            counters.loads[index]
-                .fetch_update(Ordering::AcqRel, Ordering::Acquire, |load| {
-                    (load < cap).then_some(load + 1)
-                })
-                .is_ok()
+            claim(&counters.loads[index], cap)
         };
         let index = match table.walk_preference(hash, claim) {
             Some(index) => index,
@@ -295,7 +310,7 @@ impl Default for StickyOptions {
 
 impl StickyOptions {
     /// Sets ε: a key is placed only on an instance under `⌈(1 + ε) · mean⌉` recent
-    /// requests (`0.0..=100.0`).
+    /// requests (`0.000001..=100`).
     pub fn epsilon(mut self, epsilon: f64) -> Result<Self> {
         self.epsilon_ppm = epsilon_ppm(epsilon)?;
         Ok(self)
@@ -700,5 +715,41 @@ impl Sticky {
                 to,
             });
         }
+    }
+}
+
+#[cfg(all(test, loom))]
+mod loom_tests {
+    use super::*;
+    use loom::thread;
+
+    /// Two requests race for an instance with room for one, each finishing when
+    /// served, while the instance already serves nothing: in no interleaving does the
+    /// count pass the cap, and it is back to zero after.
+    #[test]
+    fn racing_claims_never_pass_the_cap() {
+        loom::model(|| {
+            let load = Arc::new(AtomicU64::new(0));
+            let racers: Vec<_> = (0..2)
+                .map(|_| {
+                    let load = Arc::clone(&load);
+                    thread::spawn(move || {
+                        let served = claim(&load, 1);
+                        if served {
+                            assert_eq!(load.load(Ordering::Acquire), 1);
+                            load.fetch_sub(1, Ordering::AcqRel);
+                        }
+                        served
+                    })
+                })
+                .collect();
+            let served = racers
+                .into_iter()
+                .map(|r| r.join().unwrap())
+                .filter(|&s| s)
+                .count();
+            assert!(served >= 1, "one always fits");
+            assert_eq!(load.load(Ordering::Acquire), 0);
+        });
     }
 }

@@ -548,7 +548,7 @@ impl TableBuilder {
         while let Some(best) = self.best_turned_away(seat) {
             let (count, cap) = (self.seat_ref(seat).count, self.seat_ref(seat).cap);
             if count >= cap {
-                if !self.worst_held(seat).is_some_and(|worst| best < worst) {
+                if self.worst_held(seat).is_none_or(|worst| best >= worst) {
                     return;
                 }
                 self.release_worst(seat);

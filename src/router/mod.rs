@@ -42,7 +42,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::Result;
 
-mod bounded;
+pub mod bounded;
 pub mod hash;
 mod matching;
 pub mod table;
