@@ -362,6 +362,41 @@ fn zipf(bench: &mut Bench, keys: &[[u8; 16]], per_instance: usize) {
         peak_over_mean(&placed, instances as usize),
         floor,
     );
+
+    // The dispatcher's cost per request, against the least a placement table can do: a
+    // hash map from key to its owner, filled on first sight.
+    let mut placements: HashMap<bytes::Bytes, InstanceId> = HashMap::new();
+    let mut now = requests.len() as u64;
+    bench.compare(
+        "router.sticky.route.100.vs_hashmap",
+        "routes/s",
+        Better::More,
+        None,
+        || {
+            rate(requests.len(), || {
+                for &r in &requests {
+                    now += 1;
+                    black_box(sticky.route(black_box(&keys[r as usize]), now));
+                }
+            })
+        },
+        || {
+            rate(requests.len(), || {
+                for &r in &requests {
+                    let key = black_box(&keys[r as usize][..]);
+                    let at = match placements.get(key) {
+                        Some(&at) => at,
+                        None => {
+                            let at = table.owner_of(key).expect("members");
+                            placements.insert(bytes::Bytes::copy_from_slice(key), at);
+                            at
+                        }
+                    };
+                    black_box(at);
+                }
+            })
+        },
+    );
 }
 
 /// Milliseconds to publish a new table after one change at 1,000 instances.

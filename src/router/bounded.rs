@@ -39,6 +39,7 @@
 //! ```
 
 use std::collections::{HashMap, VecDeque};
+use std::hash::{BuildHasherDefault, Hasher};
 use std::sync::Arc;
 #[cfg(not(loom))]
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -363,35 +364,75 @@ pub struct Move {
 struct KeyState {
     key: Bytes,
     hash: u64,
-    /// `None` once its instance left while the key was forgotten.
-    placed: Option<InstanceId>,
+    /// Its instance and that instance's seat in the current table ([`DEPARTED`] while
+    /// a change is being reconciled); `None` when its instance left while the key was
+    /// forgotten, or when nobody was left to move it to.
+    placed: Option<(InstanceId, usize)>,
     last_seen: Timestamp,
     /// Its requests among the last `window` routed.
     in_window: u32,
-    /// Still in the placement map (not forgotten).
+    /// Still known (not forgotten): reachable through the index.
     known: bool,
+    /// The next known key with the same 64-bit hash ([`END`] at the end).
+    next: u32,
+}
+
+/// A known key (by index) and the changed instance (with its seat) that now owns its
+/// slot.
+type Offer = (u32, (InstanceId, usize));
+
+/// The end of a chain of keys with the same hash.
+const END: u32 = u32::MAX;
+
+/// The seat of an instance that is no longer in the table.
+const DEPARTED: usize = usize::MAX;
+
+/// Known keys by their [`key_hash`]: the hash is computed once per request and serves
+/// both this index and the placement. Keys whose 64-bit hashes collide chain.
+type KeyIndex = HashMap<u64, u32, BuildHasherDefault<HashIsKey>>;
+
+/// The identity hasher for [`KeyIndex`]: its keys are already xxh3 hashes.
+#[derive(Default)]
+struct HashIsKey(u64);
+
+impl Hasher for HashIsKey {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.0 = self.0.rotate_left(8) ^ u64::from(b);
+        }
+    }
+
+    fn write_u64(&mut self, hash: u64) {
+        self.0 = hash;
+    }
 }
 
 /// Sticky bounded-load placement for keys that own state, fed by one dispatcher in log
 /// order (see the [module docs](self)).
 ///
 /// A key is placed on first sight (or its first request after going idle) on the first
-/// instance of its preference list whose load, its share of the last `window` routed
-/// requests, is under `⌈(1 + ε) · (window + 1) · w / W⌉`. It stays there whatever its own
-/// load becomes, until its instance leaves, a joining instance takes its slot (if the
+/// instance of its preference list with room under `max(1, ⌈(1 + ε) · L · w / W⌉)`,
+/// where `L` is the number of requests in the window (the last `window` routed) and an
+/// instance's load is how many of them went to it. It stays there whatever its own load
+/// becomes, until its instance leaves, a joining instance takes its slot (if the
 /// newcomer has room for the key's recent load), or it goes idle. Every answer is a
 /// function of the sequence of calls, their arguments included; nothing reads a clock.
 ///
 /// Change the membership through [`add`](Self::add) and [`remove`](Self::remove), which
 /// report the moves; a change made directly on [`router`](Self::router) is noticed at
-/// the next call but its moves are not reported.
+/// the next [`route`](Self::route) but its moves are not reported.
 pub struct Sticky {
     options: StickyOptions,
     router: SlotRouter,
     table: Arc<SlotTable>,
-    keys: HashMap<Bytes, u32>,
+    index: KeyIndex,
     states: Vec<KeyState>,
     free: Vec<u32>,
+    known: usize,
     window: VecDeque<u32>,
     /// Recent requests per current member, by seat in `table`.
     loads: Vec<u64>,
@@ -410,9 +451,10 @@ impl Sticky {
             options,
             router,
             table,
-            keys: HashMap::new(),
+            index: KeyIndex::default(),
             states: Vec::new(),
             free: Vec::new(),
+            known: 0,
             window: VecDeque::with_capacity(options.window.min(1 << 20)),
             loads: Vec::new(),
             total_weight: 0,
@@ -437,41 +479,38 @@ impl Sticky {
         }
         self.latest = self.latest.max(now);
         self.routed_since_sweep += 1;
-        if self.latest >= self.next_sweep && self.routed_since_sweep >= self.keys.len() / 2 {
+        if self.latest >= self.next_sweep && self.routed_since_sweep >= self.known / 2 {
             self.sweep();
         }
-        let index = match self.keys.get(key) {
-            Some(&index) => {
+        let hash = key_hash(key);
+        let index = match self.find(key, hash) {
+            Some(index) => {
                 let state = &self.states[index as usize];
-                if self.is_idle(state.last_seen, now) || state.placed.is_none() {
-                    let to = self.place(state.hash, 1)?;
+                if state.placed.is_none() || self.is_idle(state.last_seen, now) {
+                    let to = self.place(hash, 1)?;
                     self.shift_load(index, to);
                 }
                 index
             }
             None => {
-                let hash = key_hash(key);
                 let to = self.place(hash, 1)?;
-                let index = self.new_state(Bytes::copy_from_slice(key), hash, to, now);
-                self.keys
-                    .insert(self.states[index as usize].key.clone(), index);
-                index
+                self.insert(Bytes::copy_from_slice(key), hash, to, now)
             }
         };
         let state = &mut self.states[index as usize];
         state.last_seen = state.last_seen.max(now);
-        let placed = state.placed;
+        let placed = state.placed.map(|(id, _)| id);
         self.count_request(index);
         placed
     }
 
     /// Where `key` is placed now, if it is known and not idle.
     pub fn placement(&self, key: &[u8]) -> Option<InstanceId> {
-        let state = &self.states[*self.keys.get(key)? as usize];
+        let state = &self.states[self.find(key, key_hash(key))? as usize];
         if self.is_idle(state.last_seen, self.latest) {
             return None;
         }
-        state.placed
+        state.placed.map(|(id, _)| id)
     }
 
     /// Adds an instance (or changes its weight) and returns every key whose placement
@@ -497,7 +536,7 @@ impl Sticky {
             .members()
             .iter()
             .map(|m| {
-                let load = self.member_index(m.id).map_or(0, |seat| self.loads[seat]);
+                let load = self.table.seat_of(m.id).map_or(0, |seat| self.loads[seat]);
                 (m.id, load as f64)
             })
             .collect()
@@ -505,70 +544,129 @@ impl Sticky {
 
     /// How many keys are placed (known and not yet forgotten).
     pub fn known_keys(&self) -> usize {
-        self.keys.len()
+        self.known
     }
 
     fn is_idle(&self, last_seen: Timestamp, now: Timestamp) -> bool {
         now.saturating_sub(last_seen) >= self.options.idle_after
     }
 
-    /// The seat of member `id` in the current table.
-    fn member_index(&self, id: InstanceId) -> Option<usize> {
-        self.table.seat_of(id)
-    }
-
-    fn cap(&self, index: usize, demand: u64) -> u64 {
-        load_cap(
-            self.options.epsilon_ppm,
-            demand,
-            self.table.seat_member(index).weight,
-            self.total_weight,
-        )
-    }
-
-    /// The first instance of the preference list with room for `load` more requests.
-    fn place(&self, hash: u64, load: u64) -> Option<InstanceId> {
-        let demand = self.window.len() as u64;
-        let index = self
-            .table
-            .walk_preference(hash, |i| self.loads[i] + load <= self.cap(i, demand))
-            // A key hotter than any cap: its owner takes it.
-            .or_else(|| self.table.walk_preference(hash, |_| true))?;
-        Some(self.table.seat_member(index).id)
-    }
-
-    /// Places key `index` on `to`, its recent requests moving with it.
-    fn shift_load(&mut self, index: u32, to: InstanceId) {
-        let state = &mut self.states[index as usize];
-        let load = u64::from(state.in_window);
-        let from = state.placed.replace(to);
-        if let Some(i) = from.and_then(|id| self.member_index(id)) {
-            self.loads[i] -= load;
+    fn find(&self, key: &[u8], hash: u64) -> Option<u32> {
+        let mut at = *self.index.get(&hash)?;
+        while at != END {
+            let state = &self.states[at as usize];
+            if state.key == key {
+                return Some(at);
+            }
+            at = state.next;
         }
-        if let Some(i) = self.member_index(to) {
-            self.loads[i] += load;
-        }
+        None
     }
 
-    fn new_state(&mut self, key: Bytes, hash: u64, to: InstanceId, now: Timestamp) -> u32 {
-        let state = KeyState {
+    fn insert(&mut self, key: Bytes, hash: u64, to: (InstanceId, usize), now: Timestamp) -> u32 {
+        let mut state = KeyState {
             key,
             hash,
             placed: Some(to),
             last_seen: now,
             in_window: 0,
             known: true,
+            next: END,
         };
-        match self.free.pop() {
-            Some(index) => {
-                self.states[index as usize] = state;
-                index
-            }
+        let index = match self.free.pop() {
+            Some(index) => index,
             None => {
-                self.states.push(state);
+                self.states.push(KeyState {
+                    key: Bytes::new(),
+                    hash: 0,
+                    placed: None,
+                    last_seen: 0,
+                    in_window: 0,
+                    known: false,
+                    next: END,
+                });
                 (self.states.len() - 1) as u32
             }
+        };
+        state.next = self.index.insert(hash, index).unwrap_or(END);
+        self.states[index as usize] = state;
+        self.known += 1;
+        index
+    }
+
+    /// Forgets key `index`: out of the index; its slot is reused once its requests have
+    /// left the window.
+    fn forget(&mut self, index: u32) {
+        let (hash, next) = {
+            let state = &mut self.states[index as usize];
+            state.known = false;
+            (state.hash, state.next)
+        };
+        self.known -= 1;
+        match self.index.get(&hash).copied() {
+            Some(head) if head == index => {
+                if next == END {
+                    self.index.remove(&hash);
+                } else {
+                    self.index.insert(hash, next);
+                }
+            }
+            Some(mut at) => {
+                while at != END {
+                    let after = self.states[at as usize].next;
+                    if after == index {
+                        self.states[at as usize].next = next;
+                        break;
+                    }
+                    at = after;
+                }
+            }
+            None => {}
         }
+        if self.states[index as usize].in_window == 0 {
+            self.release(index);
+        }
+    }
+
+    fn release(&mut self, index: u32) {
+        let state = &mut self.states[index as usize];
+        state.key = Bytes::new();
+        state.placed = None;
+        self.free.push(index);
+    }
+
+    fn cap(&self, seat: usize, load: u64) -> u64 {
+        load_cap(
+            self.options.epsilon_ppm,
+            load,
+            self.table.seat_member(seat).weight,
+            self.total_weight,
+        )
+    }
+
+    /// The first instance of the preference list with room for `load` more requests
+    /// (the owner, for a key hotter than any cap), with its seat.
+    fn place(&self, hash: u64, load: u64) -> Option<(InstanceId, usize)> {
+        let in_window = self.window.len() as u64;
+        let seat = self
+            .table
+            .walk_preference(hash, |seat| {
+                self.loads[seat] + load <= self.cap(seat, in_window)
+            })
+            .or_else(|| self.table.walk_preference(hash, |_| true))?;
+        Some((self.table.seat_member(seat).id, seat))
+    }
+
+    /// Places key `index` on `to`, its recent requests moving with it.
+    fn shift_load(&mut self, index: u32, to: (InstanceId, usize)) {
+        let state = &mut self.states[index as usize];
+        let load = u64::from(state.in_window);
+        if let Some((_, from)) = state.placed.replace(to) {
+            if let Some(from) = self.loads.get_mut(from) {
+                *from -= load;
+            }
+        }
+        self.loads[to.1] += load;
     }
 
     /// Counts a request of key `index`, retiring the oldest one past the window.
@@ -577,9 +675,11 @@ impl Sticky {
             if let Some(old) = self.window.pop_front() {
                 let state = &mut self.states[old as usize];
                 state.in_window -= 1;
-                let (placed, gone) = (state.placed, state.in_window == 0 && !state.known);
-                if let Some(i) = placed.and_then(|id| self.member_index(id)) {
-                    self.loads[i] -= 1;
+                let gone = state.in_window == 0 && !state.known;
+                if let Some((_, seat)) = state.placed {
+                    if let Some(load) = self.loads.get_mut(seat) {
+                        *load -= 1;
+                    }
                 }
                 if gone {
                     self.release(old);
@@ -589,14 +689,9 @@ impl Sticky {
         self.window.push_back(index);
         let state = &mut self.states[index as usize];
         state.in_window += 1;
-        if let Some(i) = state.placed.and_then(|id| self.member_index(id)) {
-            self.loads[i] += 1;
+        if let Some((_, seat)) = state.placed {
+            self.loads[seat] += 1;
         }
-    }
-
-    fn release(&mut self, index: u32) {
-        self.states[index as usize].key = Bytes::new();
-        self.free.push(index);
     }
 
     /// Forgets the keys idle as of the latest event time.
@@ -605,21 +700,11 @@ impl Sticky {
         self.next_sweep = self
             .latest
             .saturating_add((self.options.idle_after / 2).max(1));
-        let (states, latest, idle_after) = (&mut self.states, self.latest, self.options.idle_after);
-        let mut released = Vec::new();
-        self.keys.retain(|_, &mut index| {
-            let state = &mut states[index as usize];
-            if latest.saturating_sub(state.last_seen) < idle_after {
-                return true;
+        for index in 0..self.states.len() as u32 {
+            let state = &self.states[index as usize];
+            if state.known && self.is_idle(state.last_seen, self.latest) {
+                self.forget(index);
             }
-            state.known = false;
-            if state.in_window == 0 {
-                released.push(index);
-            }
-            false
-        });
-        for index in released {
-            self.release(index);
         }
     }
 
@@ -642,79 +727,112 @@ impl Sticky {
             .filter(|m| !old_table.members().contains(m))
             .map(|m| m.id)
             .collect();
-        // Forgotten keys of departed instances keep no placement.
-        for state in self.states.iter_mut().filter(|s| !s.known) {
-            if state
-                .placed
-                .is_some_and(|id| members.binary_search_by_key(&id, |m| m.id).is_err())
-            {
-                state.placed = None;
-            }
-        }
-        let mut orphans = Vec::new();
-        let mut offered = Vec::new();
-        for &index in self.keys.values() {
-            let state = &self.states[index as usize];
-            let Some(at) = state.placed else { continue };
-            if self.member_index(at).is_none() {
-                orphans.push(index);
-            } else if let Some(owner) = self.table.owner_of_hash(state.hash) {
-                if owner != at && changed.contains(&owner) {
-                    offered.push((index, owner));
-                }
-            }
-        }
-        // Hottest first, then by key: the order is part of the result, so it must not
-        // depend on the map's.
-        let order = |states: &[KeyState], a: u32, b: u32| {
-            let (a, b) = (&states[a as usize], &states[b as usize]);
-            b.in_window
-                .cmp(&a.in_window)
-                .then_with(|| a.key.cmp(&b.key))
-        };
-        orphans.sort_unstable_by(|&a, &b| order(&self.states, a, b));
-        offered.sort_unstable_by(|&(a, _), &(b, _)| order(&self.states, a, b));
+        let (orphans, offered) = self.reseat(&changed);
         let mut moves = Vec::with_capacity(orphans.len() + offered.len());
-        let demand = self.window.len() as u64;
         for index in orphans {
-            let state = &self.states[index as usize];
-            let (hash, load, from) = (state.hash, u64::from(state.in_window), state.placed);
-            let Some(to) = self.place(hash, load.max(1)) else {
-                // No member left: nothing to move to.
-                self.states[index as usize].placed = None;
-                continue;
-            };
-            self.record_move(index, from, to, &mut moves);
+            let load = u64::from(self.states[index as usize].in_window);
+            match self.place(self.states[index as usize].hash, load.max(1)) {
+                Some(to) => self.record_move(index, to, &mut moves),
+                // Nobody left to move it to.
+                None => self.states[index as usize].placed = None,
+            }
         }
-        for (index, owner) in offered {
-            let state = &self.states[index as usize];
-            let (load, from) = (u64::from(state.in_window), state.placed);
-            let Some(i) = self.member_index(owner) else {
-                continue;
-            };
-            if self.loads[i] + load <= self.cap(i, demand) {
-                self.record_move(index, from, owner, &mut moves);
+        let in_window = self.window.len() as u64;
+        for (index, (owner, seat)) in offered {
+            let load = u64::from(self.states[index as usize].in_window);
+            if self.loads[seat] + load <= self.cap(seat, in_window) {
+                self.record_move(index, (owner, seat), &mut moves);
             }
         }
         moves
     }
 
-    fn record_move(
-        &mut self,
-        index: u32,
-        from: Option<InstanceId>,
-        to: InstanceId,
-        moves: &mut Vec<Move>,
-    ) {
-        let Some(from) = from else { return };
-        if from != to {
+    /// Points every key at its instance's seat in the new table, and returns the known
+    /// keys whose instance left (to re-place) and those whose slot a changed instance
+    /// now owns (to offer it), each hottest first, then by key: the order is part of
+    /// the result, so it must not depend on where keys sit in memory.
+    fn reseat(&mut self, changed: &[InstanceId]) -> (Vec<u32>, Vec<Offer>) {
+        let mut orphans = Vec::new();
+        let mut offered = Vec::new();
+        for (index, state) in self.states.iter_mut().enumerate() {
+            let Some((id, _)) = state.placed else {
+                continue;
+            };
+            let Some(seat) = self.table.seat_of(id) else {
+                // Departed: a live key moves; a forgotten key's requests count nowhere.
+                state.placed = state.known.then_some((id, DEPARTED));
+                if state.known {
+                    orphans.push(index as u32);
+                }
+                continue;
+            };
+            state.placed = Some((id, seat));
+            if !state.known {
+                continue;
+            }
+            if let Some(owner) = self.table.owner_of_hash(state.hash) {
+                if owner != id && changed.contains(&owner) {
+                    let owner_seat = self.table.seat_of(owner).unwrap_or(DEPARTED);
+                    offered.push((index as u32, (owner, owner_seat)));
+                }
+            }
+        }
+        let states = &self.states;
+        let hottest_first = |a: u32, b: u32| {
+            let (a, b) = (&states[a as usize], &states[b as usize]);
+            b.in_window
+                .cmp(&a.in_window)
+                .then_with(|| a.key.cmp(&b.key))
+        };
+        orphans.sort_unstable_by(|&a, &b| hottest_first(a, b));
+        offered.sort_unstable_by(|&(a, _), &(b, _)| hottest_first(a, b));
+        (orphans, offered)
+    }
+
+    fn record_move(&mut self, index: u32, to: (InstanceId, usize), moves: &mut Vec<Move>) {
+        let Some((from, _)) = self.states[index as usize].placed else {
+            return;
+        };
+        if from != to.0 {
             self.shift_load(index, to);
             moves.push(Move {
                 key: self.states[index as usize].key.clone(),
                 from,
-                to,
+                to: to.0,
             });
         }
+    }
+}
+
+#[cfg(all(test, not(loom)))]
+mod tests {
+    use super::*;
+
+    /// Two keys whose 64-bit hashes collide (forced here; xxh3 makes it astronomically
+    /// rare) are still told apart, and forgetting one keeps the other.
+    #[test]
+    fn keys_with_colliding_hashes_are_told_apart() {
+        let mut sticky = Sticky::new(StickyOptions::default());
+        sticky.add(InstanceId(1), 1).unwrap();
+        sticky.add(InstanceId(2), 1).unwrap();
+        let to = sticky.place(7, 1).unwrap();
+        let a = sticky.insert(Bytes::from_static(b"a"), 7, to, 0);
+        let b = sticky.insert(Bytes::from_static(b"b"), 7, to, 0);
+        let c = sticky.insert(Bytes::from_static(b"c"), 7, to, 0);
+        assert_eq!(sticky.find(b"a", 7), Some(a));
+        assert_eq!(sticky.find(b"b", 7), Some(b));
+        assert_eq!(sticky.find(b"c", 7), Some(c));
+        assert_eq!(sticky.find(b"d", 7), None);
+        sticky.forget(b);
+        assert_eq!(sticky.find(b"b", 7), None);
+        assert_eq!(sticky.find(b"a", 7), Some(a));
+        assert_eq!(sticky.find(b"c", 7), Some(c));
+        sticky.forget(c);
+        assert_eq!(sticky.find(b"a", 7), Some(a));
+        sticky.forget(a);
+        assert_eq!(sticky.find(b"a", 7), None);
+        assert_eq!(sticky.known_keys(), 0);
+        assert!(sticky.index.is_empty());
     }
 }
 
