@@ -423,3 +423,15 @@ fn readers_see_whole_tables_while_membership_churns() {
         assert!(seen > 0);
     }
 }
+
+#[test]
+fn a_slot_router_serves_behind_a_dyn_router() {
+    let router: Box<dyn Router> = Box::new(SlotRouter::with_options(options(1 << 10, 0.02)));
+    router.add(InstanceId(1), 2).unwrap();
+    router.add(InstanceId(2), 1).unwrap();
+    assert!(router.owner_of(b"k").is_some());
+    let mut list = Vec::new();
+    router.preference_list(b"k", 2, &mut list);
+    assert_eq!(list.len(), 2);
+    assert_eq!(router.members().len(), 2);
+}

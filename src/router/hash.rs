@@ -7,9 +7,10 @@
 //! - the **key hash** is [xxh3-64](https://xxhash.com) with the fixed seed [`KEY_SEED`];
 //! - the **slot score** of an instance for a slot is a weighted rendezvous score: a
 //!   64-bit mix of the instance's own xxh3 hash (seed [`INSTANCE_SEED`]) and the slot
-//!   number, turned into an exponential variate `-ln(u) / weight` (the lowest wins) with
-//!   a logarithm written here in plain IEEE-754 arithmetic, so that it rounds the same
-//!   everywhere (a platform's `ln` may differ in the last bit).
+//!   number (splitmix64's finalizer), turned into an exponential variate
+//!   `-ln(u) · (1 / weight)`, kept as `f32` bits (the lowest wins), with a logarithm
+//!   written here in basic IEEE-754 operations (no fused multiply-add), so that it
+//!   rounds the same everywhere (a platform's `ln` may differ in the last bit).
 //!
 //! The test suite pins all of this with golden vectors: changing any constant here
 //! re-routes every key of every deployed cluster, and must fail the build first.
@@ -17,9 +18,8 @@
 //! ```
 //! use cauce::router::key_hash;
 //!
-//! // The same on every machine, in every process, forever.
-//! assert_eq!(key_hash(b"alice"), key_hash(b"alice"));
-//! assert_ne!(key_hash(b"alice"), key_hash(b"bob"));
+//! // The same on every machine, in every process, in every release.
+//! assert_eq!(key_hash(b"alice"), 0x0617_682e_f693_f4a1);
 //! ```
 
 use xxhash_rust::xxh3::xxh3_64_with_seed;

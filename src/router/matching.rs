@@ -21,7 +21,8 @@
 //! - a **free** slot proposes down its ranking, from just below where it last was: an
 //!   instance with room accepts; a full one accepts only if it ranks the slot better
 //!   than its worst, which it then releases (that slot is free in turn); otherwise it
-//!   turns the slot away;
+//!   turns the slot away. A slot released by an instance that a newcomer now outranks
+//!   may find nobody below: it waits, free, for one above to pull it;
 //! - an instance that gained room (a slot it held was pulled away, or its cap grew)
 //!   **pulls** the best slot it turned away that still prefers it to where it is now,
 //!   taking it from its holder (which now has room, and pulls in turn), and keeps doing
