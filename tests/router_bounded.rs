@@ -347,3 +347,38 @@ fn sticky_errors_are_typed() {
         Err(Error::Config(_))
     ));
 }
+
+/// Threads start and finish requests while the membership changes under them: no
+/// count is lost or left behind.
+#[test]
+fn concurrent_requests_leave_no_load_behind() {
+    let router = small_router(&[(1, 1), (2, 1), (3, 1)]);
+    let balancer = Arc::new(BoundedLoads::new(Arc::clone(&router)));
+    let workers: Vec<_> = (0..3u8)
+        .map(|w| {
+            let balancer = Arc::clone(&balancer);
+            std::thread::spawn(move || {
+                let mut held = Vec::new();
+                for i in 0..20_000u32 {
+                    let key = [w, (i % 7) as u8];
+                    held.push(balancer.begin(&key).expect("members"));
+                    if held.len() > 20 {
+                        held.swap_remove((i as usize * 7) % held.len());
+                    }
+                }
+            })
+        })
+        .collect();
+    for round in 0..30u32 {
+        let id = InstanceId(10 + round % 3);
+        if router.members().iter().any(|m| m.id == id) {
+            router.remove(id).unwrap();
+        } else {
+            router.add(id, 1).unwrap();
+        }
+    }
+    for w in workers {
+        w.join().expect("a worker panicked");
+    }
+    assert!(balancer.loads().iter().all(|&(_, load)| load == 0));
+}

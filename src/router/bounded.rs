@@ -199,7 +199,7 @@ impl BoundedLoads {
 
     /// Starts a request for a key by its [`key_hash`].
     pub fn begin_hash(&self, hash: u64) -> Option<LoadGuard> {
-        let table = self.router.table();
+        let table = self.router.current();
         let counters = self.counters_for(&table);
         let demand = self.total.load(Ordering::Acquire);
         let claim = |index: usize| {
@@ -231,7 +231,7 @@ impl BoundedLoads {
 
     /// The requests in flight on each current member, sorted by id.
     pub fn loads(&self) -> Vec<(InstanceId, u64)> {
-        let table = self.router.table();
+        let table = self.router.current();
         let counters = self.counters_for(&table);
         table
             .members()
@@ -244,13 +244,14 @@ impl BoundedLoads {
     }
 
     /// The counters aligned with `table`, made on the first request of a new epoch.
-    fn counters_for(&self, table: &SlotTable) -> Arc<Counters> {
-        let current = self.counters.load_full();
+    fn counters_for(&self, table: &SlotTable) -> arc_swap::Guard<Arc<Counters>> {
+        let current = self.counters.load();
         if current.epoch == table.epoch() {
             return current;
         }
+        drop(current);
         let mut registry = self.registry.lock();
-        let current = self.counters.load_full();
+        let current = self.counters.load();
         if current.epoch == table.epoch() {
             return current;
         }
@@ -270,8 +271,8 @@ impl BoundedLoads {
         registry.retain(|id, load| {
             members.binary_search_by_key(id, |m| m.id).is_ok() || Arc::strong_count(load) > 1
         });
-        self.counters.store(Arc::clone(&counters));
-        counters
+        self.counters.store(counters);
+        self.counters.load()
     }
 }
 

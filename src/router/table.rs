@@ -534,6 +534,12 @@ impl SlotRouter {
         self.table.load_full()
     }
 
+    /// The current table without touching its reference count (which every thread
+    /// would contend on): for per-request paths inside the crate.
+    pub(crate) fn current(&self) -> arc_swap::Guard<Arc<SlotTable>> {
+        self.table.load()
+    }
+
     /// A reader that follows new tables for the cost of one atomic load per lookup.
     pub fn reader(&self) -> TableReader<'_> {
         TableReader {
