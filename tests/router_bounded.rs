@@ -363,7 +363,7 @@ fn concurrent_requests_leave_no_load_behind() {
                     let key = [w, (i % 7) as u8];
                     held.push(balancer.begin(&key).expect("members"));
                     if held.len() > 20 {
-                        held.swap_remove((i as usize * 7) % held.len());
+                        drop(held.swap_remove((i as usize * 7) % held.len()));
                     }
                 }
             })
