@@ -145,6 +145,24 @@ pub enum Error {
         message: String,
     },
 
+    /// An instance was given a weight a router cannot take (weights must be positive).
+    #[error("instance {instance} cannot have weight {weight}: weights must be at least 1")]
+    InvalidWeight {
+        /// The instance.
+        instance: InstanceId,
+        /// The weight refused.
+        weight: u32,
+    },
+
+    /// A router already holds as many instances as it can.
+    #[error("instance {instance} cannot join: the router holds at most {limit} instances")]
+    TooManyInstances {
+        /// The instance that could not join.
+        instance: InstanceId,
+        /// The most instances the router holds.
+        limit: usize,
+    },
+
     /// `commit` was called on a subscription whose position cannot be made durable: it
     /// was not opened from a named cursor, its stream is not stored, or it merges several
     /// streams.
