@@ -8,7 +8,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::thread;
 use std::time::Duration;
 
-use cauce::store::{Compaction, MemoryStore, RecordIter, Snapshot, Store};
+use cauce::store::{
+    Compaction, LogOptions, LogStore, MemoryStore, RecordIter, Snapshot, Store, SyncPolicy,
+};
 use cauce::stream::{LogStream, MemoryStream, Position, Publish, Stream, Subscribe};
 use cauce::{Entry, Error, Offset, Result};
 
@@ -133,10 +135,14 @@ fn close_wakes_a_publisher_blocked_on_a_full_stream() {
     assert!(matches!(subscriber.recv(), Err(Error::Closed)));
 }
 
+/// Tests that measure resident memory run one at a time.
+static MEASURING_MEMORY: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
 /// Peak resident memory while 200 MiB of records go through a stream of 64 one-KiB
 /// records, read by a subscriber that lags behind the publisher.
 #[test]
 fn records_through_a_bounded_stream_do_not_grow_memory() {
+    let _one_at_a_time = MEASURING_MEMORY.lock().unwrap_or_else(|e| e.into_inner());
     const RECORDS: usize = 200_000;
     let payload = vec![7u8; 1024];
     for stream in [
@@ -174,6 +180,42 @@ fn records_through_a_bounded_stream_do_not_grow_memory() {
             "resident memory grew by {grown_mib} MiB for 200 MiB of records"
         );
     }
+}
+
+/// A subscriber that starts 100 MiB behind the tail of a `LogStore` reads it all with a
+/// few MiB of memory: it reads the files at its own pace.
+#[test]
+fn lagging_subscriber_of_a_log_store_reads_with_bounded_memory() {
+    let _one_at_a_time = MEASURING_MEMORY.lock().unwrap_or_else(|e| e.into_inner());
+    const BATCHES: usize = 1_000;
+    const PER_BATCH: usize = 100;
+    let dir = tempfile::tempdir().expect("temporary directory");
+    let options = LogOptions::new().sync(SyncPolicy::Never);
+    let stream = LogStream::new(LogStore::open(dir.path(), options).expect("open"));
+    let mut lagging = stream.subscribe(Position::Beginning).expect("subscribe");
+    let payload = vec![3u8; 1024];
+    let batch: Vec<_> = (0..PER_BATCH).map(|_| Entry::new(b"k", &payload)).collect();
+    let before = resident_kib();
+    let publisher = stream.publisher();
+    for _ in 0..BATCHES {
+        publisher.publish_batch(&batch).expect("publish_batch");
+    }
+    drop((publisher, stream));
+    let mut peak = resident_kib();
+    let mut got = 0;
+    while let Ok(record) = lagging.recv() {
+        assert_eq!(record.payload.len(), 1024);
+        got += 1;
+        if got % 1_000 == 0 {
+            peak = peak.max(resident_kib());
+        }
+    }
+    assert_eq!(got, BATCHES * PER_BATCH);
+    let grown_mib = peak.saturating_sub(before) / 1024;
+    assert!(
+        grown_mib < 32,
+        "resident memory grew by {grown_mib} MiB while 100 MiB were published and read"
+    );
 }
 
 fn resident_kib() -> u64 {
@@ -330,6 +372,16 @@ fn a_waiting_subscriber_sleeps_instead_of_polling() {
     assert!(
         used < wait / 10,
         "a log follower used {used:?} of CPU in {wait:?}"
+    );
+
+    let dir = tempfile::tempdir().expect("temporary directory");
+    let on_disk = LogStream::new(LogStore::open(dir.path(), LogOptions::new()).expect("open"));
+    let _disk_publisher = on_disk.publisher();
+    let mut follower = on_disk.subscribe(Position::End).expect("subscribe");
+    let used = cpu_used_waiting(&mut follower, wait);
+    assert!(
+        used < wait / 10,
+        "a log store follower used {used:?} of CPU in {wait:?}"
     );
 
     let memory = MemoryStream::fan_out(8).expect("capacity");

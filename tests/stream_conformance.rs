@@ -1,6 +1,6 @@
 //! Every stream in the crate against the stream conformance suite.
 
-use cauce::store::MemoryStore;
+use cauce::store::{LogOptions, LogStore, MemoryStore, SyncPolicy};
 use cauce::stream::conformance::{self, Delivery, Fixture};
 use cauce::stream::{LogStream, MemoryStream};
 
@@ -67,6 +67,41 @@ impl Fixture for LogOnMemoryStore {
     }
 }
 
+/// A log stream over a `LogStore` in a temporary directory (sync `Never`: reopening after
+/// a clean close keeps everything); reopening closes the store and opens the directory
+/// again, as a restarted process would.
+#[derive(Default)]
+struct LogOnLogStore {
+    dir: Option<tempfile::TempDir>,
+}
+
+impl LogOnLogStore {
+    fn open(&self) -> LogStream<LogStore> {
+        let dir = self.dir.as_ref().expect("created").path();
+        let store = LogStore::open(dir, LogOptions::new().sync(SyncPolicy::Never))
+            .expect("open the log directory");
+        LogStream::new(store)
+    }
+}
+
+impl Fixture for LogOnLogStore {
+    type Stream = LogStream<LogStore>;
+    fn create(&mut self) -> LogStream<LogStore> {
+        self.dir = Some(tempfile::tempdir().expect("temporary directory"));
+        self.open()
+    }
+    fn delivery(&self) -> Delivery {
+        Delivery::Stored
+    }
+    fn capacity(&self) -> Option<usize> {
+        None
+    }
+    fn reopen(&mut self, stream: LogStream<LogStore>) -> LogStream<LogStore> {
+        drop(stream);
+        self.open()
+    }
+}
+
 #[test]
 fn memory_stream_shared_queue_conforms() {
     conformance::run_all(&mut SharedQueue);
@@ -80,4 +115,9 @@ fn memory_stream_fan_out_conforms() {
 #[test]
 fn log_stream_on_memory_store_conforms() {
     conformance::run_all(&mut LogOnMemoryStore::default());
+}
+
+#[test]
+fn log_stream_on_log_store_conforms() {
+    conformance::run_all(&mut LogOnLogStore::default());
 }

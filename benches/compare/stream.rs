@@ -3,18 +3,23 @@
 //! - `stream.memory.{spsc,mpsc4}.vs_channel`: records/s through a `MemoryStream` against
 //!   a bare `crossbeam_channel::bounded` of the same capacity moving the same records
 //!   (the baseline builds a `Record` from the same bytes: that is the limit).
-//! - `stream.log.memory_store.vs_append`: records/s published one by one into a
-//!   `LogStream` against appending them one by one to its store alone.
-//! - `stream.log.tail_{p50,p99}_us`: microseconds from the start of a publish to the
-//!   record reaching a subscriber that follows the tail, at half of the peak rate
-//!   measured first, against a bare channel paced the same way.
+//! - `stream.log.{memory_store,logstore}.vs_append`: records/s published one by one into
+//!   a `LogStream` against appending them one by one to its store alone (`LogStore` with
+//!   `SyncPolicy::Never`, in a temporary directory).
+//! - `stream.log.{memory_store,logstore}.tail_{p50,p99}_us`: microseconds from the start
+//!   of a publish to the record reaching a subscriber that follows the tail, at half of
+//!   the peak rate measured first (publisher and follower together), against a bare
+//!   channel paced the same way.
+//! - `stream.log.logstore.wake_{p50,p99}_us`: the same with a record every 100 µs, so
+//!   that the follower is asleep in `Store::wait_for` when each record comes (the path
+//!   of a quiet stream), against a bare channel whose receiver sleeps the same way.
 
 use std::hint::{black_box, spin_loop};
 use std::thread;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use cauce::store::{MemoryStore, Store};
+use cauce::store::{LogOptions, LogStore, MemoryStore, Store, SyncPolicy};
 use cauce::stream::{LogStream, MemoryStream, Position, Publish, Stream, Subscribe};
 use cauce::{Entry, Record};
 
@@ -34,8 +39,11 @@ pub fn run(bench: &mut Bench) {
     }
     memory_throughput(bench, 1, "stream.memory.spsc.vs_channel");
     memory_throughput(bench, 4, "stream.memory.mpsc4.vs_channel");
-    log_publish(bench);
-    tail_latency(bench);
+    log_publish(bench, "stream.log.memory_store.vs_append", memory_store);
+    log_publish(bench, "stream.log.logstore.vs_append", log_store);
+    tail_latency(bench, "stream.log.memory_store", warm_memory_store);
+    tail_latency(bench, "stream.log.logstore", log_store);
+    wake_latency(bench);
 }
 
 fn memory_throughput(bench: &mut Bench, producers: usize, id: &str) {
@@ -109,8 +117,83 @@ fn memory_throughput(bench: &mut Bench, producers: usize, id: &str) {
     );
 }
 
-fn log_publish(bench: &mut Bench) {
-    let id = "stream.log.memory_store.vs_append";
+/// A `LogStore` with `SyncPolicy::Never` in a temporary directory that lives as long as
+/// the store (the directory goes when the store does).
+struct OnDisk {
+    store: LogStore,
+    _dir: tempfile::TempDir,
+}
+
+fn log_store() -> OnDisk {
+    let dir = tempfile::tempdir().expect("temporary directory");
+    let options = LogOptions::new().sync(SyncPolicy::Never);
+    let store = LogStore::open(dir.path(), options).expect("open");
+    OnDisk { store, _dir: dir }
+}
+
+fn memory_store() -> MemoryStore {
+    MemoryStore::new()
+}
+
+/// A memory store that has already grown its buffer, as the channel has its own: the
+/// latency measured is the stream's, not that of a deque doubling.
+fn warm_memory_store() -> MemoryStore {
+    let store = MemoryStore::new();
+    let warm: Vec<_> = (0..WARM_RECORDS)
+        .map(|_| Entry::with_timestamp(1, KEY, &PAYLOAD))
+        .collect();
+    store.append(&warm).expect("append");
+    store
+        .truncate_before(WARM_RECORDS as u64)
+        .expect("truncate");
+    store
+}
+
+/// Forwards the `Store` trait to the wrapped `LogStore`, so the temporary directory
+/// lives inside the store value.
+impl Store for OnDisk {
+    fn append(&self, batch: &[Entry<'_>]) -> cauce::Result<std::ops::Range<u64>> {
+        self.store.append(batch)
+    }
+    fn read_from(&self, from: u64) -> cauce::Result<cauce::store::RecordIter> {
+        self.store.read_from(from)
+    }
+    fn start_offset(&self) -> u64 {
+        self.store.start_offset()
+    }
+    fn next_offset(&self) -> u64 {
+        self.store.next_offset()
+    }
+    fn wait_for(&self, offset: u64, timeout: Option<Duration>) -> u64 {
+        self.store.wait_for(offset, timeout)
+    }
+    fn wake_waiters(&self) {
+        self.store.wake_waiters()
+    }
+    fn sync(&self) -> cauce::Result<()> {
+        self.store.sync()
+    }
+    fn truncate_before(&self, offset: u64) -> cauce::Result<()> {
+        self.store.truncate_before(offset)
+    }
+    fn compact(&self) -> cauce::Result<cauce::store::Compaction> {
+        self.store.compact()
+    }
+    fn commit_cursor(&self, name: &str, offset: u64) -> cauce::Result<()> {
+        self.store.commit_cursor(name, offset)
+    }
+    fn cursor(&self, name: &str) -> cauce::Result<Option<u64>> {
+        self.store.cursor(name)
+    }
+    fn save_snapshot(&self, name: &str, offset: u64, blob: &[u8]) -> cauce::Result<()> {
+        self.store.save_snapshot(name, offset, blob)
+    }
+    fn latest_snapshot(&self, name: &str) -> cauce::Result<Option<cauce::store::Snapshot>> {
+        self.store.latest_snapshot(name)
+    }
+}
+
+fn log_publish<S: Store>(bench: &mut Bench, id: &str, new_store: fn() -> S) {
     if !bench.wants(id) {
         return;
     }
@@ -122,7 +205,7 @@ fn log_publish(bench: &mut Bench) {
         Better::More,
         Some(Goal::RatioAtLeast(0.8)),
         || {
-            let stream = LogStream::new(MemoryStore::new());
+            let stream = LogStream::new(new_store());
             let publisher = stream.publisher();
             rate(n, || {
                 for _ in 0..n {
@@ -131,7 +214,7 @@ fn log_publish(bench: &mut Bench) {
             })
         },
         || {
-            let store = MemoryStore::new();
+            let store = new_store();
             rate(n, || {
                 for _ in 0..n {
                     store.append(&[entry]).expect("append");
@@ -141,61 +224,39 @@ fn log_publish(bench: &mut Bench) {
     );
 }
 
-/// A pipe for the tail-follow measure: `start` gives the sending side and a function
-/// that receives the next record and returns its stamp.
-trait Tail: Send + 'static {
-    fn start() -> (Self, Box<dyn FnMut() -> u64 + Send>)
-    where
-        Self: Sized;
-    fn send(&self, stamp: u64);
-}
+/// The sending side of a pipe for the tail-follow measure (called with a stamp), and
+/// the receiving side (returns the stamp of the next record).
+type Pipe = (Box<dyn Fn(u64)>, Box<dyn FnMut() -> u64 + Send>);
 
-/// A log stream over a memory store, the follower subscribed at the end.
-struct LogTail(cauce::stream::LogPublisher<MemoryStore>);
-
-impl Tail for LogTail {
-    fn start() -> (Self, Box<dyn FnMut() -> u64 + Send>) {
-        // A store that has already grown its buffer, as the channel has its own: the
-        // latency measured is the stream's, not that of a deque doubling.
-        let store = MemoryStore::new();
-        let warm: Vec<_> = (0..WARM_RECORDS)
-            .map(|_| Entry::with_timestamp(1, KEY, &PAYLOAD))
-            .collect();
-        store.append(&warm).expect("append");
-        store
-            .truncate_before(WARM_RECORDS as u64)
-            .expect("truncate");
-        let stream = LogStream::new(store);
-        let mut subscriber = stream.subscribe(Position::End).expect("subscribe");
-        let receive = move || stamp_of(&subscriber.recv().expect("recv"));
-        (LogTail(stream.publisher()), Box::new(receive))
-    }
-    fn send(&self, stamp: u64) {
+/// A log stream over `store`, the follower subscribed at the end.
+fn log_pipe<S: Store>(store: S) -> Pipe {
+    let stream = LogStream::new(store);
+    let mut subscriber = stream.subscribe(Position::End).expect("subscribe");
+    let publisher = stream.publisher();
+    let send = move |stamp| {
         let payload = stamp_payload(stamp);
-        self.0
+        publisher
             .publish(Entry::with_timestamp(1, KEY, &payload))
             .expect("publish");
-    }
+    };
+    let receive = move || stamp_of(&subscriber.recv().expect("recv"));
+    (Box::new(send), Box::new(receive))
 }
 
 /// A bare channel carrying the same records.
-struct ChannelTail(crossbeam_channel::Sender<Record>);
-
-impl Tail for ChannelTail {
-    fn start() -> (Self, Box<dyn FnMut() -> u64 + Send>) {
-        let (tx, rx) = crossbeam_channel::bounded::<Record>(CAPACITY);
-        let receive = move || stamp_of(&rx.recv().expect("recv"));
-        (ChannelTail(tx), Box::new(receive))
-    }
-    fn send(&self, stamp: u64) {
+fn channel_pipe() -> Pipe {
+    let (tx, rx) = crossbeam_channel::bounded::<Record>(CAPACITY);
+    let send = move |stamp| {
         let record = Record {
             offset: 0,
             timestamp: 1,
             key: Bytes::copy_from_slice(KEY),
             payload: Bytes::copy_from_slice(&stamp_payload(stamp)),
         };
-        self.0.send(record).expect("send");
-    }
+        tx.send(record).expect("send");
+    };
+    let receive = move || stamp_of(&rx.recv().expect("recv"));
+    (Box::new(send), Box::new(receive))
 }
 
 fn stamp_payload(stamp: u64) -> [u8; 100] {
@@ -210,10 +271,11 @@ fn stamp_of(record: &Record) -> u64 {
     u64::from_le_bytes(stamp)
 }
 
-/// Publishes `count` records, one every `interval` (`None`: as fast as possible), and
-/// returns the follower's latencies in microseconds and the rate it received at.
-fn follow<T: Tail>(count: usize, interval: Option<Duration>) -> (Vec<f64>, f64) {
-    let (tail, mut receive) = T::start();
+/// Publishes `count` records into `pipe`, one every `interval` (`None`: as fast as
+/// possible), and returns the follower's latencies in microseconds and the rate it
+/// received at.
+fn follow(pipe: Pipe, count: usize, interval: Option<Duration>) -> (Vec<f64>, f64) {
+    let (send, mut receive) = pipe;
     let base = Instant::now();
     let follower = thread::spawn(move || {
         let mut latencies = Vec::with_capacity(count);
@@ -234,28 +296,28 @@ fn follow<T: Tail>(count: usize, interval: Option<Duration>) -> (Vec<f64>, f64) 
                 spin_loop();
             }
         }
-        tail.send(base.elapsed().as_nanos() as u64);
+        send(base.elapsed().as_nanos() as u64);
     }
     let (latencies, done) = follower.join().expect("follower");
     let rate = count as f64 / (done - start).as_secs_f64();
     (latencies, rate)
 }
 
-fn tail_latency(bench: &mut Bench) {
-    let id = "stream.log.tail_p99_us";
-    if !bench.wants(id) {
+fn tail_latency<S: Store>(bench: &mut Bench, prefix: &str, new_store: fn() -> S) {
+    let id = format!("{prefix}.tail_p99_us");
+    if !bench.wants(&id) {
         return;
     }
     let peak = median(
         &(0..3)
-            .map(|_| follow::<LogTail>(bench.size(200_000, 50_000), None).1)
+            .map(|_| follow(log_pipe(new_store()), bench.size(200_000, 50_000), None).1)
             .collect::<Vec<_>>(),
     );
     let half = peak / 2.0;
     let interval = Duration::from_secs_f64(1.0 / half);
     let count = (half * if bench.quick() { 0.1 } else { 0.3 }) as usize;
     println!(
-        "  (tail-follow: peak {:.2}M records/s, paced at {:.2}M/s, {count} records per run)",
+        "  ({prefix}: peak {:.2}M records/s, paced at {:.2}M/s, {count} records per run)",
         peak / 1e6,
         half / 1e6
     );
@@ -265,20 +327,61 @@ fn tail_latency(bench: &mut Bench) {
         quantile(&mut latencies, 0.99)
     };
     bench.compare(
-        id,
+        &id,
         "us",
         Better::Less,
         Some(Goal::OursAtMost(50.0)),
-        || p99(&mut ours_p50, follow::<LogTail>(count, Some(interval)).0),
+        || {
+            let pipe = log_pipe(new_store());
+            p99(&mut ours_p50, follow(pipe, count, Some(interval)).0)
+        },
         || {
             p99(
                 &mut theirs_p50,
-                follow::<ChannelTail>(count, Some(interval)).0,
+                follow(channel_pipe(), count, Some(interval)).0,
             )
         },
     );
     bench.record(
-        "stream.log.tail_p50_us",
+        &format!("{prefix}.tail_p50_us"),
+        "us",
+        Better::Less,
+        None,
+        median(&ours_p50),
+        median(&theirs_p50),
+    );
+}
+
+fn wake_latency(bench: &mut Bench) {
+    let id = "stream.log.logstore.wake_p99_us";
+    if !bench.wants(id) {
+        return;
+    }
+    let interval = Duration::from_micros(100);
+    let count = bench.size(3_000, 1_000);
+    let (mut ours_p50, mut theirs_p50) = (Vec::new(), Vec::new());
+    let p99 = |p50s: &mut Vec<f64>, mut latencies: Vec<f64>| {
+        p50s.push(quantile(&mut latencies, 0.5));
+        quantile(&mut latencies, 0.99)
+    };
+    bench.compare(
+        id,
+        "us",
+        Better::Less,
+        None,
+        || {
+            let pipe = log_pipe(log_store());
+            p99(&mut ours_p50, follow(pipe, count, Some(interval)).0)
+        },
+        || {
+            p99(
+                &mut theirs_p50,
+                follow(channel_pipe(), count, Some(interval)).0,
+            )
+        },
+    );
+    bench.record(
+        "stream.log.logstore.wake_p50_us",
         "us",
         Better::Less,
         None,
