@@ -425,7 +425,9 @@ struct SplitInner<P, R> {
 ///
 /// This is the load-balancing split of the design, with no central balancer: any number
 /// of splits can run side by side, each only a function of the key and of what `route`
-/// reads (a router's ring, for instance). Backpressure is per instance: a full instance
+/// reads. With a [`Router`](crate::router::Router), pass
+/// `move |key| router.owner_of(key)` (the stream module does not depend on the router
+/// module, which builds on streams). Backpressure is per instance: a full instance
 /// stream blocks exactly the publishes routed to it. The offset returned is the record's
 /// offset in its instance's stream.
 ///
