@@ -132,7 +132,11 @@ impl Bench {
             a.push(ours());
             b.push(theirs());
         }
-        let ratios: Vec<f64> = a.iter().zip(&b).map(|(&o, &t)| ratio(better, o, t)).collect();
+        let ratios: Vec<f64> = a
+            .iter()
+            .zip(&b)
+            .map(|(&o, &t)| ratio(better, o, t))
+            .collect();
         self.record_with_ratio(id, unit, median(&a), median(&b), median(&ratios), goal)
     }
 
@@ -303,5 +307,9 @@ fn fmt_num(x: f64) -> String {
 }
 
 fn json_num(x: f64) -> String {
-    if x.is_finite() { format!("{x}") } else { "null".to_string() }
+    if x.is_finite() {
+        format!("{x}")
+    } else {
+        "null".to_string()
+    }
 }

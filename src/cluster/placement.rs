@@ -1,0 +1,118 @@
+//! Where keys go: the cluster's view of the router, and who holds each key's state.
+
+use std::collections::HashMap;
+
+use bytes::Bytes;
+
+use crate::error::{Error, Result};
+use crate::record::Timestamp;
+use crate::router::InstanceId;
+
+/// The routing decisions the cluster needs. The router module provides them; this trait
+/// keeps the cluster's use of it in one place.
+pub(crate) trait Placement: Send {
+    /// Where a request for `key` goes now (places the key on first sight, counts load).
+    fn route(&mut self, key: &[u8], now: Timestamp) -> Option<InstanceId>;
+    /// The current placement of `key`, if it has one, without counting a request.
+    fn placement(&self, key: &[u8]) -> Option<InstanceId>;
+    /// The key's home in the table (its first choice), ignoring loads.
+    fn owner_of(&self, key: &[u8]) -> Option<InstanceId>;
+    /// Adds an instance.
+    fn add(&mut self, id: InstanceId, weight: u32) -> Result<()>;
+    /// Removes an instance.
+    fn remove(&mut self, id: InstanceId) -> Result<()>;
+}
+
+/// Highest-random-weight placement over the members: a stand-in with the same contract,
+/// used until the slot-table router lands.
+#[derive(Default)]
+pub(crate) struct Rendezvous {
+    members: Vec<(InstanceId, u32)>,
+}
+
+impl Rendezvous {
+    fn best(&self, key: &[u8]) -> Option<InstanceId> {
+        let h = xxhash_rust::xxh3::xxh3_64(key);
+        self.members
+            .iter()
+            .max_by_key(|(id, _)| {
+                xxhash_rust::xxh3::xxh3_64_with_seed(&h.to_le_bytes(), id.0 as u64)
+            })
+            .map(|(id, _)| *id)
+    }
+}
+
+impl Placement for Rendezvous {
+    fn route(&mut self, key: &[u8], _now: Timestamp) -> Option<InstanceId> {
+        self.best(key)
+    }
+    fn placement(&self, key: &[u8]) -> Option<InstanceId> {
+        self.best(key)
+    }
+    fn owner_of(&self, key: &[u8]) -> Option<InstanceId> {
+        self.best(key)
+    }
+    fn add(&mut self, id: InstanceId, weight: u32) -> Result<()> {
+        if weight == 0 {
+            return Err(Error::Config(format!("instance {id}: weight must be > 0")));
+        }
+        self.members.retain(|(m, _)| *m != id);
+        self.members.push((id, weight));
+        Ok(())
+    }
+    fn remove(&mut self, id: InstanceId) -> Result<()> {
+        let before = self.members.len();
+        self.members.retain(|(m, _)| *m != id);
+        if self.members.len() == before {
+            return Err(Error::UnknownInstance(id));
+        }
+        Ok(())
+    }
+}
+
+/// The placement plus who holds each key's state (the instance that has it, or will
+/// have it once its queued `Acquire` runs).
+pub(crate) struct Routing {
+    pub(crate) placement: Box<dyn Placement>,
+    pub(crate) holders: HashMap<Bytes, InstanceId, ahash::RandomState>,
+}
+
+/// A batch of keys moving from one instance to another.
+pub(crate) struct Moves {
+    pub(crate) by_route: HashMap<(InstanceId, InstanceId), Vec<Bytes>>,
+}
+
+impl Routing {
+    /// Where each held key should be now; records and returns the keys that move.
+    /// `alive` tells whether an instance still exists (a key whose placement is unknown
+    /// stays with a live holder, or goes to its table owner).
+    pub(crate) fn rebalance(&mut self, alive: impl Fn(InstanceId) -> bool) -> Moves {
+        let mut by_route: HashMap<(InstanceId, InstanceId), Vec<Bytes>> = HashMap::new();
+        for (key, holder) in self.holders.iter_mut() {
+            let dest = match self.placement.placement(key) {
+                Some(p) => Some(p),
+                None if alive(*holder) => Some(*holder),
+                None => self.placement.owner_of(key),
+            };
+            if let Some(dest) = dest {
+                if dest != *holder {
+                    by_route
+                        .entry((*holder, dest))
+                        .or_default()
+                        .push(key.clone());
+                    *holder = dest;
+                }
+            }
+        }
+        Moves { by_route }
+    }
+}
+
+impl Moves {
+    /// One key moving from `from` to `to`.
+    pub(crate) fn single(from: InstanceId, to: InstanceId, key: Bytes) -> Self {
+        let mut by_route = HashMap::new();
+        by_route.insert((from, to), vec![key]);
+        Moves { by_route }
+    }
+}
