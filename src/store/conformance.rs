@@ -191,7 +191,7 @@ pub fn readers_never_see_part_of_a_batch<F: Fixture>(fixture: &mut F) {
                 let mut expected = 0;
                 loop {
                     let finished = done.load(Ordering::SeqCst);
-                    while let Some(r) = reader.next() {
+                    for r in reader.by_ref() {
                         let r = r.expect("reading while appending");
                         assert_eq!(r.offset, expected, "no gap, no repeat");
                         assert_eq!(r.key, key(r.offset));
