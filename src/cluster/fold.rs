@@ -222,17 +222,28 @@ pub(crate) trait FoldSink<R> {
 /// Rebuilds the states of `limits`' keys: each key from the checkpoint, then every
 /// request of that key in the log from the checkpoint up to (not including) its limit,
 /// skipping poisoned offsets. A panic poisons its request and starts the fold again.
+/// Where a fold reads from and what it runs.
+pub(crate) struct Replay<'a, H> {
+    pub(crate) handler: &'a H,
+    pub(crate) effects: &'a Effects,
+    pub(crate) instance: InstanceId,
+    pub(crate) input: &'a dyn Store,
+}
+
 pub(crate) fn rebuild<H: Handler>(
-    handler: &H,
-    effects: &Effects,
-    instance: InstanceId,
-    input: &dyn Store,
+    replay: Replay<'_, H>,
     checkpoint: &Checkpoint,
     poisoned: &mut BTreeSet<Offset>,
     limits: &HashMap<Bytes, Offset, ahash::RandomState>,
     sink: &mut dyn FoldSink<H::Response>,
     mut progress: impl FnMut(),
 ) -> Result<HashMap<Bytes, Slot<H::State>, ahash::RandomState>> {
+    let Replay {
+        handler,
+        effects,
+        instance,
+        input,
+    } = replay;
     'again: loop {
         let mut states: HashMap<Bytes, Slot<H::State>, ahash::RandomState> =
             HashMap::with_capacity_and_hasher(limits.len(), Default::default());

@@ -549,11 +549,14 @@ fn rebuild<H: Handler>(
         shared,
         instance: me.id,
     };
+    let replay = fold::Replay {
+        handler: &*shared.handler,
+        effects: &shared.effects,
+        instance: me.id,
+        input: &*shared.input,
+    };
     fold::rebuild(
-        &*shared.handler,
-        &shared.effects,
-        me.id,
-        &*shared.input,
+        replay,
         &checkpoint,
         &mut poisoned,
         limits,
