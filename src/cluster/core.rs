@@ -56,15 +56,17 @@ pub(crate) struct Shared<H: Handler> {
     pub(crate) effects: Effects,
     effects_store: Option<Arc<dyn Store>>,
     pub(crate) options: Options,
-    routing: Mutex<Routing>,
+    routing: Mutex<Routing<H::State>>,
     stripes: Box<[Mutex<()>]>,
-    instances: RwLock<BTreeMap<InstanceId, Arc<Instance<H::State>>>>,
     retiring: Mutex<Vec<Arc<Instance<H::State>>>>,
     checkpoint: RwLock<Arc<Checkpoint>>,
     poisoned: Mutex<BTreeSet<Offset>>,
     responders: Box<[Responders<H::Response>]>,
     accepting: AtomicBool,
-    since_checkpoint: AtomicU64,
+    /// Requests handled by all instances, ever, when the last checkpoint began.
+    handled_at_checkpoint: AtomicU64,
+    /// Requests handled by instances that are gone.
+    handled_by_gone: AtomicU64,
     next_id: AtomicU32,
     launcher: Arc<dyn Launcher>,
     round: Mutex<Option<Arc<CheckpointRound>>>,
@@ -82,7 +84,7 @@ pub(crate) struct Parts<H: Handler> {
     pub(crate) input: Arc<dyn Store>,
     pub(crate) effects: Option<Arc<dyn Store>>,
     pub(crate) options: Options,
-    pub(crate) routing: Routing,
+    pub(crate) placement: Box<dyn super::placement::Placement>,
     pub(crate) launcher: Arc<dyn Launcher>,
     pub(crate) instances: Vec<u32>,
 }
@@ -138,10 +140,15 @@ impl<H: Handler> Shared<H> {
             input,
             effects,
             options,
-            mut routing,
+            placement,
             launcher,
             instances,
         } = parts;
+        let mut routing = Routing {
+            placement,
+            instances: BTreeMap::new(),
+            holders: Default::default(),
+        };
         let recovered = recover(&*input)?;
         let journal = Effects::open(effects.clone(), recovered.checkpoint.offset)?;
         for &id in &instances {
@@ -164,13 +171,14 @@ impl<H: Handler> Shared<H> {
             options,
             routing: Mutex::new(routing),
             stripes: (0..STRIPES).map(|_| Mutex::new(())).collect(),
-            instances: RwLock::new(BTreeMap::new()),
             retiring: Mutex::new(Vec::new()),
             checkpoint: RwLock::new(Arc::new(recovered.checkpoint)),
             poisoned: Mutex::new(recovered.poisoned),
             responders: (0..REGISTRY_SHARDS).map(|_| Mutex::default()).collect(),
             accepting: AtomicBool::new(true),
-            since_checkpoint: AtomicU64::new(recovered.requests),
+            // Requests replayed at open count toward the next checkpoint.
+            handled_at_checkpoint: AtomicU64::new(0),
+            handled_by_gone: AtomicU64::new(recovered.requests),
             next_id: AtomicU32::new(next_id),
             launcher,
             round: Mutex::new(None),
@@ -217,7 +225,7 @@ impl<H: Handler> Shared<H> {
         start: Start,
     ) -> Result<Arc<Instance<H::State>>> {
         let inst = Arc::new(Instance::new(id, weight, self.options.queue_capacity));
-        self.instances.write().insert(id, inst.clone());
+        self.routing.lock().instances.insert(id, inst.clone());
         self.launch(&inst, start)?;
         Ok(inst)
     }
@@ -298,106 +306,105 @@ impl<H: Handler> Shared<H> {
         if !self.accepting.load(Ordering::SeqCst) {
             return Err(Error::Closed);
         }
-        let payload = fold::request_payload(request)?;
+        let payload = Bytes::from(fold::request_payload(request)?);
         let timestamp = now();
+        let stripe = self.stripe(key);
+        let mut routed = false;
+        // The instance we hold a queue permit of, if any.
+        let mut permit: Option<Arc<Instance<H::State>>> = None;
         loop {
-            let target = self
-                .routing
-                .lock()
-                .placement
-                .route(key, timestamp)
-                .ok_or(Error::NoInstance)?;
-            let Some(inst) = self.instances.read().get(&target).cloned() else {
-                std::thread::yield_now();
-                continue; // a membership change is under way
-            };
-            match inst.permits.acquire(block) {
-                Ok(()) => {}
-                Err(NoPermit::Retired) => continue,
-                Err(NoPermit::Busy) => {
-                    return Err(Error::Busy {
-                        instance: inst.id,
-                        capacity: inst.permits.capacity(),
-                    });
-                }
-            }
-            let _stripe = self.stripe(key).lock();
+            let guard = stripe.lock();
             if !self.accepting.load(Ordering::SeqCst) {
-                inst.permits.release();
+                if let Some(p) = permit {
+                    p.permits.release();
+                }
                 return Err(Error::Closed);
             }
-            return self.submit_locked(key, &payload, timestamp, inst);
-        }
-    }
-
-    /// The part of submit done under the key's stripe lock.
-    fn submit_locked(
-        &self,
-        key: &[u8],
-        payload: &[u8],
-        timestamp: u64,
-        permitted: Arc<Instance<H::State>>,
-    ) -> Result<Pending<H::Response>> {
-        let mut routing = self.routing.lock();
-        let dest_id = routing.placement.placement(key).unwrap_or(permitted.id);
-        let dest = if dest_id == permitted.id {
-            permitted
-        } else {
-            // Membership changed between routing and the stripe lock.
-            permitted.permits.release();
-            let dest = self
-                .instances
-                .read()
-                .get(&dest_id)
-                .cloned()
-                .ok_or(Error::UnknownInstance(dest_id))?;
-            dest.permits.force();
-            dest
-        };
-        let previous = routing.holders.get(key).copied();
-        let moved_from = previous.filter(|&h| h != dest.id);
-        let key_bytes = match routing.holders.get_key_value(key) {
-            Some((k, _)) => k.clone(),
-            None => Bytes::copy_from_slice(key),
-        };
-        routing.holders.insert(key_bytes.clone(), dest.id);
-        drop(routing);
-
-        let offset = match self
-            .input
-            .append(&[Entry::with_timestamp(timestamp, key, payload)])
-        {
-            Ok(range) => range.start,
-            Err(e) => {
-                let mut routing = self.routing.lock();
-                match previous {
-                    Some(p) => routing.holders.insert(key_bytes, p),
-                    None => routing.holders.remove(key),
-                };
-                dest.permits.release();
-                return Err(e);
+            let mut routing = self.routing.lock();
+            let dest_id = if routed {
+                routing.placement.placement(key)
+            } else {
+                routed = true;
+                routing.placement.route(key, timestamp)
+            };
+            let Some(dest) = dest_id.and_then(|id| routing.instances.get(&id).cloned()) else {
+                return Err(Error::NoInstance);
+            };
+            if permit.as_ref().is_none_or(|p| p.id != dest.id) {
+                if let Some(p) = permit.take() {
+                    p.permits.release();
+                }
+                match dest.permits.acquire(false) {
+                    Ok(()) => {}
+                    Err(NoPermit::Retired) => unreachable_retired(),
+                    Err(NoPermit::Busy) => {
+                        // Wait for room holding no lock, then route again: the key may
+                        // have moved meanwhile.
+                        drop(routing);
+                        drop(guard);
+                        if !block {
+                            return Err(Error::Busy {
+                                instance: dest.id,
+                                capacity: dest.permits.capacity(),
+                            });
+                        }
+                        if dest.permits.acquire(true).is_ok() {
+                            permit = Some(dest);
+                        }
+                        continue;
+                    }
+                }
             }
-        };
-        if let Some(from) = moved_from {
-            self.move_keys(&Moves::single(from, dest.id, key_bytes.clone()), offset);
+            let (key_bytes, moved_from) = match routing.holders.get_key_value(key) {
+                Some((k, &h)) if h == dest.id => (k.clone(), None),
+                Some((k, &h)) => {
+                    let k = k.clone();
+                    routing.holders.insert(k.clone(), dest.id);
+                    (k, Some(h))
+                }
+                None => {
+                    let k = Bytes::copy_from_slice(key);
+                    routing.holders.insert(k.clone(), dest.id);
+                    (k, None)
+                }
+            };
+            drop(routing);
+            let appended = self
+                .input
+                .append(&[Entry::with_timestamp(timestamp, key, &payload)]);
+            let offset = match appended {
+                Ok(range) => range.start,
+                Err(e) => {
+                    let mut routing = self.routing.lock();
+                    match moved_from {
+                        Some(h) => routing.holders.insert(key_bytes, h),
+                        None => routing.holders.remove(key),
+                    };
+                    dest.permits.release();
+                    return Err(e);
+                }
+            };
+            if let Some(from) = moved_from {
+                self.move_keys(&Moves::single(from, dest.id, key_bytes.clone()), offset);
+            }
+            let (pending, responder) = pending(offset);
+            self.registry(offset).lock().insert(offset, responder);
+            dest.send(Message::Request {
+                offset,
+                timestamp,
+                key: key_bytes,
+                payload,
+                submitted: Instant::now(),
+            });
+            return Ok(pending);
         }
-        let (pending, responder) = pending(offset);
-        self.registry(offset).lock().insert(offset, responder);
-        dest.send(Message::Request {
-            offset,
-            timestamp,
-            key: key_bytes,
-            payload: Bytes::copy_from_slice(payload),
-            submitted: Instant::now(),
-        });
-        self.since_checkpoint.fetch_add(1, Ordering::Relaxed);
-        Ok(pending)
     }
 
     /// Queues the handoffs for `moves`: every `Release` first, then every `Acquire`.
     /// Records of the moved keys before `until` belong to the old holder.
     fn move_keys(&self, moves: &Moves, until: Offset) {
-        let instances = self.instances.read();
+        let routing = self.routing.lock();
+        let instances = &routing.instances;
         let retiring = self.retiring.lock();
         let find = |id: InstanceId| {
             instances
@@ -435,12 +442,7 @@ impl<H: Handler> Shared<H> {
 
     fn rebalance_and_move(&self) -> Result<()> {
         let until = self.input.next_offset();
-        let moves = {
-            let instances = self.instances.read();
-            self.routing
-                .lock()
-                .rebalance(|id| instances.contains_key(&id))
-        };
+        let moves = self.routing.lock().rebalance();
         self.move_keys(&moves, until);
         Ok(())
     }
@@ -460,14 +462,18 @@ impl<H: Handler> Shared<H> {
 
     pub(crate) fn remove_instance(&self, id: InstanceId) -> Result<()> {
         let _all = self.exclusive();
-        if self.instances.read().len() == 1 && self.instances.read().contains_key(&id) {
-            return Err(Error::Config("cannot remove the last instance".into()));
-        }
-        let inst = self
-            .instances
-            .write()
-            .remove(&id)
-            .ok_or(Error::UnknownInstance(id))?;
+        let inst = {
+            let mut routing = self.routing.lock();
+            if !routing.instances.contains_key(&id) {
+                return Err(Error::UnknownInstance(id));
+            }
+            if routing.instances.len() == 1 {
+                return Err(Error::Config("cannot remove the last instance".into()));
+            }
+            routing.instances.remove(&id).ok_or(Error::UnknownInstance(id))?
+        };
+        self.handled_by_gone
+            .fetch_add(inst.stats.requests.load(Ordering::Relaxed), Ordering::Relaxed);
         self.retiring.lock().push(inst.clone());
         inst.permits.retire();
         self.routing.lock().placement.remove(id)?;
@@ -490,9 +496,11 @@ impl<H: Handler> Shared<H> {
             inst.fence();
             return;
         }
-        let Some(inst) = self.instances.write().remove(&id) else {
+        let Some(inst) = self.routing.lock().instances.remove(&id) else {
             return;
         };
+        self.handled_by_gone
+            .fetch_add(inst.stats.requests.load(Ordering::Relaxed), Ordering::Relaxed);
         tracing::warn!(instance = %id, why, "instance lost; moving its keys");
         inst.fence();
         if let Some(round) = self.round.lock().as_ref() {
@@ -530,16 +538,18 @@ impl<H: Handler> Shared<H> {
             if offset == self.checkpoint.read().offset {
                 return Ok(offset);
             }
-            let instances = self.instances.read();
+            let routing = self.routing.lock();
+            let instances = &routing.instances;
             let round = Arc::new(CheckpointRound::new(
                 offset,
                 instances.keys().copied().collect(),
             ));
+            self.handled_at_checkpoint
+                .store(self.handled_total(instances), Ordering::Relaxed);
             for inst in instances.values() {
                 inst.send(Message::Checkpoint(round.clone()));
             }
             *self.round.lock() = Some(round.clone());
-            self.since_checkpoint.store(0, Ordering::Relaxed);
             round
         };
         let wait = (self.options.stall_timeout * 4).max(Duration::from_secs(10));
@@ -603,13 +613,23 @@ impl<H: Handler> Shared<H> {
     }
 
     pub(crate) fn members(&self) -> Vec<InstanceId> {
-        self.instances.read().keys().copied().collect()
+        self.routing.lock().instances.keys().copied().collect()
+    }
+
+    /// Requests handled so far by every instance, live or gone.
+    fn handled_total(&self, live: &BTreeMap<InstanceId, Arc<Instance<H::State>>>) -> u64 {
+        let live: u64 = live
+            .values()
+            .map(|i| i.stats.requests.load(Ordering::Relaxed))
+            .sum();
+        live + self.handled_by_gone.load(Ordering::Relaxed)
     }
 
     pub(crate) fn metrics(&self) -> Metrics {
         let instances = self
+            .routing
+            .lock()
             .instances
-            .read()
             .values()
             .map(|i| InstanceMetrics {
                 id: i.id,
@@ -647,7 +667,7 @@ impl<H: Handler> Shared<H> {
         }
         let all: Vec<_> = {
             let _all = self.exclusive();
-            let mut all: Vec<_> = self.instances.read().values().cloned().collect();
+            let mut all: Vec<_> = self.routing.lock().instances.values().cloned().collect();
             all.extend(self.retiring.lock().iter().cloned());
             for inst in &all {
                 inst.send(Message::Stop);
@@ -684,8 +704,9 @@ impl<H: Handler> Shared<H> {
 impl<H: Handler> Supervised for Shared<H> {
     fn heartbeats(&self) -> Vec<(InstanceId, Arc<Heartbeat>)> {
         let mut beats: Vec<_> = self
+            .routing
+            .lock()
             .instances
-            .read()
             .values()
             .map(|i| (i.id, i.heartbeat.clone()))
             .collect();
@@ -711,8 +732,9 @@ impl<H: Handler> Supervised for Shared<H> {
         }
         // Instances whose loop ended without being told to.
         let dead: Vec<InstanceId> = self
+            .routing
+            .lock()
             .instances
-            .read()
             .values()
             .filter(|i| i.running.lock().as_ref().is_some_and(|r| r.is_finished()))
             .map(|i| i.id)
@@ -723,11 +745,19 @@ impl<H: Handler> Supervised for Shared<H> {
         self.retiring
             .lock()
             .retain(|i| !i.running.lock().as_ref().is_some_and(|r| r.is_finished()));
-        if self.since_checkpoint.load(Ordering::Relaxed) >= self.options.checkpoint_every {
+        let handled = self.handled_total(&self.routing.lock().instances);
+        let since = handled.saturating_sub(self.handled_at_checkpoint.load(Ordering::Relaxed));
+        if since >= self.options.checkpoint_every {
             // Taken on its own thread: waiting for a stalled instance's part must not
             // keep the supervisor from noticing the stall.
             *self.due.0.lock() = true;
             self.due.1.notify_one();
         }
     }
+}
+
+/// An instance in the routing table is never retired: retiring happens under every
+/// stripe lock, after the instance left the table, and submit holds a stripe lock.
+fn unreachable_retired() {
+    debug_assert!(false, "a routed instance was retired");
 }

@@ -226,11 +226,6 @@ impl Permits {
         }
     }
 
-    /// Takes a permit even when full (a request re-routed after it had one elsewhere).
-    pub(crate) fn force(&self) {
-        *self.used.lock() += 1;
-    }
-
     pub(crate) fn release(&self) {
         let mut used = self.used.lock();
         *used = used.saturating_sub(1);

@@ -68,7 +68,7 @@ use crate::launcher::{Launcher, Supervisor, ThreadLauncher};
 use crate::router::InstanceId;
 use crate::store::{MemoryStore, Store};
 use core::{Options, Parts, Shared};
-use placement::{Rendezvous, Routing};
+use placement::Rendezvous;
 
 /// A running keyed service. Dropping it stops it (prefer [`shutdown`](Cluster::shutdown),
 /// which also checkpoints and reports errors).
@@ -312,10 +312,7 @@ impl<H: Handler> ClusterBuilder<H> {
             input,
             effects,
             options: self.options,
-            routing: Routing {
-                placement: Box::new(Rendezvous::default()),
-                holders: Default::default(),
-            },
+            placement: Box::new(Rendezvous::default()),
             launcher: self.launcher,
             instances: (0..self.instances as u32).collect(),
         })?;

@@ -1,9 +1,11 @@
 //! Where keys go: the cluster's view of the router, and who holds each key's state.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
 
 use bytes::Bytes;
 
+use super::instance::Instance;
 use crate::error::{Error, Result};
 use crate::record::Timestamp;
 use crate::router::InstanceId;
@@ -70,10 +72,12 @@ impl Placement for Rendezvous {
     }
 }
 
-/// The placement plus who holds each key's state (the instance that has it, or will
-/// have it once its queued `Acquire` runs).
-pub(crate) struct Routing {
+/// The placement, the live instances, and who holds each key's state (the instance that
+/// has it, or will have it once its queued `Acquire` runs). One lock guards all three, so
+/// the hot path takes it once.
+pub(crate) struct Routing<S> {
     pub(crate) placement: Box<dyn Placement>,
+    pub(crate) instances: BTreeMap<InstanceId, Arc<Instance<S>>>,
     pub(crate) holders: HashMap<Bytes, InstanceId, ahash::RandomState>,
 }
 
@@ -82,17 +86,20 @@ pub(crate) struct Moves {
     pub(crate) by_route: HashMap<(InstanceId, InstanceId), Vec<Bytes>>,
 }
 
-impl Routing {
-    /// Where each held key should be now; records and returns the keys that move.
-    /// `alive` tells whether an instance still exists (a key whose placement is unknown
-    /// stays with a live holder, or goes to its table owner).
-    pub(crate) fn rebalance(&mut self, alive: impl Fn(InstanceId) -> bool) -> Moves {
+impl<S> Routing<S> {
+    /// Where each held key should be now; records and returns the keys that move. A key
+    /// the placement has forgotten (idle) stays with its holder while the holder lives, or
+    /// goes to its table owner.
+    pub(crate) fn rebalance(&mut self) -> Moves {
+        let instances = &self.instances;
+        let alive = |id| instances.contains_key(&id);
         let mut by_route: HashMap<(InstanceId, InstanceId), Vec<Bytes>> = HashMap::new();
+        let placement = &self.placement;
         for (key, holder) in self.holders.iter_mut() {
-            let dest = match self.placement.placement(key) {
+            let dest = match placement.placement(key) {
                 Some(p) => Some(p),
                 None if alive(*holder) => Some(*holder),
-                None => self.placement.owner_of(key),
+                None => placement.owner_of(key),
             };
             if let Some(dest) = dest {
                 if dest != *holder {

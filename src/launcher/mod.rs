@@ -25,11 +25,10 @@
 //!     .unwrap();
 //! running.join().unwrap();
 //! assert_eq!(beat.completed(), 1);
-//! assert!(beat.busy_for().is_none());
+//! assert!(!beat.is_busy());
 //! ```
 
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::{Duration, Instant};
 
 use crate::error::Result;
 use crate::router::InstanceId;
@@ -55,53 +54,40 @@ pub trait Running: Send {
     fn join(self: Box<Self>) -> std::result::Result<(), String>;
 }
 
-/// The pulse of an instance: when its current unit of work began, and how many it
-/// finished. Written by the instance, read by a supervisor; lock-free.
-#[derive(Debug)]
+/// The pulse of an instance: a counter the instance bumps when a unit of work begins and
+/// again when it ends (odd while busy). Written by the instance with one atomic add, no
+/// clock; a [`Supervisor`] samples it and times how long it stays on one odd value.
+#[derive(Debug, Default)]
 pub struct Heartbeat {
-    epoch: Instant,
-    /// Nanoseconds since `epoch` at which the current unit began, plus one; 0 when idle.
-    busy_since: AtomicU64,
-    completed: AtomicU64,
-}
-
-impl Default for Heartbeat {
-    fn default() -> Self {
-        Heartbeat::new()
-    }
+    beats: AtomicU64,
 }
 
 impl Heartbeat {
     /// A heartbeat of an idle instance.
     pub fn new() -> Self {
-        Heartbeat {
-            epoch: Instant::now(),
-            busy_since: AtomicU64::new(0),
-            completed: AtomicU64::new(0),
-        }
+        Heartbeat::default()
     }
 
     /// Marks the start of a unit of work; the unit ends when the guard drops.
     pub fn begin(&self) -> Beat<'_> {
-        let now = self.epoch.elapsed().as_nanos() as u64 + 1;
-        self.busy_since.store(now, Ordering::Release);
+        self.beats.fetch_add(1, Ordering::Release);
         Beat { heartbeat: self }
     }
 
-    /// How long the current unit of work has been running; `None` when idle.
-    pub fn busy_for(&self) -> Option<Duration> {
-        match self.busy_since.load(Ordering::Acquire) {
-            0 => None,
-            since => {
-                let now = self.epoch.elapsed().as_nanos() as u64 + 1;
-                Some(Duration::from_nanos(now.saturating_sub(since)))
-            }
-        }
+    /// The counter: it changes whenever a unit of work begins or ends, and is odd while
+    /// one runs.
+    pub fn sample(&self) -> u64 {
+        self.beats.load(Ordering::Acquire)
+    }
+
+    /// True while a unit of work runs.
+    pub fn is_busy(&self) -> bool {
+        self.sample() % 2 == 1
     }
 
     /// Units of work finished so far.
     pub fn completed(&self) -> u64 {
-        self.completed.load(Ordering::Relaxed)
+        self.sample() / 2
     }
 }
 
@@ -113,7 +99,6 @@ pub struct Beat<'a> {
 
 impl Drop for Beat<'_> {
     fn drop(&mut self) {
-        self.heartbeat.busy_since.store(0, Ordering::Release);
-        self.heartbeat.completed.fetch_add(1, Ordering::Relaxed);
+        self.heartbeat.beats.fetch_add(1, Ordering::Release);
     }
 }

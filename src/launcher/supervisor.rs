@@ -3,7 +3,8 @@
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread::JoinHandle;
-use std::time::Duration;
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
 
 use parking_lot::{Condvar, Mutex};
 
@@ -16,7 +17,8 @@ pub trait Supervised: Send + Sync + 'static {
     /// The instances to watch, with their heartbeats.
     fn heartbeats(&self) -> Vec<(InstanceId, Arc<Heartbeat>)>;
 
-    /// `id` has been inside one unit of work for longer than the stall timeout.
+    /// `id` has been inside one unit of work for longer than the stall timeout (measured
+    /// by sampling its heartbeat every tick, so up to one tick late).
     fn stalled(&self, id: InstanceId, busy_for: Duration);
 
     /// Called once per tick after the stall checks (periodic work: checkpoints, ...).
@@ -45,6 +47,8 @@ impl Supervisor {
             .name("cauce-supervisor".to_string())
             .spawn(move || {
                 let (lock, cond) = &*s;
+                // Per instance: the odd heartbeat value last seen, and since when.
+                let mut busy: HashMap<InstanceId, (u64, Instant)> = HashMap::new();
                 let mut stopped = lock.lock();
                 while !*stopped {
                     cond.wait_for(&mut stopped, tick);
@@ -52,11 +56,20 @@ impl Supervisor {
                         break;
                     }
                     drop(stopped);
-                    for (id, beat) in target.heartbeats() {
-                        if let Some(busy) = beat.busy_for() {
-                            if busy > stall_timeout {
-                                target.stalled(id, busy);
-                            }
+                    let now = Instant::now();
+                    let beats = target.heartbeats();
+                    busy.retain(|id, _| beats.iter().any(|(b, _)| b == id));
+                    for (id, beat) in beats {
+                        let sample = beat.sample();
+                        if sample % 2 == 0 {
+                            busy.remove(&id);
+                            continue;
+                        }
+                        let since = busy.entry(id).or_insert((sample, now));
+                        if since.0 != sample {
+                            *since = (sample, now);
+                        } else if now - since.1 > stall_timeout {
+                            target.stalled(id, now - since.1);
                         }
                     }
                     target.tick();
