@@ -306,7 +306,7 @@ impl<H: Handler> Shared<H> {
         if !self.accepting.load(Ordering::SeqCst) {
             return Err(Error::Closed);
         }
-        let payload = Bytes::from(fold::request_payload(request)?);
+        let payload = fold::request_payload(request)?;
         let timestamp = now();
         let stripe = self.stripe(key);
         let mut routed = false;

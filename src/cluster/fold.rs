@@ -72,6 +72,14 @@ pub(crate) fn control_payload(control: &Control) -> Result<Vec<u8>> {
     Ok(payload)
 }
 
+/// The encoded request in a request payload, or `None` for anything else.
+pub(crate) fn request_body(payload: &[u8]) -> Option<&[u8]> {
+    match payload.split_first() {
+        Some((&TAG_REQUEST, body)) => Some(body),
+        _ => None,
+    }
+}
+
 /// Reads a record's envelope.
 pub(crate) fn envelope(record: &Record) -> Result<Envelope<'_>> {
     match record.payload.split_first() {
@@ -171,29 +179,42 @@ pub(crate) enum Outcome<R> {
 }
 
 /// Runs the handler on one request. `state` may be half-changed after `Panicked`.
+pub(crate) struct Request<'a> {
+    pub(crate) offset: Offset,
+    pub(crate) timestamp: crate::record::Timestamp,
+    pub(crate) key: &'a [u8],
+    /// The encoded request (the payload after its tag byte).
+    pub(crate) body: &'a [u8],
+}
+
 pub(crate) fn apply<H: Handler>(
     handler: &H,
     effects: &Effects,
     instance: InstanceId,
     replaying: bool,
-    record: &Record,
-    body: &[u8],
+    request: Request<'_>,
     state: &mut H::State,
 ) -> Outcome<H::Response> {
+    let Request {
+        offset,
+        timestamp,
+        key,
+        body,
+    } = request;
     let request: H::Request = match CODEC.decode(body) {
         Ok(r) => r,
         Err(e) => return Outcome::Refused(e),
     };
     let mut ctx = Context {
-        offset: record.offset,
-        timestamp: record.timestamp,
+        offset,
+        timestamp,
         instance,
         replaying,
         calls: 0,
         effects,
     };
     match catch_unwind(AssertUnwindSafe(|| {
-        handler.handle(&mut ctx, &record.key, state, request)
+        handler.handle(&mut ctx, key, state, request)
     })) {
         Ok(response) => Outcome::Answered(response),
         Err(panic) => Outcome::Panicked(panic_message(panic.as_ref())),
@@ -277,15 +298,13 @@ pub(crate) fn rebuild<H: Handler>(
                     continue;
                 };
                 progress();
-                match apply(
-                    handler,
-                    effects,
-                    instance,
-                    true,
-                    &record,
+                let request = Request {
+                    offset: record.offset,
+                    timestamp: record.timestamp,
+                    key: &record.key,
                     body,
-                    &mut slot.state,
-                ) {
+                };
+                match apply(handler, effects, instance, true, request, &mut slot.state) {
                     Outcome::Answered(r) => sink.handled(record.offset, Ok(r)),
                     Outcome::Refused(e) => sink.handled(record.offset, Err(e)),
                     Outcome::Panicked(message) => {

@@ -1,20 +1,19 @@
 //! One instance: its queue, its permits, and the loop that pulls from the queue.
 
-use std::collections::{BTreeSet, HashMap, HashSet};
+use std::collections::{BTreeSet, HashMap, HashSet, VecDeque};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 
 use bytes::Bytes;
-use crossbeam_channel::{Receiver, Sender};
 use parking_lot::{Condvar, Mutex};
 
 use super::core::Shared;
-use super::fold::{self, Envelope, FoldSink, Outcome, Slot};
+use super::fold::{self, FoldSink, Outcome, Slot};
 use crate::error::{Error, Result};
 use crate::handler::Handler;
 use crate::launcher::{Heartbeat, Running};
-use crate::record::{Offset, Record, Timestamp};
+use crate::record::{Offset, Timestamp};
 use crate::router::InstanceId;
 
 use super::metrics::InstanceStats;
@@ -165,7 +164,7 @@ pub(crate) enum Message<S> {
         offset: Offset,
         timestamp: Timestamp,
         key: Bytes,
-        payload: Bytes,
+        payload: Vec<u8>,
         submitted: Instant,
     },
     Release {
@@ -178,6 +177,66 @@ pub(crate) enum Message<S> {
     },
     Checkpoint(Arc<CheckpointRound>),
     Stop,
+}
+
+/// An instance's queue: producers append under a short lock, the instance takes
+/// everything queued at once. Only a waiting instance is woken, and an idle one sleeps
+/// instead of spinning, which matters when instances outnumber cores.
+pub(crate) struct Mailbox<M> {
+    state: Mutex<MailboxState<M>>,
+    ready: Condvar,
+}
+
+struct MailboxState<M> {
+    queue: VecDeque<M>,
+    waiting: bool,
+}
+
+impl<M> Mailbox<M> {
+    fn new() -> Self {
+        Mailbox {
+            state: Mutex::new(MailboxState {
+                queue: VecDeque::new(),
+                waiting: false,
+            }),
+            ready: Condvar::new(),
+        }
+    }
+
+    fn push(&self, message: M) {
+        let mut state = self.state.lock();
+        state.queue.push_back(message);
+        if state.waiting {
+            state.waiting = false;
+            drop(state);
+            self.ready.notify_one();
+        }
+    }
+
+    /// Moves everything queued into `batch` (which must be empty), waiting for at least
+    /// one message.
+    fn take_all(&self, batch: &mut VecDeque<M>) {
+        // Spin and yield briefly before sleeping: a producer that finds us awake skips
+        // the futex wake-up, which costs more than the whole hand-off otherwise.
+        let backoff = crossbeam_utils::Backoff::new();
+        loop {
+            let mut state = self.state.lock();
+            if !state.queue.is_empty() {
+                std::mem::swap(&mut state.queue, batch);
+                return;
+            }
+            if backoff.is_completed() {
+                state.waiting = true;
+                self.ready.wait(&mut state);
+                if !state.queue.is_empty() {
+                    std::mem::swap(&mut state.queue, batch);
+                    return;
+                }
+            }
+            drop(state);
+            backoff.snooze();
+        }
+    }
 }
 
 /// Counts queued requests against a capacity; producers block or are refused when full.
@@ -249,8 +308,7 @@ impl Permits {
 pub(crate) struct Instance<S> {
     pub(crate) id: InstanceId,
     pub(crate) weight: u32,
-    pub(crate) queue: Sender<Message<S>>,
-    inbox: Receiver<Message<S>>,
+    mailbox: Mailbox<Message<S>>,
     pub(crate) permits: Permits,
     pub(crate) heartbeat: Arc<Heartbeat>,
     fenced: AtomicBool,
@@ -262,12 +320,10 @@ pub(crate) struct Instance<S> {
 
 impl<S> Instance<S> {
     pub(crate) fn new(id: InstanceId, weight: u32, capacity: usize) -> Self {
-        let (queue, inbox) = crossbeam_channel::unbounded();
         Instance {
             id,
             weight,
-            queue,
-            inbox,
+            mailbox: Mailbox::new(),
             permits: Permits::new(capacity),
             heartbeat: Arc::new(Heartbeat::new()),
             fenced: AtomicBool::new(false),
@@ -278,8 +334,7 @@ impl<S> Instance<S> {
     }
 
     pub(crate) fn send(&self, message: Message<S>) {
-        // The receiver lives in this same struct, so the channel is never disconnected.
-        let _ = self.queue.send(message);
+        self.mailbox.push(message);
     }
 
     /// Retires the instance for good: its loop stops at its next step and anything it
@@ -350,7 +405,12 @@ pub(crate) fn run<H: Handler>(shared: &Shared<H>, me: &Instance<H::State>, start
         },
     }
     me.stats.keys.store(states.len(), Ordering::Relaxed);
-    while let Ok(message) = me.inbox.recv() {
+    let mut batch = VecDeque::new();
+    loop {
+        let Some(message) = batch.pop_front() else {
+            me.mailbox.take_all(&mut batch);
+            continue;
+        };
         if me.is_fenced() {
             return Exit::Stopped;
         }
@@ -409,7 +469,6 @@ pub(crate) fn run<H: Handler>(shared: &Shared<H>, me: &Instance<H::State>, start
             Message::Stop => return Exit::Stopped,
         }
     }
-    Exit::Stopped
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -421,7 +480,7 @@ fn handle<H: Handler>(
     offset: Offset,
     timestamp: Timestamp,
     key: Bytes,
-    payload: Bytes,
+    payload: Vec<u8>,
 ) -> Option<Exit> {
     if let Some(reason) = failed {
         shared.answer(
@@ -433,14 +492,8 @@ fn handle<H: Handler>(
         );
         return None;
     }
-    let record = Record {
-        offset,
-        timestamp,
-        key,
-        payload,
-    };
-    let Ok(Envelope::Request(body)) = fold::envelope(&record) else {
-        // Only the cluster writes request records to a queue; keep going if one is odd.
+    let Some(body) = fold::request_body(&payload) else {
+        // Only the cluster queues requests, always tagged; refuse anything else.
         shared.answer(
             offset,
             Err(Error::Codec {
@@ -450,18 +503,23 @@ fn handle<H: Handler>(
         );
         return None;
     };
-    let slot = states.entry(record.key.clone()).or_insert_with(|| Slot {
+    let slot = states.entry(key.clone()).or_insert_with(|| Slot {
         state: H::State::default(),
         folded_until: 0,
     });
     let beat = me.heartbeat.begin();
+    let request = fold::Request {
+        offset,
+        timestamp,
+        key: &key,
+        body,
+    };
     let outcome = fold::apply(
         &*shared.handler,
         &shared.effects,
         me.id,
         false,
-        &record,
-        body,
+        request,
         &mut slot.state,
     );
     drop(beat);
