@@ -213,6 +213,14 @@ impl<M> Mailbox<M> {
         }
     }
 
+    /// Puts messages taken but not handled back at the front, in their order.
+    fn put_back(&self, batch: &mut VecDeque<M>) {
+        let mut state = self.state.lock();
+        while let Some(m) = batch.pop_back() {
+            state.queue.push_front(m);
+        }
+    }
+
     /// Moves everything queued into `batch` (which must be empty), waiting for at least
     /// one message.
     fn take_all(&self, batch: &mut VecDeque<M>) {
@@ -437,6 +445,8 @@ pub(crate) fn run<H: Handler>(shared: &Shared<H>, me: &Instance<H::State>, start
                 me.stats.latency.record(submitted.elapsed());
                 me.stats.keys.store(states.len(), Ordering::Relaxed);
                 if let Some(exit) = exit {
+                    // The restarted loop handles what this one had taken.
+                    me.mailbox.put_back(&mut batch);
                     return exit;
                 }
             }
