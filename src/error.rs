@@ -164,6 +164,24 @@ pub enum Error {
         /// Why.
         reason: String,
     },
+
+    /// An instance was given a weight a router cannot take (weights must be positive).
+    #[error("instance {instance} cannot have weight {weight}: weights must be at least 1")]
+    InvalidWeight {
+        /// The instance.
+        instance: InstanceId,
+        /// The weight refused.
+        weight: u32,
+    },
+
+    /// A router already holds as many instances as it can.
+    #[error("instance {instance} cannot join: the router holds at most {limit} instances")]
+    TooManyInstances {
+        /// The instance that could not join.
+        instance: InstanceId,
+        /// The most instances the router holds.
+        limit: usize,
+    },
 }
 
 fn offset_suffix(offset: Option<Offset>) -> String {

@@ -194,9 +194,9 @@ impl Bench {
         for (i, o) in self.outcomes.iter().enumerate() {
             let goal = o.goal.map(Goal::describe);
             let meets = o.goal.map(|g| g.meets(o.ours, o.ratio));
-            let _ = write!(
+            let _ = writeln!(
                 json,
-                "  {{\"id\": {:?}, \"unit\": {:?}, \"ours\": {}, \"theirs\": {}, \"ratio\": {}, \"goal\": {}, \"meets\": {}}}{}\n",
+                "  {{\"id\": {:?}, \"unit\": {:?}, \"ours\": {}, \"theirs\": {}, \"ratio\": {}, \"goal\": {}, \"meets\": {}}}{}",
                 o.id,
                 o.unit,
                 json_num(o.ours),

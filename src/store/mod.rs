@@ -40,11 +40,11 @@ use crate::error::{Error, Result};
 use crate::record::{Entry, Offset, Record};
 
 pub mod conformance;
-// pub mod log;
+pub mod log;
 mod memory;
 mod tail;
 
-// pub use log::{LogOptions, LogStore, SyncPolicy};
+pub use log::{LogOptions, LogStats, LogStore, LogVerification, SyncPolicy};
 pub use memory::MemoryStore;
 
 /// An iterator over stored records, as returned by [`Store::read_from`].

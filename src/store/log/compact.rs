@@ -1,0 +1,270 @@
+//! Compaction: rewrite the sealed segments keeping only the latest record of each key,
+//! and swap the rewritten files in atomically.
+//!
+//! 1. The active segment is sealed (a roll), so everything committed so far is in sealed
+//!    segments; appends go on meanwhile into the new active segment.
+//! 2. One pass over the sealed segments maps each key to its latest offset.
+//! 3. Each sealed segment that loses a record is rewritten to `{base:020}.log.compact`
+//!    (same base offset, same offsets for the kept records) and fsync'd.
+//! 4. The commit marker `compact.commit` (the list of rewritten bases) is written
+//!    atomically. From here on the swap rolls forward on a crash: on open, a marker means
+//!    "rename every listed `.log.compact` over its `.log`, then delete the marker".
+//! 5. The renames are made, the directory fsync'd, the marker deleted.
+//!
+//! `.log.compact` files found on open without a marker are the leftovers of a compaction
+//! that never committed, and are deleted. Readers that hold an old segment open keep
+//! reading it (Unix keeps a renamed-over file alive while it is open).
+
+use std::collections::HashMap;
+use std::fs::{self, OpenOptions};
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
+use bytes::Bytes;
+
+use super::index::{self, IndexEntry};
+use super::segment::{self, SEGMENT_HEADER_LEN};
+use super::{Segment, Shared, meta};
+use crate::error::{Error, Result};
+use crate::record::{Entry, Offset, Record};
+use crate::store::Compaction;
+
+/// The commit marker of a compaction.
+pub(crate) const MARKER: &str = "compact.commit";
+const MARKER_MAGIC: [u8; 8] = *b"CAUCECMP";
+/// A rewritten batch holds at most this many body bytes.
+const BATCH_BODY_BYTES: usize = 256 << 10;
+
+fn compacted_path(dir: &Path, base: Offset) -> PathBuf {
+    dir.join(format!("{base:020}.log.compact"))
+}
+
+fn encode_marker(bases: &[Offset]) -> Vec<u8> {
+    let mut b = Vec::with_capacity(20 + 8 * bases.len());
+    b.extend_from_slice(&MARKER_MAGIC);
+    b.extend_from_slice(&(bases.len() as u64).to_le_bytes());
+    for base in bases {
+        b.extend_from_slice(&base.to_le_bytes());
+    }
+    let crc = crc32c::crc32c(&b);
+    b.extend_from_slice(&crc.to_le_bytes());
+    b
+}
+
+fn decode_marker(b: &[u8]) -> Option<Vec<Offset>> {
+    if b.len() < 20 || b[0..8] != MARKER_MAGIC {
+        return None;
+    }
+    let body = b.len() - 4;
+    if crc32c::crc32c(&b[..body]) != segment::le32(b, body) {
+        return None;
+    }
+    let count = segment::le64(b, 8) as usize;
+    if count.checked_mul(8)? != body - 16 {
+        return None;
+    }
+    Some((0..count).map(|i| segment::le64(b, 16 + 8 * i)).collect())
+}
+
+/// Rolls a committed compaction forward and deletes the leftovers of one that did not
+/// commit. Run by a writable open before anything else.
+pub(crate) fn recover_on_open(dir: &Path) -> Result<()> {
+    let marker = dir.join(MARKER);
+    if let Some(bytes) = meta::read_if_exists(&marker)? {
+        // The marker is written by rename, so a damaged one is damage, not a torn write.
+        let bases = decode_marker(&bytes).ok_or_else(|| {
+            Error::corrupt(
+                &marker,
+                0,
+                None,
+                "compaction commit marker fails its checks",
+            )
+        })?;
+        tracing::warn!("rolling an interrupted compaction forward");
+        swap(dir, &bases)?;
+    }
+    let mut removed = false;
+    let entries = fs::read_dir(dir).map_err(|e| Error::io("list", dir, e))?;
+    for entry in entries {
+        let entry = entry.map_err(|e| Error::io("list", dir, e))?;
+        if entry
+            .file_name()
+            .to_string_lossy()
+            .ends_with(".log.compact")
+        {
+            meta::remove_if_exists(&entry.path())?;
+            removed = true;
+        }
+    }
+    if removed {
+        meta::sync_dir(dir)?;
+    }
+    Ok(())
+}
+
+/// Renames every listed compacted file over its segment, then deletes the marker.
+fn swap(dir: &Path, bases: &[Offset]) -> Result<()> {
+    for &base in bases {
+        let from = compacted_path(dir, base);
+        if from.exists() {
+            let to = segment::segment_path(dir, base);
+            fs::rename(&from, &to).map_err(|e| Error::io("rename", &to, e))?;
+            meta::remove_if_exists(&index::index_path(dir, base))?;
+        }
+    }
+    meta::sync_dir(dir)?;
+    meta::remove_if_exists(&dir.join(MARKER))?;
+    meta::sync_dir(dir)
+}
+
+/// Every record of a sealed segment, checked.
+pub(crate) fn records_of(seg: &Segment) -> Result<Vec<Record>> {
+    let end = seg.end.load(Ordering::Acquire);
+    let mut data = vec![0u8; end as usize];
+    seg.file
+        .read_exact_at(&mut data, 0)
+        .map_err(|e| Error::io("read", &seg.path, e))?;
+    let data = Bytes::from(data);
+    let mut records = Vec::new();
+    let mut pos = SEGMENT_HEADER_LEN;
+    let mut expected = seg.base;
+    while pos < data.len() {
+        let batch = segment::check_batch_at(&data, pos, expected)
+            .map_err(|reason| Error::corrupt(&seg.path, pos as u64, Some(expected), reason))?;
+        let header = batch.header;
+        let body_start = pos + segment::BATCH_HEADER_LEN;
+        let body = data.slice(body_start..body_start + header.body_len as usize);
+        records.extend(segment::BatchRecords::new(&header, body));
+        expected = batch.last + 1;
+        pos += batch.len as usize;
+    }
+    Ok(records)
+}
+
+/// Writes `records` as a segment file at `path` (fsync'd) and returns its index.
+fn write_segment(
+    path: &Path,
+    base: Offset,
+    records: &[Record],
+    interval: u64,
+) -> Result<(u64, Vec<IndexEntry>)> {
+    let mut out = Vec::with_capacity(1 << 20);
+    out.extend_from_slice(&segment::encode_segment_header(base));
+    let mut builder = index::Builder::new(interval);
+    let mut i = 0;
+    while i < records.len() {
+        let first = records[i].offset;
+        let mut j = i;
+        let mut body = 0;
+        while j < records.len()
+            && (j == i
+                || (body + segment::record_len(&records[j].as_entry()) <= BATCH_BODY_BYTES
+                    && records[j].offset - first <= u32::MAX as u64))
+        {
+            body += segment::record_len(&records[j].as_entry());
+            j += 1;
+        }
+        let entries: Vec<(Offset, Entry<'_>)> = records[i..j]
+            .iter()
+            .map(|r| (r.offset, r.as_entry()))
+            .collect();
+        builder.add(first, out.len() as u64);
+        segment::encode_batch(&mut out, body, entries.iter().map(|(o, e)| (*o, e)));
+        i = j;
+    }
+    let file = OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(path)
+        .map_err(|e| Error::io("create", path, e))?;
+    file.write_all_at(&out, 0)
+        .and_then(|()| file.sync_all())
+        .map_err(|e| Error::io("write compacted segment", path, e))?;
+    Ok((out.len() as u64, builder.entries))
+}
+
+impl Shared {
+    /// Compacts the sealed segments; see the module docs.
+    pub(crate) fn compact(&self) -> Result<Compaction> {
+        if !self.writable {
+            return Err(Error::ReadOnly("opened read-only: cannot compact".into()));
+        }
+        let _maintenance = self.maintenance.lock();
+        let until = {
+            let mut st = self.writer.lock();
+            if st.buf_pos + st.buf.len() as u64 > SEGMENT_HEADER_LEN as u64 {
+                self.roll(&mut st)?;
+            }
+            st.next
+        };
+        let start = self.start.load(Ordering::Acquire);
+        let sealed: Vec<Arc<Segment>> = self
+            .segments
+            .read()
+            .iter()
+            .filter(|s| s.sealed.load(Ordering::Acquire))
+            .cloned()
+            .collect();
+        let mut latest: HashMap<Bytes, Offset> = HashMap::new();
+        for seg in &sealed {
+            for r in records_of(seg)? {
+                if r.offset >= start && !r.key.is_empty() {
+                    latest.insert(Bytes::copy_from_slice(&r.key), r.offset);
+                }
+            }
+        }
+        let (mut kept, mut dropped) = (0u64, 0u64);
+        let mut rewritten = Vec::new();
+        for seg in &sealed {
+            let records = records_of(seg)?;
+            let before = records.len();
+            let keep: Vec<Record> = records
+                .into_iter()
+                .filter(|r| {
+                    r.offset < start
+                        || r.key.is_empty()
+                        || latest.get(&r.key[..]) == Some(&r.offset)
+                })
+                .collect();
+            let live = keep.iter().filter(|r| r.offset >= start).count() as u64;
+            kept += live;
+            dropped += (before - keep.len()) as u64;
+            if keep.len() == before {
+                continue;
+            }
+            let path = compacted_path(&self.dir, seg.base);
+            let (len, entries) =
+                write_segment(&path, seg.base, &keep, self.options.index_interval_bytes)?;
+            rewritten.push((seg.base, len, entries));
+        }
+        if !rewritten.is_empty() {
+            meta::sync_dir(&self.dir)?;
+            let bases: Vec<Offset> = rewritten.iter().map(|(b, _, _)| *b).collect();
+            meta::write_atomic(&self.dir, MARKER, &encode_marker(&bases))?;
+            swap(&self.dir, &bases)?;
+            let mut segments = self.segments.write();
+            for (base, len, entries) in rewritten {
+                let path = segment::segment_path(&self.dir, base);
+                let file = OpenOptions::new()
+                    .read(true)
+                    .open(&path)
+                    .map_err(|e| Error::io("open", &path, e))?;
+                if let Err(e) = index::write(&self.dir, base, &entries) {
+                    tracing::warn!("could not write the index of {}: {e}", path.display());
+                }
+                let seg = Arc::new(Segment::new(base, path, file, len, true, Some(entries)));
+                if let Some(slot) = segments.iter_mut().find(|s| s.base == base) {
+                    *slot = seg;
+                }
+            }
+        }
+        Ok(Compaction {
+            until,
+            kept,
+            dropped,
+        })
+    }
+}

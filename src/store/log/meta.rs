@@ -1,0 +1,327 @@
+//! Everything in a log directory besides the segments: the lock file, the start offset
+//! left by retention, the cursor journal and the snapshots.
+
+use std::collections::HashMap;
+use std::fs::{self, File, OpenOptions};
+use std::io::{ErrorKind, Read, Write};
+use std::os::unix::io::AsRawFd;
+use std::path::{Path, PathBuf};
+
+use bytes::Bytes;
+
+use super::segment::{le32, le64};
+use crate::error::{Error, Result};
+use crate::record::Offset;
+use crate::store::Snapshot;
+
+/// The lock file; it holds an exclusive `flock` while a writable store is open.
+pub(crate) const LOCK_FILE: &str = "lock";
+/// The start offset left by retention.
+pub(crate) const START_FILE: &str = "start.meta";
+/// The cursor journal.
+pub(crate) const CURSOR_FILE: &str = "cursors.journal";
+/// The directory of snapshots (one sub-directory per name).
+pub(crate) const SNAPSHOT_DIR: &str = "snapshots";
+
+const START_MAGIC: [u8; 8] = *b"CAUCESTA";
+const SNAPSHOT_MAGIC: [u8; 8] = *b"CAUCESNP";
+const SNAPSHOT_HEADER_LEN: usize = 32;
+/// The journal is rewritten when it is larger than this and four times its live part.
+const JOURNAL_REWRITE_BYTES: u64 = 64 << 10;
+
+/// Takes the exclusive lock of `dir`, or fails with [`Error::Locked`].
+pub(crate) fn lock_dir(dir: &Path) -> Result<File> {
+    let path = dir.join(LOCK_FILE);
+    let file = OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .read(true)
+        .write(true)
+        .open(&path)
+        .map_err(|e| Error::io("open", &path, e))?;
+    // SAFETY: flock on a file descriptor we own and keep open; no memory is involved.
+    let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
+    if rc != 0 {
+        let e = std::io::Error::last_os_error();
+        return Err(if e.kind() == ErrorKind::WouldBlock {
+            Error::Locked { path }
+        } else {
+            Error::io("flock", &path, e)
+        });
+    }
+    Ok(file)
+}
+
+/// `fsync` of a directory, so that creations, renames and deletions in it are durable.
+pub(crate) fn sync_dir(dir: &Path) -> Result<()> {
+    File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(|e| Error::io("fsync directory", dir, e))
+}
+
+/// Writes `bytes` to `dir/name` atomically: a temporary file, fsync, rename, fsync of
+/// the directory. A crash leaves either the old file or the new one.
+pub(crate) fn write_atomic(dir: &Path, name: &str, bytes: &[u8]) -> Result<()> {
+    let tmp = dir.join(format!("{name}.tmp"));
+    let target = dir.join(name);
+    let mut file = File::create(&tmp).map_err(|e| Error::io("create", &tmp, e))?;
+    file.write_all(bytes)
+        .map_err(|e| Error::io("write", &tmp, e))?;
+    file.sync_all().map_err(|e| Error::io("fsync", &tmp, e))?;
+    drop(file);
+    fs::rename(&tmp, &target).map_err(|e| Error::io("rename", &target, e))?;
+    sync_dir(dir)
+}
+
+/// Reads a whole file, or `None` if it does not exist.
+pub(crate) fn read_if_exists(path: &Path) -> Result<Option<Vec<u8>>> {
+    match fs::read(path) {
+        Ok(bytes) => Ok(Some(bytes)),
+        Err(e) if e.kind() == ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(Error::io("read", path, e)),
+    }
+}
+
+/// Removes a file; a file already gone is fine.
+pub(crate) fn remove_if_exists(path: &Path) -> Result<()> {
+    match fs::remove_file(path) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(Error::io("remove", path, e)),
+    }
+}
+
+/// Encodes the start-offset file.
+fn encode_start(start: Offset) -> [u8; 20] {
+    let mut b = [0u8; 20];
+    b[0..8].copy_from_slice(&START_MAGIC);
+    b[8..16].copy_from_slice(&start.to_le_bytes());
+    let crc = crc32c::crc32c(&b[0..16]);
+    b[16..20].copy_from_slice(&crc.to_le_bytes());
+    b
+}
+
+/// The start offset persisted by retention, if any.
+pub(crate) fn read_start(dir: &Path) -> Result<Option<Offset>> {
+    let path = dir.join(START_FILE);
+    let Some(b) = read_if_exists(&path)? else {
+        return Ok(None);
+    };
+    // Written atomically, so a bad file is damage, not a torn write.
+    if b.len() != 20 || b[0..8] != START_MAGIC || crc32c::crc32c(&b[0..16]) != le32(&b, 16) {
+        return Err(Error::corrupt(
+            path,
+            0,
+            None,
+            "start offset file fails its checks",
+        ));
+    }
+    Ok(Some(le64(&b, 8)))
+}
+
+/// Persists the start offset atomically.
+pub(crate) fn write_start(dir: &Path, start: Offset) -> Result<()> {
+    write_atomic(dir, START_FILE, &encode_start(start))
+}
+
+/// The cursor journal: `crc32c u32, name length u8, name, offset u64` entries appended
+/// and fdatasync'd one per commit; the last entry of a name wins.
+#[derive(Debug)]
+pub(crate) struct CursorJournal {
+    dir: PathBuf,
+    path: PathBuf,
+    file: Option<File>,
+    cursors: HashMap<String, Offset>,
+    len: u64,
+}
+
+fn encode_cursor(out: &mut Vec<u8>, name: &str, offset: Offset) {
+    let start = out.len();
+    out.extend_from_slice(&[0; 4]);
+    out.push(name.len() as u8);
+    out.extend_from_slice(name.as_bytes());
+    out.extend_from_slice(&offset.to_le_bytes());
+    let crc = crc32c::crc32c(&out[start + 4..]);
+    out[start..start + 4].copy_from_slice(&crc.to_le_bytes());
+}
+
+/// Parses journal bytes; returns the cursors and the length of the whole entries.
+fn parse_journal(bytes: &[u8]) -> (HashMap<String, Offset>, usize) {
+    let mut cursors = HashMap::new();
+    let mut at = 0;
+    while bytes.len() - at >= 5 {
+        let name_len = bytes[at + 4] as usize;
+        let end = at + 5 + name_len + 8;
+        if end > bytes.len() || crc32c::crc32c(&bytes[at + 4..end]) != le32(bytes, at) {
+            break;
+        }
+        let Ok(name) = std::str::from_utf8(&bytes[at + 5..at + 5 + name_len]) else {
+            break;
+        };
+        cursors.insert(name.to_string(), le64(bytes, at + 5 + name_len));
+        at = end;
+    }
+    (cursors, at)
+}
+
+impl CursorJournal {
+    /// Replays the journal of `dir`; a torn tail is cut when `writable`.
+    pub(crate) fn open(dir: &Path, writable: bool) -> Result<CursorJournal> {
+        let path = dir.join(CURSOR_FILE);
+        let bytes = read_if_exists(&path)?.unwrap_or_default();
+        let (cursors, whole) = parse_journal(&bytes);
+        let mut journal = CursorJournal {
+            dir: dir.to_path_buf(),
+            path,
+            file: None,
+            cursors,
+            len: whole as u64,
+        };
+        if writable {
+            let file = OpenOptions::new()
+                .create(true)
+                .truncate(false)
+                .write(true)
+                .open(&journal.path)
+                .map_err(|e| Error::io("open", &journal.path, e))?;
+            if whole < bytes.len() {
+                file.set_len(whole as u64)
+                    .and_then(|()| file.sync_data())
+                    .map_err(|e| Error::io("truncate torn cursor journal", &journal.path, e))?;
+            }
+            journal.file = Some(file);
+        }
+        Ok(journal)
+    }
+
+    /// The committed position of `name`.
+    pub(crate) fn get(&self, name: &str) -> Option<Offset> {
+        self.cursors.get(name).copied()
+    }
+
+    /// Appends and fdatasyncs one entry (rewriting the journal when it grew large).
+    pub(crate) fn commit(&mut self, name: &str, offset: Offset) -> Result<()> {
+        let Some(file) = self.file.as_mut() else {
+            return Err(Error::ReadOnly("cursors cannot be committed".into()));
+        };
+        let mut entry = Vec::with_capacity(13 + name.len());
+        encode_cursor(&mut entry, name, offset);
+        use std::os::unix::fs::FileExt;
+        file.write_all_at(&entry, self.len)
+            .and_then(|()| file.sync_data())
+            .map_err(|e| Error::io("append to cursor journal", &self.path, e))?;
+        self.len += entry.len() as u64;
+        self.cursors.insert(name.to_string(), offset);
+        let live: usize = self.cursors.keys().map(|k| 13 + k.len()).sum();
+        if self.len > JOURNAL_REWRITE_BYTES && self.len > 4 * live as u64 {
+            self.rewrite()?;
+        }
+        Ok(())
+    }
+
+    /// Replaces the journal with one entry per cursor, atomically.
+    fn rewrite(&mut self) -> Result<()> {
+        let mut bytes = Vec::new();
+        for (name, offset) in &self.cursors {
+            encode_cursor(&mut bytes, name, *offset);
+        }
+        write_atomic(&self.dir, CURSOR_FILE, &bytes)?;
+        let file = OpenOptions::new()
+            .write(true)
+            .open(&self.path)
+            .map_err(|e| Error::io("open", &self.path, e))?;
+        self.file = Some(file);
+        self.len = bytes.len() as u64;
+        Ok(())
+    }
+}
+
+fn snapshot_dir(dir: &Path, name: &str) -> PathBuf {
+    dir.join(SNAPSHOT_DIR).join(name)
+}
+
+/// Saves a snapshot atomically and keeps the newest two of its name.
+pub(crate) fn save_snapshot(dir: &Path, name: &str, offset: Offset, blob: &[u8]) -> Result<()> {
+    let root = dir.join(SNAPSHOT_DIR);
+    let sdir = snapshot_dir(dir, name);
+    if !sdir.exists() {
+        fs::create_dir_all(&sdir).map_err(|e| Error::io("create directory", &sdir, e))?;
+        sync_dir(&root)?;
+        sync_dir(dir)?;
+    }
+    let mut bytes = Vec::with_capacity(SNAPSHOT_HEADER_LEN + blob.len());
+    bytes.extend_from_slice(&SNAPSHOT_MAGIC);
+    bytes.extend_from_slice(&offset.to_le_bytes());
+    bytes.extend_from_slice(&(blob.len() as u64).to_le_bytes());
+    bytes.extend_from_slice(&crc32c::crc32c(blob).to_le_bytes());
+    let header_crc = crc32c::crc32c(&bytes[0..28]);
+    bytes.extend_from_slice(&header_crc.to_le_bytes());
+    bytes.extend_from_slice(blob);
+    write_atomic(&sdir, &format!("{offset:020}.snap"), &bytes)?;
+    let mut offsets = list_snapshots(&sdir)?;
+    offsets.sort_unstable_by(|a, b| b.cmp(a));
+    for old in offsets.iter().skip(2) {
+        remove_if_exists(&sdir.join(format!("{old:020}.snap")))?;
+    }
+    Ok(())
+}
+
+fn list_snapshots(sdir: &Path) -> Result<Vec<Offset>> {
+    let entries = match fs::read_dir(sdir) {
+        Ok(e) => e,
+        Err(e) if e.kind() == ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(Error::io("list", sdir, e)),
+    };
+    let mut offsets = Vec::new();
+    for entry in entries {
+        let entry = entry.map_err(|e| Error::io("list", sdir, e))?;
+        let name = entry.file_name();
+        if let Some(o) = name
+            .to_str()
+            .and_then(|n| super::segment::parse_base(n, "snap"))
+        {
+            offsets.push(o);
+        }
+    }
+    Ok(offsets)
+}
+
+/// The snapshot of `name` with the highest offset whose checks pass.
+pub(crate) fn latest_snapshot(dir: &Path, name: &str) -> Result<Option<Snapshot>> {
+    let sdir = snapshot_dir(dir, name);
+    let mut offsets = list_snapshots(&sdir)?;
+    offsets.sort_unstable_by(|a, b| b.cmp(a));
+    for offset in offsets {
+        let path = sdir.join(format!("{offset:020}.snap"));
+        let mut bytes = Vec::new();
+        match File::open(&path).and_then(|mut f| f.read_to_end(&mut bytes)) {
+            Ok(_) => {}
+            Err(e) if e.kind() == ErrorKind::NotFound => continue,
+            Err(e) => return Err(Error::io("read", &path, e)),
+        }
+        if let Some(snapshot) = check_snapshot(&bytes, offset) {
+            return Ok(Some(snapshot));
+        }
+        tracing::warn!(path = %path.display(), "snapshot fails its checks; trying an older one");
+    }
+    Ok(None)
+}
+
+fn check_snapshot(bytes: &[u8], offset: Offset) -> Option<Snapshot> {
+    if bytes.len() < SNAPSHOT_HEADER_LEN
+        || bytes[0..8] != SNAPSHOT_MAGIC
+        || crc32c::crc32c(&bytes[0..28]) != le32(bytes, 28)
+        || le64(bytes, 8) != offset
+    {
+        return None;
+    }
+    let len = le64(bytes, 16);
+    let blob = &bytes[SNAPSHOT_HEADER_LEN..];
+    if blob.len() as u64 != len || crc32c::crc32c(blob) != le32(bytes, 24) {
+        return None;
+    }
+    Some(Snapshot {
+        offset,
+        blob: Bytes::copy_from_slice(blob),
+    })
+}

@@ -1,0 +1,725 @@
+//! [`LogStore`]: the embedded, durable [`Store`]: segmented files on disk, group commit,
+//! recovery on open.
+//!
+//! A log directory holds an append-only sequence of *segment* files. Appends go to the
+//! newest (active) segment; once it would grow past
+//! [`segment_bytes`](LogOptions::segment_bytes) it is sealed and a new one starts.
+//! Concurrent appenders share one `write` and one `fdatasync` (group commit), readers
+//! follow the tail without polling, and opening the directory *is* recovery: a torn tail
+//! left by a crash is cut, damage anywhere else is reported with its file and byte
+//! position and never returned as data.
+//!
+//! ```
+//! use cauce::store::{LogOptions, LogStore, Store, SyncPolicy};
+//! use cauce::Entry;
+//!
+//! let dir = tempfile::tempdir().unwrap();
+//! let log = LogStore::open(dir.path(), LogOptions::new().sync(SyncPolicy::Always)).unwrap();
+//! log.append(&[Entry::new(b"alice", b"hello"), Entry::new(b"bob", b"hi")]).unwrap();
+//! drop(log);
+//!
+//! let log = LogStore::open(dir.path(), LogOptions::new()).unwrap();
+//! let payloads: Vec<_> = log.read_from(0).unwrap().map(|r| r.unwrap().payload).collect();
+//! assert_eq!(payloads, [&b"hello"[..], &b"hi"[..]]);
+//! ```
+//!
+//! # On-disk format (version 1)
+//!
+//! All integers are little-endian; every checksum is CRC32C.
+//!
+//! | file | contents |
+//! | --- | --- |
+//! | `{base:020}.log` | a segment: header, then batches, `base` = its first offset |
+//! | `{base:020}.index` | the sparse index of a sealed segment (a hint, rebuilt when bad) |
+//! | `start.meta` | the start offset set by retention (magic, offset, CRC) |
+//! | `cursors.journal` | named cursors: `crc, name_len u8, name, offset u64` entries, one appended and fdatasync'd per commit; rewritten atomically once past 64 KiB and 4x its live entries |
+//! | `snapshots/{name}/{offset:020}.snap` | a snapshot: 32-byte header (magic, offset, length, blob CRC, header CRC), blob |
+//! | `compact.commit` | only while a committed compaction is swapped in: magic `CAUCECMP`, count `u64`, the rewritten bases `u64`, CRC |
+//! | `{base:020}.log.compact` | a rewritten segment waiting for its swap |
+//! | `lock` | `flock`ed by the one process that has the directory open for writing |
+//!
+//! **Segment header** (32 bytes): magic `CAUCELOG` (8), format version `u32` = 1, flags
+//! `u32` = 0, base offset `u64`, reserved `u32`, CRC of the 28 bytes before it `u32`.
+//!
+//! **Batch** (the unit of framing, appended atomically, starts at a multiple of 8):
+//! a 24-byte header: `header_crc u32` (CRC of the next 20 bytes), `body_len u32`,
+//! `count u32` (≥ 1), `body_crc u32`, `base_offset u64`; then the body, then zero padding
+//! to the next multiple of 8. The body is `count` records, each: `offset_delta u32`
+//! (from the batch's base offset, strictly increasing: compaction leaves gaps),
+//! `timestamp u64`, `key_len u32`, `payload_len u32`, key, payload. A sealed segment
+//! ends at its file's end; a preallocated active segment ends at the first all-zero
+//! batch header.
+//!
+//! **Index** (`.index`): magic `CAUCEIDX`, base `u64`, count `u64`, `count` pairs of
+//! (first offset of a batch `u64`, byte position of its header `u64`), one per
+//! [`index_interval_bytes`](LogOptions::index_interval_bytes), then a CRC of everything
+//! before it.
+//!
+//! # Recovery rules
+//!
+//! Each rule has a test named after it, in `tests/log_recovery.rs` unless said otherwise.
+//!
+//! 1. **A batch header's checksum is checked before its length is trusted**, and every
+//!    length is bounded by the end of the file (and of its batch): damaged bytes can never
+//!    make the reader allocate or read past what is there.
+//!    (`batch_header_checksum_is_checked_before_its_length_is_trusted`)
+//! 2. **A torn tail is cut**: in the newest segment, a bad batch (header checksum, body
+//!    checksum, framing, or a length past the end of the file) with no valid batch at any
+//!    aligned position after it is the trace of a write that a crash interrupted; the file
+//!    is truncated there and fdatasync'd, and its records were never acknowledged.
+//!    (`torn_tail_is_cut_not_returned`,
+//!    `truncating_the_last_segment_at_any_byte_keeps_exactly_the_whole_records_before_it`,
+//!    and the SIGKILL test in `tests/log_crash.rs`)
+//! 3. **Corruption in the middle is an error, not a cut**: a bad batch followed by a valid
+//!    batch means acknowledged data is damaged; opening for writing fails with
+//!    [`Error::Corrupt`] naming the file, byte position and offset.
+//!    [`LogStore::open_read_only`] opens up to that point instead.
+//!    A power failure (not a process crash) that persisted a later page of one group
+//!    write without an earlier one looks the same, and is reported, not guessed at.
+//!    (`corruption_in_the_middle_is_an_error_not_a_cut`,
+//!    `random_byte_flips_give_a_typed_error_or_a_cut_tail_never_a_wrong_record`)
+//! 4. **Zeros end the data**: an all-zero batch header followed only by zeros is the
+//!    unwritten part of the file (preallocation, or a crash before data reached the disk).
+//!    Recovery reads a preallocated file only up to its first hole when only holes follow
+//!    (`SEEK_HOLE`), since a hole reads as zeros. (`zeros_after_the_last_batch_end_the_data`)
+//! 5. **Sealed segments are checked when read**: the reader checks every batch's checksums
+//!    before returning its records; damage yields [`Error::Corrupt`] and the reader stops.
+//!    [`LogStore::verify`] checks every segment at once.
+//!    (`corruption_in_a_sealed_segment_is_found_when_read`)
+//! 6. **A torn header on the newest segment is a crash during a roll**: no record in it was
+//!    acknowledged (records go to a new segment only after its header, the file and the
+//!    directory are fsync'd). If nothing valid follows it and its base continues the
+//!    previous segment, the header is rewritten; otherwise it is corruption.
+//!    (`torn_header_on_the_newest_segment_is_rewritten`)
+//! 7. **The tail is fdatasync'd on open**: after a crash, what recovery reads may still be
+//!    only in the page cache; it is made durable before new records are built on it.
+//!    (`tail_is_synced_on_open_and_appends_continue_after_recovery`)
+//! 8. **A bad or missing index is rebuilt**: an index file is checked (checksum, base,
+//!    increasing entries inside the segment, and that its first, middle and last entries
+//!    point at batch headers with their offsets) and rebuilt from its segment if it fails.
+//!    (`missing_or_wrong_index_is_rebuilt_and_reads_stay_correct`)
+//! 9. **A committed compaction rolls forward, an uncommitted one is dropped**: with
+//!    `compact.commit` present, every listed `.log.compact` replaces its segment; without
+//!    it, `.log.compact` files are deleted.
+//!    (`committed_compaction_rolls_forward_and_uncommitted_one_is_dropped`)
+//! 10. **Retention's start offset is exact**: it is persisted atomically before any
+//!     segment is deleted, so reads below it are [`Error::OffsetOutOfRange`] after a
+//!     crash too. (`retention_start_offset_is_exact_after_reopen`)
+//! 11. **The cursor journal's torn tail is cut**; the last entry of each name wins.
+//!     (`cursor_journal_torn_tail_is_cut`)
+//! 12. **The newest snapshot that passes its checks wins**: a damaged one falls back to
+//!     the one before it (the newest two of each name are kept).
+//!     (`damaged_newest_snapshot_falls_back_to_the_previous_one`)
+//! 13. **One writer per directory**: a second writable open, in this process or another,
+//!     is [`Error::Locked`]. (`second_writable_open_of_a_directory_is_locked`)
+//!
+//! # Durability and visibility
+//!
+//! A record is *committed* once its `append` returned: with [`SyncPolicy::Always`] that
+//! is after its `fdatasync`; with `Every` and `Never`, as soon as it is in the write
+//! buffer. Readers see exactly the committed records, including those still in the
+//! buffer, so a follower waiting in [`Store::wait_for`] sees a record as soon as its
+//! append returns. New segments are fsync'd, and so is the directory, before a record is
+//! acknowledged in them, and a sealed segment is fdatasync'd when it is sealed; under
+//! [`SyncPolicy::Never`] neither happens on its own, and the next [`Store::sync`] does both.
+//!
+//! # Reading
+//!
+//! [`Store::read_from`] yields owned [`Record`](crate::Record)s whose key and payload are
+//! slices of one shared read buffer (no copy, one reference count per record);
+//! [`LogStore::replay_from`] hands out the same records borrowed, for folds that rebuild
+//! state at full speed. A read from offset N seeks through the sparse index, then checks
+//! every batch it passes.
+
+use std::fs::File;
+use std::ops::Range;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use parking_lot::{Condvar, Mutex, RwLock};
+
+use super::tail::Tail;
+use super::{Compaction, RecordIter, Snapshot, Store, check_name, check_read_range};
+use crate::error::{Error, Result};
+use crate::record::{Entry, Offset};
+
+mod compact;
+mod index;
+mod meta;
+mod options;
+mod reader;
+mod recovery;
+mod segment;
+mod writer;
+
+pub use options::{LogOptions, SyncPolicy};
+
+use index::IndexEntry;
+
+/// One segment file, shared by the writer and every reader that has it open.
+pub(crate) struct Segment {
+    pub(crate) base: Offset,
+    pub(crate) path: PathBuf,
+    pub(crate) file: File,
+    /// Bytes of whole batches in the file (header included); the active segment's grows
+    /// as the writer writes.
+    pub(crate) end: AtomicU64,
+    pub(crate) sealed: AtomicBool,
+    /// The sparse index; `None` for a sealed segment until it is first needed.
+    index: Mutex<Option<Vec<IndexEntry>>>,
+    /// One past its last offset, when recovery computed it.
+    pub(crate) next_hint: Offset,
+    /// Damage found by a read-only open (the view stops there).
+    pub(crate) damage: Option<Error>,
+}
+
+impl Segment {
+    pub(crate) fn new(
+        base: Offset,
+        path: PathBuf,
+        file: File,
+        end: u64,
+        sealed: bool,
+        index: Option<Vec<IndexEntry>>,
+    ) -> Segment {
+        Segment {
+            base,
+            path,
+            file,
+            end: AtomicU64::new(end),
+            sealed: AtomicBool::new(sealed),
+            index: Mutex::new(index),
+            next_hint: base,
+            damage: None,
+        }
+    }
+
+    fn add_index_entry(&self, offset: Offset, position: u64) {
+        if let Some(entries) = self.index.lock().as_mut() {
+            entries.push(IndexEntry { offset, position });
+        }
+    }
+
+    fn index_entries(&self) -> Option<Vec<IndexEntry>> {
+        self.index.lock().clone()
+    }
+}
+
+/// The writer's side, under one short lock.
+pub(crate) struct WriterState {
+    active: Arc<Segment>,
+    /// The offset the next appended record gets.
+    next: Offset,
+    /// Encoded batches not yet handed to the file.
+    buf: Vec<u8>,
+    /// File position of `buf[0]`.
+    buf_pos: u64,
+    /// The buffer a leader is writing right now, at its file position.
+    inflight: Option<(u64, Bytes)>,
+    /// True while a leader writes outside the lock.
+    flushing: bool,
+    /// Every record before this offset is on disk.
+    synced: Offset,
+    /// When the oldest record not yet synced was appended (`Every`).
+    unsynced_since: Option<Instant>,
+    unsynced_records: u64,
+    /// The next batch at or past this position gets an index entry.
+    next_index_pos: u64,
+    /// Set when a write or fdatasync failed: later appends are refused.
+    poisoned: Option<String>,
+    /// An empty buffer kept for reuse.
+    spare: Vec<u8>,
+    /// Appends whose records are in `buf`.
+    buf_appends: u64,
+    /// Appends seen around the last group commit: how many appenders are active.
+    concurrency: u64,
+    /// How long the last write + fdatasync took.
+    last_sync: Duration,
+    /// While a leader gathers, the number of appends it waits for.
+    gather_target: Option<u64>,
+    /// Segments sealed under `SyncPolicy::Never` and not fdatasync'd yet.
+    unsynced_sealed: Vec<Arc<Segment>>,
+    /// Followers parked until the current write ends.
+    sleepers: Vec<std::thread::Thread>,
+    /// A segment was created under `SyncPolicy::Never` without an fsync of the directory.
+    dir_unsynced: bool,
+    /// The active segment is written (data or zeros) up to here.
+    zeroed_until: u64,
+}
+
+/// Where the bytes at a position of the active segment are.
+pub(crate) enum TailBytes {
+    /// In memory (the buffer or the write in flight), from the position on.
+    Memory(Bytes),
+    /// In the file (written, or the segment is no longer the active one).
+    File,
+    /// Nowhere yet.
+    Nothing,
+}
+
+/// State shared by a store, its readers and its flusher thread.
+pub(crate) struct Shared {
+    dir: PathBuf,
+    options: LogOptions,
+    writable: bool,
+    writer: Mutex<WriterState>,
+    /// Signalled whenever a leader finishes (or a roll ends).
+    flushed: Condvar,
+    /// Wakes the `Every` flusher thread.
+    flusher_wake: Condvar,
+    /// Wakes a gathering leader once enough appenders joined its group.
+    joined: Condvar,
+    /// `WriterState::synced`, readable without the lock.
+    durable: AtomicU64,
+    /// Counts the writes (and rolls) that ended; parked followers wait for it to move.
+    flush_epoch: AtomicU64,
+    tail: Tail,
+    segments: RwLock<Vec<Arc<Segment>>>,
+    start: AtomicU64,
+    cursors: Mutex<meta::CursorJournal>,
+    /// Serialises retention and compaction.
+    maintenance: Mutex<()>,
+    shutdown: AtomicBool,
+    /// `write` calls and `fdatasync` calls made for appended records.
+    writes: AtomicU64,
+    syncs: AtomicU64,
+}
+
+impl Shared {
+    /// The bytes of the active segment `seg` at `pos` that are not in the file yet: at
+    /// least `want` of them when there are, and at most about a read chunk more (the
+    /// copy is made under the writer's lock).
+    fn tail_bytes(&self, seg: &Segment, pos: u64, want: usize) -> TailBytes {
+        let st = self.writer.lock();
+        if !std::ptr::eq(Arc::as_ptr(&st.active), seg) || pos < seg.end.load(Ordering::Acquire) {
+            return TailBytes::File;
+        }
+        if let Some((at, bytes)) = &st.inflight {
+            if pos >= *at && pos < at + bytes.len() as u64 {
+                return TailBytes::Memory(bytes.slice((pos - at) as usize..));
+            }
+        }
+        if pos >= st.buf_pos && pos < st.buf_pos + st.buf.len() as u64 {
+            let from = (pos - st.buf_pos) as usize;
+            let to = st.buf.len().min(from + want.max(reader::CHUNK_BYTES));
+            return TailBytes::Memory(Bytes::copy_from_slice(&st.buf[from..to]));
+        }
+        TailBytes::Nothing
+    }
+
+    /// The position to scan from for `offset` in `seg`, loading (or rebuilding) its index
+    /// first if needed.
+    fn seek(&self, seg: &Segment, offset: Offset) -> Result<u64> {
+        let mut index = seg.index.lock();
+        if index.is_none() {
+            let entries = index::load_or_rebuild(
+                &self.dir,
+                seg.base,
+                &seg.file,
+                seg.end.load(Ordering::Acquire),
+                self.options.index_interval_bytes,
+                self.writable,
+            )?;
+            *index = Some(entries);
+        }
+        Ok(index
+            .as_deref()
+            .map_or(segment::SEGMENT_HEADER_LEN as u64, |e| {
+                index::seek(e, offset)
+            }))
+    }
+
+    fn truncate_before(&self, offset: Offset) -> Result<()> {
+        if !self.writable {
+            return Err(Error::ReadOnly(
+                "opened read-only: retention is refused".into(),
+            ));
+        }
+        let _maintenance = self.maintenance.lock();
+        let start = self.start.load(Ordering::Acquire);
+        let end = self.tail.get();
+        if offset > end {
+            return Err(Error::OffsetOutOfRange {
+                requested: offset,
+                start,
+                end,
+            });
+        }
+        if offset <= start {
+            return Ok(());
+        }
+        // Persist the exact start first: a crash after it never shows records below it.
+        meta::write_start(&self.dir, offset)?;
+        self.start.store(offset, Ordering::Release);
+        let doomed: Vec<Arc<Segment>> = {
+            let mut segments = self.segments.write();
+            // A segment is wholly below `offset` when the next one starts at or before it;
+            // the active (last) segment always stays.
+            let keep_from = segments
+                .windows(2)
+                .take_while(|w| w[1].base <= offset)
+                .count();
+            segments.drain(..keep_from).collect()
+        };
+        for seg in &doomed {
+            meta::remove_if_exists(&seg.path)?;
+            meta::remove_if_exists(&index::index_path(&self.dir, seg.base))?;
+        }
+        if !doomed.is_empty() {
+            meta::sync_dir(&self.dir)?;
+        }
+        Ok(())
+    }
+}
+
+/// What [`LogStore::verify`] found: every segment checked, batch by batch.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct LogVerification {
+    /// Segment files checked.
+    pub segments: u64,
+    /// Batches whose checksums and framing hold.
+    pub batches: u64,
+    /// Records in those batches.
+    pub records: u64,
+    /// Bytes of those segments, headers and padding included.
+    pub bytes: u64,
+}
+
+/// Counters of the work a [`LogStore`] did since it was opened, from
+/// [`LogStore::stats`]: with group commit, `appends / syncs` is how many appends shared
+/// each `fdatasync`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct LogStats {
+    /// Records appended.
+    pub records: u64,
+    /// `write` calls that carried appended records to a segment file.
+    pub writes: u64,
+    /// `fdatasync` calls made for appended records.
+    pub syncs: u64,
+}
+
+/// A [`Store`] in a directory of segment files; see the [module docs](self) for the
+/// format, the recovery rules and the guarantees.
+///
+/// Share it between threads by reference or in an `Arc`: every method takes `&self`.
+/// Dropping it writes what is still buffered (and fdatasyncs it unless the policy is
+/// [`SyncPolicy::Never`]) and releases the directory's lock.
+pub struct LogStore {
+    shared: Arc<Shared>,
+    flusher: Option<JoinHandle<()>>,
+    corruption: Option<Error>,
+    opened_at: Offset,
+    _lock: Option<File>,
+}
+
+impl std::fmt::Debug for LogStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LogStore")
+            .field("dir", &self.shared.dir)
+            .field("writable", &self.shared.writable)
+            .field("start", &self.start_offset())
+            .field("next", &self.next_offset())
+            .finish()
+    }
+}
+
+impl LogStore {
+    /// Opens (creating it if needed) the log in `dir` for reading and writing, running
+    /// recovery: see the module docs. Fails with [`Error::Locked`] if another open store
+    /// holds the directory, and with [`Error::Corrupt`] on damage that is not a torn tail.
+    pub fn open(dir: impl AsRef<Path>, options: LogOptions) -> Result<LogStore> {
+        let dir = dir.as_ref();
+        options.validate()?;
+        std::fs::create_dir_all(dir).map_err(|e| Error::io("create directory", dir, e))?;
+        let lock = meta::lock_dir(dir)?;
+        LogStore::build(dir, options, Some(lock))
+    }
+
+    /// Opens the log in `dir` without changing anything in it, up to the first damage:
+    /// every segment is checked now, and the view ends before the first bad batch
+    /// ([`corruption`](Self::corruption) says where). A torn tail is left out of the view
+    /// but not cut. Appends, retention, compaction and cursor commits are
+    /// [`Error::ReadOnly`]. Takes no lock: a writer may be running, and the view is the
+    /// log as it was when opened (records appended later are not seen).
+    pub fn open_read_only(dir: impl AsRef<Path>, options: LogOptions) -> Result<LogStore> {
+        let dir = dir.as_ref();
+        options.validate()?;
+        if !dir.is_dir() {
+            return Err(Error::io(
+                "open",
+                dir,
+                std::io::Error::new(std::io::ErrorKind::NotFound, "no such directory"),
+            ));
+        }
+        LogStore::build(dir, options, None)
+    }
+
+    fn build(dir: &Path, options: LogOptions, lock: Option<File>) -> Result<LogStore> {
+        let writable = lock.is_some();
+        let recovered = recovery::recover(dir, &options, writable)?;
+        let cursors = meta::CursorJournal::open(dir, writable)?;
+        let empty = || -> Result<Arc<Segment>> {
+            // A read-only view of a directory with no segment: a stand-in that holds
+            // nothing, never read.
+            let file = File::open(dir).map_err(|e| Error::io("open", dir, e))?;
+            Ok(Arc::new(Segment::new(
+                recovered.start,
+                dir.join("(none)"),
+                file,
+                segment::SEGMENT_HEADER_LEN as u64,
+                false,
+                Some(Vec::new()),
+            )))
+        };
+        let mut segments = recovered.segments;
+        if segments.is_empty() {
+            segments.push(empty()?);
+        }
+        let active = segments[segments.len() - 1].clone();
+        let buf_pos = active.end.load(Ordering::Acquire);
+        let next_index_pos = active
+            .index_entries()
+            .and_then(|e| e.last().map(|l| l.position + options.index_interval_bytes))
+            .unwrap_or(0);
+        let state = WriterState {
+            active,
+            next: recovered.next,
+            buf: Vec::new(),
+            buf_pos,
+            inflight: None,
+            flushing: false,
+            synced: recovered.next,
+            unsynced_since: None,
+            unsynced_records: 0,
+            next_index_pos,
+            poisoned: None,
+            spare: Vec::new(),
+            buf_appends: 0,
+            concurrency: 1,
+            last_sync: Duration::ZERO,
+            gather_target: None,
+            unsynced_sealed: Vec::new(),
+            sleepers: Vec::new(),
+            dir_unsynced: false,
+            zeroed_until: buf_pos,
+        };
+        let sync = options.sync;
+        let shared = Arc::new(Shared {
+            dir: dir.to_path_buf(),
+            options,
+            writable,
+            writer: Mutex::new(state),
+            flushed: Condvar::new(),
+            flusher_wake: Condvar::new(),
+            joined: Condvar::new(),
+            durable: AtomicU64::new(recovered.next),
+            flush_epoch: AtomicU64::new(0),
+            tail: Tail::new(recovered.next),
+            segments: RwLock::new(segments),
+            start: AtomicU64::new(recovered.start),
+            cursors: Mutex::new(cursors),
+            maintenance: Mutex::new(()),
+            shutdown: AtomicBool::new(false),
+            writes: AtomicU64::new(0),
+            syncs: AtomicU64::new(0),
+        });
+        let flusher = match sync {
+            SyncPolicy::Every { interval, .. } if writable => {
+                let s = shared.clone();
+                let handle = std::thread::Builder::new()
+                    .name("cauce-log-flusher".into())
+                    .spawn(move || s.flusher_loop(interval))
+                    .map_err(|e| Error::io("spawn flusher thread", dir, e))?;
+                Some(handle)
+            }
+            _ => None,
+        };
+        Ok(LogStore {
+            shared,
+            flusher,
+            corruption: recovered.corruption,
+            opened_at: recovered.next,
+            _lock: lock,
+        })
+    }
+
+    /// Replays every committed record from `from` on, in order: `f` gets each record's
+    /// offset and its timestamp, key and payload borrowed from the read buffer, so nothing
+    /// is copied or reference-counted per record. This is the fastest way to rebuild state
+    /// as a fold over the log; [`Store::read_from`] gives owned [`Record`]s instead.
+    /// Returns the offset after the last record replayed (where to resume).
+    ///
+    /// Damage is an [`Error::Corrupt`] after the records before it were replayed, as a
+    /// reader would report it; a `from` outside the held range is
+    /// [`Error::OffsetOutOfRange`].
+    ///
+    /// ```
+    /// use cauce::store::{LogOptions, LogStore, Store};
+    /// use cauce::Entry;
+    ///
+    /// let dir = tempfile::tempdir().unwrap();
+    /// let log = LogStore::open(dir.path(), LogOptions::new()).unwrap();
+    /// log.append(&[Entry::new(b"a", b"1"), Entry::new(b"b", b"22")]).unwrap();
+    /// let mut total = 0;
+    /// let next = log.replay_from(0, |_offset, entry| total += entry.payload.len()).unwrap();
+    /// assert_eq!((total, next), (3, 2));
+    /// ```
+    ///
+    /// [`Record`]: crate::Record
+    pub fn replay_from(&self, from: Offset, f: impl FnMut(Offset, Entry<'_>)) -> Result<Offset> {
+        check_read_range(from, self.start_offset(), self.next_offset())?;
+        reader::LogReader::new(self.shared.clone(), from).replay(f)
+    }
+
+    /// For a store opened with [`open_read_only`](Self::open_read_only): the damage where
+    /// its view stops, if it found any.
+    pub fn corruption(&self) -> Option<&Error> {
+        self.corruption.as_ref()
+    }
+
+    /// What the store did since it was opened (records, writes, fdatasyncs).
+    pub fn stats(&self) -> LogStats {
+        LogStats {
+            records: self.shared.writer.lock().next - self.opened_at,
+            writes: self.shared.writes.load(Ordering::Relaxed),
+            syncs: self.shared.syncs.load(Ordering::Relaxed),
+        }
+    }
+
+    /// True when opened read-only.
+    pub fn is_read_only(&self) -> bool {
+        !self.shared.writable
+    }
+
+    /// The directory of the log.
+    pub fn dir(&self) -> &Path {
+        &self.shared.dir
+    }
+
+    /// Checks every batch of every segment (checksums, framing, offsets in order), up to
+    /// what is written to the files; the first damage is an [`Error::Corrupt`].
+    pub fn verify(&self) -> Result<LogVerification> {
+        let segments: Vec<Arc<Segment>> = self.shared.segments.read().clone();
+        let mut report = LogVerification::default();
+        for seg in segments.iter().filter(|s| s.path.extension().is_some()) {
+            let end = seg.end.load(Ordering::Acquire);
+            let mut data = vec![0u8; end as usize];
+            std::os::unix::fs::FileExt::read_exact_at(&seg.file, &mut data, 0)
+                .map_err(|e| Error::io("read", &seg.path, e))?;
+            segment::decode_segment_header(&data, &seg.path)?;
+            let mut counts = (0u64, 0u64);
+            let mut last = seg.base;
+            match segment::scan(&data, seg.base, |b| {
+                counts.0 += 1;
+                counts.1 += b.header.count as u64;
+                last = b.last + 1;
+            }) {
+                segment::ScanEnd::Clean => {}
+                segment::ScanEnd::Zeros { position } if !seg.sealed.load(Ordering::Acquire) => {
+                    let _ = position;
+                }
+                segment::ScanEnd::Zeros { position } | segment::ScanEnd::Torn { position, .. } => {
+                    return Err(Error::corrupt(
+                        &seg.path,
+                        position,
+                        Some(last),
+                        "a bad batch where a whole one was written",
+                    ));
+                }
+                segment::ScanEnd::Corrupt {
+                    position, reason, ..
+                } => return Err(Error::corrupt(&seg.path, position, Some(last), reason)),
+            }
+            report.segments += 1;
+            report.batches += counts.0;
+            report.records += counts.1;
+            report.bytes += end;
+        }
+        Ok(report)
+    }
+}
+
+impl Drop for LogStore {
+    fn drop(&mut self) {
+        if let Some(handle) = self.flusher.take() {
+            self.shared.stop_flusher();
+            let _ = handle.join();
+        }
+        if self.shared.writable {
+            self.shared.close();
+        }
+    }
+}
+
+impl Store for LogStore {
+    fn append(&self, batch: &[Entry<'_>]) -> Result<Range<Offset>> {
+        self.shared.append(batch)
+    }
+
+    fn read_from(&self, from: Offset) -> Result<RecordIter> {
+        check_read_range(from, self.start_offset(), self.next_offset())?;
+        Ok(Box::new(reader::LogReader::new(self.shared.clone(), from)))
+    }
+
+    fn start_offset(&self) -> Offset {
+        self.shared.start.load(Ordering::Acquire)
+    }
+
+    fn next_offset(&self) -> Offset {
+        self.shared.tail.get()
+    }
+
+    fn wait_for(&self, offset: Offset, timeout: Option<Duration>) -> Offset {
+        self.shared.tail.wait_for(offset, timeout)
+    }
+
+    fn wake_waiters(&self) {
+        self.shared.tail.wake();
+    }
+
+    fn sync(&self) -> Result<()> {
+        self.shared.sync_all()
+    }
+
+    fn truncate_before(&self, offset: Offset) -> Result<()> {
+        self.shared.truncate_before(offset)
+    }
+
+    fn compact(&self) -> Result<Compaction> {
+        self.shared.compact()
+    }
+
+    fn commit_cursor(&self, name: &str, offset: Offset) -> Result<()> {
+        check_name(name)?;
+        if !self.shared.writable {
+            return Err(Error::ReadOnly(
+                "opened read-only: cursors cannot move".into(),
+            ));
+        }
+        self.shared.cursors.lock().commit(name, offset)
+    }
+
+    fn cursor(&self, name: &str) -> Result<Option<Offset>> {
+        check_name(name)?;
+        Ok(self.shared.cursors.lock().get(name))
+    }
+
+    fn save_snapshot(&self, name: &str, offset: Offset, blob: &[u8]) -> Result<()> {
+        check_name(name)?;
+        if !self.shared.writable {
+            return Err(Error::ReadOnly(
+                "opened read-only: snapshots cannot be saved".into(),
+            ));
+        }
+        meta::save_snapshot(&self.shared.dir, name, offset, blob)
+    }
+
+    fn latest_snapshot(&self, name: &str) -> Result<Option<Snapshot>> {
+        check_name(name)?;
+        meta::latest_snapshot(&self.shared.dir, name)
+    }
+}

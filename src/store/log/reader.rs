@@ -1,0 +1,294 @@
+//! Reading: an iterator over committed records that follows the tail.
+//!
+//! A reader walks segments in order, batch by batch. Sealed segments and the written part
+//! of the active one are read from the file in chunks of [`CHUNK_BYTES`] into one
+//! [`Bytes`] buffer, and every record's key and payload are slices of it (no copy). The
+//! part of the tail still in the writer's buffer is taken from memory, so a follower sees
+//! a record as soon as its append returns. Every batch's checksums are checked before a
+//! record of it is returned.
+
+use std::os::unix::fs::FileExt;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
+use bytes::{Bytes, BytesMut};
+
+use super::segment::{self, BATCH_HEADER_LEN, BatchRecords, HeaderCheck, SEGMENT_HEADER_LEN};
+use super::{Segment, Shared, TailBytes};
+use crate::error::{Error, Result};
+use crate::record::{Entry, Offset, Record};
+
+/// Bytes read from a segment file at a time.
+pub(crate) const CHUNK_BYTES: usize = 512 << 10;
+
+/// An iterator over the records of a [`LogStore`](super::LogStore) from an offset.
+pub(crate) struct LogReader {
+    shared: Arc<Shared>,
+    /// The lowest offset still to be returned.
+    next: Offset,
+    segment: Option<Arc<Segment>>,
+    /// Byte position of the next batch in `segment`.
+    pos: u64,
+    /// Bytes of `segment` starting at `chunk_pos`.
+    chunk: Bytes,
+    chunk_pos: u64,
+    /// Records of the last batch read, not yet returned.
+    pending: BatchRecords,
+    failed: bool,
+}
+
+impl LogReader {
+    pub(crate) fn new(shared: Arc<Shared>, from: Offset) -> Self {
+        LogReader {
+            shared,
+            next: from,
+            segment: None,
+            pos: 0,
+            chunk: Bytes::new(),
+            chunk_pos: 0,
+            pending: BatchRecords::default(),
+            failed: false,
+        }
+    }
+
+    fn fail(&mut self, e: Error) -> Option<Result<Record>> {
+        self.failed = true;
+        self.pending = BatchRecords::default();
+        Some(Err(e))
+    }
+
+    /// Positions the reader in the segment holding `self.next`.
+    fn locate(&mut self) -> Result<()> {
+        let seg = {
+            let segments = self.shared.segments.read();
+            let i = segments.partition_point(|s| s.base <= self.next);
+            segments[i.saturating_sub(1)].clone()
+        };
+        self.pos = if self.next <= seg.base {
+            SEGMENT_HEADER_LEN as u64
+        } else {
+            self.shared.seek(&seg, self.next)?
+        };
+        self.segment = Some(seg);
+        self.chunk = Bytes::new();
+        Ok(())
+    }
+
+    /// Moves to the segment after the current one; false if there is none yet.
+    fn advance_segment(&mut self) -> bool {
+        let Some(current) = &self.segment else {
+            return false;
+        };
+        let base = current.base;
+        let segments = self.shared.segments.read();
+        let i = segments.partition_point(|s| s.base <= base);
+        match segments.get(i) {
+            Some(next) => {
+                self.segment = Some(next.clone());
+                self.pos = SEGMENT_HEADER_LEN as u64;
+                self.chunk = Bytes::new();
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Bytes of the current segment from `pos`, at least `want` of them if they exist:
+    /// `None` when the segment holds no data at `pos` yet (or ever, once sealed).
+    fn bytes_at(&mut self, seg: &Segment, pos: u64, want: usize) -> Result<Option<Bytes>> {
+        let chunk_end = self.chunk_pos + self.chunk.len() as u64;
+        if pos >= self.chunk_pos && pos + want as u64 <= chunk_end {
+            let from = (pos - self.chunk_pos) as usize;
+            return Ok(Some(self.chunk.slice(from..)));
+        }
+        loop {
+            let end = seg.end.load(Ordering::Acquire);
+            if pos + want as u64 <= end {
+                let len = CHUNK_BYTES.max(want).min((end - pos) as usize);
+                // Reuse the last chunk when no record holds a slice of it any more (its
+                // bytes are already initialised, so only growth is zeroed).
+                let mut buf = match std::mem::take(&mut self.chunk).try_into_mut() {
+                    Ok(b) if b.capacity() >= len => b,
+                    _ => BytesMut::new(),
+                };
+                if buf.len() >= len {
+                    buf.truncate(len);
+                } else {
+                    buf.resize(len, 0);
+                }
+                seg.file
+                    .read_exact_at(&mut buf, pos)
+                    .map_err(|e| Error::io("read", &seg.path, e))?;
+                self.chunk = buf.freeze();
+                self.chunk_pos = pos;
+                return Ok(Some(self.chunk.clone()));
+            }
+            // Fewer than `want` bytes were written at `pos` (buffers hold whole batches, so
+            // no more will come from memory), or the segment is sealed: that is all.
+            if pos < end || seg.sealed.load(Ordering::Acquire) {
+                return Ok(None);
+            }
+            match self.shared.tail_bytes(seg, pos, want) {
+                TailBytes::Memory(b) if b.len() >= want => {
+                    self.chunk = b;
+                    self.chunk_pos = pos;
+                    return Ok(Some(self.chunk.clone()));
+                }
+                TailBytes::Memory(_) | TailBytes::Nothing => return Ok(None),
+                TailBytes::File => continue,
+            }
+        }
+    }
+
+    fn corrupt(&self, seg: &Segment, pos: u64, reason: impl Into<String>) -> Error {
+        Error::corrupt(&seg.path, pos, Some(self.next), reason)
+    }
+
+    /// Decodes the next committed batch of the current segment into `pending`. False when
+    /// the segment has no further committed batch.
+    fn read_batch(&mut self, committed: Offset) -> Result<bool> {
+        let Some(seg) = self.segment.clone() else {
+            return Ok(false);
+        };
+        let pos = self.pos;
+        // Let go of the last batch first, so its chunk can be reused.
+        self.pending = BatchRecords::default();
+        let Some(head) = self.bytes_at(&seg, pos, BATCH_HEADER_LEN)? else {
+            let end = seg.end.load(Ordering::Acquire);
+            if seg.sealed.load(Ordering::Acquire) && pos < end {
+                return Err(self.corrupt(&seg, pos, "batch header cut short at the end"));
+            }
+            return Ok(false);
+        };
+        let header = match segment::check_header(&head) {
+            HeaderCheck::Valid(h) => h,
+            HeaderCheck::Zero => return Err(self.corrupt(&seg, pos, "zero batch header")),
+            HeaderCheck::Short => return Err(self.corrupt(&seg, pos, "batch header cut short")),
+            HeaderCheck::Bad(reason) => return Err(self.corrupt(&seg, pos, reason)),
+        };
+        drop(head);
+        if header.base >= committed {
+            return Ok(false);
+        }
+        let total = header.total_len();
+        let body_len = header.body_len as usize;
+        let whole = match self.bytes_at(&seg, pos, BATCH_HEADER_LEN + body_len)? {
+            Some(b) => b,
+            None => {
+                return Err(self.corrupt(&seg, pos, "batch length past the end of the segment"));
+            }
+        };
+        let body = whole.slice(BATCH_HEADER_LEN..BATCH_HEADER_LEN + body_len);
+        segment::check_body(&header, &body).map_err(|reason| self.corrupt(&seg, pos, reason))?;
+        self.pending = BatchRecords::new(&header, body);
+        self.pos = pos + total;
+        Ok(true)
+    }
+}
+
+impl LogReader {
+    /// Loads the next committed batch into `pending`: `Some(Ok(()))` when one was loaded,
+    /// `None` when the reader is caught up, `Some(Err(_))` on damage or retention (the
+    /// caller stops the reader).
+    fn load_batch(&mut self) -> Option<Result<()>> {
+        loop {
+            let start = self.shared.start.load(Ordering::Acquire);
+            if self.next < start {
+                return Some(Err(Error::OffsetOutOfRange {
+                    requested: self.next,
+                    start,
+                    end: self.shared.tail.get(),
+                }));
+            }
+            let committed = self.shared.tail.get();
+            if self.next >= committed {
+                return None;
+            }
+            if self.segment.is_none() {
+                if let Err(e) = self.locate() {
+                    return Some(Err(e));
+                }
+            }
+            match self.read_batch(committed) {
+                Ok(true) => return Some(Ok(())),
+                Ok(false) => {
+                    let sealed = self
+                        .segment
+                        .as_ref()
+                        .is_some_and(|s| s.sealed.load(Ordering::Acquire));
+                    if !(sealed && self.advance_segment()) {
+                        return None;
+                    }
+                }
+                Err(e) => return Some(Err(e)),
+            }
+        }
+    }
+
+    /// Calls `f` with every committed record from the reader's position on, borrowed
+    /// from the read buffer; returns the offset after the last one. Errors stop it.
+    pub(crate) fn replay(&mut self, mut f: impl FnMut(Offset, Entry<'_>)) -> Result<Offset> {
+        if self.failed {
+            return Ok(self.next);
+        }
+        loop {
+            let start = self.shared.start.load(Ordering::Acquire);
+            while let Some((offset, entry)) = self.pending.next_entry() {
+                if offset < self.next {
+                    continue; // before the offset asked for (a seek lands on a batch start)
+                }
+                if offset < start {
+                    self.failed = true;
+                    return Err(Error::OffsetOutOfRange {
+                        requested: offset,
+                        start,
+                        end: self.shared.tail.get(),
+                    });
+                }
+                f(offset, entry);
+                self.next = offset + 1;
+            }
+            match self.load_batch() {
+                None => return Ok(self.next),
+                Some(Ok(())) => {}
+                Some(Err(e)) => {
+                    self.failed = true;
+                    return Err(e);
+                }
+            }
+        }
+    }
+}
+
+impl Iterator for LogReader {
+    type Item = Result<Record>;
+
+    fn next(&mut self) -> Option<Result<Record>> {
+        if self.failed {
+            return None;
+        }
+        loop {
+            if let Some(r) = self.pending.next() {
+                if r.offset < self.next {
+                    continue; // before the offset asked for (a seek lands on a batch start)
+                }
+                let start = self.shared.start.load(Ordering::Acquire);
+                if r.offset < start {
+                    let end = self.shared.tail.get();
+                    return self.fail(Error::OffsetOutOfRange {
+                        requested: r.offset,
+                        start,
+                        end,
+                    });
+                }
+                self.next = r.offset + 1;
+                return Some(Ok(r));
+            }
+            match self.load_batch() {
+                None => return None,
+                Some(Ok(())) => {}
+                Some(Err(e)) => return self.fail(e),
+            }
+        }
+    }
+}

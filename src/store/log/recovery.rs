@@ -1,0 +1,370 @@
+//! Opening a log directory: the recovery rules of the module docs, in code.
+
+use std::fs::{self, File, OpenOptions};
+use std::os::unix::fs::FileExt;
+use std::os::unix::io::AsRawFd;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use super::index::IndexEntry;
+use super::segment::{self, SEGMENT_HEADER_LEN, ScanEnd};
+use super::writer::create_segment;
+use super::{LogOptions, Segment, compact, meta};
+use crate::error::{Error, Result};
+use crate::record::Offset;
+
+/// What recovery found: the segments, the offsets, and where a read-only open stopped.
+pub(crate) struct Recovered {
+    pub(crate) segments: Vec<Arc<Segment>>,
+    pub(crate) start: Offset,
+    pub(crate) next: Offset,
+    pub(crate) corruption: Option<Error>,
+}
+
+/// The segment bases present in `dir`, sorted; stray temporary files are removed when
+/// `writable`.
+fn list_segments(dir: &Path, writable: bool) -> Result<Vec<Offset>> {
+    let mut bases = Vec::new();
+    let entries = fs::read_dir(dir).map_err(|e| Error::io("list", dir, e))?;
+    for entry in entries {
+        let entry = entry.map_err(|e| Error::io("list", dir, e))?;
+        let name = entry.file_name();
+        let Some(name) = name.to_str() else { continue };
+        if let Some(base) = segment::parse_base(name, "log") {
+            bases.push(base);
+        } else if writable && name.ends_with(".tmp") {
+            meta::remove_if_exists(&entry.path())?;
+        }
+    }
+    bases.sort_unstable();
+    Ok(bases)
+}
+
+fn open_file(path: &Path, writable: bool) -> Result<File> {
+    OpenOptions::new()
+        .read(true)
+        .write(writable)
+        .open(path)
+        .map_err(|e| Error::io("open", path, e))
+}
+
+fn read_all(file: &File, path: &Path) -> Result<Vec<u8>> {
+    let len = file
+        .metadata()
+        .map_err(|e| Error::io("stat", path, e))?
+        .len();
+    let len = written_len(file, len);
+    let mut data = vec![0u8; len as usize];
+    file.read_exact_at(&mut data, 0)
+        .map_err(|e| Error::io("read", path, e))?;
+    Ok(data)
+}
+
+/// How much of a file of `len` bytes must be read to see all its data: up to its first
+/// hole when nothing but holes follows it (the unwritten, preallocated part reads as
+/// zeros anyway), else all of it. File systems without `SEEK_HOLE` give `len`.
+fn written_len(file: &File, len: u64) -> u64 {
+    let fd = file.as_raw_fd();
+    // SAFETY: lseek on a file descriptor we own; no memory is involved. The position it
+    // moves is not used by the positional reads and writes of this module.
+    let hole = unsafe { libc::lseek(fd, 0, libc::SEEK_HOLE) };
+    let Ok(hole) = u64::try_from(hole) else {
+        return len;
+    };
+    if hole >= len {
+        return len;
+    }
+    // SAFETY: as above.
+    let more = unsafe { libc::lseek(fd, hole as libc::off_t, libc::SEEK_DATA) };
+    let no_more_data =
+        more < 0 && std::io::Error::last_os_error().raw_os_error() == Some(libc::ENXIO);
+    if no_more_data { hole } else { len }
+}
+
+/// A whole scan of one segment's bytes.
+struct Scanned {
+    end: ScanEnd,
+    entries: Vec<IndexEntry>,
+    /// One past the last offset of its last whole batch (the base if none).
+    next: Offset,
+}
+
+fn scan_segment(data: &[u8], base: Offset, interval: u64) -> Scanned {
+    let mut builder = super::index::Builder::new(interval);
+    let mut next = base;
+    let end = segment::scan(data, base, |b| {
+        builder.add(b.base, b.position);
+        next = b.last + 1;
+    });
+    Scanned {
+        end,
+        entries: builder.entries,
+        next,
+    }
+}
+
+/// Opens (and, when `writable`, repairs) the log in `dir`.
+pub(crate) fn recover(dir: &Path, options: &LogOptions, writable: bool) -> Result<Recovered> {
+    if writable {
+        compact::recover_on_open(dir)?;
+    }
+    let meta_start = meta::read_start(dir)?;
+    let mut bases = list_segments(dir, writable)?;
+    if bases.is_empty() {
+        let base = meta_start.unwrap_or(0);
+        if !writable {
+            return Ok(Recovered {
+                segments: Vec::new(),
+                start: base,
+                next: base,
+                corruption: None,
+            });
+        }
+        let seg = create_segment(dir, base, preallocation(options), true)?;
+        return Ok(Recovered {
+            segments: vec![Arc::new(seg)],
+            start: base,
+            next: base,
+            corruption: None,
+        });
+    }
+    let last_base = bases.pop().unwrap_or_default(); // not empty: checked above
+    let mut segments: Vec<Arc<Segment>> = Vec::with_capacity(bases.len() + 1);
+    let mut corruption = None;
+    for &base in &bases {
+        match open_sealed(dir, base, options, writable) {
+            Ok(mut seg) => {
+                let damage = seg.damage.take();
+                segments.push(Arc::new(seg));
+                if damage.is_some() {
+                    corruption = damage;
+                    break;
+                }
+            }
+            Err(e) if !writable && matches!(e, Error::Corrupt { .. }) => {
+                corruption = Some(e);
+                break;
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    let next = if corruption.is_some() {
+        // Read-only and stopped in a sealed segment: the view ends where it stopped.
+        match segments.last() {
+            Some(seg) => seg.next_hint,
+            None => {
+                let start = meta_start.unwrap_or(0);
+                return Ok(Recovered {
+                    segments,
+                    start,
+                    next: start,
+                    corruption,
+                });
+            }
+        }
+    } else {
+        let has_prev = !segments.is_empty();
+        let (seg, next, found) = open_last(dir, last_base, has_prev, options, writable)?;
+        corruption = found;
+        segments.push(Arc::new(seg));
+        next
+    };
+    let first_base = segments.first().map_or(0, |s| s.base);
+    let start = meta_start.unwrap_or(first_base).max(first_base);
+    let next = next.max(start);
+    if writable {
+        meta::sync_dir(dir)?;
+    }
+    Ok(Recovered {
+        segments,
+        start,
+        next,
+        corruption,
+    })
+}
+
+fn preallocation(options: &LogOptions) -> Option<u64> {
+    options.preallocate.then_some(options.segment_bytes)
+}
+
+/// Opens a sealed segment. Writable: the header is checked and its data is trusted up
+/// to the file's end (the reader checks every batch). Read-only: every batch is checked
+/// now, so the view stops at the first damage.
+fn open_sealed(dir: &Path, base: Offset, options: &LogOptions, writable: bool) -> Result<Segment> {
+    let path = segment::segment_path(dir, base);
+    let file = open_file(&path, false)?;
+    if writable {
+        let mut head = [0u8; SEGMENT_HEADER_LEN];
+        let len = file
+            .metadata()
+            .map_err(|e| Error::io("stat", &path, e))?
+            .len();
+        let got = if len >= SEGMENT_HEADER_LEN as u64 {
+            file.read_exact_at(&mut head, 0)
+                .map_err(|e| Error::io("read", &path, e))?;
+            &head[..]
+        } else {
+            &[][..]
+        };
+        check_header_base(got, base, &path)?;
+        // The next offset of a sealed segment is only needed if the newest segment's header
+        // turns out torn; it is computed then.
+        let mut seg = Segment::new(base, path, file, len, true, None);
+        seg.next_hint = Offset::MAX;
+        return Ok(seg);
+    }
+    let data = read_all(&file, &path)?;
+    check_header_base(&data, base, &path)?;
+    let scanned = scan_segment(&data, base, options.index_interval_bytes);
+    let len = data.len() as u64;
+    let damage = match scanned.end {
+        ScanEnd::Clean => None,
+        ScanEnd::Zeros { position } | ScanEnd::Torn { position, .. } => {
+            Some((position, "a sealed segment ends in a bad batch".to_string()))
+        }
+        ScanEnd::Corrupt {
+            position, reason, ..
+        } => Some((position, reason.to_string())),
+    };
+    let mut seg = Segment::new(base, path.clone(), file, len, true, Some(scanned.entries));
+    seg.next_hint = scanned.next;
+    if let Some((position, reason)) = damage {
+        seg.end
+            .store(position, std::sync::atomic::Ordering::Release);
+        seg.damage = Some(Error::corrupt(&path, position, Some(scanned.next), reason));
+    }
+    Ok(seg)
+}
+
+fn check_header_base(data: &[u8], base: Offset, path: &Path) -> Result<()> {
+    let found = segment::decode_segment_header(data, path)?;
+    if found != base {
+        return Err(Error::corrupt(
+            path,
+            0,
+            Some(base),
+            format!("segment header names base offset {found}, its file name {base}"),
+        ));
+    }
+    Ok(())
+}
+
+/// Opens the newest segment: scans it, cuts a torn tail, repairs a torn header, and
+/// fdatasyncs it. Returns the segment, the next offset, and (read-only) the damage
+/// where the view stopped.
+fn open_last(
+    dir: &Path,
+    base: Offset,
+    has_prev: bool,
+    options: &LogOptions,
+    writable: bool,
+) -> Result<(Segment, Offset, Option<Error>)> {
+    let path = segment::segment_path(dir, base);
+    let file = open_file(&path, writable)?;
+    let mut data = read_all(&file, &path)?;
+    if let Err(header_error) = check_header_base(&data, base, &path) {
+        repair_torn_header(dir, &path, &file, &mut data, base, has_prev, writable)
+            .map_err(|_| header_error)?;
+    }
+    let scanned = scan_segment(&data, base, options.index_interval_bytes);
+    let mut corruption = None;
+    let data_end = match scanned.end {
+        ScanEnd::Clean => data.len() as u64,
+        ScanEnd::Zeros { position } => {
+            if writable && !options.preallocate {
+                cut(&file, &path, position)?;
+            }
+            position
+        }
+        ScanEnd::Torn { position, reason } => {
+            tracing::warn!(
+                path = %path.display(),
+                position,
+                reason,
+                "cutting a torn tail"
+            );
+            if writable {
+                cut(&file, &path, position)?;
+            }
+            position
+        }
+        ScanEnd::Corrupt {
+            position,
+            reason,
+            later,
+        } => {
+            let e = Error::corrupt(
+                &path,
+                position,
+                Some(scanned.next),
+                format!(
+                    "{reason}; a valid batch follows at byte {later}, so this is not a torn tail"
+                ),
+            );
+            if writable {
+                return Err(e);
+            }
+            corruption = Some(e);
+            position
+        }
+    };
+    if writable {
+        // After a crash the tail may be in the page cache only: make it durable before
+        // anything is built on it.
+        file.sync_data()
+            .map_err(|e| Error::io("fdatasync", &path, e))?;
+    }
+    let seg = Segment::new(base, path, file, data_end, false, Some(scanned.entries));
+    Ok((seg, scanned.next, corruption))
+}
+
+fn cut(file: &File, path: &PathBuf, at: u64) -> Result<()> {
+    file.set_len(at)
+        .and_then(|()| file.sync_data())
+        .map_err(|e| Error::io("truncate torn tail", path, e))
+}
+
+/// A torn header on the newest segment is a crash during a roll: no record in the
+/// segment was acknowledged. It is rewritten when nothing valid follows it and its base
+/// continues the previous segment; anything else is corruption.
+fn repair_torn_header(
+    dir: &Path,
+    path: &Path,
+    file: &File,
+    data: &mut Vec<u8>,
+    base: Offset,
+    has_prev: bool,
+    writable: bool,
+) -> Result<()> {
+    let nothing_after = data.len() <= SEGMENT_HEADER_LEN
+        || segment::first_valid_batch_from(data, SEGMENT_HEADER_LEN, 0).is_none();
+    let continues = !has_prev || previous_next(dir, base)? == Some(base);
+    if !(nothing_after && continues) {
+        return Err(Error::corrupt(path, 0, Some(base), "bad segment header"));
+    }
+    let header = segment::encode_segment_header(base);
+    if writable {
+        file.set_len(0)
+            .and_then(|()| file.write_all_at(&header, 0))
+            .and_then(|()| file.sync_all())
+            .map_err(|e| Error::io("rewrite torn segment header", path, e))?;
+    }
+    data.clear();
+    data.extend_from_slice(&header);
+    tracing::warn!(path = %path.display(), "rewrote the torn header of the newest segment");
+    Ok(())
+}
+
+/// The next offset after the segment before `base` (scanned whole), if there is one.
+fn previous_next(dir: &Path, base: Offset) -> Result<Option<Offset>> {
+    let bases = list_segments(dir, false)?;
+    let Some(&prev) = bases.iter().rev().find(|&&b| b < base) else {
+        return Ok(None);
+    };
+    let path = segment::segment_path(dir, prev);
+    let file = open_file(&path, false)?;
+    let data = read_all(&file, &path)?;
+    check_header_base(&data, prev, &path)?;
+    let scanned = scan_segment(&data, prev, u64::MAX);
+    Ok(Some(scanned.next))
+}

@@ -1,0 +1,556 @@
+//! The bytes of a segment file: its header, and the batches that follow it.
+//!
+//! Everything here is pure (bytes in, bytes or values out), so the writer, the reader, the
+//! recovery scan, compaction and the fuzz target share one definition of the format.
+
+use std::path::{Path, PathBuf};
+
+use bytes::Bytes;
+
+use crate::error::{Error, Result};
+use crate::record::{Entry, Offset, Record};
+
+/// The first eight bytes of every segment file.
+pub(crate) const SEGMENT_MAGIC: [u8; 8] = *b"CAUCELOG";
+/// The format version written in segment headers; a reader refuses any other.
+pub(crate) const FORMAT_VERSION: u32 = 1;
+/// Length of the segment header; the first batch starts here.
+pub(crate) const SEGMENT_HEADER_LEN: usize = 32;
+/// Length of a batch header.
+pub(crate) const BATCH_HEADER_LEN: usize = 24;
+/// Fixed bytes in front of each record inside a batch body.
+pub(crate) const RECORD_HEADER_LEN: usize = 20;
+/// Batches start at multiples of this inside a segment.
+pub(crate) const ALIGN: usize = 8;
+
+/// The name of the segment file whose first offset is `base`.
+pub(crate) fn segment_file_name(base: Offset) -> String {
+    format!("{base:020}.log")
+}
+
+/// The base offset named by a segment (or index) file name, if it is one.
+pub(crate) fn parse_base(name: &str, extension: &str) -> Option<Offset> {
+    let stem = name.strip_suffix(extension)?.strip_suffix('.')?;
+    if stem.len() != 20 || !stem.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    stem.parse().ok()
+}
+
+/// The path of the segment with base `base` in `dir`.
+pub(crate) fn segment_path(dir: &Path, base: Offset) -> PathBuf {
+    dir.join(segment_file_name(base))
+}
+
+/// Rounds `n` up to the batch alignment.
+pub(crate) fn align_up(n: usize) -> usize {
+    (n + ALIGN - 1) & !(ALIGN - 1)
+}
+
+/// Encodes the 32-byte segment header for a segment starting at `base`.
+pub(crate) fn encode_segment_header(base: Offset) -> [u8; SEGMENT_HEADER_LEN] {
+    let mut h = [0u8; SEGMENT_HEADER_LEN];
+    h[0..8].copy_from_slice(&SEGMENT_MAGIC);
+    h[8..12].copy_from_slice(&FORMAT_VERSION.to_le_bytes());
+    // 12..16: flags, zero in version 1.
+    h[16..24].copy_from_slice(&base.to_le_bytes());
+    // 24..28: reserved, zero.
+    let crc = crc32c::crc32c(&h[0..28]);
+    h[28..32].copy_from_slice(&crc.to_le_bytes());
+    h
+}
+
+/// Checks a segment header and returns the base offset it names.
+pub(crate) fn decode_segment_header(bytes: &[u8], path: &Path) -> Result<Offset> {
+    let bad = |reason: &str| Error::corrupt(path, 0, None, format!("segment header: {reason}"));
+    if bytes.len() < SEGMENT_HEADER_LEN {
+        return Err(bad("shorter than 32 bytes"));
+    }
+    let h = &bytes[..SEGMENT_HEADER_LEN];
+    if h[0..8] != SEGMENT_MAGIC {
+        return Err(bad("bad magic"));
+    }
+    if crc32c::crc32c(&h[0..28]) != le32(h, 28) {
+        return Err(bad("checksum mismatch"));
+    }
+    let version = le32(h, 8);
+    if version != FORMAT_VERSION {
+        return Err(bad(&format!("unknown format version {version}")));
+    }
+    Ok(le64(h, 16))
+}
+
+pub(crate) fn le32(b: &[u8], at: usize) -> u32 {
+    let mut a = [0u8; 4];
+    a.copy_from_slice(&b[at..at + 4]);
+    u32::from_le_bytes(a)
+}
+
+pub(crate) fn le64(b: &[u8], at: usize) -> u64 {
+    let mut a = [0u8; 8];
+    a.copy_from_slice(&b[at..at + 8]);
+    u64::from_le_bytes(a)
+}
+
+/// The bytes a record takes inside a batch body.
+pub(crate) fn record_len(entry: &Entry<'_>) -> usize {
+    RECORD_HEADER_LEN + entry.key.len() + entry.payload.len()
+}
+
+/// The bytes a batch of `body_len` body bytes takes in the file, padding included.
+pub(crate) fn batch_len(body_len: usize) -> usize {
+    align_up(BATCH_HEADER_LEN + body_len)
+}
+
+/// Appends one framed, padded batch to `out`. `records` gives each record's offset and
+/// entry, in increasing offset order, all within `u32::MAX` of the first.
+///
+/// The caller has checked the sizes (see [`check_batch`]).
+pub(crate) fn encode_batch<'a, I>(out: &mut Vec<u8>, body_len: usize, records: I)
+where
+    I: IntoIterator<Item = (Offset, &'a Entry<'a>)>,
+{
+    let start = out.len();
+    let total = batch_len(body_len);
+    out.reserve(total);
+    out.resize(start + BATCH_HEADER_LEN, 0);
+    let mut base = None;
+    let mut count = 0u32;
+    for (offset, entry) in records {
+        let base = *base.get_or_insert(offset);
+        // The caller keeps offsets within u32::MAX of the base (a true invariant).
+        let delta = (offset - base) as u32;
+        out.extend_from_slice(&delta.to_le_bytes());
+        out.extend_from_slice(&entry.timestamp.to_le_bytes());
+        out.extend_from_slice(&(entry.key.len() as u32).to_le_bytes());
+        out.extend_from_slice(&(entry.payload.len() as u32).to_le_bytes());
+        out.extend_from_slice(entry.key);
+        out.extend_from_slice(entry.payload);
+        count += 1;
+    }
+    debug_assert_eq!(out.len() - start - BATCH_HEADER_LEN, body_len);
+    let body_crc = crc32c::crc32c(&out[start + BATCH_HEADER_LEN..]);
+    let h = &mut out[start..start + BATCH_HEADER_LEN];
+    h[4..8].copy_from_slice(&(body_len as u32).to_le_bytes());
+    h[8..12].copy_from_slice(&count.to_le_bytes());
+    h[12..16].copy_from_slice(&body_crc.to_le_bytes());
+    h[16..24].copy_from_slice(&base.unwrap_or(0).to_le_bytes());
+    let header_crc = crc32c::crc32c(&h[4..24]);
+    h[0..4].copy_from_slice(&header_crc.to_le_bytes());
+    out.resize(start + total, 0);
+}
+
+/// Checks that a batch can be framed: every record within `max_record_bytes`, the body
+/// within a `u32` length. Returns the body length.
+pub(crate) fn check_batch(batch: &[Entry<'_>], max_record_bytes: usize) -> Result<usize> {
+    let mut body = 0usize;
+    for entry in batch {
+        let size = record_len(entry);
+        if size > max_record_bytes {
+            return Err(Error::RecordTooLarge {
+                size,
+                limit: max_record_bytes,
+            });
+        }
+        body += size;
+    }
+    if body > u32::MAX as usize - BATCH_HEADER_LEN - ALIGN {
+        return Err(Error::RecordTooLarge {
+            size: body,
+            limit: u32::MAX as usize - BATCH_HEADER_LEN - ALIGN,
+        });
+    }
+    Ok(body)
+}
+
+/// A batch header that passed its checksum.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct BatchHeader {
+    /// Bytes of records after the header (padding excluded).
+    pub(crate) body_len: u32,
+    /// Records in the batch (at least one).
+    pub(crate) count: u32,
+    /// CRC32C of the body.
+    pub(crate) body_crc: u32,
+    /// Offset of the first record.
+    pub(crate) base: Offset,
+}
+
+impl BatchHeader {
+    /// Bytes the batch takes in the file, padding included.
+    pub(crate) fn total_len(&self) -> u64 {
+        batch_len(self.body_len as usize) as u64
+    }
+}
+
+/// What is found at a batch position.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) enum HeaderCheck {
+    /// A header whose checksum holds.
+    Valid(BatchHeader),
+    /// Every byte of the header is zero: the end of written data in a preallocated file.
+    Zero,
+    /// Fewer than a header's bytes are left.
+    Short,
+    /// The checksum fails or a field is impossible.
+    Bad(&'static str),
+}
+
+/// Checks the batch header at the start of `bytes`. The checksum is checked before any
+/// field is trusted.
+pub(crate) fn check_header(bytes: &[u8]) -> HeaderCheck {
+    if bytes.len() < BATCH_HEADER_LEN {
+        return if bytes.iter().all(|&b| b == 0) {
+            HeaderCheck::Zero
+        } else {
+            HeaderCheck::Short
+        };
+    }
+    let h = &bytes[..BATCH_HEADER_LEN];
+    if h.iter().all(|&b| b == 0) {
+        return HeaderCheck::Zero;
+    }
+    if crc32c::crc32c(&h[4..24]) != le32(h, 0) {
+        return HeaderCheck::Bad("batch header checksum mismatch");
+    }
+    let header = BatchHeader {
+        body_len: le32(h, 4),
+        count: le32(h, 8),
+        body_crc: le32(h, 12),
+        base: le64(h, 16),
+    };
+    if header.count == 0 {
+        return HeaderCheck::Bad("batch with no record");
+    }
+    if (header.body_len as u64) < header.count as u64 * RECORD_HEADER_LEN as u64 {
+        return HeaderCheck::Bad("batch body shorter than its records' headers");
+    }
+    HeaderCheck::Valid(header)
+}
+
+/// The records of a batch whose body passed [`check_body`], decoded one at a time:
+/// keys and payloads are slices of the body (no copy).
+#[derive(Debug, Default)]
+pub(crate) struct BatchRecords {
+    body: Bytes,
+    at: usize,
+    left: u32,
+    base: Offset,
+}
+
+impl BatchRecords {
+    /// The records of `body`; [`check_body`] must have accepted it with `header`.
+    pub(crate) fn new(header: &BatchHeader, body: Bytes) -> Self {
+        BatchRecords {
+            body,
+            at: 0,
+            left: header.count,
+            base: header.base,
+        }
+    }
+}
+
+impl BatchRecords {
+    /// Steps over the next record: its offset, timestamp, and where its key and payload
+    /// lie in the body.
+    fn step(&mut self) -> Option<(Offset, u64, usize, usize, usize)> {
+        if self.left == 0 {
+            return None;
+        }
+        let b = &self.body[self.at..];
+        // check_body proved these bounds for every record of the body.
+        let delta = le32(b, 0);
+        let timestamp = le64(b, 4);
+        let key_len = le32(b, 12) as usize;
+        let payload_len = le32(b, 16) as usize;
+        let key_at = self.at + RECORD_HEADER_LEN;
+        let payload_at = key_at + key_len;
+        self.at = payload_at + payload_len;
+        self.left -= 1;
+        Some((
+            self.base + delta as u64,
+            timestamp,
+            key_at,
+            payload_at,
+            self.at,
+        ))
+    }
+
+    /// The next record, borrowed from the body.
+    pub(crate) fn next_entry(&mut self) -> Option<(Offset, Entry<'_>)> {
+        let (offset, timestamp, key_at, payload_at, end) = self.step()?;
+        let entry = Entry {
+            timestamp,
+            key: &self.body[key_at..payload_at],
+            payload: &self.body[payload_at..end],
+        };
+        Some((offset, entry))
+    }
+}
+
+impl Iterator for BatchRecords {
+    type Item = Record;
+
+    fn next(&mut self) -> Option<Record> {
+        let (offset, timestamp, key_at, payload_at, end) = self.step()?;
+        let key_len = payload_at - key_at;
+        Some(Record {
+            offset,
+            timestamp,
+            key: if key_len == 0 {
+                Bytes::new()
+            } else {
+                self.body.slice(key_at..payload_at)
+            },
+            payload: self.body.slice(payload_at..end),
+        })
+    }
+}
+
+/// Checks the body checksum and the record framing of a batch, without building
+/// records. Returns the batch's last offset.
+pub(crate) fn check_body(
+    header: &BatchHeader,
+    body: &[u8],
+) -> std::result::Result<Offset, &'static str> {
+    if crc32c::crc32c(body) != header.body_crc {
+        return Err("batch body checksum mismatch");
+    }
+    let mut at = 0usize;
+    let mut last_delta: Option<u32> = None;
+    for _ in 0..header.count {
+        if body.len() - at < RECORD_HEADER_LEN {
+            return Err("record header past the end of its batch");
+        }
+        let delta = le32(body, at);
+        let key_len = le32(body, at + 12) as usize;
+        let payload_len = le32(body, at + 16) as usize;
+        at += RECORD_HEADER_LEN;
+        if last_delta.is_some_and(|d| delta <= d) {
+            return Err("record offsets not increasing inside a batch");
+        }
+        if body.len() - at < key_len || body.len() - at - key_len < payload_len {
+            return Err("record length past the end of its batch");
+        }
+        at += key_len + payload_len;
+        last_delta = Some(delta);
+    }
+    if at != body.len() {
+        return Err("bytes left over after the last record of a batch");
+    }
+    // The offset after the last one must exist too.
+    header
+        .base
+        .checked_add(last_delta.unwrap_or(0) as u64 + 1)
+        .map(|next| next - 1)
+        .ok_or("record offset overflows")
+}
+
+/// A batch found by [`scan`]: where it is and which offsets it holds.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct ScannedBatch {
+    /// Byte position of its header in the segment.
+    pub(crate) position: u64,
+    /// Offset of its first record.
+    pub(crate) base: Offset,
+    /// Offset of its last record.
+    pub(crate) last: Offset,
+    /// Bytes it takes, padding included.
+    pub(crate) len: u64,
+    /// Its header.
+    pub(crate) header: BatchHeader,
+}
+
+/// How a scan of a segment's bytes ended.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) enum ScanEnd {
+    /// Every byte up to the end was whole batches.
+    Clean,
+    /// Only zeros from `position` to the end (a preallocated file's unwritten part).
+    Zeros {
+        /// Where the zeros start.
+        position: u64,
+    },
+    /// A bad batch at `position` with no valid batch after it: a torn write.
+    Torn {
+        /// Where the bad batch starts.
+        position: u64,
+        /// What failed.
+        reason: &'static str,
+    },
+    /// A bad batch at `position` followed by a valid batch at `later`: damage in the
+    /// middle.
+    Corrupt {
+        /// Where the bad batch starts.
+        position: u64,
+        /// What failed.
+        reason: &'static str,
+        /// Where a later valid batch was found.
+        later: u64,
+    },
+}
+
+/// Checks the whole batch at `pos` in `data`: its header, its length against the end
+/// of `data`, its body checksum and framing, and that its offsets follow `expected`
+/// (the lowest offset it may start at). Returns the batch or what failed.
+pub(crate) fn check_batch_at(
+    data: &[u8],
+    pos: usize,
+    expected: Offset,
+) -> std::result::Result<ScannedBatch, &'static str> {
+    let header = match check_header(&data[pos..]) {
+        HeaderCheck::Valid(h) => h,
+        HeaderCheck::Zero => return Err("zero batch header"),
+        HeaderCheck::Short => return Err("batch header cut short"),
+        HeaderCheck::Bad(reason) => return Err(reason),
+    };
+    let len = header.total_len();
+    if len > (data.len() - pos) as u64 {
+        return Err("batch length past the end of the file");
+    }
+    let body_start = pos + BATCH_HEADER_LEN;
+    let body = &data[body_start..body_start + header.body_len as usize];
+    let last = check_body(&header, body)?;
+    if header.base < expected {
+        return Err("batch offsets go back");
+    }
+    Ok(ScannedBatch {
+        position: pos as u64,
+        base: header.base,
+        last,
+        len,
+        header,
+    })
+}
+
+/// Scans the batches of a segment's bytes `data` (the whole file, header included,
+/// whose base offset is `base`) and calls `each` for every whole batch, in order.
+///
+/// This is the recovery scan: it tells a torn tail (a bad batch with nothing valid after
+/// it) from corruption in the middle (a bad batch followed by a valid one).
+pub(crate) fn scan(data: &[u8], base: Offset, mut each: impl FnMut(&ScannedBatch)) -> ScanEnd {
+    let mut pos = SEGMENT_HEADER_LEN;
+    let mut expected = base;
+    while pos < data.len() {
+        match check_batch_at(data, pos, expected) {
+            Ok(batch) => {
+                each(&batch);
+                expected = batch.last + 1;
+                pos += batch.len as usize;
+            }
+            Err(reason) => {
+                if data[pos..].iter().all(|&b| b == 0) {
+                    return ScanEnd::Zeros {
+                        position: pos as u64,
+                    };
+                }
+                return match first_valid_batch_from(data, pos + ALIGN, expected) {
+                    Some(later) => ScanEnd::Corrupt {
+                        position: pos as u64,
+                        reason,
+                        later,
+                    },
+                    None => ScanEnd::Torn {
+                        position: pos as u64,
+                        reason,
+                    },
+                };
+            }
+        }
+    }
+    ScanEnd::Clean
+}
+
+/// The position of the first valid batch at an aligned position from `from` on, if any.
+pub(crate) fn first_valid_batch_from(data: &[u8], from: usize, expected: Offset) -> Option<u64> {
+    let mut pos = align_up(from);
+    while pos + BATCH_HEADER_LEN <= data.len() {
+        if data[pos..pos + BATCH_HEADER_LEN].iter().any(|&b| b != 0)
+            && check_batch_at(data, pos, expected).is_ok()
+        {
+            return Some(pos as u64);
+        }
+        pos += ALIGN;
+    }
+    None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn one_batch(base: Offset, entries: &[Entry<'_>]) -> Vec<u8> {
+        let body = check_batch(entries, 1 << 20).expect("sizes");
+        let mut out = Vec::new();
+        encode_batch(
+            &mut out,
+            body,
+            entries
+                .iter()
+                .enumerate()
+                .map(|(i, e)| (base + i as u64, e)),
+        );
+        out
+    }
+
+    #[test]
+    fn a_batch_round_trips_and_is_padded_to_eight_bytes() {
+        let entries = [
+            Entry::with_timestamp(5, b"k", b"hello"),
+            Entry::with_timestamp(6, b"", b""),
+        ];
+        let bytes = one_batch(40, &entries);
+        assert_eq!(bytes.len() % ALIGN, 0);
+        let HeaderCheck::Valid(h) = check_header(&bytes) else {
+            panic!("valid header")
+        };
+        assert_eq!((h.base, h.count), (40, 2));
+        let body = Bytes::copy_from_slice(
+            &bytes[BATCH_HEADER_LEN..BATCH_HEADER_LEN + h.body_len as usize],
+        );
+        assert_eq!(check_body(&h, &body), Ok(41));
+        let records: Vec<Record> = BatchRecords::new(&h, body).collect();
+        assert_eq!(
+            records,
+            [entries[0].to_record(40), entries[1].to_record(41)]
+        );
+    }
+
+    #[test]
+    fn a_header_is_refused_before_its_length_is_read() {
+        let mut bytes = one_batch(0, &[Entry::new(b"k", b"v")]);
+        bytes[5] ^= 1; // the body length
+        assert!(matches!(check_header(&bytes), HeaderCheck::Bad(_)));
+        assert_eq!(check_header(&[0u8; 24]), HeaderCheck::Zero);
+        assert_eq!(check_header(&[1u8; 10]), HeaderCheck::Short);
+    }
+
+    #[test]
+    fn offsets_that_would_overflow_are_refused() {
+        let bytes = one_batch(u64::MAX, &[Entry::new(b"k", b"v")]);
+        let HeaderCheck::Valid(h) = check_header(&bytes) else {
+            panic!("valid header")
+        };
+        let body = &bytes[BATCH_HEADER_LEN..BATCH_HEADER_LEN + h.body_len as usize];
+        assert!(check_body(&h, body).is_err());
+    }
+
+    #[test]
+    fn a_scan_tells_a_torn_tail_from_corruption_in_the_middle() {
+        let mut data = encode_segment_header(0).to_vec();
+        let first = one_batch(0, &[Entry::new(b"a", b"1")]);
+        let second = one_batch(1, &[Entry::new(b"b", b"2")]);
+        data.extend_from_slice(&first);
+        data.extend_from_slice(&second);
+        let whole = data.clone();
+        assert_eq!(scan(&whole, 0, |_| {}), ScanEnd::Clean);
+        let cut = &whole[..whole.len() - 3];
+        assert!(matches!(scan(cut, 0, |_| {}), ScanEnd::Torn { .. }));
+        data[SEGMENT_HEADER_LEN + 30] ^= 0xff; // inside the first batch's body
+        assert!(matches!(scan(&data, 0, |_| {}), ScanEnd::Corrupt { .. }));
+        let mut zeros = whole.clone();
+        zeros.extend_from_slice(&[0u8; 100]);
+        let end = whole.len() as u64;
+        assert_eq!(scan(&zeros, 0, |_| {}), ScanEnd::Zeros { position: end });
+    }
+}

@@ -1,0 +1,104 @@
+//! Compaction while readers and appenders run, and the cursor journal's rewrite.
+
+use std::fs;
+
+use cauce::Entry;
+use cauce::store::{LogOptions, LogStore, Store, SyncPolicy};
+
+fn options() -> LogOptions {
+    LogOptions::new()
+        .sync(SyncPolicy::Never)
+        .segment_bytes(2048)
+        .index_interval_bytes(128)
+}
+
+fn payload(i: u64) -> Vec<u8> {
+    format!("value-{i}-{}", "x".repeat((i % 17) as usize)).into_bytes()
+}
+
+fn key(i: u64) -> Vec<u8> {
+    format!("k{}", i % 10).into_bytes()
+}
+
+fn append(log: &LogStore, range: std::ops::Range<u64>) {
+    for i in range {
+        log.append(&[Entry::with_timestamp(i, &key(i), &payload(i))])
+            .expect("append");
+    }
+}
+
+#[test]
+fn a_reader_opened_before_compaction_keeps_reading_correct_records() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let log = LogStore::open(tmp.path(), options()).expect("open");
+    append(&log, 0..500);
+    let mut reader = log.read_from(0).expect("read");
+    for expected in 0..100 {
+        assert_eq!(reader.next().expect("some").expect("ok").offset, expected);
+    }
+    let report = log.compact().expect("compact");
+    assert_eq!((report.kept, report.dropped), (10, 490));
+    let mut last = 99;
+    for r in reader {
+        let r = r.expect("a reader across a compaction reads on");
+        assert!(r.offset > last, "offsets keep increasing");
+        assert_eq!(
+            (r.key.to_vec(), r.payload.to_vec()),
+            (key(r.offset), payload(r.offset))
+        );
+        last = r.offset;
+    }
+    assert_eq!(last, 499);
+    let after: Vec<u64> = log
+        .read_from(0)
+        .expect("read")
+        .map(|r| r.expect("ok").offset)
+        .collect();
+    assert_eq!(after, (490..500).collect::<Vec<_>>());
+}
+
+#[test]
+fn appends_during_compaction_are_kept_and_later_compactions_see_them() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let log = LogStore::open(tmp.path(), options()).expect("open");
+    append(&log, 0..300);
+    std::thread::scope(|s| {
+        s.spawn(|| append(&log, 300..600));
+        log.compact().expect("compact");
+    });
+    assert_eq!(log.next_offset(), 600);
+    let held: Vec<u64> = log
+        .read_from(0)
+        .expect("read")
+        .map(|r| r.expect("ok").offset)
+        .collect();
+    assert!(held.ends_with(&(590..600).collect::<Vec<_>>()));
+    log.compact().expect("compact again");
+    drop(log);
+    let log = LogStore::open(tmp.path(), options()).expect("reopen");
+    let held: Vec<u64> = log
+        .read_from(0)
+        .expect("read")
+        .map(|r| r.expect("ok").offset)
+        .collect();
+    assert_eq!(held, (590..600).collect::<Vec<_>>());
+    log.verify().expect("verify");
+}
+
+#[test]
+fn cursor_journal_is_rewritten_when_it_grows_and_keeps_every_cursor() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let log = LogStore::open(tmp.path(), options()).expect("open");
+    for i in 0..5000u64 {
+        log.commit_cursor(&format!("c{}", i % 3), i)
+            .expect("commit");
+    }
+    let journal = tmp.path().join("cursors.journal");
+    let len = fs::metadata(&journal).expect("stat").len();
+    assert!(len < 64 << 10, "journal rewritten (now {len} bytes)");
+    drop(log);
+    let log = LogStore::open(tmp.path(), options()).expect("reopen");
+    for (name, last) in [("c0", 4998), ("c1", 4999), ("c2", 4997)] {
+        assert_eq!(log.cursor(name).expect("cursor"), Some(last), "{name}");
+    }
+}

@@ -1,0 +1,655 @@
+//! Recovery rules of `cauce::store::log` (one test per rule, named after it), and the
+//! damage tests: truncation at every byte of the final records, random byte flips,
+//! damaged indexes, a locked directory.
+
+use std::fs;
+use std::path::{Path, PathBuf};
+
+use cauce::store::{LogOptions, LogStore, Store, SyncPolicy};
+use cauce::{Entry, Error, Record};
+use rand::{RngExt, SeedableRng};
+
+fn key(i: u64) -> Vec<u8> {
+    format!("key-{}", i % 5).into_bytes()
+}
+
+fn payload(i: u64) -> Vec<u8> {
+    (0..(i * 37 % 200)).map(|j| (i * 131 + j) as u8).collect()
+}
+
+/// Appends records `range` in batches of `per_batch`.
+fn append(log: &LogStore, range: std::ops::Range<u64>, per_batch: u64) {
+    let mut i = range.start;
+    while i < range.end {
+        let end = (i + per_batch).min(range.end);
+        let keys: Vec<_> = (i..end).map(key).collect();
+        let payloads: Vec<_> = (i..end).map(payload).collect();
+        let batch: Vec<_> = (i..end)
+            .map(|o| {
+                let n = (o - i) as usize;
+                Entry::with_timestamp(o, &keys[n], &payloads[n])
+            })
+            .collect();
+        assert_eq!(log.append(&batch).expect("append"), i..end);
+        i = end;
+    }
+}
+
+/// Segments that are not preallocated, so a file's end is its data's end and the tests
+/// can cut and extend it; the crash test and the conformance suite cover preallocation.
+fn options() -> LogOptions {
+    LogOptions::new()
+        .preallocate(false)
+        .sync(SyncPolicy::Always)
+        .segment_bytes(4096)
+        .index_interval_bytes(256)
+}
+
+fn write_log(dir: &Path, records: u64, per_batch: u64) {
+    let log = LogStore::open(dir, options()).expect("open");
+    append(&log, 0..records, per_batch);
+}
+
+fn read_all(log: &LogStore) -> Vec<Record> {
+    log.read_from(log.start_offset())
+        .expect("read_from")
+        .collect::<Result<Vec<_>, _>>()
+        .expect("records")
+}
+
+fn assert_is_original(r: &Record) {
+    assert_eq!(r.key, key(r.offset), "key of {}", r.offset);
+    assert_eq!(r.payload, payload(r.offset), "payload of {}", r.offset);
+    assert_eq!(r.timestamp, r.offset, "timestamp of {}", r.offset);
+}
+
+fn segments(dir: &Path) -> Vec<PathBuf> {
+    let mut v: Vec<_> = fs::read_dir(dir)
+        .expect("list")
+        .map(|e| e.expect("entry").path())
+        .filter(|p| p.extension().is_some_and(|e| e == "log"))
+        .collect();
+    v.sort();
+    v
+}
+
+fn with_extension(dir: &Path, ext: &str) -> Vec<PathBuf> {
+    let mut v: Vec<_> = fs::read_dir(dir)
+        .expect("list")
+        .map(|e| e.expect("entry").path())
+        .filter(|p| p.extension().is_some_and(|e| e == ext))
+        .collect();
+    v.sort();
+    v
+}
+
+fn copy_dir(from: &Path, to: &Path) {
+    fs::create_dir_all(to).expect("mkdir");
+    for e in fs::read_dir(from).expect("list") {
+        let e = e.expect("entry");
+        if e.file_type().expect("type").is_file() {
+            fs::copy(e.path(), to.join(e.file_name())).expect("copy");
+        }
+    }
+}
+
+/// Byte positions where each batch of a segment ends, from the documented format:
+/// a 32-byte header, then batches of a 24-byte header, records of 20 bytes plus key
+/// and payload, padded to 8.
+fn batch_ends(records: &[(u64, u64)]) -> Vec<(u64, u64)> {
+    // (first offset, count) per batch -> (end position, one past the last offset)
+    let mut pos = 32u64;
+    let mut out = Vec::new();
+    for &(first, count) in records {
+        let body: u64 = (first..first + count)
+            .map(|o| 20 + key(o).len() as u64 + payload(o).len() as u64)
+            .sum();
+        pos += (24 + body).div_ceil(8) * 8;
+        out.push((pos, first + count));
+    }
+    out
+}
+
+fn flip(path: &Path, at: u64) {
+    let mut bytes = fs::read(path).expect("read");
+    bytes[at as usize] ^= 0x5a;
+    fs::write(path, bytes).expect("write");
+}
+
+#[test]
+fn truncating_the_last_segment_at_any_byte_keeps_exactly_the_whole_records_before_it() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let original = tmp.path().join("original");
+    // 3 records per batch; small segments so the last one is short.
+    write_log(&original, 60, 3);
+    let last = segments(&original).pop().expect("a segment");
+    let last_name = last.file_name().expect("name").to_owned();
+    let base: u64 = last_name.to_str().expect("utf8")[..20]
+        .parse()
+        .expect("base");
+    let bytes = fs::read(&last).expect("read");
+    let batches: Vec<(u64, u64)> = (base..60).step_by(3).map(|f| (f, 3.min(60 - f))).collect();
+    let ends = batch_ends(&batches);
+    assert_eq!(
+        ends.last().map(|e| e.0),
+        Some(bytes.len() as u64),
+        "format as documented"
+    );
+    let work = tmp.path().join("work");
+    copy_dir(&original, &work);
+    for cut in 0..=bytes.len() {
+        fs::write(work.join(&last_name), &bytes[..cut]).expect("cut");
+        let log = LogStore::open(&work, options())
+            .unwrap_or_else(|e| panic!("open after a cut at byte {cut}: {e}"));
+        let whole = ends
+            .iter()
+            .take_while(|(end, _)| *end <= cut as u64)
+            .last()
+            .map_or(base, |(_, next)| *next);
+        let got = read_all(&log);
+        assert_eq!(got.len() as u64, whole, "cut at byte {cut}");
+        got.iter().for_each(assert_is_original);
+        assert_eq!(log.next_offset(), whole, "cut at byte {cut}");
+    }
+}
+
+#[test]
+fn random_byte_flips_give_a_typed_error_or_a_cut_tail_never_a_wrong_record() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let original = tmp.path().join("original");
+    write_log(&original, 120, 4);
+    let files: Vec<PathBuf> = segments(&original);
+    assert!(files.len() >= 3, "several segments");
+    let mut rng = rand::rngs::StdRng::seed_from_u64(7);
+    let (mut errors, mut cut, mut intact) = (0, 0, 0);
+    for trial in 0..300 {
+        let work = tmp.path().join(format!("t{trial}"));
+        copy_dir(&original, &work);
+        let file = &files[rng.random_range(0..files.len())];
+        let target = work.join(file.file_name().expect("name"));
+        let len = fs::metadata(&target).expect("stat").len();
+        let at = rng.random_range(0..len);
+        flip(&target, at);
+        for read_only in [false, true] {
+            let opened = if read_only {
+                LogStore::open_read_only(&work, options())
+            } else {
+                LogStore::open(&work, options())
+            };
+            let log = match opened {
+                Ok(log) => log,
+                Err(Error::Corrupt { .. }) => {
+                    errors += 1;
+                    continue;
+                }
+                Err(e) => panic!("trial {trial}: not a typed corruption error: {e}"),
+            };
+            let mut n = 0;
+            let mut failed = false;
+            for r in log.read_from(log.start_offset()).expect("read") {
+                match r {
+                    Ok(r) => {
+                        assert!(!failed, "trial {trial}: a record after an error");
+                        assert_is_original(&r);
+                        n += 1;
+                    }
+                    Err(Error::Corrupt { .. }) => failed = true,
+                    Err(e) => panic!("trial {trial}: not a typed corruption error: {e}"),
+                }
+            }
+            if failed {
+                errors += 1;
+            } else if n < 120 {
+                cut += 1;
+            } else {
+                intact += 1;
+            }
+        }
+        fs::remove_dir_all(&work).expect("clean");
+    }
+    eprintln!("{errors} errors, {cut} cut, {intact} intact");
+    assert!(
+        errors > 0 && cut + intact > 0,
+        "{errors} errors, {cut} cut, {intact} intact"
+    );
+}
+
+/// Rule 1: a batch header's checksum is checked before its length is trusted.
+#[test]
+fn batch_header_checksum_is_checked_before_its_length_is_trusted() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let dir = tmp.path().join("log");
+    write_log(&dir, 10, 2);
+    let last = segments(&dir).pop().expect("segment");
+    // A header claiming a 4 GiB body, once with a bad checksum, once with a good one.
+    for good_crc in [false, true] {
+        let mut h = [0u8; 24];
+        h[4..8].copy_from_slice(&0xffff_ff00u32.to_le_bytes());
+        h[8..12].copy_from_slice(&1u32.to_le_bytes());
+        h[16..24].copy_from_slice(&10u64.to_le_bytes());
+        let crc = if good_crc {
+            crc32c::crc32c(&h[4..24])
+        } else {
+            0xdead_beef
+        };
+        h[0..4].copy_from_slice(&crc.to_le_bytes());
+        let mut bytes = fs::read(&last).expect("read");
+        let before = bytes.len();
+        bytes.extend_from_slice(&h);
+        fs::write(&last, &bytes).expect("write");
+        let log = LogStore::open(&dir, options()).expect("a lying header is a torn tail");
+        assert_eq!(read_all(&log).len(), 10);
+        drop(log);
+        assert_eq!(
+            fs::metadata(&last).expect("stat").len(),
+            before as u64,
+            "cut"
+        );
+    }
+}
+
+/// Rule 2: a torn tail is cut, on disk, and never returned.
+#[test]
+fn torn_tail_is_cut_not_returned() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let dir = tmp.path().join("log");
+    write_log(&dir, 10, 1);
+    let last = segments(&dir).pop().expect("segment");
+    let bytes = fs::read(&last).expect("read");
+    // Keep half of the last batch.
+    let cut_len = bytes.len() - 20;
+    fs::write(&last, &bytes[..cut_len]).expect("write");
+    let log = LogStore::open(&dir, options()).expect("open");
+    let got = read_all(&log);
+    assert_eq!(got.len(), 9);
+    got.iter().for_each(assert_is_original);
+    assert!(
+        fs::metadata(&last).expect("stat").len() < cut_len as u64,
+        "cut on disk"
+    );
+    append(&log, 9..12, 1);
+    drop(log);
+    let log = LogStore::open(&dir, options()).expect("reopen");
+    assert_eq!(read_all(&log).len(), 12);
+}
+
+/// Rule 3: a bad batch followed by a valid one is corruption, reported with its file,
+/// position and offset; a read-only open gets everything before it.
+#[test]
+fn corruption_in_the_middle_is_an_error_not_a_cut() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let dir = tmp.path().join("log");
+    write_log(&dir, 8, 2);
+    let last = segments(&dir).pop().expect("segment");
+    assert_eq!(segments(&dir).len(), 1);
+    let ends = batch_ends(&[(0, 2), (2, 2), (4, 2), (6, 2)]);
+    // Flip a byte inside the body of the second batch.
+    flip(&last, ends[0].0 + 30);
+    match LogStore::open(&dir, options()) {
+        Err(Error::Corrupt {
+            path,
+            position,
+            offset,
+            ..
+        }) => {
+            assert_eq!(path, last);
+            assert_eq!(position, ends[0].0);
+            assert_eq!(offset, Some(2));
+        }
+        other => panic!("expected Corrupt, got {other:?}"),
+    }
+    let log = LogStore::open_read_only(&dir, options()).expect("read-only open");
+    assert!(matches!(log.corruption(), Some(Error::Corrupt { .. })));
+    let got = read_all(&log);
+    assert_eq!(got.iter().map(|r| r.offset).collect::<Vec<_>>(), [0, 1]);
+    assert!(matches!(
+        log.append(&[Entry::new(b"k", b"v")]),
+        Err(Error::ReadOnly(_))
+    ));
+    assert_eq!(
+        fs::metadata(&last).expect("stat").len(),
+        ends[3].0,
+        "nothing cut"
+    );
+}
+
+/// Rule 4: zeros after the last batch end the data (a preallocated or extended file).
+#[test]
+fn zeros_after_the_last_batch_end_the_data() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let dir = tmp.path().join("log");
+    write_log(&dir, 10, 2);
+    let last = segments(&dir).pop().expect("segment");
+    let len = fs::metadata(&last).expect("stat").len();
+    fs::OpenOptions::new()
+        .write(true)
+        .open(&last)
+        .and_then(|f| f.set_len(len + 5000))
+        .expect("extend with zeros");
+    let log = LogStore::open(&dir, options()).expect("open");
+    assert_eq!(read_all(&log).len(), 10);
+    append(&log, 10..14, 2);
+    drop(log);
+    let log = LogStore::open(&dir, options().preallocate(true)).expect("reopen");
+    let got = read_all(&log);
+    assert_eq!(got.len(), 14);
+    got.iter().for_each(assert_is_original);
+}
+
+/// Rule 5: damage in a sealed segment is found when it is read (and by verify).
+#[test]
+fn corruption_in_a_sealed_segment_is_found_when_read() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let dir = tmp.path().join("log");
+    write_log(&dir, 100, 2);
+    let files = segments(&dir);
+    assert!(files.len() >= 3);
+    // The second batch of the second segment.
+    flip(&files[1], 32 + 24 + 5);
+    let log = LogStore::open(&dir, options()).expect("sealed segments are checked lazily");
+    let mut ok = 0;
+    let mut err = None;
+    for r in log.read_from(0).expect("read") {
+        match r {
+            Ok(r) => {
+                assert!(err.is_none(), "no record after the error");
+                assert_is_original(&r);
+                ok += 1;
+            }
+            Err(e) => err = Some(e),
+        }
+    }
+    match err {
+        Some(Error::Corrupt { path, position, .. }) => {
+            assert_eq!(path, files[1]);
+            assert_eq!(position, 32);
+        }
+        other => panic!("expected Corrupt, got {other:?}"),
+    }
+    assert!(ok > 0);
+    let mut replayed = 0;
+    let replay = log.replay_from(0, |offset, e| {
+        assert_eq!((e.key, e.payload), (&key(offset)[..], &payload(offset)[..]));
+        replayed += 1;
+    });
+    assert!(matches!(replay, Err(Error::Corrupt { .. })));
+    assert_eq!(replayed, ok, "replay stops where the reader stops");
+    assert!(matches!(log.verify(), Err(Error::Corrupt { .. })));
+    let ro = LogStore::open_read_only(&dir, options()).expect("read-only");
+    assert!(ro.corruption().is_some());
+    assert_eq!(read_all(&ro).len(), ok);
+}
+
+/// Rule 6: a torn header on the newest segment (a crash during a roll) is rewritten; a
+/// bad header that does not continue the previous segment is corruption.
+#[test]
+fn torn_header_on_the_newest_segment_is_rewritten() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let dir = tmp.path().join("log");
+    write_log(&dir, 50, 2);
+    let newest = dir.join(format!("{:020}.log", 50));
+    for torn in [&b""[..], &b"CAUCELOG\x01\x00"[..], &[0u8; 32][..]] {
+        fs::write(&newest, torn).expect("torn segment");
+        let log = LogStore::open(&dir, options()).expect("open repairs the header");
+        assert_eq!(log.next_offset(), 50);
+        assert_eq!(read_all(&log).len(), 50);
+        append(&log, 50..52, 2);
+        drop(log);
+        let log = LogStore::open(&dir, options()).expect("reopen");
+        assert_eq!(read_all(&log).len(), 52);
+        drop(log);
+        fs::remove_file(&newest).expect("undo");
+        let log = LogStore::open(&dir, options()).expect("reopen");
+        assert_eq!(log.next_offset(), 50);
+    }
+    // A torn segment whose base does not continue the previous one.
+    let wrong = dir.join(format!("{:020}.log", 57));
+    fs::write(&wrong, b"CAUCE").expect("write");
+    assert!(matches!(
+        LogStore::open(&dir, options()),
+        Err(Error::Corrupt { .. })
+    ));
+    fs::remove_file(&wrong).expect("undo");
+    // A damaged header in front of valid batches.
+    let files = segments(&dir);
+    flip(files.last().expect("newest"), 20);
+    assert!(matches!(
+        LogStore::open(&dir, options()),
+        Err(Error::Corrupt { .. })
+    ));
+}
+
+/// Rule 7: the tail is fdatasync'd on open; recovery leaves the file as it reports it.
+#[test]
+fn tail_is_synced_on_open_and_appends_continue_after_recovery() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let dir = tmp.path().join("log");
+    write_log(&dir, 20, 3);
+    let last = segments(&dir).pop().expect("segment");
+    let mut bytes = fs::read(&last).expect("read");
+    bytes.extend_from_slice(&[0x11; 13]);
+    fs::write(&last, &bytes).expect("garbage tail");
+    let log = LogStore::open(&dir, options()).expect("open");
+    assert_eq!(
+        fs::metadata(&last).expect("stat").len() as usize,
+        bytes.len() - 13
+    );
+    append(&log, 20..23, 3);
+    assert_eq!(read_all(&log).len(), 23);
+    log.verify().expect("verify");
+}
+
+/// Rule 8: a missing, damaged or lying index is rebuilt and reads stay correct.
+#[test]
+fn missing_or_wrong_index_is_rebuilt_and_reads_stay_correct() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let dir = tmp.path().join("log");
+    write_log(&dir, 200, 1);
+    let indexes = with_extension(&dir, "index");
+    assert!(indexes.len() >= 3, "sealed segments have index files");
+    let check = |dir: &Path| {
+        let log = LogStore::open(dir, options()).expect("open");
+        for from in [0, 1, 37, 99, 150, 199, 200] {
+            let got: Vec<_> = log
+                .read_from(from)
+                .expect("read")
+                .collect::<Result<_, _>>()
+                .expect("records");
+            assert_eq!(got.len() as u64, 200 - from, "from {from}");
+            assert_eq!(got.first().map(|r| r.offset), (from < 200).then_some(from));
+            got.iter().for_each(assert_is_original);
+        }
+    };
+    // Missing.
+    fs::remove_file(&indexes[1]).expect("remove");
+    check(&dir);
+    assert!(indexes[1].exists(), "rebuilt index written back");
+    // Truncated and garbage.
+    let good = fs::read(&indexes[1]).expect("read");
+    fs::write(&indexes[1], &good[..good.len() / 2]).expect("truncate");
+    fs::write(&indexes[2], b"not an index at all").expect("garbage");
+    check(&dir);
+    // Well-formed, checksummed, but pointing at the wrong places.
+    let base: u64 = indexes[1].file_name().expect("n").to_str().expect("s")[..20]
+        .parse()
+        .expect("base");
+    let mut lying = Vec::new();
+    lying.extend_from_slice(b"CAUCEIDX");
+    lying.extend_from_slice(&base.to_le_bytes());
+    lying.extend_from_slice(&2u64.to_le_bytes());
+    for (o, p) in [(base, 40u64), (base + 3, 400)] {
+        lying.extend_from_slice(&o.to_le_bytes());
+        lying.extend_from_slice(&p.to_le_bytes());
+    }
+    let crc = crc32c::crc32c(&lying);
+    lying.extend_from_slice(&crc.to_le_bytes());
+    fs::write(&indexes[1], &lying).expect("lying index");
+    // Another segment's index under this one's name.
+    fs::copy(&indexes[0], &indexes[2]).expect("swap");
+    check(&dir);
+}
+
+/// Rule 9: a committed compaction rolls forward on open; an uncommitted one is dropped.
+#[test]
+fn committed_compaction_rolls_forward_and_uncommitted_one_is_dropped() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let before = tmp.path().join("before");
+    write_log(&before, 100, 2);
+    let after = tmp.path().join("after");
+    copy_dir(&before, &after);
+    let log = LogStore::open(&after, options()).expect("open");
+    let report = log.compact().expect("compact");
+    assert!(report.dropped > 0);
+    let compacted: Vec<u64> = read_all(&log).iter().map(|r| r.offset).collect();
+    drop(log);
+    // Stage the compacted segments next to the originals, as a crash mid-swap would.
+    let stage = |dir: &Path| -> Vec<u64> {
+        let mut bases = Vec::new();
+        for f in segments(&after) {
+            let name = f.file_name().expect("name").to_owned();
+            let old = dir.join(&name);
+            if old.exists() && fs::read(&old).expect("read") != fs::read(&f).expect("read") {
+                let name = name.to_str().expect("utf8");
+                fs::copy(&f, dir.join(format!("{name}.compact"))).expect("stage");
+                bases.push(name[..20].parse().expect("base"));
+            }
+        }
+        bases
+    };
+    let uncommitted = tmp.path().join("uncommitted");
+    copy_dir(&before, &uncommitted);
+    assert!(!stage(&uncommitted).is_empty());
+    let log = LogStore::open(&uncommitted, options()).expect("open");
+    assert_eq!(read_all(&log).len(), 100, "uncommitted compaction dropped");
+    drop(log);
+    assert!(
+        with_extension(&uncommitted, "compact").is_empty(),
+        "leftovers deleted"
+    );
+
+    let committed = tmp.path().join("committed");
+    copy_dir(&before, &committed);
+    let bases = stage(&committed);
+    let mut marker = Vec::new();
+    marker.extend_from_slice(b"CAUCECMP");
+    marker.extend_from_slice(&(bases.len() as u64).to_le_bytes());
+    for b in &bases {
+        marker.extend_from_slice(&b.to_le_bytes());
+    }
+    let crc = crc32c::crc32c(&marker);
+    marker.extend_from_slice(&crc.to_le_bytes());
+    fs::write(committed.join("compact.commit"), marker).expect("marker");
+    let log = LogStore::open(&committed, options()).expect("open");
+    let got: Vec<u64> = read_all(&log).iter().map(|r| r.offset).collect();
+    assert_eq!(got, compacted, "committed compaction rolled forward");
+    assert!(!committed.join("compact.commit").exists());
+}
+
+/// Rule 10: retention's start offset is exact, also in the middle of a segment.
+#[test]
+fn retention_start_offset_is_exact_after_reopen() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let dir = tmp.path().join("log");
+    write_log(&dir, 100, 1);
+    let before = segments(&dir).len();
+    let log = LogStore::open(&dir, options()).expect("open");
+    log.truncate_before(57).expect("retention");
+    assert!(
+        segments(&dir).len() < before,
+        "whole segments below deleted"
+    );
+    drop(log);
+    let log = LogStore::open(&dir, options()).expect("reopen");
+    assert_eq!(log.start_offset(), 57);
+    assert_eq!(read_all(&log).first().map(|r| r.offset), Some(57));
+    assert!(matches!(
+        log.read_from(56),
+        Err(Error::OffsetOutOfRange { start: 57, .. })
+    ));
+}
+
+/// A reader left below the start by retention yields OffsetOutOfRange once.
+#[test]
+fn reader_overtaken_by_retention_yields_out_of_range_once() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let log = LogStore::open(tmp.path(), options()).expect("open");
+    append(&log, 0..100, 1);
+    let mut reader = log.read_from(0).expect("read");
+    assert_eq!(reader.next().expect("one").expect("ok").offset, 0);
+    log.truncate_before(80).expect("retention");
+    assert!(matches!(
+        reader.next(),
+        Some(Err(Error::OffsetOutOfRange { start: 80, .. }))
+    ));
+    assert!(reader.next().is_none());
+}
+
+/// Rule 11: the cursor journal's torn tail is cut; the last entry of each name wins.
+#[test]
+fn cursor_journal_torn_tail_is_cut() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let dir = tmp.path();
+    let log = LogStore::open(dir, options()).expect("open");
+    log.commit_cursor("a", 5).expect("commit");
+    log.commit_cursor("b", 7).expect("commit");
+    log.commit_cursor("a", 9).expect("commit");
+    drop(log);
+    let journal = dir.join("cursors.journal");
+    let mut bytes = fs::read(&journal).expect("read");
+    bytes.extend_from_slice(&[3, 1, 4, 1, 5, 9, 2]);
+    fs::write(&journal, &bytes).expect("torn entry");
+    let log = LogStore::open(dir, options()).expect("reopen");
+    assert_eq!(log.cursor("a").expect("cursor"), Some(9));
+    assert_eq!(log.cursor("b").expect("cursor"), Some(7));
+    log.commit_cursor("b", 11).expect("commit after the cut");
+    drop(log);
+    let log = LogStore::open(dir, options()).expect("reopen");
+    assert_eq!(log.cursor("b").expect("cursor"), Some(11));
+}
+
+/// Rule 12: a damaged newest snapshot falls back to the one before it.
+#[test]
+fn damaged_newest_snapshot_falls_back_to_the_previous_one() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let dir = tmp.path();
+    let log = LogStore::open(dir, options()).expect("open");
+    for (o, blob) in [(10, &b"ten"[..]), (20, b"twenty"), (30, b"thirty")] {
+        log.save_snapshot("state", o, blob).expect("save");
+    }
+    let files = with_extension(&dir.join("snapshots").join("state"), "snap");
+    assert_eq!(files.len(), 2, "the newest two are kept");
+    flip(&files[1], 34);
+    let s = log.latest_snapshot("state").expect("latest").expect("one");
+    assert_eq!((s.offset, &s.blob[..]), (20, &b"twenty"[..]));
+}
+
+/// Rule 13: one writer per directory.
+#[test]
+fn second_writable_open_of_a_directory_is_locked() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let log = LogStore::open(tmp.path(), options()).expect("open");
+    assert!(matches!(
+        LogStore::open(tmp.path(), options()),
+        Err(Error::Locked { .. })
+    ));
+    let ro = LogStore::open_read_only(tmp.path(), options()).expect("read-only is allowed");
+    assert!(ro.corruption().is_none());
+    drop(log);
+    LogStore::open(tmp.path(), options()).expect("lock released on drop");
+}
+
+#[test]
+fn oversized_records_and_bad_options_are_typed_errors() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let log = LogStore::open(tmp.path(), options().max_record_bytes(100)).expect("open");
+    assert!(matches!(
+        log.append(&[Entry::new(b"k", &[0u8; 200])]),
+        Err(Error::RecordTooLarge { limit: 100, .. })
+    ));
+    assert_eq!(log.next_offset(), 0, "nothing appended");
+    drop(log);
+    assert!(matches!(
+        LogStore::open(tmp.path(), options().segment_bytes(10)),
+        Err(Error::Config(_))
+    ));
+}

@@ -1,0 +1,156 @@
+//! Sync policies: when `fdatasync` happens, and that records are visible to readers as
+//! soon as their append returns whatever the policy.
+
+use std::time::{Duration, Instant};
+
+use cauce::Entry;
+use cauce::store::{LogOptions, LogStore, Store, SyncPolicy};
+
+fn every(records: u64, interval_ms: u64) -> LogOptions {
+    LogOptions::new().sync(SyncPolicy::Every {
+        records,
+        interval: Duration::from_millis(interval_ms),
+    })
+}
+
+#[test]
+fn every_policy_syncs_within_the_interval_when_appends_stop() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let log = LogStore::open(tmp.path(), every(u64::MAX, 20)).expect("open");
+    log.append(&[Entry::new(b"k", b"v")]).expect("append");
+    assert_eq!(
+        log.stats().syncs,
+        0,
+        "an append under Every does not sync by itself"
+    );
+    let started = Instant::now();
+    while log.stats().syncs == 0 {
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "the background flusher never synced"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    // Nothing new: no further syncs.
+    let syncs = log.stats().syncs;
+    std::thread::sleep(Duration::from_millis(60));
+    assert_eq!(log.stats().syncs, syncs, "idle store does not keep syncing");
+}
+
+#[test]
+fn every_policy_syncs_after_the_record_count() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let log = LogStore::open(tmp.path(), every(10, 60_000)).expect("open");
+    for i in 0..9u64 {
+        log.append(&[Entry::new(b"k", &i.to_le_bytes())])
+            .expect("append");
+    }
+    assert_eq!(log.stats().syncs, 0);
+    log.append(&[Entry::new(b"k", b"tenth")]).expect("append");
+    assert_eq!(log.stats().syncs, 1, "the tenth record triggers the sync");
+}
+
+#[test]
+fn always_policy_syncs_before_append_returns_and_never_policy_does_not() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let always = LogStore::open(tmp.path().join("a"), LogOptions::new()).expect("open");
+    always.append(&[Entry::new(b"k", b"v")]).expect("append");
+    assert_eq!(always.stats().syncs, 1);
+    let never = LogOptions::new().sync(SyncPolicy::Never);
+    let never = LogStore::open(tmp.path().join("n"), never).expect("open");
+    never.append(&[Entry::new(b"k", b"v")]).expect("append");
+    assert_eq!(never.stats().syncs, 0);
+    never.sync().expect("sync");
+    assert_eq!(never.stats().syncs, 1);
+}
+
+#[test]
+fn buffered_records_are_visible_to_a_waiting_reader_at_once() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    for options in [
+        LogOptions::new().sync(SyncPolicy::Never),
+        every(u64::MAX, 60_000),
+    ] {
+        let dir = tempfile::tempdir_in(tmp.path()).expect("dir");
+        let log = LogStore::open(dir.path(), options).expect("open");
+        let mut reader = log.read_from(0).expect("read");
+        assert!(reader.next().is_none());
+        std::thread::scope(|s| {
+            let follower = s.spawn(|| {
+                assert_eq!(log.wait_for(0, Some(Duration::from_secs(5))), 1);
+                reader.next().expect("a record").expect("ok")
+            });
+            std::thread::sleep(Duration::from_millis(10));
+            log.append(&[Entry::with_timestamp(7, b"key", b"payload")])
+                .expect("append");
+            let r = follower.join().expect("follower");
+            assert_eq!((r.offset, r.timestamp), (0, 7));
+            assert_eq!((&r.key[..], &r.payload[..]), (&b"key"[..], &b"payload"[..]));
+        });
+        assert_eq!(log.stats().writes, 0, "the record was read from the buffer");
+    }
+}
+
+#[test]
+fn group_commit_shares_fsyncs_between_concurrent_appenders() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let log = LogStore::open(tmp.path(), LogOptions::new()).expect("open");
+    std::thread::scope(|s| {
+        for t in 0..8u8 {
+            let log = &log;
+            s.spawn(move || {
+                for i in 0..50u8 {
+                    log.append(&[Entry::new(&[t], &[i])]).expect("append");
+                }
+            });
+        }
+    });
+    let stats = log.stats();
+    assert_eq!(stats.records, 400);
+    assert!(
+        stats.syncs < 400,
+        "400 appends from 8 threads took {} fdatasyncs",
+        stats.syncs
+    );
+    let got: Vec<_> = log
+        .read_from(0)
+        .expect("read")
+        .map(|r| r.expect("ok"))
+        .collect();
+    assert_eq!(got.len(), 400);
+    for t in 0..8u8 {
+        let mine: Vec<u8> = got
+            .iter()
+            .filter(|r| r.key[..] == [t])
+            .map(|r| r.payload[0])
+            .collect();
+        assert_eq!(mine, (0..50).collect::<Vec<u8>>(), "per-thread order kept");
+    }
+}
+
+#[test]
+fn a_write_buffer_larger_than_a_read_chunk_is_read_whole_from_memory() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let options = LogOptions::new()
+        .sync(SyncPolicy::Never)
+        .write_buffer_bytes(16 << 20);
+    let log = LogStore::open(tmp.path(), options).expect("open");
+    let payload = |i: u64| vec![(i % 251) as u8; 700 + (i % 300) as usize];
+    for chunk in 0..30u64 {
+        let payloads: Vec<_> = (chunk * 100..(chunk + 1) * 100).map(payload).collect();
+        let batch: Vec<_> = payloads.iter().map(|p| Entry::new(b"k", p)).collect();
+        log.append(&batch).expect("append");
+    }
+    assert_eq!(
+        log.stats().writes,
+        0,
+        "about 3 MB still in the write buffer"
+    );
+    let mut n = 0;
+    for r in log.read_from(0).expect("read") {
+        let r = r.expect("ok");
+        assert_eq!(r.payload, payload(r.offset));
+        n += 1;
+    }
+    assert_eq!(n, 3000);
+}
