@@ -65,10 +65,9 @@ pub use metrics::{InstanceMetrics, Metrics};
 
 use crate::error::{Error, Result};
 use crate::launcher::{Launcher, Supervisor, ThreadLauncher};
-use crate::router::InstanceId;
-use crate::store::{MemoryStore, Store};
+use crate::router::{InstanceId, Sticky, StickyOptions};
+use crate::store::{LogOptions, LogStore, MemoryStore, Store};
 use core::{Options, Parts, Shared};
-use placement::Rendezvous;
 
 /// A running keyed service. Dropping it stops it (prefer [`shutdown`](Cluster::shutdown),
 /// which also checkpoints and reports errors).
@@ -95,6 +94,7 @@ impl<H: Handler> Clone for Client<H> {
 enum Storage {
     Unset,
     Memory,
+    Dir(std::path::PathBuf),
     Stores {
         input: Arc<dyn Store>,
         effects: Option<Arc<dyn Store>>,
@@ -105,6 +105,8 @@ enum Storage {
 pub struct ClusterBuilder<H: Handler> {
     handler: H,
     storage: Storage,
+    log_options: LogOptions,
+    placement: StickyOptions,
     instances: usize,
     options: Options,
     launcher: Arc<dyn Launcher>,
@@ -116,6 +118,8 @@ impl<H: Handler> Cluster<H> {
         ClusterBuilder {
             handler,
             storage: Storage::Unset,
+            log_options: LogOptions::new(),
+            placement: StickyOptions::default(),
             instances: 4,
             options: Options {
                 queue_capacity: 1024,
@@ -224,6 +228,30 @@ impl<H: Handler> Client<H> {
 }
 
 impl<H: Handler> ClusterBuilder<H> {
+    /// Keeps the logs on disk in `dir` (the embedded default): the input log in
+    /// `dir/input` and the journal of outside calls in `dir/effects`, both [`LogStore`]s
+    /// opened with [`log_options`](ClusterBuilder::log_options). Opening a directory that
+    /// holds logs rebuilds every key's state from them.
+    pub fn dir(mut self, dir: impl Into<std::path::PathBuf>) -> Self {
+        self.storage = Storage::Dir(dir.into());
+        self
+    }
+
+    /// Options of the on-disk logs (default [`LogOptions::new`]: `SyncPolicy::Always`,
+    /// so a request whose submit returned survives a crash of the process or the
+    /// machine; `SyncPolicy::Every` trades that window for throughput).
+    pub fn log_options(mut self, options: LogOptions) -> Self {
+        self.log_options = options;
+        self
+    }
+
+    /// How keys are placed on instances (default: ε = 0.25, keys forgotten after 10
+    /// minutes idle; see [`StickyOptions`]).
+    pub fn placement(mut self, options: StickyOptions) -> Self {
+        self.placement = options;
+        self
+    }
+
     /// Keeps the logs in memory (tests; nothing survives the process).
     pub fn in_memory(mut self) -> Self {
         self.storage = Storage::Memory;
@@ -296,7 +324,7 @@ impl<H: Handler> ClusterBuilder<H> {
         let (input, effects): (Arc<dyn Store>, Option<Arc<dyn Store>>) = match self.storage {
             Storage::Unset => {
                 return Err(Error::Config(
-                    "no storage chosen: call .in_memory() or .stores(..)".into(),
+                    "no storage chosen: call .dir(..), .in_memory() or .stores(..)".into(),
                 ));
             }
             Storage::Memory => (
@@ -304,6 +332,10 @@ impl<H: Handler> ClusterBuilder<H> {
                 Some(Arc::new(MemoryStore::new())),
             ),
             Storage::Stores { input, effects } => (input, effects),
+            Storage::Dir(dir) => (
+                Arc::new(LogStore::open(dir.join("input"), self.log_options.clone())?),
+                Some(Arc::new(LogStore::open(dir.join("effects"), self.log_options)?)),
+            ),
         };
         let tick = self.options.tick;
         let stall = self.options.stall_timeout;
@@ -312,7 +344,7 @@ impl<H: Handler> ClusterBuilder<H> {
             input,
             effects,
             options: self.options,
-            placement: Box::new(Rendezvous::default()),
+            placement: Box::new(Sticky::new(self.placement)),
             launcher: self.launcher,
             instances: (0..self.instances as u32).collect(),
         })?;

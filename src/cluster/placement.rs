@@ -6,9 +6,9 @@ use std::sync::Arc;
 use bytes::Bytes;
 
 use super::instance::Instance;
-use crate::error::{Error, Result};
+use crate::error::Result;
 use crate::record::Timestamp;
-use crate::router::InstanceId;
+use crate::router::{InstanceId, Router, Sticky};
 
 /// The routing decisions the cluster needs. The router module provides them; this trait
 /// keeps the cluster's use of it in one place.
@@ -25,50 +25,23 @@ pub(crate) trait Placement: Send {
     fn remove(&mut self, id: InstanceId) -> Result<()>;
 }
 
-/// Highest-random-weight placement over the members: a stand-in with the same contract,
-/// used until the slot-table router lands.
-#[derive(Default)]
-pub(crate) struct Rendezvous {
-    members: Vec<(InstanceId, u32)>,
-}
-
-impl Rendezvous {
-    fn best(&self, key: &[u8]) -> Option<InstanceId> {
-        let h = xxhash_rust::xxh3::xxh3_64(key);
-        self.members
-            .iter()
-            .max_by_key(|(id, _)| {
-                xxhash_rust::xxh3::xxh3_64_with_seed(&h.to_le_bytes(), id.0 as u64)
-            })
-            .map(|(id, _)| *id)
-    }
-}
-
-impl Placement for Rendezvous {
-    fn route(&mut self, key: &[u8], _now: Timestamp) -> Option<InstanceId> {
-        self.best(key)
+impl Placement for Sticky {
+    fn route(&mut self, key: &[u8], now: Timestamp) -> Option<InstanceId> {
+        Sticky::route(self, key, now)
     }
     fn placement(&self, key: &[u8]) -> Option<InstanceId> {
-        self.best(key)
+        Sticky::placement(self, key)
     }
     fn owner_of(&self, key: &[u8]) -> Option<InstanceId> {
-        self.best(key)
+        self.router().owner_of(key)
     }
+    // The moves Sticky reports are recomputed from the holders by `Routing::rebalance`,
+    // which also covers keys Sticky has forgotten.
     fn add(&mut self, id: InstanceId, weight: u32) -> Result<()> {
-        if weight == 0 {
-            return Err(Error::Config(format!("instance {id}: weight must be > 0")));
-        }
-        self.members.retain(|(m, _)| *m != id);
-        self.members.push((id, weight));
-        Ok(())
+        Sticky::add(self, id, weight).map(drop)
     }
     fn remove(&mut self, id: InstanceId) -> Result<()> {
-        let before = self.members.len();
-        self.members.retain(|(m, _)| *m != id);
-        if self.members.len() == before {
-            return Err(Error::UnknownInstance(id));
-        }
-        Ok(())
+        Sticky::remove(self, id).map(drop)
     }
 }
 
