@@ -139,3 +139,17 @@ pub fn journal(effects: &dyn Store) -> HashMap<u64, u64> {
         })
         .collect()
 }
+
+/// Every request in the input log: offset → (key, request).
+pub fn requests(input: &dyn Store) -> HashMap<u64, (Vec<u8>, Req)> {
+    input
+        .read_from(input.start_offset())
+        .unwrap()
+        .map(|r| r.unwrap())
+        .filter(|r| r.payload.first() == Some(&0))
+        .map(|r| {
+            let req: Req = bincode::deserialize(&r.payload[1..]).unwrap();
+            (r.offset, (r.key.to_vec(), req))
+        })
+        .collect()
+}
