@@ -25,6 +25,8 @@ struct Slot<T> {
 struct SlotState<T> {
     value: Option<Result<T>>,
     answered: bool,
+    /// The value was handed out (by `wait`, `wait_timeout` or `poll`).
+    taken: bool,
     waker: Option<Waker>,
 }
 
@@ -72,6 +74,7 @@ pub(crate) fn pending<T>(offset: Offset) -> (Pending<T>, Responder<T>) {
         state: Mutex::new(SlotState {
             value: None,
             answered: false,
+            taken: false,
             waker: None,
         }),
         ready: Condvar::new(),
@@ -112,14 +115,18 @@ impl<T> Pending<T> {
 
     /// True when the response has arrived (waiting will not block).
     pub fn is_ready(&self) -> bool {
-        self.slot.state.lock().value.is_some()
+        let state = self.slot.state.lock();
+        state.value.is_some() || state.taken
     }
 
     /// Blocks until the response arrives.
+    ///
+    /// The response is handed out once: after `wait_timeout` or a poll returned it,
+    /// waiting again is [`Error::Closed`].
     pub fn wait(self) -> Result<T> {
         let mut state = self.slot.state.lock();
         loop {
-            if let Some(v) = state.value.take() {
+            if let Some(v) = take(&mut state) {
                 return v;
             }
             self.slot.ready.wait(&mut state);
@@ -127,19 +134,29 @@ impl<T> Pending<T> {
     }
 
     /// Blocks until the response arrives or `timeout` passes ([`Error::Timeout`]; the
-    /// request stays accepted and will still be handled).
+    /// request stays accepted and will still be handled, so waiting again is fine).
     pub fn wait_timeout(&self, timeout: Duration) -> Result<T> {
         let deadline = Instant::now() + timeout;
         let mut state = self.slot.state.lock();
         loop {
-            if let Some(v) = state.value.take() {
+            if let Some(v) = take(&mut state) {
                 return v;
             }
             if self.slot.ready.wait_until(&mut state, deadline).timed_out() {
-                return state.value.take().unwrap_or(Err(Error::Timeout(timeout)));
+                return take(&mut state).unwrap_or(Err(Error::Timeout(timeout)));
             }
         }
     }
+}
+
+/// The response if it can be handed out now: the value, or `Closed` once it was taken.
+fn take<T>(state: &mut SlotState<T>) -> Option<Result<T>> {
+    if state.taken {
+        return Some(Err(Error::Closed));
+    }
+    let v = state.value.take()?;
+    state.taken = true;
+    Some(v)
 }
 
 impl<T> Future for Pending<T> {
@@ -147,7 +164,7 @@ impl<T> Future for Pending<T> {
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Result<T>> {
         let mut state = self.slot.state.lock();
-        match state.value.take() {
+        match take(&mut state) {
             Some(v) => Poll::Ready(v),
             None => {
                 let replace = state
@@ -217,5 +234,6 @@ mod tests {
         r.answer(Ok(3));
         assert!(flag.0.load(std::sync::atomic::Ordering::SeqCst));
         assert!(matches!(Pin::new(&mut p).poll(&mut cx), Poll::Ready(Ok(3))));
+        assert!(matches!(p.wait_timeout(Duration::ZERO), Err(Error::Closed)));
     }
 }

@@ -8,7 +8,7 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use cauce::cluster::{Cluster, Context, Handler, Pending};
-use cauce::store::{MemoryStore, Store};
+use cauce::store::{LogOptions, SyncPolicy};
 use crossbeam_channel::{Receiver, Sender, bounded, unbounded};
 use rand::{RngExt, SeedableRng, rngs::SmallRng};
 use rand_distr::Zipf;
@@ -132,19 +132,28 @@ impl Baseline {
 
 // ---- cauce ---------------------------------------------------------------------------
 
-fn start_cluster() -> Cluster<Counter> {
-    let input: Arc<dyn Store> = Arc::new(MemoryStore::new());
-    Cluster::builder(Counter)
-        .stores(input, None)
+/// A fresh cluster on the embedded defaults (logs on disk under the target dir), the log
+/// synced every 10 ms.
+fn start_cluster() -> (Cluster<Counter>, tempfile::TempDir) {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("target");
+    let dir = tempfile::tempdir_in(root).expect("bench dir");
+    let sync = SyncPolicy::Every {
+        records: u64::MAX,
+        interval: Duration::from_millis(10),
+    };
+    let cluster = Cluster::builder(Counter)
+        .dir(dir.path())
+        .log_options(LogOptions::new().sync(sync))
         .instances(INSTANCES)
         .queue_capacity(1024)
         .build()
-        .expect("cluster")
+        .expect("cluster");
+    (cluster, dir)
 }
 
 /// Runs the load through a fresh cluster; returns (requests/s, per-instance counts).
 fn run_cauce(work: &[Vec<Arc<[u8]>>]) -> (f64, Vec<u64>) {
-    let cluster = start_cluster();
+    let (cluster, _dir) = start_cluster();
     let started = Instant::now();
     let total: usize = work.iter().map(Vec::len).sum();
     thread::scope(|s| {
@@ -170,56 +179,111 @@ fn run_cauce(work: &[Vec<Arc<[u8]>>]) -> (f64, Vec<u64>) {
     (rate, counts)
 }
 
-/// Sends at `rate` requests/s from one thread and returns the latencies (µs) measured
-/// from each request's scheduled send time to its answer.
-fn paced<S, W>(rate: f64, keys: &[Arc<[u8]>], mut send: S, wait: W) -> Vec<f64>
-where
-    S: FnMut(&Arc<[u8]>) -> W::Ticket,
-    W: Waiter,
-{
+/// Sends `keys` at `rate` requests/s, calling `send(key, due)` for each at (or as soon
+/// as it can after) its due time, without spinning a core away from the system under test.
+fn paced(rate: f64, keys: &[Arc<[u8]>], mut send: impl FnMut(&Arc<[u8]>, Instant)) {
     let gap = Duration::from_secs_f64(1.0 / rate);
-    let (tx, rx) = unbounded::<(Instant, W::Ticket)>();
-    let collector = thread::spawn(move || {
-        rx.into_iter()
-            .map(|(due, ticket)| {
-                W::wait(ticket);
-                due.elapsed().as_secs_f64() * 1e6
-            })
-            .collect::<Vec<f64>>()
-    });
-    let start = Instant::now();
-    for (i, key) in keys.iter().enumerate() {
-        let due = start + gap * i as u32;
-        while Instant::now() < due {
-            std::hint::spin_loop();
+    let start = Instant::now() + Duration::from_millis(1);
+    let mut i = 0;
+    while i < keys.len() {
+        let now = Instant::now();
+        while i < keys.len() && start + gap * i as u32 <= now {
+            send(&keys[i], start + gap * i as u32);
+            i += 1;
         }
-        tx.send((due, send(key))).expect("collector");
-    }
-    drop(tx);
-    let _ = wait;
-    collector.join().expect("collector")
-}
-
-/// How a paced sender waits for one answer.
-trait Waiter {
-    type Ticket: Send + 'static;
-    fn wait(ticket: Self::Ticket);
-}
-
-struct PendingWaiter;
-impl Waiter for PendingWaiter {
-    type Ticket = Pending<u64>;
-    fn wait(ticket: Pending<u64>) {
-        ticket.wait().expect("answer");
+        if i < keys.len() {
+            // Sleep through long gaps; yield through short ones (a sleep overshoots by
+            // ~60 µs, a yield gives the core to the system under test).
+            let wait = (start + gap * i as u32).saturating_duration_since(Instant::now());
+            if wait > Duration::from_micros(150) {
+                thread::sleep(wait - Duration::from_micros(100));
+            } else {
+                thread::yield_now();
+            }
+        }
     }
 }
 
-struct ChannelWaiter;
-impl Waiter for ChannelWaiter {
-    type Ticket = Receiver<u64>;
-    fn wait(ticket: Receiver<u64>) {
-        ticket.recv().expect("answer");
+/// cauce's latencies at `rate`: each answer is timed by the instance that gives it
+/// (through the pending response's waker), from the request's due time.
+fn cauce_latencies(rate: f64, keys: &[Arc<[u8]>]) -> Vec<f64> {
+    use std::future::Future;
+    use std::task::{Context as TaskContext, Poll, Waker};
+
+    struct Timed {
+        due: Instant,
+        done: std::sync::Mutex<Option<Instant>>,
     }
+    impl std::task::Wake for Timed {
+        fn wake(self: Arc<Self>) {
+            *self.done.lock().expect("stamp") = Some(Instant::now());
+        }
+    }
+    let (cluster, _dir) = start_cluster();
+    let client = cluster.client();
+    let mut outstanding: Vec<(Option<Pending<u64>>, Arc<Timed>)> = Vec::with_capacity(keys.len());
+    paced(rate, keys, |key, due| {
+        let mut pending = client.submit(&**key, 1).expect("submit");
+        let timed = Arc::new(Timed {
+            due,
+            done: std::sync::Mutex::new(None),
+        });
+        let waker = Waker::from(timed.clone());
+        let mut cx = TaskContext::from_waker(&waker);
+        match std::pin::Pin::new(&mut pending).poll(&mut cx) {
+            Poll::Ready(answer) => {
+                answer.expect("answer");
+                *timed.done.lock().expect("stamp") = Some(Instant::now());
+                outstanding.push((None, timed));
+            }
+            Poll::Pending => outstanding.push((Some(pending), timed)),
+        }
+    });
+    let latencies = outstanding
+        .into_iter()
+        .map(|(pending, timed)| {
+            if let Some(pending) = pending {
+                pending.wait_timeout(Duration::from_secs(30)).expect("answer");
+            }
+            let done = timed.done.lock().expect("stamp").unwrap_or_else(Instant::now);
+            done.saturating_duration_since(timed.due).as_secs_f64() * 1e6
+        })
+        .collect();
+    cluster.shutdown().expect("shutdown");
+    latencies
+}
+
+/// The baseline's latencies at `rate`: each worker timestamps its answer.
+fn baseline_latencies(rate: f64, keys: &[Arc<[u8]>]) -> Vec<f64> {
+    let (reply_tx, reply_rx) = unbounded::<(Instant, Instant)>();
+    let (workers, handles): (Vec<_>, Vec<_>) = (0..INSTANCES)
+        .map(|_| {
+            let (tx, rx) = bounded::<(Arc<[u8]>, Instant)>(1024);
+            let reply = reply_tx.clone();
+            let h = thread::spawn(move || {
+                let mut states: HashMap<Arc<[u8]>, u64> = HashMap::new();
+                for (key, due) in rx {
+                    *states.entry(key).or_default() += 1;
+                    let _ = reply.send((due, Instant::now()));
+                }
+            });
+            (tx, h)
+        })
+        .unzip();
+    drop(reply_tx);
+    paced(rate, keys, |key, due| {
+        workers[Baseline::owner(key)]
+            .send((key.clone(), due))
+            .expect("worker");
+    });
+    drop(workers);
+    for h in handles {
+        h.join().expect("worker");
+    }
+    reply_rx
+        .into_iter()
+        .map(|(due, done)| done.saturating_duration_since(due).as_secs_f64() * 1e6)
+        .collect()
 }
 
 fn peak_to_mean(counts: &[u64]) -> f64 {
@@ -280,63 +344,33 @@ fn throughput(bench: &mut Bench, work: &[Vec<Arc<[u8]>>]) -> f64 {
 
 /// Open-loop latency at `rate` (half of cauce's peak), both sides paced the same.
 fn latency(bench: &mut Bench, work: &[Vec<Arc<[u8]>>], rate: f64) {
-    let n = bench.size(40_000, 10_000);
+    let n = bench.size(100_000, 20_000);
     let keys = &work[0][..n.min(work[0].len())];
-    let mut ours_p = (Vec::new(), Vec::new());
-    let mut base_p = (Vec::new(), Vec::new());
+    let mut ours = (Vec::new(), Vec::new());
+    let mut base = (Vec::new(), Vec::new());
     for _ in 0..3 {
-        let cluster = start_cluster();
-        let client = cluster.client();
-        let mut lat = paced(rate, keys, |k| client.submit(&**k, 1).expect("submit"), PendingWaiter);
-        cluster.shutdown().expect("shutdown");
-        ours_p.0.push(quantile(&mut lat, 0.5));
-        ours_p.1.push(quantile(&mut lat, 0.99));
-
-        let (workers, handles): (Vec<_>, Vec<_>) = (0..INSTANCES)
-            .map(|_| {
-                let (tx, rx) = bounded::<(Arc<[u8]>, Sender<u64>)>(1024);
-                let h = thread::spawn(move || {
-                    let mut states: HashMap<Arc<[u8]>, u64> = HashMap::new();
-                    for (key, reply) in rx {
-                        let t = states.entry(key).or_default();
-                        *t += 1;
-                        let _ = reply.send(*t);
-                    }
-                });
-                (tx, h)
-            })
-            .unzip();
-        let mut lat = paced(
-            rate,
-            keys,
-            |k| {
-                let (tx, rx) = bounded(1);
-                workers[Baseline::owner(k)].send((k.clone(), tx)).expect("worker");
-                rx
-            },
-            ChannelWaiter,
-        );
-        drop(workers);
-        for h in handles {
-            h.join().expect("worker");
-        }
-        base_p.0.push(quantile(&mut lat, 0.5));
-        base_p.1.push(quantile(&mut lat, 0.99));
+        let mut lat = cauce_latencies(rate, keys);
+        ours.0.push(quantile(&mut lat, 0.5));
+        ours.1.push(quantile(&mut lat, 0.99));
+        let mut lat = baseline_latencies(rate, keys);
+        base.0.push(quantile(&mut lat, 0.5));
+        base.1.push(quantile(&mut lat, 0.99));
     }
+    println!("paced at {:.0} requests/s", rate);
     bench.record(
         "cluster.zipf.4.p50_at_half_load.vs_static_channels",
         "µs",
         Better::Less,
         None,
-        median(&ours_p.0),
-        median(&base_p.0),
+        median(&ours.0),
+        median(&base.0),
     );
     bench.record(
         "cluster.zipf.4.p99_at_half_load.vs_static_channels",
         "µs",
         Better::Less,
         Some(Goal::OursAtMost(1000.0)),
-        median(&ours_p.1),
-        median(&base_p.1),
+        median(&ours.1),
+        median(&base.1),
     );
 }
