@@ -61,13 +61,34 @@ const REQUESTS: usize = 120_000;
 fn names(rng: &mut SmallRng) -> Vec<String> {
     // Rough shares of first letters of given names (per mille).
     let letters: &[(char, u32)] = &[
-        ('a', 110), ('b', 50), ('c', 70), ('d', 60), ('e', 45), ('f', 20), ('g', 30),
-        ('h', 30), ('i', 15), ('j', 120), ('k', 60), ('l', 55), ('m', 100), ('n', 30),
-        ('o', 10), ('p', 25), ('r', 50), ('s', 70), ('t', 40), ('v', 10), ('w', 10),
-        ('y', 5), ('z', 5),
+        ('a', 110),
+        ('b', 50),
+        ('c', 70),
+        ('d', 60),
+        ('e', 45),
+        ('f', 20),
+        ('g', 30),
+        ('h', 30),
+        ('i', 15),
+        ('j', 120),
+        ('k', 60),
+        ('l', 55),
+        ('m', 100),
+        ('n', 30),
+        ('o', 10),
+        ('p', 25),
+        ('r', 50),
+        ('s', 70),
+        ('t', 40),
+        ('v', 10),
+        ('w', 10),
+        ('y', 5),
+        ('z', 5),
     ];
     let total: u32 = letters.iter().map(|l| l.1).sum();
-    let syllables = ["an", "el", "ar", "in", "on", "ie", "ka", "li", "ma", "ro", "sa", "th"];
+    let syllables = [
+        "an", "el", "ar", "in", "on", "ie", "ka", "li", "ma", "ro", "sa", "th",
+    ];
     (0..USERS)
         .map(|i| {
             let mut pick = rng.random_range(0..total);
@@ -115,7 +136,11 @@ struct Act {
 
 /// Runs `load` through a fresh cluster; returns the metrics and how many requests were
 /// answered and lost, checking every document against what was typed.
-fn serve(load: &[(usize, Edit)], users: &[String], stall_timeout: Duration) -> (Metrics, usize, usize, Duration) {
+fn serve(
+    load: &[(usize, Edit)],
+    users: &[String],
+    stall_timeout: Duration,
+) -> (Metrics, usize, usize, Duration) {
     let dir = tempfile::tempdir().expect("temp dir");
     let cluster = Cluster::builder(Documents)
         .dir(dir.path())
@@ -133,7 +158,9 @@ fn serve(load: &[(usize, Edit)], users: &[String], stall_timeout: Duration) -> (
     let mut lost = 0;
     let mut window: VecDeque<Pending<usize>> = VecDeque::new();
     let mut expected: HashMap<usize, usize> = HashMap::new();
-    let settle = |p: Pending<usize>, answered: &mut usize, lost: &mut usize| match p.wait_timeout(Duration::from_secs(30)) {
+    let settle = |p: Pending<usize>, answered: &mut usize, lost: &mut usize| match p
+        .wait_timeout(Duration::from_secs(30))
+    {
         Ok(_) => *answered += 1,
         Err(_) => *lost += 1,
     };
@@ -147,7 +174,11 @@ fn serve(load: &[(usize, Edit)], users: &[String], stall_timeout: Duration) -> (
             Edit::SlowPaste(t, ms) => Edit::SlowPaste(t.clone(), *ms),
         };
         if window.len() == 256 {
-            settle(window.pop_front().expect("window"), &mut answered, &mut lost);
+            settle(
+                window.pop_front().expect("window"),
+                &mut answered,
+                &mut lost,
+            );
         }
         window.push_back(client.submit(&users[*user], request).expect("submit"));
     }
@@ -157,7 +188,11 @@ fn serve(load: &[(usize, Edit)], users: &[String], stall_timeout: Duration) -> (
     let elapsed = started.elapsed();
     // Every document holds exactly what was typed: an empty append reads its length.
     for (user, len) in &expected {
-        let got = client.submit(&users[*user], Edit::Type(String::new())).expect("submit").wait().expect("read");
+        let got = client
+            .submit(&users[*user], Edit::Type(String::new()))
+            .expect("submit")
+            .wait()
+            .expect("read");
         if got != *len {
             lost += 1;
         }
@@ -171,14 +206,21 @@ fn main() {
     let mut rng = SmallRng::seed_from_u64(7);
     let users = names(&mut rng);
     let zipf = Zipf::new(USERS as f64, 1.1).expect("zipf");
-    let words = ["the ", "quick ", "brown ", "fox ", "jumps ", "over ", "a ", "lazy ", "dog "];
+    let words = [
+        "the ", "quick ", "brown ", "fox ", "jumps ", "over ", "a ", "lazy ", "dog ",
+    ];
     let load: Vec<(usize, Edit)> = (0..REQUESTS)
         .map(|_| {
             let user = rng.sample(zipf) as usize - 1;
-            (user, Edit::Type(words[rng.random_range(0..words.len())].to_string()))
+            (
+                user,
+                Edit::Type(words[rng.random_range(0..words.len())].to_string()),
+            )
         })
         .collect();
-    println!("infinitext: {USERS} users with real-looking names, {REQUESTS} edits, Zipf(1.1), {INSTANCES} instances\n");
+    println!(
+        "infinitext: {USERS} users with real-looking names, {REQUESTS} edits, Zipf(1.1), {INSTANCES} instances\n"
+    );
 
     let mut acts = Vec::new();
     let mut loads = vec![0u64; INSTANCES];
@@ -208,7 +250,8 @@ fn main() {
     let mut stalled_load = load;
     let hot = stalled_load[REQUESTS / 2].0;
     stalled_load[REQUESTS / 2].1 = Edit::SlowPaste("<a very long paste> ".to_string(), 2_000);
-    let (metrics, answered, lost, elapsed) = serve(&stalled_load, &users, Duration::from_millis(250));
+    let (metrics, answered, lost, elapsed) =
+        serve(&stalled_load, &users, Duration::from_millis(250));
     acts.push(Act {
         name: "cauce, one instance stalls",
         loads: metrics.instances.iter().map(|i| i.requests).collect(),
@@ -224,9 +267,16 @@ fn main() {
         ),
     });
 
-    println!("{:<36} {:>22} {:>9} {:>9} {:>5}  {}", "act", "requests per instance", "peak/mean", "answered", "lost", "");
+    println!(
+        "{:<36} {:>22} {:>9} {:>9} {:>5}",
+        "act", "requests per instance", "peak/mean", "answered", "lost"
+    );
     for act in &acts {
-        let loads: Vec<String> = act.loads.iter().map(|l| format!("{:.0}k", *l as f64 / 1e3)).collect();
+        let loads: Vec<String> = act
+            .loads
+            .iter()
+            .map(|l| format!("{:.0}k", *l as f64 / 1e3))
+            .collect();
         let peak = if act.balanced_view {
             format!("{:.2}", peak_to_mean(&act.loads))
         } else {

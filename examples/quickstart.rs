@@ -44,7 +44,13 @@ impl Handler for Accounts {
     type Request = Request;
     type Response = Account;
 
-    fn handle(&self, _ctx: &mut Context<'_>, _user: &[u8], account: &mut Account, req: Request) -> Account {
+    fn handle(
+        &self,
+        _ctx: &mut Context<'_>,
+        _user: &[u8],
+        account: &mut Account,
+        req: Request,
+    ) -> Account {
         if let Request::Visit { points } = req {
             account.visits += 1;
             account.points += points;
@@ -71,7 +77,9 @@ fn args() -> Args {
     while let Some(a) = it.next() {
         match (a.as_str(), it.next()) {
             ("--dir", Some(d)) => args.dir = Some(d.into()),
-            ("--requests", Some(n)) => args.requests = n.parse().expect("--requests takes a number"),
+            ("--requests", Some(n)) => {
+                args.requests = n.parse().expect("--requests takes a number")
+            }
             _ => {
                 eprintln!("usage: quickstart [--dir DIR] [--requests N]");
                 std::process::exit(2);
@@ -103,7 +111,10 @@ fn main() -> Result<(), cauce::Error> {
             temp.path().to_path_buf()
         }
     };
-    println!("cauce quickstart: a per-user account service, 4 instances, log in {}\n", dir.display());
+    println!(
+        "cauce quickstart: a per-user account service, 4 instances, log in {}\n",
+        dir.display()
+    );
 
     let started = Instant::now();
     let cluster = service(&dir).build()?;
@@ -132,7 +143,8 @@ fn main() -> Result<(), cauce::Error> {
                             window.pop_front().expect("window").wait().expect("answer");
                             done.fetch_add(1, Ordering::Relaxed);
                         }
-                        let pending = client.submit(format!("user-{user:05}"), Request::Visit { points });
+                        let pending =
+                            client.submit(format!("user-{user:05}"), Request::Visit { points });
                         window.push_back(pending.expect("submit"));
                     }
                     for p in window {
@@ -143,7 +155,10 @@ fn main() -> Result<(), cauce::Error> {
                 })
             })
             .collect();
-        let expected = clients.into_iter().map(|c| c.join().expect("client")).collect();
+        let expected = clients
+            .into_iter()
+            .map(|c| c.join().expect("client"))
+            .collect();
         progress.join().expect("progress bar");
         expected
     });
@@ -151,7 +166,10 @@ fn main() -> Result<(), cauce::Error> {
 
     let metrics = cluster.metrics();
     let total: u64 = metrics.instances.iter().map(|i| i.requests).sum();
-    println!("\n{:>9} {:>8} {:>10} {:>7} {:>9} {:>9}", "instance", "users", "requests", "share", "p50", "p99");
+    println!(
+        "\n{:>9} {:>8} {:>10} {:>7} {:>9} {:>9}",
+        "instance", "users", "requests", "share", "p50", "p99"
+    );
     for i in &metrics.instances {
         println!(
             "{:>9} {:>8} {:>10} {:>6.1}% {:>7.0}µs {:>7.0}µs",
@@ -175,7 +193,10 @@ fn main() -> Result<(), cauce::Error> {
     println!("\nshut down; starting again from {} ...", dir.display());
     let restarted = Instant::now();
     let cluster = service(&dir).build()?;
-    println!("started again in {:.1} ms (state rebuilt from the checkpoint and the log)", restarted.elapsed().as_secs_f64() * 1e3);
+    println!(
+        "started again in {:.1} ms (state rebuilt from the checkpoint and the log)",
+        restarted.elapsed().as_secs_f64() * 1e3
+    );
     let checking = Instant::now();
     let client = cluster.client();
     let mut expected_all: HashMap<u64, Account> = HashMap::new();
@@ -190,12 +211,18 @@ fn main() -> Result<(), cauce::Error> {
     users.sort_unstable();
     let mut survived = 0;
     for &user in &users {
-        let state = client.submit(format!("user-{user:05}"), Request::Show)?.wait()?;
+        let state = client
+            .submit(format!("user-{user:05}"), Request::Show)?
+            .wait()?;
         if state == expected_all[&user] {
             survived += 1;
         }
     }
-    println!("asked every user's state: {} users in {:.1} ms", users.len(), checking.elapsed().as_secs_f64() * 1e3);
+    println!(
+        "asked every user's state: {} users in {:.1} ms",
+        users.len(),
+        checking.elapsed().as_secs_f64() * 1e3
+    );
     for &user in users.iter().take(3) {
         let a = expected_all[&user];
         println!("  user-{user:05}: {} visits, {} points", a.visits, a.points);
@@ -203,7 +230,11 @@ fn main() -> Result<(), cauce::Error> {
     println!(
         "{survived} of {} users have exactly the state they had before the restart{}",
         users.len(),
-        if survived == users.len() { ": the state survived." } else { "!" }
+        if survived == users.len() {
+            ": the state survived."
+        } else {
+            "!"
+        }
     );
     cluster.shutdown()?;
     if survived != users.len() {
@@ -217,7 +248,12 @@ fn progress_bar(done: &AtomicU64, total: u64) {
     loop {
         let d = done.load(Ordering::Relaxed).min(total);
         let filled = (d * width / total.max(1)) as usize;
-        print!("\r[{}{}] {:>3}%", "#".repeat(filled), " ".repeat(width as usize - filled), d * 100 / total.max(1));
+        print!(
+            "\r[{}{}] {:>3}%",
+            "#".repeat(filled),
+            " ".repeat(width as usize - filled),
+            d * 100 / total.max(1)
+        );
         let _ = std::io::stdout().flush();
         if d >= total {
             println!();

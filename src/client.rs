@@ -44,7 +44,7 @@ struct SlotState<T> {
 /// # }
 /// # let cluster = Cluster::builder(Echo).in_memory().instances(1).build().unwrap();
 /// # let client = cluster.client();
-/// let pending = client.submit(b"k", &7).unwrap();
+/// let pending = client.submit("k", 7).unwrap();
 /// assert_eq!(pending.offset(), 0);
 /// assert_eq!(pending.wait().unwrap(), 7);
 /// # cluster.shutdown().unwrap();

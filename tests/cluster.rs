@@ -266,7 +266,7 @@ fn a_full_queue_pushes_back_and_nothing_refused_is_logged() {
 fn reopening_the_same_logs_rebuilds_every_state() {
     let h = Harness::new();
     let cluster = h.cluster(3).checkpoint_every(64).build().unwrap();
-    let first = load(&cluster, 2, 200, 25, |i| Req::Add(i));
+    let first = load(&cluster, 2, 200, 25, Req::Add);
     drop(cluster); // no shutdown: no final checkpoint
     let cluster = h.cluster(2).build().unwrap();
     h.check(&first, &cluster);

@@ -120,13 +120,17 @@ fn acknowledged_requests_survive_sigkill_exactly_once() {
         child.kill().expect("SIGKILL the child");
         child.wait().expect("reap the child");
         let lines = reader.join().expect("stdout reader");
-        assert!(!lines.is_empty(), "round {round}: the child answered requests");
+        assert!(
+            !lines.is_empty(),
+            "round {round}: the child answered requests"
+        );
         for line in lines {
             let parts: Vec<&str> = line.split_whitespace().collect();
             let [_, offset, key, value, sum] = parts[..] else {
                 continue; // a line cut by the kill
             };
-            let (Ok(offset), Ok(value), Ok(sum)) = (offset.parse(), value.parse(), sum.parse()) else {
+            let (Ok(offset), Ok(value), Ok(sum)) = (offset.parse(), value.parse(), sum.parse())
+            else {
                 continue;
             };
             acked.insert(
@@ -173,7 +177,11 @@ fn check(dir: &Path, acked: &HashMap<u64, Ack>, round: usize) {
         .unwrap_or_else(|e| panic!("round {round}: recovery failed: {e}"));
     let client = cluster.client();
     for (key, want) in &states {
-        let got = client.submit(key, Req::Get).expect("submit").wait().expect("answer");
+        let got = client
+            .submit(key, Req::Get)
+            .expect("submit")
+            .wait()
+            .expect("answer");
         assert_eq!(
             got,
             Resp::State(*want),

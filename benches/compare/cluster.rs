@@ -33,7 +33,9 @@ impl Handler for Counter {
 
 /// Per client thread, the keys it sends, drawn from Zipf(1.1) over `keys` names.
 fn workload(requests: usize, keys: u64) -> Vec<Vec<Arc<[u8]>>> {
-    let names: Vec<Arc<[u8]>> = (1..=keys).map(|r| format!("user-{r:05}").into_bytes().into()).collect();
+    let names: Vec<Arc<[u8]>> = (1..=keys)
+        .map(|r| format!("user-{r:05}").into_bytes().into())
+        .collect();
     let zipf = Zipf::new(keys as f64, 1.1).expect("zipf parameters");
     (0..CLIENTS)
         .map(|c| {
@@ -125,7 +127,11 @@ impl Baseline {
         });
         let rate = total as f64 / started.elapsed().as_secs_f64();
         drop(b.workers);
-        let counts = b.handles.into_iter().map(|h| h.join().expect("worker")).collect();
+        let counts = b
+            .handles
+            .into_iter()
+            .map(|h| h.join().expect("worker"))
+            .collect();
         (rate, counts)
     }
 }
@@ -174,7 +180,12 @@ fn run_cauce(work: &[Vec<Arc<[u8]>>]) -> (f64, Vec<u64>) {
         }
     });
     let rate = total as f64 / started.elapsed().as_secs_f64();
-    let counts = cluster.metrics().instances.iter().map(|i| i.requests).collect();
+    let counts = cluster
+        .metrics()
+        .instances
+        .iter()
+        .map(|i| i.requests)
+        .collect();
     cluster.shutdown().expect("shutdown");
     (rate, counts)
 }
@@ -243,9 +254,15 @@ fn cauce_latencies(rate: f64, keys: &[Arc<[u8]>]) -> Vec<f64> {
         .into_iter()
         .map(|(pending, timed)| {
             if let Some(pending) = pending {
-                pending.wait_timeout(Duration::from_secs(30)).expect("answer");
+                pending
+                    .wait_timeout(Duration::from_secs(30))
+                    .expect("answer");
             }
-            let done = timed.done.lock().expect("stamp").unwrap_or_else(Instant::now);
+            let done = timed
+                .done
+                .lock()
+                .expect("stamp")
+                .unwrap_or_else(Instant::now);
             done.saturating_duration_since(timed.due).as_secs_f64() * 1e6
         })
         .collect();
@@ -311,7 +328,6 @@ pub fn run(bench: &mut Bench) {
 
 /// Closed-loop throughput and balance; returns cauce's peak rate.
 fn throughput(bench: &mut Bench, work: &[Vec<Arc<[u8]>>]) -> f64 {
-
     let mut ours_counts = Vec::new();
     let mut base_counts = Vec::new();
     let throughput = bench.compare(

@@ -470,10 +470,15 @@ impl<H: Handler> Shared<H> {
             if routing.instances.len() == 1 {
                 return Err(Error::Config("cannot remove the last instance".into()));
             }
-            routing.instances.remove(&id).ok_or(Error::UnknownInstance(id))?
+            routing
+                .instances
+                .remove(&id)
+                .ok_or(Error::UnknownInstance(id))?
         };
-        self.handled_by_gone
-            .fetch_add(inst.stats.requests.load(Ordering::Relaxed), Ordering::Relaxed);
+        self.handled_by_gone.fetch_add(
+            inst.stats.requests.load(Ordering::Relaxed),
+            Ordering::Relaxed,
+        );
         self.retiring.lock().push(inst.clone());
         inst.permits.retire();
         self.routing.lock().placement.remove(id)?;
@@ -499,8 +504,10 @@ impl<H: Handler> Shared<H> {
         let Some(inst) = self.routing.lock().instances.remove(&id) else {
             return;
         };
-        self.handled_by_gone
-            .fetch_add(inst.stats.requests.load(Ordering::Relaxed), Ordering::Relaxed);
+        self.handled_by_gone.fetch_add(
+            inst.stats.requests.load(Ordering::Relaxed),
+            Ordering::Relaxed,
+        );
         tracing::warn!(instance = %id, why, "instance lost; moving its keys");
         inst.fence();
         if let Some(round) = self.round.lock().as_ref() {

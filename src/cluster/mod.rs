@@ -334,7 +334,10 @@ impl<H: Handler> ClusterBuilder<H> {
             Storage::Stores { input, effects } => (input, effects),
             Storage::Dir(dir) => (
                 Arc::new(LogStore::open(dir.join("input"), self.log_options.clone())?),
-                Some(Arc::new(LogStore::open(dir.join("effects"), self.log_options)?)),
+                Some(Arc::new(LogStore::open(
+                    dir.join("effects"),
+                    self.log_options,
+                )?)),
             ),
         };
         let tick = self.options.tick;

@@ -1,9 +1,9 @@
 //! [`Supervisor`]: a thread that watches heartbeats and calls back on stalls and ticks.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread::JoinHandle;
-use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 use parking_lot::{Condvar, Mutex};

@@ -51,17 +51,10 @@ pub enum Resp {
 }
 
 /// The test service.
+#[derive(Default)]
 pub struct Service {
     /// Counts how many times `External` really called out.
     pub calls: std::sync::Arc<std::sync::atomic::AtomicU64>,
-}
-
-impl Default for Service {
-    fn default() -> Self {
-        Service {
-            calls: Default::default(),
-        }
-    }
 }
 
 impl Handler for Service {
