@@ -45,7 +45,8 @@ struct SlotState<T> {
 /// # let cluster = Cluster::builder(Echo).in_memory().instances(1).build().unwrap();
 /// # let client = cluster.client();
 /// let pending = client.submit("k", 7).unwrap();
-/// assert_eq!(pending.offset(), 0);
+/// // Its offset in the input log is its identity (the log also holds membership records).
+/// assert_eq!(pending.offset() + 1, client.metrics().next_offset);
 /// assert_eq!(pending.wait().unwrap(), 7);
 /// # cluster.shutdown().unwrap();
 /// ```
