@@ -145,6 +145,26 @@ pub enum Error {
         message: String,
     },
 
+    /// A replay did not do what the original run did (a handler that is not
+    /// deterministic, for example one that calls out in a different order).
+    #[error("replay of offset {offset} diverged from the journal: {detail}")]
+    Nondeterministic {
+        /// The offset of the request being replayed.
+        offset: Offset,
+        /// What differed.
+        detail: String,
+    },
+
+    /// The state of some keys could not be rebuilt, so requests for them are refused
+    /// rather than served from a wrong state.
+    #[error("state on instance {instance} is unavailable: {reason}")]
+    StateUnavailable {
+        /// The instance that failed to rebuild.
+        instance: InstanceId,
+        /// Why.
+        reason: String,
+    },
+
     /// An instance was given a weight a router cannot take (weights must be positive).
     #[error("instance {instance} cannot have weight {weight}: weights must be at least 1")]
     InvalidWeight {

@@ -4,8 +4,12 @@
 //! (Crate docs grow with the parts; see the module docs.)
 #![warn(missing_docs)]
 
+pub mod client;
+pub mod cluster;
 pub mod codec;
 pub mod error;
+pub mod handler;
+pub mod launcher;
 pub mod record;
 pub mod router;
 pub mod store;

@@ -1,8 +1,392 @@
-//! The cluster comparisons.
+//! The cluster end to end: a keyed counter on 4 instances under a Zipf(1.1) load, against
+//! the same handler on 4 threads fed by crossbeam channels with a static hash and no log
+//! (the limit of the machine for this work).
 
-use crate::harness::Bench;
+use std::collections::{HashMap, VecDeque};
+use std::sync::Arc;
+use std::thread;
+use std::time::{Duration, Instant};
+
+use cauce::cluster::{Cluster, Context, Handler, Pending};
+use cauce::store::{LogOptions, SyncPolicy};
+use crossbeam_channel::{Receiver, Sender, bounded, unbounded};
+use rand::{RngExt, SeedableRng, rngs::SmallRng};
+use rand_distr::Zipf;
+
+use crate::harness::{Bench, Better, Goal, median, quantile};
+
+const INSTANCES: usize = 4;
+const CLIENTS: usize = 2;
+const WINDOW: usize = 256;
+
+struct Counter;
+
+impl Handler for Counter {
+    type State = u64;
+    type Request = u64;
+    type Response = u64;
+    fn handle(&self, _: &mut Context<'_>, _: &[u8], total: &mut u64, add: u64) -> u64 {
+        *total = total.wrapping_add(add);
+        *total
+    }
+}
+
+/// Per client thread, the keys it sends, drawn from Zipf(1.1) over `keys` names.
+fn workload(requests: usize, keys: u64) -> Vec<Vec<Arc<[u8]>>> {
+    let names: Vec<Arc<[u8]>> = (1..=keys)
+        .map(|r| format!("user-{r:05}").into_bytes().into())
+        .collect();
+    let zipf = Zipf::new(keys as f64, 1.1).expect("zipf parameters");
+    (0..CLIENTS)
+        .map(|c| {
+            let mut rng = SmallRng::seed_from_u64(42 + c as u64);
+            (0..requests / CLIENTS)
+                .map(|_| names[rng.sample(zipf) as usize - 1].clone())
+                .collect()
+        })
+        .collect()
+}
+
+// ---- the baseline: static hash over crossbeam channels, no log --------------------
+
+struct Job {
+    key: Arc<[u8]>,
+    add: u64,
+    client: usize,
+    sent: Instant,
+}
+
+struct Baseline {
+    workers: Vec<Sender<Job>>,
+    replies: Vec<Receiver<(u64, Instant)>>,
+    handles: Vec<thread::JoinHandle<u64>>,
+}
+
+impl Baseline {
+    fn start() -> Baseline {
+        let (reply_tx, replies): (Vec<_>, Vec<_>) = (0..CLIENTS).map(|_| unbounded()).unzip();
+        let mut workers = Vec::new();
+        let mut handles = Vec::new();
+        for _ in 0..INSTANCES {
+            let (tx, rx) = bounded::<Job>(1024);
+            let reply_tx: Vec<Sender<(u64, Instant)>> = reply_tx.clone();
+            workers.push(tx);
+            handles.push(thread::spawn(move || {
+                let mut states: HashMap<Arc<[u8]>, u64> = HashMap::new();
+                let mut handled = 0;
+                for job in rx {
+                    let total = states.entry(job.key).or_default();
+                    *total = total.wrapping_add(job.add);
+                    handled += 1;
+                    let _ = reply_tx[job.client].send((*total, job.sent));
+                }
+                handled
+            }));
+        }
+        Baseline {
+            workers,
+            replies,
+            handles,
+        }
+    }
+
+    fn owner(key: &[u8]) -> usize {
+        (xxhash_rust::xxh3::xxh3_64(key) % INSTANCES as u64) as usize
+    }
+
+    /// Runs the load; returns (requests/s, per-worker counts).
+    fn run(work: &[Vec<Arc<[u8]>>]) -> (f64, Vec<u64>) {
+        let b = Baseline::start();
+        let started = Instant::now();
+        let total: usize = work.iter().map(Vec::len).sum();
+        thread::scope(|s| {
+            for (c, keys) in work.iter().enumerate() {
+                let workers = &b.workers;
+                let replies = &b.replies[c];
+                s.spawn(move || {
+                    let mut outstanding = 0;
+                    for key in keys {
+                        if outstanding == WINDOW {
+                            replies.recv().expect("reply");
+                            outstanding -= 1;
+                        }
+                        let job = Job {
+                            key: key.clone(),
+                            add: 1,
+                            client: c,
+                            sent: Instant::now(),
+                        };
+                        workers[Baseline::owner(key)].send(job).expect("worker");
+                        outstanding += 1;
+                    }
+                    for _ in 0..outstanding {
+                        replies.recv().expect("reply");
+                    }
+                });
+            }
+        });
+        let rate = total as f64 / started.elapsed().as_secs_f64();
+        drop(b.workers);
+        let counts = b
+            .handles
+            .into_iter()
+            .map(|h| h.join().expect("worker"))
+            .collect();
+        (rate, counts)
+    }
+}
+
+// ---- cauce ---------------------------------------------------------------------------
+
+/// A fresh cluster on the embedded defaults (logs on disk under the target dir), the log
+/// synced every 10 ms.
+fn start_cluster() -> (Cluster<Counter>, tempfile::TempDir) {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("target");
+    let dir = tempfile::tempdir_in(root).expect("bench dir");
+    let sync = SyncPolicy::Every {
+        records: u64::MAX,
+        interval: Duration::from_millis(10),
+    };
+    let cluster = Cluster::builder(Counter)
+        .dir(dir.path())
+        .log_options(LogOptions::new().sync(sync))
+        .instances(INSTANCES)
+        .queue_capacity(1024)
+        .build()
+        .expect("cluster");
+    (cluster, dir)
+}
+
+/// Runs the load through a fresh cluster; returns (requests/s, per-instance counts).
+fn run_cauce(work: &[Vec<Arc<[u8]>>]) -> (f64, Vec<u64>) {
+    let (cluster, _dir) = start_cluster();
+    let started = Instant::now();
+    let total: usize = work.iter().map(Vec::len).sum();
+    thread::scope(|s| {
+        for keys in work {
+            let client = cluster.client();
+            s.spawn(move || {
+                let mut window: VecDeque<Pending<u64>> = VecDeque::with_capacity(WINDOW);
+                for key in keys {
+                    if window.len() == WINDOW {
+                        window.pop_front().expect("window").wait().expect("answer");
+                    }
+                    window.push_back(client.submit(&**key, 1).expect("submit"));
+                }
+                for p in window {
+                    p.wait().expect("answer");
+                }
+            });
+        }
+    });
+    let rate = total as f64 / started.elapsed().as_secs_f64();
+    let counts = cluster
+        .metrics()
+        .instances
+        .iter()
+        .map(|i| i.requests)
+        .collect();
+    cluster.shutdown().expect("shutdown");
+    (rate, counts)
+}
+
+/// Sends `keys` at `rate` requests/s, calling `send(key, due)` for each at (or as soon
+/// as it can after) its due time, without spinning a core away from the system under test.
+fn paced(rate: f64, keys: &[Arc<[u8]>], mut send: impl FnMut(&Arc<[u8]>, Instant)) {
+    let gap = Duration::from_secs_f64(1.0 / rate);
+    let start = Instant::now() + Duration::from_millis(1);
+    let mut i = 0;
+    while i < keys.len() {
+        let now = Instant::now();
+        while i < keys.len() && start + gap * i as u32 <= now {
+            send(&keys[i], start + gap * i as u32);
+            i += 1;
+        }
+        if i < keys.len() {
+            // Sleep through long gaps; yield through short ones (a sleep overshoots by
+            // ~60 µs, a yield gives the core to the system under test).
+            let wait = (start + gap * i as u32).saturating_duration_since(Instant::now());
+            if wait > Duration::from_micros(150) {
+                thread::sleep(wait - Duration::from_micros(100));
+            } else {
+                thread::yield_now();
+            }
+        }
+    }
+}
+
+/// cauce's latencies at `rate`: each answer is timed by the instance that gives it
+/// (through the pending response's waker), from the request's due time.
+fn cauce_latencies(rate: f64, keys: &[Arc<[u8]>]) -> Vec<f64> {
+    use std::future::Future;
+    use std::task::{Context as TaskContext, Poll, Waker};
+
+    struct Timed {
+        due: Instant,
+        done: std::sync::Mutex<Option<Instant>>,
+    }
+    impl std::task::Wake for Timed {
+        fn wake(self: Arc<Self>) {
+            *self.done.lock().expect("stamp") = Some(Instant::now());
+        }
+    }
+    let (cluster, _dir) = start_cluster();
+    let client = cluster.client();
+    let mut outstanding: Vec<(Option<Pending<u64>>, Arc<Timed>)> = Vec::with_capacity(keys.len());
+    paced(rate, keys, |key, due| {
+        let mut pending = client.submit(&**key, 1).expect("submit");
+        let timed = Arc::new(Timed {
+            due,
+            done: std::sync::Mutex::new(None),
+        });
+        let waker = Waker::from(timed.clone());
+        let mut cx = TaskContext::from_waker(&waker);
+        match std::pin::Pin::new(&mut pending).poll(&mut cx) {
+            Poll::Ready(answer) => {
+                answer.expect("answer");
+                *timed.done.lock().expect("stamp") = Some(Instant::now());
+                outstanding.push((None, timed));
+            }
+            Poll::Pending => outstanding.push((Some(pending), timed)),
+        }
+    });
+    let latencies = outstanding
+        .into_iter()
+        .map(|(pending, timed)| {
+            if let Some(pending) = pending {
+                pending
+                    .wait_timeout(Duration::from_secs(30))
+                    .expect("answer");
+            }
+            let done = timed
+                .done
+                .lock()
+                .expect("stamp")
+                .unwrap_or_else(Instant::now);
+            done.saturating_duration_since(timed.due).as_secs_f64() * 1e6
+        })
+        .collect();
+    cluster.shutdown().expect("shutdown");
+    latencies
+}
+
+/// The baseline's latencies at `rate`: each worker timestamps its answer.
+fn baseline_latencies(rate: f64, keys: &[Arc<[u8]>]) -> Vec<f64> {
+    let (reply_tx, reply_rx) = unbounded::<(Instant, Instant)>();
+    let (workers, handles): (Vec<_>, Vec<_>) = (0..INSTANCES)
+        .map(|_| {
+            let (tx, rx) = bounded::<(Arc<[u8]>, Instant)>(1024);
+            let reply = reply_tx.clone();
+            let h = thread::spawn(move || {
+                let mut states: HashMap<Arc<[u8]>, u64> = HashMap::new();
+                for (key, due) in rx {
+                    *states.entry(key).or_default() += 1;
+                    let _ = reply.send((due, Instant::now()));
+                }
+            });
+            (tx, h)
+        })
+        .unzip();
+    drop(reply_tx);
+    paced(rate, keys, |key, due| {
+        workers[Baseline::owner(key)]
+            .send((key.clone(), due))
+            .expect("worker");
+    });
+    drop(workers);
+    for h in handles {
+        h.join().expect("worker");
+    }
+    reply_rx
+        .into_iter()
+        .map(|(due, done)| done.saturating_duration_since(due).as_secs_f64() * 1e6)
+        .collect()
+}
+
+fn peak_to_mean(counts: &[u64]) -> f64 {
+    let total: u64 = counts.iter().sum();
+    let peak = counts.iter().copied().max().unwrap_or(0);
+    peak as f64 * counts.len() as f64 / total.max(1) as f64
+}
 
 /// Runs the cluster group.
 pub fn run(bench: &mut Bench) {
-    let _ = bench;
+    let requests = bench.size(400_000, 60_000);
+    let work = workload(requests, 10_000);
+    let mut peak = None;
+    if bench.group("cluster.throughput") {
+        peak = Some(throughput(bench, &work));
+    }
+    if bench.group("cluster.latency") {
+        let rate = match peak {
+            Some(p) => p,
+            None => run_cauce(&work).0,
+        };
+        latency(bench, &work, rate / 2.0);
+    }
+}
+
+/// Closed-loop throughput and balance; returns cauce's peak rate.
+fn throughput(bench: &mut Bench, work: &[Vec<Arc<[u8]>>]) -> f64 {
+    let mut ours_counts = Vec::new();
+    let mut base_counts = Vec::new();
+    let throughput = bench.compare(
+        "cluster.zipf.4.throughput.vs_static_channels",
+        "req/s",
+        Better::More,
+        Some(Goal::RatioAtLeast(0.5)),
+        || {
+            let (rate, counts) = run_cauce(work);
+            ours_counts = counts;
+            rate
+        },
+        || {
+            let (rate, counts) = Baseline::run(work);
+            base_counts = counts;
+            rate
+        },
+    );
+    bench.record(
+        "cluster.zipf.4.peak_to_mean.vs_static_channels",
+        "peak/mean",
+        Better::Less,
+        Some(Goal::OursAtMost(1.25)),
+        peak_to_mean(&ours_counts),
+        peak_to_mean(&base_counts),
+    );
+
+    throughput.ours
+}
+
+/// Open-loop latency at `rate` (half of cauce's peak), both sides paced the same.
+fn latency(bench: &mut Bench, work: &[Vec<Arc<[u8]>>], rate: f64) {
+    let n = bench.size(100_000, 20_000);
+    let keys = &work[0][..n.min(work[0].len())];
+    let mut ours = (Vec::new(), Vec::new());
+    let mut base = (Vec::new(), Vec::new());
+    for _ in 0..3 {
+        let mut lat = cauce_latencies(rate, keys);
+        ours.0.push(quantile(&mut lat, 0.5));
+        ours.1.push(quantile(&mut lat, 0.99));
+        let mut lat = baseline_latencies(rate, keys);
+        base.0.push(quantile(&mut lat, 0.5));
+        base.1.push(quantile(&mut lat, 0.99));
+    }
+    println!("paced at {:.0} requests/s", rate);
+    bench.record(
+        "cluster.zipf.4.p50_at_half_load.vs_static_channels",
+        "µs",
+        Better::Less,
+        None,
+        median(&ours.0),
+        median(&base.0),
+    );
+    bench.record(
+        "cluster.zipf.4.p99_at_half_load.vs_static_channels",
+        "µs",
+        Better::Less,
+        Some(Goal::OursAtMost(1000.0)),
+        median(&ours.1),
+        median(&base.1),
+    );
 }

@@ -1,0 +1,307 @@
+//! infinitext: a text service for many users, told as a story in three acts.
+//!
+//! 1. Static partitions: users A–F on instance 1, G–L on 2, M–R on 3, S–Z on 4. Real
+//!    names are skewed (many start with J, M, A or S) and a few users type far more than
+//!    the rest, so one partition drowns while another idles.
+//! 2. The same load on cauce: keys placed by consistent hashing with bounded loads, no
+//!    instance above 1.25× the mean, no central table.
+//! 3. An instance stalls in the middle of the load (a paste that hangs its handler): the
+//!    supervisor notices, moves its users to a replacement, and every request is still
+//!    answered once, with every document exactly as typed.
+//!
+//! ```sh
+//! cargo run --release --example infinitext
+//! ```
+
+use std::collections::{HashMap, VecDeque};
+use std::time::{Duration, Instant};
+
+use cauce::cluster::{Cluster, Context, Handler, Metrics, Pending};
+use cauce::store::{LogOptions, SyncPolicy};
+use rand::{RngExt, SeedableRng, rngs::SmallRng};
+use rand_distr::Zipf;
+use serde::{Deserialize, Serialize};
+
+#[derive(Serialize, Deserialize)]
+enum Edit {
+    /// Append text to the user's document.
+    Type(String),
+    /// A paste that, when it first runs, hangs the handler for this many milliseconds.
+    SlowPaste(String, u64),
+}
+
+/// The text service: one document per user.
+struct Documents;
+
+impl Handler for Documents {
+    type State = String;
+    type Request = Edit;
+    type Response = usize;
+
+    fn handle(&self, ctx: &mut Context<'_>, _user: &[u8], doc: &mut String, edit: Edit) -> usize {
+        match edit {
+            Edit::Type(text) => doc.push_str(&text),
+            Edit::SlowPaste(text, hang_ms) => {
+                // A stall is an accident of the moment, not of the data: replays don't hang.
+                if !ctx.is_replay() {
+                    std::thread::sleep(Duration::from_millis(hang_ms));
+                }
+                doc.push_str(&text);
+            }
+        }
+        doc.len()
+    }
+}
+
+const INSTANCES: usize = 4;
+const USERS: usize = 3_000;
+const REQUESTS: usize = 120_000;
+
+/// User names whose first letters follow how common they are among real first names.
+fn names(rng: &mut SmallRng) -> Vec<String> {
+    // Rough shares of first letters of given names (per mille).
+    let letters: &[(char, u32)] = &[
+        ('a', 110),
+        ('b', 50),
+        ('c', 70),
+        ('d', 60),
+        ('e', 45),
+        ('f', 20),
+        ('g', 30),
+        ('h', 30),
+        ('i', 15),
+        ('j', 120),
+        ('k', 60),
+        ('l', 55),
+        ('m', 100),
+        ('n', 30),
+        ('o', 10),
+        ('p', 25),
+        ('r', 50),
+        ('s', 70),
+        ('t', 40),
+        ('v', 10),
+        ('w', 10),
+        ('y', 5),
+        ('z', 5),
+    ];
+    let total: u32 = letters.iter().map(|l| l.1).sum();
+    let syllables = [
+        "an", "el", "ar", "in", "on", "ie", "ka", "li", "ma", "ro", "sa", "th",
+    ];
+    (0..USERS)
+        .map(|i| {
+            let mut pick = rng.random_range(0..total);
+            let first = letters.iter().find(|(_, w)| {
+                if pick < *w {
+                    true
+                } else {
+                    pick -= w;
+                    false
+                }
+            });
+            let mut name = first.map_or('x', |l| l.0).to_string();
+            for _ in 0..rng.random_range(1..4) {
+                name.push_str(syllables[rng.random_range(0..syllables.len())]);
+            }
+            format!("{name}{i}")
+        })
+        .collect()
+}
+
+/// The static partition of a user: A–F, G–L, M–R, S–Z.
+fn static_partition(user: &str) -> usize {
+    match user.as_bytes()[0] {
+        b'a'..=b'f' => 0,
+        b'g'..=b'l' => 1,
+        b'm'..=b'r' => 2,
+        _ => 3,
+    }
+}
+
+fn peak_to_mean(loads: &[u64]) -> f64 {
+    let total: u64 = loads.iter().sum();
+    loads.iter().copied().max().unwrap_or(0) as f64 * loads.len() as f64 / total.max(1) as f64
+}
+
+struct Act {
+    name: &'static str,
+    loads: Vec<u64>,
+    /// Whether `loads` covers every request (not when an instance was replaced).
+    balanced_view: bool,
+    answered: Option<usize>,
+    lost: Option<usize>,
+    note: String,
+}
+
+/// Runs `load` through a fresh cluster; returns the metrics and how many requests were
+/// answered and lost, checking every document against what was typed.
+fn serve(
+    load: &[(usize, Edit)],
+    users: &[String],
+    stall_timeout: Duration,
+) -> (Metrics, usize, usize, Duration) {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let cluster = Cluster::builder(Documents)
+        .dir(dir.path())
+        .log_options(LogOptions::new().sync(SyncPolicy::Every {
+            records: u64::MAX,
+            interval: Duration::from_millis(10),
+        }))
+        .instances(INSTANCES)
+        .stall_timeout(stall_timeout)
+        .build()
+        .expect("cluster");
+    let client = cluster.client();
+    let started = Instant::now();
+    let mut answered = 0;
+    let mut lost = 0;
+    let mut window: VecDeque<Pending<usize>> = VecDeque::new();
+    let mut expected: HashMap<usize, usize> = HashMap::new();
+    let settle = |p: Pending<usize>, answered: &mut usize, lost: &mut usize| match p
+        .wait_timeout(Duration::from_secs(30))
+    {
+        Ok(_) => *answered += 1,
+        Err(_) => *lost += 1,
+    };
+    for (user, edit) in load {
+        let len = match edit {
+            Edit::Type(t) | Edit::SlowPaste(t, _) => t.len(),
+        };
+        *expected.entry(*user).or_default() += len;
+        let request = match edit {
+            Edit::Type(t) => Edit::Type(t.clone()),
+            Edit::SlowPaste(t, ms) => Edit::SlowPaste(t.clone(), *ms),
+        };
+        if window.len() == 256 {
+            settle(
+                window.pop_front().expect("window"),
+                &mut answered,
+                &mut lost,
+            );
+        }
+        window.push_back(client.submit(&users[*user], request).expect("submit"));
+    }
+    for p in window {
+        settle(p, &mut answered, &mut lost);
+    }
+    let elapsed = started.elapsed();
+    // Every document holds exactly what was typed: an empty append reads its length.
+    for (user, len) in &expected {
+        let got = client
+            .submit(&users[*user], Edit::Type(String::new()))
+            .expect("submit")
+            .wait()
+            .expect("read");
+        if got != *len {
+            lost += 1;
+        }
+    }
+    let metrics = cluster.metrics();
+    cluster.shutdown().expect("shutdown");
+    (metrics, answered, lost, elapsed)
+}
+
+fn main() {
+    let mut rng = SmallRng::seed_from_u64(7);
+    let users = names(&mut rng);
+    let zipf = Zipf::new(USERS as f64, 1.1).expect("zipf");
+    let words = [
+        "the ", "quick ", "brown ", "fox ", "jumps ", "over ", "a ", "lazy ", "dog ",
+    ];
+    let load: Vec<(usize, Edit)> = (0..REQUESTS)
+        .map(|_| {
+            let user = rng.sample(zipf) as usize - 1;
+            (
+                user,
+                Edit::Type(words[rng.random_range(0..words.len())].to_string()),
+            )
+        })
+        .collect();
+    println!(
+        "infinitext: {USERS} users with real-looking names, {REQUESTS} edits, Zipf(1.1), {INSTANCES} instances\n"
+    );
+
+    let mut acts = Vec::new();
+    let mut loads = vec![0u64; INSTANCES];
+    for (user, _) in &load {
+        loads[static_partition(&users[*user])] += 1;
+    }
+    acts.push(Act {
+        name: "static partitions A-F G-L M-R S-Z",
+        loads,
+        balanced_view: true,
+        answered: None,
+        lost: None,
+        note: "one partition takes the busy names".to_string(),
+    });
+
+    let (metrics, answered, lost, elapsed) = serve(&load, &users, Duration::from_secs(5));
+    acts.push(Act {
+        name: "cauce, bounded loads",
+        loads: metrics.instances.iter().map(|i| i.requests).collect(),
+        balanced_view: true,
+        answered: Some(answered),
+        lost: Some(lost),
+        note: format!("{:.0} edits/s", REQUESTS as f64 / elapsed.as_secs_f64()),
+    });
+
+    // Act 3: the same load, with one paste halfway that hangs its instance for 2 s.
+    let mut stalled_load = load;
+    let hot = stalled_load[REQUESTS / 2].0;
+    stalled_load[REQUESTS / 2].1 = Edit::SlowPaste("<a very long paste> ".to_string(), 2_000);
+    let (metrics, answered, lost, elapsed) =
+        serve(&stalled_load, &users, Duration::from_millis(250));
+    acts.push(Act {
+        name: "cauce, one instance stalls",
+        loads: metrics.instances.iter().map(|i| i.requests).collect(),
+        // The stalled instance is gone from the live view, with what it handled.
+        balanced_view: false,
+        answered: Some(answered),
+        lost: Some(lost),
+        note: format!(
+            "{} stalled (user {}), replaced in flight; {:.1} s",
+            metrics.stalls,
+            users[hot],
+            elapsed.as_secs_f64()
+        ),
+    });
+
+    println!(
+        "{:<36} {:>22} {:>9} {:>9} {:>5}",
+        "act", "requests per instance", "peak/mean", "answered", "lost"
+    );
+    for act in &acts {
+        let loads: Vec<String> = act
+            .loads
+            .iter()
+            .map(|l| format!("{:.0}k", *l as f64 / 1e3))
+            .collect();
+        let peak = if act.balanced_view {
+            format!("{:.2}", peak_to_mean(&act.loads))
+        } else {
+            "-".to_string()
+        };
+        println!(
+            "{:<36} {:>22} {:>9} {:>9} {:>5}  {}",
+            act.name,
+            loads.join(" "),
+            peak,
+            act.answered.map_or("-".to_string(), |a| a.to_string()),
+            act.lost.map_or("-".to_string(), |l| l.to_string()),
+            act.note
+        );
+    }
+    let ok = acts.iter().all(|a| a.lost.unwrap_or(0) == 0);
+    println!(
+        "\n{}",
+        if ok {
+            "every edit was answered once and every document reads exactly as typed."
+        } else {
+            "SOME EDITS WERE LOST"
+        }
+    );
+    if !ok {
+        std::process::exit(1);
+    }
+}

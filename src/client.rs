@@ -1,0 +1,240 @@
+//! Pending responses: what `submit` returns, waited on blocking or awaited as a future.
+//!
+//! A [`Pending`] is the receiving half of a one-shot slot. The instance that handles the
+//! request fills it; the first answer wins and later ones are ignored, which is what lets
+//! a supervisor hand a stalled instance's request to another instance without ever
+//! answering twice. It needs no async runtime: `wait` blocks the thread, and `Pending`
+//! is also a [`Future`] that any executor can poll.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll, Waker};
+use std::time::{Duration, Instant};
+
+use parking_lot::{Condvar, Mutex};
+
+use crate::error::{Error, Result};
+use crate::record::Offset;
+
+struct Slot<T> {
+    state: Mutex<SlotState<T>>,
+    ready: Condvar,
+}
+
+struct SlotState<T> {
+    value: Option<Result<T>>,
+    answered: bool,
+    /// The value was handed out (by `wait`, `wait_timeout` or `poll`).
+    taken: bool,
+    waker: Option<Waker>,
+}
+
+/// A response that will arrive: wait for it with [`wait`](Pending::wait) or
+/// [`wait_timeout`](Pending::wait_timeout), or `.await` it on any executor.
+///
+/// ```
+/// # use cauce::cluster::{Cluster, Handler, Context};
+/// # struct Echo;
+/// # impl Handler for Echo {
+/// #     type State = ();
+/// #     type Request = u32;
+/// #     type Response = u32;
+/// #     fn handle(&self, _: &mut Context<'_>, _: &[u8], _: &mut (), r: u32) -> u32 { r }
+/// # }
+/// # let cluster = Cluster::builder(Echo).in_memory().instances(1).build().unwrap();
+/// # let client = cluster.client();
+/// let pending = client.submit("k", 7).unwrap();
+/// // Its offset in the input log is its identity (the log also holds membership records).
+/// assert_eq!(pending.offset() + 1, client.metrics().next_offset);
+/// assert_eq!(pending.wait().unwrap(), 7);
+/// # cluster.shutdown().unwrap();
+/// ```
+#[must_use = "a pending response does nothing unless waited on"]
+pub struct Pending<T> {
+    slot: Arc<Slot<T>>,
+    offset: Offset,
+}
+
+/// The answering half of a [`Pending`]. Cloneable; the first answer wins.
+pub(crate) struct Responder<T> {
+    slot: Arc<Slot<T>>,
+}
+
+impl<T> Clone for Responder<T> {
+    fn clone(&self) -> Self {
+        Responder {
+            slot: self.slot.clone(),
+        }
+    }
+}
+
+/// A new pending response for the request at `offset`, and its responder.
+pub(crate) fn pending<T>(offset: Offset) -> (Pending<T>, Responder<T>) {
+    let slot = Arc::new(Slot {
+        state: Mutex::new(SlotState {
+            value: None,
+            answered: false,
+            taken: false,
+            waker: None,
+        }),
+        ready: Condvar::new(),
+    });
+    (
+        Pending {
+            slot: slot.clone(),
+            offset,
+        },
+        Responder { slot },
+    )
+}
+
+impl<T> Responder<T> {
+    /// Answers, unless someone already did; returns whether this call answered.
+    pub(crate) fn answer(&self, value: Result<T>) -> bool {
+        let mut state = self.slot.state.lock();
+        if state.answered {
+            return false;
+        }
+        state.answered = true;
+        state.value = Some(value);
+        let waker = state.waker.take();
+        drop(state);
+        self.slot.ready.notify_all();
+        if let Some(w) = waker {
+            w.wake();
+        }
+        true
+    }
+}
+
+impl<T> Pending<T> {
+    /// The offset of the request in the input log: its identity.
+    pub fn offset(&self) -> Offset {
+        self.offset
+    }
+
+    /// True when the response has arrived (waiting will not block).
+    pub fn is_ready(&self) -> bool {
+        let state = self.slot.state.lock();
+        state.value.is_some() || state.taken
+    }
+
+    /// Blocks until the response arrives.
+    ///
+    /// The response is handed out once: after `wait_timeout` or a poll returned it,
+    /// waiting again is [`Error::Closed`].
+    pub fn wait(self) -> Result<T> {
+        let mut state = self.slot.state.lock();
+        loop {
+            if let Some(v) = take(&mut state) {
+                return v;
+            }
+            self.slot.ready.wait(&mut state);
+        }
+    }
+
+    /// Blocks until the response arrives or `timeout` passes ([`Error::Timeout`]; the
+    /// request stays accepted and will still be handled, so waiting again is fine).
+    pub fn wait_timeout(&self, timeout: Duration) -> Result<T> {
+        let deadline = Instant::now() + timeout;
+        let mut state = self.slot.state.lock();
+        loop {
+            if let Some(v) = take(&mut state) {
+                return v;
+            }
+            if self.slot.ready.wait_until(&mut state, deadline).timed_out() {
+                return take(&mut state).unwrap_or(Err(Error::Timeout(timeout)));
+            }
+        }
+    }
+}
+
+/// The response if it can be handed out now: the value, or `Closed` once it was taken.
+fn take<T>(state: &mut SlotState<T>) -> Option<Result<T>> {
+    if state.taken {
+        return Some(Err(Error::Closed));
+    }
+    let v = state.value.take()?;
+    state.taken = true;
+    Some(v)
+}
+
+impl<T> Future for Pending<T> {
+    type Output = Result<T>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Result<T>> {
+        let mut state = self.slot.state.lock();
+        match take(&mut state) {
+            Some(v) => Poll::Ready(v),
+            None => {
+                let replace = state
+                    .waker
+                    .as_ref()
+                    .is_none_or(|w| !w.will_wake(cx.waker()));
+                if replace {
+                    state.waker = Some(cx.waker().clone());
+                }
+                Poll::Pending
+            }
+        }
+    }
+}
+
+impl<T> std::fmt::Debug for Pending<T> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Pending")
+            .field("offset", &self.offset)
+            .field("ready", &self.is_ready())
+            .finish()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::task::Wake;
+
+    #[test]
+    fn first_answer_wins() {
+        let (p, r) = pending::<u32>(5);
+        let r2 = r.clone();
+        assert!(r.answer(Ok(1)));
+        assert!(!r2.answer(Ok(2)));
+        assert_eq!(p.wait().unwrap(), 1);
+    }
+
+    #[test]
+    fn wait_timeout_times_out_then_succeeds() {
+        let (p, r) = pending::<u32>(0);
+        assert!(matches!(
+            p.wait_timeout(Duration::from_millis(5)),
+            Err(Error::Timeout(_))
+        ));
+        std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(10));
+            r.answer(Ok(9));
+        });
+        assert_eq!(p.wait_timeout(Duration::from_secs(5)).unwrap(), 9);
+    }
+
+    struct Flag(std::sync::atomic::AtomicBool);
+    impl Wake for Flag {
+        fn wake(self: Arc<Self>) {
+            self.0.store(true, std::sync::atomic::Ordering::SeqCst);
+        }
+    }
+
+    #[test]
+    fn future_is_woken_when_answered() {
+        let (mut p, r) = pending::<u32>(0);
+        let flag = Arc::new(Flag(Default::default()));
+        let waker = Waker::from(flag.clone());
+        let mut cx = Context::from_waker(&waker);
+        assert!(Pin::new(&mut p).poll(&mut cx).is_pending());
+        r.answer(Ok(3));
+        assert!(flag.0.load(std::sync::atomic::Ordering::SeqCst));
+        assert!(matches!(Pin::new(&mut p).poll(&mut cx), Poll::Ready(Ok(3))));
+        assert!(matches!(p.wait_timeout(Duration::ZERO), Err(Error::Closed)));
+    }
+}

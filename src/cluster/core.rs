@@ -1,0 +1,770 @@
+//! The shared heart of a cluster: submit, membership changes, stalls, checkpoints.
+//!
+//! Ordering rules this file keeps (each one is what makes a key's state the fold of its
+//! requests in log order):
+//! - A request is appended to the input log and put on its instance's queue while the
+//!   key's stripe lock is held, so two requests of one key reach queues in log order.
+//! - Every change of who holds a key (a membership change, a stall, a key placed anew
+//!   after going idle) happens under that key's stripe lock too (membership changes take
+//!   every stripe): the old holder gets a `Release` after every request it was sent, and
+//!   the new holder gets an `Acquire` before any request it will be sent.
+//! - Within one change every `Release` is queued before any `Acquire`, so a chain of
+//!   instances waiting for each other's handoffs always ends.
+//! - A permit (room in the queue) is taken before the stripe lock, so a full queue never
+//!   blocks a membership change, and a stalled instance can always be removed.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::{Arc, Weak};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use parking_lot::{Mutex, MutexGuard, RwLock};
+
+use super::fold::{self, CHECKPOINT, Checkpoint, Control, Envelope};
+use super::instance::{
+    self, CheckpointRound, Exit, Handoff, Instance, Message, NoPermit, Source, Start,
+};
+use super::metrics::{InstanceMetrics, Metrics};
+use super::placement::{Moves, Routing};
+use crate::client::{Pending, Responder, pending};
+use crate::error::{Error, Result};
+use crate::handler::{Effects, Handler};
+use crate::launcher::{Heartbeat, Launcher, Supervised};
+use crate::record::{Entry, Offset, now};
+use crate::router::InstanceId;
+use crate::store::Store;
+
+const STRIPES: usize = 256;
+const REGISTRY_SHARDS: usize = 64;
+
+/// Tunables, set through the builder.
+#[derive(Clone, Debug)]
+pub(crate) struct Options {
+    pub(crate) queue_capacity: usize,
+    pub(crate) stall_timeout: Duration,
+    pub(crate) checkpoint_every: u64,
+    pub(crate) tick: Duration,
+    pub(crate) truncate_after_checkpoint: bool,
+}
+
+type Responders<R> = Mutex<HashMap<Offset, Responder<R>, ahash::RandomState>>;
+
+pub(crate) struct Shared<H: Handler> {
+    pub(crate) handler: Arc<H>,
+    pub(crate) input: Arc<dyn Store>,
+    pub(crate) effects: Effects,
+    effects_store: Option<Arc<dyn Store>>,
+    pub(crate) options: Options,
+    routing: Mutex<Routing<H::State>>,
+    stripes: Box<[Mutex<()>]>,
+    retiring: Mutex<Vec<Arc<Instance<H::State>>>>,
+    checkpoint: RwLock<Arc<Checkpoint>>,
+    poisoned: Mutex<BTreeSet<Offset>>,
+    responders: Box<[Responders<H::Response>]>,
+    accepting: AtomicBool,
+    /// Requests handled by all instances, ever, when the last checkpoint began.
+    handled_at_checkpoint: AtomicU64,
+    /// Requests handled by instances that are gone.
+    handled_by_gone: AtomicU64,
+    next_id: AtomicU32,
+    launcher: Arc<dyn Launcher>,
+    round: Mutex<Option<Arc<CheckpointRound>>>,
+    checkpointing: Mutex<()>,
+    /// Set when a checkpoint is due; the checkpoint thread waits on it.
+    due: (Mutex<bool>, parking_lot::Condvar),
+    stalls: AtomicU64,
+    moved: AtomicU64,
+    me: Weak<Shared<H>>,
+}
+
+/// Everything `Shared::open` needs.
+pub(crate) struct Parts<H: Handler> {
+    pub(crate) handler: H,
+    pub(crate) input: Arc<dyn Store>,
+    pub(crate) effects: Option<Arc<dyn Store>>,
+    pub(crate) options: Options,
+    pub(crate) placement: Box<dyn super::placement::Placement>,
+    pub(crate) launcher: Arc<dyn Launcher>,
+    pub(crate) instances: Vec<u32>,
+}
+
+/// What the log holds after the latest checkpoint, read once at open.
+struct Recovered {
+    checkpoint: Checkpoint,
+    poisoned: BTreeSet<Offset>,
+    keys: HashSet<Bytes, ahash::RandomState>,
+    requests: u64,
+}
+
+fn recover(input: &dyn Store) -> Result<Recovered> {
+    let checkpoint = match input.latest_snapshot(CHECKPOINT)? {
+        Some(s) => Checkpoint::decode(s.offset, &s.blob)?,
+        None if input.start_offset() > 0 => {
+            return Err(Error::Config(format!(
+                "the input log starts at offset {} but holds no checkpoint to start from",
+                input.start_offset()
+            )));
+        }
+        None => Checkpoint::empty(0),
+    };
+    let mut poisoned = BTreeSet::new();
+    let mut keys: HashSet<Bytes, ahash::RandomState> = checkpoint.states.keys().cloned().collect();
+    let mut requests = 0;
+    for record in input.read_from(checkpoint.offset)? {
+        let record = record?;
+        match fold::envelope(&record)? {
+            Envelope::Request(_) => {
+                requests += 1;
+                keys.insert(record.key.clone());
+            }
+            Envelope::Control(Control::Poison { offset }) => {
+                poisoned.insert(offset);
+            }
+            Envelope::Control(_) => {}
+        }
+    }
+    Ok(Recovered {
+        checkpoint,
+        poisoned,
+        keys,
+        requests,
+    })
+}
+
+impl<H: Handler> Shared<H> {
+    /// Recovers from the input log and starts the instances.
+    pub(crate) fn open(parts: Parts<H>) -> Result<Arc<Self>> {
+        let Parts {
+            handler,
+            input,
+            effects,
+            options,
+            placement,
+            launcher,
+            instances,
+        } = parts;
+        let mut routing = Routing {
+            placement,
+            instances: BTreeMap::new(),
+            holders: Default::default(),
+        };
+        let recovered = recover(&*input)?;
+        let journal = Effects::open(effects.clone(), recovered.checkpoint.offset)?;
+        for &id in &instances {
+            routing.placement.add(InstanceId(id), 1)?;
+        }
+        let end = input.next_offset();
+        let mut limits: HashMap<InstanceId, HashMap<Bytes, Offset, ahash::RandomState>> =
+            HashMap::new();
+        for key in &recovered.keys {
+            let owner = routing.placement.owner_of(key).ok_or(Error::NoInstance)?;
+            routing.holders.insert(key.clone(), owner);
+            limits.entry(owner).or_default().insert(key.clone(), end);
+        }
+        let next_id = instances.iter().max().map_or(0, |m| m + 1);
+        let shared = Arc::new_cyclic(|me| Shared {
+            handler: Arc::new(handler),
+            input,
+            effects: journal,
+            effects_store: effects,
+            options,
+            routing: Mutex::new(routing),
+            stripes: (0..STRIPES).map(|_| Mutex::new(())).collect(),
+            retiring: Mutex::new(Vec::new()),
+            checkpoint: RwLock::new(Arc::new(recovered.checkpoint)),
+            poisoned: Mutex::new(recovered.poisoned),
+            responders: (0..REGISTRY_SHARDS).map(|_| Mutex::default()).collect(),
+            accepting: AtomicBool::new(true),
+            // Requests replayed at open count toward the next checkpoint.
+            handled_at_checkpoint: AtomicU64::new(0),
+            handled_by_gone: AtomicU64::new(recovered.requests),
+            next_id: AtomicU32::new(next_id),
+            launcher,
+            round: Mutex::new(None),
+            checkpointing: Mutex::new(()),
+            due: (Mutex::new(false), parking_lot::Condvar::new()),
+            stalls: AtomicU64::new(0),
+            moved: AtomicU64::new(0),
+            me: me.clone(),
+        });
+        for &id in &instances {
+            let id = InstanceId(id);
+            let start = match limits.remove(&id) {
+                Some(l) => Start::Restore(l),
+                None => Start::Empty,
+            };
+            shared.start_instance(id, 1, start)?;
+            shared.journal(&Control::Join {
+                id: id.0,
+                weight: 1,
+            })?;
+        }
+        Ok(shared)
+    }
+
+    fn arc(&self) -> Arc<Self> {
+        // `self` is only reachable through an Arc built by `open`, so the upgrade holds.
+        self.me.upgrade().expect("Shared is always owned by an Arc")
+    }
+
+    fn stripe(&self, key: &[u8]) -> &Mutex<()> {
+        let h = xxhash_rust::xxh3::xxh3_64(key);
+        &self.stripes[(h as usize) & (STRIPES - 1)]
+    }
+
+    /// Holds every stripe: no request is between its append and its queue.
+    fn exclusive(&self) -> Vec<MutexGuard<'_, ()>> {
+        self.stripes.iter().map(|s| s.lock()).collect()
+    }
+
+    fn start_instance(
+        &self,
+        id: InstanceId,
+        weight: u32,
+        start: Start,
+    ) -> Result<Arc<Instance<H::State>>> {
+        let inst = Arc::new(Instance::new(id, weight, self.options.queue_capacity));
+        self.routing.lock().instances.insert(id, inst.clone());
+        self.launch(&inst, start)?;
+        Ok(inst)
+    }
+
+    fn launch(&self, inst: &Arc<Instance<H::State>>, start: Start) -> Result<()> {
+        let shared = self.arc();
+        let me = inst.clone();
+        // Held across the launch: a new loop that restarts at once must not have its
+        // handle overwritten by ours.
+        let mut slot = inst.running.lock();
+        let running = self.launcher.launch(
+            inst.id,
+            Box::new(move || {
+                if let Exit::Restart(limits) = instance::run(&shared, &me, start) {
+                    shared.restart(&me, limits);
+                }
+            }),
+        )?;
+        *slot = Some(running);
+        Ok(())
+    }
+
+    /// Relaunches an instance whose handler panicked, rebuilding its keys first.
+    fn restart(
+        &self,
+        inst: &Arc<Instance<H::State>>,
+        limits: HashMap<Bytes, Offset, ahash::RandomState>,
+    ) {
+        if inst.is_fenced() {
+            return;
+        }
+        inst.stats.restarts.fetch_add(1, Ordering::Relaxed);
+        if let Err(e) = self.launch(inst, Start::Restore(limits)) {
+            tracing::error!(instance = %inst.id, error = %e, "could not restart instance");
+            self.lose(inst.id, "could not be restarted");
+        }
+    }
+
+    fn journal(&self, control: &Control) -> Result<Offset> {
+        let payload = fold::control_payload(control)?;
+        Ok(self.input.append(&[Entry::new(b"", &payload)])?.start)
+    }
+
+    pub(crate) fn checkpoint(&self) -> Arc<Checkpoint> {
+        self.checkpoint.read().clone()
+    }
+
+    pub(crate) fn poisoned(&self) -> BTreeSet<Offset> {
+        self.poisoned.lock().clone()
+    }
+
+    /// Marks the request at `offset` as never to be applied again.
+    pub(crate) fn poison(&self, offset: Offset) -> Result<()> {
+        self.poisoned.lock().insert(offset);
+        self.journal(&Control::Poison { offset }).map(|_| ())
+    }
+
+    fn registry(&self, offset: Offset) -> &Responders<H::Response> {
+        &self.responders[(offset as usize) & (REGISTRY_SHARDS - 1)]
+    }
+
+    /// Answers the request at `offset` if someone still waits for it.
+    pub(crate) fn answer(&self, offset: Offset, result: Result<H::Response>) {
+        let responder = self.registry(offset).lock().remove(&offset);
+        if let Some(r) = responder {
+            r.answer(result);
+        }
+    }
+
+    // ---- submit ----------------------------------------------------------------
+
+    pub(crate) fn submit(
+        &self,
+        key: &[u8],
+        request: &H::Request,
+        block: bool,
+    ) -> Result<Pending<H::Response>> {
+        if !self.accepting.load(Ordering::SeqCst) {
+            return Err(Error::Closed);
+        }
+        let payload = fold::request_payload(request)?;
+        let timestamp = now();
+        let stripe = self.stripe(key);
+        let mut routed = false;
+        // The instance we hold a queue permit of, if any.
+        let mut permit: Option<Arc<Instance<H::State>>> = None;
+        loop {
+            let guard = stripe.lock();
+            if !self.accepting.load(Ordering::SeqCst) {
+                if let Some(p) = permit {
+                    p.permits.release();
+                }
+                return Err(Error::Closed);
+            }
+            let mut routing = self.routing.lock();
+            let dest_id = if routed {
+                routing.placement.placement(key)
+            } else {
+                routed = true;
+                routing.placement.route(key, timestamp)
+            };
+            let Some(dest) = dest_id.and_then(|id| routing.instances.get(&id).cloned()) else {
+                return Err(Error::NoInstance);
+            };
+            if permit.as_ref().is_none_or(|p| p.id != dest.id) {
+                if let Some(p) = permit.take() {
+                    p.permits.release();
+                }
+                match dest.permits.acquire(false) {
+                    Ok(()) => {}
+                    Err(NoPermit::Retired) => unreachable_retired(),
+                    Err(NoPermit::Busy) => {
+                        // Wait for room holding no lock, then route again: the key may
+                        // have moved meanwhile.
+                        drop(routing);
+                        drop(guard);
+                        if !block {
+                            return Err(Error::Busy {
+                                instance: dest.id,
+                                capacity: dest.permits.capacity(),
+                            });
+                        }
+                        if dest.permits.acquire(true).is_ok() {
+                            permit = Some(dest);
+                        }
+                        continue;
+                    }
+                }
+            }
+            let (key_bytes, moved_from) = match routing.holders.get_key_value(key) {
+                Some((k, &h)) if h == dest.id => (k.clone(), None),
+                Some((k, &h)) => {
+                    let k = k.clone();
+                    routing.holders.insert(k.clone(), dest.id);
+                    (k, Some(h))
+                }
+                None => {
+                    let k = Bytes::copy_from_slice(key);
+                    routing.holders.insert(k.clone(), dest.id);
+                    (k, None)
+                }
+            };
+            drop(routing);
+            let appended = self
+                .input
+                .append(&[Entry::with_timestamp(timestamp, key, &payload)]);
+            let offset = match appended {
+                Ok(range) => range.start,
+                Err(e) => {
+                    let mut routing = self.routing.lock();
+                    match moved_from {
+                        Some(h) => routing.holders.insert(key_bytes, h),
+                        None => routing.holders.remove(key),
+                    };
+                    dest.permits.release();
+                    return Err(e);
+                }
+            };
+            if let Some(from) = moved_from {
+                self.move_keys(&Moves::single(from, dest.id, key_bytes.clone()), offset);
+            }
+            let (pending, responder) = pending(offset);
+            self.registry(offset).lock().insert(offset, responder);
+            dest.send(Message::Request {
+                offset,
+                timestamp,
+                key: key_bytes,
+                payload,
+                submitted: Instant::now(),
+            });
+            return Ok(pending);
+        }
+    }
+
+    /// Queues the handoffs for `moves`: every `Release` first, then every `Acquire`.
+    /// Records of the moved keys before `until` belong to the old holder.
+    fn move_keys(&self, moves: &Moves, until: Offset) {
+        let routing = self.routing.lock();
+        let instances = &routing.instances;
+        let retiring = self.retiring.lock();
+        let find = |id: InstanceId| {
+            instances
+                .get(&id)
+                .or_else(|| retiring.iter().find(|i| i.id == id))
+                .filter(|i| !i.is_fenced())
+                .cloned()
+        };
+        let mut acquires = Vec::new();
+        for (&(from, to), keys) in &moves.by_route {
+            let source = match find(from) {
+                Some(holder) => {
+                    let handoff = Arc::new(Handoff::new(until));
+                    holder.releases.lock().push(handoff.clone());
+                    holder.send(Message::Release {
+                        keys: keys.clone(),
+                        handoff: handoff.clone(),
+                    });
+                    Source::Handoff(handoff)
+                }
+                None => Source::Rebuild { until },
+            };
+            acquires.push((to, keys.clone(), source));
+            self.moved.fetch_add(keys.len() as u64, Ordering::Relaxed);
+        }
+        for (to, keys, source) in acquires {
+            match find(to) {
+                Some(dest) => dest.send(Message::Acquire { keys, source }),
+                None => tracing::error!(instance = %to, "keys moved to an instance that is gone"),
+            }
+        }
+    }
+
+    // ---- membership ---------------------------------------------------------------
+
+    fn rebalance_and_move(&self) -> Result<()> {
+        let until = self.input.next_offset();
+        let moves = self.routing.lock().rebalance();
+        self.move_keys(&moves, until);
+        Ok(())
+    }
+
+    pub(crate) fn add_instance(&self, weight: u32) -> Result<InstanceId> {
+        if weight == 0 {
+            return Err(Error::Config("an instance's weight must be > 0".into()));
+        }
+        let _all = self.exclusive();
+        let id = InstanceId(self.next_id.fetch_add(1, Ordering::SeqCst));
+        self.start_instance(id, weight, Start::Empty)?;
+        self.routing.lock().placement.add(id, weight)?;
+        self.journal(&Control::Join { id: id.0, weight })?;
+        self.rebalance_and_move()?;
+        Ok(id)
+    }
+
+    pub(crate) fn remove_instance(&self, id: InstanceId) -> Result<()> {
+        let _all = self.exclusive();
+        let inst = {
+            let mut routing = self.routing.lock();
+            if !routing.instances.contains_key(&id) {
+                return Err(Error::UnknownInstance(id));
+            }
+            if routing.instances.len() == 1 {
+                return Err(Error::Config("cannot remove the last instance".into()));
+            }
+            routing
+                .instances
+                .remove(&id)
+                .ok_or(Error::UnknownInstance(id))?
+        };
+        self.handled_by_gone.fetch_add(
+            inst.stats.requests.load(Ordering::Relaxed),
+            Ordering::Relaxed,
+        );
+        self.retiring.lock().push(inst.clone());
+        inst.permits.retire();
+        self.routing.lock().placement.remove(id)?;
+        self.journal(&Control::Leave { id: id.0 })?;
+        self.rebalance_and_move()?;
+        inst.send(Message::Stop);
+        Ok(())
+    }
+
+    /// Gives up on an instance (stalled, or its loop died): fences it, launches a
+    /// replacement, and rebuilds its keys on their new owners.
+    pub(crate) fn lose(&self, id: InstanceId, why: &str) {
+        let _all = self.exclusive();
+        let retiring = {
+            let mut r = self.retiring.lock();
+            r.iter().position(|i| i.id == id).map(|p| r.swap_remove(p))
+        };
+        if let Some(inst) = retiring {
+            // Its keys already moved; only its pending handoffs need rebuilding.
+            inst.fence();
+            return;
+        }
+        let Some(inst) = self.routing.lock().instances.remove(&id) else {
+            return;
+        };
+        self.handled_by_gone.fetch_add(
+            inst.stats.requests.load(Ordering::Relaxed),
+            Ordering::Relaxed,
+        );
+        tracing::warn!(instance = %id, why, "instance lost; moving its keys");
+        inst.fence();
+        if let Some(round) = self.round.lock().as_ref() {
+            round.abandon_if_waiting_for(id);
+        }
+        self.stalls.fetch_add(1, Ordering::Relaxed);
+        let replacement = InstanceId(self.next_id.fetch_add(1, Ordering::SeqCst));
+        let result = (|| -> Result<()> {
+            self.routing.lock().placement.remove(id)?;
+            self.journal(&Control::Stalled { id: id.0 })?;
+            self.start_instance(replacement, inst.weight, Start::Empty)?;
+            self.routing
+                .lock()
+                .placement
+                .add(replacement, inst.weight)?;
+            self.journal(&Control::Join {
+                id: replacement.0,
+                weight: inst.weight,
+            })?;
+            self.rebalance_and_move()
+        })();
+        if let Err(e) = result {
+            tracing::error!(instance = %id, error = %e, "could not replace a lost instance");
+        }
+    }
+
+    // ---- checkpoints --------------------------------------------------------------
+
+    /// Takes a checkpoint of every key's state at the current end of the log.
+    pub(crate) fn take_checkpoint(&self) -> Result<Offset> {
+        let _one = self.checkpointing.lock();
+        let round = {
+            let _all = self.exclusive();
+            let offset = self.input.next_offset();
+            if offset == self.checkpoint.read().offset {
+                return Ok(offset);
+            }
+            let routing = self.routing.lock();
+            let instances = &routing.instances;
+            let round = Arc::new(CheckpointRound::new(
+                offset,
+                instances.keys().copied().collect(),
+            ));
+            self.handled_at_checkpoint
+                .store(self.handled_total(instances), Ordering::Relaxed);
+            for inst in instances.values() {
+                inst.send(Message::Checkpoint(round.clone()));
+            }
+            *self.round.lock() = Some(round.clone());
+            round
+        };
+        let wait = (self.options.stall_timeout * 4).max(Duration::from_secs(10));
+        let result = round.wait(wait);
+        *self.round.lock() = None;
+        let states = result.map_err(|why| Error::StateUnavailable {
+            instance: InstanceId(u32::MAX),
+            reason: format!("checkpoint at offset {} abandoned: {why}", round.offset),
+        })?;
+        let checkpoint = Checkpoint {
+            offset: round.offset,
+            states,
+        };
+        self.input
+            .save_snapshot(CHECKPOINT, checkpoint.offset, &checkpoint.encode())?;
+        let offset = checkpoint.offset;
+        *self.checkpoint.write() = Arc::new(checkpoint);
+        self.effects.forget_before(offset);
+        self.poisoned.lock().retain(|&p| p >= offset);
+        if self.options.truncate_after_checkpoint {
+            self.input.truncate_before(offset)?;
+        }
+        Ok(offset)
+    }
+
+    /// Starts the thread that takes checkpoints when the supervisor finds one due.
+    pub(crate) fn start_checkpointer(self: &Arc<Self>) -> Result<std::thread::JoinHandle<()>> {
+        let shared = self.clone();
+        std::thread::Builder::new()
+            .name("cauce-checkpoint".to_string())
+            .spawn(move || {
+                loop {
+                    {
+                        let mut due = shared.due.0.lock();
+                        while !*due && shared.accepting.load(Ordering::SeqCst) {
+                            shared.due.1.wait(&mut due);
+                        }
+                        if !shared.accepting.load(Ordering::SeqCst) {
+                            return;
+                        }
+                        *due = false;
+                    }
+                    if let Err(e) = shared.take_checkpoint() {
+                        tracing::warn!(error = %e, "checkpoint failed; will retry");
+                    }
+                }
+            })
+            .map_err(|e| Error::io("spawn checkpoint thread", "cauce-checkpoint", e))
+    }
+
+    // ---- queries and shutdown -------------------------------------------------------
+
+    pub(crate) fn owner_of(&self, key: &[u8]) -> Option<InstanceId> {
+        let routing = self.routing.lock();
+        routing
+            .holders
+            .get(key)
+            .copied()
+            .or_else(|| routing.placement.placement(key))
+            .or_else(|| routing.placement.owner_of(key))
+    }
+
+    pub(crate) fn members(&self) -> Vec<InstanceId> {
+        self.routing.lock().instances.keys().copied().collect()
+    }
+
+    /// Requests handled so far by every instance, live or gone.
+    fn handled_total(&self, live: &BTreeMap<InstanceId, Arc<Instance<H::State>>>) -> u64 {
+        let live: u64 = live
+            .values()
+            .map(|i| i.stats.requests.load(Ordering::Relaxed))
+            .sum();
+        live + self.handled_by_gone.load(Ordering::Relaxed)
+    }
+
+    pub(crate) fn metrics(&self) -> Metrics {
+        let instances = self
+            .routing
+            .lock()
+            .instances
+            .values()
+            .map(|i| InstanceMetrics {
+                id: i.id,
+                keys: i.stats.keys.load(Ordering::Relaxed),
+                queue_depth: i.permits.in_use(),
+                requests: i.stats.requests.load(Ordering::Relaxed),
+                p50: i.stats.latency.quantile(0.5),
+                p99: i.stats.latency.quantile(0.99),
+                restarts: i.stats.restarts.load(Ordering::Relaxed),
+            })
+            .collect();
+        Metrics {
+            instances,
+            next_offset: self.input.next_offset(),
+            checkpoint_offset: self.checkpoint.read().offset,
+            stalls: self.stalls.load(Ordering::Relaxed),
+            moved_keys: self.moved.load(Ordering::Relaxed),
+        }
+    }
+
+    /// Stops accepting, optionally checkpoints, stops every instance and syncs the logs.
+    pub(crate) fn shutdown(&self, checkpoint: bool) -> Result<()> {
+        if !self.accepting.swap(false, Ordering::SeqCst) {
+            return Ok(());
+        }
+        {
+            let _due = self.due.0.lock();
+            self.due.1.notify_all();
+        }
+        let mut first_error = None;
+        if checkpoint {
+            if let Err(e) = self.take_checkpoint() {
+                first_error = Some(e);
+            }
+        }
+        let all: Vec<_> = {
+            let _all = self.exclusive();
+            let mut all: Vec<_> = self.routing.lock().instances.values().cloned().collect();
+            all.extend(self.retiring.lock().iter().cloned());
+            for inst in &all {
+                inst.send(Message::Stop);
+            }
+            all
+        };
+        let deadline = Instant::now() + self.options.stall_timeout.max(Duration::from_secs(1));
+        for inst in all {
+            let running = inst.running.lock().take();
+            if let Some(running) = running {
+                while !running.is_finished() && Instant::now() < deadline {
+                    std::thread::sleep(Duration::from_millis(1));
+                }
+                if running.is_finished() {
+                    let _ = running.join();
+                } else {
+                    tracing::warn!(instance = %inst.id, "instance did not stop in time; leaving it");
+                    inst.fence();
+                }
+            }
+        }
+        for store in std::iter::once(&self.input).chain(self.effects_store.as_ref()) {
+            if let Err(e) = store.sync() {
+                first_error.get_or_insert(e);
+            }
+        }
+        match first_error {
+            Some(e) => Err(e),
+            None => Ok(()),
+        }
+    }
+}
+
+impl<H: Handler> Supervised for Shared<H> {
+    fn heartbeats(&self) -> Vec<(InstanceId, Arc<Heartbeat>)> {
+        let mut beats: Vec<_> = self
+            .routing
+            .lock()
+            .instances
+            .values()
+            .map(|i| (i.id, i.heartbeat.clone()))
+            .collect();
+        beats.extend(
+            self.retiring
+                .lock()
+                .iter()
+                .map(|i| (i.id, i.heartbeat.clone())),
+        );
+        beats
+    }
+
+    fn stalled(&self, id: InstanceId, busy_for: Duration) {
+        if self.accepting.load(Ordering::SeqCst) {
+            tracing::warn!(instance = %id, ?busy_for, "instance stalled");
+            self.lose(id, "stalled");
+        }
+    }
+
+    fn tick(&self) {
+        if !self.accepting.load(Ordering::SeqCst) {
+            return;
+        }
+        // Instances whose loop ended without being told to.
+        let dead: Vec<InstanceId> = self
+            .routing
+            .lock()
+            .instances
+            .values()
+            .filter(|i| i.running.lock().as_ref().is_some_and(|r| r.is_finished()))
+            .map(|i| i.id)
+            .collect();
+        for id in dead {
+            self.lose(id, "its loop ended");
+        }
+        self.retiring
+            .lock()
+            .retain(|i| !i.running.lock().as_ref().is_some_and(|r| r.is_finished()));
+        let handled = self.handled_total(&self.routing.lock().instances);
+        let since = handled.saturating_sub(self.handled_at_checkpoint.load(Ordering::Relaxed));
+        if since >= self.options.checkpoint_every {
+            // Taken on its own thread: waiting for a stalled instance's part must not
+            // keep the supervisor from noticing the stall.
+            *self.due.0.lock() = true;
+            self.due.1.notify_one();
+        }
+    }
+}
+
+/// An instance in the routing table is never retired: retiring happens under every
+/// stripe lock, after the instance left the table, and submit holds a stripe lock.
+fn unreachable_retired() {
+    debug_assert!(false, "a routed instance was retired");
+}

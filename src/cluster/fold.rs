@@ -1,0 +1,370 @@
+//! What the input log holds and how state is folded out of it.
+//!
+//! Every record of the input log is one of two things, told apart by the first byte of
+//! its payload:
+//! - `0`, a request: the record's key is the request's key, the rest of the payload is the
+//!   request encoded with the cluster's codec;
+//! - `1`, a control record (empty key): a membership change or a poison mark, encoded
+//!   with bincode. A poison mark names a request whose handler panicked: no replay applies
+//!   it again.
+//!
+//! A checkpoint is a snapshot named [`CHECKPOINT`] in the input store, taken at an offset
+//! `c`: the state of every key after folding every request before `c`. Its blob is
+//! `"CCP1"`, a little-endian `u64` count, then per key a `u32` key length, the key, a `u32`
+//! state length and the state encoded with the codec.
+
+use std::collections::{BTreeSet, HashMap};
+use std::panic::{AssertUnwindSafe, catch_unwind};
+
+use bytes::Bytes;
+use serde::{Deserialize, Serialize};
+
+use crate::codec::Codec;
+use crate::error::{Error, Result};
+use crate::handler::{Context, Effects, Handler};
+use crate::launcher::thread::panic_message;
+use crate::record::{Offset, Record};
+use crate::router::InstanceId;
+use crate::store::Store;
+
+/// The snapshot name of cluster checkpoints in the input store.
+pub(crate) const CHECKPOINT: &str = "cluster-state";
+
+const TAG_REQUEST: u8 = 0;
+const TAG_CONTROL: u8 = 1;
+const CHECKPOINT_MAGIC: &[u8; 4] = b"CCP1";
+
+/// The codec of requests and states. Replacing it is this one line.
+pub(crate) type ClusterCodec = crate::codec::Bincode;
+pub(crate) const CODEC: ClusterCodec = crate::codec::Bincode;
+
+/// A control record of the input log.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub(crate) enum Control {
+    /// An instance joined with a weight.
+    Join { id: u32, weight: u32 },
+    /// An instance left (scaled in).
+    Leave { id: u32 },
+    /// An instance was declared stalled and its keys moved away.
+    Stalled { id: u32 },
+    /// The handler panicked on the request at `offset`: never apply it again.
+    Poison { offset: Offset },
+}
+
+/// A decoded input-log record.
+pub(crate) enum Envelope<'a> {
+    Request(&'a [u8]),
+    Control(Control),
+}
+
+/// The payload of a request record.
+pub(crate) fn request_payload<T: Serialize>(request: &T) -> Result<Vec<u8>> {
+    let mut payload = Vec::with_capacity(64);
+    payload.push(TAG_REQUEST);
+    CODEC.encode_into(request, &mut payload)?;
+    Ok(payload)
+}
+
+/// The payload of a control record.
+pub(crate) fn control_payload(control: &Control) -> Result<Vec<u8>> {
+    let mut payload = vec![TAG_CONTROL];
+    CODEC.encode_into(control, &mut payload)?;
+    Ok(payload)
+}
+
+/// The encoded request in a request payload, or `None` for anything else.
+pub(crate) fn request_body(payload: &[u8]) -> Option<&[u8]> {
+    match payload.split_first() {
+        Some((&TAG_REQUEST, body)) => Some(body),
+        _ => None,
+    }
+}
+
+/// Reads a record's envelope.
+pub(crate) fn envelope(record: &Record) -> Result<Envelope<'_>> {
+    match record.payload.split_first() {
+        Some((&TAG_REQUEST, body)) => Ok(Envelope::Request(body)),
+        Some((&TAG_CONTROL, body)) => Ok(Envelope::Control(CODEC.decode(body)?)),
+        _ => Err(Error::Codec {
+            context: "input log envelope",
+            message: format!("record at offset {} has no known tag", record.offset),
+        }),
+    }
+}
+
+/// The state of every key at a checkpoint offset, encoded.
+#[derive(Debug, Default)]
+pub(crate) struct Checkpoint {
+    pub(crate) offset: Offset,
+    pub(crate) states: HashMap<Bytes, Bytes, ahash::RandomState>,
+}
+
+impl Checkpoint {
+    pub(crate) fn empty(offset: Offset) -> Self {
+        Checkpoint {
+            offset,
+            states: HashMap::default(),
+        }
+    }
+
+    pub(crate) fn encode(&self) -> Vec<u8> {
+        let size: usize = self.states.iter().map(|(k, v)| 8 + k.len() + v.len()).sum();
+        let mut out = Vec::with_capacity(12 + size);
+        out.extend_from_slice(CHECKPOINT_MAGIC);
+        out.extend_from_slice(&(self.states.len() as u64).to_le_bytes());
+        // Sorted, so the same states always make the same bytes.
+        let mut keys: Vec<_> = self.states.keys().collect();
+        keys.sort_unstable();
+        for key in keys {
+            let state = &self.states[key];
+            out.extend_from_slice(&(key.len() as u32).to_le_bytes());
+            out.extend_from_slice(key);
+            out.extend_from_slice(&(state.len() as u32).to_le_bytes());
+            out.extend_from_slice(state);
+        }
+        out
+    }
+
+    pub(crate) fn decode(offset: Offset, blob: &Bytes) -> Result<Self> {
+        let bad = |what: &str| Error::Codec {
+            context: "checkpoint",
+            message: format!("checkpoint at offset {offset}: {what}"),
+        };
+        if blob.get(..4) != Some(&CHECKPOINT_MAGIC[..]) {
+            return Err(bad("bad magic"));
+        }
+        let mut pos = 4;
+        let mut take = |n: usize| -> Result<Bytes> {
+            let end = pos + n;
+            if end > blob.len() {
+                return Err(bad("truncated"));
+            }
+            let part = blob.slice(pos..end);
+            pos = end;
+            Ok(part)
+        };
+        let count = u64::from_le_bytes(take(8)?[..].try_into().map_err(|_| bad("count"))?);
+        // Each entry is at least 8 bytes: a count larger than that is damage.
+        if count > (blob.len() as u64) / 8 {
+            return Err(bad("count larger than the blob"));
+        }
+        let mut states = HashMap::with_capacity_and_hasher(count as usize, Default::default());
+        for _ in 0..count {
+            let len = u32::from_le_bytes(take(4)?[..].try_into().map_err(|_| bad("len"))?);
+            let key = take(len as usize)?;
+            let len = u32::from_le_bytes(take(4)?[..].try_into().map_err(|_| bad("len"))?);
+            let state = take(len as usize)?;
+            states.insert(key, state);
+        }
+        if pos != blob.len() {
+            return Err(bad("trailing bytes"));
+        }
+        Ok(Checkpoint { offset, states })
+    }
+}
+
+/// The state of one key and the offset of the last record folded into it.
+pub(crate) struct Slot<S> {
+    pub(crate) state: S,
+    /// One past the last offset folded into `state`.
+    pub(crate) folded_until: Offset,
+}
+
+/// What handling one request came to.
+pub(crate) enum Outcome<R> {
+    Answered(R),
+    /// The request could not be decoded (or an effect failed): the state is unchanged.
+    Refused(Error),
+    Panicked(String),
+}
+
+/// Runs the handler on one request. `state` may be half-changed after `Panicked`.
+pub(crate) struct Request<'a> {
+    pub(crate) offset: Offset,
+    pub(crate) timestamp: crate::record::Timestamp,
+    pub(crate) key: &'a [u8],
+    /// The encoded request (the payload after its tag byte).
+    pub(crate) body: &'a [u8],
+}
+
+pub(crate) fn apply<H: Handler>(
+    handler: &H,
+    effects: &Effects,
+    instance: InstanceId,
+    replaying: bool,
+    request: Request<'_>,
+    state: &mut H::State,
+) -> Outcome<H::Response> {
+    let Request {
+        offset,
+        timestamp,
+        key,
+        body,
+    } = request;
+    let request: H::Request = match CODEC.decode(body) {
+        Ok(r) => r,
+        Err(e) => return Outcome::Refused(e),
+    };
+    let mut ctx = Context {
+        offset,
+        timestamp,
+        instance,
+        replaying,
+        calls: 0,
+        effects,
+    };
+    match catch_unwind(AssertUnwindSafe(|| {
+        handler.handle(&mut ctx, key, state, request)
+    })) {
+        Ok(response) => Outcome::Answered(response),
+        Err(panic) => Outcome::Panicked(panic_message(panic.as_ref())),
+    }
+}
+
+/// Decodes a key's state from a checkpoint, or the default state.
+pub(crate) fn checkpoint_state<S>(checkpoint: &Checkpoint, key: &[u8]) -> Result<S>
+where
+    S: Default + serde::de::DeserializeOwned,
+{
+    match checkpoint.states.get(key) {
+        Some(bytes) => CODEC.decode(bytes),
+        None => Ok(S::default()),
+    }
+}
+
+/// What a fold does with the requests it applies and the panics it meets.
+pub(crate) trait FoldSink<R> {
+    /// The request at `offset` was handled (or refused) during the fold.
+    fn handled(&mut self, offset: Offset, outcome: std::result::Result<R, Error>);
+    /// The handler panicked on the request at `offset`: mark it so no fold applies it.
+    fn poison(&mut self, offset: Offset, message: String) -> Result<()>;
+}
+
+/// Rebuilds the states of `limits`' keys: each key from the checkpoint, then every
+/// request of that key in the log from the checkpoint up to (not including) its limit,
+/// skipping poisoned offsets. A panic poisons its request and starts the fold again.
+/// Where a fold reads from and what it runs.
+pub(crate) struct Replay<'a, H> {
+    pub(crate) handler: &'a H,
+    pub(crate) effects: &'a Effects,
+    pub(crate) instance: InstanceId,
+    pub(crate) input: &'a dyn Store,
+}
+
+pub(crate) fn rebuild<H: Handler>(
+    replay: Replay<'_, H>,
+    checkpoint: &Checkpoint,
+    poisoned: &mut BTreeSet<Offset>,
+    limits: &HashMap<Bytes, Offset, ahash::RandomState>,
+    sink: &mut dyn FoldSink<H::Response>,
+    mut progress: impl FnMut(),
+) -> Result<HashMap<Bytes, Slot<H::State>, ahash::RandomState>> {
+    let Replay {
+        handler,
+        effects,
+        instance,
+        input,
+    } = replay;
+    'again: loop {
+        let mut states: HashMap<Bytes, Slot<H::State>, ahash::RandomState> =
+            HashMap::with_capacity_and_hasher(limits.len(), Default::default());
+        for key in limits.keys() {
+            let state = checkpoint_state(checkpoint, key)?;
+            states.insert(
+                key.clone(),
+                Slot {
+                    state,
+                    folded_until: checkpoint.offset,
+                },
+            );
+        }
+        let until = limits.values().copied().max().unwrap_or(checkpoint.offset);
+        if until > checkpoint.offset {
+            for record in input.read_from(checkpoint.offset)? {
+                let record = record?;
+                if record.offset >= until {
+                    break;
+                }
+                let Envelope::Request(body) = envelope(&record)? else {
+                    continue;
+                };
+                let Some(&limit) = limits.get(&record.key) else {
+                    continue;
+                };
+                if record.offset >= limit || poisoned.contains(&record.offset) {
+                    continue;
+                }
+                let Some(slot) = states.get_mut(&record.key) else {
+                    continue;
+                };
+                progress();
+                let request = Request {
+                    offset: record.offset,
+                    timestamp: record.timestamp,
+                    key: &record.key,
+                    body,
+                };
+                match apply(handler, effects, instance, true, request, &mut slot.state) {
+                    Outcome::Answered(r) => sink.handled(record.offset, Ok(r)),
+                    Outcome::Refused(e) => sink.handled(record.offset, Err(e)),
+                    Outcome::Panicked(message) => {
+                        poisoned.insert(record.offset);
+                        sink.poison(record.offset, message)?;
+                        continue 'again;
+                    }
+                }
+            }
+        }
+        for (key, slot) in states.iter_mut() {
+            slot.folded_until = limits.get(key).copied().unwrap_or(checkpoint.offset);
+        }
+        return Ok(states);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn checkpoint_round_trips_and_rejects_damage() {
+        let mut cp = Checkpoint::empty(42);
+        cp.states.insert(
+            Bytes::from_static(b"alice"),
+            Bytes::from_static(b"\x01\x02"),
+        );
+        cp.states.insert(Bytes::from_static(b""), Bytes::new());
+        let blob = Bytes::from(cp.encode());
+        let back = Checkpoint::decode(42, &blob).unwrap();
+        assert_eq!(back.states, cp.states);
+        for cut in 0..blob.len() {
+            assert!(
+                Checkpoint::decode(42, &blob.slice(..cut)).is_err(),
+                "cut at {cut}"
+            );
+        }
+        let mut huge = blob.to_vec();
+        huge[4..12].copy_from_slice(&u64::MAX.to_le_bytes());
+        assert!(Checkpoint::decode(42, &Bytes::from(huge)).is_err());
+    }
+
+    #[test]
+    fn envelopes_round_trip() {
+        let payload = control_payload(&Control::Poison { offset: 9 }).unwrap();
+        let record = Record {
+            offset: 1,
+            timestamp: 0,
+            key: Bytes::new(),
+            payload: Bytes::from(payload),
+        };
+        assert!(matches!(
+            envelope(&record).unwrap(),
+            Envelope::Control(Control::Poison { offset: 9 })
+        ));
+        let record = Record {
+            payload: Bytes::from_static(&[7, 1]),
+            ..record
+        };
+        assert!(envelope(&record).is_err());
+    }
+}

@@ -1,0 +1,637 @@
+//! One instance: its queue, its permits, and the loop that pulls from the queue.
+
+use std::collections::{BTreeSet, HashMap, HashSet, VecDeque};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Instant;
+
+use bytes::Bytes;
+use parking_lot::{Condvar, Mutex};
+
+use super::core::Shared;
+use super::fold::{self, FoldSink, Outcome, Slot};
+use crate::error::{Error, Result};
+use crate::handler::Handler;
+use crate::launcher::{Heartbeat, Running};
+use crate::record::{Offset, Timestamp};
+use crate::router::InstanceId;
+
+use super::metrics::InstanceStats;
+
+/// Keys' states on their way from one instance to another.
+pub(crate) struct Handoff<S> {
+    /// Records of these keys before this offset belong to the releasing side.
+    pub(crate) until: Offset,
+    state: Mutex<HandoffState<S>>,
+    ready: Condvar,
+}
+
+enum HandoffState<S> {
+    Waiting,
+    Ready(Vec<(Bytes, Option<Slot<S>>)>),
+    /// The releasing instance is gone: rebuild from the checkpoint and the log.
+    Abandoned,
+    Taken,
+}
+
+impl<S> Handoff<S> {
+    pub(crate) fn new(until: Offset) -> Self {
+        Handoff {
+            until,
+            state: Mutex::new(HandoffState::Waiting),
+            ready: Condvar::new(),
+        }
+    }
+
+    /// Hands the states over, unless the handoff was abandoned.
+    fn complete(&self, states: Vec<(Bytes, Option<Slot<S>>)>) -> bool {
+        let mut st = self.state.lock();
+        if !matches!(*st, HandoffState::Waiting) {
+            return false;
+        }
+        *st = HandoffState::Ready(states);
+        self.ready.notify_all();
+        true
+    }
+
+    /// Gives up on the releasing side (it stalled or died).
+    pub(crate) fn abandon(&self) {
+        let mut st = self.state.lock();
+        if matches!(*st, HandoffState::Waiting) {
+            *st = HandoffState::Abandoned;
+            self.ready.notify_all();
+        }
+    }
+
+    /// Waits for the states; `None` if the handoff was abandoned.
+    fn wait(&self) -> Option<Vec<(Bytes, Option<Slot<S>>)>> {
+        let mut st = self.state.lock();
+        loop {
+            match std::mem::replace(&mut *st, HandoffState::Taken) {
+                HandoffState::Waiting => {
+                    *st = HandoffState::Waiting;
+                    self.ready.wait(&mut st);
+                }
+                HandoffState::Ready(v) => return Some(v),
+                HandoffState::Abandoned | HandoffState::Taken => return None,
+            }
+        }
+    }
+}
+
+/// Where acquired keys' states come from.
+pub(crate) enum Source<S> {
+    Handoff(Arc<Handoff<S>>),
+    /// Rebuild from the checkpoint and the log, up to `until`.
+    Rebuild {
+        until: Offset,
+    },
+}
+
+/// One contribution per instance to a checkpoint taken at `offset`.
+pub(crate) struct CheckpointRound {
+    pub(crate) offset: Offset,
+    parts: Mutex<RoundState>,
+    done: Condvar,
+}
+
+struct RoundState {
+    expected: HashSet<InstanceId>,
+    states: HashMap<Bytes, Bytes, ahash::RandomState>,
+    abandoned: Option<String>,
+}
+
+impl CheckpointRound {
+    pub(crate) fn new(offset: Offset, expected: HashSet<InstanceId>) -> Self {
+        CheckpointRound {
+            offset,
+            parts: Mutex::new(RoundState {
+                expected,
+                states: HashMap::default(),
+                abandoned: None,
+            }),
+            done: Condvar::new(),
+        }
+    }
+
+    fn contribute(&self, id: InstanceId, states: Vec<(Bytes, Bytes)>) {
+        let mut p = self.parts.lock();
+        if p.expected.remove(&id) {
+            p.states.extend(states);
+        }
+        if p.expected.is_empty() {
+            self.done.notify_all();
+        }
+    }
+
+    fn fail(&self, id: InstanceId, why: String) {
+        let mut p = self.parts.lock();
+        if p.expected.contains(&id) && p.abandoned.is_none() {
+            p.abandoned = Some(why);
+            self.done.notify_all();
+        }
+    }
+
+    /// Abandons the round if `id` still owes its part.
+    pub(crate) fn abandon_if_waiting_for(&self, id: InstanceId) {
+        self.fail(id, format!("instance {id} left before contributing"));
+    }
+
+    /// Waits for every part, or for the round to be abandoned or time out.
+    pub(crate) fn wait(
+        &self,
+        timeout: std::time::Duration,
+    ) -> std::result::Result<HashMap<Bytes, Bytes, ahash::RandomState>, String> {
+        let deadline = Instant::now() + timeout;
+        let mut p = self.parts.lock();
+        loop {
+            if let Some(why) = &p.abandoned {
+                return Err(why.clone());
+            }
+            if p.expected.is_empty() {
+                return Ok(std::mem::take(&mut p.states));
+            }
+            if self.done.wait_until(&mut p, deadline).timed_out() {
+                return Err(format!("timed out waiting for {:?}", p.expected));
+            }
+        }
+    }
+}
+
+/// What an instance's queue carries.
+pub(crate) enum Message<S> {
+    Request {
+        offset: Offset,
+        timestamp: Timestamp,
+        key: Bytes,
+        payload: Vec<u8>,
+        submitted: Instant,
+    },
+    Release {
+        keys: Vec<Bytes>,
+        handoff: Arc<Handoff<S>>,
+    },
+    Acquire {
+        keys: Vec<Bytes>,
+        source: Source<S>,
+    },
+    Checkpoint(Arc<CheckpointRound>),
+    Stop,
+}
+
+/// An instance's queue: producers append under a short lock, the instance takes
+/// everything queued at once. Only a waiting instance is woken, and an idle one sleeps
+/// instead of spinning, which matters when instances outnumber cores.
+pub(crate) struct Mailbox<M> {
+    state: Mutex<MailboxState<M>>,
+    ready: Condvar,
+}
+
+struct MailboxState<M> {
+    queue: VecDeque<M>,
+    waiting: bool,
+}
+
+impl<M> Mailbox<M> {
+    fn new() -> Self {
+        Mailbox {
+            state: Mutex::new(MailboxState {
+                queue: VecDeque::new(),
+                waiting: false,
+            }),
+            ready: Condvar::new(),
+        }
+    }
+
+    fn push(&self, message: M) {
+        let mut state = self.state.lock();
+        state.queue.push_back(message);
+        if state.waiting {
+            state.waiting = false;
+            drop(state);
+            self.ready.notify_one();
+        }
+    }
+
+    /// Puts messages taken but not handled back at the front, in their order.
+    fn put_back(&self, batch: &mut VecDeque<M>) {
+        let mut state = self.state.lock();
+        while let Some(m) = batch.pop_back() {
+            state.queue.push_front(m);
+        }
+    }
+
+    /// Moves everything queued into `batch` (which must be empty), waiting for at least
+    /// one message.
+    fn take_all(&self, batch: &mut VecDeque<M>) {
+        // Spin and yield briefly before sleeping: a producer that finds us awake skips
+        // the futex wake-up, which costs more than the whole hand-off otherwise.
+        let backoff = crossbeam_utils::Backoff::new();
+        loop {
+            let mut state = self.state.lock();
+            if !state.queue.is_empty() {
+                std::mem::swap(&mut state.queue, batch);
+                return;
+            }
+            if backoff.is_completed() {
+                state.waiting = true;
+                self.ready.wait(&mut state);
+                if !state.queue.is_empty() {
+                    std::mem::swap(&mut state.queue, batch);
+                    return;
+                }
+            }
+            drop(state);
+            backoff.snooze();
+        }
+    }
+}
+
+/// Counts queued requests against a capacity; producers block or are refused when full.
+pub(crate) struct Permits {
+    capacity: usize,
+    used: Mutex<usize>,
+    freed: Condvar,
+    retired: AtomicBool,
+}
+
+/// Why a permit was not granted.
+pub(crate) enum NoPermit {
+    Busy,
+    Retired,
+}
+
+impl Permits {
+    fn new(capacity: usize) -> Self {
+        Permits {
+            capacity,
+            used: Mutex::new(0),
+            freed: Condvar::new(),
+            retired: AtomicBool::new(false),
+        }
+    }
+
+    pub(crate) fn capacity(&self) -> usize {
+        self.capacity
+    }
+
+    /// Takes a permit, waiting for one if `block`.
+    pub(crate) fn acquire(&self, block: bool) -> std::result::Result<(), NoPermit> {
+        let mut used = self.used.lock();
+        loop {
+            if self.retired.load(Ordering::SeqCst) {
+                return Err(NoPermit::Retired);
+            }
+            if *used < self.capacity {
+                *used += 1;
+                return Ok(());
+            }
+            if !block {
+                return Err(NoPermit::Busy);
+            }
+            self.freed.wait(&mut used);
+        }
+    }
+
+    pub(crate) fn release(&self) {
+        let mut used = self.used.lock();
+        *used = used.saturating_sub(1);
+        drop(used);
+        self.freed.notify_one();
+    }
+
+    /// No more permits: wakes every waiter so that it routes elsewhere.
+    pub(crate) fn retire(&self) {
+        let _used = self.used.lock();
+        self.retired.store(true, Ordering::SeqCst);
+        self.freed.notify_all();
+    }
+
+    pub(crate) fn in_use(&self) -> usize {
+        *self.used.lock()
+    }
+}
+
+/// An instance as the cluster sees it.
+pub(crate) struct Instance<S> {
+    pub(crate) id: InstanceId,
+    pub(crate) weight: u32,
+    mailbox: Mailbox<Message<S>>,
+    pub(crate) permits: Permits,
+    pub(crate) heartbeat: Arc<Heartbeat>,
+    fenced: AtomicBool,
+    pub(crate) stats: InstanceStats,
+    /// Handoffs this instance still has to complete (abandoned if it is fenced).
+    pub(crate) releases: Mutex<Vec<Arc<Handoff<S>>>>,
+    pub(crate) running: Mutex<Option<Box<dyn Running>>>,
+}
+
+impl<S> Instance<S> {
+    pub(crate) fn new(id: InstanceId, weight: u32, capacity: usize) -> Self {
+        Instance {
+            id,
+            weight,
+            mailbox: Mailbox::new(),
+            permits: Permits::new(capacity),
+            heartbeat: Arc::new(Heartbeat::new()),
+            fenced: AtomicBool::new(false),
+            stats: InstanceStats::default(),
+            releases: Mutex::new(Vec::new()),
+            running: Mutex::new(None),
+        }
+    }
+
+    pub(crate) fn send(&self, message: Message<S>) {
+        self.mailbox.push(message);
+    }
+
+    /// Retires the instance for good: its loop stops at its next step and anything it
+    /// still had to hand over is rebuilt elsewhere.
+    pub(crate) fn fence(&self) {
+        self.fenced.store(true, Ordering::SeqCst);
+        self.permits.retire();
+        for h in self.releases.lock().drain(..) {
+            h.abandon();
+        }
+    }
+
+    pub(crate) fn is_fenced(&self) -> bool {
+        self.fenced.load(Ordering::SeqCst)
+    }
+}
+
+/// How an instance loop starts.
+pub(crate) enum Start {
+    Empty,
+    /// After a restart: rebuild these keys up to their limits first.
+    Restore(HashMap<Bytes, Offset, ahash::RandomState>),
+}
+
+/// Why an instance loop returned.
+pub(crate) enum Exit {
+    /// Told to stop, or fenced.
+    Stopped,
+    /// The handler panicked: restart with these keys rebuilt up to these limits.
+    Restart(HashMap<Bytes, Offset, ahash::RandomState>),
+}
+
+/// Answers requests met during a fold through the cluster's registry of responders.
+struct Answer<'a, H: Handler> {
+    shared: &'a Shared<H>,
+    instance: InstanceId,
+}
+
+impl<H: Handler> FoldSink<H::Response> for Answer<'_, H> {
+    fn handled(&mut self, offset: Offset, outcome: std::result::Result<H::Response, Error>) {
+        self.shared.answer(offset, outcome);
+    }
+
+    fn poison(&mut self, offset: Offset, message: String) -> Result<()> {
+        self.shared.answer(
+            offset,
+            Err(Error::HandlerPanicked {
+                instance: self.instance,
+                offset,
+                message,
+            }),
+        );
+        self.shared.poison(offset)
+    }
+}
+
+type States<S> = HashMap<Bytes, Slot<S>, ahash::RandomState>;
+
+/// The loop of one instance.
+pub(crate) fn run<H: Handler>(shared: &Shared<H>, me: &Instance<H::State>, start: Start) -> Exit {
+    let mut states: States<H::State> = HashMap::default();
+    let mut failed: Option<String> = None;
+    match start {
+        Start::Empty => {}
+        Start::Restore(limits) => match rebuild(shared, me, &limits) {
+            Ok(rebuilt) => states = rebuilt,
+            Err(e) => failed = Some(e.to_string()),
+        },
+    }
+    me.stats.keys.store(states.len(), Ordering::Relaxed);
+    let mut batch = VecDeque::new();
+    loop {
+        let Some(message) = batch.pop_front() else {
+            me.mailbox.take_all(&mut batch);
+            continue;
+        };
+        if me.is_fenced() {
+            return Exit::Stopped;
+        }
+        match message {
+            Message::Request {
+                offset,
+                timestamp,
+                key,
+                payload,
+                submitted,
+            } => {
+                me.stats.requests.fetch_add(1, Ordering::Relaxed);
+                let exit = handle(
+                    shared,
+                    me,
+                    &mut states,
+                    &failed,
+                    offset,
+                    timestamp,
+                    key,
+                    payload,
+                );
+                me.permits.release();
+                me.stats.latency.record(submitted.elapsed());
+                me.stats.keys.store(states.len(), Ordering::Relaxed);
+                if let Some(exit) = exit {
+                    // The restarted loop handles what this one had taken.
+                    me.mailbox.put_back(&mut batch);
+                    return exit;
+                }
+            }
+            Message::Release { keys, handoff } => {
+                let out = keys
+                    .into_iter()
+                    .map(|k| {
+                        let slot = states.remove(&k);
+                        (k, slot)
+                    })
+                    .collect();
+                handoff.complete(out);
+                me.releases.lock().retain(|h| !Arc::ptr_eq(h, &handoff));
+                me.stats.keys.store(states.len(), Ordering::Relaxed);
+            }
+            Message::Acquire { keys, source } => {
+                if let Err(e) = acquire(shared, me, &mut states, keys, source) {
+                    tracing::error!(instance = %me.id, error = %e, "could not rebuild moved keys");
+                    failed = Some(e.to_string());
+                }
+                me.stats.keys.store(states.len(), Ordering::Relaxed);
+            }
+            Message::Checkpoint(round) => match &failed {
+                Some(why) => round.fail(me.id, why.clone()),
+                None => match encode_states::<H>(&states) {
+                    Ok(parts) => round.contribute(me.id, parts),
+                    Err(e) => round.fail(me.id, e.to_string()),
+                },
+            },
+            Message::Stop => return Exit::Stopped,
+        }
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn handle<H: Handler>(
+    shared: &Shared<H>,
+    me: &Instance<H::State>,
+    states: &mut States<H::State>,
+    failed: &Option<String>,
+    offset: Offset,
+    timestamp: Timestamp,
+    key: Bytes,
+    payload: Vec<u8>,
+) -> Option<Exit> {
+    if let Some(reason) = failed {
+        shared.answer(
+            offset,
+            Err(Error::StateUnavailable {
+                instance: me.id,
+                reason: reason.clone(),
+            }),
+        );
+        return None;
+    }
+    let Some(body) = fold::request_body(&payload) else {
+        // Only the cluster queues requests, always tagged; refuse anything else.
+        shared.answer(
+            offset,
+            Err(Error::Codec {
+                context: "input log envelope",
+                message: format!("record at offset {offset} is not a request"),
+            }),
+        );
+        return None;
+    };
+    let slot = states.entry(key.clone()).or_insert_with(|| Slot {
+        state: H::State::default(),
+        folded_until: 0,
+    });
+    let beat = me.heartbeat.begin();
+    let request = fold::Request {
+        offset,
+        timestamp,
+        key: &key,
+        body,
+    };
+    let outcome = fold::apply(
+        &*shared.handler,
+        &shared.effects,
+        me.id,
+        false,
+        request,
+        &mut slot.state,
+    );
+    drop(beat);
+    match outcome {
+        Outcome::Answered(response) => {
+            slot.folded_until = offset + 1;
+            shared.answer(offset, Ok(response));
+            None
+        }
+        Outcome::Refused(e) => {
+            slot.folded_until = offset + 1;
+            shared.answer(offset, Err(e));
+            None
+        }
+        Outcome::Panicked(message) => {
+            tracing::warn!(instance = %me.id, offset, %message, "handler panicked; restarting the instance");
+            shared.answer(
+                offset,
+                Err(Error::HandlerPanicked {
+                    instance: me.id,
+                    offset,
+                    message,
+                }),
+            );
+            if let Err(e) = shared.poison(offset) {
+                tracing::error!(instance = %me.id, offset, error = %e, "could not log the poison mark");
+            }
+            slot.folded_until = offset + 1;
+            let limits = states
+                .iter()
+                .map(|(k, s)| (k.clone(), s.folded_until))
+                .collect();
+            Some(Exit::Restart(limits))
+        }
+    }
+}
+
+fn acquire<H: Handler>(
+    shared: &Shared<H>,
+    me: &Instance<H::State>,
+    states: &mut States<H::State>,
+    keys: Vec<Bytes>,
+    source: Source<H::State>,
+) -> Result<()> {
+    let (handed, until) = match source {
+        Source::Handoff(h) => (h.wait(), h.until),
+        Source::Rebuild { until } => (None, until),
+    };
+    let mut missing: HashMap<Bytes, Offset, ahash::RandomState> = HashMap::default();
+    match handed {
+        Some(entries) => {
+            for (key, slot) in entries {
+                match slot {
+                    Some(slot) => {
+                        states.insert(key, slot);
+                    }
+                    None => {
+                        missing.insert(key, until);
+                    }
+                }
+            }
+        }
+        None => missing.extend(keys.into_iter().map(|k| (k, until))),
+    }
+    if !missing.is_empty() {
+        let rebuilt = rebuild(shared, me, &missing)?;
+        states.extend(rebuilt);
+    }
+    Ok(())
+}
+
+fn rebuild<H: Handler>(
+    shared: &Shared<H>,
+    me: &Instance<H::State>,
+    limits: &HashMap<Bytes, Offset, ahash::RandomState>,
+) -> Result<States<H::State>> {
+    let checkpoint = shared.checkpoint();
+    let mut poisoned: BTreeSet<Offset> = shared.poisoned();
+    let mut sink = Answer {
+        shared,
+        instance: me.id,
+    };
+    let replay = fold::Replay {
+        handler: &*shared.handler,
+        effects: &shared.effects,
+        instance: me.id,
+        input: &*shared.input,
+    };
+    fold::rebuild(
+        replay,
+        &checkpoint,
+        &mut poisoned,
+        limits,
+        &mut sink,
+        || drop(me.heartbeat.begin()),
+    )
+}
+
+fn encode_states<H: Handler>(states: &States<H::State>) -> Result<Vec<(Bytes, Bytes)>> {
+    use crate::codec::Codec;
+    states
+        .iter()
+        .map(|(k, slot)| Ok((k.clone(), Bytes::from(fold::CODEC.encode(&slot.state)?))))
+        .collect()
+}

@@ -1,0 +1,153 @@
+//! Counters and latency histograms of a running cluster.
+
+use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
+use std::time::Duration;
+
+use crate::record::Offset;
+use crate::router::InstanceId;
+
+const SUB: usize = 8; // sub-buckets per power of two: ~12% resolution
+const BUCKETS: usize = 16 + 60 * SUB;
+
+/// A lock-free log-linear histogram of durations in nanoseconds (one writer, any readers).
+pub(crate) struct Histogram {
+    counts: Box<[AtomicU64]>,
+}
+
+impl Default for Histogram {
+    fn default() -> Self {
+        Histogram {
+            counts: (0..BUCKETS).map(|_| AtomicU64::new(0)).collect(),
+        }
+    }
+}
+
+fn bucket(ns: u64) -> usize {
+    if ns < 16 {
+        return ns as usize;
+    }
+    let e = 63 - ns.leading_zeros() as usize; // >= 4
+    let sub = ((ns >> (e - 3)) & (SUB as u64 - 1)) as usize;
+    (16 + (e - 4) * SUB + sub).min(BUCKETS - 1)
+}
+
+fn bucket_floor(i: usize) -> u64 {
+    if i < 16 {
+        return i as u64;
+    }
+    let e = (i - 16) / SUB + 4;
+    let sub = ((i - 16) % SUB) as u64;
+    (1u64 << e) | (sub << (e - 3))
+}
+
+impl Histogram {
+    pub(crate) fn record(&self, d: Duration) {
+        let ns = d.as_nanos().min(u64::MAX as u128) as u64;
+        self.counts[bucket(ns)].fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// The `q` quantile (0..=1), as the lower bound of its bucket.
+    pub(crate) fn quantile(&self, q: f64) -> Duration {
+        let counts: Vec<u64> = self
+            .counts
+            .iter()
+            .map(|c| c.load(Ordering::Relaxed))
+            .collect();
+        let total: u64 = counts.iter().sum();
+        if total == 0 {
+            return Duration::ZERO;
+        }
+        let rank = ((total as f64) * q).ceil().max(1.0) as u64;
+        let mut seen = 0;
+        for (i, c) in counts.iter().enumerate() {
+            seen += c;
+            if seen >= rank {
+                return Duration::from_nanos(bucket_floor(i));
+            }
+        }
+        Duration::from_nanos(bucket_floor(BUCKETS - 1))
+    }
+}
+
+/// Live counters of one instance.
+#[derive(Default)]
+pub(crate) struct InstanceStats {
+    pub(crate) requests: AtomicU64,
+    pub(crate) keys: AtomicUsize,
+    pub(crate) restarts: AtomicU32,
+    pub(crate) latency: Histogram,
+}
+
+/// A snapshot of one instance.
+#[derive(Clone, Debug, PartialEq)]
+pub struct InstanceMetrics {
+    /// The instance.
+    pub id: InstanceId,
+    /// Keys whose state it holds.
+    pub keys: usize,
+    /// Requests waiting in its queue.
+    pub queue_depth: usize,
+    /// Requests it handled.
+    pub requests: u64,
+    /// Median time from submit to response.
+    pub p50: Duration,
+    /// 99th percentile of the time from submit to response.
+    pub p99: Duration,
+    /// Times its loop was restarted after a handler panic.
+    pub restarts: u32,
+}
+
+/// A snapshot of the whole cluster.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Metrics {
+    /// One entry per live instance, by id.
+    pub instances: Vec<InstanceMetrics>,
+    /// The next offset of the input log.
+    pub next_offset: Offset,
+    /// The offset of the latest checkpoint.
+    pub checkpoint_offset: Offset,
+    /// Instances declared stalled (or lost) so far.
+    pub stalls: u64,
+    /// Keys moved between instances so far.
+    pub moved_keys: u64,
+}
+
+impl Metrics {
+    /// The busiest instance's requests over the mean (1.0 is perfect balance).
+    pub fn peak_to_mean(&self) -> f64 {
+        let n = self.instances.len();
+        if n == 0 {
+            return 0.0;
+        }
+        let total: u64 = self.instances.iter().map(|i| i.requests).sum();
+        let peak = self.instances.iter().map(|i| i.requests).max().unwrap_or(0);
+        if total == 0 {
+            return 0.0;
+        }
+        peak as f64 * n as f64 / total as f64
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn buckets_are_monotonic_and_tight() {
+        let mut last = 0;
+        for ns in (0..100_000u64).chain([1 << 20, 1 << 30, u64::MAX]) {
+            let b = bucket(ns);
+            assert!(b >= last || ns < 100_000, "bucket order");
+            last = b;
+            assert!(bucket_floor(b) <= ns, "floor {} > {ns}", bucket_floor(b));
+        }
+        let h = Histogram::default();
+        for us in 1..=100u64 {
+            h.record(Duration::from_micros(us));
+        }
+        let p50 = h.quantile(0.5).as_micros();
+        assert!((44..=50).contains(&p50), "p50 {p50}");
+        let p99 = h.quantile(0.99).as_micros();
+        assert!((87..=99).contains(&p99), "p99 {p99}");
+    }
+}

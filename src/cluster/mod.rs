@@ -1,0 +1,362 @@
+//! The composition root: a keyed service built from a [`Handler`], a log, a router and a
+//! launcher, and the [`Client`] that submits requests to it.
+//!
+//! What happens to a request:
+//! 1. `submit(key, request)` routes the key (sticky placement with bounded loads), takes
+//!    room in the owner's bounded queue (blocking, or [`Error::Busy`] from `try_submit`),
+//!    appends the request to the input log (durable per the log's sync policy) and queues
+//!    it. The request's log offset is its identity.
+//! 2. The owning instance pulls it, folds it into the key's state with the handler, and
+//!    answers the [`Pending`] response.
+//!
+//! What happens when things go wrong:
+//! - a handler panics: that request is answered with [`Error::HandlerPanicked`] and
+//!   marked in the log; the instance restarts and rebuilds its keys from the last
+//!   checkpoint and the log, without the marked request. Other instances never notice.
+//! - an instance stalls (one request runs longer than the stall timeout): it is fenced,
+//!   a replacement is launched, and its keys are rebuilt on their new owners from the
+//!   checkpoint and the log, answering the requests it had queued. When the stalled one
+//!   wakes up it stops without applying anything else.
+//! - the process dies: opening the same directory rebuilds every key from the last
+//!   checkpoint and the log, so each state is the fold of every logged request, once.
+//!
+//! Instances can be added and removed while requests flow; only the keys whose owner
+//! changes move, handed over in memory at a point in the log both sides agree on.
+//!
+//! ```
+//! use cauce::cluster::{Cluster, Context, Handler};
+//!
+//! struct Counter;
+//! impl Handler for Counter {
+//!     type State = u64;
+//!     type Request = u64;
+//!     type Response = u64;
+//!     fn handle(&self, _: &mut Context<'_>, _key: &[u8], total: &mut u64, add: u64) -> u64 {
+//!         *total += add;
+//!         *total
+//!     }
+//! }
+//!
+//! let cluster = Cluster::builder(Counter).in_memory().instances(2).build()?;
+//! let client = cluster.client();
+//! client.submit("alice", 2)?.wait()?;
+//! assert_eq!(client.submit("alice", 3)?.wait()?, 5);
+//! let added = cluster.add_instance(1)?;
+//! assert_eq!(client.submit("alice", 1)?.wait()?, 6); // state follows the key
+//! assert!(cluster.members().contains(&added));
+//! cluster.shutdown()?;
+//! # Ok::<(), cauce::Error>(())
+//! ```
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use parking_lot::Mutex;
+
+mod core;
+mod fold;
+mod instance;
+mod metrics;
+mod placement;
+
+pub use crate::client::Pending;
+pub use crate::handler::{Context, EffectId, Handler};
+pub use metrics::{InstanceMetrics, Metrics};
+
+use crate::error::{Error, Result};
+use crate::launcher::{Launcher, Supervisor, ThreadLauncher};
+use crate::router::{InstanceId, Sticky, StickyOptions};
+use crate::store::{LogOptions, LogStore, MemoryStore, Store};
+use core::{Options, Parts, Shared};
+
+/// A running keyed service. Dropping it stops it (prefer [`shutdown`](Cluster::shutdown),
+/// which also checkpoints and reports errors).
+pub struct Cluster<H: Handler> {
+    shared: Arc<Shared<H>>,
+    supervisor: Mutex<Option<Supervisor>>,
+    checkpointer: Mutex<Option<std::thread::JoinHandle<()>>>,
+}
+
+/// Submits requests to a [`Cluster`]. Cheap to clone; every clone talks to the same
+/// cluster.
+pub struct Client<H: Handler> {
+    shared: Arc<Shared<H>>,
+}
+
+impl<H: Handler> Clone for Client<H> {
+    fn clone(&self) -> Self {
+        Client {
+            shared: self.shared.clone(),
+        }
+    }
+}
+
+enum Storage {
+    Unset,
+    Memory,
+    Dir(std::path::PathBuf),
+    Stores {
+        input: Arc<dyn Store>,
+        effects: Option<Arc<dyn Store>>,
+    },
+}
+
+/// Builds a [`Cluster`]; every setting has a documented default.
+pub struct ClusterBuilder<H: Handler> {
+    handler: H,
+    storage: Storage,
+    log_options: LogOptions,
+    placement: StickyOptions,
+    instances: usize,
+    options: Options,
+    launcher: Arc<dyn Launcher>,
+}
+
+impl<H: Handler> Cluster<H> {
+    /// Starts building a cluster around `handler`.
+    pub fn builder(handler: H) -> ClusterBuilder<H> {
+        ClusterBuilder {
+            handler,
+            storage: Storage::Unset,
+            log_options: LogOptions::new(),
+            placement: StickyOptions::default(),
+            instances: 4,
+            options: Options {
+                queue_capacity: 1024,
+                stall_timeout: Duration::from_secs(5),
+                checkpoint_every: 100_000,
+                tick: Duration::from_millis(20),
+                truncate_after_checkpoint: false,
+            },
+            launcher: Arc::new(ThreadLauncher::new()),
+        }
+    }
+
+    /// A client to submit requests with.
+    pub fn client(&self) -> Client<H> {
+        Client {
+            shared: self.shared.clone(),
+        }
+    }
+
+    /// Adds an instance with `weight` (its share of keys relative to the others) while
+    /// requests flow; the keys it takes over move to it with their state.
+    pub fn add_instance(&self, weight: u32) -> Result<InstanceId> {
+        self.shared.add_instance(weight)
+    }
+
+    /// Removes an instance while requests flow: its keys move to the others with their
+    /// state, it finishes what it had queued, then stops.
+    pub fn remove_instance(&self, id: InstanceId) -> Result<()> {
+        self.shared.remove_instance(id)
+    }
+
+    /// The live instances.
+    pub fn members(&self) -> Vec<InstanceId> {
+        self.shared.members()
+    }
+
+    /// A snapshot of the cluster's counters.
+    pub fn metrics(&self) -> Metrics {
+        self.shared.metrics()
+    }
+
+    /// Checkpoints every key's state now (it also happens every
+    /// [`checkpoint_every`](ClusterBuilder::checkpoint_every) requests); returns the
+    /// offset it was taken at.
+    pub fn checkpoint(&self) -> Result<u64> {
+        self.shared.take_checkpoint()
+    }
+
+    /// Stops accepting requests, drains the queues, checkpoints, stops the instances and
+    /// syncs the logs.
+    pub fn shutdown(self) -> Result<()> {
+        self.stop(true)
+    }
+
+    fn stop(&self, checkpoint: bool) -> Result<()> {
+        if let Some(mut s) = self.supervisor.lock().take() {
+            s.stop();
+        }
+        let result = self.shared.shutdown(checkpoint);
+        if let Some(t) = self.checkpointer.lock().take() {
+            let _ = t.join();
+        }
+        result
+    }
+}
+
+impl<H: Handler> Drop for Cluster<H> {
+    fn drop(&mut self) {
+        if let Err(e) = self.stop(false) {
+            tracing::warn!(error = %e, "error while stopping a dropped cluster");
+        }
+    }
+}
+
+impl<H: Handler> Client<H> {
+    /// Submits `request` for `key`, waiting for room in the owner's queue if it is full.
+    /// Returns once the request is in the log; the [`Pending`] resolves when it has been
+    /// handled.
+    pub fn submit(
+        &self,
+        key: impl AsRef<[u8]>,
+        request: H::Request,
+    ) -> Result<Pending<H::Response>> {
+        self.shared.submit(key.as_ref(), &request, true)
+    }
+
+    /// Like [`submit`](Client::submit), but never waits: a full queue is
+    /// [`Error::Busy`] and nothing is logged.
+    pub fn try_submit(
+        &self,
+        key: impl AsRef<[u8]>,
+        request: H::Request,
+    ) -> Result<Pending<H::Response>> {
+        self.shared.submit(key.as_ref(), &request, false)
+    }
+
+    /// The instance that holds (or will hold) `key`'s state.
+    pub fn owner_of(&self, key: impl AsRef<[u8]>) -> Option<InstanceId> {
+        self.shared.owner_of(key.as_ref())
+    }
+
+    /// A snapshot of the cluster's counters.
+    pub fn metrics(&self) -> Metrics {
+        self.shared.metrics()
+    }
+}
+
+impl<H: Handler> ClusterBuilder<H> {
+    /// Keeps the logs on disk in `dir` (the embedded default): the input log in
+    /// `dir/input` and the journal of outside calls in `dir/effects`, both [`LogStore`]s
+    /// opened with [`log_options`](ClusterBuilder::log_options). Opening a directory that
+    /// holds logs rebuilds every key's state from them.
+    pub fn dir(mut self, dir: impl Into<std::path::PathBuf>) -> Self {
+        self.storage = Storage::Dir(dir.into());
+        self
+    }
+
+    /// Options of the on-disk logs (default [`LogOptions::new`]: `SyncPolicy::Always`,
+    /// so a request whose submit returned survives a crash of the process or the
+    /// machine; `SyncPolicy::Every` trades that window for throughput).
+    pub fn log_options(mut self, options: LogOptions) -> Self {
+        self.log_options = options;
+        self
+    }
+
+    /// How keys are placed on instances (default: ε = 0.25, keys forgotten after 10
+    /// minutes idle; see [`StickyOptions`]).
+    pub fn placement(mut self, options: StickyOptions) -> Self {
+        self.placement = options;
+        self
+    }
+
+    /// Keeps the logs in memory (tests; nothing survives the process).
+    pub fn in_memory(mut self) -> Self {
+        self.storage = Storage::Memory;
+        self
+    }
+
+    /// Uses `input` as the input log and `effects` as the journal of outside calls (any
+    /// [`Store`]; `None` keeps the journal in memory only).
+    pub fn stores(mut self, input: Arc<dyn Store>, effects: Option<Arc<dyn Store>>) -> Self {
+        self.storage = Storage::Stores { input, effects };
+        self
+    }
+
+    /// How many instances start (default 4; at least 1).
+    pub fn instances(mut self, n: usize) -> Self {
+        self.instances = n;
+        self
+    }
+
+    /// Requests an instance may have queued before producers wait (default 1024).
+    pub fn queue_capacity(mut self, n: usize) -> Self {
+        self.options.queue_capacity = n;
+        self
+    }
+
+    /// How long one request may run before its instance is declared stalled
+    /// (default 5 s).
+    pub fn stall_timeout(mut self, timeout: Duration) -> Self {
+        self.options.stall_timeout = timeout;
+        self
+    }
+
+    /// Checkpoint every key's state after this many requests (default 100,000).
+    pub fn checkpoint_every(mut self, requests: u64) -> Self {
+        self.options.checkpoint_every = requests;
+        self
+    }
+
+    /// How often the supervisor looks at heartbeats (default 20 ms).
+    pub fn supervise_every(mut self, tick: Duration) -> Self {
+        self.options.tick = tick;
+        self
+    }
+
+    /// Drop the input log before each checkpoint (default false: keep every record, so
+    /// any past state can be rebuilt and re-run).
+    pub fn truncate_after_checkpoint(mut self, truncate: bool) -> Self {
+        self.options.truncate_after_checkpoint = truncate;
+        self
+    }
+
+    /// Where instances run (default [`ThreadLauncher`]).
+    pub fn launcher(mut self, launcher: impl Launcher) -> Self {
+        self.launcher = Arc::new(launcher);
+        self
+    }
+
+    /// Recovers the state from the logs and starts the instances.
+    pub fn build(self) -> Result<Cluster<H>> {
+        if self.instances == 0 || self.instances > u16::MAX as usize {
+            return Err(Error::Config(format!(
+                "instances must be between 1 and {}, not {}",
+                u16::MAX,
+                self.instances
+            )));
+        }
+        if self.options.queue_capacity == 0 {
+            return Err(Error::Config("queue_capacity must be at least 1".into()));
+        }
+        let (input, effects): (Arc<dyn Store>, Option<Arc<dyn Store>>) = match self.storage {
+            Storage::Unset => {
+                return Err(Error::Config(
+                    "no storage chosen: call .dir(..), .in_memory() or .stores(..)".into(),
+                ));
+            }
+            Storage::Memory => (
+                Arc::new(MemoryStore::new()),
+                Some(Arc::new(MemoryStore::new())),
+            ),
+            Storage::Stores { input, effects } => (input, effects),
+            Storage::Dir(dir) => (
+                Arc::new(LogStore::open(dir.join("input"), self.log_options.clone())?),
+                Some(Arc::new(LogStore::open(
+                    dir.join("effects"),
+                    self.log_options,
+                )?)),
+            ),
+        };
+        let tick = self.options.tick;
+        let stall = self.options.stall_timeout;
+        let shared = Shared::open(Parts {
+            handler: self.handler,
+            input,
+            effects,
+            options: self.options,
+            placement: Box::new(Sticky::new(self.placement)),
+            launcher: self.launcher,
+            instances: (0..self.instances as u32).collect(),
+        })?;
+        let checkpointer = shared.start_checkpointer()?;
+        let supervisor = Supervisor::start(shared.clone(), tick, stall)?;
+        Ok(Cluster {
+            shared,
+            supervisor: Mutex::new(Some(supervisor)),
+            checkpointer: Mutex::new(Some(checkpointer)),
+        })
+    }
+}

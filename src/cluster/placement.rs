@@ -1,0 +1,98 @@
+//! Where keys go: the cluster's view of the router, and who holds each key's state.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+
+use bytes::Bytes;
+
+use super::instance::Instance;
+use crate::error::Result;
+use crate::record::Timestamp;
+use crate::router::{InstanceId, Router, Sticky};
+
+/// The routing decisions the cluster needs. The router module provides them; this trait
+/// keeps the cluster's use of it in one place.
+pub(crate) trait Placement: Send {
+    /// Where a request for `key` goes now (places the key on first sight, counts load).
+    fn route(&mut self, key: &[u8], now: Timestamp) -> Option<InstanceId>;
+    /// The current placement of `key`, if it has one, without counting a request.
+    fn placement(&self, key: &[u8]) -> Option<InstanceId>;
+    /// The key's home in the table (its first choice), ignoring loads.
+    fn owner_of(&self, key: &[u8]) -> Option<InstanceId>;
+    /// Adds an instance.
+    fn add(&mut self, id: InstanceId, weight: u32) -> Result<()>;
+    /// Removes an instance.
+    fn remove(&mut self, id: InstanceId) -> Result<()>;
+}
+
+impl Placement for Sticky {
+    fn route(&mut self, key: &[u8], now: Timestamp) -> Option<InstanceId> {
+        Sticky::route(self, key, now)
+    }
+    fn placement(&self, key: &[u8]) -> Option<InstanceId> {
+        Sticky::placement(self, key)
+    }
+    fn owner_of(&self, key: &[u8]) -> Option<InstanceId> {
+        self.router().owner_of(key)
+    }
+    // The moves Sticky reports are recomputed from the holders by `Routing::rebalance`,
+    // which also covers keys Sticky has forgotten.
+    fn add(&mut self, id: InstanceId, weight: u32) -> Result<()> {
+        Sticky::add(self, id, weight).map(drop)
+    }
+    fn remove(&mut self, id: InstanceId) -> Result<()> {
+        Sticky::remove(self, id).map(drop)
+    }
+}
+
+/// The placement, the live instances, and who holds each key's state (the instance that
+/// has it, or will have it once its queued `Acquire` runs). One lock guards all three, so
+/// the hot path takes it once.
+pub(crate) struct Routing<S> {
+    pub(crate) placement: Box<dyn Placement>,
+    pub(crate) instances: BTreeMap<InstanceId, Arc<Instance<S>>>,
+    pub(crate) holders: HashMap<Bytes, InstanceId, ahash::RandomState>,
+}
+
+/// A batch of keys moving from one instance to another.
+pub(crate) struct Moves {
+    pub(crate) by_route: HashMap<(InstanceId, InstanceId), Vec<Bytes>>,
+}
+
+impl<S> Routing<S> {
+    /// Where each held key should be now; records and returns the keys that move. A key
+    /// the placement has forgotten (idle) stays with its holder while the holder lives, or
+    /// goes to its table owner.
+    pub(crate) fn rebalance(&mut self) -> Moves {
+        let instances = &self.instances;
+        let alive = |id| instances.contains_key(&id);
+        let mut by_route: HashMap<(InstanceId, InstanceId), Vec<Bytes>> = HashMap::new();
+        let placement = &self.placement;
+        for (key, holder) in self.holders.iter_mut() {
+            let dest = match placement.placement(key) {
+                Some(p) => Some(p),
+                None if alive(*holder) => Some(*holder),
+                None => placement.owner_of(key),
+            };
+            if let Some(dest) = dest {
+                if dest != *holder {
+                    by_route
+                        .entry((*holder, dest))
+                        .or_default()
+                        .push(key.clone());
+                    *holder = dest;
+                }
+            }
+        }
+        Moves { by_route }
+    }
+}
+
+impl Moves {
+    /// One key moving from `from` to `to`.
+    pub(crate) fn single(from: InstanceId, to: InstanceId, key: Bytes) -> Self {
+        let mut by_route = HashMap::new();
+        by_route.insert((from, to), vec![key]);
+        Moves { by_route }
+    }
+}

@@ -1,0 +1,224 @@
+//! Handlers: the one trait a service author implements.
+//!
+//! A [`Handler`] owns no state of its own: cauce keeps one `State` per key, hands the
+//! handler that key's state with each request, and stores the request in the log before
+//! the handler sees it. Because the state of a key is the fold of its requests in log
+//! order, a handler must be deterministic: the same requests in the same order give the
+//! same state and the same responses. Anything that talks to the outside world (a clock, a
+//! network call, a random number) goes through [`Context::call`], which journals the
+//! answer so that a replay gets the recorded answer instead of calling again.
+//!
+//! ```
+//! use cauce::cluster::{Context, Handler};
+//!
+//! /// A per-user counter.
+//! struct Counter;
+//!
+//! impl Handler for Counter {
+//!     type State = u64;
+//!     type Request = u64;
+//!     type Response = u64;
+//!
+//!     fn handle(&self, _ctx: &mut Context<'_>, _key: &[u8], total: &mut u64, add: u64) -> u64 {
+//!         *total += add;
+//!         *total
+//!     }
+//! }
+//! ```
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use parking_lot::RwLock;
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+
+use crate::codec::{Bincode, Codec};
+use crate::error::{Error, Result};
+use crate::record::{Entry, Offset, Timestamp};
+use crate::router::InstanceId;
+use crate::store::Store;
+
+/// The code of a keyed service: per-key state, a request in, a response out.
+///
+/// # Contract
+/// - `handle` is deterministic given `state`, `request` and the answers of
+///   [`Context::call`]: cauce rebuilds states by re-running it over the log.
+/// - A panic in `handle` is caught: the request is answered with
+///   [`Error::HandlerPanicked`], marked in the log so that no replay applies it again, and
+///   the instance's keys are rebuilt from the last checkpoint and the log, so the half-done
+///   change of the panicking call is not kept.
+pub trait Handler: Send + Sync + 'static {
+    /// The state of one key. A key's first request sees `State::default()`.
+    type State: Default + Serialize + DeserializeOwned + Send + 'static;
+    /// A request, stored in the log (hence serde).
+    type Request: Serialize + DeserializeOwned + Send + 'static;
+    /// A response, handed back to the submitter in memory.
+    type Response: Send + 'static;
+
+    /// Handles `request` for `key`, changing `state`.
+    fn handle(
+        &self,
+        ctx: &mut Context<'_>,
+        key: &[u8],
+        state: &mut Self::State,
+        request: Self::Request,
+    ) -> Self::Response;
+}
+
+/// Names one outside call: the request's offset and the call's position within the
+/// handling of that request. Pass it to the outside world as an idempotency key: after a
+/// crash or a stall, a call whose answer was not yet journaled may be made again.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct EffectId {
+    /// Offset of the request being handled.
+    pub offset: Offset,
+    /// 0 for the first call made while handling it, 1 for the second, ...
+    pub index: u32,
+}
+
+/// What a handler may use besides its state: where the request stands in the log, which
+/// instance runs it, and a journaled way to call out.
+pub struct Context<'a> {
+    pub(crate) offset: Offset,
+    pub(crate) timestamp: Timestamp,
+    pub(crate) instance: InstanceId,
+    pub(crate) replaying: bool,
+    pub(crate) calls: u32,
+    pub(crate) effects: &'a Effects,
+}
+
+impl Context<'_> {
+    /// The offset of the request in the input log.
+    pub fn offset(&self) -> Offset {
+        self.offset
+    }
+
+    /// The request's timestamp (milliseconds since the Unix epoch), as logged: use it
+    /// instead of the clock, so replays see the same time.
+    pub fn timestamp(&self) -> Timestamp {
+        self.timestamp
+    }
+
+    /// The instance running the handler.
+    pub fn instance(&self) -> InstanceId {
+        self.instance
+    }
+
+    /// True while cauce rebuilds state by replaying the log (after a restart, a crash, a
+    /// stall or a move), false for a live request.
+    pub fn is_replay(&self) -> bool {
+        self.replaying
+    }
+
+    /// Calls the outside world through the journal.
+    ///
+    /// The first time a request is handled, `call` runs `f` and journals its answer
+    /// (encoded with bincode) under this request's offset and the call's index; when the
+    /// request is handled again (a replay), it returns the journaled answer and does not run
+    /// `f`. A replay whose calls differ in name from the journal is
+    /// [`Error::Nondeterministic`].
+    pub fn call<T, F>(&mut self, name: &str, f: F) -> Result<T>
+    where
+        T: Serialize + DeserializeOwned,
+        F: FnOnce(EffectId) -> T,
+    {
+        let id = EffectId {
+            offset: self.offset,
+            index: self.calls,
+        };
+        self.calls += 1;
+        if let Some((recorded, answer)) = self.effects.lookup(id) {
+            if &*recorded != name {
+                return Err(Error::Nondeterministic {
+                    offset: id.offset,
+                    detail: format!(
+                        "call {} was journaled as {recorded:?} but replayed as {name:?}",
+                        id.index
+                    ),
+                });
+            }
+            return Bincode.decode(&answer);
+        }
+        let answer = f(id);
+        let bytes = Bincode.encode(&answer)?;
+        self.effects.record(id, name, &bytes)?;
+        Ok(answer)
+    }
+}
+
+/// The journal of outside calls: a second store holding `(offset, index) → (name,
+/// answer)`, with an index in memory of the entries a rebuild may still need.
+pub(crate) struct Effects {
+    store: Option<Arc<dyn Store>>,
+    index: RwLock<HashMap<EffectId, (Arc<str>, Bytes)>>,
+}
+
+fn effect_key(id: EffectId) -> [u8; 12] {
+    let mut key = [0u8; 12];
+    key[..8].copy_from_slice(&id.offset.to_be_bytes());
+    key[8..].copy_from_slice(&id.index.to_be_bytes());
+    key
+}
+
+impl Effects {
+    /// A journal in `store`, loading the entries at or after `from`.
+    pub(crate) fn open(store: Option<Arc<dyn Store>>, from: Offset) -> Result<Effects> {
+        let effects = Effects {
+            store,
+            index: RwLock::new(HashMap::new()),
+        };
+        if let Some(store) = &effects.store {
+            let mut index = effects.index.write();
+            for record in store.read_from(store.start_offset())? {
+                let record = record?;
+                let (id, name, answer) =
+                    decode_effect(&record.key, &record.payload).ok_or_else(|| Error::Codec {
+                        context: "effect journal entry",
+                        message: format!("malformed entry at offset {}", record.offset),
+                    })?;
+                if id.offset >= from {
+                    index.insert(id, (name.into(), answer));
+                }
+            }
+        }
+        Ok(effects)
+    }
+
+    fn lookup(&self, id: EffectId) -> Option<(Arc<str>, Bytes)> {
+        self.index.read().get(&id).cloned()
+    }
+
+    fn record(&self, id: EffectId, name: &str, answer: &[u8]) -> Result<()> {
+        if let Some(store) = &self.store {
+            let mut payload = Vec::with_capacity(2 + name.len() + answer.len());
+            let name_len = u16::try_from(name.len()).map_err(|_| Error::InvalidName {
+                name: name.chars().take(64).collect(),
+                reason: "effect names are at most 65535 bytes",
+            })?;
+            payload.extend_from_slice(&name_len.to_be_bytes());
+            payload.extend_from_slice(name.as_bytes());
+            payload.extend_from_slice(answer);
+            store.append(&[Entry::new(&effect_key(id), &payload)])?;
+        }
+        self.index
+            .write()
+            .insert(id, (name.into(), Bytes::copy_from_slice(answer)));
+        Ok(())
+    }
+
+    /// Forgets index entries for requests before `offset` (a checkpoint covers them).
+    pub(crate) fn forget_before(&self, offset: Offset) {
+        self.index.write().retain(|id, _| id.offset >= offset);
+    }
+}
+
+fn decode_effect(key: &[u8], payload: &[u8]) -> Option<(EffectId, String, Bytes)> {
+    let offset = u64::from_be_bytes(key.get(..8)?.try_into().ok()?);
+    let index = u32::from_be_bytes(key.get(8..12)?.try_into().ok()?);
+    let name_len = u16::from_be_bytes(payload.get(..2)?.try_into().ok()?) as usize;
+    let name = std::str::from_utf8(payload.get(2..2 + name_len)?).ok()?;
+    let answer = Bytes::copy_from_slice(payload.get(2 + name_len..)?);
+    Some((EffectId { offset, index }, name.to_string(), answer))
+}

@@ -1,0 +1,378 @@
+//! The cluster against a single-threaded model: every answer and every final state must
+//! equal the fold of the input log in log order, whatever fails along the way.
+
+mod common;
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::thread;
+use std::time::Duration;
+
+use cauce::Error;
+use cauce::cluster::{Cluster, Pending};
+use cauce::store::{MemoryStore, Store};
+use common::{Req, Resp, Service, Tally};
+
+struct Harness {
+    input: Arc<MemoryStore>,
+    effects: Arc<MemoryStore>,
+}
+
+impl Harness {
+    fn new() -> Self {
+        Harness {
+            input: Arc::new(MemoryStore::new()),
+            effects: Arc::new(MemoryStore::new()),
+        }
+    }
+
+    fn cluster(&self, instances: usize) -> cauce::cluster::ClusterBuilder<Service> {
+        Cluster::builder(Service::default())
+            .stores(self.input.clone(), Some(self.effects.clone()))
+            .instances(instances)
+            .supervise_every(Duration::from_millis(5))
+    }
+
+    /// Checks every answer received against the model, and every key's state.
+    fn check(&self, answers: &HashMap<u64, cauce::Result<Resp>>, cluster: &Cluster<Service>) {
+        let journal = common::journal(&*self.effects);
+        let (states, expected) = common::model(&*self.input, &journal);
+        for (offset, got) in answers {
+            match (expected.get(offset), got) {
+                (Some(Some(want)), Ok(got)) => assert_eq!(got, want, "answer at offset {offset}"),
+                (Some(None), Err(Error::HandlerPanicked { .. })) => {}
+                (want, got) => panic!("offset {offset}: expected {want:?}, got {got:?}"),
+            }
+        }
+        let client = cluster.client();
+        for (key, want) in states {
+            let got = client.submit(&key, Req::Get).unwrap().wait().unwrap();
+            assert_eq!(
+                got,
+                Resp::State(want),
+                "state of {:?}",
+                String::from_utf8_lossy(&key)
+            );
+        }
+    }
+}
+
+fn key(i: u64) -> String {
+    format!("user-{i}")
+}
+
+/// Submits `n` requests from `threads` threads over `keys` keys; returns every answer.
+fn load(
+    cluster: &Cluster<Service>,
+    threads: u64,
+    n: u64,
+    keys: u64,
+    make: impl Fn(u64) -> Req + Send + Sync + Copy + 'static,
+) -> HashMap<u64, cauce::Result<Resp>> {
+    let handles: Vec<_> = (0..threads)
+        .map(|t| {
+            let client = cluster.client();
+            thread::spawn(move || {
+                let mut pending: Vec<Pending<Resp>> = Vec::new();
+                for i in 0..n {
+                    let k = (i * 7 + t * 13) % keys;
+                    pending.push(client.submit(key(k), make(i + t * n)).unwrap());
+                }
+                pending
+                    .into_iter()
+                    .map(|p| {
+                        let offset = p.offset();
+                        (offset, p.wait_timeout(Duration::from_secs(30)))
+                    })
+                    .collect::<Vec<_>>()
+            })
+        })
+        .collect();
+    let mut answers = HashMap::new();
+    for h in handles {
+        for (offset, answer) in h.join().unwrap() {
+            assert!(
+                answers.insert(offset, answer).is_none(),
+                "offset {offset} twice"
+            );
+        }
+    }
+    answers
+}
+
+#[test]
+fn concurrent_requests_fold_in_log_order() {
+    let h = Harness::new();
+    let cluster = h.cluster(4).build().unwrap();
+    let answers = load(&cluster, 4, 500, 37, |i| Req::Add(i % 11));
+    assert_eq!(answers.len(), 2000);
+    h.check(&answers, &cluster);
+    let m = cluster.metrics();
+    assert_eq!(
+        m.instances.iter().map(|i| i.requests).sum::<u64>(),
+        2000 + 37
+    );
+    cluster.shutdown().unwrap();
+}
+
+#[test]
+fn a_panicking_handler_is_answered_with_an_error_and_its_change_is_not_kept() {
+    let h = Harness::new();
+    let cluster = h.cluster(3).checkpoint_every(50).build().unwrap();
+    let answers = load(&cluster, 3, 300, 20, |i| {
+        if i % 41 == 5 {
+            Req::Panic
+        } else {
+            Req::Add(i % 5)
+        }
+    });
+    let panics = answers
+        .values()
+        .filter(|a| matches!(a, Err(Error::HandlerPanicked { .. })))
+        .count();
+    assert!(panics > 0, "some requests panicked");
+    h.check(&answers, &cluster);
+    let restarts: u32 = cluster.metrics().instances.iter().map(|i| i.restarts).sum();
+    assert_eq!(cluster.metrics().stalls, 0, "no instance was lost");
+    assert_eq!(restarts as usize, panics, "one restart per panic");
+    cluster.shutdown().unwrap();
+}
+
+#[test]
+fn a_stalled_instance_is_replaced_and_nothing_is_lost_or_answered_twice() {
+    let h = Harness::new();
+    let cluster = h
+        .cluster(3)
+        .stall_timeout(Duration::from_millis(150))
+        .checkpoint_every(40)
+        .build()
+        .unwrap();
+    let before = cluster.members();
+    let answers = load(&cluster, 3, 200, 15, |i| {
+        if i == 50 {
+            Req::Stall(800)
+        } else {
+            Req::Add(i % 3)
+        }
+    });
+    assert!(
+        answers.values().all(|a| a.is_ok()),
+        "every request answered: {answers:?}"
+    );
+    h.check(&answers, &cluster);
+    let m = cluster.metrics();
+    assert_eq!(m.stalls, 1, "one stall");
+    assert_eq!(
+        m.instances.len(),
+        3,
+        "a replacement took the stalled one's place"
+    );
+    assert_ne!(cluster.members(), before);
+    // The stalled thread wakes up later: it must not apply or answer anything.
+    thread::sleep(Duration::from_millis(900));
+    h.check(&HashMap::new(), &cluster);
+    cluster.shutdown().unwrap();
+}
+
+#[test]
+fn scaling_from_2_to_8_to_3_under_load_moves_state_with_keys() {
+    let h = Harness::new();
+    let cluster = Arc::new(h.cluster(2).checkpoint_every(300).build().unwrap());
+    let running = Arc::new(AtomicBool::new(true));
+    let loader = {
+        let (c, r) = (cluster.clone(), running.clone());
+        thread::spawn(move || {
+            let mut all = HashMap::new();
+            let mut round = 0;
+            while r.load(Ordering::SeqCst) || round < 3 {
+                all.extend(load(&c, 2, 150, 50, move |i| Req::Add(i % 7 + round)));
+                round += 1;
+            }
+            all
+        })
+    };
+    let mut added = Vec::new();
+    for _ in 0..6 {
+        added.push(cluster.add_instance(1).unwrap());
+        thread::sleep(Duration::from_millis(15));
+    }
+    assert_eq!(cluster.members().len(), 8);
+    for id in cluster.members().into_iter().take(5) {
+        cluster.remove_instance(id).unwrap();
+        thread::sleep(Duration::from_millis(15));
+    }
+    assert_eq!(cluster.members().len(), 3);
+    running.store(false, Ordering::SeqCst);
+    let answers = loader.join().unwrap();
+    assert!(answers.values().all(|a| a.is_ok()));
+    h.check(&answers, &cluster);
+    assert!(cluster.metrics().moved_keys > 0, "keys moved");
+    match Arc::try_unwrap(cluster) {
+        Ok(c) => c.shutdown().unwrap(),
+        Err(_) => panic!("cluster still shared"),
+    }
+}
+
+#[test]
+fn a_full_queue_pushes_back_and_nothing_refused_is_logged() {
+    let h = Harness::new();
+    let cluster = h
+        .cluster(1)
+        .queue_capacity(8)
+        .stall_timeout(Duration::from_secs(60))
+        .build()
+        .unwrap();
+    let client = cluster.client();
+    let stuck = client.submit("k", Req::Stall(400)).unwrap();
+    thread::sleep(Duration::from_millis(50));
+    let mut queued = Vec::new();
+    let mut busy = 0;
+    for i in 0..20 {
+        match client.try_submit("k", Req::Add(i)) {
+            Ok(p) => queued.push(p),
+            Err(Error::Busy { capacity: 8, .. }) => busy += 1,
+            Err(e) => panic!("unexpected {e}"),
+        }
+    }
+    assert_eq!(
+        queued.len(),
+        7,
+        "capacity 8, one taken by the stalled request"
+    );
+    assert_eq!(busy, 13);
+    let logged = h.input.next_offset();
+    // A blocking submit waits for room instead of failing.
+    let c = client.clone();
+    let blocked = thread::spawn(move || c.submit("k", Req::Add(100)).unwrap().wait().unwrap());
+    thread::sleep(Duration::from_millis(100));
+    assert!(
+        !blocked.is_finished(),
+        "submit waits while the queue is full"
+    );
+    assert_eq!(stuck.wait().unwrap(), Resp::Sum(1));
+    for p in queued {
+        p.wait().unwrap();
+    }
+    assert_eq!(
+        blocked.join().unwrap(),
+        Resp::Sum(1 + (0..7).sum::<u64>() + 100)
+    );
+    assert!(h.input.next_offset() > logged);
+    cluster.shutdown().unwrap();
+}
+
+#[test]
+fn reopening_the_same_logs_rebuilds_every_state() {
+    let h = Harness::new();
+    let cluster = h.cluster(3).checkpoint_every(64).build().unwrap();
+    let first = load(&cluster, 2, 200, 25, Req::Add);
+    drop(cluster); // no shutdown: no final checkpoint
+    let cluster = h.cluster(2).build().unwrap();
+    h.check(&first, &cluster);
+    let second = load(&cluster, 2, 100, 25, |i| Req::Add(i * 3));
+    cluster.shutdown().unwrap();
+    let cluster = h.cluster(5).build().unwrap();
+    h.check(&second, &cluster);
+    cluster.shutdown().unwrap();
+}
+
+#[test]
+fn outside_calls_are_journaled_and_replays_reuse_the_answers() {
+    let h = Harness::new();
+    let service = Service::default();
+    let calls = service.calls.clone();
+    let cluster = Cluster::builder(service)
+        .stores(h.input.clone(), Some(h.effects.clone()))
+        .instances(2)
+        .build()
+        .unwrap();
+    let client = cluster.client();
+    let mut answers = HashMap::new();
+    for i in 0..40u64 {
+        let p = client.submit(key(i % 4), Req::External).unwrap();
+        answers.insert(p.offset(), p.wait());
+    }
+    assert_eq!(calls.load(Ordering::SeqCst), 40);
+    drop(cluster);
+    let service = Service::default();
+    let calls = service.calls.clone();
+    let cluster = Cluster::builder(service)
+        .stores(h.input.clone(), Some(h.effects.clone()))
+        .instances(3)
+        .build()
+        .unwrap();
+    h.check(&answers, &cluster);
+    assert_eq!(
+        calls.load(Ordering::SeqCst),
+        0,
+        "replay called nothing again"
+    );
+    cluster.shutdown().unwrap();
+}
+
+#[test]
+fn bad_configuration_is_a_typed_error() {
+    assert!(matches!(
+        Cluster::builder(Service::default())
+            .in_memory()
+            .instances(0)
+            .build(),
+        Err(Error::Config(_))
+    ));
+    assert!(matches!(
+        Cluster::builder(Service::default()).build(),
+        Err(Error::Config(_))
+    ));
+    let cluster = Cluster::builder(Service::default())
+        .in_memory()
+        .instances(1)
+        .build()
+        .unwrap();
+    let only = cluster.members()[0];
+    assert!(matches!(
+        cluster.remove_instance(only),
+        Err(Error::Config(_))
+    ));
+    assert!(matches!(
+        cluster.remove_instance(cauce::router::InstanceId(99)),
+        Err(Error::UnknownInstance(_))
+    ));
+    assert!(matches!(cluster.add_instance(0), Err(Error::Config(_))));
+    cluster.shutdown().unwrap();
+}
+
+#[test]
+fn the_pending_response_is_a_future() {
+    let cluster = Cluster::builder(Service::default())
+        .in_memory()
+        .instances(2)
+        .build()
+        .unwrap();
+    let client = cluster.client();
+    let pending = client.submit("a", Req::Add(5)).unwrap();
+    let answer = block_on(pending).unwrap();
+    assert_eq!(answer, Resp::Sum(5));
+    let _ = Tally::default();
+    cluster.shutdown().unwrap();
+}
+
+/// A minimal executor: polls on this thread, parks until woken.
+fn block_on<F: std::future::Future>(fut: F) -> F::Output {
+    use std::task::{Context, Poll, Wake, Waker};
+    struct Unpark(thread::Thread);
+    impl Wake for Unpark {
+        fn wake(self: Arc<Self>) {
+            self.0.unpark();
+        }
+    }
+    let waker = Waker::from(Arc::new(Unpark(thread::current())));
+    let mut cx = Context::from_waker(&waker);
+    let mut fut = std::pin::pin!(fut);
+    loop {
+        if let Poll::Ready(v) = fut.as_mut().poll(&mut cx) {
+            return v;
+        }
+        thread::park();
+    }
+}

@@ -1,0 +1,148 @@
+//! A test service whose state remembers the order of its requests, and a model of it.
+#![allow(dead_code)]
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use cauce::cluster::{Context, Handler};
+use cauce::store::Store;
+use serde::{Deserialize, Serialize};
+
+/// Requests of the test service.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub enum Req {
+    /// Adds a value; answers the new sum.
+    Add(u64),
+    /// Answers the whole state.
+    Get,
+    /// Panics (after changing the state, to prove the change is not kept).
+    Panic,
+    /// Sleeps this long when live (not on replay), then adds 1.
+    Stall(u64),
+    /// Asks the outside world for a number through the journal and adds it.
+    External,
+}
+
+/// The state: a sum, a count, and a hash chain that depends on the order of requests.
+#[derive(Clone, Copy, Debug, Default, Serialize, Deserialize, PartialEq, Eq, Hash)]
+pub struct Tally {
+    pub sum: u64,
+    pub count: u64,
+    pub chain: u64,
+}
+
+impl Tally {
+    pub fn add(&mut self, v: u64) -> u64 {
+        self.sum = self.sum.wrapping_add(v);
+        self.count += 1;
+        self.chain = self
+            .chain
+            .wrapping_mul(0x100000001b3)
+            .wrapping_add(v ^ 0x9e37);
+        self.sum
+    }
+}
+
+/// Responses of the test service.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Resp {
+    Sum(u64),
+    State(Tally),
+}
+
+/// The test service.
+#[derive(Default)]
+pub struct Service {
+    /// Counts how many times `External` really called out.
+    pub calls: std::sync::Arc<std::sync::atomic::AtomicU64>,
+}
+
+impl Handler for Service {
+    type State = Tally;
+    type Request = Req;
+    type Response = Resp;
+
+    fn handle(&self, ctx: &mut Context<'_>, _key: &[u8], state: &mut Tally, req: Req) -> Resp {
+        match req {
+            Req::Add(v) => Resp::Sum(state.add(v)),
+            Req::Get => Resp::State(*state),
+            Req::Panic => {
+                state.add(1_000_000);
+                panic!("asked to panic at offset {}", ctx.offset());
+            }
+            Req::Stall(ms) => {
+                if !ctx.is_replay() {
+                    std::thread::sleep(Duration::from_millis(ms));
+                }
+                Resp::Sum(state.add(1))
+            }
+            Req::External => {
+                let calls = self.calls.clone();
+                let v: u64 = ctx
+                    .call("dice", move |id| {
+                        calls.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                        // Not a function of the request: only the journal makes replays agree.
+                        (id.offset * 7 + std::process::id() as u64) % 97
+                    })
+                    .expect("journal");
+                Resp::Sum(state.add(v))
+            }
+        }
+    }
+}
+
+/// Folds the input log in order, as a single thread would: the state of every key, and
+/// the answer to every request (None for requests the service refuses or panics on).
+pub fn model(
+    input: &dyn Store,
+    journal: &HashMap<u64, u64>,
+) -> (HashMap<Vec<u8>, Tally>, HashMap<u64, Option<Resp>>) {
+    let mut states: HashMap<Vec<u8>, Tally> = HashMap::new();
+    let mut answers = HashMap::new();
+    for r in input.read_from(input.start_offset()).unwrap() {
+        let r = r.unwrap();
+        if r.payload.first() != Some(&0) {
+            continue;
+        }
+        let req: Req = bincode::deserialize(&r.payload[1..]).unwrap();
+        let state = states.entry(r.key.to_vec()).or_default();
+        let answer = match req {
+            Req::Add(v) => Some(Resp::Sum(state.add(v))),
+            Req::Get => Some(Resp::State(*state)),
+            Req::Panic => None,
+            Req::Stall(_) => Some(Resp::Sum(state.add(1))),
+            Req::External => Some(Resp::Sum(state.add(journal[&r.offset]))),
+        };
+        answers.insert(r.offset, answer);
+    }
+    (states, answers)
+}
+
+/// The journaled answers of `External` requests: request offset → value.
+pub fn journal(effects: &dyn Store) -> HashMap<u64, u64> {
+    effects
+        .read_from(effects.start_offset())
+        .unwrap()
+        .map(|r| {
+            let r = r.unwrap();
+            let offset = u64::from_be_bytes(r.key[..8].try_into().unwrap());
+            let name_len = u16::from_be_bytes(r.payload[..2].try_into().unwrap()) as usize;
+            let value: u64 = bincode::deserialize(&r.payload[2 + name_len..]).unwrap();
+            (offset, value)
+        })
+        .collect()
+}
+
+/// Every request in the input log: offset → (key, request).
+pub fn requests(input: &dyn Store) -> HashMap<u64, (Vec<u8>, Req)> {
+    input
+        .read_from(input.start_offset())
+        .unwrap()
+        .map(|r| r.unwrap())
+        .filter(|r| r.payload.first() == Some(&0))
+        .map(|r| {
+            let req: Req = bincode::deserialize(&r.payload[1..]).unwrap();
+            (r.offset, (r.key.to_vec(), req))
+        })
+        .collect()
+}
