@@ -376,3 +376,45 @@ fn block_on<F: std::future::Future>(fut: F) -> F::Output {
         thread::park();
     }
 }
+
+#[test]
+fn shutdown_releases_the_directory_while_clients_still_exist() {
+    let dir = tempfile::tempdir().unwrap();
+    let cluster = Cluster::builder(Service::default())
+        .dir(dir.path())
+        .instances(2)
+        .build()
+        .unwrap();
+    let client = cluster.client();
+    client.submit("a", Req::Add(3)).unwrap().wait().unwrap();
+    cluster.shutdown().unwrap();
+    assert!(matches!(
+        client.submit("a", Req::Add(1)),
+        Err(Error::Closed)
+    ));
+    let again = Cluster::builder(Service::default())
+        .dir(dir.path())
+        .instances(3)
+        .build()
+        .unwrap();
+    let state = again
+        .client()
+        .submit("a", Req::Get)
+        .unwrap()
+        .wait()
+        .unwrap();
+    assert_eq!(
+        state,
+        Resp::State(Tally {
+            sum: 3,
+            count: 1,
+            chain: {
+                let mut t = Tally::default();
+                t.add(3);
+                t.chain
+            }
+        })
+    );
+    drop(client);
+    again.shutdown().unwrap();
+}

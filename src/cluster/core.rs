@@ -26,6 +26,7 @@ use super::instance::{
     self, CheckpointRound, Exit, Handoff, Instance, Message, NoPermit, Source, Start,
 };
 use super::metrics::{InstanceMetrics, Metrics};
+use super::owned::OwnedLog;
 use super::placement::{Moves, Routing};
 use crate::client::{Pending, Responder, pending};
 use crate::error::{Error, Result};
@@ -76,6 +77,7 @@ pub(crate) struct Shared<H: Handler> {
     stalls: AtomicU64,
     moved: AtomicU64,
     me: Weak<Shared<H>>,
+    owned: Vec<Arc<OwnedLog>>,
 }
 
 /// Everything `Shared::open` needs.
@@ -87,6 +89,8 @@ pub(crate) struct Parts<H: Handler> {
     pub(crate) placement: Box<dyn super::placement::Placement>,
     pub(crate) launcher: Arc<dyn Launcher>,
     pub(crate) instances: Vec<u32>,
+    /// Stores the cluster opened itself: closed at shutdown.
+    pub(crate) owned: Vec<Arc<OwnedLog>>,
 }
 
 /// What the log holds after the latest checkpoint, read once at open.
@@ -143,6 +147,7 @@ impl<H: Handler> Shared<H> {
             placement,
             launcher,
             instances,
+            owned,
         } = parts;
         let mut routing = Routing {
             placement,
@@ -187,6 +192,7 @@ impl<H: Handler> Shared<H> {
             stalls: AtomicU64::new(0),
             moved: AtomicU64::new(0),
             me: me.clone(),
+            owned,
         });
         for &id in &instances {
             let id = InstanceId(id);
@@ -604,7 +610,10 @@ impl<H: Handler> Shared<H> {
                     }
                 }
             })
-            .map_err(|e| Error::io("spawn checkpoint thread", "cauce-checkpoint", e))
+            .map_err(|source| Error::Spawn {
+                name: "cauce-checkpoint".to_string(),
+                source,
+            })
     }
 
     // ---- queries and shutdown -------------------------------------------------------
@@ -700,6 +709,10 @@ impl<H: Handler> Shared<H> {
             if let Err(e) = store.sync() {
                 first_error.get_or_insert(e);
             }
+        }
+        // Release the directory now, even if clients of this cluster still exist.
+        for log in &self.owned {
+            log.close();
         }
         match first_error {
             Some(e) => Err(e),

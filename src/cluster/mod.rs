@@ -57,6 +57,7 @@ mod core;
 mod fold;
 mod instance;
 mod metrics;
+mod owned;
 mod placement;
 
 pub use crate::client::Pending;
@@ -68,6 +69,7 @@ use crate::launcher::{Launcher, Supervisor, ThreadLauncher};
 use crate::router::{InstanceId, Sticky, StickyOptions};
 use crate::store::{LogOptions, LogStore, MemoryStore, Store};
 use core::{Options, Parts, Shared};
+use owned::OwnedLog;
 
 /// A running keyed service. Dropping it stops it (prefer [`shutdown`](Cluster::shutdown),
 /// which also checkpoints and reports errors).
@@ -321,6 +323,7 @@ impl<H: Handler> ClusterBuilder<H> {
         if self.options.queue_capacity == 0 {
             return Err(Error::Config("queue_capacity must be at least 1".into()));
         }
+        let mut owned = Vec::new();
         let (input, effects): (Arc<dyn Store>, Option<Arc<dyn Store>>) = match self.storage {
             Storage::Unset => {
                 return Err(Error::Config(
@@ -332,13 +335,18 @@ impl<H: Handler> ClusterBuilder<H> {
                 Some(Arc::new(MemoryStore::new())),
             ),
             Storage::Stores { input, effects } => (input, effects),
-            Storage::Dir(dir) => (
-                Arc::new(LogStore::open(dir.join("input"), self.log_options.clone())?),
-                Some(Arc::new(LogStore::open(
+            Storage::Dir(dir) => {
+                let input = Arc::new(OwnedLog::new(LogStore::open(
+                    dir.join("input"),
+                    self.log_options.clone(),
+                )?));
+                let effects = Arc::new(OwnedLog::new(LogStore::open(
                     dir.join("effects"),
                     self.log_options,
-                )?)),
-            ),
+                )?));
+                owned = vec![input.clone(), effects.clone()];
+                (input, Some(effects))
+            }
         };
         let tick = self.options.tick;
         let stall = self.options.stall_timeout;
@@ -350,6 +358,7 @@ impl<H: Handler> ClusterBuilder<H> {
             placement: Box::new(Sticky::new(self.placement)),
             launcher: self.launcher,
             instances: (0..self.instances as u32).collect(),
+            owned,
         })?;
         let checkpointer = shared.start_checkpointer()?;
         let supervisor = Supervisor::start(shared.clone(), tick, stall)?;

@@ -77,7 +77,10 @@ impl Supervisor {
                 }
                 r.store(false, Ordering::SeqCst);
             })
-            .map_err(|e| Error::io("spawn supervisor thread", "cauce-supervisor", e))?;
+            .map_err(|source| Error::Spawn {
+                name: "cauce-supervisor".to_string(),
+                source,
+            })?;
         Ok(Supervisor {
             stop,
             running,

@@ -43,9 +43,10 @@ impl Launcher for ThreadLauncher {
         if let Some(size) = self.stack_size {
             builder = builder.stack_size(size);
         }
-        let handle = builder
-            .spawn(body)
-            .map_err(|e| Error::io("spawn instance thread", format!("instance {id}"), e))?;
+        let handle = builder.spawn(body).map_err(|source| Error::Spawn {
+            name: format!("cauce-instance-{}", id.0),
+            source,
+        })?;
         Ok(Box::new(RunningThread(handle)))
     }
 }

@@ -533,7 +533,10 @@ impl LogStore {
                 let handle = std::thread::Builder::new()
                     .name("cauce-log-flusher".into())
                     .spawn(move || s.flusher_loop(interval))
-                    .map_err(|e| Error::io("spawn flusher thread", dir, e))?;
+                    .map_err(|source| Error::Spawn {
+                        name: "cauce-log-flusher".to_string(),
+                        source,
+                    })?;
                 Some(handle)
             }
             _ => None,

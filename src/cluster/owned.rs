@@ -1,0 +1,87 @@
+//! [`OwnedLog`]: a log store the cluster opened itself, and releases at shutdown.
+
+use std::ops::Range;
+use std::time::Duration;
+
+use arc_swap::ArcSwapOption;
+
+use crate::error::{Error, Result};
+use crate::record::{Entry, Offset};
+use crate::store::{Compaction, LogStore, RecordIter, Snapshot, Store};
+
+/// A [`LogStore`] that can be closed while other handles to it (clients of a shut-down
+/// cluster) still exist: closing drops the store, which syncs it and releases the
+/// directory's lock, so the directory can be opened again at once. Calls after closing
+/// are [`Error::Closed`].
+pub(crate) struct OwnedLog {
+    log: ArcSwapOption<LogStore>,
+}
+
+impl OwnedLog {
+    pub(crate) fn new(log: LogStore) -> Self {
+        OwnedLog {
+            log: ArcSwapOption::from_pointee(log),
+        }
+    }
+
+    /// Drops the store (once the calls in flight are done with it).
+    pub(crate) fn close(&self) {
+        self.log.store(None);
+    }
+
+    fn with<T>(&self, f: impl FnOnce(&LogStore) -> Result<T>) -> Result<T> {
+        match self.log.load().as_deref() {
+            Some(log) => f(log),
+            None => Err(Error::Closed),
+        }
+    }
+
+    fn read<T>(&self, closed: T, f: impl FnOnce(&LogStore) -> T) -> T {
+        match self.log.load().as_deref() {
+            Some(log) => f(log),
+            None => closed,
+        }
+    }
+}
+
+impl Store for OwnedLog {
+    fn append(&self, batch: &[Entry<'_>]) -> Result<Range<Offset>> {
+        self.with(|l| l.append(batch))
+    }
+    fn read_from(&self, from: Offset) -> Result<RecordIter> {
+        self.with(|l| l.read_from(from))
+    }
+    fn start_offset(&self) -> Offset {
+        self.read(0, |l| l.start_offset())
+    }
+    fn next_offset(&self) -> Offset {
+        self.read(0, |l| l.next_offset())
+    }
+    fn wait_for(&self, offset: Offset, timeout: Option<Duration>) -> Offset {
+        self.read(0, |l| l.wait_for(offset, timeout))
+    }
+    fn wake_waiters(&self) {
+        self.read((), |l| l.wake_waiters())
+    }
+    fn sync(&self) -> Result<()> {
+        self.with(|l| l.sync())
+    }
+    fn truncate_before(&self, offset: Offset) -> Result<()> {
+        self.with(|l| l.truncate_before(offset))
+    }
+    fn compact(&self) -> Result<Compaction> {
+        self.with(|l| l.compact())
+    }
+    fn commit_cursor(&self, name: &str, offset: Offset) -> Result<()> {
+        self.with(|l| l.commit_cursor(name, offset))
+    }
+    fn cursor(&self, name: &str) -> Result<Option<Offset>> {
+        self.with(|l| l.cursor(name))
+    }
+    fn save_snapshot(&self, name: &str, offset: Offset, blob: &[u8]) -> Result<()> {
+        self.with(|l| l.save_snapshot(name, offset, blob))
+    }
+    fn latest_snapshot(&self, name: &str) -> Result<Option<Snapshot>> {
+        self.with(|l| l.latest_snapshot(name))
+    }
+}
