@@ -9,6 +9,7 @@
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::task::{Context, Poll, Waker};
 use std::time::{Duration, Instant};
 
@@ -20,6 +21,8 @@ use crate::record::Offset;
 struct Slot<T> {
     state: Mutex<SlotState<T>>,
     ready: Condvar,
+    /// Set once answered: lets a waiter spin briefly without taking the lock.
+    answered: AtomicBool,
 }
 
 struct SlotState<T> {
@@ -79,6 +82,7 @@ pub(crate) fn pending<T>(offset: Offset) -> (Pending<T>, Responder<T>) {
             waker: None,
         }),
         ready: Condvar::new(),
+        answered: AtomicBool::new(false),
     });
     (
         Pending {
@@ -98,6 +102,7 @@ impl<T> Responder<T> {
         }
         state.answered = true;
         state.value = Some(value);
+        self.slot.answered.store(true, Ordering::Release);
         let waker = state.waker.take();
         drop(state);
         self.slot.ready.notify_all();
@@ -109,6 +114,15 @@ impl<T> Responder<T> {
 }
 
 impl<T> Pending<T> {
+    /// Spins, then yields, for a short while: an answer that is about to arrive is
+    /// picked up without the cost of sleeping and being woken.
+    fn spin_until_answered(&self) {
+        let backoff = crossbeam_utils::Backoff::new();
+        while !self.slot.answered.load(Ordering::Acquire) && !backoff.is_completed() {
+            backoff.snooze();
+        }
+    }
+
     /// The offset of the request in the input log: its identity.
     pub fn offset(&self) -> Offset {
         self.offset
@@ -125,6 +139,7 @@ impl<T> Pending<T> {
     /// The response is handed out once: after `wait_timeout` or a poll returned it,
     /// waiting again is [`Error::Closed`].
     pub fn wait(self) -> Result<T> {
+        self.spin_until_answered();
         let mut state = self.slot.state.lock();
         loop {
             if let Some(v) = take(&mut state) {
@@ -137,6 +152,7 @@ impl<T> Pending<T> {
     /// Blocks until the response arrives or `timeout` passes ([`Error::Timeout`]; the
     /// request stays accepted and will still be handled, so waiting again is fine).
     pub fn wait_timeout(&self, timeout: Duration) -> Result<T> {
+        self.spin_until_answered();
         let deadline = Instant::now() + timeout;
         let mut state = self.slot.state.lock();
         loop {

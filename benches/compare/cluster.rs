@@ -71,17 +71,22 @@ impl Baseline {
             let (tx, rx) = bounded::<Job>(1024);
             let reply_tx: Vec<Sender<(u64, Instant)>> = reply_tx.clone();
             workers.push(tx);
-            handles.push(thread::spawn(move || {
-                let mut states: HashMap<Arc<[u8]>, u64> = HashMap::new();
-                let mut handled = 0;
-                for job in rx {
-                    let total = states.entry(job.key).or_default();
-                    *total = total.wrapping_add(job.add);
-                    handled += 1;
-                    let _ = reply_tx[job.client].send((*total, job.sent));
-                }
-                handled
-            }));
+            let worker = thread::Builder::new().name("base-worker".into());
+            handles.push(
+                worker
+                    .spawn(move || {
+                        let mut states: HashMap<Arc<[u8]>, u64> = HashMap::new();
+                        let mut handled = 0;
+                        for job in rx {
+                            let total = states.entry(job.key).or_default();
+                            *total = total.wrapping_add(job.add);
+                            handled += 1;
+                            let _ = reply_tx[job.client].send((*total, job.sent));
+                        }
+                        handled
+                    })
+                    .expect("spawn"),
+            );
         }
         Baseline {
             workers,
@@ -103,26 +108,29 @@ impl Baseline {
             for (c, keys) in work.iter().enumerate() {
                 let workers = &b.workers;
                 let replies = &b.replies[c];
-                s.spawn(move || {
-                    let mut outstanding = 0;
-                    for key in keys {
-                        if outstanding == WINDOW {
-                            replies.recv().expect("reply");
-                            outstanding -= 1;
+                let client = thread::Builder::new().name("base-client".into());
+                client
+                    .spawn_scoped(s, move || {
+                        let mut outstanding = 0;
+                        for key in keys {
+                            if outstanding == WINDOW {
+                                replies.recv().expect("reply");
+                                outstanding -= 1;
+                            }
+                            let job = Job {
+                                key: key.clone(),
+                                add: 1,
+                                client: c,
+                                sent: Instant::now(),
+                            };
+                            workers[Baseline::owner(key)].send(job).expect("worker");
+                            outstanding += 1;
                         }
-                        let job = Job {
-                            key: key.clone(),
-                            add: 1,
-                            client: c,
-                            sent: Instant::now(),
-                        };
-                        workers[Baseline::owner(key)].send(job).expect("worker");
-                        outstanding += 1;
-                    }
-                    for _ in 0..outstanding {
-                        replies.recv().expect("reply");
-                    }
-                });
+                        for _ in 0..outstanding {
+                            replies.recv().expect("reply");
+                        }
+                    })
+                    .expect("spawn");
             }
         });
         let rate = total as f64 / started.elapsed().as_secs_f64();
@@ -165,18 +173,21 @@ fn run_cauce(work: &[Vec<Arc<[u8]>>]) -> (f64, Vec<u64>) {
     thread::scope(|s| {
         for keys in work {
             let client = cluster.client();
-            s.spawn(move || {
-                let mut window: VecDeque<Pending<u64>> = VecDeque::with_capacity(WINDOW);
-                for key in keys {
-                    if window.len() == WINDOW {
-                        window.pop_front().expect("window").wait().expect("answer");
+            let thread = thread::Builder::new().name("cauce-client".into());
+            thread
+                .spawn_scoped(s, move || {
+                    let mut window: VecDeque<Pending<u64>> = VecDeque::with_capacity(WINDOW);
+                    for key in keys {
+                        if window.len() == WINDOW {
+                            window.pop_front().expect("window").wait().expect("answer");
+                        }
+                        window.push_back(client.submit(&**key, 1).expect("submit"));
                     }
-                    window.push_back(client.submit(&**key, 1).expect("submit"));
-                }
-                for p in window {
-                    p.wait().expect("answer");
-                }
-            });
+                    for p in window {
+                        p.wait().expect("answer");
+                    }
+                })
+                .expect("spawn");
         }
     });
     let rate = total as f64 / started.elapsed().as_secs_f64();

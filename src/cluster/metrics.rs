@@ -89,9 +89,9 @@ pub struct InstanceMetrics {
     pub queue_depth: usize,
     /// Requests it handled.
     pub requests: u64,
-    /// Median time from submit to response.
+    /// Median time from queueing to response (over a sample of one request in eight).
     pub p50: Duration,
-    /// 99th percentile of the time from submit to response.
+    /// 99th percentile of the time from queueing to response (same sample).
     pub p99: Duration,
     /// Times its loop was restarted after a handler panic.
     pub restarts: u32,

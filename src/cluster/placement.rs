@@ -45,13 +45,14 @@ impl Placement for Sticky {
     }
 }
 
-/// The placement, the live instances, and who holds each key's state (the instance that
-/// has it, or will have it once its queued `Acquire` runs). One lock guards all three, so
-/// the hot path takes it once.
+/// Who holds each key's state: the instance that has it, or will have it once its queued
+/// `Acquire` runs. Sharded by the keys' stripes, each shard guarded by its stripe lock.
+pub(crate) type Holders = HashMap<Bytes, InstanceId, ahash::RandomState>;
+
+/// The placement and the live instances, under one lock.
 pub(crate) struct Routing<S> {
     pub(crate) placement: Box<dyn Placement>,
     pub(crate) instances: BTreeMap<InstanceId, Arc<Instance<S>>>,
-    pub(crate) holders: HashMap<Bytes, InstanceId, ahash::RandomState>,
 }
 
 /// A batch of keys moving from one instance to another.
@@ -63,12 +64,11 @@ impl<S> Routing<S> {
     /// Where each held key should be now; records and returns the keys that move. A key
     /// the placement has forgotten (idle) stays with its holder while the holder lives, or
     /// goes to its table owner.
-    pub(crate) fn rebalance(&mut self) -> Moves {
-        let instances = &self.instances;
-        let alive = |id| instances.contains_key(&id);
+    pub(crate) fn rebalance<'a>(&self, shards: impl Iterator<Item = &'a mut Holders>) -> Moves {
+        let alive = |id| self.instances.contains_key(&id);
         let mut by_route: HashMap<(InstanceId, InstanceId), Vec<Bytes>> = HashMap::new();
         let placement = &self.placement;
-        for (key, holder) in self.holders.iter_mut() {
+        for (key, holder) in shards.flat_map(|s| s.iter_mut()) {
             let dest = match placement.placement(key) {
                 Some(p) => Some(p),
                 None if alive(*holder) => Some(*holder),
