@@ -118,7 +118,8 @@ impl Context<'_> {
     /// (encoded with bincode) under this request's offset and the call's index; when the
     /// request is handled again (a replay), it returns the journaled answer and does not run
     /// `f`. A replay whose calls differ in name from the journal is
-    /// [`Error::Nondeterministic`].
+    /// [`Error::Nondeterministic`]; so is a call without a journaled answer under a
+    /// debugging [`Replay`](crate::cluster::Replay), which never calls out.
     pub fn call<T, F>(&mut self, name: &str, f: F) -> Result<T>
     where
         T: Serialize + DeserializeOwned,
@@ -141,6 +142,15 @@ impl Context<'_> {
             }
             return Bincode.decode(&answer);
         }
+        if self.effects.journal_only {
+            return Err(Error::Nondeterministic {
+                offset: id.offset,
+                detail: format!(
+                    "call {} ({name:?}) has no journaled answer, and this replay does not call out",
+                    id.index
+                ),
+            });
+        }
         let answer = f(id);
         let bytes = Bincode.encode(&answer)?;
         self.effects.record(id, name, &bytes)?;
@@ -153,6 +163,8 @@ impl Context<'_> {
 pub(crate) struct Effects {
     store: Option<Arc<dyn Store>>,
     index: RwLock<HashMap<EffectId, (Arc<str>, Bytes)>>,
+    /// Never call out: a call without a journaled answer is an error (debug replays).
+    journal_only: bool,
 }
 
 fn effect_key(id: EffectId) -> [u8; 12] {
@@ -168,6 +180,7 @@ impl Effects {
         let effects = Effects {
             store,
             index: RwLock::new(HashMap::new()),
+            journal_only: false,
         };
         if let Some(store) = &effects.store {
             let mut index = effects.index.write();
@@ -206,6 +219,15 @@ impl Effects {
             .write()
             .insert(id, (name.into(), Bytes::copy_from_slice(answer)));
         Ok(())
+    }
+
+    /// The journal of `store` for a replay that must not call out: every entry is
+    /// loaded, nothing is appended, and a call without an answer is an error.
+    pub(crate) fn journal_only(store: Option<Arc<dyn Store>>) -> Result<Effects> {
+        let mut effects = Effects::open(store, 0)?;
+        effects.store = None;
+        effects.journal_only = true;
+        Ok(effects)
     }
 
     /// Forgets index entries for requests before `offset` (a checkpoint covers them).

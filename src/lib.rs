@@ -68,6 +68,8 @@
 //!   once, whatever crashed, panicked, stalled or moved along the way.
 //! - A handler's calls to the outside world go through [`cluster::Context::call`] and are
 //!   journaled, so a replay gets the recorded answers instead of calling again.
+//! - Any past state can be rebuilt and any request re-run on it with
+//!   [`cluster::Replay`], from the logs alone.
 //! - Damaged storage, bad input and full queues are typed [`Error`]s that say what and
 //!   where; library code does not panic on them.
 #![warn(missing_docs)]

@@ -418,3 +418,89 @@ fn shutdown_releases_the_directory_while_clients_still_exist() {
     drop(client);
     again.shutdown().unwrap();
 }
+
+#[test]
+fn replay_rebuilds_any_past_state_and_reruns_requests_without_calling_out() {
+    let dir = tempfile::tempdir().unwrap();
+    let service = Service::default();
+    let cluster = Cluster::builder(service)
+        .dir(dir.path())
+        .instances(3)
+        .checkpoint_every(40)
+        .build()
+        .unwrap();
+    let client = cluster.client();
+    let mut offsets = Vec::new();
+    for i in 0..150u64 {
+        let req = match i % 10 {
+            3 => Req::External,
+            7 if i == 77 => Req::Panic,
+            _ => Req::Add(i),
+        };
+        let p = client.submit(key(i % 4), req).unwrap();
+        offsets.push(p.offset());
+        let _ = p.wait();
+    }
+    cluster.shutdown().unwrap();
+
+    let input =
+        cauce::store::LogStore::open_read_only(dir.path().join("input"), Default::default())
+            .unwrap();
+    let effects =
+        cauce::store::LogStore::open_read_only(dir.path().join("effects"), Default::default())
+            .unwrap();
+    let journal = common::journal(&effects);
+    let requests = common::requests(&input);
+
+    let calls = Service::default();
+    let counter = calls.calls.clone();
+    let replay = cauce::cluster::Replay::open(dir.path(), calls).unwrap();
+    for &offset in offsets.iter().step_by(7) {
+        let (k, req) = &requests[&offset];
+        // The model: fold the key's requests before `offset` (the panicking one excluded).
+        let mut want = Tally::default();
+        for (o, (k2, r)) in requests
+            .iter()
+            .collect::<std::collections::BTreeMap<_, _>>()
+        {
+            if *o >= offset || k2 != k {
+                continue;
+            }
+            match r {
+                Req::Add(v) => {
+                    want.add(*v);
+                }
+                Req::External => {
+                    want.add(journal[o]);
+                }
+                _ => {}
+            }
+        }
+        assert_eq!(
+            replay.state_before(k, offset).unwrap(),
+            want,
+            "state before {offset}"
+        );
+        match replay.rerun(offset) {
+            Ok(rerun) => {
+                assert_eq!(&rerun.request, req);
+                assert_eq!(rerun.before, want);
+            }
+            Err(Error::HandlerPanicked { offset: o, .. }) => {
+                assert_eq!(
+                    (o, req),
+                    (offset, &Req::Panic),
+                    "only the panicking request panics again"
+                );
+            }
+            Err(e) => panic!("rerun of {offset}: {e}"),
+        }
+    }
+    assert_eq!(
+        counter.load(Ordering::SeqCst),
+        0,
+        "the replay never called out"
+    );
+    let history = replay.history(key(1).as_bytes()).unwrap();
+    assert_eq!(history.len(), 150 / 4 + 1);
+}

@@ -59,10 +59,12 @@ mod instance;
 mod metrics;
 mod owned;
 mod placement;
+mod replay;
 
 pub use crate::client::Pending;
 pub use crate::handler::{Context, EffectId, Handler};
 pub use metrics::{InstanceMetrics, Metrics};
+pub use replay::{Replay, Rerun};
 
 use crate::error::{Error, Result};
 use crate::launcher::{Launcher, Supervisor, ThreadLauncher};

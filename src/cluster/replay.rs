@@ -1,0 +1,239 @@
+//! [`Replay`]: rebuild any past state of a service from its logs, and re-run a request
+//! on it, in a test or under a debugger.
+
+use std::collections::{BTreeSet, HashMap};
+use std::path::Path;
+use std::sync::Arc;
+
+use bytes::Bytes;
+
+use super::fold::{self, CHECKPOINT, Checkpoint, Control, Envelope, FoldSink, Outcome};
+use crate::codec::Codec;
+use crate::error::{Error, Result};
+use crate::handler::{Effects, Handler};
+use crate::record::{Offset, Record};
+use crate::router::InstanceId;
+use crate::store::{LogOptions, LogStore, Store};
+
+/// Rebuilds the state a key had before any request of the log, and re-runs the handler
+/// on it, without touching the logs or the outside world.
+///
+/// A replay reads the input log and the journal of outside calls, read-only (it may run
+/// beside the live service, and sees the logs as they were when it opened). Calls to the
+/// outside world get their journaled answers; a call that was never journaled is an
+/// error rather than a real call.
+///
+/// ```
+/// use cauce::cluster::{Cluster, Context, Handler, Replay};
+///
+/// struct Counter;
+/// impl Handler for Counter {
+///     type State = u64;
+///     type Request = u64;
+///     type Response = u64;
+///     fn handle(&self, _: &mut Context<'_>, _: &[u8], total: &mut u64, add: u64) -> u64 {
+///         *total += add;
+///         *total
+///     }
+/// }
+///
+/// let dir = tempfile::tempdir().unwrap();
+/// let cluster = Cluster::builder(Counter).dir(dir.path()).build()?;
+/// let client = cluster.client();
+/// client.submit("alice", 5)?.wait()?;
+/// let second = client.submit("alice", 2)?;
+/// let offset = second.offset();
+/// second.wait()?;
+/// cluster.shutdown()?;
+///
+/// let replay = Replay::open(dir.path(), Counter)?;
+/// assert_eq!(replay.state_before(b"alice", offset)?, 5);
+/// let rerun = replay.rerun(offset)?;
+/// assert_eq!((rerun.before, rerun.request, rerun.response, rerun.after), (5, 2, 7, 7));
+/// # Ok::<(), cauce::Error>(())
+/// ```
+pub struct Replay<H: Handler> {
+    handler: H,
+    input: Arc<dyn Store>,
+    effects: Effects,
+    poisoned: BTreeSet<Offset>,
+}
+
+/// A request re-run on the state it was handled in (see [`Replay::rerun`]).
+#[derive(Debug)]
+pub struct Rerun<H: Handler> {
+    /// The request's offset.
+    pub offset: Offset,
+    /// Its key.
+    pub key: Bytes,
+    /// The request itself.
+    pub request: H::Request,
+    /// The key's state before it.
+    pub before: H::State,
+    /// What the handler answered.
+    pub response: H::Response,
+    /// The key's state after it.
+    pub after: H::State,
+}
+
+/// A fold that answers nobody and keeps its poison marks to itself.
+struct Silent;
+
+impl<R> FoldSink<R> for Silent {
+    fn handled(&mut self, _: Offset, _: Result<R>) {}
+    fn poison(&mut self, _: Offset, _: String) -> Result<()> {
+        Ok(())
+    }
+}
+
+const REPLAY_INSTANCE: InstanceId = InstanceId(u32::MAX);
+
+impl<H: Handler> Replay<H> {
+    /// Opens the logs a cluster keeps in `dir` (see
+    /// [`ClusterBuilder::dir`](super::ClusterBuilder::dir)), read-only.
+    pub fn open(dir: impl AsRef<Path>, handler: H) -> Result<Self> {
+        let dir = dir.as_ref();
+        let input = LogStore::open_read_only(dir.join("input"), LogOptions::new())?;
+        let effects = match LogStore::open_read_only(dir.join("effects"), LogOptions::new()) {
+            Ok(e) => Some(Arc::new(e) as Arc<dyn Store>),
+            Err(Error::Io { .. }) => None, // no journal: no outside calls were made
+            Err(e) => return Err(e),
+        };
+        Replay::from_stores(Arc::new(input), effects, handler)
+    }
+
+    /// A replay over any input log and journal.
+    pub fn from_stores(
+        input: Arc<dyn Store>,
+        effects: Option<Arc<dyn Store>>,
+        handler: H,
+    ) -> Result<Self> {
+        let mut poisoned = BTreeSet::new();
+        for record in input.read_from(input.start_offset())? {
+            let record = record?;
+            if let Envelope::Control(Control::Poison { offset }) = fold::envelope(&record)? {
+                poisoned.insert(offset);
+            }
+        }
+        Ok(Replay {
+            handler,
+            input,
+            effects: Effects::journal_only(effects)?,
+            poisoned,
+        })
+    }
+
+    /// The state of `key` just before the request at `offset` (the fold of every request
+    /// of `key` before it; requests whose handler panicked are not part of it).
+    pub fn state_before(&self, key: &[u8], offset: Offset) -> Result<H::State> {
+        let base = self.base_for(offset)?;
+        let mut limits: HashMap<Bytes, Offset, ahash::RandomState> = HashMap::default();
+        limits.insert(Bytes::copy_from_slice(key), offset);
+        let replay = fold::Replay {
+            handler: &self.handler,
+            effects: &self.effects,
+            instance: REPLAY_INSTANCE,
+            input: &*self.input,
+        };
+        let mut poisoned = self.poisoned.clone();
+        let mut states = fold::rebuild(replay, &base, &mut poisoned, &limits, &mut Silent, || {})?;
+        Ok(states
+            .remove(key)
+            .map(|slot| slot.state)
+            .unwrap_or_default())
+    }
+
+    /// Re-runs the request at `offset` on the state its key had before it.
+    pub fn rerun(&self, offset: Offset) -> Result<Rerun<H>> {
+        let record = self.record_at(offset)?;
+        let Envelope::Request(body) = fold::envelope(&record)? else {
+            return Err(Error::Codec {
+                context: "replay",
+                message: format!("the record at offset {offset} is not a request"),
+            });
+        };
+        let request: H::Request = fold::CODEC.decode(body)?;
+        let before = self.state_before(&record.key, offset)?;
+        let mut after: H::State = fold::CODEC.decode(&fold::CODEC.encode(&before)?)?;
+        let live = fold::Request {
+            offset,
+            timestamp: record.timestamp,
+            key: &record.key,
+            body,
+        };
+        let outcome = fold::apply(
+            &self.handler,
+            &self.effects,
+            REPLAY_INSTANCE,
+            true,
+            live,
+            &mut after,
+        );
+        let response = match outcome {
+            Outcome::Answered(r) => r,
+            Outcome::Refused(e) => return Err(e),
+            Outcome::Panicked(message) => {
+                return Err(Error::HandlerPanicked {
+                    instance: REPLAY_INSTANCE,
+                    offset,
+                    message,
+                });
+            }
+        };
+        Ok(Rerun {
+            offset,
+            key: record.key,
+            request,
+            before,
+            response,
+            after,
+        })
+    }
+
+    /// Every request of `key` in log order, with its offset.
+    pub fn history(&self, key: &[u8]) -> Result<Vec<(Offset, H::Request)>> {
+        let mut out = Vec::new();
+        for record in self.input.read_from(self.input.start_offset())? {
+            let record = record?;
+            if &record.key[..] != key {
+                continue;
+            }
+            if let Envelope::Request(body) = fold::envelope(&record)? {
+                out.push((record.offset, fold::CODEC.decode(body)?));
+            }
+        }
+        Ok(out)
+    }
+
+    /// Where a fold up to `offset` can start: the latest checkpoint at or before it, or
+    /// the beginning of the log.
+    fn base_for(&self, offset: Offset) -> Result<Checkpoint> {
+        let start = self.input.start_offset();
+        if let Some(s) = self.input.latest_snapshot(CHECKPOINT)? {
+            if s.offset <= offset {
+                return Checkpoint::decode(s.offset, &s.blob);
+            }
+        }
+        if start > 0 {
+            return Err(Error::OffsetOutOfRange {
+                requested: offset,
+                start,
+                end: self.input.next_offset(),
+            });
+        }
+        Ok(Checkpoint::empty(0))
+    }
+
+    fn record_at(&self, offset: Offset) -> Result<Record> {
+        let out_of_range = || Error::OffsetOutOfRange {
+            requested: offset,
+            start: self.input.start_offset(),
+            end: self.input.next_offset(),
+        };
+        match self.input.read_from(offset)?.next() {
+            Some(Ok(r)) if r.offset == offset => Ok(r),
+            Some(Err(e)) => Err(e),
+            _ => Err(out_of_range()),
+        }
+    }
+}
