@@ -334,13 +334,18 @@ impl<H: Handler> Shared<H> {
                 return Err(Error::Closed);
             }
             let mut routing = self.routing.lock();
-            let dest_id = if routed {
-                routing.placement.placement(key)
-            } else {
-                routed = true;
-                routing.placement.route(key, timestamp)
-            };
+            // Route (counting the request toward the loads) once; after waiting for room,
+            // look the placement up again: membership may have changed meanwhile.
+            let dest_id = match routed {
+                true => routing.placement.placement(key),
+                false => None,
+            }
+            .or_else(|| routing.placement.route(key, timestamp));
+            routed = true;
             let Some(dest) = dest_id.and_then(|id| routing.instances.get(&id).cloned()) else {
+                if let Some(p) = permit {
+                    p.permits.release();
+                }
                 return Err(Error::NoInstance);
             };
             if permit.as_ref().is_none_or(|p| p.id != dest.id) {
