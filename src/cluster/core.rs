@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use crossbeam_utils::CachePadded;
-use parking_lot::{Mutex, MutexGuard, RwLock};
+use parking_lot::{Mutex, MutexGuard};
 
 use super::fold::{self, CHECKPOINT, Checkpoint, Control, Envelope};
 use super::instance::{
@@ -65,7 +65,10 @@ pub(crate) struct Shared<H: Handler> {
     /// submitters on different stripes must not share a line.
     stripes: Box<[CachePadded<Mutex<Holders>>]>,
     retiring: Mutex<Vec<Arc<Instance<H::State>>>>,
-    checkpoint: RwLock<Arc<Checkpoint>>,
+    /// Offset of the latest checkpoint. Its states are not kept in memory: rebuilds load
+    /// them from the store, sharing one decoded copy while any rebuild holds it.
+    checkpoint_offset: AtomicU64,
+    checkpoint_cache: Mutex<Weak<Checkpoint>>,
     poisoned: Mutex<BTreeSet<Offset>>,
     responders: Box<[CachePadded<Responders<H::Response>>]>,
     accepting: AtomicBool,
@@ -162,6 +165,8 @@ impl<H: Handler> Shared<H> {
             (0..STRIPES).map(|_| CachePadded::default()).collect();
         let recovered = recover(&*input)?;
         let journal = Effects::open(effects.clone(), recovered.checkpoint.offset)?;
+        // Held until every instance has rebuilt its keys from it.
+        let checkpoint = Arc::new(recovered.checkpoint);
         for &id in &instances {
             routing.placement.add(InstanceId(id), 1)?;
         }
@@ -183,7 +188,8 @@ impl<H: Handler> Shared<H> {
             routing: Mutex::new(routing),
             stripes: stripes.into_boxed_slice(),
             retiring: Mutex::new(Vec::new()),
-            checkpoint: RwLock::new(Arc::new(recovered.checkpoint)),
+            checkpoint_offset: AtomicU64::new(checkpoint.offset),
+            checkpoint_cache: Mutex::new(Arc::downgrade(&checkpoint)),
             poisoned: Mutex::new(recovered.poisoned),
             responders: (0..REGISTRY_SHARDS)
                 .map(|_| CachePadded::new(Mutex::default()))
@@ -205,7 +211,10 @@ impl<H: Handler> Shared<H> {
         for &id in &instances {
             let id = InstanceId(id);
             let start = match limits.remove(&id) {
-                Some(l) => Start::Restore(l),
+                Some(limits) => Start::Restore {
+                    limits,
+                    checkpoint: Some(checkpoint.clone()),
+                },
                 None => Start::Empty,
             };
             shared.start_instance(id, 1, start)?;
@@ -271,7 +280,11 @@ impl<H: Handler> Shared<H> {
             return;
         }
         inst.stats.restarts.fetch_add(1, Ordering::Relaxed);
-        if let Err(e) = self.launch(inst, Start::Restore(limits)) {
+        let start = Start::Restore {
+            limits,
+            checkpoint: None,
+        };
+        if let Err(e) = self.launch(inst, start) {
             tracing::error!(instance = %inst.id, error = %e, "could not restart instance");
             self.lose(inst.id, "could not be restarted");
         }
@@ -282,8 +295,22 @@ impl<H: Handler> Shared<H> {
         Ok(self.input.append(&[Entry::new(b"", &payload)])?.start)
     }
 
-    pub(crate) fn checkpoint(&self) -> Arc<Checkpoint> {
-        self.checkpoint.read().clone()
+    /// The latest checkpoint, decoded (shared with any rebuild that holds it already).
+    pub(crate) fn checkpoint(&self) -> Result<Arc<Checkpoint>> {
+        let mut cache = self.checkpoint_cache.lock();
+        if let Some(cp) = cache.upgrade() {
+            if cp.offset == self.checkpoint_offset.load(Ordering::SeqCst) {
+                return Ok(cp);
+            }
+        }
+        // The newest snapshot whose checks pass (an older one if the newest is damaged:
+        // folding the log from further back gives the same states).
+        let cp = Arc::new(match self.input.latest_snapshot(CHECKPOINT)? {
+            Some(s) => Checkpoint::decode(s.offset, &s.blob)?,
+            None => Checkpoint::empty(self.input.start_offset()),
+        });
+        *cache = Arc::downgrade(&cp);
+        Ok(cp)
     }
 
     pub(crate) fn poisoned(&self) -> BTreeSet<Offset> {
@@ -564,7 +591,7 @@ impl<H: Handler> Shared<H> {
         let round = {
             let _all = self.exclusive();
             let offset = self.input.next_offset();
-            if offset == self.checkpoint.read().offset {
+            if offset == self.checkpoint_offset.load(Ordering::SeqCst) {
                 return Ok(offset);
             }
             let routing = self.routing.lock();
@@ -595,7 +622,8 @@ impl<H: Handler> Shared<H> {
         self.input
             .save_snapshot(CHECKPOINT, checkpoint.offset, &checkpoint.encode())?;
         let offset = checkpoint.offset;
-        *self.checkpoint.write() = Arc::new(checkpoint);
+        self.checkpoint_offset.store(offset, Ordering::SeqCst);
+        *self.checkpoint_cache.lock() = Weak::new();
         self.effects.forget_before(offset);
         self.poisoned.lock().retain(|&p| p >= offset);
         if self.options.truncate_after_checkpoint {
@@ -677,7 +705,7 @@ impl<H: Handler> Shared<H> {
         Metrics {
             instances,
             next_offset: self.input.next_offset(),
-            checkpoint_offset: self.checkpoint.read().offset,
+            checkpoint_offset: self.checkpoint_offset.load(Ordering::SeqCst),
             stalls: self.stalls.load(Ordering::Relaxed),
             moved_keys: self.moved.load(Ordering::Relaxed),
         }

@@ -10,7 +10,7 @@ use crossbeam_utils::CachePadded;
 use parking_lot::{Condvar, Mutex};
 
 use super::core::Shared;
-use super::fold::{self, FoldSink, Outcome, Slot};
+use super::fold::{self, Checkpoint, FoldSink, Outcome, Slot};
 use crate::error::{Error, Result};
 use crate::handler::Handler;
 use crate::launcher::{Heartbeat, Running};
@@ -411,8 +411,12 @@ impl<S> Instance<S> {
 /// How an instance loop starts.
 pub(crate) enum Start {
     Empty,
-    /// After a restart: rebuild these keys up to their limits first.
-    Restore(HashMap<Bytes, Offset, ahash::RandomState>),
+    /// After a restart or at open: rebuild these keys up to their limits first, from
+    /// `checkpoint` if given (else the latest one in the store).
+    Restore {
+        limits: HashMap<Bytes, Offset, ahash::RandomState>,
+        checkpoint: Option<Arc<Checkpoint>>,
+    },
 }
 
 /// Why an instance loop returned.
@@ -455,7 +459,7 @@ pub(crate) fn run<H: Handler>(shared: &Shared<H>, me: &Instance<H::State>, start
     let mut failed: Option<String> = None;
     match start {
         Start::Empty => {}
-        Start::Restore(limits) => match rebuild(shared, me, &limits) {
+        Start::Restore { limits, checkpoint } => match rebuild(shared, me, &limits, checkpoint) {
             Ok(rebuilt) => states = rebuilt,
             Err(e) => failed = Some(e.to_string()),
         },
@@ -651,7 +655,7 @@ fn acquire<H: Handler>(
         None => missing.extend(keys.into_iter().map(|k| (k, until))),
     }
     if !missing.is_empty() {
-        let rebuilt = rebuild(shared, me, &missing)?;
+        let rebuilt = rebuild(shared, me, &missing, None)?;
         states.extend(rebuilt);
     }
     Ok(())
@@ -661,8 +665,12 @@ fn rebuild<H: Handler>(
     shared: &Shared<H>,
     me: &Instance<H::State>,
     limits: &HashMap<Bytes, Offset, ahash::RandomState>,
+    checkpoint: Option<Arc<Checkpoint>>,
 ) -> Result<States<H::State>> {
-    let checkpoint = shared.checkpoint();
+    let checkpoint = match checkpoint {
+        Some(cp) => cp,
+        None => shared.checkpoint()?,
+    };
     let mut poisoned: BTreeSet<Offset> = shared.poisoned();
     let mut sink = Answer {
         shared,
