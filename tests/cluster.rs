@@ -504,3 +504,53 @@ fn replay_rebuilds_any_past_state_and_reruns_requests_without_calling_out() {
     let history = replay.history(key(1).as_bytes()).unwrap();
     assert_eq!(history.len(), 150 / 4 + 1);
 }
+
+#[test]
+fn batches_fold_in_log_order_while_instances_come_and_go() {
+    let h = Harness::new();
+    let cluster = Arc::new(h.cluster(2).checkpoint_every(200).build().unwrap());
+    let loaders: Vec<_> = (0..3u64)
+        .map(|t| {
+            let client = cluster.client();
+            thread::spawn(move || {
+                let mut answers = Vec::new();
+                for round in 0..40u64 {
+                    // Batches of 1 to 24 requests, keys repeating inside a batch.
+                    let n = (round * 7 + t) % 24 + 1;
+                    let batch: Vec<_> = (0..n)
+                        .map(|i| (key((i * 5 + round + t) % 9), Req::Add(i + round)))
+                        .collect();
+                    for p in client.submit_batch(batch).unwrap() {
+                        let offset = p.offset();
+                        answers.push((offset, p.wait_timeout(Duration::from_secs(30))));
+                    }
+                }
+                answers
+            })
+        })
+        .collect();
+    let added = cluster.add_instance(1).unwrap();
+    thread::sleep(Duration::from_millis(5));
+    cluster.add_instance(2).unwrap();
+    thread::sleep(Duration::from_millis(5));
+    cluster.remove_instance(added).unwrap();
+    let mut answers = HashMap::new();
+    for l in loaders {
+        for (offset, a) in l.join().unwrap() {
+            assert!(
+                answers.insert(offset, a).is_none(),
+                "offset {offset} answered twice"
+            );
+        }
+    }
+    assert!(answers.values().all(|a| a.is_ok()));
+    h.check(&answers, &cluster);
+    assert!(matches!(
+        cluster.client().submit_batch(Vec::<(&str, Req)>::new()),
+        Ok(v) if v.is_empty()
+    ));
+    match Arc::try_unwrap(cluster) {
+        Ok(c) => c.shutdown().unwrap(),
+        Err(_) => panic!("cluster still shared"),
+    }
+}

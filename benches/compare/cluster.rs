@@ -165,6 +165,38 @@ fn start_cluster() -> (Cluster<Counter>, tempfile::TempDir) {
     (cluster, dir)
 }
 
+/// Runs the load through a fresh cluster in batches of `batch` requests
+/// (`Client::submit_batch`), keeping the same window; returns requests/s.
+fn run_cauce_batched(work: &[Vec<Arc<[u8]>>], batch: usize) -> f64 {
+    let (cluster, _dir) = start_cluster();
+    let started = Instant::now();
+    let total: usize = work.iter().map(Vec::len).sum();
+    thread::scope(|s| {
+        for keys in work {
+            let client = cluster.client();
+            let thread = thread::Builder::new().name("cauce-client".into());
+            thread
+                .spawn_scoped(s, move || {
+                    let mut window: VecDeque<Pending<u64>> = VecDeque::with_capacity(WINDOW);
+                    for chunk in keys.chunks(batch) {
+                        while window.len() + chunk.len() > WINDOW {
+                            window.pop_front().expect("window").wait().expect("answer");
+                        }
+                        let requests = chunk.iter().map(|k| (&**k, 1u64));
+                        window.extend(client.submit_batch(requests).expect("submit"));
+                    }
+                    for p in window {
+                        p.wait().expect("answer");
+                    }
+                })
+                .expect("spawn");
+        }
+    });
+    let rate = total as f64 / started.elapsed().as_secs_f64();
+    cluster.shutdown().expect("shutdown");
+    rate
+}
+
 /// Runs the load through a fresh cluster; returns (requests/s, per-instance counts).
 fn run_cauce(work: &[Vec<Arc<[u8]>>]) -> (f64, Vec<u64>) {
     let (cluster, _dir) = start_cluster();
@@ -356,6 +388,14 @@ fn throughput(bench: &mut Bench, work: &[Vec<Arc<[u8]>>]) -> f64 {
             base_counts = counts;
             rate
         },
+    );
+    bench.compare(
+        "cluster.zipf.4.throughput.batch64.vs_static_channels",
+        "req/s",
+        Better::More,
+        None,
+        || run_cauce_batched(work, 64),
+        || Baseline::run(work).0,
     );
     bench.record(
         "cluster.zipf.4.peak_to_mean.vs_static_channels",

@@ -446,6 +446,154 @@ impl<H: Handler> Shared<H> {
         }
     }
 
+    /// Submits several requests as one: one routing pass, one log batch, one hand-off
+    /// per instance. `items` are (key, encoded payload) pairs.
+    pub(crate) fn submit_batch<K: AsRef<[u8]>>(
+        &self,
+        mut items: Vec<(K, Vec<u8>)>,
+    ) -> Result<Vec<Pending<H::Response>>> {
+        if items.is_empty() {
+            return Ok(Vec::new());
+        }
+        let timestamp = now();
+        loop {
+            if !self.accepting.load(Ordering::SeqCst) {
+                return Err(Error::Closed);
+            }
+            // Route every key (counting the loads), then take the queue room outside any lock.
+            let mut dests = {
+                let mut routing = self.routing.lock();
+                let mut dests = Vec::with_capacity(items.len());
+                for (key, _) in &items {
+                    let id = routing.placement.route(key.as_ref(), timestamp);
+                    let inst = id.and_then(|id| routing.instances.get(&id).cloned());
+                    dests.push(inst.ok_or(Error::NoInstance)?);
+                }
+                dests
+            };
+            let mut taken = 0;
+            while taken < dests.len() && dests[taken].permits.acquire(true).is_ok() {
+                taken += 1;
+            }
+            if taken < dests.len() {
+                // An instance retired meanwhile: give everything back and route again.
+                dests[..taken].iter().for_each(|d| d.permits.release());
+                continue;
+            }
+            if let Some(pendings) = self.submit_batch_locked(&mut items, &mut dests, timestamp)? {
+                return Ok(pendings);
+            }
+        }
+    }
+
+    /// The part of `submit_batch` done under the keys' stripe locks; `None` if it must be
+    /// routed again (the permits were given back).
+    fn submit_batch_locked<K: AsRef<[u8]>>(
+        &self,
+        items: &mut [(K, Vec<u8>)],
+        dests: &mut [Arc<Instance<H::State>>],
+        timestamp: u64,
+    ) -> Result<Option<Vec<Pending<H::Response>>>> {
+        let give_back = |dests: &[Arc<Instance<H::State>>]| {
+            dests.iter().for_each(|d| d.permits.release());
+        };
+        // Every stripe the batch touches, locked in ascending order.
+        let stripe_of_item: Vec<usize> = items.iter().map(|(k, _)| stripe_of(k.as_ref())).collect();
+        let mut order = stripe_of_item.clone();
+        order.sort_unstable();
+        order.dedup();
+        let mut guards: Vec<MutexGuard<'_, Holders>> =
+            order.iter().map(|&i| self.stripes[i].lock()).collect();
+        if !self.accepting.load(Ordering::SeqCst) {
+            give_back(dests);
+            return Err(Error::Closed);
+        }
+        {
+            // Membership may have changed before the stripes were ours.
+            let routing = self.routing.lock();
+            for (i, (key, _)) in items.iter().enumerate() {
+                let now = routing.placement.placement(key.as_ref());
+                match now.and_then(|id| routing.instances.get(&id)) {
+                    Some(inst) if inst.id == dests[i].id => {}
+                    Some(inst) => {
+                        dests[i].permits.release();
+                        inst.permits.force();
+                        dests[i] = inst.clone();
+                    }
+                    None => {
+                        drop(routing);
+                        drop(guards);
+                        give_back(dests);
+                        return Ok(None);
+                    }
+                }
+            }
+        }
+        let mut keys = Vec::with_capacity(items.len());
+        // Each item's holder before it: to know what moves, and to undo.
+        let mut previous = Vec::with_capacity(items.len());
+        for (i, (key, _)) in items.iter().enumerate() {
+            let key = key.as_ref();
+            let shard = order.binary_search(&stripe_of_item[i]).unwrap_or_default();
+            let holders = &mut guards[shard];
+            let (k, before) = match holders.get_key_value(key) {
+                Some((k, &h)) => (k.clone(), Some(h)),
+                None => (Bytes::copy_from_slice(key), None),
+            };
+            holders.insert(k.clone(), dests[i].id);
+            keys.push(k);
+            previous.push(before);
+        }
+        let entries: Vec<Entry<'_>> = items
+            .iter()
+            .map(|(k, p)| Entry::with_timestamp(timestamp, k.as_ref(), p))
+            .collect();
+        let range = match self.input.append(&entries) {
+            Ok(range) => range,
+            Err(e) => {
+                // Undo the holder changes, newest first, and give the room back.
+                for i in (0..items.len()).rev() {
+                    let shard = order.binary_search(&stripe_of_item[i]).unwrap_or_default();
+                    match previous[i] {
+                        Some(h) => guards[shard].insert(keys[i].clone(), h),
+                        None => guards[shard].remove(&keys[i]),
+                    };
+                }
+                give_back(dests);
+                return Err(e);
+            }
+        };
+        for (i, before) in previous.iter().enumerate() {
+            if let Some(from) = before.filter(|&h| h != dests[i].id) {
+                let moves = Moves::single(from, dests[i].id, keys[i].clone());
+                self.move_keys(&moves, range.start + i as Offset);
+            }
+        }
+        let mut pendings = Vec::with_capacity(items.len());
+        let mut queues: Vec<(Arc<Instance<H::State>>, Vec<Message<H::State>>)> = Vec::new();
+        for (i, ((_, payload), key)) in items.iter_mut().zip(keys).enumerate() {
+            let offset = range.start + i as Offset;
+            let (pending, responder) = pending(offset);
+            self.registry(offset).lock().insert(offset, responder);
+            pendings.push(pending);
+            let message = Message::Request {
+                offset,
+                timestamp,
+                key,
+                payload: std::mem::take(payload),
+                submitted: (offset % LATENCY_SAMPLE == 0).then(Instant::now),
+            };
+            match queues.iter_mut().find(|(inst, _)| inst.id == dests[i].id) {
+                Some((_, q)) => q.push(message),
+                None => queues.push((dests[i].clone(), vec![message])),
+            }
+        }
+        for (inst, messages) in queues {
+            inst.send_many(messages);
+        }
+        Ok(Some(pendings))
+    }
+
     /// Queues the handoffs for `moves`: every `Release` first, then every `Acquire`.
     /// Records of the moved keys before `until` belong to the old holder.
     fn move_keys(&self, moves: &Moves, until: Offset) {

@@ -224,6 +224,17 @@ impl<M> Mailbox<M> {
         }
     }
 
+    fn push_many(&self, messages: impl IntoIterator<Item = M>) {
+        let mut state = self.state.lock();
+        state.queue.extend(messages);
+        self.queued.store(state.queue.len(), Ordering::Release);
+        if state.waiting {
+            state.waiting = false;
+            drop(state);
+            self.ready.notify_one();
+        }
+    }
+
     /// Puts messages taken but not handled back at the front, in their order.
     fn put_back(&self, batch: &mut VecDeque<M>) {
         let mut state = self.state.lock();
@@ -335,6 +346,12 @@ impl Permits {
         }
     }
 
+    /// Takes a permit even when full: a request of a batch whose key moved between
+    /// routing and queueing (the overshoot is bounded by the batch).
+    pub(crate) fn force(&self) {
+        self.used.fetch_add(1, Ordering::SeqCst);
+    }
+
     pub(crate) fn release(&self) {
         let _ = self
             .used
@@ -391,6 +408,11 @@ impl<S> Instance<S> {
 
     pub(crate) fn send(&self, message: Message<S>) {
         self.mailbox.push(message);
+    }
+
+    /// Queues several messages at once, in order.
+    pub(crate) fn send_many(&self, messages: Vec<Message<S>>) {
+        self.mailbox.push_many(messages);
     }
 
     /// Retires the instance for good: its loop stops at its next step and anything it

@@ -220,6 +220,38 @@ impl<H: Handler> Client<H> {
         self.shared.submit(key.as_ref(), &request, false)
     }
 
+    /// Submits several requests at once, waiting for room where queues are full: one
+    /// routing pass, one batch in the log (all of it or none of it is logged), one
+    /// hand-off per instance. Requests of one key are handled in the order given.
+    ///
+    /// ```
+    /// # use cauce::cluster::{Cluster, Context, Handler};
+    /// # struct Counter;
+    /// # impl Handler for Counter {
+    /// #     type State = u64;
+    /// #     type Request = u64;
+    /// #     type Response = u64;
+    /// #     fn handle(&self, _: &mut Context<'_>, _: &[u8], t: &mut u64, a: u64) -> u64 { *t += a; *t }
+    /// # }
+    /// let cluster = Cluster::builder(Counter).in_memory().build()?;
+    /// let client = cluster.client();
+    /// let pending = client.submit_batch([("alice", 1), ("bob", 10), ("alice", 2)])?;
+    /// let answers: Vec<u64> = pending.into_iter().map(|p| p.wait()).collect::<Result<_, _>>()?;
+    /// assert_eq!(answers, [1, 10, 3]);
+    /// # cluster.shutdown()?;
+    /// # Ok::<(), cauce::Error>(())
+    /// ```
+    pub fn submit_batch<K: AsRef<[u8]>>(
+        &self,
+        requests: impl IntoIterator<Item = (K, H::Request)>,
+    ) -> Result<Vec<Pending<H::Response>>> {
+        let items = requests
+            .into_iter()
+            .map(|(k, r)| Ok((k, fold::request_payload(&r)?)))
+            .collect::<Result<Vec<_>>>()?;
+        self.shared.submit_batch(items)
+    }
+
     /// The instance that holds (or will hold) `key`'s state.
     pub fn owner_of(&self, key: impl AsRef<[u8]>) -> Option<InstanceId> {
         self.shared.owner_of(key.as_ref())
