@@ -52,6 +52,9 @@ pub(crate) struct Options {
     pub(crate) truncate_after_checkpoint: bool,
 }
 
+/// An instance and the messages of a batch bound for it.
+type Queue<S> = (Arc<Instance<S>>, Vec<Message<S>>);
+
 type Responders<R> = Mutex<HashMap<Offset, Responder<R>, ahash::RandomState>>;
 
 pub(crate) struct Shared<H: Handler> {
@@ -570,7 +573,7 @@ impl<H: Handler> Shared<H> {
             }
         }
         let mut pendings = Vec::with_capacity(items.len());
-        let mut queues: Vec<(Arc<Instance<H::State>>, Vec<Message<H::State>>)> = Vec::new();
+        let mut queues: Vec<Queue<H::State>> = Vec::new();
         for (i, ((_, payload), key)) in items.iter_mut().zip(keys).enumerate() {
             let offset = range.start + i as Offset;
             let (pending, responder) = pending(offset);
