@@ -165,9 +165,10 @@ fn start_cluster() -> (Cluster<Counter>, tempfile::TempDir) {
     (cluster, dir)
 }
 
-/// Runs the load through a fresh cluster in batches of `batch` requests
-/// (`Client::submit_batch`), keeping the same window; returns requests/s.
-fn run_cauce_batched(work: &[Vec<Arc<[u8]>>], batch: usize) -> f64 {
+/// Runs the load through a fresh cluster, each client keeping `WINDOW` requests in
+/// flight, submitted one at a time (`batch` 1) or `batch` at a time
+/// (`Client::submit_batch`); returns (requests/s, per-instance counts).
+fn run_cauce(work: &[Vec<Arc<[u8]>>], batch: usize) -> (f64, Vec<u64>) {
     let (cluster, _dir) = start_cluster();
     let started = Instant::now();
     let total: usize = work.iter().map(Vec::len).sum();
@@ -182,38 +183,12 @@ fn run_cauce_batched(work: &[Vec<Arc<[u8]>>], batch: usize) -> f64 {
                         while window.len() + chunk.len() > WINDOW {
                             window.pop_front().expect("window").wait().expect("answer");
                         }
-                        let requests = chunk.iter().map(|k| (&**k, 1u64));
-                        window.extend(client.submit_batch(requests).expect("submit"));
-                    }
-                    for p in window {
-                        p.wait().expect("answer");
-                    }
-                })
-                .expect("spawn");
-        }
-    });
-    let rate = total as f64 / started.elapsed().as_secs_f64();
-    cluster.shutdown().expect("shutdown");
-    rate
-}
-
-/// Runs the load through a fresh cluster; returns (requests/s, per-instance counts).
-fn run_cauce(work: &[Vec<Arc<[u8]>>]) -> (f64, Vec<u64>) {
-    let (cluster, _dir) = start_cluster();
-    let started = Instant::now();
-    let total: usize = work.iter().map(Vec::len).sum();
-    thread::scope(|s| {
-        for keys in work {
-            let client = cluster.client();
-            let thread = thread::Builder::new().name("cauce-client".into());
-            thread
-                .spawn_scoped(s, move || {
-                    let mut window: VecDeque<Pending<u64>> = VecDeque::with_capacity(WINDOW);
-                    for key in keys {
-                        if window.len() == WINDOW {
-                            window.pop_front().expect("window").wait().expect("answer");
+                        if let [key] = chunk {
+                            window.push_back(client.submit(&**key, 1).expect("submit"));
+                        } else {
+                            let requests = chunk.iter().map(|k| (&**k, 1u64));
+                            window.extend(client.submit_batch(requests).expect("submit"));
                         }
-                        window.push_back(client.submit(&**key, 1).expect("submit"));
                     }
                     for p in window {
                         p.wait().expect("answer");
@@ -223,12 +198,7 @@ fn run_cauce(work: &[Vec<Arc<[u8]>>]) -> (f64, Vec<u64>) {
         }
     });
     let rate = total as f64 / started.elapsed().as_secs_f64();
-    let counts = cluster
-        .metrics()
-        .instances
-        .iter()
-        .map(|i| i.requests)
-        .collect();
+    let counts = cluster.metrics().instances.iter().map(|i| i.requests).collect();
     cluster.shutdown().expect("shutdown");
     (rate, counts)
 }
@@ -363,7 +333,7 @@ pub fn run(bench: &mut Bench) {
     if bench.group("cluster.latency") {
         let rate = match peak {
             Some(p) => p,
-            None => run_cauce(&work).0,
+            None => run_cauce(&work, 1).0,
         };
         latency(bench, &work, rate / 2.0);
     }
@@ -379,7 +349,7 @@ fn throughput(bench: &mut Bench, work: &[Vec<Arc<[u8]>>]) -> f64 {
         Better::More,
         Some(Goal::RatioAtLeast(0.5)),
         || {
-            let (rate, counts) = run_cauce(work);
+            let (rate, counts) = run_cauce(work, 1);
             ours_counts = counts;
             rate
         },
@@ -394,7 +364,7 @@ fn throughput(bench: &mut Bench, work: &[Vec<Arc<[u8]>>]) -> f64 {
         "req/s",
         Better::More,
         None,
-        || run_cauce_batched(work, 64),
+        || run_cauce(work, 64).0,
         || Baseline::run(work).0,
     );
     bench.record(

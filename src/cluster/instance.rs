@@ -214,14 +214,7 @@ impl<M> Mailbox<M> {
     }
 
     fn push(&self, message: M) {
-        let mut state = self.state.lock();
-        state.queue.push_back(message);
-        self.queued.store(state.queue.len(), Ordering::Release);
-        if state.waiting {
-            state.waiting = false;
-            drop(state);
-            self.ready.notify_one();
-        }
+        self.push_many(std::iter::once(message));
     }
 
     fn push_many(&self, messages: impl IntoIterator<Item = M>) {
