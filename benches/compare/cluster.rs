@@ -198,7 +198,12 @@ fn run_cauce(work: &[Vec<Arc<[u8]>>], batch: usize) -> (f64, Vec<u64>) {
         }
     });
     let rate = total as f64 / started.elapsed().as_secs_f64();
-    let counts = cluster.metrics().instances.iter().map(|i| i.requests).collect();
+    let counts = cluster
+        .metrics()
+        .instances
+        .iter()
+        .map(|i| i.requests)
+        .collect();
     cluster.shutdown().expect("shutdown");
     (rate, counts)
 }

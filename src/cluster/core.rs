@@ -24,7 +24,7 @@ use parking_lot::{Mutex, MutexGuard};
 
 use super::fold::{self, CHECKPOINT, Checkpoint, Control, Envelope};
 use super::instance::{
-    self, CheckpointRound, Exit, Handoff, Instance, Message, NoPermit, Source, Start,
+    self, CheckpointRound, Exit, Handoff, Instance, Message, NoPermit, Queued, Source, Start,
 };
 use super::metrics::{InstanceMetrics, Metrics};
 use super::owned::OwnedLog;
@@ -436,7 +436,7 @@ impl<H: Handler> Shared<H> {
             }
             let (pending, responder) = pending(offset);
             self.registry(offset).lock().insert(offset, responder);
-            dest.send(Message::Request {
+            dest.send(Message::Request(Queued {
                 offset,
                 timestamp,
                 key: key_bytes,
@@ -444,7 +444,7 @@ impl<H: Handler> Shared<H> {
                 // Latency is sampled (one request in LATENCY_SAMPLE): two clock reads
                 // per request were 3% of the hot path.
                 submitted: (offset % LATENCY_SAMPLE == 0).then(Instant::now),
-            });
+            }));
             return Ok(pending);
         }
     }
@@ -579,13 +579,13 @@ impl<H: Handler> Shared<H> {
             let (pending, responder) = pending(offset);
             self.registry(offset).lock().insert(offset, responder);
             pendings.push(pending);
-            let message = Message::Request {
+            let message = Message::Request(Queued {
                 offset,
                 timestamp,
                 key,
                 payload: std::mem::take(payload),
                 submitted: (offset % LATENCY_SAMPLE == 0).then(Instant::now),
-            };
+            });
             match queues.iter_mut().find(|(inst, _)| inst.id == dests[i].id) {
                 Some((_, q)) => q.push(message),
                 None => queues.push((dests[i].clone(), vec![message])),

@@ -159,16 +159,20 @@ impl CheckpointRound {
     }
 }
 
+/// A request on its way to the instance that handles it.
+pub(crate) struct Queued {
+    pub(crate) offset: Offset,
+    pub(crate) timestamp: Timestamp,
+    pub(crate) key: Bytes,
+    /// The record's payload as logged (tag byte, then the encoded request).
+    pub(crate) payload: Vec<u8>,
+    /// When it was queued, for the latency metrics (a sample of the requests).
+    pub(crate) submitted: Option<Instant>,
+}
+
 /// What an instance's queue carries.
 pub(crate) enum Message<S> {
-    Request {
-        offset: Offset,
-        timestamp: Timestamp,
-        key: Bytes,
-        payload: Vec<u8>,
-        /// When it was queued, for the latency metrics (a sample of the requests).
-        submitted: Option<Instant>,
-    },
+    Request(Queued),
     Release {
         keys: Vec<Bytes>,
         handoff: Arc<Handoff<S>>,
@@ -490,24 +494,10 @@ pub(crate) fn run<H: Handler>(shared: &Shared<H>, me: &Instance<H::State>, start
             return Exit::Stopped;
         }
         match message {
-            Message::Request {
-                offset,
-                timestamp,
-                key,
-                payload,
-                submitted,
-            } => {
+            Message::Request(queued) => {
                 me.stats.requests.fetch_add(1, Ordering::Relaxed);
-                let exit = handle(
-                    shared,
-                    me,
-                    &mut states,
-                    &failed,
-                    offset,
-                    timestamp,
-                    key,
-                    payload,
-                );
+                let submitted = queued.submitted;
+                let exit = handle(shared, me, &mut states, &failed, queued);
                 me.permits.release();
                 if let Some(at) = submitted {
                     me.stats.latency.record(at.elapsed());
@@ -550,17 +540,20 @@ pub(crate) fn run<H: Handler>(shared: &Shared<H>, me: &Instance<H::State>, start
     }
 }
 
-#[allow(clippy::too_many_arguments)]
 fn handle<H: Handler>(
     shared: &Shared<H>,
     me: &Instance<H::State>,
     states: &mut States<H::State>,
     failed: &Option<String>,
-    offset: Offset,
-    timestamp: Timestamp,
-    key: Bytes,
-    payload: Vec<u8>,
+    queued: Queued,
 ) -> Option<Exit> {
+    let Queued {
+        offset,
+        timestamp,
+        key,
+        payload,
+        ..
+    } = queued;
     if let Some(reason) = failed {
         shared.answer(
             offset,
