@@ -250,41 +250,71 @@ impl BatchRecords {
     }
 }
 
+/// Where one record of a batch body lies: its offset and timestamp, and the byte
+/// positions of its key (`key_at..payload_at`) and payload (`payload_at..end`).
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct RecordAt {
+    pub(crate) offset: Offset,
+    timestamp: u64,
+    key_at: usize,
+    payload_at: usize,
+    end: usize,
+}
+
 impl BatchRecords {
-    /// Steps over the next record: its offset, timestamp, and where its key and payload
-    /// lie in the body.
-    fn step(&mut self) -> Option<(Offset, u64, usize, usize, usize)> {
+    /// Steps over the next record and says where it lies in the body.
+    #[inline(always)]
+    pub(crate) fn step(&mut self) -> Option<RecordAt> {
         if self.left == 0 {
             return None;
         }
-        let b = &self.body[self.at..];
-        // check_body proved these bounds for every record of the body.
-        let delta = le32(b, 0);
-        let timestamp = le64(b, 4);
-        let key_len = le32(b, 12) as usize;
-        let payload_len = le32(b, 16) as usize;
+        // check_body proved these bounds for every record of the body; `get` keeps the
+        // bounds check to one.
+        let h: &[u8; RECORD_HEADER_LEN] = self
+            .body
+            .get(self.at..self.at + RECORD_HEADER_LEN)?
+            .try_into()
+            .ok()?;
+        let delta = le32(h, 0);
+        let timestamp = le64(h, 4);
         let key_at = self.at + RECORD_HEADER_LEN;
-        let payload_at = key_at + key_len;
-        self.at = payload_at + payload_len;
+        let payload_at = key_at + le32(h, 12) as usize;
+        let end = payload_at + le32(h, 16) as usize;
+        self.at = end;
         self.left -= 1;
-        Some((
-            self.base + delta as u64,
+        Some(RecordAt {
+            offset: self.base + delta as u64,
             timestamp,
             key_at,
             payload_at,
-            self.at,
-        ))
+            end,
+        })
     }
 
-    /// The next record, borrowed from the body.
-    pub(crate) fn next_entry(&mut self) -> Option<(Offset, Entry<'_>)> {
-        let (offset, timestamp, key_at, payload_at, end) = self.step()?;
-        let entry = Entry {
-            timestamp,
-            key: &self.body[key_at..payload_at],
-            payload: &self.body[payload_at..end],
-        };
-        Some((offset, entry))
+    /// The record `at` (from [`step`](Self::step)) as an owned [`Record`]: its key and
+    /// payload are slices of the body (no copy; an empty key holds no reference).
+    #[inline(always)]
+    pub(crate) fn record(&self, at: RecordAt) -> Record {
+        Record {
+            offset: at.offset,
+            timestamp: at.timestamp,
+            key: if at.payload_at == at.key_at {
+                Bytes::new()
+            } else {
+                self.body.slice(at.key_at..at.payload_at)
+            },
+            payload: self.body.slice(at.payload_at..at.end),
+        }
+    }
+
+    /// The record `at` (from [`step`](Self::step)), borrowed from the body.
+    #[inline(always)]
+    pub(crate) fn entry(&self, at: RecordAt) -> Entry<'_> {
+        Entry {
+            timestamp: at.timestamp,
+            key: &self.body[at.key_at..at.payload_at],
+            payload: &self.body[at.payload_at..at.end],
+        }
     }
 }
 
@@ -292,18 +322,8 @@ impl Iterator for BatchRecords {
     type Item = Record;
 
     fn next(&mut self) -> Option<Record> {
-        let (offset, timestamp, key_at, payload_at, end) = self.step()?;
-        let key_len = payload_at - key_at;
-        Some(Record {
-            offset,
-            timestamp,
-            key: if key_len == 0 {
-                Bytes::new()
-            } else {
-                self.body.slice(key_at..payload_at)
-            },
-            payload: self.body.slice(payload_at..end),
-        })
+        let at = self.step()?;
+        Some(self.record(at))
     }
 }
 
