@@ -80,12 +80,14 @@ pub(crate) fn decode_segment_header(bytes: &[u8], path: &Path) -> Result<Offset>
     Ok(le64(h, 16))
 }
 
+#[inline]
 pub(crate) fn le32(b: &[u8], at: usize) -> u32 {
     let mut a = [0u8; 4];
     a.copy_from_slice(&b[at..at + 4]);
     u32::from_le_bytes(a)
 }
 
+#[inline]
 pub(crate) fn le64(b: &[u8], at: usize) -> u64 {
     let mut a = [0u8; 8];
     a.copy_from_slice(&b[at..at + 8]);
@@ -339,20 +341,19 @@ pub(crate) fn check_body(
     let mut at = 0usize;
     let mut last_delta: Option<u32> = None;
     for _ in 0..header.count {
-        if body.len() - at < RECORD_HEADER_LEN {
+        let Some(h) = body[at..].first_chunk::<RECORD_HEADER_LEN>() else {
             return Err("record header past the end of its batch");
-        }
-        let delta = le32(body, at);
-        let key_len = le32(body, at + 12) as usize;
-        let payload_len = le32(body, at + 16) as usize;
-        at += RECORD_HEADER_LEN;
+        };
+        let delta = le32(h, 0);
+        // In u64, two u32 lengths cannot overflow the sum.
+        let end = (at + RECORD_HEADER_LEN) as u64 + le32(h, 12) as u64 + le32(h, 16) as u64;
         if last_delta.is_some_and(|d| delta <= d) {
             return Err("record offsets not increasing inside a batch");
         }
-        if body.len() - at < key_len || body.len() - at - key_len < payload_len {
+        if end > body.len() as u64 {
             return Err("record length past the end of its batch");
         }
-        at += key_len + payload_len;
+        at = end as usize;
         last_delta = Some(delta);
     }
     if at != body.len() {
