@@ -2,9 +2,11 @@
 //! sleep until the write carrying their records is over.
 //!
 //! Ending a write wakes every follower of it at once. On Linux that is one `futex`
-//! wake of all the threads waiting on the counter, instead of one wake call per thread:
-//! with 16 appenders on 2 cores, waking the followers one by one took about 50 µs of
-//! each group commit. Elsewhere a mutex and condition variable do the same.
+//! wake of all the threads waiting on the counter, instead of one wake call per thread
+//! (`Thread::unpark`): with 16 appenders on 2 cores, waking 15 followers one by one took
+//! 45-50 µs of each group commit, and a profiling loop of 16 threads against one
+//! measured 9.4x with one unpark per follower against 10.3x with one futex wake
+//! (medians of 6 x 11 rounds). Elsewhere a mutex and condition variable do the same.
 
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Instant;
