@@ -242,8 +242,9 @@ pub(crate) struct WriterState {
     last_sync: Duration,
     /// How long the last group took to fill (from its first append to its write).
     last_fill: Duration,
-    /// When the first append of `buf` came in (`SyncPolicy::Always`): its group
-    /// commit starts at the latest a gather window after it.
+    /// When the group in `buf` was opened (`SyncPolicy::Always`: by the first append
+    /// that found no write in flight); it is written at the latest a gather window
+    /// later.
     group_started: Option<Instant>,
     /// Segments sealed under `SyncPolicy::Never` and not fdatasync'd yet.
     unsynced_sealed: Vec<Arc<Segment>>,
