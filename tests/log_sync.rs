@@ -128,6 +128,50 @@ fn group_commit_shares_fsyncs_between_concurrent_appenders() {
     }
 }
 
+/// A group waits for as many appenders as were active at the last group commit; when
+/// some go away, the group's first appender writes it anyway after the gather window.
+#[test]
+fn group_commit_goes_on_when_appenders_go_away() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let log = std::sync::Arc::new(LogStore::open(tmp.path(), LogOptions::new()).expect("open"));
+    let (done, finished) = std::sync::mpsc::channel();
+    let appending = log.clone();
+    std::thread::spawn(move || {
+        std::thread::scope(|s| {
+            for t in 0..8u8 {
+                let log = &appending;
+                s.spawn(move || {
+                    // Thread t stops after (t + 1) * 10 appends: the active count keeps
+                    // dropping, down to one appender.
+                    for i in 0..(t + 1) * 10 {
+                        log.append(&[Entry::new(&[t], &[i])]).expect("append");
+                    }
+                });
+            }
+        });
+        for i in 0..20u8 {
+            appending
+                .append(&[Entry::new(b"alone", &[i])])
+                .expect("append");
+        }
+        drop(appending); // before the main thread reopens the directory
+        done.send(()).expect("send");
+    });
+    // A liveness bound, not a speed goal: a group nobody writes would hang forever.
+    finished
+        .recv_timeout(Duration::from_secs(60))
+        .expect("group commit stalled: a group was never written");
+    assert_eq!(log.stats().records, 360 + 20);
+    assert_eq!(log.read_from(0).expect("read").count(), 380);
+    drop(log);
+    let log = LogStore::open(tmp.path(), LogOptions::new()).expect("reopen");
+    assert_eq!(
+        log.next_offset(),
+        380,
+        "every acknowledged append is durable"
+    );
+}
+
 #[test]
 fn a_write_buffer_larger_than_a_read_chunk_is_read_whole_from_memory() {
     let tmp = tempfile::tempdir().expect("tmp");

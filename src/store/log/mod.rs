@@ -148,6 +148,7 @@ use crate::error::{Error, Result};
 use crate::record::{Entry, Offset};
 
 mod compact;
+mod epoch;
 mod index;
 mod meta;
 mod options;
@@ -239,12 +240,16 @@ pub(crate) struct WriterState {
     concurrency: u64,
     /// How long the last write + fdatasync took.
     last_sync: Duration,
-    /// While a leader gathers, the number of appends it waits for.
-    gather_target: Option<u64>,
+    /// How long the last group took to fill (from its first append to its write).
+    last_fill: Duration,
+    /// When the group in `buf` was opened (`SyncPolicy::Always`: by the first append
+    /// that found no write in flight); it is written at the latest a gather window
+    /// later.
+    group_started: Option<Instant>,
     /// Segments sealed under `SyncPolicy::Never` and not fdatasync'd yet.
     unsynced_sealed: Vec<Arc<Segment>>,
-    /// Followers parked until the current write ends.
-    sleepers: Vec<std::thread::Thread>,
+    /// Followers that went to sleep on `Shared::flush_epoch` since the last write ended.
+    sleepers: u32,
     /// A segment was created under `SyncPolicy::Never` without an fsync of the directory.
     dir_unsynced: bool,
     /// The active segment is written (data or zeros) up to here.
@@ -271,12 +276,10 @@ pub(crate) struct Shared {
     flushed: Condvar,
     /// Wakes the `Every` flusher thread.
     flusher_wake: Condvar,
-    /// Wakes a gathering leader once enough appenders joined its group.
-    joined: Condvar,
     /// `WriterState::synced`, readable without the lock.
     durable: AtomicU64,
-    /// Counts the writes (and rolls) that ended; parked followers wait for it to move.
-    flush_epoch: AtomicU64,
+    /// Counts the writes (and rolls) that ended; followers sleep until it moves.
+    flush_epoch: epoch::FlushEpoch,
     tail: Tail,
     segments: RwLock<Vec<Arc<Segment>>>,
     start: AtomicU64,
@@ -501,9 +504,10 @@ impl LogStore {
             buf_appends: 0,
             concurrency: 1,
             last_sync: Duration::ZERO,
-            gather_target: None,
+            last_fill: Duration::ZERO,
+            group_started: None,
             unsynced_sealed: Vec::new(),
-            sleepers: Vec::new(),
+            sleepers: 0,
             dir_unsynced: false,
             zeroed_until: buf_pos,
         };
@@ -515,9 +519,8 @@ impl LogStore {
             writer: Mutex::new(state),
             flushed: Condvar::new(),
             flusher_wake: Condvar::new(),
-            joined: Condvar::new(),
             durable: AtomicU64::new(recovered.next),
-            flush_epoch: AtomicU64::new(0),
+            flush_epoch: epoch::FlushEpoch::default(),
             tail: Tail::new(recovered.next),
             segments: RwLock::new(segments),
             start: AtomicU64::new(recovered.start),

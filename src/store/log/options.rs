@@ -59,14 +59,14 @@ impl Default for LogOptions {
             max_record_bytes: 8 << 20,
             index_interval_bytes: 4096,
             preallocate: true,
-            write_buffer_bytes: 1 << 20,
+            write_buffer_bytes: 512 << 10,
         }
     }
 }
 
 impl LogOptions {
     /// The defaults: [`SyncPolicy::Always`], 64 MiB segments (preallocated), records up
-    /// to 8 MiB, an index entry every 4 KiB, a 1 MiB write buffer.
+    /// to 8 MiB, an index entry every 4 KiB, a 512 KiB write buffer.
     pub fn new() -> Self {
         LogOptions::default()
     }
@@ -112,7 +112,7 @@ impl LogOptions {
     }
 
     /// With [`SyncPolicy::Never`] and [`SyncPolicy::Every`], appends are gathered in
-    /// memory up to this many bytes before one `write` (default 1 MiB). Readers see
+    /// memory up to this many bytes before one `write` (default 512 KiB). Readers see
     /// buffered records at once.
     pub fn write_buffer_bytes(mut self, bytes: usize) -> Self {
         self.write_buffer_bytes = bytes;

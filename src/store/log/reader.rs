@@ -233,7 +233,8 @@ impl LogReader {
         }
         loop {
             let start = self.shared.start.load(Ordering::Acquire);
-            while let Some((offset, entry)) = self.pending.next_entry() {
+            while let Some(at) = self.pending.step() {
+                let offset = at.offset;
                 if offset < self.next {
                     continue; // before the offset asked for (a seek lands on a batch start)
                 }
@@ -245,6 +246,7 @@ impl LogReader {
                         end: self.shared.tail.get(),
                     });
                 }
+                let entry = self.pending.entry(at);
                 f(offset, entry);
                 self.next = offset + 1;
             }
@@ -268,21 +270,21 @@ impl Iterator for LogReader {
             return None;
         }
         loop {
-            if let Some(r) = self.pending.next() {
-                if r.offset < self.next {
+            if let Some(at) = self.pending.step() {
+                if at.offset < self.next {
                     continue; // before the offset asked for (a seek lands on a batch start)
                 }
                 let start = self.shared.start.load(Ordering::Acquire);
-                if r.offset < start {
+                if at.offset < start {
                     let end = self.shared.tail.get();
                     return self.fail(Error::OffsetOutOfRange {
-                        requested: r.offset,
+                        requested: at.offset,
                         start,
                         end,
                     });
                 }
-                self.next = r.offset + 1;
-                return Some(Ok(r));
+                self.next = at.offset + 1;
+                return Some(Ok(self.pending.record(at)));
             }
             match self.load_batch() {
                 None => return None,
