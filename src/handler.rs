@@ -230,6 +230,26 @@ impl Effects {
         Ok(effects)
     }
 
+    /// The position in `store` of the first journal entry for a request at or after
+    /// `offset`: every entry before it is for an earlier request (entries are appended
+    /// when calls are made, so they are only roughly in request order).
+    pub(crate) fn first_entry_at_or_after(store: &dyn Store, offset: Offset) -> Result<Offset> {
+        for record in store.read_from(store.start_offset())? {
+            let record = record?;
+            match decode_effect(&record.key, &record.payload) {
+                Some((id, _, _)) if id.offset >= offset => return Ok(record.offset),
+                Some(_) => {}
+                None => {
+                    return Err(Error::Codec {
+                        context: "effect journal entry",
+                        message: format!("malformed entry at offset {}", record.offset),
+                    });
+                }
+            }
+        }
+        Ok(store.next_offset())
+    }
+
     /// Forgets index entries for requests before `offset` (a checkpoint covers them).
     pub(crate) fn forget_before(&self, offset: Offset) {
         self.index.write().retain(|id, _| id.offset >= offset);

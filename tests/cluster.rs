@@ -554,3 +554,45 @@ fn batches_fold_in_log_order_while_instances_come_and_go() {
         Err(_) => panic!("cluster still shared"),
     }
 }
+
+#[test]
+fn truncating_after_checkpoints_keeps_every_state() {
+    let h = Harness::new();
+    let build = || {
+        h.cluster(2)
+            .checkpoint_every(30)
+            .truncate_after_checkpoint(true)
+            .build()
+            .unwrap()
+    };
+    let cluster = build();
+    let client = cluster.client();
+    let mut want: HashMap<String, u64> = HashMap::new();
+    for i in 0..300u64 {
+        let k = key(i % 5);
+        let req = if i % 3 == 0 {
+            Req::External
+        } else {
+            Req::Add(i)
+        };
+        if let Resp::Sum(sum) = client.submit(&k, req).unwrap().wait().unwrap() {
+            want.insert(k, sum);
+        }
+    }
+    cluster.checkpoint().unwrap();
+    assert!(h.input.start_offset() > 0, "the input log was truncated");
+    assert!(
+        h.effects.start_offset() > 0,
+        "the journal was truncated too"
+    );
+    drop(cluster);
+    let cluster = build();
+    let client = cluster.client();
+    for (k, sum) in want {
+        let Resp::State(t) = client.submit(&k, Req::Get).unwrap().wait().unwrap() else {
+            panic!("a state");
+        };
+        assert_eq!(t.sum, sum, "state of {k} after truncation and restart");
+    }
+    cluster.shutdown().unwrap();
+}

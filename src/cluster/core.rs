@@ -779,6 +779,10 @@ impl<H: Handler> Shared<H> {
         self.poisoned.lock().retain(|&p| p >= offset);
         if self.options.truncate_after_checkpoint {
             self.input.truncate_before(offset)?;
+            if let Some(effects) = &self.effects_store {
+                let first_kept = Effects::first_entry_at_or_after(&**effects, offset)?;
+                effects.truncate_before(first_kept)?;
+            }
         }
         Ok(offset)
     }
