@@ -126,18 +126,27 @@ fn recover(input: &dyn Store) -> Result<Recovered> {
     let mut poisoned = BTreeSet::new();
     let mut keys: HashSet<Bytes, ahash::RandomState> = checkpoint.states.keys().cloned().collect();
     let mut requests = 0;
-    for record in input.read_from(checkpoint.offset)? {
-        let record = record?;
-        match fold::envelope(&record)? {
-            Envelope::Request(_) => {
+    let mut damage = None;
+    input.replay_from(
+        checkpoint.offset,
+        &mut |offset, entry| match fold::envelope_of(offset, entry.payload) {
+            Ok(Envelope::Request(_)) => {
                 requests += 1;
-                keys.insert(record.key.clone());
+                if !keys.contains(entry.key) {
+                    keys.insert(Bytes::copy_from_slice(entry.key));
+                }
             }
-            Envelope::Control(Control::Poison { offset }) => {
+            Ok(Envelope::Control(Control::Poison { offset })) => {
                 poisoned.insert(offset);
             }
-            Envelope::Control(_) => {}
-        }
+            Ok(Envelope::Control(_)) => {}
+            Err(e) => {
+                damage.get_or_insert(e);
+            }
+        },
+    )?;
+    if let Some(e) = damage {
+        return Err(e);
     }
     Ok(Recovered {
         checkpoint,

@@ -23,7 +23,7 @@ use crate::codec::Codec;
 use crate::error::{Error, Result};
 use crate::handler::{Context, Effects, Handler};
 use crate::launcher::thread::panic_message;
-use crate::record::{Offset, Record};
+use crate::record::{Entry, Offset, Record};
 use crate::router::InstanceId;
 use crate::store::Store;
 
@@ -82,12 +82,17 @@ pub(crate) fn request_body(payload: &[u8]) -> Option<&[u8]> {
 
 /// Reads a record's envelope.
 pub(crate) fn envelope(record: &Record) -> Result<Envelope<'_>> {
-    match record.payload.split_first() {
+    envelope_of(record.offset, &record.payload)
+}
+
+/// Reads the envelope of the payload of the record at `offset`.
+pub(crate) fn envelope_of(offset: Offset, payload: &[u8]) -> Result<Envelope<'_>> {
+    match payload.split_first() {
         Some((&TAG_REQUEST, body)) => Ok(Envelope::Request(body)),
         Some((&TAG_CONTROL, body)) => Ok(Envelope::Control(CODEC.decode(body)?)),
         _ => Err(Error::Codec {
             context: "input log envelope",
-            message: format!("record at offset {} has no known tag", record.offset),
+            message: format!("record at offset {offset} has no known tag"),
         }),
     }
 }
@@ -265,7 +270,7 @@ pub(crate) fn rebuild<H: Handler>(
         instance,
         input,
     } = replay;
-    'again: loop {
+    loop {
         let mut states: HashMap<Bytes, Slot<H::State>, ahash::RandomState> =
             HashMap::with_capacity_and_hasher(limits.len(), Default::default());
         for key in limits.keys() {
@@ -279,41 +284,54 @@ pub(crate) fn rebuild<H: Handler>(
             );
         }
         let until = limits.values().copied().max().unwrap_or(checkpoint.offset);
+        // The first thing that stops the fold: damage, or a panic (which is marked and
+        // the fold started again without it). The replay itself runs to its end.
+        let mut stop: Option<std::result::Result<(Offset, String), Error>> = None;
         if until > checkpoint.offset {
-            for record in input.read_from(checkpoint.offset)? {
-                let record = record?;
-                if record.offset >= until {
-                    break;
+            let mut fold_one = |offset: Offset, entry: Entry<'_>| {
+                if stop.is_some() || offset >= until {
+                    return;
                 }
-                let Envelope::Request(body) = envelope(&record)? else {
-                    continue;
+                let body = match envelope_of(offset, entry.payload) {
+                    Ok(Envelope::Request(body)) => body,
+                    Ok(Envelope::Control(_)) => return,
+                    Err(e) => {
+                        stop = Some(Err(e));
+                        return;
+                    }
                 };
-                let Some(&limit) = limits.get(&record.key) else {
-                    continue;
+                let Some(&limit) = limits.get(entry.key) else {
+                    return;
                 };
-                if record.offset >= limit || poisoned.contains(&record.offset) {
-                    continue;
+                if offset >= limit || poisoned.contains(&offset) {
+                    return;
                 }
-                let Some(slot) = states.get_mut(&record.key) else {
-                    continue;
+                let Some(slot) = states.get_mut(entry.key) else {
+                    return;
                 };
                 progress();
                 let request = Request {
-                    offset: record.offset,
-                    timestamp: record.timestamp,
-                    key: &record.key,
+                    offset,
+                    timestamp: entry.timestamp,
+                    key: entry.key,
                     body,
                 };
                 match apply(handler, effects, instance, true, request, &mut slot.state) {
-                    Outcome::Answered(r) => sink.handled(record.offset, Ok(r)),
-                    Outcome::Refused(e) => sink.handled(record.offset, Err(e)),
-                    Outcome::Panicked(message) => {
-                        poisoned.insert(record.offset);
-                        sink.poison(record.offset, message)?;
-                        continue 'again;
-                    }
+                    Outcome::Answered(r) => sink.handled(offset, Ok(r)),
+                    Outcome::Refused(e) => sink.handled(offset, Err(e)),
+                    Outcome::Panicked(message) => stop = Some(Ok((offset, message))),
                 }
+            };
+            input.replay_from(checkpoint.offset, &mut fold_one)?;
+        }
+        match stop {
+            Some(Err(e)) => return Err(e),
+            Some(Ok((offset, message))) => {
+                poisoned.insert(offset);
+                sink.poison(offset, message)?;
+                continue;
             }
+            None => {}
         }
         for (key, slot) in states.iter_mut() {
             slot.folded_until = limits.get(key).copied().unwrap_or(checkpoint.offset);

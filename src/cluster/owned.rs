@@ -51,6 +51,9 @@ impl Store for OwnedLog {
     fn read_from(&self, from: Offset) -> Result<RecordIter> {
         self.with(|l| l.read_from(from))
     }
+    fn replay_from(&self, from: Offset, f: &mut dyn FnMut(Offset, Entry<'_>)) -> Result<Offset> {
+        self.with(|l| LogStore::replay_from(l, from, f))
+    }
     fn start_offset(&self) -> Offset {
         self.read(0, |l| l.start_offset())
     }

@@ -54,6 +54,7 @@ pub fn run_all<F: Fixture>(fixture: &mut F) {
     snapshots_are_durable_and_latest_wins(fixture);
     synced_records_survive_reopen(fixture);
     large_and_empty_records_round_trip(fixture);
+    replay_gives_the_records_read_gives(fixture);
 }
 
 fn key(i: u64) -> Vec<u8> {
@@ -399,4 +400,26 @@ pub fn large_and_empty_records_round_trip<F: Fixture>(fixture: &mut F) {
     assert_eq!(records[1].payload, big);
     assert_eq!(records[2].timestamp, u64::MAX);
     assert_eq!(records[2].key, vec![0xff; 300]);
+}
+
+/// `replay_from` lends exactly the records `read_from` returns, and says where to resume.
+pub fn replay_gives_the_records_read_gives<F: Fixture>(fixture: &mut F) {
+    let store = fixture.create();
+    for chunk in 0..8 {
+        append_numbered(&store, chunk * 25..(chunk + 1) * 25);
+    }
+    for from in [0, 1, 99, 200] {
+        let mut replayed = Vec::new();
+        let next = store
+            .replay_from(from, &mut |offset, entry| {
+                replayed.push(entry.to_record(offset))
+            })
+            .expect("replay_from");
+        assert_eq!(replayed, read_all(&store, from), "replay from {from}");
+        assert_eq!(next, 200, "replay from {from} resumes at the end");
+    }
+    assert!(matches!(
+        store.replay_from(201, &mut |_, _| {}),
+        Err(Error::OffsetOutOfRange { .. })
+    ));
 }

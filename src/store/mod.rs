@@ -105,6 +105,24 @@ pub trait Store: Send + Sync + 'static {
     /// Reads committed records with offsets `>= from`, in order.
     fn read_from(&self, from: Offset) -> Result<RecordIter>;
 
+    /// Calls `f` with every committed record from `from` on, in order, its key and
+    /// payload borrowed: the fastest way to fold a log, since nothing needs to be copied or
+    /// reference-counted per record. Returns the offset after the last record replayed
+    /// (where to resume). Errors as [`read_from`](Store::read_from) reports them, after
+    /// the records before the damage were replayed.
+    ///
+    /// The default goes through `read_from`; stores that can lend their buffers override
+    /// it.
+    fn replay_from(&self, from: Offset, f: &mut dyn FnMut(Offset, Entry<'_>)) -> Result<Offset> {
+        let mut next = from;
+        for record in self.read_from(from)? {
+            let record = record?;
+            f(record.offset, record.as_entry());
+            next = record.offset + 1;
+        }
+        Ok(next)
+    }
+
     /// The first offset still held.
     fn start_offset(&self) -> Offset;
 
@@ -187,6 +205,9 @@ impl<S: Store + ?Sized> Store for std::sync::Arc<S> {
     }
     fn read_from(&self, from: Offset) -> Result<RecordIter> {
         (**self).read_from(from)
+    }
+    fn replay_from(&self, from: Offset, f: &mut dyn FnMut(Offset, Entry<'_>)) -> Result<Offset> {
+        (**self).replay_from(from, f)
     }
     fn start_offset(&self) -> Offset {
         (**self).start_offset()

@@ -671,6 +671,10 @@ impl Store for LogStore {
         Ok(Box::new(reader::LogReader::new(self.shared.clone(), from)))
     }
 
+    fn replay_from(&self, from: Offset, f: &mut dyn FnMut(Offset, Entry<'_>)) -> Result<Offset> {
+        LogStore::replay_from(self, from, f)
+    }
+
     fn start_offset(&self) -> Offset {
         self.shared.start.load(Ordering::Acquire)
     }
