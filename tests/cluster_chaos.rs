@@ -1,0 +1,141 @@
+//! Chaos against the model: random interleavings of load, handler panics, stalls,
+//! instances joining and leaving, and crashes (a cluster dropped without shutdown and
+//! opened again on the same logs). Whatever happens, every answer and every final state
+//! must equal the single-threaded fold of the input log.
+
+mod common;
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::thread;
+use std::time::Duration;
+
+use cauce::Error;
+use cauce::cluster::{Cluster, ClusterBuilder, Pending};
+use cauce::store::MemoryStore;
+use common::{Req, Resp, Service};
+use rand::{RngExt, SeedableRng, rngs::StdRng};
+
+struct Logs {
+    input: Arc<MemoryStore>,
+    effects: Arc<MemoryStore>,
+}
+
+impl Logs {
+    fn builder(&self) -> ClusterBuilder<Service> {
+        Cluster::builder(Service::default())
+            .stores(self.input.clone(), Some(self.effects.clone()))
+            .instances(3)
+            .stall_timeout(Duration::from_millis(60))
+            .checkpoint_every(50)
+            .supervise_every(Duration::from_millis(5))
+    }
+}
+
+fn run(seed: u64) {
+    let mut rng = StdRng::seed_from_u64(seed);
+    let logs = Logs {
+        input: Arc::new(MemoryStore::new()),
+        effects: Arc::new(MemoryStore::new()),
+    };
+    let mut cluster = logs.builder().build().unwrap();
+    let mut answers: HashMap<u64, cauce::Result<Resp>> = HashMap::new();
+    let mut pending: Vec<Pending<Resp>> = Vec::new();
+    let settle = |pending: &mut Vec<Pending<Resp>>,
+                  answers: &mut HashMap<u64, cauce::Result<Resp>>| {
+        for p in pending.drain(..) {
+            let offset = p.offset();
+            let answer = p.wait_timeout(Duration::from_secs(30));
+            assert!(
+                !matches!(answer, Err(Error::Timeout(_))),
+                "seed {seed}: request {offset} never answered"
+            );
+            assert!(answers.insert(offset, answer).is_none());
+        }
+    };
+    for step in 0..60 {
+        match rng.random_range(0..100) {
+            // Load from two threads at once.
+            0..=54 => {
+                let handles: Vec<_> = (0..2)
+                    .map(|t| {
+                        let client = cluster.client();
+                        let mut r = StdRng::seed_from_u64(seed * 1000 + step * 2 + t);
+                        thread::spawn(move || {
+                            (0..r.random_range(5..40))
+                                .map(|_| {
+                                    let k = format!("k{}", r.random_range(0..12));
+                                    let req = match r.random_range(0..50) {
+                                        0 => Req::Panic,
+                                        1 => Req::External,
+                                        _ => Req::Add(r.random_range(0..100)),
+                                    };
+                                    client.submit(k, req).unwrap()
+                                })
+                                .collect::<Vec<_>>()
+                        })
+                    })
+                    .collect();
+                for h in handles {
+                    pending.extend(h.join().unwrap());
+                }
+            }
+            // A request that stalls its instance past the timeout.
+            55..=59 => {
+                let k = format!("k{}", rng.random_range(0..12));
+                pending.push(cluster.client().submit(k, Req::Stall(150)).unwrap());
+            }
+            60..=71 => {
+                cluster.add_instance(rng.random_range(1..3)).unwrap();
+            }
+            72..=83 => {
+                let members = cluster.members();
+                if members.len() > 1 {
+                    let id = members[rng.random_range(0..members.len())];
+                    cluster.remove_instance(id).unwrap();
+                }
+            }
+            84..=91 => {
+                // Wait for what is in flight, then crash: drop without shutdown.
+                settle(&mut pending, &mut answers);
+                drop(cluster);
+                cluster = logs.builder().build().unwrap();
+            }
+            _ => {
+                cluster.checkpoint().ok();
+            }
+        }
+        if rng.random_range(0..4) == 0 {
+            settle(&mut pending, &mut answers);
+        }
+    }
+    settle(&mut pending, &mut answers);
+
+    let journal = common::journal(&*logs.effects);
+    let (states, expected) = common::model(&*logs.input, &journal);
+    for (offset, got) in &answers {
+        match (expected.get(offset), got) {
+            (Some(Some(want)), Ok(got)) => assert_eq!(got, want, "seed {seed}: answer at {offset}"),
+            (Some(None), Err(Error::HandlerPanicked { .. })) => {}
+            (want, got) => panic!("seed {seed}: offset {offset}: expected {want:?}, got {got:?}"),
+        }
+    }
+    let client = cluster.client();
+    for (key, want) in states {
+        let got = client.submit(&key, Req::Get).unwrap().wait().unwrap();
+        assert_eq!(
+            got,
+            Resp::State(want),
+            "seed {seed}: state of {}",
+            String::from_utf8_lossy(&key)
+        );
+    }
+    cluster.shutdown().unwrap();
+}
+
+#[test]
+fn random_failures_and_membership_changes_keep_every_state_equal_to_the_fold() {
+    for seed in 1..=4 {
+        run(seed);
+    }
+}
