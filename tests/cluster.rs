@@ -36,25 +36,8 @@ impl Harness {
 
     /// Checks every answer received against the model, and every key's state.
     fn check(&self, answers: &HashMap<u64, cauce::Result<Resp>>, cluster: &Cluster<Service>) {
-        let journal = common::journal(&*self.effects);
-        let (states, expected) = common::model(&*self.input, &journal);
-        for (offset, got) in answers {
-            match (expected.get(offset), got) {
-                (Some(Some(want)), Ok(got)) => assert_eq!(got, want, "answer at offset {offset}"),
-                (Some(None), Err(Error::HandlerPanicked { .. })) => {}
-                (want, got) => panic!("offset {offset}: expected {want:?}, got {got:?}"),
-            }
-        }
         let client = cluster.client();
-        for (key, want) in states {
-            let got = client.submit(&key, Req::Get).unwrap().wait().unwrap();
-            assert_eq!(
-                got,
-                Resp::State(want),
-                "state of {:?}",
-                String::from_utf8_lossy(&key)
-            );
-        }
+        common::assert_matches_model("", &*self.input, &*self.effects, answers, &client);
     }
 }
 

@@ -111,25 +111,9 @@ fn run(seed: u64) {
     }
     settle(&mut pending, &mut answers);
 
-    let journal = common::journal(&*logs.effects);
-    let (states, expected) = common::model(&*logs.input, &journal);
-    for (offset, got) in &answers {
-        match (expected.get(offset), got) {
-            (Some(Some(want)), Ok(got)) => assert_eq!(got, want, "seed {seed}: answer at {offset}"),
-            (Some(None), Err(Error::HandlerPanicked { .. })) => {}
-            (want, got) => panic!("seed {seed}: offset {offset}: expected {want:?}, got {got:?}"),
-        }
-    }
     let client = cluster.client();
-    for (key, want) in states {
-        let got = client.submit(&key, Req::Get).unwrap().wait().unwrap();
-        assert_eq!(
-            got,
-            Resp::State(want),
-            "seed {seed}: state of {}",
-            String::from_utf8_lossy(&key)
-        );
-    }
+    let context = format!("seed {seed}");
+    common::assert_matches_model(&context, &*logs.input, &*logs.effects, &answers, &client);
     cluster.shutdown().unwrap();
 }
 

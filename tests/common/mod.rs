@@ -146,3 +146,31 @@ pub fn requests(input: &dyn Store) -> HashMap<u64, (Vec<u8>, Req)> {
         })
         .collect()
 }
+
+/// Checks every answer received against the fold of `input`, then asks `client` for
+/// every key's state and checks it too. `context` prefixes failure messages.
+pub fn assert_matches_model(
+    context: &str,
+    input: &dyn Store,
+    effects: &dyn Store,
+    answers: &HashMap<u64, cauce::Result<Resp>>,
+    client: &cauce::cluster::Client<Service>,
+) {
+    let (states, expected) = model(input, &journal(effects));
+    for (offset, got) in answers {
+        match (expected.get(offset), got) {
+            (Some(Some(want)), Ok(got)) => assert_eq!(got, want, "{context}: answer at {offset}"),
+            (Some(None), Err(cauce::Error::HandlerPanicked { .. })) => {}
+            (want, got) => panic!("{context}: offset {offset}: expected {want:?}, got {got:?}"),
+        }
+    }
+    for (key, want) in states {
+        let got = client.submit(&key, Req::Get).unwrap().wait().unwrap();
+        assert_eq!(
+            got,
+            Resp::State(want),
+            "{context}: state of {}",
+            String::from_utf8_lossy(&key)
+        );
+    }
+}
