@@ -145,7 +145,8 @@ fn a_stalled_instance_is_replaced_and_nothing_is_lost_or_answered_twice() {
     );
     h.check(&answers, &cluster);
     let m = cluster.metrics();
-    assert_eq!(m.stalls, 1, "one stall");
+    // At least the one we caused (a very slow machine may see another, equally handled).
+    assert!(m.stalls >= 1, "the stall was noticed");
     assert_eq!(
         m.instances.len(),
         3,
