@@ -201,6 +201,16 @@ pub enum Error {
         index: usize,
     },
 
+    /// A checkpoint could not be completed (an instance stalled or left before giving its
+    /// part); the previous checkpoint stands and a later one will be tried.
+    #[error("checkpoint at offset {offset} abandoned: {reason}")]
+    CheckpointAbandoned {
+        /// Where the checkpoint was to be taken.
+        offset: Offset,
+        /// Why it was abandoned.
+        reason: String,
+    },
+
     /// A thread the library needed could not be started.
     #[error("could not start thread {name:?}: {source}")]
     Spawn {

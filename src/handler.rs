@@ -101,7 +101,8 @@ impl Context<'_> {
         self.timestamp
     }
 
-    /// The instance running the handler.
+    /// The instance running the handler (`InstanceId(u32::MAX)` under a debugging
+    /// [`Replay`](crate::cluster::Replay), which runs on no instance).
     pub fn instance(&self) -> InstanceId {
         self.instance
     }

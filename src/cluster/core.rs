@@ -771,9 +771,9 @@ impl<H: Handler> Shared<H> {
         let wait = (self.options.stall_timeout * 4).max(Duration::from_secs(10));
         let result = round.wait(wait);
         *self.round.lock() = None;
-        let states = result.map_err(|why| Error::StateUnavailable {
-            instance: InstanceId(u32::MAX),
-            reason: format!("checkpoint at offset {} abandoned: {why}", round.offset),
+        let states = result.map_err(|reason| Error::CheckpointAbandoned {
+            offset: round.offset,
+            reason,
         })?;
         let checkpoint = Checkpoint {
             offset: round.offset,
