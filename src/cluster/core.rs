@@ -79,6 +79,8 @@ pub(crate) struct Shared<H: Handler> {
     handled_at_checkpoint: AtomicU64,
     /// Requests handled by instances that are gone.
     handled_by_gone: AtomicU64,
+    /// Requests after the checkpoint found at open: they count toward the next one.
+    replayed_at_open: u64,
     next_id: AtomicU32,
     launcher: Arc<dyn Launcher>,
     round: Mutex<Option<Arc<CheckpointRound>>>,
@@ -207,9 +209,9 @@ impl<H: Handler> Shared<H> {
                 .map(|_| CachePadded::new(Mutex::default()))
                 .collect(),
             accepting: AtomicBool::new(true),
-            // Requests replayed at open count toward the next checkpoint.
             handled_at_checkpoint: AtomicU64::new(0),
-            handled_by_gone: AtomicU64::new(recovered.requests),
+            handled_by_gone: AtomicU64::new(0),
+            replayed_at_open: recovered.requests,
             next_id: AtomicU32::new(next_id),
             launcher,
             round: Mutex::new(None),
@@ -847,7 +849,7 @@ impl<H: Handler> Shared<H> {
             .values()
             .map(|i| i.stats.requests.load(Ordering::Relaxed))
             .sum();
-        live + self.handled_by_gone.load(Ordering::Relaxed)
+        live + self.handled_by_gone.load(Ordering::Relaxed) + self.replayed_at_open
     }
 
     pub(crate) fn metrics(&self) -> Metrics {
@@ -872,6 +874,7 @@ impl<H: Handler> Shared<H> {
             checkpoint_offset: self.checkpoint_offset.load(Ordering::SeqCst),
             stalls: self.stalls.load(Ordering::Relaxed),
             moved_keys: self.moved.load(Ordering::Relaxed),
+            handled_by_gone: self.handled_by_gone.load(Ordering::Relaxed),
         }
     }
 

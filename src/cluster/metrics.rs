@@ -110,6 +110,9 @@ pub struct Metrics {
     pub stalls: u64,
     /// Keys moved between instances so far.
     pub moved_keys: u64,
+    /// Requests handled by instances that have since left or been replaced (not in
+    /// `instances`).
+    pub handled_by_gone: u64,
 }
 
 impl Metrics {
