@@ -23,6 +23,13 @@
 //! Instances can be added and removed while requests flow; only the keys whose owner
 //! changes move, handed over in memory at a point in the log both sides agree on.
 //!
+//! Every [`checkpoint_every`](ClusterBuilder::checkpoint_every) requests, a marker goes
+//! through every instance's queue and each instance hands in its keys' states: a
+//! consistent cut of every state at one log offset, saved as a snapshot of the input
+//! store. It bounds how much log a restart or a rebuild replays, and with
+//! [`truncate_after_checkpoint`](ClusterBuilder::truncate_after_checkpoint) how much log
+//! is kept. [`Replay`] rebuilds any past state from the logs, for debugging.
+//!
 //! ```
 //! use cauce::cluster::{Cluster, Context, Handler};
 //!
