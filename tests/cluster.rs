@@ -580,3 +580,37 @@ fn truncating_after_checkpoints_keeps_every_state() {
     }
     cluster.shutdown().unwrap();
 }
+
+#[test]
+fn a_damaged_input_log_is_a_typed_error_at_open_not_a_panic() {
+    let dir = tempfile::tempdir().unwrap();
+    let cluster = Cluster::builder(Service::default())
+        .dir(dir.path())
+        .checkpoint_every(u64::MAX)
+        .build()
+        .unwrap();
+    let client = cluster.client();
+    for i in 0..2000u64 {
+        client
+            .submit(key(i % 7), Req::Add(i))
+            .unwrap()
+            .wait()
+            .unwrap();
+    }
+    drop(client);
+    drop(cluster); // no shutdown: no checkpoint, recovery must read the log
+    let segment = std::fs::read_dir(dir.path().join("input"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .find(|p| p.extension().is_some_and(|x| x == "log"))
+        .unwrap();
+    let mut bytes = std::fs::read(&segment).unwrap();
+    let middle = 40_000; // inside the records, well before the end of the data
+    bytes[middle] ^= 0xff;
+    std::fs::write(&segment, &bytes).unwrap();
+    match Cluster::builder(Service::default()).dir(dir.path()).build() {
+        Err(Error::Corrupt { path, .. }) => assert_eq!(path, segment),
+        Err(e) => panic!("expected Corrupt, got {e}"),
+        Ok(_) => panic!("a damaged log must not open as if it were whole"),
+    }
+}
