@@ -333,7 +333,7 @@ pub fn run(bench: &mut Bench) {
     let work = workload(requests, 10_000);
     let mut peak = None;
     if bench.group("cluster.throughput") {
-        peak = Some(throughput(bench, &work));
+        peak = throughput(bench, &work);
     }
     if bench.group("cluster.latency") {
         let rate = match peak {
@@ -344,8 +344,8 @@ pub fn run(bench: &mut Bench) {
     }
 }
 
-/// Closed-loop throughput and balance; returns cauce's peak rate.
-fn throughput(bench: &mut Bench, work: &[Vec<Arc<[u8]>>]) -> f64 {
+/// Closed-loop throughput and balance; returns cauce's peak rate if it was measured.
+fn throughput(bench: &mut Bench, work: &[Vec<Arc<[u8]>>]) -> Option<f64> {
     let mut ours_counts = Vec::new();
     let mut base_counts = Vec::new();
     let throughput = bench.compare(
@@ -381,7 +381,7 @@ fn throughput(bench: &mut Bench, work: &[Vec<Arc<[u8]>>]) -> f64 {
         peak_to_mean(&base_counts),
     );
 
-    throughput.ours
+    throughput.map(|o| o.ours)
 }
 
 /// Open-loop latency at `rate` (half of cauce's peak), both sides paced the same.

@@ -114,7 +114,7 @@ impl Bench {
 
     /// Measures `ours` and `theirs` alternately (one warm-up each, then `rounds` rounds of
     /// A B), each call returning a figure in `unit`; records the medians and the median of
-    /// the pairwise ratios.
+    /// the pairwise ratios. Runs nothing (and returns `None`) when `--only` leaves `id` out.
     pub fn compare(
         &mut self,
         id: &str,
@@ -123,7 +123,10 @@ impl Bench {
         goal: Option<Goal>,
         mut ours: impl FnMut() -> f64,
         mut theirs: impl FnMut() -> f64,
-    ) -> Outcome {
+    ) -> Option<Outcome> {
+        if !self.wants(id) {
+            return None;
+        }
         ours();
         theirs();
         let mut a = Vec::with_capacity(self.rounds);
@@ -137,7 +140,7 @@ impl Bench {
             .zip(&b)
             .map(|(&o, &t)| ratio(better, o, t))
             .collect();
-        self.record_with_ratio(id, unit, median(&a), median(&b), median(&ratios), goal)
+        Some(self.record_with_ratio(id, unit, median(&a), median(&b), median(&ratios), goal))
     }
 
     /// Records figures measured elsewhere (for example both sides in one pass).

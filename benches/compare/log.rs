@@ -242,57 +242,49 @@ fn unsynced(bench: &mut Bench, dirs: &Dirs) {
 fn durable(bench: &mut Bench, dirs: &Dirs) {
     let one = payloads(bench.size(3000, 300), 100);
     let id = "log.durable.100b.one.vs_raw_fdatasync";
-    if bench.wants(id) {
-        bench.compare(
-            id,
-            "rec/s",
-            Better::More,
-            Some(Goal::RatioAtLeast(0.9)),
-            || ours_durable(&dirs.fresh(), 1, &one, 1).0,
-            || raw_write(&dirs.fresh(), &one, Some(1)),
-        );
-    }
+    bench.compare(
+        id,
+        "rec/s",
+        Better::More,
+        Some(Goal::RatioAtLeast(0.9)),
+        || ours_durable(&dirs.fresh(), 1, &one, 1).0,
+        || raw_write(&dirs.fresh(), &one, Some(1)),
+    );
     let id = "log.durable.100b.one.vs_okaywal";
-    if bench.wants(id) {
-        bench.compare(
-            id,
-            "rec/s",
-            Better::More,
-            None,
-            || ours_durable(&dirs.fresh(), 1, &one, 1).0,
-            || okaywal_durable(&dirs.fresh(), 1, &one, 1),
-        );
-    }
+    bench.compare(
+        id,
+        "rec/s",
+        Better::More,
+        None,
+        || ours_durable(&dirs.fresh(), 1, &one, 1).0,
+        || okaywal_durable(&dirs.fresh(), 1, &one, 1),
+    );
     let id = "log.durable.100b.one.preallocated.vs_not";
-    if bench.wants(id) {
-        bench.compare(
-            id,
-            "rec/s",
-            Better::More,
-            None,
-            || {
-                let options = LogOptions::new().preallocate(true);
-                ours_durable_with(&dirs.fresh(), 1, &one, 1, options).0
-            },
-            || {
-                let options = LogOptions::new().preallocate(false);
-                ours_durable_with(&dirs.fresh(), 1, &one, 1, options).0
-            },
-        );
-    }
+    bench.compare(
+        id,
+        "rec/s",
+        Better::More,
+        None,
+        || {
+            let options = LogOptions::new().preallocate(true);
+            ours_durable_with(&dirs.fresh(), 1, &one, 1, options).0
+        },
+        || {
+            let options = LogOptions::new().preallocate(false);
+            ours_durable_with(&dirs.fresh(), 1, &one, 1, options).0
+        },
+    );
     let per_thread = payloads(bench.size(600, 60), 100);
     for threads in [4, 16] {
         let id = format!("log.durable.100b.threads{threads}.vs_okaywal");
-        if bench.wants(&id) {
-            bench.compare(
-                &id,
-                "rec/s",
-                Better::More,
-                None,
-                || ours_durable(&dirs.fresh(), threads, &per_thread, 1).0,
-                || okaywal_durable(&dirs.fresh(), threads, &per_thread, 1),
-            );
-        }
+        bench.compare(
+            &id,
+            "rec/s",
+            Better::More,
+            None,
+            || ours_durable(&dirs.fresh(), threads, &per_thread, 1).0,
+            || okaywal_durable(&dirs.fresh(), threads, &per_thread, 1),
+        );
     }
     let id = "log.durable.100b.group_commit.threads16.vs_threads1";
     if bench.wants(id) {
@@ -322,27 +314,23 @@ fn durable(bench: &mut Bench, dirs: &Dirs) {
     }
     let batches = payloads(bench.size(200_000, 30_000), 100);
     let id = "log.durable.100b.batch1000.vs_raw_fdatasync";
-    if bench.wants(id) {
-        bench.compare(
-            id,
-            "rec/s",
-            Better::More,
-            None,
-            || ours_durable(&dirs.fresh(), 1, &batches, 1000).0,
-            || raw_write(&dirs.fresh(), &batches, Some(1000)),
-        );
-    }
+    bench.compare(
+        id,
+        "rec/s",
+        Better::More,
+        None,
+        || ours_durable(&dirs.fresh(), 1, &batches, 1000).0,
+        || raw_write(&dirs.fresh(), &batches, Some(1000)),
+    );
     let id = "log.durable.100b.batch1000.vs_okaywal";
-    if bench.wants(id) {
-        bench.compare(
-            id,
-            "rec/s",
-            Better::More,
-            Some(Goal::RatioAtLeast(1.2)),
-            || ours_durable(&dirs.fresh(), 1, &batches, 1000).0,
-            || okaywal_durable(&dirs.fresh(), 1, &batches, 1000),
-        );
-    }
+    bench.compare(
+        id,
+        "rec/s",
+        Better::More,
+        Some(Goal::RatioAtLeast(1.2)),
+        || ours_durable(&dirs.fresh(), 1, &batches, 1000).0,
+        || okaywal_durable(&dirs.fresh(), 1, &batches, 1000),
+    );
 }
 
 /// Reads every file of `dir` sequentially in 1 MiB reads: the limit of a replay.
@@ -520,16 +508,14 @@ fn replay(bench: &mut Bench, dirs: &Dirs) {
     }
     let _ = std::fs::write("/proc/self/clear_refs", "5");
     let before = peak_rss_kib();
-    if bench.wants(ids[0]) {
-        bench.compare(
-            ids[0],
-            "rec/s",
-            Better::More,
-            Some(Goal::RatioAtLeast(0.8)),
-            replay_ours,
-            || rate(n, || _ = std::hint::black_box(raw_read(&ours_dir))),
-        );
-    }
+    bench.compare(
+        ids[0],
+        "rec/s",
+        Better::More,
+        Some(Goal::RatioAtLeast(0.8)),
+        replay_ours,
+        || rate(n, || _ = std::hint::black_box(raw_read(&ours_dir))),
+    );
     let ours_peak = peak_rss_kib();
     if bench.wants(ids[1]) {
         let _ = std::fs::write("/proc/self/clear_refs", "5");
@@ -543,26 +529,22 @@ fn replay(bench: &mut Bench, dirs: &Dirs) {
         );
     }
     // The same replay through `replay_from` (records borrowed, no per-record refcount).
-    if bench.wants(ids[3]) {
-        bench.compare(
-            ids[3],
-            "rec/s",
-            Better::More,
-            Some(Goal::RatioAtLeast(0.8)),
-            replay_ours_borrowed,
-            || rate(n, || _ = std::hint::black_box(raw_read(&ours_dir))),
-        );
-    }
-    if bench.wants(ids[4]) {
-        bench.compare(
-            ids[4],
-            "rec/s",
-            Better::More,
-            Some(Goal::RatioAtLeast(1.0)),
-            replay_ours_borrowed,
-            replay_theirs,
-        );
-    }
+    bench.compare(
+        ids[3],
+        "rec/s",
+        Better::More,
+        Some(Goal::RatioAtLeast(0.8)),
+        replay_ours_borrowed,
+        || rate(n, || _ = std::hint::black_box(raw_read(&ours_dir))),
+    );
+    bench.compare(
+        ids[4],
+        "rec/s",
+        Better::More,
+        Some(Goal::RatioAtLeast(1.0)),
+        replay_ours_borrowed,
+        replay_theirs,
+    );
     let raw_file = raw_dir.join("raw.log");
     let framed = || {
         let t = Instant::now();
