@@ -321,20 +321,35 @@ fn tail_latency<S: Store>(bench: &mut Bench, prefix: &str, new_store: fn() -> S)
         peak / 1e6,
         half / 1e6
     );
+    let goal = Some(Goal::OursAtMost(50.0));
+    paced_latency(bench, prefix, "tail", goal, count, interval, || {
+        log_pipe(new_store())
+    });
+}
+
+/// Records `{prefix}.{name}_p99_us` (with `goal`) and `{prefix}.{name}_p50_us`: the
+/// follower's latencies over `count` records paced `interval` apart, through the pipe
+/// `ours` makes and through a bare channel.
+fn paced_latency(
+    bench: &mut Bench,
+    prefix: &str,
+    name: &str,
+    goal: Option<Goal>,
+    count: usize,
+    interval: Duration,
+    ours: impl Fn() -> Pipe,
+) {
     let (mut ours_p50, mut theirs_p50) = (Vec::new(), Vec::new());
     let p99 = |p50s: &mut Vec<f64>, mut latencies: Vec<f64>| {
         p50s.push(quantile(&mut latencies, 0.5));
         quantile(&mut latencies, 0.99)
     };
     bench.compare(
-        &id,
+        &format!("{prefix}.{name}_p99_us"),
         "us",
         Better::Less,
-        Some(Goal::OursAtMost(50.0)),
-        || {
-            let pipe = log_pipe(new_store());
-            p99(&mut ours_p50, follow(pipe, count, Some(interval)).0)
-        },
+        goal,
+        || p99(&mut ours_p50, follow(ours(), count, Some(interval)).0),
         || {
             p99(
                 &mut theirs_p50,
@@ -343,7 +358,7 @@ fn tail_latency<S: Store>(bench: &mut Bench, prefix: &str, new_store: fn() -> S)
         },
     );
     bench.record(
-        &format!("{prefix}.tail_p50_us"),
+        &format!("{prefix}.{name}_p50_us"),
         "us",
         Better::Less,
         None,
@@ -353,39 +368,18 @@ fn tail_latency<S: Store>(bench: &mut Bench, prefix: &str, new_store: fn() -> S)
 }
 
 fn wake_latency(bench: &mut Bench) {
-    let id = "stream.log.logstore.wake_p99_us";
-    if !bench.wants(id) {
+    if !bench.wants("stream.log.logstore.wake_p99_us") {
         return;
     }
     let interval = Duration::from_micros(100);
     let count = bench.size(3_000, 1_000);
-    let (mut ours_p50, mut theirs_p50) = (Vec::new(), Vec::new());
-    let p99 = |p50s: &mut Vec<f64>, mut latencies: Vec<f64>| {
-        p50s.push(quantile(&mut latencies, 0.5));
-        quantile(&mut latencies, 0.99)
-    };
-    bench.compare(
-        id,
-        "us",
-        Better::Less,
+    paced_latency(
+        bench,
+        "stream.log.logstore",
+        "wake",
         None,
-        || {
-            let pipe = log_pipe(log_store());
-            p99(&mut ours_p50, follow(pipe, count, Some(interval)).0)
-        },
-        || {
-            p99(
-                &mut theirs_p50,
-                follow(channel_pipe(), count, Some(interval)).0,
-            )
-        },
-    );
-    bench.record(
-        "stream.log.logstore.wake_p50_us",
-        "us",
-        Better::Less,
-        None,
-        median(&ours_p50),
-        median(&theirs_p50),
+        count,
+        interval,
+        || log_pipe(log_store()),
     );
 }
