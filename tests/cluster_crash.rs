@@ -7,11 +7,12 @@
 //! loaded cluster instead.
 
 mod common;
+#[path = "support/kill.rs"]
+mod kill;
 
 use std::collections::HashMap;
-use std::io::{BufRead, BufReader, Write};
+use std::io::Write;
 use std::path::Path;
-use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use cauce::cluster::{Cluster, ClusterBuilder};
@@ -82,44 +83,18 @@ fn acknowledged_requests_survive_sigkill_exactly_once() {
     }
     let tmp = tempfile::tempdir().expect("temp dir");
     let dir = tmp.path().join("cluster");
-    let exe = std::env::current_exe().expect("test binary");
     let mut rng = rand::rngs::StdRng::seed_from_u64(0x5eed);
     let mut acked: HashMap<u64, Ack> = HashMap::new();
     for round in 0..ROUNDS {
-        let mut child = Command::new(&exe)
-            .args([
-                "--exact",
-                "acknowledged_requests_survive_sigkill_exactly_once",
-                "--nocapture",
-                "--test-threads=1",
-            ])
-            .env(CHILD_ENV, &dir)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("spawn child");
-        let stdout = child.stdout.take().expect("child stdout");
-        let (first_tx, first_rx) = std::sync::mpsc::channel();
-        let reader = std::thread::spawn(move || {
-            let mut lines = Vec::new();
-            for line in BufReader::new(stdout).lines() {
-                let Ok(line) = line else { break };
-                assert!(!line.starts_with("error"), "child could not start: {line}");
-                if line.starts_with("ack ") {
-                    if lines.is_empty() {
-                        let _ = first_tx.send(());
-                    }
-                    lines.push(line);
-                }
-            }
-            lines
-        });
         // Kill while requests are under way, at a random moment after the first answer.
-        let _ = first_rx.recv_timeout(Duration::from_secs(30));
-        std::thread::sleep(Duration::from_millis(rng.random_range(0..120)));
-        child.kill().expect("SIGKILL the child");
-        child.wait().expect("reap the child");
-        let lines = reader.join().expect("stdout reader");
+        let after = Duration::from_millis(rng.random_range(0..120));
+        let lines = kill::run_and_kill(
+            "acknowledged_requests_survive_sigkill_exactly_once",
+            CHILD_ENV,
+            &dir,
+            Duration::from_secs(30),
+            after,
+        );
         assert!(
             !lines.is_empty(),
             "round {round}: the child answered requests"

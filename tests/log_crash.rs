@@ -7,9 +7,11 @@
 //! appender instead.
 
 use std::collections::HashMap;
-use std::io::{BufRead, BufReader, Write};
+
+#[path = "support/kill.rs"]
+mod kill;
+use std::io::Write;
 use std::path::Path;
-use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use cauce::Entry;
@@ -104,49 +106,20 @@ fn acknowledged_records_survive_sigkill_at_random_moments() {
     }
     let tmp = tempfile::tempdir().expect("temp dir");
     let dir = tmp.path().join("log");
-    let exe = std::env::current_exe().expect("test binary");
     let mut rng = rand::rngs::StdRng::seed_from_u64(0xc4a5);
     let mut acked: HashMap<u64, (u8, u64)> = HashMap::new();
     for round in 0..KILL_POINTS {
-        let mut child = Command::new(&exe)
-            .args([
-                "--exact",
-                "acknowledged_records_survive_sigkill_at_random_moments",
-                "--nocapture",
-                "--test-threads=1",
-            ])
-            .env(CHILD_ENV, &dir)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("spawn child");
-        let stdout = child.stdout.take().expect("child stdout");
-        let (first_ack_tx, first_ack_rx) = std::sync::mpsc::channel();
-        let reader = std::thread::spawn(move || {
-            let mut lines = Vec::new();
-            let mut told = false;
-            for line in BufReader::new(stdout).lines() {
-                let Ok(line) = line else { break };
-                if line.starts_with("error") {
-                    panic!("child could not open the log: {line}");
-                }
-                if line.starts_with("ack ") {
-                    if !told {
-                        let _ = first_ack_tx.send(());
-                        told = true;
-                    }
-                    lines.push(line);
-                }
-            }
-            lines
-        });
         // Kill while appends are under way: after the first acknowledgement, at a random
         // moment within the next few milliseconds.
-        let _ = first_ack_rx.recv_timeout(Duration::from_secs(10));
-        std::thread::sleep(Duration::from_micros(rng.random_range(0..8000)));
-        child.kill().expect("SIGKILL the child");
-        child.wait().expect("reap the child");
-        for line in reader.join().expect("stdout reader") {
+        let after = Duration::from_micros(rng.random_range(0..8000));
+        let lines = kill::run_and_kill(
+            "acknowledged_records_survive_sigkill_at_random_moments",
+            CHILD_ENV,
+            &dir,
+            Duration::from_secs(10),
+            after,
+        );
+        for line in lines {
             let mut parts = line.split_whitespace().skip(1);
             let mut next = || parts.next().and_then(|p| p.parse::<u64>().ok());
             let (Some(o), Some(w), Some(s)) = (next(), next(), next()) else {
