@@ -24,7 +24,8 @@ use parking_lot::{Mutex, MutexGuard};
 
 use super::fold::{self, CHECKPOINT, Checkpoint, Control, Envelope};
 use super::instance::{
-    self, CheckpointRound, Exit, Handoff, Instance, Message, NoPermit, Queued, Source, Start,
+    self, CheckpointRound, Exit, Handoff, Instance, Message, NoPermit, Payload, Queued, Source,
+    Start,
 };
 use super::metrics::{InstanceMetrics, Metrics};
 use super::owned::OwnedLog;
@@ -360,7 +361,7 @@ impl<H: Handler> Shared<H> {
         if !self.accepting.load(Ordering::SeqCst) {
             return Err(Error::Closed);
         }
-        let payload = fold::request_payload(request)?;
+        let payload = fold::Scratch::request(request)?;
         let timestamp = now();
         let stripe = self.stripe(key);
         let mut routed = false;
@@ -428,9 +429,9 @@ impl<H: Handler> Shared<H> {
                     (k, None)
                 }
             };
-            let appended = self
-                .input
-                .append(&[Entry::with_timestamp(timestamp, key, &payload)]);
+            let appended =
+                self.input
+                    .append(&[Entry::with_timestamp(timestamp, key, payload.as_slice())]);
             let offset = match appended {
                 Ok(range) => range.start,
                 Err(e) => {
@@ -451,7 +452,7 @@ impl<H: Handler> Shared<H> {
                 offset,
                 timestamp,
                 key: key_bytes,
-                payload,
+                payload: Payload::copy_from(payload.as_slice()),
                 // Latency is sampled (one request in LATENCY_SAMPLE): two clock reads
                 // per request were 3% of the hot path.
                 submitted: (offset % LATENCY_SAMPLE == 0).then(Instant::now),
@@ -594,7 +595,7 @@ impl<H: Handler> Shared<H> {
                 offset,
                 timestamp,
                 key,
-                payload: std::mem::take(payload),
+                payload: Payload::from_vec(std::mem::take(payload)),
                 submitted: (offset % LATENCY_SAMPLE == 0).then(Instant::now),
             });
             match queues.iter_mut().find(|(inst, _)| inst.id == dests[i].id) {

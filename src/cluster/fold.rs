@@ -65,6 +65,40 @@ pub(crate) fn request_payload<T: Serialize>(request: &T) -> Result<Vec<u8>> {
     Ok(payload)
 }
 
+thread_local! {
+    static SCRATCH: std::cell::Cell<Vec<u8>> = const { std::cell::Cell::new(Vec::new()) };
+}
+
+/// A buffer for one request's payload, reused by each thread from one request to the
+/// next: encoding a request then allocates nothing.
+pub(crate) struct Scratch(Vec<u8>);
+
+impl Scratch {
+    /// The payload of `request`, encoded into this thread's buffer.
+    pub(crate) fn request<T: Serialize>(request: &T) -> Result<Scratch> {
+        let mut buffer = SCRATCH.try_with(|c| c.take()).unwrap_or_default();
+        buffer.clear();
+        buffer.push(TAG_REQUEST);
+        let mut scratch = Scratch(buffer);
+        CODEC.encode_into(request, &mut scratch.0)?;
+        Ok(scratch)
+    }
+
+    pub(crate) fn as_slice(&self) -> &[u8] {
+        &self.0
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        // Keep a buffer of ordinary size; let a huge one go.
+        if self.0.capacity() <= 64 * 1024 {
+            let buffer = std::mem::take(&mut self.0);
+            let _ = SCRATCH.try_with(|c| c.set(buffer));
+        }
+    }
+}
+
 /// The payload of a control record.
 pub(crate) fn control_payload(control: &Control) -> Result<Vec<u8>> {
     let mut payload = vec![TAG_CONTROL];
