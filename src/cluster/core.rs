@@ -39,7 +39,6 @@ use crate::router::InstanceId;
 use crate::store::Store;
 
 const STRIPES: usize = 256;
-const REGISTRY_SHARDS: usize = 64;
 /// One request in this many has its latency measured for the metrics.
 const LATENCY_SAMPLE: u64 = 8;
 
@@ -54,9 +53,10 @@ pub(crate) struct Options {
 }
 
 /// An instance and the messages of a batch bound for it.
-type Queue<S> = (Arc<Instance<S>>, Vec<Message<S>>);
+type Queue<S, R> = (Arc<Instance<S, R>>, Vec<Message<S, R>>);
 
-type Responders<R> = Mutex<HashMap<Offset, Responder<R>, ahash::RandomState>>;
+/// An instance of the cluster of handler `H`.
+type Inst<H> = Instance<<H as Handler>::State, <H as Handler>::Response>;
 
 pub(crate) struct Shared<H: Handler> {
     pub(crate) handler: Arc<H>,
@@ -64,17 +64,22 @@ pub(crate) struct Shared<H: Handler> {
     pub(crate) effects: Effects,
     effects_store: Option<Arc<dyn Store>>,
     pub(crate) options: Options,
-    routing: Mutex<Routing<H::State>>,
+    routing: Mutex<Routing<H::State, H::Response>>,
     /// The stripe locks, each guarding the holders of its keys. Cache-line padded: two
     /// submitters on different stripes must not share a line.
     stripes: Box<[CachePadded<Mutex<Holders>>]>,
-    retiring: Mutex<Vec<Arc<Instance<H::State>>>>,
+    retiring: Mutex<Vec<Arc<Inst<H>>>>,
     /// Offset of the latest checkpoint. Its states are not kept in memory: rebuilds load
     /// them from the store, sharing one decoded copy while any rebuild holds it.
     checkpoint_offset: AtomicU64,
     checkpoint_cache: Mutex<Weak<Checkpoint>>,
     poisoned: Mutex<BTreeSet<Offset>>,
-    responders: Box<[CachePadded<Responders<H::Response>>]>,
+    /// Responders of requests taken or queued by lost instances: answered by whoever
+    /// rebuilds their keys. Requests are otherwise answered through the responder they
+    /// are queued with, so this is empty but after a loss.
+    orphans: Mutex<HashMap<Offset, Responder<H::Response>, ahash::RandomState>>,
+    /// Whether `orphans` may hold anything: rebuilds skip its lock while it is empty.
+    any_orphans: AtomicBool,
     accepting: AtomicBool,
     /// Requests handled by all instances, ever, when the last checkpoint began.
     handled_at_checkpoint: AtomicU64,
@@ -206,9 +211,8 @@ impl<H: Handler> Shared<H> {
             checkpoint_offset: AtomicU64::new(checkpoint.offset),
             checkpoint_cache: Mutex::new(Arc::downgrade(&checkpoint)),
             poisoned: Mutex::new(recovered.poisoned),
-            responders: (0..REGISTRY_SHARDS)
-                .map(|_| CachePadded::new(Mutex::default()))
-                .collect(),
+            orphans: Mutex::default(),
+            any_orphans: AtomicBool::new(false),
             accepting: AtomicBool::new(true),
             handled_at_checkpoint: AtomicU64::new(0),
             handled_by_gone: AtomicU64::new(0),
@@ -255,19 +259,14 @@ impl<H: Handler> Shared<H> {
         self.stripes.iter().map(|s| s.lock()).collect()
     }
 
-    fn start_instance(
-        &self,
-        id: InstanceId,
-        weight: u32,
-        start: Start,
-    ) -> Result<Arc<Instance<H::State>>> {
+    fn start_instance(&self, id: InstanceId, weight: u32, start: Start) -> Result<Arc<Inst<H>>> {
         let inst = Arc::new(Instance::new(id, weight, self.options.queue_capacity));
         self.routing.lock().instances.insert(id, inst.clone());
         self.launch(&inst, start)?;
         Ok(inst)
     }
 
-    fn launch(&self, inst: &Arc<Instance<H::State>>, start: Start) -> Result<()> {
+    fn launch(&self, inst: &Arc<Inst<H>>, start: Start) -> Result<()> {
         let shared = self.arc();
         let me = inst.clone();
         // Held across the launch: a new loop that restarts at once must not have its
@@ -286,11 +285,7 @@ impl<H: Handler> Shared<H> {
     }
 
     /// Relaunches an instance whose handler panicked, rebuilding its keys first.
-    fn restart(
-        &self,
-        inst: &Arc<Instance<H::State>>,
-        limits: HashMap<Bytes, Offset, ahash::RandomState>,
-    ) {
+    fn restart(&self, inst: &Arc<Inst<H>>, limits: HashMap<Bytes, Offset, ahash::RandomState>) {
         if inst.is_fenced() {
             return;
         }
@@ -338,16 +333,27 @@ impl<H: Handler> Shared<H> {
         self.journal(&Control::Poison { offset }).map(|_| ())
     }
 
-    fn registry(&self, offset: Offset) -> &Responders<H::Response> {
-        &self.responders[(offset as usize) & (REGISTRY_SHARDS - 1)]
-    }
-
-    /// Answers the request at `offset` if someone still waits for it.
+    /// Answers the request at `offset` if it belonged to a lost instance and someone
+    /// still waits for it.
     pub(crate) fn answer(&self, offset: Offset, result: Result<H::Response>) {
-        let responder = self.registry(offset).lock().remove(&offset);
+        if !self.any_orphans.load(Ordering::Acquire) {
+            return;
+        }
+        let responder = self.orphans.lock().remove(&offset);
         if let Some(r) = responder {
             r.answer(result);
         }
+    }
+
+    /// Keeps the responders of a fenced instance's requests for whoever rebuilds them.
+    fn adopt_orphans(&self, inst: &Inst<H>) {
+        let unanswered = inst.unanswered();
+        if unanswered.is_empty() {
+            return;
+        }
+        let mut orphans = self.orphans.lock();
+        orphans.extend(unanswered);
+        self.any_orphans.store(true, Ordering::Release);
     }
 
     // ---- submit ----------------------------------------------------------------
@@ -366,7 +372,7 @@ impl<H: Handler> Shared<H> {
         let stripe = self.stripe(key);
         let mut routed = false;
         // The instance we hold a queue permit of, if any.
-        let mut permit: Option<Arc<Instance<H::State>>> = None;
+        let mut permit: Option<Arc<Inst<H>>> = None;
         loop {
             let mut holders = stripe.lock();
             if !self.accepting.load(Ordering::SeqCst) {
@@ -447,7 +453,6 @@ impl<H: Handler> Shared<H> {
                 self.move_keys(&Moves::single(from, dest.id, key_bytes.clone()), offset);
             }
             let (pending, responder) = pending(offset);
-            self.registry(offset).lock().insert(offset, responder);
             dest.send(Message::Request(Queued {
                 offset,
                 timestamp,
@@ -456,6 +461,7 @@ impl<H: Handler> Shared<H> {
                 // Latency is sampled (one request in LATENCY_SAMPLE): two clock reads
                 // per request were 3% of the hot path.
                 submitted: (offset % LATENCY_SAMPLE == 0).then(Instant::now),
+                responder: Some(responder),
             }));
             return Ok(pending);
         }
@@ -506,10 +512,10 @@ impl<H: Handler> Shared<H> {
     fn submit_batch_locked<K: AsRef<[u8]>>(
         &self,
         items: &mut [(K, Vec<u8>)],
-        dests: &mut [Arc<Instance<H::State>>],
+        dests: &mut [Arc<Inst<H>>],
         timestamp: u64,
     ) -> Result<Option<Vec<Pending<H::Response>>>> {
-        let give_back = |dests: &[Arc<Instance<H::State>>]| {
+        let give_back = |dests: &[Arc<Inst<H>>]| {
             dests.iter().for_each(|d| d.permits.release());
         };
         // Every stripe the batch touches, locked in ascending order.
@@ -585,11 +591,10 @@ impl<H: Handler> Shared<H> {
             }
         }
         let mut pendings = Vec::with_capacity(items.len());
-        let mut queues: Vec<Queue<H::State>> = Vec::new();
+        let mut queues: Vec<Queue<H::State, H::Response>> = Vec::new();
         for (i, ((_, payload), key)) in items.iter_mut().zip(keys).enumerate() {
             let offset = range.start + i as Offset;
             let (pending, responder) = pending(offset);
-            self.registry(offset).lock().insert(offset, responder);
             pendings.push(pending);
             let message = Message::Request(Queued {
                 offset,
@@ -597,6 +602,7 @@ impl<H: Handler> Shared<H> {
                 key,
                 payload: Payload::from_vec(std::mem::take(payload)),
                 submitted: (offset % LATENCY_SAMPLE == 0).then(Instant::now),
+                responder: Some(responder),
             });
             match queues.iter_mut().find(|(inst, _)| inst.id == dests[i].id) {
                 Some((_, q)) => q.push(message),
@@ -711,6 +717,7 @@ impl<H: Handler> Shared<H> {
         if let Some(inst) = retiring {
             // Its keys already moved; only its pending handoffs need rebuilding.
             inst.fence();
+            self.adopt_orphans(&inst);
             return;
         }
         let Some(inst) = self.routing.lock().instances.remove(&id) else {
@@ -722,6 +729,7 @@ impl<H: Handler> Shared<H> {
         );
         tracing::warn!(instance = %id, why, "instance lost; moving its keys");
         inst.fence();
+        self.adopt_orphans(&inst);
         if let Some(round) = self.round.lock().as_ref() {
             round.abandon_if_waiting_for(id);
         }
@@ -789,6 +797,13 @@ impl<H: Handler> Shared<H> {
         *self.checkpoint_cache.lock() = Weak::new();
         self.effects.forget_before(offset);
         self.poisoned.lock().retain(|&p| p >= offset);
+        if self.any_orphans.load(Ordering::Acquire) {
+            // Requests before the checkpoint are all handled: nobody will answer these.
+            let mut orphans = self.orphans.lock();
+            orphans.retain(|&o, _| o >= offset);
+            self.any_orphans
+                .store(!orphans.is_empty(), Ordering::Release);
+        }
         if self.options.truncate_after_checkpoint {
             self.input.truncate_before(offset)?;
             if let Some(effects) = &self.effects_store {
@@ -845,7 +860,7 @@ impl<H: Handler> Shared<H> {
     }
 
     /// Requests handled so far by every instance, live or gone.
-    fn handled_total(&self, live: &BTreeMap<InstanceId, Arc<Instance<H::State>>>) -> u64 {
+    fn handled_total(&self, live: &BTreeMap<InstanceId, Arc<Inst<H>>>) -> u64 {
         let live: u64 = live
             .values()
             .map(|i| i.stats.requests.load(Ordering::Relaxed))

@@ -18,6 +18,7 @@ use crate::record::{Offset, Timestamp};
 use crate::router::InstanceId;
 
 use super::metrics::InstanceStats;
+use crate::client::Responder;
 
 /// Keys' states on their way from one instance to another.
 pub(crate) struct Handoff<S> {
@@ -160,7 +161,7 @@ impl CheckpointRound {
 }
 
 /// A request on its way to the instance that handles it.
-pub(crate) struct Queued {
+pub(crate) struct Queued<R> {
     pub(crate) offset: Offset,
     pub(crate) timestamp: Timestamp,
     pub(crate) key: Bytes,
@@ -168,6 +169,8 @@ pub(crate) struct Queued {
     pub(crate) payload: Payload,
     /// When it was queued, for the latency metrics (a sample of the requests).
     pub(crate) submitted: Option<Instant>,
+    /// Who waits for the answer (taken out by the instance when it starts on it).
+    pub(crate) responder: Option<Responder<R>>,
 }
 
 /// How many payload bytes a queued request carries without a heap buffer.
@@ -215,9 +218,15 @@ impl Payload {
     }
 }
 
+/// The batch an instance loop took from its mailbox, and the request it is on.
+struct Taken<S, R> {
+    batch: VecDeque<Message<S, R>>,
+    current: Option<(Offset, Responder<R>)>,
+}
+
 /// What an instance's queue carries.
-pub(crate) enum Message<S> {
-    Request(Queued),
+pub(crate) enum Message<S, R> {
+    Request(Queued<R>),
     Release {
         keys: Vec<Bytes>,
         handoff: Arc<Handoff<S>>,
@@ -286,9 +295,14 @@ impl<M> Mailbox<M> {
         self.queued.store(state.queue.len(), Ordering::Release);
     }
 
-    /// Moves everything queued into `batch` (which must be empty), waiting for at least
-    /// one message.
-    fn take_all(&self, batch: &mut VecDeque<M>) {
+    /// Calls `f` with the queued messages, under the lock.
+    fn inspect(&self, f: impl FnOnce(&VecDeque<M>)) {
+        f(&self.state.lock().queue);
+    }
+
+    /// Waits for at least one message, then hands everything queued to `take` (which
+    /// leaves an empty queue in its place), under the lock.
+    fn take_all(&self, take: impl FnOnce(&mut VecDeque<M>)) {
         // Spin and yield briefly before sleeping, looking at the count without the lock:
         // a producer that finds us awake skips the futex wake-up, which costs more than
         // the whole hand-off otherwise.
@@ -307,8 +321,8 @@ impl<M> Mailbox<M> {
             state.waiting = true;
             self.ready.wait(&mut state);
         }
-        std::mem::swap(&mut state.queue, batch);
-        self.queued.store(0, Ordering::Release);
+        take(&mut state.queue);
+        self.queued.store(state.queue.len(), Ordering::Release);
     }
 }
 
@@ -420,10 +434,10 @@ impl Permits {
 ///
 /// The parts written by producers (mailbox, permits) and by the instance (heartbeat,
 /// stats) sit on cache lines of their own, so neither side invalidates the other's.
-pub(crate) struct Instance<S> {
+pub(crate) struct Instance<S, R> {
     pub(crate) id: InstanceId,
     pub(crate) weight: u32,
-    mailbox: CachePadded<Mailbox<Message<S>>>,
+    mailbox: CachePadded<Mailbox<Message<S, R>>>,
     pub(crate) permits: CachePadded<Permits>,
     pub(crate) heartbeat: Arc<Heartbeat>,
     fenced: AtomicBool,
@@ -431,9 +445,14 @@ pub(crate) struct Instance<S> {
     /// Handoffs this instance still has to complete (abandoned if it is fenced).
     pub(crate) releases: Mutex<Vec<Arc<Handoff<S>>>>,
     pub(crate) running: Mutex<Option<Box<dyn Running>>>,
+    /// The batch the loop took from the mailbox, and the request it is on. A request
+    /// is answered through the responder it is queued with; if the instance is lost,
+    /// whoever rebuilds its keys answers the requests it had taken or still has queued.
+    /// Locked by the loop alone but when the instance is lost: uncontended.
+    taken: Mutex<Taken<S, R>>,
 }
 
-impl<S> Instance<S> {
+impl<S, R> Instance<S, R> {
     pub(crate) fn new(id: InstanceId, weight: u32, capacity: usize) -> Self {
         Instance {
             id,
@@ -445,15 +464,19 @@ impl<S> Instance<S> {
             stats: CachePadded::new(InstanceStats::default()),
             releases: Mutex::new(Vec::new()),
             running: Mutex::new(None),
+            taken: Mutex::new(Taken {
+                batch: VecDeque::new(),
+                current: None,
+            }),
         }
     }
 
-    pub(crate) fn send(&self, message: Message<S>) {
+    pub(crate) fn send(&self, message: Message<S, R>) {
         self.mailbox.push(message);
     }
 
     /// Queues several messages at once, in order.
-    pub(crate) fn send_many(&self, messages: Vec<Message<S>>) {
+    pub(crate) fn send_many(&self, messages: Vec<Message<S, R>>) {
         self.mailbox.push_many(messages);
     }
 
@@ -465,6 +488,62 @@ impl<S> Instance<S> {
         for h in self.releases.lock().drain(..) {
             h.abandon();
         }
+    }
+
+    /// The responders of every request this instance took or has queued: the ones it
+    /// may never answer if it is lost. Call after [`fence`](Instance::fence).
+    pub(crate) fn unanswered(&self) -> Vec<(Offset, Responder<R>)> {
+        let mut out = Vec::new();
+        // Same lock order as the loop's take: the mailbox, then the taken batch; a
+        // request is always in one of the two.
+        let responders = |queue: &VecDeque<Message<S, R>>| {
+            queue
+                .iter()
+                .filter_map(|m| match m {
+                    Message::Request(q) => q.responder.clone().map(|r| (q.offset, r)),
+                    _ => None,
+                })
+                .collect::<Vec<_>>()
+        };
+        self.mailbox.inspect(|queue| {
+            out.extend(responders(queue));
+            let taken = self.taken.lock();
+            out.extend(responders(&taken.batch));
+            out.extend(taken.current.clone());
+        });
+        out
+    }
+
+    /// The next message the loop took, waiting for the mailbox when the batch is done.
+    /// A request's responder moves to `current` until it is answered.
+    fn next_message(&self) -> Message<S, R> {
+        loop {
+            {
+                let mut taken = self.taken.lock();
+                if let Some(mut message) = taken.batch.pop_front() {
+                    if let Message::Request(q) = &mut message {
+                        taken.current = q.responder.take().map(|r| (q.offset, r));
+                    }
+                    return message;
+                }
+            }
+            self.mailbox
+                .take_all(|queue| std::mem::swap(queue, &mut self.taken.lock().batch));
+        }
+    }
+
+    /// Answers the request the loop is on.
+    fn answer_current(&self, result: Result<R>) {
+        let current = self.taken.lock().current.take();
+        if let Some((_, responder)) = current {
+            responder.answer(result);
+        }
+    }
+
+    /// Puts what the loop took but did not start on back in the mailbox.
+    fn put_back_taken(&self) {
+        let mut batch = std::mem::take(&mut self.taken.lock().batch);
+        self.mailbox.put_back(&mut batch);
     }
 
     pub(crate) fn is_fenced(&self) -> bool {
@@ -491,7 +570,7 @@ pub(crate) enum Exit {
     Restart(HashMap<Bytes, Offset, ahash::RandomState>),
 }
 
-/// Answers requests met during a fold through the cluster's registry of responders.
+/// Answers requests met during a fold: those of a lost instance, through the orphaned responders.
 struct Answer<'a, H: Handler> {
     shared: &'a Shared<H>,
     instance: InstanceId,
@@ -518,7 +597,11 @@ impl<H: Handler> FoldSink<H::Response> for Answer<'_, H> {
 type States<S> = HashMap<Bytes, Slot<S>, ahash::RandomState>;
 
 /// The loop of one instance.
-pub(crate) fn run<H: Handler>(shared: &Shared<H>, me: &Instance<H::State>, start: Start) -> Exit {
+pub(crate) fn run<H: Handler>(
+    shared: &Shared<H>,
+    me: &Instance<H::State, H::Response>,
+    start: Start,
+) -> Exit {
     let mut states: States<H::State> = HashMap::default();
     let mut failed: Option<String> = None;
     match start {
@@ -529,12 +612,8 @@ pub(crate) fn run<H: Handler>(shared: &Shared<H>, me: &Instance<H::State>, start
         },
     }
     me.stats.keys.store(states.len(), Ordering::Relaxed);
-    let mut batch = VecDeque::new();
     loop {
-        let Some(message) = batch.pop_front() else {
-            me.mailbox.take_all(&mut batch);
-            continue;
-        };
+        let message = me.next_message();
         if me.is_fenced() {
             return Exit::Stopped;
         }
@@ -550,7 +629,7 @@ pub(crate) fn run<H: Handler>(shared: &Shared<H>, me: &Instance<H::State>, start
                 me.stats.keys.store(states.len(), Ordering::Relaxed);
                 if let Some(exit) = exit {
                     // The restarted loop handles what this one had taken.
-                    me.mailbox.put_back(&mut batch);
+                    me.put_back_taken();
                     return exit;
                 }
             }
@@ -587,10 +666,10 @@ pub(crate) fn run<H: Handler>(shared: &Shared<H>, me: &Instance<H::State>, start
 
 fn handle<H: Handler>(
     shared: &Shared<H>,
-    me: &Instance<H::State>,
+    me: &Instance<H::State, H::Response>,
     states: &mut States<H::State>,
     failed: &Option<String>,
-    queued: Queued,
+    queued: Queued<H::Response>,
 ) -> Option<Exit> {
     let Queued {
         offset,
@@ -600,24 +679,18 @@ fn handle<H: Handler>(
         ..
     } = queued;
     if let Some(reason) = failed {
-        shared.answer(
-            offset,
-            Err(Error::StateUnavailable {
-                instance: me.id,
-                reason: reason.clone(),
-            }),
-        );
+        me.answer_current(Err(Error::StateUnavailable {
+            instance: me.id,
+            reason: reason.clone(),
+        }));
         return None;
     }
     let Some(body) = fold::request_body(payload.as_slice()) else {
         // Only the cluster queues requests, always tagged; refuse anything else.
-        shared.answer(
-            offset,
-            Err(Error::Codec {
-                context: "input log envelope",
-                message: format!("record at offset {offset} is not a request"),
-            }),
-        );
+        me.answer_current(Err(Error::Codec {
+            context: "input log envelope",
+            message: format!("record at offset {offset} is not a request"),
+        }));
         return None;
     };
     if !states.contains_key(&key) {
@@ -649,24 +722,21 @@ fn handle<H: Handler>(
     match outcome {
         Outcome::Answered(response) => {
             slot.folded_until = offset + 1;
-            shared.answer(offset, Ok(response));
+            me.answer_current(Ok(response));
             None
         }
         Outcome::Refused(e) => {
             slot.folded_until = offset + 1;
-            shared.answer(offset, Err(e));
+            me.answer_current(Err(e));
             None
         }
         Outcome::Panicked(message) => {
             tracing::warn!(instance = %me.id, offset, %message, "handler panicked; restarting the instance");
-            shared.answer(
+            me.answer_current(Err(Error::HandlerPanicked {
+                instance: me.id,
                 offset,
-                Err(Error::HandlerPanicked {
-                    instance: me.id,
-                    offset,
-                    message,
-                }),
-            );
+                message,
+            }));
             if let Err(e) = shared.poison(offset) {
                 tracing::error!(instance = %me.id, offset, error = %e, "could not log the poison mark");
             }
@@ -682,7 +752,7 @@ fn handle<H: Handler>(
 
 fn acquire<H: Handler>(
     shared: &Shared<H>,
-    me: &Instance<H::State>,
+    me: &Instance<H::State, H::Response>,
     states: &mut States<H::State>,
     keys: Vec<Bytes>,
     source: Source<H::State>,
@@ -716,7 +786,7 @@ fn acquire<H: Handler>(
 
 fn rebuild<H: Handler>(
     shared: &Shared<H>,
-    me: &Instance<H::State>,
+    me: &Instance<H::State, H::Response>,
     limits: &HashMap<Bytes, Offset, ahash::RandomState>,
     checkpoint: Option<Arc<Checkpoint>>,
 ) -> Result<States<H::State>> {

@@ -50,9 +50,9 @@ impl Placement for Sticky {
 pub(crate) type Holders = HashMap<Bytes, InstanceId, ahash::RandomState>;
 
 /// The placement and the live instances, under one lock.
-pub(crate) struct Routing<S> {
+pub(crate) struct Routing<S, R> {
     pub(crate) placement: Box<dyn Placement>,
-    pub(crate) instances: BTreeMap<InstanceId, Arc<Instance<S>>>,
+    pub(crate) instances: BTreeMap<InstanceId, Arc<Instance<S, R>>>,
 }
 
 /// A batch of keys moving from one instance to another.
@@ -60,7 +60,7 @@ pub(crate) struct Moves {
     pub(crate) by_route: HashMap<(InstanceId, InstanceId), Vec<Bytes>>,
 }
 
-impl<S> Routing<S> {
+impl<S, R> Routing<S, R> {
     /// Where each held key should be now; records and returns the keys that move. A key
     /// the placement has forgotten (idle) stays with its holder while the holder lives, or
     /// goes to its table owner.
