@@ -24,7 +24,7 @@ use parking_lot::{Mutex, MutexGuard};
 
 use super::fold::{self, CHECKPOINT, Checkpoint, Control, Envelope};
 use super::instance::{
-    self, CheckpointRound, Exit, Handoff, Instance, Message, NoPermit, Payload, Queued, Source,
+    self, CheckpointRound, Exit, Handoff, Instance, Message, NoPermit, Queued, SmallBytes, Source,
     Start,
 };
 use super::metrics::{InstanceMetrics, Metrics};
@@ -422,42 +422,39 @@ impl<H: Handler> Shared<H> {
                 }
             }
             drop(routing);
-            let (key_bytes, moved_from) = match holders.get_key_value(key) {
-                Some((k, &h)) if h == dest.id => (k.clone(), None),
-                Some((k, &h)) => {
-                    let k = k.clone();
-                    holders.insert(k.clone(), dest.id);
-                    (k, Some(h))
-                }
+            // The key's holder before this request: `None` if it had none.
+            let before = match holders.get_mut(key) {
+                Some(h) => Some(std::mem::replace(h, dest.id)),
                 None => {
-                    let k = Bytes::copy_from_slice(key);
-                    holders.insert(k.clone(), dest.id);
-                    (k, None)
+                    holders.insert(Bytes::copy_from_slice(key), dest.id);
+                    None
                 }
             };
+            let moved_from = before.filter(|&h| h != dest.id);
             let appended =
                 self.input
                     .append(&[Entry::with_timestamp(timestamp, key, payload.as_slice())]);
             let offset = match appended {
                 Ok(range) => range.start,
                 Err(e) => {
-                    match moved_from {
-                        Some(h) => holders.insert(key_bytes, h),
-                        None => holders.remove(key),
-                    };
+                    match (before, holders.get_mut(key)) {
+                        (Some(h), Some(now)) => *now = h,
+                        _ => drop(holders.remove(key)),
+                    }
                     dest.permits.release();
                     return Err(e);
                 }
             };
             if let Some(from) = moved_from {
-                self.move_keys(&Moves::single(from, dest.id, key_bytes.clone()), offset);
+                let key = Bytes::copy_from_slice(key);
+                self.move_keys(&Moves::single(from, dest.id, key), offset);
             }
             let (pending, responder) = pending(offset);
             dest.send(Message::Request(Queued {
                 offset,
                 timestamp,
-                key: key_bytes,
-                payload: Payload::copy_from(payload.as_slice()),
+                key: SmallBytes::copy_from(key),
+                payload: SmallBytes::copy_from(payload.as_slice()),
                 // Latency is sampled (one request in LATENCY_SAMPLE): two clock reads
                 // per request were 3% of the hot path.
                 submitted: (offset % LATENCY_SAMPLE == 0).then(Instant::now),
@@ -599,8 +596,8 @@ impl<H: Handler> Shared<H> {
             let message = Message::Request(Queued {
                 offset,
                 timestamp,
-                key,
-                payload: Payload::from_vec(std::mem::take(payload)),
+                key: SmallBytes::copy_from(&key),
+                payload: SmallBytes::from_vec(std::mem::take(payload)),
                 submitted: (offset % LATENCY_SAMPLE == 0).then(Instant::now),
                 responder: Some(responder),
             });

@@ -164,22 +164,24 @@ impl CheckpointRound {
 pub(crate) struct Queued<R> {
     pub(crate) offset: Offset,
     pub(crate) timestamp: Timestamp,
-    pub(crate) key: Bytes,
+    pub(crate) key: SmallBytes,
     /// The record's payload as logged (tag byte, then the encoded request).
-    pub(crate) payload: Payload,
+    pub(crate) payload: SmallBytes,
     /// When it was queued, for the latency metrics (a sample of the requests).
     pub(crate) submitted: Option<Instant>,
     /// Who waits for the answer (taken out by the instance when it starts on it).
     pub(crate) responder: Option<Responder<R>>,
 }
 
-/// How many payload bytes a queued request carries without a heap buffer.
+/// How many bytes a queued request's key or payload holds without a heap buffer.
 const INLINE_PAYLOAD: usize = 46;
 
-/// A queued request's payload: inline when small. A heap buffer per request, allocated
-/// by the submitting thread and freed by the instance's, sent nearly every allocation of
-/// the submitter down glibc's slow path (6–7% of the CPU of the cluster bench).
-pub(crate) enum Payload {
+/// A queued request's key or payload: a copy, inline when small. A heap buffer per
+/// request, allocated by the submitting thread and freed by the instance's, sent nearly
+/// every allocation of the submitter down glibc's slow path (6–7% of the CPU of the
+/// cluster bench); sharing the holder's `Bytes` of the key instead bounced its reference
+/// count between the two threads.
+pub(crate) enum SmallBytes {
     Inline {
         len: u8,
         bytes: [u8; INLINE_PAYLOAD],
@@ -187,33 +189,33 @@ pub(crate) enum Payload {
     Heap(Vec<u8>),
 }
 
-impl Payload {
-    /// A payload holding a copy of `bytes`.
-    pub(crate) fn copy_from(bytes: &[u8]) -> Payload {
+impl SmallBytes {
+    /// A copy of `bytes`.
+    pub(crate) fn copy_from(bytes: &[u8]) -> SmallBytes {
         match u8::try_from(bytes.len()) {
             Ok(len) if bytes.len() <= INLINE_PAYLOAD => {
                 let mut inline = [0; INLINE_PAYLOAD];
                 inline[..bytes.len()].copy_from_slice(bytes);
-                Payload::Inline { len, bytes: inline }
+                SmallBytes::Inline { len, bytes: inline }
             }
-            _ => Payload::Heap(bytes.to_vec()),
+            _ => SmallBytes::Heap(bytes.to_vec()),
         }
     }
 
-    /// A payload made from `bytes`: copied inline (and the buffer freed here) when
+    /// `bytes`, copied inline (and the buffer freed here) when
     /// small, else the buffer itself.
-    pub(crate) fn from_vec(bytes: Vec<u8>) -> Payload {
+    pub(crate) fn from_vec(bytes: Vec<u8>) -> SmallBytes {
         if bytes.len() <= INLINE_PAYLOAD {
-            Payload::copy_from(&bytes)
+            SmallBytes::copy_from(&bytes)
         } else {
-            Payload::Heap(bytes)
+            SmallBytes::Heap(bytes)
         }
     }
 
     pub(crate) fn as_slice(&self) -> &[u8] {
         match self {
-            Payload::Inline { len, bytes } => &bytes[..usize::from(*len)],
-            Payload::Heap(v) => v,
+            SmallBytes::Inline { len, bytes } => &bytes[..usize::from(*len)],
+            SmallBytes::Heap(v) => v,
         }
     }
 }
@@ -239,13 +241,15 @@ pub(crate) enum Message<S, R> {
     Stop,
 }
 
+/// How many times an idle instance yields its core before it sleeps. Sleeping makes the
+/// next producer pay a futex wake-up: on the 4-instances-on-2-cores bench, no yields gave
+/// 0.06× the baseline's throughput and 10 to 200 yields 0.17–0.18× (5 yields: 0.93× the
+/// throughput of 50). Spinning with `pause` before yielding gained nothing there.
+const YIELDS_BEFORE_SLEEP: usize = 50;
+
 /// An instance's queue: producers append under a short lock, the instance takes
 /// everything queued at once. Only a waiting instance is woken, and an idle one sleeps
 /// instead of spinning, which matters when instances outnumber cores.
-/// How many times an idle instance yields its core before it sleeps. Sleeping makes the
-/// next producer pay a futex wake-up: on the 4-instances-on-2-cores bench, no yields gave
-/// 0.06× the baseline's throughput and 10 to 200 yields 0.17–0.18×.
-const YIELDS_BEFORE_SLEEP: usize = 50;
 
 pub(crate) struct Mailbox<M> {
     state: Mutex<MailboxState<M>>,
@@ -303,18 +307,13 @@ impl<M> Mailbox<M> {
     /// Waits for at least one message, then hands everything queued to `take` (which
     /// leaves an empty queue in its place), under the lock.
     fn take_all(&self, take: impl FnOnce(&mut VecDeque<M>)) {
-        // Spin and yield briefly before sleeping, looking at the count without the lock:
+        // Yield briefly before sleeping, looking at the count without the lock:
         // a producer that finds us awake skips the futex wake-up, which costs more than
         // the whole hand-off otherwise.
-        let backoff = crossbeam_utils::Backoff::new();
         let mut yields = 0;
         while self.queued.load(Ordering::Acquire) == 0 && yields < YIELDS_BEFORE_SLEEP {
-            if backoff.is_completed() {
-                std::thread::yield_now();
-                yields += 1;
-            } else {
-                backoff.snooze();
-            }
+            std::thread::yield_now();
+            yields += 1;
         }
         let mut state = self.state.lock();
         while state.queue.is_empty() {
@@ -409,12 +408,26 @@ impl Permits {
     }
 
     pub(crate) fn release(&self) {
+        self.release_many(1);
+    }
+
+    /// Gives back `n` permits at once.
+    pub(crate) fn release_many(&self, n: usize) {
+        if n == 0 {
+            return;
+        }
         let _ = self
             .used
-            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |u| u.checked_sub(1));
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |u| {
+                Some(u.saturating_sub(n))
+            });
         if self.waiters.load(Ordering::SeqCst) > 0 {
             let _guard = self.lock.lock();
-            self.freed.notify_one();
+            if n == 1 {
+                self.freed.notify_one();
+            } else {
+                self.freed.notify_all();
+            }
         }
     }
 
@@ -516,7 +529,7 @@ impl<S, R> Instance<S, R> {
 
     /// The next message the loop took, waiting for the mailbox when the batch is done.
     /// A request's responder moves to `current` until it is answered.
-    fn next_message(&self) -> Message<S, R> {
+    fn next_message(&self, handled: &mut Handled<'_>) -> Message<S, R> {
         loop {
             {
                 let mut taken = self.taken.lock();
@@ -527,6 +540,8 @@ impl<S, R> Instance<S, R> {
                     return message;
                 }
             }
+            // The batch is done: its permits go back before waiting for more.
+            handled.release();
             self.mailbox
                 .take_all(|queue| std::mem::swap(queue, &mut self.taken.lock().batch));
         }
@@ -596,6 +611,30 @@ impl<H: Handler> FoldSink<H::Response> for Answer<'_, H> {
 
 type States<S> = HashMap<Bytes, Slot<S>, ahash::RandomState>;
 
+/// Requests handled whose queue permits are not given back yet: the loop gives them back
+/// when its batch is done, every [`RELEASE_EVERY`] requests, and when it returns. One
+/// atomic update per request on a line the producers also write was 2–3% of the
+/// cluster bench's CPU.
+struct Handled<'a> {
+    permits: &'a Permits,
+    count: usize,
+}
+
+/// The most permits an instance loop holds back.
+const RELEASE_EVERY: usize = 32;
+
+impl Handled<'_> {
+    fn release(&mut self) {
+        self.permits.release_many(std::mem::take(&mut self.count));
+    }
+}
+
+impl Drop for Handled<'_> {
+    fn drop(&mut self) {
+        self.release();
+    }
+}
+
 /// The loop of one instance.
 pub(crate) fn run<H: Handler>(
     shared: &Shared<H>,
@@ -612,8 +651,12 @@ pub(crate) fn run<H: Handler>(
         },
     }
     me.stats.keys.store(states.len(), Ordering::Relaxed);
+    let mut handled = Handled {
+        permits: &me.permits,
+        count: 0,
+    };
     loop {
-        let message = me.next_message();
+        let message = me.next_message(&mut handled);
         if me.is_fenced() {
             return Exit::Stopped;
         }
@@ -622,7 +665,10 @@ pub(crate) fn run<H: Handler>(
                 me.stats.requests.fetch_add(1, Ordering::Relaxed);
                 let submitted = queued.submitted;
                 let exit = handle(shared, me, &mut states, &failed, queued);
-                me.permits.release();
+                handled.count += 1;
+                if handled.count == RELEASE_EVERY {
+                    handled.release();
+                }
                 if let Some(at) = submitted {
                     me.stats.latency.record(at.elapsed());
                 }
@@ -693,21 +739,22 @@ fn handle<H: Handler>(
         }));
         return None;
     };
-    if !states.contains_key(&key) {
+    let key = key.as_slice();
+    if !states.contains_key(key) {
         let fresh = Slot {
             state: H::State::default(),
             folded_until: 0,
         };
-        states.insert(key.clone(), fresh);
+        states.insert(Bytes::copy_from_slice(key), fresh);
     }
-    let Some(slot) = states.get_mut(&key) else {
+    let Some(slot) = states.get_mut(key) else {
         return None; // inserted just above
     };
     let beat = me.heartbeat.begin();
     let request = fold::Request {
         offset,
         timestamp,
-        key: &key,
+        key,
         body,
     };
     let outcome = fold::apply(
