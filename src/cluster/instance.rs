@@ -740,15 +740,14 @@ fn handle<H: Handler>(
         return None;
     };
     let key = key.as_slice();
-    if !states.contains_key(key) {
-        let fresh = Slot {
-            state: H::State::default(),
-            folded_until: 0,
-        };
-        states.insert(Bytes::copy_from_slice(key), fresh);
-    }
-    let Some(slot) = states.get_mut(key) else {
-        return None; // inserted just above
+    let slot = match states.get_mut(key) {
+        Some(slot) => slot,
+        None => states
+            .entry(Bytes::copy_from_slice(key))
+            .or_insert_with(|| Slot {
+                state: H::State::default(),
+                folded_until: 0,
+            }),
     };
     let beat = me.heartbeat.begin();
     let request = fold::Request {
