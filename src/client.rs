@@ -23,6 +23,15 @@ struct Slot<T> {
     ready: Condvar,
     /// Set once answered: lets a waiter spin briefly without taking the lock.
     answered: AtomicBool,
+    /// Who answers: told when somebody is about to block on the answer.
+    answerer: std::sync::OnceLock<Arc<dyn Nudge>>,
+}
+
+/// Whatever will answer a pending response, told when a waiter is about to block: a
+/// cluster instance that lingers between batches wakes up for it.
+pub(crate) trait Nudge: Send + Sync {
+    /// Somebody waits for an answer this will give.
+    fn nudge(&self);
 }
 
 struct SlotState<T> {
@@ -83,6 +92,7 @@ pub(crate) fn pending<T>(offset: Offset) -> (Pending<T>, Responder<T>) {
         }),
         ready: Condvar::new(),
         answered: AtomicBool::new(false),
+        answerer: std::sync::OnceLock::new(),
     });
     (
         Pending {
@@ -94,6 +104,11 @@ pub(crate) fn pending<T>(offset: Offset) -> (Pending<T>, Responder<T>) {
 }
 
 impl<T> Responder<T> {
+    /// Whether the response was given (by anyone).
+    pub(crate) fn is_answered(&self) -> bool {
+        self.slot.answered.load(Ordering::Acquire)
+    }
+
     /// Answers, unless someone already did; returns whether this call answered.
     pub(crate) fn answer(&self, value: Result<T>) -> bool {
         let mut state = self.slot.state.lock();
@@ -120,6 +135,21 @@ impl<T> Pending<T> {
         let backoff = crossbeam_utils::Backoff::new();
         while !self.slot.answered.load(Ordering::Acquire) && !backoff.is_completed() {
             backoff.snooze();
+        }
+        self.nudge_unless_answered();
+    }
+
+    /// Names who will answer: it is nudged when a waiter is about to block.
+    pub(crate) fn set_answerer(&self, answerer: Arc<dyn Nudge>) {
+        let _ = self.slot.answerer.set(answerer);
+    }
+
+    /// Tells the answerer that somebody is about to block on this answer.
+    fn nudge_unless_answered(&self) {
+        if let Some(answerer) = self.slot.answerer.get() {
+            if !self.slot.answered.load(Ordering::Acquire) {
+                answerer.nudge();
+            }
         }
     }
 

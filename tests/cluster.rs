@@ -100,6 +100,29 @@ fn concurrent_requests_fold_in_log_order() {
 }
 
 #[test]
+fn instances_that_do_not_linger_or_linger_long_fold_the_same() {
+    for linger in [Duration::ZERO, Duration::from_millis(5)] {
+        let h = Harness::new();
+        let cluster = h.cluster(3).linger(linger).build().unwrap();
+        let answers = load(&cluster, 3, 300, 23, |i| Req::Add(i % 7));
+        assert_eq!(answers.len(), 900, "linger {linger:?}");
+        h.check(&answers, &cluster);
+        // One request at a time, each waited for: a blocking wait wakes a lingering
+        // instance, and an awaited one is answered when the linger ends.
+        let client = cluster.client();
+        for i in 0..50u64 {
+            let answer = client.submit(key(i % 3), Req::Add(1)).unwrap();
+            if i % 2 == 0 {
+                answer.wait().unwrap();
+            } else {
+                block_on(answer).unwrap();
+            }
+        }
+        cluster.shutdown().unwrap();
+    }
+}
+
+#[test]
 fn a_panicking_handler_is_answered_with_an_error_and_its_change_is_not_kept() {
     let h = Harness::new();
     let cluster = h.cluster(3).checkpoint_every(50).build().unwrap();

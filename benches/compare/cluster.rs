@@ -1,6 +1,18 @@
 //! The cluster end to end: a keyed counter on 4 instances under a Zipf(1.1) load, against
 //! the same handler on 4 threads fed by crossbeam channels with a static hash and no log
 //! (the limit of the machine for this work).
+//!
+//! - `throughput.vs_static_channels` (goal ≥ 0.5) and `cpu_ns_per_request`: 2 threads
+//!   submitting one request at a time, each keeping 256 in flight; the CPU time of the
+//!   whole process per request.
+//! - `throughput.linger0.vs_default` and `cpu_ns_per_request.linger0.vs_default`: the
+//!   same with lingering off (`ClusterBuilder::linger(Duration::ZERO)`) against the
+//!   default, so what the default linger buys and costs is measured in every run.
+//! - `throughput.batch64`: the same through `Client::submit_batch`, 64 at a time.
+//! - `peak_to_mean` (goal ≤ 1.25): requests per instance in the throughput run.
+//! - `p50/p99_at_half_load` (p99 goal ≤ 1 ms), default and `linger0`: one thread
+//!   submitting open-loop at half of the measured peak, latency from each request's due
+//!   time to its answer.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
@@ -99,10 +111,11 @@ impl Baseline {
         (xxhash_rust::xxh3::xxh3_64(key) % INSTANCES as u64) as usize
     }
 
-    /// Runs the load; returns (requests/s, per-worker counts).
-    fn run(work: &[Vec<Arc<[u8]>>]) -> (f64, Vec<u64>) {
+    /// Runs the load.
+    fn run(work: &[Vec<Arc<[u8]>>]) -> Run {
         let b = Baseline::start();
         let started = Instant::now();
+        let cpu = cpu_time();
         let total: usize = work.iter().map(Vec::len).sum();
         thread::scope(|s| {
             for (c, keys) in work.iter().enumerate() {
@@ -134,43 +147,73 @@ impl Baseline {
             }
         });
         let rate = total as f64 / started.elapsed().as_secs_f64();
+        let cpu_ns = (cpu_time() - cpu).as_nanos() as f64 / total as f64;
         drop(b.workers);
         let counts = b
             .handles
             .into_iter()
             .map(|h| h.join().expect("worker"))
             .collect();
-        (rate, counts)
+        Run {
+            rate,
+            counts,
+            cpu_ns,
+        }
     }
 }
 
 // ---- cauce ---------------------------------------------------------------------------
 
+/// The process's CPU time so far (user + system, every thread).
+fn cpu_time() -> Duration {
+    // SAFETY: getrusage writes one `rusage` into the zeroed value we own; RUSAGE_SELF is
+    // always valid.
+    let usage = unsafe {
+        let mut usage: libc::rusage = std::mem::zeroed();
+        libc::getrusage(libc::RUSAGE_SELF, &mut usage);
+        usage
+    };
+    let tv = |t: libc::timeval| Duration::new(t.tv_sec as u64, t.tv_usec as u32 * 1000);
+    tv(usage.ru_utime) + tv(usage.ru_stime)
+}
+
+/// What one closed-loop run measured.
+struct Run {
+    /// Requests per second.
+    rate: f64,
+    /// Requests handled per instance (or worker).
+    counts: Vec<u64>,
+    /// CPU time of the whole process per request, in nanoseconds.
+    cpu_ns: f64,
+}
+
 /// A fresh cluster on the embedded defaults (logs on disk under the target dir), the log
-/// synced every 10 ms.
-fn start_cluster() -> (Cluster<Counter>, tempfile::TempDir) {
+/// synced every 10 ms; `linger` overrides the default linger.
+fn start_cluster(linger: Option<Duration>) -> (Cluster<Counter>, tempfile::TempDir) {
     let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("target");
     let dir = tempfile::tempdir_in(root).expect("bench dir");
     let sync = SyncPolicy::Every {
         records: u64::MAX,
         interval: Duration::from_millis(10),
     };
-    let cluster = Cluster::builder(Counter)
+    let mut builder = Cluster::builder(Counter)
         .dir(dir.path())
         .log_options(LogOptions::new().sync(sync))
         .instances(INSTANCES)
-        .queue_capacity(1024)
-        .build()
-        .expect("cluster");
-    (cluster, dir)
+        .queue_capacity(1024);
+    if let Some(linger) = linger {
+        builder = builder.linger(linger);
+    }
+    (builder.build().expect("cluster"), dir)
 }
 
 /// Runs the load through a fresh cluster, each client keeping `WINDOW` requests in
 /// flight, submitted one at a time (`batch` 1) or `batch` at a time
-/// (`Client::submit_batch`); returns (requests/s, per-instance counts).
-fn run_cauce(work: &[Vec<Arc<[u8]>>], batch: usize) -> (f64, Vec<u64>) {
-    let (cluster, _dir) = start_cluster();
+/// (`Client::submit_batch`).
+fn run_cauce(work: &[Vec<Arc<[u8]>>], batch: usize, linger: Option<Duration>) -> Run {
+    let (cluster, _dir) = start_cluster(linger);
     let started = Instant::now();
+    let cpu = cpu_time();
     let total: usize = work.iter().map(Vec::len).sum();
     thread::scope(|s| {
         for keys in work {
@@ -198,6 +241,7 @@ fn run_cauce(work: &[Vec<Arc<[u8]>>], batch: usize) -> (f64, Vec<u64>) {
         }
     });
     let rate = total as f64 / started.elapsed().as_secs_f64();
+    let cpu_ns = (cpu_time() - cpu).as_nanos() as f64 / total as f64;
     let counts = cluster
         .metrics()
         .instances
@@ -205,7 +249,11 @@ fn run_cauce(work: &[Vec<Arc<[u8]>>], batch: usize) -> (f64, Vec<u64>) {
         .map(|i| i.requests)
         .collect();
     cluster.shutdown().expect("shutdown");
-    (rate, counts)
+    Run {
+        rate,
+        counts,
+        cpu_ns,
+    }
 }
 
 /// Sends `keys` at `rate` requests/s, calling `send(key, due)` for each at (or as soon
@@ -235,7 +283,7 @@ fn paced(rate: f64, keys: &[Arc<[u8]>], mut send: impl FnMut(&Arc<[u8]>, Instant
 
 /// cauce's latencies at `rate`: each answer is timed by the instance that gives it
 /// (through the pending response's waker), from the request's due time.
-fn cauce_latencies(rate: f64, keys: &[Arc<[u8]>]) -> Vec<f64> {
+fn cauce_latencies(rate: f64, keys: &[Arc<[u8]>], linger: Option<Duration>) -> Vec<f64> {
     use std::future::Future;
     use std::task::{Context as TaskContext, Poll, Waker};
 
@@ -248,7 +296,7 @@ fn cauce_latencies(rate: f64, keys: &[Arc<[u8]>]) -> Vec<f64> {
             *self.done.lock().expect("stamp") = Some(Instant::now());
         }
     }
-    let (cluster, _dir) = start_cluster();
+    let (cluster, _dir) = start_cluster(linger);
     let client = cluster.client();
     let mut outstanding: Vec<(Option<Pending<u64>>, Arc<Timed>)> = Vec::with_capacity(keys.len());
     paced(rate, keys, |key, due| {
@@ -338,39 +386,81 @@ pub fn run(bench: &mut Bench) {
     if bench.group("cluster.latency") {
         let rate = match peak {
             Some(p) => p,
-            None => run_cauce(&work, 1).0,
+            None => run_cauce(&work, 1, None).rate,
         };
         latency(bench, &work, rate / 2.0);
     }
 }
 
-/// Closed-loop throughput and balance; returns cauce's peak rate if it was measured.
+/// Closed-loop throughput, CPU and balance; returns cauce's peak rate if it was measured.
 fn throughput(bench: &mut Bench, work: &[Vec<Arc<[u8]>>]) -> Option<f64> {
     let mut ours_counts = Vec::new();
     let mut base_counts = Vec::new();
+    let (mut ours_cpu, mut base_cpu) = (Vec::new(), Vec::new());
     let throughput = bench.compare(
         "cluster.zipf.4.throughput.vs_static_channels",
         "req/s",
         Better::More,
         Some(Goal::RatioAtLeast(0.5)),
         || {
-            let (rate, counts) = run_cauce(work, 1);
-            ours_counts = counts;
-            rate
+            let run = run_cauce(work, 1, None);
+            ours_counts = run.counts;
+            ours_cpu.push(run.cpu_ns);
+            run.rate
         },
         || {
-            let (rate, counts) = Baseline::run(work);
-            base_counts = counts;
-            rate
+            let run = Baseline::run(work);
+            base_counts = run.counts;
+            base_cpu.push(run.cpu_ns);
+            run.rate
         },
     );
+    if throughput.is_some() {
+        bench.record(
+            "cluster.zipf.4.cpu_ns_per_request.vs_static_channels",
+            "ns",
+            Better::Less,
+            None,
+            median(&ours_cpu),
+            median(&base_cpu),
+        );
+    }
+    // The same load with lingering off (`ClusterBuilder::linger(Duration::ZERO)`): what
+    // the default linger buys, and what it costs in CPU.
+    let (mut zero_cpu, mut default_cpu) = (Vec::new(), Vec::new());
+    let linger = bench.compare(
+        "cluster.zipf.4.throughput.linger0.vs_default",
+        "req/s",
+        Better::More,
+        None,
+        || {
+            let run = run_cauce(work, 1, Some(Duration::ZERO));
+            zero_cpu.push(run.cpu_ns);
+            run.rate
+        },
+        || {
+            let run = run_cauce(work, 1, None);
+            default_cpu.push(run.cpu_ns);
+            run.rate
+        },
+    );
+    if linger.is_some() {
+        bench.record(
+            "cluster.zipf.4.cpu_ns_per_request.linger0.vs_default",
+            "ns",
+            Better::Less,
+            None,
+            median(&zero_cpu),
+            median(&default_cpu),
+        );
+    }
     bench.compare(
         "cluster.zipf.4.throughput.batch64.vs_static_channels",
         "req/s",
         Better::More,
         None,
-        || run_cauce(work, 64).0,
-        || Baseline::run(work).0,
+        || run_cauce(work, 64, None).rate,
+        || Baseline::run(work).rate,
     );
     bench.record(
         "cluster.zipf.4.peak_to_mean.vs_static_channels",
@@ -389,11 +479,15 @@ fn latency(bench: &mut Bench, work: &[Vec<Arc<[u8]>>], rate: f64) {
     let n = bench.size(100_000, 20_000);
     let keys = &work[0][..n.min(work[0].len())];
     let mut ours = (Vec::new(), Vec::new());
+    let mut zero = (Vec::new(), Vec::new());
     let mut base = (Vec::new(), Vec::new());
     for _ in 0..3 {
-        let mut lat = cauce_latencies(rate, keys);
+        let mut lat = cauce_latencies(rate, keys, None);
         ours.0.push(quantile(&mut lat, 0.5));
         ours.1.push(quantile(&mut lat, 0.99));
+        let mut lat = cauce_latencies(rate, keys, Some(Duration::ZERO));
+        zero.0.push(quantile(&mut lat, 0.5));
+        zero.1.push(quantile(&mut lat, 0.99));
         let mut lat = baseline_latencies(rate, keys);
         base.0.push(quantile(&mut lat, 0.5));
         base.1.push(quantile(&mut lat, 0.99));
@@ -413,6 +507,22 @@ fn latency(bench: &mut Bench, work: &[Vec<Arc<[u8]>>], rate: f64) {
         Better::Less,
         Some(Goal::OursAtMost(1000.0)),
         median(&ours.1),
+        median(&base.1),
+    );
+    bench.record(
+        "cluster.zipf.4.p50_at_half_load.linger0.vs_static_channels",
+        "µs",
+        Better::Less,
+        None,
+        median(&zero.0),
+        median(&base.0),
+    );
+    bench.record(
+        "cluster.zipf.4.p99_at_half_load.linger0.vs_static_channels",
+        "µs",
+        Better::Less,
+        None,
+        median(&zero.1),
         median(&base.1),
     );
 }

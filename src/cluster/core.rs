@@ -50,6 +50,7 @@ pub(crate) struct Options {
     pub(crate) checkpoint_every: u64,
     pub(crate) tick: Duration,
     pub(crate) truncate_after_checkpoint: bool,
+    pub(crate) linger: Duration,
 }
 
 /// An instance and the messages of a batch bound for it.
@@ -260,7 +261,12 @@ impl<H: Handler> Shared<H> {
     }
 
     fn start_instance(&self, id: InstanceId, weight: u32, start: Start) -> Result<Arc<Inst<H>>> {
-        let inst = Arc::new(Instance::new(id, weight, self.options.queue_capacity));
+        let inst = Arc::new(Instance::new(
+            id,
+            weight,
+            self.options.queue_capacity,
+            self.options.linger,
+        ));
         self.routing.lock().instances.insert(id, inst.clone());
         self.launch(&inst, start)?;
         Ok(inst)
@@ -347,7 +353,7 @@ impl<H: Handler> Shared<H> {
 
     /// Keeps the responders of a fenced instance's requests for whoever rebuilds them.
     fn adopt_orphans(&self, inst: &Inst<H>) {
-        let unanswered = inst.unanswered();
+        let unanswered = inst.take_unanswered();
         if unanswered.is_empty() {
             return;
         }
@@ -450,7 +456,7 @@ impl<H: Handler> Shared<H> {
                 self.move_keys(&Moves::single(from, dest.id, key), offset);
             }
             let (pending, responder) = pending(offset);
-            dest.send(Message::Request(Queued {
+            dest.send_requests(Some(Message::Request(Queued {
                 offset,
                 timestamp,
                 key: SmallBytes::copy_from(key),
@@ -459,7 +465,10 @@ impl<H: Handler> Shared<H> {
                 // per request were 3% of the hot path.
                 submitted: (offset % LATENCY_SAMPLE == 0).then(Instant::now),
                 responder: Some(responder),
-            }));
+            })));
+            // The instance is nudged when the submitter is about to block on the answer
+            // (it may be lingering); this moves our reference to it, so costs nothing.
+            pending.set_answerer(dest);
             return Ok(pending);
         }
     }
@@ -607,7 +616,7 @@ impl<H: Handler> Shared<H> {
             }
         }
         for (inst, messages) in queues {
-            inst.send_many(messages);
+            inst.send_requests(messages);
         }
         Ok(Some(pendings))
     }
@@ -712,9 +721,11 @@ impl<H: Handler> Shared<H> {
             r.iter().position(|i| i.id == id).map(|p| r.swap_remove(p))
         };
         if let Some(inst) = retiring {
-            // Its keys already moved; only its pending handoffs need rebuilding.
-            inst.fence();
+            // Its keys already moved; only its pending handoffs need rebuilding. Its
+            // requests are adopted before fencing abandons the handoffs: an abandoned
+            // handoff starts the rebuild that answers them.
             self.adopt_orphans(&inst);
+            inst.fence();
             return;
         }
         let Some(inst) = self.routing.lock().instances.remove(&id) else {
@@ -725,8 +736,8 @@ impl<H: Handler> Shared<H> {
             Ordering::Relaxed,
         );
         tracing::warn!(instance = %id, why, "instance lost; moving its keys");
-        inst.fence();
         self.adopt_orphans(&inst);
+        inst.fence();
         if let Some(round) = self.round.lock().as_ref() {
             round.abandon_if_waiting_for(id);
         }
@@ -795,9 +806,11 @@ impl<H: Handler> Shared<H> {
         self.effects.forget_before(offset);
         self.poisoned.lock().retain(|&p| p >= offset);
         if self.any_orphans.load(Ordering::Acquire) {
-            // Requests before the checkpoint are all handled: nobody will answer these.
+            // Forget the orphans answered meanwhile (a rebuild answers what it replays;
+            // an adopted request it skips, poisoned by the lost instance that woke up,
+            // was answered by that instance).
             let mut orphans = self.orphans.lock();
-            orphans.retain(|&o, _| o >= offset);
+            orphans.retain(|_, r| !r.is_answered());
             self.any_orphans
                 .store(!orphans.is_empty(), Ordering::Release);
         }

@@ -3,7 +3,7 @@
 use std::collections::{BTreeSet, HashMap, HashSet, VecDeque};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use crossbeam_utils::CachePadded;
@@ -241,50 +241,108 @@ pub(crate) enum Message<S, R> {
     Stop,
 }
 
-/// How many times an idle instance yields its core before it sleeps. Sleeping makes the
-/// next producer pay a futex wake-up: on the 4-instances-on-2-cores bench, no yields gave
-/// 0.06× the baseline's throughput and 10 to 200 yields 0.17–0.18× (5 yields: 0.93× the
-/// throughput of 50). Spinning with `pause` before yielding gained nothing there.
+/// How many times an idle instance that does not linger yields its core before it
+/// sleeps. Sleeping makes the next producer pay a futex wake-up: on the
+/// 4-instances-on-2-cores bench, no yields gave 0.06× the baseline's throughput and 10 to
+/// 200 yields 0.17–0.18× (5 yields: 0.93× the throughput of 50). Spinning with `pause`
+/// before yielding gained nothing there.
 const YIELDS_BEFORE_SLEEP: usize = 50;
 
-/// An instance's queue: producers append under a short lock, the instance takes
-/// everything queued at once. Only a waiting instance is woken, and an idle one sleeps
-/// instead of spinning, which matters when instances outnumber cores.
+/// Naps in a row that find nothing before a lingering instance sleeps until woken: an
+/// idle cluster costs no CPU, and the first request after a quiet spell is handled at
+/// once.
+const NAPS_BEFORE_SLEEP: u32 = 20;
 
+/// An instance's queue: producers append under a short lock, the instance takes
+/// everything queued at once.
+///
+/// How an instance with an empty queue waits is the choice between latency and
+/// throughput ([`ClusterBuilder::linger`](super::ClusterBuilder::linger)):
+/// - lingering (`linger > 0`): it naps for `linger` without asking to be woken, so
+///   producers queue requests without a futex wake-up and it wakes to a batch. A producer
+///   still wakes it at once for anything but a request (a stop, a hand-over, a
+///   checkpoint round) and when half its queue is full. After [`NAPS_BEFORE_SLEEP`]
+///   naps that found nothing it sleeps until woken.
+/// - not lingering: it yields its core [`YIELDS_BEFORE_SLEEP`] times, then sleeps until
+///   a producer wakes it; a producer wakes a sleeping instance for every request.
+///
+/// On 2 cores with 4 instances and 2 submitting threads, lingering 50 µs handled
+/// 1.25–1.4× the requests per second at 0.6–0.7× the CPU per request: yielding
+/// instances left the submitters a third of the machine, and sleeping ones made them pay
+/// a wake-up for nearly every request. A producer waking a napping instance once 32 or
+/// 64 requests waited (rather than half its queue) lost a quarter of that, and timer
+/// slack cut to 1 µs (naps on time) lost half: every wake-up costs more than the wait.
 pub(crate) struct Mailbox<M> {
     state: Mutex<MailboxState<M>>,
     ready: Condvar,
-    /// Messages queued, readable without the lock by a spinning instance.
-    queued: std::sync::atomic::AtomicUsize,
+    /// Messages queued, readable without the lock by a yielding instance.
+    queued: AtomicUsize,
+    /// How long to nap with nothing to do; zero: yield, then sleep until woken.
+    linger: Duration,
+    /// How many queued requests make a producer wake a napping instance.
+    wake_at: usize,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Sleep {
+    Awake,
+    /// Sleeping for `linger` at most; a producer wakes it only for a control message or
+    /// `wake_at` requests.
+    Napping,
+    /// Sleeping until a producer wakes it.
+    Waiting,
 }
 
 struct MailboxState<M> {
     queue: VecDeque<M>,
-    waiting: bool,
+    sleep: Sleep,
+    /// Naps in a row that found nothing.
+    idle_naps: u32,
 }
 
 impl<M> Mailbox<M> {
-    fn new() -> Self {
+    fn new(linger: Duration, capacity: usize) -> Self {
         Mailbox {
             state: Mutex::new(MailboxState {
                 queue: VecDeque::new(),
-                waiting: false,
+                sleep: Sleep::Awake,
+                idle_naps: 0,
             }),
             ready: Condvar::new(),
-            queued: std::sync::atomic::AtomicUsize::new(0),
+            queued: AtomicUsize::new(0),
+            linger,
+            wake_at: (capacity / 2).max(1),
         }
     }
 
+    /// Queues a message that must be seen now: wakes the instance however it sleeps.
     fn push(&self, message: M) {
-        self.push_many(std::iter::once(message));
+        self.push_many(std::iter::once(message), true);
     }
 
-    fn push_many(&self, messages: impl IntoIterator<Item = M>) {
+    /// Queues messages in order. `urgent` wakes a napping instance at once; requests
+    /// wake it only when `wake_at` of them wait.
+    fn push_many(&self, messages: impl IntoIterator<Item = M>, urgent: bool) {
         let mut state = self.state.lock();
         state.queue.extend(messages);
         self.queued.store(state.queue.len(), Ordering::Release);
-        if state.waiting {
-            state.waiting = false;
+        let wake = match state.sleep {
+            Sleep::Awake => false,
+            Sleep::Waiting => true,
+            Sleep::Napping => urgent || state.queue.len() >= self.wake_at,
+        };
+        if wake {
+            state.sleep = Sleep::Awake;
+            drop(state);
+            self.ready.notify_one();
+        }
+    }
+
+    /// Wakes a napping instance that has something queued.
+    fn nudge(&self) {
+        let mut state = self.state.lock();
+        if state.sleep == Sleep::Napping && !state.queue.is_empty() {
+            state.sleep = Sleep::Awake;
             drop(state);
             self.ready.notify_one();
         }
@@ -299,27 +357,38 @@ impl<M> Mailbox<M> {
         self.queued.store(state.queue.len(), Ordering::Release);
     }
 
-    /// Calls `f` with the queued messages, under the lock.
-    fn inspect(&self, f: impl FnOnce(&VecDeque<M>)) {
-        f(&self.state.lock().queue);
+    /// Calls `f` with the queue, under the lock, to take messages out of it.
+    fn drain(&self, f: impl FnOnce(&mut VecDeque<M>)) {
+        let mut state = self.state.lock();
+        f(&mut state.queue);
+        self.queued.store(state.queue.len(), Ordering::Release);
     }
 
     /// Waits for at least one message, then hands everything queued to `take` (which
     /// leaves an empty queue in its place), under the lock.
     fn take_all(&self, take: impl FnOnce(&mut VecDeque<M>)) {
-        // Yield briefly before sleeping, looking at the count without the lock:
-        // a producer that finds us awake skips the futex wake-up, which costs more than
-        // the whole hand-off otherwise.
-        let mut yields = 0;
-        while self.queued.load(Ordering::Acquire) == 0 && yields < YIELDS_BEFORE_SLEEP {
-            std::thread::yield_now();
-            yields += 1;
+        if self.linger.is_zero() {
+            // Yield briefly before sleeping, looking at the count without the lock: a
+            // producer that finds us awake skips the futex wake-up.
+            let mut yields = 0;
+            while self.queued.load(Ordering::Acquire) == 0 && yields < YIELDS_BEFORE_SLEEP {
+                std::thread::yield_now();
+                yields += 1;
+            }
         }
         let mut state = self.state.lock();
         while state.queue.is_empty() {
-            state.waiting = true;
-            self.ready.wait(&mut state);
+            if !self.linger.is_zero() && state.idle_naps < NAPS_BEFORE_SLEEP {
+                state.idle_naps += 1;
+                state.sleep = Sleep::Napping;
+                self.ready.wait_for(&mut state, self.linger);
+            } else {
+                state.sleep = Sleep::Waiting;
+                self.ready.wait(&mut state);
+            }
+            state.sleep = Sleep::Awake;
         }
+        state.idle_naps = 0;
         take(&mut state.queue);
         self.queued.store(state.queue.len(), Ordering::Release);
     }
@@ -443,6 +512,15 @@ impl Permits {
     }
 }
 
+impl<S, R> crate::client::Nudge for Instance<S, R>
+where
+    Instance<S, R>: Send + Sync,
+{
+    fn nudge(&self) {
+        self.mailbox.nudge();
+    }
+}
+
 /// An instance as the cluster sees it.
 ///
 /// The parts written by producers (mailbox, permits) and by the instance (heartbeat,
@@ -466,11 +544,11 @@ pub(crate) struct Instance<S, R> {
 }
 
 impl<S, R> Instance<S, R> {
-    pub(crate) fn new(id: InstanceId, weight: u32, capacity: usize) -> Self {
+    pub(crate) fn new(id: InstanceId, weight: u32, capacity: usize, linger: Duration) -> Self {
         Instance {
             id,
             weight,
-            mailbox: CachePadded::new(Mailbox::new()),
+            mailbox: CachePadded::new(Mailbox::new(linger, capacity)),
             permits: CachePadded::new(Permits::new(capacity)),
             heartbeat: Arc::new(Heartbeat::new()),
             fenced: AtomicBool::new(false),
@@ -484,13 +562,14 @@ impl<S, R> Instance<S, R> {
         }
     }
 
+    /// Queues a message that is not a request: the instance wakes for it at once.
     pub(crate) fn send(&self, message: Message<S, R>) {
         self.mailbox.push(message);
     }
 
-    /// Queues several messages at once, in order.
-    pub(crate) fn send_many(&self, messages: Vec<Message<S, R>>) {
-        self.mailbox.push_many(messages);
+    /// Queues requests, in order; a napping instance is not woken for them alone.
+    pub(crate) fn send_requests(&self, messages: impl IntoIterator<Item = Message<S, R>>) {
+        self.mailbox.push_many(messages, false);
     }
 
     /// Retires the instance for good: its loop stops at its next step and anything it
@@ -503,28 +582,30 @@ impl<S, R> Instance<S, R> {
         }
     }
 
-    /// The responders of every request this instance took or has queued: the ones it
-    /// may never answer if it is lost. Call after [`fence`](Instance::fence).
-    pub(crate) fn unanswered(&self) -> Vec<(Offset, Responder<R>)> {
-        let mut out = Vec::new();
+    /// Takes everything this fenced instance still has queued or taken, and returns the
+    /// responders of its requests: the ones it may never answer. What it held is
+    /// dropped (its keys are rebuilt elsewhere; a pending response refers back to the
+    /// instance that answers it, so a queue left full would never be freed).
+    pub(crate) fn take_unanswered(&self) -> Vec<(Offset, Responder<R>)> {
+        let mut held = Vec::new();
+        let mut current = None;
         // Same lock order as the loop's take: the mailbox, then the taken batch; a
         // request is always in one of the two.
-        let responders = |queue: &VecDeque<Message<S, R>>| {
-            queue
-                .iter()
-                .filter_map(|m| match m {
-                    Message::Request(q) => q.responder.clone().map(|r| (q.offset, r)),
-                    _ => None,
-                })
-                .collect::<Vec<_>>()
-        };
-        self.mailbox.inspect(|queue| {
-            out.extend(responders(queue));
-            let taken = self.taken.lock();
-            out.extend(responders(&taken.batch));
-            out.extend(taken.current.clone());
+        self.mailbox.drain(|queue| {
+            held.extend(queue.drain(..));
+            let mut taken = self.taken.lock();
+            held.extend(taken.batch.drain(..));
+            current = taken.current.take();
+            // A stalled loop that wakes up finds this and stops.
+            queue.push_back(Message::Stop);
         });
-        out
+        held.into_iter()
+            .filter_map(|m| match m {
+                Message::Request(q) => q.responder.map(|r| (q.offset, r)),
+                _ => None,
+            })
+            .chain(current)
+            .collect()
     }
 
     /// The next message the loop took, waiting for the mailbox when the batch is done.
@@ -547,11 +628,16 @@ impl<S, R> Instance<S, R> {
         }
     }
 
-    /// Answers the request the loop is on.
-    fn answer_current(&self, result: Result<R>) {
+    /// Answers the request the loop is on; hands the result back if its responder was
+    /// taken meanwhile (the instance was declared lost while on it).
+    fn answer_current(&self, result: Result<R>) -> Option<Result<R>> {
         let current = self.taken.lock().current.take();
-        if let Some((_, responder)) = current {
-            responder.answer(result);
+        match current {
+            Some((_, responder)) => {
+                responder.answer(result);
+                None
+            }
+            None => Some(result),
         }
     }
 
@@ -724,8 +810,16 @@ fn handle<H: Handler>(
         payload,
         ..
     } = queued;
+    // An instance declared lost while on this request has had its responder adopted by
+    // the cluster: the answer goes there (the first answer wins, and the rebuild of the
+    // key on its new owner gives the same one, unless this request is poisoned below).
+    let answer = |result: Result<H::Response>| {
+        if let Some(result) = me.answer_current(result) {
+            shared.answer(offset, result);
+        }
+    };
     if let Some(reason) = failed {
-        me.answer_current(Err(Error::StateUnavailable {
+        answer(Err(Error::StateUnavailable {
             instance: me.id,
             reason: reason.clone(),
         }));
@@ -733,7 +827,7 @@ fn handle<H: Handler>(
     }
     let Some(body) = fold::request_body(payload.as_slice()) else {
         // Only the cluster queues requests, always tagged; refuse anything else.
-        me.answer_current(Err(Error::Codec {
+        answer(Err(Error::Codec {
             context: "input log envelope",
             message: format!("record at offset {offset} is not a request"),
         }));
@@ -768,17 +862,17 @@ fn handle<H: Handler>(
     match outcome {
         Outcome::Answered(response) => {
             slot.folded_until = offset + 1;
-            me.answer_current(Ok(response));
+            answer(Ok(response));
             None
         }
         Outcome::Refused(e) => {
             slot.folded_until = offset + 1;
-            me.answer_current(Err(e));
+            answer(Err(e));
             None
         }
         Outcome::Panicked(message) => {
             tracing::warn!(instance = %me.id, offset, %message, "handler panicked; restarting the instance");
-            me.answer_current(Err(Error::HandlerPanicked {
+            answer(Err(Error::HandlerPanicked {
                 instance: me.id,
                 offset,
                 message,
