@@ -28,8 +28,9 @@ use crate::record::{Entry, Offset, Record, Timestamp};
 ///   buffer. The reference counts it then touches are its own: sharing the stored bytes
 ///   instead would allocate a shared header per key and payload and bounce their counts
 ///   between threads, which costs more than copying a small record. Once the records
-///   handed out are dropped, the next batch reuses the buffer. Records over 1 KiB are
-///   shared, not copied.
+///   handed out are dropped, the next batch reuses the buffer; a record kept longer
+///   keeps its batch's buffer alive (copy its bytes to keep a few records for long).
+///   Records over 1 KiB are shared, not copied.
 /// - Finding where to read is one index computation while offsets are dense (until a
 ///   compaction leaves gaps), not a search.
 ///
@@ -112,8 +113,8 @@ impl MemoryStore {
 /// The most records a reader takes under one hold of the lock.
 const READ_RECORDS: usize = 256;
 
-/// A reader stops adding records to a batch once it holds this many bytes, so an
-/// appender never waits long for a reader.
+/// The most bytes a reader copies under one hold of the lock (a batch takes at least one
+/// record), so an appender never waits long for a reader.
 const READ_BYTES: usize = 32 << 10;
 
 /// Records whose key and payload together are at most this many bytes are copied into
