@@ -6,16 +6,47 @@ use std::ops::Range;
 use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use parking_lot::RwLock;
 
 use super::tail::Tail;
 use super::{Compaction, RecordIter, Snapshot, Store, check_name, check_read_range};
 use crate::error::{Error, Result};
-use crate::record::{Entry, Offset, Record};
+use crate::record::{Entry, Offset, Record, Timestamp};
 
 /// A [`Store`] in memory: every operation is immediate and "durable" for the life of
 /// the value. Cloning gives another handle to the same store.
+///
+/// # Following the tail
+/// A follower reads each record right after it is appended, so what an append and a read
+/// share decides how closely it keeps up. They share the committed end (an atomic) and,
+/// briefly, one lock, and nothing else:
+///
+/// - A reader that has caught up learns it from the committed end, without the lock.
+/// - Otherwise it copies a batch of records (up to 256 records or 32 KiB) into a buffer
+///   of its own under the read lock, and hands them out as [`Bytes`] slices of that
+///   buffer. The reference counts it then touches are its own: sharing the stored bytes
+///   instead would allocate a shared header per key and payload and bounce their counts
+///   between threads, which costs more than copying a small record. Once the records
+///   handed out are dropped, the next batch reuses the buffer; a record kept longer
+///   keeps its batch's buffer alive (copy its bytes to keep a few records for long).
+///   Records over 1 KiB are shared, not copied.
+/// - Finding where to read is one index computation while offsets are dense (until a
+///   compaction leaves gaps), not a search.
+///
+/// ```
+/// use cauce::store::{MemoryStore, Store};
+/// use cauce::Entry;
+///
+/// let store = MemoryStore::new();
+/// let mut follower = store.read_from(0)?;
+/// assert!(follower.next().is_none()); // caught up: nothing is committed yet
+/// store.append(&[Entry::new(b"k", b"v1")])?;
+/// assert_eq!(follower.next().unwrap()?.payload, "v1"); // appended since
+/// # Ok::<(), cauce::Error>(())
+/// ```
+///
+/// Compaction keeps the latest record of each key:
 ///
 /// ```
 /// use cauce::store::{MemoryStore, Store};
@@ -51,6 +82,13 @@ struct Data {
 impl Data {
     /// Index in `records` of the first record with offset `>= offset`.
     fn index_of(&self, offset: Offset) -> usize {
+        // Offsets are dense until a compaction: try where `offset` is if they are.
+        if let Some(first) = self.records.front() {
+            let dense = usize::try_from(offset.saturating_sub(first.offset)).unwrap_or(usize::MAX);
+            if self.records.get(dense).is_some_and(|r| r.offset == offset) {
+                return dense;
+            }
+        }
         self.records.partition_point(|r| r.offset < offset)
     }
 }
@@ -72,14 +110,189 @@ impl MemoryStore {
     }
 }
 
-/// Records are copied out in chunks of this many, to hold the lock briefly.
-const READ_CHUNK: usize = 256;
+/// The most records a reader takes under one hold of the lock.
+const READ_RECORDS: usize = 256;
+
+/// The most bytes a reader copies under one hold of the lock (a batch takes at least one
+/// record), so an appender never waits long for a reader.
+const READ_BYTES: usize = 32 << 10;
+
+/// Records whose key and payload together are at most this many bytes are copied into
+/// the reader's buffer; larger ones are shared with the store (no copy).
+const COPY_LIMIT: usize = 1 << 10;
+
+/// A record a reader took and has not returned yet.
+enum Taken {
+    /// Copied into the reader's buffer, at `span`.
+    Copied {
+        offset: Offset,
+        timestamp: Timestamp,
+        span: Span,
+    },
+    /// Larger than [`COPY_LIMIT`]: the stored record itself.
+    Shared(Record),
+}
+
+/// Where a copied record is in the reader's buffer: its key at `at`, its payload right
+/// after.
+#[derive(Clone, Copy)]
+struct Span {
+    at: usize,
+    key_len: usize,
+    payload_len: usize,
+}
+
+impl Span {
+    fn key(self) -> Range<usize> {
+        self.at..self.at + self.key_len
+    }
+
+    fn payload(self) -> Range<usize> {
+        self.at + self.key_len..self.at + self.key_len + self.payload_len
+    }
+}
 
 struct Reader {
     shared: Arc<Shared>,
+    /// The offset after the last record taken.
     position: Offset,
-    buffered: VecDeque<Record>,
+    /// The bytes of the records copied by the last batch.
+    buffer: Bytes,
+    /// The records of the last batch not yet returned, in order.
+    taken: VecDeque<Taken>,
     failed: bool,
+}
+
+impl Reader {
+    fn new(shared: Arc<Shared>, from: Offset) -> Reader {
+        Reader {
+            shared,
+            position: from,
+            buffer: Bytes::new(),
+            taken: VecDeque::new(),
+            failed: false,
+        }
+    }
+
+    /// Takes the next batch of committed records into `taken` (and `buffer`); false when
+    /// there is none yet.
+    fn take_batch(&mut self) -> Result<bool> {
+        // Caught up: the committed end says so without the lock.
+        if self.position >= self.shared.tail.get() {
+            return Ok(false);
+        }
+        let data = self.shared.data.read();
+        if self.position < data.start {
+            return Err(Error::OffsetOutOfRange {
+                requested: self.position,
+                start: data.start,
+                end: data.next,
+            });
+        }
+        let batch = data.records.range(data.index_of(self.position)..);
+        let (mut count, mut copy_bytes) = (0, 0);
+        for r in batch.clone().take(READ_RECORDS) {
+            let len = if is_copied(r) {
+                r.key.len() + r.payload.len()
+            } else {
+                0
+            };
+            if count > 0 && copy_bytes + len > READ_BYTES {
+                break;
+            }
+            count += 1;
+            copy_bytes += len;
+        }
+        let mut buffer = reuse(&mut self.buffer, copy_bytes);
+        for r in batch.take(count) {
+            if !is_copied(r) {
+                self.taken.push_back(Taken::Shared(r.clone()));
+                continue;
+            }
+            let span = Span {
+                at: buffer.len(),
+                key_len: r.key.len(),
+                payload_len: r.payload.len(),
+            };
+            self.taken.push_back(Taken::Copied {
+                offset: r.offset,
+                timestamp: r.timestamp,
+                span,
+            });
+            buffer.extend_from_slice(&r.key);
+            buffer.extend_from_slice(&r.payload);
+        }
+        drop(data);
+        self.buffer = buffer.freeze();
+        match self.taken.back() {
+            Some(Taken::Copied { offset, .. }) | Some(Taken::Shared(Record { offset, .. })) => {
+                self.position = offset + 1;
+                Ok(true)
+            }
+            None => Ok(false),
+        }
+    }
+
+    /// A taken record as an entry: borrowed from the buffer or the shared record.
+    fn entry<'a>(&'a self, taken: &'a Taken) -> (Offset, Entry<'a>) {
+        match taken {
+            Taken::Copied {
+                offset,
+                timestamp,
+                span,
+            } => {
+                let (key, payload) = (&self.buffer[span.key()], &self.buffer[span.payload()]);
+                (*offset, Entry::with_timestamp(*timestamp, key, payload))
+            }
+            Taken::Shared(record) => (record.offset, record.as_entry()),
+        }
+    }
+
+    /// A taken record as a [`Record`]: slices of the buffer, or the shared record.
+    fn record(&self, taken: Taken) -> Record {
+        match taken {
+            Taken::Copied {
+                offset,
+                timestamp,
+                span,
+            } => Record {
+                offset,
+                timestamp,
+                key: self.buffer.slice(span.key()),
+                payload: self.buffer.slice(span.payload()),
+            },
+            Taken::Shared(record) => record,
+        }
+    }
+
+    /// Calls `f` with every committed record from the position on, borrowed; returns the
+    /// offset after the last one.
+    fn replay(&mut self, f: &mut dyn FnMut(Offset, Entry<'_>)) -> Result<Offset> {
+        while self.take_batch()? {
+            for taken in std::mem::take(&mut self.taken) {
+                let (offset, entry) = self.entry(&taken);
+                f(offset, entry);
+            }
+        }
+        Ok(self.position)
+    }
+}
+
+/// Whether a reader copies `record` (else it shares it).
+fn is_copied(record: &Record) -> bool {
+    record.key.len() + record.payload.len() <= COPY_LIMIT
+}
+
+/// An empty buffer for `bytes` bytes: the last one when no record still holds a slice
+/// of it and it is not larger than it need be, else a new one.
+fn reuse(last: &mut Bytes, bytes: usize) -> BytesMut {
+    match std::mem::take(last).try_into_mut() {
+        Ok(mut buffer) if (bytes..=bytes.max(READ_BYTES)).contains(&buffer.capacity()) => {
+            buffer.clear();
+            buffer
+        }
+        _ => BytesMut::with_capacity(bytes),
+    }
 }
 
 impl Iterator for Reader {
@@ -89,25 +302,27 @@ impl Iterator for Reader {
         if self.failed {
             return None;
         }
-        if let Some(r) = self.buffered.pop_front() {
-            return Some(Ok(r));
+        if self.taken.is_empty() {
+            match self.take_batch() {
+                Ok(true) => {}
+                Ok(false) => return None,
+                Err(e) => {
+                    self.failed = true;
+                    return Some(Err(e));
+                }
+            }
         }
+        let taken = self.taken.pop_front()?;
+        Some(Ok(self.record(taken)))
+    }
+}
+
+impl MemoryStore {
+    /// A reader at `from`, once `from` is checked against the held range.
+    fn reader(&self, from: Offset) -> Result<Reader> {
         let data = self.shared.data.read();
-        if self.position < data.start {
-            self.failed = true;
-            return Some(Err(Error::OffsetOutOfRange {
-                requested: self.position,
-                start: data.start,
-                end: data.next,
-            }));
-        }
-        let from = data.index_of(self.position);
-        self.buffered
-            .extend(data.records.range(from..).take(READ_CHUNK).cloned());
-        drop(data);
-        let r = self.buffered.pop_front()?;
-        self.position = self.buffered.back().map_or(r.offset, |last| last.offset) + 1;
-        Some(Ok(r))
+        check_read_range(from, data.start, data.next)?;
+        Ok(Reader::new(self.shared.clone(), from))
     }
 }
 
@@ -126,14 +341,13 @@ impl Store for MemoryStore {
     }
 
     fn read_from(&self, from: Offset) -> Result<RecordIter> {
-        let data = self.shared.data.read();
-        check_read_range(from, data.start, data.next)?;
-        Ok(Box::new(Reader {
-            shared: self.shared.clone(),
-            position: from,
-            buffered: VecDeque::new(),
-            failed: false,
-        }))
+        Ok(Box::new(self.reader(from)?))
+    }
+
+    /// Lends each record from the reader's buffer: nothing is reference-counted per
+    /// record.
+    fn replay_from(&self, from: Offset, f: &mut dyn FnMut(Offset, Entry<'_>)) -> Result<Offset> {
+        self.reader(from)?.replay(f)
     }
 
     fn start_offset(&self) -> Offset {
@@ -251,5 +465,92 @@ mod tests {
     #[test]
     fn memory_store_conforms() {
         conformance::run_all(&mut Memory);
+    }
+
+    /// Record `i`: a payload of a length that crosses the copy limit and, now and then,
+    /// the batch byte limit, with bytes that depend on `i`.
+    fn numbered(i: u64) -> (Vec<u8>, Vec<u8>) {
+        let len = match i % 7 {
+            0 => 0,
+            1 => COPY_LIMIT,
+            2 => COPY_LIMIT + 1,
+            3 if i % 5 == 0 => READ_BYTES + 3,
+            _ => (i % 300) as usize,
+        };
+        let payload = (0..len).map(|b| (b as u64 * 31 + i) as u8).collect();
+        (i.to_be_bytes().to_vec(), payload)
+    }
+
+    fn append_numbered(store: &MemoryStore, range: Range<u64>) {
+        let records: Vec<_> = range.map(numbered).collect();
+        let batch: Vec<_> = records
+            .iter()
+            .map(|(k, p)| Entry::with_timestamp(7, k, p))
+            .collect();
+        store.append(&batch).expect("append");
+    }
+
+    fn assert_numbered(record: &Record) {
+        let (key, payload) = numbered(record.offset);
+        assert_eq!(record.key, key, "key of {}", record.offset);
+        assert_eq!(record.payload, payload, "payload of {}", record.offset);
+    }
+
+    #[test]
+    fn records_keep_their_bytes_while_the_reader_reads_on() {
+        let store = MemoryStore::new();
+        let mut held = Vec::new();
+        let mut follower = store.read_from(0).expect("read_from");
+        let mut dropping = store.read_from(0).expect("read_from");
+        for round in 0..40 {
+            append_numbered(&store, round * 50..(round + 1) * 50);
+            // One follower keeps every record (its buffers must not be reused), the
+            // other drops each at once (its buffer is reused batch after batch).
+            held.extend(follower.by_ref().map(|r| r.expect("record")));
+            for r in dropping.by_ref() {
+                assert_numbered(&r.expect("record"));
+            }
+        }
+        assert_eq!(held.len(), 2000);
+        for (i, r) in held.iter().enumerate() {
+            assert_eq!(r.offset, i as u64);
+            assert_numbered(r);
+        }
+    }
+
+    #[test]
+    fn reads_after_compaction_start_at_the_next_held_record() {
+        let store = MemoryStore::new();
+        let keys: Vec<[u8; 1]> = (0..200u8)
+            .map(|i| [i % 3 + u8::from(i % 10 == 0) * 9])
+            .collect();
+        let batch: Vec<_> = keys
+            .iter()
+            .map(|k| Entry::with_timestamp(1, k, k))
+            .collect();
+        store.append(&batch).expect("append");
+        store.truncate_before(5).expect("truncate");
+        store.compact().expect("compact");
+        let held: Vec<Offset> = store
+            .read_from(5)
+            .expect("read")
+            .map(|r| r.expect("r").offset)
+            .collect();
+        assert!(held.len() < 195, "compaction left gaps");
+        for from in 5..=200 {
+            let expected: Vec<Offset> = held.iter().copied().filter(|&o| o >= from).collect();
+            let read: Vec<Offset> = store
+                .read_from(from)
+                .expect("read")
+                .map(|r| r.expect("r").offset)
+                .collect();
+            assert_eq!(read, expected, "read from {from}");
+            let mut replayed = Vec::new();
+            let next = store
+                .replay_from(from, &mut |o, _| replayed.push(o))
+                .expect("replay");
+            assert_eq!(replayed, expected, "replay from {from}");
+            assert_eq!(next, expected.last().map_or(from, |o| o + 1));
+        }
     }
 }
