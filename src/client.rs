@@ -23,8 +23,6 @@ struct Slot<T> {
     ready: Condvar,
     /// Set once answered: lets a waiter spin briefly without taking the lock.
     answered: AtomicBool,
-    /// Who answers: told when somebody is about to block on the answer.
-    answerer: std::sync::OnceLock<Arc<dyn Nudge>>,
 }
 
 /// Whatever will answer a pending response, told when a waiter is about to block: a
@@ -40,6 +38,8 @@ struct SlotState<T> {
     /// The value was handed out (by `wait`, `wait_timeout` or `poll`).
     taken: bool,
     waker: Option<Waker>,
+    /// Who answers: told when somebody is about to block on the answer.
+    answerer: Option<Arc<dyn Nudge>>,
 }
 
 /// A response that will arrive: wait for it with [`wait`](Pending::wait) or
@@ -89,10 +89,10 @@ pub(crate) fn pending<T>(offset: Offset) -> (Pending<T>, Responder<T>) {
             answered: false,
             taken: false,
             waker: None,
+            answerer: None,
         }),
         ready: Condvar::new(),
         answered: AtomicBool::new(false),
-        answerer: std::sync::OnceLock::new(),
     });
     (
         Pending {
@@ -141,15 +141,17 @@ impl<T> Pending<T> {
 
     /// Names who will answer: it is nudged when a waiter is about to block.
     pub(crate) fn set_answerer(&self, answerer: Arc<dyn Nudge>) {
-        let _ = self.slot.answerer.set(answerer);
+        self.slot.state.lock().answerer = Some(answerer);
     }
 
     /// Tells the answerer that somebody is about to block on this answer.
     fn nudge_unless_answered(&self) {
-        if let Some(answerer) = self.slot.answerer.get() {
-            if !self.slot.answered.load(Ordering::Acquire) {
-                answerer.nudge();
-            }
+        if self.slot.answered.load(Ordering::Acquire) {
+            return;
+        }
+        let answerer = self.slot.state.lock().answerer.clone();
+        if let Some(answerer) = answerer {
+            answerer.nudge();
         }
     }
 
