@@ -123,6 +123,47 @@ fn instances_that_do_not_linger_or_linger_long_fold_the_same() {
 }
 
 #[test]
+fn a_blocked_waiter_wakes_an_instance_that_lingers_for_an_hour() {
+    let h = Harness::new();
+    let cluster = h
+        .cluster(2)
+        .linger(Duration::from_secs(3600))
+        .queue_capacity(64)
+        .build()
+        .unwrap();
+    let client = cluster.client();
+    // Without the waiter's nudge each answer would wait for the linger to end.
+    for i in 0..20u64 {
+        let answer = client.submit(key(i % 4), Req::Add(1)).unwrap();
+        let answer = answer.wait_timeout(Duration::from_secs(20));
+        assert!(answer.is_ok(), "request {i}: {answer:?}");
+    }
+    cluster.shutdown().unwrap();
+    // A fresh cluster (no instance was nudged yet), and nobody blocks on these (40 for
+    // each of two keys): a half-full queue wakes the instance.
+    let h = Harness::new();
+    let cluster = h
+        .cluster(2)
+        .linger(Duration::from_secs(3600))
+        .queue_capacity(64)
+        .build()
+        .unwrap();
+    let client = cluster.client();
+    let pending: Vec<_> = (0..80u64)
+        .map(|i| client.submit(key(i % 2), Req::Add(1)).unwrap())
+        .collect();
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while !pending.iter().all(|p| p.is_ready()) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "answered without a waiter"
+        );
+        thread::sleep(Duration::from_millis(1));
+    }
+    cluster.shutdown().unwrap();
+}
+
+#[test]
 fn a_panicking_handler_is_answered_with_an_error_and_its_change_is_not_kept() {
     let h = Harness::new();
     let cluster = h.cluster(3).checkpoint_every(50).build().unwrap();

@@ -7,7 +7,9 @@
 //!    appends the request to the input log (durable per the log's sync policy) and queues
 //!    it. The request's log offset is its identity.
 //! 2. The owning instance pulls it, folds it into the key's state with the handler, and
-//!    answers the [`Pending`] response.
+//!    answers the [`Pending`] response. An idle instance lingers (50 µs by default,
+//!    [`linger`](ClusterBuilder::linger)) so that it takes requests in batches without
+//!    a wake-up per request; a thread that blocks on an answer wakes its instance.
 //!
 //! What happens when things go wrong:
 //! - a handler panics: that request is answered with [`Error::HandlerPanicked`] and
