@@ -139,8 +139,9 @@ fn a_blocked_waiter_wakes_an_instance_that_lingers_for_an_hour() {
         assert!(answer.is_ok(), "request {i}: {answer:?}");
     }
     cluster.shutdown().unwrap();
-    // A fresh cluster (no instance was nudged yet), and nobody blocks on these (40 for
-    // each of two keys): a half-full queue wakes the instance.
+    // A fresh cluster (no instance was nudged yet), its instances napping: nobody blocks
+    // on these 32 requests of one key, and the 32nd fills half of its instance's queue,
+    // which wakes it. (A remainder under half a queue would wait for the linger.)
     let h = Harness::new();
     let cluster = h
         .cluster(2)
@@ -149,8 +150,9 @@ fn a_blocked_waiter_wakes_an_instance_that_lingers_for_an_hour() {
         .build()
         .unwrap();
     let client = cluster.client();
-    let pending: Vec<_> = (0..80u64)
-        .map(|i| client.submit(key(i % 2), Req::Add(1)).unwrap())
+    thread::sleep(Duration::from_millis(50));
+    let pending: Vec<_> = (0..32u64)
+        .map(|_| client.submit(key(7), Req::Add(1)).unwrap())
         .collect();
     let deadline = std::time::Instant::now() + Duration::from_secs(20);
     while !pending.iter().all(|p| p.is_ready()) {
