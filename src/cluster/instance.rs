@@ -254,12 +254,19 @@ const YIELDS_BEFORE_SLEEP: usize = 50;
 const NAPS_BEFORE_SLEEP: u32 = 20;
 
 /// How many batches a lingering instance takes without lingering after a waiter nudged
-/// it. A nudge means somebody is blocked on this instance: typically a caller that
-/// submits one request and waits for it, whom a nap per request would slow down tenfold
-/// (the quickstart's 9,544 reads one at a time took 480 ms lingering, 44 ms without, and
-/// 56–96 ms with this). Under a steady stream of requests nudges are rare, and the
+/// it with at most [`EAGER_AT_MOST_QUEUED`] requests queued: somebody is blocked on it
+/// with next to nothing to batch, typically a caller that submits one request and waits
+/// for it, whom a nap per request would slow down tenfold (the quickstart's 9,544 reads
+/// one at a time took 480 ms lingering, 44 ms without, and 56 ms with this). The
 /// instance lingers again after these batches.
 const EAGER_BATCHES: u32 = 64;
+
+/// The most requests a nudged instance may have queued for the nudge to stop it
+/// lingering. A waiter of a busy stream nudges an instance with a long queue: waking it
+/// is enough, and turning it eager too cost a quarter of the windowed bench's
+/// throughput (9-run medians 1.51M eager on every nudge, 1.94M with this, 1.72M never
+/// eager).
+const EAGER_AT_MOST_QUEUED: usize = 2;
 
 /// An instance's queue: producers append under a short lock, the instance takes
 /// everything queued at once.
@@ -352,10 +359,13 @@ impl<M> Mailbox<M> {
     }
 
     /// Somebody blocks waiting on this instance: wakes it if it naps with something
-    /// queued, and stops it lingering for [`EAGER_BATCHES`] batches.
+    /// queued, and stops it lingering for [`EAGER_BATCHES`] batches if next to nothing
+    /// is queued.
     fn nudge(&self) {
-        self.eager.store(EAGER_BATCHES, Ordering::Relaxed);
         let mut state = self.state.lock();
+        if state.queue.len() <= EAGER_AT_MOST_QUEUED {
+            self.eager.store(EAGER_BATCHES, Ordering::Relaxed);
+        }
         if state.sleep == Sleep::Napping && !state.queue.is_empty() {
             state.sleep = Sleep::Awake;
             drop(state);
