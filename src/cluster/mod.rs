@@ -334,7 +334,7 @@ impl<H: Handler> ClusterBuilder<H> {
     /// ([`Pending::wait`]) wakes the instance that owes it, which then stops lingering
     /// for a while, so a caller that submits one request at a time and waits is served
     /// almost as fast as without lingering (the quickstart's 9,544 sequential reads:
-    /// 56–96 ms, against 44 ms with `ZERO`). An `.await`ed answer does not wake it (an
+    /// 56–75 ms, against 44 ms with `ZERO`). An `.await`ed answer does not wake it (an
     /// executor polls without blocking): it arrives within the linger. After about 20 lingers that found nothing,
     /// an instance sleeps until the next request wakes it, so a quiet cluster uses no
     /// CPU and the first request after a pause is handled at once.
