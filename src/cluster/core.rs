@@ -14,6 +14,7 @@
 //!   blocks a membership change, and a stalled instance can always be removed.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::ops::Range;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant};
@@ -53,8 +54,31 @@ pub(crate) struct Options {
     pub(crate) linger: Duration,
 }
 
-/// An instance and the messages of a batch bound for it.
-type Queue<S, R> = (Arc<Instance<S, R>>, Vec<Message<S, R>>);
+/// A batch's routing: each destination instance once, and each item's.
+struct Routed<H: Handler> {
+    /// The placement's epoch when the batch was routed.
+    epoch: crate::router::Epoch,
+    dests: Vec<Arc<Inst<H>>>,
+    dest_of: Vec<usize>,
+}
+
+impl<H: Handler> Routed<H> {
+    /// Item `i`'s instance.
+    fn dest(&self, i: usize) -> &Arc<Inst<H>> {
+        &self.dests[self.dest_of[i]]
+    }
+
+    /// The index of `inst` in `dests`, adding it if new.
+    fn index_of(&mut self, inst: &Arc<Inst<H>>) -> usize {
+        match self.dests.iter().position(|d| d.id == inst.id) {
+            Some(at) => at,
+            None => {
+                self.dests.push(inst.clone());
+                self.dests.len() - 1
+            }
+        }
+    }
+}
 
 /// An instance of the cluster of handler `H`.
 type Inst<H> = Instance<<H as Handler>::State, <H as Handler>::Response>;
@@ -474,10 +498,12 @@ impl<H: Handler> Shared<H> {
     }
 
     /// Submits several requests as one: one routing pass, one log batch, one hand-off
-    /// per instance. `items` are (key, encoded payload) pairs.
+    /// per instance. `items` are keys and the ranges of their encoded payloads in
+    /// `payloads`.
     pub(crate) fn submit_batch<K: AsRef<[u8]>>(
         &self,
-        mut items: Vec<(K, Vec<u8>)>,
+        items: &[(K, Range<usize>)],
+        payloads: &[u8],
     ) -> Result<Vec<Pending<H::Response>>> {
         if items.is_empty() {
             return Ok(Vec::new());
@@ -487,27 +513,36 @@ impl<H: Handler> Shared<H> {
             if !self.accepting.load(Ordering::SeqCst) {
                 return Err(Error::Closed);
             }
-            // Route every key (counting the loads), then take the queue room outside any lock.
-            let mut dests = {
+            // Route every key (counting the loads), then take the queue room outside any
+            // lock. `dests` holds each instance once; `dest_of[i]` is item i's.
+            let mut batch = {
                 let mut routing = self.routing.lock();
-                let mut dests = Vec::with_capacity(items.len());
-                for (key, _) in &items {
+                let mut batch = Routed {
+                    epoch: routing.placement.epoch(),
+                    dests: Vec::new(),
+                    dest_of: Vec::with_capacity(items.len()),
+                };
+                for (key, _) in items {
                     let id = routing.placement.route(key.as_ref(), timestamp);
-                    let inst = id.and_then(|id| routing.instances.get(&id).cloned());
-                    dests.push(inst.ok_or(Error::NoInstance)?);
+                    let inst = id.and_then(|id| routing.instances.get(&id));
+                    let inst = inst.ok_or(Error::NoInstance)?;
+                    let at = batch.index_of(inst);
+                    batch.dest_of.push(at);
                 }
-                dests
+                batch
             };
             let mut taken = 0;
-            while taken < dests.len() && dests[taken].permits.acquire(true).is_ok() {
+            while taken < items.len() && batch.dest(taken).permits.acquire(true).is_ok() {
                 taken += 1;
             }
-            if taken < dests.len() {
+            if taken < items.len() {
                 // An instance retired meanwhile: give everything back and route again.
-                dests[..taken].iter().for_each(|d| d.permits.release());
+                (0..taken).for_each(|i| batch.dest(i).permits.release());
                 continue;
             }
-            if let Some(pendings) = self.submit_batch_locked(&mut items, &mut dests, timestamp)? {
+            if let Some(pendings) =
+                self.submit_batch_locked(items, payloads, &mut batch, timestamp)?
+            {
                 return Ok(pendings);
             }
         }
@@ -517,12 +552,13 @@ impl<H: Handler> Shared<H> {
     /// routed again (the permits were given back).
     fn submit_batch_locked<K: AsRef<[u8]>>(
         &self,
-        items: &mut [(K, Vec<u8>)],
-        dests: &mut [Arc<Inst<H>>],
+        items: &[(K, Range<usize>)],
+        payloads: &[u8],
+        batch: &mut Routed<H>,
         timestamp: u64,
     ) -> Result<Option<Vec<Pending<H::Response>>>> {
-        let give_back = |dests: &[Arc<Inst<H>>]| {
-            dests.iter().for_each(|d| d.permits.release());
+        let give_back = |batch: &Routed<H>| {
+            (0..items.len()).for_each(|i| batch.dest(i).permits.release());
         };
         // Every stripe the batch touches, locked in ascending order.
         let stripe_of_item: Vec<usize> = items.iter().map(|(k, _)| stripe_of(k.as_ref())).collect();
@@ -532,91 +568,96 @@ impl<H: Handler> Shared<H> {
         let mut guards: Vec<MutexGuard<'_, Holders>> =
             order.iter().map(|&i| self.stripes[i].lock()).collect();
         if !self.accepting.load(Ordering::SeqCst) {
-            give_back(dests);
+            give_back(batch);
             return Err(Error::Closed);
         }
         {
-            // Membership may have changed before the stripes were ours.
+            // Membership may have changed before the stripes were ours; if it did not,
+            // every placement made above still holds.
             let routing = self.routing.lock();
-            for (i, (key, _)) in items.iter().enumerate() {
-                let now = routing.placement.placement(key.as_ref());
-                match now.and_then(|id| routing.instances.get(&id)) {
-                    Some(inst) if inst.id == dests[i].id => {}
-                    Some(inst) => {
-                        dests[i].permits.release();
-                        inst.permits.force();
-                        dests[i] = inst.clone();
-                    }
-                    None => {
-                        drop(routing);
-                        drop(guards);
-                        give_back(dests);
-                        return Ok(None);
+            if routing.placement.epoch() != batch.epoch {
+                for (i, (key, _)) in items.iter().enumerate() {
+                    let now = routing.placement.placement(key.as_ref());
+                    match now.and_then(|id| routing.instances.get(&id)) {
+                        Some(inst) if inst.id == batch.dest(i).id => {}
+                        Some(inst) => {
+                            batch.dest(i).permits.release();
+                            inst.permits.force();
+                            batch.dest_of[i] = batch.index_of(inst);
+                        }
+                        None => {
+                            drop(routing);
+                            drop(guards);
+                            give_back(batch);
+                            return Ok(None);
+                        }
                     }
                 }
             }
         }
-        let mut keys = Vec::with_capacity(items.len());
         // Each item's holder before it: to know what moves, and to undo.
         let mut previous = Vec::with_capacity(items.len());
         for (i, (key, _)) in items.iter().enumerate() {
             let key = key.as_ref();
             let shard = order.binary_search(&stripe_of_item[i]).unwrap_or_default();
-            let holders = &mut guards[shard];
-            let (k, before) = match holders.get_key_value(key) {
-                Some((k, &h)) => (k.clone(), Some(h)),
-                None => (Bytes::copy_from_slice(key), None),
+            let dest = batch.dest(i).id;
+            let before = match guards[shard].get_mut(key) {
+                Some(holder) => Some(std::mem::replace(holder, dest)),
+                None => {
+                    guards[shard].insert(Bytes::copy_from_slice(key), dest);
+                    None
+                }
             };
-            holders.insert(k.clone(), dests[i].id);
-            keys.push(k);
             previous.push(before);
         }
         let entries: Vec<Entry<'_>> = items
             .iter()
-            .map(|(k, p)| Entry::with_timestamp(timestamp, k.as_ref(), p))
+            .map(|(k, p)| Entry::with_timestamp(timestamp, k.as_ref(), &payloads[p.clone()]))
             .collect();
         let range = match self.input.append(&entries) {
             Ok(range) => range,
             Err(e) => {
                 // Undo the holder changes, newest first, and give the room back.
-                for i in (0..items.len()).rev() {
+                for (i, (key, _)) in items.iter().enumerate().rev() {
+                    let key = key.as_ref();
                     let shard = order.binary_search(&stripe_of_item[i]).unwrap_or_default();
-                    match previous[i] {
-                        Some(h) => guards[shard].insert(keys[i].clone(), h),
-                        None => guards[shard].remove(&keys[i]),
-                    };
+                    match (previous[i], guards[shard].get_mut(key)) {
+                        (Some(h), Some(holder)) => *holder = h,
+                        _ => drop(guards[shard].remove(key)),
+                    }
                 }
-                give_back(dests);
+                give_back(batch);
                 return Err(e);
             }
         };
         for (i, before) in previous.iter().enumerate() {
-            if let Some(from) = before.filter(|&h| h != dests[i].id) {
-                let moves = Moves::single(from, dests[i].id, keys[i].clone());
+            if let Some(from) = before.filter(|&h| h != batch.dest(i).id) {
+                let key = Bytes::copy_from_slice(items[i].0.as_ref());
+                let moves = Moves::single(from, batch.dest(i).id, key);
                 self.move_keys(&moves, range.start + i as Offset);
             }
         }
         let mut pendings = Vec::with_capacity(items.len());
-        let mut queues: Vec<Queue<H::State, H::Response>> = Vec::new();
-        for (i, ((_, payload), key)) in items.iter_mut().zip(keys).enumerate() {
+        let mut queues: Vec<Vec<Message<H::State, H::Response>>> =
+            batch.dests.iter().map(|_| Vec::new()).collect();
+        for (i, (key, payload)) in items.iter().enumerate() {
             let offset = range.start + i as Offset;
             let (pending, responder) = pending(offset);
+            pending.set_answerer(batch.dest(i).clone());
             pendings.push(pending);
-            let message = Message::Request(Queued {
+            queues[batch.dest_of[i]].push(Message::Request(Queued {
                 offset,
                 timestamp,
-                key: SmallBytes::copy_from(&key),
-                payload: SmallBytes::from_vec(std::mem::take(payload)),
+                key: SmallBytes::copy_from(key.as_ref()),
+                payload: SmallBytes::copy_from(&payloads[payload.clone()]),
                 submitted: (offset % LATENCY_SAMPLE == 0).then(Instant::now),
                 responder: Some(responder),
-            });
-            match queues.iter_mut().find(|(inst, _)| inst.id == dests[i].id) {
-                Some((_, q)) => q.push(message),
-                None => queues.push((dests[i].clone(), vec![message])),
-            }
+            }));
         }
-        for (inst, messages) in queues {
-            inst.send_requests(messages);
+        for (inst, messages) in batch.dests.iter().zip(queues) {
+            if !messages.is_empty() {
+                inst.send_requests(messages);
+            }
         }
         Ok(Some(pendings))
     }

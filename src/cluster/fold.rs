@@ -57,14 +57,6 @@ pub(crate) enum Envelope<'a> {
     Control(Control),
 }
 
-/// The payload of a request record.
-pub(crate) fn request_payload<T: Serialize>(request: &T) -> Result<Vec<u8>> {
-    let mut payload = Vec::with_capacity(64);
-    payload.push(TAG_REQUEST);
-    CODEC.encode_into(request, &mut payload)?;
-    Ok(payload)
-}
-
 thread_local! {
     static SCRATCH: std::cell::Cell<Vec<u8>> = const { std::cell::Cell::new(Vec::new()) };
 }
@@ -74,14 +66,32 @@ thread_local! {
 pub(crate) struct Scratch(Vec<u8>);
 
 impl Scratch {
-    /// The payload of `request`, encoded into this thread's buffer.
-    pub(crate) fn request<T: Serialize>(request: &T) -> Result<Scratch> {
+    /// This thread's buffer, empty.
+    pub(crate) fn empty() -> Scratch {
         let mut buffer = SCRATCH.try_with(|c| c.take()).unwrap_or_default();
         buffer.clear();
-        buffer.push(TAG_REQUEST);
-        let mut scratch = Scratch(buffer);
-        CODEC.encode_into(request, &mut scratch.0)?;
+        Scratch(buffer)
+    }
+
+    /// The payload of `request`, encoded into this thread's buffer.
+    pub(crate) fn request<T: Serialize>(request: &T) -> Result<Scratch> {
+        let mut scratch = Scratch::empty();
+        scratch.push_request(request)?;
         Ok(scratch)
+    }
+
+    /// Appends the payload of `request`; returns where it lies in the buffer.
+    pub(crate) fn push_request<T: Serialize>(
+        &mut self,
+        request: &T,
+    ) -> Result<std::ops::Range<usize>> {
+        let start = self.0.len();
+        self.0.push(TAG_REQUEST);
+        if let Err(e) = CODEC.encode_into(request, &mut self.0) {
+            self.0.truncate(start);
+            return Err(e);
+        }
+        Ok(start..self.0.len())
     }
 
     pub(crate) fn as_slice(&self) -> &[u8] {

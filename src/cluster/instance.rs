@@ -202,16 +202,6 @@ impl SmallBytes {
         }
     }
 
-    /// `bytes`, copied inline (and the buffer freed here) when
-    /// small, else the buffer itself.
-    pub(crate) fn from_vec(bytes: Vec<u8>) -> SmallBytes {
-        if bytes.len() <= INLINE_PAYLOAD {
-            SmallBytes::copy_from(&bytes)
-        } else {
-            SmallBytes::Heap(bytes)
-        }
-    }
-
     pub(crate) fn as_slice(&self) -> &[u8] {
         match self {
             SmallBytes::Inline { len, bytes } => &bytes[..usize::from(*len)],

@@ -255,11 +255,13 @@ impl<H: Handler> Client<H> {
         &self,
         requests: impl IntoIterator<Item = (K, H::Request)>,
     ) -> Result<Vec<Pending<H::Response>>> {
+        // Every payload encoded into one buffer this thread reuses.
+        let mut payloads = fold::Scratch::empty();
         let items = requests
             .into_iter()
-            .map(|(k, r)| Ok((k, fold::request_payload(&r)?)))
+            .map(|(k, r)| Ok((k, payloads.push_request(&r)?)))
             .collect::<Result<Vec<_>>>()?;
-        self.shared.submit_batch(items)
+        self.shared.submit_batch(&items, payloads.as_slice())
     }
 
     /// The instance that holds (or will hold) `key`'s state.

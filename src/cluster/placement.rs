@@ -23,6 +23,9 @@ pub(crate) trait Placement: Send {
     fn add(&mut self, id: InstanceId, weight: u32) -> Result<()>;
     /// Removes an instance.
     fn remove(&mut self, id: InstanceId) -> Result<()>;
+    /// Changes with every membership change: placements made at one epoch still hold
+    /// while it is unchanged (a known key stays where it is).
+    fn epoch(&self) -> crate::router::Epoch;
 }
 
 impl Placement for Sticky {
@@ -42,6 +45,9 @@ impl Placement for Sticky {
     }
     fn remove(&mut self, id: InstanceId) -> Result<()> {
         Sticky::remove(self, id).map(drop)
+    }
+    fn epoch(&self) -> crate::router::Epoch {
+        crate::router::Router::epoch(self.router())
     }
 }
 
