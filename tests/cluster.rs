@@ -150,7 +150,8 @@ fn a_blocked_waiter_wakes_an_instance_that_lingers_for_an_hour() {
         .build()
         .unwrap();
     let client = cluster.client();
-    thread::sleep(Duration::from_millis(50));
+    // Let both instances reach their first nap (they start with nothing to rebuild).
+    thread::sleep(Duration::from_millis(200));
     let pending: Vec<_> = (0..32u64)
         .map(|_| client.submit(key(7), Req::Add(1)).unwrap())
         .collect();
