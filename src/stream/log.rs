@@ -82,6 +82,9 @@ pub struct LogSubscriber<S: Store> {
     /// The offset after the last record delivered: what `commit` saves.
     position: Offset,
     cursor: Option<String>,
+    /// Records delivered since the follower last slept in `wait_for`: a long streak is a
+    /// busy stream, worth spinning for through a short stall of its writer.
+    streak: u64,
 }
 
 /// Owned by the stream values and publishers; dropping the last one closes the stream.
@@ -104,6 +107,16 @@ struct Shared<S> {
 /// closed. Closing wakes it at once; this only bounds the race where the close lands
 /// between its check and its sleep.
 const WAIT_SLICE: Duration = Duration::from_millis(50);
+
+/// A follower that has taken this many records without sleeping follows a busy stream.
+const BUSY_STREAK: u64 = 1024;
+
+/// How long the follower of a busy stream spins (yielding) before it sleeps. A sleeping
+/// follower costs tens of microseconds to wake; the writer of a busy `LogStore` stalls
+/// for a few hundred every time it writes its buffer out, and each stall used to put the
+/// follower to sleep: `stream.log.*.tail_p99_us` went from 38–45 µs to 28–40 µs
+/// (`LogStore`) with this. A stream that goes quiet costs at most this much CPU, once.
+const BUSY_SPIN: Duration = Duration::from_micros(500);
 
 impl<S: Store> LogStream<S> {
     /// An open stream over `store`. Pass an `Arc<S>`, or a cloneable store handle such
@@ -193,6 +206,7 @@ impl<S: Store> Stream for LogStream<S> {
             reader: Some(store.read_from(position)?),
             shared: shared.clone(),
             position,
+            streak: 0,
             cursor,
         })
     }
@@ -244,16 +258,19 @@ impl<S: Store> LogSubscriber<S> {
     fn spin_until_committed(&self) -> bool {
         let shared = &*self.shared;
         let backoff = Backoff::new();
-        while !backoff.is_completed() {
+        let busy = (self.streak >= BUSY_STREAK).then(Instant::now);
+        loop {
             if shared.store.next_offset() > self.position {
                 return true;
             }
             if shared.closed.load(Ordering::SeqCst) {
                 return false;
             }
+            if backoff.is_completed() && busy.is_none_or(|since| since.elapsed() >= BUSY_SPIN) {
+                return false;
+            }
             backoff.snooze();
         }
-        false
     }
 
     fn next_record(&mut self, wait: Wait) -> Result<Option<Record>> {
@@ -269,6 +286,7 @@ impl<S: Store> LogSubscriber<S> {
             match reader.next() {
                 Some(Ok(record)) => {
                     self.position = record.offset + 1;
+                    self.streak += 1;
                     return Ok(Some(record));
                 }
                 Some(Err(e)) => {
@@ -293,6 +311,7 @@ impl<S: Store> LogSubscriber<S> {
                     _ => return Err(Error::Timeout(timeout)),
                 },
             };
+            self.streak = 0;
             shared.store.wait_for(self.position, Some(slice));
         }
     }
