@@ -168,6 +168,11 @@ impl<T> Pending<T> {
 
     /// Blocks until the response arrives.
     ///
+    /// It spins briefly first; before it sleeps, it wakes the cluster instance that owes
+    /// the answer if that instance is lingering between batches (see
+    /// `ClusterBuilder::linger`), so one request at a time is served without a linger's
+    /// delay. `wait_timeout` does the same; polling as a future does not.
+    ///
     /// The response is handed out once: after `wait_timeout` or a poll returned it,
     /// waiting again is [`Error::Closed`].
     pub fn wait(self) -> Result<T> {
