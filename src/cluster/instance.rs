@@ -272,10 +272,10 @@ const EAGER_AT_MOST_QUEUED: usize = 2;
 /// - not lingering: it yields its core [`YIELDS_BEFORE_SLEEP`] times, then sleeps until
 ///   a producer wakes it; a producer wakes a sleeping instance for every request.
 ///
-/// On 2 cores with 4 instances and 2 submitting threads, lingering 50 µs handled
-/// 1.25–1.4× the requests per second at 0.6–0.7× the CPU per request: yielding
-/// instances left the submitters a third of the machine, and sleeping ones made them pay
-/// a wake-up for nearly every request. A producer waking a napping instance once 32 or
+/// On 2 cores with 4 instances and 2 submitting threads, lingering 50 µs took 0.6–0.9×
+/// the CPU per request, and handled 1.25–1.4× the requests per second in short runs but
+/// 0.8–1.0× in long ones, where lingering instances fall into phases of small batches
+/// (traced: those phases come with the two submitters running on different cores). A producer waking a napping instance once 32 or
 /// 64 requests waited (rather than half its queue) lost a quarter of that, and timer
 /// slack cut to 1 µs (naps on time) lost half: every wake-up costs more than the wait.
 pub(crate) struct Mailbox<M> {

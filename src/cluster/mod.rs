@@ -7,9 +7,9 @@
 //!    appends the request to the input log (durable per the log's sync policy) and queues
 //!    it. The request's log offset is its identity.
 //! 2. The owning instance pulls it, folds it into the key's state with the handler, and
-//!    answers the [`Pending`] response. An idle instance lingers (50 µs by default,
-//!    [`linger`](ClusterBuilder::linger)) so that it takes requests in batches without
-//!    a wake-up per request; a thread that blocks on an answer wakes its instance.
+//!    answers the [`Pending`] response. An idle instance can linger
+//!    ([`linger`](ClusterBuilder::linger), off by default) to take requests in batches
+//!    without a wake-up per request; a thread that blocks on an answer wakes it.
 //!
 //! What happens when things go wrong:
 //! - a handler panics: that request is answered with [`Error::HandlerPanicked`] and
@@ -140,7 +140,7 @@ impl<H: Handler> Cluster<H> {
                 checkpoint_every: 100_000,
                 tick: Duration::from_millis(20),
                 truncate_after_checkpoint: false,
-                linger: Duration::from_micros(50),
+                linger: Duration::ZERO,
             },
             launcher: Arc::new(ThreadLauncher::new()),
         }
@@ -326,8 +326,11 @@ impl<H: Handler> ClusterBuilder<H> {
     }
 
     /// How long an instance with nothing to do waits for more requests before it looks
-    /// at its queue again (default 50 µs): the trade between latency and throughput, as
-    /// Kafka's `linger.ms` is for a producer.
+    /// at its queue again (default `Duration::ZERO`: it does not linger). Lingering
+    /// trades latency for CPU, as Kafka's `linger.ms` does for a producer.
+    ///
+    /// Without lingering, an idle instance yields its core a few times, then sleeps, and
+    /// a request that finds it asleep wakes it: the lowest latency.
     ///
     /// While an instance lingers, submitting a request does not wake it (a half-full
     /// queue does), so requests reach it in batches and a submit costs no futex wake-up;
@@ -336,18 +339,18 @@ impl<H: Handler> ClusterBuilder<H> {
     /// ([`Pending::wait`]) wakes the instance that owes it, which then stops lingering
     /// for a while, so a caller that submits one request at a time and waits is served
     /// almost as fast as without lingering (the quickstart's 9,544 sequential reads:
-    /// 56–75 ms, against 44 ms with `ZERO`). An `.await`ed answer does not wake it (an
-    /// executor polls without blocking): it arrives within the linger. After about 20 lingers that found nothing,
-    /// an instance sleeps until the next request wakes it, so a quiet cluster uses no
-    /// CPU and the first request after a pause is handled at once.
+    /// 56–75 ms, against 44 ms without). An `.await`ed answer does not wake it (an
+    /// executor polls without blocking): it arrives within the linger. After about 20
+    /// lingers that found nothing, an instance sleeps until the next request wakes it,
+    /// so a quiet cluster uses no CPU.
     ///
-    /// `Duration::ZERO` turns lingering off: an idle instance yields its core a few
-    /// times, then sleeps, and every request that finds it asleep wakes it: the lowest
-    /// latency under moderate load, for more CPU per request. On the 2-core bench
-    /// (`cargo bench --bench compare -- --only cluster`, 4 instances, Zipf load) the
-    /// default handled 1.25–1.4× the requests per second of `ZERO` at 0.6–0.7× the CPU
-    /// per request, and moved the median latency at half load from about 5 µs to about
-    /// 70 µs; the p99 was about 250 µs either way.
+    /// What 50 µs measured on the 2-core bench (`cargo bench --bench compare -- --only
+    /// cluster`: 4 instances, 2 submitting threads, Zipf load), against no linger:
+    /// 0.6–0.9× the CPU per request; the median latency at half load 70–80 µs instead of
+    /// about 5 µs (p99 about 250–420 µs either way); 1.25–1.4× the requests per second
+    /// in short runs (60k requests) but 0.8–1.0× in long ones (400k), where lingering
+    /// instances fall into phases of small batches. Linger when CPU per request matters
+    /// more than latency.
     pub fn linger(mut self, linger: Duration) -> Self {
         self.options.linger = linger;
         self
