@@ -124,13 +124,15 @@ fn instances_that_do_not_linger_or_linger_long_fold_the_same() {
 
 #[test]
 fn a_blocked_waiter_wakes_an_instance_that_lingers_for_an_hour() {
+    let lingering_an_hour = |h: &Harness| {
+        h.cluster(2)
+            .linger(Duration::from_secs(3600))
+            .queue_capacity(64)
+            .build()
+            .unwrap()
+    };
     let h = Harness::new();
-    let cluster = h
-        .cluster(2)
-        .linger(Duration::from_secs(3600))
-        .queue_capacity(64)
-        .build()
-        .unwrap();
+    let cluster = lingering_an_hour(&h);
     let client = cluster.client();
     // Without the waiter's nudge each answer would wait for the linger to end.
     for i in 0..20u64 {
@@ -143,12 +145,7 @@ fn a_blocked_waiter_wakes_an_instance_that_lingers_for_an_hour() {
     // on these 32 requests of one key, and the 32nd fills half of its instance's queue,
     // which wakes it. (A remainder under half a queue would wait for the linger.)
     let h = Harness::new();
-    let cluster = h
-        .cluster(2)
-        .linger(Duration::from_secs(3600))
-        .queue_capacity(64)
-        .build()
-        .unwrap();
+    let cluster = lingering_an_hour(&h);
     let client = cluster.client();
     // Let both instances reach their first nap (they start with nothing to rebuild).
     thread::sleep(Duration::from_millis(200));

@@ -30,7 +30,7 @@ use super::instance::{
 };
 use super::metrics::{InstanceMetrics, Metrics};
 use super::owned::OwnedLog;
-use super::placement::{Holders, Moves, Routing};
+use super::placement::{self, Holders, Moves, Routing};
 use crate::client::{Pending, Responder, pending};
 use crate::error::{Error, Result};
 use crate::handler::{Effects, Handler};
@@ -453,13 +453,7 @@ impl<H: Handler> Shared<H> {
             }
             drop(routing);
             // The key's holder before this request: `None` if it had none.
-            let before = match holders.get_mut(key) {
-                Some(h) => Some(std::mem::replace(h, dest.id)),
-                None => {
-                    holders.insert(Bytes::copy_from_slice(key), dest.id);
-                    None
-                }
-            };
+            let before = placement::hold(&mut holders, key, dest.id);
             let moved_from = before.filter(|&h| h != dest.id);
             let appended =
                 self.input
@@ -467,10 +461,7 @@ impl<H: Handler> Shared<H> {
             let offset = match appended {
                 Ok(range) => range.start,
                 Err(e) => {
-                    match (before, holders.get_mut(key)) {
-                        (Some(h), Some(now)) => *now = h,
-                        _ => drop(holders.remove(key)),
-                    }
+                    placement::unhold(&mut holders, key, before);
                     dest.permits.release();
                     return Err(e);
                 }
@@ -601,14 +592,7 @@ impl<H: Handler> Shared<H> {
             let key = key.as_ref();
             let shard = order.binary_search(&stripe_of_item[i]).unwrap_or_default();
             let dest = batch.dest(i).id;
-            let before = match guards[shard].get_mut(key) {
-                Some(holder) => Some(std::mem::replace(holder, dest)),
-                None => {
-                    guards[shard].insert(Bytes::copy_from_slice(key), dest);
-                    None
-                }
-            };
-            previous.push(before);
+            previous.push(placement::hold(&mut guards[shard], key, dest));
         }
         let entries: Vec<Entry<'_>> = items
             .iter()
@@ -621,10 +605,7 @@ impl<H: Handler> Shared<H> {
                 for (i, (key, _)) in items.iter().enumerate().rev() {
                     let key = key.as_ref();
                     let shard = order.binary_search(&stripe_of_item[i]).unwrap_or_default();
-                    match (previous[i], guards[shard].get_mut(key)) {
-                        (Some(h), Some(holder)) => *holder = h,
-                        _ => drop(guards[shard].remove(key)),
-                    }
+                    placement::unhold(&mut guards[shard], key, previous[i]);
                 }
                 give_back(batch);
                 return Err(e);

@@ -55,6 +55,25 @@ impl Placement for Sticky {
 /// `Acquire` runs. Sharded by the keys' stripes, each shard guarded by its stripe lock.
 pub(crate) type Holders = HashMap<Bytes, InstanceId, ahash::RandomState>;
 
+/// Makes `to` the holder of `key`; returns the holder it had, if any.
+pub(crate) fn hold(holders: &mut Holders, key: &[u8], to: InstanceId) -> Option<InstanceId> {
+    match holders.get_mut(key) {
+        Some(holder) => Some(std::mem::replace(holder, to)),
+        None => {
+            holders.insert(Bytes::copy_from_slice(key), to);
+            None
+        }
+    }
+}
+
+/// Undoes [`hold`]: gives `key` back the holder it had before (`None`: none).
+pub(crate) fn unhold(holders: &mut Holders, key: &[u8], before: Option<InstanceId>) {
+    match (before, holders.get_mut(key)) {
+        (Some(h), Some(holder)) => *holder = h,
+        _ => drop(holders.remove(key)),
+    }
+}
+
 /// The placement and the live instances, under one lock.
 pub(crate) struct Routing<S, R> {
     pub(crate) placement: Box<dyn Placement>,
