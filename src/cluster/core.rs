@@ -481,9 +481,12 @@ impl<H: Handler> Shared<H> {
                 submitted: (offset % LATENCY_SAMPLE == 0).then(Instant::now),
                 responder: Some(responder),
             })));
-            // The instance is nudged when the submitter is about to block on the answer
-            // (it may be lingering); this moves our reference to it, so costs nothing.
-            pending.set_answerer(dest);
+            // A lingering instance is nudged when the submitter is about to block on the
+            // answer; this moves our reference to it. One that does not linger needs no
+            // nudge, and the waiter then touches nothing of the instance's.
+            if !self.options.linger.is_zero() {
+                pending.set_answerer(dest);
+            }
             return Ok(pending);
         }
     }
@@ -624,7 +627,9 @@ impl<H: Handler> Shared<H> {
         for (i, (key, payload)) in items.iter().enumerate() {
             let offset = range.start + i as Offset;
             let (pending, responder) = pending(offset);
-            pending.set_answerer(batch.dest(i).clone());
+            if !self.options.linger.is_zero() {
+                pending.set_answerer(batch.dest(i).clone());
+            }
             pendings.push(pending);
             queues[batch.dest_of[i]].push(Message::Request(Queued {
                 offset,
