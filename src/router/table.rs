@@ -75,6 +75,7 @@
 //! ```
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use arc_swap::{ArcSwap, Cache};
 use parking_lot::Mutex;
@@ -459,6 +460,8 @@ impl TableReader<'_> {
 /// table.
 pub struct SlotRouter {
     table: ArcSwap<SlotTable>,
+    /// The current table's epoch, readable without loading the table.
+    epoch: AtomicU64,
     builder: Mutex<TableBuilder>,
 }
 
@@ -489,6 +492,7 @@ impl SlotRouter {
     pub fn with_options(options: SlotRouterOptions) -> Self {
         SlotRouter {
             table: ArcSwap::from_pointee(SlotTable::empty(0, options)),
+            epoch: AtomicU64::new(0),
             builder: Mutex::new(TableBuilder::new(options)),
         }
     }
@@ -517,8 +521,10 @@ impl SlotRouter {
             )));
         }
         let builder = TableBuilder::from_members(options, members);
+        let table = SlotTable::from_builder(&builder);
         Ok(SlotRouter {
-            table: ArcSwap::from_pointee(SlotTable::from_builder(&builder)),
+            epoch: AtomicU64::new(table.epoch),
+            table: ArcSwap::from_pointee(table),
             builder: Mutex::new(builder),
         })
     }
@@ -562,6 +568,8 @@ impl SlotRouter {
     fn publish(&self, builder: &mut TableBuilder) -> Epoch {
         builder.epoch += 1;
         self.table.store(Arc::new(SlotTable::from_builder(builder)));
+        // After the table: whoever sees the new epoch finds its table.
+        self.epoch.store(builder.epoch, Ordering::Release);
         builder.epoch
     }
 }
@@ -601,7 +609,8 @@ impl Router for SlotRouter {
     }
 
     fn epoch(&self) -> Epoch {
-        self.table.load().epoch
+        // One plain load: `Sticky` asks on every request.
+        self.epoch.load(Ordering::Acquire)
     }
 
     fn members(&self) -> Vec<Member> {
