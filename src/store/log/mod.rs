@@ -130,6 +130,14 @@
 //! [`LogStore::replay_from`] hands out the same records borrowed, for folds that rebuild
 //! state at full speed. A read from offset N seeks through the sparse index, then checks
 //! every batch it passes.
+//!
+//! Sealed segments, and stretches of the active one already written to its file, are
+//! read through memory mappings of a few MiB at a time, which spares a copy of every
+//! byte; the tail is read with `read` and from the writer's buffer. No process that
+//! follows this format ever rewrites or shortens the bytes a reader maps (appends only
+//! add after them, recovery cuts only what no reader was shown, compaction and retention
+//! replace or delete whole files). Shortening a segment file by hand while a reader maps
+//! it makes that reader fault (`SIGBUS`), as with any memory-mapped store.
 
 use std::fs::File;
 use std::ops::Range;
