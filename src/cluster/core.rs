@@ -36,7 +36,7 @@ use crate::error::{Error, Result};
 use crate::handler::{Effects, Handler};
 use crate::launcher::{Heartbeat, Launcher, Supervised};
 use crate::record::{Entry, Offset, now};
-use crate::router::InstanceId;
+use crate::router::{InstanceId, key_hash};
 use crate::store::Store;
 
 const STRIPES: usize = 256;
@@ -399,7 +399,8 @@ impl<H: Handler> Shared<H> {
         }
         let payload = fold::Scratch::request(request)?;
         let timestamp = now();
-        let stripe = self.stripe(key);
+        let hash = key_hash(key);
+        let stripe = &self.stripes[stripe_of_hash(hash)];
         let mut routed = false;
         // The instance we hold a queue permit of, if any.
         let mut permit: Option<Arc<Inst<H>>> = None;
@@ -418,7 +419,7 @@ impl<H: Handler> Shared<H> {
                 true => routing.placement.placement(key),
                 false => None,
             }
-            .or_else(|| routing.placement.route(key, timestamp));
+            .or_else(|| routing.placement.route(key, hash, timestamp));
             routed = true;
             let Some(dest) = dest_id.and_then(|id| routing.instances.get(&id).cloned()) else {
                 if let Some(p) = permit {
@@ -517,7 +518,8 @@ impl<H: Handler> Shared<H> {
                     dest_of: Vec::with_capacity(items.len()),
                 };
                 for (key, _) in items {
-                    let id = routing.placement.route(key.as_ref(), timestamp);
+                    let key = key.as_ref();
+                    let id = routing.placement.route(key, key_hash(key), timestamp);
                     let inst = id.and_then(|id| routing.instances.get(&id));
                     let inst = inst.ok_or(Error::NoInstance)?;
                     let at = batch.index_of(inst);
@@ -1041,8 +1043,14 @@ impl<H: Handler> Supervised for Shared<H> {
     }
 }
 
+/// A key's stripe: the low bits of its [`key_hash`] (the router's slot takes the top
+/// ones), so a submit hashes the key once for both.
 fn stripe_of(key: &[u8]) -> usize {
-    (xxhash_rust::xxh3::xxh3_64(key) as usize) & (STRIPES - 1)
+    stripe_of_hash(key_hash(key))
+}
+
+fn stripe_of_hash(hash: u64) -> usize {
+    (hash as usize) & (STRIPES - 1)
 }
 
 /// An instance in the routing table is never retired: retiring happens under every

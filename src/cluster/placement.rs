@@ -14,7 +14,8 @@ use crate::router::{InstanceId, Router, Sticky};
 /// keeps the cluster's use of it in one place.
 pub(crate) trait Placement: Send {
     /// Where a request for `key` goes now (places the key on first sight, counts load).
-    fn route(&mut self, key: &[u8], now: Timestamp) -> Option<InstanceId>;
+    /// `hash` is the key's [`key_hash`](crate::router::key_hash).
+    fn route(&mut self, key: &[u8], hash: u64, now: Timestamp) -> Option<InstanceId>;
     /// The current placement of `key`, if it has one, without counting a request.
     fn placement(&self, key: &[u8]) -> Option<InstanceId>;
     /// The key's home in the table (its first choice), ignoring loads.
@@ -29,8 +30,8 @@ pub(crate) trait Placement: Send {
 }
 
 impl Placement for Sticky {
-    fn route(&mut self, key: &[u8], now: Timestamp) -> Option<InstanceId> {
-        Sticky::route(self, key, now)
+    fn route(&mut self, key: &[u8], hash: u64, now: Timestamp) -> Option<InstanceId> {
+        Sticky::route_hash(self, key, hash, now)
     }
     fn placement(&self, key: &[u8]) -> Option<InstanceId> {
         Sticky::placement(self, key)

@@ -475,6 +475,17 @@ impl Sticky {
     /// request toward that instance's load. `now` is the record's timestamp, so idleness
     /// is a function of the events, not of the wall clock. `None` without members.
     pub fn route(&mut self, key: &[u8], now: Timestamp) -> Option<InstanceId> {
+        self.route_hash(key, key_hash(key), now)
+    }
+
+    /// [`route`](Self::route) for a caller that already has the key's
+    /// [`key_hash`](super::key_hash) (`hash` must be it).
+    pub(crate) fn route_hash(
+        &mut self,
+        key: &[u8],
+        hash: u64,
+        now: Timestamp,
+    ) -> Option<InstanceId> {
         if self.router.epoch() != self.table.epoch() {
             self.reconcile();
         }
@@ -483,7 +494,6 @@ impl Sticky {
         if self.latest >= self.next_sweep && self.routed_since_sweep >= self.known / 2 {
             self.sweep();
         }
-        let hash = key_hash(key);
         let index = match self.find(key, hash) {
             Some(index) => {
                 let state = &self.states[index as usize];
