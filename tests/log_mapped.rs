@@ -4,8 +4,11 @@
 //! log before and after a reopen (sealed by a roll, and sealed at open), and keep
 //! records whose segment retention has deleted.
 
+use cauce::Record;
 use cauce::store::{LogOptions, LogStore, Store, SyncPolicy};
-use cauce::{Entry, Record};
+
+#[path = "support/records.rs"]
+mod records;
 
 /// Record `i`'s payload: mostly small, some of 64 KiB to 1 MiB, one of 5 MiB (larger
 /// than a mapped window), each byte a function of `i` and its position.
@@ -35,20 +38,7 @@ fn options() -> LogOptions {
 const RECORDS: u64 = 3000;
 
 fn write(log: &LogStore) {
-    let mut i = 0;
-    while i < RECORDS {
-        let end = (i + 1 + i % 7).min(RECORDS);
-        let keys: Vec<_> = (i..end).map(key).collect();
-        let payloads: Vec<_> = (i..end).map(payload).collect();
-        let batch: Vec<_> = (i..end)
-            .map(|o| {
-                let n = (o - i) as usize;
-                Entry::with_timestamp(o, &keys[n], &payloads[n])
-            })
-            .collect();
-        assert_eq!(log.append(&batch).expect("append"), i..end);
-        i = end;
-    }
+    records::append_records(log, 0..RECORDS, |i| 1 + i % 7, key, payload);
 }
 
 fn check_record(r: &Record) {

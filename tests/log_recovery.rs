@@ -9,6 +9,9 @@ use cauce::store::{LogOptions, LogStore, Store, SyncPolicy};
 use cauce::{Entry, Error, Record};
 use rand::{RngExt, SeedableRng};
 
+#[path = "support/records.rs"]
+mod records;
+
 fn key(i: u64) -> Vec<u8> {
     format!("key-{}", i % 5).into_bytes()
 }
@@ -19,20 +22,7 @@ fn payload(i: u64) -> Vec<u8> {
 
 /// Appends records `range` in batches of `per_batch`.
 fn append(log: &LogStore, range: std::ops::Range<u64>, per_batch: u64) {
-    let mut i = range.start;
-    while i < range.end {
-        let end = (i + per_batch).min(range.end);
-        let keys: Vec<_> = (i..end).map(key).collect();
-        let payloads: Vec<_> = (i..end).map(payload).collect();
-        let batch: Vec<_> = (i..end)
-            .map(|o| {
-                let n = (o - i) as usize;
-                Entry::with_timestamp(o, &keys[n], &payloads[n])
-            })
-            .collect();
-        assert_eq!(log.append(&batch).expect("append"), i..end);
-        i = end;
-    }
+    records::append_records(log, range, |_| per_batch, key, payload);
 }
 
 /// Segments that are not preallocated, so a file's end is its data's end and the tests
