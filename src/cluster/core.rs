@@ -25,7 +25,7 @@ use parking_lot::{Mutex, MutexGuard};
 
 use super::fold::{self, CHECKPOINT, Checkpoint, Control, Envelope};
 use super::instance::{
-    self, CheckpointRound, Exit, Handoff, Instance, Message, NoPermit, Queued, SmallBytes, Source,
+    self, CheckpointRound, Exit, Handoff, Instance, Message, NoPermit, Queued, QueuedBytes, Source,
     Start,
 };
 use super::metrics::{InstanceMetrics, Metrics};
@@ -220,7 +220,9 @@ impl<H: Handler> Shared<H> {
             HashMap::new();
         for key in &recovered.keys {
             let owner = routing.placement.owner_of(key).ok_or(Error::NoInstance)?;
-            stripes[stripe_of(key)].get_mut().insert(key.clone(), owner);
+            stripes[stripe_of(key)]
+                .get_mut()
+                .insert(placement::HeldKey::copy_from(key), owner);
             limits.entry(owner).or_default().insert(key.clone(), end);
         }
         let next_id = instances.iter().max().map_or(0, |m| m + 1);
@@ -475,8 +477,8 @@ impl<H: Handler> Shared<H> {
             dest.send_requests(Some(Message::Request(Queued {
                 offset,
                 timestamp,
-                key: SmallBytes::copy_from(key),
-                payload: SmallBytes::copy_from(payload.as_slice()),
+                key: QueuedBytes::copy_from(key),
+                payload: QueuedBytes::copy_from(payload.as_slice()),
                 // Latency is sampled (one request in LATENCY_SAMPLE): two clock reads
                 // per request were 3% of the hot path.
                 submitted: (offset % LATENCY_SAMPLE == 0).then(Instant::now),
@@ -636,8 +638,8 @@ impl<H: Handler> Shared<H> {
             queues[batch.dest_of[i]].push(Message::Request(Queued {
                 offset,
                 timestamp,
-                key: SmallBytes::copy_from(key.as_ref()),
-                payload: SmallBytes::copy_from(&payloads[payload.clone()]),
+                key: QueuedBytes::copy_from(key.as_ref()),
+                payload: QueuedBytes::copy_from(&payloads[payload.clone()]),
                 submitted: (offset % LATENCY_SAMPLE == 0).then(Instant::now),
                 responder: Some(responder),
             }));

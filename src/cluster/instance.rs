@@ -164,9 +164,9 @@ impl CheckpointRound {
 pub(crate) struct Queued<R> {
     pub(crate) offset: Offset,
     pub(crate) timestamp: Timestamp,
-    pub(crate) key: SmallBytes,
+    pub(crate) key: QueuedBytes,
     /// The record's payload as logged (tag byte, then the encoded request).
-    pub(crate) payload: SmallBytes,
+    pub(crate) payload: QueuedBytes,
     /// When it was queued, for the latency metrics (a sample of the requests).
     pub(crate) submitted: Option<Instant>,
     /// Who waits for the answer (taken out by the instance when it starts on it).
@@ -176,39 +176,8 @@ pub(crate) struct Queued<R> {
 /// How many bytes a queued request's key or payload holds without a heap buffer.
 const INLINE_PAYLOAD: usize = 46;
 
-/// A queued request's key or payload: a copy, inline when small. A heap buffer per
-/// request, allocated by the submitting thread and freed by the instance's, sent nearly
-/// every allocation of the submitter down glibc's slow path (6–7% of the CPU of the
-/// cluster bench); sharing the holder's `Bytes` of the key instead bounced its reference
-/// count between the two threads.
-pub(crate) enum SmallBytes {
-    Inline {
-        len: u8,
-        bytes: [u8; INLINE_PAYLOAD],
-    },
-    Heap(Vec<u8>),
-}
-
-impl SmallBytes {
-    /// A copy of `bytes`.
-    pub(crate) fn copy_from(bytes: &[u8]) -> SmallBytes {
-        match u8::try_from(bytes.len()) {
-            Ok(len) if bytes.len() <= INLINE_PAYLOAD => {
-                let mut inline = [0; INLINE_PAYLOAD];
-                inline[..bytes.len()].copy_from_slice(bytes);
-                SmallBytes::Inline { len, bytes: inline }
-            }
-            _ => SmallBytes::Heap(bytes.to_vec()),
-        }
-    }
-
-    pub(crate) fn as_slice(&self) -> &[u8] {
-        match self {
-            SmallBytes::Inline { len, bytes } => &bytes[..usize::from(*len)],
-            SmallBytes::Heap(v) => v,
-        }
-    }
-}
+/// A queued request's key or payload (see [`super::small::SmallBytes`]).
+pub(crate) type QueuedBytes = super::small::SmallBytes<INLINE_PAYLOAD>;
 
 /// The batch an instance loop took from its mailbox, and the request it is on.
 struct Taken<S, R> {

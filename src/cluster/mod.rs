@@ -69,6 +69,7 @@ mod metrics;
 mod owned;
 mod placement;
 mod replay;
+mod small;
 
 pub use crate::client::Pending;
 pub use crate::handler::{Context, EffectId, Handler};

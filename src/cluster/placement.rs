@@ -6,6 +6,7 @@ use std::sync::Arc;
 use bytes::Bytes;
 
 use super::instance::Instance;
+use super::small::SmallBytes;
 use crate::error::Result;
 use crate::record::Timestamp;
 use crate::router::{InstanceId, Router, Sticky};
@@ -54,14 +55,18 @@ impl Placement for Sticky {
 
 /// Who holds each key's state: the instance that has it, or will have it once its queued
 /// `Acquire` runs. Sharded by the keys' stripes, each shard guarded by its stripe lock.
-pub(crate) type Holders = HashMap<Bytes, InstanceId, ahash::RandomState>;
+pub(crate) type Holders = HashMap<HeldKey, InstanceId, ahash::RandomState>;
+
+/// A key in [`Holders`]: inline up to 30 bytes, so that the lookup every submit makes
+/// compares it within the map's entry (an entry is as large as with a `Bytes` key).
+pub(crate) type HeldKey = SmallBytes<30>;
 
 /// Makes `to` the holder of `key`; returns the holder it had, if any.
 pub(crate) fn hold(holders: &mut Holders, key: &[u8], to: InstanceId) -> Option<InstanceId> {
     match holders.get_mut(key) {
         Some(holder) => Some(std::mem::replace(holder, to)),
         None => {
-            holders.insert(Bytes::copy_from_slice(key), to);
+            holders.insert(HeldKey::copy_from(key), to);
             None
         }
     }
@@ -95,6 +100,7 @@ impl<S, R> Routing<S, R> {
         let mut by_route: HashMap<(InstanceId, InstanceId), Vec<Bytes>> = HashMap::new();
         let placement = &self.placement;
         for (key, holder) in shards.flat_map(|s| s.iter_mut()) {
+            let key = key.as_slice();
             let dest = match placement.placement(key) {
                 Some(p) => Some(p),
                 None if alive(*holder) => Some(*holder),
@@ -105,7 +111,7 @@ impl<S, R> Routing<S, R> {
                     by_route
                         .entry((*holder, dest))
                         .or_default()
-                        .push(key.clone());
+                        .push(Bytes::copy_from_slice(key));
                     *holder = dest;
                 }
             }
