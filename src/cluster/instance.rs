@@ -11,6 +11,7 @@ use parking_lot::{Condvar, Mutex};
 
 use super::core::Shared;
 use super::fold::{self, Checkpoint, FoldSink, Outcome, Slot};
+use super::small::Key;
 use crate::error::{Error, Result};
 use crate::handler::Handler;
 use crate::launcher::{Heartbeat, Running};
@@ -684,7 +685,7 @@ impl<H: Handler> FoldSink<H::Response> for Answer<'_, H> {
     }
 }
 
-type States<S> = HashMap<Bytes, Slot<S>, ahash::RandomState>;
+type States<S> = HashMap<Key, Slot<S>, ahash::RandomState>;
 
 /// Requests handled whose queue permits are not given back yet: the loop gives them back
 /// when its batch is done, every [`RELEASE_EVERY`] requests, and when it returns. One
@@ -758,7 +759,7 @@ pub(crate) fn run<H: Handler>(
                 let out = keys
                     .into_iter()
                     .map(|k| {
-                        let slot = states.remove(&k);
+                        let slot = states.remove(k.as_ref());
                         (k, slot)
                     })
                     .collect();
@@ -825,12 +826,10 @@ fn handle<H: Handler>(
     let key = key.as_slice();
     let slot = match states.get_mut(key) {
         Some(slot) => slot,
-        None => states
-            .entry(Bytes::copy_from_slice(key))
-            .or_insert_with(|| Slot {
-                state: H::State::default(),
-                folded_until: 0,
-            }),
+        None => states.entry(Key::copy_from(key)).or_insert_with(|| Slot {
+            state: H::State::default(),
+            folded_until: 0,
+        }),
     };
     let beat = me.heartbeat.begin();
     let request = fold::Request {
@@ -872,7 +871,7 @@ fn handle<H: Handler>(
             slot.folded_until = offset + 1;
             let limits = states
                 .iter()
-                .map(|(k, s)| (k.clone(), s.folded_until))
+                .map(|(k, s)| (Bytes::copy_from_slice(k.as_slice()), s.folded_until))
                 .collect();
             Some(Exit::Restart(limits))
         }
@@ -896,7 +895,7 @@ fn acquire<H: Handler>(
             for (key, slot) in entries {
                 match slot {
                     Some(slot) => {
-                        states.insert(key, slot);
+                        states.insert(Key::copy_from(&key), slot);
                     }
                     None => {
                         missing.insert(key, until);
@@ -907,8 +906,7 @@ fn acquire<H: Handler>(
         None => missing.extend(keys.into_iter().map(|k| (k, until))),
     }
     if !missing.is_empty() {
-        let rebuilt = rebuild(shared, me, &missing, None)?;
-        states.extend(rebuilt);
+        states.extend(rebuild(shared, me, &missing, None)?);
     }
     Ok(())
 }
@@ -934,20 +932,27 @@ fn rebuild<H: Handler>(
         instance: me.id,
         input: &*shared.input,
     };
-    fold::rebuild(
+    let rebuilt = fold::rebuild(
         replay,
         &checkpoint,
         &mut poisoned,
         limits,
         &mut sink,
         || drop(me.heartbeat.begin()),
-    )
+    )?;
+    Ok(rebuilt
+        .into_iter()
+        .map(|(key, slot)| (Key::copy_from(&key), slot))
+        .collect())
 }
 
 fn encode_states<H: Handler>(states: &States<H::State>) -> Result<Vec<(Bytes, Bytes)>> {
     use crate::codec::Codec;
     states
         .iter()
-        .map(|(k, slot)| Ok((k.clone(), Bytes::from(fold::CODEC.encode(&slot.state)?))))
+        .map(|(k, slot)| {
+            let key = Bytes::copy_from_slice(k.as_slice());
+            Ok((key, Bytes::from(fold::CODEC.encode(&slot.state)?)))
+        })
         .collect()
 }

@@ -6,7 +6,7 @@ use std::sync::Arc;
 use bytes::Bytes;
 
 use super::instance::Instance;
-use super::small::SmallBytes;
+use super::small::Key;
 use crate::error::Result;
 use crate::record::Timestamp;
 use crate::router::{InstanceId, Router, Sticky};
@@ -57,9 +57,8 @@ impl Placement for Sticky {
 /// `Acquire` runs. Sharded by the keys' stripes, each shard guarded by its stripe lock.
 pub(crate) type Holders = HashMap<HeldKey, InstanceId, ahash::RandomState>;
 
-/// A key in [`Holders`]: inline up to 30 bytes, so that the lookup every submit makes
-/// compares it within the map's entry (an entry is as large as with a `Bytes` key).
-pub(crate) type HeldKey = SmallBytes<30>;
+/// A key in [`Holders`].
+pub(crate) type HeldKey = Key;
 
 /// Makes `to` the holder of `key`; returns the holder it had, if any.
 pub(crate) fn hold(holders: &mut Holders, key: &[u8], to: InstanceId) -> Option<InstanceId> {

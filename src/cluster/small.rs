@@ -12,8 +12,9 @@ use std::hash::{Hash, Hasher};
 ///   submitter down glibc's slow path (6–7% of the CPU of the cluster bench); sharing
 ///   the holder's `Bytes` of the key instead bounced its reference count between the two
 ///   threads.
-/// - The keys of the holders map, looked up on every submit: an inline key is compared
-///   where the map's entry is, without following a pointer to the key's bytes.
+/// - The keys of the holders map and of an instance's states, each looked up once per
+///   request: an inline key is compared where the map's entry is, without following a
+///   pointer to the key's bytes.
 ///
 /// It hashes and compares as the `[u8]` it holds, so a map keyed by it is looked up with
 /// a `&[u8]`.
@@ -70,6 +71,10 @@ impl<const N: usize> std::fmt::Debug for SmallBytes<N> {
         f.debug_tuple("SmallBytes").field(&self.as_slice()).finish()
     }
 }
+
+/// A key as the cluster's per-key maps hold it (the holders of a stripe, the states
+/// of an instance): inline up to 30 bytes, an entry as large as with a `Bytes` key.
+pub(crate) type Key = SmallBytes<30>;
 
 #[cfg(test)]
 mod tests {
