@@ -85,6 +85,8 @@ pub mod router;
 pub mod store;
 pub mod stream;
 
+mod small;
+
 pub use codec::{Bincode, Codec};
 pub use error::{Error, Result};
 pub use record::{Entry, Offset, Record, Timestamp};

@@ -11,12 +11,12 @@ use parking_lot::{Condvar, Mutex};
 
 use super::core::Shared;
 use super::fold::{self, Checkpoint, FoldSink, Outcome, Slot};
-use super::small::Key;
 use crate::error::{Error, Result};
 use crate::handler::Handler;
 use crate::launcher::{Heartbeat, Running};
 use crate::record::{Offset, Timestamp};
 use crate::router::InstanceId;
+use crate::small::Key;
 
 use super::metrics::InstanceStats;
 use crate::client::Responder;
@@ -177,8 +177,8 @@ pub(crate) struct Queued<R> {
 /// How many bytes a queued request's key or payload holds without a heap buffer.
 const INLINE_PAYLOAD: usize = 46;
 
-/// A queued request's key or payload (see [`super::small::SmallBytes`]).
-pub(crate) type QueuedBytes = super::small::SmallBytes<INLINE_PAYLOAD>;
+/// A queued request's key or payload (see [`crate::small::SmallBytes`]).
+pub(crate) type QueuedBytes = crate::small::SmallBytes<INLINE_PAYLOAD>;
 
 /// The batch an instance loop took from its mailbox, and the request it is on.
 struct Taken<S, R> {

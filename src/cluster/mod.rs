@@ -69,7 +69,6 @@ mod metrics;
 mod owned;
 mod placement;
 mod replay;
-mod small;
 
 pub use crate::client::Pending;
 pub use crate::handler::{Context, EffectId, Handler};

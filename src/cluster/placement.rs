@@ -6,10 +6,10 @@ use std::sync::Arc;
 use bytes::Bytes;
 
 use super::instance::Instance;
-use super::small::Key;
 use crate::error::Result;
 use crate::record::Timestamp;
 use crate::router::{InstanceId, Router, Sticky};
+use crate::small::Key;
 
 /// The routing decisions the cluster needs. The router module provides them; this trait
 /// keeps the cluster's use of it in one place.

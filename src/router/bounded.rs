@@ -56,6 +56,7 @@ use super::table::{SlotRouter, SlotRouterOptions, SlotTable};
 use super::{Epoch, InstanceId, Router};
 use crate::error::{Error, Result};
 use crate::record::Timestamp;
+use crate::small::Key;
 
 const PPM: u128 = 1_000_000;
 
@@ -363,7 +364,7 @@ pub struct Move {
 
 /// What a [`Sticky`] knows about one key.
 struct KeyState {
-    key: Bytes,
+    key: Key,
     hash: u64,
     /// Its instance and that instance's seat in the current table ([`DEPARTED`] while
     /// a change is being reconciled); `None` when its instance left while the key was
@@ -505,7 +506,7 @@ impl Sticky {
             }
             None => {
                 let to = self.place(hash, 1)?;
-                self.insert(Bytes::copy_from_slice(key), hash, to, now)
+                self.insert(Key::copy_from(key), hash, to, now)
             }
         };
         let state = &mut self.states[index as usize];
@@ -566,7 +567,7 @@ impl Sticky {
         let mut at = *self.index.get(&hash)?;
         while at != END {
             let state = &self.states[at as usize];
-            if state.key == key {
+            if state.key.as_slice() == key {
                 return Some(at);
             }
             at = state.next;
@@ -574,7 +575,7 @@ impl Sticky {
         None
     }
 
-    fn insert(&mut self, key: Bytes, hash: u64, to: (InstanceId, usize), now: Timestamp) -> u32 {
+    fn insert(&mut self, key: Key, hash: u64, to: (InstanceId, usize), now: Timestamp) -> u32 {
         let mut state = KeyState {
             key,
             hash,
@@ -588,7 +589,7 @@ impl Sticky {
             Some(index) => index,
             None => {
                 self.states.push(KeyState {
-                    key: Bytes::new(),
+                    key: Key::copy_from(b""),
                     hash: 0,
                     placed: None,
                     last_seen: 0,
@@ -641,7 +642,7 @@ impl Sticky {
 
     fn release(&mut self, index: u32) {
         let state = &mut self.states[index as usize];
-        state.key = Bytes::new();
+        state.key = Key::copy_from(b"");
         state.placed = None;
         self.free.push(index);
     }
@@ -793,7 +794,7 @@ impl Sticky {
             let (a, b) = (&states[a as usize], &states[b as usize]);
             b.in_window
                 .cmp(&a.in_window)
-                .then_with(|| a.key.cmp(&b.key))
+                .then_with(|| a.key.as_slice().cmp(b.key.as_slice()))
         };
         orphans.sort_unstable_by(|&a, &b| hottest_first(a, b));
         offered.sort_unstable_by(|&(a, _), &(b, _)| hottest_first(a, b));
@@ -807,7 +808,7 @@ impl Sticky {
         if from != to.0 {
             self.shift_load(index, to);
             moves.push(Move {
-                key: self.states[index as usize].key.clone(),
+                key: Bytes::copy_from_slice(self.states[index as usize].key.as_slice()),
                 from,
                 to: to.0,
             });

@@ -6,15 +6,15 @@ use std::hash::{Hash, Hasher};
 /// A copy of a byte string, inline when it has at most `N` bytes (`N` < 256), on the heap
 /// otherwise.
 ///
-/// The cluster keeps keys and payloads this way where a short one is the common case:
+/// Keys and payloads are kept this way where a short one is the common case:
 /// - A queued request's key and payload. A heap buffer per request, allocated by the
 ///   submitting thread and freed by the instance's, sent nearly every allocation of the
 ///   submitter down glibc's slow path (6–7% of the CPU of the cluster bench); sharing
 ///   the holder's `Bytes` of the key instead bounced its reference count between the two
 ///   threads.
-/// - The keys of the holders map and of an instance's states, each looked up once per
-///   request: an inline key is compared where the map's entry is, without following a
-///   pointer to the key's bytes.
+/// - The keys of the cluster's holders map and of an instance's states, and of
+///   `Sticky`'s key table, each looked up once per request: an inline key is compared
+///   where the entry is, without following a pointer to the key's bytes.
 ///
 /// It hashes and compares as the `[u8]` it holds, so a map keyed by it is looked up with
 /// a `&[u8]`.
@@ -72,8 +72,8 @@ impl<const N: usize> std::fmt::Debug for SmallBytes<N> {
     }
 }
 
-/// A key as the cluster's per-key maps hold it (the holders of a stripe, the states
-/// of an instance): inline up to 30 bytes, an entry as large as with a `Bytes` key.
+/// A key as per-key tables hold it (the holders of a stripe, the states of an
+/// instance, `Sticky`'s keys): inline up to 30 bytes, as large as a `Bytes`.
 pub(crate) type Key = SmallBytes<30>;
 
 #[cfg(test)]
