@@ -828,9 +828,9 @@ mod tests {
         sticky.add(InstanceId(1), 1).unwrap();
         sticky.add(InstanceId(2), 1).unwrap();
         let to = sticky.place(7, 1).unwrap();
-        let a = sticky.insert(Bytes::from_static(b"a"), 7, to, 0);
-        let b = sticky.insert(Bytes::from_static(b"b"), 7, to, 0);
-        let c = sticky.insert(Bytes::from_static(b"c"), 7, to, 0);
+        let a = sticky.insert(Key::copy_from(b"a"), 7, to, 0);
+        let b = sticky.insert(Key::copy_from(b"b"), 7, to, 0);
+        let c = sticky.insert(Key::copy_from(b"c"), 7, to, 0);
         assert_eq!(sticky.find(b"a", 7), Some(a));
         assert_eq!(sticky.find(b"b", 7), Some(b));
         assert_eq!(sticky.find(b"c", 7), Some(c));
