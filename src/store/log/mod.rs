@@ -306,9 +306,6 @@ pub(crate) struct Shared {
 }
 
 impl Shared {
-    /// The bytes of the active segment `seg` at `pos` that are not in the file yet: at
-    /// least `want` of them when there are, and at most about a read chunk more (the
-    /// copy is made under the writer's lock).
     /// The writer's lock for a reader at the tail, which contends with every append: it
     /// tries the lock in a short spin (crossbeam's backoff: spins, then a few yields)
     /// before it parks. A follower parked on this lock takes tens of microseconds to
@@ -330,6 +327,9 @@ impl Shared {
         }
     }
 
+    /// The bytes of the active segment `seg` at `pos` that are not in the file yet: at
+    /// least `want` of them when there are, and at most about a read chunk more (the
+    /// copy is made under the writer's lock).
     fn tail_bytes(&self, seg: &Segment, pos: u64, want: usize) -> TailBytes {
         let st = self.lock_for_tail();
         if !std::ptr::eq(Arc::as_ptr(&st.active), seg) || pos < seg.end.load(Ordering::Acquire) {

@@ -1,9 +1,10 @@
 //! Reading: an iterator over committed records that follows the tail.
 //!
-//! A reader walks segments in order, batch by batch. Sealed segments are mapped into
-//! memory a window of [`MAP_BYTES`] at a time; the written part of the active one is
-//! read from the file in chunks of [`CHUNK_BYTES`] into one [`Bytes`] buffer. Either
-//! way every record's key and payload are slices of that buffer (no copy). The
+//! A reader walks segments in order, batch by batch. Sealed segments, and the active one
+//! where a whole window is written ahead of the reader, are mapped into memory a window
+//! of [`MAP_BYTES`] at a time; closer to the tail, the active one is read from the file
+//! in chunks of [`CHUNK_BYTES`] into one [`Bytes`] buffer. Either way every record's key
+//! and payload are slices of that buffer (no copy). The
 //! part of the tail still in the writer's buffer is taken from memory, so a follower sees
 //! a record as soon as its append returns. Every batch's checksums are checked before a
 //! record of it is returned.
