@@ -5,7 +5,8 @@
 //!   (the baseline builds a `Record` from the same bytes: that is the limit).
 //! - `stream.log.{memory_store,logstore}.vs_append`: records/s published one by one into
 //!   a `LogStream` against appending them one by one to its store alone (`LogStore` with
-//!   `SyncPolicy::Never`, in a temporary directory).
+//!   `SyncPolicy::Never`, in a temporary directory). The goal (≥ 0.8) is the issue's,
+//!   set on `LogStore`; the `MemoryStore` figure is for information.
 //! - `stream.log.{memory_store,logstore}.tail_{p50,p99}_us`: microseconds from the start
 //!   of a publish to the record reaching a subscriber that follows the tail, at half of
 //!   the peak rate measured first (publisher and follower together), against a bare
@@ -39,8 +40,17 @@ pub fn run(bench: &mut Bench) {
     }
     memory_throughput(bench, 1, "stream.memory.spsc.vs_channel");
     memory_throughput(bench, 4, "stream.memory.mpsc4.vs_channel");
-    log_publish(bench, "stream.log.memory_store.vs_append", memory_store);
-    log_publish(bench, "stream.log.logstore.vs_append", log_store);
+    // The goal (LogStream >= 0.8x the store's append rate) is set for a
+    // LogStream over LogStore with sync Never; the same over MemoryStore is measured
+    // beside it, for information.
+    log_publish(
+        bench,
+        "stream.log.memory_store.vs_append",
+        memory_store,
+        None,
+    );
+    let goal = Some(Goal::RatioAtLeast(0.8));
+    log_publish(bench, "stream.log.logstore.vs_append", log_store, goal);
     tail_latency(bench, "stream.log.memory_store", warm_memory_store);
     tail_latency(bench, "stream.log.logstore", log_store);
     wake_latency(bench);
@@ -193,7 +203,7 @@ impl Store for OnDisk {
     }
 }
 
-fn log_publish<S: Store>(bench: &mut Bench, id: &str, new_store: fn() -> S) {
+fn log_publish<S: Store>(bench: &mut Bench, id: &str, new_store: fn() -> S, goal: Option<Goal>) {
     if !bench.wants(id) {
         return;
     }
@@ -203,7 +213,7 @@ fn log_publish<S: Store>(bench: &mut Bench, id: &str, new_store: fn() -> S) {
         id,
         "records/s",
         Better::More,
-        Some(Goal::RatioAtLeast(0.8)),
+        goal,
         || {
             let stream = LogStream::new(new_store());
             let publisher = stream.publisher();
