@@ -31,11 +31,16 @@ impl Tail {
         self.next.load(Ordering::SeqCst)
     }
 
-    /// Moves the committed end to `next` and wakes the waiters.
+    /// Moves the committed end up to `next` (never down) and wakes the waiters.
+    ///
+    /// Never down: appenders that commit under a lock but publish after it (as
+    /// `MemoryStore` does) may publish out of order, and a plain store of the older end
+    /// would move the end back, hiding committed records from readers until the next
+    /// append.
     pub(crate) fn publish(&self, next: Offset) {
         // SeqCst pairs with the waiter's increment then load in `wait_for`: either this
         // load sees the waiter, or the waiter's load sees the new end.
-        self.next.store(next, Ordering::SeqCst);
+        self.next.fetch_max(next, Ordering::SeqCst);
         if self.waiters.load(Ordering::SeqCst) > 0 {
             let _guard = self.lock.lock();
             self.cond.notify_all();
@@ -84,6 +89,16 @@ impl Tail {
 mod tests {
     use super::*;
     use std::sync::Arc;
+
+    #[test]
+    fn the_end_never_moves_back() {
+        let tail = Tail::new(0);
+        tail.publish(6);
+        // An appender that committed 5 before another committed 6, publishing late.
+        tail.publish(5);
+        assert_eq!(tail.get(), 6);
+        assert_eq!(tail.wait_for(5, Some(Duration::from_millis(1))), 6);
+    }
 
     #[test]
     fn waiter_wakes_on_publish_and_on_wake() {

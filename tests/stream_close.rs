@@ -1,0 +1,87 @@
+//! Closing a `LogStream` while publishers publish: every publish that was accepted
+//! reaches a subscriber that reads until the stream ends, and nothing is accepted after
+//! the close returned.
+
+use std::collections::BTreeSet;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::thread;
+use std::time::Duration;
+
+use cauce::store::{LogOptions, LogStore, MemoryStore, Store, SyncPolicy};
+use cauce::stream::{LogStream, Position, Publish, Stream, Subscribe};
+use cauce::{Entry, Error};
+
+/// Publishers on `threads` threads publish until refused; the stream is closed while
+/// they run. Returns nothing; panics if an accepted record is not received.
+fn close_while_publishing<S: Store + 'static>(store: S, threads: usize) {
+    let stream = LogStream::new(store);
+    let mut subscriber = stream.subscribe(Position::Beginning).expect("subscribe");
+    let closed = Arc::new(AtomicBool::new(false));
+    let publishers: Vec<_> = (0..threads)
+        .map(|t| {
+            let publisher = stream.publisher();
+            let closed = closed.clone();
+            thread::spawn(move || {
+                let mut accepted = Vec::new();
+                let payload = format!("from {t}");
+                loop {
+                    let after_close = closed.load(Ordering::SeqCst);
+                    match publisher.publish(Entry::new(b"k", payload.as_bytes())) {
+                        Ok(offset) => {
+                            assert!(
+                                !after_close,
+                                "publish {offset}, begun after close returned, was accepted"
+                            );
+                            accepted.push(offset);
+                        }
+                        Err(Error::Closed) => return accepted,
+                        Err(e) => panic!("publish failed: {e}"),
+                    }
+                }
+            })
+        })
+        .collect();
+    let closer = stream.publisher();
+    thread::sleep(Duration::from_millis(3));
+    closer.close();
+    closed.store(true, Ordering::SeqCst);
+    let accepted: BTreeSet<u64> = publishers
+        .into_iter()
+        .flat_map(|p| p.join().expect("publisher"))
+        .collect();
+    let mut received = BTreeSet::new();
+    loop {
+        match subscriber.recv_timeout(Duration::from_secs(10)) {
+            Ok(record) => {
+                received.insert(record.offset);
+            }
+            Err(Error::Closed) => break,
+            Err(e) => panic!("subscriber: {e}"),
+        }
+    }
+    assert!(
+        !accepted.is_empty(),
+        "nothing was published before the close"
+    );
+    let lost: Vec<_> = accepted.difference(&received).take(5).collect();
+    assert!(lost.is_empty(), "accepted but never received: {lost:?}");
+}
+
+#[test]
+fn close_racing_publishers_over_a_memory_store_loses_nothing_accepted() {
+    for _ in 0..20 {
+        close_while_publishing(MemoryStore::new(), 4);
+    }
+}
+
+#[test]
+fn close_racing_publishers_over_a_log_store_loses_nothing_accepted() {
+    for sync in [SyncPolicy::Never, SyncPolicy::Always] {
+        for _ in 0..5 {
+            let dir = tempfile::tempdir().expect("tempdir");
+            let log = LogStore::open(dir.path(), LogOptions::new().sync(sync)).expect("open");
+            close_while_publishing(Arc::new(log), 4);
+        }
+    }
+}
