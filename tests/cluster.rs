@@ -678,3 +678,57 @@ fn a_damaged_input_log_is_a_typed_error_at_open_not_a_panic() {
         Ok(_) => panic!("a damaged log must not open as if it were whole"),
     }
 }
+
+#[test]
+fn shutdown_while_clients_submit_answers_everything_it_accepted() {
+    for round in 0..5u64 {
+        let h = Harness::new();
+        let cluster = h.cluster(4).build().unwrap();
+        let stop = Arc::new(AtomicBool::new(false));
+        let submitters: Vec<_> = (0..4u64)
+            .map(|t| {
+                let client = cluster.client();
+                let stop = stop.clone();
+                thread::spawn(move || {
+                    let mut pending = Vec::new();
+                    for i in 0.. {
+                        let k = (i * 7 + t * 13) % 50;
+                        let after_shutdown = stop.load(Ordering::SeqCst);
+                        match client.submit(key(k), Req::Add(i + 1)) {
+                            Ok(p) => {
+                                assert!(
+                                    !after_shutdown,
+                                    "round {round}: a submit begun after shutdown returned was accepted"
+                                );
+                                pending.push(p);
+                            }
+                            Err(Error::Closed) => break,
+                            Err(e) => panic!("round {round}: submit failed: {e}"),
+                        }
+                    }
+                    pending
+                })
+            })
+            .collect();
+        thread::sleep(Duration::from_millis(20));
+        cluster.shutdown().unwrap();
+        stop.store(true, Ordering::SeqCst);
+        let mut answers = HashMap::new();
+        for s in submitters {
+            for p in s.join().unwrap() {
+                let offset = p.offset();
+                let answer = p.wait_timeout(Duration::from_secs(10));
+                assert!(
+                    answer.is_ok(),
+                    "round {round}: request {offset}, accepted before shutdown, got {answer:?}"
+                );
+                answers.insert(offset, answer);
+            }
+        }
+        assert!(!answers.is_empty());
+        // Reopened over the same logs, every state is the fold of what was answered.
+        let reopened = h.cluster(4).build().unwrap();
+        h.check(&answers, &reopened);
+        reopened.shutdown().unwrap();
+    }
+}
