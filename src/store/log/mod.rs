@@ -263,8 +263,11 @@ pub(crate) struct WriterState {
     /// that found no write in flight); it is written at the latest a gather window
     /// later.
     group_started: Option<Instant>,
-    /// Segments sealed under `SyncPolicy::Never` and not fdatasync'd yet.
-    unsynced_sealed: Vec<Arc<Segment>>,
+    /// Segments sealed under `SyncPolicy::Never` and not fdatasync'd yet. Weak: one
+    /// that retention deletes or compaction replaces needs no fdatasync, and holding it
+    /// would keep its file open (and its disk space taken) for as long as the store
+    /// lives.
+    unsynced_sealed: Vec<std::sync::Weak<Segment>>,
     /// The active segment is written (data or zeros) up to here.
     zeroed_until: u64,
 }

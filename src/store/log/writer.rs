@@ -419,7 +419,10 @@ impl Shared {
         if self.options.sync == SyncPolicy::Never {
             // Nothing was promised durable: leave the writeback to the kernel, and to
             // the next `sync()`, which fdatasyncs this segment first.
-            st.unsynced_sealed.push(seg.clone());
+            // Forget the ones already deleted or replaced, so the list stays as short
+            // as the segments it names.
+            st.unsynced_sealed.retain(|s| s.strong_count() > 0);
+            st.unsynced_sealed.push(Arc::downgrade(&seg));
         } else {
             self.syncs.fetch_add(1, Ordering::Relaxed);
             seg.file
@@ -458,10 +461,16 @@ impl Shared {
         }
         let mut st = self.writer.lock();
         let target = st.next;
-        for seg in std::mem::take(&mut st.unsynced_sealed) {
-            seg.file
-                .sync_data()
-                .map_err(|e| Error::io("fdatasync", &seg.path, e))?;
+        let sealed = std::mem::take(&mut st.unsynced_sealed);
+        for (i, seg) in sealed.iter().enumerate() {
+            let Some(seg) = seg.upgrade() else {
+                continue; // deleted or replaced since: nothing to make durable
+            };
+            if let Err(e) = seg.file.sync_data() {
+                // Those not synced yet stay listed for the next `sync`.
+                st.unsynced_sealed.extend(sealed[i..].iter().cloned());
+                return Err(Error::io("fdatasync", &seg.path, e));
+            }
         }
         if std::mem::take(&mut st.dir_unsynced) {
             meta::sync_dir(&self.dir)?;
