@@ -37,6 +37,7 @@ impl<const N: usize> SmallBytes<N> {
         }
     }
 
+    /// The bytes held.
     pub(crate) fn as_slice(&self) -> &[u8] {
         match self {
             SmallBytes::Inline { len, bytes } => &bytes[..usize::from(*len)],

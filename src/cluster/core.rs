@@ -37,6 +37,7 @@ use crate::handler::{Effects, Handler};
 use crate::launcher::{Heartbeat, Launcher, Supervised};
 use crate::record::{Entry, Offset, now};
 use crate::router::{InstanceId, key_hash};
+use crate::small::Key;
 use crate::store::Store;
 
 const STRIPES: usize = 256;
@@ -222,7 +223,7 @@ impl<H: Handler> Shared<H> {
             let owner = routing.placement.owner_of(key).ok_or(Error::NoInstance)?;
             stripes[stripe_of(key)]
                 .get_mut()
-                .insert(placement::HeldKey::copy_from(key), owner);
+                .insert(Key::copy_from(key), owner);
             limits.entry(owner).or_default().insert(key.clone(), end);
         }
         let next_id = instances.iter().max().map_or(0, |m| m + 1);
@@ -506,6 +507,8 @@ impl<H: Handler> Shared<H> {
             return Ok(Vec::new());
         }
         let timestamp = now();
+        // Each key hashed once, for its routing and its stripe, however often it routes.
+        let hashes: Vec<u64> = items.iter().map(|(k, _)| key_hash(k.as_ref())).collect();
         loop {
             if !self.accepting.load(Ordering::SeqCst) {
                 return Err(Error::Closed);
@@ -519,9 +522,8 @@ impl<H: Handler> Shared<H> {
                     dests: Vec::new(),
                     dest_of: Vec::with_capacity(items.len()),
                 };
-                for (key, _) in items {
-                    let key = key.as_ref();
-                    let id = routing.placement.route(key, key_hash(key), timestamp);
+                for ((key, _), &hash) in items.iter().zip(&hashes) {
+                    let id = routing.placement.route(key.as_ref(), hash, timestamp);
                     let inst = id.and_then(|id| routing.instances.get(&id));
                     let inst = inst.ok_or(Error::NoInstance)?;
                     let at = batch.index_of(inst);
@@ -539,18 +541,20 @@ impl<H: Handler> Shared<H> {
                 continue;
             }
             if let Some(pendings) =
-                self.submit_batch_locked(items, payloads, &mut batch, timestamp)?
+                self.submit_batch_locked(items, &hashes, payloads, &mut batch, timestamp)?
             {
                 return Ok(pendings);
             }
         }
     }
 
-    /// The part of `submit_batch` done under the keys' stripe locks; `None` if it must be
-    /// routed again (the permits were given back).
+    /// The part of `submit_batch` done under the keys' stripe locks (`hashes` are the
+    /// items' key hashes); `None` if it must be routed again (the permits were given
+    /// back).
     fn submit_batch_locked<K: AsRef<[u8]>>(
         &self,
         items: &[(K, Range<usize>)],
+        hashes: &[u64],
         payloads: &[u8],
         batch: &mut Routed<H>,
         timestamp: u64,
@@ -559,7 +563,7 @@ impl<H: Handler> Shared<H> {
             (0..items.len()).for_each(|i| batch.dest(i).permits.release());
         };
         // Every stripe the batch touches, locked in ascending order.
-        let stripe_of_item: Vec<usize> = items.iter().map(|(k, _)| stripe_of(k.as_ref())).collect();
+        let stripe_of_item: Vec<usize> = hashes.iter().map(|&h| stripe_of_hash(h)).collect();
         let mut order = stripe_of_item.clone();
         order.sort_unstable();
         order.dedup();

@@ -55,17 +55,14 @@ impl Placement for Sticky {
 
 /// Who holds each key's state: the instance that has it, or will have it once its queued
 /// `Acquire` runs. Sharded by the keys' stripes, each shard guarded by its stripe lock.
-pub(crate) type Holders = HashMap<HeldKey, InstanceId, ahash::RandomState>;
-
-/// A key in [`Holders`].
-pub(crate) type HeldKey = Key;
+pub(crate) type Holders = HashMap<Key, InstanceId, ahash::RandomState>;
 
 /// Makes `to` the holder of `key`; returns the holder it had, if any.
 pub(crate) fn hold(holders: &mut Holders, key: &[u8], to: InstanceId) -> Option<InstanceId> {
     match holders.get_mut(key) {
         Some(holder) => Some(std::mem::replace(holder, to)),
         None => {
-            holders.insert(HeldKey::copy_from(key), to);
+            holders.insert(Key::copy_from(key), to);
             None
         }
     }
