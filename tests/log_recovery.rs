@@ -370,6 +370,107 @@ fn corruption_in_a_sealed_segment_is_found_when_read() {
     assert_eq!(read_all(&ro).len(), ok);
 }
 
+/// A batch whose checksums match but whose records do not frame (which no writer of the
+/// format produces: its checksums were made to match) is found as its records are
+/// decoded: the records before the bad one come back as written, then a typed error at
+/// the batch, and nothing after it. Checks for each way framing can be bad.
+#[test]
+fn checksummed_batch_with_bad_framing_is_an_error_at_the_batch() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let dir = tmp.path().join("log");
+    write_log(&dir, 100, 4);
+    let files = segments(&dir);
+    assert!(files.len() >= 3);
+    let base: u64 = files[1]
+        .file_stem()
+        .and_then(|s| s.to_str())
+        .and_then(|s| s.parse().ok())
+        .expect("base offset in the name");
+    let pristine = fs::read(&files[1]).expect("read");
+    // The first batch of the second segment: header at 32, body after its 24 bytes.
+    let le32 = |b: &[u8], at: usize| u32::from_le_bytes(b[at..at + 4].try_into().expect("4"));
+    let body_len = le32(&pristine, 36) as usize;
+    let (body, record) = (32 + 24, |i: usize, b: &[u8]| {
+        // Byte position in the body of record `i`'s header.
+        let mut at = 0;
+        for _ in 0..i {
+            at += 20 + le32(b, 56 + at + 12) as usize + le32(b, 56 + at + 16) as usize;
+        }
+        at
+    });
+    let third = record(2, &pristine);
+    let breakages = [
+        "offsets not increasing",
+        "a length past the end of the batch",
+        "bytes left over",
+    ];
+    for what in breakages {
+        let mut bytes = pristine.clone();
+        match what {
+            "offsets not increasing" => {
+                let at = body + third;
+                bytes[at..at + 4].copy_from_slice(&1u32.to_le_bytes());
+            }
+            "a length past the end of the batch" => {
+                let at = body + third + 16;
+                bytes[at..at + 4].copy_from_slice(&(body_len as u32).to_le_bytes());
+            }
+            _ => {
+                // The batch claims one record fewer: its last record's bytes are left over.
+                let count = le32(&bytes, 40) - 1;
+                bytes[40..44].copy_from_slice(&count.to_le_bytes());
+            }
+        }
+        let body_crc = crc32c::crc32c(&bytes[body..body + body_len]);
+        bytes[44..48].copy_from_slice(&body_crc.to_le_bytes());
+        let header_crc = crc32c::crc32c(&bytes[36..56]);
+        bytes[32..36].copy_from_slice(&header_crc.to_le_bytes());
+        fs::write(&files[1], &bytes).expect("write");
+        let log = LogStore::open(&dir, options()).expect("sealed segments are checked lazily");
+        let (mut ok, mut err) = (0, None);
+        for r in log.read_from(0).expect("read") {
+            match r {
+                Ok(r) => {
+                    assert!(err.is_none(), "{what}: no record after the error");
+                    assert_eq!(r.offset, ok, "{what}");
+                    assert_is_original(&r);
+                    ok += 1;
+                }
+                Err(e) => err = Some(e),
+            }
+        }
+        match err {
+            Some(Error::Corrupt { path, position, .. }) => {
+                assert_eq!((path, position), (files[1].clone(), 32), "{what}");
+            }
+            other => panic!("{what}: expected Corrupt, got {other:?}"),
+        }
+        // The batch's first two records, then nothing: the third is bad (the last one,
+        // when the batch claims 3 of its 4 records).
+        assert_eq!(ok, base + 2, "{what}");
+        let mut replayed = 0;
+        let replay = log.replay_from(0, |offset, e| {
+            assert_eq!(offset, replayed, "{what}");
+            assert_eq!((e.key, e.payload), (&key(offset)[..], &payload(offset)[..]));
+            replayed += 1;
+        });
+        assert!(
+            matches!(replay, Err(Error::Corrupt { position: 32, .. })),
+            "{what}"
+        );
+        assert_eq!(replayed, ok, "{what}: replay stops where the reader stops");
+        assert!(matches!(log.verify(), Err(Error::Corrupt { .. })), "{what}");
+        drop(log);
+        let ro = LogStore::open_read_only(&dir, options()).expect("read-only");
+        assert!(ro.corruption().is_some(), "{what}");
+        assert_eq!(
+            read_all(&ro).len() as u64,
+            base,
+            "{what}: read-only stops before it"
+        );
+    }
+}
+
 /// Rule 6: a torn header on the newest segment (a crash during a roll) is rewritten; a
 /// bad header that does not continue the previous segment is corruption.
 #[test]

@@ -136,7 +136,10 @@ pub(crate) fn records_of(seg: &Segment) -> Result<Vec<Record>> {
         let header = batch.header;
         let body_start = pos + segment::BATCH_HEADER_LEN;
         let body = data.slice(body_start..body_start + header.body_len as usize);
-        records.extend(segment::BatchRecords::new(&header, body));
+        for record in segment::BatchRecords::new(&header, body) {
+            let corrupt = |reason| Error::corrupt(&seg.path, pos as u64, Some(expected), reason);
+            records.push(record.map_err(corrupt)?);
+        }
         expected = batch.last + 1;
         pos += batch.len as usize;
     }

@@ -84,8 +84,12 @@
 //!    (`SEEK_HOLE`), since a hole reads as zeros. (`zeros_after_the_last_batch_end_the_data`)
 //! 5. **Sealed segments are checked when read**: the reader checks every batch's checksums
 //!    before returning its records; damage yields [`Error::Corrupt`] and the reader stops.
-//!    [`LogStore::verify`] checks every segment at once.
-//!    (`corruption_in_a_sealed_segment_is_found_when_read`)
+//!    The framing of a batch whose checksums match is checked as its records are decoded
+//!    (one pass over the bytes, not two): framing that does not hold there, which no
+//!    writer of this format produces, ends the read with [`Error::Corrupt`] at the batch,
+//!    after its records before the bad one, as written. [`LogStore::verify`] checks every
+//!    segment at once, framing included. (`corruption_in_a_sealed_segment_is_found_when_read`,
+//!    `checksummed_batch_with_bad_framing_is_an_error_at_the_batch`)
 //! 6. **A torn header on the newest segment is a crash during a roll**: no record in it was
 //!    acknowledged (records go to a new segment only after its header, the file and the
 //!    directory are fsync'd). If nothing valid follows it and its base continues the
@@ -284,7 +288,7 @@ pub(crate) enum TailBytes {
 
 /// State shared by a store, its readers and its flusher thread.
 pub(crate) struct Shared {
-    dir: PathBuf,
+    pub(crate) dir: PathBuf,
     options: LogOptions,
     writable: bool,
     writer: CachePadded<Mutex<WriterState>>,

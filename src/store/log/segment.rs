@@ -246,24 +246,33 @@ pub(crate) fn check_header(bytes: &[u8]) -> HeaderCheck {
     HeaderCheck::Valid(header)
 }
 
-/// The records of a batch whose body passed [`check_body`], decoded one at a time:
-/// keys and payloads are slices of the body (no copy).
+/// The records of a batch whose body checksum matched, decoded one at a time: keys and
+/// payloads are slices of the body (no copy).
+///
+/// The framing (record bounds, increasing offsets, no bytes left over) is checked as
+/// each record is decoded, by the rules of [`check_body`], not in a pass of its own: a
+/// reader walks the body once. A checksummed body with bad framing is something no
+/// writer of this format produces; decoding it ends at the first bad record with the
+/// reason, after the records before it (whole, and the bytes that were written).
 #[derive(Debug, Default)]
 pub(crate) struct BatchRecords {
     body: Bytes,
     at: usize,
     left: u32,
     base: Offset,
+    /// The lowest offset delta the next record may have (deltas increase).
+    next_delta: u64,
 }
 
 impl BatchRecords {
-    /// The records of `body`; [`check_body`] must have accepted it with `header`.
+    /// The records of `body`, which [`check_crc`] accepted with `header`.
     pub(crate) fn new(header: &BatchHeader, body: Bytes) -> Self {
         BatchRecords {
             body,
             at: 0,
             left: header.count,
             base: header.base,
+            next_delta: 0,
         }
     }
 }
@@ -280,29 +289,54 @@ pub(crate) struct RecordAt {
 }
 
 impl BatchRecords {
-    /// Steps over the next record and says where it lies in the body.
+    /// Steps over the next record and says where it lies in the body, or why the body's
+    /// framing is bad there (after which there is no next record).
     #[inline(always)]
-    pub(crate) fn step(&mut self) -> Option<RecordAt> {
+    pub(crate) fn step(&mut self) -> Option<std::result::Result<RecordAt, &'static str>> {
         if self.left == 0 {
             return None;
         }
-        // check_body proved these bounds for every record of the body; `get` keeps the
-        // bounds check to one.
-        let h: &[u8; RECORD_HEADER_LEN] = self
+        let at = self.decode();
+        if at.is_err() {
+            self.left = 0;
+        }
+        Some(at)
+    }
+
+    #[inline(always)]
+    fn decode(&mut self) -> std::result::Result<RecordAt, &'static str> {
+        let Some(h) = self
             .body
-            .get(self.at..self.at + RECORD_HEADER_LEN)?
-            .try_into()
-            .ok()?;
-        let delta = le32(h, 0);
-        let timestamp = le64(h, 4);
+            .get(self.at..)
+            .and_then(|rest| rest.first_chunk::<RECORD_HEADER_LEN>())
+        else {
+            return Err("record header past the end of its batch");
+        };
+        let delta = le32(h, 0) as u64;
+        if delta < self.next_delta {
+            return Err("record offsets not increasing inside a batch");
+        }
+        // In u64, two u32 lengths cannot overflow the sum.
         let key_at = self.at + RECORD_HEADER_LEN;
-        let payload_at = key_at + le32(h, 12) as usize;
-        let end = payload_at + le32(h, 16) as usize;
+        let payload_at = key_at as u64 + le32(h, 12) as u64;
+        let end = payload_at + le32(h, 16) as u64;
+        if end > self.body.len() as u64 {
+            return Err("record length past the end of its batch");
+        }
+        let (payload_at, end) = (payload_at as usize, end as usize);
+        if self.left == 1 && end != self.body.len() {
+            return Err("bytes left over after the last record of a batch");
+        }
+        // The offset after this one must exist too.
+        let Some(next) = self.base.checked_add(delta + 1) else {
+            return Err("record offset overflows");
+        };
         self.at = end;
         self.left -= 1;
-        Some(RecordAt {
-            offset: self.base + delta as u64,
-            timestamp,
+        self.next_delta = delta + 1;
+        Ok(RecordAt {
+            offset: next - 1,
+            timestamp: le64(h, 4),
             key_at,
             payload_at,
             end,
@@ -337,12 +371,22 @@ impl BatchRecords {
 }
 
 impl Iterator for BatchRecords {
-    type Item = Record;
+    type Item = std::result::Result<Record, &'static str>;
 
-    fn next(&mut self) -> Option<Record> {
-        let at = self.step()?;
-        Some(self.record(at))
+    fn next(&mut self) -> Option<Self::Item> {
+        Some(self.step()?.map(|at| self.record(at)))
     }
+}
+
+/// Checks a batch body's checksum against its header.
+pub(crate) fn check_crc(
+    header: &BatchHeader,
+    body: &[u8],
+) -> std::result::Result<(), &'static str> {
+    if crc32c::crc32c(body) != header.body_crc {
+        return Err("batch body checksum mismatch");
+    }
+    Ok(())
 }
 
 /// Checks the body checksum and the record framing of a batch, without building
@@ -351,9 +395,7 @@ pub(crate) fn check_body(
     header: &BatchHeader,
     body: &[u8],
 ) -> std::result::Result<Offset, &'static str> {
-    if crc32c::crc32c(body) != header.body_crc {
-        return Err("batch body checksum mismatch");
-    }
+    check_crc(header, body)?;
     let mut at = 0usize;
     let mut last_delta: Option<u32> = None;
     for _ in 0..header.count {
@@ -546,7 +588,9 @@ mod tests {
             &bytes[BATCH_HEADER_LEN..BATCH_HEADER_LEN + h.body_len as usize],
         );
         assert_eq!(check_body(&h, &body), Ok(41));
-        let records: Vec<Record> = BatchRecords::new(&h, body).collect();
+        let records: Vec<Record> = BatchRecords::new(&h, body)
+            .collect::<Result<_, _>>()
+            .expect("framing");
         assert_eq!(
             records,
             [entries[0].to_record(40), entries[1].to_record(41)]
@@ -571,7 +615,9 @@ mod tests {
         let body = &bytes[BATCH_HEADER_LEN..BATCH_HEADER_LEN + h.body_len as usize];
         assert_eq!(h.body_crc, crc32c::crc32c(body));
         assert_eq!(check_body(&h, body), Ok(11));
-        let records: Vec<Record> = BatchRecords::new(&h, Bytes::copy_from_slice(body)).collect();
+        let records: Vec<Record> = BatchRecords::new(&h, Bytes::copy_from_slice(body))
+            .collect::<Result<_, _>>()
+            .expect("framing");
         let expected: Vec<Record> = (0..5).map(|i| entries[i].to_record(7 + i as u64)).collect();
         assert_eq!(records, expected);
     }
