@@ -249,19 +249,12 @@ pub(crate) fn check_header(bytes: &[u8]) -> HeaderCheck {
 /// The records of a batch whose body checksum matched, decoded one at a time: keys and
 /// payloads are slices of the body (no copy).
 ///
-/// The framing (record bounds, increasing offsets, no bytes left over) is checked as
-/// each record is decoded, by the rules of [`check_body`], not in a pass of its own: a
-/// reader walks the body once. A checksummed body with bad framing is something no
-/// writer of this format produces; decoding it ends at the first bad record with the
-/// reason, after the records before it (whole, and the bytes that were written).
+/// The framing is checked as each record is decoded ([`Framing`]), not in a pass of its
+/// own: a reader walks the body once.
 #[derive(Debug, Default)]
 pub(crate) struct BatchRecords {
     body: Bytes,
-    at: usize,
-    left: u32,
-    base: Offset,
-    /// The lowest offset delta the next record may have (deltas increase).
-    next_delta: u64,
+    framing: Framing,
 }
 
 impl BatchRecords {
@@ -269,10 +262,7 @@ impl BatchRecords {
     pub(crate) fn new(header: &BatchHeader, body: Bytes) -> Self {
         BatchRecords {
             body,
-            at: 0,
-            left: header.count,
-            base: header.base,
-            next_delta: 0,
+            framing: Framing::new(header),
         }
     }
 }
@@ -288,15 +278,40 @@ pub(crate) struct RecordAt {
     end: usize,
 }
 
-impl BatchRecords {
-    /// Steps over the next record and says where it lies in the body, or why the body's
-    /// framing is bad there (after which there is no next record).
+/// A walk over the records of a batch body that checks its framing as it goes: every
+/// record header and record inside the body, offsets strictly increasing, no bytes left
+/// over after the last record, and the offset after the last one representable.
+///
+/// A body whose checksum matches but whose framing is bad is something no writer of this
+/// format produces; the walk ends at the first bad record with the reason, after the
+/// records before it (whole, and the bytes that were written).
+#[derive(Clone, Copy, Debug, Default)]
+struct Framing {
+    at: usize,
+    left: u32,
+    base: Offset,
+    /// The lowest offset delta the next record may have.
+    next_delta: u64,
+}
+
+impl Framing {
+    fn new(header: &BatchHeader) -> Self {
+        Framing {
+            at: 0,
+            left: header.count,
+            base: header.base,
+            next_delta: 0,
+        }
+    }
+
+    /// Steps over the next record of `body` and says where it lies, or why the framing
+    /// is bad there (after which there is no next record).
     #[inline(always)]
-    pub(crate) fn step(&mut self) -> Option<std::result::Result<RecordAt, &'static str>> {
+    fn step(&mut self, body: &[u8]) -> Option<std::result::Result<RecordAt, &'static str>> {
         if self.left == 0 {
             return None;
         }
-        let at = self.decode();
+        let at = self.decode(body);
         if at.is_err() {
             self.left = 0;
         }
@@ -304,9 +319,8 @@ impl BatchRecords {
     }
 
     #[inline(always)]
-    fn decode(&mut self) -> std::result::Result<RecordAt, &'static str> {
-        let Some(h) = self
-            .body
+    fn decode(&mut self, body: &[u8]) -> std::result::Result<RecordAt, &'static str> {
+        let Some(h) = body
             .get(self.at..)
             .and_then(|rest| rest.first_chunk::<RECORD_HEADER_LEN>())
         else {
@@ -316,15 +330,15 @@ impl BatchRecords {
         if delta < self.next_delta {
             return Err("record offsets not increasing inside a batch");
         }
-        // In u64, two u32 lengths cannot overflow the sum.
         let key_at = self.at + RECORD_HEADER_LEN;
+        // In u64, two u32 lengths cannot overflow the sum.
         let payload_at = key_at as u64 + le32(h, 12) as u64;
         let end = payload_at + le32(h, 16) as u64;
-        if end > self.body.len() as u64 {
+        if end > body.len() as u64 {
             return Err("record length past the end of its batch");
         }
         let (payload_at, end) = (payload_at as usize, end as usize);
-        if self.left == 1 && end != self.body.len() {
+        if self.left == 1 && end != body.len() {
             return Err("bytes left over after the last record of a batch");
         }
         // The offset after this one must exist too.
@@ -341,6 +355,15 @@ impl BatchRecords {
             payload_at,
             end,
         })
+    }
+}
+
+impl BatchRecords {
+    /// Steps over the next record and says where it lies in the body, or why the body's
+    /// framing is bad there (after which there is no next record).
+    #[inline(always)]
+    pub(crate) fn step(&mut self) -> Option<std::result::Result<RecordAt, &'static str>> {
+        self.framing.step(&self.body)
     }
 
     /// The record `at` (from [`step`](Self::step)) as an owned [`Record`]: its key and
@@ -396,33 +419,12 @@ pub(crate) fn check_body(
     body: &[u8],
 ) -> std::result::Result<Offset, &'static str> {
     check_crc(header, body)?;
-    let mut at = 0usize;
-    let mut last_delta: Option<u32> = None;
-    for _ in 0..header.count {
-        let Some(h) = body[at..].first_chunk::<RECORD_HEADER_LEN>() else {
-            return Err("record header past the end of its batch");
-        };
-        let delta = le32(h, 0);
-        // In u64, two u32 lengths cannot overflow the sum.
-        let end = (at + RECORD_HEADER_LEN) as u64 + le32(h, 12) as u64 + le32(h, 16) as u64;
-        if last_delta.is_some_and(|d| delta <= d) {
-            return Err("record offsets not increasing inside a batch");
-        }
-        if end > body.len() as u64 {
-            return Err("record length past the end of its batch");
-        }
-        at = end as usize;
-        last_delta = Some(delta);
+    let mut framing = Framing::new(header);
+    let mut last = None;
+    while let Some(at) = framing.step(body) {
+        last = Some(at?.offset);
     }
-    if at != body.len() {
-        return Err("bytes left over after the last record of a batch");
-    }
-    // The offset after the last one must exist too.
-    header
-        .base
-        .checked_add(last_delta.unwrap_or(0) as u64 + 1)
-        .map(|next| next - 1)
-        .ok_or("record offset overflows")
+    last.ok_or("batch with no record")
 }
 
 /// A batch found by [`scan`]: where it is and which offsets it holds.
@@ -620,6 +622,55 @@ mod tests {
             .expect("framing");
         let expected: Vec<Record> = (0..5).map(|i| entries[i].to_record(7 + i as u64)).collect();
         assert_eq!(records, expected);
+    }
+
+    #[test]
+    fn decoding_and_check_body_refuse_bad_framing_alike() {
+        let entries = [
+            Entry::with_timestamp(1, b"a", b"one"),
+            Entry::with_timestamp(2, b"b", b"two"),
+            Entry::with_timestamp(3, b"c", b"three"),
+        ];
+        let bytes = one_batch(10, &entries);
+        let HeaderCheck::Valid(h) = check_header(&bytes) else {
+            panic!("valid header")
+        };
+        let body = bytes[BATCH_HEADER_LEN..BATCH_HEADER_LEN + h.body_len as usize].to_vec();
+        // The second record's header starts after the first record (20 + 1 + 3 bytes).
+        let second = RECORD_HEADER_LEN + 4;
+        let reasons = [
+            "record offsets not increasing inside a batch",
+            "record length past the end of its batch",
+            "bytes left over after the last record of a batch",
+            "record header past the end of its batch",
+        ];
+        for reason in reasons {
+            let (mut body, mut h) = (body.clone(), h);
+            // Where the bad record is: the second, or the fourth of three.
+            let mut good = 1;
+            match reason {
+                "record offsets not increasing inside a batch" => {
+                    body[second..second + 4].copy_from_slice(&0u32.to_le_bytes());
+                }
+                "record length past the end of its batch" => {
+                    body[second + 16..second + 20].copy_from_slice(&1000u32.to_le_bytes());
+                }
+                // The batch claims 2 records: the second leaves the third's bytes over.
+                "bytes left over after the last record of a batch" => h.count = 2,
+                _ => {
+                    h.count = 4;
+                    good = 3;
+                }
+            }
+            h.body_crc = crc32c::crc32c(&body);
+            assert_eq!(check_body(&h, &body), Err(reason));
+            let decoded: Vec<_> = BatchRecords::new(&h, Bytes::from(body)).collect();
+            let mut expected: Vec<_> = (0..good)
+                .map(|i| Ok(entries[i].to_record(10 + i as u64)))
+                .collect();
+            expected.push(Err(reason));
+            assert_eq!(decoded, expected, "{reason}");
+        }
     }
 
     #[test]
