@@ -118,7 +118,14 @@ impl Context<'_> {
     /// The first time a request is handled, `call` runs `f` and journals its answer
     /// (encoded with bincode) under this request's offset and the call's index; when the
     /// request is handled again (a replay), it returns the journaled answer and does not run
-    /// `f`. A replay whose calls differ in name from the journal is
+    /// `f`.
+    ///
+    /// Before it runs `f`, the request is made durable in the input log ([`Store::sync`],
+    /// whatever the log's sync policy; one `fdatasync` at most, shared with concurrent
+    /// appends): a call is only ever made for a request that a restart will find. Under a
+    /// policy that syncs later, a crash could otherwise lose the request but keep the
+    /// journaled answer, and hand it to the next request given the same offset. An error
+    /// of that sync is returned, and `f` is not run. A replay whose calls differ in name from the journal is
     /// [`Error::Nondeterministic`]; so is a call without a journaled answer under a
     /// debugging [`Replay`](crate::cluster::Replay), which never calls out.
     pub fn call<T, F>(&mut self, name: &str, f: F) -> Result<T>
@@ -152,6 +159,7 @@ impl Context<'_> {
                 ),
             });
         }
+        self.effects.before_call()?;
         let answer = f(id);
         let bytes = Bincode.encode(&answer)?;
         self.effects.record(id, name, &bytes)?;
@@ -163,6 +171,9 @@ impl Context<'_> {
 /// answer)`, with an index in memory of the entries a rebuild may still need.
 pub(crate) struct Effects {
     store: Option<Arc<dyn Store>>,
+    /// The input log, synced before a live call when there is a journal (see
+    /// [`Context::call`]).
+    input: Option<Arc<dyn Store>>,
     index: RwLock<HashMap<EffectId, (Arc<str>, Bytes)>>,
     /// Never call out: a call without a journaled answer is an error (debug replays).
     journal_only: bool,
@@ -176,14 +187,26 @@ fn effect_key(id: EffectId) -> [u8; 12] {
 }
 
 impl Effects {
-    /// A journal in `store`, loading the entries at or after `from`.
-    pub(crate) fn open(store: Option<Arc<dyn Store>>, from: Offset) -> Result<Effects> {
+    /// A journal in `store` for the requests of `input`, loading the entries at or after
+    /// `from`.
+    ///
+    /// An entry for an offset past the end of `input` is refused: a call is made only
+    /// once its request is durable in `input`, so such an entry means the two stores do
+    /// not belong together (or `input` lost records it had synced). Used, it would hand
+    /// its answer to whichever new request gets that offset.
+    pub(crate) fn open(
+        store: Option<Arc<dyn Store>>,
+        input: Option<Arc<dyn Store>>,
+        from: Offset,
+    ) -> Result<Effects> {
         let effects = Effects {
             store,
+            input,
             index: RwLock::new(HashMap::new()),
             journal_only: false,
         };
         if let Some(store) = &effects.store {
+            let end = effects.input.as_ref().map(|i| i.next_offset());
             let mut index = effects.index.write();
             for record in store.read_from(store.start_offset())? {
                 let record = record?;
@@ -192,12 +215,30 @@ impl Effects {
                         context: "effect journal entry",
                         message: format!("malformed entry at offset {}", record.offset),
                     })?;
+                if let Some(end) = end.filter(|&end| id.offset >= end) {
+                    return Err(Error::Config(format!(
+                        "the journal of outside calls holds an answer (entry {}) for the \
+                         request at offset {}, but the input log ends at offset {end}: the \
+                         journal belongs to another input log, or the input log lost \
+                         records it had synced",
+                        record.offset, id.offset
+                    )));
+                }
                 if id.offset >= from {
                     index.insert(id, (name.into(), answer));
                 }
             }
         }
         Ok(effects)
+    }
+
+    /// Makes the request being handled durable in the input log before a live call, when
+    /// the call's answer is journaled.
+    fn before_call(&self) -> Result<()> {
+        match (&self.store, &self.input) {
+            (Some(_), Some(input)) => input.sync(),
+            _ => Ok(()),
+        }
     }
 
     fn lookup(&self, id: EffectId) -> Option<(Arc<str>, Bytes)> {
@@ -225,7 +266,7 @@ impl Effects {
     /// The journal of `store` for a replay that must not call out: every entry is
     /// loaded, nothing is appended, and a call without an answer is an error.
     pub(crate) fn journal_only(store: Option<Arc<dyn Store>>) -> Result<Effects> {
-        let mut effects = Effects::open(store, 0)?;
+        let mut effects = Effects::open(store, None, 0)?;
         effects.store = None;
         effects.journal_only = true;
         Ok(effects)

@@ -732,3 +732,167 @@ fn shutdown_while_clients_submit_answers_everything_it_accepted() {
         reopened.shutdown().unwrap();
     }
 }
+
+/// An input log that keeps only what was synced when it "crashes": records appended
+/// after its last `sync` are lost, as an unsynced tail is (`SyncPolicy::Every`/`Never`).
+struct Forgetful {
+    live: MemoryStore,
+    synced: std::sync::atomic::AtomicU64,
+}
+
+impl Forgetful {
+    fn new() -> Self {
+        Forgetful {
+            live: MemoryStore::new(),
+            synced: std::sync::atomic::AtomicU64::new(0),
+        }
+    }
+
+    /// What a restart finds: the records before the last sync, at the same offsets.
+    fn after_crash(&self) -> MemoryStore {
+        let survivor = MemoryStore::new();
+        let synced = self.synced.load(Ordering::SeqCst);
+        for r in self.live.read_from(0).unwrap() {
+            let r = r.unwrap();
+            if r.offset >= synced {
+                break;
+            }
+            let entry = cauce::Entry::with_timestamp(r.timestamp, &r.key, &r.payload);
+            assert_eq!(survivor.append(&[entry]).unwrap().start, r.offset);
+        }
+        survivor
+    }
+}
+
+impl Store for Forgetful {
+    fn append(&self, batch: &[cauce::Entry<'_>]) -> cauce::Result<std::ops::Range<u64>> {
+        self.live.append(batch)
+    }
+    fn read_from(&self, from: u64) -> cauce::Result<cauce::store::RecordIter> {
+        self.live.read_from(from)
+    }
+    fn start_offset(&self) -> u64 {
+        self.live.start_offset()
+    }
+    fn next_offset(&self) -> u64 {
+        self.live.next_offset()
+    }
+    fn wait_for(&self, offset: u64, timeout: Option<Duration>) -> u64 {
+        self.live.wait_for(offset, timeout)
+    }
+    fn wake_waiters(&self) {
+        self.live.wake_waiters()
+    }
+    fn sync(&self) -> cauce::Result<()> {
+        self.synced
+            .fetch_max(self.live.next_offset(), Ordering::SeqCst);
+        Ok(())
+    }
+    fn truncate_before(&self, offset: u64) -> cauce::Result<()> {
+        self.live.truncate_before(offset)
+    }
+    fn compact(&self) -> cauce::Result<cauce::store::Compaction> {
+        self.live.compact()
+    }
+    fn commit_cursor(&self, name: &str, offset: u64) -> cauce::Result<()> {
+        self.live.commit_cursor(name, offset)
+    }
+    fn cursor(&self, name: &str) -> cauce::Result<Option<u64>> {
+        self.live.cursor(name)
+    }
+    fn save_snapshot(&self, name: &str, offset: u64, blob: &[u8]) -> cauce::Result<()> {
+        self.live.save_snapshot(name, offset, blob)
+    }
+    fn latest_snapshot(&self, name: &str) -> cauce::Result<Option<cauce::store::Snapshot>> {
+        self.live.latest_snapshot(name)
+    }
+}
+
+/// An outside call is made only for a request a restart will find: its request is made
+/// durable in the input log first. Otherwise a crash that lost the request's record but
+/// kept the journaled answer would hand that answer to the next request given the same
+/// offset, which never calls out.
+#[test]
+fn an_outside_call_is_made_only_for_a_request_that_a_restart_finds() {
+    let input = Arc::new(Forgetful::new());
+    let effects = Arc::new(MemoryStore::new());
+    let service = Service::default();
+    let calls = service.calls.clone();
+    let cluster = Cluster::builder(service)
+        .stores(input.clone(), Some(effects.clone()))
+        .instances(2)
+        .build()
+        .unwrap();
+    let client = cluster.client();
+    let first = client.submit("k", Req::External).unwrap();
+    let first_offset = first.offset();
+    let Resp::Sum(first_sum) = first.wait().unwrap() else {
+        panic!("a sum")
+    };
+    assert_eq!(calls.load(Ordering::SeqCst), 1);
+    // The crash: what the input log had not synced is gone; the journal kept everything.
+    let survivor = Arc::new(input.after_crash());
+    drop(client);
+    drop(cluster);
+    let service = Service::default();
+    let calls = service.calls.clone();
+    let cluster = Cluster::builder(service)
+        .stores(survivor.clone(), Some(effects.clone()))
+        .instances(2)
+        .build()
+        .unwrap();
+    let client = cluster.client();
+    // A new request calls out itself, whatever offset it gets.
+    let second = client.submit("k", Req::External).unwrap();
+    let second_offset = second.offset();
+    let Resp::Sum(both) = second.wait().unwrap() else {
+        panic!("a sum")
+    };
+    assert_eq!(
+        calls.load(Ordering::SeqCst),
+        1,
+        "the request at offset {second_offset} called out (the first was at {first_offset})"
+    );
+    // The first request survived, and its state was rebuilt with its journaled answer,
+    // without calling out again.
+    assert_ne!(second_offset, first_offset);
+    let Resp::State(tally) = client.submit("k", Req::Get).unwrap().wait().unwrap() else {
+        panic!("a state")
+    };
+    assert_eq!((tally.count, tally.sum), (2, both));
+    assert!(both >= first_sum);
+    cluster.shutdown().unwrap();
+}
+
+/// A journal of outside calls with answers for requests its input log does not have (it
+/// belongs to another log, or the log lost records it had synced) is refused at open:
+/// used, it would hand those answers to new requests at the same offsets.
+#[test]
+fn a_journal_ahead_of_its_input_log_is_refused_at_open() {
+    let h = Harness::new();
+    let cluster = h.cluster(2).build().unwrap();
+    let client = cluster.client();
+    for i in 0..3 {
+        client
+            .submit(key(i), Req::External)
+            .unwrap()
+            .wait()
+            .unwrap();
+    }
+    cluster.shutdown().unwrap();
+    let other_input = Arc::new(MemoryStore::new());
+    let opened = Cluster::builder(Service::default())
+        .stores(other_input, Some(h.effects.clone()))
+        .instances(2)
+        .build();
+    match opened {
+        Err(Error::Config(message)) => {
+            assert!(message.contains("journal of outside calls"), "{message}")
+        }
+        Err(e) => panic!("expected a configuration error, got {e}"),
+        Ok(_) => panic!("a journal ahead of its input log was accepted"),
+    }
+    // With its own input log it opens.
+    let cluster = h.cluster(2).build().unwrap();
+    cluster.shutdown().unwrap();
+}

@@ -210,7 +210,11 @@ impl<H: Handler> Shared<H> {
         let mut stripes: Vec<CachePadded<Mutex<Holders>>> =
             (0..STRIPES).map(|_| CachePadded::default()).collect();
         let recovered = recover(&*input)?;
-        let journal = Effects::open(effects.clone(), recovered.checkpoint.offset)?;
+        let journal = Effects::open(
+            effects.clone(),
+            Some(input.clone()),
+            recovered.checkpoint.offset,
+        )?;
         // Held until every instance has rebuilt its keys from it.
         let checkpoint = Arc::new(recovered.checkpoint);
         for &id in &instances {
