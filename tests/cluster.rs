@@ -748,9 +748,15 @@ impl Forgetful {
         }
     }
 
-    /// What a restart finds: the records before the last sync, at the same offsets.
+    /// What a restart finds: the records before the last sync, at the same offsets, and
+    /// the latest cluster checkpoint (snapshots are durable once saved).
     fn after_crash(&self) -> MemoryStore {
         let survivor = MemoryStore::new();
+        if let Some(s) = self.live.latest_snapshot("cluster-state").unwrap() {
+            survivor
+                .save_snapshot("cluster-state", s.offset, &s.blob)
+                .unwrap();
+        }
         let synced = self.synced.load(Ordering::SeqCst);
         for r in self.live.read_from(0).unwrap() {
             let r = r.unwrap();
@@ -894,5 +900,74 @@ fn a_journal_ahead_of_its_input_log_is_refused_at_open() {
     }
     // With its own input log it opens.
     let cluster = h.cluster(2).build().unwrap();
+    cluster.shutdown().unwrap();
+}
+
+/// A checkpoint is taken only of requests that are durable in the input log: a crash
+/// that loses the log's unsynced tail leaves a log that still opens, from its latest
+/// checkpoint, to the fold of the requests that survived.
+#[test]
+fn a_checkpoint_covers_only_requests_a_restart_finds() {
+    let input = Arc::new(Forgetful::new());
+    let effects = Arc::new(MemoryStore::new());
+    let cluster = Cluster::builder(Service::default())
+        .stores(input.clone(), Some(effects.clone()))
+        .instances(2)
+        .checkpoint_every(40)
+        .build()
+        .unwrap();
+    let client = cluster.client();
+    for i in 0..400u64 {
+        client
+            .submit(key(i % 9), Req::Add(i))
+            .unwrap()
+            .wait()
+            .unwrap();
+    }
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while input
+        .live
+        .latest_snapshot("cluster-state")
+        .unwrap()
+        .is_none()
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no checkpoint was taken"
+        );
+        thread::sleep(Duration::from_millis(5));
+    }
+    // Some requests after the checkpoint, unsynced; then the crash.
+    for i in 0..20u64 {
+        client
+            .submit(key(i % 9), Req::Add(i))
+            .unwrap()
+            .wait()
+            .unwrap();
+    }
+    let survivor = Arc::new(input.after_crash());
+    drop(client);
+    drop(cluster);
+    let checkpoint = survivor.latest_snapshot("cluster-state").unwrap().unwrap();
+    assert!(
+        checkpoint.offset <= survivor.next_offset(),
+        "checkpoint at {} past the surviving log's end {}",
+        checkpoint.offset,
+        survivor.next_offset()
+    );
+    let cluster = Cluster::builder(Service::default())
+        .stores(survivor.clone(), Some(effects.clone()))
+        .instances(3)
+        .build()
+        .expect("the surviving log opens");
+    let (states, _) = common::model(&*survivor, &common::journal(&*effects));
+    let client = cluster.client();
+    for k in 0..9 {
+        let Resp::State(tally) = client.submit(key(k), Req::Get).unwrap().wait().unwrap() else {
+            panic!("a state")
+        };
+        let expected = states.get(key(k).as_bytes()).copied().unwrap_or_default();
+        assert_eq!(tally, expected, "{}", key(k));
+    }
     cluster.shutdown().unwrap();
 }

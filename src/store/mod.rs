@@ -92,9 +92,10 @@ pub struct Compaction {
 ///   [`Error::OffsetOutOfRange`].
 /// - `compact()` drops every committed record that has a later record with the same key
 ///   (records with an empty key are kept); offsets of the kept records do not change.
-/// - Named cursors and snapshots are durable once their call returns. Names are 1 to 128
-///   characters from `[A-Za-z0-9._-]`, not starting with a dot; others are
-///   [`Error::InvalidName`].
+/// - Named cursors and snapshots are durable once their call returns, and so is every
+///   record before their offset, whatever the sync policy: a crash never keeps a cursor
+///   or a snapshot but loses records it stands after. Names are 1 to 128 characters from
+///   `[A-Za-z0-9._-]`, not starting with a dot; others are [`Error::InvalidName`].
 /// - Bad input or damaged storage is an error, never a panic.
 pub trait Store: Send + Sync + 'static {
     /// Appends `batch` in order and returns the offsets it was given.

@@ -622,6 +622,17 @@ impl LogStore {
         reader::LogReader::new(self.shared.clone(), from).replay(f)
     }
 
+    /// Makes every record before `offset` durable, for a cursor or a snapshot that is
+    /// about to name it: under a policy that syncs later, a crash could otherwise keep
+    /// the cursor (or snapshot) and lose the records it stands after. Nothing to do when
+    /// they are durable already (always, under [`SyncPolicy::Always`]).
+    fn sync_before(&self, offset: Offset) -> Result<()> {
+        if self.shared.durable.load(Ordering::Acquire) >= offset {
+            return Ok(());
+        }
+        self.shared.sync_all()
+    }
+
     /// For a store opened with [`open_read_only`](Self::open_read_only): the damage where
     /// its view stops, if it found any.
     pub fn corruption(&self) -> Option<&Error> {
@@ -751,6 +762,7 @@ impl Store for LogStore {
                 "opened read-only: cursors cannot move".into(),
             ));
         }
+        self.sync_before(offset)?;
         self.shared.cursors.lock().commit(name, offset)
     }
 
@@ -766,6 +778,7 @@ impl Store for LogStore {
                 "opened read-only: snapshots cannot be saved".into(),
             ));
         }
+        self.sync_before(offset)?;
         meta::save_snapshot(&self.shared.dir, name, offset, blob)
     }
 
