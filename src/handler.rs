@@ -118,16 +118,21 @@ impl Context<'_> {
     /// The first time a request is handled, `call` runs `f` and journals its answer
     /// (encoded with bincode) under this request's offset and the call's index; when the
     /// request is handled again (a replay), it returns the journaled answer and does not run
-    /// `f`.
-    ///
-    /// Before it runs `f`, the request is made durable in the input log ([`Store::sync`],
-    /// whatever the log's sync policy; one `fdatasync` at most, shared with concurrent
-    /// appends): a call is only ever made for a request that a restart will find. Under a
-    /// policy that syncs later, a crash could otherwise lose the request but keep the
-    /// journaled answer, and hand it to the next request given the same offset. An error
-    /// of that sync is returned, and `f` is not run. A replay whose calls differ in name from the journal is
+    /// `f`. A replay whose calls differ in name from the journal is
     /// [`Error::Nondeterministic`]; so is a call without a journaled answer under a
     /// debugging [`Replay`](crate::cluster::Replay), which never calls out.
+    ///
+    /// Whatever the stores' sync policy, a call is bracketed by two syncs (each one
+    /// `fdatasync` at most, shared with concurrent appends; under
+    /// [`SyncPolicy::Always`](crate::store::SyncPolicy::Always) both find their records
+    /// durable already):
+    /// - before `f` runs, the request is made durable in the input log, so a call is only
+    ///   ever made for a request that a restart will find (else a crash could lose the
+    ///   request but keep the journaled answer, and hand it to the next request given the
+    ///   same offset); an error of that sync is returned, and `f` is not run;
+    /// - before `call` returns, the answer is durable in the journal, so no response is
+    ///   ever given from an answer that a replay after a crash would not find. A crash
+    ///   between the two makes the call again on replay, with the same [`EffectId`].
     pub fn call<T, F>(&mut self, name: &str, f: F) -> Result<T>
     where
         T: Serialize + DeserializeOwned,
@@ -159,7 +164,7 @@ impl Context<'_> {
                 ),
             });
         }
-        self.effects.before_call()?;
+        self.effects.before_call(id.offset)?;
         let answer = f(id);
         let bytes = Bincode.encode(&answer)?;
         self.effects.record(id, name, &bytes)?;
@@ -232,11 +237,11 @@ impl Effects {
         Ok(effects)
     }
 
-    /// Makes the request being handled durable in the input log before a live call, when
+    /// Makes the request at `offset` durable in the input log before a live call, when
     /// the call's answer is journaled.
-    fn before_call(&self) -> Result<()> {
+    fn before_call(&self, offset: Offset) -> Result<()> {
         match (&self.store, &self.input) {
-            (Some(_), Some(input)) => input.sync(),
+            (Some(_), Some(input)) => input.sync_until(offset + 1),
             _ => Ok(()),
         }
     }
@@ -255,7 +260,10 @@ impl Effects {
             payload.extend_from_slice(&name_len.to_be_bytes());
             payload.extend_from_slice(name.as_bytes());
             payload.extend_from_slice(answer);
-            store.append(&[Entry::new(&effect_key(id), &payload)])?;
+            let appended = store.append(&[Entry::new(&effect_key(id), &payload)])?;
+            // Durable before the handler goes on: no response is ever given from an
+            // answer that a replay after a crash would not find.
+            store.sync_until(appended.end)?;
         }
         self.index
             .write()

@@ -971,3 +971,41 @@ fn a_checkpoint_covers_only_requests_a_restart_finds() {
     }
     cluster.shutdown().unwrap();
 }
+
+/// Every outside answer that an acknowledged response depends on is journaled durably
+/// before the response is given: a crash right after it leaves a journal from which the
+/// replay rebuilds the state without calling out again.
+#[test]
+fn an_acknowledged_answer_is_rebuilt_from_the_journal_after_a_crash() {
+    let input = Arc::new(Forgetful::new());
+    let effects = Arc::new(Forgetful::new());
+    let cluster = Cluster::builder(Service::default())
+        .stores(input.clone(), Some(effects.clone()))
+        .instances(2)
+        .build()
+        .unwrap();
+    let client = cluster.client();
+    let Resp::Sum(acknowledged) = client.submit("k", Req::External).unwrap().wait().unwrap() else {
+        panic!("a sum")
+    };
+    let (input, effects) = (
+        Arc::new(input.after_crash()),
+        Arc::new(effects.after_crash()),
+    );
+    drop(client);
+    drop(cluster);
+    let service = Service::default();
+    let calls = service.calls.clone();
+    let cluster = Cluster::builder(service)
+        .stores(input, Some(effects))
+        .instances(2)
+        .build()
+        .unwrap();
+    let client = cluster.client();
+    let Resp::State(tally) = client.submit("k", Req::Get).unwrap().wait().unwrap() else {
+        panic!("a state")
+    };
+    assert_eq!(tally.sum, acknowledged);
+    assert_eq!(calls.load(Ordering::SeqCst), 0, "the replay called nothing");
+    cluster.shutdown().unwrap();
+}

@@ -64,6 +64,44 @@ fn always_policy_syncs_before_append_returns_and_never_policy_does_not() {
     assert_eq!(never.stats().syncs, 1);
 }
 
+/// `sync_until`, and the cursors and snapshots that rely on it, sync only when records
+/// before their offset are not durable yet.
+#[test]
+fn sync_until_syncs_only_what_is_not_durable_yet() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let always = LogStore::open(tmp.path().join("a"), LogOptions::new()).expect("open");
+    always.append(&[Entry::new(b"k", b"v")]).expect("append");
+    always.sync_until(1).expect("sync_until");
+    always.commit_cursor("c", 1).expect("cursor");
+    always.save_snapshot("s", 1, b"blob").expect("snapshot");
+    assert_eq!(
+        always.stats().syncs,
+        1,
+        "under Always, nothing more to sync"
+    );
+    let never = LogOptions::new().sync(SyncPolicy::Never);
+    let never = LogStore::open(tmp.path().join("n"), never).expect("open");
+    never.append(&[Entry::new(b"k", b"v")]).expect("append");
+    never.sync_until(0).expect("sync_until");
+    assert_eq!(never.stats().syncs, 0, "nothing before offset 0");
+    never.commit_cursor("c", 1).expect("cursor");
+    assert_eq!(
+        never.stats().syncs,
+        1,
+        "the cursor's record is synced first"
+    );
+    never.save_snapshot("s", 1, b"blob").expect("snapshot");
+    never.sync_until(1).expect("sync_until");
+    assert_eq!(never.stats().syncs, 1, "already durable");
+    never.append(&[Entry::new(b"k", b"w")]).expect("append");
+    never.save_snapshot("s", 2, b"blob").expect("snapshot");
+    assert_eq!(
+        never.stats().syncs,
+        2,
+        "the snapshot's records are synced first"
+    );
+}
+
 #[test]
 fn buffered_records_are_visible_to_a_waiting_reader_at_once() {
     let tmp = tempfile::tempdir().expect("tmp");

@@ -183,6 +183,9 @@ impl Store for OnDisk {
     fn sync(&self) -> cauce::Result<()> {
         self.store.sync()
     }
+    fn sync_until(&self, offset: u64) -> cauce::Result<()> {
+        self.store.sync_until(offset)
+    }
     fn truncate_before(&self, offset: u64) -> cauce::Result<()> {
         self.store.truncate_before(offset)
     }

@@ -840,7 +840,7 @@ impl<H: Handler> Shared<H> {
         // Every request the checkpoint folds must be durable before it is: under a sync
         // policy that syncs later, a crash could otherwise keep the checkpoint but lose
         // the log's tail before its offset, and the log would no longer open from it.
-        self.input.sync()?;
+        self.input.sync_until(checkpoint.offset)?;
         self.input
             .save_snapshot(CHECKPOINT, checkpoint.offset, &checkpoint.encode())?;
         let offset = checkpoint.offset;

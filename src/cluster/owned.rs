@@ -69,6 +69,9 @@ impl Store for OwnedLog {
     fn sync(&self) -> Result<()> {
         self.with(|l| l.sync())
     }
+    fn sync_until(&self, offset: Offset) -> Result<()> {
+        self.with(|l| l.sync_until(offset))
+    }
     fn truncate_before(&self, offset: Offset) -> Result<()> {
         self.with(|l| l.truncate_before(offset))
     }

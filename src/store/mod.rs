@@ -142,6 +142,16 @@ pub trait Store: Send + Sync + 'static {
     /// Makes every committed record durable, whatever the sync policy.
     fn sync(&self) -> Result<()>;
 
+    /// Makes every committed record before `offset` durable, whatever the sync policy:
+    /// what a caller needs before it acts on those records being there after a crash.
+    ///
+    /// The default syncs everything ([`sync`](Store::sync)); a store that knows how far
+    /// it is durable returns at once when that is far enough.
+    fn sync_until(&self, offset: Offset) -> Result<()> {
+        let _ = offset;
+        self.sync()
+    }
+
     /// Drops every record before `offset` (retention); see the contract above.
     fn truncate_before(&self, offset: Offset) -> Result<()>;
 
@@ -224,6 +234,9 @@ impl<S: Store + ?Sized> Store for std::sync::Arc<S> {
     }
     fn sync(&self) -> Result<()> {
         (**self).sync()
+    }
+    fn sync_until(&self, offset: Offset) -> Result<()> {
+        (**self).sync_until(offset)
     }
     fn truncate_before(&self, offset: Offset) -> Result<()> {
         (**self).truncate_before(offset)

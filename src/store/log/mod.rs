@@ -622,17 +622,6 @@ impl LogStore {
         reader::LogReader::new(self.shared.clone(), from).replay(f)
     }
 
-    /// Makes every record before `offset` durable, for a cursor or a snapshot that is
-    /// about to name it: under a policy that syncs later, a crash could otherwise keep
-    /// the cursor (or snapshot) and lose the records it stands after. Nothing to do when
-    /// they are durable already (always, under [`SyncPolicy::Always`]).
-    fn sync_before(&self, offset: Offset) -> Result<()> {
-        if self.shared.durable.load(Ordering::Acquire) >= offset {
-            return Ok(());
-        }
-        self.shared.sync_all()
-    }
-
     /// For a store opened with [`open_read_only`](Self::open_read_only): the damage where
     /// its view stops, if it found any.
     pub fn corruption(&self) -> Option<&Error> {
@@ -747,6 +736,15 @@ impl Store for LogStore {
         self.shared.sync_all()
     }
 
+    /// Nothing to do when the records before `offset` are durable already (always, under
+    /// [`SyncPolicy::Always`]); else a [`sync`](Store::sync).
+    fn sync_until(&self, offset: Offset) -> Result<()> {
+        if self.shared.durable.load(Ordering::Acquire) >= offset {
+            return Ok(());
+        }
+        self.shared.sync_all()
+    }
+
     fn truncate_before(&self, offset: Offset) -> Result<()> {
         self.shared.truncate_before(offset)
     }
@@ -762,7 +760,9 @@ impl Store for LogStore {
                 "opened read-only: cursors cannot move".into(),
             ));
         }
-        self.sync_before(offset)?;
+        // A cursor must not outlive the records it stands after: under a policy that
+        // syncs later, a crash could otherwise keep it and lose them.
+        self.sync_until(offset)?;
         self.shared.cursors.lock().commit(name, offset)
     }
 
@@ -778,7 +778,8 @@ impl Store for LogStore {
                 "opened read-only: snapshots cannot be saved".into(),
             ));
         }
-        self.sync_before(offset)?;
+        // As for cursors: the records the snapshot folds are durable first.
+        self.sync_until(offset)?;
         meta::save_snapshot(&self.shared.dir, name, offset, blob)
     }
 
