@@ -45,10 +45,10 @@ use crate::store::Store;
 /// # Contract
 /// - `handle` is deterministic given `state`, `request` and the answers of
 ///   [`Context::call`]: cauce rebuilds states by re-running it over the log.
-/// - A panic in `handle` is caught: the request is answered with
-///   [`Error::HandlerPanicked`], marked in the log so that no replay applies it again, and
-///   the instance's keys are rebuilt from the last checkpoint and the log, so the half-done
-///   change of the panicking call is not kept.
+/// - A panic in `handle` is caught: the request is marked in the log (durably, whatever
+///   the sync policy) so that no replay applies it again, then answered with
+///   [`Error::HandlerPanicked`], and the instance's keys are rebuilt from the last
+///   checkpoint and the log, so the half-done change of the panicking call is not kept.
 pub trait Handler: Send + Sync + 'static {
     /// The state of one key. A key's first request sees `State::default()`.
     type State: Default + Serialize + DeserializeOwned + Send + 'static;

@@ -1009,3 +1009,71 @@ fn an_acknowledged_answer_is_rebuilt_from_the_journal_after_a_crash() {
     assert_eq!(calls.load(Ordering::SeqCst), 0, "the replay called nothing");
     cluster.shutdown().unwrap();
 }
+
+/// A handler that panics on its first `true` request (and syncs the input log first, as
+/// a background flush could at that moment); `false` requests add one.
+struct PanicsOnce {
+    input: Arc<Forgetful>,
+    armed: AtomicBool,
+}
+
+impl cauce::cluster::Handler for PanicsOnce {
+    type State = u64;
+    type Request = bool;
+    type Response = u64;
+    fn handle(
+        &self,
+        _: &mut cauce::cluster::Context<'_>,
+        _: &[u8],
+        n: &mut u64,
+        panic: bool,
+    ) -> u64 {
+        if panic {
+            self.input.sync().unwrap();
+            *n += 1000;
+            if self.armed.swap(false, Ordering::SeqCst) {
+                panic!("once");
+            }
+        } else {
+            *n += 1;
+        }
+        *n
+    }
+}
+
+/// A request answered with `HandlerPanicked` is marked in the log durably before the
+/// answer: after a crash, no replay applies it, even if the handler would not panic on it
+/// again.
+#[test]
+fn a_request_answered_as_panicked_stays_unapplied_after_a_crash() {
+    let input = Arc::new(Forgetful::new());
+    let handler = PanicsOnce {
+        input: input.clone(),
+        armed: AtomicBool::new(true),
+    };
+    let cluster = Cluster::builder(handler)
+        .stores(input.clone(), None)
+        .instances(1)
+        .build()
+        .unwrap();
+    let client = cluster.client();
+    assert!(matches!(
+        client.submit("k", true).unwrap().wait(),
+        Err(Error::HandlerPanicked { .. })
+    ));
+    let survivor = Arc::new(input.after_crash());
+    drop(client);
+    drop(cluster);
+    let handler = PanicsOnce {
+        input: Arc::new(Forgetful::new()),
+        armed: AtomicBool::new(false),
+    };
+    let cluster = Cluster::builder(handler)
+        .stores(survivor, None)
+        .instances(1)
+        .build()
+        .unwrap();
+    let state = cluster.client().submit("k", false).unwrap().wait().unwrap();
+    assert_eq!(state, 1, "the request answered as panicked was not applied");
+    cluster.shutdown().unwrap();
+}

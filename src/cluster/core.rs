@@ -364,10 +364,13 @@ impl<H: Handler> Shared<H> {
         self.poisoned.lock().clone()
     }
 
-    /// Marks the request at `offset` as never to be applied again.
+    /// Marks the request at `offset` as never to be applied again, durably (whatever
+    /// the sync policy): call it before answering the request as panicked, so that no
+    /// replay after a crash applies a request its submitter was told was not applied.
     pub(crate) fn poison(&self, offset: Offset) -> Result<()> {
         self.poisoned.lock().insert(offset);
-        self.journal(&Control::Poison { offset }).map(|_| ())
+        let at = self.journal(&Control::Poison { offset })?;
+        self.input.sync_until(at + 1)
     }
 
     /// Answers the request at `offset` if it belonged to a lost instance and someone

@@ -673,6 +673,8 @@ impl<H: Handler> FoldSink<H::Response> for Answer<'_, H> {
     }
 
     fn poison(&mut self, offset: Offset, message: String) -> Result<()> {
+        // Marked durably before the answer: see `Shared::poison`.
+        let marked = self.shared.poison(offset);
         self.shared.answer(
             offset,
             Err(Error::HandlerPanicked {
@@ -681,7 +683,7 @@ impl<H: Handler> FoldSink<H::Response> for Answer<'_, H> {
                 message,
             }),
         );
-        self.shared.poison(offset)
+        marked
     }
 }
 
@@ -860,14 +862,15 @@ fn handle<H: Handler>(
         }
         Outcome::Panicked(message) => {
             tracing::warn!(instance = %me.id, offset, %message, "handler panicked; restarting the instance");
+            // Marked durably before the answer: see `Shared::poison`.
+            if let Err(e) = shared.poison(offset) {
+                tracing::error!(instance = %me.id, offset, error = %e, "could not log the poison mark");
+            }
             answer(Err(Error::HandlerPanicked {
                 instance: me.id,
                 offset,
                 message,
             }));
-            if let Err(e) = shared.poison(offset) {
-                tracing::error!(instance = %me.id, offset, error = %e, "could not log the poison mark");
-            }
             slot.folded_until = offset + 1;
             let limits = states
                 .iter()
