@@ -30,7 +30,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use bytes::Bytes;
-use parking_lot::RwLock;
+use parking_lot::{Condvar, Mutex};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
@@ -133,6 +133,11 @@ impl Context<'_> {
     /// - before `call` returns, the answer is durable in the journal, so no response is
     ///   ever given from an answer that a replay after a crash would not find. A crash
     ///   between the two makes the call again on replay, with the same [`EffectId`].
+    ///
+    /// One answer per call: if the same call was answered and journaled meanwhile (by
+    /// the instance that took over a stalled one's request, say), `call` returns that
+    /// first answer instead of `f`'s, so every handling and every replay of the request
+    /// sees the same one.
     pub fn call<T, F>(&mut self, name: &str, f: F) -> Result<T>
     where
         T: Serialize + DeserializeOwned,
@@ -167,8 +172,21 @@ impl Context<'_> {
         self.effects.before_call(id.offset)?;
         let answer = f(id);
         let bytes = Bincode.encode(&answer)?;
-        self.effects.record(id, name, &bytes)?;
-        Ok(answer)
+        match self.effects.record(id, name, &bytes)? {
+            None => Ok(answer),
+            Some((recorded, earlier)) => {
+                if &*recorded != name {
+                    return Err(Error::Nondeterministic {
+                        offset: id.offset,
+                        detail: format!(
+                            "call {} was journaled as {recorded:?} but made as {name:?}",
+                            id.index
+                        ),
+                    });
+                }
+                Bincode.decode(&earlier)
+            }
+        }
     }
 }
 
@@ -179,9 +197,21 @@ pub(crate) struct Effects {
     /// The input log, synced before a live call when there is a journal (see
     /// [`Context::call`]).
     input: Option<Arc<dyn Store>>,
-    index: RwLock<HashMap<EffectId, (Arc<str>, Bytes)>>,
+    /// The entries a rebuild may still need, and the calls whose first answer is being
+    /// journaled right now.
+    index: Mutex<HashMap<EffectId, Journaled>>,
+    /// Signalled when an entry stops being [`Journaled::Writing`].
+    written: Condvar,
     /// Never call out: a call without a journaled answer is an error (debug replays).
     journal_only: bool,
+}
+
+/// A call as the journal's index knows it.
+enum Journaled {
+    /// Its first answer is being journaled: whoever else needs it waits.
+    Writing,
+    /// Its first journaled answer, and the call's name.
+    Answer(Arc<str>, Bytes),
 }
 
 fn effect_key(id: EffectId) -> [u8; 12] {
@@ -207,12 +237,13 @@ impl Effects {
         let effects = Effects {
             store,
             input,
-            index: RwLock::new(HashMap::new()),
+            index: Mutex::new(HashMap::new()),
+            written: Condvar::new(),
             journal_only: false,
         };
         if let Some(store) = &effects.store {
             let end = effects.input.as_ref().map(|i| i.next_offset());
-            let mut index = effects.index.write();
+            let mut index = effects.index.lock();
             for record in store.read_from(store.start_offset())? {
                 let record = record?;
                 let (id, name, answer) =
@@ -230,7 +261,11 @@ impl Effects {
                     )));
                 }
                 if id.offset >= from {
-                    index.insert(id, (name.into(), answer));
+                    // The first entry of a call is its answer (a later one can only be
+                    // from an older journal that let a late call append its own).
+                    index
+                        .entry(id)
+                        .or_insert_with(|| Journaled::Answer(name.into(), answer));
                 }
             }
         }
@@ -246,11 +281,56 @@ impl Effects {
         }
     }
 
+    /// The journaled answer of `id`, waiting for it if it is being journaled.
     fn lookup(&self, id: EffectId) -> Option<(Arc<str>, Bytes)> {
-        self.index.read().get(&id).cloned()
+        let mut index = self.index.lock();
+        loop {
+            match index.get(&id) {
+                None => return None,
+                Some(Journaled::Answer(name, answer)) => {
+                    return Some((name.clone(), answer.clone()));
+                }
+                Some(Journaled::Writing) => self.written.wait(&mut index),
+            }
+        }
     }
 
-    fn record(&self, id: EffectId, name: &str, answer: &[u8]) -> Result<()> {
+    /// Journals `answer` as the answer of `id`, unless the call already has one: then
+    /// that earlier answer is returned, for the caller to use instead of its own.
+    fn record(&self, id: EffectId, name: &str, answer: &[u8]) -> Result<Option<(Arc<str>, Bytes)>> {
+        {
+            let mut index = self.index.lock();
+            loop {
+                match index.get(&id) {
+                    Some(Journaled::Answer(name, earlier)) => {
+                        return Ok(Some((name.clone(), earlier.clone())));
+                    }
+                    Some(Journaled::Writing) => self.written.wait(&mut index),
+                    None => {
+                        index.insert(id, Journaled::Writing);
+                        break;
+                    }
+                }
+            }
+        }
+        let written = self.append(id, name, answer);
+        let mut index = self.index.lock();
+        match &written {
+            Ok(()) => {
+                let answer = Journaled::Answer(name.into(), Bytes::copy_from_slice(answer));
+                index.insert(id, answer);
+            }
+            Err(_) => {
+                index.remove(&id);
+            }
+        }
+        drop(index);
+        self.written.notify_all();
+        written.map(|()| None)
+    }
+
+    /// Appends the entry of `id` to the journal store, durably.
+    fn append(&self, id: EffectId, name: &str, answer: &[u8]) -> Result<()> {
         if let Some(store) = &self.store {
             let mut payload = Vec::with_capacity(2 + name.len() + answer.len());
             let name_len = u16::try_from(name.len()).map_err(|_| Error::InvalidName {
@@ -265,9 +345,6 @@ impl Effects {
             // answer that a replay after a crash would not find.
             store.sync_until(appended.end)?;
         }
-        self.index
-            .write()
-            .insert(id, (name.into(), Bytes::copy_from_slice(answer)));
         Ok(())
     }
 
@@ -302,7 +379,9 @@ impl Effects {
 
     /// Forgets index entries for requests before `offset` (a checkpoint covers them).
     pub(crate) fn forget_before(&self, offset: Offset) {
-        self.index.write().retain(|id, _| id.offset >= offset);
+        self.index
+            .lock()
+            .retain(|id, j| id.offset >= offset || matches!(j, Journaled::Writing));
     }
 }
 

@@ -1077,3 +1077,93 @@ fn a_request_answered_as_panicked_stays_unapplied_after_a_crash() {
     assert_eq!(state, 1, "the request answered as panicked was not applied");
     cluster.shutdown().unwrap();
 }
+
+/// A handler whose outside call is slow the first time (past the stall timeout) and
+/// answers differently each time it is made. Requests: 1 calls out, 2 panics, anything
+/// else reads the state.
+struct SlowCall {
+    made: Arc<std::sync::atomic::AtomicU64>,
+    slow: Duration,
+}
+
+impl cauce::cluster::Handler for SlowCall {
+    type State = u64;
+    type Request = u8;
+    type Response = u64;
+    fn handle(&self, ctx: &mut cauce::cluster::Context<'_>, _: &[u8], n: &mut u64, op: u8) -> u64 {
+        match op {
+            1 => {
+                let (made, slow) = (self.made.clone(), self.slow);
+                let v: u64 = ctx
+                    .call("slow", move |_| {
+                        let i = made.fetch_add(1, Ordering::SeqCst);
+                        if i == 0 {
+                            thread::sleep(slow);
+                        }
+                        100 + i
+                    })
+                    .expect("journal");
+                *n += v;
+            }
+            2 => panic!("asked to"),
+            _ => {}
+        }
+        *n
+    }
+}
+
+/// An instance that stalls inside an outside call is replaced, and the replacement makes
+/// the call again (same `EffectId`). When the stalled call returns at last, its answer
+/// must not replace the one the replacement journaled and answered from: the first
+/// journaled answer of a call is the one every replay sees.
+#[test]
+fn a_call_that_outlives_its_stalled_instance_does_not_replace_the_journaled_answer() {
+    let input = Arc::new(MemoryStore::new());
+    let effects = Arc::new(MemoryStore::new());
+    let made = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let handler = SlowCall {
+        made: made.clone(),
+        slow: Duration::from_millis(600),
+    };
+    let cluster = Cluster::builder(handler)
+        .stores(input.clone(), Some(effects.clone()))
+        .instances(2)
+        .stall_timeout(Duration::from_millis(100))
+        .supervise_every(Duration::from_millis(5))
+        .build()
+        .unwrap();
+    let client = cluster.client();
+    let answered = client.submit("k", 1).unwrap().wait().unwrap();
+    // Let the stalled call return and try to journal its own answer.
+    thread::sleep(Duration::from_millis(900));
+    assert_eq!(
+        made.load(Ordering::SeqCst),
+        2,
+        "the replacement called out again"
+    );
+    assert_eq!(client.submit("k", 0).unwrap().wait().unwrap(), answered);
+    // A panic makes the key's instance rebuild it by replaying the call from the journal.
+    assert!(matches!(
+        client.submit("k", 2).unwrap().wait(),
+        Err(Error::HandlerPanicked { .. })
+    ));
+    assert_eq!(
+        client.submit("k", 0).unwrap().wait().unwrap(),
+        answered,
+        "the rebuilt state folds the answered call"
+    );
+    assert_eq!(made.load(Ordering::SeqCst), 2, "the rebuild called nothing");
+    drop(client);
+    cluster.shutdown().unwrap();
+    // The journal's answers, in order: the first is the one answered from.
+    let answers: Vec<u64> = effects
+        .read_from(0)
+        .unwrap()
+        .map(|r| {
+            let r = r.unwrap();
+            let name_len = u16::from_be_bytes(r.payload[..2].try_into().unwrap()) as usize;
+            bincode::deserialize(&r.payload[2 + name_len..]).unwrap()
+        })
+        .collect();
+    assert_eq!(answers.first(), Some(&answered), "journal: {answers:?}");
+}
