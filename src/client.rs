@@ -9,7 +9,7 @@
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::task::{Context, Poll, Waker};
 use std::time::{Duration, Instant};
 
@@ -23,6 +23,9 @@ struct Slot<T> {
     ready: Condvar,
     /// Set once answered: lets a waiter spin briefly without taking the lock.
     answered: AtomicBool,
+    /// Live [`Responder`]s: the last one to go answers [`Error::Closed`] if nobody
+    /// answered, so no waiter is left blocked on a request nobody will handle.
+    responders: AtomicUsize,
 }
 
 /// Whatever will answer a pending response, told when a waiter is about to block: a
@@ -68,15 +71,25 @@ pub struct Pending<T> {
     offset: Offset,
 }
 
-/// The answering half of a [`Pending`]. Cloneable; the first answer wins.
+/// The answering half of a [`Pending`]. Cloneable; the first answer wins. Dropping the
+/// last one unanswered answers [`Error::Closed`].
 pub(crate) struct Responder<T> {
     slot: Arc<Slot<T>>,
 }
 
 impl<T> Clone for Responder<T> {
     fn clone(&self) -> Self {
+        self.slot.responders.fetch_add(1, Ordering::Relaxed);
         Responder {
             slot: self.slot.clone(),
+        }
+    }
+}
+
+impl<T> Drop for Responder<T> {
+    fn drop(&mut self) {
+        if self.slot.responders.fetch_sub(1, Ordering::AcqRel) == 1 && !self.is_answered() {
+            self.answer(Err(Error::Closed));
         }
     }
 }
@@ -93,6 +106,7 @@ pub(crate) fn pending<T>(offset: Offset) -> (Pending<T>, Responder<T>) {
         }),
         ready: Condvar::new(),
         answered: AtomicBool::new(false),
+        responders: AtomicUsize::new(1),
     });
     (
         Pending {
@@ -289,5 +303,20 @@ mod tests {
         assert!(flag.0.load(std::sync::atomic::Ordering::SeqCst));
         assert!(matches!(Pin::new(&mut p).poll(&mut cx), Poll::Ready(Ok(3))));
         assert!(matches!(p.wait_timeout(Duration::ZERO), Err(Error::Closed)));
+    }
+
+    #[test]
+    fn the_last_responder_dropped_unanswered_answers_closed() {
+        let (p, r) = pending::<u32>(0);
+        let other = r.clone();
+        drop(r);
+        assert!(!p.is_ready(), "a responder is left");
+        drop(other);
+        assert!(matches!(p.wait(), Err(Error::Closed)));
+        // An answered one stays answered.
+        let (p, r) = pending::<u32>(0);
+        r.answer(Ok(4));
+        drop(r);
+        assert_eq!(p.wait().unwrap(), 4);
     }
 }

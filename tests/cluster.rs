@@ -1167,3 +1167,29 @@ fn a_call_that_outlives_its_stalled_instance_does_not_replace_the_journaled_answ
         .collect();
     assert_eq!(answers.first(), Some(&answered), "journal: {answers:?}");
 }
+
+/// A request whose instance is left behind at shutdown (stuck in a handler past the
+/// stop deadline) is answered with `Closed` once that instance gives up its queue: a
+/// waiter is never left blocked forever.
+#[test]
+fn a_request_left_queued_at_shutdown_is_answered_closed_not_left_hanging() {
+    let h = Harness::new();
+    let cluster = h
+        .cluster(1)
+        .stall_timeout(Duration::from_millis(100))
+        .supervise_every(Duration::from_secs(3600))
+        .build()
+        .unwrap();
+    let client = cluster.client();
+    let stuck = client.submit("k", Req::Stall(2500)).unwrap();
+    thread::sleep(Duration::from_millis(100));
+    let queued = client.submit("k", Req::Add(1)).unwrap();
+    // Stops without waiting longer than a second for the stuck instance.
+    drop(cluster);
+    let answer = queued.wait_timeout(Duration::from_secs(10));
+    assert!(
+        matches!(answer, Err(Error::Closed)),
+        "the queued request was answered Closed, got {answer:?}"
+    );
+    let _ = stuck.wait_timeout(Duration::from_secs(10));
+}

@@ -986,6 +986,11 @@ impl<H: Handler> Shared<H> {
                 } else {
                     tracing::warn!(instance = %inst.id, "instance did not stop in time; leaving it");
                     inst.fence();
+                    // Its requests will not be handled in this run: their waiters are
+                    // told so now, not left blocked (the log keeps them for the next).
+                    for (_, responder) in inst.take_unanswered() {
+                        responder.answer(Err(Error::Closed));
+                    }
                 }
             }
         }

@@ -184,6 +184,11 @@ impl<H: Handler> Cluster<H> {
 
     /// Stops accepting requests, drains the queues, checkpoints, stops the instances and
     /// syncs the logs.
+    ///
+    /// An instance still busy in its handler when the stop deadline passes (the stall
+    /// timeout, at least a second) is left behind: the requests it still holds are
+    /// answered [`Error::Closed`] at once. They are in the log, and are handled when the
+    /// cluster opens again.
     pub fn shutdown(self) -> Result<()> {
         self.stop(true)
     }
