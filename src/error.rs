@@ -133,6 +133,20 @@ pub enum Error {
         capacity: usize,
     },
 
+    /// A batch sends more requests to one instance than its queue holds, so it could
+    /// never fit; nothing of it was logged. A batch of at most the queue capacity
+    /// ([`ClusterBuilder::queue_capacity`](crate::cluster::ClusterBuilder::queue_capacity))
+    /// always fits.
+    #[error("batch sends {requests} requests to instance {instance}, whose queue holds {capacity}")]
+    BatchTooLarge {
+        /// The instance.
+        instance: InstanceId,
+        /// How many of the batch's requests go to it.
+        requests: usize,
+        /// Its queue's capacity.
+        capacity: usize,
+    },
+
     /// The handler panicked while handling a request; the request was logged, its
     /// instance restarted and the key's state rebuilt without it.
     #[error("handler panicked on instance {instance} at offset {offset}: {message}")]

@@ -1193,3 +1193,38 @@ fn a_request_left_queued_at_shutdown_is_answered_closed_not_left_hanging() {
     );
     let _ = stuck.wait_timeout(Duration::from_secs(10));
 }
+
+/// A batch that sends more requests to one instance than its queue holds could never
+/// fit: it is refused with a typed error, nothing of it logged, instead of waiting
+/// forever for room it would have to free itself. One that fits goes through.
+#[test]
+fn a_batch_larger_than_a_queue_is_refused_not_a_deadlock() {
+    let h = Harness::new();
+    let cluster = h.cluster(1).queue_capacity(8).build().unwrap();
+    let client = cluster.client();
+    let before = h.input.next_offset();
+    let (tx, rx) = std::sync::mpsc::channel();
+    let batch_client = cluster.client();
+    thread::spawn(move || {
+        let refused = batch_client
+            .submit_batch((0..20u64).map(|i| (key(i % 3), Req::Add(i))))
+            .map(|p| p.len());
+        let _ = tx.send(refused);
+    });
+    match rx.recv_timeout(Duration::from_secs(10)) {
+        Ok(Err(Error::BatchTooLarge {
+            requests, capacity, ..
+        })) => assert_eq!((requests, capacity), (20, 8)),
+        Ok(other) => panic!("expected BatchTooLarge, got {other:?}"),
+        Err(_) => panic!("submit_batch of 20 into a queue of 8 did not return"),
+    }
+    assert_eq!(h.input.next_offset(), before, "nothing of it was logged");
+    let answers: Vec<_> = client
+        .submit_batch((0..8u64).map(|i| (key(i % 3), Req::Add(i))))
+        .unwrap()
+        .into_iter()
+        .map(|p| p.wait_timeout(Duration::from_secs(10)))
+        .collect();
+    assert!(answers.iter().all(|a| a.is_ok()), "{answers:?}");
+    cluster.shutdown().unwrap();
+}

@@ -538,6 +538,19 @@ impl<H: Handler> Shared<H> {
                 }
                 batch
             };
+            // Room is taken one permit at a time, and waiting for room that this batch
+            // itself would have to free never ends: a batch must fit in each queue.
+            let mut per_dest = vec![0usize; batch.dests.len()];
+            batch.dest_of.iter().for_each(|&d| per_dest[d] += 1);
+            for (inst, &requests) in batch.dests.iter().zip(&per_dest) {
+                if requests > inst.permits.capacity() {
+                    return Err(Error::BatchTooLarge {
+                        instance: inst.id,
+                        requests,
+                        capacity: inst.permits.capacity(),
+                    });
+                }
+            }
             let mut taken = 0;
             while taken < items.len() && batch.dest(taken).permits.acquire(true).is_ok() {
                 taken += 1;

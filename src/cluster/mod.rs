@@ -239,6 +239,10 @@ impl<H: Handler> Client<H> {
     /// routing pass, one batch in the log (all of it or none of it is logged), one
     /// hand-off per instance. Requests of one key are handled in the order given.
     ///
+    /// A batch that sends more requests to one instance than its queue holds could never
+    /// fit: it is refused with [`Error::BatchTooLarge`] and nothing is logged. A batch of
+    /// at most [`queue_capacity`](ClusterBuilder::queue_capacity) requests always fits.
+    ///
     /// ```
     /// # use cauce::cluster::{Cluster, Context, Handler};
     /// # struct Counter;
