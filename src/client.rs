@@ -204,12 +204,17 @@ impl<T> Pending<T> {
     /// request stays accepted and will still be handled, so waiting again is fine).
     pub fn wait_timeout(&self, timeout: Duration) -> Result<T> {
         self.spin_until_answered();
-        let deadline = Instant::now() + timeout;
+        // A timeout too long to be a point in time is no deadline at all.
+        let deadline = Instant::now().checked_add(timeout);
         let mut state = self.slot.state.lock();
         loop {
             if let Some(v) = take(&mut state) {
                 return v;
             }
+            let Some(deadline) = deadline else {
+                self.slot.ready.wait(&mut state);
+                continue;
+            };
             if self.slot.ready.wait_until(&mut state, deadline).timed_out() {
                 return take(&mut state).unwrap_or(Err(Error::Timeout(timeout)));
             }

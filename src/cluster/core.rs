@@ -842,7 +842,7 @@ impl<H: Handler> Shared<H> {
             *self.round.lock() = Some(round.clone());
             round
         };
-        let wait = (self.options.stall_timeout * 4).max(Duration::from_secs(10));
+        let wait = (self.options.stall_timeout.saturating_mul(4)).max(Duration::from_secs(10));
         let result = round.wait(wait);
         *self.round.lock() = None;
         let states = result.map_err(|reason| Error::CheckpointAbandoned {
@@ -987,11 +987,13 @@ impl<H: Handler> Shared<H> {
             }
             all
         };
-        let deadline = Instant::now() + self.options.stall_timeout.max(Duration::from_secs(1));
+        // No deadline if the stall timeout is too long to be a point in time.
+        let deadline =
+            Instant::now().checked_add(self.options.stall_timeout.max(Duration::from_secs(1)));
         for inst in all {
             let running = inst.running.lock().take();
             if let Some(running) = running {
-                while !running.is_finished() && Instant::now() < deadline {
+                while !running.is_finished() && deadline.is_none_or(|d| Instant::now() < d) {
                     std::thread::sleep(Duration::from_millis(1));
                 }
                 if running.is_finished() {

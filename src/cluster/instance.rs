@@ -145,7 +145,7 @@ impl CheckpointRound {
         &self,
         timeout: std::time::Duration,
     ) -> std::result::Result<HashMap<Bytes, Bytes, ahash::RandomState>, String> {
-        let deadline = Instant::now() + timeout;
+        let deadline = Instant::now().checked_add(timeout);
         let mut p = self.parts.lock();
         loop {
             if let Some(why) = &p.abandoned {
@@ -154,6 +154,10 @@ impl CheckpointRound {
             if p.expected.is_empty() {
                 return Ok(std::mem::take(&mut p.states));
             }
+            let Some(deadline) = deadline else {
+                self.done.wait(&mut p);
+                continue;
+            };
             if self.done.wait_until(&mut p, deadline).timed_out() {
                 return Err(format!("timed out waiting for {:?}", p.expected));
             }

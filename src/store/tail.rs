@@ -61,7 +61,8 @@ impl Tail {
         if now > offset {
             return now;
         }
-        let deadline = timeout.map(|t| Instant::now() + t);
+        // A timeout too long to be a point in time is no deadline at all.
+        let deadline = timeout.and_then(|t| Instant::now().checked_add(t));
         let wakes = self.wakes.load(Ordering::SeqCst);
         self.waiters.fetch_add(1, Ordering::SeqCst);
         let mut guard = self.lock.lock();

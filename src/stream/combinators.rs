@@ -97,7 +97,10 @@ where
     }
 
     fn recv_timeout(&mut self, timeout: Duration) -> Result<Record> {
-        let deadline = Instant::now() + timeout;
+        // A timeout too long to be a point in time is no deadline at all.
+        let Some(deadline) = Instant::now().checked_add(timeout) else {
+            return self.recv();
+        };
         loop {
             let left = remaining(deadline).ok_or(Error::Timeout(timeout))?;
             let record = match self.input.recv_timeout(left) {

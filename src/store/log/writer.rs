@@ -511,7 +511,12 @@ impl Shared {
             match st.unsynced_since {
                 None => self.flusher_wake.wait(&mut st),
                 Some(since) => {
-                    let deadline = since + interval;
+                    // An interval too long to be a point in time never comes: the
+                    // record count alone makes appends sync.
+                    let Some(deadline) = since.checked_add(interval) else {
+                        self.flusher_wake.wait(&mut st);
+                        continue;
+                    };
                     if Instant::now() < deadline {
                         self.flusher_wake.wait_until(&mut st, deadline);
                     } else if st.flushing {
