@@ -97,9 +97,21 @@ fn a_shared_queue_nobody_can_read_is_closed_for_publishers() {
 }
 
 #[test]
-fn capacity_zero_is_a_config_error() {
+fn capacity_zero_or_past_the_maximum_is_a_config_error() {
     assert!(matches!(MemoryStream::bounded(0), Err(Error::Config(_))));
     assert!(matches!(MemoryStream::fan_out(0), Err(Error::Config(_))));
+    // Room is reserved up front: a huge capacity is refused, not an allocation failure.
+    for capacity in [MemoryStream::MAX_CAPACITY + 1, 1 << 40, usize::MAX] {
+        assert!(matches!(
+            MemoryStream::bounded(capacity),
+            Err(Error::Config(_))
+        ));
+        assert!(matches!(
+            MemoryStream::fan_out(capacity),
+            Err(Error::Config(_))
+        ));
+    }
+    assert!(MemoryStream::bounded(MemoryStream::MAX_CAPACITY).is_ok());
 }
 
 #[test]

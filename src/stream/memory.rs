@@ -134,9 +134,15 @@ struct State {
 const TRY_LOCK_SLICE: Duration = Duration::from_micros(20);
 
 impl MemoryStream {
+    /// The largest capacity of a queue. A queue reserves its room when it is made (a
+    /// crossbeam array channel: about 100 bytes a record), so a capacity is memory taken
+    /// up front; a buffer larger than this belongs in a [`LogStream`](super::LogStream).
+    pub const MAX_CAPACITY: usize = 1 << 20;
+
     /// A stream with one queue of `capacity` records shared by all its subscribers.
     ///
-    /// A capacity of 0 is [`Error::Config`].
+    /// A capacity of 0, or above [`MAX_CAPACITY`](Self::MAX_CAPACITY), is
+    /// [`Error::Config`].
     pub fn bounded(capacity: usize) -> Result<MemoryStream> {
         MemoryStream::make(capacity, false)
     }
@@ -144,16 +150,18 @@ impl MemoryStream {
     /// A stream that gives every subscriber every record, through a queue of `capacity`
     /// records per subscriber.
     ///
-    /// A capacity of 0 is [`Error::Config`].
+    /// A capacity of 0, or above [`MAX_CAPACITY`](Self::MAX_CAPACITY), is
+    /// [`Error::Config`].
     pub fn fan_out(capacity: usize) -> Result<MemoryStream> {
         MemoryStream::make(capacity, true)
     }
 
     fn make(capacity: usize, fan_out: bool) -> Result<MemoryStream> {
-        if capacity == 0 {
-            return Err(Error::Config(
-                "a memory stream needs a capacity of at least one record".to_string(),
-            ));
+        if capacity == 0 || capacity > MemoryStream::MAX_CAPACITY {
+            return Err(Error::Config(format!(
+                "a memory stream's capacity must be between 1 and {} records, not {capacity}",
+                MemoryStream::MAX_CAPACITY
+            )));
         }
         let (close_signal, closing) = bounded(0);
         let (queues, shared_queue) = if fan_out {
