@@ -752,11 +752,6 @@ impl Forgetful {
     /// the latest cluster checkpoint (snapshots are durable once saved).
     fn after_crash(&self) -> MemoryStore {
         let survivor = MemoryStore::new();
-        if let Some(s) = self.live.latest_snapshot("cluster-state").unwrap() {
-            survivor
-                .save_snapshot("cluster-state", s.offset, &s.blob)
-                .unwrap();
-        }
         let synced = self.synced.load(Ordering::SeqCst);
         for r in self.live.read_from(0).unwrap() {
             let r = r.unwrap();
@@ -765,6 +760,17 @@ impl Forgetful {
             }
             let entry = cauce::Entry::with_timestamp(r.timestamp, &r.key, &r.payload);
             assert_eq!(survivor.append(&[entry]).unwrap().start, r.offset);
+        }
+        if let Some(s) = self.live.latest_snapshot("cluster-state").unwrap() {
+            assert!(
+                s.offset <= survivor.next_offset(),
+                "checkpoint at {} past the surviving log's end {}",
+                s.offset,
+                survivor.next_offset()
+            );
+            survivor
+                .save_snapshot("cluster-state", s.offset, &s.blob)
+                .unwrap();
         }
         survivor
     }

@@ -89,6 +89,9 @@ fn appends_during_compaction_are_kept_and_later_compactions_see_them() {
 fn cursor_journal_is_rewritten_when_it_grows_and_keeps_every_cursor() {
     let tmp = tempfile::tempdir().expect("tmp");
     let log = LogStore::open(tmp.path(), options()).expect("open");
+    // Records for the cursors to stand after (a cursor past the end is refused).
+    let entries: Vec<Entry<'_>> = (0..5000).map(|_| Entry::new(b"k", b"v")).collect();
+    log.append(&entries).expect("append");
     for i in 0..5000u64 {
         log.commit_cursor(&format!("c{}", i % 3), i)
             .expect("commit");

@@ -681,6 +681,7 @@ fn cursor_journal_torn_tail_is_cut() {
     let tmp = tempfile::tempdir().expect("tmp");
     let dir = tmp.path();
     let log = LogStore::open(dir, options()).expect("open");
+    append(&log, 0..12, 4);
     log.commit_cursor("a", 5).expect("commit");
     log.commit_cursor("b", 7).expect("commit");
     log.commit_cursor("a", 9).expect("commit");
@@ -704,6 +705,7 @@ fn damaged_newest_snapshot_falls_back_to_the_previous_one() {
     let tmp = tempfile::tempdir().expect("tmp");
     let dir = tmp.path();
     let log = LogStore::open(dir, options()).expect("open");
+    append(&log, 0..30, 10);
     for (o, blob) in [(10, &b"ten"[..]), (20, b"twenty"), (30, b"thirty")] {
         log.save_snapshot("state", o, blob).expect("save");
     }

@@ -313,7 +313,15 @@ pub fn compaction_keeps_the_latest_record_per_key<F: Fixture>(fixture: &mut F) {
 /// Cursors are durable, can move either way, and names are checked.
 pub fn cursors_are_durable_and_names_are_checked<F: Fixture>(fixture: &mut F) {
     let store = fixture.create();
+    append_numbered(&store, 0..20);
     assert_eq!(store.cursor("reader").expect("cursor"), None);
+    assert!(
+        matches!(
+            store.commit_cursor("reader", 21),
+            Err(Error::OffsetOutOfRange { requested: 21, .. })
+        ),
+        "a cursor past the end names no records"
+    );
     store.commit_cursor("reader", 10).expect("commit");
     store.commit_cursor("other.one_2-x", 3).expect("commit");
     store.commit_cursor("reader", 12).expect("commit");
@@ -335,6 +343,15 @@ pub fn cursors_are_durable_and_names_are_checked<F: Fixture>(fixture: &mut F) {
 /// Snapshots are durable, and the one with the highest offset is the latest.
 pub fn snapshots_are_durable_and_latest_wins<F: Fixture>(fixture: &mut F) {
     let store = fixture.create();
+    append_numbered(&store, 0..30);
+    assert_eq!(store.latest_snapshot("state").expect("latest"), None);
+    assert!(
+        matches!(
+            store.save_snapshot("state", 31, b"past"),
+            Err(Error::OffsetOutOfRange { requested: 31, .. })
+        ),
+        "a snapshot past the end folds no records"
+    );
     assert_eq!(store.latest_snapshot("state").expect("latest"), None);
     store.save_snapshot("state", 10, b"ten").expect("save");
     store.save_snapshot("state", 30, b"thirty").expect("save");

@@ -10,7 +10,9 @@ use bytes::{Bytes, BytesMut};
 use parking_lot::RwLock;
 
 use super::tail::Tail;
-use super::{Compaction, RecordIter, Snapshot, Store, check_name, check_read_range};
+use super::{
+    Compaction, RecordIter, Snapshot, Store, check_name, check_not_past_end, check_read_range,
+};
 use crate::error::{Error, Result};
 use crate::record::{Entry, Offset, Record, Timestamp};
 
@@ -412,6 +414,7 @@ impl Store for MemoryStore {
 
     fn commit_cursor(&self, name: &str, offset: Offset) -> Result<()> {
         check_name(name)?;
+        check_not_past_end(offset, self.start_offset(), self.next_offset())?;
         self.shared
             .data
             .write()
@@ -427,6 +430,7 @@ impl Store for MemoryStore {
 
     fn save_snapshot(&self, name: &str, offset: Offset, blob: &[u8]) -> Result<()> {
         check_name(name)?;
+        check_not_past_end(offset, self.start_offset(), self.next_offset())?;
         let mut data = self.shared.data.write();
         let newer = data.snapshots.get(name).is_none_or(|s| s.offset <= offset);
         if newer {

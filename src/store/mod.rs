@@ -94,7 +94,8 @@ pub struct Compaction {
 ///   (records with an empty key are kept); offsets of the kept records do not change.
 /// - Named cursors and snapshots are durable once their call returns, and so is every
 ///   record before their offset, whatever the sync policy: a crash never keeps a cursor
-///   or a snapshot but loses records it stands after. Names are 1 to 128 characters from
+///   or a snapshot but loses records it stands after. An offset past `next_offset()` is
+///   [`Error::OffsetOutOfRange`] (there are no records there to stand after). Names are 1 to 128 characters from
 ///   `[A-Za-z0-9._-]`, not starting with a dot; others are [`Error::InvalidName`].
 /// - Bad input or damaged storage is an error, never a panic.
 pub trait Store: Send + Sync + 'static {
@@ -198,6 +199,19 @@ pub fn check_name(name: &str) -> Result<()> {
 }
 
 /// Checks `from` against a store's range, as `read_from` must.
+/// A cursor or snapshot names the records before its offset: past `end`, there are none
+/// to name.
+pub(crate) fn check_not_past_end(offset: Offset, start: Offset, end: Offset) -> Result<()> {
+    if offset > end {
+        return Err(Error::OffsetOutOfRange {
+            requested: offset,
+            start,
+            end,
+        });
+    }
+    Ok(())
+}
+
 pub(crate) fn check_read_range(from: Offset, start: Offset, end: Offset) -> Result<()> {
     if from < start || from > end {
         Err(Error::OffsetOutOfRange {

@@ -156,7 +156,9 @@ use crossbeam_utils::CachePadded;
 use parking_lot::{Condvar, Mutex, MutexGuard, RwLock};
 
 use super::tail::Tail;
-use super::{Compaction, RecordIter, Snapshot, Store, check_name, check_read_range};
+use super::{
+    Compaction, RecordIter, Snapshot, Store, check_name, check_not_past_end, check_read_range,
+};
 use crate::error::{Error, Result};
 use crate::record::{Entry, Offset};
 
@@ -760,6 +762,7 @@ impl Store for LogStore {
                 "opened read-only: cursors cannot move".into(),
             ));
         }
+        check_not_past_end(offset, self.start_offset(), self.next_offset())?;
         // A cursor must not outlive the records it stands after: under a policy that
         // syncs later, a crash could otherwise keep it and lose them.
         self.sync_until(offset)?;
@@ -778,6 +781,7 @@ impl Store for LogStore {
                 "opened read-only: snapshots cannot be saved".into(),
             ));
         }
+        check_not_past_end(offset, self.start_offset(), self.next_offset())?;
         // As for cursors: the records the snapshot folds are durable first.
         self.sync_until(offset)?;
         meta::save_snapshot(&self.shared.dir, name, offset, blob)
