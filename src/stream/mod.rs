@@ -203,7 +203,10 @@ pub enum Position {
     /// [`MemoryStream`] shared queue, the oldest record still queued.
     End,
     /// Where the named cursor was last committed, or the beginning if it never was
-    /// (stored streams only). [`Subscribe::commit`] moves the cursor.
+    /// (stored streams only). [`Subscribe::commit`] moves the cursor. If retention
+    /// dropped records after the cursor, subscribing is [`Error::OffsetOutOfRange`],
+    /// which names the first offset still held: those records are gone, and the caller
+    /// chooses where to go on from ([`Position::Offset`] of that start, say).
     Cursor(String),
 }
 
