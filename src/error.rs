@@ -133,6 +133,16 @@ pub enum Error {
         capacity: usize,
     },
 
+    /// The instance running the handler was declared stalled and replaced while it was
+    /// in [`Context::call`](crate::cluster::Context::call)'s handler: it makes no more
+    /// outside calls (its replacement handles the request, and its own answer is
+    /// discarded).
+    #[error("instance {instance} was replaced: it makes no more outside calls")]
+    Fenced {
+        /// The replaced instance.
+        instance: InstanceId,
+    },
+
     /// A batch sends more requests to one instance than its queue holds, so it could
     /// never fit; nothing of it was logged. A batch of at most the queue capacity
     /// ([`ClusterBuilder::queue_capacity`](crate::cluster::ClusterBuilder::queue_capacity))

@@ -87,6 +87,8 @@ pub struct Context<'a> {
     pub(crate) replaying: bool,
     pub(crate) calls: u32,
     pub(crate) effects: &'a Effects,
+    /// Set once the running instance was declared stalled and replaced.
+    pub(crate) fenced: Option<&'a std::sync::atomic::AtomicBool>,
 }
 
 impl Context<'_> {
@@ -137,7 +139,8 @@ impl Context<'_> {
     /// One answer per call: if the same call was answered and journaled meanwhile (by
     /// the instance that took over a stalled one's request, say), `call` returns that
     /// first answer instead of `f`'s, so every handling and every replay of the request
-    /// sees the same one.
+    /// sees the same one. An instance that was declared stalled and replaced makes no
+    /// further call without a journaled answer: [`Error::Fenced`].
     pub fn call<T, F>(&mut self, name: &str, f: F) -> Result<T>
     where
         T: Serialize + DeserializeOwned,
@@ -167,6 +170,14 @@ impl Context<'_> {
                     "call {} ({name:?}) has no journaled answer, and this replay does not call out",
                     id.index
                 ),
+            });
+        }
+        if self
+            .fenced
+            .is_some_and(|f| f.load(std::sync::atomic::Ordering::SeqCst))
+        {
+            return Err(Error::Fenced {
+                instance: self.instance,
             });
         }
         self.effects.before_call(id.offset)?;

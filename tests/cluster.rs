@@ -1234,3 +1234,143 @@ fn a_batch_larger_than_a_queue_is_refused_not_a_deadlock() {
     assert!(answers.iter().all(|a| a.is_ok()), "{answers:?}");
     cluster.shutdown().unwrap();
 }
+
+/// Calls out twice per request: "slow" (past the stall timeout, and slower the second
+/// time it is made), then "after"; counts how often each was really made.
+struct TwoCalls {
+    slow: Arc<std::sync::atomic::AtomicU64>,
+    after: Arc<std::sync::atomic::AtomicU64>,
+    fenced_errors: Arc<std::sync::atomic::AtomicU64>,
+}
+
+impl cauce::cluster::Handler for TwoCalls {
+    type State = u64;
+    type Request = ();
+    type Response = u64;
+    fn handle(&self, ctx: &mut cauce::cluster::Context<'_>, _: &[u8], n: &mut u64, _: ()) -> u64 {
+        let slow = self.slow.clone();
+        let a: u64 = ctx
+            .call("slow", move |_| {
+                // The replaced instance's call returns first, while its replacement's
+                // is still out: the replaced one then reaches the next call first.
+                match slow.fetch_add(1, Ordering::SeqCst) {
+                    0 => thread::sleep(Duration::from_millis(500)),
+                    _ => thread::sleep(Duration::from_millis(900)),
+                }
+                1
+            })
+            .expect("journal");
+        let after = self.after.clone();
+        let b: u64 = match ctx.call("after", move |_| {
+            after.fetch_add(1, Ordering::SeqCst);
+            2
+        }) {
+            Ok(b) => b,
+            Err(Error::Fenced { .. }) => {
+                self.fenced_errors.fetch_add(1, Ordering::SeqCst);
+                return 0;
+            }
+            Err(e) => panic!("{e}"),
+        };
+        *n += a + b;
+        *n
+    }
+}
+
+/// An instance declared stalled inside an outside call makes no further call when it
+/// wakes up, even one its replacement has not made yet: the replacement makes it, once.
+#[test]
+fn a_replaced_instance_makes_no_more_outside_calls() {
+    let counters = || Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let (slow, after, fenced_errors) = (counters(), counters(), counters());
+    let handler = TwoCalls {
+        slow: slow.clone(),
+        after: after.clone(),
+        fenced_errors: fenced_errors.clone(),
+    };
+    let cluster = Cluster::builder(handler)
+        .stores(
+            Arc::new(MemoryStore::new()),
+            Some(Arc::new(MemoryStore::new())),
+        )
+        .instances(2)
+        .stall_timeout(Duration::from_millis(100))
+        .supervise_every(Duration::from_millis(5))
+        .build()
+        .unwrap();
+    let answer = cluster.client().submit("k", ()).unwrap().wait().unwrap();
+    assert_eq!(answer, 3);
+    thread::sleep(Duration::from_millis(300));
+    assert_eq!(
+        slow.load(Ordering::SeqCst),
+        2,
+        "the replacement made the slow call again"
+    );
+    assert_eq!(
+        after.load(Ordering::SeqCst),
+        1,
+        "only the replacement made the next call"
+    );
+    assert_eq!(
+        fenced_errors.load(Ordering::SeqCst),
+        1,
+        "the replaced one was told"
+    );
+    cluster.shutdown().unwrap();
+}
+
+/// Adds one; the first time, sleeps past the stall timeout and then panics.
+struct StallsThenPanics {
+    made: Arc<std::sync::atomic::AtomicU64>,
+}
+
+impl cauce::cluster::Handler for StallsThenPanics {
+    type State = u64;
+    type Request = ();
+    type Response = u64;
+    fn handle(&self, _: &mut cauce::cluster::Context<'_>, _: &[u8], n: &mut u64, _: ()) -> u64 {
+        if self.made.fetch_add(1, Ordering::SeqCst) == 0 {
+            thread::sleep(Duration::from_millis(400));
+            panic!("after stalling");
+        }
+        *n += 1;
+        *n
+    }
+}
+
+/// What an instance declared stalled does when it wakes up has no effect: its panic
+/// does not mark the request (which its replacement handled and answered) as never to
+/// be applied, so the state after a restart still holds it.
+#[test]
+fn a_replaced_instance_that_panics_does_not_poison_the_request() {
+    let input = Arc::new(MemoryStore::new());
+    let handler = StallsThenPanics {
+        made: Arc::new(std::sync::atomic::AtomicU64::new(0)),
+    };
+    let cluster = Cluster::builder(handler)
+        .stores(input.clone(), None)
+        .instances(2)
+        .stall_timeout(Duration::from_millis(100))
+        .supervise_every(Duration::from_millis(5))
+        .build()
+        .unwrap();
+    let answer = cluster.client().submit("k", ()).unwrap().wait().unwrap();
+    assert_eq!(answer, 1, "the replacement's answer");
+    thread::sleep(Duration::from_millis(600));
+    // Stopped without a checkpoint: the restart replays the request from the log.
+    drop(cluster);
+    let handler = StallsThenPanics {
+        made: Arc::new(std::sync::atomic::AtomicU64::new(1)),
+    };
+    let cluster = Cluster::builder(handler)
+        .stores(input, None)
+        .instances(2)
+        .build()
+        .unwrap();
+    assert_eq!(
+        cluster.client().submit("k", ()).unwrap().wait().unwrap(),
+        2,
+        "the answered request is in the state after a restart"
+    );
+    cluster.shutdown().unwrap();
+}

@@ -240,6 +240,7 @@ pub(crate) fn apply<H: Handler>(
     handler: &H,
     effects: &Effects,
     instance: InstanceId,
+    fenced: Option<&std::sync::atomic::AtomicBool>,
     replaying: bool,
     request: Request<'_>,
     state: &mut H::State,
@@ -261,6 +262,7 @@ pub(crate) fn apply<H: Handler>(
         replaying,
         calls: 0,
         effects,
+        fenced,
     };
     match catch_unwind(AssertUnwindSafe(|| {
         handler.handle(&mut ctx, key, state, request)
@@ -297,6 +299,8 @@ pub(crate) struct Replay<'a, H> {
     pub(crate) handler: &'a H,
     pub(crate) effects: &'a Effects,
     pub(crate) instance: InstanceId,
+    /// The instance's fence, for a rebuild on an instance (none for a debugging replay).
+    pub(crate) fenced: Option<&'a std::sync::atomic::AtomicBool>,
     pub(crate) input: &'a dyn Store,
 }
 
@@ -312,6 +316,7 @@ pub(crate) fn rebuild<H: Handler>(
         handler,
         effects,
         instance,
+        fenced,
         input,
     } = replay;
     loop {
@@ -360,7 +365,15 @@ pub(crate) fn rebuild<H: Handler>(
                     key: entry.key,
                     body,
                 };
-                match apply(handler, effects, instance, true, request, &mut slot.state) {
+                match apply(
+                    handler,
+                    effects,
+                    instance,
+                    fenced,
+                    true,
+                    request,
+                    &mut slot.state,
+                ) {
                     Outcome::Answered(r) => sink.handled(offset, Ok(r)),
                     Outcome::Refused(e) => sink.handled(offset, Err(e)),
                     Outcome::Panicked(message) => stop = Some(Ok((offset, message))),

@@ -668,21 +668,31 @@ pub(crate) enum Exit {
 /// Answers requests met during a fold: those of a lost instance, through the orphaned responders.
 struct Answer<'a, H: Handler> {
     shared: &'a Shared<H>,
-    instance: InstanceId,
+    me: &'a Instance<H::State, H::Response>,
 }
 
+/// A rebuild on an instance that was declared lost meanwhile has no effect: its new
+/// owner rebuilds the same keys and answers for them.
 impl<H: Handler> FoldSink<H::Response> for Answer<'_, H> {
     fn handled(&mut self, offset: Offset, outcome: std::result::Result<H::Response, Error>) {
-        self.shared.answer(offset, outcome);
+        if !self.me.is_fenced() {
+            self.shared.answer(offset, outcome);
+        }
     }
 
     fn poison(&mut self, offset: Offset, message: String) -> Result<()> {
+        if self.me.is_fenced() {
+            // Not marked: the panic may come from being fenced (a refused call).
+            return Err(Error::Fenced {
+                instance: self.me.id,
+            });
+        }
         // Marked durably before the answer: see `Shared::poison`.
         let marked = self.shared.poison(offset);
         self.shared.answer(
             offset,
             Err(Error::HandlerPanicked {
-                instance: self.instance,
+                instance: self.me.id,
                 offset,
                 message,
             }),
@@ -848,11 +858,18 @@ fn handle<H: Handler>(
         &*shared.handler,
         &shared.effects,
         me.id,
+        Some(&me.fenced),
         false,
         request,
         &mut slot.state,
     );
     drop(beat);
+    if me.is_fenced() {
+        // Declared lost while on this request: its new owner handles it and answers
+        // it, so this outcome has no effect at all (no answer, no poison mark, no
+        // state). The loop stops at its next message.
+        return None;
+    }
     match outcome {
         Outcome::Answered(response) => {
             slot.folded_until = offset + 1;
@@ -929,14 +946,12 @@ fn rebuild<H: Handler>(
         None => shared.checkpoint()?,
     };
     let mut poisoned: BTreeSet<Offset> = shared.poisoned();
-    let mut sink = Answer {
-        shared,
-        instance: me.id,
-    };
+    let mut sink = Answer { shared, me };
     let replay = fold::Replay {
         handler: &*shared.handler,
         effects: &shared.effects,
         instance: me.id,
+        fenced: Some(&me.fenced),
         input: &*shared.input,
     };
     let rebuilt = fold::rebuild(

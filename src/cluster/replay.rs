@@ -133,6 +133,7 @@ impl<H: Handler> Replay<H> {
             handler: &self.handler,
             effects: &self.effects,
             instance: REPLAY_INSTANCE,
+            fenced: None,
             input: &*self.input,
         };
         let mut poisoned = self.poisoned.clone();
@@ -165,6 +166,7 @@ impl<H: Handler> Replay<H> {
             &self.handler,
             &self.effects,
             REPLAY_INSTANCE,
+            None,
             true,
             live,
             &mut after,
