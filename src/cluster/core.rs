@@ -100,12 +100,13 @@ pub(crate) struct Shared<H: Handler> {
     checkpoint_offset: AtomicU64,
     checkpoint_cache: Mutex<Weak<Checkpoint>>,
     poisoned: Mutex<BTreeSet<Offset>>,
-    /// Responders of requests taken or queued by lost instances: answered by whoever
-    /// rebuilds their keys. Requests are otherwise answered through the responder they
-    /// are queued with, so this is empty but after a loss.
-    orphans: Mutex<HashMap<Offset, Responder<H::Response>, ahash::RandomState>>,
-    /// Whether `orphans` may hold anything: rebuilds skip its lock while it is empty.
+    /// Requests whose instance was lost, and answers given ahead of such a loss.
+    orphans: Mutex<Orphans<H::Response>>,
+    /// Whether `orphans.waiting` may hold anything: rebuilds skip its lock while it is
+    /// empty and no instance is retiring.
     any_orphans: AtomicBool,
+    /// Whether `retiring` holds anything (see [`Orphans::early`]).
+    any_retiring: AtomicBool,
     accepting: AtomicBool,
     /// Requests handled by all instances, ever, when the last checkpoint began.
     handled_at_checkpoint: AtomicU64,
@@ -243,8 +244,12 @@ impl<H: Handler> Shared<H> {
             checkpoint_offset: AtomicU64::new(checkpoint.offset),
             checkpoint_cache: Mutex::new(Arc::downgrade(&checkpoint)),
             poisoned: Mutex::new(recovered.poisoned),
-            orphans: Mutex::default(),
+            orphans: Mutex::new(Orphans {
+                waiting: HashMap::default(),
+                early: HashMap::default(),
+            }),
             any_orphans: AtomicBool::new(false),
+            any_retiring: AtomicBool::new(false),
             accepting: AtomicBool::new(true),
             handled_at_checkpoint: AtomicU64::new(0),
             handled_by_gone: AtomicU64::new(0),
@@ -376,24 +381,55 @@ impl<H: Handler> Shared<H> {
     /// Answers the request at `offset` if it belonged to a lost instance and someone
     /// still waits for it.
     pub(crate) fn answer(&self, offset: Offset, result: Result<H::Response>) {
-        if !self.any_orphans.load(Ordering::Acquire) {
+        if !self.any_orphans.load(Ordering::Acquire) && !self.any_retiring.load(Ordering::Acquire) {
             return;
         }
-        let responder = self.orphans.lock().remove(&offset);
-        if let Some(r) = responder {
-            r.answer(result);
+        let mut orphans = self.orphans.lock();
+        match orphans.waiting.remove(&offset) {
+            Some(r) => {
+                drop(orphans);
+                r.answer(result);
+            }
+            None if self.any_retiring.load(Ordering::Acquire) => {
+                orphans.early.insert(offset, result);
+            }
+            None => {}
         }
     }
 
-    /// Keeps the responders of a fenced instance's requests for whoever rebuilds them.
+    /// Keeps the responders of a fenced instance's requests for whoever rebuilds them,
+    /// and answers at once those a rebuild answered early (see [`Orphans::early`]).
     fn adopt_orphans(&self, inst: &Inst<H>) {
         let unanswered = inst.take_unanswered();
         if unanswered.is_empty() {
             return;
         }
-        let mut orphans = self.orphans.lock();
-        orphans.extend(unanswered);
-        self.any_orphans.store(true, Ordering::Release);
+        let mut answered_early = Vec::new();
+        {
+            let mut orphans = self.orphans.lock();
+            for (offset, responder) in unanswered {
+                match orphans.early.remove(&offset) {
+                    Some(result) => answered_early.push((responder, result)),
+                    None => {
+                        orphans.waiting.insert(offset, responder);
+                    }
+                }
+            }
+            self.any_orphans
+                .store(!orphans.waiting.is_empty(), Ordering::Release);
+        }
+        for (responder, result) in answered_early {
+            responder.answer(result);
+        }
+    }
+
+    /// Notes whether any instance is retiring; with none, no early answer is needed.
+    fn retiring_changed(&self, retiring: &[Arc<Inst<H>>]) {
+        let any = !retiring.is_empty();
+        self.any_retiring.store(any, Ordering::Release);
+        if !any {
+            self.orphans.lock().early.clear();
+        }
     }
 
     // ---- submit ----------------------------------------------------------------
@@ -758,7 +794,11 @@ impl<H: Handler> Shared<H> {
             inst.stats.requests.load(Ordering::Relaxed),
             Ordering::Relaxed,
         );
-        self.retiring.lock().push(inst.clone());
+        {
+            let mut retiring = self.retiring.lock();
+            retiring.push(inst.clone());
+            self.retiring_changed(&retiring);
+        }
         inst.permits.retire();
         self.routing.lock().placement.remove(id)?;
         self.journal(&Control::Leave { id: id.0 })?;
@@ -781,6 +821,7 @@ impl<H: Handler> Shared<H> {
             // handoff starts the rebuild that answers them.
             self.adopt_orphans(&inst);
             inst.fence();
+            self.retiring_changed(&self.retiring.lock());
             return;
         }
         let Some(inst) = self.routing.lock().instances.remove(&id) else {
@@ -869,9 +910,9 @@ impl<H: Handler> Shared<H> {
             // an adopted request it skips, poisoned by the lost instance that woke up,
             // was answered by that instance).
             let mut orphans = self.orphans.lock();
-            orphans.retain(|_, r| !r.is_answered());
+            orphans.waiting.retain(|_, r| !r.is_answered());
             self.any_orphans
-                .store(!orphans.is_empty(), Ordering::Release);
+                .store(!orphans.waiting.is_empty(), Ordering::Release);
         }
         if self.options.truncate_after_checkpoint {
             self.input.truncate_before(offset)?;
@@ -1066,9 +1107,11 @@ impl<H: Handler> Supervised for Shared<H> {
         for id in dead {
             self.lose(id, "its loop ended");
         }
-        self.retiring
-            .lock()
-            .retain(|i| !i.running.lock().as_ref().is_some_and(|r| r.is_finished()));
+        {
+            let mut retiring = self.retiring.lock();
+            retiring.retain(|i| !i.running.lock().as_ref().is_some_and(|r| r.is_finished()));
+            self.retiring_changed(&retiring);
+        }
         let handled = self.handled_total(&self.routing.lock().instances);
         let since = handled.saturating_sub(self.handled_at_checkpoint.load(Ordering::Relaxed));
         if since >= self.options.checkpoint_every {
@@ -1078,6 +1121,20 @@ impl<H: Handler> Supervised for Shared<H> {
             self.due.1.notify_one();
         }
     }
+}
+
+/// Requests whose instance was lost, and answers given ahead of such a loss.
+struct Orphans<R> {
+    /// Responders of requests taken or queued by lost instances: answered by whoever
+    /// rebuilds their keys. Requests are otherwise answered through the responder they
+    /// are queued with, so this is empty but after a loss.
+    waiting: HashMap<Offset, Responder<R>, ahash::RandomState>,
+    /// Answers a rebuild gave, while some instance was retiring, for requests nobody had
+    /// adopted. A rebuild of a key can run ahead of a retiring instance that still holds
+    /// requests of the key (when the instance the key was moving to is lost): if that
+    /// retiring instance is lost in turn, its adopted requests are answered from here,
+    /// since no rebuild will replay them again. Kept while any instance is retiring.
+    early: HashMap<Offset, Result<R>, ahash::RandomState>,
 }
 
 /// A key's stripe: the low bits of its [`key_hash`] (the router's slot takes the top
