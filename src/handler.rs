@@ -152,16 +152,7 @@ impl Context<'_> {
         };
         self.calls += 1;
         if let Some((recorded, answer)) = self.effects.lookup(id) {
-            if &*recorded != name {
-                return Err(Error::Nondeterministic {
-                    offset: id.offset,
-                    detail: format!(
-                        "call {} was journaled as {recorded:?} but replayed as {name:?}",
-                        id.index
-                    ),
-                });
-            }
-            return Bincode.decode(&answer);
+            return journaled_answer(id, name, &recorded, &answer, "replayed");
         }
         if self.effects.journal_only {
             return Err(Error::Nondeterministic {
@@ -185,20 +176,30 @@ impl Context<'_> {
         let bytes = Bincode.encode(&answer)?;
         match self.effects.record(id, name, &bytes)? {
             None => Ok(answer),
-            Some((recorded, earlier)) => {
-                if &*recorded != name {
-                    return Err(Error::Nondeterministic {
-                        offset: id.offset,
-                        detail: format!(
-                            "call {} was journaled as {recorded:?} but made as {name:?}",
-                            id.index
-                        ),
-                    });
-                }
-                Bincode.decode(&earlier)
-            }
+            Some((recorded, earlier)) => journaled_answer(id, name, &recorded, &earlier, "made"),
         }
     }
+}
+
+/// The journaled `answer` of call `id`, if it was journaled under the `name` it is now
+/// `made` (or replayed) as.
+fn journaled_answer<T: DeserializeOwned>(
+    id: EffectId,
+    name: &str,
+    recorded: &str,
+    answer: &[u8],
+    now: &str,
+) -> Result<T> {
+    if recorded != name {
+        return Err(Error::Nondeterministic {
+            offset: id.offset,
+            detail: format!(
+                "call {} was journaled as {recorded:?} but {now} as {name:?}",
+                id.index
+            ),
+        });
+    }
+    Bincode.decode(answer)
 }
 
 /// The journal of outside calls: a second store holding `(offset, index) → (name,

@@ -1162,14 +1162,9 @@ fn a_call_that_outlives_its_stalled_instance_does_not_replace_the_journaled_answ
     drop(client);
     cluster.shutdown().unwrap();
     // The journal's answers, in order: the first is the one answered from.
-    let answers: Vec<u64> = effects
-        .read_from(0)
-        .unwrap()
-        .map(|r| {
-            let r = r.unwrap();
-            let name_len = u16::from_be_bytes(r.payload[..2].try_into().unwrap()) as usize;
-            bincode::deserialize(&r.payload[2 + name_len..]).unwrap()
-        })
+    let answers: Vec<u64> = common::journal_entries(&*effects)
+        .into_iter()
+        .map(|(_, value)| value)
         .collect();
     assert_eq!(answers.first(), Some(&answered), "journal: {answers:?}");
 }

@@ -11,15 +11,22 @@ use cauce::store::{LogOptions, LogStore, MemoryStore, Store, SyncPolicy};
 use cauce::stream::{LogStream, MemoryStream, Position, Publish, Stream, Subscribe, SubscribeExt};
 use common::{Req, Resp, Service};
 
+/// Blocks in `wait_for` past the end with an endless timeout, until a record arrives.
+fn wait_for_the_next_record(store: &impl Store) {
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            std::thread::sleep(Duration::from_millis(20));
+            store.append(&[Entry::new(b"k", b"v")]).unwrap();
+        });
+        assert_eq!(store.wait_for(0, Some(Duration::MAX)), 1);
+    });
+}
+
 #[test]
 fn waits_with_an_endless_timeout_return_what_arrives() {
-    let memory = MemoryStore::new();
-    memory.append(&[Entry::new(b"k", b"v")]).unwrap();
-    assert_eq!(memory.wait_for(0, Some(Duration::MAX)), 1);
+    wait_for_the_next_record(&MemoryStore::new());
     let tmp = tempfile::tempdir().unwrap();
-    let log = LogStore::open(tmp.path(), LogOptions::new()).unwrap();
-    log.append(&[Entry::new(b"k", b"v")]).unwrap();
-    assert_eq!(log.wait_for(0, Some(Duration::MAX)), 1);
+    wait_for_the_next_record(&LogStore::open(tmp.path(), LogOptions::new()).unwrap());
 
     let stream = MemoryStream::fan_out(4).unwrap();
     let mut filtered = stream.subscribe(Position::End).unwrap().filter(|_| true);

@@ -118,8 +118,9 @@ pub fn model(
     (states, answers)
 }
 
-/// The journaled answers of `External` requests: request offset → value.
-pub fn journal(effects: &dyn Store) -> HashMap<u64, u64> {
+/// The journal's entries in journal order: (request offset, answer), for handlers whose
+/// calls answer a `u64`.
+pub fn journal_entries(effects: &dyn Store) -> Vec<(u64, u64)> {
     effects
         .read_from(effects.start_offset())
         .unwrap()
@@ -131,6 +132,16 @@ pub fn journal(effects: &dyn Store) -> HashMap<u64, u64> {
             (offset, value)
         })
         .collect()
+}
+
+/// The journaled answers of `External` requests: request offset → value (the first
+/// entry of a call is its answer).
+pub fn journal(effects: &dyn Store) -> HashMap<u64, u64> {
+    let mut answers = HashMap::new();
+    for (offset, value) in journal_entries(effects) {
+        answers.entry(offset).or_insert(value);
+    }
+    answers
 }
 
 /// Every request in the input log: offset → (key, request).
