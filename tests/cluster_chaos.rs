@@ -119,7 +119,11 @@ fn run(seed: u64) {
 
 #[test]
 fn random_failures_and_membership_changes_keep_every_state_equal_to_the_fold() {
-    for seed in 1..=4 {
+    // Seed 235 removes two instances and then loses the one their keys were moving to,
+    // while the first still drains its queue: it once gave a wrong answer (a rebuild
+    // folded records that a retiring instance then applied again) and, on the way to
+    // the fix, a request never answered.
+    for seed in [1, 2, 3, 4, 235] {
         run(seed);
     }
 }

@@ -25,8 +25,8 @@ use parking_lot::{Mutex, MutexGuard};
 
 use super::fold::{self, CHECKPOINT, Checkpoint, Control, Envelope};
 use super::instance::{
-    self, CheckpointRound, Exit, Handoff, Instance, Message, NoPermit, Queued, QueuedBytes, Source,
-    Start,
+    self, CheckpointRound, Exit, Handoff, Instance, Left, Message, NoPermit, Queued, QueuedBytes,
+    Relays, Source, Start,
 };
 use super::metrics::{InstanceMetrics, Metrics};
 use super::owned::OwnedLog;
@@ -397,12 +397,14 @@ impl<H: Handler> Shared<H> {
         }
     }
 
-    /// Keeps the responders of a fenced instance's requests for whoever rebuilds them,
+    /// Keeps the responders of a lost instance's requests for whoever rebuilds them,
     /// and answers at once those a rebuild answered early (see [`Orphans::early`]).
-    fn adopt_orphans(&self, inst: &Inst<H>) {
-        let unanswered = inst.take_unanswered();
+    /// Returns the rest of what it left, to fence it with.
+    fn adopt_orphans(&self, inst: &Inst<H>) -> Left<H::State, H::Response> {
+        let mut left = inst.take_left();
+        let unanswered = std::mem::take(&mut left.unanswered);
         if unanswered.is_empty() {
-            return;
+            return left;
         }
         let mut answered_early = Vec::new();
         {
@@ -421,6 +423,7 @@ impl<H: Handler> Shared<H> {
         for (responder, result) in answered_early {
             responder.answer(result);
         }
+        left
     }
 
     /// Notes whether any instance is retiring; with none, no early answer is needed.
@@ -515,7 +518,7 @@ impl<H: Handler> Shared<H> {
             };
             if let Some(from) = moved_from {
                 let key = Bytes::copy_from_slice(key);
-                self.move_keys(&Moves::single(from, dest.id, key), offset);
+                self.move_keys(&Moves::single(from, dest.id, key), offset, &Arc::default());
             }
             let (pending, responder) = pending(offset);
             dest.send_requests(Some(Message::Request(Queued {
@@ -682,7 +685,7 @@ impl<H: Handler> Shared<H> {
             if let Some(from) = before.filter(|&h| h != batch.dest(i).id) {
                 let key = Bytes::copy_from_slice(items[i].0.as_ref());
                 let moves = Moves::single(from, batch.dest(i).id, key);
-                self.move_keys(&moves, range.start + i as Offset);
+                self.move_keys(&moves, range.start + i as Offset, &Arc::default());
             }
         }
         let mut pendings = Vec::with_capacity(items.len());
@@ -714,7 +717,9 @@ impl<H: Handler> Shared<H> {
 
     /// Queues the handoffs for `moves`: every `Release` first, then every `Acquire`.
     /// Records of the moved keys before `until` belong to the old holder.
-    fn move_keys(&self, moves: &Moves, until: Offset) {
+    /// Keys whose holder is gone are rebuilt from the log, those in `relays` from the
+    /// state on its way to that holder.
+    fn move_keys(&self, moves: &Moves, until: Offset, relays: &Arc<Relays<H::State>>) {
         let routing = self.routing.lock();
         let instances = &routing.instances;
         let retiring = self.retiring.lock();
@@ -737,7 +742,10 @@ impl<H: Handler> Shared<H> {
                     });
                     Source::Handoff(handoff)
                 }
-                None => Source::Rebuild { until },
+                None => Source::Rebuild {
+                    until,
+                    relays: relays.clone(),
+                },
             };
             acquires.push((to, keys.clone(), source));
             self.moved.fetch_add(keys.len() as u64, Ordering::Relaxed);
@@ -752,13 +760,17 @@ impl<H: Handler> Shared<H> {
 
     // ---- membership ---------------------------------------------------------------
 
-    fn rebalance_and_move(&self, all: &mut [MutexGuard<'_, Holders>]) -> Result<()> {
+    fn rebalance_and_move(
+        &self,
+        all: &mut [MutexGuard<'_, Holders>],
+        relays: Relays<H::State>,
+    ) -> Result<()> {
         let until = self.input.next_offset();
         let moves = self
             .routing
             .lock()
             .rebalance(all.iter_mut().map(|g| &mut **g));
-        self.move_keys(&moves, until);
+        self.move_keys(&moves, until, &Arc::new(relays));
         Ok(())
     }
 
@@ -771,7 +783,7 @@ impl<H: Handler> Shared<H> {
         self.start_instance(id, weight, Start::Empty)?;
         self.routing.lock().placement.add(id, weight)?;
         self.journal(&Control::Join { id: id.0, weight })?;
-        self.rebalance_and_move(&mut all)?;
+        self.rebalance_and_move(&mut all, Relays::default())?;
         Ok(id)
     }
 
@@ -802,7 +814,7 @@ impl<H: Handler> Shared<H> {
         inst.permits.retire();
         self.routing.lock().placement.remove(id)?;
         self.journal(&Control::Leave { id: id.0 })?;
-        self.rebalance_and_move(&mut all)?;
+        self.rebalance_and_move(&mut all, Relays::default())?;
         inst.send(Message::Stop);
         Ok(())
     }
@@ -819,8 +831,8 @@ impl<H: Handler> Shared<H> {
             // Its keys already moved; only its pending handoffs need rebuilding. Its
             // requests are adopted before fencing abandons the handoffs: an abandoned
             // handoff starts the rebuild that answers them.
-            self.adopt_orphans(&inst);
-            inst.fence();
+            let mut left = self.adopt_orphans(&inst);
+            inst.fence(Some(&mut left));
             self.retiring_changed(&self.retiring.lock());
             return;
         }
@@ -832,8 +844,8 @@ impl<H: Handler> Shared<H> {
             Ordering::Relaxed,
         );
         tracing::warn!(instance = %id, why, "instance lost; moving its keys");
-        self.adopt_orphans(&inst);
-        inst.fence();
+        let mut left = self.adopt_orphans(&inst);
+        inst.fence(Some(&mut left));
         if let Some(round) = self.round.lock().as_ref() {
             round.abandon_if_waiting_for(id);
         }
@@ -851,7 +863,7 @@ impl<H: Handler> Shared<H> {
                 id: replacement.0,
                 weight: inst.weight,
             })?;
-            self.rebalance_and_move(&mut all)
+            self.rebalance_and_move(&mut all, left.incoming)
         })();
         if let Err(e) = result {
             tracing::error!(instance = %id, error = %e, "could not replace a lost instance");
@@ -1041,10 +1053,10 @@ impl<H: Handler> Shared<H> {
                     let _ = running.join();
                 } else {
                     tracing::warn!(instance = %inst.id, "instance did not stop in time; leaving it");
-                    inst.fence();
+                    inst.fence(None);
                     // Its requests will not be handled in this run: their waiters are
                     // told so now, not left blocked (the log keeps them for the next).
-                    for (_, responder) in inst.take_unanswered() {
+                    for (_, responder) in inst.take_left().unanswered {
                         responder.answer(Err(Error::Closed));
                     }
                 }

@@ -291,9 +291,6 @@ pub(crate) trait FoldSink<R> {
     fn poison(&mut self, offset: Offset, message: String) -> Result<()>;
 }
 
-/// Rebuilds the states of `limits`' keys: each key from the checkpoint, then every
-/// request of that key in the log from the checkpoint up to (not including) its limit,
-/// skipping poisoned offsets. A panic poisons its request and starts the fold again.
 /// Where a fold reads from and what it runs.
 pub(crate) struct Replay<'a, H> {
     pub(crate) handler: &'a H,
@@ -304,9 +301,15 @@ pub(crate) struct Replay<'a, H> {
     pub(crate) input: &'a dyn Store,
 }
 
+/// Rebuilds the states of `limits`' keys: each key from the checkpoint, then every
+/// request of that key in the log from the checkpoint up to (not including) its limit,
+/// skipping poisoned offsets. A key in `relayed` starts instead from the state given
+/// there (encoded), which folds every request of the key before the offset given with
+/// it. A panic poisons its request and starts the fold again.
 pub(crate) fn rebuild<H: Handler>(
     replay: Replay<'_, H>,
     checkpoint: &Checkpoint,
+    relayed: &HashMap<Bytes, (Offset, Bytes), ahash::RandomState>,
     poisoned: &mut BTreeSet<Offset>,
     limits: &HashMap<Bytes, Offset, ahash::RandomState>,
     sink: &mut dyn FoldSink<H::Response>,
@@ -322,13 +325,19 @@ pub(crate) fn rebuild<H: Handler>(
     loop {
         let mut states: HashMap<Bytes, Slot<H::State>, ahash::RandomState> =
             HashMap::with_capacity_and_hasher(limits.len(), Default::default());
+        // While folding, a slot's `folded_until` is where its fold starts.
+        let mut start = checkpoint.offset;
         for key in limits.keys() {
-            let state = checkpoint_state(checkpoint, key)?;
+            let (from, state) = match relayed.get(key) {
+                Some((from, encoded)) => (*from, CODEC.decode(encoded)?),
+                None => (checkpoint.offset, checkpoint_state(checkpoint, key)?),
+            };
+            start = start.min(from);
             states.insert(
                 key.clone(),
                 Slot {
                     state,
-                    folded_until: checkpoint.offset,
+                    folded_until: from,
                 },
             );
         }
@@ -336,7 +345,7 @@ pub(crate) fn rebuild<H: Handler>(
         // The first thing that stops the fold: damage, or a panic (which is marked and
         // the fold started again without it). The replay itself runs to its end.
         let mut stop: Option<std::result::Result<(Offset, String), Error>> = None;
-        if until > checkpoint.offset {
+        if until > start {
             let mut fold_one = |offset: Offset, entry: Entry<'_>| {
                 if stop.is_some() || offset >= until {
                     return;
@@ -358,6 +367,9 @@ pub(crate) fn rebuild<H: Handler>(
                 let Some(slot) = states.get_mut(entry.key) else {
                     return;
                 };
+                if offset < slot.folded_until {
+                    return;
+                }
                 progress();
                 let request = Request {
                     offset,
@@ -379,7 +391,7 @@ pub(crate) fn rebuild<H: Handler>(
                     Outcome::Panicked(message) => stop = Some(Ok((offset, message))),
                 }
             };
-            input.replay_from(checkpoint.offset, &mut fold_one)?;
+            input.replay_from(start, &mut fold_one)?;
         }
         match stop {
             Some(Err(e)) => return Err(e),

@@ -29,12 +29,28 @@ pub(crate) struct Handoff<S> {
     ready: Condvar,
 }
 
+/// States on their way to an instance that was lost, by key. Whoever takes over such a
+/// key waits for its state there and folds the log from that handoff's offset on.
+/// Folding from the checkpoint instead would apply records that the releasing side
+/// still handles and answers, and a checkpoint taken meanwhile would hold them: a
+/// rebuild on the releasing side, from that checkpoint, would then apply them twice.
+pub(crate) type Relays<S> = HashMap<Bytes, Arc<Handoff<S>>, ahash::RandomState>;
+
 enum HandoffState<S> {
     Waiting,
+    /// The states handed over, each taken out by the instance that acquires its key.
+    Ready(HashMap<Bytes, Option<Slot<S>>, ahash::RandomState>),
+    /// The releasing instance is gone: its keys are rebuilt from the log, those of
+    /// them with a state still on its way to it from that state (see [`Relays`]).
+    Abandoned(Arc<Relays<S>>),
+}
+
+/// What taking keys out of a handoff gives.
+enum Handed<S> {
+    /// Each key's state (`None`: the releasing side had none).
     Ready(Vec<(Bytes, Option<Slot<S>>)>),
-    /// The releasing instance is gone: rebuild from the checkpoint and the log.
-    Abandoned,
-    Taken,
+    /// The releasing side is gone; these states were on their way to it.
+    Abandoned(Arc<Relays<S>>),
 }
 
 impl<S> Handoff<S> {
@@ -52,31 +68,35 @@ impl<S> Handoff<S> {
         if !matches!(*st, HandoffState::Waiting) {
             return false;
         }
-        *st = HandoffState::Ready(states);
+        *st = HandoffState::Ready(states.into_iter().collect());
         self.ready.notify_all();
         true
     }
 
-    /// Gives up on the releasing side (it stalled or died).
-    pub(crate) fn abandon(&self) {
+    /// Gives up on the releasing side (it stalled or died); `relays` are the states
+    /// still on their way to it, for these keys.
+    pub(crate) fn abandon(&self, relays: Relays<S>) {
         let mut st = self.state.lock();
         if matches!(*st, HandoffState::Waiting) {
-            *st = HandoffState::Abandoned;
+            *st = HandoffState::Abandoned(Arc::new(relays));
             self.ready.notify_all();
         }
     }
 
-    /// Waits for the states; `None` if the handoff was abandoned.
-    fn wait(&self) -> Option<Vec<(Bytes, Option<Slot<S>>)>> {
+    /// Waits for the handoff, and takes `keys`' states out of it.
+    fn take(&self, keys: &[Bytes]) -> Handed<S> {
         let mut st = self.state.lock();
         loop {
-            match std::mem::replace(&mut *st, HandoffState::Taken) {
-                HandoffState::Waiting => {
-                    *st = HandoffState::Waiting;
-                    self.ready.wait(&mut st);
+            match &mut *st {
+                HandoffState::Waiting => self.ready.wait(&mut st),
+                HandoffState::Ready(states) => {
+                    return Handed::Ready(
+                        keys.iter()
+                            .map(|k| (k.clone(), states.remove(k).flatten()))
+                            .collect(),
+                    );
                 }
-                HandoffState::Ready(v) => return Some(v),
-                HandoffState::Abandoned | HandoffState::Taken => return None,
+                HandoffState::Abandoned(relays) => return Handed::Abandoned(relays.clone()),
             }
         }
     }
@@ -85,9 +105,11 @@ impl<S> Handoff<S> {
 /// Where acquired keys' states come from.
 pub(crate) enum Source<S> {
     Handoff(Arc<Handoff<S>>),
-    /// Rebuild from the checkpoint and the log, up to `until`.
+    /// Rebuild from the log, up to `until`: from the checkpoint, or for a key in
+    /// `relays` from the state on its way to the lost instance that held it.
     Rebuild {
         until: Offset,
+        relays: Arc<Relays<S>>,
     },
 }
 
@@ -567,39 +589,79 @@ impl<S, R> Instance<S, R> {
     }
 
     /// Retires the instance for good: its loop stops at its next step and anything it
-    /// still had to hand over is rebuilt elsewhere.
-    pub(crate) fn fence(&self) {
+    /// still had to hand over is rebuilt elsewhere, from what `left` says was on its
+    /// way to it (from [`Instance::take_left`]; `None` when nothing is rebuilt).
+    pub(crate) fn fence(&self, left: Option<&mut Left<S, R>>) {
         self.fenced.store(true, Ordering::SeqCst);
         self.permits.retire();
+        let mut released = left.map(|l| std::mem::take(&mut l.released));
         for h in self.releases.lock().drain(..) {
-            h.abandon();
+            let relays = released
+                .as_mut()
+                .and_then(|r| {
+                    let at = r.iter().position(|(r, _)| Arc::ptr_eq(r, &h))?;
+                    Some(r.swap_remove(at).1)
+                })
+                .unwrap_or_default();
+            h.abandon(relays);
         }
     }
 
-    /// Takes everything this fenced instance still has queued or taken, and returns the
-    /// responders of its requests: the ones it may never answer. What it held is
-    /// dropped (its keys are rebuilt elsewhere; a pending response refers back to the
-    /// instance that answers it, so a queue left full would never be freed).
-    pub(crate) fn take_unanswered(&self) -> Vec<(Offset, Responder<R>)> {
+    /// Takes everything this fenced instance still has queued or taken: the responders
+    /// of its requests (the ones it may never answer), and the keys' states that were on
+    /// their way to it. What it held is dropped (its keys are rebuilt elsewhere; a
+    /// pending response refers back to the instance that answers it, so a queue left
+    /// full would never be freed).
+    pub(crate) fn take_left(&self) -> Left<S, R> {
         let mut held = Vec::new();
         let mut current = None;
         // Same lock order as the loop's take: the mailbox, then the taken batch; a
-        // request is always in one of the two.
+        // request is always in one of the two. The batch was queued first.
         self.mailbox.drain(|queue| {
-            held.extend(queue.drain(..));
             let mut taken = self.taken.lock();
             held.extend(taken.batch.drain(..));
+            held.extend(queue.drain(..));
             current = taken.current.take();
             // A stalled loop that wakes up finds this and stops.
             queue.push_back(Message::Stop);
         });
-        held.into_iter()
-            .filter_map(|m| match m {
-                Message::Request(q) => q.responder.map(|r| (q.offset, r)),
-                _ => None,
-            })
-            .chain(current)
-            .collect()
+        let mut left = Left {
+            unanswered: Vec::new(),
+            released: Vec::new(),
+            incoming: Relays::default(),
+        };
+        // In queue order: a key's state on its way here is the one to relay for a
+        // release of that key that comes after it.
+        for message in held {
+            match message {
+                Message::Request(q) => left.unanswered.extend(q.responder.map(|r| (q.offset, r))),
+                Message::Acquire { keys, source } => match source {
+                    Source::Handoff(h) => {
+                        for k in keys {
+                            left.incoming.insert(k, h.clone());
+                        }
+                    }
+                    Source::Rebuild { relays, .. } => {
+                        for k in keys {
+                            match relays.get(&k) {
+                                Some(h) => left.incoming.insert(k, h.clone()),
+                                None => left.incoming.remove(&k),
+                            };
+                        }
+                    }
+                },
+                Message::Release { keys, handoff } => {
+                    let relays = keys
+                        .iter()
+                        .filter_map(|k| left.incoming.remove_entry(k))
+                        .collect();
+                    left.released.push((handoff, relays));
+                }
+                Message::Checkpoint(_) | Message::Stop => {}
+            }
+        }
+        left.unanswered.extend(current);
+        left
     }
 
     /// The next message the loop took, waiting for the mailbox when the batch is done.
@@ -644,6 +706,17 @@ impl<S, R> Instance<S, R> {
     pub(crate) fn is_fenced(&self) -> bool {
         self.fenced.load(Ordering::SeqCst)
     }
+}
+
+/// What a fenced instance leaves behind (see [`Instance::take_left`]).
+pub(crate) struct Left<S, R> {
+    /// Its requests not answered yet.
+    pub(crate) unanswered: Vec<(Offset, Responder<R>)>,
+    /// The handoffs it had queued to complete, each with the states on their way to it
+    /// for the keys it was to release.
+    released: Vec<(Arc<Handoff<S>>, Relays<S>)>,
+    /// The states on their way to it for the keys it keeps holding.
+    pub(crate) incoming: Relays<S>,
 }
 
 /// How an instance loop starts.
@@ -737,10 +810,12 @@ pub(crate) fn run<H: Handler>(
     let mut failed: Option<String> = None;
     match start {
         Start::Empty => {}
-        Start::Restore { limits, checkpoint } => match rebuild(shared, me, &limits, checkpoint) {
-            Ok(rebuilt) => states = rebuilt,
-            Err(e) => failed = Some(e.to_string()),
-        },
+        Start::Restore { limits, checkpoint } => {
+            match rebuild(shared, me, &limits, checkpoint, &HashMap::default()) {
+                Ok(rebuilt) => states = rebuilt,
+                Err(e) => failed = Some(e.to_string()),
+            }
+        }
     }
     me.stats.keys.store(states.len(), Ordering::Relaxed);
     let mut handled = Handled {
@@ -909,30 +984,95 @@ fn acquire<H: Handler>(
     keys: Vec<Bytes>,
     source: Source<H::State>,
 ) -> Result<()> {
-    let (handed, until) = match source {
-        Source::Handoff(h) => (h.wait(), h.until),
-        Source::Rebuild { until } => (None, until),
+    // Handoffs to take keys from, keys to fold from the checkpoint, and keys to fold
+    // from a state relayed from further back (encoded, with its offset).
+    let mut handoffs: Takes<H::State> = Vec::new();
+    let mut from_checkpoint: Vec<Bytes> = Vec::new();
+    let mut relayed: HashMap<Bytes, (Offset, Bytes), ahash::RandomState> = HashMap::default();
+    let until = match source {
+        Source::Handoff(h) => {
+            let until = h.until;
+            handoffs.push((h, keys));
+            until
+        }
+        Source::Rebuild { until, relays } => {
+            split_relayed(keys, &relays, &mut handoffs, &mut from_checkpoint);
+            until
+        }
     };
-    let mut missing: HashMap<Bytes, Offset, ahash::RandomState> = HashMap::default();
-    match handed {
-        Some(entries) => {
-            for (key, slot) in entries {
-                match slot {
-                    Some(slot) => {
-                        states.insert(Key::copy_from(&key), slot);
-                    }
-                    None => {
-                        missing.insert(key, until);
+    while let Some((h, keys)) = handoffs.pop() {
+        match h.take(&keys) {
+            Handed::Ready(entries) => {
+                for (key, slot) in entries {
+                    match slot {
+                        // Handed over at the move itself: the state as it is.
+                        Some(slot) if h.until >= until => {
+                            states.insert(Key::copy_from(&key), slot);
+                        }
+                        Some(slot) => {
+                            let encoded = Bytes::from(crate::codec::Codec::encode(
+                                &fold::CODEC,
+                                &slot.state,
+                            )?);
+                            relayed.insert(key, (h.until, encoded));
+                        }
+                        None => from_checkpoint.push(key),
                     }
                 }
             }
+            Handed::Abandoned(relays) => {
+                split_relayed(keys, &relays, &mut handoffs, &mut from_checkpoint)
+            }
         }
-        None => missing.extend(keys.into_iter().map(|k| (k, until))),
     }
-    if !missing.is_empty() {
-        states.extend(rebuild(shared, me, &missing, None)?);
+    if from_checkpoint.is_empty() && relayed.is_empty() {
+        return Ok(());
     }
+    let checkpoint = shared.checkpoint()?;
+    // A checkpoint past the move holds records of these keys that the instance they
+    // came from handled (and any newer than a relayed state was taken without it, so
+    // poison marks and journaled answers before it may be forgotten): folding from it
+    // would apply them twice. Membership changes order handoffs and checkpoints so that
+    // this does not happen; if it did, no answer from these keys could be trusted.
+    if (!from_checkpoint.is_empty() && checkpoint.offset > until)
+        || relayed.values().any(|(from, _)| *from < checkpoint.offset)
+    {
+        return Err(Error::StateUnavailable {
+            instance: me.id,
+            reason: format!(
+                "moved keys' records before offset {until} are already in the checkpoint at {}",
+                checkpoint.offset
+            ),
+        });
+    }
+    let limits = from_checkpoint
+        .into_iter()
+        .chain(relayed.keys().cloned())
+        .map(|k| (k, until))
+        .collect();
+    states.extend(rebuild(shared, me, &limits, Some(checkpoint), &relayed)?);
     Ok(())
+}
+
+/// Handoffs to take states out of, each with the keys to take.
+type Takes<S> = Vec<(Arc<Handoff<S>>, Vec<Bytes>)>;
+
+/// Sorts `keys` between the handoffs `relays` names for them and the checkpoint.
+fn split_relayed<S>(
+    keys: Vec<Bytes>,
+    relays: &Relays<S>,
+    handoffs: &mut Takes<S>,
+    from_checkpoint: &mut Vec<Bytes>,
+) {
+    for key in keys {
+        match relays.get(&key) {
+            Some(h) => match handoffs.iter_mut().find(|(o, _)| Arc::ptr_eq(o, h)) {
+                Some((_, keys)) => keys.push(key),
+                None => handoffs.push((h.clone(), vec![key])),
+            },
+            None => from_checkpoint.push(key),
+        }
+    }
 }
 
 fn rebuild<H: Handler>(
@@ -940,6 +1080,7 @@ fn rebuild<H: Handler>(
     me: &Instance<H::State, H::Response>,
     limits: &HashMap<Bytes, Offset, ahash::RandomState>,
     checkpoint: Option<Arc<Checkpoint>>,
+    relayed: &HashMap<Bytes, (Offset, Bytes), ahash::RandomState>,
 ) -> Result<States<H::State>> {
     let checkpoint = match checkpoint {
         Some(cp) => cp,
@@ -957,6 +1098,7 @@ fn rebuild<H: Handler>(
     let rebuilt = fold::rebuild(
         replay,
         &checkpoint,
+        relayed,
         &mut poisoned,
         limits,
         &mut sink,

@@ -137,7 +137,15 @@ impl<H: Handler> Replay<H> {
             input: &*self.input,
         };
         let mut poisoned = self.poisoned.clone();
-        let mut states = fold::rebuild(replay, &base, &mut poisoned, &limits, &mut Silent, || {})?;
+        let mut states = fold::rebuild(
+            replay,
+            &base,
+            &HashMap::default(),
+            &mut poisoned,
+            &limits,
+            &mut Silent,
+            || {},
+        )?;
         Ok(states
             .remove(key)
             .map(|slot| slot.state)
