@@ -108,6 +108,9 @@ pub(crate) struct Shared<H: Handler> {
     /// Whether `retiring` holds anything (see [`Orphans::early`]).
     any_retiring: AtomicBool,
     accepting: AtomicBool,
+    /// Set when shutdown tells the instances to stop: no checkpoint round starts after
+    /// it (the instances would stop before contributing, and the round wait in vain).
+    stopping: AtomicBool,
     /// Requests handled by all instances, ever, when the last checkpoint began.
     handled_at_checkpoint: AtomicU64,
     /// Requests handled by instances that are gone.
@@ -251,6 +254,7 @@ impl<H: Handler> Shared<H> {
             any_orphans: AtomicBool::new(false),
             any_retiring: AtomicBool::new(false),
             accepting: AtomicBool::new(true),
+            stopping: AtomicBool::new(false),
             handled_at_checkpoint: AtomicU64::new(0),
             handled_by_gone: AtomicU64::new(0),
             replayed_at_open: recovered.requests,
@@ -877,6 +881,9 @@ impl<H: Handler> Shared<H> {
         let _one = self.checkpointing.lock();
         let round = {
             let _all = self.exclusive();
+            if self.stopping.load(Ordering::SeqCst) {
+                return Err(Error::Closed);
+            }
             let offset = self.input.next_offset();
             if offset == self.checkpoint_offset.load(Ordering::SeqCst) {
                 return Ok(offset);
@@ -1035,6 +1042,7 @@ impl<H: Handler> Shared<H> {
             let _all = self.exclusive();
             let mut all: Vec<_> = self.routing.lock().instances.values().cloned().collect();
             all.extend(self.retiring.lock().iter().cloned());
+            self.stopping.store(true, Ordering::SeqCst);
             for inst in &all {
                 inst.send(Message::Stop);
             }
