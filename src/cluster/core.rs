@@ -522,7 +522,7 @@ impl<H: Handler> Shared<H> {
             };
             if let Some(from) = moved_from {
                 let key = Bytes::copy_from_slice(key);
-                self.move_keys(&Moves::single(from, dest.id, key), offset, &Arc::default());
+                self.move_keys(&Moves::single(from, dest.id, key), offset, None);
             }
             let (pending, responder) = pending(offset);
             dest.send_requests(Some(Message::Request(Queued {
@@ -689,7 +689,7 @@ impl<H: Handler> Shared<H> {
             if let Some(from) = before.filter(|&h| h != batch.dest(i).id) {
                 let key = Bytes::copy_from_slice(items[i].0.as_ref());
                 let moves = Moves::single(from, batch.dest(i).id, key);
-                self.move_keys(&moves, range.start + i as Offset, &Arc::default());
+                self.move_keys(&moves, range.start + i as Offset, None);
             }
         }
         let mut pendings = Vec::with_capacity(items.len());
@@ -723,7 +723,7 @@ impl<H: Handler> Shared<H> {
     /// Records of the moved keys before `until` belong to the old holder.
     /// Keys whose holder is gone are rebuilt from the log, those in `relays` from the
     /// state on its way to that holder.
-    fn move_keys(&self, moves: &Moves, until: Offset, relays: &Arc<Relays<H::State>>) {
+    fn move_keys(&self, moves: &Moves, until: Offset, relays: Option<&Arc<Relays<H::State>>>) {
         let routing = self.routing.lock();
         let instances = &routing.instances;
         let retiring = self.retiring.lock();
@@ -748,7 +748,7 @@ impl<H: Handler> Shared<H> {
                 }
                 None => Source::Rebuild {
                     until,
-                    relays: relays.clone(),
+                    relays: relays.cloned().unwrap_or_default(),
                 },
             };
             acquires.push((to, keys.clone(), source));
@@ -774,7 +774,7 @@ impl<H: Handler> Shared<H> {
             .routing
             .lock()
             .rebalance(all.iter_mut().map(|g| &mut **g));
-        self.move_keys(&moves, until, &Arc::new(relays));
+        self.move_keys(&moves, until, Some(&Arc::new(relays)));
         Ok(())
     }
 

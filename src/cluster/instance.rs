@@ -1120,3 +1120,90 @@ fn encode_states<H: Handler>(states: &States<H::State>) -> Result<Vec<(Bytes, By
         })
         .collect()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    type Msg = Message<u64, u64>;
+
+    fn acquire(key: &'static [u8], h: &Arc<Handoff<u64>>) -> Msg {
+        Message::Acquire {
+            keys: vec![Bytes::from_static(key)],
+            source: Source::Handoff(h.clone()),
+        }
+    }
+
+    fn release(key: &'static [u8], h: &Arc<Handoff<u64>>) -> Msg {
+        Message::Release {
+            keys: vec![Bytes::from_static(key)],
+            handoff: h.clone(),
+        }
+    }
+
+    /// The relays a lost instance leaves for its release of `b"k"`.
+    fn relays_for_release(left: &Left<u64, u64>) -> Vec<Offset> {
+        left.released
+            .iter()
+            .flat_map(|(_, r)| r.values().map(|h| h.until))
+            .collect()
+    }
+
+    #[test]
+    fn a_release_relays_the_state_on_its_way_before_it_in_queue_order() {
+        let me: Instance<u64, u64> = Instance::new(InstanceId(0), 1, 16, Duration::ZERO);
+        let incoming = Arc::new(Handoff::new(10));
+        let outgoing = Arc::new(Handoff::new(20));
+        // Taken by the loop first (older), then still in the mailbox (newer).
+        me.taken.lock().batch.push_back(acquire(b"k", &incoming));
+        me.mailbox.push(release(b"k", &outgoing));
+        let left = me.take_left();
+        assert_eq!(relays_for_release(&left), vec![10]);
+        assert!(left.incoming.is_empty());
+    }
+
+    #[test]
+    fn a_release_never_relays_a_state_that_comes_after_it() {
+        let me: Instance<u64, u64> = Instance::new(InstanceId(0), 1, 16, Duration::ZERO);
+        let outgoing = Arc::new(Handoff::new(20));
+        let later = Arc::new(Handoff::new(30));
+        // The release was taken by the loop; the key's next acquire came in after it.
+        // Relaying `later` to the release's taker would make it wait on a state that
+        // only exists after the release (on this instance's own release, in the worst
+        // case).
+        me.taken.lock().batch.push_back(release(b"k", &outgoing));
+        me.mailbox.push(acquire(b"k", &later));
+        let left = me.take_left();
+        assert!(relays_for_release(&left).is_empty());
+        let kept: Vec<Offset> = left.incoming.values().map(|h| h.until).collect();
+        assert_eq!(kept, vec![30]);
+    }
+
+    #[test]
+    fn a_relay_is_taken_key_by_key_by_several_owners() {
+        let h: Handoff<u64> = Handoff::new(5);
+        let slot = |state| {
+            Some(Slot {
+                state,
+                folded_until: 5,
+            })
+        };
+        assert!(h.complete(vec![
+            (Bytes::from_static(b"a"), slot(1)),
+            (Bytes::from_static(b"b"), slot(2)),
+        ]));
+        let Handed::Ready(first) = h.take(&[Bytes::from_static(b"b")]) else {
+            panic!("handed over");
+        };
+        let Handed::Ready(second) = h.take(&[Bytes::from_static(b"a")]) else {
+            panic!("handed over");
+        };
+        assert_eq!(first[0].1.as_ref().map(|s| s.state), Some(2));
+        assert_eq!(second[0].1.as_ref().map(|s| s.state), Some(1));
+        // Abandoning a completed handoff changes nothing.
+        h.abandon(Relays::default());
+        assert!(
+            matches!(h.take(&[Bytes::from_static(b"a")]), Handed::Ready(v) if v[0].1.is_none())
+        );
+    }
+}
