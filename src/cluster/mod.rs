@@ -17,7 +17,10 @@
 //!   checkpoint and the log, without the marked request. Other instances never notice.
 //! - an instance stalls (one request runs longer than the stall timeout): it is fenced,
 //!   a replacement is launched, and its keys are rebuilt on their new owners from the
-//!   checkpoint and the log, answering the requests it had queued. When the stalled one
+//!   checkpoint and the log, answering the requests it had queued. A key that was still
+//!   on its way to it (from an instance that is removed and still drains its queue, say)
+//!   is taken from that handoff when it completes, and only the log after it is folded:
+//!   records the other instance handles are never applied twice. When the stalled one
 //!   wakes up it stops without applying anything else.
 //! - the process dies: opening the same directory rebuilds every key from the last
 //!   checkpoint and the log, so each state is the fold of every logged request, once.
