@@ -10,7 +10,7 @@ use std::thread;
 use std::time::Duration;
 
 use cauce::Error;
-use cauce::cluster::{Cluster, Pending};
+use cauce::cluster::{Client, Cluster, Pending};
 use cauce::store::{MemoryStore, Store};
 use common::{Req, Resp, Service, Tally};
 
@@ -43,6 +43,14 @@ impl Harness {
 
 fn key(i: u64) -> String {
     format!("user-{i}")
+}
+
+/// The state of `k`, asked of the cluster.
+fn state_of(client: &Client<Service>, k: &str) -> Tally {
+    match client.submit(k, Req::Get).unwrap().wait().unwrap() {
+        Resp::State(t) => t,
+        other => panic!("a state for {k}, got {other:?}"),
+    }
 }
 
 /// Submits `n` requests from `threads` threads over `keys` keys; returns every answer.
@@ -637,9 +645,7 @@ fn truncating_after_checkpoints_keeps_every_state() {
     let cluster = build();
     let client = cluster.client();
     for (k, sum) in want {
-        let Resp::State(t) = client.submit(&k, Req::Get).unwrap().wait().unwrap() else {
-            panic!("a state");
-        };
+        let t = state_of(&client, &k);
         assert_eq!(t.sum, sum, "state of {k} after truncation and restart");
     }
     cluster.shutdown().unwrap();
@@ -868,9 +874,7 @@ fn an_outside_call_is_made_only_for_a_request_that_a_restart_finds() {
     // The first request survived, and its state was rebuilt with its journaled answer,
     // without calling out again.
     assert_ne!(second_offset, first_offset);
-    let Resp::State(tally) = client.submit("k", Req::Get).unwrap().wait().unwrap() else {
-        panic!("a state")
-    };
+    let tally = state_of(&client, "k");
     assert_eq!((tally.count, tally.sum), (2, both));
     assert!(both >= first_sum);
     cluster.shutdown().unwrap();
@@ -969,9 +973,7 @@ fn a_checkpoint_covers_only_requests_a_restart_finds() {
     let (states, _) = common::model(&*survivor, &common::journal(&*effects));
     let client = cluster.client();
     for k in 0..9 {
-        let Resp::State(tally) = client.submit(key(k), Req::Get).unwrap().wait().unwrap() else {
-            panic!("a state")
-        };
+        let tally = state_of(&client, &key(k));
         let expected = states.get(key(k).as_bytes()).copied().unwrap_or_default();
         assert_eq!(tally, expected, "{}", key(k));
     }
@@ -1008,9 +1010,7 @@ fn an_acknowledged_answer_is_rebuilt_from_the_journal_after_a_crash() {
         .build()
         .unwrap();
     let client = cluster.client();
-    let Resp::State(tally) = client.submit("k", Req::Get).unwrap().wait().unwrap() else {
-        panic!("a state")
-    };
+    let tally = state_of(&client, "k");
     assert_eq!(tally.sum, acknowledged);
     assert_eq!(calls.load(Ordering::SeqCst), 0, "the replay called nothing");
     cluster.shutdown().unwrap();

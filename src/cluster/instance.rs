@@ -11,6 +11,7 @@ use parking_lot::{Condvar, Mutex};
 
 use super::core::Shared;
 use super::fold::{self, Checkpoint, FoldSink, Outcome, Slot};
+use crate::codec::Codec;
 use crate::error::{Error, Result};
 use crate::handler::Handler;
 use crate::launcher::{Heartbeat, Running};
@@ -1010,10 +1011,7 @@ fn acquire<H: Handler>(
                             states.insert(Key::copy_from(&key), slot);
                         }
                         Some(slot) => {
-                            let encoded = Bytes::from(crate::codec::Codec::encode(
-                                &fold::CODEC,
-                                &slot.state,
-                            )?);
+                            let encoded = Bytes::from(fold::CODEC.encode(&slot.state)?);
                             relayed.insert(key, (h.until, encoded));
                         }
                         None => from_checkpoint.push(key),
@@ -1111,7 +1109,6 @@ fn rebuild<H: Handler>(
 }
 
 fn encode_states<H: Handler>(states: &States<H::State>) -> Result<Vec<(Bytes, Bytes)>> {
-    use crate::codec::Codec;
     states
         .iter()
         .map(|(k, slot)| {
