@@ -10,7 +10,7 @@ use std::thread;
 use std::time::Duration;
 
 use cauce::Error;
-use cauce::cluster::{Client, Cluster, Pending};
+use cauce::cluster::{Client, Cluster, ClusterBuilder, Pending};
 use cauce::store::{MemoryStore, Store};
 use common::{Req, Resp, Service, Tally};
 
@@ -380,6 +380,16 @@ fn bad_configuration_is_a_typed_error() {
         Cluster::builder(Service::default()).build(),
         Err(Error::Config(_))
     ));
+    let zeros: [fn(ClusterBuilder<Service>) -> ClusterBuilder<Service>; 4] = [
+        |b| b.queue_capacity(0),
+        |b| b.stall_timeout(Duration::ZERO),
+        |b| b.supervise_every(Duration::ZERO),
+        |b| b.checkpoint_every(0),
+    ];
+    for zero in zeros {
+        let built = zero(Cluster::builder(Service::default()).in_memory()).build();
+        assert!(matches!(built, Err(Error::Config(_))), "{:?}", built.err());
+    }
     let cluster = Cluster::builder(Service::default())
         .in_memory()
         .instances(1)

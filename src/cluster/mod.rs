@@ -369,19 +369,20 @@ impl<H: Handler> ClusterBuilder<H> {
     }
 
     /// How long one request may run before its instance is declared stalled
-    /// (default 5 s).
+    /// (default 5 s; above zero).
     pub fn stall_timeout(mut self, timeout: Duration) -> Self {
         self.options.stall_timeout = timeout;
         self
     }
 
-    /// Checkpoint every key's state after this many requests (default 100,000).
+    /// Checkpoint every key's state after this many requests (default 100,000; at
+    /// least 1). `u64::MAX` leaves checkpoints to [`Cluster::checkpoint`].
     pub fn checkpoint_every(mut self, requests: u64) -> Self {
         self.options.checkpoint_every = requests;
         self
     }
 
-    /// How often the supervisor looks at heartbeats (default 20 ms).
+    /// How often the supervisor looks at heartbeats (default 20 ms; above zero).
     pub fn supervise_every(mut self, tick: Duration) -> Self {
         self.options.tick = tick;
         self
@@ -411,6 +412,20 @@ impl<H: Handler> ClusterBuilder<H> {
         }
         if self.options.queue_capacity == 0 {
             return Err(Error::Config("queue_capacity must be at least 1".into()));
+        }
+        // Zero would declare every busy instance stalled at the next tick, spin the
+        // supervisor on a core, or checkpoint at every tick even with no traffic.
+        if self.options.stall_timeout.is_zero() {
+            return Err(Error::Config("stall_timeout must be above zero".into()));
+        }
+        if self.options.tick.is_zero() {
+            return Err(Error::Config("supervise_every must be above zero".into()));
+        }
+        if self.options.checkpoint_every == 0 {
+            return Err(Error::Config(
+                "checkpoint_every must be at least 1 (u64::MAX: no checkpoint but on demand)"
+                    .into(),
+            ));
         }
         let mut owned = Vec::new();
         let (input, effects): (Arc<dyn Store>, Option<Arc<dyn Store>>) = match self.storage {
