@@ -1461,3 +1461,141 @@ fn skewed_keys_that_collide_under_a_static_hash_are_spread_within_the_bound() {
     );
     cluster.shutdown().unwrap();
 }
+
+/// Counts wake-ups: a waker for polling futures by hand.
+struct Woken(std::sync::atomic::AtomicUsize);
+
+impl std::task::Wake for Woken {
+    fn wake(self: Arc<Self>) {
+        self.0.fetch_add(1, Ordering::SeqCst);
+    }
+}
+
+/// Polls `future` once with `woken`'s waker.
+fn poll_once<F: std::future::Future + Unpin>(
+    future: &mut F,
+    woken: &Arc<Woken>,
+) -> std::task::Poll<F::Output> {
+    let waker = std::task::Waker::from(woken.clone());
+    let mut cx = std::task::Context::from_waker(&waker);
+    std::pin::Pin::new(future).poll(&mut cx)
+}
+
+/// Waits (up to 30 s) for `woken` to count more than `seen` wake-ups.
+fn await_wake(woken: &Woken, seen: usize) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while woken.0.load(Ordering::SeqCst) <= seen {
+        assert!(std::time::Instant::now() < deadline, "never woken");
+        thread::sleep(Duration::from_millis(1));
+    }
+}
+
+/// Polls `future` each time `woken` is woken, until it is ready (as an executor would).
+fn poll_until_ready<F: std::future::Future + Unpin>(
+    future: &mut F,
+    woken: &Arc<Woken>,
+) -> F::Output {
+    loop {
+        let seen = woken.0.load(Ordering::SeqCst);
+        match poll_once(future, woken) {
+            std::task::Poll::Ready(out) => return out,
+            std::task::Poll::Pending => await_wake(woken, seen),
+        }
+    }
+}
+
+#[test]
+fn submit_async_waits_for_room_without_blocking_and_is_woken_when_there_is_some() {
+    let cluster = Cluster::builder(Service::default())
+        .in_memory()
+        .instances(1)
+        .queue_capacity(2)
+        .build()
+        .unwrap();
+    let client = cluster.client();
+    // The instance sleeps in the first request; the second fills the queue.
+    let slow = client.submit("k", Req::Stall(300)).unwrap();
+    let queued = client.submit("k", Req::Add(2)).unwrap();
+    assert!(matches!(
+        client.try_submit("k", Req::Add(3)),
+        Err(Error::Busy { .. })
+    ));
+    let woken = Arc::new(Woken(Default::default()));
+    let mut submit = client.submit_async("k", Req::Add(3));
+    // A blocking submit would not return here until the stall ended.
+    assert!(poll_once(&mut submit, &woken).is_pending());
+    let next = client.metrics().next_offset;
+    await_wake(&woken, 0);
+    let mut answer = poll_until_ready(&mut submit, &woken).unwrap();
+    // Logged once it resolved, after the two before it.
+    assert_eq!(answer.offset(), next);
+    assert_eq!(slow.wait().unwrap(), Resp::Sum(1));
+    assert_eq!(queued.wait().unwrap(), Resp::Sum(3));
+    assert_eq!(poll_until_ready(&mut answer, &woken).unwrap(), Resp::Sum(6));
+    // Resolved: polling again submits nothing.
+    assert!(matches!(
+        poll_once(&mut submit, &woken),
+        std::task::Poll::Ready(Err(Error::Closed))
+    ));
+    assert_eq!(client.metrics().next_offset, next + 1);
+    cluster.shutdown().unwrap();
+}
+
+#[test]
+fn submit_async_waiting_on_a_stalled_instance_goes_to_its_replacement() {
+    let cluster = Cluster::builder(Service::default())
+        .in_memory()
+        .instances(1)
+        .queue_capacity(2)
+        .stall_timeout(Duration::from_millis(100))
+        .supervise_every(Duration::from_millis(5))
+        .build()
+        .unwrap();
+    let client = cluster.client();
+    let stalled = cluster.members()[0];
+    let slow = client.submit("k", Req::Stall(3_000)).unwrap();
+    let queued = client.submit("k", Req::Add(2)).unwrap();
+    let woken = Arc::new(Woken(Default::default()));
+    let mut submit = client.submit_async("k", Req::Add(3));
+    assert!(poll_once(&mut submit, &woken).is_pending());
+    // The stall is noticed, the instance retired: the submit is woken and routed anew.
+    await_wake(&woken, 0);
+    let answer = poll_until_ready(&mut submit, &woken).unwrap();
+    assert_ne!(client.owner_of("k"), Some(stalled));
+    assert_eq!(slow.wait().unwrap(), Resp::Sum(1));
+    assert_eq!(queued.wait().unwrap(), Resp::Sum(3));
+    assert_eq!(answer.wait().unwrap(), Resp::Sum(6));
+    cluster.shutdown().unwrap();
+}
+
+#[test]
+fn submit_async_waiting_at_shutdown_ends_closed() {
+    let cluster = Cluster::builder(Service::default())
+        .in_memory()
+        .instances(1)
+        .queue_capacity(1)
+        .build()
+        .unwrap();
+    let client = cluster.client();
+    let slow = client.submit("k", Req::Stall(2_000)).unwrap();
+    let woken = Arc::new(Woken(Default::default()));
+    let mut submit = client.submit_async("k", Req::Add(3));
+    assert!(poll_once(&mut submit, &woken).is_pending());
+    let next = client.metrics().next_offset;
+    let stopping = thread::spawn(move || cluster.shutdown());
+    await_wake(&woken, 0);
+    let outcome = poll_until_ready(&mut submit, &woken);
+    assert!(matches!(outcome, Err(Error::Closed)), "{outcome:?}");
+    // Told at once, not once the queue drained.
+    assert!(
+        !slow.is_ready(),
+        "the submit was woken only when room freed"
+    );
+    assert_eq!(slow.wait().unwrap(), Resp::Sum(1));
+    stopping.join().unwrap().unwrap();
+    assert_eq!(
+        client.metrics().next_offset,
+        next,
+        "nothing more was logged"
+    );
+}

@@ -17,6 +17,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::ops::Range;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Weak};
+use std::task::Poll;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -83,6 +84,16 @@ impl<H: Handler> Routed<H> {
 
 /// An instance of the cluster of handler `H`.
 type Inst<H> = Instance<<H as Handler>::State, <H as Handler>::Response>;
+
+/// What a submit does when its instance's queue is full.
+pub(crate) enum Room<'c, 'w> {
+    /// Waits for room, blocking the thread.
+    Wait,
+    /// Fails with [`Error::Busy`].
+    Refuse,
+    /// Returns `Pending`; the context's waker is woken when there may be room.
+    Poll(&'c mut std::task::Context<'w>),
+}
 
 pub(crate) struct Shared<H: Handler> {
     pub(crate) handler: Arc<H>,
@@ -447,10 +458,27 @@ impl<H: Handler> Shared<H> {
         request: &H::Request,
         block: bool,
     ) -> Result<Pending<H::Response>> {
-        if !self.accepting.load(Ordering::SeqCst) {
-            return Err(Error::Closed);
-        }
         let payload = fold::Scratch::request(request)?;
+        let mut room = if block { Room::Wait } else { Room::Refuse };
+        match self.submit_payload(key, payload.as_slice(), &mut room) {
+            Poll::Ready(submitted) => submitted,
+            // Only `Room::Poll` leaves a submit pending.
+            Poll::Pending => Err(Error::Closed),
+        }
+    }
+
+    /// Submits an encoded request; a full queue is handled as `room` says. `Pending`
+    /// only with [`Room::Poll`], holding no permit (the waker is woken when there may be
+    /// room).
+    pub(crate) fn submit_payload(
+        &self,
+        key: &[u8],
+        payload: &[u8],
+        room: &mut Room<'_, '_>,
+    ) -> Poll<Result<Pending<H::Response>>> {
+        if !self.accepting.load(Ordering::SeqCst) {
+            return Poll::Ready(Err(Error::Closed));
+        }
         let timestamp = now();
         let hash = key_hash(key);
         let stripe = &self.stripes[stripe_of_hash(hash)];
@@ -463,7 +491,7 @@ impl<H: Handler> Shared<H> {
                 if let Some(p) = permit {
                     p.permits.release();
                 }
-                return Err(Error::Closed);
+                return Poll::Ready(Err(Error::Closed));
             }
             let mut routing = self.routing.lock();
             // Route (counting the request toward the loads) once; after waiting for room,
@@ -478,7 +506,7 @@ impl<H: Handler> Shared<H> {
                 if let Some(p) = permit {
                     p.permits.release();
                 }
-                return Err(Error::NoInstance);
+                return Poll::Ready(Err(Error::NoInstance));
             };
             if permit.as_ref().is_none_or(|p| p.id != dest.id) {
                 if let Some(p) = permit.take() {
@@ -492,13 +520,20 @@ impl<H: Handler> Shared<H> {
                         // have moved meanwhile.
                         drop(routing);
                         drop(holders);
-                        if !block {
-                            return Err(Error::Busy {
-                                instance: dest.id,
-                                capacity: dest.permits.capacity(),
-                            });
-                        }
-                        if dest.permits.acquire(true).is_ok() {
+                        let took = match room {
+                            Room::Refuse => {
+                                return Poll::Ready(Err(Error::Busy {
+                                    instance: dest.id,
+                                    capacity: dest.permits.capacity(),
+                                }));
+                            }
+                            Room::Wait => dest.permits.acquire(true).is_ok(),
+                            Room::Poll(cx) => match dest.permits.poll_acquire(cx) {
+                                Poll::Ready(took) => took.is_ok(),
+                                Poll::Pending => return Poll::Pending,
+                            },
+                        };
+                        if took {
                             permit = Some(dest);
                         }
                         continue;
@@ -509,15 +544,15 @@ impl<H: Handler> Shared<H> {
             // The key's holder before this request: `None` if it had none.
             let before = placement::hold(&mut holders, key, dest.id);
             let moved_from = before.filter(|&h| h != dest.id);
-            let appended =
-                self.input
-                    .append(&[Entry::with_timestamp(timestamp, key, payload.as_slice())]);
+            let appended = self
+                .input
+                .append(&[Entry::with_timestamp(timestamp, key, payload)]);
             let offset = match appended {
                 Ok(range) => range.start,
                 Err(e) => {
                     placement::unhold(&mut holders, key, before);
                     dest.permits.release();
-                    return Err(e);
+                    return Poll::Ready(Err(e));
                 }
             };
             if let Some(from) = moved_from {
@@ -529,7 +564,7 @@ impl<H: Handler> Shared<H> {
                 offset,
                 timestamp,
                 key: QueuedBytes::copy_from(key),
-                payload: QueuedBytes::copy_from(payload.as_slice()),
+                payload: QueuedBytes::copy_from(payload),
                 // Latency is sampled (one request in LATENCY_SAMPLE): two clock reads
                 // per request were 3% of the hot path.
                 submitted: (offset % LATENCY_SAMPLE == 0).then(Instant::now),
@@ -541,7 +576,7 @@ impl<H: Handler> Shared<H> {
             if !self.options.linger.is_zero() {
                 pending.set_answerer(dest);
             }
-            return Ok(pending);
+            return Poll::Ready(Ok(pending));
         }
     }
 
@@ -1032,6 +1067,17 @@ impl<H: Handler> Shared<H> {
             let _due = self.due.0.lock();
             self.due.1.notify_all();
         }
+        {
+            // Producers waiting for room (blocked, or as futures) look again and find the
+            // cluster closed, rather than wait for the queues to drain. Under every stripe
+            // lock: no submit is between its `accepting` check and its permit.
+            let _all = self.exclusive();
+            let routing = self.routing.lock();
+            let retiring = self.retiring.lock();
+            for inst in routing.instances.values().chain(retiring.iter()) {
+                inst.permits.retire();
+            }
+        }
         let mut first_error = None;
         if checkpoint {
             if let Err(e) = self.take_checkpoint() {
@@ -1167,8 +1213,10 @@ fn stripe_of_hash(hash: u64) -> usize {
     (hash as usize) & (STRIPES - 1)
 }
 
-/// An instance in the routing table is never retired: retiring happens under every
-/// stripe lock, after the instance left the table, and submit holds a stripe lock.
+/// An instance in the routing table is never retired while submits are accepted:
+/// retiring happens under every stripe lock, after the instance left the table or (at
+/// shutdown) after `accepting` went false, and submit holds a stripe lock and checks
+/// `accepting` under it.
 fn unreachable_retired() {
     debug_assert!(false, "a routed instance was retired");
 }

@@ -3,6 +3,7 @@
 use std::collections::{BTreeSet, HashMap, HashSet, VecDeque};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering};
+use std::task::{Poll, Waker};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -417,7 +418,9 @@ pub(crate) struct Permits {
     used: AtomicUsize,
     /// Producers sleeping in `acquire`; `release` takes the lock only when there are some.
     waiters: AtomicUsize,
-    lock: Mutex<()>,
+    /// Guards the waits: blocked producers wait on `freed` with it; the wakers of
+    /// asynchronous submits wait in it, each woken at the next release.
+    lock: Mutex<Vec<Waker>>,
     freed: Condvar,
     retired: AtomicBool,
 }
@@ -434,7 +437,7 @@ impl Permits {
             capacity,
             used: AtomicUsize::new(0),
             waiters: AtomicUsize::new(0),
-            lock: Mutex::new(()),
+            lock: Mutex::new(Vec::new()),
             freed: Condvar::new(),
             retired: AtomicBool::new(false),
         }
@@ -487,6 +490,48 @@ impl Permits {
         }
     }
 
+    /// Takes a permit if there is one; otherwise registers `cx`'s waker, woken at the
+    /// next release (or retirement), and returns `Pending`.
+    pub(crate) fn poll_acquire(
+        &self,
+        cx: &mut std::task::Context<'_>,
+    ) -> Poll<std::result::Result<(), NoPermit>> {
+        if self.retired.load(Ordering::SeqCst) {
+            return Poll::Ready(Err(NoPermit::Retired));
+        }
+        if self.try_take() {
+            return Poll::Ready(Ok(()));
+        }
+        // Register, then look again under the lock `release` takes before waking: either
+        // `release` sees the waker, or we see its release.
+        let mut wakers = self.lock.lock();
+        wakers.push(cx.waker().clone());
+        self.waiters.fetch_add(1, Ordering::SeqCst);
+        let now = if self.retired.load(Ordering::SeqCst) {
+            Some(Err(NoPermit::Retired))
+        } else if self.try_take() {
+            Some(Ok(()))
+        } else {
+            None
+        };
+        match now {
+            Some(outcome) => {
+                // Ours is the waker just pushed: nobody else held the lock since.
+                wakers.pop();
+                self.waiters.fetch_sub(1, Ordering::SeqCst);
+                Poll::Ready(outcome)
+            }
+            None => Poll::Pending,
+        }
+    }
+
+    /// Takes the registered wakers (under the lock), to wake them once it is released.
+    fn take_wakers(&self, wakers: &mut Vec<Waker>) -> Vec<Waker> {
+        let taken = std::mem::take(wakers);
+        self.waiters.fetch_sub(taken.len(), Ordering::SeqCst);
+        taken
+    }
+
     /// Takes a permit even when full: a request of a batch whose key moved between
     /// routing and queueing (the overshoot is bounded by the batch).
     pub(crate) fn force(&self) {
@@ -508,20 +553,28 @@ impl Permits {
                 Some(u.saturating_sub(n))
             });
         if self.waiters.load(Ordering::SeqCst) > 0 {
-            let _guard = self.lock.lock();
+            let mut wakers = self.lock.lock();
             if n == 1 {
                 self.freed.notify_one();
             } else {
                 self.freed.notify_all();
             }
+            // Every asynchronous waiter tries again: one that finds no room registers
+            // anew, and none is left waiting on a wake-up that went to a dropped future.
+            let woken = self.take_wakers(&mut wakers);
+            drop(wakers);
+            woken.into_iter().for_each(Waker::wake);
         }
     }
 
     /// No more permits: wakes every waiter so that it routes elsewhere.
     pub(crate) fn retire(&self) {
-        let _guard = self.lock.lock();
+        let mut wakers = self.lock.lock();
         self.retired.store(true, Ordering::SeqCst);
         self.freed.notify_all();
+        let woken = self.take_wakers(&mut wakers);
+        drop(wakers);
+        woken.into_iter().for_each(Waker::wake);
     }
 
     pub(crate) fn in_use(&self) -> usize {

@@ -3,7 +3,8 @@
 //!
 //! What happens to a request:
 //! 1. `submit(key, request)` routes the key (sticky placement with bounded loads), takes
-//!    room in the owner's bounded queue (blocking, or [`Error::Busy`] from `try_submit`),
+//!    room in the owner's bounded queue (blocking; [`Error::Busy`] from `try_submit`; a
+//!    future that waits from [`submit_async`](Client::submit_async)),
 //!    appends the request to the input log (durable per the log's sync policy) and queues
 //!    it. The request's log offset is its identity.
 //! 2. The owning instance pulls it, folds it into the key's state with the handler, and
@@ -60,7 +61,10 @@
 //! # Ok::<(), cauce::Error>(())
 //! ```
 
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context as TaskContext, Poll};
 use std::time::Duration;
 
 use parking_lot::Mutex;
@@ -82,7 +86,7 @@ use crate::error::{Error, Result};
 use crate::launcher::{Launcher, Supervisor, ThreadLauncher};
 use crate::router::{InstanceId, Sticky, StickyOptions};
 use crate::store::{LogOptions, LogStore, MemoryStore, Store};
-use core::{Options, Parts, Shared};
+use core::{Options, Parts, Room, Shared};
 use owned::OwnedLog;
 
 /// A running keyed service. Dropping it stops it (prefer [`shutdown`](Cluster::shutdown),
@@ -234,6 +238,58 @@ impl<H: Handler> Client<H> {
         self.shared.submit(key.as_ref(), &request, true)
     }
 
+    /// Like [`submit`](Client::submit), but waits for room in a full queue without
+    /// blocking the thread: the returned future resolves once the request is in the log,
+    /// to the [`Pending`] response, itself a future. For async code, where a blocking
+    /// `submit` would hold up the executor's thread (as tokio's `Sender::send().await`
+    /// does for a bounded channel). Needs no particular runtime.
+    ///
+    /// Nothing is logged before the future first resolves; dropping it before then
+    /// submits nothing. A request waiting for an instance that is removed or stalls is
+    /// routed again when it next looks for room.
+    ///
+    /// ```
+    /// # use cauce::cluster::{Cluster, Context, Handler};
+    /// # struct Counter;
+    /// # impl Handler for Counter {
+    /// #     type State = u64;
+    /// #     type Request = u64;
+    /// #     type Response = u64;
+    /// #     fn handle(&self, _: &mut Context<'_>, _: &[u8], t: &mut u64, a: u64) -> u64 { *t += a; *t }
+    /// # }
+    /// # // A minimal executor: any runtime's `block_on` or `spawn` does the same.
+    /// # fn block_on<F: std::future::Future>(f: F) -> F::Output {
+    /// #     struct Unpark(std::thread::Thread);
+    /// #     impl std::task::Wake for Unpark {
+    /// #         fn wake(self: std::sync::Arc<Self>) { self.0.unpark() }
+    /// #     }
+    /// #     let waker = std::sync::Arc::new(Unpark(std::thread::current())).into();
+    /// #     let mut cx = std::task::Context::from_waker(&waker);
+    /// #     let mut f = std::pin::pin!(f);
+    /// #     loop {
+    /// #         match f.as_mut().poll(&mut cx) {
+    /// #             std::task::Poll::Ready(out) => return out,
+    /// #             std::task::Poll::Pending => std::thread::park(),
+    /// #         }
+    /// #     }
+    /// # }
+    /// # let cluster = Cluster::builder(Counter).in_memory().build()?;
+    /// # let client = cluster.client();
+    /// let total = block_on(async {
+    ///     client.submit_async("alice", 5).await?.await
+    /// })?;
+    /// assert_eq!(total, 5);
+    /// # cluster.shutdown()?;
+    /// # Ok::<(), cauce::Error>(())
+    /// ```
+    pub fn submit_async(&self, key: impl AsRef<[u8]>, request: H::Request) -> Submit<'_, H> {
+        Submit {
+            shared: &self.shared,
+            key: key.as_ref().to_vec(),
+            payload: Some(fold::Scratch::request(&request)),
+        }
+    }
+
     /// Like [`submit`](Client::submit), but never waits: a full queue is
     /// [`Error::Busy`] and nothing is logged.
     pub fn try_submit(
@@ -290,6 +346,47 @@ impl<H: Handler> Client<H> {
     /// A snapshot of the cluster's counters.
     pub fn metrics(&self) -> Metrics {
         self.shared.metrics()
+    }
+}
+
+/// A submit waiting for room without blocking: see [`Client::submit_async`]. Resolves
+/// to the [`Pending`] response once the request is in the log.
+#[must_use = "a submit does nothing unless polled"]
+pub struct Submit<'a, H: Handler> {
+    shared: &'a Shared<H>,
+    key: Vec<u8>,
+    /// The encoded request; `None` once the future has resolved (polling it again is
+    /// [`Error::Closed`] and submits nothing).
+    payload: Option<Result<fold::Scratch>>,
+}
+
+impl<H: Handler> Future for Submit<'_, H> {
+    type Output = Result<Pending<H::Response>>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut TaskContext<'_>) -> Poll<Self::Output> {
+        let this = self.get_mut();
+        let payload = match this.payload.take() {
+            None => return Poll::Ready(Err(Error::Closed)),
+            Some(Err(e)) => return Poll::Ready(Err(e)),
+            Some(Ok(payload)) => payload,
+        };
+        let mut room = Room::Poll(cx);
+        let submitted = this
+            .shared
+            .submit_payload(&this.key, payload.as_slice(), &mut room);
+        if submitted.is_pending() {
+            this.payload = Some(Ok(payload));
+        }
+        submitted
+    }
+}
+
+impl<H: Handler> std::fmt::Debug for Submit<'_, H> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Submit")
+            .field("key", &self.key)
+            .field("resolved", &self.payload.is_none())
+            .finish()
     }
 }
 
