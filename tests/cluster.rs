@@ -1522,6 +1522,9 @@ fn submit_async_waits_for_room_without_blocking_and_is_woken_when_there_is_some(
     ));
     let woken = Arc::new(Woken(Default::default()));
     let mut submit = client.submit_async("k", Req::Add(3));
+    // It can be spawned on a multi-threaded executor.
+    fn sendable<T: Send>(_: &T) {}
+    sendable(&submit);
     // A blocking submit would not return here until the stall ended.
     assert!(poll_once(&mut submit, &woken).is_pending());
     let next = client.metrics().next_offset;
