@@ -416,7 +416,8 @@ impl<M> Mailbox<M> {
 pub(crate) struct Permits {
     capacity: usize,
     used: AtomicUsize,
-    /// Producers sleeping in `acquire`; `release` takes the lock only when there are some.
+    /// Producers sleeping in `acquire`, and wakers registered by `poll_acquire`:
+    /// `release` takes the lock only when there are some.
     waiters: AtomicUsize,
     /// Guards the waits: blocked producers wait on `freed` with it; the wakers of
     /// asynchronous submits wait in it, each woken at the next release.
@@ -1176,6 +1177,102 @@ mod tests {
     use super::*;
 
     type Msg = Message<u64, u64>;
+
+    struct Count(AtomicUsize);
+
+    impl std::task::Wake for Count {
+        fn wake(self: Arc<Self>) {
+            self.0.fetch_add(1, Ordering::SeqCst);
+        }
+    }
+
+    fn poll_permit(permits: &Permits, count: &Arc<Count>) -> Poll<bool> {
+        let waker = Waker::from(count.clone());
+        let mut cx = std::task::Context::from_waker(&waker);
+        permits.poll_acquire(&mut cx).map(|took| took.is_ok())
+    }
+
+    #[test]
+    fn a_release_wakes_every_waiting_submit_and_a_retirement_too() {
+        let permits = Permits::new(1);
+        let (a, b) = (
+            Arc::new(Count(AtomicUsize::new(0))),
+            Arc::new(Count(AtomicUsize::new(0))),
+        );
+        assert_eq!(poll_permit(&permits, &a), Poll::Ready(true));
+        // Full: both register. `b` stands for a future dropped before it was woken: its
+        // wake-up must not be the only one.
+        assert_eq!(poll_permit(&permits, &a), Poll::Pending);
+        assert_eq!(poll_permit(&permits, &b), Poll::Pending);
+        assert_eq!(permits.waiters.load(Ordering::SeqCst), 2);
+        permits.release();
+        assert_eq!(a.0.load(Ordering::SeqCst), 1);
+        assert_eq!(b.0.load(Ordering::SeqCst), 1);
+        assert_eq!(permits.waiters.load(Ordering::SeqCst), 0);
+        // The woken one takes the room; polling again while full registers anew.
+        assert_eq!(poll_permit(&permits, &a), Poll::Ready(true));
+        assert_eq!(poll_permit(&permits, &a), Poll::Pending);
+        permits.retire();
+        assert_eq!(a.0.load(Ordering::SeqCst), 2);
+        assert_eq!(poll_permit(&permits, &a), Poll::Ready(false));
+        assert_eq!(permits.waiters.load(Ordering::SeqCst), 0);
+    }
+
+    struct Unpark(std::thread::Thread);
+
+    impl std::task::Wake for Unpark {
+        fn wake(self: Arc<Self>) {
+            self.0.unpark();
+        }
+    }
+
+    #[test]
+    fn no_waiting_submit_misses_the_release_it_waits_for() {
+        // Three threads share one permit, each taking it as a future would and giving it
+        // back at once. A wake-up lost between a failed look and a release would leave a
+        // thread parked with the permit free: it would then sit out the whole timeout.
+        let permits = Arc::new(Permits::new(1));
+        let threads: Vec<_> = (0..3)
+            .map(|_| {
+                let permits = permits.clone();
+                std::thread::spawn(move || {
+                    let waker = Waker::from(Arc::new(Unpark(std::thread::current())));
+                    let mut cx = std::task::Context::from_waker(&waker);
+                    let (mut waited, mut timed_out) = (0, 0);
+                    for _ in 0..3_000 {
+                        loop {
+                            match permits.poll_acquire(&mut cx) {
+                                Poll::Ready(took) => {
+                                    assert!(took.is_ok());
+                                    break;
+                                }
+                                Poll::Pending => {
+                                    waited += 1;
+                                    let before = Instant::now();
+                                    std::thread::park_timeout(Duration::from_secs(2));
+                                    if before.elapsed() >= Duration::from_secs(2) {
+                                        timed_out += 1;
+                                    }
+                                }
+                            }
+                        }
+                        // Hold it a moment, so that the others find it taken.
+                        std::thread::yield_now();
+                        permits.release();
+                    }
+                    (waited, timed_out)
+                })
+            })
+            .collect();
+        let mut waited = 0;
+        for t in threads {
+            let (w, timed_out) = t.join().unwrap();
+            assert_eq!(timed_out, 0, "a waiting submit missed a release");
+            waited += w;
+        }
+        assert!(waited > 0, "no thread ever waited: the test tested nothing");
+        assert_eq!(permits.in_use(), 0);
+    }
 
     fn acquire(key: &'static [u8], h: &Arc<Handoff<u64>>) -> Msg {
         Message::Acquire {
