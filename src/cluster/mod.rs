@@ -198,6 +198,9 @@ impl<H: Handler> Cluster<H> {
     /// Stops accepting requests, drains the queues, checkpoints, stops the instances and
     /// syncs the logs.
     ///
+    /// A submit waiting for room in a full queue (blocked, or as a [`Submit`] future)
+    /// ends at once with [`Error::Closed`]: its request was not logged.
+    ///
     /// An instance still busy in its handler when the stop deadline passes (the stall
     /// timeout, at least a second) is left behind: the requests it still holds are
     /// answered [`Error::Closed`] at once. They are in the log, and are handled when the
