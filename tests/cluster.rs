@@ -1240,6 +1240,65 @@ fn a_batch_larger_than_a_queue_is_refused_not_a_deadlock() {
     cluster.shutdown().unwrap();
 }
 
+/// Two batches that each need most of two queues' room, reaching the queues in opposite
+/// orders, must not each hold room in one queue while waiting for the other's.
+#[test]
+fn concurrent_batches_do_not_deadlock_on_each_others_room() {
+    let cluster = Cluster::builder(Service::default())
+        .in_memory()
+        .instances(2)
+        .queue_capacity(8)
+        .build()
+        .unwrap();
+    let client = cluster.client();
+    // Place keys, then sort them by instance.
+    let mut on: HashMap<cauce::router::InstanceId, Vec<String>> = HashMap::new();
+    for i in 0..200 {
+        let k = format!("k{i}");
+        client.submit(&k, Req::Add(1)).unwrap().wait().unwrap();
+        on.entry(client.owner_of(&k).unwrap()).or_default().push(k);
+    }
+    let mut sides: Vec<Vec<String>> = on.into_values().collect();
+    assert_eq!(sides.len(), 2, "keys on both instances");
+    let (one, two) = (sides.remove(0), sides.remove(0));
+    assert!(one.len() >= 20 && two.len() >= 20, "enough keys on each");
+    // The first instance's queue fills behind a slow request.
+    let mut queued = vec![client.submit(&one[0], Req::Stall(300)).unwrap()];
+    for k in &one[1..8] {
+        queued.push(client.submit(k, Req::Add(1)).unwrap());
+    }
+    // A waits for room on the first instance, before the second; B takes room on the
+    // second, then waits on the first.
+    let batch = |keys: Vec<&String>| -> Vec<(String, Req)> {
+        keys.into_iter().map(|k| (k.clone(), Req::Add(1))).collect()
+    };
+    let a = batch(one[8..14].iter().chain(&two[0..6]).collect());
+    let b = batch(two[6..12].iter().chain(&one[14..20]).collect());
+    let (tx, rx) = std::sync::mpsc::channel();
+    for (delay, items) in [(0, a), (50, b)] {
+        let client = client.clone();
+        let tx = tx.clone();
+        thread::spawn(move || {
+            thread::sleep(Duration::from_millis(delay));
+            let answered = client
+                .submit_batch(items)
+                .map(|pending| pending.into_iter().map(|p| p.wait()).collect::<Vec<_>>());
+            let _ = tx.send(answered);
+        });
+    }
+    for _ in 0..2 {
+        match rx.recv_timeout(Duration::from_secs(20)) {
+            Ok(Ok(answers)) => assert!(answers.iter().all(|a| a.is_ok()), "{answers:?}"),
+            Ok(Err(e)) => panic!("a batch failed: {e}"),
+            Err(_) => panic!("two batches waited for each other's room"),
+        }
+    }
+    for p in queued {
+        p.wait().unwrap();
+    }
+    cluster.shutdown().unwrap();
+}
+
 /// Calls out twice per request: "slow" (past the stall timeout, and slower the second
 /// time it is made), then "after"; counts how often each was really made.
 struct TwoCalls {

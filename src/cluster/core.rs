@@ -616,8 +616,8 @@ impl<H: Handler> Shared<H> {
                 }
                 batch
             };
-            // Room is taken one permit at a time, and waiting for room that this batch
-            // itself would have to free never ends: a batch must fit in each queue.
+            // Waiting for room that this batch itself would have to free never ends: a
+            // batch must fit in each queue.
             let mut per_dest = vec![0usize; batch.dests.len()];
             batch.dest_of.iter().for_each(|&d| per_dest[d] += 1);
             for (inst, &requests) in batch.dests.iter().zip(&per_dest) {
@@ -629,13 +629,24 @@ impl<H: Handler> Shared<H> {
                     });
                 }
             }
+            // Room is taken in ascending instance order, all of an instance's at once: a
+            // batch never holds room in one queue while it waits for another's that a
+            // second batch holds while waiting for the first's.
+            let mut order: Vec<usize> = (0..batch.dests.len()).collect();
+            order.sort_unstable_by_key(|&d| batch.dests[d].id);
             let mut taken = 0;
-            while taken < items.len() && batch.dest(taken).permits.acquire(true).is_ok() {
+            while taken < order.len() {
+                let d = order[taken];
+                if batch.dests[d].permits.acquire_many(per_dest[d]).is_err() {
+                    break;
+                }
                 taken += 1;
             }
-            if taken < items.len() {
+            if taken < order.len() {
                 // An instance retired meanwhile: give everything back and route again.
-                (0..taken).for_each(|i| batch.dest(i).permits.release());
+                for &d in &order[..taken] {
+                    batch.dests[d].permits.release_many(per_dest[d]);
+                }
                 continue;
             }
             if let Some(pendings) =

@@ -449,11 +449,16 @@ impl Permits {
     }
 
     fn try_take(&self) -> bool {
+        self.try_take_many(1)
+    }
+
+    /// Takes `n` permits if all of them are free, none otherwise.
+    fn try_take_many(&self, n: usize) -> bool {
         let mut used = self.used.load(Ordering::SeqCst);
-        while used < self.capacity {
+        while used.saturating_add(n) <= self.capacity {
             match self.used.compare_exchange_weak(
                 used,
-                used + 1,
+                used + n,
                 Ordering::SeqCst,
                 Ordering::SeqCst,
             ) {
@@ -466,21 +471,34 @@ impl Permits {
 
     /// Takes a permit, waiting for one if `block`.
     pub(crate) fn acquire(&self, block: bool) -> std::result::Result<(), NoPermit> {
+        if block {
+            return self.acquire_many(1);
+        }
+        if self.retired.load(Ordering::SeqCst) {
+            return Err(NoPermit::Retired);
+        }
+        match self.try_take() {
+            true => Ok(()),
+            false => Err(NoPermit::Busy),
+        }
+    }
+
+    /// Takes `n` permits at once, waiting until `n` are free. Taking them one at a time
+    /// could leave two batches each holding part of a queue's room while both wait for
+    /// the rest of it.
+    pub(crate) fn acquire_many(&self, n: usize) -> std::result::Result<(), NoPermit> {
         loop {
             if self.retired.load(Ordering::SeqCst) {
                 return Err(NoPermit::Retired);
             }
-            if self.try_take() {
+            if self.try_take_many(n) {
                 return Ok(());
-            }
-            if !block {
-                return Err(NoPermit::Busy);
             }
             // Announce ourselves, then look again, both under the lock that `release`
             // takes before notifying: either `release` sees us, or we see its release.
             let mut guard = self.lock.lock();
             self.waiters.fetch_add(1, Ordering::SeqCst);
-            let took = !self.retired.load(Ordering::SeqCst) && self.try_take();
+            let took = !self.retired.load(Ordering::SeqCst) && self.try_take_many(n);
             if !took && !self.retired.load(Ordering::SeqCst) {
                 self.freed.wait(&mut guard);
             }
@@ -555,11 +573,9 @@ impl Permits {
             });
         if self.waiters.load(Ordering::SeqCst) > 0 {
             let mut wakers = self.lock.lock();
-            if n == 1 {
-                self.freed.notify_one();
-            } else {
-                self.freed.notify_all();
-            }
+            // All of them: a waiter for several permits woken alone by one freed permit
+            // would sleep again, and leave asleep one that the permit would have served.
+            self.freed.notify_all();
             // Every asynchronous waiter tries again: one that finds no room registers
             // anew, and none is left waiting on a wake-up that went to a dropped future.
             let woken = self.take_wakers(&mut wakers);
