@@ -32,7 +32,36 @@ impl Logs {
     }
 }
 
-fn run(seed: u64) {
+/// How the load threads submit.
+#[derive(Clone, Copy)]
+enum Submits {
+    /// `submit`, one request at a time.
+    One,
+    /// The first thread `submit_batch`es its requests in batches of 1 to 8; the second
+    /// submits each through `submit_async`, on a minimal executor.
+    BatchesAndAsync,
+}
+
+/// Runs `future` to completion on this thread, parking between polls.
+fn block_on<F: std::future::Future>(future: F) -> F::Output {
+    struct Unpark(thread::Thread);
+    impl std::task::Wake for Unpark {
+        fn wake(self: Arc<Self>) {
+            self.0.unpark();
+        }
+    }
+    let waker = Arc::new(Unpark(thread::current())).into();
+    let mut cx = std::task::Context::from_waker(&waker);
+    let mut future = std::pin::pin!(future);
+    loop {
+        match future.as_mut().poll(&mut cx) {
+            std::task::Poll::Ready(out) => return out,
+            std::task::Poll::Pending => thread::park(),
+        }
+    }
+}
+
+fn run(seed: u64, submits: Submits) {
     let mut rng = StdRng::seed_from_u64(seed);
     let logs = Logs {
         input: Arc::new(MemoryStore::new()),
@@ -62,7 +91,7 @@ fn run(seed: u64) {
                         let client = cluster.client();
                         let mut r = StdRng::seed_from_u64(seed * 1000 + step * 2 + t);
                         thread::spawn(move || {
-                            (0..r.random_range(5..40))
+                            let requests: Vec<(String, Req)> = (0..r.random_range(5..40))
                                 .map(|_| {
                                     let k = format!("k{}", r.random_range(0..12));
                                     let req = match r.random_range(0..50) {
@@ -70,9 +99,30 @@ fn run(seed: u64) {
                                         1 => Req::External,
                                         _ => Req::Add(r.random_range(0..100)),
                                     };
-                                    client.submit(k, req).unwrap()
+                                    (k, req)
                                 })
-                                .collect::<Vec<_>>()
+                                .collect();
+                            match (submits, t) {
+                                (Submits::One, _) => requests
+                                    .into_iter()
+                                    .map(|(k, req)| client.submit(k, req).unwrap())
+                                    .collect::<Vec<_>>(),
+                                (Submits::BatchesAndAsync, 0) => {
+                                    let mut out = Vec::new();
+                                    let mut rest = &requests[..];
+                                    while !rest.is_empty() {
+                                        let n = r.random_range(1..=8).min(rest.len());
+                                        let batch = rest[..n].iter().cloned();
+                                        out.extend(client.submit_batch(batch).unwrap());
+                                        rest = &rest[n..];
+                                    }
+                                    out
+                                }
+                                (Submits::BatchesAndAsync, _) => requests
+                                    .into_iter()
+                                    .map(|(k, req)| block_on(client.submit_async(k, req)).unwrap())
+                                    .collect(),
+                            }
                         })
                     })
                     .collect();
@@ -124,6 +174,13 @@ fn random_failures_and_membership_changes_keep_every_state_equal_to_the_fold() {
     // folded records that a retiring instance then applied again) and, on the way to
     // the fix, a request never answered.
     for seed in [1, 2, 3, 4, 235] {
-        run(seed);
+        run(seed, Submits::One);
+    }
+}
+
+#[test]
+fn the_same_with_batches_and_async_submits() {
+    for seed in [1, 2, 3] {
+        run(seed, Submits::BatchesAndAsync);
     }
 }
