@@ -180,7 +180,9 @@ fn random_failures_and_membership_changes_keep_every_state_equal_to_the_fold() {
 
 #[test]
 fn the_same_with_batches_and_async_submits() {
-    for seed in [1, 2, 3] {
+    // Seed 116 routes a batch while a lost instance is out of the table but still in
+    // the placement: the batch was refused with `NoInstance` (2 runs in 3).
+    for seed in [1, 2, 3, 116] {
         run(seed, Submits::BatchesAndAsync);
     }
 }

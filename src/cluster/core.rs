@@ -594,27 +594,49 @@ impl<H: Handler> Shared<H> {
         let timestamp = now();
         // Each key hashed once, for its routing and its stripe, however often it routes.
         let hashes: Vec<u64> = items.iter().map(|(k, _)| key_hash(k.as_ref())).collect();
+        // The placement epoch at which a routing pass last found a key with no live
+        // instance.
+        let mut unroutable_at = None;
         loop {
             if !self.accepting.load(Ordering::SeqCst) {
                 return Err(Error::Closed);
             }
             // Route every key (counting the loads), then take the queue room outside any
             // lock. `dests` holds each instance once; `dest_of[i]` is item i's.
-            let mut batch = {
+            let routed = {
                 let mut routing = self.routing.lock();
                 let mut batch = Routed {
                     epoch: routing.placement.epoch(),
                     dests: Vec::new(),
                     dest_of: Vec::with_capacity(items.len()),
                 };
+                let mut complete = true;
                 for ((key, _), &hash) in items.iter().zip(&hashes) {
                     let id = routing.placement.route(key.as_ref(), hash, timestamp);
-                    let inst = id.and_then(|id| routing.instances.get(&id));
-                    let inst = inst.ok_or(Error::NoInstance)?;
+                    let Some(inst) = id.and_then(|id| routing.instances.get(&id)) else {
+                        complete = false;
+                        break;
+                    };
                     let at = batch.index_of(inst);
                     batch.dest_of.push(at);
                 }
-                batch
+                (complete, batch)
+            };
+            let mut batch = match routed {
+                (true, batch) => batch,
+                (false, batch) => {
+                    // Routing is taken without the stripe locks, so it can see a
+                    // membership change half done (an instance gone from the table, not
+                    // yet from the placement, or a lost one's replacement not yet in
+                    // it). The change holds every stripe lock: wait for it and route
+                    // again. The same failure twice at one epoch is no change under way.
+                    if unroutable_at == Some(batch.epoch) {
+                        return Err(Error::NoInstance);
+                    }
+                    unroutable_at = Some(batch.epoch);
+                    drop(self.stripes[0].lock());
+                    continue;
+                }
             };
             // Waiting for room that this batch itself would have to free never ends: a
             // batch must fit in each queue.
