@@ -91,8 +91,10 @@ pub(crate) enum Room<'c, 'w> {
     Wait,
     /// Fails with [`Error::Busy`].
     Refuse,
-    /// Returns `Pending`; the context's waker is woken when there may be room.
-    Poll(&'c mut std::task::Context<'w>),
+    /// Returns `Pending`; the context's waker is woken when there may be room. The flag
+    /// says whether an earlier poll already routed the request (and counted it toward
+    /// the loads): it is counted once, however often it is polled.
+    Poll(&'c mut std::task::Context<'w>, &'c mut bool),
 }
 
 pub(crate) struct Shared<H: Handler> {
@@ -482,7 +484,10 @@ impl<H: Handler> Shared<H> {
         let timestamp = now();
         let hash = key_hash(key);
         let stripe = &self.stripes[stripe_of_hash(hash)];
-        let mut routed = false;
+        let mut routed = match room {
+            Room::Poll(_, routed) => **routed,
+            Room::Wait | Room::Refuse => false,
+        };
         // The instance we hold a queue permit of, if any.
         let mut permit: Option<Arc<Inst<H>>> = None;
         loop {
@@ -528,9 +533,12 @@ impl<H: Handler> Shared<H> {
                                 }));
                             }
                             Room::Wait => dest.permits.acquire(true).is_ok(),
-                            Room::Poll(cx) => match dest.permits.poll_acquire(cx) {
+                            Room::Poll(cx, polled_routed) => match dest.permits.poll_acquire(cx) {
                                 Poll::Ready(took) => took.is_ok(),
-                                Poll::Pending => return Poll::Pending,
+                                Poll::Pending => {
+                                    **polled_routed = true;
+                                    return Poll::Pending;
+                                }
                             },
                         };
                         if took {

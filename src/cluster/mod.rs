@@ -290,6 +290,7 @@ impl<H: Handler> Client<H> {
             shared: &self.shared,
             key: key.as_ref().to_vec(),
             payload: Some(fold::Scratch::request(&request)),
+            routed: false,
         }
     }
 
@@ -361,6 +362,8 @@ pub struct Submit<'a, H: Handler> {
     /// The encoded request; `None` once the future has resolved (polling it again is
     /// [`Error::Closed`] and submits nothing).
     payload: Option<Result<fold::Scratch>>,
+    /// Whether a poll routed it already: its load is counted once.
+    routed: bool,
 }
 
 impl<H: Handler> Future for Submit<'_, H> {
@@ -373,7 +376,7 @@ impl<H: Handler> Future for Submit<'_, H> {
             Some(Err(e)) => return Poll::Ready(Err(e)),
             Some(Ok(payload)) => payload,
         };
-        let mut room = Room::Poll(cx);
+        let mut room = Room::Poll(cx, &mut this.routed);
         let submitted = this
             .shared
             .submit_payload(&this.key, payload.as_slice(), &mut room);
