@@ -37,8 +37,8 @@ fn builder(dir: &Path) -> ClusterBuilder<Service> {
         .supervise_every(Duration::from_millis(5))
 }
 
-/// The child: a cluster under load from three threads, printing each acknowledgement as
-/// `ack <offset> <key> <value> <answered sum>`.
+/// The child: a cluster under load from three threads (one of them submitting batches),
+/// printing each acknowledgement as `ack <offset> <key> <value> <answered sum>`.
 fn run_child(dir: &Path) {
     let cluster = match builder(dir).build() {
         Ok(c) => c,
@@ -53,16 +53,28 @@ fn run_child(dir: &Path) {
             s.spawn(move || {
                 let mut rng = rand::rngs::StdRng::seed_from_u64(std::process::id() as u64 * 7 + t);
                 loop {
-                    let k = rng.random_range(0..KEYS);
-                    let v = rng.random_range(1..1000u64);
-                    let pending = client.submit(format!("k{k}"), Req::Add(v)).expect("submit");
-                    let offset = pending.offset();
-                    let Ok(Resp::Sum(sum)) = pending.wait() else {
-                        panic!("request at {offset} failed");
+                    // The first thread submits batches of 1 to 5, the others one at a time.
+                    let n = if t == 0 { rng.random_range(1..6) } else { 1 };
+                    let items: Vec<(u64, u64)> = (0..n)
+                        .map(|_| (rng.random_range(0..KEYS), rng.random_range(1..1000u64)))
+                        .collect();
+                    let requests = items.iter().map(|&(k, v)| (format!("k{k}"), Req::Add(v)));
+                    let pendings: Vec<_> = if t == 0 {
+                        client.submit_batch(requests).expect("submit")
+                    } else {
+                        requests
+                            .map(|(k, req)| client.submit(k, req).expect("submit"))
+                            .collect()
                     };
-                    let mut out = std::io::stdout().lock();
-                    writeln!(out, "ack {offset} k{k} {v} {sum}").expect("stdout");
-                    out.flush().expect("stdout");
+                    for ((k, v), pending) in items.into_iter().zip(pendings) {
+                        let offset = pending.offset();
+                        let Ok(Resp::Sum(sum)) = pending.wait() else {
+                            panic!("request at {offset} failed");
+                        };
+                        let mut out = std::io::stdout().lock();
+                        writeln!(out, "ack {offset} k{k} {v} {sum}").expect("stdout");
+                        out.flush().expect("stdout");
+                    }
                 }
             });
         }
