@@ -1661,3 +1661,65 @@ fn submit_async_waiting_at_shutdown_ends_closed() {
         "nothing more was logged"
     );
 }
+
+#[test]
+fn submit_batch_async_holds_the_room_it_took_and_gives_it_back_when_dropped() {
+    let cluster = Cluster::builder(Service::default())
+        .in_memory()
+        .instances(2)
+        .queue_capacity(2)
+        .build()
+        .unwrap();
+    let client = cluster.client();
+    let mut members = cluster.members();
+    members.sort();
+    let (first, second) = (members[0], members[1]);
+    // Place keys, then pick some on each instance.
+    let mut on: HashMap<cauce::router::InstanceId, Vec<String>> = HashMap::new();
+    for i in 0..64 {
+        let k = format!("k{i}");
+        client.submit(&k, Req::Add(1)).unwrap().wait().unwrap();
+        on.entry(client.owner_of(&k).unwrap()).or_default().push(k);
+    }
+    let (a, b) = (&on[&first], &on[&second]);
+    // The second instance's queue fills behind a slow request.
+    let slow = client.submit(&b[0], Req::Stall(300)).unwrap();
+    let queued = client.submit(&b[1], Req::Add(1)).unwrap();
+    let batch = || {
+        client.submit_batch_async([
+            (a[0].clone(), Req::Add(10)),
+            (a[1].clone(), Req::Add(10)),
+            (b[2].clone(), Req::Add(10)),
+        ])
+    };
+    let woken = Arc::new(Woken(Default::default()));
+    let mut waiting = batch();
+    assert!(poll_once(&mut waiting, &woken).is_pending());
+    // It holds the first instance's room (taken first), waiting for the second's.
+    assert!(matches!(
+        client.try_submit(&a[2], Req::Add(1)),
+        Err(Error::Busy { instance, .. }) if instance == first
+    ));
+    let next = client.metrics().next_offset;
+    drop(waiting);
+    let freed = client.try_submit(&a[2], Req::Add(1)).unwrap();
+    assert_eq!(freed.wait().unwrap(), Resp::Sum(2));
+    assert_eq!(
+        client.metrics().next_offset,
+        next + 1,
+        "the dropped batch logged nothing"
+    );
+
+    let mut waiting = batch();
+    let seen = woken.0.load(Ordering::SeqCst);
+    assert!(poll_once(&mut waiting, &woken).is_pending());
+    await_wake(&woken, seen);
+    let pendings = poll_until_ready(&mut waiting, &woken).unwrap();
+    let answers: Vec<Resp> = pendings.into_iter().map(|p| p.wait().unwrap()).collect();
+    assert_eq!(answers, [Resp::Sum(11), Resp::Sum(11), Resp::Sum(11)]);
+    assert_eq!(slow.wait().unwrap(), Resp::Sum(2));
+    assert_eq!(queued.wait().unwrap(), Resp::Sum(2));
+    fn sendable<T: Send>(_: &T) {}
+    sendable(&batch());
+    cluster.shutdown().unwrap();
+}

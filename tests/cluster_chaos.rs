@@ -37,8 +37,9 @@ impl Logs {
 enum Submits {
     /// `submit`, one request at a time.
     One,
-    /// The first thread `submit_batch`es its requests in batches of 1 to 8; the second
-    /// submits each through `submit_async`, on a minimal executor.
+    /// The first thread submits its requests in batches of 1 to 8, through
+    /// `submit_batch` or `submit_batch_async`; the second submits each through
+    /// `submit_async`. The async ones run on a minimal executor.
     BatchesAndAsync,
 }
 
@@ -110,10 +111,19 @@ fn run(seed: u64, submits: Submits) {
                                 (Submits::BatchesAndAsync, 0) => {
                                     let mut out = Vec::new();
                                     let mut rest = &requests[..];
-                                    while !rest.is_empty() {
+                                    for i in 0.. {
+                                        if rest.is_empty() {
+                                            break;
+                                        }
                                         let n = r.random_range(1..=8).min(rest.len());
                                         let batch = rest[..n].iter().cloned();
-                                        out.extend(client.submit_batch(batch).unwrap());
+                                        // Every other batch through `submit_batch_async`.
+                                        let pending = if i % 2 == 0 {
+                                            client.submit_batch(batch)
+                                        } else {
+                                            block_on(client.submit_batch_async(batch))
+                                        };
+                                        out.extend(pending.unwrap());
                                         rest = &rest[n..];
                                     }
                                     out

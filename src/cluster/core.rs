@@ -85,6 +85,73 @@ impl<H: Handler> Routed<H> {
 /// An instance of the cluster of handler `H`.
 type Inst<H> = Instance<<H as Handler>::State, <H as Handler>::Response>;
 
+/// A batch to submit: its items (keys, and the ranges of their encoded payloads in
+/// `payloads`), each key's hash (for its routing and its stripe, however often it
+/// routes), and its timestamp.
+pub(crate) struct BatchItems<'a, K> {
+    items: &'a [(K, Range<usize>)],
+    payloads: &'a [u8],
+    hashes: Vec<u64>,
+    timestamp: u64,
+}
+
+impl<'a, K: AsRef<[u8]>> BatchItems<'a, K> {
+    pub(crate) fn new(items: &'a [(K, Range<usize>)], payloads: &'a [u8]) -> Self {
+        BatchItems {
+            items,
+            payloads,
+            hashes: items.iter().map(|(k, _)| key_hash(k.as_ref())).collect(),
+            timestamp: now(),
+        }
+    }
+
+    /// The batch's timestamp.
+    pub(crate) fn timestamp(&self) -> u64 {
+        self.timestamp
+    }
+
+    /// Stamps the batch with `at` (a batch polled again keeps its first timestamp).
+    pub(crate) fn set_timestamp(&mut self, at: u64) {
+        self.timestamp = at;
+    }
+}
+
+/// How far a batch submit got: see [`Shared::poll_submit_batch`].
+pub(crate) struct BatchProgress<H: Handler> {
+    /// The placement epoch at which a routing pass last found a key with no live
+    /// instance.
+    unroutable_at: Option<crate::router::Epoch>,
+    held: Option<Held<H>>,
+}
+
+impl<H: Handler> Default for BatchProgress<H> {
+    fn default() -> Self {
+        BatchProgress {
+            unroutable_at: None,
+            held: None,
+        }
+    }
+}
+
+/// A routed batch and the room it holds: all of it in the queues of `order[..taken]`.
+/// Dropped, it gives that room back.
+struct Held<H: Handler> {
+    routed: Routed<H>,
+    /// Requests per destination (indexes of `routed.dests`).
+    per_dest: Vec<usize>,
+    /// The destinations in ascending instance order.
+    order: Vec<usize>,
+    taken: usize,
+}
+
+impl<H: Handler> Drop for Held<H> {
+    fn drop(&mut self) {
+        for &d in &self.order[..self.taken] {
+            self.routed.dests[d].permits.release_many(self.per_dest[d]);
+        }
+    }
+}
+
 /// What a submit does when its instance's queue is full.
 pub(crate) enum Room<'c, 'w> {
     /// Waits for room, blocking the thread.
@@ -596,95 +663,150 @@ impl<H: Handler> Shared<H> {
         items: &[(K, Range<usize>)],
         payloads: &[u8],
     ) -> Result<Vec<Pending<H::Response>>> {
-        if items.is_empty() {
-            return Ok(Vec::new());
+        let batch = BatchItems::new(items, payloads);
+        let mut progress = BatchProgress::default();
+        match self.poll_submit_batch(&batch, &mut progress, None) {
+            Poll::Ready(submitted) => submitted,
+            // Only a poll with a context leaves a batch pending.
+            Poll::Pending => Err(Error::Closed),
         }
-        let timestamp = now();
-        // Each key hashed once, for its routing and its stripe, however often it routes.
-        let hashes: Vec<u64> = items.iter().map(|(k, _)| key_hash(k.as_ref())).collect();
-        // The placement epoch at which a routing pass last found a key with no live
-        // instance.
-        let mut unroutable_at = None;
+    }
+
+    /// Routes `batch`, takes its room in the queues and submits it. Without a context
+    /// it waits for room, blocking the thread; with one it returns `Pending` when a queue
+    /// is full, keeping in `progress` the routing and the room taken so far (a later
+    /// poll goes on from there; dropping `progress` gives the room back).
+    pub(crate) fn poll_submit_batch<K: AsRef<[u8]>>(
+        &self,
+        batch: &BatchItems<'_, K>,
+        progress: &mut BatchProgress<H>,
+        mut cx: Option<&mut std::task::Context<'_>>,
+    ) -> Poll<Result<Vec<Pending<H::Response>>>> {
+        let items = batch.items;
+        if items.is_empty() {
+            return Poll::Ready(Ok(Vec::new()));
+        }
         loop {
             if !self.accepting.load(Ordering::SeqCst) {
-                return Err(Error::Closed);
+                progress.held = None;
+                return Poll::Ready(Err(Error::Closed));
             }
-            // Route every key (counting the loads), then take the queue room outside any
-            // lock. `dests` holds each instance once; `dest_of[i]` is item i's.
-            let routed = {
-                let mut routing = self.routing.lock();
-                let mut batch = Routed {
-                    epoch: routing.placement.epoch(),
-                    dests: Vec::new(),
-                    dest_of: Vec::with_capacity(items.len()),
-                };
-                let mut complete = true;
-                for ((key, _), &hash) in items.iter().zip(&hashes) {
-                    let id = routing.placement.route(key.as_ref(), hash, timestamp);
-                    let Some(inst) = id.and_then(|id| routing.instances.get(&id)) else {
-                        complete = false;
-                        break;
-                    };
-                    let at = batch.index_of(inst);
-                    batch.dest_of.push(at);
-                }
-                (complete, batch)
-            };
-            let mut batch = match routed {
-                (true, batch) => batch,
-                (false, batch) => {
-                    // Routing is taken without the stripe locks, so it can see a
-                    // membership change half done (an instance gone from the table, not
-                    // yet from the placement, or a lost one's replacement not yet in
-                    // it). The change holds every stripe lock: wait for it and route
-                    // again. The same failure twice at one epoch is no change under way.
-                    if unroutable_at == Some(batch.epoch) {
-                        return Err(Error::NoInstance);
-                    }
-                    unroutable_at = Some(batch.epoch);
-                    drop(self.stripes[0].lock());
-                    continue;
-                }
-            };
-            // Waiting for room that this batch itself would have to free never ends: a
-            // batch must fit in each queue.
-            let mut per_dest = vec![0usize; batch.dests.len()];
-            batch.dest_of.iter().for_each(|&d| per_dest[d] += 1);
-            for (inst, &requests) in batch.dests.iter().zip(&per_dest) {
-                if requests > inst.permits.capacity() {
-                    return Err(Error::BatchTooLarge {
-                        instance: inst.id,
-                        requests,
-                        capacity: inst.permits.capacity(),
-                    });
+            if progress.held.is_none() {
+                match self.route_batch(batch, &mut progress.unroutable_at) {
+                    Ok(Some(held)) => progress.held = Some(held),
+                    Ok(None) => continue,
+                    Err(e) => return Poll::Ready(Err(e)),
                 }
             }
+            let Some(held) = progress.held.as_mut() else {
+                continue;
+            };
             // Room is taken in ascending instance order, all of an instance's at once: a
             // batch never holds room in one queue while it waits for another's that a
             // second batch holds while waiting for the first's.
-            let mut order: Vec<usize> = (0..batch.dests.len()).collect();
-            order.sort_unstable_by_key(|&d| batch.dests[d].id);
-            let mut taken = 0;
-            while taken < order.len() {
-                let d = order[taken];
-                if batch.dests[d].permits.acquire_many(per_dest[d]).is_err() {
+            let mut retired = false;
+            while held.taken < held.order.len() {
+                let d = held.order[held.taken];
+                let (permits, n) = (&held.routed.dests[d].permits, held.per_dest[d]);
+                let took = match cx.as_deref_mut() {
+                    None => permits.acquire_many(n).is_ok(),
+                    Some(cx) => match permits.poll_acquire_many(n, cx) {
+                        Poll::Ready(took) => took.is_ok(),
+                        Poll::Pending => return Poll::Pending,
+                    },
+                };
+                if !took {
+                    retired = true;
                     break;
                 }
-                taken += 1;
+                held.taken += 1;
             }
-            if taken < order.len() {
+            if retired {
                 // An instance retired meanwhile: give everything back and route again.
-                for &d in &order[..taken] {
-                    batch.dests[d].permits.release_many(per_dest[d]);
-                }
+                progress.held = None;
                 continue;
             }
-            if let Some(pendings) =
-                self.submit_batch_locked(items, &hashes, payloads, &mut batch, timestamp)?
-            {
-                return Ok(pendings);
+            let Some(mut held) = progress.held.take() else {
+                continue;
+            };
+            let submitted = self.submit_batch_locked(
+                items,
+                &batch.hashes,
+                batch.payloads,
+                &mut held.routed,
+                batch.timestamp,
+            );
+            // Its room is queued, or was given back.
+            held.taken = 0;
+            match submitted {
+                Ok(Some(pendings)) => return Poll::Ready(Ok(pendings)),
+                Ok(None) => continue,
+                Err(e) => return Poll::Ready(Err(e)),
             }
         }
+    }
+
+    /// Routes every key of `batch` (counting the loads). `None`: route again (a
+    /// membership change was under way, and is over).
+    fn route_batch<K: AsRef<[u8]>>(
+        &self,
+        batch: &BatchItems<'_, K>,
+        unroutable_at: &mut Option<crate::router::Epoch>,
+    ) -> Result<Option<Held<H>>> {
+        // `dests` holds each instance once; `dest_of[i]` is item i's.
+        let (complete, routed) = {
+            let mut routing = self.routing.lock();
+            let mut routed = Routed {
+                epoch: routing.placement.epoch(),
+                dests: Vec::new(),
+                dest_of: Vec::with_capacity(batch.items.len()),
+            };
+            let mut complete = true;
+            for ((key, _), &hash) in batch.items.iter().zip(&batch.hashes) {
+                let id = routing.placement.route(key.as_ref(), hash, batch.timestamp);
+                let Some(inst) = id.and_then(|id| routing.instances.get(&id)) else {
+                    complete = false;
+                    break;
+                };
+                let at = routed.index_of(inst);
+                routed.dest_of.push(at);
+            }
+            (complete, routed)
+        };
+        if !complete {
+            // Routing is taken without the stripe locks, so it can see a membership
+            // change half done (an instance gone from the table, not yet from the
+            // placement, or a lost one's replacement not yet in it). The change holds
+            // every stripe lock: wait for it and route again. The same failure twice at
+            // one epoch is no change under way.
+            if *unroutable_at == Some(routed.epoch) {
+                return Err(Error::NoInstance);
+            }
+            *unroutable_at = Some(routed.epoch);
+            drop(self.stripes[0].lock());
+            return Ok(None);
+        }
+        // Waiting for room that this batch itself would have to free never ends: a
+        // batch must fit in each queue.
+        let mut per_dest = vec![0usize; routed.dests.len()];
+        routed.dest_of.iter().for_each(|&d| per_dest[d] += 1);
+        for (inst, &requests) in routed.dests.iter().zip(&per_dest) {
+            if requests > inst.permits.capacity() {
+                return Err(Error::BatchTooLarge {
+                    instance: inst.id,
+                    requests,
+                    capacity: inst.permits.capacity(),
+                });
+            }
+        }
+        let mut order: Vec<usize> = (0..routed.dests.len()).collect();
+        order.sort_unstable_by_key(|&d| routed.dests[d].id);
+        Ok(Some(Held {
+            routed,
+            per_dest,
+            order,
+            taken: 0,
+        }))
     }
 
     /// The part of `submit_batch` done under the keys' stripe locks (`hashes` are the

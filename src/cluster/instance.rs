@@ -515,10 +515,19 @@ impl Permits {
         &self,
         cx: &mut std::task::Context<'_>,
     ) -> Poll<std::result::Result<(), NoPermit>> {
+        self.poll_acquire_many(1, cx)
+    }
+
+    /// [`poll_acquire`](Self::poll_acquire) for `n` permits, all at once.
+    pub(crate) fn poll_acquire_many(
+        &self,
+        n: usize,
+        cx: &mut std::task::Context<'_>,
+    ) -> Poll<std::result::Result<(), NoPermit>> {
         if self.retired.load(Ordering::SeqCst) {
             return Poll::Ready(Err(NoPermit::Retired));
         }
-        if self.try_take() {
+        if self.try_take_many(n) {
             return Poll::Ready(Ok(()));
         }
         // Register, then look again under the lock `release` takes before waking: either
@@ -528,7 +537,7 @@ impl Permits {
         self.waiters.fetch_add(1, Ordering::SeqCst);
         let now = if self.retired.load(Ordering::SeqCst) {
             Some(Err(NoPermit::Retired))
-        } else if self.try_take() {
+        } else if self.try_take_many(n) {
             Some(Ok(()))
         } else {
             None

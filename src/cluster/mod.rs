@@ -86,7 +86,7 @@ use crate::error::{Error, Result};
 use crate::launcher::{Launcher, Supervisor, ThreadLauncher};
 use crate::router::{InstanceId, Sticky, StickyOptions};
 use crate::store::{LogOptions, LogStore, MemoryStore, Store};
-use core::{Options, Parts, Room, Shared};
+use core::{BatchProgress, Options, Parts, Room, Shared};
 use owned::OwnedLog;
 
 /// A running keyed service. Dropping it stops it (prefer [`shutdown`](Cluster::shutdown),
@@ -342,6 +342,67 @@ impl<H: Handler> Client<H> {
         self.shared.submit_batch(&items, payloads.as_slice())
     }
 
+    /// Like [`submit_batch`](Client::submit_batch), but waits for room in full queues
+    /// without blocking the thread, as [`submit_async`](Client::submit_async) does for
+    /// one request. While it waits it holds the room it has taken so far, taken a whole
+    /// queue at a time in a fixed order, so two waiting batches never hold each other up;
+    /// dropping it before it resolves gives that room back and submits nothing.
+    ///
+    /// ```
+    /// # use cauce::cluster::{Cluster, Context, Handler};
+    /// # struct Counter;
+    /// # impl Handler for Counter {
+    /// #     type State = u64;
+    /// #     type Request = u64;
+    /// #     type Response = u64;
+    /// #     fn handle(&self, _: &mut Context<'_>, _: &[u8], t: &mut u64, a: u64) -> u64 { *t += a; *t }
+    /// # }
+    /// # fn block_on<F: std::future::Future>(f: F) -> F::Output {
+    /// #     struct Unpark(std::thread::Thread);
+    /// #     impl std::task::Wake for Unpark {
+    /// #         fn wake(self: std::sync::Arc<Self>) { self.0.unpark() }
+    /// #     }
+    /// #     let waker = std::sync::Arc::new(Unpark(std::thread::current())).into();
+    /// #     let mut cx = std::task::Context::from_waker(&waker);
+    /// #     let mut f = std::pin::pin!(f);
+    /// #     loop {
+    /// #         match f.as_mut().poll(&mut cx) {
+    /// #             std::task::Poll::Ready(out) => return out,
+    /// #             std::task::Poll::Pending => std::thread::park(),
+    /// #         }
+    /// #     }
+    /// # }
+    /// # let cluster = Cluster::builder(Counter).in_memory().build()?;
+    /// # let client = cluster.client();
+    /// let answers = block_on(async {
+    ///     let mut answers = Vec::new();
+    ///     for pending in client.submit_batch_async([("alice", 1), ("alice", 2)]).await? {
+    ///         answers.push(pending.await?);
+    ///     }
+    ///     Ok::<_, cauce::Error>(answers)
+    /// })?;
+    /// assert_eq!(answers, [1, 3]);
+    /// # cluster.shutdown()?;
+    /// # Ok::<(), cauce::Error>(())
+    /// ```
+    pub fn submit_batch_async<K: AsRef<[u8]>>(
+        &self,
+        requests: impl IntoIterator<Item = (K, H::Request)>,
+    ) -> SubmitBatch<'_, H> {
+        let mut payloads = fold::Scratch::empty();
+        let items = requests
+            .into_iter()
+            .map(|(k, r)| Ok((k.as_ref().to_vec(), payloads.push_request(&r)?)))
+            .collect::<Result<Vec<_>>>();
+        SubmitBatch {
+            shared: &self.shared,
+            batch: items.map(|items| (items, payloads)),
+            progress: BatchProgress::default(),
+            timestamp: None,
+            done: false,
+        }
+    }
+
     /// The instance that holds (or will hold) `key`'s state.
     pub fn owner_of(&self, key: impl AsRef<[u8]>) -> Option<InstanceId> {
         self.shared.owner_of(key.as_ref())
@@ -384,6 +445,67 @@ impl<H: Handler> Future for Submit<'_, H> {
             this.payload = Some(Ok(payload));
         }
         submitted
+    }
+}
+
+/// A key, and where its encoded request lies in a batch's payload buffer.
+type KeyedPayload = (Vec<u8>, std::ops::Range<usize>);
+
+/// A batch submit waiting for room without blocking: see
+/// [`Client::submit_batch_async`]. Resolves to the [`Pending`] responses, in the order
+/// given, once the batch is in the log.
+#[must_use = "a submit does nothing unless polled"]
+pub struct SubmitBatch<'a, H: Handler> {
+    shared: &'a Shared<H>,
+    /// The keys and their encoded requests (or why they could not be encoded).
+    batch: Result<(Vec<KeyedPayload>, fold::Scratch)>,
+    progress: BatchProgress<H>,
+    /// When it was first polled: the batch's timestamp, however often it is polled.
+    timestamp: Option<u64>,
+    /// Resolved: polling again is [`Error::Closed`] and submits nothing.
+    done: bool,
+}
+
+impl<H: Handler> Future for SubmitBatch<'_, H> {
+    type Output = Result<Vec<Pending<H::Response>>>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut TaskContext<'_>) -> Poll<Self::Output> {
+        let this = self.get_mut();
+        if this.done {
+            return Poll::Ready(Err(Error::Closed));
+        }
+        let (items, payloads) = match &this.batch {
+            Ok(batch) => batch,
+            Err(_) => {
+                this.done = true;
+                let failed = std::mem::replace(&mut this.batch, Err(Error::Closed));
+                return Poll::Ready(failed.map(|_| Vec::new()));
+            }
+        };
+        let mut batch = core::BatchItems::new(items, payloads.as_slice());
+        match this.timestamp {
+            Some(at) => batch.set_timestamp(at),
+            None => this.timestamp = Some(batch.timestamp()),
+        }
+        let submitted = this
+            .shared
+            .poll_submit_batch(&batch, &mut this.progress, Some(cx));
+        if submitted.is_ready() {
+            this.done = true;
+        }
+        submitted
+    }
+}
+
+impl<H: Handler> std::fmt::Debug for SubmitBatch<'_, H> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SubmitBatch")
+            .field(
+                "requests",
+                &self.batch.as_ref().map_or(0, |(items, _)| items.len()),
+            )
+            .field("resolved", &self.done)
+            .finish()
     }
 }
 
