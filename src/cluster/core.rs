@@ -85,39 +85,17 @@ impl<H: Handler> Routed<H> {
 /// An instance of the cluster of handler `H`.
 type Inst<H> = Instance<<H as Handler>::State, <H as Handler>::Response>;
 
-/// A batch to submit: its items (keys, and the ranges of their encoded payloads in
-/// `payloads`), each key's hash (for its routing and its stripe, however often it
-/// routes), and its timestamp.
-pub(crate) struct BatchItems<'a, K> {
-    items: &'a [(K, Range<usize>)],
-    payloads: &'a [u8],
+/// What a batch is stamped with once: each key's hash (for its routing and its
+/// stripe, however often it routes) and the batch's timestamp.
+struct Stamp {
     hashes: Vec<u64>,
     timestamp: u64,
 }
 
-impl<'a, K: AsRef<[u8]>> BatchItems<'a, K> {
-    pub(crate) fn new(items: &'a [(K, Range<usize>)], payloads: &'a [u8]) -> Self {
-        BatchItems {
-            items,
-            payloads,
-            hashes: items.iter().map(|(k, _)| key_hash(k.as_ref())).collect(),
-            timestamp: now(),
-        }
-    }
-
-    /// The batch's timestamp.
-    pub(crate) fn timestamp(&self) -> u64 {
-        self.timestamp
-    }
-
-    /// Stamps the batch with `at` (a batch polled again keeps its first timestamp).
-    pub(crate) fn set_timestamp(&mut self, at: u64) {
-        self.timestamp = at;
-    }
-}
-
 /// How far a batch submit got: see [`Shared::poll_submit_batch`].
 pub(crate) struct BatchProgress<H: Handler> {
+    /// Taken at the first poll.
+    stamp: Option<Stamp>,
     /// The placement epoch at which a routing pass last found a key with no live
     /// instance.
     unroutable_at: Option<crate::router::Epoch>,
@@ -127,6 +105,7 @@ pub(crate) struct BatchProgress<H: Handler> {
 impl<H: Handler> Default for BatchProgress<H> {
     fn default() -> Self {
         BatchProgress {
+            stamp: None,
             unroutable_at: None,
             held: None,
         }
@@ -663,51 +642,58 @@ impl<H: Handler> Shared<H> {
         items: &[(K, Range<usize>)],
         payloads: &[u8],
     ) -> Result<Vec<Pending<H::Response>>> {
-        let batch = BatchItems::new(items, payloads);
         let mut progress = BatchProgress::default();
-        match self.poll_submit_batch(&batch, &mut progress, None) {
+        match self.poll_submit_batch(items, payloads, &mut progress, None) {
             Poll::Ready(submitted) => submitted,
             // Only a poll with a context leaves a batch pending.
             Poll::Pending => Err(Error::Closed),
         }
     }
 
-    /// Routes `batch`, takes its room in the queues and submits it. Without a context
-    /// it waits for room, blocking the thread; with one it returns `Pending` when a queue
-    /// is full, keeping in `progress` the routing and the room taken so far (a later
-    /// poll goes on from there; dropping `progress` gives the room back).
+    /// Routes a batch (`items`: keys, and the ranges of their encoded payloads in
+    /// `payloads`), takes its room in the queues and submits it. Without a context it
+    /// waits for room, blocking the thread; with one it returns `Pending` when a queue is
+    /// full, keeping in `progress` the routing and the room taken so far (a later poll
+    /// goes on from there; dropping `progress` gives the room back).
     pub(crate) fn poll_submit_batch<K: AsRef<[u8]>>(
         &self,
-        batch: &BatchItems<'_, K>,
+        items: &[(K, Range<usize>)],
+        payloads: &[u8],
         progress: &mut BatchProgress<H>,
         mut cx: Option<&mut std::task::Context<'_>>,
     ) -> Poll<Result<Vec<Pending<H::Response>>>> {
-        let items = batch.items;
         if items.is_empty() {
             return Poll::Ready(Ok(Vec::new()));
         }
+        let BatchProgress {
+            stamp,
+            unroutable_at,
+            held,
+        } = progress;
+        let stamp = stamp.get_or_insert_with(|| Stamp {
+            hashes: items.iter().map(|(k, _)| key_hash(k.as_ref())).collect(),
+            timestamp: now(),
+        });
         loop {
             if !self.accepting.load(Ordering::SeqCst) {
-                progress.held = None;
+                *held = None;
                 return Poll::Ready(Err(Error::Closed));
             }
-            if progress.held.is_none() {
-                match self.route_batch(batch, &mut progress.unroutable_at) {
-                    Ok(Some(held)) => progress.held = Some(held),
+            let taking = match held {
+                Some(taking) => taking,
+                None => match self.route_batch(items, stamp, unroutable_at) {
+                    Ok(Some(routed)) => held.insert(routed),
                     Ok(None) => continue,
                     Err(e) => return Poll::Ready(Err(e)),
-                }
-            }
-            let Some(held) = progress.held.as_mut() else {
-                continue;
+                },
             };
             // Room is taken in ascending instance order, all of an instance's at once: a
             // batch never holds room in one queue while it waits for another's that a
             // second batch holds while waiting for the first's.
             let mut retired = false;
-            while held.taken < held.order.len() {
-                let d = held.order[held.taken];
-                let (permits, n) = (&held.routed.dests[d].permits, held.per_dest[d]);
+            while taking.taken < taking.order.len() {
+                let d = taking.order[taking.taken];
+                let (permits, n) = (&taking.routed.dests[d].permits, taking.per_dest[d]);
                 let took = match cx.as_deref_mut() {
                     None => permits.acquire_many(n).is_ok(),
                     Some(cx) => match permits.poll_acquire_many(n, cx) {
@@ -719,25 +705,25 @@ impl<H: Handler> Shared<H> {
                     retired = true;
                     break;
                 }
-                held.taken += 1;
+                taking.taken += 1;
             }
             if retired {
                 // An instance retired meanwhile: give everything back and route again.
-                progress.held = None;
+                *held = None;
                 continue;
             }
-            let Some(mut held) = progress.held.take() else {
+            let Some(mut full) = held.take() else {
                 continue;
             };
             let submitted = self.submit_batch_locked(
                 items,
-                &batch.hashes,
-                batch.payloads,
-                &mut held.routed,
-                batch.timestamp,
+                &stamp.hashes,
+                payloads,
+                &mut full.routed,
+                stamp.timestamp,
             );
             // Its room is queued, or was given back.
-            held.taken = 0;
+            full.taken = 0;
             match submitted {
                 Ok(Some(pendings)) => return Poll::Ready(Ok(pendings)),
                 Ok(None) => continue,
@@ -746,11 +732,12 @@ impl<H: Handler> Shared<H> {
         }
     }
 
-    /// Routes every key of `batch` (counting the loads). `None`: route again (a
+    /// Routes every key of a batch (counting the loads). `None`: route again (a
     /// membership change was under way, and is over).
     fn route_batch<K: AsRef<[u8]>>(
         &self,
-        batch: &BatchItems<'_, K>,
+        items: &[(K, Range<usize>)],
+        stamp: &Stamp,
         unroutable_at: &mut Option<crate::router::Epoch>,
     ) -> Result<Option<Held<H>>> {
         // `dests` holds each instance once; `dest_of[i]` is item i's.
@@ -759,11 +746,11 @@ impl<H: Handler> Shared<H> {
             let mut routed = Routed {
                 epoch: routing.placement.epoch(),
                 dests: Vec::new(),
-                dest_of: Vec::with_capacity(batch.items.len()),
+                dest_of: Vec::with_capacity(items.len()),
             };
             let mut complete = true;
-            for ((key, _), &hash) in batch.items.iter().zip(&batch.hashes) {
-                let id = routing.placement.route(key.as_ref(), hash, batch.timestamp);
+            for ((key, _), &hash) in items.iter().zip(&stamp.hashes) {
+                let id = routing.placement.route(key.as_ref(), hash, stamp.timestamp);
                 let Some(inst) = id.and_then(|id| routing.instances.get(&id)) else {
                     complete = false;
                     break;

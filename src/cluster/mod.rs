@@ -333,12 +333,7 @@ impl<H: Handler> Client<H> {
         &self,
         requests: impl IntoIterator<Item = (K, H::Request)>,
     ) -> Result<Vec<Pending<H::Response>>> {
-        // Every payload encoded into one buffer this thread reuses.
-        let mut payloads = fold::Scratch::empty();
-        let items = requests
-            .into_iter()
-            .map(|(k, r)| Ok((k, payloads.push_request(&r)?)))
-            .collect::<Result<Vec<_>>>()?;
+        let (items, payloads) = encode_batch(requests)?;
         self.shared.submit_batch(&items, payloads.as_slice())
     }
 
@@ -389,16 +384,17 @@ impl<H: Handler> Client<H> {
         &self,
         requests: impl IntoIterator<Item = (K, H::Request)>,
     ) -> SubmitBatch<'_, H> {
-        let mut payloads = fold::Scratch::empty();
-        let items = requests
-            .into_iter()
-            .map(|(k, r)| Ok((k.as_ref().to_vec(), payloads.push_request(&r)?)))
-            .collect::<Result<Vec<_>>>();
+        let owned = requests.into_iter().map(|(k, r)| (k.as_ref().to_vec(), r));
+        let (items, payloads, failed) = match encode_batch(owned) {
+            Ok((items, payloads)) => (items, payloads, None),
+            Err(e) => (Vec::new(), fold::Scratch::empty(), Some(e)),
+        };
         SubmitBatch {
             shared: &self.shared,
-            batch: items.map(|items| (items, payloads)),
+            items,
+            payloads,
+            failed,
             progress: BatchProgress::default(),
-            timestamp: None,
             done: false,
         }
     }
@@ -448,8 +444,20 @@ impl<H: Handler> Future for Submit<'_, H> {
     }
 }
 
-/// A key, and where its encoded request lies in a batch's payload buffer.
-type KeyedPayload = (Vec<u8>, std::ops::Range<usize>);
+/// A batch's keys, each with where its encoded request lies in the buffer beside them.
+type EncodedBatch<K> = (Vec<(K, std::ops::Range<usize>)>, fold::Scratch);
+
+/// Encodes a batch's requests into one buffer this thread reuses.
+fn encode_batch<K, R: serde::Serialize>(
+    requests: impl IntoIterator<Item = (K, R)>,
+) -> Result<EncodedBatch<K>> {
+    let mut payloads = fold::Scratch::empty();
+    let items = requests
+        .into_iter()
+        .map(|(k, r)| Ok((k, payloads.push_request(&r)?)))
+        .collect::<Result<Vec<_>>>()?;
+    Ok((items, payloads))
+}
 
 /// A batch submit waiting for room without blocking: see
 /// [`Client::submit_batch_async`]. Resolves to the [`Pending`] responses, in the order
@@ -457,11 +465,12 @@ type KeyedPayload = (Vec<u8>, std::ops::Range<usize>);
 #[must_use = "a submit does nothing unless polled"]
 pub struct SubmitBatch<'a, H: Handler> {
     shared: &'a Shared<H>,
-    /// The keys and their encoded requests (or why they could not be encoded).
-    batch: Result<(Vec<KeyedPayload>, fold::Scratch)>,
+    /// The keys, and where each one's encoded request lies in `payloads`.
+    items: Vec<(Vec<u8>, std::ops::Range<usize>)>,
+    payloads: fold::Scratch,
+    /// Why the requests could not be encoded: the first poll's answer.
+    failed: Option<Error>,
     progress: BatchProgress<H>,
-    /// When it was first polled: the batch's timestamp, however often it is polled.
-    timestamp: Option<u64>,
     /// Resolved: polling again is [`Error::Closed`] and submits nothing.
     done: bool,
 }
@@ -474,25 +483,17 @@ impl<H: Handler> Future for SubmitBatch<'_, H> {
         if this.done {
             return Poll::Ready(Err(Error::Closed));
         }
-        let (items, payloads) = match &this.batch {
-            Ok(batch) => batch,
-            Err(_) => {
-                this.done = true;
-                let failed = std::mem::replace(&mut this.batch, Err(Error::Closed));
-                return Poll::Ready(failed.map(|_| Vec::new()));
-            }
-        };
-        let mut batch = core::BatchItems::new(items, payloads.as_slice());
-        match this.timestamp {
-            Some(at) => batch.set_timestamp(at),
-            None => this.timestamp = Some(batch.timestamp()),
-        }
-        let submitted = this
-            .shared
-            .poll_submit_batch(&batch, &mut this.progress, Some(cx));
-        if submitted.is_ready() {
+        if let Some(e) = this.failed.take() {
             this.done = true;
+            return Poll::Ready(Err(e));
         }
+        let submitted = this.shared.poll_submit_batch(
+            &this.items,
+            this.payloads.as_slice(),
+            &mut this.progress,
+            Some(cx),
+        );
+        this.done = submitted.is_ready();
         submitted
     }
 }
@@ -500,10 +501,7 @@ impl<H: Handler> Future for SubmitBatch<'_, H> {
 impl<H: Handler> std::fmt::Debug for SubmitBatch<'_, H> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("SubmitBatch")
-            .field(
-                "requests",
-                &self.batch.as_ref().map_or(0, |(items, _)| items.len()),
-            )
+            .field("requests", &self.items.len())
             .field("resolved", &self.done)
             .finish()
     }
