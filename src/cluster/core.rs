@@ -880,9 +880,9 @@ impl<H: Handler> Shared<H> {
         let mut pendings = Vec::with_capacity(items.len());
         let mut queues: Vec<Vec<Message<H::State, H::Response>>> =
             batch.dests.iter().map(|_| Vec::new()).collect();
-        for (i, (key, payload)) in items.iter().enumerate() {
-            let offset = range.start + i as Offset;
-            let (pending, responder) = pending(offset);
+        let answers = crate::client::pendings(range.clone());
+        for ((i, (key, payload)), (pending, responder)) in items.iter().enumerate().zip(answers) {
+            let offset = pending.offset();
             if !self.options.linger.is_zero() {
                 pending.set_answerer(batch.dest(i).clone());
             }
