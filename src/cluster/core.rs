@@ -72,7 +72,9 @@ impl<H: Handler> Routed<H> {
 
     /// The index of `inst` in `dests`, adding it if new.
     fn index_of(&mut self, inst: &Arc<Inst<H>>) -> usize {
-        match self.dests.iter().position(|d| d.id == inst.id) {
+        // Ids are never reused, so an id names one instance: comparing pointers does not
+        // read each instance's memory.
+        match self.dests.iter().position(|d| Arc::ptr_eq(d, inst)) {
             Some(at) => at,
             None => {
                 self.dests.push(inst.clone());
@@ -878,8 +880,10 @@ impl<H: Handler> Shared<H> {
             }
         }
         let mut pendings = Vec::with_capacity(items.len());
+        let mut counts = vec![0usize; batch.dests.len()];
+        batch.dest_of.iter().for_each(|&d| counts[d] += 1);
         let mut queues: Vec<Vec<Message<H::State, H::Response>>> =
-            batch.dests.iter().map(|_| Vec::new()).collect();
+            counts.into_iter().map(Vec::with_capacity).collect();
         let answers = crate::client::pendings(range.clone());
         for ((i, (key, payload)), (pending, responder)) in items.iter().enumerate().zip(answers) {
             let offset = pending.offset();
