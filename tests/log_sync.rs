@@ -273,3 +273,33 @@ fn retention_and_compaction_release_the_files_they_delete_under_never() {
     assert!(kept >= 20, "compaction keeps the latest record of each key");
     assert_eq!(deleted_but_open(tmp.path()), 0);
 }
+
+#[test]
+fn every_policy_writes_full_buffers_in_the_background_and_appenders_never_wait_forever() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    // No sync falls due during the test: only full buffers are written.
+    let options = every(u64::MAX, 3_600_000).write_buffer_bytes(4096);
+    let log = LogStore::open(tmp.path(), options.clone()).expect("open");
+    let payload = [7u8; 100];
+    // Four appenders write 200 times the buffer's size, far past the bound on what may
+    // wait in memory for the background writer.
+    std::thread::scope(|s| {
+        for t in 0..4u8 {
+            let log = &log;
+            s.spawn(move || {
+                for i in 0..2_000u32 {
+                    let key = [t, (i >> 8) as u8, i as u8];
+                    log.append(&[Entry::new(&key, &payload)]).expect("append");
+                }
+            });
+        }
+    });
+    let stats = log.stats();
+    assert!(stats.writes > 0, "full buffers were written");
+    assert_eq!(stats.syncs, 0, "and nothing was synced");
+    let read = log.read_from(0).expect("read").count();
+    assert_eq!(read, 8_000);
+    drop(log);
+    let log = LogStore::open(tmp.path(), options).expect("reopen");
+    assert_eq!(log.read_from(0).expect("read").count(), 8_000);
+}

@@ -177,10 +177,38 @@ impl Shared {
                         self.lead(&mut st, true)?;
                     }
                 }
-                self.maybe_write(&mut st)?;
+                self.hand_over_write(&mut st)?;
             }
         }
         Ok(first..end)
+    }
+
+    /// Under `Every`, a full buffer is the background thread's to write: an appender
+    /// that wrote it itself stalled for the write (a submit to the cluster waited behind
+    /// a 512 KiB `pwrite`, milliseconds long when the kernel throttles writeback), and
+    /// with it every request queued behind that submit. Appenders go on filling the
+    /// buffer meanwhile, up to the same bound as while a write is in flight. Once the
+    /// background thread is stopped, appenders write as under `Never`.
+    fn hand_over_write(&self, st: &mut MutexGuard<'_, WriterState>) -> Result<()> {
+        let limit = self.options.write_buffer_bytes;
+        if st.buf.len() < limit {
+            return Ok(());
+        }
+        if self.shutdown.load(Ordering::Acquire) {
+            return self.maybe_write(st);
+        }
+        if !st.flushing {
+            self.flusher_wake.notify_one();
+        }
+        while st.buf.len() >= limit * MAX_BUFFERED_FACTOR && !self.shutdown.load(Ordering::Acquire)
+        {
+            if st.poisoned.is_some() {
+                return Ok(());
+            }
+            self.flusher_wake.notify_one();
+            self.flushed.wait(st);
+        }
+        Ok(())
     }
 
     /// Writes the buffer once it is full (`Never` and `Every`).
@@ -508,6 +536,14 @@ impl Shared {
     pub(crate) fn flusher_loop(&self, interval: Duration) {
         let mut st = self.writer.lock();
         while !self.shutdown.load(Ordering::Acquire) {
+            if st.buf.len() >= self.options.write_buffer_bytes && !st.flushing {
+                // Appenders handed a full buffer over (see `hand_over_write`).
+                if let Err(e) = self.lead(&mut st, false) {
+                    tracing::error!("background write failed: {e}");
+                    return;
+                }
+                continue;
+            }
             match st.unsynced_since {
                 None => self.flusher_wake.wait(&mut st),
                 Some(since) => {
@@ -535,5 +571,7 @@ impl Shared {
         let _st = self.writer.lock();
         self.shutdown.store(true, Ordering::Release);
         self.flusher_wake.notify_all();
+        // Appenders waiting for it to write a full buffer write it themselves.
+        self.flushed.notify_all();
     }
 }
