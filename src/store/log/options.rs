@@ -113,7 +113,8 @@ impl LogOptions {
 
     /// With [`SyncPolicy::Never`] and [`SyncPolicy::Every`], appends are gathered in
     /// memory up to this many bytes before one `write` (default 512 KiB). Readers see
-    /// buffered records at once.
+    /// buffered records at once. Under `Every` the background thread does the write, so
+    /// an append never waits for it unless eight buffers' worth is waiting.
     pub fn write_buffer_bytes(mut self, bytes: usize) -> Self {
         self.write_buffer_bytes = bytes;
         self

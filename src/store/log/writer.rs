@@ -3,8 +3,9 @@
 //!
 //! Appenders encode their batch into `WriterState::buf` under a short lock and take
 //! offsets. Whoever must write (the `Always` appender that completes a group, or the
-//! first one of a group that did not fill in time; a `Never`/`Every` appender that
-//! filled the buffer; the flusher thread) becomes the leader if nobody is writing: it
+//! first one of a group that did not fill in time; a `Never` appender that filled the
+//! buffer; the flusher thread, for a sync that is due or a buffer an `Every` appender
+//! filled) becomes the leader if nobody is writing: it
 //! takes the whole buffer, writes it (and fdatasyncs it) outside the lock while others
 //! append into the next buffer, then wakes everyone whose records it covered with one
 //! call. One write and one fdatasync serve every appender that came in meanwhile.
