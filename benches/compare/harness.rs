@@ -93,6 +93,12 @@ impl Bench {
         self.quick
     }
 
+    /// Rounds of A B after the warm-up (`--rounds`; 7, or 5 with `--quick`), for
+    /// comparisons that alternate their contenders themselves.
+    pub fn rounds(&self) -> usize {
+        self.rounds
+    }
+
     /// Picks the full or the quick size.
     pub fn size(&self, full: usize, quick: usize) -> usize {
         if self.quick { quick } else { full }
