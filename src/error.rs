@@ -235,6 +235,17 @@ pub enum Error {
         reason: String,
     },
 
+    /// The record at an offset of a cluster's input log is not a request: it records a
+    /// membership change or a request set aside after its handler panicked, so there is
+    /// no request there to re-run or handle.
+    #[error("the record at offset {offset} is not a request: it records {what}")]
+    NotARequest {
+        /// The record's offset in the input log.
+        offset: Offset,
+        /// What the record is instead.
+        what: &'static str,
+    },
+
     /// A thread the library needed could not be started.
     #[error("could not start thread {name:?}: {source}")]
     Spawn {

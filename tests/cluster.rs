@@ -562,6 +562,22 @@ fn replay_rebuilds_any_past_state_and_reruns_requests_without_calling_out() {
             Err(e) => panic!("rerun of {offset}: {e}"),
         }
     }
+    // The other records are the membership's and the panicked request's mark: a typed
+    // refusal names the offset and what is there.
+    let marks: Vec<u64> = (input.start_offset()..input.next_offset())
+        .filter(|o| !requests.contains_key(o))
+        .collect();
+    assert!(marks.len() >= 4, "3 joins and a poison mark: {marks:?}");
+    for &o in &marks {
+        match replay.rerun(o) {
+            Err(Error::NotARequest { offset, what }) => {
+                assert_eq!(offset, o);
+                assert!(what.starts_with("an instance") || what.contains("panicked"));
+            }
+            Err(e) => panic!("rerun of the mark at {o}: {e}"),
+            Ok(_) => panic!("rerun of the mark at {o} ran a request"),
+        }
+    }
     assert_eq!(
         counter.load(Ordering::SeqCst),
         0,

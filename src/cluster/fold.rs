@@ -51,6 +51,18 @@ pub(crate) enum Control {
     Poison { offset: Offset },
 }
 
+impl Control {
+    /// What the record says, for an error about it.
+    pub(crate) fn describe(&self) -> &'static str {
+        match self {
+            Control::Join { .. } => "an instance joining",
+            Control::Leave { .. } => "an instance leaving",
+            Control::Stalled { .. } => "an instance declared stalled",
+            Control::Poison { .. } => "a request set aside after its handler panicked",
+        }
+    }
+}
+
 /// A decoded input-log record.
 pub(crate) enum Envelope<'a> {
     Request(&'a [u8]),

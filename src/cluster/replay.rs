@@ -152,14 +152,19 @@ impl<H: Handler> Replay<H> {
             .unwrap_or_default())
     }
 
-    /// Re-runs the request at `offset` on the state its key had before it.
+    /// Re-runs the request at `offset` on the state its key had before it. An offset
+    /// that holds a membership record, or the mark of a request whose handler panicked,
+    /// is [`Error::NotARequest`].
     pub fn rerun(&self, offset: Offset) -> Result<Rerun<H>> {
         let record = self.record_at(offset)?;
-        let Envelope::Request(body) = fold::envelope(&record)? else {
-            return Err(Error::Codec {
-                context: "replay",
-                message: format!("the record at offset {offset} is not a request"),
-            });
+        let body = match fold::envelope(&record)? {
+            Envelope::Request(body) => body,
+            Envelope::Control(control) => {
+                return Err(Error::NotARequest {
+                    offset,
+                    what: control.describe(),
+                });
+            }
         };
         let request: H::Request = fold::CODEC.decode(body)?;
         let before = self.state_before(&record.key, offset)?;
