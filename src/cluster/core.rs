@@ -152,6 +152,10 @@ pub(crate) struct Shared<H: Handler> {
     effects_store: Option<Arc<dyn Store>>,
     pub(crate) options: Options,
     routing: Mutex<Routing<H::State, H::Response>>,
+    /// The placement's epoch, published by every change of it (see
+    /// [`Shared::change_placement`]): read under a stripe lock, it is current, since a
+    /// change holds every stripe.
+    placement_epoch: AtomicU64,
     /// The stripe locks, each guarding the holders of its keys. Cache-line padded: two
     /// submitters on different stripes must not share a line.
     stripes: Box<[CachePadded<Mutex<Holders>>]>,
@@ -296,6 +300,7 @@ impl<H: Handler> Shared<H> {
             limits.entry(owner).or_default().insert(key.clone(), end);
         }
         let next_id = instances.iter().max().map_or(0, |m| m + 1);
+        let placement_epoch = AtomicU64::new(routing.placement.epoch());
         let shared = Arc::new_cyclic(|me| Shared {
             handler: Arc::new(handler),
             input,
@@ -303,6 +308,7 @@ impl<H: Handler> Shared<H> {
             effects_store: effects,
             options,
             routing: Mutex::new(routing),
+            placement_epoch,
             stripes: stripes.into_boxed_slice(),
             retiring: Mutex::new(Vec::new()),
             checkpoint_offset: AtomicU64::new(checkpoint.offset),
@@ -359,6 +365,20 @@ impl<H: Handler> Shared<H> {
     /// Holds every stripe: no request is between its append and its queue.
     fn exclusive(&self) -> Vec<MutexGuard<'_, Holders>> {
         self.stripes.iter().map(|s| s.lock()).collect()
+    }
+
+    /// Changes the placement (adds or removes an instance) and publishes its epoch. The
+    /// caller holds every stripe (`_all`, from [`exclusive`](Self::exclusive)).
+    fn change_placement(
+        &self,
+        _all: &[MutexGuard<'_, Holders>],
+        change: impl FnOnce(&mut dyn placement::Placement) -> Result<()>,
+    ) -> Result<()> {
+        let mut routing = self.routing.lock();
+        let changed = change(&mut *routing.placement);
+        self.placement_epoch
+            .store(routing.placement.epoch(), Ordering::Release);
+        changed
     }
 
     fn start_instance(&self, id: InstanceId, weight: u32, start: Start) -> Result<Arc<Inst<H>>> {
@@ -823,26 +843,25 @@ impl<H: Handler> Shared<H> {
             give_back(batch);
             return Err(Error::Closed);
         }
-        {
-            // Membership may have changed before the stripes were ours; if it did not,
-            // every placement made above still holds.
+        // Membership may have changed before the stripes were ours; if it did not, every
+        // placement made above still holds. A change holds every stripe, so under ours
+        // the published epoch is current, and the routing lock is needed only if it moved.
+        if self.placement_epoch.load(Ordering::Acquire) != batch.epoch {
             let routing = self.routing.lock();
-            if routing.placement.epoch() != batch.epoch {
-                for (i, (key, _)) in items.iter().enumerate() {
-                    let now = routing.placement.placement(key.as_ref());
-                    match now.and_then(|id| routing.instances.get(&id)) {
-                        Some(inst) if inst.id == batch.dest(i).id => {}
-                        Some(inst) => {
-                            batch.dest(i).permits.release();
-                            inst.permits.force();
-                            batch.dest_of[i] = batch.index_of(inst);
-                        }
-                        None => {
-                            drop(routing);
-                            drop(guards);
-                            give_back(batch);
-                            return Ok(None);
-                        }
+            for (i, (key, _)) in items.iter().enumerate() {
+                let now = routing.placement.placement(key.as_ref());
+                match now.and_then(|id| routing.instances.get(&id)) {
+                    Some(inst) if inst.id == batch.dest(i).id => {}
+                    Some(inst) => {
+                        batch.dest(i).permits.release();
+                        inst.permits.force();
+                        batch.dest_of[i] = batch.index_of(inst);
+                    }
+                    None => {
+                        drop(routing);
+                        drop(guards);
+                        give_back(batch);
+                        return Ok(None);
                     }
                 }
             }
@@ -974,7 +993,7 @@ impl<H: Handler> Shared<H> {
         let mut all = self.exclusive();
         let id = InstanceId(self.next_id.fetch_add(1, Ordering::SeqCst));
         self.start_instance(id, weight, Start::Empty)?;
-        self.routing.lock().placement.add(id, weight)?;
+        self.change_placement(&all, |p| p.add(id, weight))?;
         self.journal(&Control::Join { id: id.0, weight })?;
         self.rebalance_and_move(&mut all, Relays::default())?;
         Ok(id)
@@ -1005,7 +1024,7 @@ impl<H: Handler> Shared<H> {
             self.retiring_changed(&retiring);
         }
         inst.permits.retire();
-        self.routing.lock().placement.remove(id)?;
+        self.change_placement(&all, |p| p.remove(id))?;
         self.journal(&Control::Leave { id: id.0 })?;
         self.rebalance_and_move(&mut all, Relays::default())?;
         inst.send(Message::Stop);
@@ -1045,13 +1064,10 @@ impl<H: Handler> Shared<H> {
         self.stalls.fetch_add(1, Ordering::Relaxed);
         let replacement = InstanceId(self.next_id.fetch_add(1, Ordering::SeqCst));
         let result = (|| -> Result<()> {
-            self.routing.lock().placement.remove(id)?;
+            self.change_placement(&all, |p| p.remove(id))?;
             self.journal(&Control::Stalled { id: id.0 })?;
             self.start_instance(replacement, inst.weight, Start::Empty)?;
-            self.routing
-                .lock()
-                .placement
-                .add(replacement, inst.weight)?;
+            self.change_placement(&all, |p| p.add(replacement, inst.weight))?;
             self.journal(&Control::Join {
                 id: replacement.0,
                 weight: inst.weight,
