@@ -833,10 +833,14 @@ impl<H: Handler> Shared<H> {
             (0..items.len()).for_each(|i| batch.dest(i).permits.release());
         };
         // Every stripe the batch touches, locked in ascending order.
-        let stripe_of_item: Vec<usize> = hashes.iter().map(|&h| stripe_of_hash(h)).collect();
-        let mut order = stripe_of_item.clone();
+        let mut order: Vec<usize> = hashes.iter().map(|&h| stripe_of_hash(h)).collect();
         order.sort_unstable();
         order.dedup();
+        let shard_of = |i: usize| {
+            order
+                .binary_search(&stripe_of_hash(hashes[i]))
+                .unwrap_or_default()
+        };
         let mut guards: Vec<MutexGuard<'_, Holders>> =
             order.iter().map(|&i| self.stripes[i].lock()).collect();
         if !self.accepting.load(Ordering::SeqCst) {
@@ -869,10 +873,12 @@ impl<H: Handler> Shared<H> {
         // Each item's holder before it: to know what moves, and to undo.
         let mut previous = Vec::with_capacity(items.len());
         for (i, (key, _)) in items.iter().enumerate() {
-            let key = key.as_ref();
-            let shard = order.binary_search(&stripe_of_item[i]).unwrap_or_default();
             let dest = batch.dest(i).id;
-            previous.push(placement::hold(&mut guards[shard], key, dest));
+            previous.push(placement::hold(
+                &mut guards[shard_of(i)],
+                key.as_ref(),
+                dest,
+            ));
         }
         let entries: Vec<Entry<'_>> = items
             .iter()
@@ -883,9 +889,7 @@ impl<H: Handler> Shared<H> {
             Err(e) => {
                 // Undo the holder changes, newest first, and give the room back.
                 for (i, (key, _)) in items.iter().enumerate().rev() {
-                    let key = key.as_ref();
-                    let shard = order.binary_search(&stripe_of_item[i]).unwrap_or_default();
-                    placement::unhold(&mut guards[shard], key, previous[i]);
+                    placement::unhold(&mut guards[shard_of(i)], key.as_ref(), previous[i]);
                 }
                 give_back(batch);
                 return Err(e);
@@ -899,30 +903,36 @@ impl<H: Handler> Shared<H> {
             }
         }
         let mut pendings = Vec::with_capacity(items.len());
-        let mut counts = vec![0usize; batch.dests.len()];
-        batch.dest_of.iter().for_each(|&d| counts[d] += 1);
-        let mut queues: Vec<Vec<Message<H::State, H::Response>>> =
-            counts.into_iter().map(Vec::with_capacity).collect();
-        let answers = crate::client::pendings(range.clone());
+        let mut messages = Vec::with_capacity(items.len());
+        let answers = crate::client::pendings(range);
         for ((i, (key, payload)), (pending, responder)) in items.iter().enumerate().zip(answers) {
             let offset = pending.offset();
             if !self.options.linger.is_zero() {
                 pending.set_answerer(batch.dest(i).clone());
             }
             pendings.push(pending);
-            queues[batch.dest_of[i]].push(Message::Request(Queued {
+            messages.push(Some(Message::Request(Queued {
                 offset,
                 timestamp,
                 key: QueuedBytes::copy_from(key.as_ref()),
                 payload: QueuedBytes::copy_from(&payloads[payload.clone()]),
                 submitted: (offset % LATENCY_SAMPLE == 0).then(Instant::now),
                 responder: Some(responder),
-            }));
+            })));
         }
-        for (inst, messages) in batch.dests.iter().zip(queues) {
-            if !messages.is_empty() {
-                inst.send_requests(messages);
+        // Each instance's requests are moved into its queue in log order, from the one
+        // vector of the batch's messages: a vector per instance, allocated for each
+        // batch, cost batches of 2 about 9% of their rate. A re-placement can leave an
+        // instance none.
+        for (d, inst) in batch.dests.iter().enumerate() {
+            if !batch.dest_of.contains(&d) {
+                continue;
             }
+            let mine = messages.iter_mut().zip(&batch.dest_of);
+            inst.send_requests(
+                mine.filter(|&(_, &to)| to == d)
+                    .filter_map(|(m, _)| m.take()),
+            );
         }
         Ok(Some(pendings))
     }
