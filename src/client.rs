@@ -225,8 +225,8 @@ impl<T> Pending<T> {
 
     /// True when the response has arrived (waiting will not block).
     pub fn is_ready(&self) -> bool {
-        let state = self.slot.state.lock();
-        state.value.is_some() || state.taken
+        // Set under the lock with the value, and never cleared: no lock to read it.
+        self.slot.answered.load(Ordering::Acquire)
     }
 
     /// Blocks until the response arrives.
