@@ -312,6 +312,11 @@ impl<H: Handler> Client<H> {
     /// fit: it is refused with [`Error::BatchTooLarge`] and nothing is logged. A batch of
     /// at most [`queue_capacity`](ClusterBuilder::queue_capacity) requests always fits.
     ///
+    /// Batching pays from a few requests up. Two threads keeping 256 requests in flight
+    /// each, on 2 cores with 4 instances, handled 1.16 times as many requests per second
+    /// in batches of 4 as one at a time, 1.4 times in batches of 16 and 1.7 times in
+    /// batches of 64 (batches of 2: 0.9 times).
+    ///
     /// ```
     /// # use cauce::cluster::{Cluster, Context, Handler};
     /// # struct Counter;
