@@ -1739,3 +1739,52 @@ fn submit_batch_async_holds_the_room_it_took_and_gives_it_back_when_dropped() {
     sendable(&batch());
     cluster.shutdown().unwrap();
 }
+
+#[test]
+fn a_batch_of_one_waits_for_room_and_is_logged_like_any_batch() {
+    // A batch of one goes through the single-request path: the same promises hold.
+    let cluster = Cluster::builder(Service::default())
+        .in_memory()
+        .instances(1)
+        .queue_capacity(2)
+        .build()
+        .unwrap();
+    let client = cluster.client();
+    let slow = client.submit("s", Req::Stall(300)).unwrap();
+    let queued = client.submit("q", Req::Add(1)).unwrap();
+    // The queue (2) is full: the slow request and the one behind it.
+    let woken = Arc::new(Woken(Default::default()));
+    let next = client.metrics().next_offset;
+    let mut waiting = client.submit_batch_async([("one", Req::Add(5))]);
+    assert!(poll_once(&mut waiting, &woken).is_pending());
+    drop(waiting);
+    assert_eq!(
+        client.metrics().next_offset,
+        next,
+        "the dropped batch logged nothing"
+    );
+    let mut waiting = client.submit_batch_async([("one", Req::Add(5))]);
+    let seen = woken.0.load(Ordering::SeqCst);
+    assert!(poll_once(&mut waiting, &woken).is_pending());
+    await_wake(&woken, seen);
+    let pendings = poll_until_ready(&mut waiting, &woken).unwrap();
+    assert_eq!(pendings.len(), 1);
+    assert_eq!(
+        pendings[0].offset(),
+        next,
+        "logged once, when it was let in"
+    );
+    let blocking = client.submit_batch([("one", Req::Add(2))]).unwrap();
+    assert_eq!(blocking.len(), 1);
+    assert_eq!(blocking[0].offset(), next + 1);
+    let answers: Vec<Resp> = pendings
+        .into_iter()
+        .chain(blocking)
+        .map(|p| p.wait().unwrap())
+        .collect();
+    assert_eq!(answers, [Resp::Sum(5), Resp::Sum(7)]);
+    for p in [slow, queued] {
+        p.wait().unwrap();
+    }
+    cluster.shutdown().unwrap();
+}

@@ -102,6 +102,9 @@ pub(crate) struct BatchProgress<H: Handler> {
     /// instance.
     unroutable_at: Option<crate::router::Epoch>,
     held: Option<Held<H>>,
+    /// For a batch of one, submitted as a single request: whether it was routed (see
+    /// [`Room::Poll`]).
+    routed_one: bool,
 }
 
 impl<H: Handler> Default for BatchProgress<H> {
@@ -110,6 +113,7 @@ impl<H: Handler> Default for BatchProgress<H> {
             stamp: None,
             unroutable_at: None,
             held: None,
+            routed_one: false,
         }
     }
 }
@@ -691,7 +695,21 @@ impl<H: Handler> Shared<H> {
             stamp,
             unroutable_at,
             held,
+            routed_one,
         } = progress;
+        if let [(key, payload)] = items {
+            // A batch of one is a single request, and the single path is cheaper: it
+            // routes under the key's stripe and allocates no batch bookkeeping (a batch
+            // of one ran at 0.73 times the rate of `submit`).
+            let mut room = match cx {
+                None => Room::Wait,
+                Some(cx) => Room::Poll(cx, routed_one),
+            };
+            let payload = &payloads[payload.clone()];
+            return self
+                .submit_payload(key.as_ref(), payload, &mut room)
+                .map(|submitted| submitted.map(|pending| vec![pending]));
+        }
         let stamp = stamp.get_or_insert_with(|| Stamp {
             hashes: items.iter().map(|(k, _)| key_hash(k.as_ref())).collect(),
             timestamp: now(),
