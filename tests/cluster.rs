@@ -1788,3 +1788,55 @@ fn a_batch_of_one_waits_for_room_and_is_logged_like_any_batch() {
     }
     cluster.shutdown().unwrap();
 }
+
+#[test]
+fn batches_over_many_instances_fold_in_log_order() {
+    // More instances than a batch scans one by one: each instance's requests are grouped
+    // first, and must still reach it in log order.
+    let h = Harness::new();
+    let cluster = Arc::new(h.cluster(12).build().unwrap());
+    let loaders: Vec<_> = (0..2u64)
+        .map(|t| {
+            let client = cluster.client();
+            thread::spawn(move || {
+                let mut answers = Vec::new();
+                for round in 0..30u64 {
+                    let n = (round * 11 + t) % 64 + 1;
+                    let batch: Vec<_> = (0..n)
+                        .map(|i| (key((i * 7 + round + t) % 40), Req::Add(i + round)))
+                        .collect();
+                    for p in client.submit_batch(batch).unwrap() {
+                        let offset = p.offset();
+                        answers.push((offset, p.wait_timeout(Duration::from_secs(30))));
+                    }
+                }
+                answers
+            })
+        })
+        .collect();
+    let added = cluster.add_instance(1).unwrap();
+    thread::sleep(Duration::from_millis(5));
+    cluster.remove_instance(added).unwrap();
+    let mut answers = HashMap::new();
+    for l in loaders {
+        for (offset, a) in l.join().unwrap() {
+            assert!(
+                answers.insert(offset, a).is_none(),
+                "offset {offset} answered twice"
+            );
+        }
+    }
+    assert!(answers.values().all(|a| a.is_ok()));
+    let busy = cluster
+        .metrics()
+        .instances
+        .iter()
+        .filter(|i| i.requests > 0)
+        .count();
+    assert!(busy > 8, "the batches reached {busy} instances");
+    h.check(&answers, &cluster);
+    match Arc::try_unwrap(cluster) {
+        Ok(c) => c.shutdown().unwrap(),
+        Err(_) => panic!("cluster still shared"),
+    }
+}

@@ -44,6 +44,11 @@ use crate::store::Store;
 const STRIPES: usize = 256;
 /// One request in this many has its latency measured for the metrics.
 const LATENCY_SAMPLE: u64 = 8;
+/// A batch over at most this many instances queues each one's requests with a pass over
+/// the whole batch; over more, it groups them by instance first, so that a large batch
+/// over many instances costs no pass per instance. (Grouping by sorting the batch's
+/// indices cost batches of 64 over 4 instances 7%: 3.21M -> 2.98M req/s.)
+const SCAN_PER_INSTANCE_UP_TO: usize = 8;
 
 /// Tunables, set through the builder.
 #[derive(Clone, Debug)]
@@ -940,17 +945,43 @@ impl<H: Handler> Shared<H> {
         }
         // Each instance's requests are moved into its queue in log order, from the one
         // vector of the batch's messages: a vector per instance, allocated for each
-        // batch, cost batches of 2 about 9% of their rate. A re-placement can leave an
-        // instance none.
-        for (d, inst) in batch.dests.iter().enumerate() {
-            if !batch.dest_of.contains(&d) {
-                continue;
+        // batch, cost batches of 2 about 9% of their rate.
+        if batch.dests.len() <= SCAN_PER_INSTANCE_UP_TO {
+            // A pass over the batch per instance. (A re-placement can leave an instance
+            // none.)
+            for (d, inst) in batch.dests.iter().enumerate() {
+                if !batch.dest_of.contains(&d) {
+                    continue;
+                }
+                let mine = messages.iter_mut().zip(&batch.dest_of);
+                inst.send_requests(
+                    mine.filter(|&(_, &to)| to == d)
+                        .filter_map(|(m, _)| m.take()),
+                );
             }
-            let mine = messages.iter_mut().zip(&batch.dest_of);
-            inst.send_requests(
-                mine.filter(|&(_, &to)| to == d)
-                    .filter_map(|(m, _)| m.take()),
-            );
+        } else {
+            // Items grouped by instance in one pass (a counting sort, which keeps each
+            // instance's items in log order): `ends[d]` ends instance d's run.
+            let mut ends = vec![0usize; batch.dests.len()];
+            batch.dest_of.iter().for_each(|&d| ends[d] += 1);
+            let mut at = 0;
+            for end in &mut ends {
+                at += *end;
+                *end = at - *end;
+            }
+            let mut grouped = vec![0usize; items.len()];
+            for (i, &d) in batch.dest_of.iter().enumerate() {
+                grouped[ends[d]] = i;
+                ends[d] += 1;
+            }
+            let mut start = 0;
+            for (inst, &end) in batch.dests.iter().zip(&ends) {
+                if start < end {
+                    let run = &grouped[start..end];
+                    inst.send_requests(run.iter().filter_map(|&i| messages[i].take()));
+                }
+                start = end;
+            }
         }
         Ok(Some(pendings))
     }
