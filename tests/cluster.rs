@@ -587,22 +587,21 @@ fn replay_rebuilds_any_past_state_and_reruns_requests_without_calling_out() {
     assert_eq!(history.len(), 150 / 4 + 1);
 }
 
-#[test]
-fn batches_fold_in_log_order_while_instances_come_and_go() {
-    let h = Harness::new();
-    let cluster = Arc::new(h.cluster(2).checkpoint_every(200).build().unwrap());
-    let loaders: Vec<_> = (0..3u64)
+/// Threads submitting `rounds` batches each (`batch(thread, round)`), keeping every
+/// answer with its offset.
+fn load_in_batches(
+    cluster: &Arc<Cluster<Service>>,
+    threads: u64,
+    rounds: u64,
+    batch: fn(u64, u64) -> Vec<(String, Req)>,
+) -> Vec<thread::JoinHandle<Vec<(u64, cauce::Result<Resp>)>>> {
+    (0..threads)
         .map(|t| {
             let client = cluster.client();
             thread::spawn(move || {
                 let mut answers = Vec::new();
-                for round in 0..40u64 {
-                    // Batches of 1 to 24 requests, keys repeating inside a batch.
-                    let n = (round * 7 + t) % 24 + 1;
-                    let batch: Vec<_> = (0..n)
-                        .map(|i| (key((i * 5 + round + t) % 9), Req::Add(i + round)))
-                        .collect();
-                    for p in client.submit_batch(batch).unwrap() {
+                for round in 0..rounds {
+                    for p in client.submit_batch(batch(t, round)).unwrap() {
                         let offset = p.offset();
                         answers.push((offset, p.wait_timeout(Duration::from_secs(30))));
                     }
@@ -610,12 +609,13 @@ fn batches_fold_in_log_order_while_instances_come_and_go() {
                 answers
             })
         })
-        .collect();
-    let added = cluster.add_instance(1).unwrap();
-    thread::sleep(Duration::from_millis(5));
-    cluster.add_instance(2).unwrap();
-    thread::sleep(Duration::from_millis(5));
-    cluster.remove_instance(added).unwrap();
+        .collect()
+}
+
+/// The loaders' answers by offset, each answered once and without an error.
+fn gather(
+    loaders: Vec<thread::JoinHandle<Vec<(u64, cauce::Result<Resp>)>>>,
+) -> HashMap<u64, cauce::Result<Resp>> {
     let mut answers = HashMap::new();
     for l in loaders {
         for (offset, a) in l.join().unwrap() {
@@ -626,6 +626,26 @@ fn batches_fold_in_log_order_while_instances_come_and_go() {
         }
     }
     assert!(answers.values().all(|a| a.is_ok()));
+    answers
+}
+
+#[test]
+fn batches_fold_in_log_order_while_instances_come_and_go() {
+    let h = Harness::new();
+    let cluster = Arc::new(h.cluster(2).checkpoint_every(200).build().unwrap());
+    // Batches of 1 to 24 requests, keys repeating inside a batch.
+    let loaders = load_in_batches(&cluster, 3, 40, |t, round| {
+        let n = (round * 7 + t) % 24 + 1;
+        (0..n)
+            .map(|i| (key((i * 5 + round + t) % 9), Req::Add(i + round)))
+            .collect()
+    });
+    let added = cluster.add_instance(1).unwrap();
+    thread::sleep(Duration::from_millis(5));
+    cluster.add_instance(2).unwrap();
+    thread::sleep(Duration::from_millis(5));
+    cluster.remove_instance(added).unwrap();
+    let answers = gather(loaders);
     h.check(&answers, &cluster);
     assert!(matches!(
         cluster.client().submit_batch(Vec::<(&str, Req)>::new()),
@@ -1579,14 +1599,17 @@ fn poll_until_ready<F: std::future::Future + Unpin>(
     }
 }
 
-#[test]
-fn submit_async_waits_for_room_without_blocking_and_is_woken_when_there_is_some() {
-    let cluster = Cluster::builder(Service::default())
+/// One instance with room for 2 requests, in memory.
+fn one_instance_with_room_for_two() -> ClusterBuilder<Service> {
+    Cluster::builder(Service::default())
         .in_memory()
         .instances(1)
         .queue_capacity(2)
-        .build()
-        .unwrap();
+}
+
+#[test]
+fn submit_async_waits_for_room_without_blocking_and_is_woken_when_there_is_some() {
+    let cluster = one_instance_with_room_for_two().build().unwrap();
     let client = cluster.client();
     // The instance sleeps in the first request; the second fills the queue.
     let slow = client.submit("k", Req::Stall(300)).unwrap();
@@ -1621,10 +1644,7 @@ fn submit_async_waits_for_room_without_blocking_and_is_woken_when_there_is_some(
 
 #[test]
 fn submit_async_waiting_on_a_stalled_instance_goes_to_its_replacement() {
-    let cluster = Cluster::builder(Service::default())
-        .in_memory()
-        .instances(1)
-        .queue_capacity(2)
+    let cluster = one_instance_with_room_for_two()
         .stall_timeout(Duration::from_millis(100))
         .supervise_every(Duration::from_millis(5))
         .build()
@@ -1743,12 +1763,7 @@ fn submit_batch_async_holds_the_room_it_took_and_gives_it_back_when_dropped() {
 #[test]
 fn a_batch_of_one_waits_for_room_and_is_logged_like_any_batch() {
     // A batch of one goes through the single-request path: the same promises hold.
-    let cluster = Cluster::builder(Service::default())
-        .in_memory()
-        .instances(1)
-        .queue_capacity(2)
-        .build()
-        .unwrap();
+    let cluster = one_instance_with_room_for_two().build().unwrap();
     let client = cluster.client();
     let slow = client.submit("s", Req::Stall(300)).unwrap();
     let queued = client.submit("q", Req::Add(1)).unwrap();
@@ -1795,38 +1810,16 @@ fn batches_over_many_instances_fold_in_log_order() {
     // first, and must still reach it in log order.
     let h = Harness::new();
     let cluster = Arc::new(h.cluster(12).build().unwrap());
-    let loaders: Vec<_> = (0..2u64)
-        .map(|t| {
-            let client = cluster.client();
-            thread::spawn(move || {
-                let mut answers = Vec::new();
-                for round in 0..30u64 {
-                    let n = (round * 11 + t) % 64 + 1;
-                    let batch: Vec<_> = (0..n)
-                        .map(|i| (key((i * 7 + round + t) % 40), Req::Add(i + round)))
-                        .collect();
-                    for p in client.submit_batch(batch).unwrap() {
-                        let offset = p.offset();
-                        answers.push((offset, p.wait_timeout(Duration::from_secs(30))));
-                    }
-                }
-                answers
-            })
-        })
-        .collect();
+    let loaders = load_in_batches(&cluster, 2, 30, |t, round| {
+        let n = (round * 11 + t) % 64 + 1;
+        (0..n)
+            .map(|i| (key((i * 7 + round + t) % 40), Req::Add(i + round)))
+            .collect()
+    });
     let added = cluster.add_instance(1).unwrap();
     thread::sleep(Duration::from_millis(5));
     cluster.remove_instance(added).unwrap();
-    let mut answers = HashMap::new();
-    for l in loaders {
-        for (offset, a) in l.join().unwrap() {
-            assert!(
-                answers.insert(offset, a).is_none(),
-                "offset {offset} answered twice"
-            );
-        }
-    }
-    assert!(answers.values().all(|a| a.is_ok()));
+    let answers = gather(loaders);
     let busy = cluster
         .metrics()
         .instances
