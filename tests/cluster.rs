@@ -587,6 +587,9 @@ fn replay_rebuilds_any_past_state_and_reruns_requests_without_calling_out() {
     assert_eq!(history.len(), 150 / 4 + 1);
 }
 
+/// A thread submitting batches: every answer it got, with its offset.
+type Loader = thread::JoinHandle<Vec<(u64, cauce::Result<Resp>)>>;
+
 /// Threads submitting `rounds` batches each (`batch(thread, round)`), keeping every
 /// answer with its offset.
 fn load_in_batches(
@@ -594,7 +597,7 @@ fn load_in_batches(
     threads: u64,
     rounds: u64,
     batch: fn(u64, u64) -> Vec<(String, Req)>,
-) -> Vec<thread::JoinHandle<Vec<(u64, cauce::Result<Resp>)>>> {
+) -> Vec<Loader> {
     (0..threads)
         .map(|t| {
             let client = cluster.client();
@@ -613,9 +616,7 @@ fn load_in_batches(
 }
 
 /// The loaders' answers by offset, each answered once and without an error.
-fn gather(
-    loaders: Vec<thread::JoinHandle<Vec<(u64, cauce::Result<Resp>)>>>,
-) -> HashMap<u64, cauce::Result<Resp>> {
+fn gather(loaders: Vec<Loader>) -> HashMap<u64, cauce::Result<Resp>> {
     let mut answers = HashMap::new();
     for l in loaders {
         for (offset, a) in l.join().unwrap() {
