@@ -127,17 +127,16 @@ impl<H: Handler> Default for BatchProgress<H> {
 /// Dropped, it gives that room back.
 struct Held<H: Handler> {
     routed: Routed<H>,
-    /// Requests per destination (indexes of `routed.dests`).
-    per_dest: Vec<usize>,
-    /// The destinations in ascending instance order.
-    order: Vec<usize>,
+    /// Each destination (its index in `routed.dests`) and its number of requests, in
+    /// ascending instance order.
+    order: Vec<(usize, usize)>,
     taken: usize,
 }
 
 impl<H: Handler> Drop for Held<H> {
     fn drop(&mut self) {
-        for &d in &self.order[..self.taken] {
-            self.routed.dests[d].permits.release_many(self.per_dest[d]);
+        for &(d, requests) in &self.order[..self.taken] {
+            self.routed.dests[d].permits.release_many(requests);
         }
     }
 }
@@ -737,8 +736,8 @@ impl<H: Handler> Shared<H> {
             // second batch holds while waiting for the first's.
             let mut retired = false;
             while taking.taken < taking.order.len() {
-                let d = taking.order[taking.taken];
-                let (permits, n) = (&taking.routed.dests[d].permits, taking.per_dest[d]);
+                let (d, n) = taking.order[taking.taken];
+                let permits = &taking.routed.dests[d].permits;
                 let took = match cx.as_deref_mut() {
                     None => permits.acquire_many(n).is_ok(),
                     Some(cx) => match permits.poll_acquire_many(n, cx) {
@@ -790,7 +789,7 @@ impl<H: Handler> Shared<H> {
             let mut routing = self.routing.lock();
             let mut routed = Routed {
                 epoch: routing.placement.epoch(),
-                dests: Vec::new(),
+                dests: Vec::with_capacity(items.len().min(routing.instances.len())),
                 dest_of: Vec::with_capacity(items.len()),
             };
             let mut complete = true;
@@ -820,9 +819,10 @@ impl<H: Handler> Shared<H> {
         }
         // Waiting for room that this batch itself would have to free never ends: a
         // batch must fit in each queue.
-        let mut per_dest = vec![0usize; routed.dests.len()];
-        routed.dest_of.iter().for_each(|&d| per_dest[d] += 1);
-        for (inst, &requests) in routed.dests.iter().zip(&per_dest) {
+        let mut order: Vec<(usize, usize)> = (0..routed.dests.len()).map(|d| (d, 0)).collect();
+        routed.dest_of.iter().for_each(|&d| order[d].1 += 1);
+        for &(d, requests) in &order {
+            let inst = &routed.dests[d];
             if requests > inst.permits.capacity() {
                 return Err(Error::BatchTooLarge {
                     instance: inst.id,
@@ -831,11 +831,9 @@ impl<H: Handler> Shared<H> {
                 });
             }
         }
-        let mut order: Vec<usize> = (0..routed.dests.len()).collect();
-        order.sort_unstable_by_key(|&d| routed.dests[d].id);
+        order.sort_unstable_by_key(|&(d, _)| routed.dests[d].id);
         Ok(Some(Held {
             routed,
-            per_dest,
             order,
             taken: 0,
         }))
