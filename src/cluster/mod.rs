@@ -313,9 +313,9 @@ impl<H: Handler> Client<H> {
     /// at most [`queue_capacity`](ClusterBuilder::queue_capacity) requests always fits.
     ///
     /// Batching pays from a few requests up. Two threads keeping 256 requests in flight
-    /// each, on 2 cores with 4 instances, handled 1.16 times as many requests per second
-    /// in batches of 4 as one at a time, 1.4 times in batches of 16 and 1.7 times in
-    /// batches of 64 (batches of 2: 0.9 times).
+    /// each, on 2 cores with 4 instances, handled about 1.2 times as many requests per
+    /// second in batches of 4 as one at a time, 1.4 times in batches of 16 and 1.6 to
+    /// 1.7 times in batches of 64; batches of 2 about as many as one at a time.
     ///
     /// ```
     /// # use cauce::cluster::{Cluster, Context, Handler};
