@@ -12,7 +12,7 @@ use std::time::Duration;
 use cauce::Error;
 use cauce::cluster::{Client, Cluster, ClusterBuilder, Pending};
 use cauce::store::{MemoryStore, Store};
-use common::{Req, Resp, Service, Tally};
+use common::{Req, Resp, Service, Tally, block_on};
 
 struct Harness {
     input: Arc<MemoryStore>,
@@ -421,26 +421,6 @@ fn the_pending_response_is_a_future() {
     assert_eq!(answer, Resp::Sum(5));
     let _ = Tally::default();
     cluster.shutdown().unwrap();
-}
-
-/// A minimal executor: polls on this thread, parks until woken.
-fn block_on<F: std::future::Future>(fut: F) -> F::Output {
-    use std::task::{Context, Poll, Wake, Waker};
-    struct Unpark(thread::Thread);
-    impl Wake for Unpark {
-        fn wake(self: Arc<Self>) {
-            self.0.unpark();
-        }
-    }
-    let waker = Waker::from(Arc::new(Unpark(thread::current())));
-    let mut cx = Context::from_waker(&waker);
-    let mut fut = std::pin::pin!(fut);
-    loop {
-        if let Poll::Ready(v) = fut.as_mut().poll(&mut cx) {
-            return v;
-        }
-        thread::park();
-    }
 }
 
 #[test]

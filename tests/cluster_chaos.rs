@@ -13,7 +13,7 @@ use std::time::Duration;
 use cauce::Error;
 use cauce::cluster::{Cluster, ClusterBuilder, Pending};
 use cauce::store::MemoryStore;
-use common::{Req, Resp, Service};
+use common::{Req, Resp, Service, block_on};
 use rand::{RngExt, SeedableRng, rngs::StdRng};
 
 struct Logs {
@@ -41,25 +41,6 @@ enum Submits {
     /// `submit_batch` or `submit_batch_async`; the second submits each through
     /// `submit_async`. The async ones run on a minimal executor.
     BatchesAndAsync,
-}
-
-/// Runs `future` to completion on this thread, parking between polls.
-fn block_on<F: std::future::Future>(future: F) -> F::Output {
-    struct Unpark(thread::Thread);
-    impl std::task::Wake for Unpark {
-        fn wake(self: Arc<Self>) {
-            self.0.unpark();
-        }
-    }
-    let waker = Arc::new(Unpark(thread::current())).into();
-    let mut cx = std::task::Context::from_waker(&waker);
-    let mut future = std::pin::pin!(future);
-    loop {
-        match future.as_mut().poll(&mut cx) {
-            std::task::Poll::Ready(out) => return out,
-            std::task::Poll::Pending => thread::park(),
-        }
-    }
 }
 
 fn run(seed: u64, submits: Submits) {

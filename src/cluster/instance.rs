@@ -553,11 +553,14 @@ impl Permits {
         }
     }
 
-    /// Takes the registered wakers (under the lock), to wake them once it is released.
-    fn take_wakers(&self, wakers: &mut Vec<Waker>) -> Vec<Waker> {
-        let taken = std::mem::take(wakers);
+    /// Wakes every waiter, holding the lock (`wakers`): blocked producers through
+    /// `freed`, asynchronous ones through their wakers, woken once the lock is released.
+    fn wake_all(&self, mut wakers: parking_lot::MutexGuard<'_, Vec<Waker>>) {
+        self.freed.notify_all();
+        let taken = std::mem::take(&mut *wakers);
         self.waiters.fetch_sub(taken.len(), Ordering::SeqCst);
-        taken
+        drop(wakers);
+        taken.into_iter().for_each(Waker::wake);
     }
 
     /// Takes a permit even when full: a request of a batch whose key moved between
@@ -581,26 +584,19 @@ impl Permits {
                 Some(u.saturating_sub(n))
             });
         if self.waiters.load(Ordering::SeqCst) > 0 {
-            let mut wakers = self.lock.lock();
             // All of them: a waiter for several permits woken alone by one freed permit
             // would sleep again, and leave asleep one that the permit would have served.
-            self.freed.notify_all();
             // Every asynchronous waiter tries again: one that finds no room registers
             // anew, and none is left waiting on a wake-up that went to a dropped future.
-            let woken = self.take_wakers(&mut wakers);
-            drop(wakers);
-            woken.into_iter().for_each(Waker::wake);
+            self.wake_all(self.lock.lock());
         }
     }
 
     /// No more permits: wakes every waiter so that it routes elsewhere.
     pub(crate) fn retire(&self) {
-        let mut wakers = self.lock.lock();
+        let wakers = self.lock.lock();
         self.retired.store(true, Ordering::SeqCst);
-        self.freed.notify_all();
-        let woken = self.take_wakers(&mut wakers);
-        drop(wakers);
-        woken.into_iter().for_each(Waker::wake);
+        self.wake_all(wakers);
     }
 
     pub(crate) fn in_use(&self) -> usize {

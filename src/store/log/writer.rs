@@ -212,7 +212,8 @@ impl Shared {
         Ok(())
     }
 
-    /// Writes the buffer once it is full (`Never` and `Every`).
+    /// Writes the buffer once it is full (`Never`, and `Every` once the background thread
+    /// has stopped).
     fn maybe_write(&self, st: &mut MutexGuard<'_, WriterState>) -> Result<()> {
         let limit = self.options.write_buffer_bytes;
         if st.buf.len() < limit {
