@@ -23,6 +23,36 @@ pub(crate) const RECORD_HEADER_LEN: usize = 20;
 /// Batches start at multiples of this inside a segment.
 pub(crate) const ALIGN: usize = 8;
 
+/// How far ahead of the record being decoded a walk over a batch body asks for bytes
+/// (see [`prefetch`]).
+const PREFETCH_AHEAD: usize = 2048;
+
+/// Asks the CPU to bring `body[at..]` into its nearest cache, if `at` is inside `body`.
+///
+/// A walk over a batch body is a chain of dependent loads: each record's lengths say
+/// where the next one starts. The body was just checksummed, so it sits in L2, and each
+/// step of the chain waited on an L2 load (37% of the walk's samples were on the first
+/// load of a record header). Asking 2 KiB ahead (about 17 records of 100 B) took borrowed
+/// replay of 1,000,000 records of 100 B from 59-60M to 64-68M records/s (512 B ahead:
+/// 61-64M; 4 and 8 KiB: no better than 2).
+#[inline(always)]
+fn prefetch(body: &[u8], at: usize) {
+    #[cfg(target_arch = "x86_64")]
+    if at < body.len() {
+        // SAFETY: `at < body.len()`, so the pointer stays inside `body`'s allocation; a
+        // prefetch only hints the cache, reading nothing the program sees and never
+        // faulting.
+        unsafe {
+            core::arch::x86_64::_mm_prefetch(
+                body.as_ptr().add(at).cast::<i8>(),
+                core::arch::x86_64::_MM_HINT_T0,
+            )
+        };
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = (body, at);
+}
+
 /// The name of the segment file whose first offset is `base`.
 pub(crate) fn segment_file_name(base: Offset) -> String {
     format!("{base:020}.log")
@@ -320,6 +350,7 @@ impl Framing {
 
     #[inline(always)]
     fn decode(&mut self, body: &[u8]) -> std::result::Result<RecordAt, &'static str> {
+        prefetch(body, self.at.saturating_add(PREFETCH_AHEAD));
         let Some(h) = body
             .get(self.at..)
             .and_then(|rest| rest.first_chunk::<RECORD_HEADER_LEN>())
