@@ -1,8 +1,9 @@
-//! Reading segments through memory mappings: sealed segments, and written stretches of
-//! the active one, are read through windows of a few MiB mapped from their files. These
-//! tests cross window and segment boundaries with records of every size, read the same
-//! log before and after a reopen (sealed by a roll, and sealed at open), and keep
-//! records whose segment retention has deleted.
+//! Reading segments through memory mappings: sealed segments are mapped whole and kept
+//! mapped once read (or, with `keep_mapped(false)`, read through windows of a few MiB,
+//! as are written stretches of the active one). These tests cross window and segment
+//! boundaries with records of every size, both ways, read the same log before and after
+//! a reopen (sealed by a roll, and sealed at open), keep records whose segment retention
+//! has deleted, and check that a kept mapping goes with its segment.
 
 use cauce::Record;
 use cauce::store::{LogOptions, LogStore, Store, SyncPolicy};
@@ -28,11 +29,12 @@ fn key(i: u64) -> Vec<u8> {
     }
 }
 
-fn options() -> LogOptions {
+fn options(keep_mapped: bool) -> LogOptions {
     LogOptions::new()
         .sync(SyncPolicy::Never)
         .segment_bytes(8 << 20)
         .max_record_bytes(6 << 20)
+        .keep_mapped(keep_mapped)
 }
 
 const RECORDS: u64 = 3000;
@@ -76,6 +78,13 @@ fn check_all(log: &LogStore, from: u64) {
 
 #[test]
 fn records_read_the_same_across_windows_segments_and_reopen() {
+    for keep_mapped in [true, false] {
+        read_across_windows_segments_and_reopen(keep_mapped);
+    }
+}
+
+fn read_across_windows_segments_and_reopen(keep_mapped: bool) {
+    let options = || options(keep_mapped);
     let dir = tempfile::tempdir().expect("tempdir");
     {
         let log = LogStore::open(dir.path(), options()).expect("open");
@@ -106,8 +115,14 @@ fn records_read_the_same_across_windows_segments_and_reopen() {
 
 #[test]
 fn records_outlive_retention_of_their_segments() {
+    for keep_mapped in [true, false] {
+        keep_records_past_retention(keep_mapped);
+    }
+}
+
+fn keep_records_past_retention(keep_mapped: bool) {
     let dir = tempfile::tempdir().expect("tempdir");
-    let log = LogStore::open(dir.path(), options()).expect("open");
+    let log = LogStore::open(dir.path(), options(keep_mapped)).expect("open");
     write(&log);
     let kept: Vec<Record> = log
         .read_from(0)
@@ -121,4 +136,78 @@ fn records_outlive_retention_of_their_segments() {
         check_record(r);
     }
     assert_eq!(kept.len() as u64, RECORDS);
+}
+
+/// The segment files of `dir` this process has mapped now, from `/proc/self/maps`, with
+/// whether each was deleted since.
+#[cfg(target_os = "linux")]
+fn mapped_segments(dir: &std::path::Path) -> Vec<(String, bool)> {
+    let maps = std::fs::read_to_string("/proc/self/maps").expect("maps");
+    let dir = dir.to_str().expect("utf-8 path");
+    let mut found: Vec<(String, bool)> = maps
+        .lines()
+        .filter_map(|line| line.find(dir).map(|at| &line[at..]))
+        .filter(|path| path.contains(".log"))
+        .map(|path| {
+            let deleted = path.ends_with(" (deleted)");
+            (path.trim_end_matches(" (deleted)").to_owned(), deleted)
+        })
+        .collect();
+    found.sort();
+    found.dedup();
+    found
+}
+
+#[cfg(target_os = "linux")]
+#[test]
+fn a_kept_mapping_serves_every_reader_and_goes_with_its_segment() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let log = LogStore::open(dir.path(), options(true)).expect("open");
+    write(&log);
+    log.sync().expect("sync");
+    assert!(mapped_segments(dir.path()).is_empty(), "nothing read yet");
+    check_all(&log, 0);
+    let sealed = mapped_segments(dir.path());
+    assert!(sealed.len() >= 2, "sealed segments mapped: {sealed:?}");
+    assert!(sealed.iter().all(|(_, deleted)| !deleted));
+    // A second reader finds the same mappings instead of making its own.
+    check_all(&log, 0);
+    assert_eq!(mapped_segments(dir.path()), sealed);
+
+    // A record read from the first segment keeps its mapping past retention; once it is
+    // dropped, no deleted segment stays mapped.
+    let first = log
+        .read_from(0)
+        .expect("read")
+        .next()
+        .expect("one")
+        .expect("record");
+    log.truncate_before(RECORDS - 1).expect("retention");
+    let after = mapped_segments(dir.path());
+    assert!(
+        after.iter().any(|(_, deleted)| *deleted),
+        "the held segment is still mapped: {after:?}"
+    );
+    check_record(&first);
+    drop(first);
+    let after = mapped_segments(dir.path());
+    assert!(
+        after.iter().all(|(_, deleted)| !deleted),
+        "deleted segments are let go: {after:?}"
+    );
+
+    // Closing the log lets every mapping go.
+    drop(log);
+    assert_eq!(mapped_segments(dir.path()), Vec::new());
+}
+
+#[cfg(target_os = "linux")]
+#[test]
+fn without_keep_mapped_a_read_leaves_nothing_mapped() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let log = LogStore::open(dir.path(), options(false)).expect("open");
+    write(&log);
+    log.sync().expect("sync");
+    check_all(&log, 0);
+    assert_eq!(mapped_segments(dir.path()), Vec::new());
 }

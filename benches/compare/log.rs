@@ -385,6 +385,21 @@ fn raw_framed_replay(path: &Path) -> usize {
     }
 }
 
+/// Replays the `n` records of 100 B of `log` through `replay_from` (borrowed);
+/// records/s.
+fn replay_borrowed(log: &LogStore, n: usize) -> f64 {
+    let t = Instant::now();
+    let (mut count, mut bytes) = (0usize, 0usize);
+    let next = log
+        .replay_from(0, |_, e| {
+            bytes += e.payload.len();
+            count += 1;
+        })
+        .expect("replay");
+    assert_eq!((count, bytes, next), (n, n * 100, n as u64));
+    n as f64 / t.elapsed().as_secs_f64()
+}
+
 fn replay(bench: &mut Bench, dirs: &Dirs) {
     let ids = [
         "log.replay.100b.vs_raw_read",
@@ -395,6 +410,7 @@ fn replay(bench: &mut Bench, dirs: &Dirs) {
         "log.replay.100b.vs_raw_framed_replay",
         "log.replay.100b.borrowed.vs_raw_framed_replay",
         "log.replay.100b.peak_rss_mib.vs_commitlog",
+        "log.replay.100b.borrowed.keep_mapped.vs_raw_read",
     ];
     if !ids.iter().any(|id| bench.wants(id)) {
         return;
@@ -460,18 +476,7 @@ fn replay(bench: &mut Bench, dirs: &Dirs) {
         assert_eq!((count, bytes), (n, n * 100));
         n as f64 / t.elapsed().as_secs_f64()
     };
-    let replay_ours_borrowed = || {
-        let t = Instant::now();
-        let (mut count, mut bytes) = (0usize, 0usize);
-        let next = ours
-            .replay_from(0, |_, e| {
-                bytes += e.payload.len();
-                count += 1;
-            })
-            .expect("replay");
-        assert_eq!((count, bytes, next), (n, n * 100, n as u64));
-        n as f64 / t.elapsed().as_secs_f64()
-    };
+    let replay_ours_borrowed = || replay_borrowed(&ours, n);
     let replay_theirs = || {
         use commitlog::message::MessageSet;
         let t = Instant::now();
@@ -566,6 +571,23 @@ fn replay(bench: &mut Bench, dirs: &Dirs) {
             framed,
         );
     }
+    let ours_peak = ours_peak.max(peak_rss_kib());
+    let mut kept_peak = None;
+    if bench.wants(ids[8]) {
+        // The same borrowed replay with the sealed segments kept mapped between replays
+        // (`LogOptions::keep_mapped`), through a read-only view of the same files.
+        let kept = LogStore::open_read_only(&ours_dir, LogOptions::new().keep_mapped(true))
+            .expect("open read-only");
+        bench.compare(
+            ids[8],
+            "rec/s",
+            Better::More,
+            None,
+            || replay_borrowed(&kept, n),
+            || rate(n, || _ = std::hint::black_box(raw_read(&ours_dir))),
+        );
+        kept_peak = Some(peak_rss_kib());
+    }
     let id = ids[2];
     if bench.wants(id) {
         // Opening is recovery: the newest segment is scanned and checked whole.
@@ -586,9 +608,13 @@ fn replay(bench: &mut Bench, dirs: &Dirs) {
         drop(ours);
     }
     println!(
-        "log.replay: peak RSS {} MiB before, {} MiB during the replays ({n} records)",
+        "log.replay: peak RSS {} MiB before, {} MiB during the replays ({n} records){}",
         before / 1024,
-        ours_peak.max(peak_rss_kib()) / 1024
+        ours_peak / 1024,
+        kept_peak.map_or(String::new(), |kib| format!(
+            ", {} MiB with the segments kept mapped",
+            kib / 1024
+        ))
     );
     drop(theirs);
     remove(&ours_dir);

@@ -2,7 +2,8 @@
 //! log: the whole file, or batches behind a valid header, or batches whose checksums are
 //! fixed up so the fuzzer reaches the record framing inside bodies that pass their CRCs.
 //! The segment is the newest one (recovery scans it) or, with a later segment after it,
-//! a sealed one (only readers check it, batch by batch as they read).
+//! a sealed one (only readers check it, batch by batch as they read). Sealed segments are
+//! read through windows, or through one mapping kept between reads (`keep_mapped`).
 //!
 //! Invariants: nothing panics or hangs; a read-only open never fails on a batch's bytes
 //! alone; a writable open either refuses with `Error::Corrupt` or gives a log that reads
@@ -17,8 +18,11 @@ use cauce::Error;
 use cauce::store::{LogOptions, LogStore, Store, SyncPolicy};
 use libfuzzer_sys::fuzz_target;
 
-fn options() -> LogOptions {
+/// `keep_mapped`: sealed segments read through one mapping kept between reads, as
+/// [`LogOptions::keep_mapped`] does, instead of windows.
+fn options(keep_mapped: bool) -> LogOptions {
     LogOptions::new()
+        .keep_mapped(keep_mapped)
         .sync(SyncPolicy::Never)
         .preallocate(false)
         .max_record_bytes(1 << 16)
@@ -80,6 +84,8 @@ fuzz_target!(|data: &[u8]| {
     let Some((&mode, rest)) = data.split_first() else {
         return;
     };
+    let keep_mapped = mode & 8 != 0;
+    let options = || options(keep_mapped);
     let tmp = tempfile::tempdir().expect("temp dir");
     let dir = tmp.path();
     let segment = dir.join(format!("{:020}.log", 0));

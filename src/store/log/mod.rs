@@ -136,8 +136,10 @@
 //! every batch it passes.
 //!
 //! Sealed segments, and stretches of the active one already written to its file, are
-//! read through memory mappings of a few MiB at a time, which spares a copy of every
-//! byte; the tail is read with `read` and from the writer's buffer. No process that
+//! read through memory mappings, which spares a copy of every byte; the tail is read
+//! with `read` and from the writer's buffer. With [`LogOptions::keep_mapped`], a sealed
+//! segment stays mapped once read, for faster replays again and again, and the
+//! process's resident size counts the pages of it that were read. No process that
 //! follows this format ever rewrites or shortens the bytes a reader maps (appends only
 //! add after them, recovery cuts only what no reader was shown, compaction and retention
 //! replace or delete whole files). Shortening a segment file by hand while a reader maps
@@ -191,6 +193,9 @@ pub(crate) struct Segment {
     pub(crate) next_hint: Offset,
     /// Damage found by a read-only open (the view stops there).
     pub(crate) damage: Option<Error>,
+    /// The whole segment mapped into memory, once it is sealed and first read (`None`
+    /// inside: the kernel refused, and readers read the file).
+    pub(crate) mapped: std::sync::OnceLock<Option<Bytes>>,
 }
 
 impl Segment {
@@ -211,6 +216,7 @@ impl Segment {
             index: Mutex::new(index),
             next_hint: base,
             damage: None,
+            mapped: std::sync::OnceLock::new(),
         }
     }
 
@@ -291,7 +297,7 @@ pub(crate) enum TailBytes {
 /// State shared by a store, its readers and its flusher thread.
 pub(crate) struct Shared {
     pub(crate) dir: PathBuf,
-    options: LogOptions,
+    pub(crate) options: LogOptions,
     writable: bool,
     writer: CachePadded<Mutex<WriterState>>,
     /// Signalled whenever a leader finishes (or a roll ends).

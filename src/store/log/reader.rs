@@ -4,7 +4,10 @@
 //! where a whole window is written ahead of the reader, are mapped into memory a window
 //! of [`MAP_BYTES`] at a time; closer to the tail, the active one is read from the file
 //! in chunks of [`CHUNK_BYTES`] into one [`Bytes`] buffer. Either way every record's key
-//! and payload are slices of that buffer (no copy). The
+//! and payload are slices of that buffer (no copy). With
+//! [`LogOptions::keep_mapped`](super::LogOptions::keep_mapped), a sealed segment is
+//! instead mapped whole the first time a reader needs it, and the mapping is kept with
+//! the segment for every later reader. The
 //! part of the tail still in the writer's buffer is taken from memory, so a follower sees
 //! a record as soon as its append returns. Every batch's checksums are checked before a
 //! record of it is returned, and its framing as its records are decoded (a second walk
@@ -30,7 +33,8 @@ const MAP_BYTES: usize = 4 << 20;
 
 /// Maps bytes `pos..` of a segment, at least `want` of them and at most [`MAP_BYTES`]
 /// (or `want`), all below `end`, its data end. `None` if the kernel refuses the
-/// mapping: the caller reads instead.
+/// mapping: the caller reads instead. `map_window(seg, 0, end, end)` maps the whole
+/// segment.
 ///
 /// Replaying from a mapping skips the copy a `read` makes of every byte: on a hot log of
 /// 1,000,000 records of 100 B, borrowed replay went from 0.59x to 0.65x a bare
@@ -146,6 +150,21 @@ impl LogReader {
         if pos >= self.chunk_pos && pos + want as u64 <= chunk_end {
             let from = (pos - self.chunk_pos) as usize;
             return Ok(Some(self.chunk.slice(from..)));
+        }
+        if self.shared.options.keep_mapped && seg.sealed.load(Ordering::Acquire) {
+            // A sealed segment's end is final: it is stored before the seal.
+            let end = seg.end.load(Ordering::Acquire);
+            if let Some(whole) = seg
+                .mapped
+                .get_or_init(|| map_window(seg, 0, end as usize, end))
+            {
+                if pos + want as u64 > end {
+                    return Ok(None);
+                }
+                self.chunk = whole.clone();
+                self.chunk_pos = 0;
+                return Ok(Some(self.chunk.slice(pos as usize..)));
+            }
         }
         loop {
             let end = seg.end.load(Ordering::Acquire);
