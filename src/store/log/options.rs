@@ -129,7 +129,7 @@ impl LogOptions {
     /// behind it, which costs page-table work on every read. For a log replayed again
     /// and again (state rebuilt from it, re-runs), on pays: borrowed replay of a hot log
     /// of 1,000,000 records of 100 B ran at 0.79-0.86 of a bare `read` of its files with
-    /// this off, and at 0.88-0.93 with it on (`log.replay.100b.borrowed.vs_raw_read`).
+    /// this off, and at 0.88-0.94 with it on (`log.replay.100b.borrowed.vs_raw_read`).
     ///
     /// A kept mapping costs address space, not memory: its pages are the kernel's page
     /// cache, shared and reclaimable. But the process's resident size (RSS) counts the
