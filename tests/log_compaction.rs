@@ -29,8 +29,14 @@ fn append(log: &LogStore, range: std::ops::Range<u64>) {
 
 #[test]
 fn a_reader_opened_before_compaction_keeps_reading_correct_records() {
+    for keep_mapped in [false, true] {
+        read_across_compaction(options().keep_mapped(keep_mapped));
+    }
+}
+
+fn read_across_compaction(options: LogOptions) {
     let tmp = tempfile::tempdir().expect("tmp");
-    let log = LogStore::open(tmp.path(), options()).expect("open");
+    let log = LogStore::open(tmp.path(), options).expect("open");
     append(&log, 0..500);
     let mut reader = log.read_from(0).expect("read");
     for expected in 0..100 {
