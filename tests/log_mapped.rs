@@ -158,13 +158,20 @@ fn mapped_segments(dir: &std::path::Path) -> Vec<(String, bool)> {
     found
 }
 
+/// A log of `RECORDS` records over several segments, written and synced, nothing read.
+#[cfg(target_os = "linux")]
+fn written_log(keep_mapped: bool) -> (tempfile::TempDir, LogStore) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let log = LogStore::open(dir.path(), options(keep_mapped)).expect("open");
+    write(&log);
+    log.sync().expect("sync");
+    (dir, log)
+}
+
 #[cfg(target_os = "linux")]
 #[test]
 fn a_kept_mapping_serves_every_reader_and_goes_with_its_segment() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let log = LogStore::open(dir.path(), options(true)).expect("open");
-    write(&log);
-    log.sync().expect("sync");
+    let (dir, log) = written_log(true);
     assert!(mapped_segments(dir.path()).is_empty(), "nothing read yet");
     check_all(&log, 0);
     let sealed = mapped_segments(dir.path());
@@ -204,10 +211,7 @@ fn a_kept_mapping_serves_every_reader_and_goes_with_its_segment() {
 #[cfg(target_os = "linux")]
 #[test]
 fn without_keep_mapped_a_read_leaves_nothing_mapped() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let log = LogStore::open(dir.path(), options(false)).expect("open");
-    write(&log);
-    log.sync().expect("sync");
+    let (dir, log) = written_log(false);
     check_all(&log, 0);
     assert_eq!(mapped_segments(dir.path()), Vec::new());
 }

@@ -594,6 +594,15 @@ pub(crate) fn first_valid_batch_from(data: &[u8], from: usize, expected: Offset)
 mod tests {
     use super::*;
 
+    /// The header and body of the one batch `bytes` holds (the header must be valid).
+    fn split_batch(bytes: &[u8]) -> (BatchHeader, &[u8]) {
+        let HeaderCheck::Valid(h) = check_header(bytes) else {
+            panic!("valid header")
+        };
+        let body = &bytes[BATCH_HEADER_LEN..BATCH_HEADER_LEN + h.body_len as usize];
+        (h, body)
+    }
+
     fn one_batch(base: Offset, entries: &[Entry<'_>]) -> Vec<u8> {
         let body = check_batch(entries, 1 << 20).expect("sizes");
         let mut out = Vec::new();
@@ -616,13 +625,9 @@ mod tests {
         ];
         let bytes = one_batch(40, &entries);
         assert_eq!(bytes.len() % ALIGN, 0);
-        let HeaderCheck::Valid(h) = check_header(&bytes) else {
-            panic!("valid header")
-        };
+        let (h, body) = split_batch(&bytes);
         assert_eq!((h.base, h.count), (40, 2));
-        let body = Bytes::copy_from_slice(
-            &bytes[BATCH_HEADER_LEN..BATCH_HEADER_LEN + h.body_len as usize],
-        );
+        let body = Bytes::copy_from_slice(body);
         assert_eq!(check_body(&h, &body), Ok(41));
         let records: Vec<Record> = BatchRecords::new(&h, body)
             .collect::<Result<_, _>>()
@@ -645,10 +650,7 @@ mod tests {
             Entry::with_timestamp(5, b"b", b"tail"),
         ];
         let bytes = one_batch(7, &entries);
-        let HeaderCheck::Valid(h) = check_header(&bytes) else {
-            panic!("valid header")
-        };
-        let body = &bytes[BATCH_HEADER_LEN..BATCH_HEADER_LEN + h.body_len as usize];
+        let (h, body) = split_batch(&bytes);
         assert_eq!(h.body_crc, crc32c::crc32c(body));
         assert_eq!(check_body(&h, body), Ok(11));
         let records: Vec<Record> = BatchRecords::new(&h, Bytes::copy_from_slice(body))
@@ -669,13 +671,9 @@ mod tests {
             .map(|(i, p)| Entry::with_timestamp(i as u64, b"key", p))
             .collect();
         let bytes = one_batch(100, &entries);
-        let HeaderCheck::Valid(h) = check_header(&bytes) else {
-            panic!("valid header")
-        };
+        let (h, body) = split_batch(&bytes);
         assert!(h.body_len as usize > 8 * PREFETCH_AHEAD);
-        let body = Bytes::copy_from_slice(
-            &bytes[BATCH_HEADER_LEN..BATCH_HEADER_LEN + h.body_len as usize],
-        );
+        let body = Bytes::copy_from_slice(body);
         assert_eq!(check_body(&h, &body), Ok(299));
         let records: Vec<Record> = BatchRecords::new(&h, body)
             .collect::<Result<_, _>>()
@@ -694,10 +692,8 @@ mod tests {
             Entry::with_timestamp(3, b"c", b"three"),
         ];
         let bytes = one_batch(10, &entries);
-        let HeaderCheck::Valid(h) = check_header(&bytes) else {
-            panic!("valid header")
-        };
-        let body = bytes[BATCH_HEADER_LEN..BATCH_HEADER_LEN + h.body_len as usize].to_vec();
+        let (h, body) = split_batch(&bytes);
+        let body = body.to_vec();
         // The second record's header starts after the first record (20 + 1 + 3 bytes).
         let second = RECORD_HEADER_LEN + 4;
         let reasons = [
@@ -747,10 +743,7 @@ mod tests {
     #[test]
     fn offsets_that_would_overflow_are_refused() {
         let bytes = one_batch(u64::MAX, &[Entry::new(b"k", b"v")]);
-        let HeaderCheck::Valid(h) = check_header(&bytes) else {
-            panic!("valid header")
-        };
-        let body = &bytes[BATCH_HEADER_LEN..BATCH_HEADER_LEN + h.body_len as usize];
+        let (h, body) = split_batch(&bytes);
         assert!(check_body(&h, body).is_err());
     }
 
