@@ -1641,6 +1641,7 @@ fn submit_async_waiting_on_a_stalled_instance_goes_to_its_replacement() {
     await_wake(&woken, 0);
     let answer = poll_until_ready(&mut submit, &woken).unwrap();
     assert_ne!(client.owner_of("k"), Some(stalled));
+    assert_eq!(cluster.owner_of("k"), client.owner_of("k"));
     assert_eq!(slow.wait().unwrap(), Resp::Sum(1));
     assert_eq!(queued.wait().unwrap(), Resp::Sum(3));
     assert_eq!(answer.wait().unwrap(), Resp::Sum(6));

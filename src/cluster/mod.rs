@@ -183,6 +183,12 @@ impl<H: Handler> Cluster<H> {
         self.shared.members()
     }
 
+    /// The instance that holds (or will hold) `key`'s state: the same answer as
+    /// [`Client::owner_of`].
+    pub fn owner_of(&self, key: impl AsRef<[u8]>) -> Option<InstanceId> {
+        self.shared.owner_of(key.as_ref())
+    }
+
     /// A snapshot of the cluster's counters.
     pub fn metrics(&self) -> Metrics {
         self.shared.metrics()
