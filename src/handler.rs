@@ -89,6 +89,9 @@ pub struct Context<'a> {
     pub(crate) effects: &'a Effects,
     /// Set once the running instance was declared stalled and replaced.
     pub(crate) fenced: Option<&'a std::sync::atomic::AtomicBool>,
+    /// Under a journal-only replay, the first call that diverged from the journal: the
+    /// replay fails with it whatever the handler made of the error it got.
+    pub(crate) diverged: Option<(Offset, String)>,
 }
 
 impl Context<'_> {
@@ -141,6 +144,10 @@ impl Context<'_> {
     /// first answer instead of `f`'s, so every handling and every replay of the request
     /// sees the same one. An instance that was declared stalled and replaced makes no
     /// further call without a journaled answer: [`Error::Fenced`].
+    ///
+    /// Refused before `f` runs: a `name` over 65,535 bytes ([`Error::InvalidName`]). An
+    /// answer that cannot be encoded is a [`Error::Codec`] after `f` ran: that call is
+    /// not journaled, so a replay makes it again.
     pub fn call<T, F>(&mut self, name: &str, f: F) -> Result<T>
     where
         T: Serialize + DeserializeOwned,
@@ -151,6 +158,22 @@ impl Context<'_> {
             index: self.calls,
         };
         self.calls += 1;
+        effect_name_len(name)?;
+        let answered = self.journaled_or_make(id, name, f);
+        if let Err(Error::Nondeterministic { offset, detail }) = &answered {
+            if self.effects.journal_only && self.diverged.is_none() {
+                self.diverged = Some((*offset, detail.clone()));
+            }
+        }
+        answered
+    }
+
+    /// The journaled answer of call `id`, or `f`'s, journaled (see [`call`](Self::call)).
+    fn journaled_or_make<T, F>(&mut self, id: EffectId, name: &str, f: F) -> Result<T>
+    where
+        T: Serialize + DeserializeOwned,
+        F: FnOnce(EffectId) -> T,
+    {
         if let Some((recorded, answer)) = self.effects.lookup(id) {
             return journaled_answer(id, name, &recorded, &answer, "replayed");
         }
@@ -158,7 +181,9 @@ impl Context<'_> {
             return Err(Error::Nondeterministic {
                 offset: id.offset,
                 detail: format!(
-                    "call {} ({name:?}) has no journaled answer, and this replay does not call out",
+                    "call {} ({name:?}) has no journaled answer, and this replay does not call \
+                     out (the journal is missing, or the call's answer was not journaled yet \
+                     when the replay opened)",
                     id.index
                 ),
             });
@@ -345,10 +370,7 @@ impl Effects {
     fn append(&self, id: EffectId, name: &str, answer: &[u8]) -> Result<()> {
         if let Some(store) = &self.store {
             let mut payload = Vec::with_capacity(2 + name.len() + answer.len());
-            let name_len = u16::try_from(name.len()).map_err(|_| Error::InvalidName {
-                name: name.chars().take(64).collect(),
-                reason: "effect names are at most 65535 bytes",
-            })?;
+            let name_len = effect_name_len(name)?;
             payload.extend_from_slice(&name_len.to_be_bytes());
             payload.extend_from_slice(name.as_bytes());
             payload.extend_from_slice(answer);
@@ -395,6 +417,14 @@ impl Effects {
             .lock()
             .retain(|id, j| id.offset >= offset || matches!(j, Journaled::Writing));
     }
+}
+
+/// The length of an effect's name as the journal stores it (two bytes).
+fn effect_name_len(name: &str) -> Result<u16> {
+    u16::try_from(name.len()).map_err(|_| Error::InvalidName {
+        name: name.chars().take(64).collect(),
+        reason: "effect names are at most 65535 bytes",
+    })
 }
 
 fn decode_effect(key: &[u8], payload: &[u8]) -> Option<(EffectId, String, Bytes)> {

@@ -234,9 +234,13 @@ pub(crate) struct Slot<S> {
 /// What handling one request came to.
 pub(crate) enum Outcome<R> {
     Answered(R),
-    /// The request could not be decoded (or an effect failed): the state is unchanged.
+    /// The request could not be decoded: the state is unchanged.
     Refused(Error),
     Panicked(String),
+    /// Under a journal-only replay, a call of the handler found no journaled answer or
+    /// one journaled under another name: the state and the response cannot be trusted,
+    /// whatever the handler made of the error its call returned.
+    Diverged(Error),
 }
 
 /// Runs the handler on one request. `state` may be half-changed after `Panicked`.
@@ -275,11 +279,15 @@ pub(crate) fn apply<H: Handler>(
         calls: 0,
         effects,
         fenced,
+        diverged: None,
     };
     match catch_unwind(AssertUnwindSafe(|| {
         handler.handle(&mut ctx, key, state, request)
     })) {
-        Ok(response) => Outcome::Answered(response),
+        Ok(response) => match ctx.diverged {
+            Some((offset, detail)) => Outcome::Diverged(Error::Nondeterministic { offset, detail }),
+            None => Outcome::Answered(response),
+        },
         Err(panic) => Outcome::Panicked(panic_message(panic.as_ref())),
     }
 }
@@ -401,6 +409,7 @@ pub(crate) fn rebuild<H: Handler>(
                     Outcome::Answered(r) => sink.handled(offset, Ok(r)),
                     Outcome::Refused(e) => sink.handled(offset, Err(e)),
                     Outcome::Panicked(message) => stop = Some(Ok((offset, message))),
+                    Outcome::Diverged(e) => stop = Some(Err(e)),
                 }
             };
             input.replay_from(start, &mut fold_one)?;

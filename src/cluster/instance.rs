@@ -1027,7 +1027,8 @@ fn handle<H: Handler>(
             answer(Ok(response));
             None
         }
-        Outcome::Refused(e) => {
+        // Only a journal-only replay diverges; a live instance calls out instead.
+        Outcome::Refused(e) | Outcome::Diverged(e) => {
             slot.folded_until = offset + 1;
             answer(Err(e));
             None

@@ -19,9 +19,10 @@ use crate::store::{LogOptions, LogStore, Store};
 /// on it, without touching the logs or the outside world.
 ///
 /// A replay reads the input log and the journal of outside calls, read-only (it may run
-/// beside the live service, and sees the logs as they were when it opened). Calls to the
-/// outside world get their journaled answers; a call that was never journaled is an
-/// error rather than a real call.
+/// beside the live service, and sees the logs, and the latest checkpoint, as they were
+/// when it opened). Calls to the outside world get their journaled answers; a call that
+/// was never journaled, or was journaled under another name, fails the replay with
+/// [`Error::Nondeterministic`] rather than calling out or folding on a guess.
 ///
 /// ```
 /// use cauce::cluster::{Cluster, Context, Handler, Replay};
@@ -57,10 +58,12 @@ pub struct Replay<H: Handler> {
     input: Arc<dyn Store>,
     effects: Effects,
     poisoned: BTreeSet<Offset>,
+    /// The latest checkpoint when the replay was made: a checkpoint the live service
+    /// takes later may be past the replay's view of the log.
+    checkpoint: Option<Arc<Checkpoint>>,
 }
 
 /// A request re-run on the state it was handled in (see [`Replay::rerun`]).
-#[derive(Debug)]
 pub struct Rerun<H: Handler> {
     /// The request's offset.
     pub offset: Offset,
@@ -74,6 +77,24 @@ pub struct Rerun<H: Handler> {
     pub response: H::Response,
     /// The key's state after it.
     pub after: H::State,
+}
+
+impl<H: Handler> std::fmt::Debug for Rerun<H>
+where
+    H::Request: std::fmt::Debug,
+    H::State: std::fmt::Debug,
+    H::Response: std::fmt::Debug,
+{
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Rerun")
+            .field("offset", &self.offset)
+            .field("key", &self.key)
+            .field("request", &self.request)
+            .field("before", &self.before)
+            .field("response", &self.response)
+            .field("after", &self.after)
+            .finish()
+    }
 }
 
 /// A fold that answers nobody and keeps its poison marks to itself.
@@ -91,23 +112,40 @@ const REPLAY_INSTANCE: InstanceId = InstanceId(u32::MAX);
 impl<H: Handler> Replay<H> {
     /// Opens the logs a cluster keeps in `dir` (see
     /// [`ClusterBuilder::dir`](super::ClusterBuilder::dir)), read-only.
+    ///
+    /// Damage in either log (anything but a torn tail, which a crash leaves and which
+    /// is left out) is [`Error::Corrupt`], naming the file and byte: a replay that
+    /// stopped there would give states that silently lack every later request. To look
+    /// at what comes before the damage anyway, open the logs with
+    /// [`LogStore::open_read_only`] and pass them to [`from_stores`](Self::from_stores).
+    /// A directory without a journal (`effects`) is a service that made no outside
+    /// calls; a journal that cannot be read is an error.
     pub fn open(dir: impl AsRef<Path>, handler: H) -> Result<Self> {
         let dir = dir.as_ref();
         let input = LogStore::open_read_only(dir.join("input"), LogOptions::new())?;
-        let effects = match LogStore::open_read_only(dir.join("effects"), LogOptions::new()) {
-            Ok(e) => Some(Arc::new(e) as Arc<dyn Store>),
-            Err(Error::Io { .. }) => None, // no journal: no outside calls were made
-            Err(e) => return Err(e),
+        refuse_damage(&input)?;
+        let journal = dir.join("effects");
+        let effects = if journal.exists() {
+            let effects = LogStore::open_read_only(journal, LogOptions::new())?;
+            refuse_damage(&effects)?;
+            Some(Arc::new(effects) as Arc<dyn Store>)
+        } else {
+            None
         };
         Replay::from_stores(Arc::new(input), effects, handler)
     }
 
-    /// A replay over any input log and journal.
+    /// A replay over any input log and journal (`None`: the handler made no outside
+    /// calls). The latest checkpoint is read now, once.
     pub fn from_stores(
         input: Arc<dyn Store>,
         effects: Option<Arc<dyn Store>>,
         handler: H,
     ) -> Result<Self> {
+        let checkpoint = match input.latest_snapshot(CHECKPOINT)? {
+            Some(s) => Some(Arc::new(Checkpoint::decode(s.offset, &s.blob)?)),
+            None => None,
+        };
         let mut poisoned = BTreeSet::new();
         for record in input.read_from(input.start_offset())? {
             let record = record?;
@@ -120,12 +158,23 @@ impl<H: Handler> Replay<H> {
             input,
             effects: Effects::journal_only(effects)?,
             poisoned,
+            checkpoint,
         })
     }
 
     /// The state of `key` just before the request at `offset` (the fold of every request
-    /// of `key` before it; requests whose handler panicked are not part of it).
+    /// of `key` before it; requests whose handler panicked are not part of it). `offset`
+    /// may be the log's next offset, for the state after every request; past it is
+    /// [`Error::OffsetOutOfRange`].
     pub fn state_before(&self, key: &[u8], offset: Offset) -> Result<H::State> {
+        let end = self.input.next_offset();
+        if offset > end {
+            return Err(Error::OffsetOutOfRange {
+                requested: offset,
+                start: self.input.start_offset(),
+                end,
+            });
+        }
         let base = self.base_for(offset)?;
         let mut limits: HashMap<Bytes, Offset, ahash::RandomState> = HashMap::default();
         limits.insert(Bytes::copy_from_slice(key), offset);
@@ -166,7 +215,7 @@ impl<H: Handler> Replay<H> {
                 });
             }
         };
-        let request: H::Request = fold::CODEC.decode(body)?;
+        let request: H::Request = decode_request(offset, &record.key, body)?;
         let before = self.state_before(&record.key, offset)?;
         let mut after: H::State = fold::CODEC.decode(&fold::CODEC.encode(&before)?)?;
         let live = fold::Request {
@@ -186,7 +235,7 @@ impl<H: Handler> Replay<H> {
         );
         let response = match outcome {
             Outcome::Answered(r) => r,
-            Outcome::Refused(e) => return Err(e),
+            Outcome::Refused(e) | Outcome::Diverged(e) => return Err(e),
             Outcome::Panicked(message) => {
                 return Err(Error::HandlerPanicked {
                     instance: REPLAY_INSTANCE,
@@ -205,8 +254,10 @@ impl<H: Handler> Replay<H> {
         })
     }
 
-    /// Every request of `key` in log order, with its offset.
-    pub fn history(&self, key: &[u8]) -> Result<Vec<(Offset, H::Request)>> {
+    /// Every request of `key` in log order, with its offset. A request that cannot be
+    /// decoded (the live service refused it, and it changed no state) is listed with
+    /// the error, which names its offset.
+    pub fn history(&self, key: &[u8]) -> Result<Vec<(Offset, Result<H::Request>)>> {
         let mut out = Vec::new();
         for record in self.input.read_from(self.input.start_offset())? {
             let record = record?;
@@ -214,7 +265,7 @@ impl<H: Handler> Replay<H> {
                 continue;
             }
             if let Envelope::Request(body) = fold::envelope(&record)? {
-                out.push((record.offset, fold::CODEC.decode(body)?));
+                out.push((record.offset, decode_request(record.offset, key, body)));
             }
         }
         Ok(out)
@@ -222,12 +273,10 @@ impl<H: Handler> Replay<H> {
 
     /// Where a fold up to `offset` can start: the latest checkpoint at or before it, or
     /// the beginning of the log.
-    fn base_for(&self, offset: Offset) -> Result<Checkpoint> {
+    fn base_for(&self, offset: Offset) -> Result<Arc<Checkpoint>> {
         let start = self.input.start_offset();
-        if let Some(s) = self.input.latest_snapshot(CHECKPOINT)? {
-            if s.offset <= offset {
-                return Checkpoint::decode(s.offset, &s.blob);
-            }
+        if let Some(c) = self.checkpoint.as_ref().filter(|c| c.offset <= offset) {
+            return Ok(c.clone());
         }
         if start > 0 {
             return Err(Error::OffsetOutOfRange {
@@ -236,7 +285,7 @@ impl<H: Handler> Replay<H> {
                 end: self.input.next_offset(),
             });
         }
-        Ok(Checkpoint::empty(0))
+        Ok(Arc::new(Checkpoint::empty(0)))
     }
 
     fn record_at(&self, offset: Offset) -> Result<Record> {
@@ -251,4 +300,40 @@ impl<H: Handler> Replay<H> {
             _ => Err(out_of_range()),
         }
     }
+}
+
+/// Damage a read-only view of a log stopped at, as an error.
+fn refuse_damage(log: &LogStore) -> Result<()> {
+    match log.corruption() {
+        None => Ok(()),
+        Some(Error::Corrupt {
+            path,
+            position,
+            offset,
+            reason,
+        }) => Err(Error::Corrupt {
+            path: path.clone(),
+            position: *position,
+            offset: *offset,
+            reason: reason.clone(),
+        }),
+        Some(other) => Err(Error::ReadOnly(format!(
+            "the log was opened up to damage: {other}"
+        ))),
+    }
+}
+
+/// Decodes the request at `offset`; an error names the offset and the key.
+fn decode_request<R: serde::de::DeserializeOwned>(
+    offset: Offset,
+    key: &[u8],
+    body: &[u8],
+) -> Result<R> {
+    fold::CODEC.decode(body).map_err(|e| Error::Codec {
+        context: "request",
+        message: format!(
+            "the request at offset {offset} (key {:?}) cannot be decoded: {e}",
+            String::from_utf8_lossy(key)
+        ),
+    })
 }

@@ -1,0 +1,355 @@
+//! `Replay` against damaged, missing and moving logs: it answers with the state the
+//! live service had, or with an error that says why it cannot, never with a guess.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use cauce::Error;
+use cauce::cluster::{Cluster, Context, Handler, Replay};
+use cauce::store::{LogOptions, LogStore, Store};
+use parking_lot::{Condvar, Mutex};
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+enum Req {
+    Add(u64),
+    /// Adds what an outside call answers (100, 101, ...).
+    External,
+    /// An outside call under a name too long to journal.
+    LongName,
+}
+
+/// A service whose handler turns a failed call into an error response, as a handler
+/// may: the replay must not take that response for the real one.
+#[derive(Default, Clone)]
+struct Svc {
+    calls: Arc<AtomicU64>,
+}
+
+impl Handler for Svc {
+    type State = u64;
+    type Request = Req;
+    type Response = Result<u64, String>;
+
+    fn handle(&self, ctx: &mut Context<'_>, _: &[u8], total: &mut u64, req: Req) -> Self::Response {
+        let add = match req {
+            Req::Add(v) => v,
+            Req::External | Req::LongName => {
+                let name = match req {
+                    Req::LongName => "n".repeat(70_000),
+                    _ => "ext".to_string(),
+                };
+                let calls = self.calls.clone();
+                ctx.call(&name, move |_| calls.fetch_add(1, Ordering::SeqCst) + 100)
+                    .map_err(|e| e.to_string())?
+            }
+        };
+        *total += add;
+        Ok(*total)
+    }
+}
+
+fn service(dir: &Path) -> Cluster<Svc> {
+    Cluster::builder(Svc::default())
+        .dir(dir)
+        .checkpoint_every(u64::MAX)
+        .build()
+        .unwrap()
+}
+
+fn first_segment(dir: &Path) -> PathBuf {
+    let mut logs: Vec<PathBuf> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|x| x == "log"))
+        .collect();
+    logs.sort();
+    logs.remove(0)
+}
+
+/// Submits `req` for key `k` and waits for its answer; returns the request's offset.
+fn submit(cluster: &Cluster<Svc>, req: Req) -> (u64, u64) {
+    let pending = cluster.client().submit("k", req).unwrap();
+    let offset = pending.offset();
+    (offset, pending.wait().unwrap().unwrap())
+}
+
+#[test]
+fn a_log_damaged_in_the_middle_is_an_error_not_a_shorter_history() {
+    let dir = tempfile::tempdir().unwrap();
+    let cluster = service(dir.path());
+    let mut last = 0;
+    for i in 0..2000 {
+        last = submit(&cluster, Req::Add(i)).0;
+    }
+    cluster.shutdown().unwrap();
+    let segment = first_segment(&dir.path().join("input"));
+    let mut bytes = std::fs::read(&segment).unwrap();
+    bytes[40_000] ^= 0xff;
+    std::fs::write(&segment, &bytes).unwrap();
+
+    match Replay::open(dir.path(), Svc::default()) {
+        Err(Error::Corrupt { path, .. }) => assert_eq!(path, segment),
+        Err(e) => panic!("damage reported as {e}"),
+        Ok(_) => panic!("a replay opened a log damaged in the middle"),
+    }
+    // What comes before the damage can still be looked at, on purpose.
+    let input = LogStore::open_read_only(dir.path().join("input"), LogOptions::new()).unwrap();
+    assert!(input.corruption().is_some());
+    let end = input.next_offset();
+    assert!(end > 10 && end < last, "the view ends at the damage: {end}");
+    let replay = Replay::from_stores(Arc::new(input), None, Svc::default()).unwrap();
+    let history = replay.history(b"k").unwrap();
+    assert!(!history.is_empty() && history.len() < 2000);
+    let n = history.len() as u64;
+    assert_eq!(replay.state_before(b"k", end).unwrap(), n * (n - 1) / 2);
+}
+
+#[test]
+fn a_journal_that_cannot_be_read_is_an_error_not_an_empty_journal() {
+    let dir = tempfile::tempdir().unwrap();
+    let cluster = service(dir.path());
+    submit(&cluster, Req::External);
+    cluster.shutdown().unwrap();
+    // A read error (EISDIR stands in for EIO or EACCES, which root cannot provoke).
+    let segment = first_segment(&dir.path().join("effects"));
+    std::fs::remove_file(&segment).unwrap();
+    std::fs::create_dir(&segment).unwrap();
+    match Replay::open(dir.path(), Svc::default()) {
+        Err(Error::Io { path, .. }) => assert_eq!(path, segment),
+        Err(e) => panic!("reported as {e}"),
+        Ok(_) => panic!("a replay opened over a journal it cannot read"),
+    }
+}
+
+#[test]
+fn a_call_without_a_journaled_answer_fails_the_replay_whatever_the_handler_does() {
+    let dir = tempfile::tempdir().unwrap();
+    let cluster = service(dir.path());
+    let (external, _) = submit(&cluster, Req::External);
+    let (add, total) = submit(&cluster, Req::Add(1));
+    assert_eq!(total, 101);
+    cluster.shutdown().unwrap();
+
+    // With the journal, the replay agrees with the service.
+    let replay = Replay::open(dir.path(), Svc::default()).unwrap();
+    assert_eq!(replay.state_before(b"k", add).unwrap(), 100);
+
+    // Without it, the handler's call fails, and the handler makes an error response
+    // of it: the fold must not go on from the state that leaves.
+    std::fs::remove_dir_all(dir.path().join("effects")).unwrap();
+    let replay = Replay::open(dir.path(), Svc::default()).unwrap();
+    assert_eq!(replay.state_before(b"k", external).unwrap(), 0);
+    for result in [
+        replay.state_before(b"k", add).map(|_| ()),
+        replay.rerun(add).map(|_| ()),
+        replay.rerun(external).map(|_| ()),
+    ] {
+        match result {
+            Err(Error::Nondeterministic { offset, detail }) => {
+                assert_eq!(offset, external);
+                assert!(detail.contains("no journaled answer"), "{detail}");
+            }
+            other => panic!("expected the divergence, got {other:?}"),
+        }
+    }
+}
+
+/// A handler whose outside call waits at a gate, so that a replay can open while the
+/// call is in flight.
+#[derive(Clone, Default)]
+struct Gated {
+    /// (the call started, the call may finish)
+    gate: Arc<(Mutex<(bool, bool)>, Condvar)>,
+}
+
+impl Handler for Gated {
+    type State = u64;
+    type Request = ();
+    type Response = Result<u64, String>;
+
+    fn handle(&self, ctx: &mut Context<'_>, _: &[u8], total: &mut u64, _: ()) -> Self::Response {
+        let gate = self.gate.clone();
+        let add: u64 = ctx
+            .call("ext", move |_| {
+                let (lock, moved) = &*gate;
+                let mut state = lock.lock();
+                state.0 = true;
+                moved.notify_all();
+                while !state.1 {
+                    moved.wait(&mut state);
+                }
+                100
+            })
+            .map_err(|e| e.to_string())?;
+        *total += add;
+        Ok(*total)
+    }
+}
+
+#[test]
+fn a_replay_opened_while_a_call_is_in_flight_fails_for_that_request() {
+    let dir = tempfile::tempdir().unwrap();
+    let gated = Gated::default();
+    let cluster = Cluster::builder(gated.clone())
+        .dir(dir.path())
+        .build()
+        .unwrap();
+    let pending = cluster.client().submit("k", ()).unwrap();
+    let offset = pending.offset();
+    let (lock, moved) = &*gated.gate;
+    {
+        let mut state = lock.lock();
+        while !state.0 {
+            moved.wait(&mut state);
+        }
+    }
+    let replay = Replay::open(dir.path(), Gated::default()).unwrap();
+    lock.lock().1 = true;
+    moved.notify_all();
+    assert_eq!(pending.wait().unwrap().unwrap(), 100);
+    cluster.shutdown().unwrap();
+
+    assert_eq!(replay.state_before(b"k", offset).unwrap(), 0);
+    assert!(matches!(
+        replay.state_before(b"k", offset + 1),
+        Err(Error::Nondeterministic { offset: o, .. }) if o == offset
+    ));
+    // Opened again, it sees the answer.
+    let replay = Replay::open(dir.path(), Gated::default()).unwrap();
+    assert_eq!(replay.state_before(b"k", offset + 1).unwrap(), 100);
+}
+
+#[test]
+fn an_effect_name_too_long_to_journal_is_refused_before_the_call_is_made() {
+    let dir = tempfile::tempdir().unwrap();
+    let svc = Svc::default();
+    let calls = svc.calls.clone();
+    let cluster = Cluster::builder(svc.clone())
+        .dir(dir.path())
+        .build()
+        .unwrap();
+    let answer = cluster.client().submit("k", Req::LongName).unwrap();
+    let refused = answer.wait().unwrap().unwrap_err();
+    assert!(refused.contains("at most 65535 bytes"), "{refused}");
+    assert_eq!(calls.load(Ordering::SeqCst), 0);
+    cluster.shutdown().unwrap();
+    // Nor is it made when the state is rebuilt.
+    let cluster = Cluster::builder(svc).dir(dir.path()).build().unwrap();
+    let again = cluster.client().submit("k", Req::Add(1)).unwrap();
+    assert_eq!(again.wait().unwrap(), Ok(1));
+    assert_eq!(calls.load(Ordering::SeqCst), 0);
+    cluster.shutdown().unwrap();
+}
+
+/// A request type whose value 13 does not decode, as after a change of the type that a
+/// logged request no longer fits.
+#[derive(Debug, Serialize)]
+struct Picky(u32);
+
+impl<'de> Deserialize<'de> for Picky {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        match u32::deserialize(d)? {
+            13 => Err(serde::de::Error::custom("13 is refused")),
+            v => Ok(Picky(v)),
+        }
+    }
+}
+
+struct Sum;
+
+impl Handler for Sum {
+    type State = u64;
+    type Request = Picky;
+    type Response = u64;
+
+    fn handle(&self, _: &mut Context<'_>, _: &[u8], total: &mut u64, req: Picky) -> u64 {
+        *total += u64::from(req.0);
+        *total
+    }
+}
+
+#[test]
+fn history_lists_an_undecodable_request_with_its_offset() {
+    let dir = tempfile::tempdir().unwrap();
+    let cluster = Cluster::builder(Sum).dir(dir.path()).build().unwrap();
+    let client = cluster.client();
+    client.submit("k", Picky(1)).unwrap().wait().unwrap();
+    let bad = client.submit("k", Picky(13)).unwrap();
+    let bad_offset = bad.offset();
+    assert!(matches!(bad.wait(), Err(Error::Codec { .. })));
+    let last = client.submit("k", Picky(2)).unwrap();
+    let last_offset = last.offset();
+    assert_eq!(last.wait().unwrap(), 3);
+    cluster.shutdown().unwrap();
+
+    let replay = Replay::open(dir.path(), Sum).unwrap();
+    let history = replay.history(b"k").unwrap();
+    let shape: Vec<(u64, Option<u32>)> = history
+        .iter()
+        .map(|(o, r)| (*o, r.as_ref().ok().map(|p| p.0)))
+        .collect();
+    assert_eq!(shape.len(), 3);
+    assert_eq!(shape[1], (bad_offset, None));
+    assert_eq!(shape[2], (last_offset, Some(2)));
+    for err in [
+        history[1].1.as_ref().err().map(ToString::to_string),
+        replay.rerun(bad_offset).err().map(|e| e.to_string()),
+    ] {
+        let err = err.expect("an error");
+        assert!(err.contains(&format!("offset {bad_offset}")), "{err}");
+        assert!(err.contains("13 is refused"), "{err}");
+    }
+    // The refused request changed nothing.
+    assert_eq!(replay.state_before(b"k", last_offset + 1).unwrap(), 3);
+}
+
+#[test]
+fn a_checkpoint_the_service_takes_later_does_not_change_an_open_replay() {
+    let dir = tempfile::tempdir().unwrap();
+    let cluster = Cluster::builder(Svc::default())
+        .dir(dir.path())
+        .checkpoint_every(u64::MAX)
+        .truncate_after_checkpoint(true)
+        .build()
+        .unwrap();
+    for i in 0..10 {
+        submit(&cluster, Req::Add(i));
+    }
+    cluster.checkpoint().unwrap();
+    let offsets: Vec<u64> = (0..10).map(|i| submit(&cluster, Req::Add(i)).0).collect();
+    let replay = Replay::open(dir.path(), Svc::default()).unwrap();
+    let before = replay.state_before(b"k", offsets[5]).unwrap();
+    assert_eq!(before, 45 + 10);
+    for i in 0..10 {
+        submit(&cluster, Req::Add(i));
+    }
+    cluster.checkpoint().unwrap();
+    assert_eq!(replay.state_before(b"k", offsets[5]).unwrap(), before);
+    assert_eq!(replay.rerun(offsets[5]).unwrap().after, before + 5);
+    cluster.shutdown().unwrap();
+    assert_eq!(replay.state_before(b"k", offsets[5]).unwrap(), before);
+}
+
+#[test]
+fn a_state_past_the_end_of_the_log_is_out_of_range() {
+    let dir = tempfile::tempdir().unwrap();
+    let cluster = service(dir.path());
+    let (offset, total) = submit(&cluster, Req::Add(7));
+    cluster.shutdown().unwrap();
+    let replay = Replay::open(dir.path(), Svc::default()).unwrap();
+    let input = LogStore::open_read_only(dir.path().join("input"), LogOptions::new()).unwrap();
+    let end = input.next_offset();
+    assert!(end > offset);
+    assert_eq!(replay.state_before(b"k", end).unwrap(), total);
+    for past in [end + 1, u64::MAX] {
+        assert!(matches!(
+            replay.state_before(b"k", past),
+            Err(Error::OffsetOutOfRange { requested, end: e, .. }) if requested == past && e == end
+        ));
+    }
+    // A rerun prints with the handler's types alone (`Svc` is not `Debug`).
+    let rerun = replay.rerun(offset).unwrap();
+    assert!(format!("{rerun:?}").contains("Add(7)"));
+}
