@@ -106,8 +106,26 @@ fn cursor_journal_is_rewritten_when_it_grows_and_keeps_every_cursor() {
     let len = fs::metadata(&journal).expect("stat").len();
     assert!(len < 64 << 10, "journal rewritten (now {len} bytes)");
     drop(log);
+    let ro = LogStore::open_read_only(tmp.path(), options()).expect("read-only");
+    assert!(
+        ro.corruption().is_none(),
+        "the rewritten journal is whole entries"
+    );
+    drop(ro);
     let log = LogStore::open(tmp.path(), options()).expect("reopen");
     for (name, last) in [("c0", 4998), ("c1", 4999), ("c2", 4997)] {
+        assert_eq!(log.cursor(name).expect("cursor"), Some(last), "{name}");
+    }
+    // Appends go on after the rewritten entries, and a later reopen reads both.
+    log.commit_cursor("c1", 5000).expect("commit after reopen");
+    drop(log);
+    assert_eq!(
+        fs::metadata(&journal).expect("stat").len(),
+        len + 13 + 2,
+        "one entry appended"
+    );
+    let log = LogStore::open(tmp.path(), options()).expect("reopen");
+    for (name, last) in [("c0", 4998), ("c1", 5000), ("c2", 4997)] {
         assert_eq!(log.cursor(name).expect("cursor"), Some(last), "{name}");
     }
 }

@@ -699,6 +699,174 @@ fn cursor_journal_torn_tail_is_cut() {
     assert_eq!(log.cursor("b").expect("cursor"), Some(11));
 }
 
+/// The cursors `journal_with_three_cursors` commits, in order, and the byte each entry
+/// of the journal starts at (an entry is `crc u32, name_len u8, name, offset u64`).
+const THREE_CURSORS: [(&str, u64); 3] = [("a", 1), ("bb", 2), ("ccc", 3)];
+
+fn entry_starts() -> Vec<u64> {
+    let mut at = 0;
+    THREE_CURSORS
+        .iter()
+        .map(|(name, _)| {
+            let start = at;
+            at += 13 + name.len() as u64;
+            start
+        })
+        .collect()
+}
+
+/// A log of 12 records whose journal holds `THREE_CURSORS`; returns the journal's path.
+fn journal_with_three_cursors(dir: &Path) -> PathBuf {
+    let log = LogStore::open(dir, options()).expect("open");
+    append(&log, 0..12, 4);
+    for (name, offset) in THREE_CURSORS {
+        log.commit_cursor(name, offset).expect("commit");
+    }
+    drop(log);
+    let journal = dir.join("cursors.journal");
+    assert_eq!(fs::metadata(&journal).expect("stat").len(), 13 * 3 + 6);
+    journal
+}
+
+fn cursors(log: &LogStore) -> Vec<Option<u64>> {
+    THREE_CURSORS
+        .iter()
+        .map(|(name, _)| log.cursor(name).expect("cursor"))
+        .collect()
+}
+
+/// Rule 11: a damaged cursor entry followed by a valid one is corruption: a writable
+/// open fails naming the journal and the entry's byte position and leaves the file as it
+/// is; a read-only open changes nothing and answers from the entries before the damage.
+#[test]
+fn cursor_journal_damage_in_the_middle_is_an_error_not_a_cut() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let dir = tmp.path();
+    let journal = journal_with_three_cursors(dir);
+    let second = entry_starts()[1];
+    flip(&journal, second + 5); // the name of the second entry
+    let damaged = fs::read(&journal).expect("read");
+    match LogStore::open(dir, options()) {
+        Err(Error::Corrupt {
+            path,
+            position,
+            offset,
+            reason,
+        }) => {
+            assert_eq!(path, journal);
+            assert_eq!(position, second);
+            assert_eq!(offset, None);
+            assert!(reason.contains("not a torn tail"), "{reason}");
+        }
+        other => panic!("expected Corrupt, got {other:?}"),
+    }
+    assert_eq!(
+        fs::read(&journal).expect("read"),
+        damaged,
+        "nothing was cut"
+    );
+
+    let ro = LogStore::open_read_only(dir, options()).expect("read-only open");
+    match ro.corruption() {
+        Some(Error::Corrupt { path, position, .. }) => {
+            assert_eq!((path, *position), (&journal, second));
+        }
+        other => panic!("expected the journal's damage, got {other:?}"),
+    }
+    assert_eq!(
+        cursors(&ro),
+        [Some(1), None, None],
+        "entries before the damage"
+    );
+    assert_eq!(ro.next_offset(), 12, "the segments are whole");
+    drop(ro);
+    assert_eq!(
+        fs::read(&journal).expect("read"),
+        damaged,
+        "read-only changed nothing"
+    );
+}
+
+/// Rule 11, exhaustively: a flipped byte in any entry but the last is corruption at that
+/// entry; in the last entry (nothing valid after it) it is a torn tail, cut, and the
+/// cursors before it are kept. Cutting the file inside the last entry, or zeros after
+/// it, is a torn tail too.
+#[test]
+fn cursor_journal_damage_is_cut_only_when_nothing_valid_follows() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let original = tmp.path().join("original");
+    let journal = journal_with_three_cursors(&original);
+    let whole = fs::read(&journal).expect("read");
+    let starts = entry_starts();
+    let last = starts[2];
+    let work = tmp.path().join("work");
+    let reopen = |bytes: &[u8]| {
+        fs::remove_dir_all(&work).ok();
+        copy_dir(&original, &work);
+        fs::write(work.join("cursors.journal"), bytes).expect("write journal");
+        LogStore::open(&work, options())
+    };
+    for at in 0..whole.len() as u64 {
+        let mut bytes = whole.clone();
+        bytes[at as usize] ^= 0x5a;
+        let entry = *starts.iter().rev().find(|&&s| s <= at).expect("an entry");
+        match reopen(&bytes) {
+            Err(Error::Corrupt { position, .. }) if entry < last => {
+                assert_eq!(position, entry, "flip at byte {at}");
+            }
+            Ok(log) if entry == last => {
+                assert_eq!(cursors(&log), [Some(1), Some(2), None], "flip at byte {at}");
+                drop(log);
+                let len = fs::metadata(work.join("cursors.journal"))
+                    .expect("stat")
+                    .len();
+                assert_eq!(len, last, "flip at byte {at}: the torn entry is cut");
+            }
+            other => panic!("flip at byte {at} (entry at {entry}): {other:?}"),
+        }
+    }
+    let mut tails: Vec<Vec<u8>> = (last as usize + 1..whole.len())
+        .map(|cut| whole[..cut].to_vec())
+        .collect();
+    tails.push([&whole[..], &[0u8; 40][..]].concat());
+    for bytes in tails {
+        let log = reopen(&bytes).expect("a torn tail opens");
+        let kept = if bytes.len() > whole.len() {
+            [Some(1), Some(2), Some(3)]
+        } else {
+            [Some(1), Some(2), None]
+        };
+        assert_eq!(cursors(&log), kept, "journal of {} bytes", bytes.len());
+        log.commit_cursor("ccc", 11).expect("commit after the cut");
+        drop(log);
+        let log = LogStore::open(&work, options()).expect("reopen");
+        assert_eq!(
+            cursors(&log)[..2],
+            kept[..2],
+            "journal of {} bytes",
+            bytes.len()
+        );
+        assert_eq!(log.cursor("ccc").expect("cursor"), Some(11));
+    }
+}
+
+/// A read-only open leaves a torn journal tail in place and answers from the whole
+/// entries before it.
+#[test]
+fn read_only_open_leaves_a_torn_cursor_journal_alone() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let dir = tmp.path();
+    let journal = journal_with_three_cursors(dir);
+    let mut bytes = fs::read(&journal).expect("read");
+    bytes.truncate(bytes.len() - 4);
+    fs::write(&journal, &bytes).expect("tear the last entry");
+    let ro = LogStore::open_read_only(dir, options()).expect("read-only open");
+    assert!(ro.corruption().is_none(), "a torn tail is not corruption");
+    assert_eq!(cursors(&ro), [Some(1), Some(2), None]);
+    drop(ro);
+    assert_eq!(fs::read(&journal).expect("read"), bytes, "nothing was cut");
+}
+
 /// Rule 12: a damaged newest snapshot falls back to the one before it.
 #[test]
 fn damaged_newest_snapshot_falls_back_to_the_previous_one() {

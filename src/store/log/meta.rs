@@ -145,31 +145,122 @@ fn encode_cursor(out: &mut Vec<u8>, name: &str, offset: Offset) {
     out[start..start + 4].copy_from_slice(&crc.to_le_bytes());
 }
 
-/// Parses journal bytes; returns the cursors and the length of the whole entries.
-fn parse_journal(bytes: &[u8]) -> (HashMap<String, Offset>, usize) {
+/// The entry starting at `at`: its name, its offset and where it ends, or what check it
+/// fails.
+fn entry_at(bytes: &[u8], at: usize) -> std::result::Result<(&str, Offset, usize), &'static str> {
+    let Some(&name_len) = bytes.get(at + 4) else {
+        return Err("entry header runs past the end of the file");
+    };
+    let name_len = name_len as usize;
+    let end = at + 5 + name_len + 8;
+    if name_len == 0 {
+        return Err("entry has an empty name");
+    }
+    if end > bytes.len() {
+        return Err("entry runs past the end of the file");
+    }
+    if crc32c::crc32c(&bytes[at + 4..end]) != le32(bytes, at) {
+        return Err("entry fails its checksum");
+    }
+    let name = std::str::from_utf8(&bytes[at + 5..at + 5 + name_len])
+        .map_err(|_| "entry name is not UTF-8")?;
+    Ok((name, le64(bytes, at + 5 + name_len), end))
+}
+
+/// How the journal's bytes end.
+#[derive(Debug, PartialEq, Eq)]
+enum JournalEnd {
+    /// Every byte was whole entries.
+    Clean,
+    /// A bad entry at `position` with no valid entry at any byte after it: a torn append.
+    Torn {
+        position: usize,
+        reason: &'static str,
+    },
+    /// A bad entry at `position` followed by a valid entry at `later`: a committed entry
+    /// is damaged, and cutting here would lose the cursors after it.
+    Corrupt {
+        position: usize,
+        reason: &'static str,
+        later: usize,
+    },
+}
+
+/// Parses journal bytes: the cursors of the whole entries before the first bad one, and
+/// how the bytes end. Entries are not aligned, so a later valid entry is looked for at
+/// every byte after a bad one.
+fn parse_journal(bytes: &[u8]) -> (HashMap<String, Offset>, JournalEnd) {
     let mut cursors = HashMap::new();
     let mut at = 0;
-    while bytes.len() - at >= 5 {
-        let name_len = bytes[at + 4] as usize;
-        let end = at + 5 + name_len + 8;
-        if end > bytes.len() || crc32c::crc32c(&bytes[at + 4..end]) != le32(bytes, at) {
-            break;
+    while at < bytes.len() {
+        match entry_at(bytes, at) {
+            Ok((name, offset, end)) => {
+                cursors.insert(name.to_string(), offset);
+                at = end;
+            }
+            Err(reason) => {
+                let later = (at + 1..bytes.len()).find(|&q| entry_at(bytes, q).is_ok());
+                let end = match later {
+                    Some(later) => JournalEnd::Corrupt {
+                        position: at,
+                        reason,
+                        later,
+                    },
+                    None => JournalEnd::Torn {
+                        position: at,
+                        reason,
+                    },
+                };
+                return (cursors, end);
+            }
         }
-        let Ok(name) = std::str::from_utf8(&bytes[at + 5..at + 5 + name_len]) else {
-            break;
-        };
-        cursors.insert(name.to_string(), le64(bytes, at + 5 + name_len));
-        at = end;
     }
-    (cursors, at)
+    (cursors, JournalEnd::Clean)
 }
 
 impl CursorJournal {
-    /// Replays the journal of `dir`; a torn tail is cut when `writable`.
-    pub(crate) fn open(dir: &Path, writable: bool) -> Result<CursorJournal> {
+    /// Replays the journal of `dir` (rule 11 of the module docs).
+    ///
+    /// A torn tail is cut when `writable` and left alone otherwise. Damage followed by a
+    /// valid entry is an [`Error::Corrupt`] naming the file and the bad entry's byte
+    /// position: when `writable` it is returned as the error; read-only, the journal opens
+    /// with the cursors committed before the damage and the error is returned beside it.
+    /// A read-only open never changes the file.
+    pub(crate) fn open(dir: &Path, writable: bool) -> Result<(CursorJournal, Option<Error>)> {
         let path = dir.join(CURSOR_FILE);
         let bytes = read_if_exists(&path)?.unwrap_or_default();
-        let (cursors, whole) = parse_journal(&bytes);
+        let (cursors, end) = parse_journal(&bytes);
+        let (whole, damage) = match end {
+            JournalEnd::Clean => (bytes.len(), None),
+            JournalEnd::Torn { position, reason } => {
+                tracing::warn!(
+                    path = %path.display(),
+                    position,
+                    reason,
+                    "cursor journal ends in a torn entry: it is left out (and cut if writable)"
+                );
+                (position, None)
+            }
+            JournalEnd::Corrupt {
+                position,
+                reason,
+                later,
+            } => {
+                let e = Error::corrupt(
+                    &path,
+                    position as u64,
+                    None,
+                    format!(
+                        "cursor journal {reason}; a valid entry follows at byte {later}, \
+                         so this is not a torn tail"
+                    ),
+                );
+                if writable {
+                    return Err(e);
+                }
+                (position, Some(e))
+            }
+        };
         let mut journal = CursorJournal {
             dir: dir.to_path_buf(),
             path,
@@ -191,7 +282,7 @@ impl CursorJournal {
             }
             journal.file = Some(file);
         }
-        Ok(journal)
+        Ok((journal, damage))
     }
 
     /// The committed position of `name`.

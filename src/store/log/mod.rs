@@ -110,7 +110,14 @@
 //!     segment is deleted, so reads below it are [`Error::OffsetOutOfRange`] after a
 //!     crash too. (`retention_start_offset_is_exact_after_reopen`)
 //! 11. **The cursor journal's torn tail is cut**; the last entry of each name wins.
-//!     (`cursor_journal_torn_tail_is_cut`)
+//!     A bad entry with no valid entry at any byte after it is a torn append and is cut;
+//!     a bad entry followed by a valid one is damage to committed cursors, and opening
+//!     for writing fails with [`Error::Corrupt`] naming the journal and the bad entry's
+//!     byte position rather than dropping the cursors after it.
+//!     [`LogStore::open_read_only`] changes nothing and answers from the entries before
+//!     the damage ([`LogStore::corruption`] reports it).
+//!     (`cursor_journal_torn_tail_is_cut`,
+//!     `cursor_journal_damage_in_the_middle_is_an_error_not_a_cut`)
 //! 12. **The newest snapshot that passes its checks wins**: a damaged one falls back to
 //!     the one before it (the newest two of each name are kept).
 //!     (`damaged_newest_snapshot_falls_back_to_the_previous_one`)
@@ -493,7 +500,8 @@ impl LogStore {
 
     /// Opens the log in `dir` without changing anything in it, up to the first damage:
     /// every segment is checked now, and the view ends before the first bad batch
-    /// ([`corruption`](Self::corruption) says where). A torn tail is left out of the view
+    /// ([`corruption`](Self::corruption) says where). The cursor journal likewise answers
+    /// from its entries before any damage in it. A torn tail is left out of the view
     /// but not cut. Appends, retention, compaction and cursor commits are
     /// [`Error::ReadOnly`]. Takes no lock: a writer may be running, and the view is the
     /// log as it was when opened (records appended later are not seen).
@@ -513,7 +521,15 @@ impl LogStore {
     fn build(dir: &Path, options: LogOptions, lock: Option<File>) -> Result<LogStore> {
         let writable = lock.is_some();
         let recovered = recovery::recover(dir, &options, writable)?;
-        let cursors = meta::CursorJournal::open(dir, writable)?;
+        let (cursors, journal_damage) = meta::CursorJournal::open(dir, writable)?;
+        // Read-only, the segments' damage is the one reported; the journal's is logged.
+        let corruption = match (recovered.corruption, journal_damage) {
+            (Some(segments), Some(journal)) => {
+                tracing::warn!(error = %journal, "the cursor journal is damaged too");
+                Some(segments)
+            }
+            (segments, journal) => segments.or(journal),
+        };
         let empty = || -> Result<Arc<Segment>> {
             // A read-only view of a directory with no segment: a stand-in that holds
             // nothing, never read.
@@ -596,7 +612,7 @@ impl LogStore {
         Ok(LogStore {
             shared,
             flusher,
-            corruption: recovered.corruption,
+            corruption,
             opened_at: recovered.next,
             _lock: lock,
         })
@@ -631,7 +647,10 @@ impl LogStore {
     }
 
     /// For a store opened with [`open_read_only`](Self::open_read_only): the damage where
-    /// its view stops, if it found any.
+    /// its view stops, if it found any. Damage in the segments comes first; failing
+    /// that, damage in the middle of the cursor journal, in which case
+    /// [`cursor`](Store::cursor) answers from the entries before it (a cursor committed
+    /// again after the damage shows its earlier position).
     pub fn corruption(&self) -> Option<&Error> {
         self.corruption.as_ref()
     }
