@@ -208,10 +208,24 @@ pub enum Error {
     },
 
     /// `commit` was called on a subscription whose position cannot be made durable: it
-    /// was not opened from a named cursor, its stream is not stored, or it merges several
-    /// streams.
+    /// was not opened from a named cursor, its stream is not stored, it merges several
+    /// streams, or it is a [`Tee`](crate::stream::Tee) holding a record its caller has
+    /// not received yet.
     #[error("cannot commit this subscription: {0}")]
     CannotCommit(&'static str),
+
+    /// A [`Tee`](crate::stream::Tee)'s second stream refused a record the tee received
+    /// from its input (for example because that stream was closed), so the record was
+    /// not returned. The input has not ended: the tee holds the record and offers it to
+    /// the second stream again on the next call.
+    #[error("the tee's second stream refused the record at offset {offset}: {source}")]
+    TeeRefused {
+        /// The record's offset in the tee's input.
+        offset: Offset,
+        /// Why the second stream refused it.
+        #[source]
+        source: Box<Error>,
+    },
 
     /// A batch published through a split routes to more than one instance, so it cannot
     /// be published as one batch; publish its entries one by one.
@@ -289,8 +303,13 @@ impl Error {
         }
     }
 
-    /// True for errors that a retry may cure (full, busy, timed out).
+    /// True for errors that a retry may cure (full, busy, timed out, or a
+    /// [`Error::TeeRefused`] for one of those).
     pub fn is_transient(&self) -> bool {
-        matches!(self, Error::Full | Error::Busy { .. } | Error::Timeout(_))
+        match self {
+            Error::Full | Error::Busy { .. } | Error::Timeout(_) => true,
+            Error::TeeRefused { source, .. } => source.is_transient(),
+            _ => false,
+        }
     }
 }

@@ -8,7 +8,7 @@ use cauce::router::InstanceId;
 use cauce::store::MemoryStore;
 use cauce::stream::{
     LogStream, MemoryStream, MemorySubscriber, Position, Publish, Stream, Subscribe, SubscribeExt,
-    Typed, forward, merge, split,
+    Tee, Typed, forward, merge, split,
 };
 use cauce::{Entry, Error, Record};
 
@@ -163,6 +163,162 @@ fn tee_closes_its_second_stream_when_its_input_ends() {
     drop(publisher);
     expect_closed(&mut handler, "tee after its input closed");
     expect_closed(&mut audit_log, "the tee's second stream");
+}
+
+/// A stored input of five records ("0".."4") read from the cursor `c` through a tee into
+/// `audit`; returns the store (to read the cursor) and the tee.
+fn tee_from_cursor<P: Publish>(
+    audit: P,
+) -> (
+    MemoryStore,
+    Tee<cauce::stream::LogSubscriber<MemoryStore>, P>,
+) {
+    let store = MemoryStore::new();
+    let input = LogStream::new(store.clone());
+    publish_all(&input.publisher(), &["0", "1", "2", "3", "4"]);
+    let tee = input
+        .subscribe(Position::Cursor("c".into()))
+        .expect("subscribe")
+        .tee(audit);
+    (store, tee)
+}
+
+fn cursor(store: &MemoryStore) -> Option<u64> {
+    use cauce::store::Store;
+    store.cursor("c").expect("cursor")
+}
+
+fn expect_refused(item: Result<Record, Error>, offset: u64, what: &str) {
+    match item {
+        Err(Error::TeeRefused { offset: o, source }) => {
+            assert_eq!(o, offset, "{what}");
+            assert!(matches!(*source, Error::Closed), "{what}: {source}");
+        }
+        other => panic!("{what}: expected TeeRefused at {offset}, got {other:?}"),
+    }
+}
+
+#[test]
+fn tee_refused_by_its_second_stream_is_an_error_not_the_end_of_its_input() {
+    let (audit, mut audit_log) = halves(8);
+    let (store, mut tee) = tee_from_cursor(audit.clone());
+    assert_eq!(tee.recv().expect("recv").payload, "0");
+    tee.commit().expect("commit after record 0");
+    assert_eq!(cursor(&store), Some(1));
+    audit.close();
+    expect_refused(tee.recv(), 1, "recv");
+    expect_refused(tee.recv_timeout(PATIENCE), 1, "recv_timeout, again");
+    assert!(matches!(
+        tee.try_recv(),
+        Err(Error::TeeRefused { offset: 1, .. })
+    ));
+    let items: Vec<_> = tee.records().take(3).collect();
+    assert_eq!(items.len(), 3, "records() does not end: the input has not");
+    for item in items {
+        expect_refused(item, 1, "records()");
+    }
+    assert!(
+        matches!(tee.commit(), Err(Error::CannotCommit(_))),
+        "commit would count record 1, never received"
+    );
+    assert_eq!(cursor(&store), Some(1), "the cursor did not move");
+    assert_eq!(audit_log.recv().expect("audit").payload, "0");
+    expect_closed(&mut audit_log, "the closed second stream");
+
+    // Going on without the copy: the held record first, then the rest of the input.
+    let (mut input, held) = tee.into_parts();
+    assert_eq!(held.expect("the held record").payload, "1");
+    let rest: Vec<_> = (0..3)
+        .map(|_| input.recv().expect("recv").payload)
+        .collect();
+    assert_eq!(rest, ["2", "3", "4"]);
+    input.commit().expect("commit");
+    assert_eq!(cursor(&store), Some(5));
+}
+
+/// A publisher that refuses (with `Error::Closed`) while `refusing` is set.
+#[derive(Clone)]
+struct Refusing {
+    inner: cauce::stream::MemoryPublisher,
+    refusing: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl Publish for Refusing {
+    fn publish(&self, entry: Entry<'_>) -> cauce::Result<u64> {
+        if self.refusing.load(std::sync::atomic::Ordering::SeqCst) {
+            return Err(Error::Closed);
+        }
+        self.inner.publish(entry)
+    }
+    fn try_publish(&self, entry: Entry<'_>) -> cauce::Result<u64> {
+        if self.refusing.load(std::sync::atomic::Ordering::SeqCst) {
+            return Err(Error::Closed);
+        }
+        self.inner.try_publish(entry)
+    }
+    fn close(&self) {
+        self.inner.close();
+    }
+}
+
+#[test]
+fn tee_returns_a_refused_record_once_its_second_stream_takes_it() {
+    let (inner, mut audit_log) = halves(8);
+    let refusing = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let audit = Refusing {
+        inner,
+        refusing: refusing.clone(),
+    };
+    let (store, mut tee) = tee_from_cursor(audit);
+    assert_eq!(tee.recv().expect("recv").payload, "0");
+    refusing.store(true, std::sync::atomic::Ordering::SeqCst);
+    expect_refused(tee.recv(), 1, "refused");
+    assert!(matches!(tee.commit(), Err(Error::CannotCommit(_))));
+    assert_eq!(cursor(&store), None, "nothing committed");
+    refusing.store(false, std::sync::atomic::Ordering::SeqCst);
+    assert_eq!(tee.recv().expect("taken now").payload, "1");
+    tee.commit().expect("commit after record 1 was returned");
+    assert_eq!(cursor(&store), Some(2));
+    assert_eq!(tee.recv().expect("recv").payload, "2");
+    let copies: Vec<_> = (0..3)
+        .map(|_| audit_log.recv().expect("copy").payload)
+        .collect();
+    assert_eq!(copies, ["0", "1", "2"], "each record copied once, in order");
+}
+
+#[test]
+fn tee_commit_does_not_count_a_record_held_back_by_a_full_second_stream() {
+    let (audit, mut audit_log) = halves(1);
+    let (store, mut tee) = tee_from_cursor(audit);
+    assert_eq!(tee.try_recv().expect("try_recv").expect("0").payload, "0");
+    assert!(
+        tee.try_recv().expect("full").is_none(),
+        "record 1 held back"
+    );
+    assert!(matches!(tee.commit(), Err(Error::CannotCommit(_))));
+    assert_eq!(cursor(&store), None);
+    assert_eq!(audit_log.recv().expect("audit").payload, "0");
+    assert_eq!(tee.try_recv().expect("room").expect("1").payload, "1");
+    tee.commit().expect("commit");
+    assert_eq!(cursor(&store), Some(2));
+}
+
+#[test]
+fn merge_and_forward_of_a_refused_tee_report_the_refusal_not_the_end() {
+    let (audit, _audit_log) = halves(8);
+    audit.close();
+    let (_store, tee) = tee_from_cursor(audit.clone());
+    let mut merged = merge([tee]).expect("merge");
+    match merged.recv_timeout(PATIENCE) {
+        Err(Error::TeeRefused { offset: 0, .. }) => {}
+        other => panic!("merge: expected TeeRefused at 0, got {other:?}"),
+    }
+    let (sink, _sink_log) = halves(8);
+    let (_store, tee) = tee_from_cursor(audit);
+    match forward(tee, sink) {
+        Err(Error::TeeRefused { offset: 0, .. }) => {}
+        other => panic!("forward: expected TeeRefused at 0, got {other:?}"),
+    }
 }
 
 #[test]

@@ -132,11 +132,29 @@ where
 ///
 /// A record is returned only once the second stream has taken it, so a full second
 /// stream holds the reader back (`try_recv` then answers `Ok(None)`, and `recv_timeout`
-/// waits for room beyond its timeout). If publishing fails, the error is returned and the
-/// record is kept: the next call publishes it again before anything else. When the input
-/// ends, the tee drops its publisher, so the second stream closes too unless it has other
-/// publishers. The copy keeps the record's timestamp, key and payload and gets its
-/// offset from the second stream.
+/// waits for room beyond its timeout). When the input ends, the tee drops its publisher,
+/// so the second stream closes too unless it has other publishers. The copy keeps the
+/// record's timestamp, key and payload and gets its offset from the second stream.
+///
+/// # When the second stream refuses a record
+///
+/// The tee has then read the record from its input but cannot return it. It holds it,
+/// and every call returns [`Error::TeeRefused`] (the record's offset, with the second
+/// stream's error as its source) after offering it again, until the second stream takes
+/// it; then it is returned and reading goes on. A refusal is never [`Error::Closed`],
+/// which means only that the input ended: [`records`](super::SubscribeExt::records)
+/// yields it as an error item instead of ending, [`merge`] passes it on, and
+/// [`forward`] returns it.
+///
+/// While the tee holds a record (refused, or kept back from `try_recv` by a full second
+/// stream), [`commit`](Subscribe::commit) is [`Error::CannotCommit`] and commits
+/// nothing: the input's position already counts that record, which the caller has not
+/// received. Commits made before stand.
+///
+/// A refusal that does not pass (the second stream was closed for good) leaves the
+/// choice to the caller: drop the tee, and a subscriber opened again from the last
+/// committed cursor receives the held record again; or take the input and the held
+/// record back with [`into_parts`](Tee::into_parts) and go on without the copy.
 ///
 /// ```
 /// use cauce::stream::{MemoryStream, Position, Publish, Stream, Subscribe, SubscribeExt};
@@ -175,6 +193,13 @@ impl<S: Subscribe, P: Publish> Tee<S, P> {
         }
     }
 
+    /// The wrapped subscriber, and the record the tee holds because its second stream
+    /// has not taken it, if any. The input has read that record and the caller has not
+    /// received it: handle it before reading on from the input, or it is skipped.
+    pub fn into_parts(self) -> (S, Option<Record>) {
+        (self.input, self.pending)
+    }
+
     /// Publishes the received (or pending) record; `wait` says whether to wait for room.
     fn pass(&mut self, received: Result<Option<Record>>, wait: bool) -> Result<Option<Record>> {
         let record = match (self.pending.take(), received) {
@@ -202,8 +227,14 @@ impl<S: Subscribe, P: Publish> Tee<S, P> {
                 Ok(None)
             }
             Err(e) => {
+                let offset = record.offset;
                 self.pending = Some(record);
-                Err(e)
+                // Not passed up as is: a `Closed` of the second stream would read as the
+                // end of the input.
+                Err(Error::TeeRefused {
+                    offset,
+                    source: Box::new(e),
+                })
             }
         }
     }
@@ -234,8 +265,15 @@ impl<S: Subscribe, P: Publish> Subscribe for Tee<S, P> {
         self.pass(received, false)
     }
 
-    /// Commits the input. A record kept after a failed publish counts as received.
+    /// Commits the input, unless the tee holds a record the caller has not received
+    /// ([`Error::CannotCommit`]; see [`Tee`]).
     fn commit(&mut self) -> Result<()> {
+        if self.pending.is_some() {
+            return Err(Error::CannotCommit(
+                "the tee holds a record its second stream has not taken and its caller has \
+                 not received; commit after it is returned",
+            ));
+        }
         self.input.commit()
     }
 }
