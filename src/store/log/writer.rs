@@ -402,10 +402,12 @@ impl Shared {
     /// Notes that every record before `upto` is durable.
     fn mark_synced(&self, st: &mut WriterState, upto: Offset, started: Instant) {
         st.synced = st.synced.max(upto);
-        self.durable.store(st.synced, Ordering::Release);
         if self.options.sync == SyncPolicy::Always {
+            // Before `durable`: an appender that sees `durable` cover its records returns
+            // without the lock, and its records must be visible to readers by then.
             self.tail.publish(st.synced);
         }
+        self.durable.store(st.synced, Ordering::Release);
         st.unsynced_records = st.next - st.synced;
         // Records appended while the sync ran are no older than its start.
         st.unsynced_since = (st.next > st.synced).then_some(started);
