@@ -19,7 +19,7 @@
 //! The checks panic with a message naming the broken rule, as test assertions do.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -47,8 +47,10 @@ pub fn run_all<F: Fixture>(fixture: &mut F) {
     read_outside_the_range_is_an_error(fixture);
     reader_sees_records_committed_after_it_caught_up(fixture);
     readers_never_see_part_of_a_batch(fixture);
+    readers_never_get_ahead_of_the_end(fixture);
     wait_for_wakes_on_append_timeout_and_wake(fixture);
     retention_drops_only_records_before_the_offset(fixture);
+    retention_stops_readers_that_read_before_it(fixture);
     compaction_keeps_the_latest_record_per_key(fixture);
     cursors_are_durable_and_names_are_checked(fixture);
     snapshots_are_durable_and_latest_wins(fixture);
@@ -217,6 +219,60 @@ pub fn readers_never_see_part_of_a_batch<F: Fixture>(fixture: &mut F) {
     }
 }
 
+/// While several threads append, a reader returns a record only once `next_offset()`
+/// covers it (the append that wrote it has committed): a consumer may commit a cursor
+/// past every record it was given.
+pub fn readers_never_get_ahead_of_the_end<F: Fixture>(fixture: &mut F) {
+    const APPENDERS: usize = 2;
+    const APPENDS: u64 = 100_000;
+    // Bounds the check under a sync policy that makes every append wait for the disk.
+    const LONGEST: Duration = Duration::from_millis(400);
+    let store = Arc::new(fixture.create());
+    let finished = Arc::new(AtomicUsize::new(0));
+    let appenders: Vec<_> = (0..APPENDERS)
+        .map(|_| {
+            let store = store.clone();
+            let finished = finished.clone();
+            thread::spawn(move || {
+                let started = Instant::now();
+                let mut appended = 0;
+                while appended < APPENDS && started.elapsed() < LONGEST {
+                    store.append(&[Entry::new(b"k", b"v")]).expect("append");
+                    appended += 1;
+                }
+                finished.fetch_add(1, Ordering::SeqCst);
+                appended
+            })
+        })
+        .collect();
+    // The reader polls instead of waiting, so that it often reads while an append is
+    // under way: that is when a record could show before the end covers it.
+    let mut reader = store.read_from(0).expect("read_from");
+    let mut read = 0;
+    loop {
+        let all_done = finished.load(Ordering::SeqCst) == APPENDERS;
+        for r in reader.by_ref() {
+            let offset = r.expect("reading while appending").offset;
+            let end = store.next_offset();
+            assert!(
+                offset < end,
+                "record {offset} was returned while next_offset() was {end}"
+            );
+            assert_eq!(offset, read, "no gap, no repeat");
+            read += 1;
+        }
+        if all_done {
+            break;
+        }
+        thread::yield_now();
+    }
+    let appended: u64 = appenders
+        .into_iter()
+        .map(|a| a.join().expect("appender thread"))
+        .sum();
+    assert_eq!(read, appended, "the reader read every record");
+}
+
 /// `wait_for` returns when the end moves, when it times out, and on `wake_waiters`.
 pub fn wait_for_wakes_on_append_timeout_and_wake<F: Fixture>(fixture: &mut F) {
     let store = Arc::new(fixture.create());
@@ -268,6 +324,58 @@ pub fn retention_drops_only_records_before_the_offset<F: Fixture>(fixture: &mut 
     assert_eq!(read_all(&store, 1000), vec![]);
     append_numbered(&store, 1000..1001);
     assert_numbered(&read_all(&store, 1000), 1000..1001);
+}
+
+/// Once `truncate_before` has returned, no reader returns a record before the new start,
+/// not even one that had read up to it before (and may hold the records in a buffer): it
+/// reports `OffsetOutOfRange` for the first record it can no longer return, and stops.
+/// A replay that retention overtakes stops the same way.
+pub fn retention_stops_readers_that_read_before_it<F: Fixture>(fixture: &mut F) {
+    let store = fixture.create();
+    append_numbered(&store, 0..300);
+    let mut reader = store.read_from(0).expect("read_from");
+    let first = reader.next().expect("a record").expect("no error");
+    assert_eq!(first.offset, 0);
+    store.truncate_before(5).expect("truncate_before");
+    match reader.next() {
+        Some(Err(Error::OffsetOutOfRange {
+            requested: 1,
+            start: 5,
+            end: 300,
+        })) => {}
+        Some(Ok(r)) => panic!(
+            "record {} was returned after retention dropped it",
+            r.offset
+        ),
+        other => panic!("a reader overtaken by retention must be OffsetOutOfRange, got {other:?}"),
+    }
+    assert!(
+        reader.next().is_none(),
+        "a reader yields nothing after its error"
+    );
+
+    let mut replayed = Vec::new();
+    let result = store.replay_from(5, &mut |offset, _| {
+        replayed.push(offset);
+        if offset == 5 {
+            store
+                .truncate_before(100)
+                .expect("truncate_before during a replay");
+        }
+    });
+    assert!(
+        matches!(
+            result,
+            Err(Error::OffsetOutOfRange {
+                requested: 6,
+                start: 100,
+                ..
+            })
+        ),
+        "a replay overtaken by retention must be OffsetOutOfRange, got {result:?}"
+    );
+    assert_eq!(replayed, [5], "nothing replayed after retention dropped it");
+    assert_numbered(&read_all(&store, 100), 100..300);
 }
 
 /// Compaction keeps the latest record of each key (and every keyless record), with its

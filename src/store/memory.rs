@@ -4,6 +4,7 @@
 use std::collections::{HashMap, VecDeque};
 use std::ops::Range;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
@@ -21,10 +22,12 @@ use crate::record::{Entry, Offset, Record, Timestamp};
 ///
 /// # Following the tail
 /// A follower reads each record right after it is appended, so what an append and a read
-/// share decides how closely it keeps up. They share the committed end (an atomic) and,
-/// briefly, one lock, and nothing else:
+/// share decides how closely it keeps up. They share the committed end and the start
+/// (atomics) and, briefly, one lock, and nothing else:
 ///
-/// - A reader that has caught up learns it from the committed end, without the lock.
+/// - A reader that has caught up learns it from the committed end, without the lock. An
+///   append moves the end before it lets go of the lock, so every record a reader finds
+///   under the lock is below the end: none is returned before `next_offset()` covers it.
 /// - Otherwise it copies a batch of records (up to 256 records or 32 KiB) into a buffer
 ///   of its own under the read lock, and hands them out as [`Bytes`] slices of that
 ///   buffer. The reference counts it then touches are its own: sharing the stored bytes
@@ -35,6 +38,9 @@ use crate::record::{Entry, Offset, Record, Timestamp};
 ///   Records over 1 KiB are shared, not copied.
 /// - Finding where to read is one index computation while offsets are dense (until a
 ///   compaction leaves gaps), not a search.
+/// - Each record is checked against the start as it is returned: once
+///   [`truncate_before`](Store::truncate_before) has returned, a reader that copied
+///   records before it returns [`Error::OffsetOutOfRange`] instead of one it dropped.
 ///
 /// ```
 /// use cauce::store::{MemoryStore, Store};
@@ -60,22 +66,24 @@ use crate::record::{Entry, Offset, Record, Timestamp};
 /// let left: Vec<_> = store.read_from(0).unwrap().map(|r| r.unwrap().offset).collect();
 /// assert_eq!(left, [1]);
 /// ```
-#[derive(Clone, Debug, Default)]
+#[derive(Clone, Debug)]
 pub struct MemoryStore {
     shared: Arc<Shared>,
 }
 
-#[derive(Debug, Default)]
+#[derive(Debug)]
 struct Shared {
     data: RwLock<Data>,
     tail: Tail,
+    /// The first offset held. Written under the write lock; read without it by readers,
+    /// for every record they return (they may hold records taken before a truncation).
+    start: AtomicU64,
 }
 
 #[derive(Debug, Default)]
 struct Data {
     /// Held records in offset order (compaction may leave gaps in offsets).
     records: VecDeque<Record>,
-    start: Offset,
     next: Offset,
     cursors: HashMap<String, Offset>,
     snapshots: HashMap<String, Snapshot>,
@@ -95,10 +103,22 @@ impl Data {
     }
 }
 
+impl Default for MemoryStore {
+    fn default() -> Self {
+        MemoryStore::new()
+    }
+}
+
 impl MemoryStore {
     /// An empty store.
     pub fn new() -> Self {
-        MemoryStore::default()
+        MemoryStore {
+            shared: Arc::new(Shared {
+                data: RwLock::new(Data::default()),
+                tail: Tail::default(),
+                start: AtomicU64::new(0),
+            }),
+        }
     }
 
     /// How many records the store holds.
@@ -133,6 +153,14 @@ enum Taken {
     },
     /// Larger than [`COPY_LIMIT`]: the stored record itself.
     Shared(Record),
+}
+
+impl Taken {
+    fn offset(&self) -> Offset {
+        match self {
+            Taken::Copied { offset, .. } | Taken::Shared(Record { offset, .. }) => *offset,
+        }
+    }
 }
 
 /// Where a copied record is in the reader's buffer: its key at `at`, its payload right
@@ -184,10 +212,11 @@ impl Reader {
             return Ok(false);
         }
         let data = self.shared.data.read();
-        if self.position < data.start {
+        let start = self.shared.start.load(Ordering::Acquire);
+        if self.position < start {
             return Err(Error::OffsetOutOfRange {
                 requested: self.position,
-                start: data.start,
+                start,
                 end: data.next,
             });
         }
@@ -227,12 +256,26 @@ impl Reader {
         drop(data);
         self.buffer = buffer.freeze();
         match self.taken.back() {
-            Some(Taken::Copied { offset, .. }) | Some(Taken::Shared(Record { offset, .. })) => {
-                self.position = offset + 1;
+            Some(taken) => {
+                self.position = taken.offset() + 1;
                 Ok(true)
             }
             None => Ok(false),
         }
+    }
+
+    /// Refuses a taken record that retention dropped after it was taken: records before
+    /// the start are never returned again.
+    fn check_held(&self, offset: Offset) -> Result<()> {
+        let start = self.shared.start.load(Ordering::Acquire);
+        if offset < start {
+            return Err(Error::OffsetOutOfRange {
+                requested: offset,
+                start,
+                end: self.shared.tail.get(),
+            });
+        }
+        Ok(())
     }
 
     /// A taken record as an entry: borrowed from the buffer or the shared record.
@@ -273,6 +316,7 @@ impl Reader {
         while self.take_batch()? {
             for taken in std::mem::take(&mut self.taken) {
                 let (offset, entry) = self.entry(&taken);
+                self.check_held(offset)?;
                 f(offset, entry);
             }
         }
@@ -315,6 +359,11 @@ impl Iterator for Reader {
             }
         }
         let taken = self.taken.pop_front()?;
+        if let Err(e) = self.check_held(taken.offset()) {
+            self.failed = true;
+            self.taken.clear();
+            return Some(Err(e));
+        }
         Some(Ok(self.record(taken)))
     }
 }
@@ -323,7 +372,8 @@ impl MemoryStore {
     /// A reader at `from`, once `from` is checked against the held range.
     fn reader(&self, from: Offset) -> Result<Reader> {
         let data = self.shared.data.read();
-        check_read_range(from, data.start, data.next)?;
+        let start = self.shared.start.load(Ordering::Acquire);
+        check_read_range(from, start, data.next)?;
         Ok(Reader::new(self.shared.clone(), from))
     }
 }
@@ -337,8 +387,10 @@ impl Store for MemoryStore {
         }
         data.next = first + batch.len() as Offset;
         let next = data.next;
-        drop(data);
+        // Published under the lock: a reader, which takes records under it, then never
+        // finds one the end does not cover yet.
         self.shared.tail.publish(next);
+        drop(data);
         Ok(first..next)
     }
 
@@ -353,7 +405,7 @@ impl Store for MemoryStore {
     }
 
     fn start_offset(&self) -> Offset {
-        self.shared.data.read().start
+        self.shared.start.load(Ordering::Acquire)
     }
 
     fn next_offset(&self) -> Offset {
@@ -374,17 +426,19 @@ impl Store for MemoryStore {
 
     fn truncate_before(&self, offset: Offset) -> Result<()> {
         let mut data = self.shared.data.write();
+        let start = self.shared.start.load(Ordering::Acquire);
         if offset > data.next {
             return Err(Error::OffsetOutOfRange {
                 requested: offset,
-                start: data.start,
+                start,
                 end: data.next,
             });
         }
-        if offset > data.start {
+        if offset > start {
             let drop_count = data.index_of(offset);
             data.records.drain(..drop_count);
-            data.start = offset;
+            // Readers holding records taken before now check each against it.
+            self.shared.start.store(offset, Ordering::Release);
         }
         Ok(())
     }

@@ -33,10 +33,11 @@ impl Tail {
 
     /// Moves the committed end up to `next` (never down) and wakes the waiters.
     ///
-    /// Never down: appenders that commit under a lock but publish after it (as
-    /// `MemoryStore` does) may publish out of order, and a plain store of the older end
-    /// would move the end back, hiding committed records from readers until the next
-    /// append.
+    /// A store publishes under the lock that orders its appends: a reader that finds
+    /// records under that lock then finds none the end does not cover yet, and ends
+    /// arrive in order. Never down is only a guard (the max costs what a `SeqCst` store
+    /// costs): a late publish of an older end would otherwise hide committed records from
+    /// readers until the next append.
     pub(crate) fn publish(&self, next: Offset) {
         // SeqCst pairs with the waiter's increment then load in `wait_for`: either this
         // load sees the waiter, or the waiter's load sees the new end.

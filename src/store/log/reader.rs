@@ -167,12 +167,17 @@ impl LogReader {
             }
         }
         loop {
+            // The seal first: a sealed segment's end is stored before the seal, so an end
+            // loaded after the seal was seen is final. Loaded the other way round, an end
+            // from before a roll wrote the last batch could pass for the final one, and
+            // that batch for one cut short.
+            let sealed = seg.sealed.load(Ordering::Acquire);
             let end = seg.end.load(Ordering::Acquire);
             if pos + want as u64 <= end {
                 // A whole window of written bytes, or the rest of a sealed segment, is
                 // mapped; a follower at the tail reads (a mapping per batch costs more).
                 let written = end - pos;
-                if written >= MAP_BYTES as u64 || seg.sealed.load(Ordering::Acquire) {
+                if written >= MAP_BYTES as u64 || sealed {
                     if let Some(mapped) = map_window(seg, pos, want, end) {
                         self.chunk = mapped;
                         self.chunk_pos = pos;
@@ -200,7 +205,7 @@ impl LogReader {
             }
             // Fewer than `want` bytes were written at `pos` (buffers hold whole batches, so
             // no more will come from memory), or the segment is sealed: that is all.
-            if pos < end || seg.sealed.load(Ordering::Acquire) {
+            if pos < end || sealed {
                 return Ok(None);
             }
             match self.shared.tail_bytes(seg, pos, want) {
@@ -229,6 +234,26 @@ impl LogReader {
         Error::corrupt(path, self.pending_pos, Some(self.next), reason)
     }
 
+    /// The bytes of the batch header at `pos` of `seg`, or `None` when there is none
+    /// (yet); a sealed segment whose data stops inside one is corrupt.
+    fn header_bytes_at(&mut self, seg: &Segment, pos: u64) -> Result<Option<Bytes>> {
+        if let Some(head) = self.bytes_at(seg, pos, BATCH_HEADER_LEN)? {
+            return Ok(Some(head));
+        }
+        if !seg.sealed.load(Ordering::Acquire) {
+            return Ok(None);
+        }
+        // Sealed, perhaps since the look above, by a roll that wrote a batch at `pos`:
+        // look again, now that the end is final, before calling the header cut short.
+        if let Some(head) = self.bytes_at(seg, pos, BATCH_HEADER_LEN)? {
+            return Ok(Some(head));
+        }
+        if pos < seg.end.load(Ordering::Acquire) {
+            return Err(self.corrupt(seg, pos, "batch header cut short at the end"));
+        }
+        Ok(None)
+    }
+
     /// Decodes the next committed batch of the current segment into `pending`. False when
     /// the segment has no further committed batch.
     fn read_batch(&mut self, committed: Offset) -> Result<bool> {
@@ -238,11 +263,7 @@ impl LogReader {
         let pos = self.pos;
         // Let go of the last batch first, so its chunk can be reused.
         self.pending = BatchRecords::default();
-        let Some(head) = self.bytes_at(&seg, pos, BATCH_HEADER_LEN)? else {
-            let end = seg.end.load(Ordering::Acquire);
-            if seg.sealed.load(Ordering::Acquire) && pos < end {
-                return Err(self.corrupt(&seg, pos, "batch header cut short at the end"));
-            }
+        let Some(head) = self.header_bytes_at(&seg, pos)? else {
             return Ok(false);
         };
         let header = match segment::check_header(&head) {
@@ -319,7 +340,6 @@ impl LogReader {
             return Ok(self.next);
         }
         loop {
-            let start = self.shared.start.load(Ordering::Acquire);
             while let Some(at) = self.pending.step() {
                 let at = match at {
                     Ok(at) => at,
@@ -332,6 +352,8 @@ impl LogReader {
                 if offset < self.next {
                     continue; // before the offset asked for (a seek lands on a batch start)
                 }
+                // Per record, as `next` does: retention may run while `f` does.
+                let start = self.shared.start.load(Ordering::Acquire);
                 if offset < start {
                     self.failed = true;
                     return Err(Error::OffsetOutOfRange {
