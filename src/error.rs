@@ -56,12 +56,26 @@ pub enum Error {
         end: Offset,
     },
 
-    /// A record (or a batch) is larger than the configured limit.
-    #[error("record of {size} bytes exceeds the limit of {limit} bytes")]
+    /// A record of a batch is larger than the store's limit; nothing of the batch was
+    /// appended.
+    #[error("record {index} of the batch is {size} bytes, over the limit of {limit}")]
     RecordTooLarge {
-        /// Size of the record as it would be stored.
+        /// Where the record is in the batch given to `append` (0 for the first).
+        index: usize,
+        /// Its size as the limit counts it ([`record_size`](crate::store::record_size)).
         size: usize,
-        /// The configured limit.
+        /// The store's limit.
+        limit: usize,
+    },
+
+    /// A batch is larger than one append can write (a [`LogStore`](crate::store::LogStore)
+    /// frames a batch with a 32-bit length), though each of its records is within the
+    /// limit; nothing of it was appended. Append it in parts.
+    #[error("the batch is {size} bytes, over the {limit} bytes one append can write")]
+    AppendTooLarge {
+        /// The sum of its records' sizes.
+        size: usize,
+        /// The most one append can write.
         limit: usize,
     },
 

@@ -904,8 +904,12 @@ fn oversized_records_and_bad_options_are_typed_errors() {
     let tmp = tempfile::tempdir().expect("tmp");
     let log = LogStore::open(tmp.path(), options().max_record_bytes(100)).expect("open");
     assert!(matches!(
-        log.append(&[Entry::new(b"k", &[0u8; 200])]),
-        Err(Error::RecordTooLarge { limit: 100, .. })
+        log.append(&[Entry::new(b"k", b"fits"), Entry::new(b"k", &[0u8; 200])]),
+        Err(Error::RecordTooLarge {
+            index: 1,
+            size: 221,
+            limit: 100
+        })
     ));
     assert_eq!(log.next_offset(), 0, "nothing appended");
     drop(log);

@@ -23,7 +23,7 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use super::{Snapshot, Store};
+use super::{DEFAULT_MAX_RECORD_BYTES, Snapshot, Store, record_size};
 use crate::error::Error;
 use crate::record::{Entry, Offset, Record};
 
@@ -32,7 +32,8 @@ pub trait Fixture {
     /// The store under test.
     type Store: Store;
 
-    /// A new, empty store.
+    /// A new, empty store, with the default record limit
+    /// ([`DEFAULT_MAX_RECORD_BYTES`]).
     fn create(&mut self) -> Self::Store;
 
     /// Closes `store` and opens the same storage again, as a restarted process would
@@ -56,6 +57,7 @@ pub fn run_all<F: Fixture>(fixture: &mut F) {
     snapshots_are_durable_and_latest_wins(fixture);
     synced_records_survive_reopen(fixture);
     large_and_empty_records_round_trip(fixture);
+    oversized_records_are_refused_with_their_batch(fixture);
     replay_gives_the_records_read_gives(fixture);
 }
 
@@ -527,6 +529,51 @@ pub fn large_and_empty_records_round_trip<F: Fixture>(fixture: &mut F) {
     assert_eq!(records[1].payload, big);
     assert_eq!(records[2].timestamp, u64::MAX);
     assert_eq!(records[2].key, vec![0xff; 300]);
+}
+
+/// A record over the default limit ([`DEFAULT_MAX_RECORD_BYTES`], as [`record_size`]
+/// counts it) is `RecordTooLarge`, naming where it is in its batch, and nothing of the
+/// batch is appended; a record of exactly the limit is accepted.
+pub fn oversized_records_are_refused_with_their_batch<F: Fixture>(fixture: &mut F) {
+    let store = fixture.create();
+    append_numbered(&store, 0..3);
+    let limit = DEFAULT_MAX_RECORD_BYTES;
+    let at_limit = vec![7u8; limit - record_size(&Entry::new(b"k", b""))];
+    let over = vec![9u8; at_limit.len() + 1];
+    let refused = store.append(&[
+        Entry::new(b"a", b"small"),
+        Entry::new(b"b", b""),
+        Entry::new(b"k", &over),
+        Entry::new(b"c", b"small"),
+    ]);
+    match refused {
+        Err(Error::RecordTooLarge {
+            index: 2,
+            size,
+            limit: reported,
+        }) if size == limit + 1 && reported == limit => {}
+        other => panic!(
+            "a record of {} bytes must be RecordTooLarge at index 2, got {:?}",
+            limit + 1,
+            other
+        ),
+    }
+    assert_eq!(
+        store.next_offset(),
+        3,
+        "nothing of a refused batch is appended"
+    );
+    assert_numbered(&read_all(&store, 0), 0..3);
+    let fits = store
+        .append(&[Entry::new(b"k", &at_limit)])
+        .expect("a record of exactly the limit is accepted");
+    assert_eq!(fits, 3..4);
+    let records = read_all(&store, 3);
+    assert_eq!(records.len(), 1);
+    assert!(
+        records[0].payload == at_limit,
+        "the record at the limit comes back whole"
+    );
 }
 
 /// `replay_from` lends exactly the records `read_from` returns, and says where to resume.

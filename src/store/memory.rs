@@ -12,7 +12,8 @@ use parking_lot::RwLock;
 
 use super::tail::Tail;
 use super::{
-    Compaction, RecordIter, Snapshot, Store, check_name, check_not_past_end, check_read_range,
+    Compaction, DEFAULT_MAX_RECORD_BYTES, RecordIter, Snapshot, Store, check_name,
+    check_not_past_end, check_read_range, check_record_sizes,
 };
 use crate::error::{Error, Result};
 use crate::record::{Entry, Offset, Record, Timestamp};
@@ -41,6 +42,12 @@ use crate::record::{Entry, Offset, Record, Timestamp};
 /// - Each record is checked against the start as it is returned: once
 ///   [`truncate_before`](Store::truncate_before) has returned, a reader that copied
 ///   records before it returns [`Error::OffsetOutOfRange`] instead of one it dropped.
+///
+/// # Record limit
+/// A record over [`DEFAULT_MAX_RECORD_BYTES`] (8 MiB, counted as
+/// [`record_size`](super::record_size) counts it, as a [`LogStore`](super::LogStore)
+/// does) is refused with [`Error::RecordTooLarge`], and nothing of its batch is appended;
+/// [`with_max_record_bytes`](MemoryStore::with_max_record_bytes) sets another limit.
 ///
 /// ```
 /// use cauce::store::{MemoryStore, Store};
@@ -78,6 +85,8 @@ struct Shared {
     /// The first offset held. Written under the write lock; read without it by readers,
     /// for every record they return (they may hold records taken before a truncation).
     start: AtomicU64,
+    /// The largest record accepted, as [`record_size`](super::record_size) counts it.
+    max_record_bytes: usize,
 }
 
 #[derive(Debug, Default)]
@@ -110,13 +119,33 @@ impl Default for MemoryStore {
 }
 
 impl MemoryStore {
-    /// An empty store.
+    /// An empty store that accepts records up to [`DEFAULT_MAX_RECORD_BYTES`].
     pub fn new() -> Self {
+        MemoryStore::with_max_record_bytes(DEFAULT_MAX_RECORD_BYTES)
+    }
+
+    /// An empty store that accepts records up to `bytes`, key, payload and 20 bytes of
+    /// framing included (see [`record_size`](super::record_size)); a batch with a larger
+    /// record is refused whole with [`Error::RecordTooLarge`]. Below 20, every record is
+    /// refused.
+    ///
+    /// ```
+    /// use cauce::store::{MemoryStore, Store};
+    /// use cauce::{Entry, Error};
+    ///
+    /// let store = MemoryStore::with_max_record_bytes(64);
+    /// let big = [0u8; 64];
+    /// let refused = store.append(&[Entry::new(b"k", b"fits"), Entry::new(b"k", &big)]);
+    /// assert!(matches!(refused, Err(Error::RecordTooLarge { index: 1, size: 85, limit: 64 })));
+    /// assert_eq!(store.next_offset(), 0); // nothing of the batch was appended
+    /// ```
+    pub fn with_max_record_bytes(bytes: usize) -> Self {
         MemoryStore {
             shared: Arc::new(Shared {
                 data: RwLock::new(Data::default()),
                 tail: Tail::default(),
                 start: AtomicU64::new(0),
+                max_record_bytes: bytes,
             }),
         }
     }
@@ -380,6 +409,7 @@ impl MemoryStore {
 
 impl Store for MemoryStore {
     fn append(&self, batch: &[Entry<'_>]) -> Result<Range<Offset>> {
+        check_record_sizes(batch, self.shared.max_record_bytes)?;
         let mut data = self.shared.data.write();
         let first = data.next;
         for (i, entry) in batch.iter().enumerate() {

@@ -97,6 +97,10 @@ pub struct Compaction {
 ///   or a snapshot but loses records it stands after. An offset past `next_offset()` is
 ///   [`Error::OffsetOutOfRange`] (there are no records there to stand after). Names are 1 to 128 characters from
 ///   `[A-Za-z0-9._-]`, not starting with a dot; others are [`Error::InvalidName`].
+/// - A record larger than the store's limit ([`DEFAULT_MAX_RECORD_BYTES`] unless the
+///   store is configured otherwise, counted as [`record_size`] counts it) is
+///   [`Error::RecordTooLarge`], naming its index in the batch; nothing of that batch is
+///   appended.
 /// - Bad input or damaged storage is an error, never a panic.
 pub trait Store: Send + Sync + 'static {
     /// Appends `batch` in order and returns the offsets it was given.
@@ -171,6 +175,42 @@ pub trait Store: Send + Sync + 'static {
 
     /// The snapshot `name` with the highest offset, if any was saved.
     fn latest_snapshot(&self, name: &str) -> Result<Option<Snapshot>>;
+}
+
+/// The largest record a store accepts unless configured otherwise: 8 MiB, counted as
+/// [`record_size`] counts it.
+pub const DEFAULT_MAX_RECORD_BYTES: usize = 8 << 20;
+
+/// The bytes a [`LogStore`] segment frames each record with (checked against the
+/// segment format at compile time).
+pub(crate) const RECORD_FRAMING: usize = 20;
+
+/// The size a record counts as against a store's record limit: its key, its payload and
+/// the 20 bytes that frame it in a [`LogStore`] segment. Every store counts the same
+/// way, so that a record one store accepts, the others accept too.
+///
+/// ```
+/// use cauce::store::record_size;
+/// use cauce::Entry;
+///
+/// assert_eq!(record_size(&Entry::new(b"key", b"payload")), 3 + 7 + 20);
+/// ```
+pub fn record_size(entry: &Entry<'_>) -> usize {
+    RECORD_FRAMING + entry.key.len() + entry.payload.len()
+}
+
+/// Checks every record of `batch` against `limit` (see [`record_size`]), before anything
+/// of it is appended; returns the sum of their sizes.
+pub(crate) fn check_record_sizes(batch: &[Entry<'_>], limit: usize) -> Result<usize> {
+    let mut total = 0usize;
+    for (index, entry) in batch.iter().enumerate() {
+        let size = record_size(entry);
+        if size > limit {
+            return Err(Error::RecordTooLarge { index, size, limit });
+        }
+        total = total.saturating_add(size);
+    }
+    Ok(total)
 }
 
 /// Checks a cursor or snapshot name against the rule in the [`Store`] contract.

@@ -57,7 +57,7 @@ impl Default for LogOptions {
         LogOptions {
             sync: SyncPolicy::Always,
             segment_bytes: 64 << 20,
-            max_record_bytes: 8 << 20,
+            max_record_bytes: crate::store::DEFAULT_MAX_RECORD_BYTES,
             index_interval_bytes: 4096,
             preallocate: true,
             write_buffer_bytes: 512 << 10,
@@ -87,8 +87,10 @@ impl LogOptions {
         self
     }
 
-    /// The largest record accepted, key, payload and 20 bytes of framing included
-    /// (default 8 MiB). Larger ones are [`Error::RecordTooLarge`].
+    /// The largest record accepted, key, payload and 20 bytes of framing included (see
+    /// [`record_size`](crate::store::record_size); default 8 MiB,
+    /// [`DEFAULT_MAX_RECORD_BYTES`](crate::store::DEFAULT_MAX_RECORD_BYTES)). A batch
+    /// with a larger one is refused whole with [`Error::RecordTooLarge`].
     pub fn max_record_bytes(mut self, bytes: usize) -> Self {
         self.max_record_bytes = bytes;
         self

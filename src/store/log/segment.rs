@@ -20,6 +20,8 @@ pub(crate) const SEGMENT_HEADER_LEN: usize = 32;
 pub(crate) const BATCH_HEADER_LEN: usize = 24;
 /// Fixed bytes in front of each record inside a batch body.
 pub(crate) const RECORD_HEADER_LEN: usize = 20;
+// Every store counts a record's size as a segment frames it.
+const _: () = assert!(RECORD_HEADER_LEN == crate::store::RECORD_FRAMING);
 /// Batches start at multiples of this inside a segment.
 pub(crate) const ALIGN: usize = 8;
 
@@ -129,7 +131,7 @@ pub(crate) fn le64(b: &[u8], at: usize) -> u64 {
 
 /// The bytes a record takes inside a batch body.
 pub(crate) fn record_len(entry: &Entry<'_>) -> usize {
-    RECORD_HEADER_LEN + entry.key.len() + entry.payload.len()
+    crate::store::record_size(entry)
 }
 
 /// The bytes a batch of `body_len` body bytes takes in the file, padding included.
@@ -191,25 +193,13 @@ where
     out.resize(start + total, 0);
 }
 
-/// Checks that a batch can be framed: every record within `max_record_bytes`, the body
-/// within a `u32` length. Returns the body length.
+/// Checks that a batch can be framed: every record within `max_record_bytes` (the check
+/// every store makes), the body within a `u32` length. Returns the body length.
 pub(crate) fn check_batch(batch: &[Entry<'_>], max_record_bytes: usize) -> Result<usize> {
-    let mut body = 0usize;
-    for entry in batch {
-        let size = record_len(entry);
-        if size > max_record_bytes {
-            return Err(Error::RecordTooLarge {
-                size,
-                limit: max_record_bytes,
-            });
-        }
-        body += size;
-    }
-    if body > u32::MAX as usize - BATCH_HEADER_LEN - ALIGN {
-        return Err(Error::RecordTooLarge {
-            size: body,
-            limit: u32::MAX as usize - BATCH_HEADER_LEN - ALIGN,
-        });
+    let body = crate::store::check_record_sizes(batch, max_record_bytes)?;
+    let limit = u32::MAX as usize - BATCH_HEADER_LEN - ALIGN;
+    if body > limit {
+        return Err(Error::AppendTooLarge { size: body, limit });
     }
     Ok(body)
 }
