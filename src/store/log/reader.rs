@@ -107,10 +107,25 @@ impl LogReader {
         Some(Err(e))
     }
 
-    /// Positions the reader in the segment holding `self.next`.
+    /// Positions the reader in the segment holding `self.next`, or fails with
+    /// [`Error::OffsetOutOfRange`] when retention removed it since the caller checked
+    /// the start offset.
     fn locate(&mut self) -> Result<()> {
         let seg = {
             let segments = self.shared.segments.read();
+            // Retention stores the start before it drains segments, so a start loaded
+            // under the segments' lock covers every segment this list lacks. Without this
+            // check a reader whose segment went after its caller loaded the start would
+            // land on the first segment left and skip the records in between.
+            let start = self.shared.start.load(Ordering::Acquire);
+            let first = segments.first().map_or(start, |s| s.base);
+            if self.next < start || self.next < first {
+                return Err(Error::OffsetOutOfRange {
+                    requested: self.next,
+                    start: start.max(first),
+                    end: self.shared.tail.get(),
+                });
+            }
             let i = segments.partition_point(|s| s.base <= self.next);
             segments[i.saturating_sub(1)].clone()
         };
@@ -414,6 +429,42 @@ impl Iterator for LogReader {
                 Some(Ok(())) => {}
                 Some(Err(e)) => return self.fail(e),
             }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::{LogOptions, LogStore, Store, SyncPolicy};
+
+    /// Retention that deletes a reader's segment in the window between the reader's
+    /// check of the start offset (`load_batch`) and its positioning (`locate`): the
+    /// reader is out of range, it does not start at the first segment left.
+    #[test]
+    fn a_reader_positioned_after_retention_took_its_segment_is_out_of_range() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let options = LogOptions::new()
+            .preallocate(false)
+            .sync(SyncPolicy::Never)
+            .segment_bytes(4096);
+        let log = LogStore::open(dir.path(), options).expect("open");
+        let payload = [7u8; 100];
+        for _ in 0..200 {
+            log.append(&[Entry::new(b"k", &payload)]).expect("append");
+        }
+        let bases: Vec<Offset> = log.shared.segments.read().iter().map(|s| s.base).collect();
+        assert!(bases.len() >= 3, "several segments: {bases:?}");
+        let from = bases[0] + 1;
+        let mut reader = LogReader::new(log.shared.clone(), from);
+        // The start offset was `bases[0]` when the reader was made and checked; now the
+        // segment holding `from` goes.
+        log.truncate_before(bases[1]).expect("retention");
+        match reader.locate() {
+            Err(Error::OffsetOutOfRange {
+                requested, start, ..
+            }) => assert_eq!((requested, start), (from, bases[1])),
+            other => panic!("located a reader below the first segment: {other:?}"),
         }
     }
 }
