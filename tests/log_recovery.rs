@@ -303,6 +303,42 @@ fn corruption_in_the_middle_is_an_error_not_a_cut() {
     );
 }
 
+/// Rule 3: a read-only view stops at damage, but `verify` reports the damage (in a
+/// sealed segment and in the newest one), not just that the view checks out.
+#[test]
+fn read_only_verify_reports_the_damage_its_view_stops_at() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let dir = tmp.path().join("log");
+    write_log(&dir, 100, 2);
+    let files = segments(&dir);
+    assert!(files.len() >= 3);
+    let newest = files.last().expect("newest");
+    assert!(fs::metadata(newest).expect("stat").len() > 32 + 24 + 5);
+    let original = tmp.path().join("original");
+    copy_dir(&dir, &original);
+    // The body of the first batch of a sealed segment, then of the newest one.
+    for damaged in [&files[1], newest] {
+        fs::remove_dir_all(&dir).expect("clean");
+        copy_dir(&original, &dir);
+        flip(damaged, 32 + 24 + 5);
+        let ro = LogStore::open_read_only(&dir, options()).expect("read-only");
+        let Some(Error::Corrupt { path, position, .. }) = ro.corruption() else {
+            panic!("damage in {damaged:?} not found: {:?}", ro.corruption());
+        };
+        assert_eq!((path, *position), (damaged, 32));
+        match ro.verify() {
+            Err(Error::Corrupt { path, position, .. }) => {
+                assert_eq!((&path, position), (damaged, 32));
+            }
+            other => panic!("verify of a view stopped at damage in {damaged:?}: {other:?}"),
+        }
+    }
+    // An undamaged read-only view verifies.
+    let ro = LogStore::open_read_only(&original, options()).expect("read-only");
+    assert!(ro.corruption().is_none());
+    assert_eq!(ro.verify().expect("verify").records, 100);
+}
+
 /// Rule 4: zeros after the last batch end the data (a preallocated or extended file).
 #[test]
 fn zeros_after_the_last_batch_end_the_data() {

@@ -73,10 +73,12 @@
 //! 3. **Corruption in the middle is an error, not a cut**: a bad batch followed by a valid
 //!    batch means acknowledged data is damaged; opening for writing fails with
 //!    [`Error::Corrupt`] naming the file, byte position and offset.
-//!    [`LogStore::open_read_only`] opens up to that point instead.
+//!    [`LogStore::open_read_only`] opens up to that point instead, and its
+//!    [`LogStore::verify`] still reports the damage.
 //!    A power failure (not a process crash) that persisted a later page of one group
 //!    write without an earlier one looks the same, and is reported, not guessed at.
 //!    (`corruption_in_the_middle_is_an_error_not_a_cut`,
+//!    `read_only_verify_reports_the_damage_its_view_stops_at`,
 //!    `random_byte_flips_give_a_typed_error_or_a_cut_tail_never_a_wrong_record`)
 //! 4. **Zeros end the data**: an all-zero batch header followed only by zeros is the
 //!    unwritten part of the file (preallocation, or a crash before data reached the disk).
@@ -470,7 +472,10 @@ pub struct LogStats {
 pub struct LogStore {
     shared: Arc<Shared>,
     flusher: Option<JoinHandle<()>>,
-    corruption: Option<Error>,
+    /// Read-only: the damage in the segments where the view stops.
+    segment_damage: Option<Error>,
+    /// Read-only: the damage in the middle of the cursor journal.
+    journal_damage: Option<Error>,
     opened_at: Offset,
     _lock: Option<File>,
 }
@@ -523,13 +528,9 @@ impl LogStore {
         let recovered = recovery::recover(dir, &options, writable)?;
         let (cursors, journal_damage) = meta::CursorJournal::open(dir, writable)?;
         // Read-only, the segments' damage is the one reported; the journal's is logged.
-        let corruption = match (recovered.corruption, journal_damage) {
-            (Some(segments), Some(journal)) => {
-                tracing::warn!(error = %journal, "the cursor journal is damaged too");
-                Some(segments)
-            }
-            (segments, journal) => segments.or(journal),
-        };
+        if let (Some(_), Some(journal)) = (&recovered.corruption, &journal_damage) {
+            tracing::warn!(error = %journal, "the cursor journal is damaged too");
+        }
         let empty = || -> Result<Arc<Segment>> {
             // A read-only view of a directory with no segment: a stand-in that holds
             // nothing, never read.
@@ -612,7 +613,8 @@ impl LogStore {
         Ok(LogStore {
             shared,
             flusher,
-            corruption,
+            segment_damage: recovered.corruption,
+            journal_damage,
             opened_at: recovered.next,
             _lock: lock,
         })
@@ -652,7 +654,9 @@ impl LogStore {
     /// [`cursor`](Store::cursor) answers from the entries before it (a cursor committed
     /// again after the damage shows its earlier position).
     pub fn corruption(&self) -> Option<&Error> {
-        self.corruption.as_ref()
+        self.segment_damage
+            .as_ref()
+            .or(self.journal_damage.as_ref())
     }
 
     /// What the store did since it was opened (records, writes, fdatasyncs).
@@ -676,6 +680,10 @@ impl LogStore {
 
     /// Checks every batch of every segment (checksums, framing, offsets in order), up to
     /// what is written to the files; the first damage is an [`Error::Corrupt`].
+    ///
+    /// A store opened [read-only](Self::open_read_only) up to damage in its segments
+    /// checks the segments of its view, then returns that damage (the one
+    /// [`corruption`](Self::corruption) reports): its view ends there, the log does not.
     pub fn verify(&self) -> Result<LogVerification> {
         let segments: Vec<Arc<Segment>> = self.shared.segments.read().clone();
         let mut report = LogVerification::default();
@@ -713,7 +721,25 @@ impl LogStore {
             report.records += counts.1;
             report.bytes += end;
         }
+        if let Some(damage) = &self.segment_damage {
+            return Err(damage_again(damage, &self.shared.dir));
+        }
         Ok(report)
+    }
+}
+
+/// The damage a read-only open found, as a new error to return ([`Error`] is not
+/// `Clone`: it may hold an `io::Error`). Recovery reports damage as [`Error::Corrupt`];
+/// anything else keeps its message, placed at the log's directory.
+fn damage_again(damage: &Error, dir: &Path) -> Error {
+    match damage {
+        Error::Corrupt {
+            path,
+            position,
+            offset,
+            reason,
+        } => Error::corrupt(path.clone(), *position, *offset, reason.clone()),
+        other => Error::corrupt(dir, 0, None, other.to_string()),
     }
 }
 
