@@ -546,6 +546,47 @@ fn torn_header_on_the_newest_segment_is_rewritten() {
     ));
 }
 
+/// Rules 6 and 3: a damaged header on the newest segment, with valid batches after it,
+/// is corruption; read-only, the view is the segments before it, as for damage in a
+/// sealed segment.
+#[test]
+fn read_only_open_views_the_segments_before_a_damaged_newest_header() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let dir = tmp.path().join("log");
+    write_log(&dir, 100, 2);
+    let files = segments(&dir);
+    assert!(files.len() >= 2);
+    let newest = files.last().expect("newest");
+    let base: u64 = newest.file_name().expect("name").to_str().expect("utf8")[..20]
+        .parse()
+        .expect("base");
+    assert!(base > 0 && base < 100, "the newest segment holds records");
+    flip(newest, 20); // the base offset in the header
+    assert!(matches!(
+        LogStore::open(&dir, options()),
+        Err(Error::Corrupt { .. })
+    ));
+    let ro = LogStore::open_read_only(&dir, options()).expect("read-only opens");
+    match ro.corruption() {
+        Some(Error::Corrupt { path, position, .. }) => assert_eq!((path, *position), (newest, 0)),
+        other => panic!("expected the header's damage, got {other:?}"),
+    }
+    assert_eq!((ro.start_offset(), ro.next_offset()), (0, base));
+    let got = read_all(&ro);
+    assert_eq!(got.len() as u64, base);
+    got.iter().for_each(assert_is_original);
+    assert!(matches!(ro.verify(), Err(Error::Corrupt { .. })));
+    // The only segment: an empty view, still with the damage.
+    let only = tmp.path().join("only");
+    write_log(&only, 10, 2);
+    assert_eq!(segments(&only).len(), 1);
+    flip(&segments(&only)[0], 20);
+    let ro = LogStore::open_read_only(&only, options()).expect("read-only opens");
+    assert!(matches!(ro.corruption(), Some(Error::Corrupt { .. })));
+    assert_eq!((ro.start_offset(), ro.next_offset()), (0, 0));
+    assert!(read_all(&ro).is_empty());
+}
+
 /// Rule 7: the tail is fdatasync'd on open; recovery leaves the file as it reports it.
 #[test]
 fn tail_is_synced_on_open_and_appends_continue_after_recovery() {

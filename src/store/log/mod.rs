@@ -95,8 +95,10 @@
 //! 6. **A torn header on the newest segment is a crash during a roll**: no record in it was
 //!    acknowledged (records go to a new segment only after its header, the file and the
 //!    directory are fsync'd). If nothing valid follows it and its base continues the
-//!    previous segment, the header is rewritten; otherwise it is corruption.
-//!    (`torn_header_on_the_newest_segment_is_rewritten`)
+//!    previous segment, the header is rewritten; otherwise it is corruption: opening for
+//!    writing fails, and [`LogStore::open_read_only`] views the segments before it, as
+//!    in rule 3. (`torn_header_on_the_newest_segment_is_rewritten`,
+//!    `read_only_open_views_the_segments_before_a_damaged_newest_header`)
 //! 7. **The tail is fdatasync'd on open**: after a crash, what recovery reads may still be
 //!    only in the page cache; it is made durable before new records are built on it.
 //!    (`tail_is_synced_on_open_and_appends_continue_after_recovery`)

@@ -148,9 +148,26 @@ pub(crate) fn recover(dir: &Path, options: &LogOptions, writable: bool) -> Resul
             Err(e) => return Err(e),
         }
     }
-    let next = if corruption.is_some() {
-        // Read-only and stopped in a sealed segment: the view ends where it stopped.
-        match segments.last() {
+    let mut next = None;
+    if corruption.is_none() {
+        let has_prev = !segments.is_empty();
+        match open_last(dir, last_base, has_prev, options, writable) {
+            Ok((seg, last_next, found)) => {
+                corruption = found;
+                segments.push(Arc::new(seg));
+                next = Some(last_next);
+            }
+            // Read-only, a newest segment whose header is damaged ends the view before
+            // it, as damage in a sealed segment does (rule 3).
+            Err(e) if !writable && matches!(e, Error::Corrupt { .. }) => corruption = Some(e),
+            Err(e) => return Err(e),
+        }
+    }
+    let next = match next {
+        Some(next) => next,
+        // Read-only and stopped before the newest segment's data: the view ends where
+        // it stopped.
+        None => match segments.last() {
             Some(seg) => seg.next_hint,
             None => {
                 let start = meta_start.unwrap_or(0);
@@ -161,13 +178,7 @@ pub(crate) fn recover(dir: &Path, options: &LogOptions, writable: bool) -> Resul
                     corruption,
                 });
             }
-        }
-    } else {
-        let has_prev = !segments.is_empty();
-        let (seg, next, found) = open_last(dir, last_base, has_prev, options, writable)?;
-        corruption = found;
-        segments.push(Arc::new(seg));
-        next
+        },
     };
     let first_base = segments.first().map_or(0, |s| s.base);
     let start = meta_start.unwrap_or(first_base).max(first_base);
