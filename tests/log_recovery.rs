@@ -961,6 +961,60 @@ fn damaged_newest_snapshot_falls_back_to_the_previous_one() {
     assert_eq!((s.offset, &s.blob[..]), (20, &b"twenty"[..]));
 }
 
+/// A writable open removes the temporary files the log writes (left by a crash before
+/// their rename), snapshots' included, and nothing else: not another program's `*.tmp`
+/// files, not a directory, not a file whose name only looks alike.
+#[test]
+fn a_writable_open_removes_only_the_temporary_files_the_log_writes() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let dir = tmp.path().join("log");
+    let log = LogStore::open(&dir, options()).expect("open");
+    append(&log, 0..30, 10);
+    log.save_snapshot("state", 10, b"ten").expect("save");
+    drop(log);
+    let snapshots = dir.join("snapshots").join("state");
+    let ours = [
+        dir.join("start.meta.tmp"),
+        dir.join("cursors.journal.tmp"),
+        dir.join("compact.commit.tmp"),
+        dir.join(format!("{:020}.index.tmp", 0)),
+        snapshots.join(format!("{:020}.snap.tmp", 20)),
+    ];
+    let theirs = [
+        dir.join("notes.tmp"),
+        dir.join("7.index.tmp"),
+        dir.join("start.meta.tmp.tmp"),
+        snapshots.join("draft.tmp"),
+    ];
+    for f in ours.iter().chain(&theirs) {
+        fs::write(f, b"half written").expect("leftover");
+    }
+    let dirs = [
+        dir.join("backup.tmp"),
+        dir.join(format!("{:020}.index.tmp", 1)),
+    ];
+    for d in &dirs {
+        fs::create_dir(d).expect("directory");
+        fs::write(d.join("inside"), b"kept").expect("file inside");
+    }
+    // A read-only open changes nothing.
+    drop(LogStore::open_read_only(&dir, options()).expect("read-only"));
+    assert!(ours.iter().all(|f| f.exists()));
+    let log = LogStore::open(&dir, options()).expect("open with leftovers");
+    for f in &ours {
+        assert!(!f.exists(), "{f:?} removed");
+    }
+    for f in &theirs {
+        assert_eq!(fs::read(f).expect("kept"), b"half written", "{f:?} kept");
+    }
+    for d in &dirs {
+        assert!(d.join("inside").exists(), "{d:?} kept");
+    }
+    assert_eq!(read_all(&log).len(), 30);
+    let s = log.latest_snapshot("state").expect("latest").expect("one");
+    assert_eq!((s.offset, &s.blob[..]), (10, &b"ten"[..]));
+}
+
 /// Rule 13: one writer per directory.
 #[test]
 fn second_writable_open_of_a_directory_is_locked() {

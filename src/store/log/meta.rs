@@ -73,6 +73,64 @@ pub(crate) fn write_atomic(dir: &Path, name: &str, bytes: &[u8]) -> Result<()> {
     sync_dir(dir)
 }
 
+/// True for the name of a temporary file this crate writes in a log directory and a
+/// crash may leave behind: [`write_atomic`]'s for the start offset, the cursor journal
+/// and the compaction marker, and an index's (`{base:020}.index.tmp`).
+fn is_own_temporary(name: &str) -> bool {
+    let Some(target) = name.strip_suffix(".tmp") else {
+        return false;
+    };
+    [START_FILE, CURSOR_FILE, super::compact::MARKER].contains(&target)
+        || super::segment::parse_base(target, "index").is_some()
+}
+
+/// Removes the temporary files a crash left in `dir`: those named by
+/// [`is_own_temporary`] in it, and `{offset:020}.snap.tmp` in each snapshot directory.
+/// Only regular files with exactly those names: anything else is not the log's.
+pub(crate) fn remove_temporaries(dir: &Path) -> Result<()> {
+    remove_files_named(dir, is_own_temporary)?;
+    let root = dir.join(SNAPSHOT_DIR);
+    let entries = match fs::read_dir(&root) {
+        Ok(e) => e,
+        Err(e) if e.kind() == ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(Error::io("list", &root, e)),
+    };
+    for entry in entries {
+        let entry = entry.map_err(|e| Error::io("list", &root, e))?;
+        let is_dir = entry
+            .file_type()
+            .map_err(|e| Error::io("stat", entry.path(), e))?
+            .is_dir();
+        if is_dir {
+            remove_files_named(&entry.path(), |name| {
+                name.strip_suffix(".tmp")
+                    .is_some_and(|n| super::segment::parse_base(n, "snap").is_some())
+            })?;
+        }
+    }
+    Ok(())
+}
+
+/// Removes the regular files of `dir` whose name `doomed` accepts.
+fn remove_files_named(dir: &Path, doomed: impl Fn(&str) -> bool) -> Result<()> {
+    let entries = fs::read_dir(dir).map_err(|e| Error::io("list", dir, e))?;
+    for entry in entries {
+        let entry = entry.map_err(|e| Error::io("list", dir, e))?;
+        if !entry.file_name().to_str().is_some_and(&doomed) {
+            continue;
+        }
+        let is_file = entry
+            .file_type()
+            .map_err(|e| Error::io("stat", entry.path(), e))?
+            .is_file();
+        if is_file {
+            tracing::debug!(path = %entry.path().display(), "removing a temporary file left by a crash");
+            remove_if_exists(&entry.path())?;
+        }
+    }
+    Ok(())
+}
+
 /// Reads a whole file, or `None` if it does not exist.
 pub(crate) fn read_if_exists(path: &Path) -> Result<Option<Vec<u8>>> {
     match fs::read(path) {

@@ -37,6 +37,7 @@
 //! | `compact.commit` | only while a committed compaction is swapped in: magic `CAUCECMP`, count `u64`, the rewritten bases `u64`, CRC |
 //! | `{base:020}.log.compact` | a rewritten segment waiting for its swap |
 //! | `lock` | `flock`ed by the one process that has the directory open for writing |
+//! | `start.meta.tmp`, `cursors.journal.tmp`, `compact.commit.tmp`, `{base:020}.index.tmp`, `snapshots/{name}/{offset:020}.snap.tmp` | a file being written, renamed over its target once whole; a writable open removes those a crash left (regular files of exactly these names, nothing else) |
 //!
 //! **Segment header** (32 bytes): magic `CAUCELOG` (8), format version `u32` = 1, flags
 //! `u32` = 0, base offset `u64`, reserved `u32`, CRC of the 28 bytes before it `u32`.

@@ -21,9 +21,8 @@ pub(crate) struct Recovered {
     pub(crate) corruption: Option<Error>,
 }
 
-/// The segment bases present in `dir`, sorted; stray temporary files are removed when
-/// `writable`.
-fn list_segments(dir: &Path, writable: bool) -> Result<Vec<Offset>> {
+/// The segment bases present in `dir`, sorted.
+fn list_segments(dir: &Path) -> Result<Vec<Offset>> {
     let mut bases = Vec::new();
     let entries = fs::read_dir(dir).map_err(|e| Error::io("list", dir, e))?;
     for entry in entries {
@@ -32,8 +31,6 @@ fn list_segments(dir: &Path, writable: bool) -> Result<Vec<Offset>> {
         let Some(name) = name.to_str() else { continue };
         if let Some(base) = segment::parse_base(name, "log") {
             bases.push(base);
-        } else if writable && name.ends_with(".tmp") {
-            meta::remove_if_exists(&entry.path())?;
         }
     }
     bases.sort_unstable();
@@ -107,9 +104,10 @@ fn scan_segment(data: &[u8], base: Offset, interval: u64) -> Scanned {
 pub(crate) fn recover(dir: &Path, options: &LogOptions, writable: bool) -> Result<Recovered> {
     if writable {
         compact::recover_on_open(dir)?;
+        meta::remove_temporaries(dir)?;
     }
     let meta_start = meta::read_start(dir)?;
-    let mut bases = list_segments(dir, writable)?;
+    let mut bases = list_segments(dir)?;
     if bases.is_empty() {
         let base = meta_start.unwrap_or(0);
         if !writable {
@@ -368,7 +366,7 @@ fn repair_torn_header(
 
 /// The next offset after the segment before `base` (scanned whole), if there is one.
 fn previous_next(dir: &Path, base: Offset) -> Result<Option<Offset>> {
-    let bases = list_segments(dir, false)?;
+    let bases = list_segments(dir)?;
     let Some(&prev) = bases.iter().rev().find(|&&b| b < base) else {
         return Ok(None);
     };
