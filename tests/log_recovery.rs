@@ -657,6 +657,41 @@ fn missing_or_wrong_index_is_rebuilt_and_reads_stay_correct() {
     check(&dir);
 }
 
+/// Rule 8: the index is a hint, so an index file that cannot be read, or a rebuilt
+/// one that cannot be written back, fails no read.
+#[test]
+fn an_index_file_that_cannot_be_read_or_written_fails_no_read() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let dir = tmp.path().join("log");
+    write_log(&dir, 200, 1);
+    let indexes = with_extension(&dir, "index");
+    assert!(indexes.len() >= 3);
+    let log = LogStore::open(&dir, options()).expect("open");
+    // Something in the way of each write-back (stands in for ENOSPC or EROFS): the
+    // temporary file of the first index is a directory; the second index itself is a
+    // directory, so it cannot be read either.
+    fs::remove_file(&indexes[0]).expect("remove");
+    fs::create_dir(indexes[0].with_extension("index.tmp")).expect("obstacle");
+    fs::remove_file(&indexes[1]).expect("remove");
+    fs::create_dir(&indexes[1]).expect("obstacle");
+    let base = |p: &PathBuf| -> u64 {
+        p.file_name().expect("name").to_str().expect("utf8")[..20]
+            .parse()
+            .expect("base")
+    };
+    // Reads that seek inside each of the two segments, so their index is needed.
+    for from in [1, base(&indexes[1]) + 1, 199] {
+        let got: Vec<Record> = log
+            .read_from(from)
+            .expect("read")
+            .collect::<Result<_, _>>()
+            .unwrap_or_else(|e| panic!("read from {from}: {e}"));
+        assert_eq!(got.first().map(|r| r.offset), Some(from));
+        assert_eq!(got.len() as u64, 200 - from);
+        got.iter().for_each(assert_is_original);
+    }
+}
+
 /// Rule 9: a committed compaction rolls forward on open; an uncommitted one is dropped.
 #[test]
 fn committed_compaction_rolls_forward_and_uncommitted_one_is_dropped() {

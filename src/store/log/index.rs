@@ -112,8 +112,9 @@ pub(crate) fn decode_checked(
 }
 
 /// Loads the index of a sealed segment, or rebuilds it from `data` (the segment's bytes)
-/// when the file is missing or fails its checks. The rebuilt index is written back when
-/// `writable`.
+/// when the file is missing, cannot be read or fails its checks. The rebuilt index is
+/// written back when `writable`. The index is a hint: failing to read or write its file
+/// is logged, not returned; only failing to read the segment is an error.
 pub(crate) fn load_or_rebuild(
     dir: &Path,
     base: Offset,
@@ -123,11 +124,15 @@ pub(crate) fn load_or_rebuild(
     writable: bool,
 ) -> Result<Vec<IndexEntry>> {
     let path = index_path(dir, base);
-    if let Some(bytes) = super::meta::read_if_exists(&path)? {
-        if let Some(entries) = decode_checked(&bytes, base, file, data_len) {
-            return Ok(entries);
+    match super::meta::read_if_exists(&path) {
+        Ok(Some(bytes)) => {
+            if let Some(entries) = decode_checked(&bytes, base, file, data_len) {
+                return Ok(entries);
+            }
+            tracing::warn!(path = %path.display(), "index fails its checks; rebuilding it");
         }
-        tracing::warn!(path = %path.display(), "index fails its checks; rebuilding it");
+        Ok(None) => {}
+        Err(e) => tracing::warn!("could not read an index; rebuilding it: {e}"),
     }
     let mut data = vec![0u8; data_len as usize];
     let seg_path = segment::segment_path(dir, base);
@@ -140,7 +145,11 @@ pub(crate) fn load_or_rebuild(
     });
     let entries = builder.entries;
     if writable {
-        write(dir, base, &entries)?;
+        if let Err(e) = write(dir, base, &entries) {
+            // As after a roll or a compaction: the index in memory serves, and a later
+            // open rebuilds the file.
+            tracing::warn!("could not write a rebuilt index: {e}");
+        }
     }
     Ok(entries)
 }

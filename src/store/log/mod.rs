@@ -106,7 +106,10 @@
 //! 8. **A bad or missing index is rebuilt**: an index file is checked (checksum, base,
 //!    increasing entries inside the segment, and that its first, middle and last entries
 //!    point at batch headers with their offsets) and rebuilt from its segment if it fails.
-//!    (`missing_or_wrong_index_is_rebuilt_and_reads_stay_correct`)
+//!    An index is a hint: a file that cannot be read, or a rebuilt one that cannot be
+//!    written back, is logged and the index in memory serves.
+//!    (`missing_or_wrong_index_is_rebuilt_and_reads_stay_correct`,
+//!    `an_index_file_that_cannot_be_read_or_written_fails_no_read`)
 //! 9. **A committed compaction rolls forward, an uncommitted one is dropped**: with
 //!    `compact.commit` present, every listed `.log.compact` replaces its segment; without
 //!    it, `.log.compact` files are deleted.
