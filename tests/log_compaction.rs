@@ -129,3 +129,69 @@ fn cursor_journal_is_rewritten_when_it_grows_and_keeps_every_cursor() {
         assert_eq!(log.cursor(name).expect("cursor"), Some(last), "{name}");
     }
 }
+
+/// Rule 9 within one process: a compaction whose swap failed leaves its commit marker
+/// on disk; the next compaction first rolls that one forward, so no stale marker is on
+/// disk while it writes new `.log.compact` files (after a crash there, the marker would
+/// roll a half-written file over a good segment).
+#[test]
+fn a_compaction_after_a_failed_swap_first_finishes_the_committed_one() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let dir = tmp.path();
+    let log = LogStore::open(dir, options()).expect("open");
+    append(&log, 0..300);
+    let marker = dir.join("compact.commit");
+    let compacted = |ext: &str| -> Vec<std::path::PathBuf> {
+        let mut v: Vec<_> = fs::read_dir(dir)
+            .expect("list")
+            .map(|e| e.expect("entry").path())
+            .filter(|p| p.to_str().is_some_and(|p| p.ends_with(ext)))
+            .collect();
+        v.sort();
+        v
+    };
+    // The swap fails after renaming the first segment's rewrite over it: its index,
+    // which the swap deletes, is a directory with a file in it.
+    let index = dir.join(format!("{:020}.index", 0));
+    fs::remove_file(&index).expect("index of the first segment");
+    fs::create_dir(&index).expect("obstacle");
+    fs::write(index.join("inside"), b"x").expect("obstacle");
+    assert!(log.compact().is_err(), "the swap fails");
+    assert!(marker.exists(), "the failed swap leaves its marker");
+    assert!(
+        !compacted(".log.compact").is_empty(),
+        "rewrites not swapped in yet"
+    );
+    let expected: Vec<u64> = (290..300).collect();
+    let held = |log: &LogStore| -> Vec<u64> {
+        log.read_from(0)
+            .expect("read")
+            .map(|r| r.expect("ok").offset)
+            .collect()
+    };
+    assert!(held(&log).ends_with(&expected), "reads go on");
+
+    let report = log
+        .compact()
+        .expect("the next compaction finishes the first one");
+    assert!(!marker.exists(), "marker gone");
+    assert!(
+        compacted(".log.compact").is_empty(),
+        "every rewrite swapped in"
+    );
+    assert_eq!(
+        (report.kept, report.dropped),
+        (10, 0),
+        "nothing left to drop"
+    );
+    assert_eq!(held(&log), expected);
+    log.verify().expect("verify");
+    // Compaction goes on as usual after it.
+    append(&log, 300..400);
+    log.compact().expect("compact");
+    assert_eq!(held(&log), (390..400).collect::<Vec<_>>());
+    drop(log);
+    let log = LogStore::open(dir, options()).expect("reopen");
+    assert_eq!(held(&log), (390..400).collect::<Vec<_>>());
+    log.verify().expect("verify");
+}

@@ -733,19 +733,83 @@ fn committed_compaction_rolls_forward_and_uncommitted_one_is_dropped() {
     let committed = tmp.path().join("committed");
     copy_dir(&before, &committed);
     let bases = stage(&committed);
-    let mut marker = Vec::new();
-    marker.extend_from_slice(b"CAUCECMP");
-    marker.extend_from_slice(&(bases.len() as u64).to_le_bytes());
-    for b in &bases {
-        marker.extend_from_slice(&b.to_le_bytes());
-    }
-    let crc = crc32c::crc32c(&marker);
-    marker.extend_from_slice(&crc.to_le_bytes());
-    fs::write(committed.join("compact.commit"), marker).expect("marker");
+    fs::write(committed.join("compact.commit"), marker_of(&bases)).expect("marker");
     let log = LogStore::open(&committed, options()).expect("open");
     let got: Vec<u64> = read_all(&log).iter().map(|r| r.offset).collect();
     assert_eq!(got, compacted, "committed compaction rolled forward");
     assert!(!committed.join("compact.commit").exists());
+    drop(log);
+
+    // A listed rewrite whose segment retention deleted after the swap failed is not
+    // renamed into a segment of its own.
+    let deleted = tmp.path().join("deleted");
+    copy_dir(&before, &deleted);
+    let bases = stage(&deleted);
+    let gone = bases[0];
+    fs::remove_file(deleted.join(format!("{gone:020}.log"))).expect("retention");
+    fs::write(deleted.join("compact.commit"), marker_of(&bases)).expect("marker");
+    fs::write(deleted.join("start.meta"), start_meta(bases[1])).expect("start");
+    let log = LogStore::open(&deleted, options()).expect("open");
+    assert!(!deleted.join(format!("{gone:020}.log")).exists());
+    assert!(with_extension(&deleted, "compact").is_empty());
+    let got: Vec<u64> = read_all(&log).iter().map(|r| r.offset).collect();
+    let above: Vec<u64> = compacted
+        .iter()
+        .copied()
+        .filter(|&o| o >= bases[1])
+        .collect();
+    assert_eq!(got, above);
+    drop(log);
+
+    // A listed rewrite cut short (damage: each was whole before the marker was written)
+    // is not rolled over its good segment.
+    let damaged = tmp.path().join("damaged");
+    copy_dir(&before, &damaged);
+    let bases = stage(&damaged);
+    // The largest rewrite, cut inside its batches.
+    let rewrite = with_extension(&damaged, "compact")
+        .into_iter()
+        .max_by_key(|p| fs::metadata(p).expect("stat").len())
+        .expect("a rewrite");
+    let bytes = fs::read(&rewrite).expect("read");
+    assert!(bytes.len() > 32 + 24, "the rewrite holds records");
+    fs::write(&rewrite, &bytes[..bytes.len() / 2 + 3]).expect("cut short");
+    fs::write(damaged.join("compact.commit"), marker_of(&bases)).expect("marker");
+    let log = LogStore::open(&damaged, options()).expect("open");
+    let got = read_all(&log);
+    got.iter().for_each(assert_is_original);
+    let offsets: Vec<u64> = got.iter().map(|r| r.offset).collect();
+    assert!(
+        offsets.ends_with(&compacted),
+        "the other rewrites rolled forward"
+    );
+    assert!(
+        got.len() > compacted.len(),
+        "the damaged one's segment kept whole"
+    );
+    assert!(with_extension(&damaged, "compact").is_empty());
+    log.verify().expect("verify");
+}
+
+/// A compaction commit marker listing `bases`, in the documented format.
+fn marker_of(bases: &[u64]) -> Vec<u8> {
+    let mut marker = b"CAUCECMP".to_vec();
+    marker.extend_from_slice(&(bases.len() as u64).to_le_bytes());
+    for b in bases {
+        marker.extend_from_slice(&b.to_le_bytes());
+    }
+    let crc = crc32c::crc32c(&marker);
+    marker.extend_from_slice(&crc.to_le_bytes());
+    marker
+}
+
+/// A `start.meta` file holding `start`, in the documented format.
+fn start_meta(start: u64) -> Vec<u8> {
+    let mut b = b"CAUCESTA".to_vec();
+    b.extend_from_slice(&start.to_le_bytes());
+    let crc = crc32c::crc32c(&b);
+    b.extend_from_slice(&crc.to_le_bytes());
+    b
 }
 
 /// Rule 10: retention's start offset is exact, also in the middle of a segment.

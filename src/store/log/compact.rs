@@ -1,6 +1,10 @@
 //! Compaction: rewrite the sealed segments keeping only the latest record of each key,
 //! and swap the rewritten files in atomically.
 //!
+//! 0. The directory is settled as on open: a marker left by an earlier compaction whose
+//!    swap failed is rolled forward (or, failing that, this compaction stops before it
+//!    writes anything), and `.log.compact` files no marker lists are deleted. So no
+//!    marker is on disk while step 3 writes, and no stale file is beside the new ones.
 //! 1. The active segment is sealed (a roll), so everything committed so far is in sealed
 //!    segments; appends go on meanwhile into the new active segment.
 //! 2. One pass over the sealed segments maps each key to its latest offset.
@@ -69,9 +73,12 @@ fn decode_marker(b: &[u8]) -> Option<Vec<Offset>> {
 }
 
 /// Rolls a committed compaction forward and deletes the leftovers of one that did not
-/// commit. Run by a writable open before anything else.
-pub(crate) fn recover_on_open(dir: &Path) -> Result<()> {
+/// commit (rule 9). Run by a writable open before anything else, and by
+/// [`Shared::compact`] before it writes anything. Returns the bases the marker listed,
+/// whose segment files may now be other files than the ones the store has open.
+pub(crate) fn settle(dir: &Path) -> Result<Vec<Offset>> {
     let marker = dir.join(MARKER);
+    let mut listed = Vec::new();
     if let Some(bytes) = meta::read_if_exists(&marker)? {
         // The marker is written by rename, so a damaged one is damage, not a torn write.
         let bases = decode_marker(&bytes).ok_or_else(|| {
@@ -83,16 +90,31 @@ pub(crate) fn recover_on_open(dir: &Path) -> Result<()> {
             )
         })?;
         tracing::warn!("rolling an interrupted compaction forward");
-        swap(dir, &bases)?;
+        // Each listed file was whole on disk before the marker was written; one that is
+        // not is damage, and renaming it would put it in place of a good segment. Left
+        // out, it is deleted below, and its segment stays: it holds every record the
+        // rewrite kept, and the records the rewrite dropped are kept elsewhere.
+        let mut whole = Vec::with_capacity(bases.len());
+        for &base in &bases {
+            match check_rewrite(dir, base) {
+                Ok(()) => whole.push(base),
+                Err(e @ Error::Corrupt { .. }) => {
+                    tracing::warn!("not swapping in a damaged rewrite: {e}");
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        swap(dir, &whole)?;
+        listed = bases;
     }
     let mut removed = false;
     let entries = fs::read_dir(dir).map_err(|e| Error::io("list", dir, e))?;
     for entry in entries {
         let entry = entry.map_err(|e| Error::io("list", dir, e))?;
-        if entry
-            .file_name()
-            .to_string_lossy()
-            .ends_with(".log.compact")
+        let name = entry.file_name();
+        if name
+            .to_str()
+            .is_some_and(|n| segment::parse_base(n, "log.compact").is_some())
         {
             meta::remove_if_exists(&entry.path())?;
             removed = true;
@@ -101,18 +123,54 @@ pub(crate) fn recover_on_open(dir: &Path) -> Result<()> {
     if removed {
         meta::sync_dir(dir)?;
     }
-    Ok(())
+    Ok(listed)
 }
 
-/// Renames every listed compacted file over its segment, then deletes the marker.
+/// Checks the rewrite of segment `base`, if it is there: its header names `base`, and
+/// it is whole batches to its end.
+fn check_rewrite(dir: &Path, base: Offset) -> Result<()> {
+    let path = compacted_path(dir, base);
+    let Some(data) = meta::read_if_exists(&path)? else {
+        return Ok(()); // renamed already
+    };
+    let found = segment::decode_segment_header(&data, &path)?;
+    if found != base {
+        return Err(Error::corrupt(
+            &path,
+            0,
+            Some(base),
+            format!("rewrite's header names base offset {found}"),
+        ));
+    }
+    let bad = match segment::scan(&data, base, |_| {}) {
+        segment::ScanEnd::Clean => return Ok(()),
+        segment::ScanEnd::Zeros { position } | segment::ScanEnd::Torn { position, .. } => {
+            (position, "the rewrite ends in a bad batch")
+        }
+        segment::ScanEnd::Corrupt {
+            position, reason, ..
+        } => (position, reason),
+    };
+    Err(Error::corrupt(&path, bad.0, None, bad.1))
+}
+
+/// Renames every listed compacted file over its segment, then deletes the marker. A
+/// listed file already renamed (by an earlier, interrupted swap) is skipped; one whose
+/// segment retention deleted since is deleted, not renamed into a segment below the
+/// start.
 fn swap(dir: &Path, bases: &[Offset]) -> Result<()> {
     for &base in bases {
         let from = compacted_path(dir, base);
-        if from.exists() {
-            let to = segment::segment_path(dir, base);
-            fs::rename(&from, &to).map_err(|e| Error::io("rename", &to, e))?;
-            meta::remove_if_exists(&index::index_path(dir, base))?;
+        if !from.exists() {
+            continue;
         }
+        let to = segment::segment_path(dir, base);
+        if !to.exists() {
+            meta::remove_if_exists(&from)?;
+            continue;
+        }
+        fs::rename(&from, &to).map_err(|e| Error::io("rename", &to, e))?;
+        meta::remove_if_exists(&index::index_path(dir, base))?;
     }
     meta::sync_dir(dir)?;
     meta::remove_if_exists(&dir.join(MARKER))?;
@@ -196,6 +254,10 @@ impl Shared {
             return Err(Error::ReadOnly("opened read-only: cannot compact".into()));
         }
         let _maintenance = self.maintenance.lock();
+        // No marker may be on disk while the `.log.compact` files below are written: a
+        // stale one would roll a half-written file over its segment after a crash.
+        let listed = settle(&self.dir)?;
+        self.reopen_sealed(&listed)?;
         let until = {
             let mut st = self.writer.lock();
             if st.buf_pos + st.buf.len() as u64 > SEGMENT_HEADER_LEN as u64 {
@@ -269,5 +331,31 @@ impl Shared {
             kept,
             dropped,
         })
+    }
+
+    /// Opens the files of the sealed segments at `bases` again, for those whose file a
+    /// rolled-forward compaction replaced under the store (readers that hold the old
+    /// segment keep reading it). Their index is loaded when first needed.
+    fn reopen_sealed(&self, bases: &[Offset]) -> Result<()> {
+        if bases.is_empty() {
+            return Ok(());
+        }
+        let mut segments = self.segments.write();
+        for slot in segments.iter_mut() {
+            if !bases.contains(&slot.base) || !slot.sealed.load(Ordering::Acquire) {
+                continue;
+            }
+            let path = segment::segment_path(&self.dir, slot.base);
+            let file = OpenOptions::new()
+                .read(true)
+                .open(&path)
+                .map_err(|e| Error::io("open", &path, e))?;
+            let len = file
+                .metadata()
+                .map_err(|e| Error::io("stat", &path, e))?
+                .len();
+            *slot = Arc::new(Segment::new(slot.base, path, file, len, true, None));
+        }
+        Ok(())
     }
 }

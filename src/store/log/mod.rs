@@ -111,9 +111,15 @@
 //!    (`missing_or_wrong_index_is_rebuilt_and_reads_stay_correct`,
 //!    `an_index_file_that_cannot_be_read_or_written_fails_no_read`)
 //! 9. **A committed compaction rolls forward, an uncommitted one is dropped**: with
-//!    `compact.commit` present, every listed `.log.compact` replaces its segment; without
-//!    it, `.log.compact` files are deleted.
-//!    (`committed_compaction_rolls_forward_and_uncommitted_one_is_dropped`)
+//!    `compact.commit` present, every listed `.log.compact` replaces its segment; one
+//!    that fails its checks (header, every batch whole), or whose segment retention has
+//!    deleted since, is deleted instead and its segment stays as it is (it holds every
+//!    record the rewrite kept). Without a marker, `.log.compact` files are deleted. [`Store::compact`] settles the directory the same
+//!    way before it writes anything, so a marker that a failed swap left is never on disk
+//!    beside the files of a later compaction.
+//!    (`committed_compaction_rolls_forward_and_uncommitted_one_is_dropped`, and in
+//!    `tests/log_compaction.rs`
+//!    `a_compaction_after_a_failed_swap_first_finishes_the_committed_one`)
 //! 10. **Retention's start offset is exact**: it is persisted atomically before any
 //!     segment is deleted, so reads below it are [`Error::OffsetOutOfRange`] after a
 //!     crash too. (`retention_start_offset_is_exact_after_reopen`)

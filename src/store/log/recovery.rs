@@ -103,7 +103,7 @@ fn scan_segment(data: &[u8], base: Offset, interval: u64) -> Scanned {
 /// Opens (and, when `writable`, repairs) the log in `dir`.
 pub(crate) fn recover(dir: &Path, options: &LogOptions, writable: bool) -> Result<Recovered> {
     if writable {
-        compact::recover_on_open(dir)?;
+        compact::settle(dir)?;
         meta::remove_temporaries(dir)?;
     }
     let meta_start = meta::read_start(dir)?;
