@@ -195,3 +195,48 @@ fn a_compaction_after_a_failed_swap_first_finishes_the_committed_one() {
     assert_eq!(held(&log), (390..400).collect::<Vec<_>>());
     log.verify().expect("verify");
 }
+
+/// Under `SyncPolicy::Never`, a roll leaves the sealed segment to the kernel's
+/// writeback. Compaction must make the sealed segments durable before a rewrite: the
+/// rewrite drops a durable record superseded by one that is not, and a power loss
+/// could otherwise keep the rewrite and lose the newer record, so the key. A power loss
+/// cannot be simulated here; the fdatasyncs are counted.
+#[test]
+fn compaction_syncs_the_sealed_segments_before_it_rewrites_them() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let log = LogStore::open(tmp.path(), options()).expect("open");
+    log.append(&[Entry::new(b"k", b"old")]).expect("append");
+    log.sync().expect("the old record is durable");
+    // The newer record of the same key, and enough after it to seal segments, none of
+    // them synced.
+    log.append(&[Entry::new(b"k", b"new")]).expect("append");
+    append(&log, 2..200);
+    let before = log.stats().syncs;
+    let report = log.compact().expect("compact");
+    assert!(report.dropped > 0, "the old record is dropped");
+    let sealed = fs::read_dir(tmp.path())
+        .expect("list")
+        .filter(|e| {
+            e.as_ref()
+                .expect("entry")
+                .file_name()
+                .to_str()
+                .is_some_and(|n| n.ends_with(".log"))
+        })
+        .count() as u64
+        - 1;
+    assert!(sealed >= 2, "several sealed segments: {sealed}");
+    assert!(
+        log.stats().syncs - before >= sealed,
+        "each of the {sealed} sealed segments fdatasync'd, {} fdatasyncs",
+        log.stats().syncs - before
+    );
+    let k: Vec<_> = log
+        .read_from(0)
+        .expect("read")
+        .map(|r| r.expect("ok"))
+        .filter(|r| &r.key[..] == b"k")
+        .map(|r| r.payload.to_vec())
+        .collect();
+    assert_eq!(k, [b"new".to_vec()]);
+}

@@ -7,7 +7,10 @@
 //!    marker is on disk while step 3 writes, and no stale file is beside the new ones.
 //! 1. The active segment is sealed (a roll), so everything committed so far is in sealed
 //!    segments; appends go on meanwhile into the new active segment.
-//! 2. One pass over the sealed segments maps each key to its latest offset.
+//! 2. The sealed segments are fdatasync'd: under `SyncPolicy::Never` a roll leaves that
+//!    to the kernel, and a rewrite made durable while the record that superseded a
+//!    dropped one is not could lose both to a power failure. One pass over them maps
+//!    each key to its latest offset.
 //! 3. Each sealed segment that loses a record is rewritten to `{base:020}.log.compact`
 //!    (same base offset, same offsets for the kept records) and fsync'd.
 //! 4. The commit marker `compact.commit` (the list of rewritten bases) is written
@@ -273,6 +276,14 @@ impl Shared {
             .filter(|s| s.sealed.load(Ordering::Acquire))
             .cloned()
             .collect();
+        // Whatever the policy now: segments sealed under `Never`, by this process or an
+        // earlier one, may hold records only in the page cache. Cheap next to the reads.
+        for seg in &sealed {
+            self.syncs.fetch_add(1, Ordering::Relaxed);
+            seg.file
+                .sync_data()
+                .map_err(|e| Error::io("fdatasync", &seg.path, e))?;
+        }
         let mut latest: HashMap<Bytes, Offset> = HashMap::new();
         for seg in &sealed {
             for r in records_of(seg)? {

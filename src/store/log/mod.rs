@@ -147,6 +147,9 @@
 //! append returns. New segments are fsync'd, and so is the directory, before a record is
 //! acknowledged in them, and a sealed segment is fdatasync'd when it is sealed; under
 //! [`SyncPolicy::Never`] neither happens on its own, and the next [`Store::sync`] does both.
+//! Compaction fdatasyncs every sealed segment before it writes a rewrite, whatever the
+//! policy: a rewrite drops records superseded by later ones, and must not become durable
+//! before they are.
 //!
 //! # Reading
 //!
@@ -471,7 +474,8 @@ pub struct LogStats {
     pub records: u64,
     /// `write` calls that carried appended records to a segment file.
     pub writes: u64,
-    /// `fdatasync` calls made for appended records.
+    /// `fdatasync` calls made for appended records (by appends, syncs, rolls, and
+    /// compaction for the sealed segments it reads).
     pub syncs: u64,
 }
 
