@@ -79,6 +79,17 @@ pub enum Error {
         limit: usize,
     },
 
+    /// A batch would take offsets past the last one a log can hold (the offset after
+    /// its last record must fit in a `u64`); nothing of it was appended. Only a log whose
+    /// files start near the end of the offset space gets here.
+    #[error("offsets are used up: {records} records from offset {next} would pass u64::MAX")]
+    OffsetsExhausted {
+        /// The offset the batch's first record would have taken.
+        next: Offset,
+        /// How many records the batch holds.
+        records: usize,
+    },
+
     /// A value could not be encoded or decoded by a [`Codec`](crate::Codec).
     #[error("codec error ({context}): {message}")]
     Codec {

@@ -1147,4 +1147,56 @@ fn oversized_records_and_bad_options_are_typed_errors() {
         LogStore::open(tmp.path(), options().segment_bytes(10)),
         Err(Error::Config(_))
     ));
+    for interval in [0, LogOptions::MAX_INDEX_INTERVAL_BYTES + 1, u64::MAX] {
+        assert!(
+            matches!(
+                LogStore::open(tmp.path(), options().index_interval_bytes(interval)),
+                Err(Error::Config(_))
+            ),
+            "index_interval_bytes {interval}"
+        );
+    }
+    let widest = options().index_interval_bytes(LogOptions::MAX_INDEX_INTERVAL_BYTES);
+    let log = LogStore::open(tmp.path(), widest).expect("the widest interval");
+    append(&log, 0..20, 2);
+    assert_eq!(read_all(&log).len(), 20);
+}
+
+/// A log whose files start near the end of the offset space (a checksummed
+/// `start.meta`, as retention writes it) takes appends up to the last offset, then
+/// refuses them with a typed error; nothing acknowledged is lost.
+#[test]
+fn an_append_past_the_last_offset_is_refused_and_nothing_is_lost() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let dir = tmp.path().join("log");
+    fs::create_dir_all(&dir).expect("mkdir");
+    let first = u64::MAX - 2;
+    fs::write(dir.join("start.meta"), start_meta(first)).expect("start");
+    let log = LogStore::open(&dir, options()).expect("open");
+    assert_eq!(log.next_offset(), first);
+    let refused = |log: &LogStore, n: usize| {
+        let batch = vec![Entry::new(b"k", b"late"); n];
+        match log.append(&batch) {
+            Err(Error::OffsetsExhausted { next, records }) => assert_eq!(records, n, "{next}"),
+            other => panic!("{n} records from {}: {other:?}", log.next_offset()),
+        }
+    };
+    refused(&log, 3);
+    assert_eq!(log.next_offset(), first, "nothing of the batch appended");
+    let range = log
+        .append(&[Entry::new(b"k", b"a"), Entry::new(b"k", b"b")])
+        .expect("the last two offsets");
+    assert_eq!(range, first..u64::MAX);
+    refused(&log, 1);
+    assert_eq!(log.next_offset(), u64::MAX);
+    drop(log);
+    let log = LogStore::open(&dir, options()).expect("reopen");
+    assert_eq!(log.next_offset(), u64::MAX);
+    let got: Vec<(u64, Vec<u8>)> = read_all(&log)
+        .into_iter()
+        .map(|r| (r.offset, r.payload.to_vec()))
+        .collect();
+    assert_eq!(got, [(first, b"a".to_vec()), (first + 1, b"b".to_vec())]);
+    refused(&log, 1);
+    log.verify().expect("verify");
 }

@@ -87,7 +87,9 @@ pub(crate) fn decode_checked(
             position: le64(bytes, at + 8),
         };
         let in_file = e.position >= SEGMENT_HEADER_LEN as u64
-            && e.position + BATCH_HEADER_LEN as u64 <= data_len
+            && e.position
+                .checked_add(BATCH_HEADER_LEN as u64)
+                .is_some_and(|end| end <= data_len)
             && e.position % segment::ALIGN as u64 == 0;
         let increasing = entries
             .last()
@@ -192,6 +194,28 @@ impl Builder {
             Some(e)
         } else {
             None
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// An entry's position comes from the file: one at the end of the position space
+    /// fails the check that its batch header is inside the segment, without an
+    /// overflow.
+    #[test]
+    fn an_entry_at_the_end_of_the_position_space_fails_its_checks() {
+        let segment = tempfile::tempfile().expect("tmp");
+        let far = u64::MAX - (u64::MAX % segment::ALIGN as u64);
+        for position in [far, far - segment::ALIGN as u64] {
+            let entries = [IndexEntry {
+                offset: 7,
+                position,
+            }];
+            let bytes = encode(7, &entries);
+            assert_eq!(decode_checked(&bytes, 7, &segment, 4096), None);
         }
     }
 }

@@ -568,7 +568,10 @@ impl LogStore {
         let buf_pos = active.end.load(Ordering::Acquire);
         let next_index_pos = active
             .index_entries()
-            .and_then(|e| e.last().map(|l| l.position + options.index_interval_bytes))
+            .and_then(|e| {
+                e.last()
+                    .map(|l| l.position.saturating_add(options.index_interval_bytes))
+            })
             .unwrap_or(0);
         let state = WriterState {
             active,

@@ -67,6 +67,11 @@ impl Default for LogOptions {
 }
 
 impl LogOptions {
+    /// The largest [`index_interval_bytes`](Self::index_interval_bytes) accepted
+    /// (4 GiB - 1): far more than any segment needs, and small enough that no file
+    /// position plus it can overflow.
+    pub const MAX_INDEX_INTERVAL_BYTES: u64 = u32::MAX as u64;
+
     /// The defaults: [`SyncPolicy::Always`], 64 MiB segments (preallocated), records up
     /// to 8 MiB, an index entry every 4 KiB, a 512 KiB write buffer, no mapping kept
     /// between reads.
@@ -98,6 +103,7 @@ impl LogOptions {
 
     /// One sparse index entry is kept per this many bytes of a segment (default 4 KiB):
     /// a read from an offset scans at most about this much before its first record.
+    /// Between 1 and [`MAX_INDEX_INTERVAL_BYTES`](Self::MAX_INDEX_INTERVAL_BYTES).
     pub fn index_interval_bytes(mut self, bytes: u64) -> Self {
         self.index_interval_bytes = bytes;
         self
@@ -169,8 +175,14 @@ impl LogOptions {
                 u32::MAX
             )));
         }
-        if self.index_interval_bytes == 0 {
-            return Err(Error::Config("index_interval_bytes must be above 0".into()));
+        if self.index_interval_bytes == 0
+            || self.index_interval_bytes > LogOptions::MAX_INDEX_INTERVAL_BYTES
+        {
+            return Err(Error::Config(format!(
+                "index_interval_bytes is {}, it must be between 1 and {}",
+                self.index_interval_bytes,
+                LogOptions::MAX_INDEX_INTERVAL_BYTES
+            )));
         }
         if let SyncPolicy::Every { interval, .. } = self.sync {
             if interval.is_zero() {

@@ -138,10 +138,19 @@ impl Shared {
         }
         let pos = st.buf_pos + st.buf.len() as u64;
         if pos > SEGMENT_HEADER_LEN as u64 && pos + len > self.options.segment_bytes {
+            // Others may append while the roll waits for a write in flight.
             self.roll(&mut st)?;
         }
         let pos = st.buf_pos + st.buf.len() as u64;
         let first = st.next;
+        // A start offset or segment near `u64::MAX`, read from the files, leaves few
+        // offsets; wrapped, they would give a reversed range and a `next` of 0.
+        let Some(end) = first.checked_add(batch.len() as Offset) else {
+            return Err(Error::OffsetsExhausted {
+                next: first,
+                records: batch.len(),
+            });
+        };
         segment::encode_batch(
             &mut st.buf,
             body_len,
@@ -151,10 +160,9 @@ impl Shared {
                 .map(|(i, e)| (first + i as Offset, e)),
         );
         if pos >= st.next_index_pos {
-            st.next_index_pos = pos + self.options.index_interval_bytes;
+            st.next_index_pos = pos.saturating_add(self.options.index_interval_bytes);
             st.active.add_index_entry(first, pos);
         }
-        let end = first + batch.len() as Offset;
         st.next = end;
         st.buf_appends += 1;
         match self.options.sync {
