@@ -353,11 +353,20 @@ impl<H: Handler> Shared<H> {
                 },
                 None => Start::Empty,
             };
-            shared.start_instance(id, 1, start)?;
-            shared.journal(&Control::Join {
-                id: id.0,
-                weight: 1,
-            })?;
+            let started = shared.start_instance(id, 1, start).and_then(|_| {
+                shared.journal(&Control::Join {
+                    id: id.0,
+                    weight: 1,
+                })
+            });
+            if let Err(e) = started {
+                // The instances started so far stop, and the logs are closed: a failed
+                // open leaves no thread behind and the directory free for the next try.
+                if let Err(stop) = shared.shutdown(false) {
+                    tracing::warn!(error = %stop, "stopping after a failed open");
+                }
+                return Err(e);
+            }
         }
         Ok(shared)
     }
@@ -398,7 +407,12 @@ impl<H: Handler> Shared<H> {
             self.options.linger,
         ));
         self.routing.lock().instances.insert(id, inst.clone());
-        self.launch(&inst, start)?;
+        if let Err(e) = self.launch(&inst, start) {
+            // No thread runs it: a member left behind would be routed to, and would owe
+            // every checkpoint round a part it never gives.
+            self.routing.lock().instances.remove(&id);
+            return Err(e);
+        }
         Ok(inst)
     }
 
@@ -420,7 +434,9 @@ impl<H: Handler> Shared<H> {
         Ok(())
     }
 
-    /// Relaunches an instance whose handler panicked, rebuilding its keys first.
+    /// Relaunches an instance whose handler panicked, rebuilding its keys first. While
+    /// the cluster stops, too: the new loop handles what the old one left, then stops,
+    /// and shutdown waits for it (it looks for a newer loop after each one ends).
     fn restart(&self, inst: &Arc<Inst<H>>, limits: HashMap<Bytes, Offset, ahash::RandomState>) {
         if inst.is_fenced() {
             return;
@@ -432,7 +448,16 @@ impl<H: Handler> Shared<H> {
         };
         if let Err(e) = self.launch(inst, start) {
             tracing::error!(instance = %inst.id, error = %e, "could not restart instance");
-            self.lose(inst.id, "could not be restarted");
+            if self.stopping.load(Ordering::SeqCst) {
+                // Nobody takes its keys over any more: its requests are answered now
+                // (they are in the log, for the next run).
+                inst.fence(None);
+                for (_, responder) in inst.take_left().unanswered {
+                    responder.answer(Err(Error::Closed));
+                }
+            } else {
+                self.lose(inst.id, "could not be restarted");
+            }
         }
     }
 
@@ -1072,10 +1097,8 @@ impl<H: Handler> Shared<H> {
                 .remove(&id)
                 .ok_or(Error::UnknownInstance(id))?
         };
-        self.handled_by_gone.fetch_add(
-            inst.stats.requests.load(Ordering::Relaxed),
-            Ordering::Relaxed,
-        );
+        // It goes on with what it has queued: its requests count as gone once its loop
+        // ends (see `tick`), and as retiring until then.
         {
             let mut retiring = self.retiring.lock();
             retiring.push(inst.clone());
@@ -1103,7 +1126,12 @@ impl<H: Handler> Shared<H> {
             // handoff starts the rebuild that answers them.
             let mut left = self.adopt_orphans(&inst);
             inst.fence(Some(&mut left));
-            self.retiring_changed(&self.retiring.lock());
+            let retiring = self.retiring.lock();
+            self.handled_by_gone.fetch_add(
+                inst.stats.requests.load(Ordering::Relaxed),
+                Ordering::Relaxed,
+            );
+            self.retiring_changed(&retiring);
             return;
         }
         let Some(inst) = self.routing.lock().instances.remove(&id) else {
@@ -1139,8 +1167,15 @@ impl<H: Handler> Shared<H> {
 
     // ---- checkpoints --------------------------------------------------------------
 
-    /// Takes a checkpoint of every key's state at the current end of the log.
+    /// Takes a checkpoint of every key's state at the current end of the log, waiting
+    /// for the instances' parts up to four stall timeouts (at least 10 s).
     pub(crate) fn take_checkpoint(&self) -> Result<Offset> {
+        let wait = (self.options.stall_timeout.saturating_mul(4)).max(Duration::from_secs(10));
+        self.checkpoint_within(Patience::Fixed(wait))
+    }
+
+    /// Takes a checkpoint, waiting for the instances' parts as `patience` says.
+    fn checkpoint_within(&self, patience: Patience) -> Result<Offset> {
         let _one = self.checkpointing.lock();
         let round = {
             let _all = self.exclusive();
@@ -1165,8 +1200,10 @@ impl<H: Handler> Shared<H> {
             *self.round.lock() = Some(round.clone());
             round
         };
-        let wait = (self.options.stall_timeout.saturating_mul(4)).max(Duration::from_secs(10));
-        let result = round.wait(wait);
+        let result = match patience {
+            Patience::Fixed(wait) => round.wait(wait),
+            Patience::WhileProgressing(grace) => self.wait_while_progressing(&round, grace),
+        };
         *self.round.lock() = None;
         let states = result.map_err(|reason| Error::CheckpointAbandoned {
             offset: round.offset,
@@ -1204,6 +1241,41 @@ impl<H: Handler> Shared<H> {
             }
         }
         Ok(offset)
+    }
+
+    /// Waits for a checkpoint round while every instance that owes its part makes
+    /// progress: it gives up on one whose heartbeat has not moved for `grace` (stuck in
+    /// a request, at shutdown, when no supervisor runs to notice).
+    fn wait_while_progressing(
+        &self,
+        round: &CheckpointRound,
+        grace: Duration,
+    ) -> std::result::Result<HashMap<Bytes, Bytes, ahash::RandomState>, String> {
+        let slice = (grace / 8).clamp(Duration::from_millis(1), Duration::from_millis(50));
+        let mut seen: HashMap<InstanceId, (u64, Instant)> = HashMap::new();
+        loop {
+            let waited = round.wait(slice);
+            if waited.is_ok() || round.is_abandoned() {
+                return waited;
+            }
+            let beats = self.heartbeats();
+            let now = Instant::now();
+            for id in round.owing() {
+                // An instance with no heartbeat any more makes no progress either.
+                let sample = beats
+                    .iter()
+                    .find(|(b, _)| *b == id)
+                    .map_or(u64::MAX, |(_, beat)| beat.sample());
+                let last = seen.entry(id).or_insert((sample, now));
+                if last.0 != sample {
+                    *last = (sample, now);
+                } else if now.duration_since(last.1) > grace {
+                    return Err(format!(
+                        "instance {id} made no progress for {grace:?} while the cluster stopped"
+                    ));
+                }
+            }
+        }
     }
 
     /// Starts the thread that takes checkpoints when the supervisor finds one due.
@@ -1257,7 +1329,18 @@ impl<H: Handler> Shared<H> {
             .values()
             .map(|i| i.stats.requests.load(Ordering::Relaxed))
             .sum();
-        live + self.handled_by_gone.load(Ordering::Relaxed) + self.replayed_at_open
+        live + self.handled_elsewhere() + self.replayed_at_open
+    }
+
+    /// Requests handled by instances that are no longer members: retiring ones (still
+    /// draining their queues) and gone ones.
+    fn handled_elsewhere(&self) -> u64 {
+        let retiring = self.retiring.lock();
+        let draining: u64 = retiring
+            .iter()
+            .map(|i| i.stats.requests.load(Ordering::Relaxed))
+            .sum();
+        draining + self.handled_by_gone.load(Ordering::Relaxed)
     }
 
     pub(crate) fn metrics(&self) -> Metrics {
@@ -1282,7 +1365,7 @@ impl<H: Handler> Shared<H> {
             checkpoint_offset: self.checkpoint_offset.load(Ordering::SeqCst),
             stalls: self.stalls.load(Ordering::Relaxed),
             moved_keys: self.moved.load(Ordering::Relaxed),
-            handled_by_gone: self.handled_by_gone.load(Ordering::Relaxed),
+            handled_by_gone: self.handled_elsewhere(),
         }
     }
 
@@ -1307,8 +1390,11 @@ impl<H: Handler> Shared<H> {
             }
         }
         let mut first_error = None;
+        // How long an instance may take to finish: to give its part of the checkpoint,
+        // then to stop.
+        let grace = self.options.stall_timeout.max(Duration::from_secs(1));
         if checkpoint {
-            if let Err(e) = self.take_checkpoint() {
+            if let Err(e) = self.checkpoint_within(Patience::WhileProgressing(grace)) {
                 first_error = Some(e);
             }
         }
@@ -1323,11 +1409,17 @@ impl<H: Handler> Shared<H> {
             all
         };
         // No deadline if the stall timeout is too long to be a point in time.
-        let deadline =
-            Instant::now().checked_add(self.options.stall_timeout.max(Duration::from_secs(1)));
+        let deadline = Instant::now().checked_add(grace);
         for inst in all {
-            let running = inst.running.lock().take();
-            if let Some(running) = running {
+            // A loop whose handler panicked on the way out is restarted, and its
+            // successor is in the slot by the time it ends: wait for that one too.
+            loop {
+                // Taken out first: the lock must not be held while the loop ends (a
+                // restart takes it to store its successor).
+                let running = inst.running.lock().take();
+                let Some(running) = running else {
+                    break;
+                };
                 while !running.is_finished() && deadline.is_none_or(|d| Instant::now() < d) {
                     std::thread::sleep(Duration::from_millis(1));
                 }
@@ -1341,8 +1433,19 @@ impl<H: Handler> Shared<H> {
                     for (_, responder) in inst.take_left().unanswered {
                         responder.answer(Err(Error::Closed));
                     }
+                    break;
                 }
             }
+        }
+        // Requests of lost instances whose new owners stopped (or were left behind)
+        // before their rebuild answered them: nothing will in this run.
+        let orphaned = {
+            let mut orphans = self.orphans.lock();
+            orphans.early.clear();
+            std::mem::take(&mut orphans.waiting)
+        };
+        for (_, responder) in orphaned {
+            responder.answer(Err(Error::Closed));
         }
         for store in std::iter::once(&self.input).chain(self.effects_store.as_ref()) {
             if let Err(e) = store.sync() {
@@ -1403,7 +1506,16 @@ impl<H: Handler> Supervised for Shared<H> {
         }
         {
             let mut retiring = self.retiring.lock();
-            retiring.retain(|i| !i.running.lock().as_ref().is_some_and(|r| r.is_finished()));
+            retiring.retain(|i| {
+                let done = i.running.lock().as_ref().is_some_and(|r| r.is_finished());
+                if done {
+                    // Counted under the lock that `handled_total` reads it under, so
+                    // the requests are counted once, as retiring or as gone.
+                    self.handled_by_gone
+                        .fetch_add(i.stats.requests.load(Ordering::Relaxed), Ordering::Relaxed);
+                }
+                !done
+            });
             self.retiring_changed(&retiring);
         }
         let handled = self.handled_total(&self.routing.lock().instances);
@@ -1415,6 +1527,14 @@ impl<H: Handler> Supervised for Shared<H> {
             self.due.1.notify_one();
         }
     }
+}
+
+/// How long a checkpoint waits for the instances' parts.
+enum Patience {
+    /// Up to this long (the supervisor gives up on stalled instances meanwhile).
+    Fixed(Duration),
+    /// As long as every instance that owes its part makes progress within this time.
+    WhileProgressing(Duration),
 }
 
 /// Requests whose instance was lost, and answers given ahead of such a loss.

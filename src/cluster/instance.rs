@@ -164,6 +164,16 @@ impl CheckpointRound {
         self.fail(id, format!("instance {id} left before contributing"));
     }
 
+    /// The instances that still owe their part.
+    pub(crate) fn owing(&self) -> Vec<InstanceId> {
+        self.parts.lock().expected.iter().copied().collect()
+    }
+
+    /// True once the round was given up on.
+    pub(crate) fn is_abandoned(&self) -> bool {
+        self.parts.lock().abandoned.is_some()
+    }
+
     /// Waits for every part, or for the round to be abandoned or time out.
     pub(crate) fn wait(
         &self,
@@ -533,8 +543,13 @@ impl Permits {
         // Register, then look again under the lock `release` takes before waking: either
         // `release` sees the waker, or we see its release.
         let mut wakers = self.lock.lock();
-        wakers.push(cx.waker().clone());
-        self.waiters.fetch_add(1, Ordering::SeqCst);
+        // A future polled again before a release (in a `select!` loop, say) is
+        // registered once, not once per poll.
+        let fresh = !wakers.iter().any(|w| w.will_wake(cx.waker()));
+        if fresh {
+            wakers.push(cx.waker().clone());
+            self.waiters.fetch_add(1, Ordering::SeqCst);
+        }
         let now = if self.retired.load(Ordering::SeqCst) {
             Some(Err(NoPermit::Retired))
         } else if self.try_take_many(n) {
@@ -544,9 +559,11 @@ impl Permits {
         };
         match now {
             Some(outcome) => {
-                // Ours is the waker just pushed: nobody else held the lock since.
-                wakers.pop();
-                self.waiters.fetch_sub(1, Ordering::SeqCst);
+                if fresh {
+                    // Ours is the waker just pushed: nobody else held the lock since.
+                    wakers.pop();
+                    self.waiters.fetch_sub(1, Ordering::SeqCst);
+                }
                 Poll::Ready(outcome)
             }
             None => Poll::Pending,
@@ -1237,6 +1254,22 @@ mod tests {
         permits.retire();
         assert_eq!(a.0.load(Ordering::SeqCst), 2);
         assert_eq!(poll_permit(&permits, &a), Poll::Ready(false));
+        assert_eq!(permits.waiters.load(Ordering::SeqCst), 0);
+    }
+
+    #[test]
+    fn a_future_polled_again_before_a_release_is_registered_once() {
+        let permits = Permits::new(1);
+        let a = Arc::new(Count(AtomicUsize::new(0)));
+        assert_eq!(poll_permit(&permits, &a), Poll::Ready(true));
+        for _ in 0..100 {
+            assert_eq!(poll_permit(&permits, &a), Poll::Pending);
+        }
+        assert_eq!(permits.waiters.load(Ordering::SeqCst), 1);
+        assert_eq!(permits.lock.lock().len(), 1);
+        permits.release();
+        assert_eq!(a.0.load(Ordering::SeqCst), 1);
+        assert_eq!(poll_permit(&permits, &a), Poll::Ready(true));
         assert_eq!(permits.waiters.load(Ordering::SeqCst), 0);
     }
 

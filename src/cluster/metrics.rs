@@ -85,7 +85,9 @@ pub struct InstanceMetrics {
     pub id: InstanceId,
     /// Keys whose state it holds.
     pub keys: usize,
-    /// Requests waiting in its queue.
+    /// Requests in its queue: waiting, or handled in the batch it is on (an instance
+    /// gives room back every 32 requests and when its batch ends). Exact while it is
+    /// idle; at most 31 above the requests still to handle while it works.
     pub queue_depth: usize,
     /// Requests it handled.
     pub requests: u64,
@@ -111,7 +113,8 @@ pub struct Metrics {
     /// Keys moved between instances so far.
     pub moved_keys: u64,
     /// Requests handled by instances that have since left or been replaced (not in
-    /// `instances`).
+    /// `instances`). A removed instance counts here from its removal on, the requests
+    /// it handles while it drains its queue included.
     pub handled_by_gone: u64,
 }
 

@@ -183,8 +183,7 @@ impl<H: Handler> Cluster<H> {
         self.shared.members()
     }
 
-    /// The instance that holds (or will hold) `key`'s state: the same answer as
-    /// [`Client::owner_of`].
+    /// The instance that holds `key`'s state: the same answer as [`Client::owner_of`].
     pub fn owner_of(&self, key: impl AsRef<[u8]>) -> Option<InstanceId> {
         self.shared.owner_of(key.as_ref())
     }
@@ -207,10 +206,14 @@ impl<H: Handler> Cluster<H> {
     /// A submit waiting for room in a full queue (blocked, or as a [`Submit`] future)
     /// ends at once with [`Error::Closed`]: its request was not logged.
     ///
-    /// An instance still busy in its handler when the stop deadline passes (the stall
-    /// timeout, at least a second) is left behind: the requests it still holds are
-    /// answered [`Error::Closed`] at once. They are in the log, and are handled when the
-    /// cluster opens again.
+    /// An instance stuck in its handler is waited for twice, for the stall timeout (at
+    /// least a second) each: for its part of the checkpoint, which is given up as long as
+    /// it makes no progress that long ([`Error::CheckpointAbandoned`] is then returned,
+    /// after everything else has stopped; the next open replays from the checkpoint
+    /// before), and for its stop. Then it is left behind: the requests it still holds
+    /// are answered [`Error::Closed`] at once, as are requests of a lost instance whose
+    /// rebuild did not finish. They are in the log, and are handled when the cluster
+    /// opens again.
     pub fn shutdown(self) -> Result<()> {
         self.stop(true)
     }
@@ -410,7 +413,11 @@ impl<H: Handler> Client<H> {
         }
     }
 
-    /// The instance that holds (or will hold) `key`'s state.
+    /// The instance that holds `key`'s state now, or for a key not placed yet (never
+    /// seen, or idle long enough to be forgotten) the instance its hash names. A key
+    /// not placed yet may be placed elsewhere by its first request: placement bounds
+    /// every instance's load, so a key whose home instance is busy goes to the next
+    /// one with room.
     pub fn owner_of(&self, key: impl AsRef<[u8]>) -> Option<InstanceId> {
         self.shared.owner_of(key.as_ref())
     }
@@ -572,7 +579,8 @@ impl<H: Handler> ClusterBuilder<H> {
         self
     }
 
-    /// How many instances start (default 4; at least 1).
+    /// How many instances start (default 4; at least 1, at most
+    /// [`MAX_INSTANCES`](crate::router::MAX_INSTANCES)).
     pub fn instances(mut self, n: usize) -> Self {
         self.instances = n;
         self
@@ -650,10 +658,10 @@ impl<H: Handler> ClusterBuilder<H> {
 
     /// Recovers the state from the logs and starts the instances.
     pub fn build(self) -> Result<Cluster<H>> {
-        if self.instances == 0 || self.instances > u16::MAX as usize {
+        if self.instances == 0 || self.instances > crate::router::MAX_INSTANCES {
             return Err(Error::Config(format!(
                 "instances must be between 1 and {}, not {}",
-                u16::MAX,
+                crate::router::MAX_INSTANCES,
                 self.instances
             )));
         }
@@ -711,12 +719,14 @@ impl<H: Handler> ClusterBuilder<H> {
             instances: (0..self.instances as u32).collect(),
             owned,
         })?;
-        let checkpointer = shared.start_checkpointer()?;
-        let supervisor = Supervisor::start(shared.clone(), tick, stall)?;
-        Ok(Cluster {
+        // Made first, so that a failure below drops it, which stops what was started.
+        let cluster = Cluster {
             shared,
-            supervisor: Mutex::new(Some(supervisor)),
-            checkpointer: Mutex::new(Some(checkpointer)),
-        })
+            supervisor: Mutex::new(None),
+            checkpointer: Mutex::new(None),
+        };
+        *cluster.checkpointer.lock() = Some(cluster.shared.start_checkpointer()?);
+        *cluster.supervisor.lock() = Some(Supervisor::start(cluster.shared.clone(), tick, stall)?);
+        Ok(cluster)
     }
 }

@@ -12,21 +12,27 @@ use crate::store::{Compaction, LogStore, RecordIter, Snapshot, Store};
 /// A [`LogStore`] that can be closed while other handles to it (clients of a shut-down
 /// cluster) still exist: closing drops the store, which syncs it and releases the
 /// directory's lock, so the directory can be opened again at once. Calls after closing
-/// are [`Error::Closed`].
+/// are [`Error::Closed`]; the log's offsets read as they were when it closed.
 pub(crate) struct OwnedLog {
     log: ArcSwapOption<LogStore>,
+    /// The start and next offsets when it closed.
+    closed_at: parking_lot::Mutex<(Offset, Offset)>,
 }
 
 impl OwnedLog {
     pub(crate) fn new(log: LogStore) -> Self {
         OwnedLog {
             log: ArcSwapOption::from_pointee(log),
+            closed_at: parking_lot::Mutex::new((0, 0)),
         }
     }
 
     /// Drops the store (once the calls in flight are done with it).
     pub(crate) fn close(&self) {
-        self.log.store(None);
+        let mut closed_at = self.closed_at.lock();
+        if let Some(log) = self.log.swap(None) {
+            *closed_at = (log.start_offset(), log.next_offset());
+        }
     }
 
     fn with<T>(&self, f: impl FnOnce(&LogStore) -> Result<T>) -> Result<T> {
@@ -55,10 +61,16 @@ impl Store for OwnedLog {
         self.with(|l| LogStore::replay_from(l, from, f))
     }
     fn start_offset(&self) -> Offset {
-        self.read(0, |l| l.start_offset())
+        match self.log.load().as_deref() {
+            Some(log) => log.start_offset(),
+            None => self.closed_at.lock().0,
+        }
     }
     fn next_offset(&self) -> Offset {
-        self.read(0, |l| l.next_offset())
+        match self.log.load().as_deref() {
+            Some(log) => log.next_offset(),
+            None => self.closed_at.lock().1,
+        }
     }
     fn wait_for(&self, offset: Offset, timeout: Option<Duration>) -> Offset {
         self.read(0, |l| l.wait_for(offset, timeout))
