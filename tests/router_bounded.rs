@@ -217,6 +217,23 @@ fn a_sticky_key_stays_where_it_was_placed() {
 }
 
 #[test]
+fn a_route_stamped_before_the_latest_one_is_not_idle_at_once() {
+    let mut sticky = Sticky::new(sticky_options().idle_after(100));
+    for id in 1..=2 {
+        sticky.add(InstanceId(id), 1).unwrap();
+    }
+    sticky.route(b"a", 1_000).unwrap();
+    // A clock that stepped back, or a request stamped long before the last one: the
+    // key it places stays placed until it goes idle from then on.
+    let b = sticky.route(b"b", 850).unwrap();
+    assert_eq!(sticky.placement(b"b"), Some(b));
+    sticky.route(b"a", 1_050).unwrap();
+    assert_eq!(sticky.placement(b"b"), Some(b));
+    sticky.route(b"a", 1_100).unwrap();
+    assert_eq!(sticky.placement(b"b"), None, "idle 100 after it was placed");
+}
+
+#[test]
 fn idle_keys_are_forgotten_and_placed_afresh() {
     let mut sticky = Sticky::new(sticky_options().idle_after(1_000));
     for id in 1..=3 {

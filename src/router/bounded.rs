@@ -491,6 +491,9 @@ impl Sticky {
             self.reconcile();
         }
         self.latest = self.latest.max(now);
+        // The router's clock never goes back: a route stamped before the latest one
+        // counts as made now, so that a key it places is not idle at once.
+        let now = self.latest;
         self.routed_since_sweep += 1;
         if self.latest >= self.next_sweep && self.routed_since_sweep >= self.known / 2 {
             self.sweep();

@@ -98,11 +98,7 @@ impl SlotScorer {
     /// The instance's rank for `slot`.
     #[inline]
     pub(crate) fn rank(&self, slot: u32) -> u32 {
-        let h = score_hash(slot, self.instance_hash);
-        // 53 bits, centred in their interval: u is never 0 or 1.
-        let u = ((h >> 11) as f64 + 0.5) * (1.0 / (1u64 << 53) as f64);
-        let variate = -ln(u) * self.inverse_weight;
-        (variate as f32).to_bits()
+        rank_of_hash(score_hash(slot, self.instance_hash), self.inverse_weight)
     }
 
     /// The rank for `slot` if it may be at most `bound`; `None` when it is surely above.
@@ -121,6 +117,18 @@ impl SlotScorer {
         }
         Some(self.rank(slot))
     }
+}
+
+/// The rank for score hash `h` of an instance with `1 / weight` = `inverse_weight`.
+#[inline]
+fn rank_of_hash(h: u64, inverse_weight: f64) -> u32 {
+    // 53 bits, centred in their interval: u is never 0, and below 1 but for the highest
+    // hash, which rounds up to 1.
+    let u = ((h >> 11) as f64 + 0.5) * (1.0 / (1u64 << 53) as f64);
+    let variate = -ln(u) * inverse_weight;
+    // That rounding gives a variate of -0.0, whose sign bit would make the best rank
+    // the worst; every other variate is positive.
+    (variate as f32).to_bits() & !(1 << 31)
 }
 
 /// The rank of an instance for a slot (see [`SlotScorer`]).
@@ -170,6 +178,15 @@ mod tests {
             x *= 1.37;
         }
         assert_eq!(ln(1.0), 0.0);
+    }
+
+    #[test]
+    fn the_highest_score_hash_is_the_best_rank_not_the_worst() {
+        for inverse_weight in [1.0, 1e-9, 1.0 / u32::MAX as f64] {
+            assert_eq!(rank_of_hash(u64::MAX, inverse_weight), 0);
+            assert!(rank_of_hash(u64::MAX - (1 << 11), inverse_weight) > 0);
+            assert!(rank_of_hash(0, inverse_weight) > rank_of_hash(u64::MAX >> 1, inverse_weight));
+        }
     }
 
     #[test]

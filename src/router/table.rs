@@ -45,8 +45,11 @@
 //! [`SlotRouterOptions::for_instances`] picks 2,560 slots per instance, within
 //! 2^16..=2^18 (past that, a change costs more than 5 ms at 1,000 instances). The
 //! default, 2^16 slots, is for up to about 25 instances at that quality (and balanced
-//! within ε at any size): its builder takes 6 MiB where 2^18 takes 24 MiB, and a change
-//! costs a quarter as much, which matters most in unoptimized test builds.
+//! within ε, rounded up to a whole slot, at any size): its builder takes 6 MiB where 2^18 takes 24 MiB, and a change
+//! costs a quarter as much, which matters most in unoptimized test builds. The bound is
+//! rounded up to a whole slot: `⌈(1 + ε) · S · w / W⌉`, so with few slots per instance
+//! one slot more than ε allows (3 slots where the mean is 2.56, with 256 slots and 100
+//! instances; 34 where it is 32.8, with the default table and 2,000 instances).
 //!
 //! ```
 //! use cauce::router::{InstanceId, Router, SlotRouter, key_hash};
@@ -111,7 +114,7 @@ pub struct SlotRouterOptions {
 
 impl Default for SlotRouterOptions {
     /// 2^16 slots, a table ε of 0.02 and 8 cached candidates per slot: balanced within
-    /// 2% at any size, moving within a few percent of the ideal up to about 25
+    /// 2% (rounded up to a whole slot) at any size, moving within a few percent of the ideal up to about 25
     /// instances (use [`for_instances`](Self::for_instances) for more).
     fn default() -> Self {
         SlotRouterOptions {
