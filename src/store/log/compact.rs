@@ -263,10 +263,15 @@ impl Shared {
         self.reopen_sealed(&listed)?;
         let until = {
             let mut st = self.writer.lock();
-            if st.buf_pos + st.buf.len() as u64 > SEGMENT_HEADER_LEN as u64 {
-                self.roll(&mut st)?;
-            }
-            st.next
+            // Seal every record appended so far, unless a roll by an appender already did
+            // while this one waited.
+            let target = st.next;
+            self.roll_while(&mut st, |st| {
+                st.active.base < target
+                    && st.buf_pos + st.buf.len() as u64 > SEGMENT_HEADER_LEN as u64
+            })?;
+            // The sealed segments, read below, hold exactly the records before it.
+            st.active.base
         };
         let start = self.start.load(Ordering::Acquire);
         let sealed: Vec<Arc<Segment>> = self

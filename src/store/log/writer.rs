@@ -53,6 +53,9 @@ static ZEROS: [u8; 64 << 10] = [0; 64 << 10];
 /// into it. (Under `SyncPolicy::Never` nothing is promised durable, and an fsync here
 /// would also push out the previous segment's dirty pages; a torn header is repaired
 /// on open, recovery rule 6.)
+///
+/// A file already at that path with any bytes in it is an [`Error::Io`] of kind
+/// `AlreadyExists`, and is left as it is.
 pub(crate) fn create_segment(
     dir: &Path,
     base: Offset,
@@ -64,9 +67,25 @@ pub(crate) fn create_segment(
         .read(true)
         .write(true)
         .create(true)
-        .truncate(true)
+        .truncate(false)
         .open(&path)
         .map_err(|e| Error::io("create segment", &path, e))?;
+    let existing = file
+        .metadata()
+        .map_err(|e| Error::io("stat new segment", &path, e))?
+        .len();
+    if existing > 0 {
+        // No roll or open creates a segment where one is: a file there may hold
+        // acknowledged records, and truncating it would lose them without a word.
+        return Err(Error::io(
+            "create segment",
+            &path,
+            std::io::Error::new(
+                std::io::ErrorKind::AlreadyExists,
+                format!("a file of {existing} bytes is already there; it is left as it is"),
+            ),
+        ));
+    }
     file.write_all_at(&segment::encode_segment_header(base), 0)
         .map_err(|e| Error::io("write segment header", &path, e))?;
     if let Some(len) = preallocate {
@@ -136,10 +155,12 @@ impl Shared {
         if let Some(p) = &st.poisoned {
             return Err(poisoned(p));
         }
-        let pos = st.buf_pos + st.buf.len() as u64;
-        if pos > SEGMENT_HEADER_LEN as u64 && pos + len > self.options.segment_bytes {
-            // Others may append while the roll waits for a write in flight.
-            self.roll(&mut st)?;
+        let full = |st: &WriterState| {
+            let pos = st.buf_pos + st.buf.len() as u64;
+            pos > SEGMENT_HEADER_LEN as u64 && pos + len > self.options.segment_bytes
+        };
+        if full(&st) {
+            self.roll_while(&mut st, full)?;
         }
         let pos = st.buf_pos + st.buf.len() as u64;
         let first = st.next;
@@ -422,18 +443,34 @@ impl Shared {
     }
 
     /// Seals the active segment (everything written and fdatasync'd, its index written)
-    /// and starts a new one at the next offset.
-    pub(crate) fn roll(&self, st: &mut MutexGuard<'_, WriterState>) -> Result<()> {
-        self.wait_idle(st);
-        if let Some(p) = &st.poisoned {
-            return Err(poisoned(p));
+    /// and starts a new one at the next offset, for as long as `needed` says the segment
+    /// that is active then must be sealed. Returns with the lock held and `needed` false.
+    ///
+    /// `needed` is asked again after every wait: the lock is let go while a write in
+    /// flight ends and while a roll wakes its followers, and another thread may have
+    /// rolled meanwhile. (Appenders that decided to roll and all waited for the same
+    /// write once each rolled in turn; the second sealed the first one's new, empty
+    /// segment and created another at the same base over its file.)
+    pub(crate) fn roll_while(
+        &self,
+        st: &mut MutexGuard<'_, WriterState>,
+        needed: impl Fn(&WriterState) -> bool,
+    ) -> Result<()> {
+        loop {
+            self.wait_idle(st);
+            if let Some(p) = &st.poisoned {
+                return Err(poisoned(p));
+            }
+            if !needed(st) {
+                return Ok(());
+            }
+            let result = self.roll_idle(st);
+            if let Err(e) = &result {
+                st.poisoned = Some(e.to_string());
+            }
+            self.end_flush(st);
+            result?;
         }
-        let result = self.roll_idle(st);
-        if let Err(e) = &result {
-            st.poisoned = Some(e.to_string());
-        }
-        self.end_flush(st);
-        result
     }
 
     fn roll_idle(&self, st: &mut WriterState) -> Result<()> {
