@@ -1,11 +1,71 @@
 //! Writes that fail: what the failing call returns, what readers see, and that a store
 //! whose write or fdatasync failed writes and syncs nothing again.
+//!
+//! Write failures are injected with `RLIMIT_FSIZE` (with `SIGXFSZ` ignored, a write past
+//! the limit fails with `EFBIG`). The limit holds for the whole process, so each test
+//! that sets it runs in a child process: this test binary, running only that test, with
+//! `CAUCE_WRITE_FAILURE_CHILD` set.
+
+use std::path::Path;
+use std::process::Command;
+use std::time::Duration;
 
 use cauce::store::{LogOptions, LogStore, Store, SyncPolicy};
 use cauce::{Entry, Error};
 
+const CHILD_ENV: &str = "CAUCE_WRITE_FAILURE_CHILD";
+
+/// Runs `scenario` in a child process running only the test `name` (this one); the
+/// scenario may call [`limit_file_size`].
+fn in_child(name: &str, scenario: impl FnOnce()) {
+    if std::env::var_os(CHILD_ENV).is_some() {
+        scenario();
+        return;
+    }
+    let out = Command::new(std::env::current_exe().unwrap())
+        .args([name, "--exact", "--nocapture", "--test-threads=1"])
+        .env(CHILD_ENV, "1")
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success() && stdout.contains("1 passed"),
+        "the child running {name} failed ({}):\n{stdout}\n{stderr}",
+        out.status
+    );
+}
+
+/// From now on, in this (child) process, writes past `bytes` of any file fail with
+/// `EFBIG`; `None` lifts the limit.
+fn limit_file_size(bytes: Option<u64>) {
+    assert!(std::env::var_os(CHILD_ENV).is_some(), "only in a child");
+    // SAFETY: plain libc calls with valid arguments; no memory is shared with them
+    // beyond the rlimit struct on this stack.
+    unsafe {
+        libc::signal(libc::SIGXFSZ, libc::SIG_IGN);
+        let mut limit: libc::rlimit = std::mem::zeroed();
+        assert_eq!(libc::getrlimit(libc::RLIMIT_FSIZE, &mut limit), 0);
+        limit.rlim_cur = bytes.unwrap_or(libc::RLIM_INFINITY);
+        assert_eq!(libc::setrlimit(libc::RLIMIT_FSIZE, &limit), 0);
+    }
+}
+
+/// The poisoned error: read-only, naming the file whose write failed and why.
+fn assert_poisoned(result: cauce::Result<impl std::fmt::Debug>, dir: &Path) {
+    match result {
+        Err(Error::ReadOnly(message)) => {
+            assert!(
+                message.contains(&dir.display().to_string()) && message.contains("too large"),
+                "{message}"
+            );
+        }
+        other => panic!("expected the poisoned error, got {other:?}"),
+    }
+}
+
 fn record(i: u64) -> Vec<u8> {
-    format!("record {i:06} {}", "z".repeat(40)).into_bytes()
+    format!("record {i:06} {}", "z".repeat(40 + (i % 7) as usize * 150)).into_bytes()
 }
 
 /// Every record in `log` from 0 must be `record(offset)`, and there must be `n` of them.
@@ -68,4 +128,176 @@ fn a_roll_never_truncates_a_file_already_at_the_new_segments_path() {
     let log = LogStore::open(tmp.path(), opts()).unwrap();
     assert_eq!(log.next_offset(), acked);
     assert_reads_exactly(&log, acked);
+}
+
+/// Appends one record at a time until an append fails; returns how many were
+/// acknowledged (their offsets are `0..n`, in order) and the error.
+fn append_until_err(log: &LogStore) -> (u64, Error) {
+    let mut acked = 0;
+    loop {
+        match log.append(&[Entry::new(b"k", &record(acked))]) {
+            Ok(r) => {
+                assert_eq!(r, acked..acked + 1);
+                acked = r.end;
+            }
+            Err(e) => return (acked, e),
+        }
+        assert!(acked < 100_000, "no write failed");
+    }
+}
+
+/// Under `Every` with a record threshold of 1, each append writes and fdatasyncs the
+/// buffer itself; once one of those writes failed, the background thread's timer once
+/// wrote and synced past the failed bytes and called every record durable: `sync()`
+/// returned Ok after having failed, cursors moved past lost records, readers got
+/// nothing then "failed to fill whole buffer", and a record called durable was gone
+/// after a reopen. Now nothing is written or synced again, every call that would
+/// need it fails with the poisoned error, and readers see every committed record.
+#[test]
+fn after_a_failed_write_nothing_is_written_or_synced_again() {
+    in_child(
+        "after_a_failed_write_nothing_is_written_or_synced_again",
+        || {
+            let tmp = tempfile::tempdir().unwrap();
+            let opts = || {
+                LogOptions::new()
+                    .sync(SyncPolicy::Every {
+                        records: 1,
+                        interval: Duration::from_millis(20),
+                    })
+                    .preallocate(false)
+            };
+            let log = LogStore::open(tmp.path(), opts()).unwrap();
+            limit_file_size(Some(16 << 10));
+            let (acked, err) = append_until_err(&log);
+            assert_poisoned(Err::<(), _>(err), tmp.path());
+            assert_eq!(
+                log.next_offset(),
+                acked,
+                "the refused append took no offset"
+            );
+            let stats = log.stats();
+            let segment = tmp.path().join(format!("{:020}.log", 0));
+            let len = std::fs::metadata(&segment).unwrap().len();
+            // Several of the background thread's intervals.
+            std::thread::sleep(Duration::from_millis(150));
+            assert_poisoned(log.sync(), tmp.path());
+            assert_poisoned(log.sync_until(acked), tmp.path());
+            assert_poisoned(log.commit_cursor("c", acked), tmp.path());
+            assert_poisoned(log.append(&[Entry::new(b"k", b"later")]), tmp.path());
+            assert_poisoned(log.compact(), tmp.path());
+            assert_eq!(log.stats(), stats, "a write or fdatasync after the failure");
+            assert_eq!(std::fs::metadata(&segment).unwrap().len(), len);
+            assert_eq!(log.next_offset(), acked);
+            assert_reads_exactly(&log, acked);
+            assert_eq!(log.cursor("c").unwrap(), None);
+            drop(log); // returns: neither the flusher nor close waits for a write
+            limit_file_size(None);
+            let log = LogStore::open(tmp.path(), opts()).unwrap();
+            let reopened = log.next_offset();
+            assert!(reopened <= acked);
+            assert_reads_exactly(&log, reopened);
+        },
+    );
+}
+
+/// Four appenders under `Every`, each leading the writes its appends make due, run
+/// into a failed write: none writes after it (a write past the failed bytes left a hole
+/// that made the reopen fail as corruption), the appends that returned Ok are exactly
+/// the records readers see, and the log reopens.
+#[test]
+fn concurrent_appenders_after_a_failed_write_leave_no_hole() {
+    in_child(
+        "concurrent_appenders_after_a_failed_write_leave_no_hole",
+        || {
+            for round in 0..5 {
+                let tmp = tempfile::tempdir().unwrap();
+                let opts = || {
+                    LogOptions::new()
+                        .sync(SyncPolicy::Every {
+                            records: 1,
+                            interval: Duration::from_secs(5),
+                        })
+                        .preallocate(false)
+                };
+                let log = std::sync::Arc::new(LogStore::open(tmp.path(), opts()).unwrap());
+                limit_file_size(Some((256 << 10) + 100));
+                let threads: Vec<_> = (0..4u8)
+                    .map(|t| {
+                        let log = log.clone();
+                        std::thread::spawn(move || {
+                            let payload = vec![b'a' + t; 3000];
+                            let mut acked = 0u64;
+                            for _ in 0..1000 {
+                                match log.append(&[Entry::new(b"k", &payload)]) {
+                                    Ok(r) => acked += r.end - r.start,
+                                    Err(Error::ReadOnly(_)) => return acked,
+                                    Err(e) => panic!("expected the poisoned error, got {e}"),
+                                }
+                            }
+                            panic!("no write failed");
+                        })
+                    })
+                    .collect();
+                let acked: u64 = threads.into_iter().map(|t| t.join().unwrap()).sum();
+                limit_file_size(None);
+                assert_eq!(log.next_offset(), acked, "round {round}");
+                assert!(log.sync().is_err(), "round {round}");
+                let read = log
+                    .read_from(0)
+                    .unwrap()
+                    .try_fold(0u64, |n, r| r.map(|_| n + 1));
+                assert_eq!(read.map_err(|e| e.to_string()), Ok(acked), "round {round}");
+                drop(log);
+                let log = LogStore::open(tmp.path(), opts()).unwrap();
+                assert!(log.next_offset() <= acked, "round {round}");
+                for r in log.read_from(0).unwrap() {
+                    let r = r.unwrap();
+                    assert!(
+                        r.payload.len() == 3000 && r.payload.iter().all(|&b| b == r.payload[0])
+                    );
+                }
+            }
+        },
+    );
+}
+
+/// An append returns Ok exactly when readers see its records. Under `Every` and
+/// `Never` an append's records are committed once they are in the buffer, also when a
+/// write that the same call then runs fails: it returns Ok, and the calls after it
+/// fail. (The append that ran the failed write returned its error, yet readers were
+/// shown its records.)
+#[test]
+fn an_append_returns_ok_exactly_when_readers_see_its_records() {
+    in_child(
+        "an_append_returns_ok_exactly_when_readers_see_its_records",
+        || {
+            let policies = [
+                SyncPolicy::Never,
+                SyncPolicy::Every {
+                    records: 1,
+                    interval: Duration::from_secs(5),
+                },
+            ];
+            for policy in policies {
+                let tmp = tempfile::tempdir().unwrap();
+                let log = LogStore::open(
+                    tmp.path(),
+                    LogOptions::new()
+                        .sync(policy)
+                        .preallocate(false)
+                        .write_buffer_bytes(4096),
+                )
+                .unwrap();
+                limit_file_size(Some(64 << 10));
+                let (acked, err) = append_until_err(&log);
+                limit_file_size(None);
+                assert_eq!(log.next_offset(), acked, "{policy:?}: {err}");
+                assert_reads_exactly(&log, acked);
+                // The append that failed was refused on entry: the failed write ran in
+                // an append that returned Ok.
+                assert_poisoned(Err::<(), _>(err), tmp.path());
+            }
+        },
+    );
 }

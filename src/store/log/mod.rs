@@ -151,6 +151,25 @@
 //! policy: a rewrite drops records superseded by later ones, and must not become durable
 //! before they are.
 //!
+//! A write or `fdatasync` that fails *poisons* the store: nothing is written to its
+//! files or fdatasync'd again (a later write would land past the bytes that did not,
+//! leaving a hole, and a later `fdatasync` would call them durable). Every later append,
+//! [`Store::sync`], [`Store::compact`], and [`Store::sync_until`] (so also a cursor or
+//! snapshot) past the records already durable fails with [`Error::ReadOnly`] naming the
+//! failed call and its file; reopening the store recovers what reached the disk. An
+//! append's result and what readers see always agree:
+//!
+//! - Under `Always`, an append whose write or `fdatasync` failed returns the error, and
+//!   its records are never shown to readers.
+//! - Under `Every` and `Never`, an append returns `Ok` once its records are in the
+//!   buffer, also when a write that the same call happens to run then fails (the
+//!   background thread or another append could as well have run it): its records are
+//!   committed, and readers go on seeing them, from memory if they never reached the
+//!   file, as long as the store is open. Whether they are durable only a sync says,
+//!   and after the failure it fails.
+//! - An append that fails before its records are in the buffer (the store was poisoned
+//!   already, or the roll to a new segment failed) takes no offsets.
+//!
 //! # Reading
 //!
 //! [`Store::read_from`] yields owned [`Record`](crate::Record)s whose key and payload are

@@ -132,6 +132,15 @@ fn write_zeros(seg: &Segment, range: Range<u64>) -> Result<()> {
     Ok(())
 }
 
+/// Keeps the buffer of a write that ended as the next spare one, unless a reader still
+/// holds a part of it.
+fn reuse(st: &mut WriterState, written: Bytes) {
+    if let Ok(mut reusable) = written.try_into_mut() {
+        reusable.clear();
+        st.spare = reusable.into();
+    }
+}
+
 fn poisoned(message: &str) -> Error {
     Error::ReadOnly(format!(
         "an earlier write or fdatasync failed ({message}); reopen the store to recover"
@@ -186,13 +195,16 @@ impl Shared {
         }
         st.next = end;
         st.buf_appends += 1;
+        // Under `Every` and `Never` the records are committed from here on, whatever a
+        // write this call goes on to run returns: a failed one poisons the store, and
+        // the calls after it report it (module docs, "Durability and visibility").
         match self.options.sync {
             SyncPolicy::Always => {
                 self.wait_durable(st, end)?;
             }
             SyncPolicy::Never => {
                 self.tail.publish(end);
-                self.maybe_write(&mut st)?;
+                self.maybe_write(&mut st);
             }
             SyncPolicy::Every { records, .. } => {
                 self.tail.publish(end);
@@ -204,10 +216,10 @@ impl Shared {
                 if st.unsynced_records >= records.max(1) {
                     self.wait_idle(&mut st);
                     if st.unsynced_records >= records.max(1) {
-                        self.lead(&mut st, true)?;
+                        let _poisoned_on_error = self.lead(&mut st, true);
                     }
                 }
-                self.hand_over_write(&mut st)?;
+                self.hand_over_write(&mut st);
             }
         }
         Ok(first..end)
@@ -219,10 +231,10 @@ impl Shared {
     /// with it every request queued behind that submit. Appenders go on filling the
     /// buffer meanwhile, up to the same bound as while a write is in flight. Once the
     /// background thread is stopped, appenders write as under `Never`.
-    fn hand_over_write(&self, st: &mut MutexGuard<'_, WriterState>) -> Result<()> {
+    fn hand_over_write(&self, st: &mut MutexGuard<'_, WriterState>) {
         let limit = self.options.write_buffer_bytes;
         if st.buf.len() < limit {
-            return Ok(());
+            return;
         }
         if self.shutdown.load(Ordering::Acquire) {
             return self.maybe_write(st);
@@ -233,28 +245,28 @@ impl Shared {
         while st.buf.len() >= limit * MAX_BUFFERED_FACTOR && !self.shutdown.load(Ordering::Acquire)
         {
             if st.poisoned.is_some() {
-                return Ok(());
+                return;
             }
             self.flusher_wake.notify_one();
             self.flushed.wait(st);
         }
-        Ok(())
     }
 
     /// Writes the buffer once it is full (`Never`, and `Every` once the background thread
-    /// has stopped).
-    fn maybe_write(&self, st: &mut MutexGuard<'_, WriterState>) -> Result<()> {
+    /// has stopped). A write that fails poisons the store; the records it carried were
+    /// committed, and stay readable.
+    fn maybe_write(&self, st: &mut MutexGuard<'_, WriterState>) {
         let limit = self.options.write_buffer_bytes;
         if st.buf.len() < limit {
-            return Ok(());
+            return;
         }
         if !st.flushing {
-            return self.lead(st, false);
+            let _poisoned_on_error = self.lead(st, false);
+            return;
         }
         while st.flushing && st.buf.len() >= limit * MAX_BUFFERED_FACTOR {
             self.flushed.wait(st);
         }
-        Ok(())
     }
 
     /// Returns once every record before `end` is durable, leading a group commit when it
@@ -346,8 +358,16 @@ impl Shared {
 
     /// Takes the buffer and writes it (and fdatasyncs the segment when `sync`) outside
     /// the lock. The caller checked that nobody else is writing.
-    pub(crate) fn lead(&self, st: &mut MutexGuard<'_, WriterState>, sync: bool) -> Result<()> {
+    ///
+    /// A failure poisons the store: from then on nothing is written or fdatasync'd
+    /// again (a later write would land past the bytes that did not, and a later
+    /// fdatasync would call them durable), the bytes that failed stay in `inflight`
+    /// for readers, and this returns the poisoned error without touching the file.
+    fn lead(&self, st: &mut MutexGuard<'_, WriterState>, sync: bool) -> Result<()> {
         debug_assert!(!st.flushing);
+        if let Some(p) = &st.poisoned {
+            return Err(poisoned(p));
+        }
         let upto = st.next;
         let seg = st.active.clone();
         let pos = st.buf_pos;
@@ -391,12 +411,10 @@ impl Shared {
                     st.concurrency = (covered + st.buf_appends).max(1);
                     self.mark_synced(st, upto, started);
                 }
-                if let Ok(mut reusable) = bytes.try_into_mut() {
-                    reusable.clear();
-                    st.spare = reusable.into();
-                }
+                reuse(st, bytes);
             }
             Err(e) => {
+                tracing::error!("the log refuses writes from now on: {e}");
                 st.poisoned = Some(e.to_string());
                 // Readers keep seeing the committed records that never reached the file.
                 st.inflight = Some((pos, bytes));
@@ -537,6 +555,9 @@ impl Shared {
             return Ok(());
         }
         let mut st = self.writer.lock();
+        if let Some(p) = &st.poisoned {
+            return Err(poisoned(p));
+        }
         let target = st.next;
         let sealed = std::mem::take(&mut st.unsynced_sealed);
         for (i, seg) in sealed.iter().enumerate() {
@@ -575,22 +596,20 @@ impl Shared {
             return;
         }
         let sync = self.options.sync != SyncPolicy::Never;
-        if let Err(e) = self.lead(&mut st, sync) {
-            tracing::error!("writing the log's buffer on close failed: {e}");
-        }
+        // A failure is logged by `lead`; there is no caller left to tell.
+        let _poisoned_on_error = self.lead(&mut st, sync);
     }
 
     /// The loop of the `Every` policy's background thread: syncs once the oldest
-    /// unsynced record is `interval` old, until `shutdown`.
+    /// unsynced record is `interval` old, until `shutdown`, or until a write or
+    /// fdatasync failed (by this thread or an appender): a poisoned store writes nothing
+    /// again, and `lead` logged the failure.
     pub(crate) fn flusher_loop(&self, interval: Duration) {
         let mut st = self.writer.lock();
-        while !self.shutdown.load(Ordering::Acquire) {
+        while !self.shutdown.load(Ordering::Acquire) && st.poisoned.is_none() {
             if st.buf.len() >= self.options.write_buffer_bytes && !st.flushing {
                 // Appenders handed a full buffer over (see `hand_over_write`).
-                if let Err(e) = self.lead(&mut st, false) {
-                    tracing::error!("background write failed: {e}");
-                    return;
-                }
+                let _poisoned_on_error = self.lead(&mut st, false);
                 continue;
             }
             match st.unsynced_since {
@@ -606,9 +625,8 @@ impl Shared {
                         self.flusher_wake.wait_until(&mut st, deadline);
                     } else if st.flushing {
                         self.flushed.wait_for(&mut st, interval);
-                    } else if let Err(e) = self.lead(&mut st, true) {
-                        tracing::error!("background fdatasync failed: {e}");
-                        return;
+                    } else {
+                        let _poisoned_on_error = self.lead(&mut st, true);
                     }
                 }
             }
