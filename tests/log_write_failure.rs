@@ -301,3 +301,31 @@ fn an_append_returns_ok_exactly_when_readers_see_its_records() {
         },
     );
 }
+
+/// A roll whose write fails keeps the records of the buffer it was writing readable
+/// from memory, and the append that needed the roll fails without taking offsets.
+#[test]
+fn a_failed_roll_keeps_the_committed_records_readable() {
+    in_child("a_failed_roll_keeps_the_committed_records_readable", || {
+        let tmp = tempfile::tempdir().unwrap();
+        let log = LogStore::open(
+            tmp.path(),
+            LogOptions::new()
+                .sync(SyncPolicy::Every {
+                    records: u64::MAX,
+                    interval: Duration::from_secs(60),
+                })
+                .preallocate(false)
+                .segment_bytes(64 << 10)
+                .write_buffer_bytes(1 << 20),
+        )
+        .unwrap();
+        limit_file_size(Some(16 << 10));
+        let (acked, err) = append_until_err(&log);
+        limit_file_size(None);
+        assert!(matches!(err, Error::Io { op: "write", .. }), "{err}");
+        assert_eq!(log.next_offset(), acked);
+        assert_reads_exactly(&log, acked);
+        assert_poisoned(log.sync(), tmp.path());
+    });
+}

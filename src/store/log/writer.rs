@@ -491,6 +491,10 @@ impl Shared {
         }
     }
 
+    /// The roll itself, under the lock. On an error the caller poisons the store; the
+    /// records written by then stay readable: those that failed to be written stay in
+    /// `buf`, and those written but not yet counted in `seg.end` (a failed truncation or
+    /// `fdatasync` after the write) in `inflight`, as after a failed `lead`.
     fn roll_idle(&self, st: &mut WriterState) -> Result<()> {
         let seg = st.active.clone();
         let started = Instant::now();
@@ -499,8 +503,11 @@ impl Shared {
             seg.file
                 .write_all_at(&st.buf, st.buf_pos)
                 .map_err(|e| Error::io("write", &seg.path, e))?;
-            st.buf_pos += st.buf.len() as u64;
-            st.buf.clear();
+            let spare = std::mem::take(&mut st.spare);
+            let written = Bytes::from(std::mem::replace(&mut st.buf, spare));
+            let pos = st.buf_pos;
+            st.buf_pos += written.len() as u64;
+            st.inflight = Some((pos, written));
             st.buf_appends = 0;
             st.group_started = None;
         }
@@ -528,6 +535,9 @@ impl Shared {
         }
         seg.end.store(end, Ordering::Release);
         seg.sealed.store(true, Ordering::Release);
+        if let Some((_, written)) = st.inflight.take() {
+            reuse(st, written);
+        }
         if let Some(entries) = seg.index_entries() {
             if let Err(e) = index::write(&self.dir, seg.base, &entries) {
                 // An index is a hint: a missing one is rebuilt on first use.
@@ -640,5 +650,79 @@ impl Shared {
         self.flusher_wake.notify_all();
         // Appenders waiting for it to write a full buffer write it themselves.
         self.flushed.notify_all();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::{LogOptions, LogStore, Store};
+
+    /// A roll writes the buffer, then truncates and fdatasyncs the segment before it
+    /// counts the bytes in `seg.end`. When that fails, the records it wrote were
+    /// committed (under `Every`, readers saw them) and must stay readable: readers once
+    /// found them neither in the buffer nor in the file. `/dev/null` as the segment's
+    /// file gives a write that succeeds and an `fdatasync` that fails (`EINVAL`, standing
+    /// in for an `EIO` no test can cause).
+    #[test]
+    fn a_roll_whose_fdatasync_fails_keeps_the_records_it_wrote_readable() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let options = LogOptions::new()
+            .sync(SyncPolicy::Every {
+                records: u64::MAX,
+                interval: Duration::from_secs(60),
+            })
+            .preallocate(false)
+            .write_buffer_bytes(1 << 20);
+        let log = LogStore::open(dir.path(), options).expect("open");
+        let null = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open("/dev/null")
+            .expect("open /dev/null");
+        {
+            let mut st = log.shared.writer.lock();
+            let seg = Arc::new(Segment::new(
+                st.next,
+                "/dev/null".into(),
+                null,
+                SEGMENT_HEADER_LEN as u64,
+                false,
+                Some(Vec::new()),
+            ));
+            let mut segments = log.shared.segments.write();
+            let last = segments.len() - 1;
+            segments[last] = seg.clone();
+            st.active = seg;
+        }
+        let payload = |i: u64| format!("record {i}").into_bytes();
+        for i in 0..10 {
+            log.append(&[Entry::new(b"k", &payload(i))])
+                .expect("append");
+        }
+        let err = {
+            let mut st = log.shared.writer.lock();
+            log.shared.roll_while(&mut st, |_| true)
+        };
+        assert!(
+            matches!(
+                err,
+                Err(Error::Io {
+                    op: "fdatasync",
+                    ..
+                })
+            ),
+            "{err:?}"
+        );
+        let read: Vec<Vec<u8>> = log
+            .read_from(0)
+            .expect("read")
+            .map(|r| r.expect("record").payload.to_vec())
+            .collect();
+        assert_eq!(read, (0..10).map(payload).collect::<Vec<_>>());
+        assert!(matches!(
+            log.append(&[Entry::new(b"k", b"later")]),
+            Err(Error::ReadOnly(_))
+        ));
     }
 }
