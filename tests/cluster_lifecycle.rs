@@ -106,6 +106,16 @@ fn outcomes(
     seen
 }
 
+/// Two instances in memory, one declared stalled after 300 ms in one request.
+fn two_instances_stalled_after_300ms(svc: Svc) -> Cluster<Svc> {
+    Cluster::builder(svc)
+        .in_memory()
+        .instances(2)
+        .stall_timeout(Duration::from_millis(300))
+        .build()
+        .unwrap()
+}
+
 #[test]
 fn a_build_that_fails_half_way_stops_what_it_started_and_frees_the_directory() {
     let dir = tempfile::tempdir().unwrap();
@@ -235,12 +245,7 @@ fn requests_of_a_lost_instance_are_answered_when_the_cluster_stops_before_their_
         ..Svc::default()
     };
     let release = svc.release.clone();
-    let cluster = Cluster::builder(svc)
-        .in_memory()
-        .instances(2)
-        .stall_timeout(Duration::from_millis(300))
-        .build()
-        .unwrap();
+    let cluster = two_instances_stalled_after_300ms(svc);
     let client = cluster.client();
     let mut pendings = vec![client.submit("k", 7).unwrap()];
     pendings.extend((0..300).map(|_| client.submit("k", 1).unwrap()));
@@ -266,12 +271,7 @@ fn requests_of_a_lost_instance_are_answered_when_the_cluster_stops_before_their_
 fn a_stop_waits_for_a_stuck_instance_about_the_stall_timeout_not_the_checkpoint_timeout() {
     let svc = Svc::default();
     let release = svc.release.clone();
-    let cluster = Cluster::builder(svc)
-        .in_memory()
-        .instances(2)
-        .stall_timeout(Duration::from_millis(300))
-        .build()
-        .unwrap();
+    let cluster = two_instances_stalled_after_300ms(svc);
     let client = cluster.client();
     let stuck = client.submit("k", 7).unwrap();
     let other: Vec<_> = (0..50)
