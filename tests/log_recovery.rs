@@ -1200,3 +1200,58 @@ fn an_append_past_the_last_offset_is_refused_and_nothing_is_lost() {
     refused(&log, 1);
     log.verify().expect("verify");
 }
+
+#[test]
+fn verify_finds_segments_that_do_not_fit_together() {
+    // A log of several small segments, and one of a single large segment holding the
+    // same records.
+    let small = tempfile::tempdir().expect("tmp");
+    write_log(small.path(), 200, 1);
+    let large = tempfile::tempdir().expect("tmp");
+    {
+        let log = LogStore::open(large.path(), options().segment_bytes(1 << 20)).expect("open");
+        append(&log, 0..200, 1);
+    }
+    let parts = segments(small.path());
+    assert!(parts.len() >= 3, "{parts:?}");
+    let whole = &segments(large.path())[0];
+
+    // The first segment replaced by the whole log: it holds records past the second
+    // segment's base.
+    let overlapping = tempfile::tempdir().expect("tmp");
+    copy_dir(small.path(), overlapping.path());
+    for index in with_extension(overlapping.path(), "index") {
+        fs::remove_file(index).expect("remove index");
+    }
+    fs::copy(
+        whole,
+        overlapping.path().join(parts[0].file_name().expect("name")),
+    )
+    .expect("copy");
+    let log = LogStore::open_read_only(overlapping.path(), options()).expect("open");
+    match log.verify() {
+        Err(Error::Corrupt { path, reason, .. }) => {
+            assert_eq!(path.file_name(), parts[1].file_name());
+            assert!(reason.contains("holds records up to 199"), "{reason}");
+        }
+        other => panic!("overlapping segments verified as {other:?}"),
+    }
+
+    // A segment whose bytes were replaced, after the open, by another segment's.
+    let log = LogStore::open_read_only(small.path(), options()).expect("open");
+    assert!(log.verify().is_ok());
+    let mut other = fs::read(&parts[1]).expect("read");
+    let len = fs::metadata(&parts[2]).expect("stat").len() as usize;
+    other.resize(other.len().max(len), 0);
+    fs::write(&parts[2], other).expect("overwrite");
+    match log.verify() {
+        Err(Error::Corrupt { path, reason, .. }) => {
+            assert_eq!(path, parts[2]);
+            assert!(
+                reason.contains("segment header names base offset"),
+                "{reason}"
+            );
+        }
+        other => panic!("a segment under another's name verified as {other:?}"),
+    }
+}

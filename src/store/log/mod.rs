@@ -717,7 +717,9 @@ impl LogStore {
     }
 
     /// Checks every batch of every segment (checksums, framing, offsets in order), up to
-    /// what is written to the files; the first damage is an [`Error::Corrupt`].
+    /// what is written to the files, and that the segments fit together (each header
+    /// names the base its file name gives; no segment starts below the last record of
+    /// the one before); the first damage is an [`Error::Corrupt`].
     ///
     /// A store opened [read-only](Self::open_read_only) up to damage in its segments
     /// checks the segments of its view, then returns that damage (the one
@@ -725,12 +727,39 @@ impl LogStore {
     pub fn verify(&self) -> Result<LogVerification> {
         let segments: Vec<Arc<Segment>> = self.shared.segments.read().clone();
         let mut report = LogVerification::default();
+        // One past the last record of the segment before, which the next one's base
+        // must not be below (compaction may leave a gap, never an overlap).
+        let mut before: Option<(Offset, &Path)> = None;
         for seg in segments.iter().filter(|s| s.path.extension().is_some()) {
             let end = seg.end.load(Ordering::Acquire);
             let mut data = vec![0u8; end as usize];
             std::os::unix::fs::FileExt::read_exact_at(&seg.file, &mut data, 0)
                 .map_err(|e| Error::io("read", &seg.path, e))?;
-            segment::decode_segment_header(&data, &seg.path)?;
+            let named = segment::decode_segment_header(&data, &seg.path)?;
+            if named != seg.base {
+                return Err(Error::corrupt(
+                    &seg.path,
+                    0,
+                    Some(seg.base),
+                    format!(
+                        "segment header names base offset {named}, its file name {}",
+                        seg.base
+                    ),
+                ));
+            }
+            if let Some((prev_end, prev_path)) = before.filter(|(e, _)| *e > seg.base) {
+                return Err(Error::corrupt(
+                    &seg.path,
+                    0,
+                    Some(seg.base),
+                    format!(
+                        "the segment starts at offset {}, but {} holds records up to {}",
+                        seg.base,
+                        prev_path.display(),
+                        prev_end - 1
+                    ),
+                ));
+            }
             let mut counts = (0u64, 0u64);
             let mut last = seg.base;
             match segment::scan(&data, seg.base, |b| {
@@ -754,6 +783,7 @@ impl LogStore {
                     position, reason, ..
                 } => return Err(Error::corrupt(&seg.path, position, Some(last), reason)),
             }
+            before = Some((last, &seg.path));
             report.segments += 1;
             report.batches += counts.0;
             report.records += counts.1;
