@@ -632,6 +632,10 @@ impl<H: Handler> ClusterBuilder<H> {
 
     /// Checkpoint every key's state after this many requests (default 100,000; at
     /// least 1). `u64::MAX` leaves checkpoints to [`Cluster::checkpoint`].
+    ///
+    /// What a checkpoint bounds: the log replayed at the next open, and the answers of
+    /// outside calls ([`Context::call`]) kept in memory for rebuilds, which are those
+    /// made since the last checkpoint. Without checkpoints both grow with the log.
     pub fn checkpoint_every(mut self, requests: u64) -> Self {
         self.options.checkpoint_every = requests;
         self
