@@ -46,15 +46,16 @@
 //!
 //! # The parts
 //!
-//! Each part is a small trait with at least one real implementation and a conformance
-//! suite that any other implementation can run:
+//! Each part is a small trait with at least one real implementation; the store and the
+//! stream come with a conformance suite that any other implementation can run
+//! ([`store::conformance`], [`stream::conformance`]):
 //!
 //! | part | what it is | implementations |
 //! | --- | --- | --- |
 //! | [`Record`], [`Codec`] | offset, timestamp, key and payload bytes; typed values to bytes | [`Bincode`] |
 //! | [`store::Store`] | an append-only log: append, read from an offset, sync, retention, compaction, cursors, snapshots | [`store::LogStore`] (segmented files, group commit), [`store::MemoryStore`] |
 //! | [`stream::Stream`] | publish on one side, subscribe on the other; `tee`, `merge`, `split`, `map`, `filter` | [`stream::MemoryStream`], [`stream::LogStream`] |
-//! | [`router::Router`] | key → instance, membership, weights, bounded loads | [`router::SlotRouter`], [`router::Sticky`], [`router::BoundedLoads`] |
+//! | [`router::Router`] | key → instance, membership, weights | [`router::SlotRouter`]; built on it: [`router::BoundedLoads`] (bounded loads per request) and [`router::Sticky`] (placement of keys that own state) |
 //! | [`launcher::Launcher`] | where instances run, their heartbeats, a supervisor | [`launcher::ThreadLauncher`] |
 //! | [`cluster::Handler`] | the service's code | yours |
 //! | [`cluster::Cluster`] | the composition root a host application builds and submits to | — |

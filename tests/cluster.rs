@@ -404,7 +404,10 @@ fn bad_configuration_is_a_typed_error() {
         cluster.remove_instance(cauce::router::InstanceId(99)),
         Err(Error::UnknownInstance(_))
     ));
-    assert!(matches!(cluster.add_instance(0), Err(Error::Config(_))));
+    assert!(matches!(
+        cluster.add_instance(0),
+        Err(Error::InvalidWeight { weight: 0, .. })
+    ));
     cluster.shutdown().unwrap();
 }
 

@@ -1071,7 +1071,11 @@ impl<H: Handler> Shared<H> {
 
     pub(crate) fn add_instance(&self, weight: u32) -> Result<InstanceId> {
         if weight == 0 {
-            return Err(Error::Config("an instance's weight must be > 0".into()));
+            // Named by the id it would have had; no id is taken.
+            return Err(Error::InvalidWeight {
+                instance: InstanceId(self.next_id.load(Ordering::SeqCst)),
+                weight,
+            });
         }
         let mut all = self.exclusive();
         let id = InstanceId(self.next_id.fetch_add(1, Ordering::SeqCst));

@@ -168,6 +168,10 @@ impl<H: Handler> Cluster<H> {
 
     /// Adds an instance with `weight` (its share of keys relative to the others) while
     /// requests flow; the keys it takes over move to it with their state.
+    ///
+    /// A weight of 0 is [`Error::InvalidWeight`]; past the router's
+    /// [`MAX_INSTANCES`](crate::router::MAX_INSTANCES), [`Error::TooManyInstances`]; a
+    /// launcher that cannot start it, the launcher's error (and it is not a member).
     pub fn add_instance(&self, weight: u32) -> Result<InstanceId> {
         self.shared.add_instance(weight)
     }

@@ -47,8 +47,9 @@ impl Supervisor {
             .name("cauce-supervisor".to_string())
             .spawn(move || {
                 let (lock, cond) = &*s;
-                // Per instance: the odd heartbeat value last seen, and since when.
-                let mut busy: HashMap<InstanceId, (u64, Instant)> = HashMap::new();
+                // Per instance: the odd heartbeat value last seen, since when, and whether
+                // that stall was reported.
+                let mut busy: HashMap<InstanceId, (u64, Instant, bool)> = HashMap::new();
                 let mut stopped = lock.lock();
                 while !*stopped {
                     cond.wait_for(&mut stopped, tick);
@@ -65,10 +66,11 @@ impl Supervisor {
                             busy.remove(&id);
                             continue;
                         }
-                        let since = busy.entry(id).or_insert((sample, now));
+                        let since = busy.entry(id).or_insert((sample, now, false));
                         if since.0 != sample {
-                            *since = (sample, now);
-                        } else if now - since.1 > stall_timeout {
+                            *since = (sample, now, false);
+                        } else if !since.2 && now - since.1 > stall_timeout {
+                            since.2 = true;
                             target.stalled(id, now - since.1);
                         }
                     }

@@ -127,8 +127,9 @@ fn rank_of_hash(h: u64, inverse_weight: f64) -> u32 {
     let u = ((h >> 11) as f64 + 0.5) * (1.0 / (1u64 << 53) as f64);
     let variate = -ln(u) * inverse_weight;
     // That rounding gives a variate of -0.0, whose sign bit would make the best rank
-    // the worst; every other variate is positive.
-    (variate as f32).to_bits() & !(1 << 31)
+    // the worst: it ranks 1 instead, still below every other variate (all positive, and
+    // at least 2^-53 / u32::MAX, far above the smallest f32), and ranks stay above 0.
+    ((variate as f32).to_bits() & !(1 << 31)).max(1)
 }
 
 /// The rank of an instance for a slot (see [`SlotScorer`]).
@@ -183,8 +184,8 @@ mod tests {
     #[test]
     fn the_highest_score_hash_is_the_best_rank_not_the_worst() {
         for inverse_weight in [1.0, 1e-9, 1.0 / u32::MAX as f64] {
-            assert_eq!(rank_of_hash(u64::MAX, inverse_weight), 0);
-            assert!(rank_of_hash(u64::MAX - (1 << 11), inverse_weight) > 0);
+            assert_eq!(rank_of_hash(u64::MAX, inverse_weight), 1);
+            assert!(rank_of_hash(u64::MAX - (1 << 11), inverse_weight) > 1);
             assert!(rank_of_hash(0, inverse_weight) > rank_of_hash(u64::MAX >> 1, inverse_weight));
         }
     }

@@ -1,0 +1,56 @@
+//! The supervisor reports each stall once, and a later stall of the same instance again.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use cauce::launcher::{Heartbeat, Supervised, Supervisor};
+use cauce::router::InstanceId;
+
+struct One {
+    beat: Arc<Heartbeat>,
+    reports: AtomicUsize,
+}
+
+impl Supervised for One {
+    fn heartbeats(&self) -> Vec<(InstanceId, Arc<Heartbeat>)> {
+        vec![(InstanceId(1), self.beat.clone())]
+    }
+    fn stalled(&self, _: InstanceId, _: Duration) {
+        self.reports.fetch_add(1, Ordering::SeqCst);
+    }
+    fn tick(&self) {}
+}
+
+/// Waits until `reports` reaches `n` (at most 10 s), then 100 ms more for any extra.
+fn reports_settle(target: &One, n: usize) -> usize {
+    let since = Instant::now();
+    while target.reports.load(Ordering::SeqCst) < n && since.elapsed() < Duration::from_secs(10) {
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    std::thread::sleep(Duration::from_millis(100));
+    target.reports.load(Ordering::SeqCst)
+}
+
+#[test]
+fn a_stall_is_reported_once_and_the_next_one_again() {
+    let target = Arc::new(One {
+        beat: Arc::new(Heartbeat::new()),
+        reports: AtomicUsize::new(0),
+    });
+    let beat = target.beat.clone();
+    let mut supervisor = Supervisor::start(
+        target.clone(),
+        Duration::from_millis(2),
+        Duration::from_millis(20),
+    )
+    .unwrap();
+    let first = beat.begin();
+    // Ticks every 2 ms for as long as it stays stuck: one report.
+    assert_eq!(reports_settle(&target, 1), 1);
+    drop(first);
+    // A new unit of work that gets stuck is a new stall.
+    let _second = beat.begin();
+    assert_eq!(reports_settle(&target, 2), 2);
+    supervisor.stop();
+}
