@@ -449,12 +449,8 @@ impl<H: Handler> Shared<H> {
         if let Err(e) = self.launch(inst, start) {
             tracing::error!(instance = %inst.id, error = %e, "could not restart instance");
             if self.stopping.load(Ordering::SeqCst) {
-                // Nobody takes its keys over any more: its requests are answered now
-                // (they are in the log, for the next run).
-                inst.fence(None);
-                for (_, responder) in inst.take_left().unanswered {
-                    responder.answer(Err(Error::Closed));
-                }
+                // Nobody takes its keys over any more.
+                leave_behind(inst);
             } else {
                 self.lose(inst.id, "could not be restarted");
             }
@@ -1431,12 +1427,7 @@ impl<H: Handler> Shared<H> {
                     let _ = running.join();
                 } else {
                     tracing::warn!(instance = %inst.id, "instance did not stop in time; leaving it");
-                    inst.fence(None);
-                    // Its requests will not be handled in this run: their waiters are
-                    // told so now, not left blocked (the log keeps them for the next).
-                    for (_, responder) in inst.take_left().unanswered {
-                        responder.answer(Err(Error::Closed));
-                    }
+                    leave_behind(&inst);
                     break;
                 }
             }
@@ -1530,6 +1521,16 @@ impl<H: Handler> Supervised for Shared<H> {
             *self.due.0.lock() = true;
             self.due.1.notify_one();
         }
+    }
+}
+
+/// Fences an instance the stopping cluster will not wait for, and answers the requests
+/// it still holds [`Error::Closed`]: they will not be handled in this run, and their
+/// waiters are told so now, not left blocked (the log keeps them for the next).
+fn leave_behind<S, R>(inst: &Instance<S, R>) {
+    inst.fence(None);
+    for (_, responder) in inst.take_left().unanswered {
+        responder.answer(Err(Error::Closed));
     }
 }
 

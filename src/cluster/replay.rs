@@ -306,20 +306,7 @@ impl<H: Handler> Replay<H> {
 fn refuse_damage(log: &LogStore) -> Result<()> {
     match log.corruption() {
         None => Ok(()),
-        Some(Error::Corrupt {
-            path,
-            position,
-            offset,
-            reason,
-        }) => Err(Error::Corrupt {
-            path: path.clone(),
-            position: *position,
-            offset: *offset,
-            reason: reason.clone(),
-        }),
-        Some(other) => Err(Error::ReadOnly(format!(
-            "the log was opened up to damage: {other}"
-        ))),
+        Some(damage) => Err(crate::store::log::damage_again(damage, log.dir())),
     }
 }
 

@@ -136,25 +136,8 @@ fn check_rewrite(dir: &Path, base: Offset) -> Result<()> {
     let Some(data) = meta::read_if_exists(&path)? else {
         return Ok(()); // renamed already
     };
-    let found = segment::decode_segment_header(&data, &path)?;
-    if found != base {
-        return Err(Error::corrupt(
-            &path,
-            0,
-            Some(base),
-            format!("rewrite's header names base offset {found}"),
-        ));
-    }
-    let bad = match segment::scan(&data, base, |_| {}) {
-        segment::ScanEnd::Clean => return Ok(()),
-        segment::ScanEnd::Zeros { position } | segment::ScanEnd::Torn { position, .. } => {
-            (position, "the rewrite ends in a bad batch")
-        }
-        segment::ScanEnd::Corrupt {
-            position, reason, ..
-        } => (position, reason),
-    };
-    Err(Error::corrupt(&path, bad.0, None, bad.1))
+    segment::check_header_base(&data, base, &path)?;
+    segment::scan_whole(&data, base, &path, false, |_| {}).map(|_| ())
 }
 
 /// Renames every listed compacted file over its segment, then deletes the marker. A

@@ -735,18 +735,7 @@ impl LogStore {
             let mut data = vec![0u8; end as usize];
             std::os::unix::fs::FileExt::read_exact_at(&seg.file, &mut data, 0)
                 .map_err(|e| Error::io("read", &seg.path, e))?;
-            let named = segment::decode_segment_header(&data, &seg.path)?;
-            if named != seg.base {
-                return Err(Error::corrupt(
-                    &seg.path,
-                    0,
-                    Some(seg.base),
-                    format!(
-                        "segment header names base offset {named}, its file name {}",
-                        seg.base
-                    ),
-                ));
-            }
+            segment::check_header_base(&data, seg.base, &seg.path)?;
             if let Some((prev_end, prev_path)) = before.filter(|(e, _)| *e > seg.base) {
                 return Err(Error::corrupt(
                     &seg.path,
@@ -761,28 +750,11 @@ impl LogStore {
                 ));
             }
             let mut counts = (0u64, 0u64);
-            let mut last = seg.base;
-            match segment::scan(&data, seg.base, |b| {
+            let sealed = seg.sealed.load(Ordering::Acquire);
+            let last = segment::scan_whole(&data, seg.base, &seg.path, !sealed, |b| {
                 counts.0 += 1;
                 counts.1 += b.header.count as u64;
-                last = b.last + 1;
-            }) {
-                segment::ScanEnd::Clean => {}
-                segment::ScanEnd::Zeros { position } if !seg.sealed.load(Ordering::Acquire) => {
-                    let _ = position;
-                }
-                segment::ScanEnd::Zeros { position } | segment::ScanEnd::Torn { position, .. } => {
-                    return Err(Error::corrupt(
-                        &seg.path,
-                        position,
-                        Some(last),
-                        "a bad batch where a whole one was written",
-                    ));
-                }
-                segment::ScanEnd::Corrupt {
-                    position, reason, ..
-                } => return Err(Error::corrupt(&seg.path, position, Some(last), reason)),
-            }
+            })?;
             before = Some((last, &seg.path));
             report.segments += 1;
             report.batches += counts.0;
@@ -799,7 +771,7 @@ impl LogStore {
 /// The damage a read-only open found, as a new error to return ([`Error`] is not
 /// `Clone`: it may hold an `io::Error`). Recovery reports damage as [`Error::Corrupt`];
 /// anything else keeps its message, placed at the log's directory.
-fn damage_again(damage: &Error, dir: &Path) -> Error {
+pub(crate) fn damage_again(damage: &Error, dir: &Path) -> Error {
     match damage {
         Error::Corrupt {
             path,

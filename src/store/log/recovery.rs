@@ -215,7 +215,7 @@ fn open_sealed(dir: &Path, base: Offset, options: &LogOptions, writable: bool) -
         } else {
             &[][..]
         };
-        check_header_base(got, base, &path)?;
+        segment::check_header_base(got, base, &path)?;
         // The next offset of a sealed segment is only needed if the newest segment's header
         // turns out torn; it is computed then.
         let mut seg = Segment::new(base, path, file, len, true, None);
@@ -223,7 +223,7 @@ fn open_sealed(dir: &Path, base: Offset, options: &LogOptions, writable: bool) -
         return Ok(seg);
     }
     let data = read_all(&file, &path)?;
-    check_header_base(&data, base, &path)?;
+    segment::check_header_base(&data, base, &path)?;
     let scanned = scan_segment(&data, base, options.index_interval_bytes);
     let len = data.len() as u64;
     let damage = match scanned.end {
@@ -245,19 +245,6 @@ fn open_sealed(dir: &Path, base: Offset, options: &LogOptions, writable: bool) -
     Ok(seg)
 }
 
-fn check_header_base(data: &[u8], base: Offset, path: &Path) -> Result<()> {
-    let found = segment::decode_segment_header(data, path)?;
-    if found != base {
-        return Err(Error::corrupt(
-            path,
-            0,
-            Some(base),
-            format!("segment header names base offset {found}, its file name {base}"),
-        ));
-    }
-    Ok(())
-}
-
 /// Opens the newest segment: scans it, cuts a torn tail, repairs a torn header, and
 /// fdatasyncs it. Returns the segment, the next offset, and (read-only) the damage
 /// where the view stopped.
@@ -271,7 +258,7 @@ fn open_last(
     let path = segment::segment_path(dir, base);
     let file = open_file(&path, writable)?;
     let mut data = read_all(&file, &path)?;
-    if let Err(header_error) = check_header_base(&data, base, &path) {
+    if let Err(header_error) = segment::check_header_base(&data, base, &path) {
         repair_torn_header(dir, &path, &file, &mut data, base, has_prev, writable)
             .map_err(|_| header_error)?;
     }
@@ -373,7 +360,7 @@ fn previous_next(dir: &Path, base: Offset) -> Result<Option<Offset>> {
     let path = segment::segment_path(dir, prev);
     let file = open_file(&path, false)?;
     let data = read_all(&file, &path)?;
-    check_header_base(&data, prev, &path)?;
+    segment::check_header_base(&data, prev, &path)?;
     let scanned = scan_segment(&data, prev, u64::MAX);
     Ok(Some(scanned.next))
 }

@@ -566,6 +566,49 @@ pub(crate) fn scan(data: &[u8], base: Offset, mut each: impl FnMut(&ScannedBatch
     ScanEnd::Clean
 }
 
+/// Checks that the segment header in `data` names `base`, the base of its file `path`.
+pub(crate) fn check_header_base(data: &[u8], base: Offset, path: &Path) -> Result<()> {
+    let found = decode_segment_header(data, path)?;
+    if found != base {
+        return Err(Error::corrupt(
+            path,
+            0,
+            Some(base),
+            format!("segment header names base offset {found}, its file name {base}"),
+        ));
+    }
+    Ok(())
+}
+
+/// Scans the bytes of a segment that must be whole batches to their end (a segment
+/// still written may end in zeros, when `zeros_end`), calling `each` for every batch.
+/// Anything else is an [`Error::Corrupt`] naming `path`. Returns one past the last
+/// offset (`base` for no batch).
+pub(crate) fn scan_whole(
+    data: &[u8],
+    base: Offset,
+    path: &Path,
+    zeros_end: bool,
+    mut each: impl FnMut(&ScannedBatch),
+) -> Result<Offset> {
+    let mut next = base;
+    let end = scan(data, base, |b| {
+        next = b.last + 1;
+        each(b);
+    });
+    let (position, reason) = match end {
+        ScanEnd::Clean => return Ok(next),
+        ScanEnd::Zeros { .. } if zeros_end => return Ok(next),
+        ScanEnd::Zeros { position } | ScanEnd::Torn { position, .. } => {
+            (position, "a bad batch where a whole one was written")
+        }
+        ScanEnd::Corrupt {
+            position, reason, ..
+        } => (position, reason),
+    };
+    Err(Error::corrupt(path, position, Some(next), reason))
+}
+
 /// The position of the first valid batch at an aligned position from `from` on, if any.
 pub(crate) fn first_valid_batch_from(data: &[u8], from: usize, expected: Offset) -> Option<u64> {
     let mut pos = align_up(from);
