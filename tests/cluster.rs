@@ -569,6 +569,14 @@ fn replay_rebuilds_any_past_state_and_reruns_requests_without_calling_out() {
     let history = replay.history(key(1).as_bytes()).unwrap();
     assert!(history.iter().all(|(_, r)| r.is_ok()));
     assert_eq!(history.len(), 150 / 4 + 1);
+    // The panicking request (i = 77, key 1) is in its key's history, marked.
+    let panicked: Vec<u64> = history
+        .iter()
+        .map(|(o, _)| *o)
+        .filter(|&o| replay.panicked(o))
+        .collect();
+    assert_eq!(panicked, vec![offsets[77]]);
+    assert!(offsets.iter().filter(|&&o| replay.panicked(o)).count() == 1);
 }
 
 /// A thread submitting batches: every answer it got, with its offset.

@@ -256,7 +256,9 @@ impl<H: Handler> Replay<H> {
 
     /// Every request of `key` in log order, with its offset. A request that cannot be
     /// decoded (the live service refused it, and it changed no state) is listed with
-    /// the error, which names its offset.
+    /// the error, which names its offset. A request whose handler panicked is listed
+    /// like any other, though it changed no state either: [`panicked`](Self::panicked)
+    /// tells them apart.
     pub fn history(&self, key: &[u8]) -> Result<Vec<(Offset, Result<H::Request>)>> {
         let mut out = Vec::new();
         for record in self.input.read_from(self.input.start_offset())? {
@@ -269,6 +271,15 @@ impl<H: Handler> Replay<H> {
             }
         }
         Ok(out)
+    }
+
+    /// Whether the live service's handler panicked on the request at `offset`. Such a
+    /// request was answered [`Error::HandlerPanicked`] and marked in the log, and no
+    /// state folds it: [`state_before`](Self::state_before) leaves it out, and
+    /// [`rerun`](Self::rerun) runs it again (under a debugger, to see the panic), on the
+    /// state it met.
+    pub fn panicked(&self, offset: Offset) -> bool {
+        self.poisoned.contains(&offset)
     }
 
     /// Where a fold up to `offset` can start: the latest checkpoint at or before it, or
