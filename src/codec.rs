@@ -14,7 +14,7 @@ use crate::error::{Error, Result};
 ///
 /// A codec must be deterministic: the same value encodes to the same bytes, and
 /// `decode(encode(v)) == v`. Bytes a codec cannot decode are an [`Error::Codec`], never a
-/// panic.
+/// panic (but see [`Bincode`]'s limits for two shapes of type).
 pub trait Codec: Send + Sync + 'static {
     /// Appends the encoding of `value` to `out`.
     fn encode_into<T: Serialize + ?Sized>(&self, value: &T, out: &mut Vec<u8>) -> Result<()>;
@@ -32,6 +32,20 @@ pub trait Codec: Send + Sync + 'static {
 
 /// The default codec: bincode 1.3.3 with its default (fixed-width, little-endian)
 /// options, through serde.
+///
+/// Decoding refuses trailing bytes and any length prefix larger than the input, so
+/// garbage cannot make it allocate more than the input's size. Two shapes of type are
+/// beyond what bincode 1 can check, and matter only for bytes from outside (every
+/// payload the crate writes itself is checksummed, and decodes as it was encoded):
+/// - a recursive type (`enum List { Nil, Cons(Box<List>) }`) nests once per few bytes
+///   of input, with no depth limit: a few megabytes of crafted bytes overflow the
+///   decoding thread's stack, which aborts the process;
+/// - a collection of zero-sized values (`Vec<()>`, `Vec<PhantomData<T>>`) reads no
+///   bytes per element, so a crafted length of 2^64 loops for that long.
+///
+/// To decode such types from untrusted bytes, implement [`Codec`]'s two methods over a
+/// format that bounds nesting (`serde_json` stops at a depth of 128), or check the
+/// bytes before they reach the typed layer.
 ///
 /// ```
 /// use cauce::{Bincode, Codec};
