@@ -38,7 +38,7 @@ use crate::codec::{Bincode, Codec};
 use crate::error::{Error, Result};
 use crate::record::{Entry, Offset, Timestamp};
 use crate::router::InstanceId;
-use crate::store::Store;
+use crate::store::{Store, read_from_start};
 
 /// The code of a keyed service: per-key state, a request in, a response out.
 ///
@@ -281,7 +281,7 @@ impl Effects {
         if let Some(store) = &effects.store {
             let end = effects.input.as_ref().map(|i| i.next_offset());
             let mut index = effects.index.lock();
-            for record in store.read_from(store.start_offset())? {
+            for record in read_from_start(store)?.1 {
                 let record = record?;
                 let (id, name, answer) =
                     decode_effect(&record.key, &record.payload).ok_or_else(|| Error::Codec {
@@ -395,7 +395,7 @@ impl Effects {
     /// `offset`: every entry before it is for an earlier request (entries are appended
     /// when calls are made, so they are only roughly in request order).
     pub(crate) fn first_entry_at_or_after(store: &dyn Store, offset: Offset) -> Result<Offset> {
-        for record in store.read_from(store.start_offset())? {
+        for record in read_from_start(store)?.1 {
             let record = record?;
             match decode_effect(&record.key, &record.payload) {
                 Some((id, _, _)) if id.offset >= offset => return Ok(record.offset),

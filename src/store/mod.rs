@@ -130,6 +130,9 @@ pub trait Store: Send + Sync + 'static {
     }
 
     /// The first offset still held.
+    ///
+    /// Retention can move it on at any time: to read from it, use [`read_from_start`],
+    /// which opens the reader wherever the log begins when it opens.
     fn start_offset(&self) -> Offset;
 
     /// The offset the next appended record will get: one past the last committed one.
@@ -175,6 +178,50 @@ pub trait Store: Send + Sync + 'static {
 
     /// The snapshot `name` with the highest offset, if any was saved.
     fn latest_snapshot(&self, name: &str) -> Result<Option<Snapshot>>;
+}
+
+/// How many times [`read_from_start`] opens a reader before it lets retention win.
+const START_ATTEMPTS: usize = 8;
+
+/// Opens a reader at the first record still held, and says where that is: what
+/// `store.read_from(store.start_offset())` means, without its race. Retention
+/// ([`Store::truncate_before`]) that moves the start between the two calls makes
+/// `read_from` refuse the start just read with [`Error::OffsetOutOfRange`], although the
+/// caller asked for wherever the log begins; this reads the new start and opens the
+/// reader there instead. Retention that overtakes it on every one of a few attempts in a
+/// row ends in that error.
+///
+/// Retention after the reader opened is no longer this function's concern: the reader
+/// reports it as `read_from`'s readers do.
+///
+/// ```
+/// use cauce::store::{read_from_start, MemoryStore, Store};
+/// use cauce::Entry;
+///
+/// let store = MemoryStore::new();
+/// store.append(&[Entry::new(b"a", b"1"), Entry::new(b"b", b"2")])?;
+/// store.truncate_before(1)?;
+/// let (start, mut reader) = read_from_start(&store)?;
+/// assert_eq!(start, 1);
+/// assert_eq!(reader.next().transpose()?.map(|r| r.offset), Some(1));
+/// # Ok::<(), cauce::Error>(())
+/// ```
+pub fn read_from_start<S: Store + ?Sized>(store: &S) -> Result<(Offset, RecordIter)> {
+    let mut from = store.start_offset();
+    let mut attempts = 1;
+    loop {
+        match store.read_from(from) {
+            Ok(reader) => return Ok((from, reader)),
+            // Only "before the start" is retention; past the end is not this race.
+            Err(Error::OffsetOutOfRange { start, .. })
+                if from < start && attempts < START_ATTEMPTS =>
+            {
+                from = store.start_offset().max(start);
+                attempts += 1;
+            }
+            Err(e) => return Err(e),
+        }
+    }
 }
 
 /// The largest record a store accepts unless configured otherwise: 8 MiB, counted as

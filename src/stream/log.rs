@@ -20,7 +20,7 @@ use parking_lot::RwLock;
 use super::{Position, Publish, Stream, Subscribe, remaining};
 use crate::error::{Error, Result};
 use crate::record::{Entry, Offset, Record};
-use crate::store::{RecordIter, Store};
+use crate::store::{RecordIter, Store, read_from_start};
 
 /// A stream stored in a [`Store`]: subscribers can start anywhere in it and replay.
 ///
@@ -190,20 +190,24 @@ impl<S: Store> Stream for LogStream<S> {
     fn subscribe(&self, from: Position) -> Result<LogSubscriber<S>> {
         let shared = &self.handle.shared;
         let store = &shared.store;
-        let (position, cursor) = match from {
-            Position::Beginning => (store.start_offset(), None),
-            Position::Offset(offset) => (offset, None),
-            Position::End => (store.next_offset(), None),
+        let at =
+            |offset| -> Result<(Offset, RecordIter)> { Ok((offset, store.read_from(offset)?)) };
+        let ((position, reader), cursor) = match from {
+            // The beginning is where the log begins when the reader opens, however
+            // retention moved it since `start_offset` was read.
+            Position::Beginning => (read_from_start(store)?, None),
+            Position::Offset(offset) => (at(offset)?, None),
+            Position::End => (at(store.next_offset())?, None),
             Position::Cursor(name) => {
-                let position = match store.cursor(&name)? {
-                    Some(offset) => offset,
-                    None => store.start_offset(),
+                let opened = match store.cursor(&name)? {
+                    Some(offset) => at(offset)?,
+                    None => read_from_start(store)?,
                 };
-                (position, Some(name))
+                (opened, Some(name))
             }
         };
         Ok(LogSubscriber {
-            reader: Some(store.read_from(position)?),
+            reader: Some(reader),
             shared: shared.clone(),
             position,
             streak: 0,

@@ -195,15 +195,17 @@ impl<S: Subscribe + ?Sized> Subscribe for &mut S {
 /// Where a subscription starts.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub enum Position {
-    /// The first record still stored (stored streams only).
+    /// The first record still stored when the subscription opens its reader (stored
+    /// streams only): retention that moves the start meanwhile moves it along, as
+    /// [`read_from_start`](crate::store::read_from_start) does.
     Beginning,
     /// The record at this offset (stored streams only).
     Offset(Offset),
     /// The next record published: a subscription that starts now. For a
     /// [`MemoryStream`] shared queue, the oldest record still queued.
     End,
-    /// Where the named cursor was last committed, or the beginning if it never was
-    /// (stored streams only). [`Subscribe::commit`] moves the cursor. If retention
+    /// Where the named cursor was last committed, or the
+    /// [beginning](Position::Beginning) if it never was (stored streams only). [`Subscribe::commit`] moves the cursor. If retention
     /// dropped records after the cursor, subscribing is [`Error::OffsetOutOfRange`],
     /// which names the first offset still held: those records are gone, and the caller
     /// chooses where to go on from ([`Position::Offset`] of that start, say).

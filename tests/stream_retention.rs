@@ -1,0 +1,150 @@
+//! Retention against subscribers that start "from the beginning": the beginning is
+//! wherever the log begins when the reader opens, however retention moved it meanwhile.
+
+use std::ops::Range;
+use std::time::Duration;
+
+use cauce::store::{
+    Compaction, LogOptions, LogStore, MemoryStore, RecordIter, Snapshot, Store, SyncPolicy,
+};
+use cauce::stream::{LogStream, Position, Publish, Stream, Subscribe};
+use cauce::{Entry, Error, Offset, Result};
+
+/// A store whose retention runs at the worst moment: every `read_from` first drops the
+/// records before `retain_from(requested)` (when that moves the start), then opens the
+/// reader. This is the race between reading the start offset and opening a reader
+/// there, made to happen every time.
+struct RetentionFirst<S, F> {
+    store: S,
+    retain_from: F,
+}
+
+impl<S, F> Store for RetentionFirst<S, F>
+where
+    S: Store,
+    F: Fn(Offset) -> Offset + Send + Sync + 'static,
+{
+    fn append(&self, batch: &[Entry<'_>]) -> Result<Range<Offset>> {
+        self.store.append(batch)
+    }
+    fn read_from(&self, from: Offset) -> Result<RecordIter> {
+        let retain_from = (self.retain_from)(from).min(self.store.next_offset());
+        if retain_from > self.store.start_offset() {
+            self.store.truncate_before(retain_from)?;
+        }
+        self.store.read_from(from)
+    }
+    fn start_offset(&self) -> Offset {
+        self.store.start_offset()
+    }
+    fn next_offset(&self) -> Offset {
+        self.store.next_offset()
+    }
+    fn wait_for(&self, offset: Offset, timeout: Option<Duration>) -> Offset {
+        self.store.wait_for(offset, timeout)
+    }
+    fn wake_waiters(&self) {
+        self.store.wake_waiters()
+    }
+    fn sync(&self) -> Result<()> {
+        self.store.sync()
+    }
+    fn truncate_before(&self, offset: Offset) -> Result<()> {
+        self.store.truncate_before(offset)
+    }
+    fn compact(&self) -> Result<Compaction> {
+        self.store.compact()
+    }
+    fn commit_cursor(&self, name: &str, offset: Offset) -> Result<()> {
+        self.store.commit_cursor(name, offset)
+    }
+    fn cursor(&self, name: &str) -> Result<Option<Offset>> {
+        self.store.cursor(name)
+    }
+    fn save_snapshot(&self, name: &str, offset: Offset, blob: &[u8]) -> Result<()> {
+        self.store.save_snapshot(name, offset, blob)
+    }
+    fn latest_snapshot(&self, name: &str) -> Result<Option<Snapshot>> {
+        self.store.latest_snapshot(name)
+    }
+}
+
+/// Where retention moves the start the first time a reader opens before it.
+const RETAINED_FROM: Offset = 60;
+
+/// A stream over `store` holding offsets 0..100, whose first reader that opens before
+/// offset 60 finds retention has just dropped everything before it.
+fn stream_racing_retention<S: Store>(store: S) -> LogStream<impl Store> {
+    let entries: Vec<_> = (0..100).map(|_| Entry::new(b"k", b"v")).collect();
+    store.append(&entries).expect("append");
+    LogStream::new(RetentionFirst {
+        store,
+        retain_from: |_| RETAINED_FROM,
+    })
+}
+
+fn log_store(dir: &tempfile::TempDir) -> LogStore {
+    LogStore::open(dir.path(), LogOptions::new().sync(SyncPolicy::Never)).expect("open")
+}
+
+/// The first record a subscriber from `from` receives, and where its position is then.
+fn first_from<S: Store>(stream: &LogStream<S>, from: Position) -> (Offset, Offset) {
+    let mut subscriber = stream
+        .subscribe(from.clone())
+        .unwrap_or_else(|e| panic!("subscribe from {from:?} while retention moves the start: {e}"));
+    let offset = subscriber.recv().expect("recv").offset;
+    (offset, subscriber.position())
+}
+
+#[test]
+fn beginning_is_where_the_log_begins_when_the_reader_opens() {
+    let stream = stream_racing_retention(MemoryStore::new());
+    assert_eq!(first_from(&stream, Position::Beginning), (60, 61));
+    let dir = tempfile::tempdir().expect("temporary directory");
+    let stream = stream_racing_retention(log_store(&dir));
+    assert_eq!(first_from(&stream, Position::Beginning), (60, 61));
+}
+
+#[test]
+fn a_cursor_never_committed_starts_where_the_log_begins_when_the_reader_opens() {
+    let stream = stream_racing_retention(MemoryStore::new());
+    let fresh = Position::Cursor("fresh".into());
+    assert_eq!(first_from(&stream, fresh.clone()), (60, 61));
+    let dir = tempfile::tempdir().expect("temporary directory");
+    let stream = stream_racing_retention(log_store(&dir));
+    assert_eq!(first_from(&stream, fresh), (60, 61));
+}
+
+#[test]
+fn an_offset_that_retention_dropped_is_still_out_of_range() {
+    let stream = stream_racing_retention(MemoryStore::new());
+    assert!(matches!(
+        stream.subscribe(Position::Offset(10)),
+        Err(Error::OffsetOutOfRange {
+            requested: 10,
+            start: RETAINED_FROM,
+            ..
+        })
+    ));
+}
+
+#[test]
+fn retention_that_keeps_overtaking_the_reader_ends_in_an_error_not_a_loop() {
+    let store = MemoryStore::new();
+    let entries: Vec<_> = (0..1_000).map(|_| Entry::new(b"k", b"v")).collect();
+    store.append(&entries).expect("append");
+    let stream = LogStream::new(RetentionFirst {
+        store,
+        retain_from: |from: Offset| from + 1,
+    });
+    assert!(matches!(
+        stream.subscribe(Position::Beginning),
+        Err(Error::OffsetOutOfRange { .. })
+    ));
+    let publisher = stream.publisher();
+    assert_eq!(
+        publisher.publish(Entry::new(b"k", b"v")).expect("publish"),
+        1_000,
+        "the stream is still usable"
+    );
+}
