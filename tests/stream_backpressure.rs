@@ -94,6 +94,32 @@ fn a_shared_queue_nobody_can_read_is_closed_for_publishers() {
         publisher.try_publish(Entry::new(b"", b"lost")),
         Err(Error::Closed)
     ));
+    assert!(
+        matches!(publisher.publish_batch(&[]), Err(Error::Closed)),
+        "an empty batch is refused where a record is"
+    );
+}
+
+#[test]
+fn a_fan_out_stream_nobody_can_read_is_closed_for_publishers() {
+    let stream = MemoryStream::fan_out(2).expect("capacity");
+    let subscribers = [
+        stream.subscribe(Position::End).expect("subscribe"),
+        stream.subscribe(Position::End).expect("subscribe"),
+    ];
+    let publisher = stream.publisher();
+    publisher
+        .publish(Entry::new(b"", b"seen"))
+        .expect("publish");
+    drop((stream, subscribers));
+    assert!(
+        matches!(
+            publisher.publish(Entry::new(b"", b"lost")),
+            Err(Error::Closed)
+        ),
+        "no subscriber and no stream value to make one"
+    );
+    assert!(matches!(publisher.publish_batch(&[]), Err(Error::Closed)));
 }
 
 #[test]

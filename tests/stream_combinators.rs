@@ -256,6 +256,12 @@ impl Publish for Refusing {
         }
         self.inner.try_publish(entry)
     }
+    fn publish_batch(&self, entries: &[Entry<'_>]) -> cauce::Result<std::ops::Range<u64>> {
+        if self.refusing.load(std::sync::atomic::Ordering::SeqCst) {
+            return Err(Error::Closed);
+        }
+        self.inner.publish_batch(entries)
+    }
     fn close(&self) {
         self.inner.close();
     }
@@ -604,6 +610,44 @@ fn forward_into_a_split_splits_an_existing_stream() {
         .map(|r| r.join().expect("reader"))
         .collect();
     assert_eq!(counts, [150, 50]);
+}
+
+#[test]
+fn an_empty_batch_into_a_split_routes_to_no_instance_and_publishes_nothing() {
+    let (zero, mut zero_sub) = halves(8);
+    let (one, mut one_sub) = halves(8);
+    let by_key = split(
+        by_first_letter,
+        [(InstanceId(0), zero), (InstanceId(1), one)],
+    );
+    publish_all(&by_key, &["a"]);
+    assert!(
+        matches!(by_key.publish_batch(&[]), Err(Error::NoInstance)),
+        "an empty batch has no key, so no instance and no next offset to name"
+    );
+    drop(by_key);
+    assert_eq!(payloads(&mut zero_sub), ["a"]);
+    assert!(payloads(&mut one_sub).is_empty());
+}
+
+/// A typed batch with nothing in it, after one value, through `publisher`.
+fn empty_typed_batch_after_one_value<P: Publish>(publisher: P) -> std::ops::Range<u64> {
+    let typed: Typed<_, u32> = Typed::new(publisher);
+    typed.publish(b"k", &7).expect("publish");
+    typed
+        .publish_batch(std::iter::empty::<(&[u8], &u32)>())
+        .expect("empty batch")
+}
+
+#[test]
+fn an_empty_typed_batch_is_the_empty_range_at_the_next_offset() {
+    let stored = LogStream::new(MemoryStore::new());
+    assert_eq!(empty_typed_batch_after_one_value(stored.publisher()), 1..1);
+    let notified = MemoryStream::bounded(4).expect("capacity");
+    assert_eq!(
+        empty_typed_batch_after_one_value(notified.publisher()),
+        1..1
+    );
 }
 
 #[test]

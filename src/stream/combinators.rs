@@ -475,7 +475,9 @@ struct SplitInner<P, R> {
 /// A key that `route` maps to `None` is [`Error::NoInstance`]; to an instance without a
 /// stream here, [`Error::UnknownInstance`]. A batch must route to one instance (it is
 /// published there as one batch), otherwise [`Error::BatchSpansInstances`] and nothing
-/// is published. Dropping the last clone of the split drops its publishers, which closes
+/// is published. An empty batch has no key, so it routes to no instance either:
+/// `Error::NoInstance`, since a split has no single next offset to return for it (see
+/// [`Publish::publish_batch`]). Dropping the last clone of the split drops its publishers, which closes
 /// each instance stream that has no other publisher; [`Publish::close`] closes them all.
 /// To split an existing stream, [`forward`] a subscriber of it into the split.
 ///
@@ -569,8 +571,9 @@ where
     }
 
     fn publish_batch(&self, entries: &[Entry<'_>]) -> Result<Range<Offset>> {
+        // No key, no instance, and no one next offset to name (see `split`).
         let Some(first) = entries.first() else {
-            return Ok(0..0);
+            return Err(Error::NoInstance);
         };
         let (instance, output) = self.route(first.key)?;
         for (index, entry) in entries.iter().enumerate().skip(1) {

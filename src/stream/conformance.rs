@@ -177,7 +177,45 @@ pub fn publish_batch_gives_consecutive_offsets<F: Fixture>(fixture: &mut F) {
         assert_eq!((number_of(&record), record.offset), (i, first + i));
     }
     let empty = publisher.publish_batch(&[]).expect("empty batch");
+    assert_eq!(
+        empty,
+        first + 4..first + 4,
+        "an empty batch is the empty range at the next offset"
+    );
+    empty_batch_is_an_empty_range_at_the_next_offset(&publisher);
+    let record = recv(&mut subscriber, "published after the empty batches");
+    assert_eq!(
+        (number_of(&record), record.offset),
+        (0, first + 4),
+        "the empty batches published nothing"
+    );
+}
+
+/// An empty batch publishes nothing and returns `next..next`, where `next` is the offset
+/// the next record published gets. Publishes one record (numbered 0) to find out, so
+/// the stream needs room for one, and nobody else may publish into it meanwhile.
+///
+/// [`run_all`] runs this on the publishers of the stream under test; run it on any
+/// other publisher (a wrapper, a combinator) to hold it to the same rule.
+pub fn empty_batch_is_an_empty_range_at_the_next_offset<P: Publish>(publisher: &P) {
+    let empty = publisher.publish_batch(&[]).expect("empty batch");
     assert!(empty.is_empty(), "an empty batch publishes nothing");
+    assert_eq!(
+        publisher.publish_batch(&[]).expect("empty batch"),
+        empty,
+        "an empty batch does not move the next offset"
+    );
+    let next = publish_numbered(publisher, 0);
+    assert_eq!(
+        empty,
+        next..next,
+        "an empty batch is the empty range at the offset the next record gets"
+    );
+    assert_eq!(
+        publisher.publish_batch(&[]).expect("empty batch"),
+        next + 1..next + 1,
+        "an empty batch follows the last record published"
+    );
 }
 
 /// `recv_timeout` gives up after its timeout; `try_recv` says "nothing now".
@@ -246,6 +284,10 @@ pub fn close_ends_the_stream_for_every_half<F: Fixture>(fixture: &mut F) {
     assert!(matches!(first.publish(entry), Err(Error::Closed)));
     assert!(matches!(first.try_publish(entry), Err(Error::Closed)));
     assert!(matches!(first.publish_batch(&[entry]), Err(Error::Closed)));
+    assert!(
+        matches!(first.publish_batch(&[]), Err(Error::Closed)),
+        "an empty batch into a closed stream is Closed too"
+    );
     assert!(matches!(
         stream.publisher().publish(entry),
         Err(Error::Closed)

@@ -284,10 +284,7 @@ impl Inner {
     /// now; otherwise hands it back with a full queue to wait on. Offsets are given
     /// only here, under the publish lock, so they follow queue order.
     fn deliver(&self, state: &mut State, mut record: Record) -> Result<Delivery> {
-        if self.closed.load(Ordering::SeqCst) {
-            return Err(Error::Closed);
-        }
-        self.admit_joining(state);
+        self.check_open(state)?;
         loop {
             // One queue (always, for a shared queue): try it directly, which is the
             // cheapest way to find out whether it has room.
@@ -333,6 +330,20 @@ impl Inner {
             }
             return Ok(self.delivered(state));
         }
+    }
+
+    /// `Closed` once nothing published could ever be received: after `close`, or when
+    /// no queue has a reader and no stream value is left to make one (a shared queue
+    /// counts the stream values among its readers). Takes in the subscribers that
+    /// joined since the last publish.
+    fn check_open(&self, state: &mut State) -> Result<()> {
+        if self.closed.load(Ordering::SeqCst) {
+            return Err(Error::Closed);
+        }
+        self.admit_joining(state);
+        let readable = state.queues.iter().any(Queue::has_readers)
+            || (self.fan_out && self.streams.load(Ordering::SeqCst) > 0);
+        if readable { Ok(()) } else { Err(Error::Closed) }
     }
 
     fn delivered(&self, state: &mut State) -> Delivery {
@@ -436,6 +447,11 @@ impl Publish for MemoryPublisher {
     fn publish_batch(&self, entries: &[Entry<'_>]) -> Result<Range<Offset>> {
         let records: Vec<Record> = entries.iter().map(to_record).collect();
         let mut state = self.inner.state.lock();
+        // An empty batch is refused where a record would be (a batch's first record
+        // checks it otherwise).
+        if records.is_empty() {
+            self.inner.check_open(&mut state)?;
+        }
         let start = state.next;
         for mut record in records {
             while let Delivery::NoRoom(back, queue) = self.inner.deliver(&mut state, record)? {

@@ -97,6 +97,10 @@ pub use typed::{Typed, TypedRecord};
 /// - When the stream is full, `publish` blocks until there is room; `try_publish` never
 ///   waits for room: it returns [`Error::Full`] and publishes nothing.
 /// - `publish_batch` gives the batch consecutive offsets, in order, and returns them.
+///   An empty batch publishes nothing and returns the empty range `next..next`, where
+///   `next` is the offset the next record published would get: the start of the range
+///   is always a place in the stream. A publisher without one next offset (a [`Split`],
+///   whose next offset depends on the key) refuses an empty batch instead.
 /// - Publishing into a closed stream is [`Error::Closed`] and publishes nothing.
 /// - [`close`](Publish::close) ends the stream for every publisher and subscriber.
 pub trait Publish: Clone + Send + Sync + 'static {
@@ -107,19 +111,16 @@ pub trait Publish: Clone + Send + Sync + 'static {
     /// not.
     fn try_publish(&self, entry: Entry<'_>) -> Result<Offset>;
 
-    /// Publishes `entries` in order and returns the offsets they got.
+    /// Publishes `entries` as one unit, in order, and returns the consecutive offsets
+    /// they got.
     ///
-    /// The default publishes them one by one, which keeps them consecutive only when
-    /// nobody else publishes at the same time; implementations override it to publish
-    /// the batch as one unit.
-    fn publish_batch(&self, entries: &[Entry<'_>]) -> Result<Range<Offset>> {
-        let mut range: Option<Range<Offset>> = None;
-        for entry in entries {
-            let offset = self.publish(*entry)?;
-            range = Some(range.map_or(offset..offset + 1, |r| r.start..offset + 1));
-        }
-        Ok(range.unwrap_or(0..0))
-    }
+    /// An empty batch publishes nothing and returns `next..next`, `next` being the
+    /// offset the next record published would get (with nobody else publishing
+    /// meanwhile); into a closed stream it is [`Error::Closed`], as any publish.
+    /// [`conformance`] checks both. There is no default: one built on `publish` could
+    /// neither keep a batch consecutive beside other publishers nor name `next` for an
+    /// empty one.
+    fn publish_batch(&self, entries: &[Entry<'_>]) -> Result<Range<Offset>>;
 
     /// Closes the stream: later publishes are [`Error::Closed`], and subscribers end with
     /// `Error::Closed` after receiving what was published before. Closing twice is
