@@ -8,6 +8,7 @@ use std::sync::Arc;
 use cauce::Error;
 use cauce::router::{
     BoundedLoads, InstanceId, Move, Router, SlotRouter, SlotRouterOptions, Sticky, StickyOptions,
+    key_hash,
 };
 use proptest::prelude::*;
 
@@ -217,6 +218,47 @@ fn a_sticky_key_stays_where_it_was_placed() {
 }
 
 #[test]
+fn the_sticky_table_follows_every_membership_change_it_reports() {
+    let mut sticky = Sticky::new(sticky_options());
+    assert_eq!(sticky.table().owner_of(b"alice"), None, "no member yet");
+    let mut epochs = vec![sticky.table().epoch()];
+    for id in 1..=3 {
+        sticky.add(InstanceId(id), 1).unwrap();
+        epochs.push(sticky.table().epoch());
+    }
+    let home = sticky.route(b"alice", 0).unwrap();
+    let moves = sticky.remove(home).unwrap();
+    epochs.push(sticky.table().epoch());
+    assert!(epochs.windows(2).all(|w| w[0] < w[1]), "{epochs:?}");
+    let members: Vec<_> = sticky.table().members().iter().map(|m| m.id).collect();
+    assert!(!members.contains(&home) && members.len() == 2);
+    let moved = moves.iter().find(|m| &m.key[..] == b"alice").unwrap();
+    assert_eq!(sticky.placement(b"alice"), Some(moved.to));
+    assert!(sticky.table().owner_of(b"alice").is_some_and(|o| o != home));
+}
+
+#[test]
+fn route_hash_with_the_key_hash_routes_as_route_does() {
+    let mut by_key = Sticky::new(sticky_options());
+    let mut by_hash = Sticky::new(sticky_options());
+    for id in 1..=4 {
+        by_key.add(InstanceId(id), 1).unwrap();
+        by_hash.add(InstanceId(id), 1).unwrap();
+    }
+    for t in 0..2_000u64 {
+        let key = format!("user-{}", (t * 7919) % 97);
+        let key = key.as_bytes();
+        assert_eq!(
+            by_key.route(key, t),
+            by_hash.route_hash(key, key_hash(key), t),
+            "request {t}"
+        );
+    }
+    assert_eq!(by_key.loads(), by_hash.loads());
+    assert_eq!(by_key.known_keys(), by_hash.known_keys());
+}
+
+#[test]
 fn a_route_stamped_before_the_latest_one_is_not_idle_at_once() {
     let mut sticky = Sticky::new(sticky_options().idle_after(100));
     for id in 1..=2 {
@@ -239,12 +281,12 @@ fn idle_keys_are_forgotten_and_placed_afresh() {
     for id in 1..=3 {
         sticky.add(InstanceId(id), 1).unwrap();
     }
-    let owner = sticky.router().owner_of(b"carol").unwrap();
+    let owner = sticky.table().owner_of(b"carol").unwrap();
     // Fill carol's owner with someone else's traffic so she must be placed elsewhere.
     let mut filler = None;
     for i in 0..1_000u32 {
         let key = format!("f{i}");
-        if sticky.router().owner_of(key.as_bytes()) == Some(owner) {
+        if sticky.table().owner_of(key.as_bytes()) == Some(owner) {
             filler = Some(key);
             break;
         }
@@ -263,9 +305,7 @@ fn idle_keys_are_forgotten_and_placed_afresh() {
     assert_eq!(sticky.placement(b"carol"), None, "idle keys are forgotten");
     let again = sticky.route(b"carol", 2_100).unwrap();
     let mut preference = Vec::new();
-    sticky
-        .router()
-        .preference_list(b"carol", 3, &mut preference);
+    sticky.table().preference_list(b"carol", 3, &mut preference);
     assert!(preference.contains(&again));
 }
 
@@ -288,7 +328,7 @@ fn new_keys_go_to_the_first_instance_under_the_cap() {
         let load: f64 = loads.values().sum();
         let cap = ((1.25 * load / 5.0) - 1e-9).ceil().max(1.0);
         sticky
-            .router()
+            .table()
             .preference_list(key.as_bytes(), 5, &mut preference);
         let first_with_room = preference.iter().find(|id| loads[id] < cap).copied();
         assert_eq!(Some(at), first_with_room.or(Some(preference[0])));

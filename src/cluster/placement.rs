@@ -8,7 +8,7 @@ use bytes::Bytes;
 use super::instance::Instance;
 use crate::error::Result;
 use crate::record::Timestamp;
-use crate::router::{InstanceId, Router, Sticky};
+use crate::router::{InstanceId, Sticky};
 use crate::small::Key;
 
 /// The routing decisions the cluster needs. The router module provides them; this trait
@@ -38,7 +38,7 @@ impl Placement for Sticky {
         Sticky::placement(self, key)
     }
     fn owner_of(&self, key: &[u8]) -> Option<InstanceId> {
-        self.router().owner_of(key)
+        self.table().owner_of(key)
     }
     // The moves Sticky reports are recomputed from the holders by `Routing::rebalance`,
     // which also covers keys Sticky has forgotten.
@@ -49,7 +49,7 @@ impl Placement for Sticky {
         Sticky::remove(self, id).map(drop)
     }
     fn epoch(&self) -> crate::router::Epoch {
-        crate::router::Router::epoch(self.router())
+        self.table().epoch()
     }
 }
 

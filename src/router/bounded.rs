@@ -188,7 +188,11 @@ impl BoundedLoads {
         Ok(balancer)
     }
 
-    /// The router underneath.
+    /// The router underneath, shared with whoever made this balancer. Changing its
+    /// membership (here or through that `Arc`) is how the balancer's membership changes:
+    /// it follows at the next request and keeps the loads in flight. Nothing is left
+    /// unreported by that: unlike a [`Sticky`], which owns its router and changes it
+    /// only through its own `add` and `remove`, a balancer has no placements to move.
     pub fn router(&self) -> &SlotRouter {
         &self.router
     }
@@ -425,8 +429,17 @@ impl Hasher for HashIsKey {
 /// function of the sequence of calls, their arguments included; nothing reads a clock.
 ///
 /// Change the membership through [`add`](Self::add) and [`remove`](Self::remove), which
-/// report the moves; a change made directly on [`router`](Self::router) is noticed at
-/// the next [`route`](Self::route) but its moves are not reported.
+/// report the moves. They are the only way: [`table`](Self::table) reads the current
+/// routing table, which cannot change anything, so no change goes unreported. The
+/// [`SlotRouter`] underneath is not handed out:
+///
+/// ```compile_fail
+/// use cauce::router::{InstanceId, Router, Sticky, StickyOptions};
+///
+/// let sticky = Sticky::new(StickyOptions::default());
+/// // A membership change behind the sticky router's back: its moves would go unreported.
+/// sticky.router().add(InstanceId(1), 1).unwrap();
+/// ```
 pub struct Sticky {
     options: StickyOptions,
     router: SlotRouter,
@@ -466,9 +479,15 @@ impl Sticky {
         }
     }
 
-    /// The router underneath: for `owner_of`, `preference_list` and `epoch`.
-    pub fn router(&self) -> &SlotRouter {
-        &self.router
+    /// The routing table of the current membership, read-only: each key's home
+    /// (`owner_of`, its first choice before loads), preference lists, the members and
+    /// their weights, the epoch, slot counts. Placements can differ from the homes (a
+    /// key placed while its home was full stays where it was put): ask
+    /// [`placement`](Self::placement) for those. Membership changes only through
+    /// [`add`](Self::add) and [`remove`](Self::remove), so this is always the table the
+    /// placements were made against.
+    pub fn table(&self) -> &SlotTable {
+        &self.table
     }
 
     /// Where `key` goes: its current placement, or (first sight, or after idle) the
@@ -479,17 +498,26 @@ impl Sticky {
         self.route_hash(key, key_hash(key), now)
     }
 
-    /// [`route`](Self::route) for a caller that already has the key's
-    /// [`key_hash`](super::key_hash) (`hash` must be it).
-    pub(crate) fn route_hash(
-        &mut self,
-        key: &[u8],
-        hash: u64,
-        now: Timestamp,
-    ) -> Option<InstanceId> {
-        if self.router.epoch() != self.table.epoch() {
-            self.reconcile();
-        }
+    /// [`route`](Self::route) for a caller that has hashed the key already (to pick a
+    /// shard or a lock by it, say): `hash` must be the key's [`key_hash`], which this
+    /// does not compute again, as [`BoundedLoads::begin_hash`] and
+    /// [`SlotRouter::owner_of_hash`](super::SlotRouter::owner_of_hash) take it.
+    ///
+    /// Another hash is not detected. It breaks nothing but that key's routing: the key
+    /// is placed as a key with that hash would be and remembered under that hash, so
+    /// [`placement`](Self::placement) and [`route`](Self::route) (which hash it
+    /// properly) do not find it there, and know it as another key.
+    ///
+    /// ```
+    /// use cauce::router::{key_hash, InstanceId, Sticky, StickyOptions};
+    ///
+    /// let mut sticky = Sticky::new(StickyOptions::default());
+    /// sticky.add(InstanceId(1), 1).unwrap();
+    /// let hash = key_hash(b"alice");
+    /// let to = sticky.route_hash(b"alice", hash, 1_000);
+    /// assert_eq!(to, sticky.route(b"alice", 1_001));
+    /// ```
+    pub fn route_hash(&mut self, key: &[u8], hash: u64, now: Timestamp) -> Option<InstanceId> {
         self.latest = self.latest.max(now);
         // The router's clock never goes back: a route stamped before the latest one
         // counts as made now, so that a key it places is not idle at once.

@@ -347,6 +347,11 @@ impl SlotTable {
         });
     }
 
+    /// The preference list of `key`: see [`Router::preference_list`].
+    pub fn preference_list(&self, key: &[u8], n: usize, out: &mut Vec<InstanceId>) {
+        self.preference_list_of_hash(key_hash(key), n, out);
+    }
+
     /// The number of seats (member numbers, some possibly vacant): seat numbers given to
     /// `walk_preference`'s visitor are below this.
     pub(crate) fn seat_count(&self) -> usize {
