@@ -13,7 +13,7 @@ use crate::error::{Error, Result};
 use crate::handler::{Effects, Handler};
 use crate::record::{Offset, Record};
 use crate::router::InstanceId;
-use crate::store::{LogOptions, LogStore, Store};
+use crate::store::{LogOptions, LogStore, Store, read_from_start};
 
 /// Rebuilds the state a key had before any request of the log, and re-runs the handler
 /// on it, without touching the logs or the outside world.
@@ -147,7 +147,7 @@ impl<H: Handler> Replay<H> {
             None => None,
         };
         let mut poisoned = BTreeSet::new();
-        for record in input.read_from(input.start_offset())? {
+        for record in read_from_start(&*input)?.1 {
             let record = record?;
             if let Envelope::Control(Control::Poison { offset }) = fold::envelope(&record)? {
                 poisoned.insert(offset);
@@ -261,7 +261,7 @@ impl<H: Handler> Replay<H> {
     /// tells them apart.
     pub fn history(&self, key: &[u8]) -> Result<Vec<(Offset, Result<H::Request>)>> {
         let mut out = Vec::new();
-        for record in self.input.read_from(self.input.start_offset())? {
+        for record in read_from_start(&*self.input)?.1 {
             let record = record?;
             if &record.key[..] != key {
                 continue;
