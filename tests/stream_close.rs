@@ -4,7 +4,7 @@
 
 use std::collections::BTreeSet;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::thread;
 use std::time::Duration;
 
@@ -26,10 +26,12 @@ where
 {
     let mut subscriber = stream.subscribe(Position::End).expect("subscribe");
     let closed = Arc::new(AtomicBool::new(false));
+    let published = Arc::new(AtomicUsize::new(0));
     let publishers: Vec<_> = (0..threads)
         .map(|t| {
             let publisher = stream.publisher();
             let closed = closed.clone();
+            let published = published.clone();
             thread::spawn(move || {
                 let mut accepted = Vec::new();
                 let payload = format!("from {t}");
@@ -42,6 +44,7 @@ where
                                 "publish {offset}, begun after close returned, was accepted"
                             );
                             accepted.push(offset);
+                            published.fetch_add(1, Ordering::SeqCst);
                         }
                         Err(Error::Closed) => return accepted,
                         Err(e) => panic!("publish failed: {e}"),
@@ -51,7 +54,12 @@ where
         })
         .collect();
     let closer = stream.publisher();
-    thread::sleep(Duration::from_millis(3));
+    // Close while every publisher is in its loop: once each had time to publish (on a
+    // loaded machine a fixed sleep could end before any thread ran), and a little more.
+    while published.load(Ordering::SeqCst) < threads {
+        thread::yield_now();
+    }
+    thread::sleep(Duration::from_millis(1));
     closer.close();
     closed.store(true, Ordering::SeqCst);
     let accepted: BTreeSet<u64> = publishers
