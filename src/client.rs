@@ -23,6 +23,10 @@ struct Slot<T> {
     ready: Condvar,
     /// Set once answered: lets a waiter spin briefly without taking the lock.
     answered: AtomicBool,
+    /// Set once the value was handed out (by `wait`, `wait_timeout` or `poll`), under
+    /// the lock; read without it by a dropped [`Pending`], which then has nothing to
+    /// free.
+    taken: AtomicBool,
     /// Live [`Responder`]s: the last one to go answers [`Error::Closed`] if nobody
     /// answered, so no waiter is left blocked on a request nobody will handle.
     responders: AtomicUsize,
@@ -38,8 +42,10 @@ pub(crate) trait Nudge: Send + Sync {
 struct SlotState<T> {
     value: Option<Result<T>>,
     answered: bool,
-    /// The value was handed out (by `wait`, `wait_timeout` or `poll`).
-    taken: bool,
+    /// The [`Pending`] was dropped: an answer is dropped at once, not kept. The slots
+    /// of a batch share one allocation, which lives as long as any of them: without
+    /// this, one kept pending would hold the answers of all its dropped siblings.
+    abandoned: bool,
     waker: Option<Waker>,
     /// Who answers: told when somebody is about to block on the answer.
     answerer: Option<Arc<dyn Nudge>>,
@@ -109,12 +115,13 @@ impl<T> Slot<T> {
             state: Mutex::new(SlotState {
                 value: None,
                 answered: false,
-                taken: false,
+                abandoned: false,
                 waker: None,
                 answerer: None,
             }),
             ready: Condvar::new(),
             answered: AtomicBool::new(false),
+            taken: AtomicBool::new(false),
             responders: AtomicUsize::new(1),
         }
     }
@@ -172,15 +179,21 @@ impl<T> Responder<T> {
         self.slot.answered.load(Ordering::Acquire)
     }
 
-    /// Answers, unless someone already did; returns whether this call answered.
+    /// Answers, unless someone already did; returns whether this call answered. The
+    /// value is dropped at once if the [`Pending`] was dropped.
     pub(crate) fn answer(&self, value: Result<T>) -> bool {
         let mut state = self.slot.state.lock();
         if state.answered {
             return false;
         }
         state.answered = true;
-        state.value = Some(value);
         self.slot.answered.store(true, Ordering::Release);
+        if state.abandoned {
+            drop(state);
+            drop(value);
+            return true;
+        }
+        state.value = Some(value);
         let waker = state.waker.take();
         drop(state);
         self.slot.ready.notify_all();
@@ -213,9 +226,7 @@ impl<T> Pending<T> {
             return;
         }
         let answerer = self.slot.state.lock().answerer.clone();
-        if let Some(answerer) = answerer {
-            answerer.nudge();
-        }
+        nudge(answerer);
     }
 
     /// The offset of the request in the input log: its identity.
@@ -234,7 +245,8 @@ impl<T> Pending<T> {
     /// It spins briefly first; before it sleeps, it wakes the cluster instance that owes
     /// the answer if that instance is lingering between batches (see
     /// `ClusterBuilder::linger`), so one request at a time is served without a linger's
-    /// delay. `wait_timeout` does the same; polling as a future does not.
+    /// delay. `wait_timeout` does the same, and so does a poll as a future that leaves a
+    /// new waker (an executor's first poll, or a poll from another task).
     ///
     /// The response is handed out once: after `wait_timeout` or a poll returned it,
     /// waiting again is [`Error::Closed`].
@@ -242,7 +254,7 @@ impl<T> Pending<T> {
         self.spin_until_answered();
         let mut state = self.slot.state.lock();
         loop {
-            if let Some(v) = take(&mut state) {
+            if let Some(v) = take(&self.slot, &mut state) {
                 return v;
             }
             self.slot.ready.wait(&mut state);
@@ -257,7 +269,7 @@ impl<T> Pending<T> {
         let deadline = Instant::now().checked_add(timeout);
         let mut state = self.slot.state.lock();
         loop {
-            if let Some(v) = take(&mut state) {
+            if let Some(v) = take(&self.slot, &mut state) {
                 return v;
             }
             let Some(deadline) = deadline else {
@@ -265,40 +277,69 @@ impl<T> Pending<T> {
                 continue;
             };
             if self.slot.ready.wait_until(&mut state, deadline).timed_out() {
-                return take(&mut state).unwrap_or(Err(Error::Timeout(timeout)));
+                return take(&self.slot, &mut state).unwrap_or(Err(Error::Timeout(timeout)));
             }
         }
     }
 }
 
+/// Tells `answerer`, if any, that somebody waits for its answer. Only a lingering
+/// instance is named as an answerer: without linger this is nothing.
+fn nudge(answerer: Option<Arc<dyn Nudge>>) {
+    if let Some(answerer) = answerer {
+        answerer.nudge();
+    }
+}
+
 /// The response if it can be handed out now: the value, or `Closed` once it was taken.
-fn take<T>(state: &mut SlotState<T>) -> Option<Result<T>> {
-    if state.taken {
+fn take<T>(slot: &Slot<T>, state: &mut SlotState<T>) -> Option<Result<T>> {
+    if slot.taken.load(Ordering::Relaxed) {
         return Some(Err(Error::Closed));
     }
     let v = state.value.take()?;
-    state.taken = true;
+    slot.taken.store(true, Ordering::Release);
     Some(v)
 }
 
 impl<T> Future for Pending<T> {
     type Output = Result<T>;
 
+    /// Ready once the response arrived. A poll that leaves a new waker also wakes the
+    /// instance that owes the answer if it lingers (as [`wait`](Pending::wait) does):
+    /// otherwise an awaited answer would wait out the linger, which may be endless.
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Result<T>> {
         let mut state = self.slot.state.lock();
-        match take(&mut state) {
-            Some(v) => Poll::Ready(v),
-            None => {
-                let replace = state
-                    .waker
-                    .as_ref()
-                    .is_none_or(|w| !w.will_wake(cx.waker()));
-                if replace {
-                    state.waker = Some(cx.waker().clone());
-                }
-                Poll::Pending
-            }
+        if let Some(v) = take(&self.slot, &mut state) {
+            return Poll::Ready(v);
         }
+        let replace = state
+            .waker
+            .as_ref()
+            .is_none_or(|w| !w.will_wake(cx.waker()));
+        if replace {
+            state.waker = Some(cx.waker().clone());
+            let answerer = state.answerer.clone();
+            drop(state);
+            nudge(answerer);
+        }
+        Poll::Pending
+    }
+}
+
+impl<T> Drop for Pending<T> {
+    /// Frees an answer nobody will take now, and has a later one dropped on arrival.
+    fn drop(&mut self) {
+        if self.slot.taken.load(Ordering::Acquire) {
+            // Handed out: nothing is left to free, and no answer is stored after this.
+            return;
+        }
+        let mut state = self.slot.state.lock();
+        state.abandoned = true;
+        let value = state.value.take();
+        let waker = state.waker.take();
+        let answerer = state.answerer.take();
+        drop(state);
+        drop((value, waker, answerer));
     }
 }
 
@@ -384,6 +425,46 @@ mod tests {
         let answerer = std::thread::spawn(move || rest[1].answer(Ok(4)));
         assert_eq!(last.wait().unwrap(), 4);
         assert!(answerer.join().unwrap());
+    }
+
+    /// An answer that counts its drops in `.1`.
+    struct Counted(u32, Arc<AtomicUsize>);
+
+    impl Drop for Counted {
+        fn drop(&mut self) {
+            self.1.fetch_add(1, Ordering::SeqCst);
+        }
+    }
+
+    #[test]
+    fn answers_of_dropped_pendings_are_freed_while_a_sibling_of_their_block_lives() {
+        let drops = Arc::new(AtomicUsize::new(0));
+        let (mut pendings, responders): (Vec<Pending<Counted>>, Vec<Responder<Counted>>) =
+            pendings(0..64).unzip();
+        let kept = pendings.pop().unwrap();
+        // Half dropped before their answers, half after them but before taking them.
+        let late = pendings.split_off(32);
+        drop(pendings);
+        for (i, r) in responders.iter().enumerate() {
+            assert!(r.answer(Ok(Counted(i as u32, drops.clone()))));
+        }
+        assert_eq!(
+            drops.load(Ordering::SeqCst),
+            32,
+            "dropped before the answer"
+        );
+        drop(late);
+        assert_eq!(
+            drops.load(Ordering::SeqCst),
+            63,
+            "dropped before being taken"
+        );
+        let answer = kept.wait().unwrap();
+        assert_eq!(answer.0, 63);
+        assert_eq!(drops.load(Ordering::SeqCst), 63);
+        drop(answer);
+        drop(responders);
+        assert_eq!(drops.load(Ordering::SeqCst), 64);
     }
 
     #[test]

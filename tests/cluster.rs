@@ -171,6 +171,49 @@ fn a_blocked_waiter_wakes_an_instance_that_lingers_for_an_hour() {
     cluster.shutdown().unwrap();
 }
 
+/// Polls `future` on this thread, parking until woken, for at most `limit`; `None` if it
+/// was not ready by then.
+fn block_on_for<F: std::future::Future>(future: F, limit: Duration) -> Option<F::Output> {
+    struct Unpark(thread::Thread);
+    impl std::task::Wake for Unpark {
+        fn wake(self: Arc<Self>) {
+            self.0.unpark();
+        }
+    }
+    let waker = std::task::Waker::from(Arc::new(Unpark(thread::current())));
+    let mut cx = std::task::Context::from_waker(&waker);
+    let mut future = std::pin::pin!(future);
+    let start = std::time::Instant::now();
+    loop {
+        if let std::task::Poll::Ready(out) = future.as_mut().poll(&mut cx) {
+            return Some(out);
+        }
+        thread::park_timeout(limit.checked_sub(start.elapsed())?);
+    }
+}
+
+#[test]
+fn an_awaited_answer_wakes_an_instance_that_lingers_forever() {
+    let cluster = Cluster::builder(Service::default())
+        .in_memory()
+        .instances(1)
+        .linger(Duration::MAX)
+        .build()
+        .unwrap();
+    let client = cluster.client();
+    // Let the instance reach its first nap, which lasts as long as the linger: forever.
+    thread::sleep(Duration::from_millis(50));
+    let pending = client.submit("a", Req::Add(5)).unwrap();
+    // One request is far below the half-full queue that wakes a napping instance: only
+    // the waiter's nudge does.
+    let answer = block_on_for(pending, Duration::from_secs(3));
+    assert!(
+        matches!(answer, Some(Ok(Resp::Sum(5)))),
+        "an awaited answer with linger(Duration::MAX): {answer:?}"
+    );
+    cluster.shutdown().unwrap();
+}
+
 #[test]
 fn a_panicking_handler_is_answered_with_an_error_and_its_change_is_not_kept() {
     let h = Harness::new();
@@ -1826,4 +1869,69 @@ fn batches_over_many_instances_fold_in_log_order() {
         Ok(c) => c.shutdown().unwrap(),
         Err(_) => panic!("cluster still shared"),
     }
+}
+
+/// Answers that count how many of them were dropped.
+static ANSWERS_DROPPED: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+#[derive(Debug)]
+struct CountedAnswer(#[allow(dead_code)] u32);
+
+impl Drop for CountedAnswer {
+    fn drop(&mut self) {
+        ANSWERS_DROPPED.fetch_add(1, Ordering::SeqCst);
+    }
+}
+
+/// Answers each request with a [`CountedAnswer`].
+struct Counted;
+
+impl cauce::cluster::Handler for Counted {
+    type State = ();
+    type Request = u32;
+    type Response = CountedAnswer;
+    fn handle(
+        &self,
+        _: &mut cauce::cluster::Context<'_>,
+        _: &[u8],
+        _: &mut (),
+        r: u32,
+    ) -> CountedAnswer {
+        CountedAnswer(r)
+    }
+}
+
+#[test]
+fn answers_of_dropped_pendings_of_a_batch_are_freed_while_one_sibling_lives() {
+    let cluster = Cluster::builder(Counted)
+        .in_memory()
+        .instances(1)
+        .build()
+        .unwrap();
+    let client = cluster.client();
+    let mut pendings = client
+        .submit_batch((0..64u32).map(|i| (format!("k{i}"), i)))
+        .unwrap();
+    let kept = pendings.pop().unwrap();
+    drop(pendings);
+    // The 63 dropped pendings share one allocation with the kept one; their answers
+    // must not wait for it to go.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while !(kept.is_ready() && ANSWERS_DROPPED.load(Ordering::SeqCst) >= 63) {
+        if std::time::Instant::now() > deadline {
+            break;
+        }
+        thread::sleep(Duration::from_millis(1));
+    }
+    assert!(kept.is_ready(), "the kept answer arrived");
+    assert_eq!(
+        ANSWERS_DROPPED.load(Ordering::SeqCst),
+        63,
+        "the answers of the 63 dropped pendings are freed, the kept one is not"
+    );
+    let answer = kept.wait().unwrap();
+    assert_eq!(answer.0, 63);
+    drop(answer);
+    assert_eq!(ANSWERS_DROPPED.load(Ordering::SeqCst), 64);
+    cluster.shutdown().unwrap();
 }
