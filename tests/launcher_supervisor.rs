@@ -54,3 +54,68 @@ fn a_stall_is_reported_once_and_the_next_one_again() {
     assert_eq!(reports_settle(&target, 2), 2);
     supervisor.stop();
 }
+
+#[test]
+fn a_zero_tick_or_stall_timeout_is_a_typed_error_not_a_spinning_thread() {
+    let target = || {
+        Arc::new(One {
+            beat: Arc::new(Heartbeat::new()),
+            reports: AtomicUsize::new(0),
+        })
+    };
+    match Supervisor::start(target(), Duration::ZERO, Duration::from_secs(1)) {
+        Err(cauce::Error::Config(message)) => assert!(message.contains("tick"), "{message}"),
+        Err(other) => panic!("zero tick: expected a Config error, got {other}"),
+        Ok(_) => panic!("zero tick: started a supervisor that would spin"),
+    }
+    match Supervisor::start(target(), Duration::from_millis(5), Duration::ZERO) {
+        Err(cauce::Error::Config(message)) => {
+            assert!(message.contains("stall_timeout"), "{message}")
+        }
+        Err(other) => panic!("zero stall timeout: expected a Config error, got {other}"),
+        Ok(_) => panic!("zero stall timeout: started a supervisor that reports every unit"),
+    }
+    // A stall timeout too long to ever pass is no stall detection, which works.
+    let mut supervisor =
+        Supervisor::start(target(), Duration::from_millis(5), Duration::MAX).unwrap();
+    assert!(supervisor.is_running());
+    supervisor.stop();
+    // A tick too long to come never looks, and stopping does not wait for it.
+    let mut supervisor =
+        Supervisor::start(target(), Duration::MAX, Duration::from_secs(1)).unwrap();
+    assert!(supervisor.is_running());
+    supervisor.stop();
+    assert!(!supervisor.is_running());
+}
+
+/// A target whose periodic work panics.
+struct PanickingTick;
+
+impl Supervised for PanickingTick {
+    fn heartbeats(&self) -> Vec<(InstanceId, Arc<Heartbeat>)> {
+        Vec::new()
+    }
+    fn stalled(&self, _: InstanceId, _: Duration) {}
+    fn tick(&self) {
+        panic!("the target's tick failed");
+    }
+}
+
+#[test]
+fn a_supervisor_whose_target_panicked_is_not_running() {
+    let mut supervisor = Supervisor::start(
+        Arc::new(PanickingTick),
+        Duration::from_millis(2),
+        Duration::from_secs(1),
+    )
+    .unwrap();
+    let since = Instant::now();
+    while supervisor.is_running() && since.elapsed() < Duration::from_secs(10) {
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    assert!(
+        !supervisor.is_running(),
+        "the supervisor thread died in the target's tick; is_running() still says true"
+    );
+    supervisor.stop();
+}
