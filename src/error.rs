@@ -7,7 +7,7 @@ use std::io;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use crate::record::Offset;
+use crate::record::{Offset, Record};
 use crate::router::InstanceId;
 
 /// The result type used throughout cauce.
@@ -252,6 +252,24 @@ pub enum Error {
         source: Box<Error>,
     },
 
+    /// [`forward`](crate::stream::forward)'s output refused a record read from its
+    /// input (for example because the output stream was closed), so the pump stopped.
+    /// The input has not ended, and the record is not lost: it is handed back here, read
+    /// from the input but published nowhere.
+    #[error(
+        "forward's output refused the record at offset {} after {moved} moved: {source}",
+        .record.offset
+    )]
+    ForwardRefused {
+        /// Records moved before this one.
+        moved: u64,
+        /// The record read from the input that the output did not take.
+        record: Box<Record>,
+        /// Why the output refused it.
+        #[source]
+        source: Box<Error>,
+    },
+
     /// A batch published through a split routes to more than one instance, so it cannot
     /// be published as one batch; publish its entries one by one.
     #[error("entry {index} of the batch routes to instance {other}, entry 0 to {first}")]
@@ -329,11 +347,13 @@ impl Error {
     }
 
     /// True for errors that a retry may cure (full, busy, timed out, or a
-    /// [`Error::TeeRefused`] for one of those).
+    /// [`Error::TeeRefused`] or [`Error::ForwardRefused`] for one of those).
     pub fn is_transient(&self) -> bool {
         match self {
             Error::Full | Error::Busy { .. } | Error::Timeout(_) => true,
-            Error::TeeRefused { source, .. } => source.is_transient(),
+            Error::TeeRefused { source, .. } | Error::ForwardRefused { source, .. } => {
+                source.is_transient()
+            }
             _ => false,
         }
     }

@@ -698,3 +698,32 @@ fn typed_values_round_trip_and_a_bad_record_does_not_end_the_stream() {
         "closing passes through"
     );
 }
+
+#[test]
+fn forward_into_a_closed_output_returns_the_record_it_read_and_the_count_moved() {
+    let source = MemoryStream::bounded(8).expect("capacity");
+    let from = source.subscribe(Position::End).expect("subscribe");
+    // A second subscriber of the same shared queue: what forward leaves, it gets.
+    let mut rest = source.subscribe(Position::End).expect("subscribe");
+    publish_all(&source.publisher(), &["one", "two"]);
+    let (to, _to_log) = halves(8);
+    to.close();
+    match forward(from, to) {
+        Err(Error::ForwardRefused {
+            moved: 0,
+            record,
+            source,
+        }) => {
+            assert_eq!(
+                record.payload, "one",
+                "the record forward read is handed back"
+            );
+            assert!(matches!(*source, Error::Closed), "why: {source}");
+        }
+        other => panic!("expected ForwardRefused of 'one', got {other:?}"),
+    }
+    assert_eq!(
+        rest.try_recv().expect("try_recv").expect("two").payload,
+        "two"
+    );
+}

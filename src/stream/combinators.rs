@@ -599,9 +599,20 @@ where
 /// Pumps every record of `from` into `to` until `from` ends; returns how many it moved.
 ///
 /// Backpressure passes through (`to` blocks, so `from` is not read). When `from` ends,
-/// `to` is dropped: the output stream closes too unless it has other publishers. An
-/// error of either side ends the pump and is returned. Run it on a thread of its own to
-/// split or bridge an existing stream.
+/// `to` is dropped: the output stream closes too unless it has other publishers. Run it
+/// on a thread of its own to split or bridge an existing stream.
+///
+/// `Ok` means that `from` ended. An error ends the pump:
+/// - an error of `from` is returned as it is (it yielded no record, so nothing was
+///   read and left unpublished);
+/// - when `to` refuses a record (its stream was closed, its store failed), the error is
+///   [`Error::ForwardRefused`]: it holds that record, which `from` gave up and `to` did
+///   not take, the count moved before it, and `to`'s error as its source. So a closed
+///   output is never `Error::Closed`, which would read as the end of the input.
+///
+/// `forward` takes `from` by value and never commits it; pass `&mut subscriber` to keep
+/// it, go on after an error, or commit once the pump returns. A commit then counts a
+/// refused record as received: publish it elsewhere first, or it is skipped.
 ///
 /// ```
 /// use cauce::stream::{forward, LogStream, MemoryStream, Position, Publish, Stream, Subscribe};
@@ -628,7 +639,13 @@ pub fn forward<S: Subscribe, P: Publish>(mut from: S, to: P) -> Result<u64> {
             Err(Error::Closed) => return Ok(moved),
             Err(e) => return Err(e),
         };
-        to.publish(record.as_entry())?;
+        if let Err(source) = to.publish(record.as_entry()) {
+            return Err(Error::ForwardRefused {
+                moved,
+                record: Box::new(record),
+                source: Box::new(source),
+            });
+        }
         moved += 1;
     }
 }
