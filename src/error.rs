@@ -204,8 +204,16 @@ pub enum Error {
         detail: String,
     },
 
-    /// The state of some keys could not be rebuilt, so requests for them are refused
-    /// rather than served from a wrong state.
+    /// The state of a key could not be rebuilt (the store failed to read the checkpoint
+    /// or the log, say), so a request of it is refused rather than served from a wrong
+    /// state. `reason` names the key and carries the store's error.
+    ///
+    /// Every request that waited for the failed rebuild (those a lost instance held) is
+    /// answered this at once. A later request of the key first rebuilds it again, and is
+    /// refused so only if that fails too; other keys are not affected. A refused request
+    /// stays in the log: it was not applied, but once a rebuild of its key works (or the
+    /// cluster opens again) the key's state is the fold of every logged request, this one
+    /// included.
     #[error("state on instance {instance} is unavailable: {reason}")]
     StateUnavailable {
         /// The instance that failed to rebuild.

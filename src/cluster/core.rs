@@ -27,7 +27,7 @@ use parking_lot::{Mutex, MutexGuard};
 use super::fold::{self, CHECKPOINT, Checkpoint, Control, Envelope};
 use super::instance::{
     self, CheckpointRound, Exit, Handoff, Instance, Left, Message, NoPermit, Queued, QueuedBytes,
-    Relays, Source, Start,
+    Relays, Source, Start, Unavailable,
 };
 use super::metrics::{InstanceMetrics, Metrics};
 use super::owned::OwnedLog;
@@ -326,6 +326,7 @@ impl<H: Handler> Shared<H> {
             orphans: Mutex::new(Orphans {
                 waiting: HashMap::default(),
                 early: HashMap::default(),
+                failed_early: HashMap::default(),
             }),
             any_orphans: AtomicBool::new(false),
             any_retiring: AtomicBool::new(false),
@@ -350,6 +351,7 @@ impl<H: Handler> Shared<H> {
                 Some(limits) => Start::Restore {
                     limits,
                     checkpoint: Some(checkpoint.clone()),
+                    unavailable: Unavailable::default(),
                 },
                 None => Start::Empty,
             };
@@ -425,8 +427,12 @@ impl<H: Handler> Shared<H> {
         let running = self.launcher.launch(
             inst.id,
             Box::new(move || {
-                if let Exit::Restart(limits) = instance::run(&shared, &me, start) {
-                    shared.restart(&me, limits);
+                if let Exit::Restart {
+                    limits,
+                    unavailable,
+                } = instance::run(&shared, &me, start)
+                {
+                    shared.restart(&me, limits, unavailable);
                 }
             }),
         )?;
@@ -437,7 +443,12 @@ impl<H: Handler> Shared<H> {
     /// Relaunches an instance whose handler panicked, rebuilding its keys first. While
     /// the cluster stops, too: the new loop handles what the old one left, then stops,
     /// and shutdown waits for it (it looks for a newer loop after each one ends).
-    fn restart(&self, inst: &Arc<Inst<H>>, limits: HashMap<Bytes, Offset, ahash::RandomState>) {
+    fn restart(
+        &self,
+        inst: &Arc<Inst<H>>,
+        limits: HashMap<Bytes, Offset, ahash::RandomState>,
+        unavailable: Unavailable,
+    ) {
         if inst.is_fenced() {
             return;
         }
@@ -445,6 +456,7 @@ impl<H: Handler> Shared<H> {
         let start = Start::Restore {
             limits,
             checkpoint: None,
+            unavailable,
         };
         if let Err(e) = self.launch(inst, start) {
             tracing::error!(instance = %inst.id, error = %e, "could not restart instance");
@@ -501,9 +513,9 @@ impl<H: Handler> Shared<H> {
         }
         let mut orphans = self.orphans.lock();
         match orphans.waiting.remove(&offset) {
-            Some(r) => {
+            Some(o) => {
                 drop(orphans);
-                r.answer(result);
+                o.responder.answer(result);
             }
             None if self.any_retiring.load(Ordering::Acquire) => {
                 orphans.early.insert(offset, result);
@@ -513,23 +525,41 @@ impl<H: Handler> Shared<H> {
     }
 
     /// Keeps the responders of a lost instance's requests for whoever rebuilds them,
-    /// and answers at once those a rebuild answered early (see [`Orphans::early`]).
-    /// Returns the rest of what it left, to fence it with.
+    /// and answers at once those a rebuild answered early, or failed ahead of it (see
+    /// [`Orphans::early`], [`Orphans::failed_early`]). Returns the rest of what it left,
+    /// to fence it with.
     fn adopt_orphans(&self, inst: &Inst<H>) -> Left<H::State, H::Response> {
         let mut left = inst.take_left();
         let unanswered = std::mem::take(&mut left.unanswered);
         if unanswered.is_empty() {
             return left;
         }
+        // The request the instance was on is kept without its key (a copy per request
+        // would cost the loop): the log says which it is.
+        let mut keyed = Vec::with_capacity(unanswered.len());
+        let mut refused = Vec::new();
+        for (offset, key, responder) in unanswered {
+            match key.map_or_else(|| self.key_at(offset), Ok) {
+                Ok(key) => keyed.push((offset, key, responder)),
+                // Its key's rebuild replays this very record, so it cannot be rebuilt
+                // either while the log cannot be read there.
+                Err(e) => refused.push((responder, unreadable(inst.id, offset, &e))),
+            }
+        }
         let mut answered_early = Vec::new();
         {
             let mut orphans = self.orphans.lock();
-            for (offset, responder) in unanswered {
-                match orphans.early.remove(&offset) {
-                    Some(result) => answered_early.push((responder, result)),
-                    None => {
-                        orphans.waiting.insert(offset, responder);
-                    }
+            for (offset, key, responder) in keyed {
+                if let Some(result) = orphans.early.remove(&offset) {
+                    answered_early.push((responder, result));
+                } else if let Some(failed) = orphans
+                    .failed_early
+                    .get(key.as_slice())
+                    .filter(|f| offset < f.until)
+                {
+                    refused.push((responder, failed.error(&key)));
+                } else {
+                    orphans.waiting.insert(offset, Orphan { key, responder });
                 }
             }
             self.any_orphans
@@ -538,7 +568,78 @@ impl<H: Handler> Shared<H> {
         for (responder, result) in answered_early {
             responder.answer(result);
         }
+        for (responder, error) in refused {
+            responder.answer(Err(error));
+        }
         left
+    }
+
+    /// The key of the request at `offset` in the input log.
+    fn key_at(&self, offset: Offset) -> Result<Key> {
+        match self.input.read_from(offset)?.next() {
+            Some(Ok(record)) if record.offset == offset => Ok(Key::copy_from(&record.key)),
+            Some(Err(e)) => Err(e),
+            _ => Err(Error::OffsetOutOfRange {
+                requested: offset,
+                start: self.input.start_offset(),
+                end: self.input.next_offset(),
+            }),
+        }
+    }
+
+    /// A rebuild of `keys` (each with the offset it was to rebuild up to) on `instance`
+    /// failed for `cause`: the requests of lost instances it was to answer, those of
+    /// these keys before their offsets, are answered [`Error::StateUnavailable`] now.
+    /// Nothing else would answer them before the cluster stops.
+    pub(crate) fn refuse_orphans(
+        &self,
+        instance: InstanceId,
+        keys: &HashMap<Bytes, Offset, ahash::RandomState>,
+        cause: &Arc<str>,
+    ) {
+        if keys.is_empty()
+            || (!self.any_orphans.load(Ordering::Acquire)
+                && !self.any_retiring.load(Ordering::Acquire))
+        {
+            return;
+        }
+        let failed = |key: &[u8]| RebuildFailed {
+            instance,
+            until: keys.get(key).copied().unwrap_or(0),
+            cause: cause.clone(),
+        };
+        let refused: Vec<_> = {
+            let mut orphans = self.orphans.lock();
+            let offsets: Vec<Offset> = orphans
+                .waiting
+                .iter()
+                .filter(|&(&offset, o)| keys.get(o.key.as_slice()).is_some_and(|&u| offset < u))
+                .map(|(&offset, _)| offset)
+                .collect();
+            let refused = offsets
+                .into_iter()
+                .filter_map(|offset| orphans.waiting.remove(&offset))
+                .map(|o| {
+                    let error = failed(o.key.as_slice()).error(&o.key);
+                    (o.responder, error)
+                })
+                .collect();
+            if self.any_retiring.load(Ordering::Acquire) {
+                // A retiring instance may still hold requests of these keys: if it is
+                // lost in turn, they are refused as they are adopted.
+                for key in keys.keys() {
+                    orphans
+                        .failed_early
+                        .insert(Key::copy_from(key), failed(key));
+                }
+            }
+            self.any_orphans
+                .store(!orphans.waiting.is_empty(), Ordering::Release);
+            refused
+        };
+        for (responder, error) in refused {
+            responder.answer(Err(error));
+        }
     }
 
     /// Notes whether any instance is retiring; with none, no early answer is needed.
@@ -546,7 +647,9 @@ impl<H: Handler> Shared<H> {
         let any = !retiring.is_empty();
         self.any_retiring.store(any, Ordering::Release);
         if !any {
-            self.orphans.lock().early.clear();
+            let mut orphans = self.orphans.lock();
+            orphans.early.clear();
+            orphans.failed_early.clear();
         }
     }
 
@@ -1229,7 +1332,7 @@ impl<H: Handler> Shared<H> {
             // an adopted request it skips, poisoned by the lost instance that woke up,
             // was answered by that instance).
             let mut orphans = self.orphans.lock();
-            orphans.waiting.retain(|_, r| !r.is_answered());
+            orphans.waiting.retain(|_, o| !o.responder.is_answered());
             self.any_orphans
                 .store(!orphans.waiting.is_empty(), Ordering::Release);
         }
@@ -1437,10 +1540,11 @@ impl<H: Handler> Shared<H> {
         let orphaned = {
             let mut orphans = self.orphans.lock();
             orphans.early.clear();
+            orphans.failed_early.clear();
             std::mem::take(&mut orphans.waiting)
         };
-        for (_, responder) in orphaned {
-            responder.answer(Err(Error::Closed));
+        for (_, orphan) in orphaned {
+            orphan.responder.answer(Err(Error::Closed));
         }
         for store in std::iter::once(&self.input).chain(self.effects_store.as_ref()) {
             if let Err(e) = store.sync() {
@@ -1529,7 +1633,7 @@ impl<H: Handler> Supervised for Shared<H> {
 /// waiters are told so now, not left blocked (the log keeps them for the next).
 fn leave_behind<S, R>(inst: &Instance<S, R>) {
     inst.fence(None);
-    for (_, responder) in inst.take_left().unanswered {
+    for (_, _, responder) in inst.take_left().unanswered {
         responder.answer(Err(Error::Closed));
     }
 }
@@ -1544,16 +1648,50 @@ enum Patience {
 
 /// Requests whose instance was lost, and answers given ahead of such a loss.
 struct Orphans<R> {
-    /// Responders of requests taken or queued by lost instances: answered by whoever
-    /// rebuilds their keys. Requests are otherwise answered through the responder they
-    /// are queued with, so this is empty but after a loss.
-    waiting: HashMap<Offset, Responder<R>, ahash::RandomState>,
+    /// Requests taken or queued by lost instances, by offset: answered by whoever
+    /// rebuilds their keys, or refused if that rebuild fails (see
+    /// [`Shared::refuse_orphans`]). Requests are otherwise answered through the
+    /// responder they are queued with, so this is empty but after a loss.
+    waiting: HashMap<Offset, Orphan<R>, ahash::RandomState>,
     /// Answers a rebuild gave, while some instance was retiring, for requests nobody had
     /// adopted. A rebuild of a key can run ahead of a retiring instance that still holds
     /// requests of the key (when the instance the key was moving to is lost): if that
     /// retiring instance is lost in turn, its adopted requests are answered from here,
     /// since no rebuild will replay them again. Kept while any instance is retiring.
     early: HashMap<Offset, Result<R>, ahash::RandomState>,
+    /// The same for a rebuild that failed: its keys, refused as they are adopted.
+    failed_early: HashMap<Key, RebuildFailed, ahash::RandomState>,
+}
+
+/// A request of a lost instance, waiting for its key's rebuild.
+struct Orphan<R> {
+    key: Key,
+    responder: Responder<R>,
+}
+
+/// A rebuild of a key that failed: requests of the key before `until` depended on it.
+struct RebuildFailed {
+    instance: InstanceId,
+    until: Offset,
+    /// The store's (or the checkpoint's) error, shared by every request refused for it.
+    cause: Arc<str>,
+}
+
+impl RebuildFailed {
+    fn error(&self, key: &Key) -> Error {
+        Error::StateUnavailable {
+            instance: self.instance,
+            reason: instance::rebuild_failed(key.as_slice(), self.until, &self.cause),
+        }
+    }
+}
+
+/// The error of an orphan whose record could not be read to learn its key.
+fn unreadable(instance: InstanceId, offset: Offset, e: &Error) -> Error {
+    Error::StateUnavailable {
+        instance,
+        reason: format!("could not read the request at offset {offset} to rebuild its key: {e}"),
+    }
 }
 
 /// A key's stripe: the low bits of its [`key_hash`] (the router's slot takes the top

@@ -115,6 +115,17 @@ pub(crate) enum Source<S> {
     },
 }
 
+impl<S> Source<S> {
+    /// Records of the acquired keys before this offset belong to the instance they come
+    /// from.
+    fn until(&self) -> Offset {
+        match self {
+            Source::Handoff(h) => h.until,
+            Source::Rebuild { until, .. } => *until,
+        }
+    }
+}
+
 /// One contribution per instance to a checkpoint taken at `offset`.
 pub(crate) struct CheckpointRound {
     pub(crate) offset: Offset,
@@ -727,7 +738,11 @@ impl<S, R> Instance<S, R> {
         // release of that key that comes after it.
         for message in held {
             match message {
-                Message::Request(q) => left.unanswered.extend(q.responder.map(|r| (q.offset, r))),
+                Message::Request(q) => {
+                    let key = Key::copy_from(q.key.as_slice());
+                    left.unanswered
+                        .extend(q.responder.map(|r| (q.offset, Some(key), r)));
+                }
                 Message::Acquire { keys, source } => match source {
                     Source::Handoff(h) => {
                         for k in keys {
@@ -753,7 +768,8 @@ impl<S, R> Instance<S, R> {
                 Message::Checkpoint(_) | Message::Stop => {}
             }
         }
-        left.unanswered.extend(current);
+        left.unanswered
+            .extend(current.map(|(offset, r)| (offset, None, r)));
         left
     }
 
@@ -803,8 +819,9 @@ impl<S, R> Instance<S, R> {
 
 /// What a fenced instance leaves behind (see [`Instance::take_left`]).
 pub(crate) struct Left<S, R> {
-    /// Its requests not answered yet.
-    pub(crate) unanswered: Vec<(Offset, Responder<R>)>,
+    /// Its requests not answered yet, with their keys (`None` for the one it was on:
+    /// the log has it).
+    pub(crate) unanswered: Vec<(Offset, Option<Key>, Responder<R>)>,
     /// The handoffs it had queued to complete, each with the states on their way to it
     /// for the keys it was to release.
     released: Vec<(Arc<Handoff<S>>, Relays<S>)>,
@@ -816,10 +833,12 @@ pub(crate) struct Left<S, R> {
 pub(crate) enum Start {
     Empty,
     /// After a restart or at open: rebuild these keys up to their limits first, from
-    /// `checkpoint` if given (else the latest one in the store).
+    /// `checkpoint` if given (else the latest one in the store). `unavailable`: keys
+    /// whose rebuild failed before the restart, still to be rebuilt.
     Restore {
         limits: HashMap<Bytes, Offset, ahash::RandomState>,
         checkpoint: Option<Arc<Checkpoint>>,
+        unavailable: Unavailable,
     },
 }
 
@@ -827,8 +846,59 @@ pub(crate) enum Start {
 pub(crate) enum Exit {
     /// Told to stop, or fenced.
     Stopped,
-    /// The handler panicked: restart with these keys rebuilt up to these limits.
-    Restart(HashMap<Bytes, Offset, ahash::RandomState>),
+    /// The handler panicked: restart with these keys rebuilt up to these limits, and
+    /// these keys still unavailable.
+    Restart {
+        limits: HashMap<Bytes, Offset, ahash::RandomState>,
+        unavailable: Unavailable,
+    },
+}
+
+/// Keys whose state this instance could not rebuild (the store failed to read, say),
+/// and why. A request of such a key first rebuilds it again, up to the request (at most
+/// once per [`REBUILD_RETRY_AFTER`]: a log damaged for good would otherwise be replayed
+/// at every request), and is answered [`Error::StateUnavailable`] if that fails too or
+/// is not tried; a checkpoint round rebuilds them all again, and fails while any stays
+/// unavailable (a checkpoint without a key's state would lose it). A key that moves away
+/// leaves this set: its next owner rebuilds it from the log.
+///
+/// A key is rebuilt up to one of its own requests, never up to another key's: requests
+/// of different keys can reach a queue out of log order, those of one key cannot.
+pub(crate) type Unavailable = HashMap<Key, Failed, ahash::RandomState>;
+
+/// How long after a failed rebuild of a key a request of it tries again.
+const REBUILD_RETRY_AFTER: Duration = Duration::from_millis(100);
+
+/// Why a key is unavailable.
+pub(crate) struct Failed {
+    /// When the last rebuild failed.
+    at: Instant,
+    /// The error of the last rebuild that failed.
+    cause: Arc<str>,
+    /// The offset that rebuild was to reach.
+    until: Offset,
+    /// The latest checkpoint a rebuild of the key may start from: the offset it moved
+    /// here at. Records of the key before it were handled by the instance it came from,
+    /// so a checkpoint past it would hold them, and folding the log from there would
+    /// apply them twice (checkpoints never pass a key in transit, as
+    /// [`acquire`] checks; this keeps the retries to the same rule).
+    checkpoint_at_most: Offset,
+}
+
+impl Failed {
+    /// The reason of the [`Error::StateUnavailable`] of a request of `key`.
+    fn reason(&self, key: &[u8]) -> String {
+        rebuild_failed(key, self.until, &self.cause)
+    }
+}
+
+/// The reason of the [`Error::StateUnavailable`] of a request of `key`, whose rebuild
+/// up to `until` failed for `cause`.
+pub(crate) fn rebuild_failed(key: &[u8], until: Offset, cause: &str) -> String {
+    format!(
+        "the state of key {:?} could not be rebuilt up to offset {until}: {cause}",
+        String::from_utf8_lossy(key)
+    )
 }
 
 /// Answers requests met during a fold: those of a lost instance, through the orphaned responders.
@@ -900,13 +970,22 @@ pub(crate) fn run<H: Handler>(
     start: Start,
 ) -> Exit {
     let mut states: States<H::State> = HashMap::default();
-    let mut failed: Option<String> = None;
+    let mut unavailable = Unavailable::default();
     match start {
         Start::Empty => {}
-        Start::Restore { limits, checkpoint } => {
+        Start::Restore {
+            limits,
+            checkpoint,
+            unavailable: still,
+        } => {
+            unavailable = still;
             match rebuild(shared, me, &limits, checkpoint, &HashMap::default()) {
                 Ok(rebuilt) => states = rebuilt,
-                Err(e) => failed = Some(e.to_string()),
+                Err(e) => {
+                    tracing::error!(instance = %me.id, error = %e, "could not rebuild the instance's keys");
+                    // Its own keys, at open or after a restart: any checkpoint is fine.
+                    give_up(shared, me, &mut unavailable, limits, &e, Offset::MAX);
+                }
             }
         }
     }
@@ -924,7 +1003,7 @@ pub(crate) fn run<H: Handler>(
             Message::Request(queued) => {
                 me.stats.requests.fetch_add(1, Ordering::Relaxed);
                 let submitted = queued.submitted;
-                let exit = handle(shared, me, &mut states, &failed, queued);
+                let exit = handle(shared, me, &mut states, &mut unavailable, queued);
                 handled.count += 1;
                 if handled.count == RELEASE_EVERY {
                     handled.release();
@@ -944,6 +1023,9 @@ pub(crate) fn run<H: Handler>(
                     .into_iter()
                     .map(|k| {
                         let slot = states.remove(k.as_ref());
+                        // An unavailable key goes without a state: its next owner
+                        // rebuilds it from the log.
+                        unavailable.remove(k.as_ref());
                         (k, slot)
                     })
                     .collect();
@@ -952,20 +1034,129 @@ pub(crate) fn run<H: Handler>(
                 me.stats.keys.store(states.len(), Ordering::Relaxed);
             }
             Message::Acquire { keys, source } => {
-                if let Err(e) = acquire(shared, me, &mut states, keys, source) {
-                    tracing::error!(instance = %me.id, error = %e, "could not rebuild moved keys");
-                    failed = Some(e.to_string());
+                let until = source.until();
+                let wanted = keys.clone();
+                match acquire(shared, me, &mut states, keys, source) {
+                    Ok(()) => wanted
+                        .iter()
+                        .for_each(|k| drop(unavailable.remove(k.as_ref()))),
+                    Err(e) => {
+                        tracing::error!(instance = %me.id, error = %e, "could not rebuild moved keys");
+                        let failed = wanted
+                            .into_iter()
+                            .filter(|k| !states.contains_key(k.as_ref()))
+                            .map(|k| (k, until))
+                            .collect();
+                        give_up(shared, me, &mut unavailable, failed, &e, until);
+                    }
                 }
                 me.stats.keys.store(states.len(), Ordering::Relaxed);
             }
-            Message::Checkpoint(round) => match &failed {
-                Some(why) => round.fail(me.id, why.clone()),
-                None => match encode_states::<H>(&states) {
-                    Ok(parts) => round.contribute(me.id, parts),
-                    Err(e) => round.fail(me.id, e.to_string()),
-                },
-            },
+            Message::Checkpoint(round) => {
+                if !unavailable.is_empty() {
+                    // Every request before the round's offset was queued before it.
+                    let keys: Vec<Key> = unavailable.keys().cloned().collect();
+                    rebuild_again(
+                        shared,
+                        me,
+                        &mut states,
+                        &mut unavailable,
+                        &keys,
+                        round.offset,
+                    );
+                    me.stats.keys.store(states.len(), Ordering::Relaxed);
+                }
+                match unavailable.iter().next() {
+                    Some((key, failed)) => round.fail(me.id, failed.reason(key.as_slice())),
+                    None => match encode_states::<H>(&states) {
+                        Ok(parts) => round.contribute(me.id, parts),
+                        Err(e) => round.fail(me.id, e.to_string()),
+                    },
+                }
+            }
             Message::Stop => return Exit::Stopped,
+        }
+    }
+}
+
+/// A rebuild of `keys` (each up to its offset) failed with `e`: the requests of lost
+/// instances that waited for it are answered now, and the keys are unavailable until a
+/// rebuild of them works (see [`Unavailable`]). `checkpoint_at_most`: see
+/// [`Failed::checkpoint_at_most`].
+fn give_up<H: Handler>(
+    shared: &Shared<H>,
+    me: &Instance<H::State, H::Response>,
+    unavailable: &mut Unavailable,
+    keys: HashMap<Bytes, Offset, ahash::RandomState>,
+    e: &Error,
+    checkpoint_at_most: Offset,
+) {
+    if me.is_fenced() {
+        // Its new owner rebuilds these keys and answers for them.
+        return;
+    }
+    let cause: Arc<str> = e.to_string().into();
+    shared.refuse_orphans(me.id, &keys, &cause);
+    for (key, until) in keys {
+        let at_most = unavailable
+            .get(key.as_ref())
+            .map_or(checkpoint_at_most, |f| {
+                f.checkpoint_at_most.min(checkpoint_at_most)
+            });
+        unavailable.insert(
+            Key::copy_from(&key),
+            Failed {
+                at: Instant::now(),
+                cause: cause.clone(),
+                until,
+                checkpoint_at_most: at_most,
+            },
+        );
+    }
+}
+
+/// Rebuilds the unavailable `keys` again, up to `until`; those it rebuilds are available
+/// again. False if it failed (the keys stay unavailable, with this failure's cause).
+fn rebuild_again<H: Handler>(
+    shared: &Shared<H>,
+    me: &Instance<H::State, H::Response>,
+    states: &mut States<H::State>,
+    unavailable: &mut Unavailable,
+    keys: &[Key],
+    until: Offset,
+) -> bool {
+    let at_most = keys
+        .iter()
+        .filter_map(|k| unavailable.get(k.as_slice()))
+        .map(|f| f.checkpoint_at_most)
+        .min()
+        .unwrap_or(Offset::MAX);
+    let limits: HashMap<Bytes, Offset, ahash::RandomState> = keys
+        .iter()
+        .map(|k| (Bytes::copy_from_slice(k.as_slice()), until))
+        .collect();
+    let rebuilt = shared.checkpoint().and_then(|checkpoint| {
+        if checkpoint.offset > at_most {
+            return Err(Error::StateUnavailable {
+                instance: me.id,
+                reason: format!(
+                    "the checkpoint at {} is past offset {at_most}, where the key moved here",
+                    checkpoint.offset
+                ),
+            });
+        }
+        rebuild(shared, me, &limits, Some(checkpoint), &HashMap::default())
+    });
+    match rebuilt {
+        Ok(rebuilt) => {
+            keys.iter()
+                .for_each(|k| drop(unavailable.remove(k.as_slice())));
+            states.extend(rebuilt);
+            true
+        }
+        Err(e) => {
+            give_up(shared, me, unavailable, limits, &e, at_most);
+            false
         }
     }
 }
@@ -974,7 +1165,7 @@ fn handle<H: Handler>(
     shared: &Shared<H>,
     me: &Instance<H::State, H::Response>,
     states: &mut States<H::State>,
-    failed: &Option<String>,
+    unavailable: &mut Unavailable,
     queued: Queued<H::Response>,
 ) -> Option<Exit> {
     let Queued {
@@ -992,13 +1183,6 @@ fn handle<H: Handler>(
             shared.answer(offset, result);
         }
     };
-    if let Some(reason) = failed {
-        answer(Err(Error::StateUnavailable {
-            instance: me.id,
-            reason: reason.clone(),
-        }));
-        return None;
-    }
     let Some(body) = fold::request_body(payload.as_slice()) else {
         // Only the cluster queues requests, always tagged; refuse anything else.
         answer(Err(Error::Codec {
@@ -1008,6 +1192,29 @@ fn handle<H: Handler>(
         return None;
     };
     let key = key.as_slice();
+    let failed_at = match unavailable.is_empty() || states.contains_key(key) {
+        true => None,
+        false => unavailable.get(key).map(|f| f.at),
+    };
+    if failed_at.is_some_and(|at| {
+        at.elapsed() < REBUILD_RETRY_AFTER
+            || !rebuild_again(
+                shared,
+                me,
+                states,
+                unavailable,
+                &[Key::copy_from(key)],
+                offset,
+            )
+    }) {
+        // Still unavailable: refused, as the requests that waited for the rebuild were.
+        let reason = unavailable.get(key).map(|f| f.reason(key));
+        answer(Err(Error::StateUnavailable {
+            instance: me.id,
+            reason: reason.unwrap_or_default(),
+        }));
+        return None;
+    }
     let slot = match states.get_mut(key) {
         Some(slot) => slot,
         None => states.entry(Key::copy_from(key)).or_insert_with(|| Slot {
@@ -1066,7 +1273,10 @@ fn handle<H: Handler>(
                 .iter()
                 .map(|(k, s)| (Bytes::copy_from_slice(k.as_slice()), s.folded_until))
                 .collect();
-            Some(Exit::Restart(limits))
+            Some(Exit::Restart {
+                limits,
+                unavailable: std::mem::take(unavailable),
+            })
         }
     }
 }

@@ -23,6 +23,11 @@
 //!   is taken from that handoff when it completes, and only the log after it is folded:
 //!   records the other instance handles are never applied twice. When the stalled one
 //!   wakes up it stops without applying anything else.
+//! - a rebuild fails (the store cannot read the checkpoint or the log): the requests
+//!   that waited for it are answered [`Error::StateUnavailable`] at once, as is each
+//!   later request of those keys whose rebuild, tried again first, fails again; other
+//!   keys are served as usual. The refused requests stay in the log, so once a rebuild
+//!   works the key's state folds them like every logged request.
 //! - the process dies: opening the same directory rebuilds every key from the last
 //!   checkpoint and the log, so each state is the fold of every logged request, once.
 //!
