@@ -108,9 +108,6 @@ pub(crate) struct BatchProgress<H: Handler> {
     /// instance.
     unroutable_at: Option<crate::router::Epoch>,
     held: Option<Held<H>>,
-    /// For a batch of one, submitted as a single request: whether it was routed (see
-    /// [`Room::Poll`]).
-    routed_one: bool,
 }
 
 impl<H: Handler> Default for BatchProgress<H> {
@@ -119,7 +116,6 @@ impl<H: Handler> Default for BatchProgress<H> {
             stamp: None,
             unroutable_at: None,
             held: None,
-            routed_one: false,
         }
     }
 }
@@ -148,10 +144,8 @@ pub(crate) enum Room<'c, 'w> {
     Wait,
     /// Fails with [`Error::Busy`].
     Refuse,
-    /// Returns `Pending`; the context's waker is woken when there may be room. The flag
-    /// says whether an earlier poll already routed the request (and counted it toward
-    /// the loads): it is counted once, however often it is polled.
-    Poll(&'c mut std::task::Context<'w>, &'c mut bool),
+    /// Returns `Pending`; the context's waker is woken when there may be room.
+    Poll(&'c mut std::task::Context<'w>),
 }
 
 pub(crate) struct Shared<H: Handler> {
@@ -685,10 +679,6 @@ impl<H: Handler> Shared<H> {
         let timestamp = now();
         let hash = key_hash(key);
         let stripe = &self.stripes[stripe_of_hash(hash)];
-        let mut routed = match room {
-            Room::Poll(_, routed) => **routed,
-            Room::Wait | Room::Refuse => false,
-        };
         // The instance we hold a queue permit of, if any.
         let mut permit: Option<Arc<Inst<H>>> = None;
         loop {
@@ -700,15 +690,16 @@ impl<H: Handler> Shared<H> {
                 return Poll::Ready(Err(Error::Closed));
             }
             let mut routing = self.routing.lock();
-            // Route (counting the request toward the loads) once; after waiting for room,
-            // look the placement up again: membership may have changed meanwhile.
-            let dest_id = match routed {
-                true => routing.placement.placement(key),
-                false => None,
-            }
-            .or_else(|| routing.placement.route(key, hash, timestamp));
-            routed = true;
-            let Some(dest) = dest_id.and_then(|id| routing.instances.get(&id).cloned()) else {
+            // Routed without counting the request: it is counted (and its key placed)
+            // only once it has room in its instance's queue, under this same lock. A
+            // submit refused for room, or a future dropped while it waits, leaves no
+            // load and no placement behind. After waiting for room it is routed again:
+            // membership may have changed meanwhile.
+            let pick = routing.placement.pick(key, hash, timestamp);
+            let dest = pick
+                .as_ref()
+                .and_then(|p| routing.instances.get(&p.instance()).cloned());
+            let (Some(pick), Some(dest)) = (pick, dest) else {
                 if let Some(p) = permit {
                     p.permits.release();
                 }
@@ -734,12 +725,9 @@ impl<H: Handler> Shared<H> {
                                 }));
                             }
                             Room::Wait => dest.permits.acquire(true).is_ok(),
-                            Room::Poll(cx, polled_routed) => match dest.permits.poll_acquire(cx) {
+                            Room::Poll(cx) => match dest.permits.poll_acquire(cx) {
                                 Poll::Ready(took) => took.is_ok(),
-                                Poll::Pending => {
-                                    **polled_routed = true;
-                                    return Poll::Pending;
-                                }
+                                Poll::Pending => return Poll::Pending,
                             },
                         };
                         if took {
@@ -749,6 +737,10 @@ impl<H: Handler> Shared<H> {
                     }
                 }
             }
+            // Counted even if the append below fails: the placement cannot take a count
+            // back (its window may have dropped an older request for it). A failed
+            // append is rare, and a key it placed just stays there.
+            routing.placement.count(pick, key, hash);
             drop(routing);
             // The key's holder before this request: `None` if it had none.
             let before = placement::hold(&mut holders, key, dest.id);
@@ -824,7 +816,6 @@ impl<H: Handler> Shared<H> {
             stamp,
             unroutable_at,
             held,
-            routed_one,
         } = progress;
         if let [(key, payload)] = items {
             // A batch of one is a single request, and the single path is cheaper: it
@@ -832,7 +823,7 @@ impl<H: Handler> Shared<H> {
             // of one ran at 0.73 times the rate of `submit`).
             let mut room = match cx {
                 None => Room::Wait,
-                Some(cx) => Room::Poll(cx, routed_one),
+                Some(cx) => Room::Poll(cx),
             };
             let payload = &payloads[payload.clone()];
             return self

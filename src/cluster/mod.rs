@@ -266,8 +266,9 @@ impl<H: Handler> Client<H> {
     /// does for a bounded channel). Needs no particular runtime.
     ///
     /// Nothing is logged before the future first resolves; dropping it before then
-    /// submits nothing. A request waiting for an instance that is removed or stalls is
-    /// routed again when it next looks for room.
+    /// submits nothing, and leaves nothing in the placement either (no load counted, no
+    /// key placed: see [`try_submit`](Client::try_submit)). A request waiting for an
+    /// instance that is removed or stalls is routed again when it next looks for room.
     ///
     /// ```
     /// # use cauce::cluster::{Cluster, Context, Handler};
@@ -308,12 +309,17 @@ impl<H: Handler> Client<H> {
             shared: &self.shared,
             key: key.as_ref().to_vec(),
             payload: Some(fold::Scratch::request(&request)),
-            routed: false,
         }
     }
 
     /// Like [`submit`](Client::submit), but never waits: a full queue is
     /// [`Error::Busy`] and nothing is logged.
+    ///
+    /// A refused request leaves no trace in the placement either: it is not counted
+    /// toward its instance's recent load, and a key it would have placed (its first
+    /// request, or the first after going idle) is not placed. Only requests given room
+    /// are counted, so retrying against a full queue does not steer new keys away from
+    /// that instance.
     pub fn try_submit(
         &self,
         key: impl AsRef<[u8]>,
@@ -446,8 +452,6 @@ pub struct Submit<'a, H: Handler> {
     /// The encoded request; `None` once the future has resolved (polling it again is
     /// [`Error::Closed`] and submits nothing).
     payload: Option<Result<fold::Scratch>>,
-    /// Whether a poll routed it already: its load is counted once.
-    routed: bool,
 }
 
 impl<H: Handler> Future for Submit<'_, H> {
@@ -460,7 +464,7 @@ impl<H: Handler> Future for Submit<'_, H> {
             Some(Err(e)) => return Poll::Ready(Err(e)),
             Some(Ok(payload)) => payload,
         };
-        let mut room = Room::Poll(cx, &mut this.routed);
+        let mut room = Room::Poll(cx);
         let submitted = this
             .shared
             .submit_payload(&this.key, payload.as_slice(), &mut room);

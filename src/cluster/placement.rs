@@ -8,7 +8,7 @@ use bytes::Bytes;
 use super::instance::Instance;
 use crate::error::Result;
 use crate::record::Timestamp;
-use crate::router::{InstanceId, Sticky};
+use crate::router::{InstanceId, Pick, Sticky};
 use crate::small::Key;
 
 /// The routing decisions the cluster needs. The router module provides them; this trait
@@ -17,6 +17,12 @@ pub(crate) trait Placement: Send {
     /// Where a request for `key` goes now (places the key on first sight, counts load).
     /// `hash` is the key's [`key_hash`](crate::router::key_hash).
     fn route(&mut self, key: &[u8], hash: u64, now: Timestamp) -> Option<InstanceId>;
+    /// Where a request for `key` goes now, without counting it or placing the key: for
+    /// a request that may still be refused. See [`Sticky::pick`].
+    fn pick(&mut self, key: &[u8], hash: u64, now: Timestamp) -> Option<Pick>;
+    /// Counts a request [`pick`](Placement::pick) routed, once it is accepted (places
+    /// its key on first sight); nothing else may be called in between.
+    fn count(&mut self, pick: Pick, key: &[u8], hash: u64) -> InstanceId;
     /// The current placement of `key`, if it has one, without counting a request.
     fn placement(&self, key: &[u8]) -> Option<InstanceId>;
     /// The key's home in the table (its first choice), ignoring loads.
@@ -33,6 +39,12 @@ pub(crate) trait Placement: Send {
 impl Placement for Sticky {
     fn route(&mut self, key: &[u8], hash: u64, now: Timestamp) -> Option<InstanceId> {
         Sticky::route_hash(self, key, hash, now)
+    }
+    fn pick(&mut self, key: &[u8], hash: u64, now: Timestamp) -> Option<Pick> {
+        Sticky::pick(self, key, hash, now)
+    }
+    fn count(&mut self, pick: Pick, key: &[u8], hash: u64) -> InstanceId {
+        Sticky::count(self, pick, key, hash)
     }
     fn placement(&self, key: &[u8]) -> Option<InstanceId> {
         Sticky::placement(self, key)

@@ -366,6 +366,30 @@ pub struct Move {
     pub to: InstanceId,
 }
 
+/// A request routed by [`Sticky::pick`], not counted yet.
+pub(crate) struct Pick {
+    seat: PickedSeat,
+    to: InstanceId,
+    now: Timestamp,
+}
+
+impl Pick {
+    /// The instance the request goes to.
+    pub(crate) fn instance(&self) -> InstanceId {
+        self.to
+    }
+}
+
+/// Where a picked request's key is, by index in [`Sticky`]'s states.
+enum PickedSeat {
+    /// Known and placed: it stays there.
+    Stays(u32),
+    /// Known, but idle or with no instance: placed anew, on this instance and seat.
+    Moves(u32, (InstanceId, usize)),
+    /// Not known: placed on this instance and seat.
+    New((InstanceId, usize)),
+}
+
 /// What a [`Sticky`] knows about one key.
 struct KeyState {
     key: Key,
@@ -518,33 +542,64 @@ impl Sticky {
     /// assert_eq!(to, sticky.route(b"alice", 1_001));
     /// ```
     pub fn route_hash(&mut self, key: &[u8], hash: u64, now: Timestamp) -> Option<InstanceId> {
-        self.latest = self.latest.max(now);
+        let pick = self.pick(key, hash, now)?;
+        Some(self.count(pick, key, hash))
+    }
+
+    /// Where a request for `key` stamped `now` would go, as [`route`](Self::route)
+    /// decides it, without counting it or placing the key: [`count`](Self::count) does
+    /// that, given the pick and nothing else called on this router in between. A
+    /// caller that may still refuse the request (its instance has no room) picks first
+    /// and counts only what it accepts, so that the placements stay a function of the
+    /// requests accepted. `hash` is the key's [`key_hash`](super::key_hash).
+    pub(crate) fn pick(&mut self, key: &[u8], hash: u64, now: Timestamp) -> Option<Pick> {
         // The router's clock never goes back: a route stamped before the latest one
         // counts as made now, so that a key it places is not idle at once.
-        let now = self.latest;
+        let now = self.latest.max(now);
+        let (seat, to) = match self.find(key, hash) {
+            Some(index) => {
+                let state = &self.states[index as usize];
+                match state.placed {
+                    Some((id, _)) if !self.is_idle(state.last_seen, now) => {
+                        (PickedSeat::Stays(index), id)
+                    }
+                    _ => {
+                        let to = self.place(hash, 1)?;
+                        (PickedSeat::Moves(index, to), to.0)
+                    }
+                }
+            }
+            None => {
+                let to = self.place(hash, 1)?;
+                (PickedSeat::New(to), to.0)
+            }
+        };
+        Some(Pick { seat, to, now })
+    }
+
+    /// Counts the request [`pick`](Self::pick) routed (placing its key if the pick
+    /// places it) and returns its instance.
+    pub(crate) fn count(&mut self, pick: Pick, key: &[u8], hash: u64) -> InstanceId {
+        let Pick { seat, to, now } = pick;
+        self.latest = self.latest.max(now);
+        let index = match seat {
+            PickedSeat::Stays(index) => index,
+            PickedSeat::Moves(index, to) => {
+                self.shift_load(index, to);
+                index
+            }
+            PickedSeat::New(to) => self.insert(Key::copy_from(key), hash, to, now),
+        };
+        let state = &mut self.states[index as usize];
+        state.last_seen = state.last_seen.max(now);
+        self.count_request(index);
+        // After the request, which its key's `last_seen` keeps from being forgotten:
+        // the pick's key index stays valid up to here.
         self.routed_since_sweep += 1;
         if self.latest >= self.next_sweep && self.routed_since_sweep >= self.known / 2 {
             self.sweep();
         }
-        let index = match self.find(key, hash) {
-            Some(index) => {
-                let state = &self.states[index as usize];
-                if state.placed.is_none() || self.is_idle(state.last_seen, now) {
-                    let to = self.place(hash, 1)?;
-                    self.shift_load(index, to);
-                }
-                index
-            }
-            None => {
-                let to = self.place(hash, 1)?;
-                self.insert(Key::copy_from(key), hash, to, now)
-            }
-        };
-        let state = &mut self.states[index as usize];
-        state.last_seen = state.last_seen.max(now);
-        let placed = state.placed.map(|(id, _)| id);
-        self.count_request(index);
-        placed
+        to
     }
 
     /// Where `key` is placed now, if it is known and not idle.

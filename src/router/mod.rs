@@ -47,6 +47,7 @@ pub mod hash;
 mod matching;
 pub mod table;
 
+pub(crate) use bounded::Pick;
 pub use bounded::{BoundedLoads, LoadGuard, Move, Sticky, StickyOptions};
 pub use hash::key_hash;
 pub use table::{MAX_INSTANCES, SlotRouter, SlotRouterOptions, SlotTable, TableReader};
