@@ -194,6 +194,24 @@ pub enum Error {
         message: String,
     },
 
+    /// The handler stalled twice on a request: each time it ran longer than the stall
+    /// timeout, and its instance was declared stalled and replaced (the second time
+    /// usually while the replacement replayed it). The request is logged, and marked in
+    /// the log so that no replay runs it again: it changed no state, like a request
+    /// whose handler panicked. A request that stalls once is handled again by its key's
+    /// new owner, and answered as usual.
+    #[error(
+        "handler stalled twice (past the stall timeout of {stall_timeout:?}) on the request at offset {offset}, the second time on instance {instance}; it was set aside"
+    )]
+    HandlerStalled {
+        /// The instance the second stall caught on the request.
+        instance: InstanceId,
+        /// The offset of the request in the input log.
+        offset: Offset,
+        /// The cluster's stall timeout.
+        stall_timeout: Duration,
+    },
+
     /// A replay did not do what the original run did (a handler that is not
     /// deterministic, for example one that calls out in a different order).
     #[error("replay of offset {offset} diverged from the journal: {detail}")]

@@ -1371,8 +1371,9 @@ fn concurrent_batches_do_not_deadlock_on_each_others_room() {
     cluster.shutdown().unwrap();
 }
 
-/// Calls out twice per request: "slow" (past the stall timeout, and slower the second
-/// time it is made), then "after"; counts how often each was really made.
+/// Calls out twice per request: "slow" (past the stall timeout the first time it is made;
+/// the second time, until the first caller was refused its next call), then "after";
+/// counts how often each was really made.
 struct TwoCalls {
     slow: Arc<std::sync::atomic::AtomicU64>,
     after: Arc<std::sync::atomic::AtomicU64>,
@@ -1384,14 +1385,23 @@ impl cauce::cluster::Handler for TwoCalls {
     type Request = ();
     type Response = u64;
     fn handle(&self, ctx: &mut cauce::cluster::Context<'_>, _: &[u8], n: &mut u64, _: ()) -> u64 {
-        let slow = self.slow.clone();
+        let (slow, told) = (self.slow.clone(), self.fenced_errors.clone());
         let a: u64 = ctx
             .call("slow", move |_| {
                 // The replaced instance's call returns first, while its replacement's
-                // is still out: the replaced one then reaches the next call first.
+                // is still out: the replaced one then reaches the next call first. The
+                // replacement's returns within the stall timeout: a replayed request
+                // that runs longer is a stall too.
                 match slow.fetch_add(1, Ordering::SeqCst) {
-                    0 => thread::sleep(Duration::from_millis(500)),
-                    _ => thread::sleep(Duration::from_millis(900)),
+                    0 => thread::sleep(Duration::from_millis(600)),
+                    _ => {
+                        let since = std::time::Instant::now();
+                        while told.load(Ordering::SeqCst) == 0
+                            && since.elapsed() < Duration::from_secs(2)
+                        {
+                            thread::sleep(Duration::from_millis(5));
+                        }
+                    }
                 }
                 1
             })
@@ -1430,7 +1440,7 @@ fn a_replaced_instance_makes_no_more_outside_calls() {
             Some(Arc::new(MemoryStore::new())),
         )
         .instances(2)
-        .stall_timeout(Duration::from_millis(100))
+        .stall_timeout(Duration::from_millis(400))
         .supervise_every(Duration::from_millis(5))
         .build()
         .unwrap();

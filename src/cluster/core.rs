@@ -168,6 +168,12 @@ pub(crate) struct Shared<H: Handler> {
     checkpoint_offset: AtomicU64,
     checkpoint_cache: Mutex<Weak<Checkpoint>>,
     poisoned: Mutex<BTreeSet<Offset>>,
+    /// Requests a stall caught an instance on, and that no fold has completed since: a
+    /// second stall on one of them sets it aside (see
+    /// [`Shared::set_aside_if_stalled_twice`]).
+    stalled_once: Mutex<BTreeSet<Offset>>,
+    /// Whether `stalled_once` may hold anything: folds skip its lock while it is empty.
+    any_stalled_once: AtomicBool,
     /// Requests whose instance was lost, and answers given ahead of such a loss.
     orphans: Mutex<Orphans<H::Response>>,
     /// Whether `orphans.waiting` may hold anything: rebuilds skip its lock while it is
@@ -317,6 +323,8 @@ impl<H: Handler> Shared<H> {
             checkpoint_offset: AtomicU64::new(checkpoint.offset),
             checkpoint_cache: Mutex::new(Arc::downgrade(&checkpoint)),
             poisoned: Mutex::new(recovered.poisoned),
+            stalled_once: Mutex::new(BTreeSet::new()),
+            any_stalled_once: AtomicBool::new(false),
             orphans: Mutex::new(Orphans {
                 waiting: HashMap::default(),
                 early: HashMap::default(),
@@ -491,8 +499,9 @@ impl<H: Handler> Shared<H> {
     }
 
     /// Marks the request at `offset` as never to be applied again, durably (whatever
-    /// the sync policy): call it before answering the request as panicked, so that no
-    /// replay after a crash applies a request its submitter was told was not applied.
+    /// the sync policy): call it before answering the request as panicked (or stalled
+    /// twice), so that no replay after a crash applies a request its submitter was told
+    /// was not applied.
     pub(crate) fn poison(&self, offset: Offset) -> Result<()> {
         self.poisoned.lock().insert(offset);
         let at = self.journal(&Control::Poison { offset })?;
@@ -1218,8 +1227,10 @@ impl<H: Handler> Shared<H> {
             // Its keys already moved; only its pending handoffs need rebuilding. Its
             // requests are adopted before fencing abandons the handoffs: an abandoned
             // handoff starts the rebuild that answers them.
+            let stuck = inst.stuck_on();
             let mut left = self.adopt_orphans(&inst);
             inst.fence(Some(&mut left));
+            self.set_aside_if_stalled_twice(&inst, stuck);
             let retiring = self.retiring.lock();
             self.handled_by_gone.fetch_add(
                 inst.stats.requests.load(Ordering::Relaxed),
@@ -1236,12 +1247,14 @@ impl<H: Handler> Shared<H> {
             Ordering::Relaxed,
         );
         tracing::warn!(instance = %id, why, "instance lost; moving its keys");
+        let stuck = inst.stuck_on();
         let mut left = self.adopt_orphans(&inst);
         inst.fence(Some(&mut left));
         if let Some(round) = self.round.lock().as_ref() {
             round.abandon_if_waiting_for(id);
         }
         self.stalls.fetch_add(1, Ordering::Relaxed);
+        self.set_aside_if_stalled_twice(&inst, stuck);
         let replacement = InstanceId(self.next_id.fetch_add(1, Ordering::SeqCst));
         let result = (|| -> Result<()> {
             self.change_placement(&all, |p| p.remove(id))?;
@@ -1256,6 +1269,54 @@ impl<H: Handler> Shared<H> {
         })();
         if let Err(e) = result {
             tracing::error!(instance = %id, error = %e, "could not replace a lost instance");
+        }
+    }
+
+    /// Remembers the request a stall caught `inst` on (`stuck`, read before it was
+    /// fenced); one caught a second time is set aside like a request whose handler
+    /// panicked: marked in the log, and answered [`Error::HandlerStalled`]. Called once
+    /// `inst` is fenced (it can no longer answer or apply the request when it wakes) and
+    /// before its keys are rebuilt elsewhere (the rebuilds skip the request).
+    ///
+    /// A first stall may be passing (a slow outside call): the request is handled again
+    /// by its key's new owner. One that hangs every time would otherwise replace an
+    /// instance every stall timeout, forever.
+    fn set_aside_if_stalled_twice(&self, inst: &Inst<H>, stuck: Option<Offset>) {
+        let Some(offset) = stuck else {
+            return;
+        };
+        {
+            let mut once = self.stalled_once.lock();
+            if once.insert(offset) {
+                self.any_stalled_once.store(true, Ordering::Release);
+                return;
+            }
+        }
+        tracing::warn!(instance = %inst.id, offset, "stalled twice on one request; setting it aside");
+        // Marked durably before the answer: see `Shared::poison`.
+        if let Err(e) = self.poison(offset) {
+            tracing::error!(instance = %inst.id, offset, error = %e, "could not log the poison mark");
+        }
+        self.answer(
+            offset,
+            Err(Error::HandlerStalled {
+                instance: inst.id,
+                offset,
+                stall_timeout: self.options.stall_timeout,
+            }),
+        );
+    }
+
+    /// The request at `offset` was applied to the end in a rebuild: a stall before was
+    /// passing, and one later on it counts as a first again. Two stalls in a row set a
+    /// request aside, not two stalls with a completed run between (a request answered
+    /// long ago that stalls once in a rebuild, under load say, keeps its place).
+    pub(crate) fn completed(&self, offset: Offset) {
+        if self.any_stalled_once.load(Ordering::Acquire) {
+            let mut once = self.stalled_once.lock();
+            once.remove(&offset);
+            self.any_stalled_once
+                .store(!once.is_empty(), Ordering::Release);
         }
     }
 
@@ -1318,6 +1379,12 @@ impl<H: Handler> Shared<H> {
         *self.checkpoint_cache.lock() = Weak::new();
         self.effects.forget_before(offset);
         self.poisoned.lock().retain(|&p| p >= offset);
+        {
+            let mut once = self.stalled_once.lock();
+            once.retain(|&p| p >= offset);
+            self.any_stalled_once
+                .store(!once.is_empty(), Ordering::Release);
+        }
         if self.any_orphans.load(Ordering::Acquire) {
             // Forget the orphans answered meanwhile (a rebuild answers what it replays;
             // an adopted request it skips, poisoned by the lost instance that woke up,

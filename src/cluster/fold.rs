@@ -5,8 +5,8 @@
 //! - `0`, a request: the record's key is the request's key, the rest of the payload is the
 //!   request encoded with the cluster's codec;
 //! - `1`, a control record (empty key): a membership change or a poison mark, encoded
-//!   with bincode. A poison mark names a request whose handler panicked: no replay applies
-//!   it again.
+//!   with bincode. A poison mark names a request whose handler panicked, or stalled
+//!   twice: no replay applies it again.
 //!
 //! A checkpoint is a snapshot named [`CHECKPOINT`] in the input store, taken at an offset
 //! `c`: the state of every key after folding every request before `c`. Its blob is
@@ -47,7 +47,8 @@ pub(crate) enum Control {
     Leave { id: u32 },
     /// An instance was declared stalled and its keys moved away.
     Stalled { id: u32 },
-    /// The handler panicked on the request at `offset`: never apply it again.
+    /// The handler panicked on the request at `offset`, or stalled on it twice: never
+    /// apply it again.
     Poison { offset: Offset },
 }
 
@@ -58,7 +59,9 @@ impl Control {
             Control::Join { .. } => "an instance joining",
             Control::Leave { .. } => "an instance leaving",
             Control::Stalled { .. } => "an instance declared stalled",
-            Control::Poison { .. } => "a request set aside after its handler panicked",
+            Control::Poison { .. } => {
+                "a request set aside after its handler panicked or stalled twice"
+            }
         }
     }
 }
@@ -326,14 +329,20 @@ pub(crate) struct Replay<'a, H> {
 /// skipping poisoned offsets. A key in `relayed` starts instead from the state given
 /// there (encoded), which folds every request of the key before the offset given with
 /// it. A panic poisons its request and starts the fold again.
-pub(crate) fn rebuild<H: Handler>(
+///
+/// `unit(offset)` is called before each request is applied, and what it returns is held
+/// until the request is done: an instance marks a unit of work on its heartbeat there,
+/// so that a request that hangs in a replay is seen to stall like a live one. A fold on
+/// an instance that is fenced meanwhile stops before its next request with
+/// [`Error::Fenced`]: its states would be thrown away, and it must apply nothing more.
+pub(crate) fn rebuild<H: Handler, U>(
     replay: Replay<'_, H>,
     checkpoint: &Checkpoint,
     relayed: &HashMap<Bytes, (Offset, Bytes), ahash::RandomState>,
     poisoned: &mut BTreeSet<Offset>,
     limits: &HashMap<Bytes, Offset, ahash::RandomState>,
     sink: &mut dyn FoldSink<H::Response>,
-    mut progress: impl FnMut(),
+    mut unit: impl FnMut(Offset) -> U,
 ) -> Result<HashMap<Bytes, Slot<H::State>, ahash::RandomState>> {
     let Replay {
         handler,
@@ -390,7 +399,11 @@ pub(crate) fn rebuild<H: Handler>(
                 if offset < slot.folded_until {
                     return;
                 }
-                progress();
+                if fenced.is_some_and(|f| f.load(std::sync::atomic::Ordering::SeqCst)) {
+                    stop = Some(Err(Error::Fenced { instance }));
+                    return;
+                }
+                let _unit = unit(offset);
                 let request = Request {
                     offset,
                     timestamp: entry.timestamp,

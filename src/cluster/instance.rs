@@ -2,7 +2,7 @@
 
 use std::collections::{BTreeSet, HashMap, HashSet, VecDeque};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::task::{Poll, Waker};
 use std::time::{Duration, Instant};
 
@@ -15,7 +15,7 @@ use super::fold::{self, Checkpoint, FoldSink, Outcome, Slot};
 use crate::codec::Codec;
 use crate::error::{Error, Result};
 use crate::handler::Handler;
-use crate::launcher::{Heartbeat, Running};
+use crate::launcher::{Beat, Heartbeat, Running};
 use crate::record::{Offset, Timestamp};
 use crate::router::InstanceId;
 use crate::small::Key;
@@ -651,6 +651,10 @@ pub(crate) struct Instance<S, R> {
     mailbox: CachePadded<Mailbox<Message<S, R>>>,
     pub(crate) permits: CachePadded<Permits>,
     pub(crate) heartbeat: Arc<Heartbeat>,
+    /// The offset of the request its latest unit of work is on (live, or replayed in a
+    /// rebuild): written before each unit begins, so that a stall can tell which
+    /// request it caught the instance on (see [`Instance::stuck_on`]).
+    working_on: CachePadded<AtomicU64>,
     fenced: AtomicBool,
     pub(crate) stats: CachePadded<InstanceStats>,
     /// Handoffs this instance still has to complete (abandoned if it is fenced).
@@ -671,6 +675,7 @@ impl<S, R> Instance<S, R> {
             mailbox: CachePadded::new(Mailbox::new(linger, capacity)),
             permits: CachePadded::new(Permits::new(capacity)),
             heartbeat: Arc::new(Heartbeat::new()),
+            working_on: CachePadded::new(AtomicU64::new(0)),
             fenced: AtomicBool::new(false),
             stats: CachePadded::new(InstanceStats::default()),
             releases: Mutex::new(Vec::new()),
@@ -815,6 +820,25 @@ impl<S, R> Instance<S, R> {
     pub(crate) fn is_fenced(&self) -> bool {
         self.fenced.load(Ordering::SeqCst)
     }
+
+    /// Begins a unit of work on the request at `offset` (live or replayed); it ends when
+    /// the guard drops.
+    fn begin_on(&self, offset: Offset) -> Beat<'_> {
+        // Released before the heartbeat moves: whoever sees the unit begin sees its
+        // offset, and whoever sees a later unit's offset sees this unit end.
+        self.working_on.store(offset, Ordering::Release);
+        self.heartbeat.begin()
+    }
+
+    /// The request the instance is in a unit of work on, if it is in one: read when it
+    /// is declared stalled, to tell which request the stall caught it on.
+    pub(crate) fn stuck_on(&self) -> Option<Offset> {
+        let before = self.heartbeat.sample();
+        let offset = self.working_on.load(Ordering::Acquire);
+        // The same odd count around the read: one unit ran throughout, and the offset is
+        // the one written before it began.
+        (before % 2 == 1 && self.heartbeat.sample() == before).then_some(offset)
+    }
 }
 
 /// What a fenced instance leaves behind (see [`Instance::take_left`]).
@@ -912,6 +936,7 @@ struct Answer<'a, H: Handler> {
 impl<H: Handler> FoldSink<H::Response> for Answer<'_, H> {
     fn handled(&mut self, offset: Offset, outcome: std::result::Result<H::Response, Error>) {
         if !self.me.is_fenced() {
+            self.shared.completed(offset);
             self.shared.answer(offset, outcome);
         }
     }
@@ -1222,7 +1247,7 @@ fn handle<H: Handler>(
             folded_until: 0,
         }),
     };
-    let beat = me.heartbeat.begin();
+    let beat = me.begin_on(offset);
     let request = fold::Request {
         offset,
         timestamp,
@@ -1403,7 +1428,8 @@ fn rebuild<H: Handler>(
         &mut poisoned,
         limits,
         &mut sink,
-        || drop(me.heartbeat.begin()),
+        // Each replayed request is a unit of work: one that hangs is a stall.
+        |offset| me.begin_on(offset),
     )?;
     Ok(rebuilt
         .into_iter()

@@ -22,7 +22,16 @@
 //!   on its way to it (from an instance that is removed and still drains its queue, say)
 //!   is taken from that handoff when it completes, and only the log after it is folded:
 //!   records the other instance handles are never applied twice. When the stalled one
-//!   wakes up it stops without applying anything else.
+//!   wakes up it stops without applying anything else. A rebuild replays request by
+//!   request under the same watch: one replayed request that runs past the stall timeout
+//!   is a stall too.
+//! - a request stalls twice in a row (a stall caught an instance on it, and then its new
+//!   owner replaying it, with no run of it completed between): it is set aside like a
+//!   request whose handler panicked, answered [`Error::HandlerStalled`] and marked in
+//!   the log before the next owner rebuilds, so that no replay runs it again and it
+//!   changes no state. A request that stalls once is handled again by its new owner
+//!   (the stall may have been passing, a slow outside call say); stalls are counted in
+//!   memory, so a restart starts counting again.
 //! - a rebuild fails (the store cannot read the checkpoint or the log): the requests
 //!   that waited for it are answered [`Error::StateUnavailable`] at once, as is each
 //!   later request of those keys whose rebuild, tried again first, fails again; other

@@ -163,9 +163,9 @@ impl<H: Handler> Replay<H> {
     }
 
     /// The state of `key` just before the request at `offset` (the fold of every request
-    /// of `key` before it; requests whose handler panicked are not part of it). `offset`
-    /// may be the log's next offset, for the state after every request; past it is
-    /// [`Error::OffsetOutOfRange`].
+    /// of `key` before it; requests whose handler panicked or stalled twice are not part
+    /// of it). `offset` may be the log's next offset, for the state after every
+    /// request; past it is [`Error::OffsetOutOfRange`].
     pub fn state_before(&self, key: &[u8], offset: Offset) -> Result<H::State> {
         let end = self.input.next_offset();
         if offset > end {
@@ -193,7 +193,7 @@ impl<H: Handler> Replay<H> {
             &mut poisoned,
             &limits,
             &mut Silent,
-            || {},
+            |_| (),
         )?;
         Ok(states
             .remove(key)
@@ -202,8 +202,8 @@ impl<H: Handler> Replay<H> {
     }
 
     /// Re-runs the request at `offset` on the state its key had before it. An offset
-    /// that holds a membership record, or the mark of a request whose handler panicked,
-    /// is [`Error::NotARequest`].
+    /// that holds a membership record, or the mark of a request whose handler panicked
+    /// or stalled twice, is [`Error::NotARequest`].
     pub fn rerun(&self, offset: Offset) -> Result<Rerun<H>> {
         let record = self.record_at(offset)?;
         let body = match fold::envelope(&record)? {
@@ -256,9 +256,9 @@ impl<H: Handler> Replay<H> {
 
     /// Every request of `key` in log order, with its offset. A request that cannot be
     /// decoded (the live service refused it, and it changed no state) is listed with
-    /// the error, which names its offset. A request whose handler panicked is listed
-    /// like any other, though it changed no state either: [`panicked`](Self::panicked)
-    /// tells them apart.
+    /// the error, which names its offset. A request whose handler panicked (or stalled
+    /// twice) is listed like any other, though it changed no state either:
+    /// [`panicked`](Self::panicked) tells them apart.
     pub fn history(&self, key: &[u8]) -> Result<Vec<(Offset, Result<H::Request>)>> {
         let mut out = Vec::new();
         for record in read_from_start(&*self.input)?.1 {
@@ -273,11 +273,12 @@ impl<H: Handler> Replay<H> {
         Ok(out)
     }
 
-    /// Whether the live service's handler panicked on the request at `offset`. Such a
-    /// request was answered [`Error::HandlerPanicked`] and marked in the log, and no
-    /// state folds it: [`state_before`](Self::state_before) leaves it out, and
-    /// [`rerun`](Self::rerun) runs it again (under a debugger, to see the panic), on the
-    /// state it met.
+    /// Whether the live service's handler panicked on the request at `offset`, or
+    /// stalled on it twice. Such a request was answered [`Error::HandlerPanicked`] (or
+    /// [`Error::HandlerStalled`]) and marked in the log, and no state folds it:
+    /// [`state_before`](Self::state_before) leaves it out, and [`rerun`](Self::rerun)
+    /// runs it again (under a debugger, to see the panic or the hang), on the state it
+    /// met.
     pub fn panicked(&self, offset: Offset) -> bool {
         self.poisoned.contains(&offset)
     }
