@@ -211,6 +211,35 @@ fn an_awaited_answer_wakes_an_instance_that_lingers_forever() {
         matches!(answer, Some(Ok(Resp::Sum(5)))),
         "an awaited answer with linger(Duration::MAX): {answer:?}"
     );
+}
+
+/// Latency is sampled per instance: a workload whose keys alternate between two
+/// instances (so that each one's requests sit at every other log offset) leaves
+/// neither instance without samples.
+#[test]
+fn every_instance_that_handles_requests_reports_its_latency() {
+    let cluster = Harness::new().cluster(2).build().unwrap();
+    let client = cluster.client();
+    let a = key(0);
+    let owner = client.owner_of(&a).unwrap();
+    let b = (1..)
+        .map(key)
+        .find(|k| client.owner_of(k) != Some(owner))
+        .unwrap();
+    for i in 0..1000u64 {
+        let k = if i % 2 == 0 { &a } else { &b };
+        client.submit(k, Req::Add(1)).unwrap().wait().unwrap();
+    }
+    let m = cluster.metrics();
+    assert_eq!(m.instances.iter().filter(|i| i.requests > 0).count(), 2);
+    for i in &m.instances {
+        assert!(
+            i.requests == 0 || i.p99 > Duration::ZERO,
+            "instance {} handled {} requests but reports no latency: {m:?}",
+            i.id,
+            i.requests
+        );
+    }
     cluster.shutdown().unwrap();
 }
 

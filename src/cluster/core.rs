@@ -42,8 +42,6 @@ use crate::small::Key;
 use crate::store::Store;
 
 const STRIPES: usize = 256;
-/// One request in this many has its latency measured for the metrics.
-const LATENCY_SAMPLE: u64 = 8;
 /// A batch over at most this many instances queues each one's requests with a pass over
 /// the whole batch; over more, it groups them by instance first, so that a large batch
 /// over many instances costs no pass per instance. Grouping first at any size cost
@@ -775,9 +773,8 @@ impl<H: Handler> Shared<H> {
                 timestamp,
                 key: QueuedBytes::copy_from(key),
                 payload: QueuedBytes::copy_from(payload),
-                // Latency is sampled (one request in LATENCY_SAMPLE): two clock reads
-                // per request were 3% of the hot path.
-                submitted: (offset % LATENCY_SAMPLE == 0).then(Instant::now),
+                // Stamped by the instance's queue if it is one it times.
+                submitted: None,
                 responder: Some(responder),
             })));
             // A lingering instance is nudged when the submitter is about to block on the
@@ -1062,7 +1059,7 @@ impl<H: Handler> Shared<H> {
                 timestamp,
                 key: QueuedBytes::copy_from(key.as_ref()),
                 payload: QueuedBytes::copy_from(&payloads[payload.clone()]),
-                submitted: (offset % LATENCY_SAMPLE == 0).then(Instant::now),
+                submitted: None,
                 responder: Some(responder),
             })));
         }
