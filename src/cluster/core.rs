@@ -1277,7 +1277,8 @@ impl<H: Handler> Shared<H> {
     ///
     /// A first stall may be passing (a slow outside call): the request is handled again
     /// by its key's new owner. One that hangs every time would otherwise replace an
-    /// instance every stall timeout, forever.
+    /// instance every stall timeout, forever. Only a request whose caller still waits
+    /// for its answer is set aside (see the body).
     fn set_aside_if_stalled_twice(&self, inst: &Inst<H>, stuck: Option<Offset>) {
         let Some(offset) = stuck else {
             return;
@@ -1288,6 +1289,13 @@ impl<H: Handler> Shared<H> {
                 self.any_stalled_once.store(true, Ordering::Release);
                 return;
             }
+        }
+        // Only a request nobody was answered for yet: one that was answered (and so
+        // folded into its key's state, which callers saw) keeps its place whatever its
+        // replays do, or acknowledged state would be lost. After a restart no request's
+        // caller waits any more, so none is set aside there.
+        if !self.orphans.lock().waiting.contains_key(&offset) {
+            return;
         }
         tracing::warn!(instance = %inst.id, offset, "stalled twice on one request; setting it aside");
         // Marked durably before the answer: see `Shared::poison`.

@@ -30,8 +30,10 @@
 //!   request whose handler panicked, answered [`Error::HandlerStalled`] and marked in
 //!   the log before the next owner rebuilds, so that no replay runs it again and it
 //!   changes no state. A request that stalls once is handled again by its new owner
-//!   (the stall may have been passing, a slow outside call say); stalls are counted in
-//!   memory, so a restart starts counting again.
+//!   (the stall may have been passing, a slow outside call say). Only a request not
+//!   answered yet is set aside: one that was answered keeps its place in its key's state
+//!   whatever its replays do. Stalls are counted in memory, so a restart starts counting
+//!   again, and sets aside nothing (no caller waits for an answer any more).
 //! - a rebuild fails (the store cannot read the checkpoint or the log): the requests
 //!   that waited for it are answered [`Error::StateUnavailable`] at once, as is each
 //!   later request of those keys whose rebuild, tried again first, fails again; other
