@@ -185,6 +185,7 @@ fn after_a_failed_write_nothing_is_written_or_synced_again() {
             assert_poisoned(log.sync_until(acked), tmp.path());
             assert_poisoned(log.commit_cursor("c", acked), tmp.path());
             assert_poisoned(log.append(&[Entry::new(b"k", b"later")]), tmp.path());
+            assert_poisoned(log.append(&[]), tmp.path());
             assert_poisoned(log.compact(), tmp.path());
             assert_eq!(log.stats(), stats, "a write or fdatasync after the failure");
             assert_eq!(std::fs::metadata(&segment).unwrap().len(), len);

@@ -285,9 +285,8 @@ pub fn check_name(name: &str) -> Result<()> {
     }
 }
 
-/// Checks `from` against a store's range, as `read_from` must.
-/// A cursor or snapshot names the records before its offset: past `end`, there are none
-/// to name.
+/// Checks the offset of a cursor or snapshot: it names the records before it, and past
+/// `end` there are none to name.
 pub(crate) fn check_not_past_end(offset: Offset, start: Offset, end: Offset) -> Result<()> {
     if offset > end {
         return Err(Error::OffsetOutOfRange {
@@ -299,6 +298,7 @@ pub(crate) fn check_not_past_end(offset: Offset, start: Offset, end: Offset) -> 
     Ok(())
 }
 
+/// Checks `from` against a store's range, as `read_from` must.
 pub(crate) fn check_read_range(from: Offset, start: Offset, end: Offset) -> Result<()> {
     if from < start || from > end {
         Err(Error::OffsetOutOfRange {

@@ -158,11 +158,12 @@ impl Shared {
         let body_len = segment::check_batch(batch, self.options.max_record_bytes)?;
         let len = segment::batch_len(body_len) as u64;
         let mut st = self.writer.lock();
-        if batch.is_empty() {
-            return Ok(st.next..st.next);
-        }
+        // Poisoned first: every append after a failed write reports it, empty or not.
         if let Some(p) = &st.poisoned {
             return Err(poisoned(p));
+        }
+        if batch.is_empty() {
+            return Ok(st.next..st.next);
         }
         let full = |st: &WriterState| {
             let pos = st.buf_pos + st.buf.len() as u64;
