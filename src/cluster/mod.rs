@@ -649,7 +649,9 @@ impl<H: Handler> ClusterBuilder<H> {
     }
 
     /// How long one request may run before its instance is declared stalled
-    /// (default 5 s; above zero).
+    /// (default 5 s; above zero). The supervisor checks every
+    /// [`supervise_every`](Self::supervise_every), so a stall is declared between this
+    /// long and this long plus two checks after the request began.
     pub fn stall_timeout(mut self, timeout: Duration) -> Self {
         self.options.stall_timeout = timeout;
         self
