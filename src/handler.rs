@@ -49,6 +49,24 @@ use crate::store::{Store, read_from_start};
 ///   the sync policy) so that no replay applies it again, then answered with
 ///   [`Error::HandlerPanicked`], and the instance's keys are rebuilt from the last
 ///   checkpoint and the log, so the half-done change of the panicking call is not kept.
+/// - `handle` runs more than once for one request: at every rebuild that replays it
+///   (after a restart, a panic of another request, a move), and twice at once when an
+///   instance is declared stalled while the request is still running (the stalled run's
+///   result is thrown away). Anything it does besides changing `state` and calling
+///   [`Context::call`] (logging, metrics, writes elsewhere) happens again each time.
+///
+/// # Changing the types
+/// Requests are kept in the log, and states in checkpoints, encoded with bincode
+/// ([`Bincode`]), which is not self-describing: what was written must still decode as
+/// the types the handler has when it reads it back.
+/// - `Request`: add enum variants at the end only; never reorder, remove or change one
+///   (a reordered enum decodes old requests as other variants, without an error). Avoid
+///   serde attributes bincode cannot read back (`skip_serializing_if`, `flatten`,
+///   `untagged`): such a request is logged, then refused as undecodable.
+/// - `State`: a changed `State` no longer decodes from the last checkpoint (the keys'
+///   requests are refused [`Error::StateUnavailable`], naming the key and the
+///   checkpoint). Rebuild from the log instead, which holds every request while its head
+///   was not dropped.
 pub trait Handler: Send + Sync + 'static {
     /// The state of one key. A key's first request sees `State::default()`.
     type State: Default + Serialize + DeserializeOwned + Send + 'static;
@@ -148,6 +166,12 @@ impl Context<'_> {
     /// Refused before `f` runs: a `name` over 65,535 bytes ([`Error::InvalidName`]). An
     /// answer that cannot be encoded is a [`Error::Codec`] after `f` ran: that call is
     /// not journaled, so a replay makes it again.
+    ///
+    /// Whatever `f` returns is the answer, for good: a `Result` answer whose `Err` says
+    /// "timed out, try later" is journaled like any other, and every replay sees it. Retry
+    /// inside `f` what should be retried. `f` runs on the instance's own thread, a plain
+    /// thread outside any async runtime: an async call can be driven to its end there
+    /// (`tokio::runtime::Handle::block_on`, say), holding up only this instance.
     pub fn call<T, F>(&mut self, name: &str, f: F) -> Result<T>
     where
         T: Serialize + DeserializeOwned,

@@ -270,7 +270,7 @@ pub(crate) fn apply<H: Handler>(
         key,
         body,
     } = request;
-    let request: H::Request = match CODEC.decode(body) {
+    let request: H::Request = match decode_request(offset, key, body) {
         Ok(r) => r,
         Err(e) => return Outcome::Refused(e),
     };
@@ -295,13 +295,40 @@ pub(crate) fn apply<H: Handler>(
     }
 }
 
+/// Decodes the request at `offset`; an error names the offset and the key, and the
+/// usual cause.
+pub(crate) fn decode_request<R: serde::de::DeserializeOwned>(
+    offset: Offset,
+    key: &[u8],
+    body: &[u8],
+) -> Result<R> {
+    CODEC.decode(body).map_err(|e| Error::Codec {
+        context: "request",
+        message: format!(
+            "the request at offset {offset} (key {:?}) cannot be decoded as the handler's \
+             Request: {e} (a Request type changed since it was logged, or serde attributes \
+             that bincode cannot read back, such as skip_serializing_if; see Bincode)",
+            String::from_utf8_lossy(key)
+        ),
+    })
+}
+
 /// Decodes a key's state from a checkpoint, or the default state.
 pub(crate) fn checkpoint_state<S>(checkpoint: &Checkpoint, key: &[u8]) -> Result<S>
 where
     S: Default + serde::de::DeserializeOwned,
 {
     match checkpoint.states.get(key) {
-        Some(bytes) => CODEC.decode(bytes),
+        Some(bytes) => CODEC.decode(bytes).map_err(|e| Error::Codec {
+            context: "checkpoint state",
+            message: format!(
+                "the checkpoint at offset {} holds a state of key {:?} that cannot be decoded \
+                 as the handler's State: {e} (did the State type change since the \
+                 checkpoint was taken?)",
+                checkpoint.offset,
+                String::from_utf8_lossy(key)
+            ),
+        }),
         None => Ok(S::default()),
     }
 }

@@ -48,7 +48,8 @@ use crate::store::{LogOptions, LogStore, Store, read_from_start};
 /// cluster.shutdown()?;
 ///
 /// let replay = Replay::open(dir.path(), Counter)?;
-/// assert_eq!(replay.state_before(b"alice", offset)?, 5);
+/// assert_eq!(replay.state_before("alice", offset)?, 5);
+/// assert_eq!(replay.state_before("alice", replay.next_offset())?, 7);
 /// let rerun = replay.rerun(offset)?;
 /// assert_eq!((rerun.before, rerun.request, rerun.response, rerun.after), (5, 2, 7, 7));
 /// # Ok::<(), cauce::Error>(())
@@ -164,9 +165,11 @@ impl<H: Handler> Replay<H> {
 
     /// The state of `key` just before the request at `offset` (the fold of every request
     /// of `key` before it; requests whose handler panicked or stalled twice are not part
-    /// of it). `offset` may be the log's next offset, for the state after every
-    /// request; past it is [`Error::OffsetOutOfRange`].
-    pub fn state_before(&self, key: &[u8], offset: Offset) -> Result<H::State> {
+    /// of it). `offset` may be the log's next offset
+    /// ([`next_offset`](Self::next_offset)), for the state after every request; past it
+    /// is [`Error::OffsetOutOfRange`].
+    pub fn state_before(&self, key: impl AsRef<[u8]>, offset: Offset) -> Result<H::State> {
+        let key = key.as_ref();
         let end = self.input.next_offset();
         if offset > end {
             return Err(Error::OffsetOutOfRange {
@@ -204,6 +207,10 @@ impl<H: Handler> Replay<H> {
     /// Re-runs the request at `offset` on the state its key had before it. An offset
     /// that holds a membership record, or the mark of a request whose handler panicked
     /// or stalled twice, is [`Error::NotARequest`].
+    ///
+    /// A handler that panics on the request panics again here: the panic hook runs
+    /// (a debugger's breakpoint on `rust_panic` stops in the handler), then the panic is
+    /// caught and returned as [`Error::HandlerPanicked`] with its message.
     pub fn rerun(&self, offset: Offset) -> Result<Rerun<H>> {
         let record = self.record_at(offset)?;
         let body = match fold::envelope(&record)? {
@@ -215,7 +222,7 @@ impl<H: Handler> Replay<H> {
                 });
             }
         };
-        let request: H::Request = decode_request(offset, &record.key, body)?;
+        let request: H::Request = fold::decode_request(offset, &record.key, body)?;
         let before = self.state_before(&record.key, offset)?;
         let mut after: H::State = fold::CODEC.decode(&fold::CODEC.encode(&before)?)?;
         let live = fold::Request {
@@ -259,7 +266,8 @@ impl<H: Handler> Replay<H> {
     /// the error, which names its offset. A request whose handler panicked (or stalled
     /// twice) is listed like any other, though it changed no state either:
     /// [`panicked`](Self::panicked) tells them apart.
-    pub fn history(&self, key: &[u8]) -> Result<Vec<(Offset, Result<H::Request>)>> {
+    pub fn history(&self, key: impl AsRef<[u8]>) -> Result<Vec<(Offset, Result<H::Request>)>> {
+        let key = key.as_ref();
         let mut out = Vec::new();
         for record in read_from_start(&*self.input)?.1 {
             let record = record?;
@@ -267,10 +275,19 @@ impl<H: Handler> Replay<H> {
                 continue;
             }
             if let Envelope::Request(body) = fold::envelope(&record)? {
-                out.push((record.offset, decode_request(record.offset, key, body)));
+                out.push((
+                    record.offset,
+                    fold::decode_request(record.offset, key, body),
+                ));
             }
         }
         Ok(out)
+    }
+
+    /// The offset one past the last record the replay sees: `state_before(key,
+    /// replay.next_offset())` is the state of `key` after every request.
+    pub fn next_offset(&self) -> Offset {
+        self.input.next_offset()
     }
 
     /// Whether the live service's handler panicked on the request at `offset`, or
@@ -320,19 +337,4 @@ fn refuse_damage(log: &LogStore) -> Result<()> {
         None => Ok(()),
         Some(damage) => Err(crate::store::log::damage_again(damage, log.dir())),
     }
-}
-
-/// Decodes the request at `offset`; an error names the offset and the key.
-fn decode_request<R: serde::de::DeserializeOwned>(
-    offset: Offset,
-    key: &[u8],
-    body: &[u8],
-) -> Result<R> {
-    fold::CODEC.decode(body).map_err(|e| Error::Codec {
-        context: "request",
-        message: format!(
-            "the request at offset {offset} (key {:?}) cannot be decoded: {e}",
-            String::from_utf8_lossy(key)
-        ),
-    })
 }
