@@ -192,6 +192,34 @@ fn block_on_for<F: std::future::Future>(future: F, limit: Duration) -> Option<F:
     }
 }
 
+/// `Client::request` awaits the answer in one future, which a multi-threaded executor
+/// can move between threads; an error of the handler comes back through it.
+#[test]
+fn request_awaits_the_answer_and_its_errors_in_one_future() {
+    fn assert_send<T: Send>(t: T) -> T {
+        t
+    }
+    let cluster = Cluster::builder(Service::default())
+        .in_memory()
+        .instances(2)
+        .build()
+        .unwrap();
+    let client = cluster.client();
+    let first = assert_send(client.request(key(1), Req::Add(5)));
+    let answer = block_on_for(first, Duration::from_secs(10));
+    assert!(matches!(answer, Some(Ok(Resp::Sum(5)))), "{answer:?}");
+    let answer = block_on_for(client.request(key(1), Req::Add(2)), Duration::from_secs(10));
+    assert!(matches!(answer, Some(Ok(Resp::Sum(7)))), "{answer:?}");
+    let answer = block_on_for(client.request(key(1), Req::Panic), Duration::from_secs(10));
+    assert!(
+        matches!(answer, Some(Err(Error::HandlerPanicked { .. }))),
+        "{answer:?}"
+    );
+    cluster.shutdown().unwrap();
+    let answer = block_on_for(client.request(key(1), Req::Add(1)), Duration::from_secs(10));
+    assert!(matches!(answer, Some(Err(Error::Closed))), "{answer:?}");
+}
+
 #[test]
 fn an_awaited_answer_wakes_an_instance_that_lingers_forever() {
     let cluster = Cluster::builder(Service::default())

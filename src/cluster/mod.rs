@@ -323,6 +323,60 @@ impl<H: Handler> Client<H> {
         }
     }
 
+    /// Submits `request` for `key` and awaits its response: [`submit_async`] and then
+    /// the [`Pending`] it resolves to, in one future, for callers that have nothing to do
+    /// between the request being logged and its answer.
+    ///
+    /// An error is either the submit's (nothing was logged, as with
+    /// [`submit_async`]) or the answer's ([`Error::HandlerPanicked`], say: the request
+    /// is in the log). Dropping the future before the request is logged submits nothing;
+    /// after, the request is still handled, and its answer dropped.
+    ///
+    /// ```
+    /// # use cauce::cluster::{Cluster, Context, Handler};
+    /// # struct Counter;
+    /// # impl Handler for Counter {
+    /// #     type State = u64;
+    /// #     type Request = u64;
+    /// #     type Response = u64;
+    /// #     fn handle(&self, _: &mut Context<'_>, _: &[u8], t: &mut u64, add: u64) -> u64 {
+    /// #         *t += add;
+    /// #         *t
+    /// #     }
+    /// # }
+    /// # fn block_on<F: std::future::Future>(f: F) -> F::Output {
+    /// #     struct Unpark(std::thread::Thread);
+    /// #     impl std::task::Wake for Unpark {
+    /// #         fn wake(self: std::sync::Arc<Self>) { self.0.unpark() }
+    /// #     }
+    /// #     let waker = std::sync::Arc::new(Unpark(std::thread::current())).into();
+    /// #     let mut cx = std::task::Context::from_waker(&waker);
+    /// #     let mut f = std::pin::pin!(f);
+    /// #     loop {
+    /// #         match f.as_mut().poll(&mut cx) {
+    /// #             std::task::Poll::Ready(out) => return out,
+    /// #             std::task::Poll::Pending => std::thread::park(),
+    /// #         }
+    /// #     }
+    /// # }
+    /// # let cluster = Cluster::builder(Counter).in_memory().build()?;
+    /// # let client = cluster.client();
+    /// let total = block_on(client.request("alice", 5))?;
+    /// assert_eq!(total, 5);
+    /// # cluster.shutdown()?;
+    /// # Ok::<(), cauce::Error>(())
+    /// ```
+    ///
+    /// [`submit_async`]: Client::submit_async
+    pub fn request(
+        &self,
+        key: impl AsRef<[u8]>,
+        request: H::Request,
+    ) -> impl Future<Output = Result<H::Response>> + Send + '_ {
+        let submit = self.submit_async(key, request);
+        async move { submit.await?.await }
+    }
+
     /// Like [`submit`](Client::submit), but never waits: a full queue is
     /// [`Error::Busy`] and nothing is logged.
     ///
