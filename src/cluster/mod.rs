@@ -262,6 +262,23 @@ impl<H: Handler> Client<H> {
     /// Submits `request` for `key`, waiting for room in the owner's queue if it is full.
     /// Returns once the request is in the log; the [`Pending`] resolves when it has been
     /// handled.
+    ///
+    /// # Errors
+    /// Each means the request was not logged, and will not be handled:
+    /// - [`Error::Closed`]: the cluster was shut down or dropped;
+    /// - [`Error::Codec`]: the request cannot be encoded;
+    /// - [`Error::RecordTooLarge`]: the key and request exceed the log's record limit;
+    /// - [`Error::NoInstance`]: the cluster has no instance (all were removed);
+    /// - the input store's errors: [`Error::Io`], or [`Error::ReadOnly`] once a write
+    ///   or fdatasync of the log failed (see [`LogStore`]).
+    ///
+    /// The [`Pending`] then resolves to the handler's response, or to an error that
+    /// says why the logged request got none: [`Error::HandlerPanicked`],
+    /// [`Error::HandlerStalled`] (both set the request aside: it changed no state),
+    /// [`Error::StateUnavailable`] (its key's state could not be rebuilt; the request
+    /// stays in the log and is folded once a rebuild works), [`Error::Codec`] (it does
+    /// not decode as the handler's `Request`), or [`Error::Closed`] (the cluster
+    /// stopped first; the log keeps the request for the next open, which folds it).
     pub fn submit(
         &self,
         key: impl AsRef<[u8]>,
