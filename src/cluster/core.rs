@@ -58,6 +58,9 @@ pub(crate) struct Options {
     pub(crate) tick: Duration,
     pub(crate) truncate_after_checkpoint: bool,
     pub(crate) linger: Duration,
+    /// Ignore the checkpoints in the store at open: see
+    /// [`ClusterBuilder::rebuild_from_log`](super::ClusterBuilder::rebuild_from_log).
+    pub(crate) rebuild_from_log: bool,
 }
 
 /// A batch's routing: each destination instance once, and each item's.
@@ -165,6 +168,11 @@ pub(crate) struct Shared<H: Handler> {
     /// them from the store, sharing one decoded copy while any rebuild holds it.
     checkpoint_offset: AtomicU64,
     checkpoint_cache: Mutex<Weak<Checkpoint>>,
+    /// Whether the store's latest checkpoint is one to rebuild from. False from an open
+    /// that rebuilt every key from the log until this cluster saves its first checkpoint:
+    /// the ones before may hold states of an older `State` type, and a rebuild meanwhile
+    /// (after a panic, a stall, a move) folds the log from its first record instead.
+    checkpoint_in_store: AtomicBool,
     poisoned: Mutex<BTreeSet<Offset>>,
     /// Requests a stall caught an instance on, and that no fold has completed since: a
     /// second stall on one of them sets it aside (see
@@ -222,16 +230,32 @@ struct Recovered {
     requests: u64,
 }
 
-fn recover(input: &dyn Store) -> Result<Recovered> {
-    let checkpoint = match input.latest_snapshot(CHECKPOINT)? {
-        Some(s) => Checkpoint::decode(s.offset, &s.blob)?,
-        None if input.start_offset() > 0 => {
+/// Reads the latest checkpoint and the log after it; with `from_log`, ignores every
+/// checkpoint and reads the log from its first record, which must be offset 0.
+fn recover(input: &dyn Store, from_log: bool) -> Result<Recovered> {
+    let checkpoint = if from_log {
+        // Checked before anything is written: a refused open changes nothing.
+        if input.start_offset() > 0 {
             return Err(Error::Config(format!(
-                "the input log starts at offset {} but holds no checkpoint to start from",
+                "rebuild_from_log: the input log starts at offset {}, so the states of the \
+                 requests before it exist only in the checkpoint and cannot be rebuilt from \
+                 the log; open without rebuild_from_log, with the State type that \
+                 checkpoint was written with",
                 input.start_offset()
             )));
         }
-        None => Checkpoint::empty(0),
+        Checkpoint::empty(0)
+    } else {
+        match input.latest_snapshot(CHECKPOINT)? {
+            Some(s) => Checkpoint::decode(s.offset, &s.blob)?,
+            None if input.start_offset() > 0 => {
+                return Err(Error::Config(format!(
+                    "the input log starts at offset {} but holds no checkpoint to start from",
+                    input.start_offset()
+                )));
+            }
+            None => Checkpoint::empty(0),
+        }
     };
     let mut poisoned = BTreeSet::new();
     let mut keys: HashSet<Bytes, ahash::RandomState> = checkpoint.states.keys().cloned().collect();
@@ -285,7 +309,7 @@ impl<H: Handler> Shared<H> {
         };
         let mut stripes: Vec<CachePadded<Mutex<Holders>>> =
             (0..STRIPES).map(|_| CachePadded::default()).collect();
-        let recovered = recover(&*input)?;
+        let recovered = recover(&*input, options.rebuild_from_log)?;
         let journal = Effects::open(
             effects.clone(),
             Some(input.clone()),
@@ -308,6 +332,7 @@ impl<H: Handler> Shared<H> {
         }
         let next_id = instances.iter().max().map_or(0, |m| m + 1);
         let placement_epoch = AtomicU64::new(routing.placement.epoch());
+        let checkpoint_in_store = !options.rebuild_from_log;
         let shared = Arc::new_cyclic(|me| Shared {
             handler: Arc::new(handler),
             input,
@@ -320,6 +345,7 @@ impl<H: Handler> Shared<H> {
             retiring: Mutex::new(Vec::new()),
             checkpoint_offset: AtomicU64::new(checkpoint.offset),
             checkpoint_cache: Mutex::new(Arc::downgrade(&checkpoint)),
+            checkpoint_in_store: AtomicBool::new(checkpoint_in_store),
             poisoned: Mutex::new(recovered.poisoned),
             stalled_once: Mutex::new(BTreeSet::new()),
             any_stalled_once: AtomicBool::new(false),
@@ -482,11 +508,17 @@ impl<H: Handler> Shared<H> {
                 return Ok(cp);
             }
         }
-        // The newest snapshot whose checks pass (an older one if the newest is damaged:
-        // folding the log from further back gives the same states).
-        let cp = Arc::new(match self.input.latest_snapshot(CHECKPOINT)? {
-            Some(s) => Checkpoint::decode(s.offset, &s.blob)?,
-            None => Checkpoint::empty(self.input.start_offset()),
+        let cp = Arc::new(if !self.checkpoint_in_store.load(Ordering::SeqCst) {
+            // The log was checked to start at 0 at open: a head dropped since then
+            // fails the replay rather than go missing from the states.
+            Checkpoint::empty(0)
+        } else {
+            // The newest snapshot whose checks pass (an older one if the newest is
+            // damaged: folding the log from further back gives the same states).
+            match self.input.latest_snapshot(CHECKPOINT)? {
+                Some(s) => Checkpoint::decode(s.offset, &s.blob)?,
+                None => Checkpoint::empty(self.input.start_offset()),
+            }
         });
         *cache = Arc::downgrade(&cp);
         Ok(cp)
@@ -1334,6 +1366,15 @@ impl<H: Handler> Shared<H> {
         self.checkpoint_within(Patience::Fixed(wait))
     }
 
+    /// Checkpoints the states an open rebuilt from the log alone
+    /// ([`rebuild_from_log`](super::ClusterBuilder::rebuild_from_log)), so that no later
+    /// rebuild starts from a checkpoint taken before. Waits as long as the instances'
+    /// folds of the whole log take: a fold that hangs in a request is a stall, which
+    /// the supervisor (already running) declares, and which abandons the checkpoint.
+    pub(crate) fn checkpoint_rebuilt_states(&self) -> Result<Offset> {
+        self.checkpoint_within(Patience::Fixed(Duration::MAX))
+    }
+
     /// Takes a checkpoint, waiting for the instances' parts as `patience` says.
     fn checkpoint_within(&self, patience: Patience) -> Result<Offset> {
         let _one = self.checkpointing.lock();
@@ -1379,6 +1420,9 @@ impl<H: Handler> Shared<H> {
         self.input.sync_until(checkpoint.offset)?;
         self.input
             .save_snapshot(CHECKPOINT, checkpoint.offset, &checkpoint.encode())?;
+        // Before the offset is published: a rebuild that sees the new offset reads the
+        // snapshot just saved.
+        self.checkpoint_in_store.store(true, Ordering::SeqCst);
         let offset = checkpoint.offset;
         self.checkpoint_offset.store(offset, Ordering::SeqCst);
         *self.checkpoint_cache.lock() = Weak::new();

@@ -50,7 +50,9 @@
 //! consistent cut of every state at one log offset, saved as a snapshot of the input
 //! store. It bounds how much log a restart or a rebuild replays, and with
 //! [`truncate_after_checkpoint`](ClusterBuilder::truncate_after_checkpoint) how much log
-//! is kept. [`Replay`] rebuilds any past state from the logs, for debugging.
+//! is kept. [`Replay`] rebuilds any past state from the logs, for debugging. A checkpoint
+//! holds states encoded with the handler's `State` type of the day: after changing that
+//! type, open once with [`rebuild_from_log`](ClusterBuilder::rebuild_from_log).
 //!
 //! ```
 //! use cauce::cluster::{Cluster, Context, Handler};
@@ -170,6 +172,7 @@ impl<H: Handler> Cluster<H> {
                 tick: Duration::from_millis(20),
                 truncate_after_checkpoint: false,
                 linger: Duration::ZERO,
+                rebuild_from_log: false,
             },
             launcher: Arc::new(ThreadLauncher::new()),
         }
@@ -752,6 +755,37 @@ impl<H: Handler> ClusterBuilder<H> {
         self
     }
 
+    /// Opens by rebuilding every key's state from the whole input log, ignoring every
+    /// checkpoint in the store (default false: start from the latest checkpoint and fold
+    /// only the log after it).
+    ///
+    /// For the first open after changing the handler's `State` type (a field added, say).
+    /// A checkpoint holds each state encoded with bincode, which is not self-describing:
+    /// states written with the old type do not decode as the new one, and without this
+    /// option every request of a key in that checkpoint fails with
+    /// [`Error::StateUnavailable`] (and shutdown with [`Error::CheckpointAbandoned`]).
+    /// The log still holds every request (its requests' type must be unchanged), so
+    /// folding it with the current handler rebuilds each state in the new type.
+    ///
+    /// What it costs: the open folds every request of the log, as a cluster that never
+    /// checkpointed would. Before `build` returns it takes a fresh checkpoint, waiting
+    /// as long as the fold takes, so that every later rebuild (after a panic, a stall, a
+    /// move, or the next open, which needs this option no more) starts from a checkpoint
+    /// in the new type. A key whose fold fails (the store cannot read the log, say)
+    /// would be missing from that checkpoint: `build` then fails with
+    /// [`Error::CheckpointAbandoned`], naming the key, and stops what it started.
+    ///
+    /// What it refuses: a log that no longer starts at offset 0 (its head dropped by
+    /// [`truncate_after_checkpoint`](Self::truncate_after_checkpoint) or by retention on
+    /// the store) no longer holds the requests before its start; their effect on the
+    /// states exists only in the checkpoint. `build` then fails with [`Error::Config`]
+    /// before it writes anything, and the store is left as it was: open it with the
+    /// `State` type its checkpoint was written with.
+    pub fn rebuild_from_log(mut self, rebuild: bool) -> Self {
+        self.options.rebuild_from_log = rebuild;
+        self
+    }
+
     /// Where instances run (default [`ThreadLauncher`]).
     pub fn launcher(mut self, launcher: impl Launcher) -> Self {
         self.launcher = Arc::new(launcher);
@@ -811,6 +845,7 @@ impl<H: Handler> ClusterBuilder<H> {
         };
         let tick = self.options.tick;
         let stall = self.options.stall_timeout;
+        let rebuild_from_log = self.options.rebuild_from_log;
         let shared = Shared::open(Parts {
             handler: self.handler,
             input,
@@ -829,6 +864,10 @@ impl<H: Handler> ClusterBuilder<H> {
         };
         *cluster.checkpointer.lock() = Some(cluster.shared.start_checkpointer()?);
         *cluster.supervisor.lock() = Some(Supervisor::start(cluster.shared.clone(), tick, stall)?);
+        if rebuild_from_log {
+            // With the supervisor watching: a fold that hangs is a stall, not a hang here.
+            cluster.shared.checkpoint_rebuilt_states()?;
+        }
         Ok(cluster)
     }
 }

@@ -1,0 +1,249 @@
+//! A handler's `State` type changes between two opens of one directory. Checkpoints hold
+//! states encoded with bincode, which is not self-describing: the old ones do not decode
+//! as the new type. `rebuild_from_log` rebuilds every state from the log instead and
+//! checkpoints them in the new type; it refuses a log whose head is gone, since the
+//! checkpoint is then the only record of those requests.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use cauce::Error;
+use cauce::cluster::{Cluster, Context, Handler};
+use cauce::store::{LogOptions, LogStore, Store};
+use serde::{Deserialize, Serialize};
+
+/// The state as first written.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
+struct V1 {
+    balance: i64,
+}
+
+/// The state after a field was added: its encoding is longer than `V1`'s.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
+struct V2 {
+    balance: i64,
+    /// Requests folded into the state.
+    opened: u64,
+}
+
+/// Adds each request (a deposit, in both versions) to the key's balance.
+struct BankV1;
+
+impl Handler for BankV1 {
+    type State = V1;
+    type Request = i64;
+    type Response = V1;
+
+    fn handle(&self, _: &mut Context<'_>, _: &[u8], state: &mut V1, deposit: i64) -> V1 {
+        state.balance += deposit;
+        state.clone()
+    }
+}
+
+/// The same service with the new state type, which also counts the requests.
+struct BankV2;
+
+impl Handler for BankV2 {
+    type State = V2;
+    type Request = i64;
+    type Response = V2;
+
+    fn handle(&self, _: &mut Context<'_>, _: &[u8], state: &mut V2, deposit: i64) -> V2 {
+        state.balance += deposit;
+        state.opened += 1;
+        state.clone()
+    }
+}
+
+const KEYS: [&str; 6] = ["alice", "bob", "carol", "dave", "erin", "frank"];
+
+/// Each key's balance and request count, as the fold of every request written.
+type Expected = BTreeMap<&'static str, (i64, u64)>;
+
+fn log_options() -> LogOptions {
+    // Small segments, so that truncation drops whole ones: the log's head really goes.
+    LogOptions::new().segment_bytes(4 << 10)
+}
+
+/// Writes with `V1`: requests to every key, a checkpoint, more requests, a shutdown
+/// (which checkpoints again). Returns what every key's state folds.
+fn write_v1(dir: &Path, truncate: bool) -> Expected {
+    let cluster = Cluster::builder(BankV1)
+        .dir(dir)
+        .log_options(log_options())
+        .instances(2)
+        .checkpoint_every(u64::MAX)
+        .truncate_after_checkpoint(truncate)
+        .build()
+        .expect("open with V1");
+    let client = cluster.client();
+    let mut expected = Expected::new();
+    let mut deposit = |round: i64| {
+        for (i, key) in KEYS.iter().enumerate() {
+            let amount = round * 10 + i as i64 - 3;
+            let answer = client.submit(key, amount).unwrap().wait().unwrap();
+            let entry = expected.entry(key).or_default();
+            entry.0 += amount;
+            entry.1 += 1;
+            assert_eq!(answer.balance, entry.0, "key {key}");
+        }
+    };
+    for round in 0..20 {
+        deposit(round);
+    }
+    cluster.checkpoint().expect("checkpoint with V1");
+    for round in 20..30 {
+        deposit(round);
+    }
+    cluster.shutdown().expect("shutdown with V1");
+    expected
+}
+
+/// Deposits 0 to every key with `V2` and checks each answer: the balance folds every
+/// request, and the count every request including this one.
+fn check_v2(cluster: &Cluster<BankV2>, expected: &mut Expected) {
+    let client = cluster.client();
+    for key in KEYS {
+        let entry = expected.get_mut(key).expect("written key");
+        entry.1 += 1;
+        let state = client
+            .submit(key, 0)
+            .unwrap()
+            .wait()
+            .expect("request with V2");
+        assert_eq!(
+            state,
+            V2 {
+                balance: entry.0,
+                opened: entry.1
+            },
+            "key {key}"
+        );
+    }
+}
+
+/// Every file under `dir` with its bytes.
+fn files(dir: &Path) -> BTreeMap<PathBuf, Vec<u8>> {
+    let mut out = BTreeMap::new();
+    let mut todo = vec![dir.to_path_buf()];
+    while let Some(d) = todo.pop() {
+        for entry in std::fs::read_dir(&d).unwrap() {
+            let path = entry.unwrap().path();
+            if path.is_dir() {
+                todo.push(path);
+            } else {
+                let bytes = std::fs::read(&path).unwrap();
+                out.insert(path, bytes);
+            }
+        }
+    }
+    out
+}
+
+#[test]
+fn rebuild_from_log_folds_every_request_into_the_new_state_type_and_checkpoints_it() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut expected = write_v1(tmp.path(), false);
+
+    let cluster = Cluster::builder(BankV2)
+        .dir(tmp.path())
+        .log_options(log_options())
+        .instances(3)
+        .rebuild_from_log(true)
+        .build()
+        .expect("open with V2, rebuilding from the log");
+    // The fresh checkpoint is taken before build returns, past the old ones.
+    assert!(cluster.metrics().checkpoint_offset > 0);
+    check_v2(&cluster, &mut expected);
+    cluster.shutdown().expect("shutdown with V2");
+
+    // The next open needs the option no more: the latest checkpoint is in V2.
+    let cluster = Cluster::builder(BankV2)
+        .dir(tmp.path())
+        .log_options(log_options())
+        .instances(2)
+        .build()
+        .expect("reopen with V2");
+    check_v2(&cluster, &mut expected);
+    cluster
+        .shutdown()
+        .expect("shutdown with V2 after reopening");
+}
+
+#[test]
+fn without_rebuild_from_log_an_old_checkpoint_leaves_its_keys_unavailable() {
+    let tmp = tempfile::tempdir().unwrap();
+    write_v1(tmp.path(), false);
+
+    // Opens: the checkpoint's states are decoded only when a key is rebuilt.
+    let cluster = Cluster::builder(BankV2)
+        .dir(tmp.path())
+        .log_options(log_options())
+        .instances(2)
+        .build()
+        .expect("open with V2");
+    let client = cluster.client();
+    for key in KEYS {
+        match client.submit(key, 1).unwrap().wait() {
+            Err(Error::StateUnavailable { reason, .. }) => {
+                assert!(reason.contains(key), "key {key}: {reason}")
+            }
+            other => panic!("key {key}: expected StateUnavailable, got {other:?}"),
+        }
+    }
+    match cluster.shutdown() {
+        Err(Error::CheckpointAbandoned { .. }) => {}
+        other => panic!("expected CheckpointAbandoned, got {other:?}"),
+    }
+}
+
+#[test]
+fn rebuild_from_log_refuses_a_log_whose_head_is_gone_and_changes_nothing() {
+    let tmp = tempfile::tempdir().unwrap();
+    let expected = write_v1(tmp.path(), true);
+    let start = LogStore::open_read_only(tmp.path().join("input"), log_options())
+        .unwrap()
+        .start_offset();
+    assert!(start > 0, "truncation kept the log's head");
+    let before = files(tmp.path());
+
+    let refused = Cluster::builder(BankV2)
+        .dir(tmp.path())
+        .log_options(log_options())
+        .rebuild_from_log(true)
+        .build();
+    match refused {
+        Err(Error::Config(message)) => {
+            assert!(
+                message.contains(&format!("starts at offset {start}"))
+                    && message.contains("only in the checkpoint"),
+                "{message}"
+            );
+        }
+        Err(e) => panic!("expected Error::Config, got {e:?}"),
+        Ok(_) => panic!("expected Error::Config, the open succeeded"),
+    }
+    assert!(
+        before == files(tmp.path()),
+        "the refused open changed files"
+    );
+
+    // The old type still opens it, from its checkpoint.
+    let cluster = Cluster::builder(BankV1)
+        .dir(tmp.path())
+        .log_options(log_options())
+        .build()
+        .expect("reopen with V1");
+    let client = cluster.client();
+    for key in KEYS {
+        let state = client
+            .submit(key, 0)
+            .unwrap()
+            .wait()
+            .expect("request with V1");
+        assert_eq!(state.balance, expected[key].0, "key {key}");
+    }
+    cluster
+        .shutdown()
+        .expect("shutdown with V1 after the refusal");
+}
