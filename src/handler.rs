@@ -65,8 +65,9 @@ use crate::store::{Store, read_from_start};
 ///   `untagged`): such a request is logged, then refused as undecodable.
 /// - `State`: a changed `State` no longer decodes from the last checkpoint (the keys'
 ///   requests are refused [`Error::StateUnavailable`], naming the key and the
-///   checkpoint). Rebuild from the log instead, which holds every request while its head
-///   was not dropped.
+///   checkpoint). Open once with
+///   [`ClusterBuilder::rebuild_from_log`](crate::cluster::ClusterBuilder::rebuild_from_log)
+///   to fold the whole log into the new type, while the log still starts at offset 0.
 pub trait Handler: Send + Sync + 'static {
     /// The state of one key. A key's first request sees `State::default()`.
     type State: Default + Serialize + DeserializeOwned + Send + 'static;

@@ -186,7 +186,12 @@ fn without_rebuild_from_log_an_old_checkpoint_leaves_its_keys_unavailable() {
     for key in KEYS {
         match client.submit(key, 1).unwrap().wait() {
             Err(Error::StateUnavailable { reason, .. }) => {
-                assert!(reason.contains(key), "key {key}: {reason}")
+                assert!(reason.contains(key), "key {key}: {reason}");
+                // It says why: the checkpoint's state does not decode as State.
+                assert!(
+                    reason.contains("did the State type change"),
+                    "key {key}: {reason}"
+                );
             }
             other => panic!("key {key}: expected StateUnavailable, got {other:?}"),
         }
