@@ -805,8 +805,7 @@ impl<H: Handler> Shared<H> {
                 timestamp,
                 key: QueuedBytes::copy_from(key),
                 payload: QueuedBytes::copy_from(payload),
-                // Stamped by the instance's queue if it is one it times.
-                submitted: None,
+                submitted: instance::sampled(offset).then(Instant::now),
                 responder: Some(responder),
             })));
             // A lingering instance is nudged when the submitter is about to block on the
@@ -1091,7 +1090,7 @@ impl<H: Handler> Shared<H> {
                 timestamp,
                 key: QueuedBytes::copy_from(key.as_ref()),
                 payload: QueuedBytes::copy_from(&payloads[payload.clone()]),
-                submitted: None,
+                submitted: instance::sampled(offset).then(Instant::now),
                 responder: Some(responder),
             })));
         }
