@@ -92,6 +92,38 @@ fn load(
     answers
 }
 
+/// `Metrics::checkpoint_offset` tells "no checkpoint yet" from a checkpoint, and is kept
+/// across a reopen.
+#[test]
+fn metrics_name_the_latest_checkpoint_once_there_is_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let open = || {
+        Cluster::builder(Service::default())
+            .dir(dir.path())
+            .instances(2)
+            .checkpoint_every(u64::MAX)
+            .build()
+            .unwrap()
+    };
+    let cluster = open();
+    assert_eq!(cluster.metrics().checkpoint_offset, None);
+    for i in 0..10 {
+        cluster
+            .client()
+            .submit(key(i), Req::Add(i))
+            .unwrap()
+            .wait()
+            .unwrap();
+    }
+    let taken = cluster.checkpoint().unwrap();
+    assert_eq!(taken, 10 + 2, "two joins, then ten requests");
+    assert_eq!(cluster.metrics().checkpoint_offset, Some(taken));
+    drop(cluster);
+    let cluster = open();
+    assert!(cluster.metrics().checkpoint_offset >= Some(taken));
+    cluster.shutdown().unwrap();
+}
+
 #[test]
 fn concurrent_requests_fold_in_log_order() {
     let h = Harness::new();

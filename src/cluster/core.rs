@@ -1571,7 +1571,9 @@ impl<H: Handler> Shared<H> {
         Metrics {
             instances,
             next_offset: self.input.next_offset(),
-            checkpoint_offset: self.checkpoint_offset.load(Ordering::SeqCst),
+            // No checkpoint is ever taken at 0 (it would hold nothing): 0 is none.
+            checkpoint_offset: Some(self.checkpoint_offset.load(Ordering::SeqCst))
+                .filter(|&offset| offset > 0),
             stalls: self.stalls.load(Ordering::Relaxed),
             moved_keys: self.moved.load(Ordering::Relaxed),
             handled_by_gone: self.handled_elsewhere(),

@@ -119,8 +119,9 @@ pub struct Metrics {
     pub instances: Vec<InstanceMetrics>,
     /// The next offset of the input log.
     pub next_offset: Offset,
-    /// The offset of the latest checkpoint.
-    pub checkpoint_offset: Offset,
+    /// The offset of the latest checkpoint: `None` until one was taken (or found in the
+    /// store at open).
+    pub checkpoint_offset: Option<Offset>,
     /// Instances declared stalled (or lost) so far.
     pub stalls: u64,
     /// Keys moved between instances so far.
