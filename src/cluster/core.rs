@@ -176,7 +176,7 @@ pub(crate) struct Shared<H: Handler> {
     poisoned: Mutex<BTreeSet<Offset>>,
     /// Requests a stall caught an instance on, and that no fold has completed since: a
     /// second stall on one of them sets it aside (see
-    /// [`Shared::set_aside_if_stalled_twice`]).
+    /// [`Shared::claim_if_stalled_twice`]).
     stalled_once: Mutex<BTreeSet<Offset>>,
     /// Whether `stalled_once` may hold anything: folds skip its lock while it is empty.
     any_stalled_once: AtomicBool,
@@ -1257,8 +1257,9 @@ impl<H: Handler> Shared<H> {
             // handoff starts the rebuild that answers them.
             let stuck = inst.stuck_on();
             let mut left = self.adopt_orphans(&inst);
+            let aside = self.claim_if_stalled_twice(stuck);
             inst.fence(Some(&mut left));
-            self.set_aside_if_stalled_twice(&inst, stuck);
+            self.set_aside(&inst, aside);
             let retiring = self.retiring.lock();
             self.handled_by_gone.fetch_add(
                 inst.stats.requests.load(Ordering::Relaxed),
@@ -1277,12 +1278,13 @@ impl<H: Handler> Shared<H> {
         tracing::warn!(instance = %id, why, "instance lost; moving its keys");
         let stuck = inst.stuck_on();
         let mut left = self.adopt_orphans(&inst);
+        let aside = self.claim_if_stalled_twice(stuck);
         inst.fence(Some(&mut left));
         if let Some(round) = self.round.lock().as_ref() {
             round.abandon_if_waiting_for(id);
         }
         self.stalls.fetch_add(1, Ordering::Relaxed);
-        self.set_aside_if_stalled_twice(&inst, stuck);
+        self.set_aside(&inst, aside);
         let replacement = InstanceId(self.next_id.fetch_add(1, Ordering::SeqCst));
         let result = (|| -> Result<()> {
             self.change_placement(&all, |p| p.remove(id))?;
@@ -1300,47 +1302,61 @@ impl<H: Handler> Shared<H> {
         }
     }
 
-    /// Remembers the request a stall caught `inst` on (`stuck`, read before it was
-    /// fenced); one caught a second time is set aside like a request whose handler
-    /// panicked: marked in the log, and answered [`Error::HandlerStalled`]. Called once
-    /// `inst` is fenced (it can no longer answer or apply the request when it wakes) and
-    /// before its keys are rebuilt elsewhere (the rebuilds skip the request).
+    /// Remembers the request a stall caught `inst` on (`stuck`, read when the stall was
+    /// acted on: see [`Instance::stuck_on`]); one caught a second time is to be set aside
+    /// like a request whose handler panicked. Called after `inst`'s requests were
+    /// adopted and before it is fenced: fencing lets instances waiting on its handoffs
+    /// rebuild at once, and those rebuilds must already skip the request, so it goes into
+    /// the set of marked requests here. Its caller's responder is claimed here too, so
+    /// that the stalled instance, should it wake before it is fenced, cannot answer it.
+    /// [`set_aside`](Self::set_aside) then marks it durably and answers it.
     ///
     /// A first stall may be passing (a slow outside call): the request is handled again
     /// by its key's new owner. One that hangs every time would otherwise replace an
     /// instance every stall timeout, forever. Only a request whose caller still waits
-    /// for its answer is set aside (see the body).
-    fn set_aside_if_stalled_twice(&self, inst: &Inst<H>, stuck: Option<Offset>) {
-        let Some(offset) = stuck else {
-            return;
-        };
+    /// for its answer is set aside: one that was answered (and so folded into its key's
+    /// state, which callers saw) keeps its place whatever its replays do, or acknowledged
+    /// state would be lost. After a restart no caller waits any more, so nothing is set
+    /// aside there.
+    fn claim_if_stalled_twice(
+        &self,
+        stuck: Option<Offset>,
+    ) -> Option<(Offset, Responder<H::Response>)> {
+        let offset = stuck?;
         {
             let mut once = self.stalled_once.lock();
             if once.insert(offset) {
                 self.any_stalled_once.store(true, Ordering::Release);
-                return;
+                return None;
             }
         }
-        // Only a request nobody was answered for yet: one that was answered (and so
-        // folded into its key's state, which callers saw) keeps its place whatever its
-        // replays do, or acknowledged state would be lost. After a restart no request's
-        // caller waits any more, so none is set aside there.
-        if !self.orphans.lock().waiting.contains_key(&offset) {
+        let responder = {
+            let mut orphans = self.orphans.lock();
+            let orphan = orphans.waiting.remove(&offset)?;
+            self.any_orphans
+                .store(!orphans.waiting.is_empty(), Ordering::Release);
+            orphan.responder
+        };
+        self.poisoned.lock().insert(offset);
+        Some((offset, responder))
+    }
+
+    /// Marks a request [`claim_if_stalled_twice`](Self::claim_if_stalled_twice) claimed
+    /// durably in the log, then answers it [`Error::HandlerStalled`].
+    fn set_aside(&self, inst: &Inst<H>, claimed: Option<(Offset, Responder<H::Response>)>) {
+        let Some((offset, responder)) = claimed else {
             return;
-        }
-        tracing::warn!(instance = %inst.id, offset, "stalled twice on one request; setting it aside");
+        };
+        tracing::warn!(instance = %inst.id, offset, "stalled twice on one request; set aside");
         // Marked durably before the answer: see `Shared::poison`.
         if let Err(e) = self.poison(offset) {
             tracing::error!(instance = %inst.id, offset, error = %e, "could not log the poison mark");
         }
-        self.answer(
+        responder.answer(Err(Error::HandlerStalled {
+            instance: inst.id,
             offset,
-            Err(Error::HandlerStalled {
-                instance: inst.id,
-                offset,
-                stall_timeout: self.options.stall_timeout,
-            }),
-        );
+            stall_timeout: self.options.stall_timeout,
+        }));
     }
 
     /// The request at `offset` was applied to the end in a rebuild: a stall before was

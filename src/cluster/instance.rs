@@ -844,11 +844,13 @@ impl<S, R> Instance<S, R> {
     /// The request the instance is in a unit of work on, if it is in one: read when it
     /// is declared stalled, to tell which request the stall caught it on.
     pub(crate) fn stuck_on(&self) -> Option<Offset> {
-        let before = self.heartbeat.sample();
+        let before = self.heartbeat.still_stalled();
         let offset = self.working_on.load(Ordering::Acquire);
-        // The same odd count around the read: one unit ran throughout, and the offset is
-        // the one written before it began.
-        (before % 2 == 1 && self.heartbeat.sample() == before).then_some(offset)
+        // The unit the supervisor declared stalled ran throughout the read (its count
+        // never moved), so the offset is the one written before it began. An instance
+        // that finished that unit since (a stall is acted on later than it is seen) was
+        // not caught on the request it is on now: `None`.
+        (before && self.heartbeat.still_stalled()).then_some(offset)
     }
 }
 
@@ -1243,6 +1245,11 @@ fn handle<H: Handler>(
                 offset,
             )
     }) {
+        if me.is_fenced() {
+            // Declared lost meanwhile (the retry was cut short): the new owner handles
+            // this request and answers it.
+            return None;
+        }
         // Still unavailable: refused, as the requests that waited for the rebuild were.
         let reason = unavailable.get(key).map(|f| f.reason(key));
         answer(Err(Error::StateUnavailable {

@@ -61,6 +61,9 @@ pub trait Running: Send {
 pub struct Heartbeat {
     // On a line of its own: the instance writes it twice per unit of work.
     beats: crossbeam_utils::CachePadded<AtomicU64>,
+    /// The count a [`Supervisor`] last declared stalled (0: none; a stalled count is
+    /// odd), set before it reports the stall.
+    stalled_at: AtomicU64,
 }
 
 impl Heartbeat {
@@ -89,6 +92,18 @@ impl Heartbeat {
     /// Units of work finished so far.
     pub fn completed(&self) -> u64 {
         self.sample() / 2
+    }
+
+    /// Notes that the unit of work at count `sample` was declared stalled.
+    pub(crate) fn declare_stalled(&self, sample: u64) {
+        self.stalled_at.store(sample, Ordering::Release);
+    }
+
+    /// Whether the unit of work declared stalled last is still running: the count has
+    /// not moved since the supervisor saw it.
+    pub(crate) fn still_stalled(&self) -> bool {
+        let sample = self.sample();
+        sample % 2 == 1 && sample == self.stalled_at.load(Ordering::Acquire)
     }
 }
 

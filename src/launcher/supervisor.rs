@@ -128,6 +128,7 @@ impl Supervisor {
                             *since = (sample, now, false);
                         } else if !since.2 && now - since.1 > stall_timeout {
                             since.2 = true;
+                            beat.declare_stalled(sample);
                             target.stalled(id, now - since.1);
                         }
                     }

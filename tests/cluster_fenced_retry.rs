@@ -1,0 +1,196 @@
+//! A retried rebuild of an unavailable key that stalls: its instance, fenced, leaves the
+//! request it was retrying for to the new owner, which applies and answers it (before,
+//! the fenced instance answered it StateUnavailable while the new owner applied it).
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use cauce::Error;
+use cauce::cluster::{Cluster, Context, Handler};
+use cauce::store::{MemoryStore, Store};
+
+#[derive(Clone, Default)]
+struct Svc {
+    release: Arc<AtomicBool>,
+    stalled: Arc<AtomicBool>,
+    hanging: Arc<AtomicBool>,
+    replays_of_5: Arc<AtomicU64>,
+}
+
+impl Handler for Svc {
+    type State = u64;
+    type Request = u64;
+    type Response = u64;
+    fn handle(&self, ctx: &mut Context<'_>, _: &[u8], total: &mut u64, add: u64) -> u64 {
+        if add == 7 && !self.stalled.swap(true, Ordering::SeqCst) {
+            self.hanging.store(true, Ordering::SeqCst);
+            let since = Instant::now();
+            while !self.release.load(Ordering::SeqCst) && since.elapsed() < Duration::from_secs(60)
+            {
+                std::thread::sleep(Duration::from_millis(5));
+            }
+        }
+        if add == 5 && ctx.is_replay() {
+            match self.replays_of_5.fetch_add(1, Ordering::SeqCst) {
+                // The retry on the instance the key is unavailable on: a stall.
+                0 => std::thread::sleep(Duration::from_millis(450)),
+                // The new owner's rebuild: slow, not a stall.
+                1 => std::thread::sleep(Duration::from_millis(250)),
+                _ => {}
+            }
+        }
+        *total += add;
+        *total
+    }
+}
+
+/// An input log whose reads fail while `broken` is set (appends still work): a disk
+/// that returns read errors, as a rebuild meets them.
+struct Unreadable {
+    live: MemoryStore,
+    broken: AtomicBool,
+}
+
+impl Unreadable {
+    fn check(&self) -> cauce::Result<()> {
+        match self.broken.load(Ordering::SeqCst) {
+            true => Err(Error::io(
+                "read",
+                "test-input",
+                std::io::Error::other("injected read failure"),
+            )),
+            false => Ok(()),
+        }
+    }
+}
+
+impl Store for Unreadable {
+    fn append(&self, batch: &[cauce::Entry<'_>]) -> cauce::Result<std::ops::Range<u64>> {
+        self.live.append(batch)
+    }
+    fn read_from(&self, from: u64) -> cauce::Result<cauce::store::RecordIter> {
+        self.check()?;
+        self.live.read_from(from)
+    }
+    fn replay_from(
+        &self,
+        from: u64,
+        f: &mut dyn FnMut(u64, cauce::Entry<'_>),
+    ) -> cauce::Result<u64> {
+        self.check()?;
+        self.live.replay_from(from, f)
+    }
+    fn start_offset(&self) -> u64 {
+        self.live.start_offset()
+    }
+    fn next_offset(&self) -> u64 {
+        self.live.next_offset()
+    }
+    fn wait_for(&self, offset: u64, timeout: Option<Duration>) -> u64 {
+        self.live.wait_for(offset, timeout)
+    }
+    fn wake_waiters(&self) {
+        self.live.wake_waiters()
+    }
+    fn sync(&self) -> cauce::Result<()> {
+        self.live.sync()
+    }
+    fn truncate_before(&self, offset: u64) -> cauce::Result<()> {
+        self.live.truncate_before(offset)
+    }
+    fn compact(&self) -> cauce::Result<cauce::store::Compaction> {
+        self.live.compact()
+    }
+    fn commit_cursor(&self, name: &str, offset: u64) -> cauce::Result<()> {
+        self.live.commit_cursor(name, offset)
+    }
+    fn cursor(&self, name: &str) -> cauce::Result<Option<u64>> {
+        self.live.cursor(name)
+    }
+    fn save_snapshot(&self, name: &str, offset: u64, blob: &[u8]) -> cauce::Result<()> {
+        self.live.save_snapshot(name, offset, blob)
+    }
+    fn latest_snapshot(&self, name: &str) -> cauce::Result<Option<cauce::store::Snapshot>> {
+        self.live.latest_snapshot(name)
+    }
+}
+
+static REBUILD_FAILED: AtomicBool = AtomicBool::new(false);
+struct Print;
+struct V(String);
+impl tracing::field::Visit for V {
+    fn record_debug(&mut self, f: &tracing::field::Field, v: &dyn std::fmt::Debug) {
+        self.0.push_str(&format!(" {}={:?}", f.name(), v));
+    }
+}
+impl tracing::Subscriber for Print {
+    fn enabled(&self, _: &tracing::Metadata<'_>) -> bool {
+        true
+    }
+    fn new_span(&self, _: &tracing::span::Attributes<'_>) -> tracing::span::Id {
+        tracing::span::Id::from_u64(1)
+    }
+    fn record(&self, _: &tracing::span::Id, _: &tracing::span::Record<'_>) {}
+    fn record_follows_from(&self, _: &tracing::span::Id, _: &tracing::span::Id) {}
+    fn event(&self, e: &tracing::Event<'_>) {
+        let mut v = V(String::new());
+        e.record(&mut v);
+        if v.0.contains("could not rebuild moved keys") {
+            REBUILD_FAILED.store(true, Ordering::SeqCst);
+        }
+    }
+    fn enter(&self, _: &tracing::span::Id) {}
+    fn exit(&self, _: &tracing::span::Id) {}
+}
+
+#[test]
+fn a_fenced_retry_leaves_its_request_to_the_new_owner() {
+    tracing::subscriber::set_global_default(Print).unwrap();
+    let svc = Svc::default();
+    let (release, hanging) = (svc.release.clone(), svc.hanging.clone());
+    let input = Arc::new(Unreadable {
+        live: MemoryStore::new(),
+        broken: AtomicBool::new(false),
+    });
+    let cluster = Cluster::builder(svc)
+        .stores(input.clone(), None)
+        .instances(2)
+        .stall_timeout(Duration::from_millis(300))
+        .build()
+        .unwrap();
+    let client = cluster.client();
+    assert_eq!(client.submit("k", 5).unwrap().wait().unwrap(), 5);
+    let seven = client.submit("k", 7).unwrap();
+    while !hanging.load(Ordering::SeqCst) {
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    input.broken.store(true, Ordering::SeqCst);
+    let r7 = seven.wait_timeout(Duration::from_secs(5));
+    eprintln!("7 (its rebuild failed): {r7:?}");
+    assert!(matches!(r7, Err(Error::StateUnavailable { .. })));
+    while !REBUILD_FAILED.load(Ordering::SeqCst) {
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    input.broken.store(false, Ordering::SeqCst);
+    release.store(true, Ordering::SeqCst);
+    std::thread::sleep(Duration::from_millis(150));
+    let owner = client.owner_of("k").unwrap();
+    // Retries the rebuild up to it; the retry stalls on the replay of 5.
+    let one = client.submit("k", 1).unwrap();
+    let r1 = one.wait_timeout(Duration::from_secs(5));
+    let stalls = cluster.metrics().stalls;
+    let now = client
+        .submit("k", 0)
+        .unwrap()
+        .wait_timeout(Duration::from_secs(5));
+    eprintln!(
+        "owner during retry {owner}, stalls {stalls}; answer of +1: {r1:?}; state now: {now:?}"
+    );
+    cluster.shutdown().unwrap();
+    let now = now.unwrap();
+    assert_eq!(now, 13, "5 + 7 + 1 all applied");
+    assert!(
+        r1.is_ok(),
+        "+1 was applied (state {now}) but its caller was told {r1:?}"
+    );
+}
