@@ -133,7 +133,12 @@ fn run(seed: u64, submits: Submits) {
                 let members = cluster.members();
                 if members.len() > 1 {
                     let id = members[rng.random_range(0..members.len())];
-                    cluster.remove_instance(id).unwrap();
+                    // The instance may have been lost (stalled, replaced) since
+                    // `members` listed it.
+                    match cluster.remove_instance(id) {
+                        Ok(()) | Err(cauce::Error::UnknownInstance(_)) => {}
+                        Err(e) => panic!("remove {id}: {e}"),
+                    }
                 }
             }
             84..=91 => {
