@@ -1302,14 +1302,15 @@ impl<H: Handler> Shared<H> {
         }
     }
 
-    /// Remembers the request a stall caught `inst` on (`stuck`, read when the stall was
-    /// acted on: see [`Instance::stuck_on`]); one caught a second time is to be set aside
-    /// like a request whose handler panicked. Called after `inst`'s requests were
-    /// adopted and before it is fenced: fencing lets instances waiting on its handoffs
-    /// rebuild at once, and those rebuilds must already skip the request, so it goes into
-    /// the set of marked requests here. Its caller's responder is claimed here too, so
-    /// that the stalled instance, should it wake before it is fenced, cannot answer it.
-    /// [`set_aside`](Self::set_aside) then marks it durably and answers it.
+    /// Remembers the request a stall caught an instance on (`stuck`, read when the
+    /// stall was acted on: see [`Instance::stuck_on`]); one caught a second time is set
+    /// aside like a request whose handler panicked. Called after the instance's requests
+    /// were adopted and before it is fenced: fencing lets instances waiting on its
+    /// handoffs rebuild at once, and those rebuilds must already skip the request, so it
+    /// is marked here, in memory and durably in the log. Its caller's responder is
+    /// claimed here too, so that the stalled instance, should it wake before it is
+    /// fenced, cannot answer it; [`set_aside`](Self::set_aside) answers it after the
+    /// fence.
     ///
     /// A first stall may be passing (a slow outside call): the request is handled again
     /// by its key's new owner. One that hangs every time would otherwise replace an
@@ -1337,21 +1338,22 @@ impl<H: Handler> Shared<H> {
                 .store(!orphans.waiting.is_empty(), Ordering::Release);
             orphan.responder
         };
-        self.poisoned.lock().insert(offset);
+        tracing::warn!(offset, "stalled twice on one request; setting it aside");
+        // Into the marked set, and durably into the log, before the fence lets any
+        // rebuild start: a rebuild skips it, and a crash right after the fence cannot
+        // leave a log that a reopen folds it from while live states went on without it.
+        if let Err(e) = self.poison(offset) {
+            tracing::error!(offset, error = %e, "could not log the poison mark");
+        }
         Some((offset, responder))
     }
 
-    /// Marks a request [`claim_if_stalled_twice`](Self::claim_if_stalled_twice) claimed
-    /// durably in the log, then answers it [`Error::HandlerStalled`].
+    /// Answers a request [`claim_if_stalled_twice`](Self::claim_if_stalled_twice) set
+    /// aside: [`Error::HandlerStalled`].
     fn set_aside(&self, inst: &Inst<H>, claimed: Option<(Offset, Responder<H::Response>)>) {
         let Some((offset, responder)) = claimed else {
             return;
         };
-        tracing::warn!(instance = %inst.id, offset, "stalled twice on one request; set aside");
-        // Marked durably before the answer: see `Shared::poison`.
-        if let Err(e) = self.poison(offset) {
-            tracing::error!(instance = %inst.id, offset, error = %e, "could not log the poison mark");
-        }
         responder.answer(Err(Error::HandlerStalled {
             instance: inst.id,
             offset,
