@@ -7,7 +7,10 @@ use std::time::{Duration, Instant};
 
 use cauce::Error;
 use cauce::cluster::{Cluster, Context, Handler};
-use cauce::store::{MemoryStore, Store};
+use cauce::store::MemoryStore;
+
+mod common;
+use common::Unreadable;
 
 #[derive(Clone, Default)]
 struct Svc {
@@ -41,77 +44,6 @@ impl Handler for Svc {
         }
         *total += add;
         *total
-    }
-}
-
-/// An input log whose reads fail while `broken` is set (appends still work): a disk
-/// that returns read errors, as a rebuild meets them.
-struct Unreadable {
-    live: MemoryStore,
-    broken: AtomicBool,
-}
-
-impl Unreadable {
-    fn check(&self) -> cauce::Result<()> {
-        match self.broken.load(Ordering::SeqCst) {
-            true => Err(Error::io(
-                "read",
-                "test-input",
-                std::io::Error::other("injected read failure"),
-            )),
-            false => Ok(()),
-        }
-    }
-}
-
-impl Store for Unreadable {
-    fn append(&self, batch: &[cauce::Entry<'_>]) -> cauce::Result<std::ops::Range<u64>> {
-        self.live.append(batch)
-    }
-    fn read_from(&self, from: u64) -> cauce::Result<cauce::store::RecordIter> {
-        self.check()?;
-        self.live.read_from(from)
-    }
-    fn replay_from(
-        &self,
-        from: u64,
-        f: &mut dyn FnMut(u64, cauce::Entry<'_>),
-    ) -> cauce::Result<u64> {
-        self.check()?;
-        self.live.replay_from(from, f)
-    }
-    fn start_offset(&self) -> u64 {
-        self.live.start_offset()
-    }
-    fn next_offset(&self) -> u64 {
-        self.live.next_offset()
-    }
-    fn wait_for(&self, offset: u64, timeout: Option<Duration>) -> u64 {
-        self.live.wait_for(offset, timeout)
-    }
-    fn wake_waiters(&self) {
-        self.live.wake_waiters()
-    }
-    fn sync(&self) -> cauce::Result<()> {
-        self.live.sync()
-    }
-    fn truncate_before(&self, offset: u64) -> cauce::Result<()> {
-        self.live.truncate_before(offset)
-    }
-    fn compact(&self) -> cauce::Result<cauce::store::Compaction> {
-        self.live.compact()
-    }
-    fn commit_cursor(&self, name: &str, offset: u64) -> cauce::Result<()> {
-        self.live.commit_cursor(name, offset)
-    }
-    fn cursor(&self, name: &str) -> cauce::Result<Option<u64>> {
-        self.live.cursor(name)
-    }
-    fn save_snapshot(&self, name: &str, offset: u64, blob: &[u8]) -> cauce::Result<()> {
-        self.live.save_snapshot(name, offset, blob)
-    }
-    fn latest_snapshot(&self, name: &str) -> cauce::Result<Option<cauce::store::Snapshot>> {
-        self.live.latest_snapshot(name)
     }
 }
 
