@@ -71,7 +71,7 @@ struct SlotState<T> {
 /// assert_eq!(pending.wait().unwrap(), 7);
 /// # cluster.shutdown().unwrap();
 /// ```
-#[must_use = "a pending response does nothing unless waited on"]
+#[must_use = "dropping a pending response drops its answer (a submitted request is handled all the same)"]
 pub struct Pending<T> {
     slot: SlotRef<T>,
     offset: Offset,
@@ -229,7 +229,9 @@ impl<T> Pending<T> {
         nudge(answerer);
     }
 
-    /// The offset of the request in the input log: its identity.
+    /// The offset of the request in the input log: its identity. For a query
+    /// (`Client::query`), the input log's next offset when it was made: the state it
+    /// reads is the fold of its key's requests before this offset.
     pub fn offset(&self) -> Offset {
         self.offset
     }

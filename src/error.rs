@@ -212,6 +212,34 @@ pub enum Error {
         stall_timeout: Duration,
     },
 
+    /// A query's function panicked (see `Client::query`). The state it read is
+    /// unchanged, and its instance goes on.
+    #[error("query of key {key:?}{} panicked: {message}", on_instance(*.instance))]
+    QueryPanicked {
+        /// The instance that ran it; `None` when it ran on the caller's thread (a key
+        /// with no state yet is read as `State::default()` there).
+        instance: Option<InstanceId>,
+        /// The key it read (lossy UTF-8).
+        key: String,
+        /// The panic message.
+        message: String,
+    },
+
+    /// A query's function ran longer than the stall timeout: its instance was declared
+    /// stalled and replaced, as for a request, and the query was not run again. Queries
+    /// that were queued behind it are run by the keys' new owners.
+    #[error(
+        "query of key {key:?} stalled on instance {instance} (past the stall timeout of {stall_timeout:?}); its instance was replaced"
+    )]
+    QueryStalled {
+        /// The instance the stall caught on the query.
+        instance: InstanceId,
+        /// The key it read (lossy UTF-8).
+        key: String,
+        /// The cluster's stall timeout.
+        stall_timeout: Duration,
+    },
+
     /// A replay did not do what the original run did (a handler that is not
     /// deterministic, for example one that calls out in a different order).
     #[error("replay of offset {offset} diverged from the journal: {detail}")]
@@ -338,6 +366,13 @@ pub enum Error {
         #[source]
         source: io::Error,
     },
+}
+
+fn on_instance(instance: Option<InstanceId>) -> String {
+    match instance {
+        Some(i) => format!(" on instance {i}"),
+        None => String::new(),
+    }
 }
 
 fn offset_suffix(offset: Option<Offset>) -> String {

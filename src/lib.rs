@@ -38,7 +38,8 @@
 //!
 //! // Start again from the same directory: the state is rebuilt from the log.
 //! let cluster = Cluster::builder(Counter).dir(dir.path()).instances(2).build()?;
-//! assert_eq!(cluster.client().submit("alice", 0)?.wait()?, 7);
+//! // A read runs on the key's instance, between its requests, and logs nothing.
+//! assert_eq!(cluster.client().query("alice", |total: &u64| *total)?.wait()?, 7);
 //! cluster.shutdown()?;
 //! # Ok(())
 //! # }

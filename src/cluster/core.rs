@@ -32,6 +32,7 @@ use super::instance::{
 use super::metrics::{InstanceMetrics, Metrics};
 use super::owned::OwnedLog;
 use super::placement::{self, Holders, Moves, Routing};
+use super::query::{self, Ask, Asked};
 use crate::client::{Pending, Responder, pending};
 use crate::error::{Error, Result};
 use crate::handler::{Effects, Handler};
@@ -818,6 +819,132 @@ impl<H: Handler> Shared<H> {
         }
     }
 
+    /// Queues a query of `key`'s state behind the key's requests on the instance that
+    /// holds it (see [`Client::query`](super::Client::query)); a full queue is handled as
+    /// `room` says. `query` is taken once the query is queued (or run); `Pending` only
+    /// with [`Room::Poll`], holding no permit and leaving `query` in place.
+    pub(crate) fn submit_query<T, F>(
+        &self,
+        key: &[u8],
+        query: &mut Option<F>,
+        room: &mut Room<'_, '_>,
+    ) -> Poll<Result<Pending<T>>>
+    where
+        T: Send + 'static,
+        F: FnOnce(&H::State) -> T + Send + 'static,
+    {
+        if !self.accepting.load(Ordering::SeqCst) {
+            return Poll::Ready(Err(Error::Closed));
+        }
+        let stripe = self.stripe(key);
+        // The instance we hold a queue permit of, if any.
+        let mut permit: Option<Arc<Inst<H>>> = None;
+        let release = |permit: Option<Arc<Inst<H>>>| {
+            if let Some(p) = permit {
+                p.permits.release();
+            }
+        };
+        loop {
+            let holders = stripe.lock();
+            if !self.accepting.load(Ordering::SeqCst) {
+                release(permit);
+                return Poll::Ready(Err(Error::Closed));
+            }
+            // Read under the stripe lock: every request of the key before it is queued
+            // to the key's holder already, and every later one will be queued after
+            // this query.
+            let at = self.input.next_offset();
+            let Some(&holder) = holders.get(key) else {
+                // No request of the key was ever logged: its state is the default one,
+                // read here rather than on an instance.
+                drop(holders);
+                release(permit);
+                let Some(query) = query.take() else {
+                    return Poll::Ready(Err(Error::Closed));
+                };
+                let (pending, responder) = pending(at);
+                Box::new(Asked::new(key, at, query, responder)).run(&H::State::default(), None);
+                return Poll::Ready(Ok(pending));
+            };
+            let Some(dest) = self.routing.lock().instances.get(&holder).cloned() else {
+                // Only a membership change that failed half-way leaves a key held by an
+                // instance that left.
+                release(permit);
+                return Poll::Ready(Err(Error::NoInstance));
+            };
+            if permit.as_ref().is_none_or(|p| p.id != dest.id) {
+                release(permit.take());
+                match dest.permits.acquire(false) {
+                    Ok(()) => {}
+                    Err(NoPermit::Retired) => {
+                        unreachable_retired();
+                        return Poll::Ready(Err(Error::NoInstance));
+                    }
+                    Err(NoPermit::Busy) => {
+                        // Wait for room holding no lock, then look again: the key may
+                        // have moved meanwhile.
+                        drop(holders);
+                        let took = match room {
+                            Room::Refuse => {
+                                return Poll::Ready(Err(Error::Busy {
+                                    instance: dest.id,
+                                    capacity: dest.permits.capacity(),
+                                }));
+                            }
+                            Room::Wait => dest.permits.acquire(true).is_ok(),
+                            Room::Poll(cx) => match dest.permits.poll_acquire(cx) {
+                                Poll::Ready(took) => took.is_ok(),
+                                Poll::Pending => return Poll::Pending,
+                            },
+                        };
+                        if took {
+                            permit = Some(dest);
+                        }
+                        continue;
+                    }
+                }
+            }
+            let Some(query) = query.take() else {
+                dest.permits.release();
+                return Poll::Ready(Err(Error::Closed));
+            };
+            let (pending, responder) = pending(at);
+            dest.send_requests(Some(Message::Query(Box::new(Asked::new(
+                key, at, query, responder,
+            )))));
+            drop(holders);
+            if !self.options.linger.is_zero() {
+                pending.set_answerer(dest);
+            }
+            return Poll::Ready(Ok(pending));
+        }
+    }
+
+    /// Queues again a query that an instance lost before running it, to the instance
+    /// that holds its key now. It had room in the lost one's queue: it takes room in
+    /// the new one's even when full (at most a queue's worth of queries overshoot).
+    pub(crate) fn route_query_again(&self, ask: Box<dyn Ask<H::State>>) {
+        let holders = self.stripe(ask.key()).lock();
+        self.route_query_locked(&holders, ask);
+    }
+
+    /// [`route_query_again`](Self::route_query_again), with the key's stripe held.
+    fn route_query_locked(&self, holders: &Holders, ask: Box<dyn Ask<H::State>>) {
+        if !self.accepting.load(Ordering::SeqCst) {
+            return ask.refuse(Error::Closed);
+        }
+        let dest = holders
+            .get(ask.key())
+            .and_then(|h| self.routing.lock().instances.get(h).cloned());
+        match dest {
+            Some(dest) => {
+                dest.permits.force();
+                dest.send(Message::Query(ask));
+            }
+            None => ask.refuse(Error::NoInstance),
+        }
+    }
+
     /// Submits several requests as one: one routing pass, one log batch, one hand-off
     /// per instance. `items` are keys and the ranges of their encoded payloads in
     /// `payloads`.
@@ -1256,10 +1383,12 @@ impl<H: Handler> Shared<H> {
             // requests are adopted before fencing abandons the handoffs: an abandoned
             // handoff starts the rebuild that answers them.
             let stuck = inst.stuck_on();
+            let on_query = inst.stuck_on_query();
             let mut left = self.adopt_orphans(&inst);
             let aside = self.claim_if_stalled_twice(stuck);
             inst.fence(Some(&mut left));
             self.set_aside(&inst, aside);
+            self.left_queries(&all, &inst, on_query, &mut left);
             let retiring = self.retiring.lock();
             self.handled_by_gone.fetch_add(
                 inst.stats.requests.load(Ordering::Relaxed),
@@ -1277,6 +1406,7 @@ impl<H: Handler> Shared<H> {
         );
         tracing::warn!(instance = %id, why, "instance lost; moving its keys");
         let stuck = inst.stuck_on();
+        let on_query = inst.stuck_on_query();
         let mut left = self.adopt_orphans(&inst);
         let aside = self.claim_if_stalled_twice(stuck);
         inst.fence(Some(&mut left));
@@ -1295,10 +1425,40 @@ impl<H: Handler> Shared<H> {
                 id: replacement.0,
                 weight: inst.weight,
             })?;
-            self.rebalance_and_move(&mut all, left.incoming)
+            self.rebalance_and_move(&mut all, std::mem::take(&mut left.incoming))
         })();
         if let Err(e) = result {
             tracing::error!(instance = %id, error = %e, "could not replace a lost instance");
+        }
+        // Behind the new holders' `Acquire`s: each runs on its key's rebuilt state.
+        self.left_queries(&all, &inst, on_query, &mut left);
+    }
+
+    /// The queries a lost instance leaves: the one a stall caught it running (if
+    /// `on_query`) is answered [`Error::QueryStalled`] (run again, it could replace
+    /// instance after instance); the others go to their keys' holders now. Called with
+    /// every stripe held (`all`), after the keys moved.
+    fn left_queries(
+        &self,
+        all: &[MutexGuard<'_, Holders>],
+        inst: &Inst<H>,
+        on_query: bool,
+        left: &mut Left<H::State, H::Response>,
+    ) {
+        if let Some((key, answer)) = left.stalled_query.take() {
+            // Otherwise the instance had only taken it, and runs it again (it sees the
+            // fence before starting on it): this answer is dropped unused.
+            if on_query {
+                answer(Error::QueryStalled {
+                    instance: inst.id,
+                    key: query::key_name(key.as_slice()),
+                    stall_timeout: self.options.stall_timeout,
+                });
+            }
+        }
+        for ask in left.queries.drain(..) {
+            let holders = &all[stripe_of(ask.key())];
+            self.route_query_locked(holders, ask);
         }
     }
 

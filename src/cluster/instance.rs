@@ -21,6 +21,7 @@ use crate::router::InstanceId;
 use crate::small::Key;
 
 use super::metrics::InstanceStats;
+use super::query::{Ask, StallAnswer};
 use crate::client::Responder;
 
 /// Keys' states on their way from one instance to another.
@@ -240,15 +241,24 @@ const INLINE_PAYLOAD: usize = 46;
 /// A queued request's key or payload (see [`crate::small::SmallBytes`]).
 pub(crate) type QueuedBytes = crate::small::SmallBytes<INLINE_PAYLOAD>;
 
-/// The batch an instance loop took from its mailbox, and the request it is on.
+/// The batch an instance loop took from its mailbox, and the request or query it is on.
 struct Taken<S, R> {
     batch: VecDeque<Message<S, R>>,
     current: Option<(Offset, Responder<R>)>,
+    /// The query it is on: its key, and how to answer it if a stall catches the
+    /// instance on it.
+    current_query: Option<(Key, StallAnswer)>,
 }
+
+/// What `working_on` holds while an instance runs a query: no request's offset (offsets
+/// end before `u64::MAX`), so a stall caught on a query sets no request aside.
+const ON_A_QUERY: Offset = Offset::MAX;
 
 /// What an instance's queue carries.
 pub(crate) enum Message<S, R> {
     Request(Queued<R>),
+    /// A query of one key's state: run between that key's requests, logged nowhere.
+    Query(Box<dyn Ask<S>>),
     Release {
         keys: Vec<Bytes>,
         handoff: Arc<Handoff<S>>,
@@ -694,6 +704,7 @@ impl<S, R> Instance<S, R> {
             taken: Mutex::new(Taken {
                 batch: VecDeque::new(),
                 current: None,
+                current_query: None,
             }),
         }
     }
@@ -735,6 +746,7 @@ impl<S, R> Instance<S, R> {
     pub(crate) fn take_left(&self) -> Left<S, R> {
         let mut held = Vec::new();
         let mut current = None;
+        let mut current_query = None;
         // Same lock order as the loop's take: the mailbox, then the taken batch; a
         // request is always in one of the two. The batch was queued first.
         self.mailbox.drain(|queue| {
@@ -742,6 +754,7 @@ impl<S, R> Instance<S, R> {
             held.extend(taken.batch.drain(..));
             held.extend(queue.drain(..));
             current = taken.current.take();
+            current_query = taken.current_query.take();
             // A stalled loop that wakes up finds this and stops.
             queue.push_back(Message::Stop);
         });
@@ -749,6 +762,8 @@ impl<S, R> Instance<S, R> {
             unanswered: Vec::new(),
             released: Vec::new(),
             incoming: Relays::default(),
+            queries: Vec::new(),
+            stalled_query: current_query,
         };
         // In queue order: a key's state on its way here is the one to relay for a
         // release of that key that comes after it.
@@ -759,6 +774,7 @@ impl<S, R> Instance<S, R> {
                     left.unanswered
                         .extend(q.responder.map(|r| (q.offset, Some(key), r)));
                 }
+                Message::Query(ask) => left.queries.push(ask),
                 Message::Acquire { keys, source } => match source {
                     Source::Handoff(h) => {
                         for k in keys {
@@ -796,8 +812,15 @@ impl<S, R> Instance<S, R> {
             {
                 let mut taken = self.taken.lock();
                 if let Some(mut message) = taken.batch.pop_front() {
-                    if let Message::Request(q) = &mut message {
-                        taken.current = q.responder.take().map(|r| (q.offset, r));
+                    match &mut message {
+                        Message::Request(q) => {
+                            taken.current = q.responder.take().map(|r| (q.offset, r));
+                        }
+                        Message::Query(ask) => {
+                            taken.current_query =
+                                Some((Key::copy_from(ask.key()), ask.stall_answer()));
+                        }
+                        _ => {}
                     }
                     return message;
                 }
@@ -841,6 +864,16 @@ impl<S, R> Instance<S, R> {
         self.heartbeat.begin()
     }
 
+    /// Begins a unit of work on a query; it ends when the guard drops.
+    fn begin_query(&self) -> Beat<'_> {
+        self.begin_on(ON_A_QUERY)
+    }
+
+    /// The query the loop is on is over: a stall can no longer answer it.
+    fn end_query(&self) {
+        self.taken.lock().current_query = None;
+    }
+
     /// The request the instance is in a unit of work on, if it is in one: read when it
     /// is declared stalled, to tell which request the stall caught it on.
     pub(crate) fn stuck_on(&self) -> Option<Offset> {
@@ -850,7 +883,16 @@ impl<S, R> Instance<S, R> {
         // never moved), so the offset is the one written before it began. An instance
         // that finished that unit since (a stall is acted on later than it is seen) was
         // not caught on the request it is on now: `None`.
-        (before && self.heartbeat.still_stalled()).then_some(offset)
+        (before && self.heartbeat.still_stalled() && offset != ON_A_QUERY).then_some(offset)
+    }
+
+    /// Whether a stall caught the instance running a query (see
+    /// [`stuck_on`](Self::stuck_on)): the query is then answered
+    /// [`Error::QueryStalled`]. One it had only taken is run by its key's holder.
+    pub(crate) fn stuck_on_query(&self) -> bool {
+        let before = self.heartbeat.still_stalled();
+        let offset = self.working_on.load(Ordering::Acquire);
+        before && self.heartbeat.still_stalled() && offset == ON_A_QUERY
     }
 }
 
@@ -864,6 +906,11 @@ pub(crate) struct Left<S, R> {
     released: Vec<(Arc<Handoff<S>>, Relays<S>)>,
     /// The states on their way to it for the keys it keeps holding.
     pub(crate) incoming: Relays<S>,
+    /// The queries it had queued and not started: run again where their keys are.
+    pub(crate) queries: Vec<Box<dyn Ask<S>>>,
+    /// The query it was on, if any: the key, and how to answer it (only if a stall
+    /// caught it on the query: see [`Instance::stuck_on_query`]).
+    pub(crate) stalled_query: Option<(Key, StallAnswer)>,
 }
 
 /// How an instance loop starts.
@@ -1035,9 +1082,21 @@ pub(crate) fn run<H: Handler>(
     loop {
         let message = me.next_message(&mut handled);
         if me.is_fenced() {
+            if let Message::Query(ask) = message {
+                // Taken just before the fence: whoever holds its key now runs it.
+                shared.route_query_again(ask);
+            }
             return Exit::Stopped;
         }
         match message {
+            Message::Query(ask) => {
+                query(shared, me, &mut states, &mut unavailable, ask);
+                handled.count += 1;
+                if handled.count == RELEASE_EVERY {
+                    handled.release();
+                }
+                me.stats.keys.store(states.len(), Ordering::Relaxed);
+            }
             Message::Request(queued) => {
                 me.stats.requests.fetch_add(1, Ordering::Relaxed);
                 let submitted = queued.submitted;
@@ -1199,6 +1258,64 @@ fn rebuild_again<H: Handler>(
     }
 }
 
+/// Whether `key`'s state is here to use. A key whose rebuild failed is rebuilt again
+/// first, up to `until` (at most every [`REBUILD_RETRY_AFTER`]).
+fn available<H: Handler>(
+    shared: &Shared<H>,
+    me: &Instance<H::State, H::Response>,
+    states: &mut States<H::State>,
+    unavailable: &mut Unavailable,
+    key: &[u8],
+    until: Offset,
+) -> bool {
+    let failed_at = match unavailable.is_empty() || states.contains_key(key) {
+        true => None,
+        false => unavailable.get(key).map(|f| f.at),
+    };
+    !failed_at.is_some_and(|at| {
+        at.elapsed() < REBUILD_RETRY_AFTER
+            || !rebuild_again(
+                shared,
+                me,
+                states,
+                unavailable,
+                &[Key::copy_from(key)],
+                until,
+            )
+    })
+}
+
+/// Runs a query on its key's state (the default state for a key with none yet). Every
+/// request of the key queued before it has been handled, and none after it.
+fn query<H: Handler>(
+    shared: &Shared<H>,
+    me: &Instance<H::State, H::Response>,
+    states: &mut States<H::State>,
+    unavailable: &mut Unavailable,
+    ask: Box<dyn Ask<H::State>>,
+) {
+    let key = Key::copy_from(ask.key());
+    let key = key.as_slice();
+    // Every request of the key before `at` was queued before the query: a rebuild up
+    // to it folds exactly those.
+    if !available(shared, me, states, unavailable, key, ask.at()) {
+        let reason = unavailable.get(key).map(|f| f.reason(key));
+        ask.refuse(Error::StateUnavailable {
+            instance: me.id,
+            reason: reason.unwrap_or_default(),
+        });
+        me.end_query();
+        return;
+    }
+    let beat = me.begin_query();
+    match states.get(key) {
+        Some(slot) => ask.run(&slot.state, Some(me.id)),
+        None => ask.run(&H::State::default(), Some(me.id)),
+    }
+    drop(beat);
+    me.end_query();
+}
+
 fn handle<H: Handler>(
     shared: &Shared<H>,
     me: &Instance<H::State, H::Response>,
@@ -1230,21 +1347,7 @@ fn handle<H: Handler>(
         return None;
     };
     let key = key.as_slice();
-    let failed_at = match unavailable.is_empty() || states.contains_key(key) {
-        true => None,
-        false => unavailable.get(key).map(|f| f.at),
-    };
-    if failed_at.is_some_and(|at| {
-        at.elapsed() < REBUILD_RETRY_AFTER
-            || !rebuild_again(
-                shared,
-                me,
-                states,
-                unavailable,
-                &[Key::copy_from(key)],
-                offset,
-            )
-    }) {
+    if !available(shared, me, states, unavailable, key, offset) {
         if me.is_fenced() {
             // Declared lost meanwhile (the retry was cut short): the new owner handles
             // this request and answers it.

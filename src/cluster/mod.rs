@@ -42,6 +42,10 @@
 //! - the process dies: opening the same directory rebuilds every key from the last
 //!   checkpoint and the log, so each state is the fold of every logged request, once.
 //!
+//! Reads need no request: [`Client::query`] runs a function of one key's state on the
+//! instance that holds it, between the key's requests, with nothing logged or synced.
+//! It sees every request of the key submitted before it.
+//!
 //! Instances can be added and removed while requests flow; only the keys whose owner
 //! changes move, handed over in memory at a point in the log both sides agree on.
 //!
@@ -93,6 +97,7 @@ mod instance;
 mod metrics;
 mod owned;
 mod placement;
+mod query;
 mod replay;
 
 pub use crate::client::Pending;
@@ -513,6 +518,149 @@ impl<H: Handler> Client<H> {
         }
     }
 
+    /// Reads `key`'s state: runs `query` on it, on the instance that holds it, between
+    /// the key's requests. Nothing is logged and nothing is synced, so a read costs no
+    /// fdatasync, where a request that changes nothing would cost one under
+    /// [`SyncPolicy::Always`](crate::store::SyncPolicy::Always).
+    ///
+    /// The state it sees is the fold of every request of the key before
+    /// [`Pending::offset`] (the input log's next offset when the query was made): every
+    /// request whose `submit` returned before `query` was called is in it, answered or
+    /// not, and no request submitted after. (One exception: when the instance holding
+    /// the key is lost before it gets to the query, the query runs on the key's new
+    /// owner once the key is rebuilt, and may see requests submitted after it too.) A
+    /// key no request was ever submitted for is read as `State::default()`, at once,
+    /// on the calling thread.
+    ///
+    /// Like a request, a query waits for room in the owner's queue
+    /// ([`try_query`](Client::try_query) returns [`Error::Busy`] instead) and holds up
+    /// the key's later requests while it runs: keep it short (read a field, clone a
+    /// part). A query is not counted toward its instance's load, and does not place
+    /// its key. Since it changes nothing, a replay neither has nor needs it.
+    ///
+    /// # Errors
+    /// [`Error::Closed`] (the cluster was shut down) and [`Error::NoInstance`] at once.
+    /// The [`Pending`] then resolves to what `query` returned, or to
+    /// [`Error::QueryPanicked`] (the state is unchanged, and the instance goes on),
+    /// [`Error::QueryStalled`] (it ran past the stall timeout: its instance was
+    /// replaced, as for a request, and the query is not run again),
+    /// [`Error::StateUnavailable`] (the key's state could not be rebuilt), or
+    /// [`Error::Closed`] (the cluster stopped first).
+    ///
+    /// ```
+    /// # use cauce::cluster::{Cluster, Context, Handler};
+    /// #[derive(Default, serde::Serialize, serde::Deserialize)]
+    /// struct Account {
+    ///     balance: i64,
+    ///     history: Vec<i64>,
+    /// }
+    ///
+    /// struct Bank;
+    /// impl Handler for Bank {
+    ///     type State = Account;
+    ///     type Request = i64;
+    ///     type Response = i64;
+    ///     fn handle(&self, _: &mut Context<'_>, _: &[u8], a: &mut Account, amount: i64) -> i64 {
+    ///         a.balance += amount;
+    ///         a.history.push(amount);
+    ///         a.balance
+    ///     }
+    /// }
+    ///
+    /// let cluster = Cluster::builder(Bank).in_memory().build()?;
+    /// let client = cluster.client();
+    /// let deposit = client.submit("alice", 50)?;
+    /// let withdrawal = client.submit("alice", -20)?;
+    /// // Sees both, answered or not: they were submitted before it.
+    /// assert_eq!(client.query("alice", |a: &Account| a.balance)?.wait()?, 30);
+    /// assert_eq!((deposit.wait()?, withdrawal.wait()?), (50, 30));
+    /// assert_eq!(client.query("alice", |a: &Account| a.history.len())?.wait()?, 2);
+    /// assert_eq!(client.query("nobody", |a: &Account| a.balance)?.wait()?, 0);
+    /// # cluster.shutdown()?;
+    /// # Ok::<(), cauce::Error>(())
+    /// ```
+    pub fn query<T, F>(&self, key: impl AsRef<[u8]>, query: F) -> Result<Pending<T>>
+    where
+        T: Send + 'static,
+        F: FnOnce(&H::State) -> T + Send + 'static,
+    {
+        let mut query = Some(query);
+        match self
+            .shared
+            .submit_query(key.as_ref(), &mut query, &mut Room::Wait)
+        {
+            Poll::Ready(queried) => queried,
+            Poll::Pending => Err(Error::Closed),
+        }
+    }
+
+    /// Like [`query`](Client::query), but never waits: a full queue is
+    /// [`Error::Busy`], and `query` is not run.
+    pub fn try_query<T, F>(&self, key: impl AsRef<[u8]>, query: F) -> Result<Pending<T>>
+    where
+        T: Send + 'static,
+        F: FnOnce(&H::State) -> T + Send + 'static,
+    {
+        let mut query = Some(query);
+        match self
+            .shared
+            .submit_query(key.as_ref(), &mut query, &mut Room::Refuse)
+        {
+            Poll::Ready(queried) => queried,
+            Poll::Pending => Err(Error::Closed),
+        }
+    }
+
+    /// Like [`query`](Client::query), but waits for room in a full queue without
+    /// blocking the thread, as [`submit_async`](Client::submit_async) does for a
+    /// request: the future resolves to the [`Pending`] answer once the query is queued.
+    /// Dropping it before then queues nothing.
+    ///
+    /// ```
+    /// # use cauce::cluster::{Cluster, Context, Handler};
+    /// # struct Counter;
+    /// # impl Handler for Counter {
+    /// #     type State = u64;
+    /// #     type Request = u64;
+    /// #     type Response = u64;
+    /// #     fn handle(&self, _: &mut Context<'_>, _: &[u8], t: &mut u64, a: u64) -> u64 { *t += a; *t }
+    /// # }
+    /// # fn block_on<F: std::future::Future>(f: F) -> F::Output {
+    /// #     struct Unpark(std::thread::Thread);
+    /// #     impl std::task::Wake for Unpark {
+    /// #         fn wake(self: std::sync::Arc<Self>) { self.0.unpark() }
+    /// #     }
+    /// #     let waker = std::sync::Arc::new(Unpark(std::thread::current())).into();
+    /// #     let mut cx = std::task::Context::from_waker(&waker);
+    /// #     let mut f = std::pin::pin!(f);
+    /// #     loop {
+    /// #         match f.as_mut().poll(&mut cx) {
+    /// #             std::task::Poll::Ready(out) => return out,
+    /// #             std::task::Poll::Pending => std::thread::park(),
+    /// #         }
+    /// #     }
+    /// # }
+    /// # let cluster = Cluster::builder(Counter).in_memory().build()?;
+    /// # let client = cluster.client();
+    /// client.submit("alice", 5)?;
+    /// let total = block_on(async { client.query_async("alice", |t: &u64| *t).await?.await })?;
+    /// assert_eq!(total, 5);
+    /// # cluster.shutdown()?;
+    /// # Ok::<(), cauce::Error>(())
+    /// ```
+    pub fn query_async<T, F>(&self, key: impl AsRef<[u8]>, query: F) -> Query<'_, H, F>
+    where
+        T: Send + 'static,
+        F: FnOnce(&H::State) -> T + Send + 'static,
+    {
+        Query {
+            shared: &self.shared,
+            key: key.as_ref().to_vec(),
+            query: Some(query),
+            done: false,
+        }
+    }
+
     /// The instance that holds `key`'s state now, or for a key not placed yet (never
     /// seen, or idle long enough to be forgotten) the instance its hash names. A key
     /// not placed yet may be placed elsewhere by its first request: placement bounds
@@ -557,6 +705,52 @@ impl<H: Handler> Future for Submit<'_, H> {
             this.payload = Some(Ok(payload));
         }
         submitted
+    }
+}
+
+/// A query waiting for room without blocking: see [`Client::query_async`]. Resolves to
+/// the [`Pending`] answer once the query is queued.
+#[must_use = "a query does nothing unless polled"]
+pub struct Query<'a, H: Handler, F> {
+    shared: &'a Shared<H>,
+    key: Vec<u8>,
+    /// The function, until it is queued (or run).
+    query: Option<F>,
+    /// Resolved: polling again is [`Error::Closed`].
+    done: bool,
+}
+
+impl<H, F, T> Future for Query<'_, H, F>
+where
+    H: Handler,
+    T: Send + 'static,
+    F: FnOnce(&H::State) -> T + Send + 'static,
+{
+    type Output = Result<Pending<T>>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut TaskContext<'_>) -> Poll<Self::Output> {
+        let this = self.get_mut();
+        if this.done {
+            return Poll::Ready(Err(Error::Closed));
+        }
+        let mut room = Room::Poll(cx);
+        let queried = this
+            .shared
+            .submit_query(&this.key, &mut this.query, &mut room);
+        this.done = queried.is_ready();
+        queried
+    }
+}
+
+// The function is never pinned: it is only moved out, to be queued.
+impl<H: Handler, F> Unpin for Query<'_, H, F> {}
+
+impl<H: Handler, F> std::fmt::Debug for Query<'_, H, F> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Query")
+            .field("key", &self.key)
+            .field("resolved", &self.done)
+            .finish()
     }
 }
 
