@@ -1,7 +1,9 @@
 //! Chaos against the model: random interleavings of load, handler panics, stalls,
 //! instances joining and leaving, and crashes (a cluster dropped without shutdown and
 //! opened again on the same logs). Whatever happens, every answer and every final state
-//! must equal the single-threaded fold of the input log.
+//! must equal the single-threaded fold of the input log, and every query (interleaved
+//! with the requests) must see its key's state before its offset (or, when the key's
+//! instance was lost before running it, a later state of the key).
 
 mod common;
 
@@ -13,7 +15,7 @@ use std::time::Duration;
 use cauce::Error;
 use cauce::cluster::{Cluster, ClusterBuilder, Pending};
 use cauce::store::MemoryStore;
-use common::{Req, Resp, Service, block_on};
+use common::{Req, Resp, Service, Tally, block_on};
 use rand::{RngExt, SeedableRng, rngs::StdRng};
 
 struct Logs {
@@ -52,8 +54,13 @@ fn run(seed: u64, submits: Submits) {
     let mut cluster = logs.builder().build().unwrap();
     let mut answers: HashMap<u64, cauce::Result<Resp>> = HashMap::new();
     let mut pending: Vec<Pending<Resp>> = Vec::new();
+    // Queries in flight, and the answered ones: (key, offset, answer).
+    let mut queries: Vec<(String, Pending<Tally>)> = Vec::new();
+    let mut queried: Vec<(String, u64, cauce::Result<Tally>)> = Vec::new();
     let settle = |pending: &mut Vec<Pending<Resp>>,
-                  answers: &mut HashMap<u64, cauce::Result<Resp>>| {
+                  answers: &mut HashMap<u64, cauce::Result<Resp>>,
+                  queries: &mut Vec<(String, Pending<Tally>)>,
+                  queried: &mut Vec<(String, u64, cauce::Result<Tally>)>| {
         for p in pending.drain(..) {
             let offset = p.offset();
             let answer = p.wait_timeout(Duration::from_secs(30));
@@ -62,6 +69,15 @@ fn run(seed: u64, submits: Submits) {
                 "seed {seed}: request {offset} never answered"
             );
             assert!(answers.insert(offset, answer).is_none());
+        }
+        for (key, q) in queries.drain(..) {
+            let at = q.offset();
+            let answer = q.wait_timeout(Duration::from_secs(30));
+            assert!(
+                !matches!(answer, Err(Error::Timeout(_))),
+                "seed {seed}: query of {key} at {at} never answered"
+            );
+            queried.push((key, at, answer));
         }
     };
     for step in 0..60 {
@@ -72,7 +88,21 @@ fn run(seed: u64, submits: Submits) {
                     .map(|t| {
                         let client = cluster.client();
                         let mut r = StdRng::seed_from_u64(seed * 1000 + step * 2 + t);
+                        // Queries draw from their own generator: the requests of a seed
+                        // are the same with or without them.
+                        let mut q = StdRng::seed_from_u64(!(seed * 1000 + step * 2 + t));
                         thread::spawn(move || {
+                            let mut queries = Vec::new();
+                            let mut query = |key: &str, asynchronously: bool| {
+                                if q.random_range(0..5) == 0 {
+                                    let read = |t: &Tally| *t;
+                                    let p = match asynchronously {
+                                        true => block_on(client.query_async(key, read)),
+                                        false => client.query(key, read),
+                                    };
+                                    queries.push((key.to_string(), p.unwrap()));
+                                }
+                            };
                             let requests: Vec<(String, Req)> = (0..r.random_range(5..40))
                                 .map(|_| {
                                     let k = format!("k{}", r.random_range(0..12));
@@ -84,10 +114,13 @@ fn run(seed: u64, submits: Submits) {
                                     (k, req)
                                 })
                                 .collect();
-                            match (submits, t) {
+                            let pending = match (submits, t) {
                                 (Submits::One, _) => requests
                                     .into_iter()
-                                    .map(|(k, req)| client.submit(k, req).unwrap())
+                                    .map(|(k, req)| {
+                                        query(&k, false);
+                                        client.submit(k, req).unwrap()
+                                    })
                                     .collect::<Vec<_>>(),
                                 (Submits::BatchesAndAsync, 0) => {
                                     let mut out = Vec::new();
@@ -96,6 +129,7 @@ fn run(seed: u64, submits: Submits) {
                                         if rest.is_empty() {
                                             break;
                                         }
+                                        query(&rest[0].0, false);
                                         let n = r.random_range(1..=8).min(rest.len());
                                         let batch = rest[..n].iter().cloned();
                                         // Every other batch through `submit_batch_async`.
@@ -111,14 +145,20 @@ fn run(seed: u64, submits: Submits) {
                                 }
                                 (Submits::BatchesAndAsync, _) => requests
                                     .into_iter()
-                                    .map(|(k, req)| block_on(client.submit_async(k, req)).unwrap())
+                                    .map(|(k, req)| {
+                                        query(&k, true);
+                                        block_on(client.submit_async(k, req)).unwrap()
+                                    })
                                     .collect(),
-                            }
+                            };
+                            (pending, queries)
                         })
                     })
                     .collect();
                 for h in handles {
-                    pending.extend(h.join().unwrap());
+                    let (p, q) = h.join().unwrap();
+                    pending.extend(p);
+                    queries.extend(q);
                 }
             }
             // A request that stalls its instance past the timeout.
@@ -143,7 +183,7 @@ fn run(seed: u64, submits: Submits) {
             }
             84..=91 => {
                 // Wait for what is in flight, then crash: drop without shutdown.
-                settle(&mut pending, &mut answers);
+                settle(&mut pending, &mut answers, &mut queries, &mut queried);
                 drop(cluster);
                 cluster = logs.builder().build().unwrap();
             }
@@ -152,14 +192,27 @@ fn run(seed: u64, submits: Submits) {
             }
         }
         if rng.random_range(0..4) == 0 {
-            settle(&mut pending, &mut answers);
+            settle(&mut pending, &mut answers, &mut queries, &mut queried);
         }
     }
-    settle(&mut pending, &mut answers);
+    settle(&mut pending, &mut answers, &mut queries, &mut queried);
 
     let client = cluster.client();
     let context = format!("seed {seed}");
     common::assert_matches_model(&context, &*logs.input, &*logs.effects, &answers, &client);
+    let histories = common::fold(&*logs.input, &common::journal(&*logs.effects)).histories;
+    assert!(!queried.is_empty(), "{context}: no query ran");
+    for (key, at, answer) in &queried {
+        match answer {
+            Ok(got) => {
+                common::assert_query_answer(&context, &histories, key.as_bytes(), *at, got);
+            }
+            // A stall caught the instance on the query itself (it is short, but the
+            // stall timeout is 60 ms on a busy machine).
+            Err(Error::QueryStalled { .. }) => {}
+            Err(e) => panic!("{context}: query of {key} at {at}: {e}"),
+        }
+    }
     cluster.shutdown().unwrap();
 }
 

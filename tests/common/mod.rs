@@ -132,9 +132,27 @@ pub fn model(
     input: &dyn Store,
     journal: &HashMap<u64, u64>,
 ) -> (HashMap<Vec<u8>, Tally>, HashMap<u64, Option<Resp>>) {
+    let folded = fold(input, journal);
+    (folded.states, folded.answers)
+}
+
+/// What [`fold`] gives.
+pub struct Folded {
+    /// Every key's final state.
+    pub states: HashMap<Vec<u8>, Tally>,
+    /// The answer to every request (see [`model`]).
+    pub answers: HashMap<u64, Option<Resp>>,
+    /// Every key's states in log order: the offset of each request that changed it, and
+    /// the state after it.
+    pub histories: HashMap<Vec<u8>, Vec<(u64, Tally)>>,
+}
+
+/// [`model`], with every key's history.
+pub fn fold(input: &dyn Store, journal: &HashMap<u64, u64>) -> Folded {
     let aside = set_aside(input);
     let mut states: HashMap<Vec<u8>, Tally> = HashMap::new();
     let mut answers = HashMap::new();
+    let mut histories: HashMap<Vec<u8>, Vec<(u64, Tally)>> = HashMap::new();
     for r in input.read_from(input.start_offset()).unwrap() {
         let r = r.unwrap();
         if r.payload.first() != Some(&0) {
@@ -150,9 +168,47 @@ pub fn model(
             Req::Stall(_) => Some(Resp::Sum(state.add(1))),
             Req::External => Some(Resp::Sum(state.add(journal[&r.offset]))),
         };
+        histories
+            .entry(r.key.to_vec())
+            .or_default()
+            .push((r.offset, *state));
         answers.insert(r.offset, answer);
     }
-    (states, answers)
+    Folded {
+        states,
+        answers,
+        histories,
+    }
+}
+
+/// Checks the answer of a query of `key` made at offset `at` (its `Pending::offset`):
+/// the key's state before `at`, or, when the instance that held the key was lost before
+/// running the query, a later state of the key. Returns whether it was the state before
+/// `at` exactly.
+pub fn assert_query_answer(
+    context: &str,
+    histories: &HashMap<Vec<u8>, Vec<(u64, Tally)>>,
+    key: &[u8],
+    at: u64,
+    got: &Tally,
+) -> bool {
+    let empty = Vec::new();
+    let history = histories.get(key).unwrap_or(&empty);
+    // The states the query may see: the one before `at`, then every later one.
+    let first = history.partition_point(|(o, _)| *o < at);
+    let before = first
+        .checked_sub(1)
+        .map_or(Tally::default(), |i| history[i].1);
+    if *got == before {
+        return true;
+    }
+    assert!(
+        history[first..].iter().any(|(_, t)| t == got),
+        "{context}: a query of {} at offset {at} saw {got:?}, which is no state of the key \
+         from that offset on (the state before it: {before:?})",
+        String::from_utf8_lossy(key)
+    );
+    false
 }
 
 /// The journal's entries in journal order: (request offset, answer), for handlers whose
