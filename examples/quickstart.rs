@@ -141,8 +141,7 @@ fn main() -> Result<(), cauce::Error> {
                             window.pop_front().expect("window").wait().expect("answer");
                             done.fetch_add(1, Ordering::Relaxed);
                         }
-                        let pending =
-                            client.submit(format!("user-{user:05}"), Visit { points });
+                        let pending = client.submit(format!("user-{user:05}"), Visit { points });
                         window.push_back(pending.expect("submit"));
                     }
                     for p in window {
