@@ -17,6 +17,9 @@
 //! - `hot_keys_collide.peak_to_mean` (goal ≤ 1.25): the balance goal where the static
 //!   hash is above 2. The same Zipf(1.1) load, with its 10 hottest keys in one static
 //!   partition (see [`colliding_names`]).
+//! - `reads.query.vs_logged_request` (group `cluster.reads`): reading a key's state
+//!   through `Client::query` (nothing logged) against through a request that changes
+//!   nothing (logged, like any request), same load and window, every key placed first.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
@@ -289,6 +292,50 @@ fn run_cauce(work: &[Vec<Arc<[u8]>>], batch: usize, linger: Option<Duration>) ->
     }
 }
 
+/// Reads every key of the load, as `run_cauce` submits them: through `Client::query` or
+/// through a request that adds 0 (logged like any request). Every key is placed on an
+/// instance first, so no query is answered on the calling thread.
+fn run_reads(work: &[Vec<Arc<[u8]>>], query: bool) -> f64 {
+    let (cluster, _dir) = start_cluster(None);
+    let client = cluster.client();
+    let mut keys: Vec<&Arc<[u8]>> = work.iter().flatten().collect();
+    keys.sort_unstable();
+    keys.dedup();
+    // In batches that fit any one queue (1024).
+    for chunk in keys.chunks(512) {
+        let placed = chunk.iter().map(|k| (&***k, 1u64));
+        for p in client.submit_batch(placed).expect("place") {
+            p.wait().expect("placed");
+        }
+    }
+    let started = Instant::now();
+    let total: usize = work.iter().map(Vec::len).sum();
+    thread::scope(|s| {
+        for keys in work {
+            let client = cluster.client();
+            s.spawn(move || {
+                let mut window: VecDeque<Pending<u64>> = VecDeque::with_capacity(WINDOW);
+                for key in keys {
+                    if window.len() == WINDOW {
+                        window.pop_front().expect("window").wait().expect("answer");
+                    }
+                    let read = match query {
+                        true => client.query(&**key, |total: &u64| *total),
+                        false => client.submit(&**key, 0),
+                    };
+                    window.push_back(read.expect("read"));
+                }
+                for p in window {
+                    p.wait().expect("answer");
+                }
+            });
+        }
+    });
+    let rate = total as f64 / started.elapsed().as_secs_f64();
+    cluster.shutdown().expect("shutdown");
+    rate
+}
+
 /// Sends `keys` at `rate` requests/s, calling `send(key, due)` for each at (or as soon
 /// as it can after) its due time, without spinning a core away from the system under test.
 fn paced(rate: f64, keys: &[Arc<[u8]>], mut send: impl FnMut(&Arc<[u8]>, Instant)) {
@@ -422,6 +469,16 @@ pub fn run(bench: &mut Bench) {
             None => run_cauce(&work, 1, None).rate,
         };
         latency(bench, &work, rate / 2.0);
+    }
+    if bench.group("cluster.reads") {
+        bench.compare(
+            "cluster.zipf.4.reads.query.vs_logged_request",
+            "reads/s",
+            Better::More,
+            None,
+            || run_reads(&work, true),
+            || run_reads(&work, false),
+        );
     }
     if bench.group("cluster.balance") {
         let names = colliding_names(10_000, 10);
