@@ -1741,6 +1741,7 @@ impl<H: Handler> Shared<H> {
                 keys: i.stats.keys.load(Ordering::Relaxed),
                 queue_depth: i.permits.in_use(),
                 requests: i.stats.requests.load(Ordering::Relaxed),
+                queries: i.stats.queries.load(Ordering::Relaxed),
                 p50: i.stats.latency.quantile(0.5),
                 p99: i.stats.latency.quantile(0.99),
                 restarts: i.stats.restarts.load(Ordering::Relaxed),

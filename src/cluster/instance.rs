@@ -1090,6 +1090,7 @@ pub(crate) fn run<H: Handler>(
         }
         match message {
             Message::Query(ask) => {
+                me.stats.queries.fetch_add(1, Ordering::Relaxed);
                 query(shared, me, &mut states, &mut unavailable, ask);
                 handled.count += 1;
                 if handled.count == RELEASE_EVERY {

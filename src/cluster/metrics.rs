@@ -84,6 +84,7 @@ impl Histogram {
 #[derive(Default)]
 pub(crate) struct InstanceStats {
     pub(crate) requests: AtomicU64,
+    pub(crate) queries: AtomicU64,
     pub(crate) keys: AtomicUsize,
     pub(crate) restarts: AtomicU32,
     pub(crate) latency: Histogram,
@@ -96,12 +97,14 @@ pub struct InstanceMetrics {
     pub id: InstanceId,
     /// Keys whose state it holds.
     pub keys: usize,
-    /// Requests in its queue: waiting, or handled in the batch it is on (an instance
-    /// gives room back every 32 requests and when its batch ends). Exact while it is
-    /// idle; at most 31 above the requests still to handle while it works.
+    /// Requests (and queries) in its queue: waiting, or handled in the batch it is on
+    /// (an instance gives room back every 32 requests and when its batch ends). Exact
+    /// while it is idle; at most 31 above the requests still to handle while it works.
     pub queue_depth: usize,
     /// Requests it handled.
     pub requests: u64,
+    /// Queries ([`Client::query`](super::Client::query)) it ran, panicked ones included.
+    pub queries: u64,
     /// Median time from queueing to response, over a sample of one in eight of this
     /// instance's requests, to within about 6% (the midpoint of a histogram bucket).
     pub p50: Duration,

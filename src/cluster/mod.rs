@@ -112,8 +112,9 @@ use crate::store::{LogOptions, LogStore, MemoryStore, Store};
 use core::{BatchProgress, Options, Parts, Room, Shared};
 use owned::OwnedLog;
 
-/// A running keyed service. Dropping it stops it (prefer [`shutdown`](Cluster::shutdown),
-/// which also checkpoints and reports errors).
+/// A running keyed service. Dropping it stops it, blocking until its instances have
+/// stopped (prefer [`shutdown`](Cluster::shutdown), which also checkpoints and reports
+/// errors).
 pub struct Cluster<H: Handler> {
     shared: Arc<Shared<H>>,
     supervisor: Mutex<Option<Supervisor>>,
@@ -242,6 +243,10 @@ impl<H: Handler> Cluster<H> {
     /// are answered [`Error::Closed`] at once, as are requests of a lost instance whose
     /// rebuild did not finish. They are in the log, and are handled when the cluster
     /// opens again.
+    ///
+    /// It blocks the calling thread until all that is done (a drop does the same,
+    /// without the checkpoint). From async code, run it where blocking is allowed: on
+    /// tokio, `tokio::task::spawn_blocking(move || cluster.shutdown()).await`.
     pub fn shutdown(self) -> Result<()> {
         self.stop(true)
     }
