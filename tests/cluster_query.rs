@@ -454,3 +454,36 @@ fn a_query_of_a_key_whose_rebuild_failed_is_refused_then_served_once_it_rebuilds
     }
     cluster.shutdown().unwrap();
 }
+
+/// A query's offset names the state it read: `Replay::state_before(key, offset)`
+/// rebuilds the same state from the logs, beside the running service.
+#[test]
+fn replay_rebuilds_the_state_a_query_read_from_its_offset() {
+    let dir = tempfile::tempdir().unwrap();
+    let cluster = Cluster::builder(Lists::default())
+        .dir(dir.path())
+        .instances(2)
+        .checkpoint_every(7)
+        .build()
+        .unwrap();
+    let client = cluster.client();
+    let mut read = Vec::new();
+    for v in 0..60u64 {
+        drop(client.submit(format!("k{}", v % 3), v).unwrap());
+        if v % 10 == 4 {
+            let key = format!("k{}", v % 3);
+            let p = client.query(&key, |l: &Vec<u64>| l.clone()).unwrap();
+            read.push((key, p.offset(), p.wait().unwrap()));
+        }
+    }
+    let replay = cauce::cluster::Replay::open(dir.path(), Lists::default()).unwrap();
+    for (key, at, list) in &read {
+        assert_eq!(
+            &replay.state_before(key, *at).unwrap(),
+            list,
+            "{key} at {at}"
+        );
+    }
+    drop(replay);
+    cluster.shutdown().unwrap();
+}

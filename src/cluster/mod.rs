@@ -533,7 +533,8 @@ impl<H: Handler> Client<H> {
     /// request whose `submit` returned before `query` was called is in it, answered or
     /// not, and no request submitted after. (One exception: when the instance holding
     /// the key is lost before it gets to the query, the query runs on the key's new
-    /// owner once the key is rebuilt, and may see requests submitted after it too.) A
+    /// owner once the key is rebuilt, and may see requests submitted after it too.)
+    /// [`Replay::state_before`]`(key, offset)` rebuilds that state from the logs. A
     /// key no request was ever submitted for is read as `State::default()`, at once,
     /// on the calling thread.
     ///
