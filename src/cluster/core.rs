@@ -929,10 +929,14 @@ impl<H: Handler> Shared<H> {
     }
 
     /// [`route_query_again`](Self::route_query_again), with the key's stripe held.
-    fn route_query_locked(&self, holders: &Holders, ask: Box<dyn Ask<H::State>>) {
+    fn route_query_locked(&self, holders: &Holders, mut ask: Box<dyn Ask<H::State>>) {
         if !self.accepting.load(Ordering::SeqCst) {
             return ask.refuse(Error::Closed);
         }
+        // Every request of the key logged so far is queued to its holder before this
+        // query: a rebuild of the key for it must fold them all, not stop at the offset
+        // it was made at (requests refused meanwhile would be lost from the state).
+        ask.set_until(self.input.next_offset());
         let dest = holders
             .get(ask.key())
             .and_then(|h| self.routing.lock().instances.get(h).cloned());
@@ -1383,12 +1387,11 @@ impl<H: Handler> Shared<H> {
             // requests are adopted before fencing abandons the handoffs: an abandoned
             // handoff starts the rebuild that answers them.
             let stuck = inst.stuck_on();
-            let on_query = inst.stuck_on_query();
             let mut left = self.adopt_orphans(&inst);
             let aside = self.claim_if_stalled_twice(stuck);
             inst.fence(Some(&mut left));
             self.set_aside(&inst, aside);
-            self.left_queries(&all, &inst, on_query, &mut left);
+            self.left_queries(&all, &inst, &mut left);
             let retiring = self.retiring.lock();
             self.handled_by_gone.fetch_add(
                 inst.stats.requests.load(Ordering::Relaxed),
@@ -1406,7 +1409,6 @@ impl<H: Handler> Shared<H> {
         );
         tracing::warn!(instance = %id, why, "instance lost; moving its keys");
         let stuck = inst.stuck_on();
-        let on_query = inst.stuck_on_query();
         let mut left = self.adopt_orphans(&inst);
         let aside = self.claim_if_stalled_twice(stuck);
         inst.fence(Some(&mut left));
@@ -1431,24 +1433,23 @@ impl<H: Handler> Shared<H> {
             tracing::error!(instance = %id, error = %e, "could not replace a lost instance");
         }
         // Behind the new holders' `Acquire`s: each runs on its key's rebuilt state.
-        self.left_queries(&all, &inst, on_query, &mut left);
+        self.left_queries(&all, &inst, &mut left);
     }
 
-    /// The queries a lost instance leaves: the one a stall caught it running (if
-    /// `on_query`) is answered [`Error::QueryStalled`] (run again, it could replace
-    /// instance after instance); the others go to their keys' holders now. Called with
-    /// every stripe held (`all`), after the keys moved.
+    /// The queries a lost instance leaves: the one a stall caught it running is
+    /// answered [`Error::QueryStalled`] (run again, it could replace instance after
+    /// instance); the others, queued or taken but not begun, go to their keys' holders
+    /// now. Called with every stripe held (`all`), after the keys moved.
     fn left_queries(
         &self,
         all: &[MutexGuard<'_, Holders>],
         inst: &Inst<H>,
-        on_query: bool,
         left: &mut Left<H::State, H::Response>,
     ) {
-        if let Some((key, answer)) = left.stalled_query.take() {
-            // Otherwise the instance had only taken it, and runs it again (it sees the
-            // fence before starting on it): this answer is dropped unused.
-            if on_query {
+        if let Some((key, unit, answer)) = left.stalled_query.take() {
+            // A query that runs while a stall was declared on an earlier unit (that
+            // ended since) answers for itself: this answer is dropped unused.
+            if inst.heartbeat.stalled_in(unit) {
                 answer(Error::QueryStalled {
                     instance: inst.id,
                     key: query::key_name(key.as_slice()),
@@ -1920,8 +1921,17 @@ impl<H: Handler> Supervised for Shared<H> {
 /// waiters are told so now, not left blocked (the log keeps them for the next).
 fn leave_behind<S, R>(inst: &Instance<S, R>) {
     inst.fence(None);
-    for (_, _, responder) in inst.take_left().unanswered {
+    let left = inst.take_left();
+    for (_, _, responder) in left.unanswered {
         responder.answer(Err(Error::Closed));
+    }
+    // The query it runs still holds its answer: answered here, not when (if ever) it
+    // returns.
+    if let Some((_, _, answer)) = left.stalled_query {
+        answer(Error::Closed);
+    }
+    for ask in left.queries {
+        ask.refuse(Error::Closed);
     }
 }
 

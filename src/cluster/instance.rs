@@ -245,9 +245,22 @@ pub(crate) type QueuedBytes = crate::small::SmallBytes<INLINE_PAYLOAD>;
 struct Taken<S, R> {
     batch: VecDeque<Message<S, R>>,
     current: Option<(Offset, Responder<R>)>,
-    /// The query it is on: its key, and how to answer it if a stall catches the
-    /// instance on it.
-    current_query: Option<(Key, StallAnswer)>,
+    /// The query it is on.
+    query: Option<QueryWork<S>>,
+}
+
+/// Where the query an instance loop took stands.
+enum QueryWork<S> {
+    /// Taken from the mailbox and not begun (its key may be rebuilt first): if the
+    /// instance is lost now, the query goes to its key's new holder.
+    Taken(Box<dyn Ask<S>>),
+    /// Running, in the unit of work the heartbeat counted `unit`: if a stall caught
+    /// the instance in that unit, the query is answered through `answer`.
+    Running {
+        key: Key,
+        unit: u64,
+        answer: StallAnswer,
+    },
 }
 
 /// What `working_on` holds while an instance runs a query: no request's offset (offsets
@@ -259,6 +272,10 @@ pub(crate) enum Message<S, R> {
     Request(Queued<R>),
     /// A query of one key's state: run between that key's requests, logged nowhere.
     Query(Box<dyn Ask<S>>),
+    /// What the loop is given for a query it took: the query itself stays in
+    /// [`Taken::query`] until it begins, where a lost instance's queries are found.
+    /// Never queued.
+    TakenQuery,
     Release {
         keys: Vec<Bytes>,
         handoff: Arc<Handoff<S>>,
@@ -704,7 +721,7 @@ impl<S, R> Instance<S, R> {
             taken: Mutex::new(Taken {
                 batch: VecDeque::new(),
                 current: None,
-                current_query: None,
+                query: None,
             }),
         }
     }
@@ -746,7 +763,7 @@ impl<S, R> Instance<S, R> {
     pub(crate) fn take_left(&self) -> Left<S, R> {
         let mut held = Vec::new();
         let mut current = None;
-        let mut current_query = None;
+        let mut query = None;
         // Same lock order as the loop's take: the mailbox, then the taken batch; a
         // request is always in one of the two. The batch was queued first.
         self.mailbox.drain(|queue| {
@@ -754,7 +771,7 @@ impl<S, R> Instance<S, R> {
             held.extend(taken.batch.drain(..));
             held.extend(queue.drain(..));
             current = taken.current.take();
-            current_query = taken.current_query.take();
+            query = taken.query.take();
             // A stalled loop that wakes up finds this and stops.
             queue.push_back(Message::Stop);
         });
@@ -763,8 +780,15 @@ impl<S, R> Instance<S, R> {
             released: Vec::new(),
             incoming: Relays::default(),
             queries: Vec::new(),
-            stalled_query: current_query,
+            stalled_query: None,
         };
+        match query {
+            Some(QueryWork::Taken(ask)) => left.queries.push(ask),
+            Some(QueryWork::Running { key, unit, answer }) => {
+                left.stalled_query = Some((key, unit, answer))
+            }
+            None => {}
+        }
         // In queue order: a key's state on its way here is the one to relay for a
         // release of that key that comes after it.
         for message in held {
@@ -797,7 +821,7 @@ impl<S, R> Instance<S, R> {
                         .collect();
                     left.released.push((handoff, relays));
                 }
-                Message::Checkpoint(_) | Message::Stop => {}
+                Message::Checkpoint(_) | Message::Stop | Message::TakenQuery => {}
             }
         }
         left.unanswered
@@ -812,17 +836,16 @@ impl<S, R> Instance<S, R> {
             {
                 let mut taken = self.taken.lock();
                 if let Some(mut message) = taken.batch.pop_front() {
-                    match &mut message {
-                        Message::Request(q) => {
-                            taken.current = q.responder.take().map(|r| (q.offset, r));
-                        }
-                        Message::Query(ask) => {
-                            taken.current_query =
-                                Some((Key::copy_from(ask.key()), ask.stall_answer()));
-                        }
-                        _ => {}
+                    if let Message::Request(q) = &mut message {
+                        taken.current = q.responder.take().map(|r| (q.offset, r));
                     }
-                    return message;
+                    return match message {
+                        Message::Query(ask) => {
+                            taken.query = Some(QueryWork::Taken(ask));
+                            Message::TakenQuery
+                        }
+                        other => other,
+                    };
                 }
             }
             // The batch is done: its permits go back before waiting for more.
@@ -864,14 +887,53 @@ impl<S, R> Instance<S, R> {
         self.heartbeat.begin()
     }
 
-    /// Begins a unit of work on a query; it ends when the guard drops.
-    fn begin_query(&self) -> Beat<'_> {
-        self.begin_on(ON_A_QUERY)
+    /// The key of the query the loop took, and how far the key must be rebuilt for it
+    /// (see [`Ask::until`]); `None` if the instance was lost meanwhile and the query
+    /// went to the key's new holder.
+    fn taken_query(&self) -> Option<(Key, Offset)> {
+        match &self.taken.lock().query {
+            Some(QueryWork::Taken(ask)) => Some((Key::copy_from(ask.key()), ask.until())),
+            _ => None,
+        }
     }
 
-    /// The query the loop is on is over: a stall can no longer answer it.
+    /// Takes back the query the loop took, if it is still its own.
+    fn take_query(&self) -> Option<Box<dyn Ask<S>>> {
+        let mut taken = self.taken.lock();
+        match taken.query.take() {
+            Some(QueryWork::Taken(ask)) => Some(ask),
+            other => {
+                taken.query = other;
+                None
+            }
+        }
+    }
+
+    /// Takes back the query the loop took and begins a unit of work on it, which ends
+    /// when the guard drops; `None` if the instance was lost meanwhile (the query went
+    /// to the key's new holder). Under the same lock as a lost instance's
+    /// [`take_left`](Self::take_left): the query is either routed again, or run here.
+    fn begin_query(&self) -> Option<(Box<dyn Ask<S>>, Beat<'_>)> {
+        let mut taken = self.taken.lock();
+        let ask = match taken.query.take() {
+            Some(QueryWork::Taken(ask)) => ask,
+            other => {
+                taken.query = other;
+                return None;
+            }
+        };
+        let beat = self.begin_on(ON_A_QUERY);
+        taken.query = Some(QueryWork::Running {
+            key: Key::copy_from(ask.key()),
+            unit: self.heartbeat.sample(),
+            answer: ask.stall_answer(),
+        });
+        Some((ask, beat))
+    }
+
+    /// The query the loop ran is over: a stall can no longer answer it.
     fn end_query(&self) {
-        self.taken.lock().current_query = None;
+        self.taken.lock().query = None;
     }
 
     /// The request the instance is in a unit of work on, if it is in one: read when it
@@ -884,15 +946,6 @@ impl<S, R> Instance<S, R> {
         // that finished that unit since (a stall is acted on later than it is seen) was
         // not caught on the request it is on now: `None`.
         (before && self.heartbeat.still_stalled() && offset != ON_A_QUERY).then_some(offset)
-    }
-
-    /// Whether a stall caught the instance running a query (see
-    /// [`stuck_on`](Self::stuck_on)): the query is then answered
-    /// [`Error::QueryStalled`]. One it had only taken is run by its key's holder.
-    pub(crate) fn stuck_on_query(&self) -> bool {
-        let before = self.heartbeat.still_stalled();
-        let offset = self.working_on.load(Ordering::Acquire);
-        before && self.heartbeat.still_stalled() && offset == ON_A_QUERY
     }
 }
 
@@ -908,9 +961,10 @@ pub(crate) struct Left<S, R> {
     pub(crate) incoming: Relays<S>,
     /// The queries it had queued and not started: run again where their keys are.
     pub(crate) queries: Vec<Box<dyn Ask<S>>>,
-    /// The query it was on, if any: the key, and how to answer it (only if a stall
-    /// caught it on the query: see [`Instance::stuck_on_query`]).
-    pub(crate) stalled_query: Option<(Key, StallAnswer)>,
+    /// The query it was running, if any: the key, the heartbeat's count of the unit of
+    /// work it runs in, and how to answer it (only if a stall caught the instance in
+    /// that unit: see [`Heartbeat::stalled_in`]).
+    pub(crate) stalled_query: Option<(Key, u64, StallAnswer)>,
 }
 
 /// How an instance loop starts.
@@ -1082,16 +1136,21 @@ pub(crate) fn run<H: Handler>(
     loop {
         let message = me.next_message(&mut handled);
         if me.is_fenced() {
-            if let Message::Query(ask) = message {
-                // Taken just before the fence: whoever holds its key now runs it.
+            if let Some(ask) = me.take_query() {
+                // Taken but not found by the fence (a stopping cluster fences first):
+                // whoever holds its key now runs it, or it is refused `Closed`.
                 shared.route_query_again(ask);
             }
             return Exit::Stopped;
         }
         match message {
-            Message::Query(ask) => {
+            message @ (Message::Query(_) | Message::TakenQuery) => {
+                // `next_message` gives queries as `TakenQuery`, the query kept aside.
+                if let Message::Query(ask) = message {
+                    me.taken.lock().query = Some(QueryWork::Taken(ask));
+                }
                 me.stats.queries.fetch_add(1, Ordering::Relaxed);
-                query(shared, me, &mut states, &mut unavailable, ask);
+                query(shared, me, &mut states, &mut unavailable);
                 handled.count += 1;
                 if handled.count == RELEASE_EVERY {
                     handled.release();
@@ -1286,29 +1345,40 @@ fn available<H: Handler>(
     })
 }
 
-/// Runs a query on its key's state (the default state for a key with none yet). Every
-/// request of the key queued before it has been handled, and none after it.
+/// Runs the query the loop took on its key's state (the default state for a key with
+/// none yet). Every request of the key queued before it has been handled, and none
+/// after it.
 fn query<H: Handler>(
     shared: &Shared<H>,
     me: &Instance<H::State, H::Response>,
     states: &mut States<H::State>,
     unavailable: &mut Unavailable,
-    ask: Box<dyn Ask<H::State>>,
 ) {
-    let key = Key::copy_from(ask.key());
+    let Some((key, until)) = me.taken_query() else {
+        return;
+    };
     let key = key.as_slice();
-    // Every request of the key before `at` was queued before the query: a rebuild up
-    // to it folds exactly those.
-    if !available(shared, me, states, unavailable, key, ask.at()) {
+    // Every request of the key before `until` was queued here before the query: a
+    // rebuild up to it folds exactly those. The rebuild can stall, and the instance be
+    // lost: the query, still in `Taken`, then goes to the key's new holder.
+    if !available(shared, me, states, unavailable, key, until) {
+        let Some(ask) = me.take_query() else {
+            return;
+        };
+        if me.is_fenced() {
+            shared.route_query_again(ask);
+            return;
+        }
         let reason = unavailable.get(key).map(|f| f.reason(key));
         ask.refuse(Error::StateUnavailable {
             instance: me.id,
             reason: reason.unwrap_or_default(),
         });
-        me.end_query();
         return;
     }
-    let beat = me.begin_query();
+    let Some((ask, beat)) = me.begin_query() else {
+        return;
+    };
     match states.get(key) {
         Some(slot) => ask.run(&slot.state, Some(me.id)),
         None => ask.run(&H::State::default(), Some(me.id)),

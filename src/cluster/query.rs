@@ -16,9 +16,15 @@ use crate::small::Key;
 pub(crate) trait Ask<S>: Send {
     /// The key whose state it reads.
     fn key(&self) -> &[u8];
-    /// The input log's next offset when it was made: every request of its key before
-    /// this offset is queued before it, every later one after it.
-    fn at(&self) -> Offset;
+    /// How far its key's requests are queued before it on the instance it is queued
+    /// to: every request of the key before this offset is queued before it, every
+    /// later one after it. When it is made, the input log's next offset (its
+    /// [`Pending::offset`](crate::client::Pending::offset)); when it is routed again
+    /// from a lost instance, the log's next offset then. A key whose rebuild failed is
+    /// rebuilt up to it before the query runs.
+    fn until(&self) -> Offset;
+    /// Routed again, with every request of its key before `until` queued before it.
+    fn set_until(&mut self, until: Offset);
     /// A way to answer it with an error that stays with the instance while the query
     /// runs: if the instance is declared stalled meanwhile, the cluster answers through
     /// it (the first answer wins, so the query's own answer, if it ever comes, is
@@ -37,7 +43,7 @@ pub(crate) type StallAnswer = Box<dyn FnOnce(Error) + Send>;
 /// A query, with the responder of its [`Pending`](crate::client::Pending) answer.
 pub(crate) struct Asked<S, T, F> {
     key: Key,
-    at: Offset,
+    until: Offset,
     query: F,
     responder: Responder<T>,
     state: PhantomData<fn(&S)>,
@@ -47,7 +53,7 @@ impl<S, T, F> Asked<S, T, F> {
     pub(crate) fn new(key: &[u8], at: Offset, query: F, responder: Responder<T>) -> Self {
         Asked {
             key: Key::copy_from(key),
-            at,
+            until: at,
             query,
             responder,
             state: PhantomData,
@@ -64,8 +70,12 @@ where
         self.key.as_slice()
     }
 
-    fn at(&self) -> Offset {
-        self.at
+    fn until(&self) -> Offset {
+        self.until
+    }
+
+    fn set_until(&mut self, until: Offset) {
+        self.until = until;
     }
 
     fn stall_answer(&self) -> StallAnswer {

@@ -99,6 +99,12 @@ impl Heartbeat {
         self.stalled_at.store(sample, Ordering::Release);
     }
 
+    /// Whether the unit of work counted `unit` (the count while it ran) was declared
+    /// stalled, and still runs.
+    pub(crate) fn stalled_in(&self, unit: u64) -> bool {
+        self.still_stalled() && self.sample() == unit
+    }
+
     /// Whether the unit of work declared stalled last is still running: the count has
     /// not moved since the supervisor saw it.
     pub(crate) fn still_stalled(&self) -> bool {
