@@ -487,3 +487,42 @@ fn replay_rebuilds_the_state_a_query_read_from_its_offset() {
     drop(replay);
     cluster.shutdown().unwrap();
 }
+
+/// The async calls' futures own what they need: they can be spawned (here on a thread
+/// of their own) after the client that made them is gone.
+#[test]
+fn async_futures_are_send_and_static_and_read_awaits_the_answer() {
+    fn spawn<F>(fut: F) -> std::thread::JoinHandle<F::Output>
+    where
+        F: std::future::Future + Send + 'static,
+        F::Output: Send + 'static,
+    {
+        std::thread::spawn(move || common::block_on(fut))
+    }
+    let cluster = Cluster::builder(Lists::default())
+        .in_memory()
+        .instances(2)
+        .build()
+        .unwrap();
+    let client = cluster.client();
+    let wrote = spawn(client.request("a", 7));
+    let batch = spawn(client.submit_batch_async([("b", 1), ("b", 2)]));
+    let submitted = spawn(client.submit_async("c", 3));
+    drop(client);
+    assert_eq!(wrote.join().unwrap().unwrap(), 1);
+    let answers: Vec<usize> = batch
+        .join()
+        .unwrap()
+        .unwrap()
+        .into_iter()
+        .map(|p| p.wait().unwrap())
+        .collect();
+    assert_eq!(answers, [1, 2]);
+    assert_eq!(submitted.join().unwrap().unwrap().wait().unwrap(), 1);
+    let client = cluster.client();
+    let read = spawn(client.read("b", |l: &Vec<u64>| l.clone()));
+    let queried = spawn(client.query_async("a", |l: &Vec<u64>| l.len()));
+    assert_eq!(read.join().unwrap().unwrap(), [1, 2]);
+    assert_eq!(queried.join().unwrap().unwrap().wait().unwrap(), 1);
+    cluster.shutdown().unwrap();
+}

@@ -345,9 +345,9 @@ impl<H: Handler> Client<H> {
     /// # cluster.shutdown()?;
     /// # Ok::<(), cauce::Error>(())
     /// ```
-    pub fn submit_async(&self, key: impl AsRef<[u8]>, request: H::Request) -> Submit<'_, H> {
+    pub fn submit_async(&self, key: impl AsRef<[u8]>, request: H::Request) -> Submit<H> {
         Submit {
-            shared: &self.shared,
+            shared: self.shared.clone(),
             key: key.as_ref().to_vec(),
             payload: Some(fold::Scratch::request(&request)),
         }
@@ -360,7 +360,9 @@ impl<H: Handler> Client<H> {
     /// An error is either the submit's (nothing was logged, as with
     /// [`submit_async`]) or the answer's ([`Error::HandlerPanicked`], say: the request
     /// is in the log). Dropping the future before the request is logged submits nothing;
-    /// after, the request is still handled, and its answer dropped.
+    /// after, the request is still handled, and its answer dropped. The future owns
+    /// what it needs (it holds the cluster, as a clone of the client does): it can be
+    /// spawned, `tokio::spawn(client.request(key, req))`.
     ///
     /// ```
     /// # use cauce::cluster::{Cluster, Context, Handler};
@@ -402,7 +404,7 @@ impl<H: Handler> Client<H> {
         &self,
         key: impl AsRef<[u8]>,
         request: H::Request,
-    ) -> impl Future<Output = Result<H::Response>> + Send + '_ {
+    ) -> impl Future<Output = Result<H::Response>> + Send + 'static {
         let submit = self.submit_async(key, request);
         async move { submit.await?.await }
     }
@@ -507,14 +509,14 @@ impl<H: Handler> Client<H> {
     pub fn submit_batch_async<K: AsRef<[u8]>>(
         &self,
         requests: impl IntoIterator<Item = (K, H::Request)>,
-    ) -> SubmitBatch<'_, H> {
+    ) -> SubmitBatch<H> {
         let owned = requests.into_iter().map(|(k, r)| (k.as_ref().to_vec(), r));
         let (items, payloads, failed) = match encode_batch(owned) {
             Ok((items, payloads)) => (items, payloads, None),
             Err(e) => (Vec::new(), fold::Scratch::empty(), Some(e)),
         };
         SubmitBatch {
-            shared: &self.shared,
+            shared: self.shared.clone(),
             items,
             payloads,
             failed,
@@ -654,17 +656,66 @@ impl<H: Handler> Client<H> {
     /// # cluster.shutdown()?;
     /// # Ok::<(), cauce::Error>(())
     /// ```
-    pub fn query_async<T, F>(&self, key: impl AsRef<[u8]>, query: F) -> Query<'_, H, F>
+    pub fn query_async<T, F>(&self, key: impl AsRef<[u8]>, query: F) -> Query<H, F>
     where
         T: Send + 'static,
         F: FnOnce(&H::State) -> T + Send + 'static,
     {
         Query {
-            shared: &self.shared,
+            shared: self.shared.clone(),
             key: key.as_ref().to_vec(),
             query: Some(query),
             done: false,
         }
+    }
+
+    /// Queries `key` and awaits the answer: [`query_async`](Client::query_async) and
+    /// then the [`Pending`] it resolves to, in one future (as [`request`](Client::request)
+    /// is for a request). The future owns what it needs: it can be spawned.
+    ///
+    /// ```
+    /// # use cauce::cluster::{Cluster, Context, Handler};
+    /// # struct Counter;
+    /// # impl Handler for Counter {
+    /// #     type State = u64;
+    /// #     type Request = u64;
+    /// #     type Response = u64;
+    /// #     fn handle(&self, _: &mut Context<'_>, _: &[u8], t: &mut u64, a: u64) -> u64 { *t += a; *t }
+    /// # }
+    /// # fn block_on<F: std::future::Future>(f: F) -> F::Output {
+    /// #     struct Unpark(std::thread::Thread);
+    /// #     impl std::task::Wake for Unpark {
+    /// #         fn wake(self: std::sync::Arc<Self>) { self.0.unpark() }
+    /// #     }
+    /// #     let waker = std::sync::Arc::new(Unpark(std::thread::current())).into();
+    /// #     let mut cx = std::task::Context::from_waker(&waker);
+    /// #     let mut f = std::pin::pin!(f);
+    /// #     loop {
+    /// #         match f.as_mut().poll(&mut cx) {
+    /// #             std::task::Poll::Ready(out) => return out,
+    /// #             std::task::Poll::Pending => std::thread::park(),
+    /// #         }
+    /// #     }
+    /// # }
+    /// # let cluster = Cluster::builder(Counter).in_memory().build()?;
+    /// # let client = cluster.client();
+    /// // `block_on`: any executor's (tokio's `Runtime::block_on`, say).
+    /// block_on(client.request("alice", 5))?;
+    /// assert_eq!(block_on(client.read("alice", |total: &u64| *total))?, 5);
+    /// # cluster.shutdown()?;
+    /// # Ok::<(), cauce::Error>(())
+    /// ```
+    pub fn read<T, F>(
+        &self,
+        key: impl AsRef<[u8]>,
+        query: F,
+    ) -> impl Future<Output = Result<T>> + Send + 'static
+    where
+        T: Send + 'static,
+        F: FnOnce(&H::State) -> T + Send + 'static,
+    {
+        let query = self.query_async(key, query);
+        async move { query.await?.await }
     }
 
     /// The instance that holds `key`'s state now, or for a key not placed yet (never
@@ -685,15 +736,15 @@ impl<H: Handler> Client<H> {
 /// A submit waiting for room without blocking: see [`Client::submit_async`]. Resolves
 /// to the [`Pending`] response once the request is in the log.
 #[must_use = "a submit does nothing unless polled"]
-pub struct Submit<'a, H: Handler> {
-    shared: &'a Shared<H>,
+pub struct Submit<H: Handler> {
+    shared: Arc<Shared<H>>,
     key: Vec<u8>,
     /// The encoded request; `None` once the future has resolved (polling it again is
     /// [`Error::Closed`] and submits nothing).
     payload: Option<Result<fold::Scratch>>,
 }
 
-impl<H: Handler> Future for Submit<'_, H> {
+impl<H: Handler> Future for Submit<H> {
     type Output = Result<Pending<H::Response>>;
 
     fn poll(self: Pin<&mut Self>, cx: &mut TaskContext<'_>) -> Poll<Self::Output> {
@@ -717,8 +768,8 @@ impl<H: Handler> Future for Submit<'_, H> {
 /// A query waiting for room without blocking: see [`Client::query_async`]. Resolves to
 /// the [`Pending`] answer once the query is queued.
 #[must_use = "a query does nothing unless polled"]
-pub struct Query<'a, H: Handler, F> {
-    shared: &'a Shared<H>,
+pub struct Query<H: Handler, F> {
+    shared: Arc<Shared<H>>,
     key: Vec<u8>,
     /// The function, until it is queued (or run).
     query: Option<F>,
@@ -726,7 +777,7 @@ pub struct Query<'a, H: Handler, F> {
     done: bool,
 }
 
-impl<H, F, T> Future for Query<'_, H, F>
+impl<H, F, T> Future for Query<H, F>
 where
     H: Handler,
     T: Send + 'static,
@@ -749,9 +800,9 @@ where
 }
 
 // The function is never pinned: it is only moved out, to be queued.
-impl<H: Handler, F> Unpin for Query<'_, H, F> {}
+impl<H: Handler, F> Unpin for Query<H, F> {}
 
-impl<H: Handler, F> std::fmt::Debug for Query<'_, H, F> {
+impl<H: Handler, F> std::fmt::Debug for Query<H, F> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Query")
             .field("key", &self.key)
@@ -779,8 +830,8 @@ fn encode_batch<K, R: serde::Serialize>(
 /// [`Client::submit_batch_async`]. Resolves to the [`Pending`] responses, in the order
 /// given, once the batch is in the log.
 #[must_use = "a submit does nothing unless polled"]
-pub struct SubmitBatch<'a, H: Handler> {
-    shared: &'a Shared<H>,
+pub struct SubmitBatch<H: Handler> {
+    shared: Arc<Shared<H>>,
     /// The keys, and where each one's encoded request lies in `payloads`.
     items: Vec<(Vec<u8>, std::ops::Range<usize>)>,
     payloads: fold::Scratch,
@@ -791,7 +842,7 @@ pub struct SubmitBatch<'a, H: Handler> {
     done: bool,
 }
 
-impl<H: Handler> Future for SubmitBatch<'_, H> {
+impl<H: Handler> Future for SubmitBatch<H> {
     type Output = Result<Vec<Pending<H::Response>>>;
 
     fn poll(self: Pin<&mut Self>, cx: &mut TaskContext<'_>) -> Poll<Self::Output> {
@@ -814,7 +865,7 @@ impl<H: Handler> Future for SubmitBatch<'_, H> {
     }
 }
 
-impl<H: Handler> std::fmt::Debug for SubmitBatch<'_, H> {
+impl<H: Handler> std::fmt::Debug for SubmitBatch<H> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("SubmitBatch")
             .field("requests", &self.items.len())
@@ -823,7 +874,7 @@ impl<H: Handler> std::fmt::Debug for SubmitBatch<'_, H> {
     }
 }
 
-impl<H: Handler> std::fmt::Debug for Submit<'_, H> {
+impl<H: Handler> std::fmt::Debug for Submit<H> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Submit")
             .field("key", &self.key)
