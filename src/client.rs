@@ -174,6 +174,11 @@ fn pair<T>(block: Arc<[Slot<T>]>, index: usize, offset: Offset) -> (Pending<T>, 
 }
 
 impl<T> Responder<T> {
+    /// Whether the [`Pending`] was dropped: nobody will read an answer.
+    pub(crate) fn is_abandoned(&self) -> bool {
+        self.slot.state.lock().abandoned
+    }
+
     /// Whether the response was given (by anyone).
     pub(crate) fn is_answered(&self) -> bool {
         self.slot.answered.load(Ordering::Acquire)

@@ -1,7 +1,8 @@
 //! Queries where things go wrong around them, each found by a review of the query path
 //! and each failing before its fix: a query still running at shutdown, a query whose
-//! key's rebuild stalls its instance, and a query routed again from a lost instance to
-//! a holder where its key must be rebuilt.
+//! key's rebuild stalls its instance, a query routed again from a lost instance to a
+//! holder where its key must be rebuilt, and a query begun after a stall was declared
+//! on the work before it.
 
 mod common;
 
@@ -343,6 +344,202 @@ mod stale_rebuild {
         assert_eq!(
             seen, logged,
             "a plain query after a rerouted one saw a state missing logged requests"
+        );
+    }
+}
+
+mod late_stall {
+    //! A stall is declared on a request's unit of work; before the cluster acts on it (here
+    //! it waits for a stripe lock held by a submit whose log append is slow), the request
+    //! finishes and the loop begins the query queued behind it. The lost instance has left
+    //! the supervisor's watch, so the cluster watches that query itself: one that runs past
+    //! the stall timeout is answered `QueryStalled` (before the fix: not at all until its
+    //! function returned), and at shutdown `Closed`.
+
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::time::{Duration, Instant};
+
+    use cauce::Error;
+    use cauce::cluster::{Cluster, Context, Handler};
+    use cauce::store::{MemoryStore, Store};
+
+    const HANG: u64 = u64::MAX;
+
+    #[derive(Clone, Default)]
+    struct Lists {
+        release: Arc<AtomicBool>,
+    }
+
+    impl Handler for Lists {
+        type State = Vec<u64>;
+        type Request = u64;
+        type Response = usize;
+        fn handle(&self, ctx: &mut Context<'_>, _: &[u8], l: &mut Vec<u64>, v: u64) -> usize {
+            if v == HANG && !ctx.is_replay() {
+                wait_for(&self.release, Duration::from_secs(30));
+            }
+            l.push(v);
+            l.len()
+        }
+    }
+
+    fn wait_for(flag: &AtomicBool, at_most: Duration) {
+        let since = Instant::now();
+        while !flag.load(Ordering::SeqCst) && since.elapsed() < at_most {
+            std::thread::sleep(Duration::from_millis(2));
+        }
+    }
+
+    /// A log whose appends of key "gate" block while `closed` is set: the submit holds its
+    /// key's stripe lock meanwhile, so `lose` (which takes every stripe) waits.
+    struct Gated {
+        live: MemoryStore,
+        closed: AtomicBool,
+    }
+
+    impl Store for Gated {
+        fn append(&self, batch: &[cauce::Entry<'_>]) -> cauce::Result<std::ops::Range<u64>> {
+            if batch.iter().any(|e| e.key == b"gate") {
+                let since = Instant::now();
+                while self.closed.load(Ordering::SeqCst)
+                    && since.elapsed() < Duration::from_secs(30)
+                {
+                    std::thread::sleep(Duration::from_millis(2));
+                }
+            }
+            self.live.append(batch)
+        }
+        fn read_from(&self, from: u64) -> cauce::Result<cauce::store::RecordIter> {
+            self.live.read_from(from)
+        }
+        fn replay_from(
+            &self,
+            from: u64,
+            f: &mut dyn FnMut(u64, cauce::Entry<'_>),
+        ) -> cauce::Result<u64> {
+            self.live.replay_from(from, f)
+        }
+        fn start_offset(&self) -> u64 {
+            self.live.start_offset()
+        }
+        fn next_offset(&self) -> u64 {
+            self.live.next_offset()
+        }
+        fn wait_for(&self, offset: u64, timeout: Option<Duration>) -> u64 {
+            self.live.wait_for(offset, timeout)
+        }
+        fn wake_waiters(&self) {
+            self.live.wake_waiters()
+        }
+        fn sync(&self) -> cauce::Result<()> {
+            self.live.sync()
+        }
+        fn truncate_before(&self, offset: u64) -> cauce::Result<()> {
+            self.live.truncate_before(offset)
+        }
+        fn compact(&self) -> cauce::Result<cauce::store::Compaction> {
+            self.live.compact()
+        }
+        fn commit_cursor(&self, name: &str, offset: u64) -> cauce::Result<()> {
+            self.live.commit_cursor(name, offset)
+        }
+        fn cursor(&self, name: &str) -> cauce::Result<Option<u64>> {
+            self.live.cursor(name)
+        }
+        fn save_snapshot(&self, name: &str, offset: u64, blob: &[u8]) -> cauce::Result<()> {
+            self.live.save_snapshot(name, offset, blob)
+        }
+        fn latest_snapshot(&self, name: &str) -> cauce::Result<Option<cauce::store::Snapshot>> {
+            self.live.latest_snapshot(name)
+        }
+    }
+
+    /// Returns the query's answer within 10x the stall timeout, and (if `then_shutdown`)
+    /// its answer within 2 s of a shutdown after that.
+    fn scenario(then_shutdown: bool) -> (cauce::Result<Vec<u64>>, Option<cauce::Result<Vec<u64>>>) {
+        let svc = Lists::default();
+        let release = svc.release.clone();
+        let input = Arc::new(Gated {
+            live: MemoryStore::new(),
+            closed: AtomicBool::new(false),
+        });
+        let stall_timeout = Duration::from_millis(200);
+        let cluster = Cluster::builder(svc)
+            .stores(input.clone(), None)
+            .instances(1)
+            .stall_timeout(stall_timeout)
+            .supervise_every(Duration::from_millis(10))
+            .build()
+            .unwrap();
+        let client = cluster.client();
+        client.submit("k", 1).unwrap().wait().unwrap();
+        // The instance hangs on k:HANG; a slow query of k queues behind it.
+        let hang = client.submit("k", HANG).unwrap();
+        let query_done = Arc::new(AtomicBool::new(false));
+        let qd = query_done.clone();
+        let q = client
+            .query("k", move |l: &Vec<u64>| {
+                // Runs far past the stall timeout (10 s stands for "hangs").
+                wait_for(&qd, Duration::from_secs(10));
+                l.clone()
+            })
+            .unwrap();
+        // A submit of another key holds its stripe lock in a slow append (as an fdatasync
+        // under SyncPolicy::Always on a slow disk would): `lose` waits for it.
+        input.closed.store(true, Ordering::SeqCst);
+        let c2 = cluster.client();
+        let gate = std::thread::spawn(move || c2.submit("gate", 7).map(|p| p.offset()));
+        // The supervisor declares the stall on k:HANG and blocks in `lose`.
+        std::thread::sleep(stall_timeout * 3);
+        let stalls_before = cluster.metrics().stalls;
+        // k:HANG returns; the loop begins the query (in a later unit).
+        release.store(true, Ordering::SeqCst);
+        let _ = hang.wait_timeout(Duration::from_secs(2));
+        std::thread::sleep(Duration::from_millis(50));
+        // `lose` goes on: it takes the running query, fences, drops its stall answer.
+        input.closed.store(false, Ordering::SeqCst);
+        gate.join().unwrap().unwrap();
+        let t = Instant::now();
+        let got = q.wait_timeout(stall_timeout * 10);
+        eprintln!(
+            "stalls {} -> {}; query after {:?}: {got:?}",
+            stalls_before,
+            cluster.metrics().stalls,
+            t.elapsed()
+        );
+        let after_shutdown = then_shutdown.then(|| {
+            let t = Instant::now();
+            let sd = cluster.shutdown();
+            eprintln!("shutdown: {sd:?}");
+            let r = q.wait_timeout(Duration::from_secs(2));
+            eprintln!("shutdown took {:?}; query 2 s after it: {r:?}", t.elapsed());
+            r
+        });
+        query_done.store(true, Ordering::SeqCst);
+        let later = q.wait_timeout(Duration::from_secs(5));
+        eprintln!("once its function returns: {later:?}");
+        (got, after_shutdown)
+    }
+
+    /// Promise: a query that runs past the stall timeout is answered QueryStalled.
+    #[test]
+    fn a_query_begun_after_a_stall_was_declared_on_an_earlier_unit_is_answered_query_stalled() {
+        let (got, _) = scenario(false);
+        assert!(
+            matches!(got, Err(Error::QueryStalled { .. })),
+            "a query that ran 10x the stall timeout on a lost instance was not answered: {got:?}"
+        );
+    }
+
+    /// Promise: Closed at/after shutdown rather than a hang.
+    #[test]
+    fn that_query_is_answered_closed_at_shutdown() {
+        let (_, after) = scenario(true);
+        let after = after.unwrap();
+        assert!(
+            matches!(after, Err(Error::Closed) | Err(Error::QueryStalled { .. })),
+            "a query running on a lost instance was not answered at shutdown: {after:?}"
         );
     }
 }

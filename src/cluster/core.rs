@@ -17,13 +17,14 @@ use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::ops::Range;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Weak};
-use std::task::Poll;
+use std::task::{Poll, ready};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use crossbeam_utils::CachePadded;
 use parking_lot::{Mutex, MutexGuard};
 
+use super::appenders::{Appenders, Job};
 use super::fold::{self, CHECKPOINT, Checkpoint, Control, Envelope};
 use super::instance::{
     self, CheckpointRound, Exit, Handoff, Instance, Left, Message, NoPermit, Queued, QueuedBytes,
@@ -62,6 +63,8 @@ pub(crate) struct Options {
     /// Ignore the checkpoints in the store at open: see
     /// [`ClusterBuilder::rebuild_from_log`](super::ClusterBuilder::rebuild_from_log).
     pub(crate) rebuild_from_log: bool,
+    /// See [`ClusterBuilder::append_threads`](super::ClusterBuilder::append_threads).
+    pub(crate) append_threads: usize,
 }
 
 /// A batch's routing: each destination instance once, and each item's.
@@ -208,6 +211,48 @@ pub(crate) struct Shared<H: Handler> {
     moved: AtomicU64,
     me: Weak<Shared<H>>,
     owned: Vec<Arc<OwnedLog>>,
+    /// Appends of async submits, when the input log's appends wait for the disk.
+    appenders: Appenders,
+    /// Queries lost instances were running outside the unit of work a stall was
+    /// declared on (see [`Shared::left_queries`]).
+    watched: Mutex<Vec<WatchedQuery>>,
+}
+
+/// A query a lost instance began after a stall was declared on an earlier unit of its
+/// work: the instance has left the supervisor's watch, so the cluster watches the query
+/// (every supervisor tick) until it ends, and answers it [`Error::QueryStalled`] if it
+/// runs past the stall timeout.
+struct WatchedQuery {
+    instance: InstanceId,
+    key: Key,
+    heartbeat: Arc<Heartbeat>,
+    /// The heartbeat's count while the query runs.
+    unit: u64,
+    since: Instant,
+    answer: query::StallAnswer,
+}
+
+/// What [`Shared::submit_from`] did.
+pub(crate) enum Submitted<H: Handler> {
+    /// Logged and queued.
+    Logged(Pending<H::Response>),
+    /// Room taken in this instance's queue, nothing logged.
+    Room(Arc<Inst<H>>),
+}
+
+impl<H: Handler> Submitted<H> {
+    /// The pending response of a submit that was not asked to reserve room only.
+    pub(crate) fn logged(self) -> Result<Pending<H::Response>> {
+        match self {
+            Submitted::Logged(p) => Ok(p),
+            Submitted::Room(inst) => {
+                // Only `reserve` returns room; give it back rather than leak it.
+                inst.permits.release();
+                debug_assert!(false, "room returned to a submit that did not reserve");
+                Err(Error::Closed)
+            }
+        }
+    }
 }
 
 /// Everything `Shared::open` needs.
@@ -334,6 +379,7 @@ impl<H: Handler> Shared<H> {
         let next_id = instances.iter().max().map_or(0, |m| m + 1);
         let placement_epoch = AtomicU64::new(routing.placement.epoch());
         let checkpoint_in_store = !options.rebuild_from_log;
+        let options_append_threads = options.append_threads;
         let shared = Arc::new_cyclic(|me| Shared {
             handler: Arc::new(handler),
             input,
@@ -371,6 +417,8 @@ impl<H: Handler> Shared<H> {
             moved: AtomicU64::new(0),
             me: me.clone(),
             owned,
+            appenders: Appenders::new(options_append_threads),
+            watched: Mutex::new(Vec::new()),
         });
         for &id in &instances {
             let id = InstanceId(id);
@@ -713,14 +761,40 @@ impl<H: Handler> Shared<H> {
         payload: &[u8],
         room: &mut Room<'_, '_>,
     ) -> Poll<Result<Pending<H::Response>>> {
+        self.submit_from(key, payload, room, None, false)
+            .map(|submitted| submitted.and_then(Submitted::logged))
+    }
+
+    /// [`submit_payload`](Self::submit_payload) in two steps, for a submit whose append
+    /// must not run on the calling thread: `reserve` takes room in the queue of the
+    /// instance the key routes to and returns it ([`Submitted::Room`]) without logging
+    /// anything; a second call given that room (`held`) routes again, and logs and queues
+    /// the request (taking room elsewhere if the key moved meanwhile).
+    pub(crate) fn submit_from(
+        &self,
+        key: &[u8],
+        payload: &[u8],
+        room: &mut Room<'_, '_>,
+        held: Option<Arc<Inst<H>>>,
+        reserve: bool,
+    ) -> Poll<Result<Submitted<H>>> {
+        // The instance we hold a queue permit of, if any.
+        let mut permit: Option<Arc<Inst<H>>> = held;
         if !self.accepting.load(Ordering::SeqCst) {
+            if let Some(p) = permit {
+                p.permits.release();
+            }
             return Poll::Ready(Err(Error::Closed));
         }
         let timestamp = now();
         let hash = key_hash(key);
+        if reserve {
+            if let Some(p) = permit {
+                p.permits.release();
+            }
+            return self.reserve_room(key, hash, timestamp, room);
+        }
         let stripe = &self.stripes[stripe_of_hash(hash)];
-        // The instance we hold a queue permit of, if any.
-        let mut permit: Option<Arc<Inst<H>>> = None;
         loop {
             let mut holders = stripe.lock();
             if !self.accepting.load(Ordering::SeqCst) {
@@ -815,7 +889,172 @@ impl<H: Handler> Shared<H> {
             if !self.options.linger.is_zero() {
                 pending.set_answerer(dest);
             }
-            return Poll::Ready(Ok(pending));
+            return Poll::Ready(Ok(Submitted::Logged(pending)));
+        }
+    }
+
+    /// The first step of [`submit_from`](Self::submit_from) with `reserve`: room in the
+    /// queue of the instance `key` routes to now. Takes the routing lock only, never the
+    /// key's stripe lock, which an appender thread holds through its append (an
+    /// fdatasync): a future polled on an executor's thread must not wait for that.
+    fn reserve_room(
+        &self,
+        key: &[u8],
+        hash: u64,
+        timestamp: u64,
+        room: &mut Room<'_, '_>,
+    ) -> Poll<Result<Submitted<H>>> {
+        let route = || {
+            let mut routing = self.routing.lock();
+            let pick = routing.placement.pick(key, hash, timestamp);
+            pick.and_then(|p| routing.instances.get(&p.instance()).cloned())
+        };
+        loop {
+            if !self.accepting.load(Ordering::SeqCst) {
+                return Poll::Ready(Err(Error::Closed));
+            }
+            let dest = match route() {
+                Some(dest) => dest,
+                None => {
+                    // Without a stripe lock, routing can see a membership change half
+                    // done (an instance gone from the table and not yet from the
+                    // placement, or no instance between a lost one and its
+                    // replacement). A change holds every stripe: under the key's, route
+                    // again (as a future, take it only if it is free, else poll again).
+                    let stripe = &self.stripes[stripe_of_hash(hash)];
+                    let guard = match room {
+                        Room::Poll(cx) => match stripe.try_lock() {
+                            Some(guard) => guard,
+                            None => {
+                                cx.waker().wake_by_ref();
+                                return Poll::Pending;
+                            }
+                        },
+                        Room::Wait | Room::Refuse => stripe.lock(),
+                    };
+                    let dest = route();
+                    drop(guard);
+                    match dest {
+                        Some(dest) => dest,
+                        None => return Poll::Ready(Err(Error::NoInstance)),
+                    }
+                }
+            };
+            let took = match dest.permits.acquire(false) {
+                Ok(()) => true,
+                // Lost since the pick (it leaves the table before it is retired): pick
+                // again.
+                Err(NoPermit::Retired) => false,
+                Err(NoPermit::Busy) => match room {
+                    Room::Refuse => {
+                        return Poll::Ready(Err(Error::Busy {
+                            instance: dest.id,
+                            capacity: dest.permits.capacity(),
+                        }));
+                    }
+                    Room::Wait => dest.permits.acquire(true).is_ok(),
+                    Room::Poll(cx) => match dest.permits.poll_acquire(cx) {
+                        Poll::Ready(took) => took.is_ok(),
+                        Poll::Pending => return Poll::Pending,
+                    },
+                },
+            };
+            if took {
+                return Poll::Ready(Ok(Submitted::Room(dest)));
+            }
+        }
+    }
+
+    /// Whether a submit's append must not run on an async executor's thread: the input
+    /// log's appends wait for the disk.
+    pub(crate) fn appends_elsewhere(&self) -> bool {
+        self.input.append_waits_for_disk()
+    }
+
+    /// Hands the second step of a submit that took room in `dest`'s queue (see
+    /// [`submit_from`](Self::submit_from)) to an appender thread. The answer resolves
+    /// to the request's pending response once it is logged and queued, or to why it was
+    /// not. Dropped before the thread gets to it, nothing is logged.
+    pub(crate) fn append_elsewhere(
+        self: &Arc<Self>,
+        key: Vec<u8>,
+        payload: fold::Scratch,
+        range: Range<usize>,
+        dest: Arc<Inst<H>>,
+    ) -> Pending<Pending<H::Response>> {
+        let (answer, responder) = pending::<Pending<H::Response>>(0);
+        let shared = self.clone();
+        self.run_append(Box::new(move || {
+            if responder.is_abandoned() {
+                dest.permits.release();
+                return;
+            }
+            let body = payload.as_slice().get(range).unwrap_or_default();
+            let logged = shared.submit_from(&key, body, &mut Room::Wait, Some(dest), false);
+            responder.answer(match logged {
+                Poll::Ready(logged) => logged.and_then(Submitted::logged),
+                // Only `Room::Poll` leaves a submit pending.
+                Poll::Pending => Err(Error::Closed),
+            });
+        }));
+        answer
+    }
+
+    /// [`append_elsewhere`](Self::append_elsewhere) for a batch whose room `progress`
+    /// holds (see [`poll_batch_room`](Self::poll_batch_room)).
+    pub(crate) fn append_batch_elsewhere(
+        self: &Arc<Self>,
+        items: Vec<(Vec<u8>, Range<usize>)>,
+        payloads: fold::Scratch,
+        mut progress: BatchProgress<H>,
+    ) -> Pending<Vec<Pending<H::Response>>> {
+        let (answer, responder) = pending::<Vec<Pending<H::Response>>>(0);
+        let shared = self.clone();
+        self.run_append(Box::new(move || {
+            if responder.is_abandoned() {
+                // Dropping the progress gives its room back.
+                return;
+            }
+            let logged = shared.poll_submit_batch(&items, payloads.as_slice(), &mut progress, None);
+            responder.answer(match logged {
+                Poll::Ready(logged) => logged,
+                Poll::Pending => Err(Error::Closed),
+            });
+        }));
+        answer
+    }
+
+    /// Answers [`Error::QueryStalled`] for each watched query (see [`WatchedQuery`]) that
+    /// runs past the stall timeout; forgets those that ended.
+    fn watch_queries(&self) {
+        let mut watched = self.watched.lock();
+        if watched.is_empty() {
+            return;
+        }
+        for w in std::mem::take(&mut *watched) {
+            if w.heartbeat.sample() != w.unit {
+                continue;
+            }
+            if w.since.elapsed() < self.options.stall_timeout {
+                watched.push(w);
+                continue;
+            }
+            (w.answer)(Error::QueryStalled {
+                instance: w.instance,
+                key: query::key_name(w.key.as_slice()),
+                stall_timeout: self.options.stall_timeout,
+            });
+        }
+    }
+
+    /// Runs `job` on an appender thread; here if none can take it (the cluster is
+    /// stopping, and the append finds it closed; or no thread could be started).
+    fn run_append(&self, job: Job) {
+        if let Err((job, e)) = self.appenders.run(job) {
+            if !matches!(e, Error::Closed) {
+                tracing::warn!(error = %e, "running an async submit's append on the caller's thread");
+            }
+            job();
         }
     }
 
@@ -845,7 +1084,20 @@ impl<H: Handler> Shared<H> {
             }
         };
         loop {
-            let holders = stripe.lock();
+            let holders = match room {
+                // An appender thread holds a stripe through its append (an fdatasync): a
+                // future polled on an executor's thread does not wait for it, but yields
+                // and looks again.
+                Room::Poll(cx) if self.appends_elsewhere() => match stripe.try_lock() {
+                    Some(holders) => holders,
+                    None => {
+                        release(permit);
+                        cx.waker().wake_by_ref();
+                        return Poll::Pending;
+                    }
+                },
+                _ => stripe.lock(),
+            };
             if !self.accepting.load(Ordering::SeqCst) {
                 release(permit);
                 return Poll::Ready(Err(Error::Closed));
@@ -980,11 +1232,6 @@ impl<H: Handler> Shared<H> {
         if items.is_empty() {
             return Poll::Ready(Ok(Vec::new()));
         }
-        let BatchProgress {
-            stamp,
-            unroutable_at,
-            held,
-        } = progress;
         if let [(key, payload)] = items {
             // A batch of one is a single request, and the single path is cheaper: it
             // routes under the key's stripe and allocates no batch bookkeeping (a batch
@@ -998,6 +1245,45 @@ impl<H: Handler> Shared<H> {
                 .submit_payload(key.as_ref(), payload, &mut room)
                 .map(|submitted| submitted.map(|pending| vec![pending]));
         }
+        loop {
+            if let Err(e) = ready!(self.poll_batch_room(items, progress, cx.as_deref_mut())) {
+                return Poll::Ready(Err(e));
+            }
+            let BatchProgress { stamp, held, .. } = &mut *progress;
+            let (Some(stamp), Some(mut full)) = (stamp.as_ref(), held.take()) else {
+                continue;
+            };
+            let submitted = self.submit_batch_locked(
+                items,
+                &stamp.hashes,
+                payloads,
+                &mut full.routed,
+                stamp.timestamp,
+            );
+            // Its room is queued, or was given back.
+            full.taken = 0;
+            match submitted {
+                Ok(Some(pendings)) => return Poll::Ready(Ok(pendings)),
+                Ok(None) => continue,
+                Err(e) => return Poll::Ready(Err(e)),
+            }
+        }
+    }
+
+    /// The first step of a batch submit of several requests: routes the batch and takes
+    /// room for all of it, waiting (`cx` `None`: blocking) for room where queues are
+    /// full. Once it is `Ready(Ok)`, `progress` holds the room of the whole batch.
+    pub(crate) fn poll_batch_room<K: AsRef<[u8]>>(
+        &self,
+        items: &[(K, Range<usize>)],
+        progress: &mut BatchProgress<H>,
+        mut cx: Option<&mut std::task::Context<'_>>,
+    ) -> Poll<Result<()>> {
+        let BatchProgress {
+            stamp,
+            unroutable_at,
+            held,
+        } = progress;
         let stamp = stamp.get_or_insert_with(|| Stamp {
             hashes: items.iter().map(|(k, _)| key_hash(k.as_ref())).collect(),
             timestamp: now(),
@@ -1009,11 +1295,13 @@ impl<H: Handler> Shared<H> {
             }
             let taking = match held {
                 Some(taking) => taking,
-                None => match self.route_batch(items, stamp, unroutable_at) {
-                    Ok(Some(routed)) => held.insert(routed),
-                    Ok(None) => continue,
-                    Err(e) => return Poll::Ready(Err(e)),
-                },
+                None => {
+                    match ready!(self.route_batch(items, stamp, unroutable_at, cx.as_deref_mut())) {
+                        Ok(Some(routed)) => held.insert(routed),
+                        Ok(None) => continue,
+                        Err(e) => return Poll::Ready(Err(e)),
+                    }
+                }
             };
             // Room is taken in ascending instance order, all of an instance's at once: a
             // batch never holds room in one queue while it waits for another's that a
@@ -1040,23 +1328,7 @@ impl<H: Handler> Shared<H> {
                 *held = None;
                 continue;
             }
-            let Some(mut full) = held.take() else {
-                continue;
-            };
-            let submitted = self.submit_batch_locked(
-                items,
-                &stamp.hashes,
-                payloads,
-                &mut full.routed,
-                stamp.timestamp,
-            );
-            // Its room is queued, or was given back.
-            full.taken = 0;
-            match submitted {
-                Ok(Some(pendings)) => return Poll::Ready(Ok(pendings)),
-                Ok(None) => continue,
-                Err(e) => return Poll::Ready(Err(e)),
-            }
+            return Poll::Ready(Ok(()));
         }
     }
 
@@ -1067,7 +1339,8 @@ impl<H: Handler> Shared<H> {
         items: &[(K, Range<usize>)],
         stamp: &Stamp,
         unroutable_at: &mut Option<crate::router::Epoch>,
-    ) -> Result<Option<Held<H>>> {
+        cx: Option<&mut std::task::Context<'_>>,
+    ) -> Poll<Result<Option<Held<H>>>> {
         // `dests` holds each instance once; `dest_of[i]` is item i's.
         let (complete, routed) = {
             let mut routing = self.routing.lock();
@@ -1095,11 +1368,22 @@ impl<H: Handler> Shared<H> {
             // every stripe lock: wait for it and route again. The same failure twice at
             // one epoch is no change under way.
             if *unroutable_at == Some(routed.epoch) {
-                return Err(Error::NoInstance);
+                return Poll::Ready(Err(Error::NoInstance));
+            }
+            match cx {
+                // Appender threads hold stripes through their appends (fdatasyncs): a
+                // future polled on an executor's thread polls again instead of waiting.
+                Some(cx) if self.appends_elsewhere() => match self.stripes[0].try_lock() {
+                    Some(guard) => drop(guard),
+                    None => {
+                        cx.waker().wake_by_ref();
+                        return Poll::Pending;
+                    }
+                },
+                _ => drop(self.stripes[0].lock()),
             }
             *unroutable_at = Some(routed.epoch);
-            drop(self.stripes[0].lock());
-            return Ok(None);
+            return Poll::Ready(Ok(None));
         }
         // Waiting for room that this batch itself would have to free never ends: a
         // batch must fit in each queue.
@@ -1108,19 +1392,19 @@ impl<H: Handler> Shared<H> {
         for &(d, requests) in &order {
             let inst = &routed.dests[d];
             if requests > inst.permits.capacity() {
-                return Err(Error::BatchTooLarge {
+                return Poll::Ready(Err(Error::BatchTooLarge {
                     instance: inst.id,
                     requests,
                     capacity: inst.permits.capacity(),
-                });
+                }));
             }
         }
         order.sort_unstable_by_key(|&(d, _)| routed.dests[d].id);
-        Ok(Some(Held {
+        Poll::Ready(Ok(Some(Held {
             routed,
             order,
             taken: 0,
-        }))
+        })))
     }
 
     /// The part of `submit_batch` done under the keys' stripe locks (`hashes` are the
@@ -1447,15 +1731,26 @@ impl<H: Handler> Shared<H> {
         left: &mut Left<H::State, H::Response>,
     ) {
         if let Some((key, unit, answer)) = left.stalled_query.take() {
-            // A query that runs while a stall was declared on an earlier unit (that
-            // ended since) answers for itself: this answer is dropped unused.
             if inst.heartbeat.stalled_in(unit) {
                 answer(Error::QueryStalled {
                     instance: inst.id,
                     key: query::key_name(key.as_slice()),
                     stall_timeout: self.options.stall_timeout,
                 });
+            } else if inst.heartbeat.sample() == unit {
+                // Begun after a stall was declared on an earlier unit (the instance
+                // finished that one while its loss waited for the stripes): watched
+                // from here on, since no stall can be declared on a lost instance.
+                self.watched.lock().push(WatchedQuery {
+                    instance: inst.id,
+                    key,
+                    heartbeat: inst.heartbeat.clone(),
+                    unit,
+                    since: Instant::now(),
+                    answer,
+                });
             }
+            // Otherwise it ended, and answered for itself.
         }
         for ask in left.queries.drain(..) {
             let holders = &all[stripe_of(ask.key())];
@@ -1780,6 +2075,13 @@ impl<H: Handler> Shared<H> {
                 inst.permits.retire();
             }
         }
+        // The appends handed to appender threads meanwhile end (`Closed`, or logged and
+        // queued ahead of the stop like any submit that got in first).
+        self.appenders.stop();
+        // Queries still running on instances lost before: not waited for.
+        for w in std::mem::take(&mut *self.watched.lock()) {
+            (w.answer)(Error::Closed);
+        }
         let mut first_error = None;
         // How long an instance may take to finish: to give its part of the checkpoint,
         // then to stop.
@@ -1879,6 +2181,7 @@ impl<H: Handler> Supervised for Shared<H> {
         if !self.accepting.load(Ordering::SeqCst) {
             return;
         }
+        self.watch_queries();
         // Instances whose loop ended without being told to.
         let dead: Vec<InstanceId> = self
             .routing

@@ -86,11 +86,12 @@
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::task::{Context as TaskContext, Poll};
+use std::task::{Context as TaskContext, Poll, ready};
 use std::time::Duration;
 
 use parking_lot::Mutex;
 
+mod appenders;
 mod core;
 mod fold;
 mod instance;
@@ -109,7 +110,7 @@ use crate::error::{Error, Result};
 use crate::launcher::{Launcher, Supervisor, ThreadLauncher};
 use crate::router::{InstanceId, Sticky, StickyOptions};
 use crate::store::{LogOptions, LogStore, MemoryStore, Store};
-use core::{BatchProgress, Options, Parts, Room, Shared};
+use core::{BatchProgress, Options, Parts, Room, Shared, Submitted};
 use owned::OwnedLog;
 
 /// A running keyed service. Dropping it stops it, blocking until its instances have
@@ -179,6 +180,7 @@ impl<H: Handler> Cluster<H> {
                 truncate_after_checkpoint: false,
                 linger: Duration::ZERO,
                 rebuild_from_log: false,
+                append_threads: 16,
             },
             launcher: Arc::new(ThreadLauncher::new()),
         }
@@ -300,16 +302,24 @@ impl<H: Handler> Client<H> {
         self.shared.submit(key.as_ref(), &request, true)
     }
 
-    /// Like [`submit`](Client::submit), but waits for room in a full queue without
-    /// blocking the thread: the returned future resolves once the request is in the log,
-    /// to the [`Pending`] response, itself a future. For async code, where a blocking
-    /// `submit` would hold up the executor's thread (as tokio's `Sender::send().await`
-    /// does for a bounded channel). Needs no particular runtime.
+    /// Like [`submit`](Client::submit), but never blocks the thread that polls it: the
+    /// returned future resolves once the request is in the log, to the [`Pending`]
+    /// response, itself a future. For async code, where a blocking `submit` would hold
+    /// up the executor's thread. Needs no particular runtime.
     ///
-    /// Nothing is logged before the future first resolves; dropping it before then
-    /// submits nothing, and leaves nothing in the placement either (no load counted, no
-    /// key placed: see [`try_submit`](Client::try_submit)). A request waiting for an
-    /// instance that is removed or stalls is routed again when it next looks for room.
+    /// It waits for room in a full queue as a future (as tokio's `Sender::send().await`
+    /// does for a bounded channel). When the input log's appends wait for the disk (the
+    /// embedded default, [`SyncPolicy::Always`](crate::store::SyncPolicy::Always)), it
+    /// then hands the append to an appender thread and waits for it as a future too
+    /// (see [`append_threads`](ClusterBuilder::append_threads)): a poll never waits for
+    /// an fdatasync, and appends in flight together share one.
+    ///
+    /// Dropping the future before it resolves submits nothing (unless an appender
+    /// thread had already begun its append: then the request is logged and handled, and
+    /// its answer dropped), and leaves nothing in the placement either (no load
+    /// counted, no key placed: see [`try_submit`](Client::try_submit)). A request
+    /// waiting for an instance that is removed or stalls is routed again when it next
+    /// looks for room.
     ///
     /// ```
     /// # use cauce::cluster::{Cluster, Context, Handler};
@@ -349,7 +359,7 @@ impl<H: Handler> Client<H> {
         Submit {
             shared: self.shared.clone(),
             key: key.as_ref().to_vec(),
-            payload: Some(fold::Scratch::request(&request)),
+            state: SubmitState::Start(fold::Scratch::request(&request)),
         }
     }
 
@@ -521,6 +531,7 @@ impl<H: Handler> Client<H> {
             payloads,
             failed,
             progress: BatchProgress::default(),
+            appending: None,
             done: false,
         }
     }
@@ -619,10 +630,12 @@ impl<H: Handler> Client<H> {
         }
     }
 
-    /// Like [`query`](Client::query), but waits for room in a full queue without
-    /// blocking the thread, as [`submit_async`](Client::submit_async) does for a
-    /// request: the future resolves to the [`Pending`] answer once the query is queued.
-    /// Dropping it before then queues nothing.
+    /// Like [`query`](Client::query), but never blocks the thread that polls it, as
+    /// [`submit_async`](Client::submit_async) does for a request: it waits for room in
+    /// a full queue as a future, and (when appends wait for the disk) yields rather
+    /// than wait for an appender thread's append of the same key's stripe. The future
+    /// resolves to the [`Pending`] answer once the query is queued; dropping it before
+    /// then queues nothing.
     ///
     /// ```
     /// # use cauce::cluster::{Cluster, Context, Handler};
@@ -739,9 +752,18 @@ impl<H: Handler> Client<H> {
 pub struct Submit<H: Handler> {
     shared: Arc<Shared<H>>,
     key: Vec<u8>,
-    /// The encoded request; `None` once the future has resolved (polling it again is
-    /// [`Error::Closed`] and submits nothing).
-    payload: Option<Result<fold::Scratch>>,
+    state: SubmitState<H>,
+}
+
+enum SubmitState<H: Handler> {
+    /// The encoded request, waiting for room (and, if appends do not wait for the disk,
+    /// logged here once there is room).
+    Start(Result<fold::Scratch>),
+    /// Room taken; an appender thread logs and queues it (see
+    /// [`ClusterBuilder::append_threads`]).
+    Appending(Pending<Pending<H::Response>>),
+    /// Resolved: polling again is [`Error::Closed`] and submits nothing.
+    Done,
 }
 
 impl<H: Handler> Future for Submit<H> {
@@ -749,19 +771,52 @@ impl<H: Handler> Future for Submit<H> {
 
     fn poll(self: Pin<&mut Self>, cx: &mut TaskContext<'_>) -> Poll<Self::Output> {
         let this = self.get_mut();
-        let payload = match this.payload.take() {
-            None => return Poll::Ready(Err(Error::Closed)),
-            Some(Err(e)) => return Poll::Ready(Err(e)),
-            Some(Ok(payload)) => payload,
-        };
-        let mut room = Room::Poll(cx);
-        let submitted = this
-            .shared
-            .submit_payload(&this.key, payload.as_slice(), &mut room);
-        if submitted.is_pending() {
-            this.payload = Some(Ok(payload));
+        loop {
+            match std::mem::replace(&mut this.state, SubmitState::Done) {
+                SubmitState::Done => return Poll::Ready(Err(Error::Closed)),
+                SubmitState::Start(Err(e)) => return Poll::Ready(Err(e)),
+                SubmitState::Start(Ok(payload)) => {
+                    let mut room = Room::Poll(cx);
+                    if !this.shared.appends_elsewhere() {
+                        let submitted =
+                            this.shared
+                                .submit_payload(&this.key, payload.as_slice(), &mut room);
+                        if submitted.is_pending() {
+                            this.state = SubmitState::Start(Ok(payload));
+                        }
+                        return submitted;
+                    }
+                    let reserved = this.shared.submit_from(
+                        &this.key,
+                        payload.as_slice(),
+                        &mut room,
+                        None,
+                        true,
+                    );
+                    match reserved {
+                        Poll::Pending => {
+                            this.state = SubmitState::Start(Ok(payload));
+                            return Poll::Pending;
+                        }
+                        Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                        Poll::Ready(Ok(Submitted::Logged(p))) => return Poll::Ready(Ok(p)),
+                        Poll::Ready(Ok(Submitted::Room(dest))) => {
+                            let key = std::mem::take(&mut this.key);
+                            let range = 0..payload.as_slice().len();
+                            let answer = this.shared.append_elsewhere(key, payload, range, dest);
+                            this.state = SubmitState::Appending(answer);
+                        }
+                    }
+                }
+                SubmitState::Appending(mut answer) => match Pin::new(&mut answer).poll(cx) {
+                    Poll::Ready(logged) => return Poll::Ready(logged),
+                    Poll::Pending => {
+                        this.state = SubmitState::Appending(answer);
+                        return Poll::Pending;
+                    }
+                },
+            }
         }
-        submitted
     }
 }
 
@@ -838,8 +893,18 @@ pub struct SubmitBatch<H: Handler> {
     /// Why the requests could not be encoded: the first poll's answer.
     failed: Option<Error>,
     progress: BatchProgress<H>,
+    /// Room taken; an appender thread logs and queues the batch (see
+    /// [`ClusterBuilder::append_threads`]).
+    appending: Option<BatchAppend<H>>,
     /// Resolved: polling again is [`Error::Closed`] and submits nothing.
     done: bool,
+}
+
+/// The answer of an appender thread logging a batch: a batch of one goes as a single
+/// submit.
+enum BatchAppend<H: Handler> {
+    One(Pending<Pending<H::Response>>),
+    Many(Pending<Vec<Pending<H::Response>>>),
 }
 
 impl<H: Handler> Future for SubmitBatch<H> {
@@ -847,21 +912,67 @@ impl<H: Handler> Future for SubmitBatch<H> {
 
     fn poll(self: Pin<&mut Self>, cx: &mut TaskContext<'_>) -> Poll<Self::Output> {
         let this = self.get_mut();
-        if this.done {
-            return Poll::Ready(Err(Error::Closed));
-        }
-        if let Some(e) = this.failed.take() {
-            this.done = true;
-            return Poll::Ready(Err(e));
-        }
-        let submitted = this.shared.poll_submit_batch(
-            &this.items,
-            this.payloads.as_slice(),
-            &mut this.progress,
-            Some(cx),
-        );
+        let submitted = this.poll_once(cx);
         this.done = submitted.is_ready();
         submitted
+    }
+}
+
+impl<H: Handler> SubmitBatch<H> {
+    fn poll_once(&mut self, cx: &mut TaskContext<'_>) -> Poll<Result<Vec<Pending<H::Response>>>> {
+        if self.done {
+            return Poll::Ready(Err(Error::Closed));
+        }
+        if let Some(e) = self.failed.take() {
+            return Poll::Ready(Err(e));
+        }
+        loop {
+            match &mut self.appending {
+                Some(BatchAppend::One(answer)) => {
+                    return Pin::new(answer).poll(cx).map(|r| r.map(|p| vec![p]));
+                }
+                Some(BatchAppend::Many(answer)) => return Pin::new(answer).poll(cx),
+                None => {}
+            }
+            if self.items.is_empty() || !self.shared.appends_elsewhere() {
+                return self.shared.poll_submit_batch(
+                    &self.items,
+                    self.payloads.as_slice(),
+                    &mut self.progress,
+                    Some(cx),
+                );
+            }
+            // Room is taken here, as a future; the append runs on an appender thread.
+            if let [(key, range)] = self.items.as_slice() {
+                let body = self.payloads.as_slice().get(range.clone());
+                let mut room = Room::Poll(cx);
+                let reserved =
+                    self.shared
+                        .submit_from(key, body.unwrap_or_default(), &mut room, None, true);
+                match ready!(reserved)? {
+                    Submitted::Logged(p) => return Poll::Ready(Ok(vec![p])),
+                    Submitted::Room(dest) => {
+                        let (key, range) = (key.clone(), range.clone());
+                        let payloads =
+                            std::mem::replace(&mut self.payloads, fold::Scratch::empty());
+                        let answer = self.shared.append_elsewhere(key, payloads, range, dest);
+                        self.appending = Some(BatchAppend::One(answer));
+                    }
+                }
+                continue;
+            }
+            ready!(
+                self.shared
+                    .poll_batch_room(&self.items, &mut self.progress, Some(cx))
+            )?;
+            let items = std::mem::take(&mut self.items);
+            let payloads = std::mem::replace(&mut self.payloads, fold::Scratch::empty());
+            let progress = std::mem::take(&mut self.progress);
+            let answer = self
+                .shared
+                .append_batch_elsewhere(items, payloads, progress);
+            self.appending = Some(BatchAppend::Many(answer));
+        }
     }
 }
 
@@ -878,12 +989,27 @@ impl<H: Handler> std::fmt::Debug for Submit<H> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Submit")
             .field("key", &self.key)
-            .field("resolved", &self.payload.is_none())
+            .field("resolved", &matches!(self.state, SubmitState::Done))
             .finish()
     }
 }
 
 impl<H: Handler> ClusterBuilder<H> {
+    /// How many appender threads async submits may use (default 16). When the input
+    /// log's appends wait for the disk
+    /// ([`SyncPolicy::Always`](crate::store::SyncPolicy::Always), the default), an async
+    /// submit ([`submit_async`](Client::submit_async), [`request`](Client::request),
+    /// [`submit_batch_async`](Client::submit_batch_async)) takes room in the queue as a
+    /// future, then hands its append to one of these threads and waits for it as a
+    /// future too: an executor's thread never waits for an fdatasync. Up to this many
+    /// appends are in flight at once, sharing fdatasyncs through the log's group
+    /// commit. The threads start with the first such submit; blocking submits never use
+    /// them. At least 1.
+    pub fn append_threads(mut self, threads: usize) -> Self {
+        self.options.append_threads = threads.max(1);
+        self
+    }
+
     /// Keeps the logs on disk in `dir` (the embedded default): the input log in
     /// `dir/input` and the journal of outside calls in `dir/effects`, both [`LogStore`]s
     /// opened with [`log_options`](ClusterBuilder::log_options). Opening a directory that

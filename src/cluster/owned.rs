@@ -81,6 +81,9 @@ impl Store for OwnedLog {
     fn sync(&self) -> Result<()> {
         self.with(|l| l.sync())
     }
+    fn append_waits_for_disk(&self) -> bool {
+        self.read(false, |l| l.append_waits_for_disk())
+    }
     fn sync_until(&self, offset: Offset) -> Result<()> {
         self.with(|l| l.sync_until(offset))
     }

@@ -160,6 +160,15 @@ pub trait Store: Send + Sync + 'static {
         self.sync()
     }
 
+    /// Whether [`append`](Store::append) waits for the disk before it returns (an
+    /// fdatasync, as [`LogStore`] does under [`SyncPolicy::Always`]). A caller that must
+    /// not block, such as a future polled on an async executor's thread, hands such
+    /// appends to a thread of its own. The default is `false`: appends return about as
+    /// soon as the records are in memory.
+    fn append_waits_for_disk(&self) -> bool {
+        false
+    }
+
     /// Drops every record before `offset` (retention); see the contract above.
     fn truncate_before(&self, offset: Offset) -> Result<()>;
 
@@ -338,6 +347,9 @@ impl<S: Store + ?Sized> Store for std::sync::Arc<S> {
     }
     fn sync_until(&self, offset: Offset) -> Result<()> {
         (**self).sync_until(offset)
+    }
+    fn append_waits_for_disk(&self) -> bool {
+        (**self).append_waits_for_disk()
     }
     fn truncate_before(&self, offset: Offset) -> Result<()> {
         (**self).truncate_before(offset)

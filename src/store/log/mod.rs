@@ -800,6 +800,10 @@ impl Store for LogStore {
         self.shared.append(batch)
     }
 
+    fn append_waits_for_disk(&self) -> bool {
+        self.shared.options.sync == SyncPolicy::Always
+    }
+
     fn read_from(&self, from: Offset) -> Result<RecordIter> {
         check_read_range(from, self.start_offset(), self.next_offset())?;
         Ok(Box::new(reader::LogReader::new(self.shared.clone(), from)))

@@ -1,0 +1,109 @@
+//! Threads that append for async submits when the input log's appends wait for the disk.
+//!
+//! Under [`SyncPolicy::Always`](crate::store::SyncPolicy::Always) an append returns once
+//! its records are fdatasync'd: a millisecond or more. An async submit that appended
+//! inside `poll` would hold its executor's thread that long (and, on a runtime of two
+//! threads, let at most two submits share one fdatasync). So async submits take room in
+//! the queue as futures, then hand the append to one of these threads and wait for it
+//! as a future too. Many appends in flight at once share one fdatasync through the log's
+//! group commit. The threads start with the first such submit.
+
+use crossbeam_channel::{Receiver, Sender, unbounded};
+use parking_lot::Mutex;
+
+use crate::error::{Error, Result};
+
+/// An append to run on an appender thread.
+pub(crate) type Job = Box<dyn FnOnce() + Send>;
+
+/// The appender threads of a cluster, started on first use.
+pub(crate) struct Appenders {
+    threads: usize,
+    pool: Mutex<Option<Pool>>,
+    /// Stopped: no thread starts any more.
+    stopped: Mutex<bool>,
+}
+
+struct Pool {
+    jobs: Sender<Job>,
+    handles: Vec<std::thread::JoinHandle<()>>,
+}
+
+impl Appenders {
+    /// Up to `threads` appends in flight at once (at least 1).
+    pub(crate) fn new(threads: usize) -> Self {
+        Appenders {
+            threads: threads.max(1),
+            pool: Mutex::new(None),
+            stopped: Mutex::new(false),
+        }
+    }
+
+    /// Runs `job` on an appender thread. Gives it back if it cannot: the cluster is
+    /// stopping, or no thread could be started (the caller then runs it itself, or
+    /// refuses it).
+    pub(crate) fn run(&self, job: Job) -> std::result::Result<(), (Job, Error)> {
+        let stopped = self.stopped.lock();
+        if *stopped {
+            return Err((job, Error::Closed));
+        }
+        let mut pool = self.pool.lock();
+        if pool.is_none() {
+            match start(self.threads) {
+                Ok(started) => *pool = Some(started),
+                Err(e) => return Err((job, e)),
+            }
+        }
+        let Some(p) = pool.as_ref() else {
+            return Err((job, Error::Closed));
+        };
+        // The threads hold the receiver until the pool is stopped, under these locks.
+        p.jobs
+            .send(job)
+            .map_err(|e| (e.into_inner(), Error::Closed))
+    }
+
+    /// Stops the threads once they have run every job handed to them. Called by the
+    /// cluster's shutdown, never from an appender thread.
+    pub(crate) fn stop(&self) {
+        let pool = {
+            let mut stopped = self.stopped.lock();
+            *stopped = true;
+            self.pool.lock().take()
+        };
+        if let Some(Pool { jobs, handles }) = pool {
+            drop(jobs);
+            for h in handles {
+                let _ = h.join();
+            }
+        }
+    }
+}
+
+fn start(threads: usize) -> Result<Pool> {
+    let (jobs, queue) = unbounded::<Job>();
+    let mut handles = Vec::with_capacity(threads);
+    for i in 0..threads {
+        let queue: Receiver<Job> = queue.clone();
+        let name = format!("cauce-append-{i}");
+        let spawned = std::thread::Builder::new()
+            .name(name.clone())
+            .spawn(move || {
+                while let Ok(job) = queue.recv() {
+                    // A job that panicked answered its caller `Closed` (its responder
+                    // dropped); the thread goes on serving the others.
+                    let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(job));
+                }
+            });
+        match spawned {
+            Ok(h) => handles.push(h),
+            // The threads started so far serve alone.
+            Err(source) if !handles.is_empty() => {
+                tracing::warn!(thread = %name, error = %source, "could not start an appender thread");
+                break;
+            }
+            Err(source) => return Err(Error::Spawn { name, source }),
+        }
+    }
+    Ok(Pool { jobs, handles })
+}

@@ -1,0 +1,328 @@
+//! Async submits never wait for the disk on the polling thread: when the input log's
+//! appends wait for the disk (`LogStore` under `SyncPolicy::Always`), the future takes
+//! room in the queue, hands the append to an appender thread and waits for it as a
+//! future. A store whose appends block until a gate opens shows it without timing
+//! anything: a poll returns `Pending` while the append it started is held at the gate.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::task::{Context as TaskContext, Poll, Wake, Waker};
+use std::time::{Duration, Instant};
+
+use cauce::cluster::{Cluster, Context, Handler};
+use cauce::store::{MemoryStore, Store};
+
+mod common;
+use common::block_on;
+
+struct Counter;
+
+impl Handler for Counter {
+    type State = u64;
+    type Request = u64;
+    type Response = u64;
+    fn handle(&self, _: &mut Context<'_>, _: &[u8], total: &mut u64, add: u64) -> u64 {
+        *total += add;
+        *total
+    }
+}
+
+/// An input log whose appends of keys starting with "slow" wait until the gate opens,
+/// and which says its appends wait for the disk.
+#[derive(Default)]
+struct Gate {
+    live: MemoryStore,
+    open: AtomicBool,
+    /// Appends waiting at the gate now.
+    waiting: AtomicUsize,
+}
+
+impl Gate {
+    fn wait_until_waiting(&self, n: usize) {
+        let since = Instant::now();
+        while self.waiting.load(Ordering::SeqCst) < n {
+            assert!(
+                since.elapsed() < Duration::from_secs(10),
+                "{} appends at the gate, expected {n}",
+                self.waiting.load(Ordering::SeqCst)
+            );
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }
+
+    fn requests_of(&self, key: &[u8]) -> usize {
+        self.live
+            .read_from(0)
+            .unwrap()
+            .filter(|r| r.as_ref().unwrap().key.as_ref() == key)
+            .count()
+    }
+}
+
+impl Store for Gate {
+    fn append(&self, batch: &[cauce::Entry<'_>]) -> cauce::Result<std::ops::Range<u64>> {
+        if batch.iter().any(|e| e.key.starts_with(b"slow")) {
+            self.waiting.fetch_add(1, Ordering::SeqCst);
+            let since = Instant::now();
+            while !self.open.load(Ordering::SeqCst) && since.elapsed() < Duration::from_secs(30) {
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            self.waiting.fetch_sub(1, Ordering::SeqCst);
+        }
+        self.live.append(batch)
+    }
+    fn append_waits_for_disk(&self) -> bool {
+        true
+    }
+    fn read_from(&self, from: u64) -> cauce::Result<cauce::store::RecordIter> {
+        self.live.read_from(from)
+    }
+    fn replay_from(
+        &self,
+        from: u64,
+        f: &mut dyn FnMut(u64, cauce::Entry<'_>),
+    ) -> cauce::Result<u64> {
+        self.live.replay_from(from, f)
+    }
+    fn start_offset(&self) -> u64 {
+        self.live.start_offset()
+    }
+    fn next_offset(&self) -> u64 {
+        self.live.next_offset()
+    }
+    fn wait_for(&self, offset: u64, timeout: Option<Duration>) -> u64 {
+        self.live.wait_for(offset, timeout)
+    }
+    fn wake_waiters(&self) {
+        self.live.wake_waiters()
+    }
+    fn sync(&self) -> cauce::Result<()> {
+        self.live.sync()
+    }
+    fn truncate_before(&self, offset: u64) -> cauce::Result<()> {
+        self.live.truncate_before(offset)
+    }
+    fn compact(&self) -> cauce::Result<cauce::store::Compaction> {
+        self.live.compact()
+    }
+    fn commit_cursor(&self, name: &str, offset: u64) -> cauce::Result<()> {
+        self.live.commit_cursor(name, offset)
+    }
+    fn cursor(&self, name: &str) -> cauce::Result<Option<u64>> {
+        self.live.cursor(name)
+    }
+    fn save_snapshot(&self, name: &str, offset: u64, blob: &[u8]) -> cauce::Result<()> {
+        self.live.save_snapshot(name, offset, blob)
+    }
+    fn latest_snapshot(&self, name: &str) -> cauce::Result<Option<cauce::store::Snapshot>> {
+        self.live.latest_snapshot(name)
+    }
+}
+
+struct Noop;
+impl Wake for Noop {
+    fn wake(self: Arc<Self>) {}
+}
+
+/// Polls `fut` once on a thread of its own, failing (not hanging) if the poll blocks.
+fn poll_once<F>(fut: F) -> (F, bool)
+where
+    F: Future + Unpin + Send + 'static,
+{
+    let polled = std::thread::spawn(move || {
+        let mut fut = fut;
+        let waker = Waker::from(Arc::new(Noop));
+        let ready = Pin::new(&mut fut)
+            .poll(&mut TaskContext::from_waker(&waker))
+            .is_ready();
+        (fut, ready)
+    });
+    let since = Instant::now();
+    while !polled.is_finished() {
+        assert!(
+            since.elapsed() < Duration::from_secs(10),
+            "a poll blocked on the append"
+        );
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    polled.join().unwrap()
+}
+
+fn gated(append_threads: usize) -> (Cluster<Counter>, Arc<Gate>) {
+    let gate = Arc::new(Gate::default());
+    let cluster = Cluster::builder(Counter)
+        .stores(gate.clone(), None)
+        .instances(2)
+        .append_threads(append_threads)
+        .build()
+        .unwrap();
+    (cluster, gate)
+}
+
+#[test]
+fn an_async_submit_does_not_append_on_the_polling_thread() {
+    let (cluster, gate) = gated(4);
+    let client = cluster.client();
+    let (submit, ready) = poll_once(client.submit_async("slow-1", 5));
+    assert!(!ready, "resolved while its append waits at the gate");
+    gate.wait_until_waiting(1);
+    let (request, ready) = poll_once(Box::pin(client.request("slow-2", 7)));
+    assert!(!ready);
+    gate.wait_until_waiting(2);
+    gate.open.store(true, Ordering::SeqCst);
+    assert_eq!(block_on(submit).unwrap().wait().unwrap(), 5);
+    assert_eq!(block_on(request).unwrap(), 7);
+    cluster.shutdown().unwrap();
+}
+
+/// Appends in flight at once run on as many appender threads (and share an fdatasync on
+/// a `LogStore`), not one after the other.
+#[test]
+fn async_submits_append_concurrently_on_the_appender_threads() {
+    let (cluster, gate) = gated(8);
+    let client = cluster.client();
+    let submits: Vec<_> = (0..8)
+        .map(|i| {
+            let (f, ready) = poll_once(client.submit_async(format!("slow-{i}"), i));
+            assert!(!ready);
+            f
+        })
+        .collect();
+    gate.wait_until_waiting(8);
+    gate.open.store(true, Ordering::SeqCst);
+    for (i, f) in submits.into_iter().enumerate() {
+        assert_eq!(block_on(f).unwrap().wait().unwrap(), i as u64);
+    }
+    cluster.shutdown().unwrap();
+}
+
+/// A future dropped before an appender thread got to its append logs nothing, and gives
+/// its queue room back.
+#[test]
+fn a_future_dropped_before_its_append_begins_logs_nothing() {
+    let (cluster, gate) = gated(1);
+    let client = cluster.client();
+    let (first, _) = poll_once(client.submit_async("slow-a", 1));
+    gate.wait_until_waiting(1);
+    // Behind the first on the one appender thread.
+    let (second, ready) = poll_once(client.submit_async("slow-b", 2));
+    assert!(!ready);
+    let (batch, ready) = poll_once(client.submit_batch_async([("slow-c", 3), ("slow-d", 4)]));
+    assert!(!ready);
+    drop(second);
+    drop(batch);
+    gate.open.store(true, Ordering::SeqCst);
+    assert_eq!(block_on(first).unwrap().wait().unwrap(), 1);
+    // The appender thread has passed the dropped ones once a later append is done.
+    assert_eq!(block_on(client.request("slow-e", 5)).unwrap(), 5);
+    for key in ["slow-b", "slow-c", "slow-d"] {
+        assert_eq!(gate.requests_of(key.as_bytes()), 0, "{key} was logged");
+    }
+    // Exact once the instances are idle (they give room back when a batch ends).
+    let since = Instant::now();
+    loop {
+        let depth: usize = cluster
+            .metrics()
+            .instances
+            .iter()
+            .map(|i| i.queue_depth)
+            .sum();
+        if depth == 0 {
+            break;
+        }
+        assert!(
+            since.elapsed() < Duration::from_secs(5),
+            "queue room kept: {depth}"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    cluster.shutdown().unwrap();
+}
+
+#[test]
+fn async_batches_append_on_the_appender_threads() {
+    let (cluster, gate) = gated(4);
+    let client = cluster.client();
+    let (many, ready) =
+        poll_once(client.submit_batch_async([("slow-x", 1), ("slow-y", 10), ("slow-x", 2)]));
+    assert!(!ready);
+    let (one, ready) = poll_once(client.submit_batch_async([("slow-z", 4)]));
+    assert!(!ready);
+    gate.wait_until_waiting(2);
+    gate.open.store(true, Ordering::SeqCst);
+    let answers: Vec<u64> = block_on(many)
+        .unwrap()
+        .into_iter()
+        .map(|p| p.wait().unwrap())
+        .collect();
+    assert_eq!(answers, [1, 10, 3]);
+    let answers: Vec<u64> = block_on(one)
+        .unwrap()
+        .into_iter()
+        .map(|p| p.wait().unwrap())
+        .collect();
+    assert_eq!(answers, [4]);
+    cluster.shutdown().unwrap();
+}
+
+/// On the embedded default (a `LogStore` syncing every append), many async submits in
+/// flight are answered, and the state is their fold after a restart.
+#[test]
+fn async_submits_on_a_log_store_that_syncs_every_append() {
+    let dir = tempfile::tempdir().unwrap();
+    let cluster = Cluster::builder(Counter)
+        .dir(dir.path())
+        .instances(2)
+        .build()
+        .unwrap();
+    let client = cluster.client();
+    let mut futures: Vec<_> = (0..200u64)
+        .map(|i| client.submit_async(format!("k{}", i % 10), 1))
+        .collect();
+    // Each polled once: room taken, appends handed over, all in flight together.
+    let waker = Waker::from(Arc::new(Noop));
+    let mut cx = TaskContext::from_waker(&waker);
+    let mut ready = Vec::new();
+    for f in &mut futures {
+        if let Poll::Ready(p) = Pin::new(f).poll(&mut cx) {
+            ready.push(p);
+        }
+    }
+    let mut answers: Vec<u64> = futures
+        .into_iter()
+        .map(|f| block_on(f).unwrap().wait().unwrap())
+        .collect();
+    answers.extend(ready.into_iter().map(|p| p.unwrap().wait().unwrap()));
+    assert_eq!(answers.len(), 200);
+    cluster.shutdown().unwrap();
+    let cluster = Cluster::builder(Counter)
+        .dir(dir.path())
+        .instances(2)
+        .build()
+        .unwrap();
+    let client = cluster.client();
+    for k in 0..10 {
+        let total = client.query(format!("k{k}"), |t: &u64| *t).unwrap();
+        assert_eq!(total.wait().unwrap(), 20);
+    }
+    cluster.shutdown().unwrap();
+}
+
+/// An appender thread holds the key's stripe through its append: a query of the same
+/// key, polled meanwhile, yields rather than wait for it, and then sees the request.
+#[test]
+fn query_async_does_not_wait_for_an_append_on_the_polling_thread() {
+    let (cluster, gate) = gated(2);
+    let client = cluster.client();
+    let (submit, ready) = poll_once(client.submit_async("slow-q", 9));
+    assert!(!ready);
+    gate.wait_until_waiting(1);
+    let (query, ready) = poll_once(Box::pin(client.read("slow-q", |t: &u64| *t)));
+    assert!(!ready, "answered while the append before it waits");
+    gate.open.store(true, Ordering::SeqCst);
+    assert_eq!(block_on(submit).unwrap().wait().unwrap(), 9);
+    assert_eq!(block_on(query).unwrap(), 9);
+    cluster.shutdown().unwrap();
+}
