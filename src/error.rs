@@ -129,8 +129,11 @@ pub enum Error {
     #[error("the store is read-only: {0}")]
     ReadOnly(String),
 
-    /// Another process holds the store's directory.
-    #[error("{path} is locked by another process")]
+    /// The store's directory is open for writing already: by another process, or by
+    /// another open store (or cluster) in this one.
+    #[error(
+        "{path} is locked: the store is open for writing elsewhere (another process, or another open store in this one)"
+    )]
     Locked {
         /// The lock file.
         path: PathBuf,

@@ -63,9 +63,9 @@ use crate::store::{Store, read_from_start};
 ///   (a reordered enum decodes old requests as other variants, without an error). Avoid
 ///   serde attributes bincode cannot read back (`skip_serializing_if`, `flatten`,
 ///   `untagged`): such a request is logged, then refused as undecodable.
-/// - `State`: a changed `State` no longer decodes from the last checkpoint (the keys'
-///   requests are refused [`Error::StateUnavailable`], naming the key and the
-///   checkpoint). Open once with
+/// - `State`: a changed `State` no longer decodes from the last checkpoint: the open
+///   is refused ([`Error::Codec`], naming a key and the checkpoint; the build decodes
+///   a few states before it starts anything). Open once with
 ///   [`ClusterBuilder::rebuild_from_log`](crate::cluster::ClusterBuilder::rebuild_from_log)
 ///   to fold the whole log into the new type, while the log still starts at offset 0.
 pub trait Handler: Send + Sync + 'static {

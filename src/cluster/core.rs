@@ -44,6 +44,8 @@ use crate::small::Key;
 use crate::store::Store;
 
 const STRIPES: usize = 256;
+/// How many of the checkpoint's states an open decodes before it starts anything.
+const STATES_CHECKED_AT_OPEN: usize = 16;
 /// A batch over at most this many instances queues each one's requests with a pass over
 /// the whole batch; over more, it groups them by instance first, so that a large batch
 /// over many instances costs no pass per instance. Grouping first at any size cost
@@ -356,6 +358,17 @@ impl<H: Handler> Shared<H> {
         let mut stripes: Vec<CachePadded<Mutex<Holders>>> =
             (0..STRIPES).map(|_| CachePadded::default()).collect();
         let recovered = recover(&*input, options.rebuild_from_log)?;
+        // A `State` type changed since the checkpoint was taken would make every key
+        // unavailable once the instances rebuild them: refused here instead, with what
+        // to do, before anything starts. A few states tell (they share one type).
+        for key in recovered
+            .checkpoint
+            .states
+            .keys()
+            .take(STATES_CHECKED_AT_OPEN)
+        {
+            fold::checkpoint_state::<H::State>(&recovered.checkpoint, key)?;
+        }
         let journal = Effects::open(
             effects.clone(),
             Some(input.clone()),

@@ -324,7 +324,8 @@ where
             message: format!(
                 "the checkpoint at offset {} holds a state of key {:?} that cannot be decoded \
                  as the handler's State: {e} (did the State type change since the \
-                 checkpoint was taken?)",
+                 checkpoint was taken? then open once with \
+                 ClusterBuilder::rebuild_from_log(true))",
                 checkpoint.offset,
                 String::from_utf8_lossy(key)
             ),

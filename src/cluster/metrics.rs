@@ -136,16 +136,14 @@ pub struct Metrics {
 }
 
 impl Metrics {
-    /// The busiest instance's requests over the mean (1.0 is perfect balance).
+    /// The busiest instance's requests over the mean (1.0 is perfect balance, and what
+    /// a cluster that has handled nothing yet reports).
     pub fn peak_to_mean(&self) -> f64 {
         let n = self.instances.len();
-        if n == 0 {
-            return 0.0;
-        }
         let total: u64 = self.instances.iter().map(|i| i.requests).sum();
         let peak = self.instances.iter().map(|i| i.requests).max().unwrap_or(0);
-        if total == 0 {
-            return 0.0;
+        if n == 0 || total == 0 {
+            return 1.0;
         }
         peak as f64 * n as f64 / total as f64
     }

@@ -204,7 +204,12 @@ impl<H: Handler> Cluster<H> {
     }
 
     /// Removes an instance while requests flow: its keys move to the others with their
-    /// state, it finishes what it had queued, then stops.
+    /// state, it finishes what it had queued, then stops. It returns once the keys are
+    /// moved, without waiting for the instance to finish.
+    ///
+    /// [`Error::UnknownInstance`] if `id` is not a member (a stalled instance is
+    /// replaced under a new id); [`Error::Config`] for the last instance: a cluster
+    /// always has one.
     pub fn remove_instance(&self, id: InstanceId) -> Result<()> {
         self.shared.remove_instance(id)
     }
@@ -283,7 +288,8 @@ impl<H: Handler> Client<H> {
     /// - [`Error::Closed`]: the cluster was shut down or dropped;
     /// - [`Error::Codec`]: the request cannot be encoded;
     /// - [`Error::RecordTooLarge`]: the key and request exceed the log's record limit;
-    /// - [`Error::NoInstance`]: the cluster has no instance (all were removed);
+    /// - [`Error::NoInstance`]: no instance can take it (a membership change failed half
+    ///   way; the last instance cannot be removed);
     /// - the input store's errors: [`Error::Io`], or [`Error::ReadOnly`] once a write
     ///   or fdatasync of the log failed (see [`LogStore`]).
     ///
@@ -348,6 +354,8 @@ impl<H: Handler> Client<H> {
     /// # }
     /// # let cluster = Cluster::builder(Counter).in_memory().build()?;
     /// # let client = cluster.client();
+    /// // `block_on`: any executor's (tokio's `Runtime::block_on`, say); in a task, just
+    /// // `.await` the same expression.
     /// let total = block_on(async {
     ///     client.submit_async("alice", 5).await?.await
     /// })?;
@@ -403,6 +411,7 @@ impl<H: Handler> Client<H> {
     /// # }
     /// # let cluster = Cluster::builder(Counter).in_memory().build()?;
     /// # let client = cluster.client();
+    /// // `block_on`: any executor's; `tokio::spawn(client.request("alice", 5))` too.
     /// let total = block_on(client.request("alice", 5))?;
     /// assert_eq!(total, 5);
     /// # cluster.shutdown()?;
@@ -1139,8 +1148,9 @@ impl<H: Handler> ClusterBuilder<H> {
     /// For the first open after changing the handler's `State` type (a field added, say).
     /// A checkpoint holds each state encoded with bincode, which is not self-describing:
     /// states written with the old type do not decode as the new one, and without this
-    /// option every request of a key in that checkpoint fails with
-    /// [`Error::StateUnavailable`] (and shutdown with [`Error::CheckpointAbandoned`]).
+    /// option the build is refused with [`Error::Codec`] naming a key (it decodes a few
+    /// of the checkpoint's states before it starts anything; a type change that some of
+    /// them still decode as would leave those that do not [`Error::StateUnavailable`]).
     /// The log still holds every request (its requests' type must be unchanged), so
     /// folding it with the current handler rebuilds each state in the new type.
     ///
