@@ -326,3 +326,91 @@ fn query_async_does_not_wait_for_an_append_on_the_polling_thread() {
     assert_eq!(block_on(query).unwrap(), 9);
     cluster.shutdown().unwrap();
 }
+
+/// Polls every future until all resolved or `limit` passed; returns how many are left.
+fn drive<F: Future + Unpin>(futures: &mut [Option<F>], limit: Duration) -> usize {
+    let waker = Waker::from(Arc::new(Noop));
+    let mut cx = TaskContext::from_waker(&waker);
+    let since = Instant::now();
+    loop {
+        let mut left = 0;
+        for slot in futures.iter_mut() {
+            if let Some(f) = slot {
+                match Pin::new(f).poll(&mut cx) {
+                    Poll::Ready(_) => *slot = None,
+                    Poll::Pending => left += 1,
+                }
+            }
+        }
+        if left == 0 || since.elapsed() > limit {
+            return left;
+        }
+        std::thread::sleep(Duration::from_millis(1));
+    }
+}
+
+/// An appender thread never waits for room: when a key routes elsewhere at the second
+/// step (a fresh key's bounded-load pick changes once the keys before it are counted),
+/// the room it took moves with it. Before, a lone appender thread waited for room that
+/// futures queued behind it held, and the futures hung (found by a review: 241-255 of
+/// 256 futures pending after 10 s, every run).
+#[test]
+fn fresh_keys_through_one_appender_thread_and_tiny_queues_all_resolve() {
+    for round in 0..3 {
+        let dir = tempfile::tempdir().unwrap();
+        let cluster = Cluster::builder(Counter)
+            .dir(dir.path())
+            .instances(4)
+            .queue_capacity(2)
+            .append_threads(1)
+            .build()
+            .unwrap();
+        let client = cluster.client();
+        let mut futures: Vec<_> = (0..256)
+            .map(|i| Some(client.submit_async(format!("r{round}-k{i}"), 1)))
+            .collect();
+        let left = drive(&mut futures, Duration::from_secs(20));
+        assert_eq!(
+            left, 0,
+            "round {round}: {left} of 256 submits still pending"
+        );
+        // Every key got its one request.
+        for i in (0..256).step_by(17) {
+            let total = client
+                .query(format!("r{round}-k{i}"), |t: &u64| *t)
+                .unwrap();
+            assert_eq!(total.wait().unwrap(), 1);
+        }
+        cluster.shutdown().unwrap();
+    }
+}
+
+/// Which `LogStore` appends may wait for the disk: under `Always`, and under `Every`
+/// with a record count (the append that reaches it syncs).
+#[test]
+fn log_store_appends_that_wait_for_the_disk() {
+    use cauce::store::{LogOptions, LogStore, SyncPolicy};
+    let interval = Duration::from_millis(10);
+    for (policy, waits) in [
+        (SyncPolicy::Always, true),
+        (
+            SyncPolicy::Every {
+                records: 100,
+                interval,
+            },
+            true,
+        ),
+        (
+            SyncPolicy::Every {
+                records: u64::MAX,
+                interval,
+            },
+            false,
+        ),
+        (SyncPolicy::Never, false),
+    ] {
+        let dir = tempfile::tempdir().unwrap();
+        let log = LogStore::open(dir.path(), LogOptions::new().sync(policy)).unwrap();
+        assert_eq!(log.append_waits_for_disk(), waits, "{policy:?}");
+    }
+}

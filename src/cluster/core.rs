@@ -153,6 +153,11 @@ pub(crate) enum Room<'c, 'w> {
     Refuse,
     /// Returns `Pending`; the context's waker is woken when there may be room.
     Poll(&'c mut std::task::Context<'w>),
+    /// Take room even in a full queue: for a request that already had room in the queue
+    /// it was first routed to, and gave it back when its key moved (an appender thread
+    /// must never wait for room that futures waiting behind it hold). The overshoot is
+    /// bounded by the appends in flight.
+    Force,
 }
 
 pub(crate) struct Shared<H: Handler> {
@@ -232,6 +237,14 @@ struct WatchedQuery {
     unit: u64,
     since: Instant,
     answer: query::StallAnswer,
+}
+
+/// What an appender thread did with a batch (see [`Shared::append_batch_elsewhere`]).
+pub(crate) enum BatchAppended<H: Handler> {
+    /// Logged and queued.
+    Logged(Vec<Pending<H::Response>>),
+    /// To be routed again, its room given back: the batch, back to its future.
+    Again(Vec<(Vec<u8>, Range<usize>)>, fold::Scratch),
 }
 
 /// What [`Shared::submit_from`] did.
@@ -836,7 +849,14 @@ impl<H: Handler> Shared<H> {
                 if let Some(p) = permit.take() {
                     p.permits.release();
                 }
-                match dest.permits.acquire(false) {
+                let acquired = match room {
+                    Room::Force => {
+                        dest.permits.force();
+                        Ok(())
+                    }
+                    _ => dest.permits.acquire(false),
+                };
+                match acquired {
                     Ok(()) => {}
                     Err(NoPermit::Retired) => unreachable_retired(),
                     Err(NoPermit::Busy) => {
@@ -851,7 +871,8 @@ impl<H: Handler> Shared<H> {
                                     capacity: dest.permits.capacity(),
                                 }));
                             }
-                            Room::Wait => dest.permits.acquire(true).is_ok(),
+                            // (`Force` takes room without waiting: not here.)
+                            Room::Wait | Room::Force => dest.permits.acquire(true).is_ok(),
                             Room::Poll(cx) => match dest.permits.poll_acquire(cx) {
                                 Poll::Ready(took) => took.is_ok(),
                                 Poll::Pending => return Poll::Pending,
@@ -943,7 +964,7 @@ impl<H: Handler> Shared<H> {
                                 return Poll::Pending;
                             }
                         },
-                        Room::Wait | Room::Refuse => stripe.lock(),
+                        Room::Wait | Room::Refuse | Room::Force => stripe.lock(),
                     };
                     let dest = route();
                     drop(guard);
@@ -965,7 +986,7 @@ impl<H: Handler> Shared<H> {
                             capacity: dest.permits.capacity(),
                         }));
                     }
-                    Room::Wait => dest.permits.acquire(true).is_ok(),
+                    Room::Wait | Room::Force => dest.permits.acquire(true).is_ok(),
                     Room::Poll(cx) => match dest.permits.poll_acquire(cx) {
                         Poll::Ready(took) => took.is_ok(),
                         Poll::Pending => return Poll::Pending,
@@ -1003,7 +1024,7 @@ impl<H: Handler> Shared<H> {
                 return;
             }
             let body = payload.as_slice().get(range).unwrap_or_default();
-            let logged = shared.submit_from(&key, body, &mut Room::Wait, Some(dest), false);
+            let logged = shared.submit_from(&key, body, &mut Room::Force, Some(dest), false);
             responder.answer(match logged {
                 Poll::Ready(logged) => logged.and_then(Submitted::logged),
                 // Only `Room::Poll` leaves a submit pending.
@@ -1014,25 +1035,28 @@ impl<H: Handler> Shared<H> {
     }
 
     /// [`append_elsewhere`](Self::append_elsewhere) for a batch whose room `progress`
-    /// holds (see [`poll_batch_room`](Self::poll_batch_room)).
+    /// holds (see [`poll_batch_room`](Self::poll_batch_room)). A batch that must be
+    /// routed again (a key with no live instance under the stripe locks) comes back
+    /// whole, its room given back, for the future to take room again: an appender
+    /// thread never waits for room.
     pub(crate) fn append_batch_elsewhere(
         self: &Arc<Self>,
         items: Vec<(Vec<u8>, Range<usize>)>,
         payloads: fold::Scratch,
         mut progress: BatchProgress<H>,
-    ) -> Pending<Vec<Pending<H::Response>>> {
-        let (answer, responder) = pending::<Vec<Pending<H::Response>>>(0);
+    ) -> Pending<BatchAppended<H>> {
+        let (answer, responder) = pending::<BatchAppended<H>>(0);
         let shared = self.clone();
         self.run_append(Box::new(move || {
             if responder.is_abandoned() {
                 // Dropping the progress gives its room back.
                 return;
             }
-            let logged = shared.poll_submit_batch(&items, payloads.as_slice(), &mut progress, None);
-            responder.answer(match logged {
-                Poll::Ready(logged) => logged,
-                Poll::Pending => Err(Error::Closed),
-            });
+            let logged = shared.submit_batch_held(&items, payloads.as_slice(), &mut progress);
+            responder.answer(logged.map(|logged| match logged {
+                Some(pendings) => BatchAppended::Logged(pendings),
+                None => BatchAppended::Again(items, payloads),
+            }));
         }));
         answer
     }
@@ -1156,7 +1180,7 @@ impl<H: Handler> Shared<H> {
                                     capacity: dest.permits.capacity(),
                                 }));
                             }
-                            Room::Wait => dest.permits.acquire(true).is_ok(),
+                            Room::Wait | Room::Force => dest.permits.acquire(true).is_ok(),
                             Room::Poll(cx) => match dest.permits.poll_acquire(cx) {
                                 Poll::Ready(took) => took.is_ok(),
                                 Poll::Pending => return Poll::Pending,
@@ -1262,25 +1286,37 @@ impl<H: Handler> Shared<H> {
             if let Err(e) = ready!(self.poll_batch_room(items, progress, cx.as_deref_mut())) {
                 return Poll::Ready(Err(e));
             }
-            let BatchProgress { stamp, held, .. } = &mut *progress;
-            let (Some(stamp), Some(mut full)) = (stamp.as_ref(), held.take()) else {
-                continue;
-            };
-            let submitted = self.submit_batch_locked(
-                items,
-                &stamp.hashes,
-                payloads,
-                &mut full.routed,
-                stamp.timestamp,
-            );
-            // Its room is queued, or was given back.
-            full.taken = 0;
-            match submitted {
+            match self.submit_batch_held(items, payloads, progress) {
                 Ok(Some(pendings)) => return Poll::Ready(Ok(pendings)),
                 Ok(None) => continue,
                 Err(e) => return Poll::Ready(Err(e)),
             }
         }
+    }
+
+    /// Logs and queues a batch with the room `progress` holds (see
+    /// [`poll_batch_room`](Self::poll_batch_room)); `None` if it must be routed again
+    /// (its room was given back).
+    fn submit_batch_held<K: AsRef<[u8]>>(
+        &self,
+        items: &[(K, Range<usize>)],
+        payloads: &[u8],
+        progress: &mut BatchProgress<H>,
+    ) -> Result<Option<Vec<Pending<H::Response>>>> {
+        let BatchProgress { stamp, held, .. } = progress;
+        let (Some(stamp), Some(mut full)) = (stamp.as_ref(), held.take()) else {
+            return Ok(None);
+        };
+        let submitted = self.submit_batch_locked(
+            items,
+            &stamp.hashes,
+            payloads,
+            &mut full.routed,
+            stamp.timestamp,
+        );
+        // Its room is queued, or was given back.
+        full.taken = 0;
+        submitted
     }
 
     /// The first step of a batch submit of several requests: routes the batch and takes
@@ -1753,15 +1789,20 @@ impl<H: Handler> Shared<H> {
             } else if inst.heartbeat.sample() == unit {
                 // Begun after a stall was declared on an earlier unit (the instance
                 // finished that one while its loss waited for the stripes): watched
-                // from here on, since no stall can be declared on a lost instance.
-                self.watched.lock().push(WatchedQuery {
-                    instance: inst.id,
-                    key,
-                    heartbeat: inst.heartbeat.clone(),
-                    unit,
-                    since: Instant::now(),
-                    answer,
-                });
+                // from here on, since no stall can be declared on a lost instance. Once
+                // the cluster stops (it answers the watched ones `Closed`), at once.
+                if self.accepting.load(Ordering::SeqCst) {
+                    self.watched.lock().push(WatchedQuery {
+                        instance: inst.id,
+                        key,
+                        heartbeat: inst.heartbeat.clone(),
+                        unit,
+                        since: Instant::now(),
+                        answer,
+                    });
+                } else {
+                    answer(Error::Closed);
+                }
             }
             // Otherwise it ended, and answered for itself.
         }

@@ -110,7 +110,7 @@ use crate::error::{Error, Result};
 use crate::launcher::{Launcher, Supervisor, ThreadLauncher};
 use crate::router::{InstanceId, Sticky, StickyOptions};
 use crate::store::{LogOptions, LogStore, MemoryStore, Store};
-use core::{BatchProgress, Options, Parts, Room, Shared, Submitted};
+use core::{BatchAppended, BatchProgress, Options, Parts, Room, Shared, Submitted};
 use owned::OwnedLog;
 
 /// A running keyed service. Dropping it stops it, blocking until its instances have
@@ -913,7 +913,7 @@ pub struct SubmitBatch<H: Handler> {
 /// submit.
 enum BatchAppend<H: Handler> {
     One(Pending<Pending<H::Response>>),
-    Many(Pending<Vec<Pending<H::Response>>>),
+    Many(Pending<BatchAppended<H>>),
 }
 
 impl<H: Handler> Future for SubmitBatch<H> {
@@ -940,7 +940,16 @@ impl<H: Handler> SubmitBatch<H> {
                 Some(BatchAppend::One(answer)) => {
                     return Pin::new(answer).poll(cx).map(|r| r.map(|p| vec![p]));
                 }
-                Some(BatchAppend::Many(answer)) => return Pin::new(answer).poll(cx),
+                Some(BatchAppend::Many(answer)) => match ready!(Pin::new(answer).poll(cx))? {
+                    BatchAppended::Logged(pendings) => return Poll::Ready(Ok(pendings)),
+                    BatchAppended::Again(items, payloads) => {
+                        // Routed again, taking room again as a future.
+                        self.items = items;
+                        self.payloads = payloads;
+                        self.progress = BatchProgress::default();
+                        self.appending = None;
+                    }
+                },
                 None => {}
             }
             if self.items.is_empty() || !self.shared.appends_elsewhere() {

@@ -160,8 +160,9 @@ pub trait Store: Send + Sync + 'static {
         self.sync()
     }
 
-    /// Whether [`append`](Store::append) waits for the disk before it returns (an
-    /// fdatasync, as [`LogStore`] does under [`SyncPolicy::Always`]). A caller that must
+    /// Whether [`append`](Store::append) may wait for the disk before it returns (an
+    /// fdatasync, as [`LogStore`] does under [`SyncPolicy::Always`], and under
+    /// [`SyncPolicy::Every`] with a record count). A caller that must
     /// not block, such as a future polled on an async executor's thread, hands such
     /// appends to a thread of its own. The default is `false`: appends return about as
     /// soon as the records are in memory.

@@ -801,7 +801,12 @@ impl Store for LogStore {
     }
 
     fn append_waits_for_disk(&self) -> bool {
-        self.shared.options.sync == SyncPolicy::Always
+        match self.shared.options.sync {
+            SyncPolicy::Always => true,
+            // The append that reaches the record count runs the fdatasync.
+            SyncPolicy::Every { records, .. } => records != u64::MAX,
+            SyncPolicy::Never => false,
+        }
     }
 
     fn read_from(&self, from: Offset) -> Result<RecordIter> {

@@ -15,7 +15,9 @@ pub enum SyncPolicy {
     /// `fdatasync` once `records` records were appended since the last one, or once
     /// `interval` passed since the oldest unsynced record, whichever comes first; a
     /// background thread keeps the interval even when appends stop. An append returns as
-    /// soon as its records are buffered (a crash may lose up to that window).
+    /// soon as its records are buffered (a crash may lose up to that window), except the
+    /// one that reaches `records`: it runs that `fdatasync` (use `u64::MAX` for syncs on
+    /// the interval alone, by the background thread).
     Every {
         /// Sync after this many unsynced records (0 is taken as 1).
         records: u64,
