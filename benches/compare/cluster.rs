@@ -17,6 +17,12 @@
 //! - `hot_keys_collide.peak_to_mean` (goal ≤ 1.25): the balance goal where the static
 //!   hash is above 2. The same Zipf(1.1) load, with its 10 hottest keys in one static
 //!   partition (see [`colliding_names`]).
+//! - `durable.async64.vs_threads64` (group `cluster.async`): requests on the embedded
+//!   default (`SyncPolicy::Always`: each is fdatasync'd before it is acknowledged), 64
+//!   in flight as `Client::request` futures polled by one thread (a current-thread
+//!   runtime's case), against 64 threads each submitting and waiting in turn (the
+//!   thread-per-request model). Async appends run on appender threads and share
+//!   fdatasyncs; before they did, every poll ran its own append.
 //! - `reads.query.vs_logged_request` (group `cluster.reads`): reading a key's state
 //!   through `Client::query` (nothing logged) against through a request that changes
 //!   nothing (logged, like any request), same load and window, every key placed first.
@@ -292,6 +298,102 @@ fn run_cauce(work: &[Vec<Arc<[u8]>>], batch: usize, linger: Option<Duration>) ->
     }
 }
 
+/// How many requests are in flight in the `cluster.async` comparison.
+const DURABLE_IN_FLIGHT: usize = 64;
+
+/// A cluster on the embedded default: every request fdatasync'd before it is answered.
+fn start_durable_cluster() -> (Cluster<Counter>, tempfile::TempDir) {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("target");
+    let dir = tempfile::tempdir_in(root).expect("bench dir");
+    let cluster = Cluster::builder(Counter)
+        .dir(dir.path())
+        .instances(INSTANCES)
+        .build()
+        .expect("cluster");
+    (cluster, dir)
+}
+
+/// `keys` as `Client::request` futures, `DURABLE_IN_FLIGHT` at a time, all polled by
+/// this one thread, which sleeps until a waker fires when none is ready.
+fn run_durable_async(keys: &[Arc<[u8]>]) -> f64 {
+    use std::future::Future;
+    use std::pin::Pin;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::task::{Context as TaskContext, Poll, Wake, Waker};
+
+    struct Unpark(AtomicBool, thread::Thread);
+    impl Wake for Unpark {
+        fn wake(self: Arc<Self>) {
+            self.0.store(true, Ordering::SeqCst);
+            self.1.unpark();
+        }
+    }
+    type Request = Pin<Box<dyn Future<Output = cauce::Result<u64>> + Send>>;
+    let (cluster, _dir) = start_durable_cluster();
+    let client = cluster.client();
+    let woken = Arc::new(Unpark(AtomicBool::new(true), thread::current()));
+    let waker = Waker::from(woken.clone());
+    let mut cx = TaskContext::from_waker(&waker);
+    let mut in_flight: Vec<Request> = Vec::with_capacity(DURABLE_IN_FLIGHT);
+    let mut next = keys.iter();
+    let started = Instant::now();
+    loop {
+        while in_flight.len() < DURABLE_IN_FLIGHT {
+            match next.next() {
+                Some(key) => in_flight.push(Box::pin(client.request(&**key, 1))),
+                None => break,
+            }
+        }
+        if in_flight.is_empty() {
+            break;
+        }
+        if !woken.0.swap(false, Ordering::SeqCst) {
+            thread::park_timeout(Duration::from_millis(10));
+            continue;
+        }
+        let mut i = 0;
+        while i < in_flight.len() {
+            match in_flight[i].as_mut().poll(&mut cx) {
+                Poll::Ready(answer) => {
+                    answer.expect("answer");
+                    drop(in_flight.swap_remove(i));
+                    // Room for a new one: poll again without waiting for a wake-up.
+                    woken.0.store(true, Ordering::SeqCst);
+                }
+                Poll::Pending => i += 1,
+            }
+        }
+    }
+    let rate = keys.len() as f64 / started.elapsed().as_secs_f64();
+    cluster.shutdown().expect("shutdown");
+    rate
+}
+
+/// `keys` from `DURABLE_IN_FLIGHT` threads, each submitting one request and waiting for
+/// its answer in turn.
+fn run_durable_threads(keys: &[Arc<[u8]>]) -> f64 {
+    let (cluster, _dir) = start_durable_cluster();
+    let started = Instant::now();
+    let per_thread = keys.len().div_ceil(DURABLE_IN_FLIGHT);
+    thread::scope(|s| {
+        for part in keys.chunks(per_thread) {
+            let client = cluster.client();
+            s.spawn(move || {
+                for key in part {
+                    client
+                        .submit(&**key, 1)
+                        .expect("submit")
+                        .wait()
+                        .expect("answer");
+                }
+            });
+        }
+    });
+    let rate = keys.len() as f64 / started.elapsed().as_secs_f64();
+    cluster.shutdown().expect("shutdown");
+    rate
+}
+
 /// Reads every key of the load, as `run_cauce` submits them: through `Client::query` or
 /// through a request that adds 0 (logged like any request). Every key is placed on an
 /// instance first, so no query is answered on the calling thread.
@@ -469,6 +571,22 @@ pub fn run(bench: &mut Bench) {
             None => run_cauce(&work, 1, None).rate,
         };
         latency(bench, &work, rate / 2.0);
+    }
+    if bench.group("cluster.async") {
+        let keys: Vec<Arc<[u8]>> = work
+            .iter()
+            .flatten()
+            .take(bench.size(20_000, 5_000))
+            .cloned()
+            .collect();
+        bench.compare(
+            "cluster.zipf.4.durable.async64.vs_threads64",
+            "req/s",
+            Better::More,
+            None,
+            || run_durable_async(&keys),
+            || run_durable_threads(&keys),
+        );
     }
     if bench.group("cluster.reads") {
         bench.compare(
