@@ -136,6 +136,11 @@ pub struct Metrics {
 }
 
 impl Metrics {
+    /// Requests handled so far by every instance, those that left included.
+    pub fn requests(&self) -> u64 {
+        self.instances.iter().map(|i| i.requests).sum::<u64>() + self.handled_by_gone
+    }
+
     /// The busiest instance's requests over the mean (1.0 is perfect balance, and what
     /// a cluster that has handled nothing yet reports).
     pub fn peak_to_mean(&self) -> f64 {

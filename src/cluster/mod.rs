@@ -146,6 +146,9 @@ enum Storage {
     },
 }
 
+/// The largest segment of the journal of outside calls in a cluster's directory.
+const EFFECTS_SEGMENT_BYTES: u64 = 4 << 20;
+
 /// The cluster's default ε for bounded loads (see [`ClusterBuilder::placement`]).
 const CLUSTER_EPSILON: f64 = 0.2;
 
@@ -1030,8 +1033,9 @@ impl<H: Handler> ClusterBuilder<H> {
 
     /// Keeps the logs on disk in `dir` (the embedded default): the input log in
     /// `dir/input` and the journal of outside calls in `dir/effects`, both [`LogStore`]s
-    /// opened with [`log_options`](ClusterBuilder::log_options). Opening a directory that
-    /// holds logs rebuilds every key's state from them.
+    /// opened with [`log_options`](ClusterBuilder::log_options) (the journal's segments
+    /// are at most 4 MiB: with preallocation on, each log reserves one segment on disk).
+    /// Opening a directory that holds logs rebuilds every key's state from them.
     pub fn dir(mut self, dir: impl Into<std::path::PathBuf>) -> Self {
         self.storage = Storage::Dir(dir.into());
         self
@@ -1231,9 +1235,13 @@ impl<H: Handler> ClusterBuilder<H> {
                     dir.join("input"),
                     self.log_options.clone(),
                 )?));
+                // Outside calls are few: small segments, so that a service that makes
+                // none does not reserve a whole segment of the input's size for them.
+                let segment = self.log_options.segment_bytes_value();
                 let effects = Arc::new(OwnedLog::new(LogStore::open(
                     dir.join("effects"),
-                    self.log_options,
+                    self.log_options
+                        .segment_bytes(segment.min(EFFECTS_SEGMENT_BYTES)),
                 )?));
                 owned = vec![input.clone(), effects.clone()];
                 (input, Some(effects))
