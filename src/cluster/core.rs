@@ -153,11 +153,6 @@ pub(crate) enum Room<'c, 'w> {
     Refuse,
     /// Returns `Pending`; the context's waker is woken when there may be room.
     Poll(&'c mut std::task::Context<'w>),
-    /// Take room even in a full queue: for a request that already had room in the queue
-    /// it was first routed to, and gave it back when its key moved (an appender thread
-    /// must never wait for room that futures waiting behind it hold). The overshoot is
-    /// bounded by the appends in flight.
-    Force,
 }
 
 pub(crate) struct Shared<H: Handler> {
@@ -237,6 +232,19 @@ struct WatchedQuery {
     unit: u64,
     since: Instant,
     answer: query::StallAnswer,
+}
+
+/// What an appender thread did with a single submit (see [`Shared::append_elsewhere`]).
+pub(crate) enum Appended<H: Handler> {
+    /// Logged and queued.
+    Logged(Pending<H::Response>),
+    /// Not logged: its key routes to `instance`, whose queue is full. The submit, back
+    /// to its future, to wait for room there.
+    Busy {
+        instance: InstanceId,
+        key: Vec<u8>,
+        payload: fold::Scratch,
+    },
 }
 
 /// What an appender thread did with a batch (see [`Shared::append_batch_elsewhere`]).
@@ -849,14 +857,7 @@ impl<H: Handler> Shared<H> {
                 if let Some(p) = permit.take() {
                     p.permits.release();
                 }
-                let acquired = match room {
-                    Room::Force => {
-                        dest.permits.force();
-                        Ok(())
-                    }
-                    _ => dest.permits.acquire(false),
-                };
-                match acquired {
+                match dest.permits.acquire(false) {
                     Ok(()) => {}
                     Err(NoPermit::Retired) => unreachable_retired(),
                     Err(NoPermit::Busy) => {
@@ -871,8 +872,7 @@ impl<H: Handler> Shared<H> {
                                     capacity: dest.permits.capacity(),
                                 }));
                             }
-                            // (`Force` takes room without waiting: not here.)
-                            Room::Wait | Room::Force => dest.permits.acquire(true).is_ok(),
+                            Room::Wait => dest.permits.acquire(true).is_ok(),
                             Room::Poll(cx) => match dest.permits.poll_acquire(cx) {
                                 Poll::Ready(took) => took.is_ok(),
                                 Poll::Pending => return Poll::Pending,
@@ -964,7 +964,7 @@ impl<H: Handler> Shared<H> {
                                 return Poll::Pending;
                             }
                         },
-                        Room::Wait | Room::Refuse | Room::Force => stripe.lock(),
+                        Room::Wait | Room::Refuse => stripe.lock(),
                     };
                     let dest = route();
                     drop(guard);
@@ -986,7 +986,7 @@ impl<H: Handler> Shared<H> {
                             capacity: dest.permits.capacity(),
                         }));
                     }
-                    Room::Wait | Room::Force => dest.permits.acquire(true).is_ok(),
+                    Room::Wait => dest.permits.acquire(true).is_ok(),
                     Room::Poll(cx) => match dest.permits.poll_acquire(cx) {
                         Poll::Ready(took) => took.is_ok(),
                         Poll::Pending => return Poll::Pending,
@@ -1007,31 +1007,60 @@ impl<H: Handler> Shared<H> {
 
     /// Hands the second step of a submit that took room in `dest`'s queue (see
     /// [`submit_from`](Self::submit_from)) to an appender thread. The answer resolves
-    /// to the request's pending response once it is logged and queued, or to why it was
-    /// not. Dropped before the thread gets to it, nothing is logged.
+    /// once the request is logged and queued, or to why it was not. Dropped before the
+    /// thread gets to it, nothing is logged.
+    ///
+    /// The key may route elsewhere by then (the keys counted since moved its pick, or
+    /// membership changed). If that queue is full, the room is given back and the
+    /// submit comes back ([`Appended::Busy`]) to wait for room there as a future: an
+    /// appender thread never waits for room (the futures queued behind it may hold it),
+    /// and never takes room beyond a queue's capacity.
     pub(crate) fn append_elsewhere(
         self: &Arc<Self>,
         key: Vec<u8>,
         payload: fold::Scratch,
         range: Range<usize>,
         dest: Arc<Inst<H>>,
-    ) -> Pending<Pending<H::Response>> {
-        let (answer, responder) = pending::<Pending<H::Response>>(0);
+    ) -> Pending<Appended<H>> {
+        let (answer, responder) = pending::<Appended<H>>(0);
         let shared = self.clone();
         self.run_append(Box::new(move || {
             if responder.is_abandoned() {
                 dest.permits.release();
                 return;
             }
-            let body = payload.as_slice().get(range).unwrap_or_default();
-            let logged = shared.submit_from(&key, body, &mut Room::Force, Some(dest), false);
+            let body = payload.as_slice().get(range.clone()).unwrap_or_default();
+            let logged = shared.submit_from(&key, body, &mut Room::Refuse, Some(dest), false);
             responder.answer(match logged {
-                Poll::Ready(logged) => logged.and_then(Submitted::logged),
+                Poll::Ready(Ok(logged)) => logged.logged().map(Appended::Logged),
+                Poll::Ready(Err(Error::Busy { instance, .. })) => Ok(Appended::Busy {
+                    instance,
+                    key,
+                    payload,
+                }),
+                Poll::Ready(Err(e)) => Err(e),
                 // Only `Room::Poll` leaves a submit pending.
                 Poll::Pending => Err(Error::Closed),
             });
         }));
         answer
+    }
+
+    /// Room in the queue of instance `id`, as a future; `Ready(None)` if it is no
+    /// longer a member (route again).
+    pub(crate) fn poll_room_in(
+        &self,
+        id: InstanceId,
+        cx: &mut std::task::Context<'_>,
+    ) -> Poll<Option<Arc<Inst<H>>>> {
+        let Some(inst) = self.routing.lock().instances.get(&id).cloned() else {
+            return Poll::Ready(None);
+        };
+        match inst.permits.poll_acquire(cx) {
+            Poll::Ready(Ok(())) => Poll::Ready(Some(inst)),
+            Poll::Ready(Err(_)) => Poll::Ready(None),
+            Poll::Pending => Poll::Pending,
+        }
     }
 
     /// [`append_elsewhere`](Self::append_elsewhere) for a batch whose room `progress`
@@ -1180,7 +1209,7 @@ impl<H: Handler> Shared<H> {
                                     capacity: dest.permits.capacity(),
                                 }));
                             }
-                            Room::Wait | Room::Force => dest.permits.acquire(true).is_ok(),
+                            Room::Wait => dest.permits.acquire(true).is_ok(),
                             Room::Poll(cx) => match dest.permits.poll_acquire(cx) {
                                 Poll::Ready(took) => took.is_ok(),
                                 Poll::Pending => return Poll::Pending,

@@ -110,7 +110,7 @@ use crate::error::{Error, Result};
 use crate::launcher::{Launcher, Supervisor, ThreadLauncher};
 use crate::router::{InstanceId, Sticky, StickyOptions};
 use crate::store::{LogOptions, LogStore, MemoryStore, Store};
-use core::{BatchAppended, BatchProgress, Options, Parts, Room, Shared, Submitted};
+use core::{Appended, BatchAppended, BatchProgress, Options, Parts, Room, Shared, Submitted};
 use owned::OwnedLog;
 
 /// A running keyed service. Dropping it stops it, blocking until its instances have
@@ -773,7 +773,10 @@ enum SubmitState<H: Handler> {
     Start(Result<fold::Scratch>),
     /// Room taken; an appender thread logs and queues it (see
     /// [`ClusterBuilder::append_threads`]).
-    Appending(Pending<Pending<H::Response>>),
+    Appending(Pending<Appended<H>>),
+    /// Back from an appender thread: its key routes to this instance, whose queue was
+    /// full. Waits for room there, as a future.
+    Waiting(InstanceId, fold::Scratch),
     /// Resolved: polling again is [`Error::Closed`] and submits nothing.
     Done,
 }
@@ -821,12 +824,38 @@ impl<H: Handler> Future for Submit<H> {
                     }
                 }
                 SubmitState::Appending(mut answer) => match Pin::new(&mut answer).poll(cx) {
-                    Poll::Ready(logged) => return Poll::Ready(logged),
+                    Poll::Ready(Ok(Appended::Logged(pending))) => return Poll::Ready(Ok(pending)),
+                    Poll::Ready(Ok(Appended::Busy {
+                        instance,
+                        key,
+                        payload,
+                        ..
+                    })) => {
+                        this.key = key;
+                        this.state = SubmitState::Waiting(instance, payload);
+                    }
+                    Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
                     Poll::Pending => {
                         this.state = SubmitState::Appending(answer);
                         return Poll::Pending;
                     }
                 },
+                SubmitState::Waiting(instance, payload) => {
+                    match this.shared.poll_room_in(instance, cx) {
+                        Poll::Pending => {
+                            this.state = SubmitState::Waiting(instance, payload);
+                            return Poll::Pending;
+                        }
+                        Poll::Ready(Some(dest)) => {
+                            let key = std::mem::take(&mut this.key);
+                            let range = 0..payload.as_slice().len();
+                            let answer = this.shared.append_elsewhere(key, payload, range, dest);
+                            this.state = SubmitState::Appending(answer);
+                        }
+                        // Gone: route again.
+                        Poll::Ready(None) => this.state = SubmitState::Start(Ok(payload)),
+                    }
+                }
             }
         }
     }
@@ -915,7 +944,10 @@ pub struct SubmitBatch<H: Handler> {
 /// The answer of an appender thread logging a batch: a batch of one goes as a single
 /// submit.
 enum BatchAppend<H: Handler> {
-    One(Pending<Pending<H::Response>>),
+    One(Pending<Appended<H>>),
+    /// A batch of one back from an appender thread: waiting for room in this instance's
+    /// full queue, as a future (see [`Appended::Busy`]).
+    OneWaiting(InstanceId),
     Many(Pending<BatchAppended<H>>),
 }
 
@@ -940,8 +972,29 @@ impl<H: Handler> SubmitBatch<H> {
         }
         loop {
             match &mut self.appending {
-                Some(BatchAppend::One(answer)) => {
-                    return Pin::new(answer).poll(cx).map(|r| r.map(|p| vec![p]));
+                Some(BatchAppend::One(answer)) => match ready!(Pin::new(answer).poll(cx))? {
+                    Appended::Logged(pending) => return Poll::Ready(Ok(vec![pending])),
+                    Appended::Busy {
+                        instance, payload, ..
+                    } => {
+                        self.payloads = payload;
+                        self.appending = Some(BatchAppend::OneWaiting(instance));
+                    }
+                },
+                Some(BatchAppend::OneWaiting(instance)) => {
+                    let instance = *instance;
+                    match ready!(self.shared.poll_room_in(instance, cx)) {
+                        Some(dest) => {
+                            // A batch of one: its item is still here.
+                            let (key, range) = self.items.first().cloned().unwrap_or_default();
+                            let payloads =
+                                std::mem::replace(&mut self.payloads, fold::Scratch::empty());
+                            let answer = self.shared.append_elsewhere(key, payloads, range, dest);
+                            self.appending = Some(BatchAppend::One(answer));
+                        }
+                        // Gone: route again.
+                        None => self.appending = None,
+                    }
                 }
                 Some(BatchAppend::Many(answer)) => match ready!(Pin::new(answer).poll(cx))? {
                     BatchAppended::Logged(pendings) => return Poll::Ready(Ok(pendings)),

@@ -162,7 +162,8 @@ pub trait Store: Send + Sync + 'static {
 
     /// Whether [`append`](Store::append) may wait for the disk before it returns (an
     /// fdatasync, as [`LogStore`] does under [`SyncPolicy::Always`], and under
-    /// [`SyncPolicy::Every`] with a record count). A caller that must
+    /// [`SyncPolicy::Every`] for the append that reaches the record count or rolls a
+    /// segment). A caller that must
     /// not block, such as a future polled on an async executor's thread, hands such
     /// appends to a thread of its own. The default is `false`: appends return about as
     /// soon as the records are in memory.

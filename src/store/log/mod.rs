@@ -801,12 +801,12 @@ impl Store for LogStore {
     }
 
     fn append_waits_for_disk(&self) -> bool {
-        match self.shared.options.sync {
-            SyncPolicy::Always => true,
-            // The append that reaches the record count runs the fdatasync.
-            SyncPolicy::Every { records, .. } => records != u64::MAX,
-            SyncPolicy::Never => false,
-        }
+        // Under `Every`, the append that reaches the record count runs the fdatasync,
+        // and one that rolls the segment syncs the sealed one.
+        matches!(
+            self.shared.options.sync,
+            SyncPolicy::Always | SyncPolicy::Every { .. }
+        )
     }
 
     fn read_from(&self, from: Offset) -> Result<RecordIter> {

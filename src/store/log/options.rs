@@ -16,8 +16,9 @@ pub enum SyncPolicy {
     /// `interval` passed since the oldest unsynced record, whichever comes first; a
     /// background thread keeps the interval even when appends stop. An append returns as
     /// soon as its records are buffered (a crash may lose up to that window), except the
-    /// one that reaches `records`: it runs that `fdatasync` (use `u64::MAX` for syncs on
-    /// the interval alone, by the background thread).
+    /// one that reaches `records`, which runs that `fdatasync` (use `u64::MAX` for syncs
+    /// on the interval alone, by the background thread), and one that rolls to a new
+    /// segment, which syncs the segment it seals.
     Every {
         /// Sync after this many unsynced records (0 is taken as 1).
         records: u64,
