@@ -1029,7 +1029,17 @@ impl<H: Handler> Shared<H> {
                 dest.permits.release();
                 return;
             }
-            let body = payload.as_slice().get(range.clone()).unwrap_or_default();
+            let Some(body) = payload.as_slice().get(range.clone()) else {
+                dest.permits.release();
+                debug_assert!(false, "an async submit lost its payload");
+                responder.answer(Err(Error::Codec {
+                    context: "async submit",
+                    message: "the request's encoded payload is missing (a bug in cauce); \
+                              nothing was logged"
+                        .into(),
+                }));
+                return;
+            };
             let logged = shared.submit_from(&key, body, &mut Room::Refuse, Some(dest), false);
             responder.answer(match logged {
                 Poll::Ready(Ok(logged)) => logged.logged().map(Appended::Logged),

@@ -630,7 +630,10 @@ impl Permits {
     }
 
     /// Takes a permit even when full: a request of a batch whose key moved between
-    /// routing and queueing (the overshoot is bounded by the batch).
+    /// routing and queueing (a membership change in between). The room moves with it:
+    /// the overshoot is bounded by the room the batches in flight held elsewhere (one
+    /// batch per blocked submitter; for async batches waiting for an appender thread,
+    /// at most every queue's capacity).
     pub(crate) fn force(&self) {
         self.used.fetch_add(1, Ordering::SeqCst);
     }
