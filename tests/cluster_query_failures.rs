@@ -410,49 +410,7 @@ mod late_stall {
             }
             self.live.append(batch)
         }
-        fn read_from(&self, from: u64) -> cauce::Result<cauce::store::RecordIter> {
-            self.live.read_from(from)
-        }
-        fn replay_from(
-            &self,
-            from: u64,
-            f: &mut dyn FnMut(u64, cauce::Entry<'_>),
-        ) -> cauce::Result<u64> {
-            self.live.replay_from(from, f)
-        }
-        fn start_offset(&self) -> u64 {
-            self.live.start_offset()
-        }
-        fn next_offset(&self) -> u64 {
-            self.live.next_offset()
-        }
-        fn wait_for(&self, offset: u64, timeout: Option<Duration>) -> u64 {
-            self.live.wait_for(offset, timeout)
-        }
-        fn wake_waiters(&self) {
-            self.live.wake_waiters()
-        }
-        fn sync(&self) -> cauce::Result<()> {
-            self.live.sync()
-        }
-        fn truncate_before(&self, offset: u64) -> cauce::Result<()> {
-            self.live.truncate_before(offset)
-        }
-        fn compact(&self) -> cauce::Result<cauce::store::Compaction> {
-            self.live.compact()
-        }
-        fn commit_cursor(&self, name: &str, offset: u64) -> cauce::Result<()> {
-            self.live.commit_cursor(name, offset)
-        }
-        fn cursor(&self, name: &str) -> cauce::Result<Option<u64>> {
-            self.live.cursor(name)
-        }
-        fn save_snapshot(&self, name: &str, offset: u64, blob: &[u8]) -> cauce::Result<()> {
-            self.live.save_snapshot(name, offset, blob)
-        }
-        fn latest_snapshot(&self, name: &str) -> cauce::Result<Option<cauce::store::Snapshot>> {
-            self.live.latest_snapshot(name)
-        }
+        crate::common::forward_store_but_append!(live);
     }
 
     /// Returns the query's answer within 10x the stall timeout, and (if `then_shutdown`)
