@@ -376,7 +376,9 @@ impl Store for Unreadable {
 }
 
 /// Inside an `impl Store for T` that writes its own `append`: every other method, passed
-/// to the `Store` in field `$live` of `T`.
+/// to the `Store` in field `$live` of `T`. (Not every test file that shares this module
+/// uses it.)
+#[allow(unused_macros)]
 macro_rules! forward_store_but_append {
     ($live:ident) => {
         fn read_from(&self, from: u64) -> cauce::Result<cauce::store::RecordIter> {
@@ -424,4 +426,5 @@ macro_rules! forward_store_but_append {
         }
     };
 }
+#[allow(unused_imports)]
 pub(crate) use forward_store_but_append;
