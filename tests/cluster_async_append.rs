@@ -275,19 +275,71 @@ fn async_submits_on_a_log_store_that_syncs_every_append() {
 }
 
 /// An appender thread holds the key's stripe through its append: a query of the same
-/// key, polled meanwhile, yields rather than wait for it, and then sees the request.
+/// key waits for that append (in its poll) and then sees the request.
 #[test]
-fn query_async_does_not_wait_for_an_append_on_the_polling_thread() {
+fn query_async_sees_the_request_whose_append_was_in_progress() {
     let (cluster, gate) = gated(2);
     let client = cluster.client();
     let (submit, ready) = poll_once(client.submit_async("slow-q", 9));
     assert!(!ready);
     gate.wait_until_waiting(1);
-    let (query, ready) = poll_once(Box::pin(client.read("slow-q", |t: &u64| *t)));
-    assert!(!ready, "answered while the append before it waits");
+    let query = std::thread::spawn({
+        let client = cluster.client();
+        move || block_on(client.read("slow-q", |t: &u64| *t))
+    });
+    std::thread::sleep(Duration::from_millis(20));
     gate.open.store(true, Ordering::SeqCst);
     assert_eq!(block_on(submit).unwrap().wait().unwrap(), 9);
-    assert_eq!(block_on(query).unwrap(), 9);
+    assert_eq!(query.join().unwrap().unwrap(), 9);
+    cluster.shutdown().unwrap();
+}
+
+/// A key kept busy by appends from many callers: a query of it is queued, not starved.
+/// Before, a query future tried the key's stripe lock and polled again, and never got
+/// in while appends passed the lock from one to the next (found by a review: no query
+/// queued within 3 s in 20 of 20 runs, at 59 million polls each).
+#[test]
+fn query_async_of_a_key_busy_with_appends_is_queued() {
+    let gate = Arc::new(Gate {
+        append_micros: 1000.into(),
+        ..Gate::default()
+    });
+    let cluster = Cluster::builder(Counter)
+        .stores(gate.clone(), None)
+        .instances(2)
+        .append_threads(16)
+        .build()
+        .unwrap();
+    let stop = Arc::new(AtomicBool::new(false));
+    let writers: Vec<_> = (0..12)
+        .map(|_| {
+            let client = cluster.client();
+            let stop = stop.clone();
+            std::thread::spawn(move || {
+                while !stop.load(Ordering::SeqCst) {
+                    block_on(client.request("hot", 1)).unwrap();
+                }
+            })
+        })
+        .collect();
+    std::thread::sleep(Duration::from_millis(50));
+    for _ in 0..3 {
+        let query = std::thread::spawn({
+            let client = cluster.client();
+            move || block_on(client.read("hot", |t: &u64| *t))
+        });
+        let since = Instant::now();
+        while !query.is_finished() {
+            assert!(
+                since.elapsed() < Duration::from_secs(10),
+                "a query of a busy key was not answered within 10 s"
+            );
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        assert!(query.join().unwrap().unwrap() > 0);
+    }
+    stop.store(true, Ordering::SeqCst);
+    writers.into_iter().for_each(|w| w.join().unwrap());
     cluster.shutdown().unwrap();
 }
 

@@ -1160,20 +1160,11 @@ impl<H: Handler> Shared<H> {
             }
         };
         loop {
-            let holders = match room {
-                // An appender thread holds a stripe through its append (an fdatasync): a
-                // future polled on an executor's thread does not wait for it, but yields
-                // and looks again.
-                Room::Poll(cx) if self.appends_elsewhere() => match stripe.try_lock() {
-                    Some(holders) => holders,
-                    None => {
-                        release(permit);
-                        cx.waker().wake_by_ref();
-                        return Poll::Pending;
-                    }
-                },
-                _ => stripe.lock(),
-            };
+            // An appender thread (or a blocking submit) holds the key's stripe through
+            // its append, an fdatasync when appends wait for the disk: a poll waits for
+            // it here. Trying the lock and polling again instead never got in on a key
+            // that appends kept busy (the lock passes from one appender to the next).
+            let holders = stripe.lock();
             if !self.accepting.load(Ordering::SeqCst) {
                 release(permit);
                 return Poll::Ready(Err(Error::Closed));

@@ -380,7 +380,7 @@ impl<H: Handler> Client<H> {
     ///
     /// An error is either the submit's (nothing was logged, as with
     /// [`submit_async`]) or the answer's ([`Error::HandlerPanicked`], say: the request
-    /// is in the log). Dropping the future before the request is logged submits nothing;
+    /// is in the log). Dropping the future before its append begins submits nothing;
     /// after, the request is still handled, and its answer dropped. The future owns
     /// what it needs (it holds the cluster, as a clone of the client does): it can be
     /// spawned, `tokio::spawn(client.request(key, req))`.
@@ -642,12 +642,12 @@ impl<H: Handler> Client<H> {
         }
     }
 
-    /// Like [`query`](Client::query), but never blocks the thread that polls it, as
-    /// [`submit_async`](Client::submit_async) does for a request: it waits for room in
-    /// a full queue as a future, and (when appends wait for the disk) yields rather
-    /// than wait for an appender thread's append of the same key's stripe. The future
-    /// resolves to the [`Pending`] answer once the query is queued; dropping it before
-    /// then queues nothing.
+    /// Like [`query`](Client::query), but waits for room in a full queue as a future,
+    /// as [`submit_async`](Client::submit_async) does for a request. One wait stays in
+    /// the poll: for an append in progress under the key's stripe lock (with
+    /// [`SyncPolicy::Always`](crate::store::SyncPolicy::Always), one fdatasync, shared
+    /// with the appends in flight). The future resolves to the [`Pending`] answer once
+    /// the query is queued; dropping it before then queues nothing.
     ///
     /// ```
     /// # use cauce::cluster::{Cluster, Context, Handler};
