@@ -486,10 +486,11 @@ impl<H: Handler> Client<H> {
     }
 
     /// Like [`submit_batch`](Client::submit_batch), but waits for room in full queues
-    /// without blocking the thread, as [`submit_async`](Client::submit_async) does for
-    /// one request. While it waits it holds the room it has taken so far, taken a whole
+    /// without blocking the thread, and hands its append to an appender thread when
+    /// appends wait for the disk, as [`submit_async`](Client::submit_async) does for one
+    /// request. While it waits it holds the room it has taken so far, taken a whole
     /// queue at a time in a fixed order, so two waiting batches never hold each other up;
-    /// dropping it before it resolves gives that room back and submits nothing.
+    /// dropping it before its append begins gives that room back and submits nothing.
     ///
     /// ```
     /// # use cauce::cluster::{Cluster, Context, Handler};
@@ -758,8 +759,9 @@ impl<H: Handler> Client<H> {
     }
 }
 
-/// A submit waiting for room without blocking: see [`Client::submit_async`]. Resolves
-/// to the [`Pending`] response once the request is in the log.
+/// A submit that waits for room, and for its append, as a future: see
+/// [`Client::submit_async`]. Resolves to the [`Pending`] response once the request is
+/// in the log.
 #[must_use = "a submit does nothing unless polled"]
 pub struct Submit<H: Handler> {
     shared: Arc<Shared<H>>,
@@ -861,8 +863,8 @@ impl<H: Handler> Future for Submit<H> {
     }
 }
 
-/// A query waiting for room without blocking: see [`Client::query_async`]. Resolves to
-/// the [`Pending`] answer once the query is queued.
+/// A query waiting for room as a future: see [`Client::query_async`] (and the one wait
+/// it keeps in its poll). Resolves to the [`Pending`] answer once the query is queued.
 #[must_use = "a query does nothing unless polled"]
 pub struct Query<H: Handler, F> {
     shared: Arc<Shared<H>>,
@@ -933,7 +935,7 @@ fn encode_batch<K, R: serde::Serialize>(
     Ok((items, payloads))
 }
 
-/// A batch submit waiting for room without blocking: see
+/// A batch submit that waits for room, and for its append, as a future: see
 /// [`Client::submit_batch_async`]. Resolves to the [`Pending`] responses, in the order
 /// given, once the batch is in the log.
 #[must_use = "a submit does nothing unless polled"]
