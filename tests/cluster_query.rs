@@ -14,7 +14,7 @@ use cauce::cluster::{Cluster, Context, Handler};
 use cauce::store::MemoryStore;
 
 mod common;
-use common::Unreadable;
+use common::{Unreadable, wait_for};
 
 /// Each key's state is the list of the requests it was sent, in order. A request of
 /// `u64::MAX` waits until `release` is set (at most a minute), the first time only.
@@ -35,13 +35,6 @@ impl Handler for Lists {
         }
         list.push(v);
         list.len()
-    }
-}
-
-fn wait_for(flag: &AtomicBool, at_most: Duration) {
-    let since = Instant::now();
-    while !flag.load(Ordering::SeqCst) && since.elapsed() < at_most {
-        std::thread::sleep(Duration::from_millis(2));
     }
 }
 

@@ -18,6 +18,8 @@ mod shutdown {
     use cauce::Error;
     use cauce::cluster::{Cluster, Context, Handler};
 
+    use crate::common::wait_for;
+
     #[derive(Clone, Default)]
     struct Lists {
         release: Arc<AtomicBool>,
@@ -33,13 +35,6 @@ mod shutdown {
             }
             l.push(v);
             l.len()
-        }
-    }
-
-    fn wait_for(flag: &AtomicBool, at_most: Duration) {
-        let since = Instant::now();
-        while !flag.load(Ordering::SeqCst) && since.elapsed() < at_most {
-            std::thread::sleep(Duration::from_millis(2));
         }
     }
 
@@ -113,6 +108,8 @@ mod rebuild_stall {
 
     use cauce::Error;
     use cauce::cluster::{Cluster, Context, Handler};
+
+    use crate::common::wait_for;
     use cauce::store::MemoryStore;
 
     use crate::common::Unreadable;
@@ -140,13 +137,6 @@ mod rebuild_stall {
             }
             l.push(v);
             l.len()
-        }
-    }
-
-    fn wait_for(flag: &AtomicBool, at_most: Duration) {
-        let since = Instant::now();
-        while !flag.load(Ordering::SeqCst) && since.elapsed() < at_most {
-            std::thread::sleep(Duration::from_millis(2));
         }
     }
 
@@ -227,10 +217,12 @@ mod stale_rebuild {
 
     use std::sync::Arc;
     use std::sync::atomic::{AtomicBool, Ordering};
-    use std::time::{Duration, Instant};
+    use std::time::Duration;
 
     use cauce::Error;
     use cauce::cluster::{Cluster, Context, Handler};
+
+    use crate::common::wait_for;
     use cauce::store::{MemoryStore, Store};
 
     use crate::common::Unreadable;
@@ -257,13 +249,6 @@ mod stale_rebuild {
             }
             l.push(v);
             l.len()
-        }
-    }
-
-    fn wait_for(flag: &AtomicBool, at_most: Duration) {
-        let since = Instant::now();
-        while !flag.load(Ordering::SeqCst) && since.elapsed() < at_most {
-            std::thread::sleep(Duration::from_millis(2));
         }
     }
 
@@ -362,6 +347,8 @@ mod late_stall {
 
     use cauce::Error;
     use cauce::cluster::{Cluster, Context, Handler};
+
+    use crate::common::wait_for;
     use cauce::store::{MemoryStore, Store};
 
     const HANG: u64 = u64::MAX;
@@ -381,13 +368,6 @@ mod late_stall {
             }
             l.push(v);
             l.len()
-        }
-    }
-
-    fn wait_for(flag: &AtomicBool, at_most: Duration) {
-        let since = Instant::now();
-        while !flag.load(Ordering::SeqCst) && since.elapsed() < at_most {
-            std::thread::sleep(Duration::from_millis(2));
         }
     }
 

@@ -19,9 +19,15 @@ pub(crate) type Job = Box<dyn FnOnce() + Send>;
 /// The appender threads of a cluster, started on first use.
 pub(crate) struct Appenders {
     threads: usize,
-    pool: Mutex<Option<Pool>>,
-    /// Stopped: no thread starts any more.
-    stopped: Mutex<bool>,
+    state: Mutex<State>,
+}
+
+enum State {
+    /// No submit needed them yet.
+    Idle,
+    Running(Pool),
+    /// No thread starts any more.
+    Stopped,
 }
 
 struct Pool {
@@ -34,8 +40,7 @@ impl Appenders {
     pub(crate) fn new(threads: usize) -> Self {
         Appenders {
             threads: threads.max(1),
-            pool: Mutex::new(None),
-            stopped: Mutex::new(false),
+            state: Mutex::new(State::Idle),
         }
     }
 
@@ -43,35 +48,28 @@ impl Appenders {
     /// stopping, or no thread could be started (the caller then runs it itself, or
     /// refuses it).
     pub(crate) fn run(&self, job: Job) -> std::result::Result<(), (Job, Error)> {
-        let stopped = self.stopped.lock();
-        if *stopped {
-            return Err((job, Error::Closed));
-        }
-        let mut pool = self.pool.lock();
-        if pool.is_none() {
+        let mut state = self.state.lock();
+        if let State::Idle = *state {
             match start(self.threads) {
-                Ok(started) => *pool = Some(started),
+                Ok(started) => *state = State::Running(started),
                 Err(e) => return Err((job, e)),
             }
         }
-        let Some(p) = pool.as_ref() else {
-            return Err((job, Error::Closed));
-        };
-        // The threads hold the receiver until the pool is stopped, under these locks.
-        p.jobs
-            .send(job)
-            .map_err(|e| (e.into_inner(), Error::Closed))
+        match &*state {
+            // The threads hold the receiver until the pool is stopped, under this lock.
+            State::Running(pool) => pool
+                .jobs
+                .send(job)
+                .map_err(|e| (e.into_inner(), Error::Closed)),
+            State::Idle | State::Stopped => Err((job, Error::Closed)),
+        }
     }
 
     /// Stops the threads once they have run every job handed to them. Called by the
     /// cluster's shutdown, never from an appender thread.
     pub(crate) fn stop(&self) {
-        let pool = {
-            let mut stopped = self.stopped.lock();
-            *stopped = true;
-            self.pool.lock().take()
-        };
-        if let Some(Pool { jobs, handles }) = pool {
+        let state = std::mem::replace(&mut *self.state.lock(), State::Stopped);
+        if let State::Running(Pool { jobs, handles }) = state {
             drop(jobs);
             for h in handles {
                 let _ = h.join();

@@ -100,6 +100,25 @@ impl<H: Handler> Routed<H> {
 /// An instance of the cluster of handler `H`.
 type Inst<H> = Instance<<H as Handler>::State, <H as Handler>::Response>;
 
+impl Room<'_, '_> {
+    /// Waits, as this submit may, for room in the full queue of `inst`: `Ok(true)` once
+    /// it took a permit, `Ok(false)` if the instance retired meanwhile (route again),
+    /// [`Error::Busy`] when refusing, `Pending` (holding no permit, the waker woken at
+    /// the next release) when polled. Called holding no lock.
+    fn wait_in<S, R>(&mut self, inst: &Instance<S, R>) -> Poll<Result<bool>> {
+        Poll::Ready(Ok(match self {
+            Room::Refuse => {
+                return Poll::Ready(Err(Error::Busy {
+                    instance: inst.id,
+                    capacity: inst.permits.capacity(),
+                }));
+            }
+            Room::Wait => inst.permits.acquire(true).is_ok(),
+            Room::Poll(cx) => ready!(inst.permits.poll_acquire(cx)).is_ok(),
+        }))
+    }
+}
+
 /// What a batch is stamped with once: each key's hash (for its routing and its
 /// stripe, however often it routes) and the batch's timestamp.
 struct Stamp {
@@ -865,19 +884,7 @@ impl<H: Handler> Shared<H> {
                         // have moved meanwhile.
                         drop(routing);
                         drop(holders);
-                        let took = match room {
-                            Room::Refuse => {
-                                return Poll::Ready(Err(Error::Busy {
-                                    instance: dest.id,
-                                    capacity: dest.permits.capacity(),
-                                }));
-                            }
-                            Room::Wait => dest.permits.acquire(true).is_ok(),
-                            Room::Poll(cx) => match dest.permits.poll_acquire(cx) {
-                                Poll::Ready(took) => took.is_ok(),
-                                Poll::Pending => return Poll::Pending,
-                            },
-                        };
+                        let took = ready!(room.wait_in(&dest))?;
                         if took {
                             permit = Some(dest);
                         }
@@ -979,19 +986,7 @@ impl<H: Handler> Shared<H> {
                 // Lost since the pick (it leaves the table before it is retired): pick
                 // again.
                 Err(NoPermit::Retired) => false,
-                Err(NoPermit::Busy) => match room {
-                    Room::Refuse => {
-                        return Poll::Ready(Err(Error::Busy {
-                            instance: dest.id,
-                            capacity: dest.permits.capacity(),
-                        }));
-                    }
-                    Room::Wait => dest.permits.acquire(true).is_ok(),
-                    Room::Poll(cx) => match dest.permits.poll_acquire(cx) {
-                        Poll::Ready(took) => took.is_ok(),
-                        Poll::Pending => return Poll::Pending,
-                    },
-                },
+                Err(NoPermit::Busy) => ready!(room.wait_in(&dest))?,
             };
             if took {
                 return Poll::Ready(Ok(Submitted::Room(dest)));
@@ -1031,13 +1026,7 @@ impl<H: Handler> Shared<H> {
             }
             let Some(body) = payload.as_slice().get(range.clone()) else {
                 dest.permits.release();
-                debug_assert!(false, "an async submit lost its payload");
-                responder.answer(Err(Error::Codec {
-                    context: "async submit",
-                    message: "the request's encoded payload is missing (a bug in cauce); \
-                              nothing was logged"
-                        .into(),
-                }));
+                responder.answer(Err(lost_payload()));
                 return;
             };
             let logged = shared.submit_from(&key, body, &mut Room::Refuse, Some(dest), false);
@@ -1203,19 +1192,7 @@ impl<H: Handler> Shared<H> {
                         // Wait for room holding no lock, then look again: the key may
                         // have moved meanwhile.
                         drop(holders);
-                        let took = match room {
-                            Room::Refuse => {
-                                return Poll::Ready(Err(Error::Busy {
-                                    instance: dest.id,
-                                    capacity: dest.permits.capacity(),
-                                }));
-                            }
-                            Room::Wait => dest.permits.acquire(true).is_ok(),
-                            Room::Poll(cx) => match dest.permits.poll_acquire(cx) {
-                                Poll::Ready(took) => took.is_ok(),
-                                Poll::Pending => return Poll::Pending,
-                            },
-                        };
+                        let took = ready!(room.wait_in(&dest))?;
                         if took {
                             permit = Some(dest);
                         }
@@ -2386,6 +2363,17 @@ fn stripe_of(key: &[u8]) -> usize {
 
 fn stripe_of_hash(hash: u64) -> usize {
     (hash as usize) & (STRIPES - 1)
+}
+
+/// A request whose encoded payload is not where its async submit keeps it: a bug in this
+/// crate, refused rather than logged as an empty record.
+pub(crate) fn lost_payload() -> Error {
+    debug_assert!(false, "an async submit lost its payload");
+    Error::Codec {
+        context: "async submit",
+        message: "the request's encoded payload is missing (a bug in cauce); nothing was logged"
+            .into(),
+    }
 }
 
 /// An instance in the routing table is never retired while submits are accepted:

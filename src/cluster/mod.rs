@@ -110,7 +110,9 @@ use crate::error::{Error, Result};
 use crate::launcher::{Launcher, Supervisor, ThreadLauncher};
 use crate::router::{InstanceId, Sticky, StickyOptions};
 use crate::store::{LogOptions, LogStore, MemoryStore, Store};
-use core::{Appended, BatchAppended, BatchProgress, Options, Parts, Room, Shared, Submitted};
+use core::{
+    Appended, BatchAppended, BatchProgress, Options, Parts, Room, Shared, Submitted, lost_payload,
+};
 use owned::OwnedLog;
 
 /// A running keyed service. Dropping it stops it, blocking until its instances have
@@ -906,17 +908,6 @@ impl<H: Handler, F> std::fmt::Debug for Query<H, F> {
             .field("key", &self.key)
             .field("resolved", &self.done)
             .finish()
-    }
-}
-
-/// A request whose encoded payload is not where its future keeps it: a bug in this
-/// crate, refused rather than logged as an empty record.
-fn lost_payload() -> Error {
-    debug_assert!(false, "an async submit lost its payload");
-    Error::Codec {
-        context: "async submit",
-        message: "the request's encoded payload is missing (a bug in cauce); nothing was logged"
-            .into(),
     }
 }
 

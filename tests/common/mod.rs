@@ -283,6 +283,14 @@ pub fn assert_matches_model(
     }
 }
 
+/// Waits until `flag` is set, at most `at_most` (a handler held until a test lets it go).
+pub fn wait_for(flag: &std::sync::atomic::AtomicBool, at_most: Duration) {
+    let since = std::time::Instant::now();
+    while !flag.load(std::sync::atomic::Ordering::SeqCst) && since.elapsed() < at_most {
+        std::thread::sleep(Duration::from_millis(2));
+    }
+}
+
 /// A minimal executor: polls `fut` on this thread, parking until woken.
 pub fn block_on<F: std::future::Future>(fut: F) -> F::Output {
     use std::sync::Arc;
