@@ -311,7 +311,8 @@ fn idle_keys_are_forgotten_and_placed_afresh() {
 
 #[test]
 fn new_keys_go_to_the_first_instance_under_the_cap() {
-    let mut sticky = Sticky::new(sticky_options());
+    // Known keys stay put here; what moves them when shedding is on is tested below.
+    let mut sticky = Sticky::new(sticky_options().shed_when_over(false));
     for id in 1..=5 {
         sticky.add(InstanceId(id), 1).unwrap();
     }
@@ -438,4 +439,131 @@ fn concurrent_requests_leave_no_load_behind() {
         w.join().expect("a worker panicked");
     }
     assert!(balancer.loads().iter().all(|&(_, load)| load == 0));
+}
+
+/// Routes `requests` of a mix over `sticky` from time `t`: four hot keys (a fifth of the
+/// traffic each) and the rest spread over `cold`. Returns what each instance served.
+fn hot_and_cold(
+    sticky: &mut Sticky,
+    hot: &[String],
+    cold: &[String],
+    t: &mut u64,
+    requests: usize,
+) -> BTreeMap<InstanceId, u64> {
+    let mut served = BTreeMap::new();
+    for i in 0..requests {
+        let key = match i % 5 {
+            4 => &cold[(i / 5) % cold.len()],
+            h => &hot[h],
+        };
+        *t += 1;
+        *served
+            .entry(sticky.route(key.as_bytes(), *t).unwrap())
+            .or_default() += 1;
+    }
+    served
+}
+
+/// Keys placed while quiet, then four turn hot, two of them on one instance (1.8 times
+/// the mean there): that instance sheds one of them to the instance that has none, and
+/// every instance ends near the mean. With shedding off they stay together.
+#[test]
+fn an_instance_over_its_cap_sheds_keys_that_turned_hot() {
+    let window = 400;
+    let run = |shed: bool| {
+        let mut sticky = Sticky::new(
+            sticky_options()
+                .window(window)
+                .unwrap()
+                .idle_after(u64::MAX)
+                .shed_when_over(shed),
+        );
+        for id in 1..=4 {
+            sticky.add(InstanceId(id), 1).unwrap();
+        }
+        let cold: Vec<String> = (0..100).map(|k| format!("user-{k}")).collect();
+        let mut t = 0;
+        for key in &cold {
+            t += 1;
+            sticky.route(key.as_bytes(), t).unwrap();
+        }
+        // Two hot keys from one instance, one each from two others: the fourth has none.
+        let on = |id: u32| -> Vec<String> {
+            let on_it = |k: &&String| sticky.placement(k.as_bytes()) == Some(InstanceId(id));
+            cold.iter().filter(on_it).take(2).cloned().collect()
+        };
+        let hot = [
+            on(1)[0].clone(),
+            on(1)[1].clone(),
+            on(2)[0].clone(),
+            on(3)[0].clone(),
+        ];
+        let before: Vec<InstanceId> = hot
+            .iter()
+            .map(|k| sticky.placement(k.as_bytes()).unwrap())
+            .collect();
+        assert_eq!(before[0], before[1]);
+        hot_and_cold(&mut sticky, &hot, &cold, &mut t, 20 * window);
+        let served = hot_and_cold(&mut sticky, &hot, &cold, &mut t, 5 * window);
+        let mean = (5 * window) as f64 / 4.0;
+        let peak = *served.values().max().unwrap() as f64 / mean;
+        let homes: Vec<InstanceId> = hot
+            .iter()
+            .map(|k| sticky.placement(k.as_bytes()).unwrap())
+            .collect();
+        (peak, homes)
+    };
+    let (peak, homes) = run(true);
+    let distinct: std::collections::BTreeSet<_> = homes.iter().collect();
+    assert_eq!(
+        distinct.len(),
+        4,
+        "each hot key on its own instance: {homes:?}"
+    );
+    assert!(peak <= 1.25, "peak/mean {peak:.3} with shedding");
+    let (peak, homes) = run(false);
+    assert_eq!(homes[0], homes[1], "without shedding they stay together");
+    assert!(peak >= 1.6, "peak/mean {peak:.3} without shedding");
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(64))]
+
+    /// Every time a route moves a placed, live key between two instances with the
+    /// membership unchanged, the instance it left was over its cap and the one it went
+    /// to is within its own (its recent load counted there); and no key moves twice
+    /// within one window.
+    #[test]
+    fn a_shed_key_leaves_an_instance_over_its_cap_for_one_with_room(
+        weights in prop::collection::vec(1u32..4, 2..6),
+        keys in prop::collection::vec((0u16..50, 1u64..3), 1..3_000),
+    ) {
+        let window = 128u64;
+        let mut sticky = Sticky::new(sticky_options().window(window as usize).unwrap().idle_after(u64::MAX));
+        for (id, &w) in weights.iter().enumerate() {
+            sticky.add(InstanceId(id as u32), w).unwrap();
+        }
+        let total: u32 = weights.iter().sum();
+        let mut last_move: HashMap<String, u64> = HashMap::new();
+        let mut now = 0;
+        for (routed, (k, step)) in keys.into_iter().enumerate() {
+            // A skewed pick: low numbers far more often.
+            let key = format!("k{}", k % (1 + k / 8));
+            now += step;
+            let before = sticky.placement(key.as_bytes());
+            let loads: BTreeMap<InstanceId, f64> = sticky.loads().into_iter().collect();
+            let at = sticky.route(key.as_bytes(), now).unwrap();
+            let Some(from) = before.filter(|&f| f != at) else { continue };
+            let in_window = (routed as u64).min(window);
+            let cap_of = |id: InstanceId| cap(0.25, in_window, weights[id.0 as usize], total) as f64;
+            prop_assert!(loads[&from] > cap_of(from), "{} left {:?} at {} (cap {})", key, from, loads[&from], cap_of(from));
+            let after: BTreeMap<InstanceId, f64> = sticky.loads().into_iter().collect();
+            // Its load moved there, and this request counted there.
+            prop_assert!(after[&at] <= cap_of(at) + 1.0, "{} went to {:?} at {}", key, at, after[&at]);
+            if let Some(&then) = last_move.get(&key) {
+                prop_assert!(routed as u64 - then >= window, "{} moved at {} and {}", key, then, routed);
+            }
+            last_move.insert(key, routed as u64);
+        }
+    }
 }

@@ -1406,13 +1406,48 @@ impl<H: Handler> Shared<H> {
                 dest_of: Vec::with_capacity(items.len()),
             };
             let mut complete = true;
-            for ((key, _), &hash) in items.iter().zip(&stamp.hashes) {
-                let id = routing.placement.route(key.as_ref(), hash, stamp.timestamp);
-                let Some(inst) = id.and_then(|id| routing.instances.get(&id)) else {
+            // Every key's first item and its destination, made at the first move of a
+            // known key, if any.
+            let mut seen: Option<HashMap<&[u8], usize, ahash::RandomState>> = None;
+            for (i, ((key, _), &hash)) in items.iter().zip(&stamp.hashes).enumerate() {
+                let key = key.as_ref();
+                let pick = routing.placement.pick(key, hash, stamp.timestamp);
+                let Some(pick) = pick.filter(|p| routing.instances.contains_key(&p.instance()))
+                else {
                     complete = false;
                     break;
                 };
-                let at = routed.index_of(inst);
+                // A key's items all go where its first one goes: its requests in one
+                // batch are handed out by instance after the handoffs are queued, so a
+                // key moved between two of them (shed by an instance its first item
+                // put over the cap) would be released before its first item is handled.
+                // Such an item is not counted, so the key keeps its placement.
+                let earlier = match pick.moves_known_key() {
+                    true => seen
+                        .get_or_insert_with(|| {
+                            let before = items[..i].iter().map(|(k, _)| k.as_ref());
+                            before.zip(routed.dest_of.iter().copied()).rev().collect()
+                        })
+                        .get(key)
+                        .copied(),
+                    false => None,
+                };
+                let at = match earlier {
+                    Some(at) => at,
+                    None => {
+                        let id = routing.placement.count(pick, key, hash);
+                        match routing.instances.get(&id) {
+                            Some(inst) => routed.index_of(inst),
+                            None => {
+                                complete = false;
+                                break;
+                            }
+                        }
+                    }
+                };
+                if let Some(seen) = &mut seen {
+                    seen.entry(key).or_insert(at);
+                }
                 routed.dest_of.push(at);
             }
             (complete, routed)
@@ -1493,8 +1528,11 @@ impl<H: Handler> Shared<H> {
             return Err(Error::Closed);
         }
         // Membership may have changed before the stripes were ours; if it did not, every
-        // placement made above still holds. A change holds every stripe, so under ours
-        // the published epoch is current, and the routing lock is needed only if it moved.
+        // instance routed to above is still live. A change holds every stripe, so under
+        // ours the published epoch is current, and the routing lock is needed only if it
+        // moved. (A key can still have moved between live instances meanwhile, placed
+        // anew or shed by a busy instance: the holder change below moves its state to
+        // where this batch sends it, behind the requests it was sent before.)
         if self.placement_epoch.load(Ordering::Acquire) != batch.epoch {
             let routing = self.routing.lock();
             for (i, (key, _)) in items.iter().enumerate() {

@@ -1115,14 +1115,17 @@ impl<H: Handler> ClusterBuilder<H> {
     }
 
     /// How keys are placed on instances (default: ε = 0.2, keys forgotten after 10
-    /// minutes idle; see [`StickyOptions`]).
+    /// minutes idle, instances over their cap shed keys; see [`StickyOptions`]).
     ///
     /// ε bounds an instance's load when a key is placed on it: under `⌈(1 + ε) · mean⌉`
-    /// recent requests. A placed key stays where it is, so its instance's load can
-    /// drift a little past the bound as the key gets busier. The cluster's default is
-    /// therefore below the router's 0.25: on a Zipf(1.1) load whose hottest keys share
-    /// a static partition (a static hash at 2.06 times the mean), the busiest instance
-    /// measured 1.251–1.252 times the mean with ε = 0.25, and 1.201–1.202 with 0.2.
+    /// recent requests. A placed key stays where it is while its instance is within
+    /// that bound, so the load can drift a little past it as keys get busier; past it,
+    /// the instance sheds keys to instances with room, each moving with its state
+    /// (see [`StickyOptions::shed_when_over`]; at most once per load window of
+    /// requests per key). The cluster's default ε is below the router's 0.25: on a
+    /// Zipf(1.1) load whose hottest keys share a static partition (a static hash at
+    /// 2.06 times the mean), the busiest instance measured 1.251–1.252 times the mean
+    /// with ε = 0.25, and 1.201–1.202 with 0.2.
     pub fn placement(mut self, options: StickyOptions) -> Self {
         self.placement = options;
         self

@@ -14,11 +14,9 @@ use crate::small::Key;
 /// The routing decisions the cluster needs. The router module provides them; this trait
 /// keeps the cluster's use of it in one place.
 pub(crate) trait Placement: Send {
-    /// Where a request for `key` goes now (places the key on first sight, counts load).
-    /// `hash` is the key's [`key_hash`](crate::router::key_hash).
-    fn route(&mut self, key: &[u8], hash: u64, now: Timestamp) -> Option<InstanceId>;
     /// Where a request for `key` goes now, without counting it or placing the key: for
-    /// a request that may still be refused. See [`Sticky::pick`].
+    /// a request that may still be refused. See [`Sticky::pick`]. `hash` is the key's
+    /// [`key_hash`](crate::router::key_hash).
     fn pick(&mut self, key: &[u8], hash: u64, now: Timestamp) -> Option<Pick>;
     /// Counts a request [`pick`](Placement::pick) routed, once it is accepted (places
     /// its key on first sight); nothing else may be called in between.
@@ -31,15 +29,13 @@ pub(crate) trait Placement: Send {
     fn add(&mut self, id: InstanceId, weight: u32) -> Result<()>;
     /// Removes an instance.
     fn remove(&mut self, id: InstanceId) -> Result<()>;
-    /// Changes with every membership change: placements made at one epoch still hold
-    /// while it is unchanged (a known key stays where it is).
+    /// Changes with every membership change: the instances placements point at stay
+    /// in the table while it is unchanged (a key can still move between them, placed
+    /// anew after going idle or shed by an instance over its cap).
     fn epoch(&self) -> crate::router::Epoch;
 }
 
 impl Placement for Sticky {
-    fn route(&mut self, key: &[u8], hash: u64, now: Timestamp) -> Option<InstanceId> {
-        Sticky::route_hash(self, key, hash, now)
-    }
     fn pick(&mut self, key: &[u8], hash: u64, now: Timestamp) -> Option<Pick> {
         Sticky::pick(self, key, hash, now)
     }

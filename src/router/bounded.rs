@@ -16,7 +16,9 @@
 //!   goes to the first instance under the cap and holds a [`LoadGuard`] until it is done.
 //! - [`Sticky`], for **keys that own state**: a key is placed once, on first sight, on
 //!   the first instance of its preference list whose recent load is under the cap, and
-//!   stays there (its state lives there) until membership changes or the key goes idle.
+//!   stays there (its state lives there) until membership changes, the key goes idle,
+//!   or its instance is over the cap and another has room for it (keys change: one
+//!   placed while quiet can turn hot).
 //!   Load is the number of the last `window` routed requests each instance got, and time
 //!   is the events' own timestamps, so the placements are a pure function of the calls:
 //!   two `Sticky` fed the same log agree on every key without talking to each other.
@@ -85,6 +87,15 @@ fn load_cap(epsilon_ppm: u32, load: u64, weight: u32, total_weight: u64) -> u64 
     numerator
         .div_ceil(denominator)
         .clamp(1, u128::from(u64::MAX)) as u64
+}
+
+/// Whether `load` is over [`load_cap`] (the same arguments), without its division: the
+/// test a routed request of a placed key makes (see [`StickyOptions::shed_when_over`]).
+fn over_cap(epsilon_ppm: u32, load: u64, in_place: u64, weight: u32, total_weight: u64) -> bool {
+    // load > max(1, ⌈n / d⌉)  ⟺  load ≥ 2 and load - 1 ≥ n / d  ⟺  (load - 1) · d ≥ n.
+    let numerator = (PPM + u128::from(epsilon_ppm)) * u128::from(in_place) * u128::from(weight);
+    let denominator = PPM * u128::from(total_weight.max(1));
+    load >= 2 && u128::from(load - 1) * denominator >= numerator
 }
 
 /// Takes one unit of `load` if it is below `cap`. Racing claims never take it past
@@ -299,17 +310,20 @@ pub struct StickyOptions {
     epsilon_ppm: u32,
     idle_after: Timestamp,
     window: usize,
+    shed: bool,
     router: SlotRouterOptions,
 }
 
 impl Default for StickyOptions {
     /// ε = 0.25, keys idle after 10 minutes of event time, load over the last 65,536
-    /// requests, and the default [`SlotRouterOptions`].
+    /// requests, keys shed by instances over their cap, and the default
+    /// [`SlotRouterOptions`].
     fn default() -> Self {
         StickyOptions {
             epsilon_ppm: (DEFAULT_EPSILON * PPM as f64) as u32,
             idle_after: 10 * 60 * 1000,
             window: 1 << 16,
+            shed: true,
             router: SlotRouterOptions::default(),
         }
     }
@@ -340,6 +354,25 @@ impl StickyOptions {
         }
         self.window = window;
         Ok(self)
+    }
+
+    /// Sets whether an instance over its cap sheds keys (default: yes).
+    ///
+    /// A key is placed where there is room, but keys change: one placed while it was
+    /// quiet can turn hot, and two hot keys can end up on one instance, which then
+    /// carries far more than `⌈(1 + ε) · mean⌉` while others idle. When shedding is on,
+    /// a request of a placed key whose instance is over its cap moves that key to the
+    /// first instance of its preference list with room for the key's recent load (its
+    /// requests in the window), if there is one; the key's load moves with it. A key
+    /// that alone exceeds every cap stays, and its neighbours leave it instead.
+    ///
+    /// Against moving back and forth: a key moves only from an instance over its cap to
+    /// one that stays within its own, and not again before `window` more requests have
+    /// been routed since it was placed. Placements stay a function of the calls.
+    /// Off, a placed key stays where it is until membership changes or it goes idle.
+    pub fn shed_when_over(mut self, shed: bool) -> Self {
+        self.shed = shed;
+        self
     }
 
     /// Sets the options of the underlying [`SlotRouter`].
@@ -378,13 +411,20 @@ impl Pick {
     pub(crate) fn instance(&self) -> InstanceId {
         self.to
     }
+
+    /// Whether it moves a known key (placed anew after going idle or without an
+    /// instance, or shed by an instance over its cap).
+    pub(crate) fn moves_known_key(&self) -> bool {
+        matches!(self.seat, PickedSeat::Moves(..))
+    }
 }
 
 /// Where a picked request's key is, by index in [`Sticky`]'s states.
 enum PickedSeat {
     /// Known and placed: it stays there.
     Stays(u32),
-    /// Known, but idle or with no instance: placed anew, on this instance and seat.
+    /// Known, but idle, with no instance, or shed by an instance over its cap: placed
+    /// anew, on this instance and seat.
     Moves(u32, (InstanceId, usize)),
     /// Not known: placed on this instance and seat.
     New((InstanceId, usize)),
@@ -401,6 +441,9 @@ struct KeyState {
     last_seen: Timestamp,
     /// Its requests among the last `window` routed.
     in_window: u32,
+    /// How many requests the router had routed when the key was last placed: it is not
+    /// shed again before `window` more.
+    placed_at: u64,
     /// Still known (not forgotten): reachable through the index.
     known: bool,
     /// The next known key with the same 64-bit hash ([`END`] at the end).
@@ -447,10 +490,12 @@ impl Hasher for HashIsKey {
 /// A key is placed on first sight (or its first request after going idle) on the first
 /// instance of its preference list with room under `max(1, ⌈(1 + ε) · L · w / W⌉)`,
 /// where `L` is the number of requests in the window (the last `window` routed) and an
-/// instance's load is how many of them went to it. It stays there whatever its own load
-/// becomes, until its instance leaves, a joining instance takes its slot (if the
-/// newcomer has room for the key's recent load), or it goes idle. Every answer is a
-/// function of the sequence of calls, their arguments included; nothing reads a clock.
+/// instance's load is how many of them went to it. It stays there until its instance
+/// leaves, a joining instance takes its slot (if the newcomer has room for the key's
+/// recent load), it goes idle, or its instance is over the cap when one of its requests
+/// is routed and another instance has room for the key's recent load (see
+/// [`StickyOptions::shed_when_over`]). Every answer is a function of the sequence of
+/// calls, their arguments included; nothing reads a clock.
 ///
 /// Change the membership through [`add`](Self::add) and [`remove`](Self::remove), which
 /// report the moves. They are the only way: [`table`](Self::table) reads the current
@@ -477,6 +522,8 @@ pub struct Sticky {
     loads: Vec<u64>,
     total_weight: u64,
     latest: Timestamp,
+    /// Requests routed since the router was made.
+    routed: u64,
     routed_since_sweep: usize,
     next_sweep: Timestamp,
 }
@@ -498,6 +545,7 @@ impl Sticky {
             loads: Vec::new(),
             total_weight: 0,
             latest: 0,
+            routed: 0,
             routed_since_sweep: 0,
             next_sweep: 0,
         }
@@ -560,8 +608,11 @@ impl Sticky {
             Some(index) => {
                 let state = &self.states[index as usize];
                 match state.placed {
-                    Some((id, _)) if !self.is_idle(state.last_seen, now) => {
-                        (PickedSeat::Stays(index), id)
+                    Some((id, seat)) if !self.is_idle(state.last_seen, now) => {
+                        match self.shed(state, seat) {
+                            Some(to) => (PickedSeat::Moves(index, to), to.0),
+                            None => (PickedSeat::Stays(index), id),
+                        }
                     }
                     _ => {
                         let to = self.place(hash, 1)?;
@@ -649,6 +700,29 @@ impl Sticky {
         now.saturating_sub(last_seen) >= self.options.idle_after
     }
 
+    /// Where a placed key on `seat` goes instead, if that instance is over its cap and
+    /// another of the key's preference list has room for the key's recent load (see
+    /// [`StickyOptions::shed_when_over`]).
+    fn shed(&self, state: &KeyState, seat: usize) -> Option<(InstanceId, usize)> {
+        if !self.options.shed
+            || self.routed.saturating_sub(state.placed_at) < self.options.window as u64
+        {
+            return None;
+        }
+        let in_window = self.window.len() as u64;
+        let load = *self.loads.get(seat)?;
+        let weight = self.table.seat_member(seat).weight;
+        let eps = self.options.epsilon_ppm;
+        if !over_cap(eps, load, in_window, weight, self.total_weight) {
+            return None;
+        }
+        let moving = u64::from(state.in_window).max(1);
+        let to = self.table.walk_preference(state.hash, |at| {
+            at != seat && self.loads[at] + moving <= self.cap(at, in_window)
+        })?;
+        Some((self.table.seat_member(to).id, to))
+    }
+
     fn find(&self, key: &[u8], hash: u64) -> Option<u32> {
         let mut at = *self.index.get(&hash)?;
         while at != END {
@@ -668,6 +742,7 @@ impl Sticky {
             placed: Some(to),
             last_seen: now,
             in_window: 0,
+            placed_at: self.routed,
             known: true,
             next: END,
         };
@@ -680,6 +755,7 @@ impl Sticky {
                     placed: None,
                     last_seen: 0,
                     in_window: 0,
+                    placed_at: 0,
                     known: false,
                     next: END,
                 });
@@ -759,6 +835,7 @@ impl Sticky {
     fn shift_load(&mut self, index: u32, to: (InstanceId, usize)) {
         let state = &mut self.states[index as usize];
         let load = u64::from(state.in_window);
+        state.placed_at = self.routed;
         if let Some((_, from)) = state.placed.replace(to) {
             if let Some(from) = self.loads.get_mut(from) {
                 *from -= load;
@@ -785,6 +862,7 @@ impl Sticky {
             }
         }
         self.window.push_back(index);
+        self.routed += 1;
         let state = &mut self.states[index as usize];
         state.in_window += 1;
         if let Some((_, seat)) = state.placed {
