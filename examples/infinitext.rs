@@ -8,6 +8,10 @@
 //! 3. An instance stalls in the middle of the load (a paste that hangs its handler): the
 //!    supervisor notices, moves its users to a replacement, and every request is still
 //!    answered once, with every document exactly as typed.
+//! 4. Halfway through, other users get busy: users placed while they were quiet turn
+//!    hot and some land together. Instances over their bound shed users to instances
+//!    with room (each user's document moves with them); with shedding off, the second
+//!    half shows what placement alone leaves.
 //!
 //! ```sh
 //! cargo run --release --example infinitext
@@ -17,12 +21,13 @@ use std::collections::{HashMap, VecDeque};
 use std::time::{Duration, Instant};
 
 use cauce::cluster::{Cluster, Context, Handler, Metrics, Pending};
+use cauce::router::StickyOptions;
 use cauce::store::{LogOptions, SyncPolicy};
 use rand::{RngExt, SeedableRng, rngs::SmallRng};
 use rand_distr::Zipf;
 use serde::{Deserialize, Serialize};
 
-#[derive(Serialize, Deserialize)]
+#[derive(Clone, Serialize, Deserialize)]
 enum Edit {
     /// Append text to the user's document.
     Type(String),
@@ -134,13 +139,34 @@ struct Act {
     note: String,
 }
 
+/// How a run went.
+struct Served {
+    metrics: Metrics,
+    /// The metrics halfway through the load.
+    halfway: Metrics,
+    answered: usize,
+    lost: usize,
+    elapsed: Duration,
+}
+
+/// Requests each instance handled in the second half of a run.
+fn second_half(served: &Served) -> Vec<u64> {
+    let before = |id| {
+        let at = served.halfway.instances.iter().find(|i| i.id == id);
+        at.map_or(0, |i| i.requests)
+    };
+    let after = served.metrics.instances.iter();
+    after.map(|i| i.requests - before(i.id)).collect()
+}
+
 /// Runs `load` through a fresh cluster; returns the metrics and how many requests were
 /// answered and lost, checking every document against what was typed.
 fn serve(
     load: &[(usize, Edit)],
     users: &[String],
     stall_timeout: Duration,
-) -> (Metrics, usize, usize, Duration) {
+    placement: StickyOptions,
+) -> Served {
     let dir = tempfile::tempdir().expect("temp dir");
     let cluster = Cluster::builder(Documents)
         .dir(dir.path())
@@ -150,6 +176,7 @@ fn serve(
         }))
         .instances(INSTANCES)
         .stall_timeout(stall_timeout)
+        .placement(placement)
         .build()
         .expect("cluster");
     let client = cluster.client();
@@ -158,13 +185,21 @@ fn serve(
     let mut lost = 0;
     let mut window: VecDeque<Pending<usize>> = VecDeque::new();
     let mut expected: HashMap<usize, usize> = HashMap::new();
+    let mut halfway = None;
     let settle = |p: Pending<usize>, answered: &mut usize, lost: &mut usize| match p
         .wait_timeout(Duration::from_secs(30))
     {
         Ok(_) => *answered += 1,
         Err(_) => *lost += 1,
     };
-    for (user, edit) in load {
+    for (i, (user, edit)) in load.iter().enumerate() {
+        if i == load.len() / 2 {
+            // Everything before is answered: the counts are the first half's.
+            for p in window.drain(..) {
+                settle(p, &mut answered, &mut lost);
+            }
+            halfway = Some(cluster.metrics());
+        }
         let len = match edit {
             Edit::Type(t) | Edit::SlowPaste(t, _) => t.len(),
         };
@@ -199,7 +234,13 @@ fn serve(
     }
     let metrics = cluster.metrics();
     cluster.shutdown().expect("shutdown");
-    (metrics, answered, lost, elapsed)
+    Served {
+        halfway: halfway.unwrap_or_else(|| metrics.clone()),
+        metrics,
+        answered,
+        lost,
+        elapsed,
+    }
 }
 
 fn main() {
@@ -236,36 +277,70 @@ fn main() {
         note: "one partition takes the busy names".to_string(),
     });
 
-    let (metrics, answered, lost, elapsed) = serve(&load, &users, Duration::from_secs(5));
+    // The cluster's placement, with its default ε = 0.2.
+    let placement = || StickyOptions::default().epsilon(0.2).expect("a valid ε");
+    let run = serve(&load, &users, Duration::from_secs(5), placement());
     acts.push(Act {
         name: "cauce, bounded loads",
-        loads: metrics.instances.iter().map(|i| i.requests).collect(),
+        loads: run.metrics.instances.iter().map(|i| i.requests).collect(),
         balanced_view: true,
-        answered: Some(answered),
-        lost: Some(lost),
-        note: format!("{:.0} edits/s", REQUESTS as f64 / elapsed.as_secs_f64()),
+        answered: Some(run.answered),
+        lost: Some(run.lost),
+        note: format!("{:.0} edits/s", REQUESTS as f64 / run.elapsed.as_secs_f64()),
     });
 
     // Act 3: the same load, with one paste halfway that hangs its instance for 2 s.
-    let mut stalled_load = load;
+    let mut stalled_load = load.clone();
     let hot = stalled_load[REQUESTS / 2].0;
     stalled_load[REQUESTS / 2].1 = Edit::SlowPaste("<a very long paste> ".to_string(), 2_000);
-    let (metrics, answered, lost, elapsed) =
-        serve(&stalled_load, &users, Duration::from_millis(250));
+    let run = serve(
+        &stalled_load,
+        &users,
+        Duration::from_millis(250),
+        placement(),
+    );
     acts.push(Act {
         name: "cauce, one instance stalls",
-        loads: metrics.instances.iter().map(|i| i.requests).collect(),
+        loads: run.metrics.instances.iter().map(|i| i.requests).collect(),
         // The stalled instance is gone from the live view, with what it handled.
         balanced_view: false,
-        answered: Some(answered),
-        lost: Some(lost),
+        answered: Some(run.answered),
+        lost: Some(run.lost),
         note: format!(
             "{} stalled (user {}), replaced in flight; {:.1} s",
-            metrics.stalls,
+            run.metrics.stalls,
             users[hot],
-            elapsed.as_secs_f64()
+            run.elapsed.as_secs_f64()
         ),
     });
+
+    // Act 4: halfway, other users get busy: the Zipf ranks move half the user list on.
+    let mut changing = load;
+    for (user, _) in &mut changing[REQUESTS / 2..] {
+        *user = (*user + USERS / 2) % USERS;
+    }
+    for (name, shed) in [
+        ("busy users change, shedding off", false),
+        ("busy users change, shedding on", true),
+    ] {
+        let run = serve(
+            &changing,
+            &users,
+            Duration::from_secs(5),
+            placement().shed_when_over(shed),
+        );
+        acts.push(Act {
+            name,
+            loads: second_half(&run),
+            balanced_view: true,
+            answered: Some(run.answered),
+            lost: Some(run.lost),
+            note: format!(
+                "second half; {} users moved",
+                run.metrics.moved_keys - run.halfway.moved_keys
+            ),
+        });
+    }
 
     println!(
         "{:<36} {:>22} {:>9} {:>9} {:>5}",
