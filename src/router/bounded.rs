@@ -368,7 +368,9 @@ impl StickyOptions {
     ///
     /// Against moving back and forth: a key moves only from an instance over its cap to
     /// one that stays within its own, and not again before `window` more requests have
-    /// been routed since it was placed. Placements stay a function of the calls.
+    /// been routed since it was placed. A key that found no instance with room is not
+    /// looked at again for a window either (the search costs more than a route).
+    /// Placements stay a function of the calls.
     /// Off, a placed key stays where it is until membership changes or it goes idle.
     pub fn shed_when_over(mut self, shed: bool) -> Self {
         self.shed = shed;
@@ -421,13 +423,22 @@ impl Pick {
 
 /// Where a picked request's key is, by index in [`Sticky`]'s states.
 enum PickedSeat {
-    /// Known and placed: it stays there.
-    Stays(u32),
+    /// Known and placed: it stays there (true: its instance is over its cap, and no
+    /// other had room for it).
+    Stays(u32, bool),
     /// Known, but idle, with no instance, or shed by an instance over its cap: placed
     /// anew, on this instance and seat.
     Moves(u32, (InstanceId, usize)),
     /// Not known: placed on this instance and seat.
     New((InstanceId, usize)),
+}
+
+/// What [`Sticky::shed`] decides for a placed key.
+enum Shed {
+    Stays,
+    Moves((InstanceId, usize)),
+    /// Its instance is over its cap, and no other has room for it.
+    NoRoom,
 }
 
 /// What a [`Sticky`] knows about one key.
@@ -441,9 +452,10 @@ struct KeyState {
     last_seen: Timestamp,
     /// Its requests among the last `window` routed.
     in_window: u32,
-    /// How many requests the router had routed when the key was last placed: it is not
-    /// shed again before `window` more.
-    placed_at: u64,
+    /// How many requests the router had routed when the key was last placed, or last
+    /// found no instance with room when its own was over its cap: it is not considered
+    /// for shedding again before `window` more.
+    settled_at: u64,
     /// Still known (not forgotten): reachable through the index.
     known: bool,
     /// The next known key with the same 64-bit hash ([`END`] at the end).
@@ -610,8 +622,9 @@ impl Sticky {
                 match state.placed {
                     Some((id, seat)) if !self.is_idle(state.last_seen, now) => {
                         match self.shed(state, seat) {
-                            Some(to) => (PickedSeat::Moves(index, to), to.0),
-                            None => (PickedSeat::Stays(index), id),
+                            Shed::Moves(to) => (PickedSeat::Moves(index, to), to.0),
+                            Shed::Stays => (PickedSeat::Stays(index, false), id),
+                            Shed::NoRoom => (PickedSeat::Stays(index, true), id),
                         }
                     }
                     _ => {
@@ -634,7 +647,15 @@ impl Sticky {
         let Pick { seat, to, now } = pick;
         self.latest = self.latest.max(now);
         let index = match seat {
-            PickedSeat::Stays(index) => index,
+            PickedSeat::Stays(index, no_room) => {
+                if no_room {
+                    // Not looked at again for a window: the walk it took costs far
+                    // more than a route, and a key too hot for any other instance
+                    // would take it at every request.
+                    self.states[index as usize].settled_at = self.routed;
+                }
+                index
+            }
             PickedSeat::Moves(index, to) => {
                 self.shift_load(index, to);
                 index
@@ -703,24 +724,29 @@ impl Sticky {
     /// Where a placed key on `seat` goes instead, if that instance is over its cap and
     /// another of the key's preference list has room for the key's recent load (see
     /// [`StickyOptions::shed_when_over`]).
-    fn shed(&self, state: &KeyState, seat: usize) -> Option<(InstanceId, usize)> {
+    fn shed(&self, state: &KeyState, seat: usize) -> Shed {
         if !self.options.shed
-            || self.routed.saturating_sub(state.placed_at) < self.options.window as u64
+            || self.routed.saturating_sub(state.settled_at) < self.options.window as u64
         {
-            return None;
+            return Shed::Stays;
         }
         let in_window = self.window.len() as u64;
-        let load = *self.loads.get(seat)?;
+        let Some(&load) = self.loads.get(seat) else {
+            return Shed::Stays;
+        };
         let weight = self.table.seat_member(seat).weight;
         let eps = self.options.epsilon_ppm;
         if !over_cap(eps, load, in_window, weight, self.total_weight) {
-            return None;
+            return Shed::Stays;
         }
         let moving = u64::from(state.in_window).max(1);
         let to = self.table.walk_preference(state.hash, |at| {
             at != seat && self.loads[at] + moving <= self.cap(at, in_window)
-        })?;
-        Some((self.table.seat_member(to).id, to))
+        });
+        match to {
+            Some(to) => Shed::Moves((self.table.seat_member(to).id, to)),
+            None => Shed::NoRoom,
+        }
     }
 
     fn find(&self, key: &[u8], hash: u64) -> Option<u32> {
@@ -742,7 +768,7 @@ impl Sticky {
             placed: Some(to),
             last_seen: now,
             in_window: 0,
-            placed_at: self.routed,
+            settled_at: self.routed,
             known: true,
             next: END,
         };
@@ -755,7 +781,7 @@ impl Sticky {
                     placed: None,
                     last_seen: 0,
                     in_window: 0,
-                    placed_at: 0,
+                    settled_at: 0,
                     known: false,
                     next: END,
                 });
@@ -835,7 +861,7 @@ impl Sticky {
     fn shift_load(&mut self, index: u32, to: (InstanceId, usize)) {
         let state = &mut self.states[index as usize];
         let load = u64::from(state.in_window);
-        state.placed_at = self.routed;
+        state.settled_at = self.routed;
         if let Some((_, from)) = state.placed.replace(to) {
             if let Some(from) = self.loads.get_mut(from) {
                 *from -= load;
