@@ -1421,7 +1421,8 @@ impl<H: Handler> Shared<H> {
                 // batch are handed out by instance after the handoffs are queued, so a
                 // key moved between two of them (shed by an instance its first item
                 // put over the cap) would be released before its first item is handled.
-                // Such an item is not counted, so the key keeps its placement.
+                // Such an item is counted where the key is (its first item's instance),
+                // and the key moves at a later request.
                 let earlier = match pick.moves_known_key() {
                     true => seen
                         .get_or_insert_with(|| {
@@ -1433,7 +1434,13 @@ impl<H: Handler> Shared<H> {
                     false => None,
                 };
                 let at = match earlier {
-                    Some(at) => at,
+                    Some(at) => {
+                        let kept = routing.placement.keep_in_place(pick);
+                        if kept.instance() == routed.dests[at].id {
+                            routing.placement.count(kept, key, hash);
+                        }
+                        at
+                    }
                     None => {
                         let id = routing.placement.count(pick, key, hash);
                         match routing.instances.get(&id) {

@@ -1121,8 +1121,8 @@ impl<H: Handler> ClusterBuilder<H> {
     /// recent requests. A placed key stays where it is while its instance is within
     /// that bound, so the load can drift a little past it as keys get busier; past it,
     /// the instance sheds keys to instances with room, each moving with its state
-    /// (see [`StickyOptions::shed_when_over`]; at most once per load window of
-    /// requests per key). The cluster's default ε is below the router's 0.25: on a
+    /// (see [`StickyOptions::shed_when_over`]; the router considers a key for that at
+    /// most once per load window of requests). The cluster's default ε is below the router's 0.25: on a
     /// Zipf(1.1) load whose hottest keys share a static partition (a static hash at
     /// 2.06 times the mean), the busiest instance measured 1.251–1.252 times the mean
     /// with ε = 0.25, and 1.201–1.202 with 0.2.

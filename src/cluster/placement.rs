@@ -21,6 +21,9 @@ pub(crate) trait Placement: Send {
     /// Counts a request [`pick`](Placement::pick) routed, once it is accepted (places
     /// its key on first sight); nothing else may be called in between.
     fn count(&mut self, pick: Pick, key: &[u8], hash: u64) -> InstanceId;
+    /// The request of `pick` kept where its key is placed now (see
+    /// [`Sticky::keep_in_place`]), to count it there instead.
+    fn keep_in_place(&self, pick: Pick) -> Pick;
     /// The current placement of `key`, if it has one, without counting a request.
     fn placement(&self, key: &[u8]) -> Option<InstanceId>;
     /// The key's home in the table (its first choice), ignoring loads.
@@ -38,6 +41,9 @@ pub(crate) trait Placement: Send {
 impl Placement for Sticky {
     fn pick(&mut self, key: &[u8], hash: u64, now: Timestamp) -> Option<Pick> {
         Sticky::pick(self, key, hash, now)
+    }
+    fn keep_in_place(&self, pick: Pick) -> Pick {
+        Sticky::keep_in_place(self, pick)
     }
     fn count(&mut self, pick: Pick, key: &[u8], hash: u64) -> InstanceId {
         Sticky::count(self, pick, key, hash)

@@ -578,6 +578,13 @@ impl Sticky {
     /// first instance of its preference list whose load is under the cap. Counts this
     /// request toward that instance's load. `now` is the record's timestamp, so idleness
     /// is a function of the events, not of the wall clock. `None` without members.
+    ///
+    /// With [shedding](StickyOptions::shed_when_over) on (the default), the answer for
+    /// a placed key can be another instance than its placement before the call: its
+    /// instance was over its cap, and the key moved. A caller that keeps per-key state
+    /// itself compares it with [`placement`](Self::placement) before the call, or turns
+    /// shedding off; moves of membership changes are reported by
+    /// [`add`](Self::add) and [`remove`](Self::remove).
     pub fn route(&mut self, key: &[u8], now: Timestamp) -> Option<InstanceId> {
         self.route_hash(key, key_hash(key), now)
     }
@@ -639,6 +646,22 @@ impl Sticky {
             }
         };
         Some(Pick { seat, to, now })
+    }
+
+    /// The request of `pick` kept where its key is placed now, if the pick moved a
+    /// known key (to count it without the move); otherwise the pick itself.
+    pub(crate) fn keep_in_place(&self, pick: Pick) -> Pick {
+        let PickedSeat::Moves(index, _) = pick.seat else {
+            return pick;
+        };
+        match self.states[index as usize].placed {
+            Some((id, seat)) if seat != DEPARTED => Pick {
+                seat: PickedSeat::Stays(index, false),
+                to: id,
+                now: pick.now,
+            },
+            _ => pick,
+        }
     }
 
     /// Counts the request [`pick`](Self::pick) routed (placing its key if the pick
@@ -739,7 +762,8 @@ impl Sticky {
         if !over_cap(eps, load, in_window, weight, self.total_weight) {
             return Shed::Stays;
         }
-        let moving = u64::from(state.in_window).max(1);
+        // Its recent requests move with it, and this one is counted there too.
+        let moving = u64::from(state.in_window) + 1;
         let to = self.table.walk_preference(state.hash, |at| {
             at != seat && self.loads[at] + moving <= self.cap(at, in_window)
         });
