@@ -1,0 +1,113 @@
+//! A `Store` of the user's that panics in `append`: the panic reaches the submitter, and
+//! nothing the cluster took for that request stays taken: its queue room comes back, and
+//! a key that was moving with it stays where its state is.
+
+mod common;
+
+use std::panic::{AssertUnwindSafe, catch_unwind};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use cauce::Result;
+use cauce::cluster::{Cluster, Context, Handler};
+use cauce::router::StickyOptions;
+use cauce::store::{MemoryStore, Store};
+
+/// A memory store whose `append` panics while `panics` is set.
+struct Panicky {
+    live: MemoryStore,
+    panics: AtomicBool,
+}
+
+impl Store for Panicky {
+    fn append(&self, batch: &[cauce::Entry<'_>]) -> cauce::Result<std::ops::Range<u64>> {
+        if self.panics.load(Ordering::SeqCst) {
+            panic!("the store failed");
+        }
+        self.live.append(batch)
+    }
+    common::forward_store_but_append!(live);
+}
+
+/// Counts each key's requests.
+struct Count;
+
+impl Handler for Count {
+    type State = u64;
+    type Request = ();
+    type Response = u64;
+
+    fn handle(&self, _: &mut Context<'_>, _: &[u8], n: &mut u64, _: ()) -> u64 {
+        *n += 1;
+        *n
+    }
+}
+
+fn cluster(
+    store: &Arc<Panicky>,
+    placement: StickyOptions,
+    queue_capacity: usize,
+) -> Result<Cluster<Count>> {
+    Cluster::builder(Count)
+        .stores(store.clone(), None)
+        .placement(placement)
+        .queue_capacity(queue_capacity)
+        .instances(2)
+        .build()
+}
+
+fn panicky() -> Arc<Panicky> {
+    Arc::new(Panicky {
+        live: MemoryStore::new(),
+        panics: AtomicBool::new(false),
+    })
+}
+
+/// Submits with the store panicking, and checks the panic came through.
+fn submit_while_panicking(store: &Panicky, submit: impl FnOnce()) {
+    store.panics.store(true, Ordering::SeqCst);
+    let outcome = catch_unwind(AssertUnwindSafe(submit));
+    store.panics.store(false, Ordering::SeqCst);
+    assert!(outcome.is_err(), "the store's panic reaches the submitter");
+}
+
+#[test]
+fn a_panicking_append_gives_its_queue_room_back() -> Result<()> {
+    let store = panicky();
+    let cluster = cluster(&store, StickyOptions::default(), 1)?;
+    let client = cluster.client();
+    assert_eq!(client.submit("k", ())?.wait()?, 1);
+    // Queues of one: room lost to a panic would refuse `try_submit` for good.
+    submit_while_panicking(&store, || drop(client.submit("k", ())));
+    assert_eq!(client.try_submit("k", ())?.wait()?, 2);
+    submit_while_panicking(&store, || drop(client.submit_batch([("k", ())])));
+    assert_eq!(client.try_submit("k", ())?.wait()?, 3);
+    cluster.shutdown()
+}
+
+/// A key re-placed by the request whose append panicked: the next request finds the
+/// key's state where it is, and moves it properly.
+#[test]
+fn a_key_moving_with_a_panicking_append_keeps_its_state() -> Result<()> {
+    let store = panicky();
+    // A window of 2: after two requests of the key, its instance has no room for a
+    // third, so the key, once idle (200 ms), is placed anew on the other instance.
+    let placement = StickyOptions::default().window(2)?.idle_after(200);
+    let cluster = cluster(&store, placement, 64)?;
+    let client = cluster.client();
+    for batch in [false, true] {
+        let key = format!("k-{batch}");
+        assert_eq!(client.submit(&key, ())?.wait()?, 1);
+        assert_eq!(client.submit(&key, ())?.wait()?, 2);
+        let home = cluster.owner_of(&key);
+        std::thread::sleep(Duration::from_millis(300));
+        submit_while_panicking(&store, || match batch {
+            false => drop(client.submit(&key, ())),
+            true => drop(client.submit_batch([(&key, ())])),
+        });
+        assert_eq!(client.submit(&key, ())?.wait()?, 3, "{key}");
+        assert_ne!(cluster.owner_of(&key), home, "{key} moved");
+    }
+    cluster.shutdown()
+}
