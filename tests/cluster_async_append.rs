@@ -579,3 +579,143 @@ fn stuck_instance_under_fresh_async_submits(batches_of_one: bool) {
     assert_eq!(keys.len(), logged, "a request was logged twice");
     cluster.shutdown().unwrap();
 }
+
+/// Counts the times it is woken.
+#[derive(Default)]
+struct Wakes(AtomicUsize);
+
+impl Wake for Wakes {
+    fn wake(self: Arc<Self>) {
+        self.0.fetch_add(1, Ordering::SeqCst);
+    }
+}
+
+/// A thread launcher whose launches after the first `free` wait until `release` is set.
+struct HeldLaunches {
+    free: usize,
+    launched: AtomicUsize,
+    holding: Arc<AtomicBool>,
+    release: Arc<AtomicBool>,
+}
+
+impl cauce::launcher::Launcher for HeldLaunches {
+    fn launch(
+        &self,
+        id: cauce::router::InstanceId,
+        body: Box<dyn FnOnce() + Send>,
+    ) -> cauce::Result<Box<dyn cauce::launcher::Running>> {
+        if self.launched.fetch_add(1, Ordering::SeqCst) >= self.free {
+            self.holding.store(true, Ordering::SeqCst);
+            common::wait_for(&self.release, Duration::from_secs(30));
+        }
+        cauce::launcher::ThreadLauncher::new().launch(id, body)
+    }
+}
+
+/// Stalls on a request of `u64::MAX`, the first time.
+#[derive(Default)]
+struct StallsOnce(AtomicBool);
+
+impl Handler for StallsOnce {
+    type State = u64;
+    type Request = u64;
+    type Response = u64;
+    fn handle(&self, _: &mut Context<'_>, _: &[u8], total: &mut u64, add: u64) -> u64 {
+        if add == u64::MAX && !self.0.swap(true, Ordering::SeqCst) {
+            std::thread::sleep(Duration::from_millis(600));
+        }
+        *total = total.wrapping_add(add);
+        *total
+    }
+}
+
+/// Futures that find no instance for their keys while a membership change is half done
+/// (the only instance stalled, its replacement not launched yet), a submit's and a
+/// batch's, wait for the change as futures: they are not polled again until the change
+/// ends, then they go through.
+#[test]
+fn a_submit_that_meets_a_change_half_done_waits_without_polling_again() {
+    let gate = Arc::new(Gate {
+        open: AtomicBool::new(true),
+        ..Gate::default()
+    });
+    let holding = Arc::new(AtomicBool::new(false));
+    let release = Arc::new(AtomicBool::new(false));
+    let cluster = Cluster::builder(StallsOnce::default())
+        .stores(gate.clone(), None)
+        .instances(1)
+        .stall_timeout(Duration::from_millis(100))
+        .supervise_every(Duration::from_millis(5))
+        .launcher(HeldLaunches {
+            free: 1,
+            launched: AtomicUsize::new(0),
+            holding: holding.clone(),
+            release: release.clone(),
+        })
+        .build()
+        .unwrap();
+    let client = cluster.client();
+    let stalled = client.submit("stall", u64::MAX).unwrap();
+    common::wait_for(&holding, Duration::from_secs(10));
+    assert!(
+        holding.load(Ordering::SeqCst),
+        "the replacement's launch began"
+    );
+
+    // An executor's loop: poll whenever woken, for 300 ms.
+    let wakes = Arc::new(Wakes::default());
+    let waker = Waker::from(wakes.clone());
+    let mut cx = TaskContext::from_waker(&waker);
+    let mut submit = client.submit_async("k", 1);
+    let mut batch = client.submit_batch_async([("b", 2), ("c", 3)]);
+    let mut polls = 1;
+    assert!(Pin::new(&mut submit).poll(&mut cx).is_pending());
+    assert!(Pin::new(&mut batch).poll(&mut cx).is_pending());
+    let mut seen = 0;
+    let since = Instant::now();
+    while since.elapsed() < Duration::from_millis(300) {
+        let now = wakes.0.load(Ordering::SeqCst);
+        if now > seen {
+            seen = now;
+            polls += 1;
+            assert!(Pin::new(&mut submit).poll(&mut cx).is_pending());
+            assert!(Pin::new(&mut batch).poll(&mut cx).is_pending());
+        }
+        std::thread::yield_now();
+    }
+    assert!(
+        polls <= 2,
+        "polled {polls} times while the change was under way"
+    );
+
+    release.store(true, Ordering::SeqCst);
+    let since = Instant::now();
+    let (mut one, mut two) = (None, None);
+    while one.is_none() || two.is_none() {
+        assert!(since.elapsed() < Duration::from_secs(10), "never woken");
+        let now = wakes.0.load(Ordering::SeqCst);
+        if now > seen {
+            seen = now;
+            if one.is_none() {
+                if let Poll::Ready(done) = Pin::new(&mut submit).poll(&mut cx) {
+                    one = Some(done.unwrap());
+                }
+            }
+            if two.is_none() {
+                if let Poll::Ready(done) = Pin::new(&mut batch).poll(&mut cx) {
+                    two = Some(done.unwrap());
+                }
+            }
+        }
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    assert_eq!(one.unwrap().wait().unwrap(), 1);
+    let answers: Vec<u64> = two
+        .unwrap()
+        .into_iter()
+        .map(|p| p.wait().unwrap())
+        .collect();
+    assert_eq!(answers, [2, 3]);
+    assert_eq!(stalled.wait().unwrap(), u64::MAX);
+    cluster.shutdown().unwrap();
+}

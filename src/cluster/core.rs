@@ -15,7 +15,7 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::ops::Range;
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Weak};
 use std::task::{Poll, ready};
 use std::time::{Duration, Instant};
@@ -64,6 +64,42 @@ fn unwinding_undoes<T>(append: impl FnOnce() -> T, undo: impl FnOnce()) -> T {
             undo();
             std::panic::resume_unwind(panic)
         }
+    }
+}
+
+/// Membership changes under way, and who waits for them to end.
+#[derive(Default)]
+struct Changes {
+    under_way: AtomicUsize,
+    waiting: Mutex<Vec<std::task::Waker>>,
+}
+
+/// Every stripe lock, held by a membership change (see [`Shared::exclusive`]). Dropped,
+/// it gives them back, then wakes the futures waiting for the change to end.
+struct Exclusive<'a> {
+    guards: Vec<MutexGuard<'a, Holders>>,
+    changes: &'a Changes,
+}
+
+impl<'a> std::ops::Deref for Exclusive<'a> {
+    type Target = [MutexGuard<'a, Holders>];
+    fn deref(&self) -> &Self::Target {
+        &self.guards
+    }
+}
+
+impl std::ops::DerefMut for Exclusive<'_> {
+    fn deref_mut(&mut self) -> &mut Self::Target {
+        &mut self.guards
+    }
+}
+
+impl Drop for Exclusive<'_> {
+    fn drop(&mut self) {
+        self.guards.clear();
+        self.changes.under_way.fetch_sub(1, Ordering::SeqCst);
+        let waiting = std::mem::take(&mut *self.changes.waiting.lock());
+        waiting.into_iter().for_each(std::task::Waker::wake);
     }
 }
 
@@ -202,6 +238,9 @@ pub(crate) struct Shared<H: Handler> {
     /// The stripe locks, each guarding the holders of its keys. Cache-line padded: two
     /// submitters on different stripes must not share a line.
     stripes: Box<[CachePadded<Mutex<Holders>>]>,
+    /// Membership changes under way (holding or taking every stripe; see
+    /// [`Shared::exclusive`]), and the futures to wake when one ends.
+    changes: Changes,
     retiring: Mutex<Vec<Arc<Inst<H>>>>,
     /// Offset of the latest checkpoint. Its states are not kept in memory: rebuilds load
     /// them from the store, sharing one decoded copy while any rebuild holds it.
@@ -456,6 +495,7 @@ impl<H: Handler> Shared<H> {
             routing: Mutex::new(routing),
             placement_epoch,
             stripes: stripes.into_boxed_slice(),
+            changes: Changes::default(),
             retiring: Mutex::new(Vec::new()),
             checkpoint_offset: AtomicU64::new(checkpoint.offset),
             checkpoint_cache: Mutex::new(Arc::downgrade(&checkpoint)),
@@ -524,9 +564,30 @@ impl<H: Handler> Shared<H> {
         &self.stripes[stripe_of(key)]
     }
 
-    /// Holds every stripe: no request is between its append and its queue.
-    fn exclusive(&self) -> Vec<MutexGuard<'_, Holders>> {
-        self.stripes.iter().map(|s| s.lock()).collect()
+    /// Holds every stripe: no request is between its append and its queue. Counted as
+    /// a change under way from before the first stripe is taken until after the last
+    /// is given back.
+    fn exclusive(&self) -> Exclusive<'_> {
+        self.changes.under_way.fetch_add(1, Ordering::SeqCst);
+        Exclusive {
+            guards: self.stripes.iter().map(|s| s.lock()).collect(),
+            changes: &self.changes,
+        }
+    }
+
+    /// `Ready` when no membership change is under way; otherwise `Pending`, `cx` woken
+    /// when one ends. For a future that found routing half changed (which only a change
+    /// shows) and must not wait on a stripe lock in its poll.
+    fn poll_changes_over(&self, cx: &mut std::task::Context<'_>) -> Poll<()> {
+        if self.changes.under_way.load(Ordering::SeqCst) == 0 {
+            return Poll::Ready(());
+        }
+        self.changes.waiting.lock().push(cx.waker().clone());
+        // A change that ended before the waker was in the list woke nobody.
+        if self.changes.under_way.load(Ordering::SeqCst) == 0 {
+            return Poll::Ready(());
+        }
+        Poll::Pending
     }
 
     /// Changes the placement (adds or removes an instance) and publishes its epoch. The
@@ -982,14 +1043,16 @@ impl<H: Handler> Shared<H> {
                     // done (an instance gone from the table and not yet from the
                     // placement, or no instance between a lost one and its
                     // replacement). A change holds every stripe: under the key's, route
-                    // again (as a future, take it only if it is free, else poll again).
+                    // again.
                     let stripe = &self.stripes[stripe_of_hash(hash)];
                     let guard = match room {
+                        // A future waits for a change under way as a future (woken when
+                        // it ends); with none, the stripe's holder is a submit's append.
                         Room::Poll(cx) => match stripe.try_lock() {
                             Some(guard) => guard,
                             None => {
-                                cx.waker().wake_by_ref();
-                                return Poll::Pending;
+                                ready!(self.poll_changes_over(cx));
+                                stripe.lock()
                             }
                         },
                         Room::Wait | Room::Refuse => stripe.lock(),
@@ -1490,13 +1553,14 @@ impl<H: Handler> Shared<H> {
                 return Poll::Ready(Err(Error::NoInstance));
             }
             match cx {
-                // Appender threads hold stripes through their appends (fdatasyncs): a
-                // future polled on an executor's thread polls again instead of waiting.
+                // Appender threads hold stripes through their appends (fdatasyncs), and
+                // a change holds them all: a future polled on an executor's thread waits
+                // for a change under way as a future, woken when it ends.
                 Some(cx) if self.appends_elsewhere() => match self.stripes[0].try_lock() {
                     Some(guard) => drop(guard),
                     None => {
-                        cx.waker().wake_by_ref();
-                        return Poll::Pending;
+                        ready!(self.poll_changes_over(cx));
+                        drop(self.stripes[0].lock());
                     }
                 },
                 _ => drop(self.stripes[0].lock()),
