@@ -1486,7 +1486,7 @@ impl cauce::cluster::Handler for TwoCalls {
                 // replacement's returns within the stall timeout: a replayed request
                 // that runs longer is a stall too.
                 match slow.fetch_add(1, Ordering::SeqCst) {
-                    0 => thread::sleep(Duration::from_millis(600)),
+                    0 => thread::sleep(Duration::from_millis(1_500)),
                     _ => {
                         let since = std::time::Instant::now();
                         while told.load(Ordering::SeqCst) == 0
@@ -1533,7 +1533,10 @@ fn a_replaced_instance_makes_no_more_outside_calls() {
             Some(Arc::new(MemoryStore::new())),
         )
         .instances(2)
-        .stall_timeout(Duration::from_millis(400))
+        // Half a second either way on a loaded machine: the stall is declared and the
+        // replacement's call made before the first call returns (at 1.5 s), and the
+        // replacement's call, which returns soon after, takes less than the timeout.
+        .stall_timeout(Duration::from_millis(1_000))
         .supervise_every(Duration::from_millis(5))
         .build()
         .unwrap();
