@@ -360,6 +360,28 @@ pub enum Error {
         what: &'static str,
     },
 
+    /// A handler (or a query function) submitted to or queried its own cluster. The
+    /// call is refused: waiting for an answer there can wait for the handler's own
+    /// instance, which answers nothing meanwhile (it is then declared stalled, and the
+    /// request runs again, submitting again), and a submit can block on its own full
+    /// queue. Submit follow-up requests from outside the handler, once its answer is
+    /// back; an outside call belongs in
+    /// [`Context::call`](crate::handler::Context::call), to another service.
+    #[error(
+        "a handler{}{} called its own cluster (submit or query): refused, since its \
+         instance cannot answer while it waits and a replay would submit again; submit \
+         follow-up requests from outside the handler",
+        on_instance(*.instance),
+        offset_suffix(*.offset)
+    )]
+    InsideHandler {
+        /// The instance running the handler (`None` for a query of a key with no holder,
+        /// run on the caller's thread).
+        instance: Option<InstanceId>,
+        /// The offset of the request being handled (`None` in a query function).
+        offset: Option<Offset>,
+    },
+
     /// A thread the library needed could not be started.
     #[error("could not start thread {name:?}: {source}")]
     Spawn {

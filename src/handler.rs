@@ -54,6 +54,14 @@ use crate::store::{Store, read_from_start};
 ///   instance is declared stalled while the request is still running (the stalled run's
 ///   result is thrown away). Anything it does besides changing `state` and calling
 ///   [`Context::call`] (logging, metrics, writes elsewhere) happens again each time.
+/// - `handle` runs on its instance's thread, one request at a time: while it runs (or
+///   waits on an outside call), the other keys of its instance wait, until the stall
+///   timeout declares the instance stalled.
+/// - `handle` must not call its own cluster: a submit or query of the cluster running
+///   it is refused with [`Error::InsideHandler`] (waiting there could wait for its own
+///   instance, and a replay would submit again). A request that needs another key
+///   changed (a transfer) is answered first, and its caller submits the follow-up;
+///   another service, even another cluster, is called through [`Context::call`].
 ///
 /// # Changing the types
 /// Requests are kept in the log, and states in checkpoints, encoded with bincode
@@ -62,12 +70,19 @@ use crate::store::{Store, read_from_start};
 /// - `Request`: add enum variants at the end only; never reorder, remove or change one
 ///   (a reordered enum decodes old requests as other variants, without an error). Avoid
 ///   serde attributes bincode cannot read back (`skip_serializing_if`, `flatten`,
-///   `untagged`): such a request is logged, then refused as undecodable.
-/// - `State`: a changed `State` no longer decodes from the last checkpoint: the open
-///   is refused ([`Error::Codec`], naming a key and the checkpoint; the build decodes
-///   a few states before it starts anything). Open once with
+///   `untagged`): such a request is logged, then refused as undecodable. A `Request`
+///   changed so that the logged requests after the last checkpoint no longer decode is
+///   refused at open ([`Error::Codec`], naming the first such request; the build decodes
+///   a few before it starts anything), and a rebuild that meets one later fails (its key
+///   unavailable) rather than skip it.
+/// - `State`: a `State` changed so that the last checkpoint's states no longer decode
+///   is refused at open ([`Error::Codec`], naming a key and the checkpoint; the build
+///   decodes a few states before it starts anything). Open once with
 ///   [`ClusterBuilder::rebuild_from_log`](crate::cluster::ClusterBuilder::rebuild_from_log)
 ///   to fold the whole log into the new type, while the log still starts at offset 0.
+/// - Neither check sees a change under which the old bytes still decode as something
+///   else: two fields of one type swapped, a `u64` become `(u32, u32)`. Such data is
+///   read as the new type says, without an error.
 pub trait Handler: Send + Sync + 'static {
     /// The state of one key. A key's first request sees `State::default()`.
     type State: Default + Serialize + DeserializeOwned + Send + 'static;

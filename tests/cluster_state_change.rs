@@ -255,3 +255,87 @@ fn rebuild_from_log_refuses_a_log_whose_head_is_gone_and_changes_nothing() {
         .shutdown()
         .expect("shutdown with V1 after the refusal");
 }
+
+/// The same bank whose requests became notes: its `Request` type changed.
+struct Notes;
+
+impl Handler for Notes {
+    type State = V1;
+    type Request = String;
+    type Response = V1;
+
+    fn handle(&self, _: &mut Context<'_>, _: &[u8], state: &mut V1, note: String) -> V1 {
+        state.balance += note.len() as i64;
+        state.clone()
+    }
+}
+
+/// A changed `Request` type: the requests after the last checkpoint no longer decode.
+/// The open is refused, naming the first such request, instead of rebuilding the states
+/// without them (and checkpointing that); the old type still opens it with every deposit.
+#[test]
+fn a_changed_request_type_is_refused_at_open_and_loses_nothing() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut expected = Expected::new();
+    {
+        let cluster = Cluster::builder(BankV1)
+            .dir(tmp.path())
+            .log_options(log_options())
+            .instances(2)
+            .checkpoint_every(u64::MAX)
+            .truncate_after_checkpoint(true)
+            .build()
+            .unwrap();
+        let client = cluster.client();
+        for round in 0..20 {
+            if round == 10 {
+                cluster.checkpoint().unwrap();
+            }
+            for key in KEYS {
+                let amount = round * 10 + 7;
+                client.submit(key, amount).unwrap().wait().unwrap();
+                expected.entry(key).or_default().0 += amount;
+            }
+        }
+        // Dropped without a shutdown: the last requests are only in the log.
+    }
+    let before = files(tmp.path());
+    for rebuild in [false, true] {
+        let refused = Cluster::builder(Notes)
+            .dir(tmp.path())
+            .log_options(log_options())
+            .rebuild_from_log(rebuild)
+            .build();
+        match refused {
+            Err(Error::Codec { message, .. }) => assert!(
+                message.contains("cannot be decoded as the handler's Request"),
+                "{message}"
+            ),
+            // The head of the log is gone: rebuilding from it is refused first.
+            Err(Error::Config(message)) if rebuild => {
+                assert!(message.contains("only in the checkpoint"), "{message}")
+            }
+            Err(e) => panic!("expected Error::Codec, got {e:?}"),
+            Ok(_) => panic!("expected Error::Codec, the open succeeded"),
+        }
+        assert!(
+            before == files(tmp.path()),
+            "the refused open changed files"
+        );
+    }
+    let cluster = Cluster::builder(BankV1)
+        .dir(tmp.path())
+        .log_options(log_options())
+        .build()
+        .unwrap();
+    let client = cluster.client();
+    for key in KEYS {
+        let state = client
+            .query(key, |s: &V1| s.clone())
+            .unwrap()
+            .wait()
+            .unwrap();
+        assert_eq!(state.balance, expected[key].0, "key {key}");
+    }
+    cluster.shutdown().unwrap();
+}

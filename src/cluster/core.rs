@@ -34,6 +34,7 @@ use super::metrics::{InstanceMetrics, Metrics};
 use super::owned::OwnedLog;
 use super::placement::{self, Holders, Moves, Routing};
 use super::query::{self, Ask, Asked};
+use super::reentry;
 use crate::client::{Pending, Responder, pending};
 use crate::error::{Error, Result};
 use crate::handler::{Effects, Handler};
@@ -46,6 +47,9 @@ use crate::store::Store;
 const STRIPES: usize = 256;
 /// How many of the checkpoint's states an open decodes before it starts anything.
 const STATES_CHECKED_AT_OPEN: usize = 16;
+/// How many of the requests after the checkpoint an open decodes before it starts
+/// anything.
+const REQUESTS_CHECKED_AT_OPEN: usize = 16;
 /// A batch over at most this many instances queues each one's requests with a pass over
 /// the whole batch; over more, it groups them by instance first, so that a large batch
 /// over many instances costs no pass per instance. Grouping first at any size cost
@@ -369,6 +373,9 @@ struct Recovered {
     poisoned: BTreeSet<Offset>,
     keys: HashSet<Bytes, ahash::RandomState>,
     requests: u64,
+    /// The first requests after the checkpoint (offset, key, body), for an open to
+    /// check that they decode.
+    samples: Vec<(Offset, Bytes, Bytes)>,
 }
 
 /// Reads the latest checkpoint and the log after it; with `from_log`, ignores every
@@ -402,11 +409,16 @@ fn recover(input: &dyn Store, from_log: bool) -> Result<Recovered> {
     let mut keys: HashSet<Bytes, ahash::RandomState> = checkpoint.states.keys().cloned().collect();
     let mut requests = 0;
     let mut damage = None;
+    let mut samples = Vec::new();
     input.replay_from(
         checkpoint.offset,
         &mut |offset, entry| match fold::envelope_of(offset, entry.payload) {
-            Ok(Envelope::Request(_)) => {
+            Ok(Envelope::Request(body)) => {
                 requests += 1;
+                if samples.len() < REQUESTS_CHECKED_AT_OPEN {
+                    let key = Bytes::copy_from_slice(entry.key);
+                    samples.push((offset, key, Bytes::copy_from_slice(body)));
+                }
                 if !keys.contains(entry.key) {
                     keys.insert(Bytes::copy_from_slice(entry.key));
                 }
@@ -428,6 +440,7 @@ fn recover(input: &dyn Store, from_log: bool) -> Result<Recovered> {
         poisoned,
         keys,
         requests,
+        samples,
     })
 }
 
@@ -461,6 +474,12 @@ impl<H: Handler> Shared<H> {
             .take(STATES_CHECKED_AT_OPEN)
         {
             fold::checkpoint_state::<H::State>(&recovered.checkpoint, key)?;
+        }
+        // So would a changed `Request` type: the requests after the checkpoint would
+        // not decode, and the states would be rebuilt without them (checkpointed so,
+        // and the log truncated, they would be lost for good). A few requests tell.
+        for (offset, key, body) in &recovered.samples {
+            fold::decode_request::<H::Request>(*offset, key, body)?;
         }
         let journal = Effects::open(
             effects.clone(),
@@ -558,6 +577,11 @@ impl<H: Handler> Shared<H> {
     fn arc(&self) -> Arc<Self> {
         // `self` is only reachable through an Arc built by `open`, so the upgrade holds.
         self.me.upgrade().expect("Shared is always owned by an Arc")
+    }
+
+    /// This cluster's identity for [`reentry`].
+    pub(crate) fn cluster_id(&self) -> usize {
+        reentry::cluster_of(&*self.handler)
     }
 
     fn stripe(&self, key: &[u8]) -> &Mutex<Holders> {
@@ -908,11 +932,15 @@ impl<H: Handler> Shared<H> {
     ) -> Poll<Result<Submitted<H>>> {
         // The instance we hold a queue permit of, if any.
         let mut permit: Option<Arc<Inst<H>>> = held;
-        if !self.accepting.load(Ordering::SeqCst) {
+        let refused = match self.accepting.load(Ordering::SeqCst) {
+            false => Err(Error::Closed),
+            true => reentry::refuse_inside(self.cluster_id()),
+        };
+        if let Err(e) = refused {
             if let Some(p) = permit {
                 p.permits.release();
             }
-            return Poll::Ready(Err(Error::Closed));
+            return Poll::Ready(Err(e));
         }
         let timestamp = now();
         let hash = key_hash(key);
@@ -1224,6 +1252,9 @@ impl<H: Handler> Shared<H> {
         if !self.accepting.load(Ordering::SeqCst) {
             return Poll::Ready(Err(Error::Closed));
         }
+        if let Err(e) = reentry::refuse_inside(self.cluster_id()) {
+            return Poll::Ready(Err(e));
+        }
         let stripe = self.stripe(key);
         // The instance we hold a queue permit of, if any.
         let mut permit: Option<Arc<Inst<H>>> = None;
@@ -1255,6 +1286,7 @@ impl<H: Handler> Shared<H> {
                     return Poll::Ready(Err(Error::Closed));
                 };
                 let (pending, responder) = pending(at);
+                let _running = reentry::enter(self.cluster_id(), None, None);
                 Box::new(Asked::new(key, at, query, responder)).run(&H::State::default(), None);
                 return Poll::Ready(Ok(pending));
             };
@@ -1360,6 +1392,9 @@ impl<H: Handler> Shared<H> {
         if items.is_empty() {
             return Poll::Ready(Ok(Vec::new()));
         }
+        if let Err(e) = reentry::refuse_inside(self.cluster_id()) {
+            return Poll::Ready(Err(e));
+        }
         if let [(key, payload)] = items {
             // A batch of one is a single request, and the single path is cheaper: it
             // routes under the key's stripe and allocates no batch bookkeeping (a batch
@@ -1419,6 +1454,9 @@ impl<H: Handler> Shared<H> {
         progress: &mut BatchProgress<H>,
         mut cx: Option<&mut std::task::Context<'_>>,
     ) -> Poll<Result<()>> {
+        if let Err(e) = reentry::refuse_inside(self.cluster_id()) {
+            return Poll::Ready(Err(e));
+        }
         let BatchProgress {
             stamp,
             unroutable_at,

@@ -284,6 +284,11 @@ pub(crate) fn apply<H: Handler>(
         fenced,
         diverged: None,
     };
+    let _running = super::reentry::enter(
+        super::reentry::cluster_of(handler),
+        Some(instance),
+        Some(offset),
+    );
     match catch_unwind(AssertUnwindSafe(|| {
         handler.handle(&mut ctx, key, state, request)
     })) {
@@ -448,7 +453,10 @@ pub(crate) fn rebuild<H: Handler, U>(
                     &mut slot.state,
                 ) {
                     Outcome::Answered(r) => sink.handled(offset, Ok(r)),
-                    Outcome::Refused(e) => sink.handled(offset, Err(e)),
+                    // A logged request that does not decode (its type changed): the
+                    // state cannot be rebuilt without it. Skipping it would lose it
+                    // for good at the next checkpoint.
+                    Outcome::Refused(e) => stop = Some(Err(e)),
                     Outcome::Panicked(message) => stop = Some(Ok((offset, message))),
                     Outcome::Diverged(e) => stop = Some(Err(e)),
                 }

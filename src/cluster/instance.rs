@@ -1382,10 +1382,12 @@ fn query<H: Handler>(
     let Some((ask, beat)) = me.begin_query() else {
         return;
     };
+    let running = super::reentry::enter(shared.cluster_id(), Some(me.id), None);
     match states.get(key) {
         Some(slot) => ask.run(&slot.state, Some(me.id)),
         None => ask.run(&H::State::default(), Some(me.id)),
     }
+    drop(running);
     drop(beat);
     me.end_query();
 }

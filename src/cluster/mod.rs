@@ -99,6 +99,7 @@ mod metrics;
 mod owned;
 mod placement;
 mod query;
+mod reentry;
 mod replay;
 
 pub use crate::client::Pending;

@@ -1,0 +1,181 @@
+//! A handler (or a query function) that calls its own cluster is refused at once with
+//! `Error::InsideHandler`, whichever way it calls: waiting there could wait for its own
+//! instance (a stall, then the request run again, submitting again). Another cluster is
+//! not its own: a handler may call it through `Context::call`.
+
+use std::sync::{Arc, OnceLock};
+
+use cauce::Error;
+use cauce::cluster::{Client, Cluster, Context, Handler};
+
+mod common;
+use common::block_on;
+
+/// Adds to a key; a request of `u64::MAX` tries every way to call its own cluster, and
+/// answers how each went.
+struct Calls {
+    me: Arc<OnceLock<Client<Calls>>>,
+    other: Option<Client<Plain>>,
+}
+
+/// How each call from inside the handler went: `true` if it was refused as a call from
+/// inside a handler (with the instance and the offset), `false` otherwise.
+#[derive(Debug, Default)]
+struct Refusals(Vec<(&'static str, bool)>);
+
+fn refused<T>(what: &'static str, outcome: cauce::Result<T>, at: u64, out: &mut Refusals) {
+    let inside = matches!(
+        outcome,
+        Err(Error::InsideHandler { instance: Some(_), offset }) if offset == Some(at)
+    );
+    out.0.push((what, inside));
+}
+
+impl Handler for Calls {
+    type State = u64;
+    type Request = u64;
+    type Response = (u64, Refusals);
+
+    fn handle(&self, ctx: &mut Context<'_>, _: &[u8], total: &mut u64, add: u64) -> Self::Response {
+        let mut out = Refusals::default();
+        if add != u64::MAX {
+            *total += add;
+            return (*total, out);
+        }
+        let at = ctx.offset();
+        let client = self.me.get().expect("client set");
+        refused("submit", client.submit("b", 1), at, &mut out);
+        refused("try_submit", client.try_submit("b", 1), at, &mut out);
+        refused(
+            "submit_batch",
+            client.submit_batch([("b", 1)]),
+            at,
+            &mut out,
+        );
+        refused("request", block_on(client.request("b", 1)), at, &mut out);
+        let batch = block_on(client.submit_batch_async([("b", 1), ("c", 2)]));
+        refused("submit_batch_async", batch, at, &mut out);
+        refused("query", client.query("b", |t: &u64| *t), at, &mut out);
+        refused(
+            "read",
+            block_on(client.read("b", |t: &u64| *t)),
+            at,
+            &mut out,
+        );
+        if let Some(other) = &self.other {
+            // Another cluster, through a journaled outside call: allowed.
+            let other = other.clone();
+            let answer = ctx.call("other", move |_| {
+                other.submit("x", 5).and_then(|p| p.wait()).ok()
+            });
+            out.0.push(("other cluster", matches!(answer, Ok(Some(5)))));
+        }
+        (*total, out)
+    }
+}
+
+/// A plain counter, the other cluster.
+struct Plain;
+
+impl Handler for Plain {
+    type State = u64;
+    type Request = u64;
+    type Response = u64;
+
+    fn handle(&self, _: &mut Context<'_>, _: &[u8], total: &mut u64, add: u64) -> u64 {
+        *total += add;
+        *total
+    }
+}
+
+#[test]
+fn a_handler_that_calls_its_own_cluster_is_refused_at_once() {
+    let other = Cluster::builder(Plain).in_memory().build().unwrap();
+    let me = Arc::new(OnceLock::new());
+    let cluster = Cluster::builder(Calls {
+        me: me.clone(),
+        other: Some(other.client()),
+    })
+    .in_memory()
+    .instances(1)
+    .build()
+    .unwrap();
+    let client = cluster.client();
+    assert!(me.set(client.clone()).is_ok());
+    assert_eq!(client.submit("a", 3).unwrap().wait().unwrap().0, 3);
+    let (total, refusals) = client.submit("a", u64::MAX).unwrap().wait().unwrap();
+    assert_eq!(total, 3);
+    for (what, inside) in &refusals.0 {
+        if *what == "other cluster" {
+            assert!(inside, "the other cluster's submit went through");
+        } else {
+            assert!(
+                inside,
+                "{what} was not refused as a call from inside a handler"
+            );
+        }
+    }
+    assert_eq!(refusals.0.len(), 8);
+    // Nothing the handler tried was logged: the log holds the two requests only.
+    let metrics = cluster.metrics();
+    assert_eq!(metrics.requests(), 2);
+    assert_eq!(metrics.stalls, 0);
+    assert_eq!(client.query("b", |t: &u64| *t).unwrap().wait().unwrap(), 0);
+    cluster.shutdown().unwrap();
+    assert_eq!(
+        other
+            .client()
+            .query("x", |t: &u64| *t)
+            .unwrap()
+            .wait()
+            .unwrap(),
+        5
+    );
+    other.shutdown().unwrap();
+}
+
+/// A query function that submits to its own cluster is refused too, whether it runs on
+/// the key's instance or, for a key with no holder, on the caller's thread.
+#[test]
+fn a_query_function_that_calls_its_own_cluster_is_refused() {
+    let me = Arc::new(OnceLock::new());
+    let cluster = Cluster::builder(Calls {
+        me: me.clone(),
+        other: None,
+    })
+    .in_memory()
+    .build()
+    .unwrap();
+    let client = cluster.client();
+    assert!(me.set(client.clone()).is_ok());
+    client.submit("held", 1).unwrap().wait().unwrap();
+    for key in ["held", "never-seen"] {
+        let inner = client.clone();
+        let answer = client
+            .query(key, move |_: &u64| inner.submit("b", 1).map(drop))
+            .unwrap()
+            .wait()
+            .unwrap();
+        assert!(
+            matches!(answer, Err(Error::InsideHandler { offset: None, .. })),
+            "{key}: {answer:?}"
+        );
+    }
+    // Outside any handler the same client submits.
+    assert_eq!(client.submit("b", 1).unwrap().wait().unwrap().0, 1);
+    cluster.shutdown().unwrap();
+}
+
+#[test]
+fn the_refusal_says_what_to_do() {
+    let e = Error::InsideHandler {
+        instance: Some(cauce::router::InstanceId(2)),
+        offset: Some(41),
+    };
+    let message = e.to_string();
+    assert!(
+        message.contains("instance #2") && message.contains("offset 41"),
+        "{message}"
+    );
+    assert!(message.contains("from outside the handler"), "{message}");
+}
