@@ -336,8 +336,8 @@ fn main() {
             answered: Some(run.answered),
             lost: Some(run.lost),
             note: format!(
-                "second half; {} users moved",
-                run.metrics.moved_keys - run.halfway.moved_keys
+                "second half; {} users shed to other instances",
+                run.metrics.shed_keys - run.halfway.shed_keys
             ),
         });
     }

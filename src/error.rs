@@ -58,7 +58,10 @@ pub enum Error {
 
     /// A record of a batch is larger than the store's limit; nothing of the batch was
     /// appended.
-    #[error("record {index} of the batch is {size} bytes, over the limit of {limit}")]
+    #[error(
+        "record {index} of the batch (0 for a single record) is {size} bytes, over the \
+         store's limit of {limit} (LogOptions::max_record_bytes for a LogStore)"
+    )]
     RecordTooLarge {
         /// Where the record is in the batch given to `append` (0 for the first).
         index: usize,

@@ -49,6 +49,10 @@ use crate::store::{Store, read_from_start};
 ///   the sync policy) so that no replay applies it again, then answered with
 ///   [`Error::HandlerPanicked`], and the instance's keys are rebuilt from the last
 ///   checkpoint and the log, so the half-done change of the panicking call is not kept.
+///   The panic still goes through the process's panic hook first (by default a message,
+///   and a backtrace under `RUST_BACKTRACE`, on stderr, naming the thread
+///   `cauce-instance-N`): set a hook of your own (`std::panic::set_hook`) to log it
+///   otherwise.
 /// - `handle` runs more than once for one request: at every rebuild that replays it
 ///   (after a restart, a panic of another request, a move), and twice at once when an
 ///   instance is declared stalled while the request is still running (the stalled run's

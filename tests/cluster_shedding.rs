@@ -7,7 +7,7 @@ use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
 use cauce::Result;
 use cauce::client::Pending;
-use cauce::cluster::{Cluster, Context, Handler, Metrics};
+use cauce::cluster::{Cluster, Context, Handler};
 use cauce::router::{InstanceId, StickyOptions};
 
 /// Each key's state is the list of the values it was sent, in order.
@@ -95,23 +95,6 @@ impl Load {
     }
 }
 
-/// Peak over mean of the requests each instance handled between two snapshots.
-fn peak_to_mean(before: &Metrics, after: &Metrics) -> f64 {
-    let done = |m: &Metrics, id: InstanceId| {
-        m.instances
-            .iter()
-            .find(|i| i.id == id)
-            .map_or(0, |i| i.requests)
-    };
-    let served: Vec<u64> = after
-        .instances
-        .iter()
-        .map(|i| i.requests - done(before, i.id))
-        .collect();
-    let mean = served.iter().sum::<u64>() as f64 / served.len() as f64;
-    *served.iter().max().unwrap() as f64 / mean
-}
-
 fn homes(cluster: &Cluster<Lists>, keys: &[String]) -> Vec<InstanceId> {
     keys.iter().map(|k| cluster.owner_of(k).unwrap()).collect()
 }
@@ -151,7 +134,7 @@ fn busy_instances_shed_keys_that_turned_hot_and_states_follow() -> Result<()> {
     let before = homes(&cluster, &load.hot);
     assert_eq!(before[0], before[1]);
 
-    let moved_before = cluster.metrics().moved_keys;
+    let before = cluster.metrics();
     load.run(&cluster, 30 * WINDOW);
     let m1 = cluster.metrics();
     load.run(&cluster, 5 * WINDOW);
@@ -162,8 +145,9 @@ fn busy_instances_shed_keys_that_turned_hot_and_states_follow() -> Result<()> {
         4,
         "one hot key per instance: {after:?}"
     );
-    assert!(m2.moved_keys > moved_before, "keys were moved");
-    let spread = peak_to_mean(&m1, &m2);
+    assert!(m2.shed_keys > before.shed_keys, "keys were shed");
+    assert!(m2.moved_keys >= before.moved_keys + (m2.shed_keys - before.shed_keys));
+    let spread = m2.peak_to_mean_since(&m1);
     assert!(spread <= 1.3, "peak/mean {spread:.3} after shedding");
     load.check(&cluster);
 
@@ -175,7 +159,7 @@ fn busy_instances_shed_keys_that_turned_hot_and_states_follow() -> Result<()> {
     load.run(&cluster, 5 * WINDOW);
     let m4 = cluster.metrics();
     assert_eq!(m4.instances.len(), 5);
-    let spread = peak_to_mean(&m3, &m4);
+    let spread = m4.peak_to_mean_since(&m3);
     assert!(spread <= 1.3, "peak/mean {spread:.3} after a join");
     load.check(&cluster);
     cluster.shutdown()

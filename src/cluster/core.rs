@@ -287,6 +287,8 @@ pub(crate) struct Shared<H: Handler> {
     due: (Mutex<bool>, parking_lot::Condvar),
     stalls: AtomicU64,
     moved: AtomicU64,
+    /// Keys the placement moved off instances over their cap.
+    shed: AtomicU64,
     me: Weak<Shared<H>>,
     owned: Vec<Arc<OwnedLog>>,
     /// Appends of async submits, when the input log's appends wait for the disk.
@@ -541,6 +543,7 @@ impl<H: Handler> Shared<H> {
             due: (Mutex::new(false), parking_lot::Condvar::new()),
             stalls: AtomicU64::new(0),
             moved: AtomicU64::new(0),
+            shed: AtomicU64::new(0),
             me: me.clone(),
             owned,
             appenders: Appenders::new(options_append_threads),
@@ -577,6 +580,14 @@ impl<H: Handler> Shared<H> {
     fn arc(&self) -> Arc<Self> {
         // `self` is only reachable through an Arc built by `open`, so the upgrade holds.
         self.me.upgrade().expect("Shared is always owned by an Arc")
+    }
+
+    /// Counts `pick` in the metrics' `shed_keys` if it sheds its key (the caller is
+    /// about to count it in the placement).
+    fn count_shed(&self, pick: &crate::router::Pick) {
+        if pick.sheds() {
+            self.shed.fetch_add(1, Ordering::Relaxed);
+        }
     }
 
     /// This cluster's identity for [`reentry`].
@@ -998,6 +1009,7 @@ impl<H: Handler> Shared<H> {
             // Counted even if the append below fails: the placement cannot take a count
             // back (its window may have dropped an older request for it). A failed
             // append is rare, and a key it placed just stays there.
+            self.count_shed(&pick);
             routing.placement.count(pick, key, hash);
             drop(routing);
             // The key's holder before this request: `None` if it had none.
@@ -1564,6 +1576,7 @@ impl<H: Handler> Shared<H> {
                         at
                     }
                     None => {
+                        self.count_shed(&pick);
                         let id = routing.placement.count(pick, key, hash);
                         match routing.instances.get(&id) {
                             Some(inst) => routed.index_of(inst),
@@ -2283,6 +2296,7 @@ impl<H: Handler> Shared<H> {
                 .filter(|&offset| offset > 0),
             stalls: self.stalls.load(Ordering::Relaxed),
             moved_keys: self.moved.load(Ordering::Relaxed),
+            shed_keys: self.shed.load(Ordering::Relaxed),
             handled_by_gone: self.handled_elsewhere(),
         }
     }

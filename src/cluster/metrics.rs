@@ -120,15 +120,22 @@ pub struct InstanceMetrics {
 pub struct Metrics {
     /// One entry per live instance, by id.
     pub instances: Vec<InstanceMetrics>,
-    /// The next offset of the input log.
+    /// The next offset of the input log. Not a count of requests: the log also holds
+    /// the cluster's control records (membership changes, requests set aside); see
+    /// [`requests`](Self::requests).
     pub next_offset: Offset,
     /// The offset of the latest checkpoint: `None` until one was taken (or found in the
     /// store at open).
     pub checkpoint_offset: Option<Offset>,
     /// Instances declared stalled (or lost) so far.
     pub stalls: u64,
-    /// Keys moved between instances so far.
+    /// Keys moved between instances so far, for any reason: membership changes, stalls,
+    /// keys placed anew after going idle, keys shed by busy instances.
     pub moved_keys: u64,
+    /// Keys the placement moved off instances over their load cap so far (see
+    /// [`StickyOptions::shed_when_over`](crate::router::StickyOptions::shed_when_over)):
+    /// its decisions, each followed by a move of the key's state (in `moved_keys`).
+    pub shed_keys: u64,
     /// Requests handled by instances that have since left or been replaced (not in
     /// `instances`). A removed instance counts here from its removal on, the requests
     /// it handles while it drains its queue included.
@@ -141,17 +148,60 @@ impl Metrics {
         self.instances.iter().map(|i| i.requests).sum::<u64>() + self.handled_by_gone
     }
 
-    /// The busiest instance's requests over the mean (1.0 is perfect balance, and what
-    /// a cluster that has handled nothing yet reports).
+    /// The busiest instance's requests over the mean, counting every request each live
+    /// instance handled since it started (1.0 is perfect balance, and what a cluster
+    /// that has handled nothing yet reports). A figure since the start: for the balance
+    /// of the last seconds, or after a change, see
+    /// [`peak_to_mean_since`](Self::peak_to_mean_since).
     pub fn peak_to_mean(&self) -> f64 {
-        let n = self.instances.len();
-        let total: u64 = self.instances.iter().map(|i| i.requests).sum();
-        let peak = self.instances.iter().map(|i| i.requests).max().unwrap_or(0);
-        if n == 0 || total == 0 {
-            return 1.0;
-        }
-        peak as f64 * n as f64 / total as f64
+        peak_over_mean(self.instances.iter().map(|i| i.requests))
     }
+
+    /// [`peak_to_mean`](Self::peak_to_mean) of the requests handled since `earlier`
+    /// (a snapshot of the same cluster): per live instance, its requests now less its
+    /// requests then (all of them for an instance that joined since).
+    ///
+    /// ```
+    /// # use cauce::cluster::{Cluster, Context, Handler};
+    /// # struct Counter;
+    /// # impl Handler for Counter {
+    /// #     type State = u64;
+    /// #     type Request = u64;
+    /// #     type Response = u64;
+    /// #     fn handle(&self, _: &mut Context<'_>, _: &[u8], t: &mut u64, a: u64) -> u64 { *t += a; *t }
+    /// # }
+    /// let cluster = Cluster::builder(Counter).in_memory().instances(2).build()?;
+    /// let before = cluster.metrics();
+    /// for user in 0..100 {
+    ///     cluster.client().submit(format!("user-{user}"), 1)?.wait()?;
+    /// }
+    /// let recent = cluster.metrics().peak_to_mean_since(&before);
+    /// assert!((1.0..=2.0).contains(&recent));
+    /// # cluster.shutdown()?;
+    /// # Ok::<(), cauce::Error>(())
+    /// ```
+    pub fn peak_to_mean_since(&self, earlier: &Metrics) -> f64 {
+        let then = |id: InstanceId| {
+            let at = earlier.instances.iter().find(|i| i.id == id);
+            at.map_or(0, |i| i.requests)
+        };
+        peak_over_mean(
+            self.instances
+                .iter()
+                .map(|i| i.requests.saturating_sub(then(i.id))),
+        )
+    }
+}
+
+/// The largest of `requests` over their mean; 1.0 when there are none.
+fn peak_over_mean(requests: impl Iterator<Item = u64> + Clone) -> f64 {
+    let n = requests.clone().count();
+    let total: u64 = requests.clone().sum();
+    let peak = requests.max().unwrap_or(0);
+    if n == 0 || total == 0 {
+        return 1.0;
+    }
+    peak as f64 * n as f64 / total as f64
 }
 
 #[cfg(test)]

@@ -1109,7 +1109,9 @@ impl<H: Handler> ClusterBuilder<H> {
 
     /// Options of the on-disk logs (default [`LogOptions::new`]: `SyncPolicy::Always`,
     /// so a request whose submit returned survives a crash of the process or the
-    /// machine; `SyncPolicy::Every` trades that window for throughput).
+    /// machine; `SyncPolicy::Every` trades a window for throughput: the requests
+    /// appended since the last sync are in the process's memory, and a crash of the
+    /// process loses them, even those already answered).
     pub fn log_options(mut self, options: LogOptions) -> Self {
         self.log_options = options;
         self

@@ -108,7 +108,7 @@ impl<R> FoldSink<R> for Silent {
     }
 }
 
-const REPLAY_INSTANCE: InstanceId = InstanceId(u32::MAX);
+const REPLAY_INSTANCE: InstanceId = InstanceId::REPLAY;
 
 impl<H: Handler> Replay<H> {
     /// Opens the logs a cluster keeps in `dir` (see

@@ -406,6 +406,8 @@ pub(crate) struct Pick {
     seat: PickedSeat,
     to: InstanceId,
     now: Timestamp,
+    /// It moves its key off an instance over its cap.
+    shed: bool,
 }
 
 impl Pick {
@@ -418,6 +420,11 @@ impl Pick {
     /// instance, or shed by an instance over its cap).
     pub(crate) fn moves_known_key(&self) -> bool {
         matches!(self.seat, PickedSeat::Moves(..))
+    }
+
+    /// Whether it moves its key off an instance over its cap.
+    pub(crate) fn sheds(&self) -> bool {
+        self.shed
     }
 }
 
@@ -623,13 +630,17 @@ impl Sticky {
         // The router's clock never goes back: a route stamped before the latest one
         // counts as made now, so that a key it places is not idle at once.
         let now = self.latest.max(now);
+        let mut shed = false;
         let (seat, to) = match self.find(key, hash) {
             Some(index) => {
                 let state = &self.states[index as usize];
                 match state.placed {
                     Some((id, seat)) if !self.is_idle(state.last_seen, now) => {
                         match self.shed(state, seat) {
-                            Shed::Moves(to) => (PickedSeat::Moves(index, to), to.0),
+                            Shed::Moves(to) => {
+                                shed = true;
+                                (PickedSeat::Moves(index, to), to.0)
+                            }
                             Shed::Stays => (PickedSeat::Stays(index, false), id),
                             Shed::NoRoom => (PickedSeat::Stays(index, true), id),
                         }
@@ -645,7 +656,12 @@ impl Sticky {
                 (PickedSeat::New(to), to.0)
             }
         };
-        Some(Pick { seat, to, now })
+        Some(Pick {
+            seat,
+            to,
+            now,
+            shed,
+        })
     }
 
     /// The request of `pick` kept where its key is placed now, if the pick moved a
@@ -659,6 +675,7 @@ impl Sticky {
                 seat: PickedSeat::Stays(index, false),
                 to: id,
                 now: pick.now,
+                shed: false,
             },
             _ => pick,
         }
@@ -667,7 +684,7 @@ impl Sticky {
     /// Counts the request [`pick`](Self::pick) routed (placing its key if the pick
     /// places it) and returns its instance.
     pub(crate) fn count(&mut self, pick: Pick, key: &[u8], hash: u64) -> InstanceId {
-        let Pick { seat, to, now } = pick;
+        let Pick { seat, to, now, .. } = pick;
         self.latest = self.latest.max(now);
         let index = match seat {
             PickedSeat::Stays(index, no_room) => {

@@ -56,9 +56,26 @@ pub use table::{MAX_INSTANCES, SlotRouter, SlotRouterOptions, SlotTable, TableRe
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 pub struct InstanceId(pub u32);
 
+impl InstanceId {
+    /// The instance a [`Replay`](crate::cluster::Replay) runs handlers as (what their
+    /// [`Context::instance`](crate::handler::Context::instance) says, and errors name):
+    /// never a live instance. Shown as `replay`.
+    ///
+    /// ```
+    /// use cauce::router::InstanceId;
+    ///
+    /// assert_eq!(InstanceId::REPLAY.to_string(), "replay");
+    /// assert_eq!(InstanceId(3).to_string(), "#3");
+    /// ```
+    pub const REPLAY: InstanceId = InstanceId(u32::MAX);
+}
+
 impl fmt::Display for InstanceId {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "#{}", self.0)
+        match *self {
+            InstanceId::REPLAY => f.write_str("replay"),
+            InstanceId(id) => write!(f, "#{id}"),
+        }
     }
 }
 

@@ -15,10 +15,15 @@ pub enum SyncPolicy {
     /// `fdatasync` once `records` records were appended since the last one, or once
     /// `interval` passed since the oldest unsynced record, whichever comes first; a
     /// background thread keeps the interval even when appends stop. An append returns as
-    /// soon as its records are buffered (a crash may lose up to that window), except the
-    /// one that reaches `records`, which runs that `fdatasync` (use `u64::MAX` for syncs
-    /// on the interval alone, by the background thread), and one that rolls to a new
-    /// segment, which syncs the segment it seals.
+    /// soon as its records are buffered in this process's memory, except the one that
+    /// reaches `records`, which runs that `fdatasync` (use `u64::MAX` for syncs on the
+    /// interval alone, by the background thread), and one that rolls to a new segment,
+    /// which syncs the segment it seals. Records are written to the file when they are
+    /// synced or when the buffer fills
+    /// ([`write_buffer_bytes`](LogOptions::write_buffer_bytes)), so a crash of the
+    /// process (a `kill -9`, an abort), not only of the machine, loses the records
+    /// appended since the last sync: up to `interval`'s worth, acknowledged ones
+    /// included (a cluster can have answered them already).
     Every {
         /// Sync after this many unsynced records (0 is taken as 1).
         records: u64,
@@ -27,9 +32,12 @@ pub enum SyncPolicy {
     },
     /// Never sync on its own: only [`Store::sync`](crate::store::Store::sync) makes records
     /// durable (a clean close writes them to the files without syncing). For tests and for
-    /// logs that can be rebuilt. A process crash loses nothing that was written to the
-    /// files; a power failure can lose any unsynced tail, and may leave a sealed segment
-    /// without its end, which reading then reports as [`Error::Corrupt`].
+    /// logs that can be rebuilt. Appended records stay in this process's memory until
+    /// the buffer fills ([`write_buffer_bytes`](LogOptions::write_buffer_bytes)), a
+    /// sync, or a clean close: a crash of the process loses those (the records written
+    /// to the files survive it); a power failure can lose any unsynced tail, and may
+    /// leave a sealed segment without its end, which reading then reports as
+    /// [`Error::Corrupt`].
     Never,
 }
 
