@@ -453,10 +453,10 @@ pub(crate) fn rebuild<H: Handler, U>(
                     &mut slot.state,
                 ) {
                     Outcome::Answered(r) => sink.handled(offset, Ok(r)),
-                    // A logged request that does not decode (its type changed): the
-                    // state cannot be rebuilt without it. Skipping it would lose it
-                    // for good at the next checkpoint.
-                    Outcome::Refused(e) => stop = Some(Err(e)),
+                    // Undecodable: refused, as the live instance refused it (and set
+                    // it aside, unless the process stopped first). A changed `Request`
+                    // type is refused at open instead (see `Shared::open`).
+                    Outcome::Refused(e) => sink.handled(offset, Err(e)),
                     Outcome::Panicked(message) => stop = Some(Ok((offset, message))),
                     Outcome::Diverged(e) => stop = Some(Err(e)),
                 }

@@ -1473,8 +1473,19 @@ fn handle<H: Handler>(
             answer(Ok(response));
             None
         }
+        Outcome::Refused(e) => {
+            // Undecodable (serde attributes bincode cannot read back): set aside
+            // durably before the answer, so that an open that finds undecodable requests
+            // unmarked knows they were not refused here (the `Request` type changed).
+            if let Err(mark) = shared.poison(offset) {
+                tracing::error!(instance = %me.id, offset, error = %mark, "could not set aside an undecodable request");
+            }
+            slot.folded_until = offset + 1;
+            answer(Err(e));
+            None
+        }
         // Only a journal-only replay diverges; a live instance calls out instead.
-        Outcome::Refused(e) | Outcome::Diverged(e) => {
+        Outcome::Diverged(e) => {
             slot.folded_until = offset + 1;
             answer(Err(e));
             None

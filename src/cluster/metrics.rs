@@ -92,6 +92,7 @@ pub(crate) struct InstanceStats {
 
 /// A snapshot of one instance.
 #[derive(Clone, Debug, PartialEq)]
+#[non_exhaustive]
 pub struct InstanceMetrics {
     /// The instance.
     pub id: InstanceId,
@@ -117,6 +118,7 @@ pub struct InstanceMetrics {
 
 /// A snapshot of the whole cluster.
 #[derive(Clone, Debug, PartialEq)]
+#[non_exhaustive]
 pub struct Metrics {
     /// One entry per live instance, by id.
     pub instances: Vec<InstanceMetrics>,
@@ -134,7 +136,9 @@ pub struct Metrics {
     pub moved_keys: u64,
     /// Keys the placement moved off instances over their load cap so far (see
     /// [`StickyOptions::shed_when_over`](crate::router::StickyOptions::shed_when_over)):
-    /// its decisions, each followed by a move of the key's state (in `moved_keys`).
+    /// its decisions, each followed by a move of the key's state (in `moved_keys`), at
+    /// once, or at the key's next request if the request that decided it was not
+    /// logged after all.
     pub shed_keys: u64,
     /// Requests handled by instances that have since left or been replaced (not in
     /// `instances`). A removed instance counts here from its removal on, the requests
