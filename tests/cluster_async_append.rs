@@ -631,18 +631,19 @@ impl Handler for StallsOnce {
 
 /// Futures that find no instance for their keys while a membership change is half done
 /// (the only instance stalled, its replacement not launched yet), a submit's and a
-/// batch's, wait for the change as futures: they are not polled again until the change
-/// ends, then they go through.
+/// batch's, wait for the change as futures: no poll blocks, they are not polled again
+/// until the change ends, then they go through. Over a store whose appends wait for the
+/// disk (appender threads) and over a memory store (appends in the poll).
 #[test]
 fn a_submit_that_meets_a_change_half_done_waits_without_polling_again() {
-    let gate = Arc::new(Gate {
-        open: AtomicBool::new(true),
-        ..Gate::default()
-    });
+    meet_a_change_half_done(true);
+    meet_a_change_half_done(false);
+}
+
+fn meet_a_change_half_done(disk_waits: bool) {
     let holding = Arc::new(AtomicBool::new(false));
     let release = Arc::new(AtomicBool::new(false));
-    let cluster = Cluster::builder(StallsOnce::default())
-        .stores(gate.clone(), None)
+    let builder = Cluster::builder(StallsOnce::default())
         .instances(1)
         .stall_timeout(Duration::from_millis(100))
         .supervise_every(Duration::from_millis(5))
@@ -651,9 +652,18 @@ fn a_submit_that_meets_a_change_half_done_waits_without_polling_again() {
             launched: AtomicUsize::new(0),
             holding: holding.clone(),
             release: release.clone(),
-        })
-        .build()
-        .unwrap();
+        });
+    let builder = match disk_waits {
+        true => builder.stores(
+            Arc::new(Gate {
+                open: AtomicBool::new(true),
+                ..Gate::default()
+            }),
+            None,
+        ),
+        false => builder.in_memory(),
+    };
+    let cluster = builder.build().unwrap();
     let client = cluster.client();
     let stalled = client.submit("stall", u64::MAX).unwrap();
     common::wait_for(&holding, Duration::from_secs(10));
@@ -662,59 +672,66 @@ fn a_submit_that_meets_a_change_half_done_waits_without_polling_again() {
         "the replacement's launch began"
     );
 
-    // An executor's loop: poll whenever woken, for 300 ms.
-    let wakes = Arc::new(Wakes::default());
-    let waker = Waker::from(wakes.clone());
-    let mut cx = TaskContext::from_waker(&waker);
-    let mut submit = client.submit_async("k", 1);
-    let mut batch = client.submit_batch_async([("b", 2), ("c", 3)]);
-    let mut polls = 1;
-    assert!(Pin::new(&mut submit).poll(&mut cx).is_pending());
-    assert!(Pin::new(&mut batch).poll(&mut cx).is_pending());
-    let mut seen = 0;
-    let since = Instant::now();
-    while since.elapsed() < Duration::from_millis(300) {
-        let now = wakes.0.load(Ordering::SeqCst);
-        if now > seen {
-            seen = now;
-            polls += 1;
+    // An executor's loop on a thread of its own (a poll that blocks must not hang the
+    // test): poll whenever woken, for 300 ms, report, then go on once released.
+    let (report, reported) = std::sync::mpsc::channel();
+    let polling = {
+        let client = client.clone();
+        std::thread::spawn(move || {
+            let wakes = Arc::new(Wakes::default());
+            let waker = Waker::from(wakes.clone());
+            let mut cx = TaskContext::from_waker(&waker);
+            let mut submit = client.submit_async("k", 1);
+            let mut batch = client.submit_batch_async([("b", 2), ("c", 3)]);
+            let mut polls = 1;
             assert!(Pin::new(&mut submit).poll(&mut cx).is_pending());
             assert!(Pin::new(&mut batch).poll(&mut cx).is_pending());
-        }
-        std::thread::yield_now();
-    }
+            let mut seen = 0;
+            let since = Instant::now();
+            while since.elapsed() < Duration::from_millis(300) {
+                let now = wakes.0.load(Ordering::SeqCst);
+                if now > seen {
+                    seen = now;
+                    polls += 1;
+                    assert!(Pin::new(&mut submit).poll(&mut cx).is_pending());
+                    assert!(Pin::new(&mut batch).poll(&mut cx).is_pending());
+                }
+                std::thread::yield_now();
+            }
+            report.send(polls).unwrap();
+            let since = Instant::now();
+            let (mut one, mut two) = (None, None);
+            while one.is_none() || two.is_none() {
+                assert!(since.elapsed() < Duration::from_secs(10), "never woken");
+                let now = wakes.0.load(Ordering::SeqCst);
+                if now > seen {
+                    seen = now;
+                    if one.is_none() {
+                        if let Poll::Ready(done) = Pin::new(&mut submit).poll(&mut cx) {
+                            one = Some(done.unwrap());
+                        }
+                    }
+                    if two.is_none() {
+                        if let Poll::Ready(done) = Pin::new(&mut batch).poll(&mut cx) {
+                            two = Some(done.unwrap());
+                        }
+                    }
+                }
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            (one.unwrap(), two.unwrap())
+        })
+    };
+    let polls = reported.recv_timeout(Duration::from_secs(5));
+    release.store(true, Ordering::SeqCst);
+    let polls = polls.unwrap_or_else(|_| panic!("a poll blocked on the change"));
     assert!(
         polls <= 2,
         "polled {polls} times while the change was under way"
     );
-
-    release.store(true, Ordering::SeqCst);
-    let since = Instant::now();
-    let (mut one, mut two) = (None, None);
-    while one.is_none() || two.is_none() {
-        assert!(since.elapsed() < Duration::from_secs(10), "never woken");
-        let now = wakes.0.load(Ordering::SeqCst);
-        if now > seen {
-            seen = now;
-            if one.is_none() {
-                if let Poll::Ready(done) = Pin::new(&mut submit).poll(&mut cx) {
-                    one = Some(done.unwrap());
-                }
-            }
-            if two.is_none() {
-                if let Poll::Ready(done) = Pin::new(&mut batch).poll(&mut cx) {
-                    two = Some(done.unwrap());
-                }
-            }
-        }
-        std::thread::sleep(Duration::from_millis(1));
-    }
-    assert_eq!(one.unwrap().wait().unwrap(), 1);
-    let answers: Vec<u64> = two
-        .unwrap()
-        .into_iter()
-        .map(|p| p.wait().unwrap())
-        .collect();
+    let (one, two) = polling.join().unwrap();
+    assert_eq!(one.wait().unwrap(), 1);
+    let answers: Vec<u64> = two.into_iter().map(|p| p.wait().unwrap()).collect();
     assert_eq!(answers, [2, 3]);
     assert_eq!(stalled.wait().unwrap(), u64::MAX);
     cluster.shutdown().unwrap();

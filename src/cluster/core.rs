@@ -1003,7 +1003,24 @@ impl<H: Handler> Shared<H> {
         }
         let stripe = &self.stripes[stripe_of_hash(hash)];
         loop {
-            let mut holders = stripe.lock();
+            let mut holders = match room {
+                // A future does not wait in its poll for a membership change, which
+                // holds every stripe: it waits as a future, woken when the change ends.
+                // (Otherwise the stripe's holder is another submit, appending.)
+                Room::Poll(cx) => match stripe.try_lock() {
+                    Some(holders) => holders,
+                    None => match self.poll_changes_over(cx) {
+                        Poll::Ready(()) => stripe.lock(),
+                        Poll::Pending => {
+                            if let Some(p) = permit {
+                                p.permits.release();
+                            }
+                            return Poll::Pending;
+                        }
+                    },
+                },
+                Room::Wait | Room::Refuse => stripe.lock(),
+            };
             if !self.accepting.load(Ordering::SeqCst) {
                 if let Some(p) = permit {
                     p.permits.release();
@@ -1464,6 +1481,11 @@ impl<H: Handler> Shared<H> {
             if let Err(e) = ready!(self.poll_batch_room(items, progress, cx.as_deref_mut())) {
                 return Poll::Ready(Err(e));
             }
+            // The batch's stripes are taken next, in the poll: a change under way holds
+            // them all, so a future waits for it as a future (keeping its room).
+            if let Some(cx) = cx.as_deref_mut() {
+                ready!(self.poll_changes_over(cx));
+            }
             match self.submit_batch_held(items, payloads, progress) {
                 Ok(Some(pendings)) => return Poll::Ready(Ok(pendings)),
                 Ok(None) => continue,
@@ -1648,7 +1670,7 @@ impl<H: Handler> Shared<H> {
                 // Appender threads hold stripes through their appends (fdatasyncs), and
                 // a change holds them all: a future polled on an executor's thread waits
                 // for a change under way as a future, woken when it ends.
-                Some(cx) if self.appends_elsewhere() => match self.stripes[0].try_lock() {
+                Some(cx) => match self.stripes[0].try_lock() {
                     Some(guard) => drop(guard),
                     None => {
                         ready!(self.poll_changes_over(cx));
