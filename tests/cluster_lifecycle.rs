@@ -310,3 +310,82 @@ fn metrics_after_shutdown_keep_the_log_position() {
     assert_eq!(client.metrics().next_offset, before);
     assert!(matches!(client.submit("k", 1), Err(Error::Closed)));
 }
+
+/// A cluster shared in an `Arc` with a thread that scales it is shut down through the
+/// `Arc`: the scaling thread's next change is refused `Closed`, a second shutdown from
+/// another thread waits for the first and returns `Ok`, nothing starts again afterwards,
+/// the metrics still answer, and the directory is free for a new open at once.
+#[test]
+fn a_shared_cluster_is_shut_down_through_a_reference() {
+    let dir = tempfile::tempdir().unwrap();
+    let cluster = Arc::new(
+        Cluster::builder(Svc::default())
+            .dir(dir.path())
+            .instances(2)
+            .build()
+            .unwrap(),
+    );
+    let client = cluster.client();
+    for k in 0..20u64 {
+        assert_eq!(client.submit(k.to_string(), 1).unwrap().wait().unwrap(), 1);
+    }
+    let scaler = {
+        let cluster = cluster.clone();
+        std::thread::spawn(move || {
+            loop {
+                match cluster.add_instance(1) {
+                    Ok(id) => {
+                        if let Err(e) = cluster.remove_instance(id) {
+                            return e;
+                        }
+                    }
+                    Err(e) => return e,
+                }
+                std::thread::sleep(Duration::from_millis(2));
+            }
+        })
+    };
+    std::thread::sleep(Duration::from_millis(50));
+    // Two at once: each returns once the cluster is stopped, its directory released.
+    let second = {
+        let (cluster, dir) = (cluster.clone(), dir.path().to_path_buf());
+        std::thread::spawn(move || {
+            let result = cluster.shutdown();
+            let free = Cluster::builder(Svc::default()).dir(&dir).build();
+            (result, free.map(|c| c.shutdown()))
+        })
+    };
+    cluster.shutdown().unwrap();
+    let (result, free) = second.join().unwrap();
+    assert!(result.is_ok(), "{result:?}");
+    assert!(
+        matches!(free, Ok(Ok(()))),
+        "the directory after the second shutdown: {free:?}"
+    );
+    assert!(matches!(scaler.join().unwrap(), Error::Closed));
+    assert!(matches!(cluster.add_instance(1), Err(Error::Closed)));
+    let member = cluster.members()[0];
+    assert!(matches!(
+        cluster.remove_instance(member),
+        Err(Error::Closed)
+    ));
+    assert!(matches!(cluster.checkpoint(), Err(Error::Closed)));
+    assert!(matches!(client.submit("k", 1), Err(Error::Closed)));
+    assert!(cluster.metrics().requests() >= 20);
+    // Still referenced here, and the directory opens again.
+    let reopened = Cluster::builder(Svc::default())
+        .dir(dir.path())
+        .build()
+        .unwrap();
+    assert_eq!(
+        reopened
+            .client()
+            .query("19", |t: &u64| *t)
+            .unwrap()
+            .wait()
+            .unwrap(),
+        1
+    );
+    reopened.shutdown().unwrap();
+    drop(cluster);
+}

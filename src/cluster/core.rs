@@ -270,6 +270,8 @@ pub(crate) struct Shared<H: Handler> {
     /// Whether `retiring` holds anything (see [`Orphans::early`]).
     any_retiring: AtomicBool,
     accepting: AtomicBool,
+    /// Set (and waited for) once a shutdown has ended: a second one waits for the first.
+    stopped: (Mutex<bool>, parking_lot::Condvar),
     /// Set when shutdown tells the instances to stop: no checkpoint round starts after
     /// it (the instances would stop before contributing, and the round wait in vain).
     stopping: AtomicBool,
@@ -565,6 +567,7 @@ impl<H: Handler> Shared<H> {
             any_orphans: AtomicBool::new(false),
             any_retiring: AtomicBool::new(false),
             accepting: AtomicBool::new(true),
+            stopped: (Mutex::new(false), parking_lot::Condvar::new()),
             stopping: AtomicBool::new(false),
             handled_at_checkpoint: AtomicU64::new(0),
             handled_by_gone: AtomicU64::new(0),
@@ -1925,6 +1928,12 @@ impl<H: Handler> Shared<H> {
             });
         }
         let mut all = self.exclusive();
+        // Refused once a shutdown began. One that begins during this change finds the
+        // instance this adds: it takes every stripe, after this change, to list the
+        // instances to stop.
+        if !self.accepting.load(Ordering::SeqCst) {
+            return Err(Error::Closed);
+        }
         let id = InstanceId(self.next_id.fetch_add(1, Ordering::SeqCst));
         self.start_instance(id, weight, Start::Empty)?;
         self.change_placement(&all, |p| p.add(id, weight))?;
@@ -1935,6 +1944,9 @@ impl<H: Handler> Shared<H> {
 
     pub(crate) fn remove_instance(&self, id: InstanceId) -> Result<()> {
         let mut all = self.exclusive();
+        if !self.accepting.load(Ordering::SeqCst) {
+            return Err(Error::Closed);
+        }
         let inst = {
             let mut routing = self.routing.lock();
             if !routing.instances.contains_key(&id) {
@@ -2145,6 +2157,9 @@ impl<H: Handler> Shared<H> {
     /// Takes a checkpoint of every key's state at the current end of the log, waiting
     /// for the instances' parts up to four stall timeouts (at least 10 s).
     pub(crate) fn take_checkpoint(&self) -> Result<Offset> {
+        if !self.accepting.load(Ordering::SeqCst) {
+            return Err(Error::Closed);
+        }
         let wait = (self.options.stall_timeout.saturating_mul(4)).max(Duration::from_secs(10));
         self.checkpoint_within(Patience::Fixed(wait))
     }
@@ -2369,8 +2384,21 @@ impl<H: Handler> Shared<H> {
     /// Stops accepting, optionally checkpoints, stops every instance and syncs the logs.
     pub(crate) fn shutdown(&self, checkpoint: bool) -> Result<()> {
         if !self.accepting.swap(false, Ordering::SeqCst) {
+            // Another shutdown began first: it has ended once this returns.
+            let mut stopped = self.stopped.0.lock();
+            while !*stopped {
+                self.stopped.1.wait(&mut stopped);
+            }
             return Ok(());
         }
+        let result = self.stop_everything(checkpoint);
+        *self.stopped.0.lock() = true;
+        self.stopped.1.notify_all();
+        result
+    }
+
+    /// The body of [`shutdown`](Self::shutdown), run once.
+    fn stop_everything(&self, checkpoint: bool) -> Result<()> {
         {
             let _due = self.due.0.lock();
             self.due.1.notify_all();

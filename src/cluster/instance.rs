@@ -1731,14 +1731,18 @@ mod tests {
         // back at once. A wake-up lost between a failed look and a release would leave a
         // thread parked with the permit free: it would then sit out the whole timeout.
         let permits = Arc::new(Permits::new(1));
+        // All three start together, and now and then one holds the permit a while: on a
+        // busy machine, threads run one after another otherwise, and nobody waits.
+        let start = Arc::new(std::sync::Barrier::new(3));
         let threads: Vec<_> = (0..3)
             .map(|_| {
-                let permits = permits.clone();
+                let (permits, start) = (permits.clone(), start.clone());
                 std::thread::spawn(move || {
                     let waker = Waker::from(Arc::new(Unpark(std::thread::current())));
                     let mut cx = std::task::Context::from_waker(&waker);
                     let (mut waited, mut timed_out) = (0, 0);
-                    for _ in 0..3_000 {
+                    start.wait();
+                    for i in 0..3_000 {
                         loop {
                             match permits.poll_acquire(&mut cx) {
                                 Poll::Ready(took) => {
@@ -1756,7 +1760,10 @@ mod tests {
                             }
                         }
                         // Hold it a moment, so that the others find it taken.
-                        std::thread::yield_now();
+                        match i % 50 {
+                            0 => std::thread::sleep(Duration::from_micros(200)),
+                            _ => std::thread::yield_now(),
+                        }
                         permits.release();
                     }
                     (waited, timed_out)

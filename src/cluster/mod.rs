@@ -204,7 +204,8 @@ impl<H: Handler> Cluster<H> {
     ///
     /// A weight of 0 is [`Error::InvalidWeight`]; past the router's
     /// [`MAX_INSTANCES`](crate::router::MAX_INSTANCES), [`Error::TooManyInstances`]; a
-    /// launcher that cannot start it, the launcher's error (and it is not a member).
+    /// launcher that cannot start it, the launcher's error (and it is not a member);
+    /// after [`shutdown`](Self::shutdown), [`Error::Closed`].
     pub fn add_instance(&self, weight: u32) -> Result<InstanceId> {
         self.shared.add_instance(weight)
     }
@@ -215,7 +216,7 @@ impl<H: Handler> Cluster<H> {
     ///
     /// [`Error::UnknownInstance`] if `id` is not a member (a stalled instance is
     /// replaced under a new id); [`Error::Config`] for the last instance: a cluster
-    /// always has one.
+    /// always has one; after [`shutdown`](Self::shutdown), [`Error::Closed`].
     pub fn remove_instance(&self, id: InstanceId) -> Result<()> {
         self.shared.remove_instance(id)
     }
@@ -260,7 +261,14 @@ impl<H: Handler> Cluster<H> {
     /// It blocks the calling thread until all that is done (a drop does the same,
     /// without the checkpoint). From async code, run it where blocking is allowed: on
     /// tokio, `tokio::task::spawn_blocking(move || cluster.shutdown()).await`.
-    pub fn shutdown(self) -> Result<()> {
+    ///
+    /// It takes `&self`, so a cluster shared in an `Arc` (with a thread that scales it,
+    /// say) is shut down from wherever it is. Afterwards the cluster refuses what would
+    /// start anything again: submits, queries, [`add_instance`](Self::add_instance),
+    /// [`remove_instance`](Self::remove_instance) and [`checkpoint`](Self::checkpoint)
+    /// answer [`Error::Closed`]; metrics and `owner_of` still answer. A second call
+    /// (from any thread) waits for the first to end, and returns `Ok`.
+    pub fn shutdown(&self) -> Result<()> {
         self.stop(true)
     }
 
