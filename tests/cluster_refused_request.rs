@@ -52,34 +52,24 @@ fn open(store: &Arc<MemoryStore>) -> cauce::Result<Cluster<Sum>> {
         .build()
 }
 
+/// Key `a` gets 1, a request refused live (5, undecodable), and 2; then the cluster is
+/// dropped (a crash: no checkpoint).
+fn write_around_a_refused_request(store: &Arc<MemoryStore>) {
+    let cluster = open(store).unwrap();
+    let client = cluster.client();
+    let add = |v, note| client.submit("a", req(v, note)).unwrap().wait();
+    assert_eq!(add(1, Some("x")).unwrap(), 1);
+    let refused = add(5, None);
+    assert!(matches!(refused, Err(Error::Codec { .. })), "{refused:?}");
+    assert_eq!(add(2, Some("y")).unwrap(), 3);
+}
+
 /// The cluster is reopened after a crash (a drop, which takes no checkpoint): the
 /// request refused live is among the first requests after the checkpoint.
 #[test]
 fn a_request_refused_live_does_not_make_the_log_unopenable() {
     let store = Arc::new(MemoryStore::new());
-    {
-        let cluster = open(&store).unwrap();
-        let client = cluster.client();
-        assert_eq!(
-            client
-                .submit("a", req(1, Some("x")))
-                .unwrap()
-                .wait()
-                .unwrap(),
-            1
-        );
-        let refused = client.submit("a", req(5, None)).unwrap().wait();
-        assert!(matches!(refused, Err(Error::Codec { .. })), "{refused:?}");
-        assert_eq!(
-            client
-                .submit("a", req(2, Some("y")))
-                .unwrap()
-                .wait()
-                .unwrap(),
-            3
-        );
-        drop(cluster);
-    }
+    write_around_a_refused_request(&store);
     let reopened = open(&store);
     let cluster = match reopened {
         Ok(c) => c,
@@ -141,29 +131,7 @@ fn a_request_refused_live_does_not_make_keys_unavailable_after_a_restart() {
 #[test]
 fn replay_state_before_folds_around_a_request_refused_live() {
     let store = Arc::new(MemoryStore::new());
-    {
-        let cluster = open(&store).unwrap();
-        let client = cluster.client();
-        assert_eq!(
-            client
-                .submit("a", req(1, Some("x")))
-                .unwrap()
-                .wait()
-                .unwrap(),
-            1
-        );
-        let refused = client.submit("a", req(5, None)).unwrap().wait();
-        assert!(matches!(refused, Err(Error::Codec { .. })), "{refused:?}");
-        assert_eq!(
-            client
-                .submit("a", req(2, Some("y")))
-                .unwrap()
-                .wait()
-                .unwrap(),
-            3
-        );
-        drop(cluster);
-    }
+    write_around_a_refused_request(&store);
     let replay =
         cauce::cluster::Replay::from_stores(store.clone() as Arc<dyn Store>, None, Sum).unwrap();
     let history = replay.history("a").unwrap();
