@@ -363,17 +363,17 @@ pub enum Error {
         what: &'static str,
     },
 
-    /// A handler (or a query function) submitted to or queried its own cluster. The
-    /// call is refused: waiting for an answer there can wait for the handler's own
-    /// instance, which answers nothing meanwhile (it is then declared stalled, and the
-    /// request runs again, submitting again), and a submit can block on its own full
-    /// queue. Submit follow-up requests from outside the handler, once its answer is
+    /// A handler (or a query function) submitted to, queried or shut down its own
+    /// cluster. The call is refused: waiting for an answer there can wait for the
+    /// handler's own instance, which answers nothing meanwhile (it is then declared
+    /// stalled, and the request runs again, submitting again), a submit can block on its
+    /// own full queue, and a shutdown waits for every instance to stop. Submit follow-up requests from outside the handler, once its answer is
     /// back; an outside call belongs in
     /// [`Context::call`](crate::handler::Context::call), to another service.
     #[error(
-        "a handler{}{} called its own cluster (submit or query): refused, since its \
-         instance cannot answer while it waits and a replay would submit again; submit \
-         follow-up requests from outside the handler",
+        "a handler{}{} called its own cluster (a submit, query or shutdown): refused, \
+         since its instance cannot answer while it waits and a replay would submit \
+         again; submit follow-up requests from outside the handler",
         on_instance(*.instance),
         offset_suffix(*.offset)
     )]

@@ -736,3 +736,96 @@ fn meet_a_change_half_done(disk_waits: bool) {
     assert_eq!(stalled.wait().unwrap(), u64::MAX);
     cluster.shutdown().unwrap();
 }
+
+/// A launcher whose launches after the first `free` take `slow`.
+struct SlowLaunches {
+    free: usize,
+    launched: AtomicUsize,
+    slow: Duration,
+}
+
+impl cauce::launcher::Launcher for SlowLaunches {
+    fn launch(
+        &self,
+        id: cauce::router::InstanceId,
+        body: Box<dyn FnOnce() + Send>,
+    ) -> cauce::Result<Box<dyn cauce::launcher::Running>> {
+        if self.launched.fetch_add(1, Ordering::SeqCst) >= self.free {
+            std::thread::sleep(self.slow);
+        }
+        cauce::launcher::ThreadLauncher::new().launch(id, body)
+    }
+}
+
+/// A scale-out of 20 back-to-back `add_instance`s (launches of 100 ms): an async batch
+/// over a memory store, woken when a change ends, raced the next one for its stripes and
+/// waited out all 20 (in 3 runs of 3); it now waits for one change as a future, then in
+/// the stripes' queue, and gets in within a few, as a blocking batch does.
+#[test]
+fn an_async_batch_gets_in_during_a_scale_out() {
+    let cluster = Arc::new(
+        Cluster::builder(Counter)
+            .in_memory()
+            .instances(2)
+            .launcher(SlowLaunches {
+                free: 2,
+                launched: AtomicUsize::new(0),
+                slow: Duration::from_millis(100),
+            })
+            .build()
+            .unwrap(),
+    );
+    let adds = 20;
+    let started = Arc::new(AtomicBool::new(false));
+    let added = Arc::new(AtomicUsize::new(0));
+    let scaler = {
+        let (cluster, started, added) = (cluster.clone(), started.clone(), added.clone());
+        std::thread::spawn(move || {
+            started.store(true, Ordering::SeqCst);
+            for _ in 0..adds {
+                cluster.add_instance(1).unwrap();
+                added.fetch_add(1, Ordering::SeqCst);
+            }
+        })
+    };
+    while !started.load(Ordering::SeqCst) {
+        std::thread::yield_now();
+    }
+    std::thread::sleep(Duration::from_millis(20));
+    // A sync batch, for comparison.
+    let sync = {
+        let (client, added) = (cluster.client(), added.clone());
+        std::thread::spawn(move || {
+            client.submit_batch([("s1", 1), ("s2", 2)]).unwrap();
+            added.load(Ordering::SeqCst)
+        })
+    };
+    let client = cluster.client();
+    let wakes = Arc::new(Wakes::default());
+    let waker = Waker::from(wakes.clone());
+    let mut cx = TaskContext::from_waker(&waker);
+    let mut batch = client.submit_batch_async([("a1", 1), ("a2", 2), ("a3", 3)]);
+    let mut polls = 0;
+    let in_after = loop {
+        let seen = wakes.0.load(Ordering::SeqCst);
+        polls += 1;
+        if let Poll::Ready(r) = Pin::new(&mut batch).poll(&mut cx) {
+            r.unwrap();
+            break added.load(Ordering::SeqCst);
+        }
+        let t = Instant::now();
+        while wakes.0.load(Ordering::SeqCst) == seen {
+            assert!(t.elapsed() < Duration::from_secs(10), "never woken");
+            std::thread::sleep(Duration::from_micros(50));
+        }
+    };
+    let sync_after = sync.join().unwrap();
+    scaler.join().unwrap();
+    eprintln!(
+        "async batch got in after {in_after} of {adds} adds ({polls} polls); sync batch after {sync_after}"
+    );
+    assert!(
+        in_after <= 3,
+        "the async batch waited out {in_after} of {adds} changes ({polls} polls); the sync batch got in after {sync_after}"
+    );
+}

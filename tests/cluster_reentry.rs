@@ -179,3 +179,58 @@ fn the_refusal_says_what_to_do() {
     );
     assert!(message.contains("from outside the handler"), "{message}");
 }
+
+/// Holds a way to its own cluster and shuts it down from inside a request of 0.
+struct Stops {
+    me: Arc<OnceLock<std::sync::Weak<Cluster<Stops>>>>,
+    answer: Arc<std::sync::Mutex<Option<cauce::Result<()>>>>,
+}
+
+impl Handler for Stops {
+    type State = u64;
+    type Request = u64;
+    type Response = u64;
+
+    fn handle(&self, _: &mut Context<'_>, _: &[u8], total: &mut u64, add: u64) -> u64 {
+        if add == 0 {
+            if let Some(cluster) = self.me.get().and_then(|c| c.upgrade()) {
+                *self.answer.lock().unwrap() = Some(cluster.shutdown());
+            }
+        }
+        *total += add;
+        *total
+    }
+}
+
+/// A handler that shuts its own cluster down would wait for its own instance to stop:
+/// refused at once, and the cluster runs on (a shutdown from outside then stops it
+/// promptly, not after stall timeouts).
+#[test]
+fn a_handler_that_shuts_its_own_cluster_down_is_refused() {
+    let me = Arc::new(OnceLock::new());
+    let answer = Arc::new(std::sync::Mutex::new(None));
+    let cluster = Arc::new(
+        Cluster::builder(Stops {
+            me: me.clone(),
+            answer: answer.clone(),
+        })
+        .in_memory()
+        .instances(1)
+        .stall_timeout(std::time::Duration::from_secs(2))
+        .build()
+        .unwrap(),
+    );
+    assert!(me.set(Arc::downgrade(&cluster)).is_ok());
+    let client = cluster.client();
+    assert_eq!(client.submit("a", 1).unwrap().wait().unwrap(), 1);
+    assert_eq!(client.submit("a", 0).unwrap().wait().unwrap(), 1);
+    let refused = answer.lock().unwrap().take();
+    assert!(
+        matches!(refused, Some(Err(Error::InsideHandler { .. }))),
+        "{refused:?}"
+    );
+    assert_eq!(client.submit("a", 2).unwrap().wait().unwrap(), 3);
+    let since = std::time::Instant::now();
+    cluster.shutdown().unwrap();
+    assert!(since.elapsed() < std::time::Duration::from_secs(1));
+}

@@ -1,6 +1,7 @@
 //! A `Store` of the user's that panics in `append`: the panic reaches the submitter, and
 //! nothing the cluster took for that request stays taken: its queue room comes back, and
-//! a key that was moving with it stays where its state is.
+//! a key that was moving with it stays where its state is. One that panics in `sync`
+//! during a shutdown: the panic reaches the caller, and the cluster still drops.
 
 mod common;
 
@@ -148,4 +149,107 @@ fn a_panicking_batch_append_gives_its_room_back_once() -> Result<()> {
         assert_eq!(pending.wait()?, n as u64 + 1);
     }
     cluster.shutdown()
+}
+
+/// A memory store whose `sync` panics while `panics` is set.
+struct SyncPanics {
+    live: MemoryStore,
+    panics: AtomicBool,
+}
+
+impl Store for SyncPanics {
+    fn append(&self, batch: &[cauce::Entry<'_>]) -> cauce::Result<std::ops::Range<u64>> {
+        self.live.append(batch)
+    }
+    fn read_from(&self, from: u64) -> cauce::Result<cauce::store::RecordIter> {
+        self.live.read_from(from)
+    }
+    fn replay_from(
+        &self,
+        from: u64,
+        f: &mut dyn FnMut(u64, cauce::Entry<'_>),
+    ) -> cauce::Result<u64> {
+        self.live.replay_from(from, f)
+    }
+    fn start_offset(&self) -> u64 {
+        self.live.start_offset()
+    }
+    fn next_offset(&self) -> u64 {
+        self.live.next_offset()
+    }
+    fn wait_for(&self, offset: u64, timeout: Option<Duration>) -> u64 {
+        self.live.wait_for(offset, timeout)
+    }
+    fn wake_waiters(&self) {
+        self.live.wake_waiters()
+    }
+    fn sync(&self) -> cauce::Result<()> {
+        if self.panics.load(Ordering::SeqCst) {
+            panic!("the store's sync failed");
+        }
+        self.live.sync()
+    }
+    fn truncate_before(&self, offset: u64) -> cauce::Result<()> {
+        self.live.truncate_before(offset)
+    }
+    fn compact(&self) -> cauce::Result<cauce::store::Compaction> {
+        self.live.compact()
+    }
+    fn commit_cursor(&self, name: &str, offset: u64) -> cauce::Result<()> {
+        self.live.commit_cursor(name, offset)
+    }
+    fn cursor(&self, name: &str) -> cauce::Result<Option<u64>> {
+        self.live.cursor(name)
+    }
+    fn save_snapshot(&self, name: &str, offset: u64, blob: &[u8]) -> cauce::Result<()> {
+        self.live.save_snapshot(name, offset, blob)
+    }
+    fn latest_snapshot(&self, name: &str) -> cauce::Result<Option<cauce::store::Snapshot>> {
+        self.live.latest_snapshot(name)
+    }
+}
+
+/// A shutdown whose store panics in its final sync: the panic reaches the caller, and a
+/// later drop (which stops again) returns instead of waiting for the first stop to end;
+/// uncaught, the unwinding drop returns too.
+#[test]
+fn a_shutdown_whose_store_panics_leaves_a_cluster_that_drops() {
+    for caught in [true, false] {
+        let done = Arc::new(AtomicBool::new(false));
+        let finished = done.clone();
+        let stopping = std::thread::spawn(move || {
+            let store = Arc::new(SyncPanics {
+                live: MemoryStore::new(),
+                panics: AtomicBool::new(false),
+            });
+            let cluster = Cluster::builder(Count::default())
+                .stores(store.clone(), None)
+                .instances(2)
+                .build()
+                .unwrap();
+            assert_eq!(cluster.client().submit("k", ()).unwrap().wait().unwrap(), 1);
+            store.panics.store(true, Ordering::SeqCst);
+            // Set before the drop: only the drop can hang.
+            finished.store(true, Ordering::SeqCst);
+            if caught {
+                let outcome = catch_unwind(AssertUnwindSafe(|| cluster.shutdown()));
+                assert!(outcome.is_err(), "the store's panic reaches the caller");
+                store.panics.store(false, Ordering::SeqCst);
+                drop(cluster);
+            } else {
+                let _ = cluster.shutdown();
+            }
+        });
+        common::wait_for(&done, Duration::from_secs(10));
+        let since = std::time::Instant::now();
+        while !stopping.is_finished() {
+            assert!(
+                since.elapsed() < Duration::from_secs(10),
+                "caught {caught}: the drop after a panicking shutdown still waits"
+            );
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        let outcome = stopping.join();
+        assert_eq!(outcome.is_err(), !caught, "caught {caught}");
+    }
 }

@@ -71,6 +71,17 @@ fn unwinding_undoes<T>(append: impl FnOnce() -> T, undo: impl FnOnce()) -> T {
     }
 }
 
+/// What logging a batch gave: its pending responses, `None` if it must be routed
+/// again, or why it was not logged.
+type BatchLogged<H> = Result<Option<Vec<Pending<<H as Handler>::Response>>>>;
+
+/// The stripe locks a batch holds ([`Shared::lock_stripes`]): their indices in
+/// ascending order, and the guards in the same order.
+struct Stripes<'a> {
+    order: Vec<usize>,
+    guards: Vec<MutexGuard<'a, Holders>>,
+}
+
 /// Membership changes under way, and who waits for them to end.
 #[derive(Default)]
 struct Changes {
@@ -188,6 +199,9 @@ pub(crate) struct BatchProgress<H: Handler> {
     /// instance.
     unroutable_at: Option<crate::router::Epoch>,
     held: Option<Held<H>>,
+    /// Whether a poll already waited, as a future, for a membership change that held
+    /// the batch's stripes (see [`Shared::lock_stripes`]).
+    waited_for_change: bool,
 }
 
 impl<H: Handler> Default for BatchProgress<H> {
@@ -196,6 +210,7 @@ impl<H: Handler> Default for BatchProgress<H> {
             stamp: None,
             unroutable_at: None,
             held: None,
+            waited_for_change: false,
         }
     }
 }
@@ -647,8 +662,9 @@ impl<H: Handler> Shared<H> {
     }
 
     /// `Ready` when no membership change is under way; otherwise `Pending`, `cx` woken
-    /// when one ends. For a future that found routing half changed (which only a change
-    /// shows) and must not wait on a stripe lock in its poll.
+    /// when one ends. For a future that found its stripe taken (which a change does),
+    /// or routing half changed (which only a change shows), and must not wait on a
+    /// stripe lock in its poll.
     fn poll_changes_over(&self, cx: &mut std::task::Context<'_>) -> Poll<()> {
         if self.changes.under_way.load(Ordering::SeqCst) == 0 {
             return Poll::Ready(());
@@ -1264,7 +1280,12 @@ impl<H: Handler> Shared<H> {
                 // Dropping the progress gives its room back.
                 return;
             }
-            let logged = shared.submit_batch_held(&items, payloads.as_slice(), &mut progress);
+            let logged =
+                match shared.submit_batch_held(&items, payloads.as_slice(), &mut progress, None) {
+                    Poll::Ready(logged) => logged,
+                    // Only a poll with a context is left pending.
+                    Poll::Pending => Err(Error::Closed),
+                };
             responder.answer(logged.map(|logged| match logged {
                 Some(pendings) => BatchAppended::Logged(pendings),
                 None => BatchAppended::Again(items, payloads),
@@ -1484,12 +1505,7 @@ impl<H: Handler> Shared<H> {
             if let Err(e) = ready!(self.poll_batch_room(items, progress, cx.as_deref_mut())) {
                 return Poll::Ready(Err(e));
             }
-            // The batch's stripes are taken next, in the poll: a change under way holds
-            // them all, so a future waits for it as a future (keeping its room).
-            if let Some(cx) = cx.as_deref_mut() {
-                ready!(self.poll_changes_over(cx));
-            }
-            match self.submit_batch_held(items, payloads, progress) {
+            match ready!(self.submit_batch_held(items, payloads, progress, cx.as_deref_mut())) {
                 Ok(Some(pendings)) => return Poll::Ready(Ok(pendings)),
                 Ok(None) => continue,
                 Err(e) => return Poll::Ready(Err(e)),
@@ -1500,27 +1516,83 @@ impl<H: Handler> Shared<H> {
     /// Logs and queues a batch with the room `progress` holds (see
     /// [`poll_batch_room`](Self::poll_batch_room)); `None` if it must be routed again
     /// (its room was given back).
+    ///
+    /// With `cx`, the batch's stripes are taken in the poll: where a membership change
+    /// holds them, the future waits for it as a future (`Pending`, keeping its room).
     fn submit_batch_held<K: AsRef<[u8]>>(
         &self,
         items: &[(K, Range<usize>)],
         payloads: &[u8],
         progress: &mut BatchProgress<H>,
-    ) -> Result<Option<Vec<Pending<H::Response>>>> {
-        let BatchProgress { stamp, held, .. } = progress;
-        let (Some(stamp), Some(mut full)) = (stamp.as_ref(), held.take()) else {
-            return Ok(None);
+        cx: Option<&mut std::task::Context<'_>>,
+    ) -> Poll<BatchLogged<H>> {
+        let BatchProgress {
+            stamp,
+            held,
+            waited_for_change,
+            ..
+        } = progress;
+        let Some(stamp) = stamp.as_ref() else {
+            return Poll::Ready(Ok(None));
+        };
+        let stripes = ready!(self.lock_stripes(&stamp.hashes, cx, waited_for_change));
+        let Some(mut full) = held.take() else {
+            return Poll::Ready(Ok(None));
         };
         // From here `submit_batch_locked` owns the room: it queues it, or gives it back
         // (also when the store panics in its append, to the instances the batch goes to
         // then), so `full` must not give it back again as it is dropped.
         full.taken = 0;
-        self.submit_batch_locked(
+        Poll::Ready(self.submit_batch_locked(
             items,
             &stamp.hashes,
             payloads,
             &mut full.routed,
             stamp.timestamp,
-        )
+            stripes,
+        ))
+    }
+
+    /// Every stripe of the keys with `hashes`, locked in ascending order (the order
+    /// every multi-stripe lock takes), with that order. Without `cx` it waits for each;
+    /// with one it tries each first, and where a membership change holds one, gives
+    /// back those it took and waits for the change as a future, once (`waited` says it
+    /// did). (With no change under way, the holder is a submit appending: it waits for
+    /// that.)
+    ///
+    /// Once only: a batch over many stripes, woken when a change ends, races the next
+    /// change for the same stripes in the same order, and loses while changes follow
+    /// each other (a loop of them kept one out for good). The second time it waits in
+    /// its poll, in the stripes' queue, as a blocking batch does, for one change.
+    fn lock_stripes(
+        &self,
+        hashes: &[u64],
+        cx: Option<&mut std::task::Context<'_>>,
+        waited: &mut bool,
+    ) -> Poll<Stripes<'_>> {
+        let mut order: Vec<usize> = hashes.iter().map(|&h| stripe_of_hash(h)).collect();
+        order.sort_unstable();
+        order.dedup();
+        let Some(cx) = cx else {
+            let guards = order.iter().map(|&i| self.stripes[i].lock()).collect();
+            return Poll::Ready(Stripes { order, guards });
+        };
+        let mut guards = Vec::with_capacity(order.len());
+        for &i in &order {
+            let guard = match self.stripes[i].try_lock() {
+                Some(guard) => guard,
+                None if *waited => self.stripes[i].lock(),
+                None => {
+                    if self.poll_changes_over(cx).is_pending() {
+                        *waited = true;
+                        return Poll::Pending;
+                    }
+                    self.stripes[i].lock()
+                }
+            };
+            guards.push(guard);
+        }
+        Poll::Ready(Stripes { order, guards })
     }
 
     /// The first step of a batch submit of several requests: routes the batch and takes
@@ -1539,6 +1611,7 @@ impl<H: Handler> Shared<H> {
             stamp,
             unroutable_at,
             held,
+            ..
         } = progress;
         let stamp = stamp.get_or_insert_with(|| Stamp {
             hashes: items.iter().map(|(k, _)| key_hash(k.as_ref())).collect(),
@@ -1717,21 +1790,18 @@ impl<H: Handler> Shared<H> {
         payloads: &[u8],
         batch: &mut Routed<H>,
         timestamp: u64,
+        stripes: Stripes<'_>,
     ) -> Result<Option<Vec<Pending<H::Response>>>> {
         let give_back = |batch: &Routed<H>| {
             (0..items.len()).for_each(|i| batch.dest(i).permits.release());
         };
         // Every stripe the batch touches, locked in ascending order.
-        let mut order: Vec<usize> = hashes.iter().map(|&h| stripe_of_hash(h)).collect();
-        order.sort_unstable();
-        order.dedup();
+        let Stripes { order, mut guards } = stripes;
         let shard_of = |i: usize| {
             order
                 .binary_search(&stripe_of_hash(hashes[i]))
                 .unwrap_or_default()
         };
-        let mut guards: Vec<MutexGuard<'_, Holders>> =
-            order.iter().map(|&i| self.stripes[i].lock()).collect();
         if !self.accepting.load(Ordering::SeqCst) {
             give_back(batch);
             return Err(Error::Closed);
@@ -2383,6 +2453,8 @@ impl<H: Handler> Shared<H> {
 
     /// Stops accepting, optionally checkpoints, stops every instance and syncs the logs.
     pub(crate) fn shutdown(&self, checkpoint: bool) -> Result<()> {
+        // It waits for every instance, the caller's own among them.
+        reentry::refuse_inside(self.cluster_id())?;
         if !self.accepting.swap(false, Ordering::SeqCst) {
             // Another shutdown began first: it has ended once this returns.
             let mut stopped = self.stopped.0.lock();
@@ -2391,10 +2463,17 @@ impl<H: Handler> Shared<H> {
             }
             return Ok(());
         }
-        let result = self.stop_everything(checkpoint);
-        *self.stopped.0.lock() = true;
-        self.stopped.1.notify_all();
-        result
+        // Set however it ends, a panic of the user's store in a final sync included:
+        // a later shutdown or drop must not wait for it forever.
+        struct Stopped<'a>(&'a (Mutex<bool>, parking_lot::Condvar));
+        impl Drop for Stopped<'_> {
+            fn drop(&mut self) {
+                *self.0.0.lock() = true;
+                self.0.1.notify_all();
+            }
+        }
+        let _stopped = Stopped(&self.stopped);
+        self.stop_everything(checkpoint)
     }
 
     /// The body of [`shutdown`](Self::shutdown), run once.

@@ -267,12 +267,17 @@ impl<H: Handler> Cluster<H> {
     /// start anything again: submits, queries, [`add_instance`](Self::add_instance),
     /// [`remove_instance`](Self::remove_instance) and [`checkpoint`](Self::checkpoint)
     /// answer [`Error::Closed`]; metrics and `owner_of` still answer. A second call
-    /// (from any thread) waits for the first to end, and returns `Ok`.
+    /// (from any thread) waits for the first to end, and returns `Ok`. From inside one
+    /// of this cluster's handlers (or query functions) it is refused with
+    /// [`Error::InsideHandler`]: it would wait for the handler's own instance to stop.
     pub fn shutdown(&self) -> Result<()> {
         self.stop(true)
     }
 
     fn stop(&self, checkpoint: bool) -> Result<()> {
+        // Before anything stops: a handler of this cluster cannot wait for its own
+        // instance to stop.
+        reentry::refuse_inside(self.shared.cluster_id())?;
         if let Some(mut s) = self.supervisor.lock().take() {
             s.stop();
         }

@@ -5,7 +5,7 @@
 //! and the request runs again elsewhere, submitting again (its first submit was no
 //! journaled outside call). A submit can also block on a full queue of its own instance.
 //! So while a handler or a query function of a cluster runs on a thread, that cluster's
-//! clients refuse submits and queries on that thread with
+//! clients refuse submits and queries on that thread, and the cluster its shutdown, with
 //! [`Error::InsideHandler`](crate::Error::InsideHandler). Other clusters are unaffected.
 
 use std::cell::Cell;
