@@ -829,3 +829,78 @@ fn an_async_batch_gets_in_during_a_scale_out() {
         "the async batch waited out {in_after} of {adds} changes ({polls} polls); the sync batch got in after {sync_after}"
     );
 }
+
+/// Polls on a thread of its own; `None` if the poll did not return within `limit`.
+fn poll_within<F>(fut: F, limit: Duration) -> (std::thread::JoinHandle<(F, bool)>, Option<Duration>)
+where
+    F: Future + Unpin + Send + 'static,
+{
+    let polled = std::thread::spawn(move || {
+        let mut fut = fut;
+        let waker = Waker::from(Arc::new(Noop));
+        let ready = Pin::new(&mut fut)
+            .poll(&mut TaskContext::from_waker(&waker))
+            .is_ready();
+        (fut, ready)
+    });
+    let since = Instant::now();
+    while !polled.is_finished() {
+        if since.elapsed() > limit {
+            return (polled, None);
+        }
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    (polled, Some(since.elapsed()))
+}
+
+/// An async batch polled again while the change it waits for is still under way (a
+/// spurious wake, a `select!` sibling) waits as a future again: it blocked its poll until
+/// the change ended when the batch counted as having waited from its first `Pending`.
+#[test]
+fn an_async_batch_polled_again_during_the_same_change_does_not_block() {
+    let holding = Arc::new(AtomicBool::new(false));
+    let release = Arc::new(AtomicBool::new(false));
+    let cluster = Arc::new(
+        Cluster::builder(Counter)
+            .in_memory()
+            .instances(2)
+            .launcher(HeldLaunches {
+                free: 2,
+                launched: AtomicUsize::new(0),
+                holding: holding.clone(),
+                release: release.clone(),
+            })
+            .build()
+            .unwrap(),
+    );
+    let client = cluster.client();
+    let adder = {
+        let cluster = cluster.clone();
+        std::thread::spawn(move || cluster.add_instance(1).unwrap())
+    };
+    common::wait_for(&holding, Duration::from_secs(10));
+    assert!(holding.load(Ordering::SeqCst));
+    let batch = client.submit_batch_async([("a1", 1), ("a2", 2), ("a3", 3)]);
+    // First poll: the change holds the stripes; waits for it as a future.
+    let (polled, took) = poll_within(batch, Duration::from_secs(2));
+    let first = took;
+    let (batch, ready) = if first.is_some() {
+        polled.join().unwrap()
+    } else {
+        release.store(true, Ordering::SeqCst);
+        panic!("the first poll blocked on the change");
+    };
+    assert!(!ready);
+    // A second poll, the change still under way (a spurious wake): should be Pending at
+    // once too, as the first.
+    let (polled, took) = poll_within(batch, Duration::from_secs(2));
+    release.store(true, Ordering::SeqCst);
+    let (_batch, ready) = polled.join().unwrap();
+    adder.join().unwrap();
+    let blocked = took.is_none();
+    assert!(
+        !blocked,
+        "a second poll during the same change blocked for over 2 s (ready afterwards: \
+         {ready}); the first took {first:?}"
+    );
+}

@@ -234,3 +234,90 @@ fn a_handler_that_shuts_its_own_cluster_down_is_refused() {
     cluster.shutdown().unwrap();
     assert!(since.elapsed() < std::time::Duration::from_secs(1));
 }
+
+struct Drops {
+    me: Arc<OnceLock<std::sync::Weak<Cluster<Drops>>>>,
+    upgraded: Arc<std::sync::Barrier>,
+    outside_dropped: Arc<std::sync::Barrier>,
+}
+
+impl Handler for Drops {
+    type State = u64;
+    type Request = u64;
+    type Response = u64;
+
+    fn handle(&self, _: &mut Context<'_>, _: &[u8], total: &mut u64, add: u64) -> u64 {
+        if add == 0 {
+            let cluster = self.me.get().and_then(|c| c.upgrade());
+            self.upgraded.wait();
+            self.outside_dropped.wait();
+            // The last handle: its drop runs here.
+            drop(cluster);
+        }
+        *total += add;
+        *total
+    }
+}
+
+/// The last handle of a cluster dropped inside one of its handlers (it upgraded a weak
+/// reference, and the outside dropped its own meanwhile) still stops the cluster: the
+/// drop is not refused as a shutdown is, it waits for its own instance a grace period,
+/// leaves it behind, and releases the directory.
+#[test]
+fn the_last_handle_dropped_inside_a_handler_still_stops_the_cluster() {
+    let dir = tempfile::tempdir().unwrap();
+    let me = Arc::new(OnceLock::new());
+    let upgraded = Arc::new(std::sync::Barrier::new(2));
+    let outside_dropped = Arc::new(std::sync::Barrier::new(2));
+    let cluster = Arc::new(
+        Cluster::builder(Drops {
+            me: me.clone(),
+            upgraded: upgraded.clone(),
+            outside_dropped: outside_dropped.clone(),
+        })
+        .dir(dir.path())
+        .instances(1)
+        .stall_timeout(std::time::Duration::from_secs(2))
+        .build()
+        .unwrap(),
+    );
+    assert!(me.set(Arc::downgrade(&cluster)).is_ok());
+    let client = cluster.client();
+    assert_eq!(client.submit("a", 1).unwrap().wait().unwrap(), 1);
+    let pending = client.submit("a", 0).unwrap();
+    upgraded.wait();
+    drop(cluster);
+    outside_dropped.wait();
+    // Its own instance was left behind by the stop it ran in: answered or not.
+    drop(pending.wait());
+    drop(client);
+    // The directory is released once the cluster stopped: open it again.
+    let since = std::time::Instant::now();
+    let reopened = loop {
+        let me2 = Arc::new(OnceLock::new());
+        let r = Cluster::builder(Drops {
+            me: me2,
+            upgraded: Arc::new(std::sync::Barrier::new(1)),
+            outside_dropped: Arc::new(std::sync::Barrier::new(1)),
+        })
+        .dir(dir.path())
+        .instances(1)
+        .build();
+        match r {
+            Ok(c) => break Ok(c),
+            Err(e) if since.elapsed() > std::time::Duration::from_secs(10) => break Err(e),
+            Err(_) => std::thread::sleep(std::time::Duration::from_millis(50)),
+        }
+    };
+    let reopened = reopened.unwrap_or_else(|e| {
+        panic!("the cluster dropped inside its handler never stopped: the directory is still held after 10 s: {e}")
+    });
+    let total = reopened
+        .client()
+        .query("a", |t: &u64| *t)
+        .unwrap()
+        .wait()
+        .unwrap();
+    assert_eq!(total, 1);
+    reopened.shutdown().unwrap();
+}

@@ -86,6 +86,8 @@ struct Stripes<'a> {
 #[derive(Default)]
 struct Changes {
     under_way: AtomicUsize,
+    /// Changes ended so far.
+    ended: AtomicU64,
     waiting: Mutex<Vec<std::task::Waker>>,
 }
 
@@ -112,6 +114,7 @@ impl std::ops::DerefMut for Exclusive<'_> {
 impl Drop for Exclusive<'_> {
     fn drop(&mut self) {
         self.guards.clear();
+        self.changes.ended.fetch_add(1, Ordering::SeqCst);
         self.changes.under_way.fetch_sub(1, Ordering::SeqCst);
         let waiting = std::mem::take(&mut *self.changes.waiting.lock());
         waiting.into_iter().for_each(std::task::Waker::wake);
@@ -199,9 +202,9 @@ pub(crate) struct BatchProgress<H: Handler> {
     /// instance.
     unroutable_at: Option<crate::router::Epoch>,
     held: Option<Held<H>>,
-    /// Whether a poll already waited, as a future, for a membership change that held
-    /// the batch's stripes (see [`Shared::lock_stripes`]).
-    waited_for_change: bool,
+    /// If a poll waited, as a future, for a membership change that held the batch's
+    /// stripes: how many changes had ended then (see [`Shared::lock_stripes`]).
+    waited_for_change: Option<u64>,
 }
 
 impl<H: Handler> Default for BatchProgress<H> {
@@ -210,7 +213,7 @@ impl<H: Handler> Default for BatchProgress<H> {
             stamp: None,
             unroutable_at: None,
             held: None,
-            waited_for_change: false,
+            waited_for_change: None,
         }
     }
 }
@@ -1556,19 +1559,21 @@ impl<H: Handler> Shared<H> {
     /// Every stripe of the keys with `hashes`, locked in ascending order (the order
     /// every multi-stripe lock takes), with that order. Without `cx` it waits for each;
     /// with one it tries each first, and where a membership change holds one, gives
-    /// back those it took and waits for the change as a future, once (`waited` says it
-    /// did). (With no change under way, the holder is a submit appending: it waits for
-    /// that.)
+    /// back those it took and waits for the change as a future (`waited` records how
+    /// many changes had ended then). (With no change under way, the holder is a submit
+    /// appending: it waits for that.)
     ///
-    /// Once only: a batch over many stripes, woken when a change ends, races the next
-    /// change for the same stripes in the same order, and loses while changes follow
-    /// each other (a loop of them kept one out for good). The second time it waits in
-    /// its poll, in the stripes' queue, as a blocking batch does, for one change.
+    /// For one change only: a batch over many stripes, woken when a change ends, races
+    /// the next change for the same stripes in the same order, and loses while changes
+    /// follow each other (a loop of them kept one out for good). So once a change has
+    /// ended since it began to wait, a change that holds its stripes is waited for in
+    /// the poll, in the stripes' queue, as a blocking batch does. (Polled again before
+    /// the change it waits for ends, it waits as a future again.)
     fn lock_stripes(
         &self,
         hashes: &[u64],
         cx: Option<&mut std::task::Context<'_>>,
-        waited: &mut bool,
+        waited: &mut Option<u64>,
     ) -> Poll<Stripes<'_>> {
         let mut order: Vec<usize> = hashes.iter().map(|&h| stripe_of_hash(h)).collect();
         order.sort_unstable();
@@ -1581,13 +1586,18 @@ impl<H: Handler> Shared<H> {
         for &i in &order {
             let guard = match self.stripes[i].try_lock() {
                 Some(guard) => guard,
-                None if *waited => self.stripes[i].lock(),
                 None => {
-                    if self.poll_changes_over(cx).is_pending() {
-                        *waited = true;
-                        return Poll::Pending;
+                    let ended = self.changes.ended.load(Ordering::SeqCst);
+                    match *waited {
+                        Some(then) if then != ended => self.stripes[i].lock(),
+                        _ => {
+                            if self.poll_changes_over(cx).is_pending() {
+                                waited.get_or_insert(ended);
+                                return Poll::Pending;
+                            }
+                            self.stripes[i].lock()
+                        }
                     }
-                    self.stripes[i].lock()
                 }
             };
             guards.push(guard);
@@ -2453,8 +2463,6 @@ impl<H: Handler> Shared<H> {
 
     /// Stops accepting, optionally checkpoints, stops every instance and syncs the logs.
     pub(crate) fn shutdown(&self, checkpoint: bool) -> Result<()> {
-        // It waits for every instance, the caller's own among them.
-        reentry::refuse_inside(self.cluster_id())?;
         if !self.accepting.swap(false, Ordering::SeqCst) {
             // Another shutdown began first: it has ended once this returns.
             let mut stopped = self.stopped.0.lock();

@@ -271,13 +271,14 @@ impl<H: Handler> Cluster<H> {
     /// of this cluster's handlers (or query functions) it is refused with
     /// [`Error::InsideHandler`]: it would wait for the handler's own instance to stop.
     pub fn shutdown(&self) -> Result<()> {
+        // Before anything stops: a handler of this cluster cannot wait for its own
+        // instance to stop. (A drop there still stops the cluster: it waits for that
+        // instance a grace period, then leaves it behind.)
+        reentry::refuse_inside(self.shared.cluster_id())?;
         self.stop(true)
     }
 
     fn stop(&self, checkpoint: bool) -> Result<()> {
-        // Before anything stops: a handler of this cluster cannot wait for its own
-        // instance to stop.
-        reentry::refuse_inside(self.shared.cluster_id())?;
         if let Some(mut s) = self.supervisor.lock().take() {
             s.stop();
         }
