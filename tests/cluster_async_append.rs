@@ -904,3 +904,48 @@ fn an_async_batch_polled_again_during_the_same_change_does_not_block() {
          {ready}); the first took {first:?}"
     );
 }
+
+/// A slow launch (an instance being added) held the instance's `running` lock, and the
+/// supervisor's tick took it under the routing lock, which every routing needs: a batch
+/// future's first poll a few ticks into the launch blocked until the launch ended. The
+/// tick no longer waits for a launch.
+#[test]
+fn a_batch_polled_during_a_slow_launch_does_not_block() {
+    let holding = Arc::new(AtomicBool::new(false));
+    let release = Arc::new(AtomicBool::new(false));
+    let cluster = Arc::new(
+        Cluster::builder(Counter)
+            .in_memory()
+            .instances(2)
+            .launcher(HeldLaunches {
+                free: 2,
+                launched: AtomicUsize::new(0),
+                holding: holding.clone(),
+                release: release.clone(),
+            })
+            .build()
+            .unwrap(),
+    );
+    let client = cluster.client();
+    let adding = {
+        let cluster = cluster.clone();
+        std::thread::spawn(move || cluster.add_instance(1).unwrap())
+    };
+    common::wait_for(&holding, Duration::from_secs(10));
+    assert!(holding.load(Ordering::SeqCst));
+    // A few supervisor ticks (20 ms apart by default) into the launch.
+    std::thread::sleep(Duration::from_millis(100));
+    let batch = client.submit_batch_async([("a1", 1), ("a2", 2), ("a3", 3)]);
+    let (polled, took) = poll_within(batch, Duration::from_secs(2));
+    release.store(true, Ordering::SeqCst);
+    let (batch, _) = polled.join().unwrap();
+    adding.join().unwrap();
+    assert!(took.is_some(), "the poll blocked for the launch");
+    let answers: Vec<u64> = block_on(batch)
+        .unwrap()
+        .into_iter()
+        .map(|p| p.wait().unwrap())
+        .collect();
+    assert_eq!(answers, [1, 2, 3]);
+    cluster.shutdown().unwrap();
+}

@@ -113,8 +113,10 @@ impl std::ops::DerefMut for Exclusive<'_> {
 
 impl Drop for Exclusive<'_> {
     fn drop(&mut self) {
-        self.guards.clear();
+        // Counted ended before the stripes go: a batch that finds one taken by the next
+        // change then knows a change ended since it began to wait.
         self.changes.ended.fetch_add(1, Ordering::SeqCst);
+        self.guards.clear();
         self.changes.under_way.fetch_sub(1, Ordering::SeqCst);
         let waiting = std::mem::take(&mut *self.changes.waiting.lock());
         waiting.into_iter().for_each(std::task::Waker::wake);
@@ -1566,9 +1568,10 @@ impl<H: Handler> Shared<H> {
     /// For one change only: a batch over many stripes, woken when a change ends, races
     /// the next change for the same stripes in the same order, and loses while changes
     /// follow each other (a loop of them kept one out for good). So once a change has
-    /// ended since it began to wait, a change that holds its stripes is waited for in
-    /// the poll, in the stripes' queue, as a blocking batch does. (Polled again before
-    /// the change it waits for ends, it waits as a future again.)
+    /// ended since it began to wait, the change that holds its stripes then (one that
+    /// was queued for them already, or a new one) is waited for in the poll, in the
+    /// stripes' queue, as a blocking batch does. (Polled again before the change it
+    /// waits for ends, it waits as a future again.)
     fn lock_stripes(
         &self,
         hashes: &[u64],
@@ -2608,22 +2611,24 @@ impl<H: Handler> Supervised for Shared<H> {
             return;
         }
         self.watch_queries();
-        // Instances whose loop ended without being told to.
-        let dead: Vec<InstanceId> = self
-            .routing
-            .lock()
-            .instances
-            .values()
-            .filter(|i| i.running.lock().as_ref().is_some_and(|r| r.is_finished()))
-            .map(|i| i.id)
-            .collect();
+        // Instances whose loop ended without being told to. Looked at without the
+        // routing lock, and skipping an instance whose `running` is taken: a launch holds
+        // it (a slow one for as long as it takes), and every submit and future that
+        // routes needs the routing lock meanwhile.
+        let live: Vec<Arc<Inst<H>>> = self.routing.lock().instances.values().cloned().collect();
+        let ended = |i: &Inst<H>| {
+            i.running
+                .try_lock()
+                .is_some_and(|r| r.as_ref().is_some_and(|r| r.is_finished()))
+        };
+        let dead: Vec<InstanceId> = live.iter().filter(|i| ended(i)).map(|i| i.id).collect();
         for id in dead {
             self.lose(id, "its loop ended");
         }
         {
             let mut retiring = self.retiring.lock();
             retiring.retain(|i| {
-                let done = i.running.lock().as_ref().is_some_and(|r| r.is_finished());
+                let done = ended(i);
                 if done {
                     // Counted under the lock that `handled_total` reads it under, so
                     // the requests are counted once, as retiring or as gone.
