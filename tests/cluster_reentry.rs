@@ -321,3 +321,87 @@ fn the_last_handle_dropped_inside_a_handler_still_stops_the_cluster() {
     assert_eq!(total, 1);
     reopened.shutdown().unwrap();
 }
+
+/// A handler that drops the last handle of its cluster, timing the drop.
+struct DropsTimed {
+    me: Arc<OnceLock<std::sync::Weak<Cluster<DropsTimed>>>>,
+    upgraded: Arc<std::sync::Barrier>,
+    outside_dropped: Arc<std::sync::Barrier>,
+    took: Arc<std::sync::Mutex<Option<std::time::Duration>>>,
+}
+
+impl Handler for DropsTimed {
+    type State = u64;
+    type Request = u64;
+    type Response = u64;
+    fn handle(&self, _: &mut Context<'_>, _: &[u8], total: &mut u64, add: u64) -> u64 {
+        if add == 0 {
+            let cluster = self.me.get().and_then(|c| c.upgrade());
+            self.upgraded.wait();
+            self.outside_dropped.wait();
+            let since = std::time::Instant::now();
+            drop(cluster);
+            *self.took.lock().unwrap() = Some(since.elapsed());
+        }
+        *total += add;
+        *total
+    }
+}
+
+/// The same drop while a checkpoint round waits for the handler's instance: leaving the
+/// instance behind gives the round up, so the drop (which joins the round's thread)
+/// returns after about one grace period; it waited for the round's timeout (9.7 s with
+/// a 2 s stall timeout) before.
+#[test]
+fn a_drop_inside_a_handler_during_a_checkpoint_round_returns_after_the_grace_period() {
+    let dir = tempfile::tempdir().unwrap();
+    let me = Arc::new(OnceLock::new());
+    let upgraded = Arc::new(std::sync::Barrier::new(2));
+    let outside_dropped = Arc::new(std::sync::Barrier::new(2));
+    let took = Arc::new(std::sync::Mutex::new(None));
+    let cluster = Arc::new(
+        Cluster::builder(DropsTimed {
+            me: me.clone(),
+            upgraded: upgraded.clone(),
+            outside_dropped: outside_dropped.clone(),
+            took: took.clone(),
+        })
+        .dir(dir.path())
+        .instances(2)
+        .stall_timeout(std::time::Duration::from_secs(2))
+        .checkpoint_every(1)
+        .supervise_every(std::time::Duration::from_millis(10))
+        .build()
+        .unwrap(),
+    );
+    assert!(me.set(Arc::downgrade(&cluster)).is_ok());
+    let client = cluster.client();
+    assert_eq!(client.submit("a", 1).unwrap().wait().unwrap(), 1);
+    std::thread::sleep(std::time::Duration::from_millis(200));
+    let home = cluster.owner_of("a").unwrap();
+    let other = (0..1000)
+        .map(|i| format!("b{i}"))
+        .find(|k| cluster.owner_of(k).is_some_and(|o| o != home))
+        .unwrap();
+    let pending = client.submit("a", 0).unwrap();
+    upgraded.wait();
+    // Handled elsewhere: a checkpoint falls due, its round waits for "a"'s instance.
+    client.submit(&other, 1).unwrap().wait().unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    drop(cluster);
+    outside_dropped.wait();
+    drop(pending.wait());
+    drop(client);
+    let since = std::time::Instant::now();
+    while took.lock().unwrap().is_none() && since.elapsed() < std::time::Duration::from_secs(60) {
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    let took = took
+        .lock()
+        .unwrap()
+        .expect("the drop never returned within 60 s");
+    assert!(
+        took < std::time::Duration::from_secs(5),
+        "the drop inside the handler took {took:?} (grace 2 s): it waited out the checkpoint round"
+    );
+}

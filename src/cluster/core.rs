@@ -2550,6 +2550,12 @@ impl<H: Handler> Shared<H> {
                 } else {
                     tracing::warn!(instance = %inst.id, "instance did not stop in time; leaving it");
                     leave_behind(&inst);
+                    // A checkpoint round still waiting for its part (the drop of the
+                    // cluster's last handle inside its handler waits for the round's
+                    // thread) gives up now, not at its timeout.
+                    if let Some(round) = self.round.lock().as_ref() {
+                        round.abandon_if_waiting_for(inst.id);
+                    }
                     break;
                 }
             }
