@@ -95,6 +95,16 @@ fn poll_once<F>(fut: F) -> (F, bool)
 where
     F: Future + Unpin + Send + 'static,
 {
+    let (polled, took) = poll_within(fut, Duration::from_secs(10));
+    assert!(took.is_some(), "a poll blocked on the append");
+    polled.join().unwrap()
+}
+
+/// Polls on a thread of its own; `None` if the poll did not return within `limit`.
+fn poll_within<F>(fut: F, limit: Duration) -> (std::thread::JoinHandle<(F, bool)>, Option<Duration>)
+where
+    F: Future + Unpin + Send + 'static,
+{
     let polled = std::thread::spawn(move || {
         let mut fut = fut;
         let waker = Waker::from(Arc::new(Noop));
@@ -105,13 +115,12 @@ where
     });
     let since = Instant::now();
     while !polled.is_finished() {
-        assert!(
-            since.elapsed() < Duration::from_secs(10),
-            "a poll blocked on the append"
-        );
+        if since.elapsed() > limit {
+            return (polled, None);
+        }
         std::thread::sleep(Duration::from_millis(1));
     }
-    polled.join().unwrap()
+    (polled, Some(since.elapsed()))
 }
 
 fn gated(append_threads: usize) -> (Cluster<Counter>, Arc<Gate>) {
@@ -830,34 +839,13 @@ fn an_async_batch_gets_in_during_a_scale_out() {
     );
 }
 
-/// Polls on a thread of its own; `None` if the poll did not return within `limit`.
-fn poll_within<F>(fut: F, limit: Duration) -> (std::thread::JoinHandle<(F, bool)>, Option<Duration>)
-where
-    F: Future + Unpin + Send + 'static,
-{
-    let polled = std::thread::spawn(move || {
-        let mut fut = fut;
-        let waker = Waker::from(Arc::new(Noop));
-        let ready = Pin::new(&mut fut)
-            .poll(&mut TaskContext::from_waker(&waker))
-            .is_ready();
-        (fut, ready)
-    });
-    let since = Instant::now();
-    while !polled.is_finished() {
-        if since.elapsed() > limit {
-            return (polled, None);
-        }
-        std::thread::sleep(Duration::from_millis(1));
-    }
-    (polled, Some(since.elapsed()))
-}
-
-/// An async batch polled again while the change it waits for is still under way (a
-/// spurious wake, a `select!` sibling) waits as a future again: it blocked its poll until
-/// the change ended when the batch counted as having waited from its first `Pending`.
-#[test]
-fn an_async_batch_polled_again_during_the_same_change_does_not_block() {
+/// A cluster of two whose third instance is being added on a thread of its own, its
+/// launch held (every stripe held by the change) until the flag returned is set.
+fn adding_an_instance_held_in_its_launch() -> (
+    Arc<Cluster<Counter>>,
+    std::thread::JoinHandle<cauce::router::InstanceId>,
+    Arc<AtomicBool>,
+) {
     let holding = Arc::new(AtomicBool::new(false));
     let release = Arc::new(AtomicBool::new(false));
     let cluster = Arc::new(
@@ -873,13 +861,22 @@ fn an_async_batch_polled_again_during_the_same_change_does_not_block() {
             .build()
             .unwrap(),
     );
-    let client = cluster.client();
-    let adder = {
+    let adding = {
         let cluster = cluster.clone();
         std::thread::spawn(move || cluster.add_instance(1).unwrap())
     };
     common::wait_for(&holding, Duration::from_secs(10));
-    assert!(holding.load(Ordering::SeqCst));
+    assert!(holding.load(Ordering::SeqCst), "the launch began");
+    (cluster, adding, release)
+}
+
+/// An async batch polled again while the change it waits for is still under way (a
+/// spurious wake, a `select!` sibling) waits as a future again: it blocked its poll until
+/// the change ended when the batch counted as having waited from its first `Pending`.
+#[test]
+fn an_async_batch_polled_again_during_the_same_change_does_not_block() {
+    let (cluster, adder, release) = adding_an_instance_held_in_its_launch();
+    let client = cluster.client();
     let batch = client.submit_batch_async([("a1", 1), ("a2", 2), ("a3", 3)]);
     // First poll: the change holds the stripes; waits for it as a future.
     let (polled, took) = poll_within(batch, Duration::from_secs(2));
@@ -911,28 +908,8 @@ fn an_async_batch_polled_again_during_the_same_change_does_not_block() {
 /// tick no longer waits for a launch.
 #[test]
 fn a_batch_polled_during_a_slow_launch_does_not_block() {
-    let holding = Arc::new(AtomicBool::new(false));
-    let release = Arc::new(AtomicBool::new(false));
-    let cluster = Arc::new(
-        Cluster::builder(Counter)
-            .in_memory()
-            .instances(2)
-            .launcher(HeldLaunches {
-                free: 2,
-                launched: AtomicUsize::new(0),
-                holding: holding.clone(),
-                release: release.clone(),
-            })
-            .build()
-            .unwrap(),
-    );
+    let (cluster, adding, release) = adding_an_instance_held_in_its_launch();
     let client = cluster.client();
-    let adding = {
-        let cluster = cluster.clone();
-        std::thread::spawn(move || cluster.add_instance(1).unwrap())
-    };
-    common::wait_for(&holding, Duration::from_secs(10));
-    assert!(holding.load(Ordering::SeqCst));
     // A few supervisor ticks (20 ms apart by default) into the launch.
     std::thread::sleep(Duration::from_millis(100));
     let batch = client.submit_batch_async([("a1", 1), ("a2", 2), ("a3", 3)]);

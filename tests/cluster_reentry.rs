@@ -3,7 +3,8 @@
 //! instance (a stall, then the request run again, submitting again). Another cluster is
 //! not its own: a handler may call it through `Context::call`.
 
-use std::sync::{Arc, OnceLock};
+use std::sync::{Arc, Barrier, Mutex, OnceLock, Weak};
+use std::time::{Duration, Instant};
 
 use cauce::Error;
 use cauce::cluster::{Client, Cluster, Context, Handler};
@@ -182,8 +183,8 @@ fn the_refusal_says_what_to_do() {
 
 /// Holds a way to its own cluster and shuts it down from inside a request of 0.
 struct Stops {
-    me: Arc<OnceLock<std::sync::Weak<Cluster<Stops>>>>,
-    answer: Arc<std::sync::Mutex<Option<cauce::Result<()>>>>,
+    me: Arc<OnceLock<Weak<Cluster<Stops>>>>,
+    answer: Arc<Mutex<Option<cauce::Result<()>>>>,
 }
 
 impl Handler for Stops {
@@ -208,7 +209,7 @@ impl Handler for Stops {
 #[test]
 fn a_handler_that_shuts_its_own_cluster_down_is_refused() {
     let me = Arc::new(OnceLock::new());
-    let answer = Arc::new(std::sync::Mutex::new(None));
+    let answer = Arc::new(Mutex::new(None));
     let cluster = Arc::new(
         Cluster::builder(Stops {
             me: me.clone(),
@@ -216,7 +217,7 @@ fn a_handler_that_shuts_its_own_cluster_down_is_refused() {
         })
         .in_memory()
         .instances(1)
-        .stall_timeout(std::time::Duration::from_secs(2))
+        .stall_timeout(Duration::from_secs(2))
         .build()
         .unwrap(),
     );
@@ -230,15 +231,50 @@ fn a_handler_that_shuts_its_own_cluster_down_is_refused() {
         "{refused:?}"
     );
     assert_eq!(client.submit("a", 2).unwrap().wait().unwrap(), 3);
-    let since = std::time::Instant::now();
+    let since = Instant::now();
     cluster.shutdown().unwrap();
-    assert!(since.elapsed() < std::time::Duration::from_secs(1));
+    assert!(since.elapsed() < Duration::from_secs(1));
 }
 
+/// On a request of 0, upgrades its weak reference to its own cluster, lets the test drop
+/// the other handles (`upgraded`, then `outside_dropped`), and drops the last one itself,
+/// timing that drop.
 struct Drops {
-    me: Arc<OnceLock<std::sync::Weak<Cluster<Drops>>>>,
-    upgraded: Arc<std::sync::Barrier>,
-    outside_dropped: Arc<std::sync::Barrier>,
+    me: Arc<OnceLock<Weak<Cluster<Drops>>>>,
+    upgraded: Arc<Barrier>,
+    outside_dropped: Arc<Barrier>,
+    took: Arc<Mutex<Option<Duration>>>,
+}
+
+impl Drops {
+    /// One whose barriers the test meets too.
+    fn new() -> Drops {
+        Drops {
+            me: Arc::new(OnceLock::new()),
+            upgraded: Arc::new(Barrier::new(2)),
+            outside_dropped: Arc::new(Barrier::new(2)),
+            took: Arc::new(Mutex::new(None)),
+        }
+    }
+
+    fn handles(&self) -> Drops {
+        Drops {
+            me: self.me.clone(),
+            upgraded: self.upgraded.clone(),
+            outside_dropped: self.outside_dropped.clone(),
+            took: self.took.clone(),
+        }
+    }
+
+    /// Drops `cluster`, this handler's only handle outside, while the request `pending`
+    /// holds the last one inside the handler; returns once the handler has dropped it.
+    fn drop_inside(&self, cluster: Arc<Cluster<Drops>>, pending: cauce::client::Pending<u64>) {
+        self.upgraded.wait();
+        drop(cluster);
+        self.outside_dropped.wait();
+        // Its own instance was left behind by the stop it ran in: answered or not.
+        drop(pending.wait());
+    }
 }
 
 impl Handler for Drops {
@@ -247,12 +283,14 @@ impl Handler for Drops {
     type Response = u64;
 
     fn handle(&self, _: &mut Context<'_>, _: &[u8], total: &mut u64, add: u64) -> u64 {
-        if add == 0 {
-            let cluster = self.me.get().and_then(|c| c.upgrade());
+        // (A cluster opened again replays this request with no reference to take.)
+        if let Some(cluster) = self.me.get().and_then(|c| c.upgrade()).filter(|_| add == 0) {
             self.upgraded.wait();
             self.outside_dropped.wait();
             // The last handle: its drop runs here.
+            let since = Instant::now();
             drop(cluster);
+            *self.took.lock().unwrap() = Some(since.elapsed());
         }
         *total += add;
         *total
@@ -266,47 +304,32 @@ impl Handler for Drops {
 #[test]
 fn the_last_handle_dropped_inside_a_handler_still_stops_the_cluster() {
     let dir = tempfile::tempdir().unwrap();
-    let me = Arc::new(OnceLock::new());
-    let upgraded = Arc::new(std::sync::Barrier::new(2));
-    let outside_dropped = Arc::new(std::sync::Barrier::new(2));
+    let drops = Drops::new();
     let cluster = Arc::new(
-        Cluster::builder(Drops {
-            me: me.clone(),
-            upgraded: upgraded.clone(),
-            outside_dropped: outside_dropped.clone(),
-        })
-        .dir(dir.path())
-        .instances(1)
-        .stall_timeout(std::time::Duration::from_secs(2))
-        .build()
-        .unwrap(),
+        Cluster::builder(drops.handles())
+            .dir(dir.path())
+            .instances(1)
+            .stall_timeout(Duration::from_secs(2))
+            .build()
+            .unwrap(),
     );
-    assert!(me.set(Arc::downgrade(&cluster)).is_ok());
+    assert!(drops.me.set(Arc::downgrade(&cluster)).is_ok());
     let client = cluster.client();
     assert_eq!(client.submit("a", 1).unwrap().wait().unwrap(), 1);
     let pending = client.submit("a", 0).unwrap();
-    upgraded.wait();
-    drop(cluster);
-    outside_dropped.wait();
-    // Its own instance was left behind by the stop it ran in: answered or not.
-    drop(pending.wait());
+    drops.drop_inside(cluster, pending);
     drop(client);
     // The directory is released once the cluster stopped: open it again.
-    let since = std::time::Instant::now();
+    let since = Instant::now();
     let reopened = loop {
-        let me2 = Arc::new(OnceLock::new());
-        let r = Cluster::builder(Drops {
-            me: me2,
-            upgraded: Arc::new(std::sync::Barrier::new(1)),
-            outside_dropped: Arc::new(std::sync::Barrier::new(1)),
-        })
-        .dir(dir.path())
-        .instances(1)
-        .build();
+        let r = Cluster::builder(Drops::new())
+            .dir(dir.path())
+            .instances(1)
+            .build();
         match r {
             Ok(c) => break Ok(c),
-            Err(e) if since.elapsed() > std::time::Duration::from_secs(10) => break Err(e),
-            Err(_) => std::thread::sleep(std::time::Duration::from_millis(50)),
+            Err(e) if since.elapsed() > Duration::from_secs(10) => break Err(e),
+            Err(_) => std::thread::sleep(Duration::from_millis(50)),
         }
     };
     let reopened = reopened.unwrap_or_else(|e| {
@@ -322,32 +345,6 @@ fn the_last_handle_dropped_inside_a_handler_still_stops_the_cluster() {
     reopened.shutdown().unwrap();
 }
 
-/// A handler that drops the last handle of its cluster, timing the drop.
-struct DropsTimed {
-    me: Arc<OnceLock<std::sync::Weak<Cluster<DropsTimed>>>>,
-    upgraded: Arc<std::sync::Barrier>,
-    outside_dropped: Arc<std::sync::Barrier>,
-    took: Arc<std::sync::Mutex<Option<std::time::Duration>>>,
-}
-
-impl Handler for DropsTimed {
-    type State = u64;
-    type Request = u64;
-    type Response = u64;
-    fn handle(&self, _: &mut Context<'_>, _: &[u8], total: &mut u64, add: u64) -> u64 {
-        if add == 0 {
-            let cluster = self.me.get().and_then(|c| c.upgrade());
-            self.upgraded.wait();
-            self.outside_dropped.wait();
-            let since = std::time::Instant::now();
-            drop(cluster);
-            *self.took.lock().unwrap() = Some(since.elapsed());
-        }
-        *total += add;
-        *total
-    }
-}
-
 /// The same drop while a checkpoint round waits for the handler's instance: leaving the
 /// instance behind gives the round up, so the drop (which joins the round's thread)
 /// returns after about one grace period; it waited for the round's timeout (9.7 s with
@@ -355,53 +352,46 @@ impl Handler for DropsTimed {
 #[test]
 fn a_drop_inside_a_handler_during_a_checkpoint_round_returns_after_the_grace_period() {
     let dir = tempfile::tempdir().unwrap();
-    let me = Arc::new(OnceLock::new());
-    let upgraded = Arc::new(std::sync::Barrier::new(2));
-    let outside_dropped = Arc::new(std::sync::Barrier::new(2));
-    let took = Arc::new(std::sync::Mutex::new(None));
+    let drops = Drops::new();
     let cluster = Arc::new(
-        Cluster::builder(DropsTimed {
-            me: me.clone(),
-            upgraded: upgraded.clone(),
-            outside_dropped: outside_dropped.clone(),
-            took: took.clone(),
-        })
-        .dir(dir.path())
-        .instances(2)
-        .stall_timeout(std::time::Duration::from_secs(2))
-        .checkpoint_every(1)
-        .supervise_every(std::time::Duration::from_millis(10))
-        .build()
-        .unwrap(),
+        Cluster::builder(drops.handles())
+            .dir(dir.path())
+            .instances(2)
+            .stall_timeout(Duration::from_secs(2))
+            .checkpoint_every(1)
+            .supervise_every(Duration::from_millis(10))
+            .build()
+            .unwrap(),
     );
-    assert!(me.set(Arc::downgrade(&cluster)).is_ok());
+    assert!(drops.me.set(Arc::downgrade(&cluster)).is_ok());
     let client = cluster.client();
     assert_eq!(client.submit("a", 1).unwrap().wait().unwrap(), 1);
-    std::thread::sleep(std::time::Duration::from_millis(200));
+    std::thread::sleep(Duration::from_millis(200));
     let home = cluster.owner_of("a").unwrap();
     let other = (0..1000)
         .map(|i| format!("b{i}"))
         .find(|k| cluster.owner_of(k).is_some_and(|o| o != home))
         .unwrap();
     let pending = client.submit("a", 0).unwrap();
-    upgraded.wait();
+    drops.upgraded.wait();
     // Handled elsewhere: a checkpoint falls due, its round waits for "a"'s instance.
     client.submit(&other, 1).unwrap().wait().unwrap();
-    std::thread::sleep(std::time::Duration::from_millis(300));
+    std::thread::sleep(Duration::from_millis(300));
     drop(cluster);
-    outside_dropped.wait();
+    drops.outside_dropped.wait();
     drop(pending.wait());
     drop(client);
-    let since = std::time::Instant::now();
-    while took.lock().unwrap().is_none() && since.elapsed() < std::time::Duration::from_secs(60) {
-        std::thread::sleep(std::time::Duration::from_millis(10));
+    let since = Instant::now();
+    while drops.took.lock().unwrap().is_none() && since.elapsed() < Duration::from_secs(60) {
+        std::thread::sleep(Duration::from_millis(10));
     }
-    let took = took
+    let took = drops
+        .took
         .lock()
         .unwrap()
         .expect("the drop never returned within 60 s");
     assert!(
-        took < std::time::Duration::from_secs(5),
+        took < Duration::from_secs(5),
         "the drop inside the handler took {took:?} (grace 2 s): it waited out the checkpoint round"
     );
 }

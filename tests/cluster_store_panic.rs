@@ -161,52 +161,13 @@ impl Store for SyncPanics {
     fn append(&self, batch: &[cauce::Entry<'_>]) -> cauce::Result<std::ops::Range<u64>> {
         self.live.append(batch)
     }
-    fn read_from(&self, from: u64) -> cauce::Result<cauce::store::RecordIter> {
-        self.live.read_from(from)
-    }
-    fn replay_from(
-        &self,
-        from: u64,
-        f: &mut dyn FnMut(u64, cauce::Entry<'_>),
-    ) -> cauce::Result<u64> {
-        self.live.replay_from(from, f)
-    }
-    fn start_offset(&self) -> u64 {
-        self.live.start_offset()
-    }
-    fn next_offset(&self) -> u64 {
-        self.live.next_offset()
-    }
-    fn wait_for(&self, offset: u64, timeout: Option<Duration>) -> u64 {
-        self.live.wait_for(offset, timeout)
-    }
-    fn wake_waiters(&self) {
-        self.live.wake_waiters()
-    }
     fn sync(&self) -> cauce::Result<()> {
         if self.panics.load(Ordering::SeqCst) {
             panic!("the store's sync failed");
         }
         self.live.sync()
     }
-    fn truncate_before(&self, offset: u64) -> cauce::Result<()> {
-        self.live.truncate_before(offset)
-    }
-    fn compact(&self) -> cauce::Result<cauce::store::Compaction> {
-        self.live.compact()
-    }
-    fn commit_cursor(&self, name: &str, offset: u64) -> cauce::Result<()> {
-        self.live.commit_cursor(name, offset)
-    }
-    fn cursor(&self, name: &str) -> cauce::Result<Option<u64>> {
-        self.live.cursor(name)
-    }
-    fn save_snapshot(&self, name: &str, offset: u64, blob: &[u8]) -> cauce::Result<()> {
-        self.live.save_snapshot(name, offset, blob)
-    }
-    fn latest_snapshot(&self, name: &str) -> cauce::Result<Option<cauce::store::Snapshot>> {
-        self.live.latest_snapshot(name)
-    }
+    common::forward_store_but_append!(live, but sync);
 }
 
 /// A shutdown whose store panics in its final sync: the panic reaches the caller, and a

@@ -170,7 +170,15 @@ impl<H: Handler> Routed<H> {
 /// An instance of the cluster of handler `H`.
 type Inst<H> = Instance<<H as Handler>::State, <H as Handler>::Response>;
 
-impl Room<'_, '_> {
+impl<'w> Room<'_, 'w> {
+    /// The context of a poll, if this is one.
+    fn context(&mut self) -> Option<&mut std::task::Context<'w>> {
+        match self {
+            Room::Poll(cx) => Some(cx),
+            Room::Wait | Room::Refuse => None,
+        }
+    }
+
     /// Waits, as this submit may, for room in the full queue of `inst`: `Ok(true)` once
     /// it took a permit, `Ok(false)` if the instance retired meanwhile (route again),
     /// [`Error::Busy`] when refusing, `Pending` (holding no permit, the waker woken at
@@ -666,6 +674,25 @@ impl<H: Handler> Shared<H> {
         }
     }
 
+    /// `stripe`'s lock. Without `cx`, waited for. With one (a future's poll), tried
+    /// first: where a membership change holds it, the future waits for the change as a
+    /// future (`Pending`, `cx` woken when it ends); with no change under way the holder
+    /// is a submit appending, and it is waited for.
+    fn poll_stripe<'a>(
+        &self,
+        stripe: &'a Mutex<Holders>,
+        cx: Option<&mut std::task::Context<'_>>,
+    ) -> Poll<MutexGuard<'a, Holders>> {
+        let Some(cx) = cx else {
+            return Poll::Ready(stripe.lock());
+        };
+        if let Some(guard) = stripe.try_lock() {
+            return Poll::Ready(guard);
+        }
+        ready!(self.poll_changes_over(cx));
+        Poll::Ready(stripe.lock())
+    }
+
     /// `Ready` when no membership change is under way; otherwise `Pending`, `cx` woken
     /// when one ends. For a future that found its stripe taken (which a change does),
     /// or routing half changed (which only a change shows), and must not wait on a
@@ -1027,23 +1054,11 @@ impl<H: Handler> Shared<H> {
         }
         let stripe = &self.stripes[stripe_of_hash(hash)];
         loop {
-            let mut holders = match room {
-                // A future does not wait in its poll for a membership change, which
-                // holds every stripe: it waits as a future, woken when the change ends.
-                // (Otherwise the stripe's holder is another submit, appending.)
-                Room::Poll(cx) => match stripe.try_lock() {
-                    Some(holders) => holders,
-                    None => match self.poll_changes_over(cx) {
-                        Poll::Ready(()) => stripe.lock(),
-                        Poll::Pending => {
-                            if let Some(p) = permit {
-                                p.permits.release();
-                            }
-                            return Poll::Pending;
-                        }
-                    },
-                },
-                Room::Wait | Room::Refuse => stripe.lock(),
+            let Poll::Ready(mut holders) = self.poll_stripe(stripe, room.context()) else {
+                if let Some(p) = permit {
+                    p.permits.release();
+                }
+                return Poll::Pending;
             };
             if !self.accepting.load(Ordering::SeqCst) {
                 if let Some(p) = permit {
@@ -1166,18 +1181,7 @@ impl<H: Handler> Shared<H> {
                     // replacement). A change holds every stripe: under the key's, route
                     // again.
                     let stripe = &self.stripes[stripe_of_hash(hash)];
-                    let guard = match room {
-                        // A future waits for a change under way as a future (woken when
-                        // it ends); with none, the stripe's holder is a submit's append.
-                        Room::Poll(cx) => match stripe.try_lock() {
-                            Some(guard) => guard,
-                            None => {
-                                ready!(self.poll_changes_over(cx));
-                                stripe.lock()
-                            }
-                        },
-                        Room::Wait | Room::Refuse => stripe.lock(),
-                    };
+                    let guard = ready!(self.poll_stripe(stripe, room.context()));
                     let dest = route();
                     drop(guard);
                     match dest {
@@ -1755,19 +1759,7 @@ impl<H: Handler> Shared<H> {
             if *unroutable_at == Some(routed.epoch) {
                 return Poll::Ready(Err(Error::NoInstance));
             }
-            match cx {
-                // Appender threads hold stripes through their appends (fdatasyncs), and
-                // a change holds them all: a future polled on an executor's thread waits
-                // for a change under way as a future, woken when it ends.
-                Some(cx) => match self.stripes[0].try_lock() {
-                    Some(guard) => drop(guard),
-                    None => {
-                        ready!(self.poll_changes_over(cx));
-                        drop(self.stripes[0].lock());
-                    }
-                },
-                _ => drop(self.stripes[0].lock()),
-            }
+            drop(ready!(self.poll_stripe(&self.stripes[0], cx)));
             *unroutable_at = Some(routed.epoch);
             return Poll::Ready(Ok(None));
         }

@@ -384,11 +384,17 @@ impl Store for Unreadable {
 }
 
 /// Inside an `impl Store for T` that writes its own `append`: every other method, passed
-/// to the `Store` in field `$live` of `T`. (Not every test file that shares this module
-/// uses it.)
+/// to the `Store` in field `$live` of `T`; `(live, but sync)` leaves out `sync` too. (Not
+/// every test file that shares this module uses it.)
 #[allow(unused_macros)]
 macro_rules! forward_store_but_append {
     ($live:ident) => {
+        crate::common::forward_store_but_append!($live, but sync);
+        fn sync(&self) -> cauce::Result<()> {
+            self.$live.sync()
+        }
+    };
+    ($live:ident, but sync) => {
         fn read_from(&self, from: u64) -> cauce::Result<cauce::store::RecordIter> {
             self.$live.read_from(from)
         }
@@ -410,9 +416,6 @@ macro_rules! forward_store_but_append {
         }
         fn wake_waiters(&self) {
             self.$live.wake_waiters()
-        }
-        fn sync(&self) -> cauce::Result<()> {
-            self.$live.sync()
         }
         fn truncate_before(&self, offset: u64) -> cauce::Result<()> {
             self.$live.truncate_before(offset)
