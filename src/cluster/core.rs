@@ -32,7 +32,7 @@ use super::instance::{
 };
 use super::metrics::{InstanceMetrics, Metrics};
 use super::owned::OwnedLog;
-use super::placement::{self, Holders, Moves, Routing};
+use super::placement::{self, Moves, Routing, Stripe};
 use super::query::{self, Ask, Asked};
 use super::reentry;
 use crate::client::{Pending, Responder, pending};
@@ -79,7 +79,7 @@ type BatchLogged<H> = Result<Option<Vec<Pending<<H as Handler>::Response>>>>;
 /// ascending order, and the guards in the same order.
 struct Stripes<'a> {
     order: Vec<usize>,
-    guards: Vec<MutexGuard<'a, Holders>>,
+    guards: Vec<MutexGuard<'a, Stripe>>,
 }
 
 /// Membership changes under way, and who waits for them to end.
@@ -94,12 +94,12 @@ struct Changes {
 /// Every stripe lock, held by a membership change (see [`Shared::exclusive`]). Dropped,
 /// it gives them back, then wakes the futures waiting for the change to end.
 struct Exclusive<'a> {
-    guards: Vec<MutexGuard<'a, Holders>>,
+    guards: Vec<MutexGuard<'a, Stripe>>,
     changes: &'a Changes,
 }
 
 impl<'a> std::ops::Deref for Exclusive<'a> {
-    type Target = [MutexGuard<'a, Holders>];
+    type Target = [MutexGuard<'a, Stripe>];
     fn deref(&self) -> &Self::Target {
         &self.guards
     }
@@ -269,7 +269,7 @@ pub(crate) struct Shared<H: Handler> {
     placement_epoch: AtomicU64,
     /// The stripe locks, each guarding the holders of its keys. Cache-line padded: two
     /// submitters on different stripes must not share a line.
-    stripes: Box<[CachePadded<Mutex<Holders>>]>,
+    stripes: Box<[CachePadded<Mutex<Stripe>>]>,
     /// Membership changes under way (holding or taking every stripe; see
     /// [`Shared::exclusive`]), and the futures to wake when one ends.
     changes: Changes,
@@ -524,7 +524,7 @@ impl<H: Handler> Shared<H> {
             placement,
             instances: BTreeMap::new(),
         };
-        let mut stripes: Vec<CachePadded<Mutex<Holders>>> =
+        let mut stripes: Vec<CachePadded<Mutex<Stripe>>> =
             (0..STRIPES).map(|_| CachePadded::default()).collect();
         let recovered = recover(&*input, options.rebuild_from_log)?;
         // A `State` type changed since the checkpoint was taken would make every key
@@ -659,11 +659,12 @@ impl<H: Handler> Shared<H> {
         reentry::cluster_of(&*self.handler)
     }
 
-    fn stripe(&self, key: &[u8]) -> &Mutex<Holders> {
+    fn stripe(&self, key: &[u8]) -> &Mutex<Stripe> {
         &self.stripes[stripe_of(key)]
     }
 
-    /// Holds every stripe: no request is between its append and its queue. Counted as
+    /// Holds every stripe: no request is between its append and its queue (though some
+    /// may still wait to be durable: see [`Stripe::appended_end`]). Counted as
     /// a change under way from before the first stripe is taken until after the last
     /// is given back.
     fn exclusive(&self) -> Exclusive<'_> {
@@ -680,9 +681,9 @@ impl<H: Handler> Shared<H> {
     /// is a submit appending, and it is waited for.
     fn poll_stripe<'a>(
         &self,
-        stripe: &'a Mutex<Holders>,
+        stripe: &'a Mutex<Stripe>,
         cx: Option<&mut std::task::Context<'_>>,
-    ) -> Poll<MutexGuard<'a, Holders>> {
+    ) -> Poll<MutexGuard<'a, Stripe>> {
         let Some(cx) = cx else {
             return Poll::Ready(stripe.lock());
         };
@@ -720,7 +721,7 @@ impl<H: Handler> Shared<H> {
     /// caller holds every stripe (`_all`, from [`exclusive`](Self::exclusive)).
     fn change_placement(
         &self,
-        _all: &[MutexGuard<'_, Holders>],
+        _all: &[MutexGuard<'_, Stripe>],
         change: impl FnOnce(&mut dyn placement::Placement) -> Result<()>,
     ) -> Result<()> {
         let mut routing = self.routing.lock();
@@ -1111,10 +1112,15 @@ impl<H: Handler> Shared<H> {
             // The key's holder before this request: `None` if it had none.
             let before = placement::hold(&mut holders, key, dest.id);
             let moved_from = before.filter(|&h| h != dest.id);
+            // Deferred: the wait for the disk (an fdatasync under `SyncPolicy::Always`)
+            // comes after the stripe lock is released, so that the submits of one stripe
+            // (a hot key's) share a group commit instead of syncing one after another.
+            // The request is queued before it is durable; its instance waits for that
+            // before handling it (see `instance::handle`).
             let appended = unwinding_undoes(
                 || {
                     self.input
-                        .append(&[Entry::with_timestamp(timestamp, key, payload)])
+                        .append_deferred(&[Entry::with_timestamp(timestamp, key, payload)])
                 },
                 || {
                     placement::unhold(&mut holders, key, before);
@@ -1129,6 +1135,7 @@ impl<H: Handler> Shared<H> {
                     return Poll::Ready(Err(e));
                 }
             };
+            holders.appended_end = offset + 1;
             if let Some(from) = moved_from {
                 let key = Bytes::copy_from_slice(key);
                 self.move_keys(&Moves::single(from, dest.id, key), offset, None);
@@ -1148,14 +1155,21 @@ impl<H: Handler> Shared<H> {
             if !self.options.linger.is_zero() {
                 pending.set_answerer(dest);
             }
+            drop(holders);
+            // Refused if the log cannot make it durable (a failed write or fdatasync);
+            // its instance, waiting for the same, refuses it too and applies nothing.
+            if let Err(e) = self.input.wait_appended(offset + 1) {
+                return Poll::Ready(Err(e));
+            }
             return Poll::Ready(Ok(Submitted::Logged(pending)));
         }
     }
 
     /// The first step of [`submit_from`](Self::submit_from) with `reserve`: room in the
     /// queue of the instance `key` routes to now. Takes the routing lock only, never the
-    /// key's stripe lock, which an appender thread holds through its append (an
-    /// fdatasync): a future polled on an executor's thread must not wait for that.
+    /// key's stripe lock, which an appender thread holds through its append (which can
+    /// run an fdatasync under `SyncPolicy::Every`): a future polled on an executor's
+    /// thread must not wait for that.
     fn reserve_room(
         &self,
         key: &[u8],
@@ -1367,8 +1381,8 @@ impl<H: Handler> Shared<H> {
         };
         loop {
             // An appender thread (or a blocking submit) holds the key's stripe through
-            // its append, an fdatasync when appends wait for the disk: a poll waits for
-            // it here. Trying the lock and polling again instead never got in on a key
+            // its append (a copy into the log's buffer; an fdatasync for the append that
+            // reaches `SyncPolicy::Every`'s count): a poll waits for it here. Trying the lock and polling again instead never got in on a key
             // that appends kept busy (the lock passes from one appender to the next).
             let holders = stripe.lock();
             if !self.accepting.load(Ordering::SeqCst) {
@@ -1377,8 +1391,9 @@ impl<H: Handler> Shared<H> {
             }
             // Read under the stripe lock: every request of the key before it is queued
             // to the key's holder already, and every later one will be queued after
-            // this query.
-            let at = self.input.next_offset();
+            // this query. (Past the log's visible end if submits under this stripe
+            // still wait for their records to be durable: see `Stripe::appended_end`.)
+            let at = self.input.next_offset().max(holders.appended_end);
             let Some(&holder) = holders.get(key) else {
                 // No request of the key was ever logged: its state is the default one,
                 // read here rather than on an instance.
@@ -1443,14 +1458,14 @@ impl<H: Handler> Shared<H> {
     }
 
     /// [`route_query_again`](Self::route_query_again), with the key's stripe held.
-    fn route_query_locked(&self, holders: &Holders, mut ask: Box<dyn Ask<H::State>>) {
+    fn route_query_locked(&self, holders: &Stripe, mut ask: Box<dyn Ask<H::State>>) {
         if !self.accepting.load(Ordering::SeqCst) {
             return ask.refuse(Error::Closed);
         }
         // Every request of the key logged so far is queued to its holder before this
         // query: a rebuild of the key for it must fold them all, not stop at the offset
         // it was made at (requests refused meanwhile would be lost from the state).
-        ask.set_until(self.input.next_offset());
+        ask.set_until(self.input.next_offset().max(holders.appended_end));
         let dest = holders
             .get(ask.key())
             .and_then(|h| self.routing.lock().instances.get(h).cloned());
@@ -1552,14 +1567,23 @@ impl<H: Handler> Shared<H> {
         // (also when the store panics in its append, to the instances the batch goes to
         // then), so `full` must not give it back again as it is dropped.
         full.taken = 0;
-        Poll::Ready(self.submit_batch_locked(
+        let logged = self.submit_batch_locked(
             items,
             &stamp.hashes,
             payloads,
             &mut full.routed,
             stamp.timestamp,
             stripes,
-        ))
+        );
+        // The stripes are released: wait for the batch to be durable (see `submit_from`).
+        if let Ok(Some(pendings)) = &logged {
+            if let Some(last) = pendings.last() {
+                if let Err(e) = self.input.wait_appended(last.offset() + 1) {
+                    return Poll::Ready(Err(e));
+                }
+            }
+        }
+        Poll::Ready(logged)
     }
 
     /// Every stripe of the keys with `hashes`, locked in ascending order (the order
@@ -1860,13 +1884,19 @@ impl<H: Handler> Shared<H> {
             }
             give_back(batch);
         };
-        let range = match unwinding_undoes(|| self.input.append(&entries), || undo(batch)) {
+        // Deferred, as a single submit's append (see `submit_from`): the caller waits for
+        // the records to be durable once the stripes are released.
+        let range = match unwinding_undoes(|| self.input.append_deferred(&entries), || undo(batch))
+        {
             Ok(range) => range,
             Err(e) => {
                 undo(batch);
                 return Err(e);
             }
         };
+        for i in 0..items.len() {
+            guards[shard_of(i)].appended_end = range.end;
+        }
         for (i, before) in previous.iter().enumerate() {
             if let Some(from) = before.filter(|&h| h != batch.dest(i).id) {
                 let key = Bytes::copy_from_slice(items[i].0.as_ref());
@@ -1980,16 +2010,25 @@ impl<H: Handler> Shared<H> {
 
     // ---- membership ---------------------------------------------------------------
 
+    /// One past the last request logged, with every stripe held (`all`): past the log's
+    /// visible end while submits still wait for their records to be durable (see
+    /// [`Stripe::appended_end`]).
+    fn logged_end(&self, all: &[MutexGuard<'_, Stripe>]) -> Offset {
+        all.iter()
+            .map(|s| s.appended_end)
+            .fold(self.input.next_offset(), Offset::max)
+    }
+
     fn rebalance_and_move(
         &self,
-        all: &mut [MutexGuard<'_, Holders>],
+        all: &mut [MutexGuard<'_, Stripe>],
         relays: Relays<H::State>,
     ) -> Result<()> {
-        let until = self.input.next_offset();
+        let until = self.logged_end(all);
         let moves = self
             .routing
             .lock()
-            .rebalance(all.iter_mut().map(|g| &mut **g));
+            .rebalance(all.iter_mut().map(|g| &mut g.holders));
         self.move_keys(&moves, until, Some(&Arc::new(relays)));
         Ok(())
     }
@@ -2118,7 +2157,7 @@ impl<H: Handler> Shared<H> {
     /// now. Called with every stripe held (`all`), after the keys moved.
     fn left_queries(
         &self,
-        all: &[MutexGuard<'_, Holders>],
+        all: &[MutexGuard<'_, Stripe>],
         inst: &Inst<H>,
         left: &mut Left<H::State, H::Response>,
     ) {
@@ -2252,11 +2291,11 @@ impl<H: Handler> Shared<H> {
     fn checkpoint_within(&self, patience: Patience) -> Result<Offset> {
         let _one = self.checkpointing.lock();
         let round = {
-            let _all = self.exclusive();
+            let all = self.exclusive();
             if self.stopping.load(Ordering::SeqCst) {
                 return Err(Error::Closed);
             }
-            let offset = self.input.next_offset();
+            let offset = self.logged_end(&all);
             if offset == self.checkpoint_offset.load(Ordering::SeqCst) {
                 return Ok(offset);
             }

@@ -461,6 +461,9 @@ pub(crate) fn rebuild<H: Handler, U>(
                     Outcome::Diverged(e) => stop = Some(Err(e)),
                 }
             };
+            // Requests queued before they were durable are not visible before then (see
+            // `Store::append_deferred`): the fold waits for those it must see.
+            input.wait_appended(until)?;
             input.replay_from(start, &mut fold_one)?;
         }
         match stop {

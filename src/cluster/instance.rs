@@ -1414,6 +1414,13 @@ fn handle<H: Handler>(
             shared.answer(offset, result);
         }
     };
+    // Queued before it was durable (its submit waits for that after releasing the key's
+    // stripe: see `Shared::submit_from`), and not handled before it is. A log that
+    // cannot make it durable refuses it here as it refuses its submit.
+    if let Err(e) = shared.input.wait_appended(offset + 1) {
+        answer(Err(e));
+        return None;
+    }
     let Some(body) = fold::request_body(payload.as_slice()) else {
         // Only the cluster queues requests, always tagged; refuse anything else.
         answer(Err(Error::Codec {

@@ -662,10 +662,13 @@ impl<H: Handler> Client<H> {
 
     /// Like [`query`](Client::query), but waits for room in a full queue as a future,
     /// as [`submit_async`](Client::submit_async) does for a request. One wait stays in
-    /// the poll: for an append in progress under the key's stripe lock (with
-    /// [`SyncPolicy::Always`](crate::store::SyncPolicy::Always), one fdatasync, shared
-    /// with the appends in flight). The future resolves to the [`Pending`] answer once
-    /// the query is queued; dropping it before then queues nothing.
+    /// the poll: for an append in progress under the key's stripe lock. That is a copy
+    /// into the log's buffer (a submit waits for its fdatasync under
+    /// [`SyncPolicy::Always`](crate::store::SyncPolicy::Always) after releasing the
+    /// lock), except for the append that reaches
+    /// [`SyncPolicy::Every`](crate::store::SyncPolicy::Every)'s record count, which runs
+    /// its fdatasync there. The future resolves to the [`Pending`] answer once the query
+    /// is queued; dropping it before then queues nothing.
     ///
     /// ```
     /// # use cauce::cluster::{Cluster, Context, Handler};

@@ -84,6 +84,13 @@ impl Store for OwnedLog {
     fn append_waits_for_disk(&self) -> bool {
         self.read(false, |l| l.append_waits_for_disk())
     }
+    fn append_deferred(&self, batch: &[Entry<'_>]) -> Result<Range<Offset>> {
+        self.with(|l| l.append_deferred(batch))
+    }
+    fn wait_appended(&self, end: Offset) -> Result<()> {
+        // Closed, the log was synced as it closed.
+        self.read(Ok(()), |l| l.wait_appended(end))
+    }
     fn sync_until(&self, offset: Offset) -> Result<()> {
         self.with(|l| l.sync_until(offset))
     }

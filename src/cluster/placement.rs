@@ -7,7 +7,7 @@ use bytes::Bytes;
 
 use super::instance::Instance;
 use crate::error::Result;
-use crate::record::Timestamp;
+use crate::record::{Offset, Timestamp};
 use crate::router::{InstanceId, Pick, Sticky};
 use crate::small::Key;
 
@@ -70,6 +70,31 @@ impl Placement for Sticky {
 /// Who holds each key's state: the instance that has it, or will have it once its queued
 /// `Acquire` runs. Sharded by the keys' stripes, each shard guarded by its stripe lock.
 pub(crate) type Holders = HashMap<Key, InstanceId, ahash::RandomState>;
+
+/// What a stripe lock guards: the holders of its keys, and how far the submits under it
+/// have appended to the input log.
+#[derive(Default)]
+pub(crate) struct Stripe {
+    pub(crate) holders: Holders,
+    /// One past the last record appended under this stripe. Submits append with
+    /// `Store::append_deferred` under the lock and wait for the records to be durable
+    /// after it: up to there, records of these keys may be queued to their holders
+    /// without being durable or visible to readers yet.
+    pub(crate) appended_end: Offset,
+}
+
+impl std::ops::Deref for Stripe {
+    type Target = Holders;
+    fn deref(&self) -> &Holders {
+        &self.holders
+    }
+}
+
+impl std::ops::DerefMut for Stripe {
+    fn deref_mut(&mut self) -> &mut Holders {
+        &mut self.holders
+    }
+}
 
 /// Makes `to` the holder of `key`; returns the holder it had, if any.
 pub(crate) fn hold(holders: &mut Holders, key: &[u8], to: InstanceId) -> Option<InstanceId> {

@@ -59,6 +59,7 @@ pub fn run_all<F: Fixture>(fixture: &mut F) {
     large_and_empty_records_round_trip(fixture);
     oversized_records_are_refused_with_their_batch(fixture);
     replay_gives_the_records_read_gives(fixture);
+    deferred_appends_are_appends_once_waited_for(fixture);
 }
 
 fn key(i: u64) -> Vec<u8> {
@@ -596,4 +597,66 @@ pub fn replay_gives_the_records_read_gives<F: Fixture>(fixture: &mut F) {
         store.replay_from(201, &mut |_, _| {}),
         Err(Error::OffsetOutOfRange { .. })
     ));
+}
+
+/// `append_deferred` gives offsets as `append` does, from any number of threads at once;
+/// once `wait_appended` returned for a batch's end, its records read back as written
+/// (and survive a reopen); an offset never appended is not waited for.
+pub fn deferred_appends_are_appends_once_waited_for<F: Fixture>(fixture: &mut F) {
+    let store = fixture.create();
+    append_numbered(&store, 0..3);
+    let ranges: Vec<std::ops::Range<Offset>> = thread::scope(|s| {
+        let workers: Vec<_> = (0..4)
+            .map(|_| {
+                let store = &store;
+                s.spawn(move || {
+                    let mut got = Vec::new();
+                    for _ in 0..25 {
+                        // One record a batch, the same bytes each time.
+                        let range = store
+                            .append_deferred(&[Entry::new(b"deferred", b"payload")])
+                            .expect("append_deferred");
+                        assert_eq!(range.end - range.start, 1, "one record, one offset");
+                        store.wait_appended(range.end).expect("wait_appended");
+                        let first = read_all(store, range.start);
+                        assert!(
+                            first.first().is_some_and(|r| r.offset == range.start
+                                && r.key.as_ref() == b"deferred"
+                                && r.payload.as_ref() == b"payload"),
+                            "a deferred record is readable once waited for"
+                        );
+                        got.push(range);
+                    }
+                    got
+                })
+            })
+            .collect();
+        workers
+            .into_iter()
+            .flat_map(|w| w.join().expect("deferred appender"))
+            .collect()
+    });
+    let mut starts: Vec<Offset> = ranges.iter().map(|r| r.start).collect();
+    starts.sort_unstable();
+    assert_eq!(
+        starts,
+        (3..103).collect::<Vec<_>>(),
+        "deferred appends take consecutive offsets, none twice"
+    );
+    assert_eq!(store.next_offset(), 103);
+    // Nothing was appended there: nothing to wait for.
+    store
+        .wait_appended(10_000)
+        .expect("wait_appended past the end");
+    store.sync().expect("sync");
+    let store = fixture.reopen(store);
+    let records = read_all(&store, 0);
+    assert_eq!(records.len(), 103, "deferred records survive a reopen");
+    assert_numbered(&records[..3], 0..3);
+    assert!(
+        records[3..]
+            .iter()
+            .all(|r| r.key.as_ref() == b"deferred" && r.payload.as_ref() == b"payload"),
+        "deferred records come back as written"
+    );
 }

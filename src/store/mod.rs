@@ -171,6 +171,36 @@ pub trait Store: Send + Sync + 'static {
         false
     }
 
+    /// Appends `batch` as [`append`](Store::append) does, but may return before the wait
+    /// for the disk that `append` makes under the store's sync policy: the records are
+    /// as durable as `append` would have left them (and, for a store that shows records
+    /// only once they are durable, visible to readers) once
+    /// [`wait_appended`](Store::wait_appended) has returned `Ok` for an offset past them.
+    ///
+    /// This is for callers that append under a lock of their own: they append with this
+    /// under the lock, release it, then wait. Appends that would all wait in turn under
+    /// that lock, one fdatasync each, then share one (group commit). Until the wait, the
+    /// records take their offsets and nothing else may be assumed of them; if nobody
+    /// waits, a later append's sync or [`sync`](Store::sync) makes them durable.
+    ///
+    /// The default is [`append`](Store::append), with nothing left to wait for.
+    fn append_deferred(&self, batch: &[Entry<'_>]) -> Result<Range<Offset>> {
+        self.append(batch)
+    }
+
+    /// Returns once every record before `end` that
+    /// [`append_deferred`](Store::append_deferred) took is as durable as
+    /// [`append`](Store::append) would have made it, or with the error that keeps it from
+    /// being so (the write or fdatasync that failed). Offsets never appended are not
+    /// waited for.
+    ///
+    /// The default returns `Ok(())` at once (the default `append_deferred` waited
+    /// already).
+    fn wait_appended(&self, end: Offset) -> Result<()> {
+        let _ = end;
+        Ok(())
+    }
+
     /// Drops every record before `offset` (retention); see the contract above.
     fn truncate_before(&self, offset: Offset) -> Result<()>;
 
@@ -352,6 +382,12 @@ impl<S: Store + ?Sized> Store for std::sync::Arc<S> {
     }
     fn append_waits_for_disk(&self) -> bool {
         (**self).append_waits_for_disk()
+    }
+    fn append_deferred(&self, batch: &[Entry<'_>]) -> Result<Range<Offset>> {
+        (**self).append_deferred(batch)
+    }
+    fn wait_appended(&self, end: Offset) -> Result<()> {
+        (**self).wait_appended(end)
     }
     fn truncate_before(&self, offset: Offset) -> Result<()> {
         (**self).truncate_before(offset)

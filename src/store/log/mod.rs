@@ -800,6 +800,14 @@ impl Store for LogStore {
         self.shared.append(batch)
     }
 
+    fn append_deferred(&self, batch: &[Entry<'_>]) -> Result<Range<Offset>> {
+        self.shared.append_deferred(batch)
+    }
+
+    fn wait_appended(&self, end: Offset) -> Result<()> {
+        self.shared.wait_appended(end)
+    }
+
     fn append_waits_for_disk(&self) -> bool {
         // Under `Every`, the append that reaches the record count runs the fdatasync,
         // and one that rolls the segment syncs the sealed one.

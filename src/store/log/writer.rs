@@ -150,6 +150,33 @@ fn poisoned(message: &str) -> Error {
 impl Shared {
     /// Appends a batch under the sync policy; see the module docs.
     pub(crate) fn append(&self, batch: &[Entry<'_>]) -> Result<Range<Offset>> {
+        self.append_then(batch, true)
+    }
+
+    /// [`append`](Self::append), except that under `Always` it returns without waiting
+    /// for the records to be durable: [`wait_appended`](Self::wait_appended) does (see
+    /// `Store::append_deferred`). The records are not visible to readers before then.
+    pub(crate) fn append_deferred(&self, batch: &[Entry<'_>]) -> Result<Range<Offset>> {
+        self.append_then(batch, false)
+    }
+
+    /// Returns once every record before `end` is durable under `Always` (leading a group
+    /// commit when it is this caller's turn); at once under the other policies, whose
+    /// appends never leave their records to a later wait.
+    pub(crate) fn wait_appended(&self, end: Offset) -> Result<()> {
+        if !self.writable
+            || self.options.sync != SyncPolicy::Always
+            || self.durable.load(Ordering::Acquire) >= end
+        {
+            return Ok(());
+        }
+        let st = self.writer.lock();
+        // Offsets never appended are not waited for.
+        let end = end.min(st.next);
+        self.wait_durable(st, end)
+    }
+
+    fn append_then(&self, batch: &[Entry<'_>], wait: bool) -> Result<Range<Offset>> {
         if !self.writable {
             return Err(Error::ReadOnly(
                 "opened read-only: appends are refused".into(),
@@ -200,9 +227,12 @@ impl Shared {
         // write this call goes on to run returns: a failed one poisons the store, and
         // the calls after it report it (module docs, "Durability and visibility").
         match self.options.sync {
-            SyncPolicy::Always => {
+            SyncPolicy::Always if wait => {
                 self.wait_durable(st, end)?;
             }
+            // Counted in its group (`buf_appends`): the group waits for this append's
+            // caller to come and wait, as for any other appender.
+            SyncPolicy::Always => {}
             SyncPolicy::Never => {
                 self.tail.publish(end);
                 self.maybe_write(&mut st);
