@@ -150,10 +150,12 @@ fn a_compaction_after_a_failed_swap_first_finishes_the_committed_one() {
         v.sort();
         v
     };
-    // The swap fails after renaming the first segment's rewrite over it: its index,
-    // which the swap deletes, is a directory with a file in it.
-    let index = dir.join(format!("{:020}.index", 0));
-    fs::remove_file(&index).expect("index of the first segment");
+    // The swap fails after renaming the first segment's rewrite over it: the second
+    // segment's index, which the swap deletes before its rename, is a directory with a
+    // file in it.
+    let second = compacted(".log")[1].clone();
+    let index = second.with_extension("index");
+    fs::remove_file(&index).expect("index of the second segment");
     fs::create_dir(&index).expect("obstacle");
     fs::write(index.join("inside"), b"x").expect("obstacle");
     assert!(log.compact().is_err(), "the swap fails");
@@ -170,6 +172,8 @@ fn a_compaction_after_a_failed_swap_first_finishes_the_committed_one() {
             .collect()
     };
     assert!(held(&log).ends_with(&expected), "reads go on");
+    // What failed is cleared (as a transient error passes).
+    fs::remove_dir_all(&index).expect("remove the obstacle");
 
     let report = log
         .compact()

@@ -146,6 +146,10 @@ fn check_rewrite(dir: &Path, base: Offset) -> Result<()> {
 /// start.
 fn swap(dir: &Path, bases: &[Offset]) -> Result<()> {
     for &base in bases {
+        // The old file's index goes first, whether the rewrite was renamed already or
+        // not: left behind by a crash after the rename, it would be read against the
+        // rewrite. (Readers also check the entry they seek to: see `Shared::seek`.)
+        meta::remove_if_exists(&index::index_path(dir, base))?;
         let from = compacted_path(dir, base);
         if !from.exists() {
             continue;
@@ -156,7 +160,6 @@ fn swap(dir: &Path, bases: &[Offset]) -> Result<()> {
             continue;
         }
         fs::rename(&from, &to).map_err(|e| Error::io("rename", &to, e))?;
-        meta::remove_if_exists(&index::index_path(dir, base))?;
     }
     meta::sync_dir(dir)?;
     meta::remove_if_exists(&dir.join(MARKER))?;

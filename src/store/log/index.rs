@@ -32,15 +32,12 @@ pub(crate) fn index_path(dir: &Path, base: Offset) -> PathBuf {
     dir.join(format!("{base:020}.index"))
 }
 
-/// The position to start scanning from to find `offset`: that of the last entry whose
-/// offset is at most `offset`, or the first batch of the segment.
-pub(crate) fn seek(entries: &[IndexEntry], offset: Offset) -> u64 {
+/// The entry to start scanning from to find `offset`: the last whose offset is at most
+/// `offset`; `None` if the scan starts at the segment's first batch
+/// ([`SEGMENT_HEADER_LEN`]).
+pub(crate) fn seek(entries: &[IndexEntry], offset: Offset) -> Option<&IndexEntry> {
     let i = entries.partition_point(|e| e.offset <= offset);
-    if i == 0 {
-        SEGMENT_HEADER_LEN as u64
-    } else {
-        entries[i - 1].position
-    }
+    i.checked_sub(1).map(|i| &entries[i])
 }
 
 /// Encodes an index file.
@@ -101,22 +98,35 @@ pub(crate) fn decode_checked(
     }
     if let (Some(first), Some(last)) = (entries.first(), entries.last()) {
         let middle = entries[entries.len() / 2];
-        for e in [*first, middle, *last] {
-            let mut h = [0u8; BATCH_HEADER_LEN];
-            file.read_exact_at(&mut h, e.position).ok()?;
-            match segment::check_header(&h) {
-                HeaderCheck::Valid(header) if header.base == e.offset => {}
-                _ => return None,
-            }
+        if ![*first, middle, *last]
+            .iter()
+            .all(|e| points_at_its_batch(file, e))
+        {
+            return None;
         }
     }
     Some(entries)
+}
+
+/// Whether `e` names a whole batch header in `file` whose first offset is the entry's.
+/// An index built from another file of the segment (the one a compaction replaced) can
+/// pass the spot check of [`decode_checked`] and be wrong elsewhere: readers check the
+/// entry they seek to as well (see `Shared::seek`).
+pub(crate) fn points_at_its_batch(file: &File, e: &IndexEntry) -> bool {
+    let mut h = [0u8; BATCH_HEADER_LEN];
+    if file.read_exact_at(&mut h, e.position).is_err() {
+        return false;
+    }
+    matches!(segment::check_header(&h), HeaderCheck::Valid(header) if header.base == e.offset)
 }
 
 /// Loads the index of a sealed segment, or rebuilds it from `data` (the segment's bytes)
 /// when the file is missing, cannot be read or fails its checks. The rebuilt index is
 /// written back when `writable`. The index is a hint: failing to read or write its file
 /// is logged, not returned; only failing to read the segment is an error.
+///
+/// With `trust_file` false the file is not read: it was found wrong, and is rebuilt.
+/// Also returns whether the entries were read from the file.
 pub(crate) fn load_or_rebuild(
     dir: &Path,
     base: Offset,
@@ -124,12 +134,17 @@ pub(crate) fn load_or_rebuild(
     data_len: u64,
     interval: u64,
     writable: bool,
-) -> Result<Vec<IndexEntry>> {
+    trust_file: bool,
+) -> Result<(Vec<IndexEntry>, bool)> {
     let path = index_path(dir, base);
-    match super::meta::read_if_exists(&path) {
+    let read = match trust_file {
+        true => super::meta::read_if_exists(&path),
+        false => Ok(None),
+    };
+    match read {
         Ok(Some(bytes)) => {
             if let Some(entries) = decode_checked(&bytes, base, file, data_len) {
-                return Ok(entries);
+                return Ok((entries, true));
             }
             tracing::warn!(path = %path.display(), "index fails its checks; rebuilding it");
         }
@@ -153,7 +168,7 @@ pub(crate) fn load_or_rebuild(
             tracing::warn!("could not write a rebuilt index: {e}");
         }
     }
-    Ok(entries)
+    Ok((entries, false))
 }
 
 /// Writes the index file of a sealed segment (temporary file and rename; no fsync, since

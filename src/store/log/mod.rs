@@ -232,6 +232,9 @@ pub(crate) struct Segment {
     pub(crate) sealed: AtomicBool,
     /// The sparse index; `None` for a sealed segment until it is first needed.
     index: Mutex<Option<Vec<IndexEntry>>>,
+    /// Whether `index` was read from its file (rather than built as the segment was
+    /// written, or rebuilt from it): its entries are then checked as they are used.
+    index_from_file: AtomicBool,
     /// One past its last offset, when recovery computed it.
     pub(crate) next_hint: Offset,
     /// Damage found by a read-only open (the view stops there).
@@ -257,6 +260,7 @@ impl Segment {
             end: AtomicU64::new(end),
             sealed: AtomicBool::new(sealed),
             index: Mutex::new(index),
+            index_from_file: AtomicBool::new(false),
             next_hint: base,
             damage: None,
             mapped: std::sync::OnceLock::new(),
@@ -408,24 +412,49 @@ impl Shared {
 
     /// The position to scan from for `offset` in `seg`, loading (or rebuilding) its index
     /// first if needed.
+    ///
+    /// The entry sought to is checked against the segment (a batch header starting at
+    /// its offset): an index built from another file of the segment, which a compaction
+    /// replaced, passes the load's spot checks and would have the scan start at a later
+    /// batch, skipping records. A wrong entry has the index rebuilt from the segment.
     fn seek(&self, seg: &Segment, offset: Offset) -> Result<u64> {
         let mut index = seg.index.lock();
-        if index.is_none() {
-            let entries = index::load_or_rebuild(
-                &self.dir,
-                seg.base,
-                &seg.file,
-                seg.end.load(Ordering::Acquire),
-                self.options.index_interval_bytes,
-                self.writable,
-            )?;
-            *index = Some(entries);
+        let mut trust_file = true;
+        loop {
+            if index.is_none() {
+                let (entries, from_file) = index::load_or_rebuild(
+                    &self.dir,
+                    seg.base,
+                    &seg.file,
+                    seg.end.load(Ordering::Acquire),
+                    self.options.index_interval_bytes,
+                    self.writable,
+                    trust_file,
+                )?;
+                *index = Some(entries);
+                seg.index_from_file.store(from_file, Ordering::Relaxed);
+            }
+            let entry = index.as_deref().and_then(|e| index::seek(e, offset));
+            match entry {
+                None => return Ok(segment::SEGMENT_HEADER_LEN as u64),
+                Some(e)
+                    if !seg.index_from_file.load(Ordering::Relaxed)
+                        || index::points_at_its_batch(&seg.file, e) =>
+                {
+                    return Ok(e.position);
+                }
+                Some(e) => {
+                    tracing::warn!(
+                        segment = %seg.path.display(),
+                        offset = e.offset,
+                        position = e.position,
+                        "an index entry does not match its segment; rebuilding the index"
+                    );
+                    *index = None;
+                    trust_file = false;
+                }
+            }
         }
-        Ok(index
-            .as_deref()
-            .map_or(segment::SEGMENT_HEADER_LEN as u64, |e| {
-                index::seek(e, offset)
-            }))
     }
 
     fn truncate_before(&self, offset: Offset) -> Result<()> {

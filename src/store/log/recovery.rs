@@ -216,6 +216,12 @@ fn open_sealed(dir: &Path, base: Offset, options: &LogOptions, writable: bool) -
             &[][..]
         };
         segment::check_header_base(got, base, &path)?;
+        // Sealed under `SyncPolicy::Never` (or by a process that died before its roll's
+        // writes reached the disk), its records may be in the page cache only; the store
+        // counts every record it opens with as durable, so that `sync`, cursors and
+        // snapshots need not sync it again. (A clean file syncs in microseconds.)
+        file.sync_data()
+            .map_err(|e| Error::io("fdatasync", &path, e))?;
         // The next offset of a sealed segment is only needed if the newest segment's header
         // turns out torn; it is computed then.
         let mut seg = Segment::new(base, path, file, len, true, None);

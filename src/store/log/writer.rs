@@ -600,21 +600,26 @@ impl Shared {
             return Err(poisoned(p));
         }
         let target = st.next;
-        let sealed = std::mem::take(&mut st.unsynced_sealed);
-        for (i, seg) in sealed.iter().enumerate() {
-            let Some(seg) = seg.upgrade() else {
-                continue; // deleted or replaced since: nothing to make durable
-            };
-            if let Err(e) = seg.file.sync_data() {
-                // Those not synced yet stay listed for the next `sync`.
-                st.unsynced_sealed.extend(sealed[i..].iter().cloned());
-                return Err(Error::io("fdatasync", &seg.path, e));
-            }
-        }
-        if std::mem::take(&mut st.dir_unsynced) {
-            meta::sync_dir(&self.dir)?;
-        }
         loop {
+            // Each time round: a roll while this waited for a write (the lock released)
+            // can seal the segment holding records before `target` without a sync
+            // (under `Never`), and `synced` then passes them as the new segment's
+            // fdatasync ends.
+            let sealed = std::mem::take(&mut st.unsynced_sealed);
+            for (i, seg) in sealed.iter().enumerate() {
+                let Some(seg) = seg.upgrade() else {
+                    continue; // deleted or replaced since: nothing to make durable
+                };
+                if let Err(e) = seg.file.sync_data() {
+                    // Those not synced yet stay listed for the next `sync`.
+                    st.unsynced_sealed.extend(sealed[i..].iter().cloned());
+                    return Err(Error::io("fdatasync", &seg.path, e));
+                }
+            }
+            if st.dir_unsynced {
+                meta::sync_dir(&self.dir)?;
+                st.dir_unsynced = false;
+            }
             if st.synced >= target {
                 return Ok(());
             }
