@@ -694,6 +694,25 @@ impl<H: Handler> Shared<H> {
         Poll::Ready(stripe.lock())
     }
 
+    /// The routing lock, as [`poll_stripe`](Self::poll_stripe) takes a stripe: with `cx`
+    /// (a future's poll) tried first, and where a membership change may hold it, waited
+    /// for as a future. For a poll that holds no stripe (a change holds the routing lock
+    /// at times while it holds every stripe: for a placement change, a rebalance over
+    /// every key, key moves).
+    fn poll_routing(
+        &self,
+        cx: Option<&mut std::task::Context<'_>>,
+    ) -> Poll<MutexGuard<'_, Routing<H::State, H::Response>>> {
+        let Some(cx) = cx else {
+            return Poll::Ready(self.routing.lock());
+        };
+        if let Some(guard) = self.routing.try_lock() {
+            return Poll::Ready(guard);
+        }
+        ready!(self.poll_changes_over(cx));
+        Poll::Ready(self.routing.lock())
+    }
+
     /// `Ready` when no membership change is under way; otherwise `Pending`, `cx` woken
     /// when one ends. For a future that found its stripe taken (which a change does),
     /// or routing half changed (which only a change shows), and must not wait on a
@@ -1177,8 +1196,7 @@ impl<H: Handler> Shared<H> {
         timestamp: u64,
         room: &mut Room<'_, '_>,
     ) -> Poll<Result<Submitted<H>>> {
-        let route = || {
-            let mut routing = self.routing.lock();
+        let route = |routing: &mut Routing<H::State, H::Response>| {
             let pick = routing.placement.pick(key, hash, timestamp);
             pick.and_then(|p| routing.instances.get(&p.instance()).cloned())
         };
@@ -1186,7 +1204,11 @@ impl<H: Handler> Shared<H> {
             if !self.accepting.load(Ordering::SeqCst) {
                 return Poll::Ready(Err(Error::Closed));
             }
-            let dest = match route() {
+            // Holding no stripe, this poll can meet a membership change holding the
+            // routing lock (for as long as a rebalance over every key takes): it waits
+            // for the change as a future.
+            let routed = route(&mut *ready!(self.poll_routing(room.context())));
+            let dest = match routed {
                 Some(dest) => dest,
                 None => {
                     // Without a stripe lock, routing can see a membership change half
@@ -1196,7 +1218,9 @@ impl<H: Handler> Shared<H> {
                     // again.
                     let stripe = &self.stripes[stripe_of_hash(hash)];
                     let guard = ready!(self.poll_stripe(stripe, room.context()));
-                    let dest = route();
+                    // Under the stripe no change is under way: the routing lock is
+                    // held briefly, by submits.
+                    let dest = route(&mut self.routing.lock());
                     drop(guard);
                     match dest {
                         Some(dest) => dest,
@@ -1275,7 +1299,11 @@ impl<H: Handler> Shared<H> {
         id: InstanceId,
         cx: &mut std::task::Context<'_>,
     ) -> Poll<Option<Arc<Inst<H>>>> {
-        let Some(inst) = self.routing.lock().instances.get(&id).cloned() else {
+        let inst = ready!(self.poll_routing(Some(&mut *cx)))
+            .instances
+            .get(&id)
+            .cloned();
+        let Some(inst) = inst else {
             return Poll::Ready(None);
         };
         match inst.permits.poll_acquire(cx) {
@@ -1382,9 +1410,14 @@ impl<H: Handler> Shared<H> {
         loop {
             // An appender thread (or a blocking submit) holds the key's stripe through
             // its append (a copy into the log's buffer; an fdatasync for the append that
-            // reaches `SyncPolicy::Every`'s count): a poll waits for it here. Trying the lock and polling again instead never got in on a key
-            // that appends kept busy (the lock passes from one appender to the next).
-            let holders = stripe.lock();
+            // reaches `SyncPolicy::Every`'s count): a poll waits for it here. Trying the
+            // lock and polling again instead never got in on a key that appends kept
+            // busy (the lock passes from one appender to the next). A membership change
+            // holding every stripe is waited for as a future.
+            let Poll::Ready(holders) = self.poll_stripe(stripe, room.context()) else {
+                release(permit);
+                return Poll::Pending;
+            };
             if !self.accepting.load(Ordering::SeqCst) {
                 release(permit);
                 return Poll::Ready(Err(Error::Closed));
@@ -1709,11 +1742,13 @@ impl<H: Handler> Shared<H> {
         items: &[(K, Range<usize>)],
         stamp: &Stamp,
         unroutable_at: &mut Option<crate::router::Epoch>,
-        cx: Option<&mut std::task::Context<'_>>,
+        mut cx: Option<&mut std::task::Context<'_>>,
     ) -> Poll<Result<Option<Held<H>>>> {
         // `dests` holds each instance once; `dest_of[i]` is item i's.
         let (complete, routed) = {
-            let mut routing = self.routing.lock();
+            // Holding no stripe: a membership change may hold the routing lock, and a
+            // future waits for it as a future.
+            let mut routing = ready!(self.poll_routing(cx.as_deref_mut()));
             let mut routed = Routed {
                 epoch: routing.placement.epoch(),
                 dests: Vec::with_capacity(items.len().min(routing.instances.len())),
