@@ -24,7 +24,7 @@ use bytes::Bytes;
 use crossbeam_utils::CachePadded;
 use parking_lot::{Mutex, MutexGuard};
 
-use super::appenders::{Appenders, Job};
+use super::appenders::{Appenders, Finishes, Job};
 use super::fold::{self, CHECKPOINT, Checkpoint, Control, Envelope};
 use super::instance::{
     self, CheckpointRound, Exit, Handoff, Instance, Left, Message, NoPermit, Queued, QueuedBytes,
@@ -365,7 +365,9 @@ pub(crate) enum BatchAppended<H: Handler> {
 
 /// What [`Shared::submit_from`] did.
 pub(crate) enum Submitted<H: Handler> {
-    /// Logged and queued.
+    /// Logged and queued, with the key's stripe released, and not waited for: the
+    /// request may not be durable yet (`Store::append_deferred`), and its submit
+    /// returns it only through [`Shared::durable`].
     Logged(Pending<H::Response>),
     /// Room taken in this instance's queue, nothing logged.
     Room(Arc<Inst<H>>),
@@ -1035,8 +1037,20 @@ impl<H: Handler> Shared<H> {
         payload: &[u8],
         room: &mut Room<'_, '_>,
     ) -> Poll<Result<Pending<H::Response>>> {
-        self.submit_from(key, payload, room, None, false)
-            .map(|submitted| submitted.and_then(Submitted::logged))
+        let logged = ready!(self.submit_from(key, payload, room, None, false));
+        Poll::Ready(
+            logged
+                .and_then(Submitted::logged)
+                .and_then(|p| self.durable(p)),
+        )
+    }
+
+    /// `pending` once its request is durable (see [`Submitted::Logged`]), or the error
+    /// that keeps it from being so: a failed write or fdatasync, for which its instance,
+    /// waiting for the same, refuses it too and applies nothing.
+    pub(crate) fn durable<T>(&self, pending: Pending<T>) -> Result<Pending<T>> {
+        self.input.wait_appended(pending.offset() + 1)?;
+        Ok(pending)
     }
 
     /// [`submit_payload`](Self::submit_payload) in two steps, for a submit whose append
@@ -1174,12 +1188,7 @@ impl<H: Handler> Shared<H> {
             if !self.options.linger.is_zero() {
                 pending.set_answerer(dest);
             }
-            drop(holders);
-            // Refused if the log cannot make it durable (a failed write or fdatasync);
-            // its instance, waiting for the same, refuses it too and applies nothing.
-            if let Err(e) = self.input.wait_appended(offset + 1) {
-                return Poll::Ready(Err(e));
-            }
+            // Logged, and not waited for yet: see `Submitted::Logged`.
             return Poll::Ready(Ok(Submitted::Logged(pending)));
         }
     }
@@ -1266,7 +1275,7 @@ impl<H: Handler> Shared<H> {
     ) -> Pending<Appended<H>> {
         let (answer, responder) = pending::<Appended<H>>(0);
         let shared = self.clone();
-        self.run_append(Box::new(move || {
+        self.run_append(Box::new(move |finishes: &mut Finishes| {
             if responder.is_abandoned() {
                 dest.permits.release();
                 return;
@@ -1277,8 +1286,20 @@ impl<H: Handler> Shared<H> {
                 return;
             };
             let logged = shared.submit_from(&key, body, &mut Room::Refuse, Some(dest), false);
-            responder.answer(match logged {
-                Poll::Ready(Ok(logged)) => logged.logged().map(Appended::Logged),
+            let answer = match logged {
+                Poll::Ready(Ok(logged)) => match logged.logged() {
+                    // The wait for the disk comes after the thread's other appends
+                    // (see `Finishes`).
+                    Ok(pending) => {
+                        let shared = shared.clone();
+                        finishes.push(Box::new(move || {
+                            let durable = shared.durable(pending);
+                            responder.answer(durable.map(Appended::Logged));
+                        }));
+                        return;
+                    }
+                    Err(e) => Err(e),
+                },
                 Poll::Ready(Err(Error::Busy { instance, .. })) => Ok(Appended::Busy {
                     instance,
                     key,
@@ -1287,7 +1308,8 @@ impl<H: Handler> Shared<H> {
                 Poll::Ready(Err(e)) => Err(e),
                 // Only `Room::Poll` leaves a submit pending.
                 Poll::Pending => Err(Error::Closed),
-            });
+            };
+            responder.answer(answer);
         }));
         answer
     }
@@ -1326,7 +1348,7 @@ impl<H: Handler> Shared<H> {
     ) -> Pending<BatchAppended<H>> {
         let (answer, responder) = pending::<BatchAppended<H>>(0);
         let shared = self.clone();
-        self.run_append(Box::new(move || {
+        self.run_append(Box::new(move |_: &mut Finishes| {
             if responder.is_abandoned() {
                 // Dropping the progress gives its room back.
                 return;
@@ -1375,7 +1397,9 @@ impl<H: Handler> Shared<H> {
             if !matches!(e, Error::Closed) {
                 tracing::warn!(error = %e, "running an async submit's append on the caller's thread");
             }
-            job();
+            let mut finishes = Finishes::new();
+            job(&mut finishes);
+            finishes.into_iter().for_each(|finish| finish());
         }
     }
 

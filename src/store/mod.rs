@@ -194,8 +194,11 @@ pub trait Store: Send + Sync + 'static {
     /// being so (the write or fdatasync that failed). Offsets never appended are not
     /// waited for.
     ///
-    /// The default returns `Ok(())` at once (the default `append_deferred` waited
-    /// already).
+    /// A store whose wait can be for the disk says so in
+    /// [`append_waits_for_disk`](Store::append_waits_for_disk): callers that must not
+    /// block (a future's poll) call this only when that is `false`, as they call
+    /// `append`. The default returns `Ok(())` at once (the default `append_deferred`
+    /// waited already).
     fn wait_appended(&self, end: Offset) -> Result<()> {
         let _ = end;
         Ok(())
