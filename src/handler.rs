@@ -78,7 +78,11 @@ use crate::store::{Store, read_from_start};
 ///   changed so that the logged requests after the last checkpoint no longer decode is
 ///   refused at open ([`Error::Codec`], naming the first such request; the build decodes
 ///   a few before it starts anything), and a rebuild that meets one later fails (its key
-///   unavailable) rather than skip it.
+///   unavailable) rather than skip it. This check sees only requests logged after the
+///   last checkpoint: after a clean [`shutdown`](crate::cluster::Cluster::shutdown),
+///   which checkpoints, there are none, and a changed `Request` opens without a word
+///   (the log then holds both encodings, and [`Replay`](crate::cluster::Replay) of the
+///   old ones fails). Test a change against a copy of a real log first.
 /// - `State`: a `State` changed so that the last checkpoint's states no longer decode
 ///   is refused at open ([`Error::Codec`], naming a key and the checkpoint; the build
 ///   decodes a few states before it starts anything). Open once with

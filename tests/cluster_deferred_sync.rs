@@ -101,6 +101,9 @@ impl Store for Deferred {
     fn append_deferred(&self, batch: &[Entry<'_>]) -> cauce::Result<std::ops::Range<u64>> {
         self.live.append(batch)
     }
+    fn defers_appends(&self) -> bool {
+        true
+    }
     fn wait_appended(&self, _end: Offset) -> cauce::Result<()> {
         if self.failing.load(Ordering::SeqCst) {
             return Err(Error::ReadOnly("the test's fdatasync failed".into()));

@@ -22,7 +22,8 @@
 //!   in flight as `Client::request` futures polled by one thread (a current-thread
 //!   runtime's case), against 64 threads each submitting and waiting in turn (the
 //!   thread-per-request model). Async appends run on appender threads and share
-//!   fdatasyncs; before they did, every poll ran its own append.
+//!   fdatasyncs; before they did, every poll ran its own append. Requests of one key
+//!   share them too: each is appended under its key's lock and waited for after it.
 //! - `reads.query.vs_logged_request` (group `cluster.reads`): reading a key's state
 //!   through `Client::query` (nothing logged) against through a request that changes
 //!   nothing (logged, like any request), same load and window, every key placed first.

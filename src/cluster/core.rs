@@ -297,6 +297,9 @@ pub(crate) struct Shared<H: Handler> {
     any_orphans: AtomicBool,
     /// Whether `retiring` holds anything (see [`Orphans::early`]).
     any_retiring: AtomicBool,
+    /// Whether the input log defers appends (`Store::defers_appends`): only then is
+    /// there anything to wait for after one.
+    defers: bool,
     accepting: AtomicBool,
     /// Set (and waited for) once a shutdown has ended: a second one waits for the first.
     stopped: (Mutex<bool>, parking_lot::Condvar),
@@ -572,6 +575,7 @@ impl<H: Handler> Shared<H> {
         let placement_epoch = AtomicU64::new(routing.placement.epoch());
         let checkpoint_in_store = !options.rebuild_from_log;
         let options_append_threads = options.append_threads;
+        let defers = input.defers_appends();
         let shared = Arc::new_cyclic(|me| Shared {
             handler: Arc::new(handler),
             input,
@@ -596,6 +600,7 @@ impl<H: Handler> Shared<H> {
             }),
             any_orphans: AtomicBool::new(false),
             any_retiring: AtomicBool::new(false),
+            defers,
             accepting: AtomicBool::new(true),
             stopped: (Mutex::new(false), parking_lot::Condvar::new()),
             stopping: AtomicBool::new(false),
@@ -1049,8 +1054,17 @@ impl<H: Handler> Shared<H> {
     /// that keeps it from being so: a failed write or fdatasync, for which its instance,
     /// waiting for the same, refuses it too and applies nothing.
     pub(crate) fn durable<T>(&self, pending: Pending<T>) -> Result<Pending<T>> {
-        self.input.wait_appended(pending.offset() + 1)?;
+        self.wait_logged(pending.offset() + 1)?;
         Ok(pending)
+    }
+
+    /// Waits until the requests logged before `end` are durable (see
+    /// `Store::append_deferred`); at once for a store that does not defer.
+    pub(crate) fn wait_logged(&self, end: Offset) -> Result<()> {
+        match self.defers {
+            true => self.input.wait_appended(end),
+            false => Ok(()),
+        }
     }
 
     /// [`submit_payload`](Self::submit_payload) in two steps, for a submit whose append
@@ -1635,7 +1649,7 @@ impl<H: Handler> Shared<H> {
         // The stripes are released: wait for the batch to be durable (see `submit_from`).
         if let Ok(Some(pendings)) = &logged {
             if let Some(last) = pendings.last() {
-                if let Err(e) = self.input.wait_appended(last.offset() + 1) {
+                if let Err(e) = self.wait_logged(last.offset() + 1) {
                     return Poll::Ready(Err(e));
                 }
             }

@@ -1417,7 +1417,7 @@ fn handle<H: Handler>(
     // Queued before it was durable (its submit waits for that after releasing the key's
     // stripe: see `Shared::submit_from`), and not handled before it is. A log that
     // cannot make it durable refuses it here as it refuses its submit.
-    if let Err(e) = shared.input.wait_appended(offset + 1) {
+    if let Err(e) = shared.wait_logged(offset + 1) {
         answer(Err(e));
         return None;
     }

@@ -398,7 +398,13 @@ impl<H: Handler> Client<H> {
     /// An error is either the submit's (nothing was logged, as with
     /// [`submit_async`]) or the answer's ([`Error::HandlerPanicked`], say: the request
     /// is in the log). Dropping the future before its append begins submits nothing;
-    /// after, the request is still handled, and its answer dropped. The future owns
+    /// after, the request is still handled, and its answer dropped. So a request whose
+    /// future a timeout dropped may have been applied (under `SyncPolicy::Always`, where
+    /// the append runs on an appender thread, a trial with 400 µs timeouts found 23% of
+    /// the dropped ones logged), and the future gives no offset to look for: to retry
+    /// safely, use [`submit_async`], whose [`Pending`] names the request's offset once it
+    /// is logged, or make requests idempotent (an id in the request, remembered in the
+    /// state). The future owns
     /// what it needs (it holds the cluster, as a clone of the client does): it can be
     /// spawned, `tokio::spawn(client.request(key, req))`.
     ///

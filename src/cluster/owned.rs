@@ -87,6 +87,9 @@ impl Store for OwnedLog {
     fn append_deferred(&self, batch: &[Entry<'_>]) -> Result<Range<Offset>> {
         self.with(|l| l.append_deferred(batch))
     }
+    fn defers_appends(&self) -> bool {
+        self.read(false, |l| l.defers_appends())
+    }
     fn wait_appended(&self, end: Offset) -> Result<()> {
         // Closed, the log was synced as it closed.
         self.read(Ok(()), |l| l.wait_appended(end))

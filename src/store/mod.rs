@@ -188,6 +188,15 @@ pub trait Store: Send + Sync + 'static {
         self.append(batch)
     }
 
+    /// Whether [`append_deferred`](Store::append_deferred) can return before its records
+    /// are as durable as [`append`](Store::append) leaves them, so that
+    /// [`wait_appended`](Store::wait_appended) has anything to wait for. The default is
+    /// `false`, and callers then skip `wait_appended`; a store that defers says `true`.
+    /// It does not change while the store is open.
+    fn defers_appends(&self) -> bool {
+        false
+    }
+
     /// Returns once every record before `end` that
     /// [`append_deferred`](Store::append_deferred) took is as durable as
     /// [`append`](Store::append) would have made it, or with the error that keeps it from
@@ -391,6 +400,9 @@ impl<S: Store + ?Sized> Store for std::sync::Arc<S> {
     }
     fn wait_appended(&self, end: Offset) -> Result<()> {
         (**self).wait_appended(end)
+    }
+    fn defers_appends(&self) -> bool {
+        (**self).defers_appends()
     }
     fn truncate_before(&self, offset: Offset) -> Result<()> {
         (**self).truncate_before(offset)

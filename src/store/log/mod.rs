@@ -837,6 +837,10 @@ impl Store for LogStore {
         self.shared.wait_appended(end)
     }
 
+    fn defers_appends(&self) -> bool {
+        self.shared.writable && self.shared.options.sync == SyncPolicy::Always
+    }
+
     fn append_waits_for_disk(&self) -> bool {
         // Under `Every`, the append that reaches the record count runs the fdatasync,
         // and one that rolls the segment syncs the sealed one.
