@@ -53,7 +53,7 @@ pub use hash::key_hash;
 pub use table::{MAX_INSTANCES, SlotRouter, SlotRouterOptions, SlotTable, TableReader};
 
 /// Identifies one instance of a service.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 pub struct InstanceId(pub u32);
 
 impl InstanceId {
@@ -66,8 +66,19 @@ impl InstanceId {
     ///
     /// assert_eq!(InstanceId::REPLAY.to_string(), "replay");
     /// assert_eq!(InstanceId(3).to_string(), "#3");
+    /// assert_eq!(format!("{:?}", InstanceId::REPLAY), "InstanceId::REPLAY");
+    /// assert_eq!(format!("{:?}", InstanceId(3)), "InstanceId(3)");
     /// ```
     pub const REPLAY: InstanceId = InstanceId(u32::MAX);
+}
+
+impl fmt::Debug for InstanceId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match *self {
+            InstanceId::REPLAY => f.write_str("InstanceId::REPLAY"),
+            InstanceId(id) => f.debug_tuple("InstanceId").field(&id).finish(),
+        }
+    }
 }
 
 impl fmt::Display for InstanceId {
