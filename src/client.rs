@@ -236,7 +236,9 @@ impl<T> Pending<T> {
 
     /// The offset of the request in the input log: its identity. For a query
     /// (`Client::query`), the input log's next offset when it was made: the state it
-    /// reads is the fold of its key's requests before this offset.
+    /// reads is the fold of its key's requests before this offset. (Under
+    /// `SyncPolicy::Always` that can count requests of other keys still on their way to
+    /// the disk: the log shows them, and so reaches this offset, once they are durable.)
     pub fn offset(&self) -> Offset {
         self.offset
     }

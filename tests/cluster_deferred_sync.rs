@@ -5,12 +5,13 @@
 //! one fdatasync each, and nothing is handled before it is durable.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use cauce::cluster::{Cluster, Context, Handler};
-use cauce::store::{LogOptions, LogStore, MemoryStore, Store, SyncPolicy};
+use cauce::store::{Deferred, LogOptions, LogStore, MemoryStore, Store, SyncPolicy};
 use cauce::{Entry, Error, Offset};
+use common::{Req, Resp, Service, Tally};
 
 mod common;
 
@@ -86,7 +87,7 @@ fn the_durable_requests_of_one_hot_key_share_fdatasyncs() {
 /// An input log whose `wait_appended` waits at a gate while `held`, or fails while
 /// `failing`; its appends are a memory store's.
 #[derive(Default)]
-struct Deferred {
+struct Gated {
     live: MemoryStore,
     held: AtomicBool,
     failing: AtomicBool,
@@ -94,15 +95,15 @@ struct Deferred {
     waiting: AtomicUsize,
 }
 
-impl Store for Deferred {
+impl Store for Gated {
     fn append(&self, batch: &[Entry<'_>]) -> cauce::Result<std::ops::Range<u64>> {
         self.live.append(batch)
     }
-    fn append_deferred(&self, batch: &[Entry<'_>]) -> cauce::Result<std::ops::Range<u64>> {
-        self.live.append(batch)
-    }
-    fn defers_appends(&self) -> bool {
-        true
+    fn append_deferred(&self, batch: &[Entry<'_>]) -> cauce::Result<Deferred> {
+        Ok(Deferred {
+            offsets: self.live.append(batch)?,
+            pending: true,
+        })
     }
     fn wait_appended(&self, _end: Offset) -> cauce::Result<()> {
         if self.failing.load(Ordering::SeqCst) {
@@ -121,7 +122,7 @@ impl Store for Deferred {
 
 #[test]
 fn a_request_is_handled_only_once_it_is_durable() {
-    let input = Arc::new(Deferred::default());
+    let input = Arc::new(Gated::default());
     let handler = Noting::default();
     let handled = handler.handled.clone();
     let cluster = Cluster::builder(handler)
@@ -166,7 +167,7 @@ fn a_request_is_handled_only_once_it_is_durable() {
 
 #[test]
 fn a_request_the_log_cannot_make_durable_is_refused_and_not_applied() {
-    let input = Arc::new(Deferred::default());
+    let input = Arc::new(Gated::default());
     let handler = Noting::default();
     let handled = handler.handled.clone();
     let cluster = Cluster::builder(handler)
@@ -193,4 +194,231 @@ fn a_request_the_log_cannot_make_durable_is_refused_and_not_applied() {
         "the refused request was handled"
     );
     cluster.shutdown().expect("shutdown");
+}
+
+/// An instance declared lost while it waits for the request it took to be durable: the
+/// cluster reads that request's key from the log to hand it over, and the log shows it
+/// only once it is durable. The read failed, and the submitter (whose submit returned
+/// Ok) was answered `StateUnavailable` while the new holder applied the request (a
+/// review's test; failed 3 of 3 runs before the fix).
+/// A real log under `Always`, whose `wait_appended` for an end past `hold_after` waits
+/// while `held` (a slow fdatasync), and whose deferred append of key "z" waits while
+/// `block_z` (a submit holding its stripe).
+struct Slow {
+    live: Arc<LogStore>,
+    held: AtomicBool,
+    hold_after: AtomicU64,
+    block_z: AtomicBool,
+    waiting: AtomicU64,
+}
+
+impl Store for Slow {
+    fn append(&self, batch: &[Entry<'_>]) -> cauce::Result<std::ops::Range<u64>> {
+        self.live.append(batch)
+    }
+    fn append_deferred(&self, batch: &[Entry<'_>]) -> cauce::Result<Deferred> {
+        if batch.iter().any(|e| e.key == b"z") {
+            let since = Instant::now();
+            while self.block_z.load(Ordering::SeqCst) && since.elapsed() < Duration::from_secs(20) {
+                std::thread::sleep(Duration::from_millis(1));
+            }
+        }
+        self.live.append_deferred(batch)
+    }
+    fn append_waits_for_disk(&self) -> bool {
+        self.live.append_waits_for_disk()
+    }
+    fn sync_until(&self, offset: Offset) -> cauce::Result<()> {
+        self.live.sync_until(offset)
+    }
+    fn wait_appended(&self, end: Offset) -> cauce::Result<()> {
+        if end > self.hold_after.load(Ordering::SeqCst) {
+            self.waiting.fetch_add(1, Ordering::SeqCst);
+            let since = Instant::now();
+            while self.held.load(Ordering::SeqCst) && since.elapsed() < Duration::from_secs(20) {
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            self.waiting.fetch_sub(1, Ordering::SeqCst);
+        }
+        self.live.wait_appended(end)
+    }
+    common::forward_store_but_append!(live);
+}
+
+#[test]
+fn a_lost_instance_waiting_for_its_current_request_to_be_durable_hands_it_over() {
+    let dir = tempfile::tempdir().unwrap();
+    let live =
+        Arc::new(LogStore::open(dir.path(), LogOptions::new().sync(SyncPolicy::Always)).unwrap());
+    let input = Arc::new(Slow {
+        live,
+        held: AtomicBool::new(false),
+        hold_after: AtomicU64::new(u64::MAX),
+        block_z: AtomicBool::new(false),
+        waiting: AtomicU64::new(0),
+    });
+    let cluster = Cluster::builder(Service::default())
+        .stores(input.clone(), None)
+        .instances(2)
+        .stall_timeout(Duration::from_millis(200))
+        .supervise_every(Duration::from_millis(10))
+        .build()
+        .unwrap();
+    let client = cluster.client();
+    assert_eq!(
+        client.submit("k", Req::Add(1)).unwrap().wait().unwrap(),
+        Resp::Sum(1)
+    );
+    // R1: the handler of "k" takes 1 s (a stall is declared at ~200 ms).
+    let c1 = client.clone();
+    let r1 = std::thread::spawn(move || c1.submit("k", Req::Stall(1000)).unwrap().wait());
+    std::thread::sleep(Duration::from_millis(50));
+    // From here on the disk is slow.
+    input
+        .hold_after
+        .store(input.live.next_offset(), Ordering::SeqCst);
+    input.held.store(true, Ordering::SeqCst);
+    // R2: queued behind R1, its submit waits for the disk.
+    let c2 = client.clone();
+    let r2 = std::thread::spawn(move || {
+        let p = c2.submit("k", Req::Add(10))?;
+        let offset = p.offset();
+        Ok::<_, Error>((offset, p.wait()))
+    });
+    std::thread::sleep(Duration::from_millis(50));
+    // A submit of another key holds its stripe (in its append) until R1 is over, so the
+    // loss of R1's instance is acted on after it moved on to R2.
+    input.block_z.store(true, Ordering::SeqCst);
+    let c3 = client.clone();
+    let r3 = std::thread::spawn(move || c3.submit("z", Req::Add(5)).map(|p| p.wait()));
+    std::thread::sleep(Duration::from_millis(1300));
+    input.block_z.store(false, Ordering::SeqCst);
+    std::thread::sleep(Duration::from_millis(300));
+    // The disk catches up.
+    input.held.store(false, Ordering::SeqCst);
+    let r1 = r1.join().unwrap();
+    let (r2_offset, r2_answer) = r2.join().unwrap().expect("R2's submit returned Ok");
+    let r3 = r3.join().unwrap();
+    let state = client.query("k", |t: &Tally| *t).unwrap().wait().unwrap();
+    let _ = (r1, r3);
+    let applied = state.sum >= 11;
+    match r2_answer {
+        Ok(_) => {}
+        Err(e) => panic!(
+            "R2 (submit Ok at {r2_offset}, durable) answered {e} while its state {} it",
+            if applied {
+                "includes"
+            } else {
+                "does not include"
+            }
+        ),
+    }
+    cluster.shutdown().unwrap();
+}
+
+#[derive(Default)]
+struct Sum;
+impl Handler for Sum {
+    type State = u64;
+    type Request = u64;
+    type Response = u64;
+    fn handle(&self, _: &mut Context<'_>, _: &[u8], total: &mut u64, add: u64) -> u64 {
+        *total += add;
+        *total
+    }
+}
+
+/// A store whose `wait_appended` fails from call `fail_call` on, for every end past the
+/// last one it answered `Ok` (as a log whose fdatasync failed: what was durable stays
+/// so, nothing after it becomes so). A request's submitter and its instance both wait
+/// for it, and must agree.
+#[derive(Default)]
+struct FlakyWait {
+    live: MemoryStore,
+    calls: AtomicUsize,
+    fail_call: AtomicUsize,
+    /// The last end answered `Ok`, and whether a wait failed.
+    decided: parking_lot::Mutex<(Offset, bool)>,
+}
+
+impl Store for FlakyWait {
+    fn append(&self, batch: &[Entry<'_>]) -> cauce::Result<std::ops::Range<u64>> {
+        self.live.append(batch)
+    }
+    fn append_deferred(&self, batch: &[Entry<'_>]) -> cauce::Result<Deferred> {
+        Ok(Deferred {
+            offsets: self.live.append(batch)?,
+            pending: true,
+        })
+    }
+    fn wait_appended(&self, end: Offset) -> cauce::Result<()> {
+        let mut decided = self.decided.lock();
+        let n = self.calls.fetch_add(1, Ordering::SeqCst);
+        if end <= decided.0 {
+            return Ok(());
+        }
+        if decided.1 || n >= self.fail_call.load(Ordering::SeqCst) {
+            decided.1 = true;
+            return Err(Error::ReadOnly("the test's fdatasync failed".into()));
+        }
+        decided.0 = end;
+        Ok(())
+    }
+    common::forward_store_but_append!(live);
+}
+
+#[test]
+fn a_submit_whose_wait_fails_is_refused_and_not_applied() {
+    let input = Arc::new(FlakyWait::default());
+    input.fail_call.store(usize::MAX, Ordering::SeqCst);
+    let cluster = Cluster::builder(Sum)
+        .stores(input.clone(), None)
+        .instances(1)
+        .build()
+        .unwrap();
+    let client = cluster.client();
+    assert_eq!(client.submit("k", 1).unwrap().wait().unwrap(), 1);
+    // The next wait fails, the submitter's or its instance's, whichever comes first.
+    input
+        .fail_call
+        .store(input.calls.load(Ordering::SeqCst), Ordering::SeqCst);
+    let refused = client.submit("k", 100);
+    let state = client.query("k", |t: &u64| *t).unwrap().wait().unwrap();
+    assert!(refused.is_err(), "the wait did not fail for the submitter");
+    assert_eq!(state, 1, "a submit that returned Err was applied");
+    cluster.shutdown().unwrap();
+}
+
+#[test]
+fn a_request_acknowledged_before_a_failure_is_applied() {
+    let input = Arc::new(FlakyWait::default());
+    input.fail_call.store(usize::MAX, Ordering::SeqCst);
+    let cluster = Cluster::builder(Sum)
+        .stores(input.clone(), None)
+        .instances(1)
+        .build()
+        .unwrap();
+    let client = cluster.client();
+    assert_eq!(client.submit("k", 1).unwrap().wait().unwrap(), 1);
+    // The wait after next fails: the instance's, if it asks the store again after the
+    // submitter's wait (which answers `Ok` from then on for this request).
+    input
+        .fail_call
+        .store(input.calls.load(Ordering::SeqCst) + 1, Ordering::SeqCst);
+    let submitted = client
+        .submit("k", 100)
+        .expect("the submitter's wait succeeds");
+    assert_eq!(
+        submitted.wait().expect("applied"),
+        101,
+        "a request whose submit returned Ok was refused by its instance"
+    );
+    // Whichever later wait meets the failure, every wait after it fails too.
+    let later = client.submit("k", 1000).and_then(|p| p.wait());
+    let state = client.query("k", |t: &u64| *t).unwrap().wait().unwrap();
+    match later {
+        Ok(total) => assert_eq!((total, state), (1101, 1101)),
+        Err(_) => assert_eq!(state, 101, "a refused request was applied"),
+    }
+    cluster.shutdown().unwrap();
 }

@@ -42,6 +42,7 @@ use crate::launcher::{Heartbeat, Launcher, Supervised};
 use crate::record::{Entry, Offset, now};
 use crate::router::{InstanceId, key_hash};
 use crate::small::Key;
+use crate::store::Deferred;
 use crate::store::Store;
 
 const STRIPES: usize = 256;
@@ -74,6 +75,10 @@ fn unwinding_undoes<T>(append: impl FnOnce() -> T, undo: impl FnOnce()) -> T {
 /// What logging a batch gave: its pending responses, `None` if it must be routed
 /// again, or why it was not logged.
 type BatchLogged<H> = Result<Option<Vec<Pending<<H as Handler>::Response>>>>;
+
+/// A batch logged and queued under its stripes, and whether it is still to be waited for
+/// (see [`Submitted::Logged`]).
+type LockedBatch<H> = (Vec<Pending<<H as Handler>::Response>>, bool);
 
 /// The stripe locks a batch holds ([`Shared::lock_stripes`]): their indices in
 /// ascending order, and the guards in the same order.
@@ -297,9 +302,10 @@ pub(crate) struct Shared<H: Handler> {
     any_orphans: AtomicBool,
     /// Whether `retiring` holds anything (see [`Orphans::early`]).
     any_retiring: AtomicBool,
-    /// Whether the input log defers appends (`Store::defers_appends`): only then is
-    /// there anything to wait for after one.
-    defers: bool,
+    /// How far waits for deferred appends (`Store::wait_appended`) have succeeded, and
+    /// the first failure of one: see [`Shared::wait_logged`].
+    logged_ok: AtomicU64,
+    log_failure: std::sync::OnceLock<String>,
     accepting: AtomicBool,
     /// Set (and waited for) once a shutdown has ended: a second one waits for the first.
     stopped: (Mutex<bool>, parking_lot::Condvar),
@@ -368,19 +374,19 @@ pub(crate) enum BatchAppended<H: Handler> {
 
 /// What [`Shared::submit_from`] did.
 pub(crate) enum Submitted<H: Handler> {
-    /// Logged and queued, with the key's stripe released, and not waited for: the
-    /// request may not be durable yet (`Store::append_deferred`), and its submit
-    /// returns it only through [`Shared::durable`].
-    Logged(Pending<H::Response>),
+    /// Logged and queued, with the key's stripe released, and not waited for: if the
+    /// flag says so the request may not be durable yet (`Store::append_deferred`), and
+    /// its submit returns it only through [`Shared::durable`].
+    Logged(Pending<H::Response>, bool),
     /// Room taken in this instance's queue, nothing logged.
     Room(Arc<Inst<H>>),
 }
 
 impl<H: Handler> Submitted<H> {
     /// The pending response of a submit that was not asked to reserve room only.
-    pub(crate) fn logged(self) -> Result<Pending<H::Response>> {
+    pub(crate) fn logged(self) -> Result<(Pending<H::Response>, bool)> {
         match self {
-            Submitted::Logged(p) => Ok(p),
+            Submitted::Logged(p, waits) => Ok((p, waits)),
             Submitted::Room(inst) => {
                 // Only `reserve` returns room; give it back rather than leak it.
                 inst.permits.release();
@@ -575,7 +581,6 @@ impl<H: Handler> Shared<H> {
         let placement_epoch = AtomicU64::new(routing.placement.epoch());
         let checkpoint_in_store = !options.rebuild_from_log;
         let options_append_threads = options.append_threads;
-        let defers = input.defers_appends();
         let shared = Arc::new_cyclic(|me| Shared {
             handler: Arc::new(handler),
             input,
@@ -600,7 +605,8 @@ impl<H: Handler> Shared<H> {
             }),
             any_orphans: AtomicBool::new(false),
             any_retiring: AtomicBool::new(false),
-            defers,
+            logged_ok: AtomicU64::new(0),
+            log_failure: std::sync::OnceLock::new(),
             accepting: AtomicBool::new(true),
             stopped: (Mutex::new(false), parking_lot::Condvar::new()),
             stopping: AtomicBool::new(false),
@@ -902,7 +908,13 @@ impl<H: Handler> Shared<H> {
         let mut keyed = Vec::with_capacity(unanswered.len());
         let mut refused = Vec::new();
         for (offset, key, responder) in unanswered {
-            match key.map_or_else(|| self.key_at(offset), Ok) {
+            // The request it was on may be one it waited for to be durable, and the log
+            // shows it only once it is.
+            let key_at = |offset| {
+                self.wait_logged(offset + 1)?;
+                self.key_at(offset)
+            };
+            match key.map_or_else(|| key_at(offset), Ok) {
                 Ok(key) => keyed.push((offset, key, responder)),
                 // Its key's rebuild replays this very record, so it cannot be rebuilt
                 // either while the log cannot be read there.
@@ -1046,24 +1058,45 @@ impl<H: Handler> Shared<H> {
         Poll::Ready(
             logged
                 .and_then(Submitted::logged)
-                .and_then(|p| self.durable(p)),
+                .and_then(|(p, waits)| self.durable(p, waits)),
         )
     }
 
-    /// `pending` once its request is durable (see [`Submitted::Logged`]), or the error
-    /// that keeps it from being so: a failed write or fdatasync, for which its instance,
-    /// waiting for the same, refuses it too and applies nothing.
-    pub(crate) fn durable<T>(&self, pending: Pending<T>) -> Result<Pending<T>> {
-        self.wait_logged(pending.offset() + 1)?;
+    /// `pending` once its request is durable (see [`Submitted::Logged`]; at once unless
+    /// `waits`), or the error that keeps it from being so: a failed write or fdatasync,
+    /// for which its instance, waiting for the same, refuses it too and applies nothing.
+    pub(crate) fn durable<T>(&self, pending: Pending<T>, waits: bool) -> Result<Pending<T>> {
+        if waits {
+            self.wait_logged(pending.offset() + 1)?;
+        }
         Ok(pending)
     }
 
     /// Waits until the requests logged before `end` are durable (see
-    /// `Store::append_deferred`); at once for a store that does not defer.
+    /// `Store::append_deferred`). A request's submitter and its instance both wait, and
+    /// must agree: a success is remembered (and covers every offset before it), and so
+    /// is the first failure, after which every wait past the last success fails.
     pub(crate) fn wait_logged(&self, end: Offset) -> Result<()> {
-        match self.defers {
-            true => self.input.wait_appended(end),
-            false => Ok(()),
+        if end <= self.logged_ok.load(Ordering::Acquire) {
+            return Ok(());
+        }
+        if let Some(failure) = self.log_failure.get() {
+            return Err(Error::ReadOnly(format!(
+                "the input log could not make a request durable ({failure}); reopen the \
+                 cluster to recover"
+            )));
+        }
+        match self.input.wait_appended(end) {
+            Ok(()) => {
+                self.logged_ok.fetch_max(end, Ordering::AcqRel);
+                Ok(())
+            }
+            // Another wait may have seen these records durable meanwhile.
+            Err(_) if end <= self.logged_ok.load(Ordering::Acquire) => Ok(()),
+            Err(e) => {
+                let _ = self.log_failure.set(e.to_string());
+                Err(e)
+            }
         }
     }
 
@@ -1174,8 +1207,8 @@ impl<H: Handler> Shared<H> {
                     dest.permits.release();
                 },
             );
-            let offset = match appended {
-                Ok(range) => range.start,
+            let (offset, waits) = match appended {
+                Ok(appended) => (appended.offsets.start, appended.pending),
                 Err(e) => {
                     placement::unhold(&mut holders, key, before);
                     dest.permits.release();
@@ -1195,6 +1228,7 @@ impl<H: Handler> Shared<H> {
                 payload: QueuedBytes::copy_from(payload),
                 submitted: instance::sampled(offset).then(Instant::now),
                 responder: Some(responder),
+                durable: !waits,
             })));
             // A lingering instance is nudged when the submitter is about to block on the
             // answer; this moves our reference to it. One that does not linger needs no
@@ -1203,7 +1237,7 @@ impl<H: Handler> Shared<H> {
                 pending.set_answerer(dest);
             }
             // Logged, and not waited for yet: see `Submitted::Logged`.
-            return Poll::Ready(Ok(Submitted::Logged(pending)));
+            return Poll::Ready(Ok(Submitted::Logged(pending, waits)));
         }
     }
 
@@ -1304,10 +1338,10 @@ impl<H: Handler> Shared<H> {
                 Poll::Ready(Ok(logged)) => match logged.logged() {
                     // The wait for the disk comes after the thread's other appends
                     // (see `Finishes`).
-                    Ok(pending) => {
+                    Ok((pending, waits)) => {
                         let shared = shared.clone();
                         finishes.push(Box::new(move || {
-                            let durable = shared.durable(pending);
+                            let durable = shared.durable(pending, waits);
                             responder.answer(durable.map(Appended::Logged));
                         }));
                         return;
@@ -1647,14 +1681,15 @@ impl<H: Handler> Shared<H> {
             stripes,
         );
         // The stripes are released: wait for the batch to be durable (see `submit_from`).
-        if let Ok(Some(pendings)) = &logged {
-            if let Some(last) = pendings.last() {
-                if let Err(e) = self.wait_logged(last.offset() + 1) {
-                    return Poll::Ready(Err(e));
-                }
+        Poll::Ready(logged.and_then(|logged| {
+            let Some((pendings, waits)) = logged else {
+                return Ok(None);
+            };
+            if let (true, Some(last)) = (waits, pendings.last()) {
+                self.wait_logged(last.offset() + 1)?;
             }
-        }
-        Poll::Ready(logged)
+            Ok(Some(pendings))
+        }))
     }
 
     /// Every stripe of the keys with `hashes`, locked in ascending order (the order
@@ -1893,7 +1928,7 @@ impl<H: Handler> Shared<H> {
         batch: &mut Routed<H>,
         timestamp: u64,
         stripes: Stripes<'_>,
-    ) -> Result<Option<Vec<Pending<H::Response>>>> {
+    ) -> Result<Option<LockedBatch<H>>> {
         let give_back = |batch: &Routed<H>| {
             (0..items.len()).for_each(|i| batch.dest(i).permits.release());
         };
@@ -1967,6 +2002,10 @@ impl<H: Handler> Shared<H> {
                 return Err(e);
             }
         };
+        let Deferred {
+            offsets: range,
+            pending: waits,
+        } = range;
         for i in 0..items.len() {
             guards[shard_of(i)].appended_end = range.end;
         }
@@ -1993,6 +2032,7 @@ impl<H: Handler> Shared<H> {
                 payload: QueuedBytes::copy_from(&payloads[payload.clone()]),
                 submitted: instance::sampled(offset).then(Instant::now),
                 responder: Some(responder),
+                durable: !waits,
             })));
         }
         // Each instance's requests are moved into its queue in log order, from the one
@@ -2035,7 +2075,7 @@ impl<H: Handler> Shared<H> {
                 start = end;
             }
         }
-        Ok(Some(pendings))
+        Ok(Some((pendings, waits)))
     }
 
     /// Queues the handoffs for `moves`: every `Release` first, then every `Acquire`.

@@ -223,6 +223,9 @@ pub(crate) struct Queued<R> {
     pub(crate) submitted: Option<Instant>,
     /// Who waits for the answer (taken out by the instance when it starts on it).
     pub(crate) responder: Option<Responder<R>>,
+    /// Whether it was durable when queued; if not (`Store::append_deferred`), the
+    /// instance waits for that before it handles it.
+    pub(crate) durable: bool,
 }
 
 /// Whether the request at `offset` has its latency measured for the metrics: one in 8,
@@ -1404,6 +1407,7 @@ fn handle<H: Handler>(
         timestamp,
         key,
         payload,
+        durable,
         ..
     } = queued;
     // An instance declared lost while on this request has had its responder adopted by
@@ -1417,9 +1421,11 @@ fn handle<H: Handler>(
     // Queued before it was durable (its submit waits for that after releasing the key's
     // stripe: see `Shared::submit_from`), and not handled before it is. A log that
     // cannot make it durable refuses it here as it refuses its submit.
-    if let Err(e) = shared.wait_logged(offset + 1) {
-        answer(Err(e));
-        return None;
+    if !durable {
+        if let Err(e) = shared.wait_logged(offset + 1) {
+            answer(Err(e));
+            return None;
+        }
     }
     let Some(body) = fold::request_body(payload.as_slice()) else {
         // Only the cluster queues requests, always tagged; refuse anything else.

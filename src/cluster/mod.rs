@@ -671,9 +671,9 @@ impl<H: Handler> Client<H> {
     /// the poll: for an append in progress under the key's stripe lock. That is a copy
     /// into the log's buffer (a submit waits for its fdatasync under
     /// [`SyncPolicy::Always`](crate::store::SyncPolicy::Always) after releasing the
-    /// lock), except for the append that reaches
-    /// [`SyncPolicy::Every`](crate::store::SyncPolicy::Every)'s record count, which runs
-    /// its fdatasync there. The future resolves to the [`Pending`] answer once the query
+    /// lock), except for an append that rolls a segment (which syncs the one it seals)
+    /// or reaches [`SyncPolicy::Every`](crate::store::SyncPolicy::Every)'s record count,
+    /// which runs its fdatasync there. The future resolves to the [`Pending`] answer once the query
     /// is queued; dropping it before then queues nothing.
     ///
     /// ```
@@ -842,7 +842,9 @@ impl<H: Handler> Future for Submit<H> {
                             return Poll::Pending;
                         }
                         Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
-                        Poll::Ready(Ok(Submitted::Logged(p))) => return Poll::Ready(Ok(p)),
+                        Poll::Ready(Ok(Submitted::Logged(p, waits))) => {
+                            return Poll::Ready(this.shared.durable(p, waits));
+                        }
                         Poll::Ready(Ok(Submitted::Room(dest))) => {
                             let key = std::mem::take(&mut this.key);
                             let range = 0..payload.as_slice().len();
@@ -1060,7 +1062,9 @@ impl<H: Handler> SubmitBatch<H> {
                 let mut room = Room::Poll(cx);
                 let reserved = self.shared.submit_from(key, body, &mut room, None, true);
                 match ready!(reserved)? {
-                    Submitted::Logged(p) => return Poll::Ready(Ok(vec![p])),
+                    Submitted::Logged(p, waits) => {
+                        return Poll::Ready(self.shared.durable(p, waits).map(|p| vec![p]));
+                    }
                     Submitted::Room(dest) => {
                         let (key, range) = (key.clone(), range.clone());
                         let payloads =

@@ -7,7 +7,7 @@ use arc_swap::ArcSwapOption;
 
 use crate::error::{Error, Result};
 use crate::record::{Entry, Offset};
-use crate::store::{Compaction, LogStore, RecordIter, Snapshot, Store};
+use crate::store::{Compaction, Deferred, LogStore, RecordIter, Snapshot, Store};
 
 /// A [`LogStore`] that can be closed while other handles to it (clients of a shut-down
 /// cluster) still exist: closing drops the store, which syncs it and releases the
@@ -84,15 +84,17 @@ impl Store for OwnedLog {
     fn append_waits_for_disk(&self) -> bool {
         self.read(false, |l| l.append_waits_for_disk())
     }
-    fn append_deferred(&self, batch: &[Entry<'_>]) -> Result<Range<Offset>> {
+    fn append_deferred(&self, batch: &[Entry<'_>]) -> Result<Deferred> {
         self.with(|l| l.append_deferred(batch))
     }
-    fn defers_appends(&self) -> bool {
-        self.read(false, |l| l.defers_appends())
-    }
     fn wait_appended(&self, end: Offset) -> Result<()> {
-        // Closed, the log was synced as it closed.
-        self.read(Ok(()), |l| l.wait_appended(end))
+        match self.log.load().as_deref() {
+            Some(log) => log.wait_appended(end),
+            // Closed: what was visible then was durable (the close's own sync of the
+            // rest may have failed, unseen here).
+            None if end <= self.closed_at.lock().1 => Ok(()),
+            None => Err(Error::Closed),
+        }
     }
     fn sync_until(&self, offset: Offset) -> Result<()> {
         self.with(|l| l.sync_until(offset))

@@ -615,7 +615,8 @@ pub fn deferred_appends_are_appends_once_waited_for<F: Fixture>(fixture: &mut F)
                         // One record a batch, the same bytes each time.
                         let range = store
                             .append_deferred(&[Entry::new(b"deferred", b"payload")])
-                            .expect("append_deferred");
+                            .expect("append_deferred")
+                            .offsets;
                         assert_eq!(range.end - range.start, 1, "one record, one offset");
                         store.wait_appended(range.end).expect("wait_appended");
                         let first = read_all(store, range.start);

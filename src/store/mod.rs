@@ -75,6 +75,16 @@ pub struct Compaction {
     pub dropped: u64,
 }
 
+/// What [`Store::append_deferred`] appended.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Deferred {
+    /// The offsets the batch was given.
+    pub offsets: Range<Offset>,
+    /// Whether the records are not yet as durable as [`Store::append`] leaves them:
+    /// [`Store::wait_appended`] with `offsets.end` waits for that.
+    pub pending: bool,
+}
+
 /// An append-only log of records.
 ///
 /// # Contract
@@ -172,10 +182,11 @@ pub trait Store: Send + Sync + 'static {
     }
 
     /// Appends `batch` as [`append`](Store::append) does, but may return before the wait
-    /// for the disk that `append` makes under the store's sync policy: the records are
-    /// as durable as `append` would have left them (and, for a store that shows records
-    /// only once they are durable, visible to readers) once
-    /// [`wait_appended`](Store::wait_appended) has returned `Ok` for an offset past them.
+    /// for the disk that `append` makes under the store's sync policy. When it does, it
+    /// says so ([`Deferred::pending`]), and the records are as durable as `append` would
+    /// have left them (and, for a store that shows records only once they are durable,
+    /// visible to readers) once [`wait_appended`](Store::wait_appended) has returned `Ok`
+    /// for an offset past them.
     ///
     /// This is for callers that append under a lock of their own: they append with this
     /// under the lock, release it, then wait. Appends that would all wait in turn under
@@ -183,31 +194,28 @@ pub trait Store: Send + Sync + 'static {
     /// records take their offsets and nothing else may be assumed of them; if nobody
     /// waits, a later append's sync or [`sync`](Store::sync) makes them durable.
     ///
-    /// The default is [`append`](Store::append), with nothing left to wait for.
-    fn append_deferred(&self, batch: &[Entry<'_>]) -> Result<Range<Offset>> {
-        self.append(batch)
-    }
-
-    /// Whether [`append_deferred`](Store::append_deferred) can return before its records
-    /// are as durable as [`append`](Store::append) leaves them, so that
-    /// [`wait_appended`](Store::wait_appended) has anything to wait for. The default is
-    /// `false`, and callers then skip `wait_appended`; a store that defers says `true`.
-    /// It does not change while the store is open.
-    fn defers_appends(&self) -> bool {
-        false
+    /// The default is [`append`](Store::append), with nothing pending. A wrapper that
+    /// forwards this to another store forwards its answer, `pending` included.
+    fn append_deferred(&self, batch: &[Entry<'_>]) -> Result<Deferred> {
+        Ok(Deferred {
+            offsets: self.append(batch)?,
+            pending: false,
+        })
     }
 
     /// Returns once every record before `end` that
     /// [`append_deferred`](Store::append_deferred) took is as durable as
     /// [`append`](Store::append) would have made it, or with the error that keeps it from
     /// being so (the write or fdatasync that failed). Offsets never appended are not
-    /// waited for.
+    /// waited for. A failure is for good: every later wait that covers the records it
+    /// failed for fails too (a log that could not make a record durable refuses from
+    /// then on, as [`LogStore`] does), so that all who wait for a record agree on it.
     ///
     /// A store whose wait can be for the disk says so in
     /// [`append_waits_for_disk`](Store::append_waits_for_disk): callers that must not
     /// block (a future's poll) call this only when that is `false`, as they call
     /// `append`. The default returns `Ok(())` at once (the default `append_deferred`
-    /// waited already).
+    /// leaves nothing pending).
     fn wait_appended(&self, end: Offset) -> Result<()> {
         let _ = end;
         Ok(())
@@ -395,14 +403,11 @@ impl<S: Store + ?Sized> Store for std::sync::Arc<S> {
     fn append_waits_for_disk(&self) -> bool {
         (**self).append_waits_for_disk()
     }
-    fn append_deferred(&self, batch: &[Entry<'_>]) -> Result<Range<Offset>> {
+    fn append_deferred(&self, batch: &[Entry<'_>]) -> Result<Deferred> {
         (**self).append_deferred(batch)
     }
     fn wait_appended(&self, end: Offset) -> Result<()> {
         (**self).wait_appended(end)
-    }
-    fn defers_appends(&self) -> bool {
-        (**self).defers_appends()
     }
     fn truncate_before(&self, offset: Offset) -> Result<()> {
         (**self).truncate_before(offset)

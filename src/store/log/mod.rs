@@ -202,7 +202,8 @@ use parking_lot::{Condvar, Mutex, MutexGuard, RwLock};
 
 use super::tail::Tail;
 use super::{
-    Compaction, RecordIter, Snapshot, Store, check_name, check_not_past_end, check_read_range,
+    Compaction, Deferred, RecordIter, Snapshot, Store, check_name, check_not_past_end,
+    check_read_range,
 };
 use crate::error::{Error, Result};
 use crate::record::{Entry, Offset};
@@ -829,16 +830,15 @@ impl Store for LogStore {
         self.shared.append(batch)
     }
 
-    fn append_deferred(&self, batch: &[Entry<'_>]) -> Result<Range<Offset>> {
-        self.shared.append_deferred(batch)
+    fn append_deferred(&self, batch: &[Entry<'_>]) -> Result<Deferred> {
+        Ok(Deferred {
+            offsets: self.shared.append_deferred(batch)?,
+            pending: self.shared.options.sync == SyncPolicy::Always,
+        })
     }
 
     fn wait_appended(&self, end: Offset) -> Result<()> {
         self.shared.wait_appended(end)
-    }
-
-    fn defers_appends(&self) -> bool {
-        self.shared.writable && self.shared.options.sync == SyncPolicy::Always
     }
 
     fn append_waits_for_disk(&self) -> bool {
