@@ -18,7 +18,7 @@ mod common;
 /// A counter that notes every offset it handles live.
 #[derive(Default)]
 struct Noting {
-    handled: Arc<parking_lot::Mutex<Vec<Offset>>>,
+    handled: Handled,
 }
 
 impl Handler for Noting {
@@ -120,8 +120,12 @@ impl Store for Gated {
     common::forward_store_but_append!(live);
 }
 
-#[test]
-fn a_request_is_handled_only_once_it_is_durable() {
+/// The offsets a `Noting` handler handled.
+type Handled = Arc<parking_lot::Mutex<Vec<Offset>>>;
+
+/// A cluster of one instance over a `Gated` log, a first request of "k" (2) answered:
+/// the log, what the handler handled, the cluster, and that request's offset.
+fn gated_cluster() -> (Arc<Gated>, Handled, Cluster<Noting>, Offset) {
     let input = Arc::new(Gated::default());
     let handler = Noting::default();
     let handled = handler.handled.clone();
@@ -130,10 +134,16 @@ fn a_request_is_handled_only_once_it_is_durable() {
         .instances(1)
         .build()
         .expect("cluster");
-    let client = cluster.client();
-    let first = client.submit("k", 2).unwrap();
+    let first = cluster.client().submit("k", 2).unwrap();
     let first_offset = first.offset();
     assert_eq!(first.wait().unwrap(), 2);
+    (input, handled, cluster, first_offset)
+}
+
+#[test]
+fn a_request_is_handled_only_once_it_is_durable() {
+    let (input, handled, cluster, first_offset) = gated_cluster();
+    let client = cluster.client();
     input.held.store(true, Ordering::SeqCst);
     let submitter =
         std::thread::spawn(move || client.submit("k", 5).map(|p| (p.offset(), p.wait())));
@@ -167,18 +177,8 @@ fn a_request_is_handled_only_once_it_is_durable() {
 
 #[test]
 fn a_request_the_log_cannot_make_durable_is_refused_and_not_applied() {
-    let input = Arc::new(Gated::default());
-    let handler = Noting::default();
-    let handled = handler.handled.clone();
-    let cluster = Cluster::builder(handler)
-        .stores(input.clone(), None)
-        .instances(1)
-        .build()
-        .expect("cluster");
+    let (input, handled, cluster, first_offset) = gated_cluster();
     let client = cluster.client();
-    let first = client.submit("k", 2).unwrap();
-    let first_offset = first.offset();
-    assert_eq!(first.wait().unwrap(), 2);
     // As a log whose write or fdatasync failed: it fails every wait from then on.
     input.failing.store(true, Ordering::SeqCst);
     match client.submit("k", 5) {
