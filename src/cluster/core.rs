@@ -302,10 +302,9 @@ pub(crate) struct Shared<H: Handler> {
     any_orphans: AtomicBool,
     /// Whether `retiring` holds anything (see [`Orphans::early`]).
     any_retiring: AtomicBool,
-    /// How far waits for deferred appends (`Store::wait_appended`) have succeeded, and
-    /// the first failure of one: see [`Shared::wait_logged`].
+    /// How far waits for deferred appends (`Store::wait_appended`) have succeeded: see
+    /// [`Shared::wait_logged`].
     logged_ok: AtomicU64,
-    log_failure: std::sync::OnceLock<String>,
     accepting: AtomicBool,
     /// Set (and waited for) once a shutdown has ended: a second one waits for the first.
     stopped: (Mutex<bool>, parking_lot::Condvar),
@@ -606,7 +605,6 @@ impl<H: Handler> Shared<H> {
             any_orphans: AtomicBool::new(false),
             any_retiring: AtomicBool::new(false),
             logged_ok: AtomicU64::new(0),
-            log_failure: std::sync::OnceLock::new(),
             accepting: AtomicBool::new(true),
             stopped: (Mutex::new(false), parking_lot::Condvar::new()),
             stopping: AtomicBool::new(false),
@@ -1074,30 +1072,17 @@ impl<H: Handler> Shared<H> {
 
     /// Waits until the requests logged before `end` are durable (see
     /// `Store::append_deferred`). A request's submitter and its instance both wait, and
-    /// must agree: a success is remembered (and covers every offset before it), and so
-    /// is the first failure, after which every wait past the last success fails.
+    /// agree as the store answers alike for the same records (its contract: `Ok` if and
+    /// only if they are durable). A success is remembered, and covers every offset
+    /// before it; a failure is not (a later wait for records that were durable by then
+    /// is still `Ok`).
     pub(crate) fn wait_logged(&self, end: Offset) -> Result<()> {
         if end <= self.logged_ok.load(Ordering::Acquire) {
             return Ok(());
         }
-        if let Some(failure) = self.log_failure.get() {
-            return Err(Error::ReadOnly(format!(
-                "the input log could not make a request durable ({failure}); reopen the \
-                 cluster to recover"
-            )));
-        }
-        match self.input.wait_appended(end) {
-            Ok(()) => {
-                self.logged_ok.fetch_max(end, Ordering::AcqRel);
-                Ok(())
-            }
-            // Another wait may have seen these records durable meanwhile.
-            Err(_) if end <= self.logged_ok.load(Ordering::Acquire) => Ok(()),
-            Err(e) => {
-                let _ = self.log_failure.set(e.to_string());
-                Err(e)
-            }
-        }
+        self.input.wait_appended(end)?;
+        self.logged_ok.fetch_max(end, Ordering::AcqRel);
+        Ok(())
     }
 
     /// [`submit_payload`](Self::submit_payload) in two steps, for a submit whose append

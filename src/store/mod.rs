@@ -207,9 +207,11 @@ pub trait Store: Send + Sync + 'static {
     /// [`append_deferred`](Store::append_deferred) took is as durable as
     /// [`append`](Store::append) would have made it, or with the error that keeps it from
     /// being so (the write or fdatasync that failed). Offsets never appended are not
-    /// waited for. A failure is for good: every later wait that covers the records it
-    /// failed for fails too (a log that could not make a record durable refuses from
-    /// then on, as [`LogStore`] does), so that all who wait for a record agree on it.
+    /// waited for. It answers alike for the same records, whoever asks and when: `Ok` if
+    /// and only if they are durable. So a failure is for good for the records it failed
+    /// for (a log that could not make a record durable never will, as [`LogStore`]
+    /// refuses from then on), while a wait for records durable before it stays `Ok`:
+    /// every caller that waits for a record agrees on it.
     ///
     /// A store whose wait can be for the disk says so in
     /// [`append_waits_for_disk`](Store::append_waits_for_disk): callers that must not
