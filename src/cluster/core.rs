@@ -1381,21 +1381,35 @@ impl<H: Handler> Shared<H> {
     ) -> Pending<BatchAppended<H>> {
         let (answer, responder) = pending::<BatchAppended<H>>(0);
         let shared = self.clone();
-        self.run_append(Box::new(move |_: &mut Finishes| {
+        self.run_append(Box::new(move |finishes: &mut Finishes| {
             if responder.is_abandoned() {
                 // Dropping the progress gives its room back.
                 return;
             }
+            let payload_bytes = payloads.as_slice();
             let logged =
-                match shared.submit_batch_held(&items, payloads.as_slice(), &mut progress, None) {
+                match shared.submit_batch_unwaited(&items, payload_bytes, &mut progress, None) {
                     Poll::Ready(logged) => logged,
                     // Only a poll with a context is left pending.
                     Poll::Pending => Err(Error::Closed),
                 };
-            responder.answer(logged.map(|logged| match logged {
-                Some(pendings) => BatchAppended::Logged(pendings),
-                None => BatchAppended::Again(items, payloads),
-            }));
+            match logged {
+                // The wait for the disk comes after the thread's other appends (see
+                // `Finishes`), as a single submit's does.
+                Ok(Some((pendings, waits))) => {
+                    let shared = shared.clone();
+                    finishes.push(Box::new(move || {
+                        let durable = shared.batch_durable(pendings, waits);
+                        responder.answer(durable.map(BatchAppended::Logged));
+                    }));
+                }
+                Ok(None) => {
+                    responder.answer(Ok(BatchAppended::Again(items, payloads)));
+                }
+                Err(e) => {
+                    responder.answer(Err(e));
+                }
+            }
         }));
         answer
     }
@@ -1640,6 +1654,36 @@ impl<H: Handler> Shared<H> {
         progress: &mut BatchProgress<H>,
         cx: Option<&mut std::task::Context<'_>>,
     ) -> Poll<BatchLogged<H>> {
+        let logged = ready!(self.submit_batch_unwaited(items, payloads, progress, cx));
+        // The stripes are released: wait for the batch to be durable (see `submit_from`).
+        Poll::Ready(logged.and_then(|logged| match logged {
+            Some((pendings, waits)) => self.batch_durable(pendings, waits).map(Some),
+            None => Ok(None),
+        }))
+    }
+
+    /// A batch's `pendings` once its requests are durable (at once unless `waits`): see
+    /// [`durable`](Self::durable).
+    fn batch_durable(
+        &self,
+        pendings: Vec<Pending<H::Response>>,
+        waits: bool,
+    ) -> Result<Vec<Pending<H::Response>>> {
+        if let (true, Some(last)) = (waits, pendings.last()) {
+            self.wait_logged(last.offset() + 1)?;
+        }
+        Ok(pendings)
+    }
+
+    /// [`submit_batch_held`](Self::submit_batch_held) without the wait for the batch to be
+    /// durable: the pendings, and whether that wait is still to come.
+    fn submit_batch_unwaited<K: AsRef<[u8]>>(
+        &self,
+        items: &[(K, Range<usize>)],
+        payloads: &[u8],
+        progress: &mut BatchProgress<H>,
+        cx: Option<&mut std::task::Context<'_>>,
+    ) -> Poll<Result<Option<LockedBatch<H>>>> {
         let BatchProgress {
             stamp,
             held,
@@ -1657,24 +1701,14 @@ impl<H: Handler> Shared<H> {
         // (also when the store panics in its append, to the instances the batch goes to
         // then), so `full` must not give it back again as it is dropped.
         full.taken = 0;
-        let logged = self.submit_batch_locked(
+        Poll::Ready(self.submit_batch_locked(
             items,
             &stamp.hashes,
             payloads,
             &mut full.routed,
             stamp.timestamp,
             stripes,
-        );
-        // The stripes are released: wait for the batch to be durable (see `submit_from`).
-        Poll::Ready(logged.and_then(|logged| {
-            let Some((pendings, waits)) = logged else {
-                return Ok(None);
-            };
-            if let (true, Some(last)) = (waits, pendings.last()) {
-                self.wait_logged(last.offset() + 1)?;
-            }
-            Ok(Some(pendings))
-        }))
+        ))
     }
 
     /// Every stripe of the keys with `hashes`, locked in ascending order (the order
