@@ -15,14 +15,16 @@ use std::time::Duration;
 use cauce::Error;
 use cauce::cluster::{Cluster, ClusterBuilder, Pending};
 use cauce::router::StickyOptions;
-use cauce::store::MemoryStore;
+use cauce::store::{LogOptions, LogStore, MemoryStore, Store, SyncPolicy};
 use common::{Req, Resp, Service, Tally, block_on};
 use rand::{RngExt, SeedableRng, rngs::StdRng};
 
 struct Logs {
-    input: Arc<MemoryStore>,
+    input: Arc<dyn Store>,
     effects: Arc<MemoryStore>,
     placement: StickyOptions,
+    /// The input log's directory, when it is a `LogStore`.
+    _dir: Option<tempfile::TempDir>,
 }
 
 impl Logs {
@@ -53,12 +55,37 @@ fn placement() -> StickyOptions {
     StickyOptions::default().epsilon(0.2).unwrap()
 }
 
+/// The input log: in memory, or on disk under `SyncPolicy::Always` (its appends
+/// deferred: submits and instances wait for the records to be durable, and readers see
+/// them only then).
+#[derive(Clone, Copy)]
+enum Input {
+    Memory,
+    Durable,
+}
+
 fn run(seed: u64, submits: Submits, placement: StickyOptions) {
+    run_over(seed, submits, placement, Input::Memory)
+}
+
+fn run_over(seed: u64, submits: Submits, placement: StickyOptions, input: Input) {
     let mut rng = StdRng::seed_from_u64(seed);
+    let (input, dir): (Arc<dyn Store>, _) = match input {
+        Input::Memory => (Arc::new(MemoryStore::new()), None),
+        Input::Durable => {
+            let dir = tempfile::tempdir().expect("temp dir");
+            let options = LogOptions::new()
+                .sync(SyncPolicy::Always)
+                .segment_bytes(64 << 10);
+            let log = LogStore::open(dir.path(), options).expect("log");
+            (Arc::new(log), Some(dir))
+        }
+    };
     let logs = Logs {
-        input: Arc::new(MemoryStore::new()),
+        input,
         effects: Arc::new(MemoryStore::new()),
         placement,
+        _dir: dir,
     };
     let mut cluster = logs.builder().build().unwrap();
     let mut answers: HashMap<u64, cauce::Result<Resp>> = HashMap::new();
@@ -254,5 +281,17 @@ fn the_same_with_keys_shed_by_busy_instances() {
     for seed in [1, 2, 3] {
         run(seed, Submits::One, shedding);
         run(seed, Submits::BatchesAndAsync, shedding);
+    }
+}
+
+/// Over a log that fdatasyncs every request (`SyncPolicy::Always`): submits append under
+/// their keys' locks and wait for the disk after them, instances wait for the same
+/// before they handle a request, and the log shows a record only once it is durable,
+/// among the failures and membership changes above.
+#[test]
+fn the_same_over_a_log_that_syncs_every_request() {
+    for seed in [1, 2, 3] {
+        run_over(seed, Submits::One, placement(), Input::Durable);
+        run_over(seed, Submits::BatchesAndAsync, placement(), Input::Durable);
     }
 }
