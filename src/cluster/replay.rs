@@ -211,6 +211,11 @@ impl<H: Handler> Replay<H> {
     /// A handler that panics on the request panics again here: the panic hook runs
     /// (a debugger's breakpoint on `rust_panic` stops in the handler), then the panic is
     /// caught and returned as [`Error::HandlerPanicked`] with its message.
+    ///
+    /// Each call folds the key's requests from the latest checkpoint (or from the log's
+    /// first record) up to `offset`, as [`state_before`](Replay::state_before) does:
+    /// milliseconds on a log of tens of thousands of records (a trial measured about
+    /// 18 ms a call on 66,000), fine for a debugger, slow for a loop over a whole log.
     pub fn rerun(&self, offset: Offset) -> Result<Rerun<H>> {
         let record = self.record_at(offset)?;
         let body = match fold::envelope(&record)? {
