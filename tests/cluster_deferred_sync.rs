@@ -316,18 +316,6 @@ fn a_lost_instance_waiting_for_its_current_request_to_be_durable_hands_it_over()
     cluster.shutdown().unwrap();
 }
 
-#[derive(Default)]
-struct Sum;
-impl Handler for Sum {
-    type State = u64;
-    type Request = u64;
-    type Response = u64;
-    fn handle(&self, _: &mut Context<'_>, _: &[u8], total: &mut u64, add: u64) -> u64 {
-        *total += add;
-        *total
-    }
-}
-
 /// A store whose `wait_appended` fails from call `fail_call` on, for every end past the
 /// last one it answered `Ok` (as a log whose fdatasync failed: what was durable stays
 /// so, nothing after it becomes so). A request's submitter and its instance both wait
@@ -367,17 +355,24 @@ impl Store for FlakyWait {
     common::forward_store_but_append!(live);
 }
 
-#[test]
-fn a_submit_whose_wait_fails_is_refused_and_not_applied() {
+/// A cluster of one instance over a `FlakyWait` log that has not failed yet, a first
+/// request of "k" (1) answered.
+fn flaky_cluster() -> (Arc<FlakyWait>, Cluster<Noting>) {
     let input = Arc::new(FlakyWait::default());
     input.fail_call.store(usize::MAX, Ordering::SeqCst);
-    let cluster = Cluster::builder(Sum)
+    let cluster = Cluster::builder(Noting::default())
         .stores(input.clone(), None)
         .instances(1)
         .build()
         .unwrap();
+    assert_eq!(cluster.client().submit("k", 1).unwrap().wait().unwrap(), 1);
+    (input, cluster)
+}
+
+#[test]
+fn a_submit_whose_wait_fails_is_refused_and_not_applied() {
+    let (input, cluster) = flaky_cluster();
     let client = cluster.client();
-    assert_eq!(client.submit("k", 1).unwrap().wait().unwrap(), 1);
     // The next wait fails, the submitter's or its instance's, whichever comes first.
     input
         .fail_call
@@ -391,15 +386,8 @@ fn a_submit_whose_wait_fails_is_refused_and_not_applied() {
 
 #[test]
 fn a_request_acknowledged_before_a_failure_is_applied() {
-    let input = Arc::new(FlakyWait::default());
-    input.fail_call.store(usize::MAX, Ordering::SeqCst);
-    let cluster = Cluster::builder(Sum)
-        .stores(input.clone(), None)
-        .instances(1)
-        .build()
-        .unwrap();
+    let (input, cluster) = flaky_cluster();
     let client = cluster.client();
-    assert_eq!(client.submit("k", 1).unwrap().wait().unwrap(), 1);
     // The wait after next fails: the instance's, if it asks the store again after the
     // submitter's wait (which answers `Ok` from then on for this request).
     input

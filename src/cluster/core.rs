@@ -686,42 +686,43 @@ impl<H: Handler> Shared<H> {
         }
     }
 
-    /// `stripe`'s lock. Without `cx`, waited for. With one (a future's poll), tried
-    /// first: where a membership change holds it, the future waits for the change as a
-    /// future (`Pending`, `cx` woken when it ends); with no change under way the holder
-    /// is a submit appending, and it is waited for.
+    /// `stripe`'s lock, as [`poll_lock`](Self::poll_lock) takes it; with no change under
+    /// way the holder is a submit appending, and it is waited for.
     fn poll_stripe<'a>(
         &self,
         stripe: &'a Mutex<Stripe>,
         cx: Option<&mut std::task::Context<'_>>,
     ) -> Poll<MutexGuard<'a, Stripe>> {
-        let Some(cx) = cx else {
-            return Poll::Ready(stripe.lock());
-        };
-        if let Some(guard) = stripe.try_lock() {
-            return Poll::Ready(guard);
-        }
-        ready!(self.poll_changes_over(cx));
-        Poll::Ready(stripe.lock())
+        self.poll_lock(stripe, cx)
     }
 
-    /// The routing lock, as [`poll_stripe`](Self::poll_stripe) takes a stripe: with `cx`
-    /// (a future's poll) tried first, and where a membership change may hold it, waited
-    /// for as a future. For a poll that holds no stripe (a change holds the routing lock
-    /// at times while it holds every stripe: for a placement change, a rebalance over
-    /// every key, key moves).
+    /// The routing lock, as [`poll_lock`](Self::poll_lock) takes it. For a poll that
+    /// holds no stripe (a change holds the routing lock at times while it holds every
+    /// stripe: for a placement change, a rebalance over every key, key moves).
     fn poll_routing(
         &self,
         cx: Option<&mut std::task::Context<'_>>,
     ) -> Poll<MutexGuard<'_, Routing<H::State, H::Response>>> {
+        self.poll_lock(&self.routing, cx)
+    }
+
+    /// `lock`, which a membership change holds at times. Without `cx`, waited for. With
+    /// one (a future's poll), tried first: where a change is under way, the future waits
+    /// for it as a future (`Pending`, `cx` woken when it ends); otherwise the holder
+    /// holds it briefly, and it is waited for.
+    fn poll_lock<'a, T>(
+        &self,
+        lock: &'a Mutex<T>,
+        cx: Option<&mut std::task::Context<'_>>,
+    ) -> Poll<MutexGuard<'a, T>> {
         let Some(cx) = cx else {
-            return Poll::Ready(self.routing.lock());
+            return Poll::Ready(lock.lock());
         };
-        if let Some(guard) = self.routing.try_lock() {
+        if let Some(guard) = lock.try_lock() {
             return Poll::Ready(guard);
         }
         ready!(self.poll_changes_over(cx));
-        Poll::Ready(self.routing.lock())
+        Poll::Ready(lock.lock())
     }
 
     /// `Ready` when no membership change is under way; otherwise `Pending`, `cx` woken
@@ -1324,7 +1325,6 @@ impl<H: Handler> Shared<H> {
                     // The wait for the disk comes after the thread's other appends
                     // (see `Finishes`).
                     Ok((pending, waits)) => {
-                        let shared = shared.clone();
                         finishes.push(Box::new(move || {
                             let durable = shared.durable(pending, waits);
                             responder.answer(durable.map(Appended::Logged));
@@ -1397,7 +1397,6 @@ impl<H: Handler> Shared<H> {
                 // The wait for the disk comes after the thread's other appends (see
                 // `Finishes`), as a single submit's does.
                 Ok(Some((pendings, waits))) => {
-                    let shared = shared.clone();
                     finishes.push(Box::new(move || {
                         let durable = shared.batch_durable(pendings, waits);
                         responder.answer(durable.map(BatchAppended::Logged));
