@@ -8,7 +8,8 @@ use bytes::Bytes;
 use super::instance::Instance;
 use crate::error::Result;
 use crate::record::{Offset, Timestamp};
-use crate::router::{InstanceId, Pick, Sticky};
+use crate::router::table::Prepared;
+use crate::router::{InstanceId, Pick, SlotRouter, Sticky};
 use crate::small::Key;
 
 /// The routing decisions the cluster needs. The router module provides them; this trait
@@ -32,6 +33,12 @@ pub(crate) trait Placement: Send {
     fn add(&mut self, id: InstanceId, weight: u32) -> Result<()>;
     /// Removes an instance.
     fn remove(&mut self, id: InstanceId) -> Result<()>;
+    /// The router to [draft](SlotRouter::draft) membership changes on, away from the
+    /// routing lock; only [`apply`](Placement::apply) may publish what it drafts.
+    fn slot_router(&self) -> Arc<SlotRouter>;
+    /// Makes the change prepared on a draft, as its `add`s and `remove`s would have;
+    /// `false`, changing nothing, if the membership changed since the draft.
+    fn apply(&mut self, prepared: Prepared) -> bool;
     /// Changes with every membership change: the instances placements point at stay
     /// in the table while it is unchanged (a key can still move between them, placed
     /// anew after going idle or shed by an instance over its cap).
@@ -61,6 +68,12 @@ impl Placement for Sticky {
     }
     fn remove(&mut self, id: InstanceId) -> Result<()> {
         Sticky::remove(self, id).map(drop)
+    }
+    fn slot_router(&self) -> Arc<SlotRouter> {
+        Sticky::slot_router(self)
+    }
+    fn apply(&mut self, prepared: Prepared) -> bool {
+        Sticky::apply(self, prepared).is_some()
     }
     fn epoch(&self) -> crate::router::Epoch {
         self.table().epoch()

@@ -54,7 +54,7 @@ use bytes::Bytes;
 use parking_lot::Mutex;
 
 use super::hash::key_hash;
-use super::table::{SlotRouter, SlotRouterOptions, SlotTable};
+use super::table::{Prepared, SlotRouter, SlotRouterOptions, SlotTable};
 use super::{Epoch, InstanceId, Router};
 use crate::error::{Error, Result};
 use crate::record::Timestamp;
@@ -530,7 +530,9 @@ impl Hasher for HashIsKey {
 /// ```
 pub struct Sticky {
     options: StickyOptions,
-    router: SlotRouter,
+    /// Shared only with the crate's cluster, which drafts membership changes on it (see
+    /// [`slot_router`](Self::slot_router)).
+    router: Arc<SlotRouter>,
     table: Arc<SlotTable>,
     index: KeyIndex,
     states: Vec<KeyState>,
@@ -550,7 +552,7 @@ pub struct Sticky {
 impl Sticky {
     /// An empty sticky router.
     pub fn new(options: StickyOptions) -> Self {
-        let router = SlotRouter::with_options(options.router);
+        let router = Arc::new(SlotRouter::with_options(options.router));
         let table = router.table();
         Sticky {
             options,
@@ -737,6 +739,21 @@ impl Sticky {
     pub fn remove(&mut self, id: InstanceId) -> Result<Vec<Move>> {
         self.router.remove(id)?;
         Ok(self.reconcile())
+    }
+
+    /// The router whose tables this follows, to [`draft`](SlotRouter::draft) membership
+    /// changes on without holding this `Sticky` (drafting takes only the router's
+    /// builder lock); [`apply`](Self::apply) publishes them. Nothing else may change it.
+    pub(crate) fn slot_router(&self) -> Arc<SlotRouter> {
+        self.router.clone()
+    }
+
+    /// Applies a membership change prepared on a [`draft`](SlotRouter::draft), as the `add`s
+    /// and `remove`s made on the draft would have, with the same moves; `None`, changing
+    /// nothing, if the membership changed since the draft was taken.
+    pub(crate) fn apply(&mut self, prepared: Prepared) -> Option<Vec<Move>> {
+        self.router.apply(prepared)?;
+        Some(self.reconcile())
     }
 
     /// The current load of each member: its share of the last `window` routed requests
@@ -1076,6 +1093,45 @@ mod tests {
         assert_eq!(sticky.find(b"a", 7), None);
         assert_eq!(sticky.known_keys(), 0);
         assert!(sticky.index.is_empty());
+    }
+
+    /// A join and a leave prepared on drafts (as the cluster does, off its locks) move
+    /// the same keys to the same places as `add` and `remove`, and a draft taken before
+    /// another change is refused without changing anything.
+    #[test]
+    fn a_change_applied_from_a_draft_moves_keys_as_add_and_remove_do() {
+        let sticky = || {
+            let mut sticky = Sticky::new(StickyOptions::default());
+            for id in 1..=3 {
+                sticky.add(InstanceId(id), 1).unwrap();
+            }
+            for i in 0..5_000u64 {
+                sticky.route(format!("key-{}", i % 700).as_bytes(), i);
+            }
+            sticky
+        };
+        let (mut direct, mut drafted) = (sticky(), sticky());
+        let mut draft = drafted.slot_router().draft();
+        draft.add(InstanceId(4), 2).unwrap();
+        let joined = drafted.apply(draft.finish()).unwrap();
+        assert!(!joined.is_empty());
+        assert_eq!(joined, direct.add(InstanceId(4), 2).unwrap());
+        let mut draft = drafted.slot_router().draft();
+        draft.remove(InstanceId(2)).unwrap();
+        let left = drafted.apply(draft.finish()).unwrap();
+        assert_eq!(left, direct.remove(InstanceId(2)).unwrap());
+        for i in 0..700 {
+            let key = format!("key-{i}");
+            assert_eq!(
+                drafted.placement(key.as_bytes()),
+                direct.placement(key.as_bytes())
+            );
+        }
+        let stale = drafted.slot_router().draft().finish();
+        drafted.add(InstanceId(5), 1).unwrap();
+        let epoch = drafted.table().epoch();
+        assert_eq!(drafted.apply(stale), None);
+        assert_eq!(drafted.table().epoch(), epoch);
     }
 }
 

@@ -132,6 +132,7 @@ pub(super) fn ranking_head(slot: u32, members: &[MemberRow], len: usize) -> Vec<
 }
 
 /// One member's side of the matching.
+#[derive(Clone)]
 struct Seat {
     info: SeatInfo,
     cap: u32,
@@ -146,6 +147,7 @@ struct Seat {
 }
 
 /// The membership, the matching and the candidate cache.
+#[derive(Clone)]
 pub(super) struct TableBuilder {
     options: SlotRouterOptions,
     pub(super) epoch: Epoch,
@@ -707,6 +709,7 @@ impl TableBuilder {
 /// Instance id → seat, for the builder's hot loops: open addressing on a
 /// multiplicative hash, a few nanoseconds where a binary search over 1,000 ids takes
 /// tens.
+#[derive(Clone)]
 struct IndexMap {
     shift: u32,
     /// `(id, seat + 1)`; 0 marks an empty entry.
@@ -754,6 +757,7 @@ impl IndexMap {
 
 /// For each slot, a true prefix of its full ranking: the best `len` candidates, best
 /// first. A prefix may be shorter than the cache width after leaves; it is never wrong.
+#[derive(Clone)]
 struct CandidateCache {
     width: usize,
     lists: Vec<Candidate>,

@@ -573,6 +573,34 @@ impl SlotRouter {
         self.table.load().preference_list_of_hash(hash, n, out);
     }
 
+    /// A copy of the membership and matching, to change off this router's lock.
+    pub(crate) fn draft(&self) -> Draft {
+        let builder = self.builder.lock();
+        Draft {
+            base: builder.epoch,
+            builder: builder.clone(),
+        }
+    }
+
+    /// Publishes `prepared`'s table if the router has not changed since its draft was
+    /// taken: the very builder and table that the draft's `add`s and `remove`s would
+    /// have left here (the draft copied this builder, and the builder is deterministic).
+    /// Otherwise leaves the router as it is and returns `None`: make the change anew.
+    pub(crate) fn apply(&self, prepared: Prepared) -> Option<Epoch> {
+        let mut builder = self.builder.lock();
+        if builder.epoch != prepared.base {
+            return None;
+        }
+        let old = std::mem::replace(&mut *builder, prepared.builder);
+        self.table.store(prepared.table);
+        // After the table, as in `publish`.
+        self.epoch.store(builder.epoch, Ordering::Release);
+        let epoch = builder.epoch;
+        drop(builder);
+        drop(old);
+        Some(epoch)
+    }
+
     fn publish(&self, builder: &mut TableBuilder) -> Epoch {
         builder.epoch += 1;
         self.table.store(Arc::new(SlotTable::from_builder(builder)));
@@ -592,27 +620,14 @@ impl Router for SlotRouter {
     }
 
     fn add(&self, id: InstanceId, weight: u32) -> Result<Epoch> {
-        check_weight(id, weight)?;
         let mut builder = self.builder.lock();
-        match builder.weight_of(id) {
-            Some(old) if old == weight => {}
-            None if builder.len() >= MAX_INSTANCES => {
-                return Err(Error::TooManyInstances {
-                    instance: id,
-                    limit: MAX_INSTANCES,
-                });
-            }
-            _ => builder.add(id, weight),
-        }
+        add_to(&mut builder, id, weight)?;
         Ok(self.publish(&mut builder))
     }
 
     fn remove(&self, id: InstanceId) -> Result<Epoch> {
         let mut builder = self.builder.lock();
-        if builder.weight_of(id).is_none() {
-            return Err(Error::UnknownInstance(id));
-        }
-        builder.remove(id);
+        remove_from(&mut builder, id)?;
         Ok(self.publish(&mut builder))
     }
 
@@ -626,6 +641,70 @@ impl Router for SlotRouter {
     }
 }
 
+/// Adds `id` (or changes its weight) in `builder`; checks as [`Router::add`] does.
+fn add_to(builder: &mut TableBuilder, id: InstanceId, weight: u32) -> Result<()> {
+    check_weight(id, weight)?;
+    match builder.weight_of(id) {
+        Some(old) if old == weight => {}
+        None if builder.len() >= MAX_INSTANCES => {
+            return Err(Error::TooManyInstances {
+                instance: id,
+                limit: MAX_INSTANCES,
+            });
+        }
+        _ => builder.add(id, weight),
+    }
+    Ok(())
+}
+
+/// Removes `id` from `builder`; checks as [`Router::remove`] does.
+fn remove_from(builder: &mut TableBuilder, id: InstanceId) -> Result<()> {
+    if builder.weight_of(id).is_none() {
+        return Err(Error::UnknownInstance(id));
+    }
+    builder.remove(id);
+    Ok(())
+}
+
+/// A membership change worked out on a copy of a router's builder, away from every lock
+/// the router's users wait on (a join repairs the matching of every slot: tens of
+/// milliseconds on 2^16 slots), to be published later by [`SlotRouter::apply`].
+pub(crate) struct Draft {
+    /// The epoch of the table the copy was taken from.
+    base: Epoch,
+    builder: TableBuilder,
+}
+
+impl Draft {
+    /// Adds `id` (or changes its weight), as [`Router::add`] would.
+    pub(crate) fn add(&mut self, id: InstanceId, weight: u32) -> Result<()> {
+        add_to(&mut self.builder, id, weight)
+    }
+
+    /// Removes `id`, as [`Router::remove`] would.
+    pub(crate) fn remove(&mut self, id: InstanceId) -> Result<()> {
+        remove_from(&mut self.builder, id)
+    }
+
+    /// The changes made, with the table they give (built here, too).
+    pub(crate) fn finish(mut self) -> Prepared {
+        self.builder.epoch = self.base + 1;
+        let table = Arc::new(SlotTable::from_builder(&self.builder));
+        Prepared {
+            base: self.base,
+            builder: self.builder,
+            table,
+        }
+    }
+}
+
+/// A [`Draft`]'s changes and their table, ready to publish.
+pub(crate) struct Prepared {
+    base: Epoch,
+    builder: TableBuilder,
+    table: Arc<SlotTable>,
+}
+
 fn check_weight(id: InstanceId, weight: u32) -> Result<()> {
     if weight == 0 {
         return Err(Error::InvalidWeight {
@@ -634,4 +713,79 @@ fn check_weight(id: InstanceId, weight: u32) -> Result<()> {
         });
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The same members, slots and preference lists (epochs aside).
+    fn same_tables(a: &SlotTable, b: &SlotTable) {
+        assert_eq!(a.members(), b.members());
+        assert!(a.same_assignment(b));
+        let (mut pa, mut pb) = (Vec::new(), Vec::new());
+        for i in 0..2_000u64 {
+            let hash = i.wrapping_mul(0x9e37_79b9_7f4a_7c15);
+            a.preference_list_of_hash(hash, 4, &mut pa);
+            b.preference_list_of_hash(hash, 4, &mut pb);
+            assert_eq!(pa, pb, "preference lists of hash {hash:#x}");
+        }
+    }
+
+    fn router(ids: &[u32]) -> SlotRouter {
+        let router = SlotRouter::with_options(SlotRouterOptions::default().slots(1 << 12).unwrap());
+        for &id in ids {
+            router.add(InstanceId(id), 1 + id % 3).unwrap();
+        }
+        router
+    }
+
+    #[test]
+    fn an_applied_draft_publishes_what_its_changes_would_have() {
+        let (direct, drafted) = (router(&[1, 2, 3, 4]), router(&[1, 2, 3, 4]));
+        direct.add(InstanceId(9), 2).unwrap();
+        direct.remove(InstanceId(2)).unwrap();
+        let mut draft = drafted.draft();
+        draft.add(InstanceId(9), 2).unwrap();
+        draft.remove(InstanceId(2)).unwrap();
+        let prepared = draft.finish();
+        // Nothing is published before `apply`.
+        assert_eq!(drafted.epoch(), 4);
+        assert_eq!(drafted.table().members().len(), 4);
+        assert_eq!(drafted.apply(prepared), Some(5));
+        assert_eq!(drafted.epoch(), 5);
+        // One epoch for the draft's two changes; the same slots and preference lists.
+        same_tables(&direct.table(), &drafted.table());
+        // The builders agree too: a further change gives the same table on both.
+        direct.add(InstanceId(12), 1).unwrap();
+        drafted.add(InstanceId(12), 1).unwrap();
+        same_tables(&direct.table(), &drafted.table());
+    }
+
+    #[test]
+    fn a_draft_of_a_router_that_changed_since_is_not_applied() {
+        let router = router(&[1, 2, 3]);
+        let mut draft = router.draft();
+        draft.add(InstanceId(7), 1).unwrap();
+        let prepared = draft.finish();
+        router.remove(InstanceId(3)).unwrap();
+        let before = router.table();
+        assert_eq!(router.apply(prepared), None);
+        same_tables(&before, &router.table());
+        assert_eq!(router.epoch(), before.epoch());
+    }
+
+    #[test]
+    fn a_draft_refuses_what_the_router_refuses() {
+        let router = router(&[1]);
+        let mut draft = router.draft();
+        assert!(matches!(
+            draft.remove(InstanceId(5)),
+            Err(Error::UnknownInstance(InstanceId(5)))
+        ));
+        assert!(matches!(
+            draft.add(InstanceId(5), 0),
+            Err(Error::InvalidWeight { .. })
+        ));
+    }
 }
