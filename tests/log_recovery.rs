@@ -303,6 +303,88 @@ fn corruption_in_the_middle_is_an_error_not_a_cut() {
     );
 }
 
+/// Rule 14: a bad tail below a cursor or a snapshot held records that were durable (a
+/// commit or a save syncs the log up to its offset first): the writable open refuses
+/// with the cursor or snapshot named and cuts nothing; read-only opens up to the damage.
+/// Above them, the same tail is torn and cut (rule 2).
+#[test]
+fn a_bad_tail_below_a_cursor_is_damage_not_a_torn_write() {
+    for what in ["cursor", "snapshot"] {
+        let tmp = tempfile::tempdir().expect("tmp");
+        let dir = tmp.path().join("log");
+        write_log(&dir, 10, 1);
+        {
+            let log = LogStore::open(&dir, options()).expect("open");
+            match what {
+                "cursor" => log.commit_cursor("consumer", 10).expect("cursor"),
+                _ => log.save_snapshot("state", 10, b"folded").expect("snapshot"),
+            }
+        }
+        let last = segments(&dir).pop().expect("segment");
+        assert_eq!(segments(&dir).len(), 1);
+        let len = fs::metadata(&last).expect("stat").len();
+        let ends = batch_ends(&(0..10).map(|o| (o, 1)).collect::<Vec<_>>());
+        assert_eq!(ends[9].0, len);
+        // Inside the body of the last batch, whose record the cursor or snapshot covers.
+        flip(&last, ends[8].0 + 30);
+        match LogStore::open(&dir, options()) {
+            Err(Error::Corrupt {
+                path,
+                offset,
+                reason,
+                ..
+            }) => {
+                assert_eq!(path, last);
+                assert_eq!(offset, Some(9));
+                assert!(reason.contains(what), "{what}: {reason}");
+                assert!(reason.contains("offset 10"), "{reason}");
+            }
+            other => panic!("{what}: expected Corrupt, got {other:?}"),
+        }
+        assert_eq!(fs::metadata(&last).expect("stat").len(), len, "nothing cut");
+        let log = LogStore::open_read_only(&dir, options()).expect("read-only open");
+        assert!(matches!(log.corruption(), Some(Error::Corrupt { .. })));
+        let got = read_all(&log);
+        assert_eq!(got.len(), 9);
+        got.iter().for_each(assert_is_original);
+    }
+    // A cursor short of the tail: the tail is torn, and cut.
+    let tmp = tempfile::tempdir().expect("tmp");
+    let dir = tmp.path().join("log");
+    write_log(&dir, 10, 1);
+    LogStore::open(&dir, options())
+        .expect("open")
+        .commit_cursor("consumer", 9)
+        .expect("cursor");
+    let last = segments(&dir).pop().expect("segment");
+    let ends = batch_ends(&(0..10).map(|o| (o, 1)).collect::<Vec<_>>());
+    flip(&last, ends[8].0 + 30);
+    let log = LogStore::open(&dir, options()).expect("a torn tail above the cursor");
+    assert_eq!(read_all(&log).len(), 9);
+    assert_eq!(log.cursor("consumer").expect("cursor"), Some(9));
+}
+
+/// Rule 14 with no segment left at all: the cursor says records were durable.
+#[test]
+fn a_log_without_segments_below_its_cursor_is_damage() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let dir = tmp.path().join("log");
+    write_log(&dir, 10, 1);
+    LogStore::open(&dir, options())
+        .expect("open")
+        .commit_cursor("consumer", 10)
+        .expect("cursor");
+    for file in segments(&dir) {
+        fs::remove_file(file).expect("remove");
+    }
+    match LogStore::open(&dir, options()) {
+        Err(Error::Corrupt { reason, .. }) => {
+            assert!(reason.contains("cursor \"consumer\""), "{reason}");
+        }
+        other => panic!("expected Corrupt, got {other:?}"),
+    }
+}
+
 /// Rule 3: a read-only view stops at damage, but `verify` reports the damage (in a
 /// sealed segment and in the newest one), not just that the view checks out.
 #[test]

@@ -171,7 +171,9 @@ pub(crate) fn read_start(dir: &Path) -> Result<Option<Offset>> {
             path,
             0,
             None,
-            "start offset file fails its checks",
+            "start offset file fails its checks (it is written whole, so this is damage, \
+             not a torn write; without the file, the log starts at its first segment, \
+             which can hold records that retention dropped)",
         ));
     }
     Ok(Some(le64(&b, 8)))
@@ -348,6 +350,15 @@ impl CursorJournal {
         self.cursors.get(name).copied()
     }
 
+    /// The cursor that stands furthest, with its position (the first name of those
+    /// that stand there, so that errors name the same one every time).
+    fn furthest(&self) -> Option<(&str, Offset)> {
+        self.cursors
+            .iter()
+            .map(|(name, &offset)| (name.as_str(), offset))
+            .max_by(|a, b| a.1.cmp(&b.1).then(b.0.cmp(a.0)))
+    }
+
     /// Appends and fdatasyncs one entry (rewriting the journal when it grew large).
     pub(crate) fn commit(&mut self, name: &str, offset: Offset) -> Result<()> {
         let Some(file) = self.file.as_mut() else {
@@ -433,6 +444,44 @@ fn list_snapshots(sdir: &Path) -> Result<Vec<Offset>> {
         }
     }
     Ok(offsets)
+}
+
+/// How far the log was durable when its cursors and snapshots were committed: the
+/// furthest offset any of them stands at (a commit and a save sync the log up to their
+/// offset first), and what stands there, to name in an error. A snapshot counts by its
+/// file's name, whether or not its contents pass their checks: it was renamed into place
+/// only after that sync. `None` when there is neither.
+pub(crate) fn durable_floor(
+    dir: &Path,
+    cursors: &CursorJournal,
+) -> Result<Option<(Offset, String)>> {
+    let mut floor = cursors
+        .furthest()
+        .map(|(name, offset)| (offset, format!("cursor {name:?}")));
+    let root = dir.join(SNAPSHOT_DIR);
+    let names = match fs::read_dir(&root) {
+        Ok(names) => names,
+        Err(e) if e.kind() == ErrorKind::NotFound => return Ok(floor),
+        Err(e) => return Err(Error::io("list", &root, e)),
+    };
+    let mut found = Vec::new();
+    for entry in names {
+        let entry = entry.map_err(|e| Error::io("list", &root, e))?;
+        let Some(name) = entry.file_name().to_str().map(str::to_owned) else {
+            continue;
+        };
+        if let Some(&offset) = list_snapshots(&entry.path())?.iter().max() {
+            found.push((offset, name));
+        }
+    }
+    // The same one named whatever order the directory lists them in.
+    found.sort_unstable_by(|a, b| a.0.cmp(&b.0).then(b.1.cmp(&a.1)));
+    if let Some((offset, name)) = found.pop() {
+        if floor.as_ref().is_none_or(|(at, _)| offset > *at) {
+            floor = Some((offset, format!("snapshot {name:?}")));
+        }
+    }
+    Ok(floor)
 }
 
 /// The snapshot of `name` with the highest offset whose checks pass.

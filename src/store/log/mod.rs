@@ -67,7 +67,8 @@
 //! 2. **A torn tail is cut**: in the newest segment, a bad batch (header checksum, body
 //!    checksum, framing, or a length past the end of the file) with no valid batch at any
 //!    aligned position after it is the trace of a write that a crash interrupted; the file
-//!    is truncated there and fdatasync'd, and its records were never acknowledged.
+//!    is truncated there and fdatasync'd, and its records were never acknowledged
+//!    (unless a cursor or snapshot says otherwise: rule 14).
 //!    (`torn_tail_is_cut_not_returned`,
 //!    `truncating_the_last_segment_at_any_byte_keeps_exactly_the_whole_records_before_it`,
 //!    and the SIGKILL test in `tests/log_crash.rs`)
@@ -137,6 +138,13 @@
 //!     (`damaged_newest_snapshot_falls_back_to_the_previous_one`)
 //! 13. **One writer per directory**: a second writable open, in this process or another,
 //!     is [`Error::Locked`]. (`second_writable_open_of_a_directory_is_locked`)
+//! 14. **No cut below a cursor or a snapshot**: committing a cursor or saving a snapshot
+//!     makes the records before its offset durable first, so a log whose whole records
+//!     end before the furthest cursor or snapshot has lost durable records. What rule 2
+//!     would cut as a torn tail is then damage: opening for writing fails with
+//!     [`Error::Corrupt`] naming the newest segment, the byte where its whole records
+//!     end, and the cursor or snapshot, and cuts nothing; [`LogStore::open_read_only`]
+//!     opens up to the damage. (`a_bad_tail_below_a_cursor_is_damage_not_a_torn_write`)
 //!
 //! # Durability and visibility
 //!
@@ -590,8 +598,9 @@ impl LogStore {
 
     fn build(dir: &Path, options: LogOptions, lock: Option<File>) -> Result<LogStore> {
         let writable = lock.is_some();
-        let recovered = recovery::recover(dir, &options, writable)?;
         let (cursors, journal_damage) = meta::CursorJournal::open(dir, writable)?;
+        let floor = meta::durable_floor(dir, &cursors)?;
+        let recovered = recovery::recover(dir, &options, writable, floor.as_ref())?;
         // Read-only, the segments' damage is the one reported; the journal's is logged.
         if let (Some(_), Some(journal)) = (&recovered.corruption, &journal_damage) {
             tracing::warn!(error = %journal, "the cursor journal is damaged too");

@@ -100,8 +100,15 @@ fn scan_segment(data: &[u8], base: Offset, interval: u64) -> Scanned {
     }
 }
 
-/// Opens (and, when `writable`, repairs) the log in `dir`.
-pub(crate) fn recover(dir: &Path, options: &LogOptions, writable: bool) -> Result<Recovered> {
+/// Opens (and, when `writable`, repairs) the log in `dir`. `floor` is how far the log was
+/// durable by its cursors and snapshots ([`meta::durable_floor`]): a log that ends
+/// before it has lost durable records, so its bad tail is damage, not a torn write.
+pub(crate) fn recover(
+    dir: &Path,
+    options: &LogOptions,
+    writable: bool,
+    floor: Option<&(Offset, String)>,
+) -> Result<Recovered> {
     if writable {
         compact::settle(dir)?;
         meta::remove_temporaries(dir)?;
@@ -110,6 +117,17 @@ pub(crate) fn recover(dir: &Path, options: &LogOptions, writable: bool) -> Resul
     let mut bases = list_segments(dir)?;
     if bases.is_empty() {
         let base = meta_start.unwrap_or(0);
+        if let Some((at, what)) = floor.filter(|(at, _)| *at > base) {
+            return Err(Error::corrupt(
+                dir,
+                0,
+                Some(base),
+                format!(
+                    "no segment file, but {what} stands at offset {at}: the records before \
+                     it were durable"
+                ),
+            ));
+        }
         if !writable {
             return Ok(Recovered {
                 segments: Vec::new(),
@@ -149,7 +167,7 @@ pub(crate) fn recover(dir: &Path, options: &LogOptions, writable: bool) -> Resul
     let mut next = None;
     if corruption.is_none() {
         let has_prev = !segments.is_empty();
-        match open_last(dir, last_base, has_prev, options, writable) {
+        match open_last(dir, last_base, has_prev, options, writable, floor) {
             Ok((seg, last_next, found)) => {
                 corruption = found;
                 segments.push(Arc::new(seg));
@@ -254,13 +272,15 @@ fn open_sealed(dir: &Path, base: Offset, options: &LogOptions, writable: bool) -
 
 /// Opens the newest segment: scans it, cuts a torn tail, repairs a torn header, and
 /// fdatasyncs it. Returns the segment, the next offset, and (read-only) the damage
-/// where the view stopped.
+/// where the view stopped. A segment whose whole batches end before `floor` lost
+/// durable records: that is damage (an error when `writable`, cutting nothing).
 fn open_last(
     dir: &Path,
     base: Offset,
     has_prev: bool,
     options: &LogOptions,
     writable: bool,
+    floor: Option<&(Offset, String)>,
 ) -> Result<(Segment, Offset, Option<Error>)> {
     let path = segment::segment_path(dir, base);
     let file = open_file(&path, writable)?;
@@ -271,6 +291,33 @@ fn open_last(
     }
     let scanned = scan_segment(&data, base, options.index_interval_bytes);
     let mut corruption = None;
+    let whole_end = match &scanned.end {
+        ScanEnd::Clean => Some(data.len() as u64),
+        ScanEnd::Zeros { position } | ScanEnd::Torn { position, .. } => Some(*position),
+        // Damage whatever the floor: reported below.
+        ScanEnd::Corrupt { .. } => None,
+    };
+    let short_of_floor = match (whole_end, floor) {
+        (Some(position), Some((at, what))) if scanned.next < *at => Some((position, at, what)),
+        _ => None,
+    };
+    if let Some((position, at, what)) = short_of_floor {
+        let e = Error::corrupt(
+            &path,
+            position,
+            Some(scanned.next),
+            format!(
+                "the log's whole records end at offset {}, but {what} stands at offset \
+                 {at}: the records before it were durable, so this is not a torn tail",
+                scanned.next
+            ),
+        );
+        if writable {
+            return Err(e);
+        }
+        let seg = Segment::new(base, path, file, position, false, Some(scanned.entries));
+        return Ok((seg, scanned.next, Some(e)));
+    }
     let data_end = match scanned.end {
         ScanEnd::Clean => data.len() as u64,
         ScanEnd::Zeros { position } => {
