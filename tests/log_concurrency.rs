@@ -42,7 +42,9 @@ fn appenders_readers_compaction_and_retention_together_keep_every_record_whole()
                     .sync(policy)
                     .segment_bytes(seg)
                     // Sealed segments read through kept mappings in two rounds of three.
-                    .keep_mapped(round != 1),
+                    .keep_mapped(round != 1)
+                    // Sealed files closed and opened again as readers go, in two.
+                    .max_open_segments(if round == 2 { 128 } else { 2 }),
             )
             .unwrap(),
         );

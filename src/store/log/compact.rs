@@ -79,7 +79,13 @@ fn decode_marker(b: &[u8]) -> Option<Vec<Offset>> {
 /// commit (rule 9). Run by a writable open before anything else, and by
 /// [`Shared::compact`] before it writes anything. Returns the bases the marker listed,
 /// whose segment files may now be other files than the ones the store has open.
-pub(crate) fn settle(dir: &Path) -> Result<Vec<Offset>> {
+///
+/// `before_swap` runs with the bases the marker lists before any file is renamed (a
+/// store retires its segments there: see `OpenFiles`).
+pub(crate) fn settle(
+    dir: &Path,
+    before_swap: impl FnOnce(&[Offset]) -> Result<()>,
+) -> Result<Vec<Offset>> {
     let marker = dir.join(MARKER);
     let mut listed = Vec::new();
     if let Some(bytes) = meta::read_if_exists(&marker)? {
@@ -93,6 +99,7 @@ pub(crate) fn settle(dir: &Path) -> Result<Vec<Offset>> {
             )
         })?;
         tracing::warn!("rolling an interrupted compaction forward");
+        before_swap(&bases)?;
         // Each listed file was whole on disk before the marker was written; one that is
         // not is damage, and renaming it would put it in place of a good segment. Left
         // out, it is deleted below, and its segment stays: it holds every record the
@@ -170,7 +177,7 @@ fn swap(dir: &Path, bases: &[Offset]) -> Result<()> {
 pub(crate) fn records_of(seg: &Segment) -> Result<Vec<Record>> {
     let end = seg.end.load(Ordering::Acquire);
     let mut data = vec![0u8; end as usize];
-    seg.file
+    seg.file()?
         .read_exact_at(&mut data, 0)
         .map_err(|e| Error::io("read", &seg.path, e))?;
     let data = Bytes::from(data);
@@ -245,8 +252,7 @@ impl Shared {
         let _maintenance = self.maintenance.lock();
         // No marker may be on disk while the `.log.compact` files below are written: a
         // stale one would roll a half-written file over its segment after a crash.
-        let listed = settle(&self.dir)?;
-        self.reopen_sealed(&listed)?;
+        self.settle_under_readers()?;
         let until = {
             let mut st = self.writer.lock();
             // Seal every record appended so far, unless a roll by an appender already did
@@ -271,7 +277,7 @@ impl Shared {
         // earlier one, may hold records only in the page cache. Cheap next to the reads.
         for seg in &sealed {
             self.syncs.fetch_add(1, Ordering::Relaxed);
-            seg.file
+            seg.file()?
                 .sync_data()
                 .map_err(|e| Error::io("fdatasync", &seg.path, e))?;
         }
@@ -285,8 +291,8 @@ impl Shared {
         }
         let (mut kept, mut dropped) = (0u64, 0u64);
         let mut rewritten = Vec::new();
-        for seg in &sealed {
-            let records = records_of(seg)?;
+        for seg in sealed {
+            let records = records_of(&seg)?;
             let before = records.len();
             let keep: Vec<Record> = records
                 .into_iter()
@@ -310,19 +316,31 @@ impl Shared {
         if !rewritten.is_empty() {
             meta::sync_dir(&self.dir)?;
             let bases: Vec<Offset> = rewritten.iter().map(|(b, _, _)| *b).collect();
+            // Held from before the renames until the list names the rewrites, so that
+            // no reader takes an old segment whose path names its rewrite by then; the
+            // readers that hold one keep its file (`OpenFiles`). (The renames and the
+            // marker's fsyncs hold up rolls, and readers moving to another segment, for
+            // those few milliseconds.)
+            let mut segments = self.segments.write();
+            for seg in segments.iter().filter(|s| bases.contains(&s.base)) {
+                seg.retire(Arc::strong_count(seg) > 1)?;
+            }
             meta::write_atomic(&self.dir, MARKER, &encode_marker(&bases))?;
             swap(&self.dir, &bases)?;
-            let mut segments = self.segments.write();
             for (base, len, entries) in rewritten {
                 let path = segment::segment_path(&self.dir, base);
-                let file = OpenOptions::new()
-                    .read(true)
-                    .open(&path)
-                    .map_err(|e| Error::io("open", &path, e))?;
                 if let Err(e) = index::write(&self.dir, base, &entries) {
                     tracing::warn!("could not write the index of {}: {e}", path.display());
                 }
-                let seg = Arc::new(Segment::new(base, path, file, len, true, Some(entries)));
+                let seg = Arc::new(Segment::new(
+                    base,
+                    path,
+                    None,
+                    &self.files,
+                    len,
+                    true,
+                    Some(entries),
+                ));
                 if let Some(slot) = segments.iter_mut().find(|s| s.base == base) {
                     *slot = seg;
                 }
@@ -335,28 +353,38 @@ impl Shared {
         })
     }
 
-    /// Opens the files of the sealed segments at `bases` again, for those whose file a
-    /// rolled-forward compaction replaced under the store (readers that hold the old
-    /// segment keep reading it). Their index is loaded when first needed.
-    fn reopen_sealed(&self, bases: &[Offset]) -> Result<()> {
-        if bases.is_empty() {
-            return Ok(());
-        }
+    /// Settles the directory (rolls forward a compaction whose swap failed earlier in
+    /// this process), and gives the segments whose file that replaced new entries in the
+    /// list, as `compact` does for its own swap: readers that hold an old segment keep
+    /// reading its file. Their index is loaded when first needed.
+    fn settle_under_readers(&self) -> Result<()> {
         let mut segments = self.segments.write();
+        let listed = settle(&self.dir, |bases| {
+            let replaced = segments
+                .iter()
+                .filter(|s| bases.contains(&s.base) && s.sealed.load(Ordering::Acquire));
+            for seg in replaced {
+                seg.retire(Arc::strong_count(seg) > 1)?;
+            }
+            Ok(())
+        })?;
         for slot in segments.iter_mut() {
-            if !bases.contains(&slot.base) || !slot.sealed.load(Ordering::Acquire) {
+            if !listed.contains(&slot.base) || !slot.sealed.load(Ordering::Acquire) {
                 continue;
             }
             let path = segment::segment_path(&self.dir, slot.base);
-            let file = OpenOptions::new()
-                .read(true)
-                .open(&path)
-                .map_err(|e| Error::io("open", &path, e))?;
-            let len = file
-                .metadata()
+            let len = fs::metadata(&path)
                 .map_err(|e| Error::io("stat", &path, e))?
                 .len();
-            *slot = Arc::new(Segment::new(slot.base, path, file, len, true, None));
+            *slot = Arc::new(Segment::new(
+                slot.base,
+                path,
+                None,
+                &self.files,
+                len,
+                true,
+                None,
+            ));
         }
         Ok(())
     }

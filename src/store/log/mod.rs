@@ -234,7 +234,9 @@ use index::IndexEntry;
 pub(crate) struct Segment {
     pub(crate) base: Offset,
     pub(crate) path: PathBuf,
-    pub(crate) file: File,
+    /// Its file, while open: see [`Segment::file`].
+    file: Arc<FileSlot>,
+    files: Arc<OpenFiles>,
     /// Bytes of whole batches in the file (header included); the active segment's grows
     /// as the writer writes.
     pub(crate) end: AtomicU64,
@@ -253,19 +255,86 @@ pub(crate) struct Segment {
     pub(crate) mapped: std::sync::OnceLock<Option<Bytes>>,
 }
 
+/// The open files of a store's sealed segments. A log keeps every segment it holds, so
+/// a file descriptor for each (as until now) let a long or often compacted log outgrow the
+/// usual limit of 1,024 open files: its open failed with `EMFILE`. At most `limit` sealed
+/// segments stay open between reads, the least recently opened closed first; a closed
+/// one is opened again by its path when next read. The active segment stays open.
+///
+/// A path names the same file for as long as its segment is in the store's list:
+/// compaction renames a rewrite over a path, and retention unlinks one, only after they
+/// took the segment out of the list (under its lock) and [pinned](Segment::pin) the file
+/// of each one that a reader still holds, so that readers keep reading the old file, as
+/// they did when every file stayed open.
+pub(crate) struct OpenFiles {
+    limit: usize,
+    /// Slots in the order their files were opened; some closed or gone since.
+    order: Mutex<std::collections::VecDeque<std::sync::Weak<FileSlot>>>,
+}
+
+impl OpenFiles {
+    pub(crate) fn new(limit: usize) -> Arc<OpenFiles> {
+        Arc::new(OpenFiles {
+            limit: limit.max(1),
+            order: Mutex::new(std::collections::VecDeque::new()),
+        })
+    }
+
+    /// Counts `slot`'s file as open, closing the least recently opened ones past the
+    /// limit (a reader that holds one keeps it open until it is done).
+    fn opened(&self, slot: &Arc<FileSlot>) {
+        let mut order = self.order.lock();
+        order.push_back(Arc::downgrade(slot));
+        while order.len() > self.limit {
+            let Some(oldest) = order.pop_front() else {
+                break;
+            };
+            if let Some(oldest) = oldest.upgrade() {
+                let mut file = oldest.file.lock();
+                if !oldest.pinned.load(Ordering::Relaxed) {
+                    file.take();
+                }
+            }
+        }
+    }
+}
+
+/// A segment's file, open or closed (see [`OpenFiles`]).
+#[derive(Default)]
+pub(crate) struct FileSlot {
+    file: Mutex<Option<Arc<File>>>,
+    /// Never closed: the path may name another file by now, or none.
+    pinned: AtomicBool,
+    /// Replaced by compaction or deleted by retention: nothing to make durable.
+    gone: AtomicBool,
+}
+
 impl Segment {
+    /// A segment whose file is `file`, or, for `None`, the file its path names (opened
+    /// when first needed). A sealed one's open file counts toward `files`' limit; the
+    /// active segment's counts once it is sealed ([`Segment::sealed_now`]).
     pub(crate) fn new(
         base: Offset,
         path: PathBuf,
-        file: File,
+        file: Option<File>,
+        files: &Arc<OpenFiles>,
         end: u64,
         sealed: bool,
         index: Option<Vec<IndexEntry>>,
     ) -> Segment {
+        let open = file.is_some();
+        let slot = Arc::new(FileSlot {
+            file: Mutex::new(file.map(Arc::new)),
+            ..FileSlot::default()
+        });
+        if open && sealed {
+            files.opened(&slot);
+        }
         Segment {
             base,
             path,
-            file,
+            file: slot,
+            files: files.clone(),
             end: AtomicU64::new(end),
             sealed: AtomicBool::new(sealed),
             index: Mutex::new(index),
@@ -274,6 +343,49 @@ impl Segment {
             damage: None,
             mapped: std::sync::OnceLock::new(),
         }
+    }
+
+    /// Its file, opened again by its path if it was closed to keep under the limit of
+    /// open files (only a sealed segment's is, and only while its path names it).
+    pub(crate) fn file(&self) -> Result<Arc<File>> {
+        let mut slot = self.file.file.lock();
+        if let Some(file) = slot.as_ref() {
+            return Ok(file.clone());
+        }
+        let file = Arc::new(File::open(&self.path).map_err(|e| Error::io("open", &self.path, e))?);
+        *slot = Some(file.clone());
+        drop(slot);
+        self.files.opened(&self.file);
+        Ok(file)
+    }
+
+    /// Counts the file of a segment just sealed toward the limit of open files.
+    pub(crate) fn sealed_now(&self) {
+        if self.file.file.lock().is_some() {
+            self.files.opened(&self.file);
+        }
+    }
+
+    /// Marks the segment replaced or deleted, and keeps its file open for as long as
+    /// the segment lives if `held` (a reader may still read it): called after it left
+    /// the store's list and before its path is renamed over or unlinked.
+    pub(crate) fn retire(&self, held: bool) -> Result<()> {
+        self.file.gone.store(true, Ordering::Release);
+        if !held {
+            return Ok(());
+        }
+        let mut slot = self.file.file.lock();
+        if slot.is_none() {
+            let file = File::open(&self.path).map_err(|e| Error::io("open", &self.path, e))?;
+            *slot = Some(Arc::new(file));
+        }
+        self.file.pinned.store(true, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// Whether compaction replaced it or retention deleted it.
+    pub(crate) fn is_gone(&self) -> bool {
+        self.file.gone.load(Ordering::Acquire)
     }
 
     fn add_index_entry(&self, offset: Offset, position: u64) {
@@ -366,6 +478,8 @@ pub(crate) struct Shared {
     flush_epoch: epoch::FlushEpoch,
     tail: Tail,
     segments: RwLock<Vec<Arc<Segment>>>,
+    /// The open files of the sealed segments.
+    files: Arc<OpenFiles>,
     start: AtomicU64,
     cursors: Mutex<meta::CursorJournal>,
     /// Serialises retention and compaction.
@@ -434,7 +548,7 @@ impl Shared {
                 let (entries, from_file) = index::load_or_rebuild(
                     &self.dir,
                     seg.base,
-                    &seg.file,
+                    &*seg.file()?,
                     seg.end.load(Ordering::Acquire),
                     self.options.index_interval_bytes,
                     self.writable,
@@ -448,7 +562,7 @@ impl Shared {
                 None => return Ok(segment::SEGMENT_HEADER_LEN as u64),
                 Some(e)
                     if !seg.index_from_file.load(Ordering::Relaxed)
-                        || index::points_at_its_batch(&seg.file, e) =>
+                        || index::points_at_its_batch(&*seg.file()?, e) =>
                 {
                     return Ok(e.position);
                 }
@@ -499,6 +613,9 @@ impl Shared {
             segments.drain(..keep_from).collect()
         };
         for seg in &doomed {
+            // Out of the list, so no reader can take it any more: one that holds it
+            // keeps reading its file (see `OpenFiles`).
+            seg.retire(Arc::strong_count(seg) > 1)?;
             meta::remove_if_exists(&seg.path)?;
             meta::remove_if_exists(&index::index_path(&self.dir, seg.base))?;
         }
@@ -600,7 +717,8 @@ impl LogStore {
         let writable = lock.is_some();
         let (cursors, journal_damage) = meta::CursorJournal::open(dir, writable)?;
         let floor = meta::durable_floor(dir, &cursors)?;
-        let recovered = recovery::recover(dir, &options, writable, floor.as_ref())?;
+        let files = OpenFiles::new(options.max_open_segments);
+        let recovered = recovery::recover(dir, &options, writable, floor.as_ref(), &files)?;
         // Read-only, the segments' damage is the one reported; the journal's is logged.
         if let (Some(_), Some(journal)) = (&recovered.corruption, &journal_damage) {
             tracing::warn!(error = %journal, "the cursor journal is damaged too");
@@ -612,7 +730,8 @@ impl LogStore {
             Ok(Arc::new(Segment::new(
                 recovered.start,
                 dir.join("(none)"),
-                file,
+                Some(file),
+                &files,
                 segment::SEGMENT_HEADER_LEN as u64,
                 false,
                 Some(Vec::new()),
@@ -666,6 +785,7 @@ impl LogStore {
             flush_epoch: epoch::FlushEpoch::default(),
             tail: Tail::new(recovered.next),
             segments: RwLock::new(segments),
+            files,
             start: AtomicU64::new(recovered.start),
             cursors: Mutex::new(cursors),
             maintenance: Mutex::new(()),
@@ -772,7 +892,7 @@ impl LogStore {
         for seg in segments.iter().filter(|s| s.path.extension().is_some()) {
             let end = seg.end.load(Ordering::Acquire);
             let mut data = vec![0u8; end as usize];
-            std::os::unix::fs::FileExt::read_exact_at(&seg.file, &mut data, 0)
+            std::os::unix::fs::FileExt::read_exact_at(&*seg.file()?, &mut data, 0)
                 .map_err(|e| Error::io("read", &seg.path, e))?;
             segment::check_header_base(&data, seg.base, &seg.path)?;
             if let Some((prev_end, prev_path)) = before.filter(|(e, _)| *e > seg.base) {

@@ -61,6 +61,7 @@ pub struct LogOptions {
     pub(crate) preallocate: bool,
     pub(crate) write_buffer_bytes: usize,
     pub(crate) keep_mapped: bool,
+    pub(crate) max_open_segments: usize,
 }
 
 impl Default for LogOptions {
@@ -73,6 +74,7 @@ impl Default for LogOptions {
             preallocate: true,
             write_buffer_bytes: 512 << 10,
             keep_mapped: false,
+            max_open_segments: 128,
         }
     }
 }
@@ -85,7 +87,7 @@ impl LogOptions {
 
     /// The defaults: [`SyncPolicy::Always`], 64 MiB segments (preallocated), records up
     /// to 8 MiB, an index entry every 4 KiB, a 512 KiB write buffer, no mapping kept
-    /// between reads.
+    /// between reads, at most 128 sealed segment files open.
     pub fn new() -> Self {
         LogOptions::default()
     }
@@ -161,6 +163,18 @@ impl LogOptions {
         self
     }
 
+    /// How many sealed segment files stay open between reads (default 128; at least 1).
+    /// A log holds a file per segment (64 MiB by default, fewer bytes when compacted or
+    /// with a smaller [`segment_bytes`](Self::segment_bytes)); past this many, the least
+    /// recently opened is closed, and opened again when next read. So a long log opens,
+    /// and is read end to end, within the usual limit of 1,024 open files (`ulimit -n`),
+    /// whatever its length. The active segment stays open, and so does one a reader is
+    /// reading; a mapped window or a [kept mapping](Self::keep_mapped) needs no open file.
+    pub fn max_open_segments(mut self, files: usize) -> Self {
+        self.max_open_segments = files;
+        self
+    }
+
     /// The sync policy set.
     pub fn sync_policy(&self) -> SyncPolicy {
         self.sync
@@ -185,6 +199,11 @@ impl LogOptions {
                 self.max_record_bytes,
                 u32::MAX
             )));
+        }
+        if self.max_open_segments == 0 {
+            return Err(Error::Config(
+                "max_open_segments is 0, it must be at least 1".into(),
+            ));
         }
         if self.index_interval_bytes == 0
             || self.index_interval_bytes > LogOptions::MAX_INDEX_INTERVAL_BYTES

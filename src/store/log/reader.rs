@@ -53,12 +53,9 @@ fn map_window(seg: &Segment, pos: u64, want: usize, end: u64) -> Option<Bytes> {
     // retention unlinks whole files, and a mapping keeps the old file's pages. What is
     // left is damage from outside (a segment shortened by hand while it is read), which
     // faults the reader as it would any memory-mapped store; the module docs say so.
-    let map = unsafe {
-        memmap2::MmapOptions::new()
-            .offset(pos)
-            .len(len)
-            .map(&seg.file)
-    };
+    // Could not be opened: the read that follows reports why.
+    let file = seg.file().ok()?;
+    let map = unsafe { memmap2::MmapOptions::new().offset(pos).len(len).map(&*file) };
     match map {
         Ok(map) => Some(Bytes::from_owner(map)),
         Err(e) => {
@@ -211,7 +208,7 @@ impl LogReader {
                 } else {
                     buf.resize(len, 0);
                 }
-                seg.file
+                seg.file()?
                     .read_exact_at(&mut buf, pos)
                     .map_err(|e| Error::io("read", &seg.path, e))?;
                 self.chunk = buf.freeze();

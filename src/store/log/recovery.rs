@@ -9,7 +9,7 @@ use std::sync::Arc;
 use super::index::IndexEntry;
 use super::segment::{self, SEGMENT_HEADER_LEN, ScanEnd};
 use super::writer::create_segment;
-use super::{LogOptions, Segment, compact, meta};
+use super::{LogOptions, OpenFiles, Segment, compact, meta};
 use crate::error::{Error, Result};
 use crate::record::Offset;
 
@@ -108,9 +108,10 @@ pub(crate) fn recover(
     options: &LogOptions,
     writable: bool,
     floor: Option<&(Offset, String)>,
+    files: &Arc<OpenFiles>,
 ) -> Result<Recovered> {
     if writable {
-        compact::settle(dir)?;
+        compact::settle(dir, |_| Ok(()))?;
         meta::remove_temporaries(dir)?;
     }
     let meta_start = meta::read_start(dir)?;
@@ -136,7 +137,7 @@ pub(crate) fn recover(
                 corruption: None,
             });
         }
-        let seg = create_segment(dir, base, preallocation(options), true)?;
+        let seg = create_segment(dir, base, preallocation(options), true, files)?;
         return Ok(Recovered {
             segments: vec![Arc::new(seg)],
             start: base,
@@ -148,7 +149,7 @@ pub(crate) fn recover(
     let mut segments: Vec<Arc<Segment>> = Vec::with_capacity(bases.len() + 1);
     let mut corruption = None;
     for &base in &bases {
-        match open_sealed(dir, base, options, writable) {
+        match open_sealed(dir, base, options, writable, files) {
             Ok(mut seg) => {
                 let damage = seg.damage.take();
                 segments.push(Arc::new(seg));
@@ -167,7 +168,7 @@ pub(crate) fn recover(
     let mut next = None;
     if corruption.is_none() {
         let has_prev = !segments.is_empty();
-        match open_last(dir, last_base, has_prev, options, writable, floor) {
+        match open_last(dir, last_base, has_prev, options, writable, floor, files) {
             Ok((seg, last_next, found)) => {
                 corruption = found;
                 segments.push(Arc::new(seg));
@@ -217,7 +218,13 @@ fn preallocation(options: &LogOptions) -> Option<u64> {
 /// Opens a sealed segment. Writable: the header is checked and its data is trusted up
 /// to the file's end (the reader checks every batch). Read-only: every batch is checked
 /// now, so the view stops at the first damage.
-fn open_sealed(dir: &Path, base: Offset, options: &LogOptions, writable: bool) -> Result<Segment> {
+fn open_sealed(
+    dir: &Path,
+    base: Offset,
+    options: &LogOptions,
+    writable: bool,
+    files: &Arc<OpenFiles>,
+) -> Result<Segment> {
     let path = segment::segment_path(dir, base);
     let file = open_file(&path, false)?;
     if writable {
@@ -242,8 +249,11 @@ fn open_sealed(dir: &Path, base: Offset, options: &LogOptions, writable: bool) -
         file.sync_data()
             .map_err(|e| Error::io("fdatasync", &path, e))?;
         // The next offset of a sealed segment is only needed if the newest segment's header
-        // turns out torn; it is computed then.
-        let mut seg = Segment::new(base, path, file, len, true, None);
+        // turns out torn; it is computed then. Its file is opened again when first read
+        // (see `OpenFiles`): a log of thousands of segments opens without holding a file
+        // descriptor for each.
+        drop(file);
+        let mut seg = Segment::new(base, path, None, files, len, true, None);
         seg.next_hint = Offset::MAX;
         return Ok(seg);
     }
@@ -260,7 +270,15 @@ fn open_sealed(dir: &Path, base: Offset, options: &LogOptions, writable: bool) -
             position, reason, ..
         } => Some((position, reason.to_string())),
     };
-    let mut seg = Segment::new(base, path.clone(), file, len, true, Some(scanned.entries));
+    let mut seg = Segment::new(
+        base,
+        path.clone(),
+        Some(file),
+        files,
+        len,
+        true,
+        Some(scanned.entries),
+    );
     seg.next_hint = scanned.next;
     if let Some((position, reason)) = damage {
         seg.end
@@ -281,6 +299,7 @@ fn open_last(
     options: &LogOptions,
     writable: bool,
     floor: Option<&(Offset, String)>,
+    files: &Arc<OpenFiles>,
 ) -> Result<(Segment, Offset, Option<Error>)> {
     let path = segment::segment_path(dir, base);
     let file = open_file(&path, writable)?;
@@ -315,7 +334,15 @@ fn open_last(
         if writable {
             return Err(e);
         }
-        let seg = Segment::new(base, path, file, position, false, Some(scanned.entries));
+        let seg = Segment::new(
+            base,
+            path,
+            Some(file),
+            files,
+            position,
+            false,
+            Some(scanned.entries),
+        );
         return Ok((seg, scanned.next, Some(e)));
     }
     let data_end = match scanned.end {
@@ -364,7 +391,15 @@ fn open_last(
         file.sync_data()
             .map_err(|e| Error::io("fdatasync", &path, e))?;
     }
-    let seg = Segment::new(base, path, file, data_end, false, Some(scanned.entries));
+    let seg = Segment::new(
+        base,
+        path,
+        Some(file),
+        files,
+        data_end,
+        false,
+        Some(scanned.entries),
+    );
     Ok((seg, scanned.next, corruption))
 }
 

@@ -23,7 +23,7 @@ use bytes::Bytes;
 use parking_lot::MutexGuard;
 
 use super::segment::{self, SEGMENT_HEADER_LEN};
-use super::{Segment, Shared, SyncPolicy, WriterState, index, meta};
+use super::{OpenFiles, Segment, Shared, SyncPolicy, WriterState, index, meta};
 use crate::error::{Error, Result};
 use crate::record::{Entry, Offset};
 
@@ -61,6 +61,7 @@ pub(crate) fn create_segment(
     base: Offset,
     preallocate: Option<u64>,
     durable: bool,
+    files: &Arc<OpenFiles>,
 ) -> Result<Segment> {
     let path = segment::segment_path(dir, base);
     let file = OpenOptions::new()
@@ -99,7 +100,8 @@ pub(crate) fn create_segment(
     Ok(Segment::new(
         base,
         path,
-        file,
+        Some(file),
+        files,
         SEGMENT_HEADER_LEN as u64,
         false,
         Some(Vec::new()),
@@ -124,7 +126,7 @@ fn write_zeros(seg: &Segment, range: Range<u64>) -> Result<()> {
     let mut at = range.start;
     while at < range.end {
         let n = ZEROS.len().min((range.end - at) as usize);
-        seg.file
+        seg.file()?
             .write_all_at(&ZEROS[..n], at)
             .map_err(|e| Error::io("write zeros ahead", &seg.path, e))?;
         at += n as u64;
@@ -414,10 +416,11 @@ impl Shared {
         let zero = self.zero_ahead(st, pos + len, len);
         let started = Instant::now();
         let result: Result<()> = MutexGuard::unlocked(st, || {
+            // The active segment's file: always open.
+            let file = seg.file()?;
             if len > 0 {
                 self.writes.fetch_add(1, Ordering::Relaxed);
-                seg.file
-                    .write_all_at(&bytes, pos)
+                file.write_all_at(&bytes, pos)
                     .map_err(|e| Error::io("write", &seg.path, e))?;
             }
             if let Some(range) = zero {
@@ -425,8 +428,7 @@ impl Shared {
             }
             if sync {
                 self.syncs.fetch_add(1, Ordering::Relaxed);
-                seg.file
-                    .sync_data()
+                file.sync_data()
                     .map_err(|e| Error::io("fdatasync", &seg.path, e))?;
             }
             Ok(())
@@ -531,7 +533,7 @@ impl Shared {
         let started = Instant::now();
         if !st.buf.is_empty() {
             self.writes.fetch_add(1, Ordering::Relaxed);
-            seg.file
+            seg.file()?
                 .write_all_at(&st.buf, st.buf_pos)
                 .map_err(|e| Error::io("write", &seg.path, e))?;
             let spare = std::mem::take(&mut st.spare);
@@ -545,7 +547,7 @@ impl Shared {
         let end = st.buf_pos;
         if self.options.preallocate {
             // Cut the reserved (and zeroed) rest: a sealed segment ends at its data.
-            seg.file
+            seg.file()?
                 .set_len(end)
                 .map_err(|e| Error::io("truncate sealed segment", &seg.path, e))?;
         }
@@ -558,7 +560,7 @@ impl Shared {
             st.unsynced_sealed.push(Arc::downgrade(&seg));
         } else {
             self.syncs.fetch_add(1, Ordering::Relaxed);
-            seg.file
+            seg.file()?
                 .sync_data()
                 .map_err(|e| Error::io("fdatasync", &seg.path, e))?;
             let upto = st.next;
@@ -566,6 +568,7 @@ impl Shared {
         }
         seg.end.store(end, Ordering::Release);
         seg.sealed.store(true, Ordering::Release);
+        seg.sealed_now();
         if let Some((_, written)) = st.inflight.take() {
             reuse(st, written);
         }
@@ -580,7 +583,13 @@ impl Shared {
             .preallocate
             .then_some(self.options.segment_bytes);
         let durable = self.options.sync != SyncPolicy::Never;
-        let new = Arc::new(create_segment(&self.dir, st.next, preallocate, durable)?);
+        let new = Arc::new(create_segment(
+            &self.dir,
+            st.next,
+            preallocate,
+            durable,
+            &self.files,
+        )?);
         st.dir_unsynced |= !durable;
         self.segments.write().push(new.clone());
         st.active = new;
@@ -607,13 +616,16 @@ impl Shared {
             // fdatasync ends.
             let sealed = std::mem::take(&mut st.unsynced_sealed);
             for (i, seg) in sealed.iter().enumerate() {
-                let Some(seg) = seg.upgrade() else {
+                let Some(seg) = seg.upgrade().filter(|s| !s.is_gone()) else {
                     continue; // deleted or replaced since: nothing to make durable
                 };
-                if let Err(e) = seg.file.sync_data() {
+                if let Err(e) = seg.file().and_then(|f| {
+                    f.sync_data()
+                        .map_err(|e| Error::io("fdatasync", &seg.path, e))
+                }) {
                     // Those not synced yet stay listed for the next `sync`.
                     st.unsynced_sealed.extend(sealed[i..].iter().cloned());
-                    return Err(Error::io("fdatasync", &seg.path, e));
+                    return Err(e);
                 }
             }
             if st.dir_unsynced {
@@ -721,7 +733,8 @@ mod tests {
             let seg = Arc::new(Segment::new(
                 st.next,
                 "/dev/null".into(),
-                null,
+                Some(null),
+                &log.shared.files,
                 SEGMENT_HEADER_LEN as u64,
                 false,
                 Some(Vec::new()),
