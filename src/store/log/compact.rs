@@ -12,11 +12,16 @@
 //!    dropped one is not could lose both to a power failure. One pass over them maps
 //!    each key to its latest offset.
 //! 3. Each sealed segment that loses a record is rewritten to `{base:020}.log.compact`
-//!    (same base offset, same offsets for the kept records) and fsync'd.
+//!    (same base offset, same offsets for the kept records) and fsync'd; one that loses
+//!    every record is not rewritten but deleted after step 5 (but for the log's first
+//!    segment, which keeps where the log starts), so that a log compacted again and
+//!    again keeps as many files as segments with live records, not as it has history.
 //! 4. The commit marker `compact.commit` (the list of rewritten bases) is written
 //!    atomically. From here on the swap rolls forward on a crash: on open, a marker means
 //!    "rename every listed `.log.compact` over its `.log`, then delete the marker".
-//! 5. The renames are made, the directory fsync'd, the marker deleted.
+//! 5. The renames are made, the directory fsync'd, the marker deleted. Then the emptied
+//!    segments are deleted and the directory fsync'd: every record they held has a later
+//!    one of its key, durable since step 2, so any crash leaves the latest of each key.
 //!
 //! `.log.compact` files found on open without a marker are the leftovers of a compaction
 //! that never committed, and are deleted. Readers that hold an old segment open keep
@@ -291,6 +296,10 @@ impl Shared {
         }
         let (mut kept, mut dropped) = (0u64, 0u64);
         let mut rewritten = Vec::new();
+        // Segments left without a record are deleted rather than rewritten, but for the
+        // first one, whose base is where the log starts.
+        let first = self.segments.read().first().map(|s| s.base);
+        let mut emptied = Vec::new();
         for seg in sealed {
             let records = records_of(&seg)?;
             let before = records.len();
@@ -308,12 +317,16 @@ impl Shared {
             if keep.len() == before {
                 continue;
             }
+            if keep.is_empty() && Some(seg.base) != first {
+                emptied.push(seg.base);
+                continue;
+            }
             let path = compacted_path(&self.dir, seg.base);
             let (len, entries) =
                 write_segment(&path, seg.base, &keep, self.options.index_interval_bytes)?;
             rewritten.push((seg.base, len, entries));
         }
-        if !rewritten.is_empty() {
+        if !rewritten.is_empty() || !emptied.is_empty() {
             meta::sync_dir(&self.dir)?;
             let bases: Vec<Offset> = rewritten.iter().map(|(b, _, _)| *b).collect();
             // Held from before the renames until the list names the rewrites, so that
@@ -322,11 +335,29 @@ impl Shared {
             // marker's fsyncs hold up rolls, and readers moving to another segment, for
             // those few milliseconds.)
             let mut segments = self.segments.write();
-            for seg in segments.iter().filter(|s| bases.contains(&s.base)) {
+            let retired = segments
+                .iter()
+                .filter(|s| bases.contains(&s.base) || emptied.contains(&s.base));
+            for seg in retired {
                 seg.retire(Arc::strong_count(seg) > 1)?;
             }
-            meta::write_atomic(&self.dir, MARKER, &encode_marker(&bases))?;
-            swap(&self.dir, &bases)?;
+            if !bases.is_empty() {
+                meta::write_atomic(&self.dir, MARKER, &encode_marker(&bases))?;
+                swap(&self.dir, &bases)?;
+            }
+            // Every record of these has a later one of its key, durable in a sealed
+            // segment (synced above) and kept by the rewrites, or in the segments they
+            // replace until the swap: deleting them, in any order, and a crash at any
+            // point of it, leaves the latest record of every key. Readers step over
+            // the gap, as over the offsets a rewrite leaves out.
+            segments.retain(|s| !emptied.contains(&s.base));
+            for &base in &emptied {
+                meta::remove_if_exists(&index::index_path(&self.dir, base))?;
+                meta::remove_if_exists(&segment::segment_path(&self.dir, base))?;
+            }
+            if !emptied.is_empty() {
+                meta::sync_dir(&self.dir)?;
+            }
             for (base, len, entries) in rewritten {
                 let path = segment::segment_path(&self.dir, base);
                 if let Err(e) = index::write(&self.dir, base, &entries) {
