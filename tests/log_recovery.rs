@@ -1264,6 +1264,29 @@ fn oversized_records_and_bad_options_are_typed_errors() {
     let log = LogStore::open(tmp.path(), widest).expect("the widest interval");
     append(&log, 0..20, 2);
     assert_eq!(read_all(&log).len(), 20);
+    drop(log);
+    // A buffer of 0 bytes once made every append under `Every` wait for good.
+    for bytes in [0, LogOptions::MAX_WRITE_BUFFER_BYTES + 1, usize::MAX] {
+        assert!(
+            matches!(
+                LogStore::open(tmp.path(), options().write_buffer_bytes(bytes)),
+                Err(Error::Config(_))
+            ),
+            "write_buffer_bytes {bytes}"
+        );
+    }
+    assert!(matches!(
+        LogStore::open(tmp.path(), options().max_open_segments(0)),
+        Err(Error::Config(_))
+    ));
+    let every = SyncPolicy::Every {
+        records: 1_000,
+        interval: std::time::Duration::from_millis(5),
+    };
+    let smallest = options().sync(every).write_buffer_bytes(1);
+    let log = LogStore::open(tmp.path(), smallest).expect("the smallest buffer");
+    append(&log, 20..60, 1);
+    assert_eq!(read_all(&log).len(), 60);
 }
 
 /// A log whose files start near the end of the offset space (a checksummed

@@ -105,8 +105,12 @@ pub struct Deferred {
 /// - Named cursors and snapshots are durable once their call returns, and so is every
 ///   record before their offset, whatever the sync policy: a crash never keeps a cursor
 ///   or a snapshot but loses records it stands after. An offset past `next_offset()` is
-///   [`Error::OffsetOutOfRange`] (there are no records there to stand after). Names are 1 to 128 characters from
-///   `[A-Za-z0-9._-]`, not starting with a dot; others are [`Error::InvalidName`].
+///   [`Error::OffsetOutOfRange`] (there are no records there to stand after). Any offset
+///   up to there is accepted: a cursor can move back (a consumer that rewinds to read
+///   again, as with a Kafka offset commit), and can stand below `start_offset()` (a
+///   read from it then is `OffsetOutOfRange`, and the consumer chooses where to go on).
+///   Names are 1 to 128 characters from `[A-Za-z0-9._-]`, not starting with a dot;
+///   others are [`Error::InvalidName`].
 /// - A record larger than the store's limit ([`DEFAULT_MAX_RECORD_BYTES`] unless the
 ///   store is configured otherwise, counted as [`record_size`] counts it) is
 ///   [`Error::RecordTooLarge`], naming its index in the batch; nothing of that batch is

@@ -85,6 +85,9 @@ impl LogOptions {
     /// position plus it can overflow.
     pub const MAX_INDEX_INTERVAL_BYTES: u64 = u32::MAX as u64;
 
+    /// The largest [`write_buffer_bytes`](Self::write_buffer_bytes) accepted (1 GiB).
+    pub const MAX_WRITE_BUFFER_BYTES: usize = 1 << 30;
+
     /// The defaults: [`SyncPolicy::Always`], 64 MiB segments (preallocated), records up
     /// to 8 MiB, an index entry every 4 KiB, a 512 KiB write buffer, no mapping kept
     /// between reads, at most 128 sealed segment files open.
@@ -138,7 +141,9 @@ impl LogOptions {
     /// With [`SyncPolicy::Never`] and [`SyncPolicy::Every`], appends are gathered in
     /// memory up to this many bytes before one `write` (default 512 KiB). Readers see
     /// buffered records at once. Under `Every` the background thread does the write, so
-    /// an append never waits for it unless eight buffers' worth is waiting.
+    /// an append never waits for it unless eight buffers' worth is waiting. At least 1
+    /// and at most [`MAX_WRITE_BUFFER_BYTES`](Self::MAX_WRITE_BUFFER_BYTES); anything
+    /// else is refused by the open.
     pub fn write_buffer_bytes(mut self, bytes: usize) -> Self {
         self.write_buffer_bytes = bytes;
         self
@@ -198,6 +203,13 @@ impl LogOptions {
                 "max_record_bytes is {}, it must be between {RECORD_HEADER_LEN} and {}",
                 self.max_record_bytes,
                 u32::MAX
+            )));
+        }
+        if !(1..=LogOptions::MAX_WRITE_BUFFER_BYTES).contains(&self.write_buffer_bytes) {
+            return Err(Error::Config(format!(
+                "write_buffer_bytes is {}, it must be between 1 and {}",
+                self.write_buffer_bytes,
+                LogOptions::MAX_WRITE_BUFFER_BYTES
             )));
         }
         if self.max_open_segments == 0 {
