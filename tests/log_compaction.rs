@@ -142,7 +142,9 @@ fn cursor_journal_is_rewritten_when_it_grows_and_keeps_every_cursor() {
 fn a_compaction_after_a_failed_swap_first_finishes_the_committed_one() {
     let tmp = tempfile::tempdir().expect("tmp");
     let dir = tmp.path();
-    let log = LogStore::open(dir, options()).expect("open");
+    // One sealed file open at a time: the segments the failed swap touched are read
+    // again by their paths, which by then name their rewrites.
+    let log = LogStore::open(dir, options().max_open_segments(1)).expect("open");
     append(&log, 0..300);
     let marker = dir.join("compact.commit");
     let compacted = |ext: &str| -> Vec<std::path::PathBuf> {
@@ -307,4 +309,98 @@ fn segments_emptied_by_compaction_are_deleted() {
     assert_eq!(log.next_offset(), next);
     append(&log, next..next + 5);
     assert_eq!(log.next_offset(), next + 5);
+}
+
+/// A compaction that fails after its swap (deleting an emptied segment, here) leaves the
+/// store reading the files as they are: the rewrites swapped in, the emptied segments
+/// still there; the next compaction finishes the job.
+#[test]
+fn a_compaction_that_fails_after_its_swap_leaves_the_log_readable() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let dir = tmp.path();
+    let log =
+        LogStore::open(dir, options().segment_bytes(1024).max_open_segments(1)).expect("open");
+    append(&log, 0..300);
+    let mut bases: Vec<u64> = fs::read_dir(dir)
+        .expect("list")
+        .filter_map(|e| {
+            let name = e.expect("entry").file_name();
+            let name = name.to_str()?.strip_suffix(".log")?.to_owned();
+            name.parse().ok()
+        })
+        .collect();
+    bases.sort_unstable();
+    // The second segment is emptied, so deleted after the swap: its index path is a
+    // directory with a file in it, which the deletion cannot remove.
+    let index = dir.join(format!("{:020}.index", bases[1]));
+    let _ = fs::remove_file(&index);
+    fs::create_dir(&index).expect("obstacle");
+    fs::write(index.join("inside"), b"x").expect("obstacle");
+    assert!(log.compact().is_err(), "the deletion fails");
+    assert!(!dir.join("compact.commit").exists(), "the swap is done");
+    fs::remove_dir_all(&index).expect("remove the obstacle");
+    let held = |log: &LogStore| -> Vec<u64> {
+        log.read_from(0)
+            .expect("read")
+            .map(|r| {
+                let r = r.expect("the log reads on");
+                assert_eq!(
+                    (r.key.to_vec(), r.payload.to_vec()),
+                    (key(r.offset), payload(r.offset))
+                );
+                r.offset
+            })
+            .collect()
+    };
+    let read = held(&log);
+    assert!(read.ends_with(&(290..300).collect::<Vec<_>>()), "{read:?}");
+    let report = log.compact().expect("the next compaction");
+    assert_eq!(report.kept, 10);
+    assert_eq!(held(&log), (290..300).collect::<Vec<_>>());
+    log.verify().expect("verify");
+    drop(log);
+    let log = LogStore::open(dir, options()).expect("reopen");
+    assert_eq!(held(&log), (290..300).collect::<Vec<_>>());
+}
+
+/// A read-only store's view is the log as it was when opened, whatever a writer beside
+/// it compacts or trims meanwhile: it keeps its files open, whatever the limit of open
+/// files says (a file opened again by its path could be a rewrite, shorter than the
+/// view's mapping of it).
+#[test]
+fn a_read_only_view_keeps_its_files_while_a_writer_compacts_and_trims() {
+    for trim in [false, true] {
+        let tmp = tempfile::tempdir().expect("tmp");
+        let options = LogOptions::new()
+            .sync(SyncPolicy::Never)
+            .preallocate(false)
+            .segment_bytes(64 << 10);
+        let writer = LogStore::open(tmp.path(), options.clone()).expect("open");
+        let big = vec![b'x'; 200];
+        writer
+            .append(&[Entry::new(b"unique", &big)])
+            .expect("append");
+        for _ in 0..1500 {
+            writer.append(&[Entry::new(b"dup", &big)]).expect("append");
+        }
+        writer.sync().expect("sync");
+        let end = writer.next_offset();
+        let view = LogStore::open_read_only(tmp.path(), options.max_open_segments(1))
+            .expect("read-only open");
+        if trim {
+            writer.truncate_before(end - 1).expect("retention");
+        } else {
+            writer.compact().expect("compact");
+        }
+        // Into the middle of the first segment, then every record of the view.
+        let at = view.read_from(250).expect("read").next().expect("a record");
+        assert_eq!(at.expect("record").offset, 250);
+        let mut count = 0;
+        for r in view.read_from(0).expect("read") {
+            let r = r.expect("the view reads on");
+            assert_eq!(r.offset, count);
+            count += 1;
+        }
+        assert_eq!(count, end);
+    }
 }

@@ -1382,3 +1382,33 @@ fn verify_finds_segments_that_do_not_fit_together() {
         other => panic!("a segment under another's name verified as {other:?}"),
     }
 }
+
+/// Rule 15: a first segment file past where the log starts means files are missing, with
+/// or without retention having run; read-only opens what is there and says so.
+#[test]
+fn a_missing_first_segment_is_damage() {
+    for retention in [false, true] {
+        let tmp = tempfile::tempdir().expect("tmp");
+        let dir = tmp.path().join("log");
+        write_log(&dir, 100, 2);
+        if retention {
+            let log = LogStore::open(&dir, options()).expect("open");
+            log.truncate_before(10).expect("retention");
+        }
+        let files = segments(&dir);
+        assert!(files.len() >= 3);
+        fs::remove_file(&files[0]).expect("remove");
+        match LogStore::open(&dir, options()) {
+            Err(Error::Corrupt { path, reason, .. }) => {
+                assert_eq!(path, files[1]);
+                assert!(reason.contains("missing"), "{reason}");
+            }
+            other => panic!("expected Corrupt, got {other:?}"),
+        }
+        let log = LogStore::open_read_only(&dir, options()).expect("read-only open");
+        assert!(matches!(log.corruption(), Some(Error::Corrupt { .. })));
+        let got = read_all(&log);
+        assert_eq!(got.last().expect("records").offset, 99);
+        got.iter().for_each(assert_is_original);
+    }
+}

@@ -335,29 +335,38 @@ impl Shared {
             // marker's fsyncs hold up rolls, and readers moving to another segment, for
             // those few milliseconds.)
             let mut segments = self.segments.write();
-            let retired = segments
-                .iter()
-                .filter(|s| bases.contains(&s.base) || emptied.contains(&s.base));
-            for seg in retired {
-                seg.retire(Arc::strong_count(seg) > 1)?;
+            let touched: Vec<Offset> = bases.iter().chain(&emptied).copied().collect();
+            let swapped = (|| -> Result<()> {
+                let retired = segments.iter().filter(|s| touched.contains(&s.base));
+                for seg in retired {
+                    seg.retire(|| Arc::strong_count(seg) > 1)?;
+                }
+                if !bases.is_empty() {
+                    meta::write_atomic(&self.dir, MARKER, &encode_marker(&bases))?;
+                    swap(&self.dir, &bases)?;
+                }
+                // Every record of these has a later one of its key, durable in a sealed
+                // segment (synced above) and kept by the rewrites, or in the segments
+                // they replace until the swap: deleting them, in any order, and a crash
+                // at any point of it, leaves the latest record of every key. Readers
+                // step over the gap, as over the offsets a rewrite leaves out.
+                for &base in &emptied {
+                    meta::remove_if_exists(&index::index_path(&self.dir, base))?;
+                    meta::remove_if_exists(&segment::segment_path(&self.dir, base))?;
+                }
+                if !emptied.is_empty() {
+                    meta::sync_dir(&self.dir)?;
+                }
+                Ok(())
+            })();
+            if let Err(e) = swapped {
+                // Some paths may name a rewrite or nothing by now: the list follows the
+                // files as they are (a failed swap's marker is rolled forward by the
+                // next compaction, or the next open).
+                self.relist(&mut segments, &touched);
+                return Err(e);
             }
-            if !bases.is_empty() {
-                meta::write_atomic(&self.dir, MARKER, &encode_marker(&bases))?;
-                swap(&self.dir, &bases)?;
-            }
-            // Every record of these has a later one of its key, durable in a sealed
-            // segment (synced above) and kept by the rewrites, or in the segments they
-            // replace until the swap: deleting them, in any order, and a crash at any
-            // point of it, leaves the latest record of every key. Readers step over
-            // the gap, as over the offsets a rewrite leaves out.
             segments.retain(|s| !emptied.contains(&s.base));
-            for &base in &emptied {
-                meta::remove_if_exists(&index::index_path(&self.dir, base))?;
-                meta::remove_if_exists(&segment::segment_path(&self.dir, base))?;
-            }
-            if !emptied.is_empty() {
-                meta::sync_dir(&self.dir)?;
-            }
             for (base, len, entries) in rewritten {
                 let path = segment::segment_path(&self.dir, base);
                 if let Err(e) = index::write(&self.dir, base, &entries) {
@@ -390,33 +399,52 @@ impl Shared {
     /// reading its file. Their index is loaded when first needed.
     fn settle_under_readers(&self) -> Result<()> {
         let mut segments = self.segments.write();
-        let listed = settle(&self.dir, |bases| {
+        let mut listed = Vec::new();
+        let settled = settle(&self.dir, |bases| {
+            listed = bases.to_vec();
             let replaced = segments
                 .iter()
                 .filter(|s| bases.contains(&s.base) && s.sealed.load(Ordering::Acquire));
             for seg in replaced {
-                seg.retire(Arc::strong_count(seg) > 1)?;
+                seg.retire(|| Arc::strong_count(seg) > 1)?;
             }
             Ok(())
-        })?;
+        });
+        // Whether it failed or not, once it retired them.
+        self.relist(&mut segments, &listed);
+        settled.map(drop)
+    }
+
+    /// Gives the sealed segments at `bases` new entries in `segments` for the files
+    /// their paths name now (their index loaded when first needed), and drops those
+    /// whose file is gone: after a swap, or a failed one, the old entries may describe
+    /// files their paths no longer name. A segment whose file cannot be checked keeps
+    /// its entry, retired: reading it reports why.
+    fn relist(&self, segments: &mut Vec<Arc<Segment>>, bases: &[Offset]) {
+        let mut missing = Vec::new();
         for slot in segments.iter_mut() {
-            if !listed.contains(&slot.base) || !slot.sealed.load(Ordering::Acquire) {
+            if !bases.contains(&slot.base) || !slot.sealed.load(Ordering::Acquire) {
                 continue;
             }
             let path = segment::segment_path(&self.dir, slot.base);
-            let len = fs::metadata(&path)
-                .map_err(|e| Error::io("stat", &path, e))?
-                .len();
-            *slot = Arc::new(Segment::new(
-                slot.base,
-                path,
-                None,
-                &self.files,
-                len,
-                true,
-                None,
-            ));
+            match fs::metadata(&path) {
+                Ok(meta) => {
+                    *slot = Arc::new(Segment::new(
+                        slot.base,
+                        path,
+                        None,
+                        &self.files,
+                        meta.len(),
+                        true,
+                        None,
+                    ));
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => missing.push(slot.base),
+                Err(e) => {
+                    tracing::warn!(path = %path.display(), error = %e, "could not stat a segment")
+                }
+            }
         }
-        Ok(())
+        segments.retain(|s| !missing.contains(&s.base));
     }
 }

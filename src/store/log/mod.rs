@@ -145,6 +145,13 @@
 //!     [`Error::Corrupt`] naming the newest segment, the byte where its whole records
 //!     end, and the cursor or snapshot, and cuts nothing; [`LogStore::open_read_only`]
 //!     opens up to the damage. (`a_bad_tail_below_a_cursor_is_damage_not_a_torn_write`)
+//! 15. **No segment file missing at the front**: retention persists the start before it
+//!     deletes a segment and compaction never deletes the first, so a first segment file
+//!     starting past the start (`start.meta`'s, or 0 where retention never ran) means
+//!     files are missing: opening for writing fails with [`Error::Corrupt`] naming that
+//!     first file; [`LogStore::open_read_only`] opens what is there and reports it. (A
+//!     file missing between two others looks like the offsets compaction leaves out,
+//!     and is not detected.) (`a_missing_first_segment_is_damage`)
 //!
 //! # Durability and visibility
 //!
@@ -292,7 +299,7 @@ impl OpenFiles {
             if let Some(oldest) = oldest.upgrade() {
                 let mut file = oldest.file.lock();
                 if !oldest.pinned.load(Ordering::Relaxed) {
-                    file.take();
+                    file.open.take();
                 }
             }
         }
@@ -302,11 +309,27 @@ impl OpenFiles {
 /// A segment's file, open or closed (see [`OpenFiles`]).
 #[derive(Default)]
 pub(crate) struct FileSlot {
-    file: Mutex<Option<Arc<File>>>,
+    file: Mutex<SlotFile>,
     /// Never closed: the path may name another file by now, or none.
     pinned: AtomicBool,
     /// Replaced by compaction or deleted by retention: nothing to make durable.
     gone: AtomicBool,
+}
+
+#[derive(Default)]
+struct SlotFile {
+    open: Option<Arc<File>>,
+    /// The file's device and inode, once opened: a file opened again by its path must be
+    /// the same, or the segment's length and index would be read against another file
+    /// (a mapping past its end faults the process).
+    identity: Option<(u64, u64)>,
+}
+
+/// The device and inode of an open file.
+fn identity_of(file: &File, path: &Path) -> Result<(u64, u64)> {
+    use std::os::unix::fs::MetadataExt;
+    let meta = file.metadata().map_err(|e| Error::io("stat", path, e))?;
+    Ok((meta.dev(), meta.ino()))
 }
 
 impl Segment {
@@ -323,8 +346,13 @@ impl Segment {
         index: Option<Vec<IndexEntry>>,
     ) -> Segment {
         let open = file.is_some();
+        // Unknown (and then taken at the first open) only if the stat fails.
+        let identity = file.as_ref().and_then(|f| identity_of(f, &path).ok());
         let slot = Arc::new(FileSlot {
-            file: Mutex::new(file.map(Arc::new)),
+            file: Mutex::new(SlotFile {
+                open: file.map(Arc::new),
+                identity,
+            }),
             ..FileSlot::default()
         });
         if open && sealed {
@@ -349,43 +377,69 @@ impl Segment {
     /// open files (only a sealed segment's is, and only while its path names it).
     pub(crate) fn file(&self) -> Result<Arc<File>> {
         let mut slot = self.file.file.lock();
-        if let Some(file) = slot.as_ref() {
+        if let Some(file) = slot.open.as_ref() {
             return Ok(file.clone());
         }
-        let file = Arc::new(File::open(&self.path).map_err(|e| Error::io("open", &self.path, e))?);
-        *slot = Some(file.clone());
+        let file = self.reopen(&mut slot)?;
         drop(slot);
         self.files.opened(&self.file);
         Ok(file)
     }
 
+    /// Opens the file by its path again, if it is still this segment's.
+    fn reopen(&self, slot: &mut SlotFile) -> Result<Arc<File>> {
+        let file = File::open(&self.path).map_err(|e| Error::io("open", &self.path, e))?;
+        let identity = identity_of(&file, &self.path)?;
+        if slot.identity.is_some_and(|known| known != identity) {
+            return Err(Error::io(
+                "open",
+                &self.path,
+                std::io::Error::new(
+                    std::io::ErrorKind::NotFound,
+                    "the file at this path is no longer this segment's: compaction or \
+                     retention replaced or removed it since it was read",
+                ),
+            ));
+        }
+        slot.identity = Some(identity);
+        let file = Arc::new(file);
+        slot.open = Some(file.clone());
+        Ok(file)
+    }
+
     /// Counts the file of a segment just sealed toward the limit of open files.
     pub(crate) fn sealed_now(&self) {
-        if self.file.file.lock().is_some() {
+        if self.file.file.lock().open.is_some() {
             self.files.opened(&self.file);
         }
     }
 
-    /// Marks the segment replaced or deleted, and keeps its file open for as long as
-    /// the segment lives if `held` (a reader may still read it): called after it left
-    /// the store's list and before its path is renamed over or unlinked.
-    pub(crate) fn retire(&self, held: bool) -> Result<()> {
-        self.file.gone.store(true, Ordering::Release);
-        if !held {
+    /// Marks the segment replaced or deleted, then keeps its file open for as long as
+    /// the segment lives if `held()` (a reader may still read it): called once it is
+    /// out of reach of new readers (the store's list is locked, or it left the list),
+    /// before its path is renamed over or unlinked. Marked first, so that the writer,
+    /// which takes segments from `Weak`s and not from the list, either counts in
+    /// `held()` or sees the mark (see `Shared::sync_all`).
+    pub(crate) fn retire(&self, held: impl FnOnce() -> bool) -> Result<()> {
+        self.file.gone.store(true, Ordering::SeqCst);
+        std::sync::atomic::fence(Ordering::SeqCst);
+        if !held() {
             return Ok(());
         }
         let mut slot = self.file.file.lock();
-        if slot.is_none() {
-            let file = File::open(&self.path).map_err(|e| Error::io("open", &self.path, e))?;
-            *slot = Some(Arc::new(file));
+        if slot.open.is_none() {
+            self.reopen(&mut slot)?;
         }
         self.file.pinned.store(true, Ordering::Relaxed);
         Ok(())
     }
 
     /// Whether compaction replaced it or retention deleted it.
+    /// (The fence pairs with `retire`'s: a caller that took the segment from a `Weak`
+    /// just before is counted there, or sees the mark here.)
     pub(crate) fn is_gone(&self) -> bool {
-        self.file.gone.load(Ordering::Acquire)
+        std::sync::atomic::fence(Ordering::SeqCst);
+        self.file.gone.load(Ordering::SeqCst)
     }
 
     fn add_index_entry(&self, offset: Offset, position: u64) {
@@ -545,14 +599,17 @@ impl Shared {
         let mut trust_file = true;
         loop {
             if index.is_none() {
+                // The index file of a retired segment is its rewrite's, or nobody's:
+                // built from the segment's own file, and not written out.
+                let gone = seg.is_gone();
                 let (entries, from_file) = index::load_or_rebuild(
                     &self.dir,
                     seg.base,
                     &*seg.file()?,
                     seg.end.load(Ordering::Acquire),
                     self.options.index_interval_bytes,
-                    self.writable,
-                    trust_file,
+                    self.writable && !gone,
+                    trust_file && !gone,
                 )?;
                 *index = Some(entries);
                 seg.index_from_file.store(from_file, Ordering::Relaxed);
@@ -615,7 +672,7 @@ impl Shared {
         for seg in &doomed {
             // Out of the list, so no reader can take it any more: one that holds it
             // keeps reading its file (see `OpenFiles`).
-            seg.retire(Arc::strong_count(seg) > 1)?;
+            seg.retire(|| Arc::strong_count(seg) > 1)?;
             meta::remove_if_exists(&seg.path)?;
             meta::remove_if_exists(&index::index_path(&self.dir, seg.base))?;
         }
@@ -717,7 +774,13 @@ impl LogStore {
         let writable = lock.is_some();
         let (cursors, journal_damage) = meta::CursorJournal::open(dir, writable)?;
         let floor = meta::durable_floor(dir, &cursors)?;
-        let files = OpenFiles::new(options.max_open_segments);
+        // A read-only store keeps every file open: its view is the log as it was when
+        // opened, whatever a writer renames or deletes meanwhile.
+        let files = OpenFiles::new(if writable {
+            options.max_open_segments
+        } else {
+            usize::MAX
+        });
         let recovered = recovery::recover(dir, &options, writable, floor.as_ref(), &files)?;
         // Read-only, the segments' damage is the one reported; the journal's is logged.
         if let (Some(_), Some(journal)) = (&recovered.corruption, &journal_damage) {
@@ -1060,5 +1123,49 @@ impl Store for LogStore {
     fn latest_snapshot(&self, name: &str) -> Result<Option<Snapshot>> {
         check_name(name)?;
         meta::latest_snapshot(&self.shared.dir, name)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A sealed segment's file closed to keep under the limit is opened again by its
+    /// path only while that path still names it: a file renamed over the path is
+    /// refused, never read as the segment.
+    #[test]
+    fn a_closed_segment_file_replaced_under_its_path_is_refused_not_read() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let (a, b) = (dir.path().join("a.log"), dir.path().join("b.log"));
+        std::fs::write(&a, b"the segment").expect("write");
+        std::fs::write(&b, b"another").expect("write");
+        let open = |p: &Path| Some(File::open(p).expect("open"));
+        let files = OpenFiles::new(1);
+        let seg = Segment::new(0, a.clone(), open(&a), &files, 11, true, None);
+        let other = Segment::new(100, b.clone(), open(&b), &files, 7, true, None);
+        // Opening `other` closed `seg`'s file; reading `seg` opens it again, closing
+        // `other`'s, and reading `other` closes `seg`'s once more.
+        assert!(seg.file.file.lock().open.is_none());
+        let mut bytes = [0u8; 11];
+        std::os::unix::fs::FileExt::read_exact_at(&*seg.file().expect("reopen"), &mut bytes, 0)
+            .expect("read");
+        assert_eq!(&bytes, b"the segment");
+        other.file().expect("reopen");
+        assert!(seg.file.file.lock().open.is_none());
+        let rewrite = dir.path().join("rewrite");
+        std::fs::write(&rewrite, b"a rewrite").expect("write");
+        std::fs::rename(&rewrite, &a).expect("rename over");
+        match seg.file() {
+            Err(Error::Io { path, .. }) => assert_eq!(path, a),
+            other => panic!("expected an error, got {other:?}"),
+        }
+        // Retired while a reader holds it, a segment keeps its file open for good.
+        let held = Segment::new(200, b.clone(), None, &files, 7, true, None);
+        held.retire(|| true).expect("retire");
+        assert!(held.is_gone());
+        std::fs::remove_file(&b).expect("unlink");
+        seg.file().ok();
+        other.file().ok();
+        held.file().expect("a pinned file stays open");
     }
 }

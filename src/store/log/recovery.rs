@@ -145,6 +145,35 @@ pub(crate) fn recover(
             corruption: None,
         });
     }
+    // Where the log starts: retention persists it before it deletes a segment, and
+    // compaction never deletes the first, so a first file past it means files are
+    // missing (rule 15).
+    let expected_start = meta_start.unwrap_or(0);
+    let first_file = bases.first().copied().unwrap_or_default(); // not empty: checked above
+    let mut missing = None;
+    if first_file > expected_start {
+        let path = segment::segment_path(dir, first_file);
+        let e = Error::corrupt(
+            &path,
+            0,
+            Some(first_file),
+            format!(
+                "the log starts at offset {expected_start} ({}), but its first segment \
+                 file starts at {first_file}: the segment files before it are missing",
+                if meta_start.is_some() {
+                    "as retention left it in start.meta"
+                } else {
+                    "no retention has run"
+                }
+            ),
+        );
+        if writable {
+            return Err(e);
+        }
+        // Read-only, the view is what is there, and says what is missing (unless it
+        // stops at damage further on, which it then names).
+        missing = Some(e);
+    }
     let last_base = bases.pop().unwrap_or_default(); // not empty: checked above
     let mut segments: Vec<Arc<Segment>> = Vec::with_capacity(bases.len() + 1);
     let mut corruption = None;
@@ -192,11 +221,12 @@ pub(crate) fn recover(
                     segments,
                     start,
                     next: start,
-                    corruption,
+                    corruption: corruption.or(missing),
                 });
             }
         },
     };
+    let corruption = corruption.or(missing);
     let first_base = segments.first().map_or(0, |s| s.base);
     let start = meta_start.unwrap_or(first_base).max(first_base);
     let next = next.max(start);

@@ -623,6 +623,9 @@ impl Shared {
                     f.sync_data()
                         .map_err(|e| Error::io("fdatasync", &seg.path, e))
                 }) {
+                    if seg.is_gone() {
+                        continue; // retired meanwhile, its file with it
+                    }
                     // Those not synced yet stay listed for the next `sync`.
                     st.unsynced_sealed.extend(sealed[i..].iter().cloned());
                     return Err(e);
