@@ -214,3 +214,76 @@ fn a_shutdown_whose_store_panics_leaves_a_cluster_that_drops() {
         assert_eq!(outcome.is_err(), !caught, "caught {caught}");
     }
 }
+
+/// A memory store whose `save_snapshot` panics while `panics` is above zero, counting it
+/// down.
+struct SnapshotPanics {
+    live: MemoryStore,
+    panics: std::sync::atomic::AtomicU64,
+}
+
+impl Store for SnapshotPanics {
+    fn append(&self, batch: &[cauce::Entry<'_>]) -> cauce::Result<std::ops::Range<u64>> {
+        self.live.append(batch)
+    }
+    fn sync(&self) -> cauce::Result<()> {
+        self.live.sync()
+    }
+    fn save_snapshot(&self, name: &str, offset: u64, blob: &[u8]) -> cauce::Result<()> {
+        if self.panics.load(Ordering::SeqCst) > 0 {
+            self.panics.fetch_sub(1, Ordering::SeqCst);
+            panic!("the store failed to save a snapshot");
+        }
+        self.live.save_snapshot(name, offset, blob)
+    }
+    common::forward_store_but_append!(live, but sync and save_snapshot);
+}
+
+/// A store that panics while the background thread saves a checkpoint fails that
+/// checkpoint, not every later one: once it saves again, checkpoints go on.
+#[test]
+fn a_checkpoint_that_panics_in_the_store_leaves_later_checkpoints_running() -> Result<()> {
+    let store = Arc::new(SnapshotPanics {
+        live: MemoryStore::new(),
+        panics: std::sync::atomic::AtomicU64::new(2),
+    });
+    let cluster = Cluster::builder(Count::default())
+        .stores(store.clone(), None)
+        .checkpoint_every(50)
+        .instances(2)
+        .build()?;
+    let client = cluster.client();
+    let mut round = 0;
+    // Each round's requests make a checkpoint due; the first two panic in the store.
+    let since = std::time::Instant::now();
+    while store.panics.load(Ordering::SeqCst) > 0 || round < 4 {
+        assert!(
+            since.elapsed() < Duration::from_secs(30),
+            "checkpoints stopped: {:?}",
+            cluster.metrics().checkpoint_offset
+        );
+        for i in 0..60 {
+            client.submit(format!("k{}", i % 7), ())?.wait()?;
+        }
+        round += 1;
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let end = store.next_offset();
+    // The thread takes the next due checkpoint after the panics.
+    let since = std::time::Instant::now();
+    loop {
+        let at = store.latest_snapshot("cluster-state")?.map(|s| s.offset);
+        if at.is_some_and(|at| at + 60 >= end) {
+            break;
+        }
+        assert!(
+            since.elapsed() < Duration::from_secs(10),
+            "no checkpoint after the store's panics: latest at {at:?}, log at {end}"
+        );
+        for i in 0..60 {
+            client.submit(format!("k{}", i % 7), ())?.wait()?;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    cluster.shutdown()
+}

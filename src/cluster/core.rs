@@ -2572,8 +2572,20 @@ impl<H: Handler> Shared<H> {
                         }
                         *due = false;
                     }
-                    if let Err(e) = shared.take_checkpoint() {
-                        tracing::warn!(error = %e, "checkpoint failed; will retry");
+                    // The stores are the user's: one that panics fails this checkpoint,
+                    // as an error does, not every later one with the thread.
+                    let taken = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                        shared.take_checkpoint()
+                    }));
+                    match taken {
+                        Ok(Ok(_)) => {}
+                        Ok(Err(e)) => {
+                            tracing::warn!(error = %e, "checkpoint failed; will retry");
+                        }
+                        Err(panic) => tracing::error!(
+                            panic = %crate::launcher::thread::panic_message(&*panic),
+                            "checkpoint panicked (in a store?); will retry"
+                        ),
                     }
                 }
             })

@@ -395,6 +395,12 @@ macro_rules! forward_store_but_append {
         }
     };
     ($live:ident, but sync) => {
+        crate::common::forward_store_but_append!($live, but sync and save_snapshot);
+        fn save_snapshot(&self, name: &str, offset: u64, blob: &[u8]) -> cauce::Result<()> {
+            self.$live.save_snapshot(name, offset, blob)
+        }
+    };
+    ($live:ident, but sync and save_snapshot) => {
         fn read_from(&self, from: u64) -> cauce::Result<cauce::store::RecordIter> {
             self.$live.read_from(from)
         }
@@ -428,9 +434,6 @@ macro_rules! forward_store_but_append {
         }
         fn cursor(&self, name: &str) -> cauce::Result<Option<u64>> {
             self.$live.cursor(name)
-        }
-        fn save_snapshot(&self, name: &str, offset: u64, blob: &[u8]) -> cauce::Result<()> {
-            self.$live.save_snapshot(name, offset, blob)
         }
         fn latest_snapshot(&self, name: &str) -> cauce::Result<Option<cauce::store::Snapshot>> {
             self.$live.latest_snapshot(name)
