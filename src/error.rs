@@ -189,7 +189,11 @@ pub enum Error {
     },
 
     /// The handler panicked while handling a request; the request was logged, its
-    /// instance restarted and the key's state rebuilt without it.
+    /// instance restarted and the key's state rebuilt without it. A mark in the log
+    /// keeps every later replay from running it again; if the store refuses that mark
+    /// (logged through `tracing` as "could not log the poison mark"), a replay after a
+    /// restart runs the request again, and leaves it out only if the handler panics on
+    /// it again, as a deterministic handler does.
     #[error("handler panicked on instance {instance} at offset {offset}: {message}")]
     HandlerPanicked {
         /// The instance that ran the handler.

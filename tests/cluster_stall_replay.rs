@@ -21,6 +21,8 @@ enum Req {
     SlowOnFirstReplay,
     /// Adds 100; its first and third runs take 600 ms, the others none.
     SlowFirstAndThird,
+    /// Adds 10; each replay takes `replay_ms`.
+    SlowReplays,
     Panic,
     Get,
 }
@@ -32,6 +34,7 @@ struct Sum {
     hang_runs: Arc<AtomicU64>,
     replayed_slow: Arc<AtomicBool>,
     runs: Arc<AtomicU64>,
+    replay_ms: Arc<AtomicU64>,
 }
 
 impl Sum {
@@ -68,6 +71,13 @@ impl Handler for Sum {
                     thread::sleep(Duration::from_millis(600));
                 }
                 *sum += 100;
+            }
+            Req::SlowReplays => {
+                if ctx.is_replay() {
+                    let ms = self.replay_ms.load(Ordering::SeqCst);
+                    thread::sleep(Duration::from_millis(ms));
+                }
+                *sum += 10;
             }
             Req::Panic => panic!("asked to"),
             Req::Get => {}
@@ -283,4 +293,51 @@ fn stalls_with_a_completed_run_between_set_nothing_aside() {
     let again = cluster(dir.path(), Sum::default());
     assert_eq!(state_of(&again.client(), "k"), 102, "nothing was marked");
     again.shutdown().unwrap();
+}
+
+/// A request answered live within the stall timeout whose replays run past it (a loaded
+/// machine): its answer stands, so it cannot be set aside, and replacing each instance
+/// that replays it at every stall timeout would replace instances for good. Each
+/// replacement it costs doubles the time its next replay gets: here the second replay,
+/// given twice the timeout, ends, and the key is served again.
+#[test]
+fn an_answered_request_whose_replays_outlast_the_stall_timeout_ends_replaced_twice_at_most() {
+    let tmp = tempfile::tempdir().unwrap();
+    let handler = Sum::default();
+    let replay_ms = handler.replay_ms.clone();
+    let cluster = cluster(tmp.path(), handler);
+    let client = cluster.client();
+    assert_eq!(
+        client
+            .submit("slow", Req::SlowReplays)
+            .unwrap()
+            .wait()
+            .unwrap(),
+        10
+    );
+    // From now on a replay of it takes 500 ms, past the 300 ms stall timeout and within
+    // twice it. A panic on the key has its state rebuilt: replayed.
+    replay_ms.store(500, Ordering::SeqCst);
+    let panicked = client.submit("slow", Req::Panic).unwrap().wait();
+    assert!(
+        matches!(panicked, Err(Error::HandlerPanicked { .. })),
+        "{panicked:?}"
+    );
+    let since = Instant::now();
+    let state = client
+        .submit("slow", Req::Get)
+        .unwrap()
+        .wait_timeout(Duration::from_secs(20))
+        .unwrap_or_else(|e| panic!("the key was not served again: {e}"));
+    assert_eq!(state, 10);
+    let stalls = cluster.metrics().stalls;
+    // Long enough for two more rounds of replacements at the stall timeout.
+    thread::sleep(Duration::from_millis(1_500));
+    assert_eq!(cluster.metrics().stalls, stalls, "replacements went on");
+    assert!(stalls <= 2, "{stalls} stalls in {:?}", since.elapsed());
+    for i in 0..KEYS {
+        client.submit(key(i), Req::Add(1)).unwrap().wait().unwrap();
+    }
+    assert_eq!(state_of(&client, "slow"), 10);
+    cluster.shutdown().unwrap();
 }

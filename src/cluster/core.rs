@@ -339,6 +339,23 @@ pub(crate) struct Shared<H: Handler> {
     /// Queries lost instances were running outside the unit of work a stall was
     /// declared on (see [`Shared::left_queries`]).
     watched: Mutex<Vec<WatchedQuery>>,
+    /// Instances replaying an answered request past the stall timeout, given longer
+    /// (see [`Shared::be_patient`]).
+    patient: Mutex<Vec<Patient>>,
+    /// How many replacements each answered request's replays have cost.
+    replay_stalls: Mutex<HashMap<Offset, u32, ahash::RandomState>>,
+}
+
+/// An instance left to run on a replay past the stall timeout (see
+/// [`Shared::be_patient`]).
+struct Patient {
+    instance: InstanceId,
+    heartbeat: Arc<Heartbeat>,
+    /// The heartbeat's count while the replay runs.
+    unit: u64,
+    offset: Offset,
+    since: Instant,
+    allowance: Duration,
 }
 
 /// A query a lost instance began after a stall was declared on an earlier unit of its
@@ -630,6 +647,8 @@ impl<H: Handler> Shared<H> {
             owned,
             appenders: Appenders::new(options_append_threads),
             watched: Mutex::new(Vec::new()),
+            patient: Mutex::new(Vec::new()),
+            replay_stalls: Mutex::new(HashMap::default()),
         });
         for &id in &instances {
             let id = InstanceId(id);
@@ -1451,6 +1470,84 @@ impl<H: Handler> Shared<H> {
                 key: query::key_name(w.key.as_slice()),
                 stall_timeout: self.options.stall_timeout,
             });
+        }
+    }
+
+    /// Whether to leave instance `id`, caught by a stall `busy_for` into a unit of work,
+    /// to run on: yes if the unit replays a request that was answered (so that it keeps
+    /// its place in every fold, and cannot be set aside as one stalled twice is) and
+    /// whose replays stalled before. Replaced at every stall timeout, the instances
+    /// replaying such a request would be replaced for good (a request that ran within
+    /// the timeout live can replay slower on a loaded machine), and no checkpoint that
+    /// would end the replays could complete. So each replacement it costs doubles the
+    /// time the next replay of it is given: twice the stall timeout, then four times,
+    /// up to 1,024 times; past that time the instance is replaced (in
+    /// [`watch_patients`](Self::watch_patients)).
+    fn be_patient(&self, id: InstanceId, busy_for: Duration) -> bool {
+        if !self.any_stalled_once.load(Ordering::Acquire) {
+            return false;
+        }
+        let Some(inst) = self.routing.lock().instances.get(&id).cloned() else {
+            return false;
+        };
+        let Some(offset) = inst.stuck_on() else {
+            return false;
+        };
+        let stalled_before = self.stalled_once.lock().contains(&offset);
+        if !stalled_before || self.orphans.lock().waiting.contains_key(&offset) {
+            return false;
+        }
+        let replaced = self.replay_stalls.lock().get(&offset).copied().unwrap_or(0);
+        let allowance = self
+            .options
+            .stall_timeout
+            .saturating_mul(1 << (replaced + 1).min(10));
+        if busy_for >= allowance {
+            *self.replay_stalls.lock().entry(offset).or_default() += 1;
+            return false;
+        }
+        tracing::warn!(
+            instance = %id, offset, ?busy_for, ?allowance,
+            "replaying an answered request past the stall timeout; given longer"
+        );
+        self.patient.lock().push(Patient {
+            instance: id,
+            heartbeat: inst.heartbeat.clone(),
+            unit: inst.heartbeat.sample(),
+            offset,
+            since: Instant::now()
+                .checked_sub(busy_for)
+                .unwrap_or_else(Instant::now),
+            allowance,
+        });
+        true
+    }
+
+    /// Replaces the instances [`be_patient`](Self::be_patient) left to run whose replay
+    /// outlasted the time it was given; forgets those that moved on.
+    fn watch_patients(&self) {
+        let due: Vec<(InstanceId, Offset, Duration)> = {
+            let mut patient = self.patient.lock();
+            if patient.is_empty() {
+                return;
+            }
+            let mut due = Vec::new();
+            patient.retain(|p| {
+                if p.heartbeat.sample() != p.unit {
+                    return false;
+                }
+                if p.since.elapsed() < p.allowance {
+                    return true;
+                }
+                due.push((p.instance, p.offset, p.since.elapsed()));
+                false
+            });
+            due
+        };
+        for (id, offset, busy_for) in due {
+            *self.replay_stalls.lock().entry(offset).or_default() += 1;
+            tracing::warn!(instance = %id, offset, ?busy_for, "instance stalled replaying an answered request");
+            self.lose(id, "stalled");
         }
     }
 
@@ -2804,7 +2901,7 @@ impl<H: Handler> Supervised for Shared<H> {
     }
 
     fn stalled(&self, id: InstanceId, busy_for: Duration) {
-        if self.accepting.load(Ordering::SeqCst) {
+        if self.accepting.load(Ordering::SeqCst) && !self.be_patient(id, busy_for) {
             tracing::warn!(instance = %id, ?busy_for, "instance stalled");
             self.lose(id, "stalled");
         }
@@ -2815,6 +2912,7 @@ impl<H: Handler> Supervised for Shared<H> {
             return;
         }
         self.watch_queries();
+        self.watch_patients();
         // Instances whose loop ended without being told to. Looked at without the
         // routing lock, and skipping an instance whose `running` is taken: a launch holds
         // it (a slow one for as long as it takes), and every submit and future that

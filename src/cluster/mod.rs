@@ -304,7 +304,7 @@ impl<H: Handler> Client<H> {
     /// handled.
     ///
     /// # Errors
-    /// Each means the request was not logged, and will not be handled:
+    /// Each means this cluster will not handle the request:
     /// - [`Error::Closed`]: the cluster was shut down or dropped;
     /// - [`Error::Codec`]: the request cannot be encoded;
     /// - [`Error::RecordTooLarge`]: the key and request exceed the log's record limit;
@@ -312,6 +312,14 @@ impl<H: Handler> Client<H> {
     ///   way; the last instance cannot be removed);
     /// - the input store's errors: [`Error::Io`], or [`Error::ReadOnly`] once a write
     ///   or fdatasync of the log failed (see [`LogStore`]).
+    ///
+    /// All but the store's errors mean the request was not logged. A store's error can
+    /// come after the record was written, from the wait for the disk (an `fdatasync`
+    /// that failed): the cluster does not handle it, but the record may have reached the
+    /// disk anyway, and a cluster opened on the log again then handles it, as
+    /// [`LogStore`] recovers what reached the disk. So after an `Io` or `ReadOnly` the
+    /// request's fate is unknown until the log is reopened, as for a Kafka producer whose
+    /// send failed: requests that may be retried carry an id their handler remembers.
     ///
     /// The [`Pending`] then resolves to the handler's response, or to an error that
     /// says why the logged request got none: [`Error::HandlerPanicked`],
@@ -346,6 +354,12 @@ impl<H: Handler> Client<H> {
     /// counted, no key placed: see [`try_submit`](Client::try_submit)). A request
     /// waiting for an instance that is removed or stalls is routed again when it next
     /// looks for room.
+    ///
+    /// Where [`submit`](Client::submit) lets a panic of the input store reach its caller,
+    /// a store that panics on an appender thread leaves this future [`Error::Closed`]
+    /// (the thread goes on serving the others): the request is then not logged if the
+    /// store panicked in its append, and logged (and handled) if it panicked in the wait
+    /// for the disk after it, as after a store's `Io` error (see `submit`'s errors).
     ///
     /// ```
     /// # use cauce::cluster::{Cluster, Context, Handler};
@@ -1223,6 +1237,13 @@ impl<H: Handler> ClusterBuilder<H> {
     /// (default 5 s; above zero). The supervisor checks every
     /// [`supervise_every`](Self::supervise_every), so a stall is declared between this
     /// long and this long plus two checks after the request began.
+    ///
+    /// A request stalled twice is set aside ([`Error::HandlerStalled`]) unless it was
+    /// answered: an answered request keeps its place in the state, so an instance
+    /// replaying it (a rebuild after a panic or a move) is not replaced at every stall
+    /// timeout, which on a machine too slow for its replays would go on for good. Each
+    /// replacement its replays cost doubles the time the next replay of it is given (2,
+    /// 4, ... up to 1,024 times this timeout).
     pub fn stall_timeout(mut self, timeout: Duration) -> Self {
         self.options.stall_timeout = timeout;
         self

@@ -7,7 +7,9 @@
 //! ones that stop making progress, so that their work can be moved elsewhere.
 //!
 //! The cluster (the composition root) wires these together; they know nothing of handlers
-//! or logs, so a launcher of child processes or of remote workers fits the same traits.
+//! or logs. A launcher decides where and how an instance's loop runs *in this process*
+//! (a named thread, a pinned one, a thread of a pool of its own): the loop is a closure
+//! over the cluster's state, not something that can run in another process.
 //!
 //! ```
 //! use std::sync::Arc;
@@ -42,6 +44,17 @@ pub use thread::ThreadLauncher;
 /// Starts instance loops somewhere.
 pub trait Launcher: Send + Sync + 'static {
     /// Starts `body` as instance `id` and returns a handle to watch it.
+    ///
+    /// `body` is the instance's loop: it runs until the instance stops, so `launch` must
+    /// start it on a thread of its own and return at once, never run it on the calling
+    /// thread (a cluster's `build` would then wait for good). It is called from the
+    /// cluster's own threads too, with the cluster's locks held: when an instance's
+    /// handler panics, its replacement is launched from the old instance's thread, and a
+    /// stalled instance's by the supervisor. So it must not wait for another instance
+    /// to end (a pool with no free thread that waits for one deadlocks). An `Err` goes
+    /// to the caller of the change that needed the instance (`Cluster::add_instance`
+    /// returns it); for a replacement it is logged through `tracing`, and the keys go to
+    /// the instances left.
     fn launch(&self, id: InstanceId, body: Box<dyn FnOnce() + Send>) -> Result<Box<dyn Running>>;
 }
 

@@ -181,6 +181,13 @@ pub trait Store: Send + Sync + 'static {
     /// not block, such as a future polled on an async executor's thread, hands such
     /// appends to a thread of its own. The default is `false`: appends return about as
     /// soon as the records are in memory.
+    ///
+    /// A wrapper around another store forwards this, with
+    /// [`append_deferred`](Store::append_deferred) and
+    /// [`wait_appended`](Store::wait_appended): left to their defaults, a wrapper of a
+    /// [`LogStore`] under `Always` has a cluster's futures append (and wait out the
+    /// fdatasync) on the executor's thread, and loses the group commit of one key's
+    /// requests. Nothing checks that a wrapper forwards them.
     fn append_waits_for_disk(&self) -> bool {
         false
     }
@@ -215,7 +222,12 @@ pub trait Store: Send + Sync + 'static {
     /// and only if they are durable. So a failure is for good for the records it failed
     /// for (a log that could not make a record durable never will, as [`LogStore`]
     /// refuses from then on), while a wait for records durable before it stays `Ok`:
-    /// every caller that waits for a record agrees on it.
+    /// every caller that waits for a record agrees on it. A cluster relies on it: the
+    /// submitter and the instance each wait for the same record, and must agree whether
+    /// it is to be handled. So a wrapper must not put a timeout or a retry of its own on
+    /// this wait (one caller would see the timeout, another the record durable), nor
+    /// decide a fault per caller; a wrapper that injects failures fails every wait at
+    /// or past a record from then on.
     ///
     /// A store whose wait can be for the disk says so in
     /// [`append_waits_for_disk`](Store::append_waits_for_disk): callers that must not
