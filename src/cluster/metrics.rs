@@ -112,7 +112,8 @@ pub struct InstanceMetrics {
     /// 99th percentile of the time from queueing to response (same sample and
     /// precision).
     pub p99: Duration,
-    /// Times its loop was restarted after a handler panic.
+    /// Times its loop was restarted after a handler panic. Per instance: a replacement
+    /// (after a stall) starts from 0, and the cluster's `stalls` counts the replacement.
     pub restarts: u32,
 }
 
@@ -129,7 +130,9 @@ pub struct Metrics {
     /// The offset of the latest checkpoint: `None` until one was taken (or found in the
     /// store at open).
     pub checkpoint_offset: Option<Offset>,
-    /// Instances declared stalled (or lost) so far.
+    /// Instances replaced so far: declared stalled, or lost (a loop that ended without
+    /// being told to, such as one a [`Launcher`](crate::launcher::Launcher) failed to
+    /// restart after a panic).
     pub stalls: u64,
     /// Keys moved between instances so far, for any reason: membership changes, stalls,
     /// keys placed anew after going idle, keys shed by busy instances.
