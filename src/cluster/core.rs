@@ -1490,6 +1490,11 @@ impl<H: Handler> Shared<H> {
         let Some(inst) = self.routing.lock().instances.get(&id).cloned() else {
             return false;
         };
+        // The unit declared stalled, read before the offset it runs on: if the instance
+        // moves on meanwhile, `stuck_on` says so, or the count below does.
+        let Some(unit) = inst.heartbeat.stalled_unit() else {
+            return false;
+        };
         let Some(offset) = inst.stuck_on() else {
             return false;
         };
@@ -1506,6 +1511,10 @@ impl<H: Handler> Shared<H> {
             *self.replay_stalls.lock().entry(offset).or_default() += 1;
             return false;
         }
+        if inst.heartbeat.sample() != unit {
+            // The replay ended while this looked: nothing to wait for, nobody to replace.
+            return true;
+        }
         tracing::warn!(
             instance = %id, offset, ?busy_for, ?allowance,
             "replaying an answered request past the stall timeout; given longer"
@@ -1513,7 +1522,7 @@ impl<H: Handler> Shared<H> {
         self.patient.lock().push(Patient {
             instance: id,
             heartbeat: inst.heartbeat.clone(),
-            unit: inst.heartbeat.sample(),
+            unit,
             offset,
             since: Instant::now()
                 .checked_sub(busy_for)
@@ -2589,6 +2598,8 @@ impl<H: Handler> Shared<H> {
         self.checkpoint_in_store.store(true, Ordering::SeqCst);
         let offset = checkpoint.offset;
         self.checkpoint_offset.store(offset, Ordering::SeqCst);
+        // Requests before it are replayed no more.
+        self.replay_stalls.lock().retain(|&o, _| o >= offset);
         *self.checkpoint_cache.lock() = Weak::new();
         self.effects.forget_before(offset);
         self.poisoned.lock().retain(|&p| p >= offset);

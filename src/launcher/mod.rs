@@ -118,11 +118,16 @@ impl Heartbeat {
         self.still_stalled() && self.sample() == unit
     }
 
+    /// The count of the unit of work declared stalled last, if it still runs.
+    pub(crate) fn stalled_unit(&self) -> Option<u64> {
+        let sample = self.sample();
+        (sample % 2 == 1 && sample == self.stalled_at.load(Ordering::Acquire)).then_some(sample)
+    }
+
     /// Whether the unit of work declared stalled last is still running: the count has
     /// not moved since the supervisor saw it.
     pub(crate) fn still_stalled(&self) -> bool {
-        let sample = self.sample();
-        sample % 2 == 1 && sample == self.stalled_at.load(Ordering::Acquire)
+        self.stalled_unit().is_some()
     }
 }
 
