@@ -24,6 +24,12 @@
 //!   thread-per-request model). Async appends run on appender threads and share
 //!   fdatasyncs; before they did, every poll ran its own append. Requests of one key
 //!   share them too: each is appended under its key's lock and waited for after it.
+//! - `scaling.worst_submit.vs_steady` (group `cluster.scaling`): the longest a blocking
+//!   `submit` took (ms) while 2 threads submit (64 in flight each) and the main thread
+//!   adds and removes an instance 4 times, 50 ms apart, against the same run without the
+//!   changes. A change holds every stripe, so submits wait for it; since the slot
+//!   table's repair (21-27 ms on the default 2^16 slots) runs before the change takes
+//!   them, they wait for little more than the moves.
 //! - `reads.query.vs_logged_request` (group `cluster.reads`): reading a key's state
 //!   through `Client::query` (nothing logged) against through a request that changes
 //!   nothing (logged, like any request), same load and window, every key placed first.
@@ -398,6 +404,61 @@ fn run_durable_threads(keys: &[Arc<[u8]>]) -> f64 {
 /// Reads every key of the load, as `run_cauce` submits them: through `Client::query` or
 /// through a request that adds 0 (logged like any request). Every key is placed on an
 /// instance first, so no query is answered on the calling thread.
+/// The longest blocking `submit` (ms) of 2 threads keeping 64 requests in flight each
+/// over `keys`, while the main thread adds and removes an instance 4 times (`changes`)
+/// or sleeps as long.
+fn worst_submit(keys: &[Arc<[u8]>], changes: bool) -> f64 {
+    let (cluster, _dir) = start_cluster(None);
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let submitters: Vec<_> = (0..2)
+        .map(|t| {
+            let (client, stop) = (cluster.client(), stop.clone());
+            let keys: Vec<Arc<[u8]>> = keys.iter().skip(t).step_by(2).cloned().collect();
+            thread::spawn(move || {
+                let mut window = VecDeque::new();
+                let mut worst = Duration::ZERO;
+                for key in keys.iter().cycle() {
+                    if stop.load(std::sync::atomic::Ordering::Relaxed) {
+                        break;
+                    }
+                    let at = Instant::now();
+                    let pending = client.submit(&**key, 1).expect("submit");
+                    worst = worst.max(at.elapsed());
+                    window.push_back(pending);
+                    if window.len() >= 64 {
+                        if let Some(p) = window.pop_front() {
+                            p.wait().expect("answer");
+                        }
+                    }
+                }
+                for p in window {
+                    p.wait().expect("answer");
+                }
+                worst
+            })
+        })
+        .collect();
+    thread::sleep(Duration::from_millis(50));
+    for _ in 0..4 {
+        if changes {
+            let id = cluster.add_instance(1).expect("add");
+            thread::sleep(Duration::from_millis(50));
+            cluster.remove_instance(id).expect("remove");
+        } else {
+            thread::sleep(Duration::from_millis(50));
+        }
+        thread::sleep(Duration::from_millis(50));
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let worst = submitters
+        .into_iter()
+        .map(|h| h.join().expect("submitter"))
+        .max()
+        .unwrap_or_default();
+    cluster.shutdown().expect("shutdown");
+    worst.as_secs_f64() * 1e3
+}
+
 fn run_reads(work: &[Vec<Arc<[u8]>>], query: bool) -> f64 {
     let (cluster, _dir) = start_cluster(None);
     let client = cluster.client();
@@ -587,6 +648,17 @@ pub fn run(bench: &mut Bench) {
             None,
             || run_durable_async(&keys),
             || run_durable_threads(&keys),
+        );
+    }
+    if bench.group("cluster.scaling") {
+        let keys: Vec<Arc<[u8]>> = work.iter().flatten().cloned().collect();
+        bench.compare(
+            "cluster.scaling.worst_submit.vs_steady",
+            "ms",
+            Better::Less,
+            None,
+            || worst_submit(&keys, true),
+            || worst_submit(&keys, false),
         );
     }
     if bench.group("cluster.reads") {
