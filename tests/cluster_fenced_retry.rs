@@ -48,36 +48,17 @@ impl Handler for Svc {
 }
 
 static REBUILD_FAILED: AtomicBool = AtomicBool::new(false);
-struct Print;
-struct V(String);
-impl tracing::field::Visit for V {
-    fn record_debug(&mut self, f: &tracing::field::Field, v: &dyn std::fmt::Debug) {
-        self.0.push_str(&format!(" {}={:?}", f.name(), v));
-    }
-}
-impl tracing::Subscriber for Print {
-    fn enabled(&self, _: &tracing::Metadata<'_>) -> bool {
-        true
-    }
-    fn new_span(&self, _: &tracing::span::Attributes<'_>) -> tracing::span::Id {
-        tracing::span::Id::from_u64(1)
-    }
-    fn record(&self, _: &tracing::span::Id, _: &tracing::span::Record<'_>) {}
-    fn record_follows_from(&self, _: &tracing::span::Id, _: &tracing::span::Id) {}
-    fn event(&self, e: &tracing::Event<'_>) {
-        let mut v = V(String::new());
-        e.record(&mut v);
-        if v.0.contains("could not rebuild moved keys") {
-            REBUILD_FAILED.store(true, Ordering::SeqCst);
-        }
-    }
-    fn enter(&self, _: &tracing::span::Id) {}
-    fn exit(&self, _: &tracing::span::Id) {}
-}
 
 #[test]
 fn a_fenced_retry_leaves_its_request_to_the_new_owner() {
-    tracing::subscriber::set_global_default(Print).unwrap();
+    tracing::subscriber::set_global_default(common::OnEvent(
+        |_: &tracing::Metadata<'_>, fields: &str| {
+            if fields.contains("could not rebuild moved keys") {
+                REBUILD_FAILED.store(true, Ordering::SeqCst);
+            }
+        },
+    ))
+    .unwrap();
     let svc = Svc::default();
     let (release, hanging) = (svc.release.clone(), svc.hanging.clone());
     let input = Arc::new(Unreadable {

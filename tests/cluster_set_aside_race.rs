@@ -9,6 +9,8 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use cauce::cluster::{Cluster, Context, Handler};
+
+mod common;
 use serde::{Deserialize, Serialize};
 
 #[derive(Clone, Copy, Debug, Serialize, Deserialize)]
@@ -48,37 +50,6 @@ impl Handler for Sum {
     }
 }
 
-/// Widens the window between the fence (handoffs abandoned) and the durable mark, as a
-/// preemption of the supervisor thread would.
-struct SlowAtSetAside;
-struct Msg(bool);
-impl tracing::field::Visit for Msg {
-    fn record_debug(&mut self, f: &tracing::field::Field, v: &dyn std::fmt::Debug) {
-        if f.name() == "message" && format!("{v:?}").contains("stalled twice") {
-            self.0 = true;
-        }
-    }
-}
-impl tracing::Subscriber for SlowAtSetAside {
-    fn enabled(&self, _: &tracing::Metadata<'_>) -> bool {
-        true
-    }
-    fn new_span(&self, _: &tracing::span::Attributes<'_>) -> tracing::span::Id {
-        tracing::span::Id::from_u64(1)
-    }
-    fn record(&self, _: &tracing::span::Id, _: &tracing::span::Record<'_>) {}
-    fn record_follows_from(&self, _: &tracing::span::Id, _: &tracing::span::Id) {}
-    fn event(&self, e: &tracing::Event<'_>) {
-        let mut m = Msg(false);
-        e.record(&mut m);
-        if m.0 {
-            thread::sleep(Duration::from_millis(300));
-        }
-    }
-    fn enter(&self, _: &tracing::span::Id) {}
-    fn exit(&self, _: &tracing::span::Id) {}
-}
-
 fn build(dir: &std::path::Path, h: Sum) -> Cluster<Sum> {
     Cluster::builder(h)
         .dir(dir)
@@ -91,7 +62,14 @@ fn build(dir: &std::path::Path, h: Sum) -> Cluster<Sum> {
 
 #[test]
 fn second_stall_poison_races_the_rebuild_started_by_fence() {
-    tracing::subscriber::set_global_default(SlowAtSetAside).unwrap();
+    // Widens the window between the fence (handoffs abandoned) and the durable mark, as
+    // a preemption of the supervisor thread would.
+    let slow_at_set_aside = |_: &tracing::Metadata<'_>, fields: &str| {
+        if fields.contains("message=stalled twice") {
+            thread::sleep(Duration::from_millis(300));
+        }
+    };
+    tracing::subscriber::set_global_default(common::OnEvent(slow_at_set_aside)).unwrap();
     let dir = tempfile::tempdir().unwrap();
     let h = Sum::default();
     let started = h.second_started.clone();

@@ -5,7 +5,7 @@
 //! it installs a global `tracing` subscriber.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -13,41 +13,15 @@ use cauce::Error;
 use cauce::cluster::{Cluster, Context, Handler};
 use serde::{Deserialize, Serialize};
 
-static DELAY: AtomicBool = AtomicBool::new(false);
+mod common;
 
-struct Log;
-struct Fields(String);
-impl tracing::field::Visit for Fields {
-    fn record_debug(&mut self, f: &tracing::field::Field, v: &dyn std::fmt::Debug) {
-        self.0 += &format!("{}={:?} ", f.name(), v);
+/// Prints every event; slow on the one that gives a replay longer: the supervisor's log
+/// sink is slow there, and the replay (500 ms) ends meanwhile, the instance going idle.
+fn log(meta: &tracing::Metadata<'_>, fields: &str) {
+    eprintln!("[{:?}] {} {fields}", thread::current().name(), meta.level());
+    if meta.fields().field("allowance").is_some() {
+        thread::sleep(Duration::from_millis(400));
     }
-}
-impl tracing::Subscriber for Log {
-    fn enabled(&self, _: &tracing::Metadata<'_>) -> bool {
-        true
-    }
-    fn new_span(&self, _: &tracing::span::Attributes<'_>) -> tracing::span::Id {
-        tracing::span::Id::from_u64(1)
-    }
-    fn record(&self, _: &tracing::span::Id, _: &tracing::span::Record<'_>) {}
-    fn record_follows_from(&self, _: &tracing::span::Id, _: &tracing::span::Id) {}
-    fn event(&self, e: &tracing::Event<'_>) {
-        let mut v = Fields(String::new());
-        e.record(&mut v);
-        eprintln!(
-            "[{:?}] {} {}",
-            thread::current().name(),
-            e.metadata().level(),
-            v.0
-        );
-        // The supervisor's log sink is slow on the event that gives a replay longer:
-        // the replay (500 ms) ends meanwhile, and the instance goes idle.
-        if e.metadata().fields().field("allowance").is_some() && DELAY.load(Ordering::SeqCst) {
-            thread::sleep(Duration::from_millis(400));
-        }
-    }
-    fn enter(&self, _: &tracing::span::Id) {}
-    fn exit(&self, _: &tracing::span::Id) {}
 }
 
 #[derive(Clone, Copy, Debug, Serialize, Deserialize)]
@@ -83,9 +57,7 @@ impl Handler for Sum {
 
 #[test]
 fn a_replay_that_ends_while_it_is_given_longer_leaves_its_instance_alone() {
-    let delay = true;
-    let _ = tracing::subscriber::set_global_default(Log);
-    DELAY.store(delay, Ordering::SeqCst);
+    tracing::subscriber::set_global_default(common::OnEvent(log)).expect("the only subscriber");
     let tmp = tempfile::tempdir().unwrap();
     let handler = Sum::default();
     let replay_ms = handler.replay_ms.clone();

@@ -27,6 +27,21 @@ fn append(log: &LogStore, range: std::ops::Range<u64>) {
     }
 }
 
+/// The offsets of every record from 0, each checked whole.
+fn checked_offsets(log: &LogStore) -> Vec<u64> {
+    log.read_from(0)
+        .expect("read")
+        .map(|r| {
+            let r = r.expect("record");
+            assert_eq!(
+                (r.key.to_vec(), r.payload.to_vec()),
+                (key(r.offset), payload(r.offset))
+            );
+            r.offset
+        })
+        .collect()
+}
+
 #[test]
 fn a_reader_opened_before_compaction_keeps_reading_correct_records() {
     for keep_mapped in [false, true] {
@@ -287,25 +302,12 @@ fn segments_emptied_by_compaction_are_deleted() {
     // The first segment, the one or two holding the last ten records, the active one.
     assert!(files() <= 4, "{} segment files", files());
     let latest: Vec<u64> = (next - 10..next).collect();
-    let read = |log: &LogStore| -> Vec<u64> {
-        log.read_from(0)
-            .expect("read")
-            .map(|r| {
-                let r = r.expect("record");
-                assert_eq!(
-                    (r.key.to_vec(), r.payload.to_vec()),
-                    (key(r.offset), payload(r.offset))
-                );
-                r.offset
-            })
-            .collect()
-    };
-    assert_eq!(read(&log), latest);
+    assert_eq!(checked_offsets(&log), latest);
     assert_eq!(log.start_offset(), 0);
     log.verify().expect("verify");
     drop(log);
     let log = LogStore::open(tmp.path(), options()).expect("reopen");
-    assert_eq!(read(&log), latest);
+    assert_eq!(checked_offsets(&log), latest);
     assert_eq!(log.next_offset(), next);
     append(&log, next..next + 5);
     assert_eq!(log.next_offset(), next + 5);
@@ -339,28 +341,15 @@ fn a_compaction_that_fails_after_its_swap_leaves_the_log_readable() {
     assert!(log.compact().is_err(), "the deletion fails");
     assert!(!dir.join("compact.commit").exists(), "the swap is done");
     fs::remove_dir_all(&index).expect("remove the obstacle");
-    let held = |log: &LogStore| -> Vec<u64> {
-        log.read_from(0)
-            .expect("read")
-            .map(|r| {
-                let r = r.expect("the log reads on");
-                assert_eq!(
-                    (r.key.to_vec(), r.payload.to_vec()),
-                    (key(r.offset), payload(r.offset))
-                );
-                r.offset
-            })
-            .collect()
-    };
-    let read = held(&log);
+    let read = checked_offsets(&log);
     assert!(read.ends_with(&(290..300).collect::<Vec<_>>()), "{read:?}");
     let report = log.compact().expect("the next compaction");
     assert_eq!(report.kept, 10);
-    assert_eq!(held(&log), (290..300).collect::<Vec<_>>());
+    assert_eq!(checked_offsets(&log), (290..300).collect::<Vec<_>>());
     log.verify().expect("verify");
     drop(log);
     let log = LogStore::open(dir, options()).expect("reopen");
-    assert_eq!(held(&log), (290..300).collect::<Vec<_>>());
+    assert_eq!(checked_offsets(&log), (290..300).collect::<Vec<_>>());
 }
 
 /// A read-only store's view is the log as it was when opened, whatever a writer beside

@@ -303,6 +303,20 @@ fn corruption_in_the_middle_is_an_error_not_a_cut() {
     );
 }
 
+/// Batch ends (as [`batch_ends`]) of a log of `n` records appended one at a time.
+fn single_record_batch_ends(n: u64) -> Vec<(u64, u64)> {
+    batch_ends(&(0..n).map(|o| (o, 1)).collect::<Vec<_>>())
+}
+
+/// A log of ten records, one a batch, and the cursor `consumer` committed at `at`.
+fn ten_records_with_a_cursor_at(dir: &Path, at: u64) {
+    write_log(dir, 10, 1);
+    LogStore::open(dir, options())
+        .expect("open")
+        .commit_cursor("consumer", at)
+        .expect("cursor");
+}
+
 /// Rule 14: a bad tail below a cursor or a snapshot held records that were durable (a
 /// commit or a save syncs the log up to its offset first): the writable open refuses
 /// with the cursor or snapshot named and cuts nothing; read-only opens up to the damage.
@@ -323,7 +337,7 @@ fn a_bad_tail_below_a_cursor_is_damage_not_a_torn_write() {
         let last = segments(&dir).pop().expect("segment");
         assert_eq!(segments(&dir).len(), 1);
         let len = fs::metadata(&last).expect("stat").len();
-        let ends = batch_ends(&(0..10).map(|o| (o, 1)).collect::<Vec<_>>());
+        let ends = single_record_batch_ends(10);
         assert_eq!(ends[9].0, len);
         // Inside the body of the last batch, whose record the cursor or snapshot covers.
         flip(&last, ends[8].0 + 30);
@@ -351,13 +365,9 @@ fn a_bad_tail_below_a_cursor_is_damage_not_a_torn_write() {
     // A cursor short of the tail: the tail is torn, and cut.
     let tmp = tempfile::tempdir().expect("tmp");
     let dir = tmp.path().join("log");
-    write_log(&dir, 10, 1);
-    LogStore::open(&dir, options())
-        .expect("open")
-        .commit_cursor("consumer", 9)
-        .expect("cursor");
+    ten_records_with_a_cursor_at(&dir, 9);
     let last = segments(&dir).pop().expect("segment");
-    let ends = batch_ends(&(0..10).map(|o| (o, 1)).collect::<Vec<_>>());
+    let ends = single_record_batch_ends(10);
     flip(&last, ends[8].0 + 30);
     let log = LogStore::open(&dir, options()).expect("a torn tail above the cursor");
     assert_eq!(read_all(&log).len(), 9);
@@ -369,11 +379,7 @@ fn a_bad_tail_below_a_cursor_is_damage_not_a_torn_write() {
 fn a_log_without_segments_below_its_cursor_is_damage() {
     let tmp = tempfile::tempdir().expect("tmp");
     let dir = tmp.path().join("log");
-    write_log(&dir, 10, 1);
-    LogStore::open(&dir, options())
-        .expect("open")
-        .commit_cursor("consumer", 10)
-        .expect("cursor");
+    ten_records_with_a_cursor_at(&dir, 10);
     for file in segments(&dir) {
         fs::remove_file(file).expect("remove");
     }

@@ -1545,10 +1545,11 @@ impl<H: Handler> Shared<H> {
                 if p.heartbeat.sample() != p.unit {
                     return false;
                 }
-                if p.since.elapsed() < p.allowance {
+                let busy_for = p.since.elapsed();
+                if busy_for < p.allowance {
                     return true;
                 }
-                due.push((p.instance, p.offset, p.since.elapsed()));
+                due.push((p.instance, p.offset, busy_for));
                 false
             });
             due

@@ -442,3 +442,38 @@ macro_rules! forward_store_but_append {
 }
 #[allow(unused_imports)]
 pub(crate) use forward_store_but_append;
+
+/// A `tracing` subscriber that hands each event's metadata and fields to a closure, on
+/// the thread that emits it: for tests that act on the crate's log lines (note one, or
+/// hold up the thread that emits it). The fields come as text, `name=value ` each, the
+/// value `Debug`-formatted (a message reads as written).
+pub struct OnEvent<F>(pub F);
+
+struct FieldText(String);
+
+impl tracing::field::Visit for FieldText {
+    fn record_debug(&mut self, f: &tracing::field::Field, v: &dyn std::fmt::Debug) {
+        self.0 += &format!("{}={:?} ", f.name(), v);
+    }
+}
+
+impl<F> tracing::Subscriber for OnEvent<F>
+where
+    F: Fn(&tracing::Metadata<'_>, &str) + Send + Sync + 'static,
+{
+    fn enabled(&self, _: &tracing::Metadata<'_>) -> bool {
+        true
+    }
+    fn new_span(&self, _: &tracing::span::Attributes<'_>) -> tracing::span::Id {
+        tracing::span::Id::from_u64(1)
+    }
+    fn record(&self, _: &tracing::span::Id, _: &tracing::span::Record<'_>) {}
+    fn record_follows_from(&self, _: &tracing::span::Id, _: &tracing::span::Id) {}
+    fn event(&self, e: &tracing::Event<'_>) {
+        let mut text = FieldText(String::new());
+        e.record(&mut text);
+        (self.0)(e.metadata(), &text.0);
+    }
+    fn enter(&self, _: &tracing::span::Id) {}
+    fn exit(&self, _: &tracing::span::Id) {}
+}
