@@ -799,6 +799,21 @@ impl<H: Handler> Shared<H> {
         Some(draft.finish())
     }
 
+    /// Drafts [`lose`](Self::lose)'s change for `id`: it leaves, and a replacement of
+    /// its `weight` joins under the next id.
+    fn prepare_replacement(&self, id: InstanceId, weight: u32) -> Option<DraftedReplacement> {
+        let replacement = InstanceId(self.next_id.load(Ordering::SeqCst));
+        let prepared = self.prepare_placement(|draft| {
+            draft.remove(id)?;
+            draft.add(replacement, weight)
+        })?;
+        Some(DraftedReplacement {
+            replacement,
+            weight,
+            prepared,
+        })
+    }
+
     fn start_instance(&self, id: InstanceId, weight: u32, start: Start) -> Result<Arc<Inst<H>>> {
         let inst = Arc::new(Instance::new(
             id,
@@ -2233,7 +2248,9 @@ impl<H: Handler> Shared<H> {
             instances
                 .get(&id)
                 .or_else(|| retiring.iter().find(|i| i.id == id))
-                .filter(|i| !i.is_fenced())
+                // A lost instance whose work is fenced but whose loss waits for the
+                // stripes still counts: its loss takes what is sent to it now.
+                .filter(|i| !i.is_retired())
                 .cloned()
         };
         let mut acquires = Vec::new();
@@ -2354,7 +2371,29 @@ impl<H: Handler> Shared<H> {
     /// Gives up on an instance (stalled, or its loop died): fences it, launches a
     /// replacement, and rebuilds its keys on their new owners.
     pub(crate) fn lose(&self, id: InstanceId, why: &str) {
+        // The replacement's table is drafted before the stripes, as `add_instance`
+        // drafts (one copy for both changes: tens of milliseconds, a few hundred in a
+        // debug build, that every submit would otherwise wait out), for the id the
+        // replacement gets unless another change takes one first. None for an instance
+        // already retiring or gone, whose loss changes no table. The instance's work
+        // is fenced first: should it wake up meanwhile, what it finishes has no effect
+        // and it takes nothing more, as once fenced; the rest of the fence waits for
+        // the stripes. The request a stall caught it on is read after that, so it
+        // cannot have been answered since.
+        let early = self.routing.lock().instances.get(&id).cloned();
+        let (stuck_early, drafted) = match &early {
+            Some(inst) => {
+                inst.fence_work();
+                let stuck = inst.stuck_on();
+                (stuck, self.prepare_replacement(id, inst.weight))
+            }
+            None => (None, None),
+        };
         let mut all = self.exclusive();
+        let stuck_of = |inst: &Arc<Inst<H>>| match &early {
+            Some(e) if Arc::ptr_eq(e, inst) => stuck_early,
+            _ => inst.stuck_on(),
+        };
         let retiring = {
             let mut r = self.retiring.lock();
             r.iter().position(|i| i.id == id).map(|p| r.swap_remove(p))
@@ -2363,7 +2402,7 @@ impl<H: Handler> Shared<H> {
             // Its keys already moved; only its pending handoffs need rebuilding. Its
             // requests are adopted before fencing abandons the handoffs: an abandoned
             // handoff starts the rebuild that answers them.
-            let stuck = inst.stuck_on();
+            let stuck = stuck_of(&inst);
             let mut left = self.adopt_orphans(&inst);
             let aside = self.claim_if_stalled_twice(stuck);
             inst.fence(Some(&mut left));
@@ -2385,7 +2424,7 @@ impl<H: Handler> Shared<H> {
             Ordering::Relaxed,
         );
         tracing::warn!(instance = %id, why, "instance lost; moving its keys");
-        let stuck = inst.stuck_on();
+        let stuck = stuck_of(&inst);
         let mut left = self.adopt_orphans(&inst);
         let aside = self.claim_if_stalled_twice(stuck);
         inst.fence(Some(&mut left));
@@ -2395,14 +2434,29 @@ impl<H: Handler> Shared<H> {
         self.stalls.fetch_add(1, Ordering::Relaxed);
         self.set_aside(&inst, aside);
         let replacement = InstanceId(self.next_id.fetch_add(1, Ordering::SeqCst));
+        let weight = inst.weight;
+        let prepared = drafted
+            .filter(|d| d.replacement == replacement && d.weight == weight)
+            .map(|d| d.prepared);
         let result = (|| -> Result<()> {
-            self.change_placement(&all, |p| p.remove(id))?;
-            self.journal(&Control::Stalled { id: id.0 })?;
-            self.start_instance(replacement, inst.weight, Start::Empty)?;
-            self.change_placement(&all, |p| p.add(replacement, inst.weight))?;
+            let started = self
+                .journal(&Control::Stalled { id: id.0 })
+                .and_then(|_| self.start_instance(replacement, weight, Start::Empty));
+            if let Err(e) = started {
+                // The lost instance leaves the table all the same.
+                self.change_placement(&all, |p| p.remove(id))?;
+                return Err(e);
+            }
+            // Both changes at once, as drafted (or made here if the draft is stale).
+            self.change_placement(&all, |p| {
+                apply_or(p, prepared, |p| {
+                    p.remove(id)?;
+                    p.add(replacement, weight)
+                })
+            })?;
             self.journal(&Control::Join {
                 id: replacement.0,
-                weight: inst.weight,
+                weight,
             })?;
             self.rebalance_and_move(&mut all, std::mem::take(&mut left.incoming))
         })();
@@ -3039,8 +3093,15 @@ fn unreadable(instance: InstanceId, offset: Offset, e: &Error) -> Error {
     }
 }
 
-/// A key's stripe: the low bits of its [`key_hash`] (the router's slot takes the top
-/// ones), so a submit hashes the key once for both.
+/// [`Shared::lose`]'s table, drafted before it takes the stripes.
+struct DraftedReplacement {
+    /// The id the replacement was drafted with.
+    replacement: InstanceId,
+    /// The lost instance's weight when the draft was taken.
+    weight: u32,
+    prepared: Prepared,
+}
+
 /// Makes the change `prepared` holds, or, if there is none or the membership changed
 /// since it was drafted, the change `make` makes.
 fn apply_or(
@@ -3056,6 +3117,8 @@ fn apply_or(
     make(placement)
 }
 
+/// A key's stripe: the low bits of its [`key_hash`] (the router's slot takes the top
+/// ones), so a submit hashes the key once for both.
 fn stripe_of(key: &[u8]) -> usize {
     stripe_of_hash(key_hash(key))
 }

@@ -700,6 +700,11 @@ pub(crate) struct Instance<S, R> {
     /// request it caught the instance on (see [`Instance::stuck_on`]).
     working_on: CachePadded<AtomicU64>,
     fenced: AtomicBool,
+    /// Set by [`fence`](Instance::fence) once what the instance left was taken: nothing
+    /// may be sent to it any more. Until then, an instance whose work is fenced (see
+    /// [`fence_work`](Instance::fence_work)) still gets what is routed to it, for the
+    /// fence to find.
+    retired: AtomicBool,
     pub(crate) stats: CachePadded<InstanceStats>,
     /// Handoffs this instance still has to complete (abandoned if it is fenced).
     pub(crate) releases: Mutex<Vec<Arc<Handoff<S>>>>,
@@ -721,6 +726,7 @@ impl<S, R> Instance<S, R> {
             heartbeat: Arc::new(Heartbeat::new()),
             working_on: CachePadded::new(AtomicU64::new(0)),
             fenced: AtomicBool::new(false),
+            retired: AtomicBool::new(false),
             stats: CachePadded::new(InstanceStats::default()),
             releases: Mutex::new(Vec::new()),
             running: Mutex::new(None),
@@ -742,11 +748,25 @@ impl<S, R> Instance<S, R> {
         self.mailbox.push_many(messages, false);
     }
 
+    /// The first step of [`fence`](Self::fence), taken before the stripes are: from
+    /// here on, whatever the instance finishes has no effect (no answer, no poison mark,
+    /// no state), and its loop takes no more messages and stops. What it leaves (queued,
+    /// or on its way to it until the table changes) is taken, and its handoffs
+    /// abandoned, once the stripes are held, by `take_left` and `fence`.
+    pub(crate) fn fence_work(&self) {
+        // Under the lock the loop takes messages under: a message it takes is either
+        // taken before (and its outcome has no effect), or not at all (`next_message`
+        // gives `Stop` from here on), so `take_left` still finds every request.
+        let _taken = self.taken.lock();
+        self.fenced.store(true, Ordering::SeqCst);
+    }
+
     /// Retires the instance for good: its loop stops at its next step and anything it
     /// still had to hand over is rebuilt elsewhere, from what `left` says was on its
     /// way to it (from [`Instance::take_left`]; `None` when nothing is rebuilt).
     pub(crate) fn fence(&self, left: Option<&mut Left<S, R>>) {
         self.fenced.store(true, Ordering::SeqCst);
+        self.retired.store(true, Ordering::SeqCst);
         self.permits.retire();
         let mut released = left.map(|l| std::mem::take(&mut l.released));
         for h in self.releases.lock().drain(..) {
@@ -841,6 +861,12 @@ impl<S, R> Instance<S, R> {
         loop {
             {
                 let mut taken = self.taken.lock();
+                if self.is_fenced() {
+                    // Fenced before what it left was taken (see `fence_work`): nothing
+                    // more comes out of the batch or the mailbox, where the fence
+                    // finds it.
+                    return Message::Stop;
+                }
                 if let Some(mut message) = taken.batch.pop_front() {
                     if let Message::Request(q) = &mut message {
                         taken.current = q.responder.take().map(|r| (q.offset, r));
@@ -882,6 +908,12 @@ impl<S, R> Instance<S, R> {
 
     pub(crate) fn is_fenced(&self) -> bool {
         self.fenced.load(Ordering::SeqCst)
+    }
+
+    /// Whether [`fence`](Self::fence) retired it: messages sent to it now would be
+    /// found by nobody.
+    pub(crate) fn is_retired(&self) -> bool {
+        self.retired.load(Ordering::SeqCst)
     }
 
     /// Begins a unit of work on the request at `offset` (live or replayed); it ends when

@@ -1133,6 +1133,44 @@ mod tests {
         assert_eq!(drafted.apply(stale), None);
         assert_eq!(drafted.table().epoch(), epoch);
     }
+
+    /// A lost instance's replacement is drafted as one remove and one add on one copy:
+    /// applied, it leaves every key where the two changes made in place leave it.
+    #[test]
+    fn a_replacement_drafted_as_one_change_places_keys_as_two_changes_do() {
+        let sticky = || {
+            let mut sticky = Sticky::new(StickyOptions::default());
+            for id in 1..=4 {
+                sticky.add(InstanceId(id), 1).unwrap();
+            }
+            for i in 0..8_000u64 {
+                sticky.route(format!("key-{}", i % 900).as_bytes(), i);
+            }
+            sticky
+        };
+        let (mut direct, mut drafted) = (sticky(), sticky());
+        let mut draft = drafted.slot_router().draft();
+        draft.remove(InstanceId(3)).unwrap();
+        draft.add(InstanceId(5), 1).unwrap();
+        let moves = drafted.apply(draft.finish()).unwrap();
+        assert!(moves.iter().all(|m| m.to != InstanceId(3)));
+        direct.remove(InstanceId(3)).unwrap();
+        direct.add(InstanceId(5), 1).unwrap();
+        assert_eq!(drafted.table().members(), direct.table().members());
+        let mut moved_to_new = 0;
+        for i in 0..900 {
+            let key = format!("key-{i}");
+            let placed = drafted.placement(key.as_bytes());
+            assert_eq!(placed, direct.placement(key.as_bytes()), "{key}");
+            assert_ne!(placed, Some(InstanceId(3)), "{key}");
+            assert_eq!(
+                drafted.table().owner_of(key.as_bytes()),
+                direct.table().owner_of(key.as_bytes())
+            );
+            moved_to_new += usize::from(placed == Some(InstanceId(5)));
+        }
+        assert!(moved_to_new > 0);
+    }
 }
 
 #[cfg(all(test, loom))]
