@@ -89,6 +89,76 @@ struct Stripes<'a> {
     guards: Vec<MutexGuard<'a, Stripe>>,
 }
 
+/// A stripe's lock, beside a count of the calls into the input store made under it (odd
+/// while one runs): the supervisor's view of a store that stopped answering, at the cost
+/// of two plain stores to a line the submit holds already.
+#[derive(Default)]
+struct StripeSlot {
+    lock: Mutex<Stripe>,
+    store_calls: AtomicU64,
+}
+
+impl std::ops::Deref for StripeSlot {
+    type Target = Mutex<Stripe>;
+    fn deref(&self) -> &Mutex<Stripe> {
+        &self.lock
+    }
+}
+
+impl std::ops::DerefMut for StripeSlot {
+    fn deref_mut(&mut self) -> &mut Mutex<Stripe> {
+        &mut self.lock
+    }
+}
+
+impl StripeSlot {
+    /// Runs `call` (into the input store, with this stripe's lock held: one writer),
+    /// counted as running until it returns or unwinds.
+    fn watch_store<T>(&self, call: impl FnOnce() -> T) -> T {
+        let begun = self.store_calls.load(Ordering::Relaxed) + 1;
+        self.store_calls.store(begun, Ordering::Release);
+        let _ended = Ended(|| self.store_calls.store(begun + 1, Ordering::Release));
+        call()
+    }
+}
+
+/// Runs its closure when dropped, by a return or an unwind.
+struct Ended<F: FnMut()>(F);
+
+impl<F: FnMut()> Drop for Ended<F> {
+    fn drop(&mut self) {
+        (self.0)()
+    }
+}
+
+/// Waits for deferred appends (`Store::wait_appended`), which run on any thread and
+/// outside the stripes: how many began and how many ended.
+#[derive(Default)]
+struct StoreWaits {
+    begun: CachePadded<AtomicU64>,
+    ended: CachePadded<AtomicU64>,
+}
+
+impl StoreWaits {
+    fn watch<T>(&self, wait: impl FnOnce() -> T) -> T {
+        self.begun.fetch_add(1, Ordering::AcqRel);
+        let _ended = Ended(|| {
+            self.ended.fetch_add(1, Ordering::AcqRel);
+        });
+        wait()
+    }
+}
+
+/// What the supervisor last saw of the calls into the input store: per stripe, the
+/// count it saw and since when; the same for the waits' `ended`; and whether the
+/// current stall was reported.
+#[derive(Default)]
+struct StoreWatch {
+    stripes: Vec<(u64, Option<Instant>)>,
+    waits_ended: (u64, Option<Instant>),
+    reported: bool,
+}
+
 /// Membership changes under way, and who waits for them to end.
 #[derive(Default)]
 struct Changes {
@@ -279,7 +349,16 @@ pub(crate) struct Shared<H: Handler> {
     slot_router: Arc<SlotRouter>,
     /// The stripe locks, each guarding the holders of its keys. Cache-line padded: two
     /// submitters on different stripes must not share a line.
-    stripes: Box<[CachePadded<Mutex<Stripe>>]>,
+    stripes: Box<[CachePadded<StripeSlot>]>,
+    /// Waits for deferred appends (`Store::wait_appended`) begun and ended, and what the
+    /// supervisor saw of the store's calls (see [`Shared::watch_store`]).
+    store_waits: StoreWaits,
+    store_watch: Mutex<StoreWatch>,
+    /// Times a call into the input store ran past the stall timeout.
+    store_stalls: AtomicU64,
+    /// How long the call the supervisor saw stalled has run, in milliseconds, while it
+    /// runs past the stall timeout; 0 otherwise.
+    store_stalled_ms: AtomicU64,
     /// Membership changes under way (holding or taking every stripe; see
     /// [`Shared::exclusive`]), and the futures to wake when one ends.
     changes: Changes,
@@ -556,7 +635,7 @@ impl<H: Handler> Shared<H> {
             placement,
             instances: BTreeMap::new(),
         };
-        let mut stripes: Vec<CachePadded<Mutex<Stripe>>> =
+        let mut stripes: Vec<CachePadded<StripeSlot>> =
             (0..STRIPES).map(|_| CachePadded::default()).collect();
         let recovered = recover(&*input, options.rebuild_from_log)?;
         // A `State` type changed since the checkpoint was taken would make every key
@@ -613,6 +692,10 @@ impl<H: Handler> Shared<H> {
             placement_epoch,
             slot_router,
             stripes: stripes.into_boxed_slice(),
+            store_waits: StoreWaits::default(),
+            store_watch: Mutex::new(StoreWatch::default()),
+            store_stalls: AtomicU64::new(0),
+            store_stalled_ms: AtomicU64::new(0),
             changes: Changes::default(),
             retiring: Mutex::new(Vec::new()),
             checkpoint_offset: AtomicU64::new(checkpoint.offset),
@@ -1133,7 +1216,7 @@ impl<H: Handler> Shared<H> {
         if end <= self.logged_ok.load(Ordering::Acquire) {
             return Ok(());
         }
-        self.input.wait_appended(end)?;
+        self.store_waits.watch(|| self.input.wait_appended(end))?;
         self.logged_ok.fetch_max(end, Ordering::AcqRel);
         Ok(())
     }
@@ -1237,8 +1320,10 @@ impl<H: Handler> Shared<H> {
             // before handling it (see `instance::handle`).
             let appended = unwinding_undoes(
                 || {
-                    self.input
-                        .append_deferred(&[Entry::with_timestamp(timestamp, key, payload)])
+                    stripe.watch_store(|| {
+                        self.input
+                            .append_deferred(&[Entry::with_timestamp(timestamp, key, payload)])
+                    })
                 },
                 || {
                     placement::unhold(&mut holders, key, before);
@@ -1485,6 +1570,57 @@ impl<H: Handler> Shared<H> {
                 key: query::key_name(w.key.as_slice()),
                 stall_timeout: self.options.stall_timeout,
             });
+        }
+    }
+
+    /// Looks at the calls into the input store: one that has run past the stall
+    /// timeout (an append under a stripe, which every submit of that stripe's keys then
+    /// waits behind; or a wait for appends to be durable, which the submits and the
+    /// instances waiting for those records wait behind) is reported once, as a
+    /// warning and in [`Metrics::store_stalls`](super::Metrics::store_stalls), and
+    /// [`Metrics::store_stalled_for`](super::Metrics::store_stalled_for) says how long
+    /// it has run until it returns. Nothing is replaced: a store is not an instance.
+    fn watch_store(&self) {
+        let now = Instant::now();
+        let mut watch = self.store_watch.lock();
+        let watch = &mut *watch;
+        watch.stripes.resize(self.stripes.len(), (0, None));
+        let mut longest = Duration::ZERO;
+        // A count seen odd twice, unchanged: the call that began then still runs.
+        let mut look = |seen: &mut (u64, Option<Instant>), count: u64, running: bool| {
+            if !running {
+                *seen = (count, None);
+            } else if seen.0 != count || seen.1.is_none() {
+                *seen = (count, Some(now));
+            } else if let Some(since) = seen.1 {
+                longest = longest.max(now.saturating_duration_since(since));
+            }
+        };
+        for (slot, seen) in self.stripes.iter().zip(watch.stripes.iter_mut()) {
+            let count = slot.store_calls.load(Ordering::Acquire);
+            look(seen, count, count % 2 == 1);
+        }
+        let ended = self.store_waits.ended.load(Ordering::Acquire);
+        let running = self.store_waits.begun.load(Ordering::Acquire) > ended;
+        look(&mut watch.waits_ended, ended, running);
+        if longest >= self.options.stall_timeout {
+            let ms = u64::try_from(longest.as_millis())
+                .unwrap_or(u64::MAX)
+                .max(1);
+            self.store_stalled_ms.store(ms, Ordering::Relaxed);
+            if !watch.reported {
+                watch.reported = true;
+                self.store_stalls.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(
+                    busy_for = ?longest,
+                    "a call into the input store has not returned within the stall timeout; \
+                     the requests behind it wait"
+                );
+            }
+        } else if watch.reported {
+            watch.reported = false;
+            self.store_stalled_ms.store(0, Ordering::Relaxed);
+            tracing::info!("the input store answers again");
         }
     }
 
@@ -2152,8 +2288,12 @@ impl<H: Handler> Shared<H> {
         };
         // Deferred, as a single submit's append (see `submit_from`): the caller waits for
         // the records to be durable once the stripes are released.
-        let range = match unwinding_undoes(|| self.input.append_deferred(&entries), || undo(batch))
-        {
+        // Watched on the first stripe: the supervisor needs one to see a call that hangs.
+        let watched = &self.stripes[order.first().copied().unwrap_or_default()];
+        let range = match unwinding_undoes(
+            || watched.watch_store(|| self.input.append_deferred(&entries)),
+            || undo(batch),
+        ) {
             Ok(range) => range,
             Err(e) => {
                 undo(batch);
@@ -2822,6 +2962,11 @@ impl<H: Handler> Shared<H> {
             moved_keys: self.moved.load(Ordering::Relaxed),
             shed_keys: self.shed.load(Ordering::Relaxed),
             handled_by_gone: self.handled_elsewhere(),
+            store_stalls: self.store_stalls.load(Ordering::Relaxed),
+            store_stalled_for: match self.store_stalled_ms.load(Ordering::Relaxed) {
+                0 => None,
+                ms => Some(Duration::from_millis(ms)),
+            },
         }
     }
 
@@ -2979,6 +3124,7 @@ impl<H: Handler> Supervised for Shared<H> {
         }
         self.watch_queries();
         self.watch_patients();
+        self.watch_store();
         // Instances whose loop ended without being told to. Looked at without the
         // routing lock, and skipping an instance whose `running` is taken: a launch holds
         // it (a slow one for as long as it takes), and every submit and future that

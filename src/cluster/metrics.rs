@@ -147,6 +147,18 @@ pub struct Metrics {
     /// `instances`). A removed instance counts here from its removal on, the requests
     /// it handles while it drains its queue included.
     pub handled_by_gone: u64,
+    /// Times a call into the input store ran past the stall timeout
+    /// ([`ClusterBuilder::stall_timeout`](super::ClusterBuilder::stall_timeout)): an
+    /// append made under a key's stripe (every submit of the keys that share it waits
+    /// behind it), or a wait for appended records to be durable (under
+    /// [`SyncPolicy::Always`](crate::store::SyncPolicy::Always), the submits and the
+    /// instances that need those records wait behind it). Each such stall counts once,
+    /// and is logged as a warning; instances are not replaced for it. Seen by the
+    /// supervisor, so up to one supervision tick late.
+    pub store_stalls: u64,
+    /// While a call into the input store runs past the stall timeout: how long it has
+    /// run, as the supervisor last saw it. `None` otherwise.
+    pub store_stalled_for: Option<Duration>,
 }
 
 impl Metrics {

@@ -1244,6 +1244,11 @@ impl<H: Handler> ClusterBuilder<H> {
     /// timeout, which on a machine too slow for its replays would go on for good. Each
     /// replacement its replays cost doubles the time the next replay of it is given (2,
     /// 4, ... up to 1,024 times this timeout).
+    ///
+    /// A call into the input store that runs this long (an append, or a wait for
+    /// appended records to be durable) is reported too, as a warning and in
+    /// [`Metrics::store_stalls`] and [`Metrics::store_stalled_for`]; the requests behind
+    /// it wait for it, and no instance is replaced for it.
     pub fn stall_timeout(mut self, timeout: Duration) -> Self {
         self.options.stall_timeout = timeout;
         self
