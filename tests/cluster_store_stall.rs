@@ -2,11 +2,11 @@
 //! by the supervisor: counted in `Metrics::store_stalls` (once per stall), shown in
 //! `Metrics::store_stalled_for` while it lasts, and no instance is replaced for it.
 
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::thread;
 use std::time::{Duration, Instant};
 
+use cauce::Error;
 use cauce::cluster::{Cluster, Context, Handler, Metrics};
 use cauce::store::{Deferred, MemoryStore, Store};
 use cauce::{Entry, Offset};
@@ -26,21 +26,25 @@ impl Handler for Sum {
     }
 }
 
-/// A `MemoryStore` whose next append (or, deferring, whose next wait for appended
-/// records) sleeps `hang_ms` once armed.
+/// A `MemoryStore` whose appends (or, deferring, whose waits for appended records)
+/// sleep until a time set by `hang_for`.
 #[derive(Default)]
 struct Hangs {
     live: MemoryStore,
     /// Appends are deferred: `wait_appended` is where it hangs.
     defer: bool,
-    armed: AtomicBool,
-    hang_ms: AtomicU64,
+    until: Mutex<Option<Instant>>,
 }
 
 impl Hangs {
-    fn hang_if_armed(&self) {
-        if self.armed.swap(false, Ordering::SeqCst) {
-            thread::sleep(Duration::from_millis(self.hang_ms.load(Ordering::SeqCst)));
+    fn hang_for(&self, d: Duration) {
+        *self.until.lock().unwrap() = Some(Instant::now() + d);
+    }
+
+    fn hang_if_asked(&self) {
+        let until = *self.until.lock().unwrap();
+        if let Some(left) = until.and_then(|t| t.checked_duration_since(Instant::now())) {
+            thread::sleep(left);
         }
     }
 }
@@ -48,7 +52,7 @@ impl Hangs {
 impl Store for Hangs {
     fn append(&self, batch: &[Entry<'_>]) -> cauce::Result<std::ops::Range<Offset>> {
         if !self.defer {
-            self.hang_if_armed();
+            self.hang_if_asked();
         }
         self.live.append(batch)
     }
@@ -64,7 +68,7 @@ impl Store for Hangs {
     }
     fn wait_appended(&self, _end: Offset) -> cauce::Result<()> {
         if self.defer {
-            self.hang_if_armed();
+            self.hang_if_asked();
         }
         Ok(())
     }
@@ -84,7 +88,7 @@ fn until(cluster: &Cluster<Sum>, what: &str, done: impl Fn(&Metrics) -> bool) ->
     }
 }
 
-fn a_hang_is_seen(defer: bool) {
+fn cluster(defer: bool) -> (Arc<Hangs>, Cluster<Sum>) {
     let store = Arc::new(Hangs {
         defer,
         ..Hangs::default()
@@ -96,14 +100,18 @@ fn a_hang_is_seen(defer: bool) {
         .supervise_every(Duration::from_millis(5))
         .build()
         .unwrap();
+    (store, cluster)
+}
+
+fn a_hang_is_seen(defer: bool) {
+    let (store, cluster) = cluster(defer);
     let client = cluster.client();
     assert_eq!(client.submit("k", 1).unwrap().wait().unwrap(), 1);
     let quiet = cluster.metrics();
     assert_eq!(quiet.store_stalls, 0);
     assert_eq!(quiet.store_stalled_for, None);
 
-    store.hang_ms.store(700, Ordering::SeqCst);
-    store.armed.store(true, Ordering::SeqCst);
+    store.hang_for(Duration::from_millis(700));
     let hung = {
         let client = cluster.client();
         thread::spawn(move || client.submit("k", 2).and_then(|p| p.wait()))
@@ -149,4 +157,29 @@ fn an_append_that_hangs_is_a_store_stall() {
 #[test]
 fn a_wait_for_appended_records_that_hangs_is_a_store_stall() {
     a_hang_is_seen(true);
+}
+
+/// A shutdown whose checkpoint waits for an instance that waits for the store says the
+/// store had not answered.
+#[test]
+fn a_checkpoint_held_up_by_the_store_says_so() {
+    let (store, cluster) = cluster(true);
+    let client = cluster.client();
+    assert_eq!(client.submit("k", 1).unwrap().wait().unwrap(), 1);
+    store.hang_for(Duration::from_millis(2_500));
+    let hung = thread::spawn(move || client.submit("k", 2).and_then(|p| p.wait()));
+    until(&cluster, "the stall is seen", |m| {
+        m.store_stalled_for.is_some()
+    });
+    match cluster.shutdown() {
+        Err(Error::CheckpointAbandoned { reason, .. }) => {
+            assert!(reason.contains("input store"), "{reason}")
+        }
+        other => panic!("{other:?}"),
+    }
+    // Logged before the shutdown began, and left behind by it (`Closed`: the log keeps
+    // it for the next open) unless the store answered before the shutdown gave up on
+    // the instance waiting for it.
+    let answer = hung.join().unwrap();
+    assert!(matches!(answer, Ok(3) | Err(Error::Closed)), "{answer:?}");
 }

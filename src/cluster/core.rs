@@ -1624,6 +1624,15 @@ impl<H: Handler> Shared<H> {
         }
     }
 
+    /// Whether a call into the input store runs now (see [`watch_store`](Self::watch_store)).
+    fn store_call_running(&self) -> bool {
+        self.stripes
+            .iter()
+            .any(|slot| slot.store_calls.load(Ordering::Acquire) % 2 == 1)
+            || self.store_waits.begun.load(Ordering::Acquire)
+                > self.store_waits.ended.load(Ordering::Acquire)
+    }
+
     /// Whether to leave instance `id`, caught by a stall `busy_for` into a unit of work,
     /// to run on: yes if the unit replays a request that was answered (so that it keeps
     /// its place in every fold, and cannot be set aside as one stalled twice is) and
@@ -2850,8 +2859,15 @@ impl<H: Handler> Shared<H> {
                 if last.0 != sample {
                     *last = (sample, now);
                 } else if now.duration_since(last.1) > grace {
+                    let store = if self.store_call_running() {
+                        "; a call into the input store had not returned either, which it \
+                         may be waiting for"
+                    } else {
+                        ""
+                    };
                     return Err(format!(
-                        "instance {id} made no progress for {grace:?} while the cluster stopped"
+                        "instance {id} made no progress for {grace:?} while the cluster \
+                         stopped{store}"
                     ));
                 }
             }
