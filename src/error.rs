@@ -204,6 +204,22 @@ pub enum Error {
         message: String,
     },
 
+    /// The input store panicked while an appender thread logged an async submit
+    /// ([`Client::submit_async`](crate::cluster::Client::submit_async) and its batch
+    /// form, over a store whose appends wait for the disk). The thread goes on serving
+    /// the others. Panicked in the append (`logged` false), the request was not logged.
+    /// Panicked in the wait for the disk after it (`logged` true), the request is in
+    /// the log and its instance handles it once its own wait says it is durable; as
+    /// after a failed fdatasync, whether it survives a crash is known once the log is
+    /// reopened.
+    #[error("the input store panicked {}: {message}", if *.logged { "waiting for the disk after logging the request" } else { "appending the request; it was not logged" })]
+    StorePanicked {
+        /// Whether the request was appended before the panic.
+        logged: bool,
+        /// The panic message.
+        message: String,
+    },
+
     /// The handler stalled twice on a request: each time it ran longer than the stall
     /// timeout, and its instance was declared stalled and replaced (the second time
     /// usually while the replacement replayed it). The request is logged, and marked in

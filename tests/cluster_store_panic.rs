@@ -1,7 +1,9 @@
 //! A `Store` of the user's that panics in `append`: the panic reaches the submitter, and
 //! nothing the cluster took for that request stays taken: its queue room comes back, and
 //! a key that was moving with it stays where its state is. One that panics in `sync`
-//! during a shutdown: the panic reaches the caller, and the cluster still drops.
+//! during a shutdown: the panic reaches the caller, and the cluster still drops. One
+//! whose appends wait for the disk, panicking on an appender thread: the async submit
+//! resolves `Error::StorePanicked`, saying whether its request was logged.
 
 mod common;
 
@@ -285,5 +287,101 @@ fn a_checkpoint_that_panics_in_the_store_leaves_later_checkpoints_running() -> R
         }
         std::thread::sleep(Duration::from_millis(20));
     }
+    cluster.shutdown()
+}
+
+/// A memory store whose appends "wait for the disk" (deferred, so that async submits
+/// append on appender threads), and whose next append, or next wait on an appender
+/// thread, panics once asked to.
+#[derive(Default)]
+struct PanicsOnDisk {
+    live: MemoryStore,
+    in_append: AtomicBool,
+    in_wait: AtomicBool,
+}
+
+impl Store for PanicsOnDisk {
+    fn append(&self, batch: &[cauce::Entry<'_>]) -> cauce::Result<std::ops::Range<u64>> {
+        if self.in_append.swap(false, Ordering::SeqCst) {
+            panic!("the store failed appending");
+        }
+        self.live.append(batch)
+    }
+    fn append_waits_for_disk(&self) -> bool {
+        true
+    }
+    fn append_deferred(&self, batch: &[cauce::Entry<'_>]) -> cauce::Result<cauce::store::Deferred> {
+        Ok(cauce::store::Deferred {
+            offsets: self.append(batch)?,
+            pending: true,
+        })
+    }
+    fn wait_appended(&self, _end: u64) -> cauce::Result<()> {
+        // On the appender thread only: the instance waits for the same records.
+        let appender = std::thread::current()
+            .name()
+            .is_some_and(|n| n.starts_with("cauce-append"));
+        if appender && self.in_wait.swap(false, Ordering::SeqCst) {
+            panic!("the store failed waiting");
+        }
+        Ok(())
+    }
+    common::forward_store_but_append!(live);
+}
+
+#[test]
+fn an_async_submit_whose_store_panics_says_whether_it_was_logged() -> Result<()> {
+    let store = Arc::new(PanicsOnDisk::default());
+    let cluster = Cluster::builder(Count::default())
+        .stores(store.clone(), None)
+        .instances(2)
+        .build()?;
+    let client = cluster.client();
+    assert_eq!(common::block_on(client.submit_async("k", ()))?.wait()?, 1);
+
+    let end = store.next_offset();
+    store.in_append.store(true, Ordering::SeqCst);
+    match common::block_on(client.submit_async("k", ())) {
+        Err(cauce::Error::StorePanicked {
+            logged: false,
+            message,
+        }) => {
+            assert!(message.contains("appending"), "{message}")
+        }
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(store.next_offset(), end, "not logged");
+
+    store.in_wait.store(true, Ordering::SeqCst);
+    match common::block_on(client.submit_async("k", ())) {
+        Err(cauce::Error::StorePanicked {
+            logged: true,
+            message,
+        }) => {
+            assert!(message.contains("waiting"), "{message}")
+        }
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(store.next_offset(), end + 1, "logged");
+    // Handled by its instance, whose own wait for the disk succeeded.
+    assert_eq!(common::block_on(client.submit_async("k", ()))?.wait()?, 3);
+    // Batches alike.
+    store.in_append.store(true, Ordering::SeqCst);
+    let batch = common::block_on(client.submit_batch_async([("k", ()), ("j", ())]));
+    assert!(
+        matches!(
+            batch,
+            Err(cauce::Error::StorePanicked { logged: false, .. })
+        ),
+        "{batch:?}"
+    );
+    store.in_wait.store(true, Ordering::SeqCst);
+    let batch = common::block_on(client.submit_batch_async([("k", ()), ("j", ())]));
+    assert!(
+        matches!(batch, Err(cauce::Error::StorePanicked { logged: true, .. })),
+        "{batch:?}"
+    );
+    assert_eq!(client.submit("k", ())?.wait()?, 5);
+    assert_eq!(client.submit("j", ())?.wait()?, 2);
     cluster.shutdown()
 }

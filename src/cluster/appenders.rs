@@ -124,8 +124,9 @@ fn start(threads: usize) -> Result<Pool> {
     Ok(Pool { jobs, handles })
 }
 
-/// Runs one job; a job that panicked answered its caller `Closed` (its responder
-/// dropped), and the thread goes on serving the others.
+/// Runs one job; the thread goes on serving the others if it panics. (A job turns a
+/// panic of the store into `Error::StorePanicked` itself; one that panics anyway
+/// answers its caller `Closed`, its responder dropped.)
 fn run(job: Job, finishes: &mut Finishes) {
     let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| job(finishes)));
 }

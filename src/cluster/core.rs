@@ -1456,28 +1456,33 @@ impl<H: Handler> Shared<H> {
                 responder.answer(Err(lost_payload()));
                 return;
             };
-            let logged = shared.submit_from(&key, body, &mut Room::Refuse, Some(dest), false);
+            let logged = catch_store_panic(false, || {
+                match shared.submit_from(&key, body, &mut Room::Refuse, Some(dest), false) {
+                    Poll::Ready(logged) => logged,
+                    // Only `Room::Poll` leaves a submit pending.
+                    Poll::Pending => Err(Error::Closed),
+                }
+            });
             let answer = match logged {
-                Poll::Ready(Ok(logged)) => match logged.logged() {
+                Ok(logged) => match logged.logged() {
                     // The wait for the disk comes after the thread's other appends
                     // (see `Finishes`).
                     Ok((pending, waits)) => {
                         finishes.push(Box::new(move || {
-                            let durable = shared.durable(pending, waits);
+                            let durable =
+                                catch_store_panic(true, || shared.durable(pending, waits));
                             responder.answer(durable.map(Appended::Logged));
                         }));
                         return;
                     }
                     Err(e) => Err(e),
                 },
-                Poll::Ready(Err(Error::Busy { instance, .. })) => Ok(Appended::Busy {
+                Err(Error::Busy { instance, .. }) => Ok(Appended::Busy {
                     instance,
                     key,
                     payload,
                 }),
-                Poll::Ready(Err(e)) => Err(e),
-                // Only `Room::Poll` leaves a submit pending.
-                Poll::Pending => Err(Error::Closed),
+                Err(e) => Err(e),
             };
             responder.answer(answer);
         }));
@@ -1524,18 +1529,20 @@ impl<H: Handler> Shared<H> {
                 return;
             }
             let payload_bytes = payloads.as_slice();
-            let logged =
+            let logged = catch_store_panic(false, || {
                 match shared.submit_batch_unwaited(&items, payload_bytes, &mut progress, None) {
                     Poll::Ready(logged) => logged,
                     // Only a poll with a context is left pending.
                     Poll::Pending => Err(Error::Closed),
-                };
+                }
+            });
             match logged {
                 // The wait for the disk comes after the thread's other appends (see
                 // `Finishes`), as a single submit's does.
                 Ok(Some((pendings, waits))) => {
                     finishes.push(Box::new(move || {
-                        let durable = shared.batch_durable(pendings, waits);
+                        let durable =
+                            catch_store_panic(true, || shared.batch_durable(pendings, waits));
                         responder.answer(durable.map(BatchAppended::Logged));
                     }));
                 }
@@ -3253,6 +3260,20 @@ fn unreadable(instance: InstanceId, offset: Offset, e: &Error) -> Error {
         instance,
         reason: format!("could not read the request at offset {offset} to rebuild its key: {e}"),
     }
+}
+
+/// Runs an async submit's append (`logged` false) or its wait for the disk (`logged`
+/// true) on an appender thread, a panic of the store in it turned into
+/// [`Error::StorePanicked`]: the submit's caller learns what became of its request.
+/// What the append undoes as it unwinds is undone as for a panic on the caller's thread
+/// (see `unwinding_undoes`).
+fn catch_store_panic<T>(logged: bool, run: impl FnOnce() -> Result<T>) -> Result<T> {
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(run)).unwrap_or_else(|panic| {
+        Err(Error::StorePanicked {
+            logged,
+            message: crate::launcher::thread::panic_message(&*panic),
+        })
+    })
 }
 
 /// [`Shared::lose`]'s table, drafted before it takes the stripes.

@@ -356,10 +356,11 @@ impl<H: Handler> Client<H> {
     /// looks for room.
     ///
     /// Where [`submit`](Client::submit) lets a panic of the input store reach its caller,
-    /// a store that panics on an appender thread leaves this future [`Error::Closed`]
-    /// (the thread goes on serving the others): the request is then not logged if the
-    /// store panicked in its append, and logged (and handled) if it panicked in the wait
-    /// for the disk after it, as after a store's `Io` error (see `submit`'s errors).
+    /// a store that panics on an appender thread resolves this future
+    /// [`Error::StorePanicked`] (the thread goes on serving the others), which says
+    /// whether the request was logged: not if the store panicked in its append; yes
+    /// (and handled) if it panicked in the wait for the disk after it, as after a
+    /// store's `Io` error there (see `submit`'s errors).
     ///
     /// ```
     /// # use cauce::cluster::{Cluster, Context, Handler};
