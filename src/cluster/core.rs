@@ -2534,8 +2534,10 @@ impl<H: Handler> Shared<H> {
         // already retiring or gone, whose loss changes no table. The instance's work
         // is fenced first: should it wake up meanwhile, what it finishes has no effect
         // and it takes nothing more, as once fenced; the rest of the fence waits for
-        // the stripes. The request a stall caught it on is read after that, so it
-        // cannot have been answered since.
+        // the stripes. The request a stall caught it on is read after that: its run can
+        // have ended only with no effect (a replay may still have answered an orphan
+        // it folded before the fence, which leaves a first stall noted and nothing set
+        // aside, its responder gone).
         let early = self.routing.lock().instances.get(&id).cloned();
         let (stuck_early, drafted) = match &early {
             Some(inst) => {
@@ -2546,6 +2548,12 @@ impl<H: Handler> Shared<H> {
             None => (None, None),
         };
         let mut all = self.exclusive();
+        if self.stopping.load(Ordering::SeqCst) {
+            // The shutdown listed every instance, this one too, and stops them: it
+            // leaves this one behind (its requests answered `Closed`, kept in the log),
+            // and a replacement started now would run on unlisted.
+            return;
+        }
         let stuck_of = |inst: &Arc<Inst<H>>| match &early {
             Some(e) if Arc::ptr_eq(e, inst) => stuck_early,
             _ => inst.stuck_on(),
@@ -2562,6 +2570,11 @@ impl<H: Handler> Shared<H> {
             let mut left = self.adopt_orphans(&inst);
             let aside = self.claim_if_stalled_twice(stuck);
             inst.fence(Some(&mut left));
+            // A round begun while it was a member waits for its part, which it will
+            // never give.
+            if let Some(round) = self.round.lock().as_ref() {
+                round.abandon_if_waiting_for(id);
+            }
             self.set_aside(&inst, aside);
             self.left_queries(&all, &inst, &mut left);
             let retiring = self.retiring.lock();
@@ -3087,6 +3100,11 @@ impl<H: Handler> Shared<H> {
                     }
                     break;
                 }
+            }
+            if inst.is_fenced() && !inst.is_retired() {
+                // Lost as the cluster stopped (see `lose`), its loop ended: what it had
+                // queued is answered now.
+                leave_behind(&inst);
             }
         }
         // Requests of lost instances whose new owners stopped (or were left behind)

@@ -798,9 +798,10 @@ impl<S, R> Instance<S, R> {
             held.extend(queue.drain(..));
             current = taken.current.take();
             query = taken.query.take();
-            // A stalled loop that wakes up finds this and stops.
-            queue.push_back(Message::Stop);
         });
+        // A stalled loop that wakes up finds this and stops; an idle one is woken for
+        // it (`drain` wakes nobody, and an idle loop would sleep for good).
+        self.mailbox.push(Message::Stop);
         let mut left = Left {
             unanswered: Vec::new(),
             released: Vec::new(),
@@ -897,6 +898,25 @@ impl<S, R> Instance<S, R> {
                 None
             }
             None => Some(result),
+        }
+    }
+
+    /// Puts back a message the loop took just before its work was fenced (see
+    /// [`fence_work`](Self::fence_work)), where `take_left` finds it: a request with
+    /// its responder, a handoff with the states on their way. A query stays in
+    /// `Taken::query`, as `next_message` left it.
+    fn put_back_message(&self, message: Message<S, R>) {
+        let mut taken = self.taken.lock();
+        match message {
+            Message::Request(mut q) => {
+                if q.responder.is_none() && taken.current.as_ref().is_some_and(|c| c.0 == q.offset)
+                {
+                    q.responder = taken.current.take().map(|(_, r)| r);
+                }
+                taken.batch.push_front(Message::Request(q));
+            }
+            Message::TakenQuery | Message::Stop => {}
+            other => taken.batch.push_front(other),
         }
     }
 
@@ -1174,6 +1194,8 @@ pub(crate) fn run<H: Handler>(
     loop {
         let message = me.next_message(&mut handled);
         if me.is_fenced() {
+            // Taken just before the fence: left where the fence looks.
+            me.put_back_message(message);
             if let Some(ask) = me.take_query() {
                 // Taken but not found by the fence (a stopping cluster fences first):
                 // whoever holds its key now runs it, or it is refused `Closed`.
@@ -1236,7 +1258,10 @@ pub(crate) fn run<H: Handler>(
                         .iter()
                         .for_each(|k| drop(unavailable.remove(k.as_ref()))),
                     Err(e) => {
-                        tracing::error!(instance = %me.id, error = %e, "could not rebuild moved keys");
+                        if !me.is_fenced() {
+                            // A fenced one's new owner rebuilds the keys (see `give_up`).
+                            tracing::error!(instance = %me.id, error = %e, "could not rebuild moved keys");
+                        }
                         let failed = wanted
                             .into_iter()
                             .filter(|k| !states.contains_key(k.as_ref()))
