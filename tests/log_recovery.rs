@@ -1184,6 +1184,7 @@ fn a_writable_open_removes_only_the_temporary_files_the_log_writes() {
     let snapshots = dir.join("snapshots").join("state");
     let ours = [
         dir.join("start.meta.tmp"),
+        dir.join("segments.meta.tmp"),
         dir.join("cursors.journal.tmp"),
         dir.join("compact.commit.tmp"),
         dir.join(format!("{:020}.index.tmp", 0)),
@@ -1417,4 +1418,361 @@ fn a_missing_first_segment_is_damage() {
         assert_eq!(got.last().expect("records").offset, 99);
         got.iter().for_each(assert_is_original);
     }
+}
+
+/// The base of a segment file, from its name.
+fn base_of(path: &Path) -> u64 {
+    path.file_name().expect("name").to_str().expect("utf8")[..20]
+        .parse()
+        .expect("base")
+}
+
+/// A `segments.meta` file listing `bases`, in the documented format.
+fn manifest_of(bases: &[u64]) -> Vec<u8> {
+    let mut b = b"CAUCESEG".to_vec();
+    b.extend_from_slice(&1u32.to_le_bytes());
+    b.extend_from_slice(&(bases.len() as u64).to_le_bytes());
+    for base in bases {
+        b.extend_from_slice(&base.to_le_bytes());
+    }
+    let crc = crc32c::crc32c(&b);
+    b.extend_from_slice(&crc.to_le_bytes());
+    b
+}
+
+/// The bases `segments.meta` lists, read by the documented format.
+fn listed(dir: &Path) -> Vec<u64> {
+    let b = fs::read(dir.join("segments.meta")).expect("manifest");
+    let n = b.len();
+    assert_eq!(&b[..12], b"CAUCESEG\x01\0\0\0", "magic and version");
+    let crc = u32::from_le_bytes(b[n - 4..].try_into().expect("4 bytes"));
+    assert_eq!(crc, crc32c::crc32c(&b[..n - 4]), "checksum");
+    let count = u64::from_le_bytes(b[12..20].try_into().expect("8 bytes"));
+    assert_eq!(20 + 8 * count as usize + 4, n, "length");
+    b[20..n - 4]
+        .chunks(8)
+        .map(|c| u64::from_le_bytes(c.try_into().expect("8 bytes")))
+        .collect()
+}
+
+/// Every file of a directory with its bytes, to prove an open changed nothing.
+fn files_of(dir: &Path) -> Vec<(PathBuf, Vec<u8>)> {
+    let mut v: Vec<_> = fs::read_dir(dir)
+        .expect("list")
+        .map(|e| e.expect("entry").path())
+        .filter(|p| p.is_file())
+        .map(|p| {
+            let bytes = fs::read(&p).expect("read");
+            (p, bytes)
+        })
+        .collect();
+    v.sort();
+    v
+}
+
+/// Rule 16: a segment file deleted between two others is damage, not a gap compaction
+/// left. A writable open fails naming it and the offsets gone, and changes nothing; a
+/// read-only open views exactly the records before it and reports it, as does `verify`.
+#[test]
+fn a_missing_segment_the_manifest_lists_is_damage() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let dir = tmp.path().join("log");
+    write_log(&dir, 100, 2);
+    let files = segments(&dir);
+    assert!(files.len() >= 4);
+    assert_eq!(
+        listed(&dir),
+        files.iter().map(|f| base_of(f)).collect::<Vec<_>>()
+    );
+    let (gone, next) = (base_of(&files[2]), base_of(&files[3]));
+    fs::remove_file(&files[2]).expect("remove");
+    let before = files_of(&dir);
+    match LogStore::open(&dir, options()) {
+        Err(Error::Corrupt {
+            path,
+            offset,
+            reason,
+            ..
+        }) => {
+            assert_eq!((&path, offset), (&files[2], Some(gone)));
+            let range = format!("from offset {gone} to {}", next - 1);
+            assert!(
+                reason.contains("missing") && reason.contains(&range),
+                "{reason}"
+            );
+        }
+        other => panic!("expected Corrupt, got {other:?}"),
+    }
+    assert_eq!(files_of(&dir), before, "the failed open changed nothing");
+    let ro = LogStore::open_read_only(&dir, options()).expect("read-only open");
+    let Some(Error::Corrupt { path, .. }) = ro.corruption() else {
+        panic!("not reported: {:?}", ro.corruption());
+    };
+    assert_eq!(path, &files[2]);
+    let got = read_all(&ro);
+    assert_eq!(
+        got.iter().map(|r| r.offset).collect::<Vec<_>>(),
+        (0..gone).collect::<Vec<_>>()
+    );
+    got.iter().for_each(assert_is_original);
+    assert_eq!(ro.next_offset(), gone);
+    match ro.verify() {
+        Err(Error::Corrupt { path, .. }) => assert_eq!(path, files[2]),
+        other => panic!("verify: {other:?}"),
+    }
+    drop(ro);
+    assert_eq!(files_of(&dir), before, "the read-only open changed nothing");
+}
+
+/// Rule 16 at the tail: the newest listed segment may be missing (a roll lists it before
+/// creating it), but two missing newest segments are lost records.
+#[test]
+fn the_newest_segments_missing_past_a_crashed_roll_are_damage() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let dir = tmp.path().join("log");
+    write_log(&dir, 100, 2);
+    let files = segments(&dir);
+    let n = files.len();
+    assert!(n >= 4);
+    let gone = base_of(&files[n - 2]);
+    fs::remove_file(&files[n - 1]).expect("remove");
+    fs::remove_file(&files[n - 2]).expect("remove");
+    match LogStore::open(&dir, options()) {
+        Err(Error::Corrupt { path, reason, .. }) => {
+            assert_eq!(path, files[n - 2]);
+            assert!(
+                reason.contains(&format!("from offset {gone} on")),
+                "{reason}"
+            );
+        }
+        other => panic!("expected Corrupt, got {other:?}"),
+    }
+    let ro = LogStore::open_read_only(&dir, options()).expect("read-only open");
+    assert!(matches!(ro.corruption(), Some(Error::Corrupt { path, .. }) if *path == files[n - 2]));
+    assert_eq!(read_all(&ro).len() as u64, gone);
+}
+
+/// Rule 16: a manifest listing one segment more than there are files is a roll that
+/// crashed before it created its file: the log opens clean, appends go on, and the
+/// manifest lists the files again.
+#[test]
+fn a_listed_newest_segment_never_created_is_a_crashed_roll() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let dir = tmp.path().join("log");
+    write_log(&dir, 100, 2);
+    let mut bases: Vec<u64> = segments(&dir).iter().map(|f| base_of(f)).collect();
+    let files = bases.clone();
+    bases.push(100);
+    fs::write(dir.join("segments.meta"), manifest_of(&bases)).expect("manifest");
+    let log = LogStore::open(&dir, options()).expect("open");
+    assert_eq!(log.next_offset(), 100);
+    assert_eq!(listed(&dir), files, "the manifest follows the files");
+    append(&log, 100..200, 2);
+    drop(log);
+    let log = LogStore::open(&dir, options()).expect("reopen");
+    let got = read_all(&log);
+    assert_eq!(got.len(), 200);
+    got.iter().for_each(assert_is_original);
+    log.verify().expect("verify");
+    assert_eq!(
+        listed(&dir),
+        segments(&dir)
+            .iter()
+            .map(|f| base_of(f))
+            .collect::<Vec<_>>()
+    );
+}
+
+/// Compaction unlists the segments it empties before it deletes them: the log reopens
+/// clean with the same records. A crash between the two leaves segment files the
+/// manifest does not list, which an open accepts (and lists).
+#[test]
+fn a_log_whose_compaction_deleted_emptied_segments_reopens_clean() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let dir = tmp.path().join("log");
+    write_log(&dir, 100, 2);
+    let uncompacted = tmp.path().join("uncompacted");
+    copy_dir(&dir, &uncompacted);
+    let before = segments(&dir).len();
+    let log = LogStore::open(&dir, options()).expect("open");
+    log.compact().expect("compact");
+    assert!(segments(&dir).len() < before, "emptied segments deleted");
+    let compacted: Vec<Record> = read_all(&log);
+    drop(log);
+    let bases: Vec<u64> = segments(&dir).iter().map(|f| base_of(f)).collect();
+    assert_eq!(listed(&dir), bases);
+    let log = LogStore::open(&dir, options()).expect("reopen");
+    assert_eq!(read_all(&log), compacted);
+    log.verify().expect("verify");
+    append(&log, 100..200, 2);
+    log.compact().expect("compact again");
+    let compacted: Vec<Record> = read_all(&log);
+    drop(log);
+    let log = LogStore::open(&dir, options()).expect("reopen");
+    assert_eq!(read_all(&log), compacted);
+    log.verify().expect("verify");
+    drop(log);
+
+    // The uncompacted files with the compacted manifest: emptied segments not deleted.
+    fs::write(uncompacted.join("segments.meta"), manifest_of(&bases)).expect("manifest");
+    let log = LogStore::open(&uncompacted, options()).expect("open");
+    assert_eq!(read_all(&log).len(), 100);
+    assert_eq!(
+        listed(&uncompacted),
+        segments(&uncompacted)
+            .iter()
+            .map(|f| base_of(f))
+            .collect::<Vec<_>>()
+    );
+}
+
+/// Retention deletes front segments after persisting the start; the manifest may still
+/// list them (below the start nothing is checked), and the log reopens clean, with no
+/// file changed.
+#[test]
+fn a_log_whose_retention_deleted_segments_reopens_clean() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let dir = tmp.path().join("log");
+    write_log(&dir, 100, 2);
+    let before = segments(&dir).len();
+    let log = LogStore::open(&dir, options()).expect("open");
+    log.truncate_before(57).expect("retention");
+    assert!(segments(&dir).len() < before);
+    drop(log);
+    let files = files_of(&dir);
+    let log = LogStore::open(&dir, options()).expect("reopen");
+    assert_eq!(
+        files_of(&dir),
+        files,
+        "the open of a sound log changed nothing"
+    );
+    assert_eq!(log.start_offset(), 57);
+    assert_eq!(read_all(&log).len(), 43);
+    log.verify().expect("verify");
+    append(&log, 100..200, 2);
+    drop(log);
+    let log = LogStore::open(&dir, options()).expect("reopen");
+    let got = read_all(&log);
+    assert_eq!(
+        got.iter().map(|r| r.offset).collect::<Vec<_>>(),
+        (57..200).collect::<Vec<_>>()
+    );
+    let bases: Vec<u64> = segments(&dir).iter().map(|f| base_of(f)).collect();
+    assert_eq!(
+        listed(&dir),
+        bases,
+        "the rolls since left the deleted ones out"
+    );
+}
+
+/// A log written before the manifest existed opens as it did, and a writable open
+/// writes the manifest from the files there (a read-only one does not): from then on a
+/// missing file is found.
+#[test]
+fn a_log_without_a_manifest_opens_and_gets_one() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let dir = tmp.path().join("log");
+    write_log(&dir, 100, 2);
+    fs::remove_file(dir.join("segments.meta")).expect("remove");
+    drop(LogStore::open_read_only(&dir, options()).expect("read-only"));
+    assert!(!dir.join("segments.meta").exists());
+    let log = LogStore::open(&dir, options()).expect("open");
+    assert_eq!(read_all(&log).len(), 100);
+    drop(log);
+    let files = segments(&dir);
+    assert_eq!(
+        listed(&dir),
+        files.iter().map(|f| base_of(f)).collect::<Vec<_>>()
+    );
+    fs::remove_file(&files[1]).expect("remove");
+    assert!(matches!(
+        LogStore::open(&dir, options()),
+        Err(Error::Corrupt { path, .. }) if path == files[1]
+    ));
+}
+
+/// A damaged manifest is damage, not a torn write (it is written whole): both opens fail
+/// with `Error::Corrupt` naming it and change nothing, as for `start.meta`. Without the
+/// file, the log opens again.
+#[test]
+fn a_damaged_manifest_is_an_error_naming_it() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let dir = tmp.path().join("log");
+    write_log(&dir, 100, 2);
+    let manifest = dir.join("segments.meta");
+    let good = fs::read(&manifest).expect("read");
+    let mut decreasing = listed(&dir);
+    decreasing.swap(1, 2);
+    let damaged = [
+        {
+            let mut b = good.clone();
+            b[21] ^= 0x5a;
+            b
+        },
+        good[..good.len() - 1].to_vec(),
+        Vec::new(),
+        {
+            let mut b = good.clone();
+            b[8] = 2; // another version
+            b
+        },
+        manifest_of(&decreasing),
+    ];
+    for bytes in damaged {
+        fs::write(&manifest, &bytes).expect("damage");
+        let before = files_of(&dir);
+        for open in [LogStore::open, LogStore::open_read_only] {
+            match open(&dir, options()) {
+                Err(Error::Corrupt { path, .. }) => assert_eq!(path, manifest),
+                other => panic!("{bytes:?} opened as {other:?}"),
+            }
+        }
+        assert_eq!(files_of(&dir), before);
+    }
+    fs::remove_file(&manifest).expect("remove");
+    assert_eq!(
+        read_all(&LogStore::open(&dir, options()).expect("open")).len(),
+        100
+    );
+    assert_eq!(fs::read(&manifest).expect("written anew"), good);
+}
+
+/// `verify` on a store open for writing finds a segment file deleted from under it.
+#[test]
+fn verify_finds_a_segment_file_deleted_while_the_log_is_open() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let dir = tmp.path().join("log");
+    let log = LogStore::open(&dir, options()).expect("open");
+    append(&log, 0..100, 2);
+    log.verify().expect("verify");
+    let files = segments(&dir);
+    fs::remove_file(&files[2]).expect("remove");
+    match log.verify() {
+        Err(Error::Corrupt { path, .. }) => assert_eq!(path, files[2]),
+        other => panic!("verify: {other:?}"),
+    }
+}
+
+/// Under `SyncPolicy::Never` a roll lists its segment without writing the manifest; the
+/// next `sync`, or closing the store, writes it, so a file missing later is found.
+#[test]
+fn rolls_under_never_are_listed_by_the_next_sync_or_the_close() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let dir = tmp.path().join("log");
+    let never = || options().sync(SyncPolicy::Never);
+    let log = LogStore::open(&dir, never()).expect("open");
+    append(&log, 0..100, 2);
+    let bases = || -> Vec<u64> { segments(&dir).iter().map(|f| base_of(f)).collect() };
+    assert_eq!(listed(&dir), [0], "written at the open only");
+    log.sync().expect("sync");
+    assert_eq!(listed(&dir), bases());
+    append(&log, 100..200, 2);
+    drop(log);
+    assert_eq!(listed(&dir), bases(), "written on close");
+    let files = segments(&dir);
+    fs::remove_file(&files[files.len() - 3]).expect("remove");
+    assert!(matches!(
+        LogStore::open(&dir, never()),
+        Err(Error::Corrupt { path, .. }) if path == files[files.len() - 3]
+    ));
 }

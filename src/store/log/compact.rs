@@ -20,8 +20,10 @@
 //!    atomically. From here on the swap rolls forward on a crash: on open, a marker means
 //!    "rename every listed `.log.compact` over its `.log`, then delete the marker".
 //! 5. The renames are made, the directory fsync'd, the marker deleted. Then the emptied
-//!    segments are deleted and the directory fsync'd: every record they held has a later
-//!    one of its key, durable since step 2, so any crash leaves the latest of each key.
+//!    segments are unlisted from the segment manifest (so that an open does not take
+//!    them for lost: recovery rule 16), deleted, and the directory fsync'd: every record
+//!    they held has a later one of its key, durable since step 2, so any crash leaves
+//!    the latest of each key.
 //!
 //! `.log.compact` files found on open without a marker are the leftovers of a compaction
 //! that never committed, and are deleted. Readers that hold an old segment open keep
@@ -54,30 +56,11 @@ fn compacted_path(dir: &Path, base: Offset) -> PathBuf {
 }
 
 fn encode_marker(bases: &[Offset]) -> Vec<u8> {
-    let mut b = Vec::with_capacity(20 + 8 * bases.len());
-    b.extend_from_slice(&MARKER_MAGIC);
-    b.extend_from_slice(&(bases.len() as u64).to_le_bytes());
-    for base in bases {
-        b.extend_from_slice(&base.to_le_bytes());
-    }
-    let crc = crc32c::crc32c(&b);
-    b.extend_from_slice(&crc.to_le_bytes());
-    b
+    meta::encode_offsets(&MARKER_MAGIC, bases)
 }
 
 fn decode_marker(b: &[u8]) -> Option<Vec<Offset>> {
-    if b.len() < 20 || b[0..8] != MARKER_MAGIC {
-        return None;
-    }
-    let body = b.len() - 4;
-    if crc32c::crc32c(&b[..body]) != segment::le32(b, body) {
-        return None;
-    }
-    let count = segment::le64(b, 8) as usize;
-    if count.checked_mul(8)? != body - 16 {
-        return None;
-    }
-    Some((0..count).map(|i| segment::le64(b, 16 + 8 * i)).collect())
+    meta::decode_offsets(&MARKER_MAGIC, b)
 }
 
 /// Rolls a committed compaction forward and deletes the leftovers of one that did not
@@ -350,6 +333,11 @@ impl Shared {
                 // they replace until the swap: deleting them, in any order, and a crash
                 // at any point of it, leaves the latest record of every key. Readers
                 // step over the gap, as over the offsets a rewrite leaves out.
+                // Unlisted first (rule 16): a crash between leaves files no manifest
+                // lists, which an open accepts.
+                if !emptied.is_empty() {
+                    self.manifest.lock().unlist(&emptied)?;
+                }
                 for &base in &emptied {
                     meta::remove_if_exists(&index::index_path(&self.dir, base))?;
                     meta::remove_if_exists(&segment::segment_path(&self.dir, base))?;

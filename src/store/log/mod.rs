@@ -32,12 +32,13 @@
 //! | `{base:020}.log` | a segment: header, then batches, `base` = its first offset |
 //! | `{base:020}.index` | the sparse index of a sealed segment (a hint, rebuilt when bad) |
 //! | `start.meta` | the start offset set by retention (magic, offset, CRC) |
+//! | `segments.meta` | the segment manifest, the segment files that must exist: magic `CAUCESEG`, version `u32` = 1, count `u64`, their bases `u64`, CRC (rule 16) |
 //! | `cursors.journal` | named cursors: `crc, name_len u8, name, offset u64` entries, one appended and fdatasync'd per commit; rewritten atomically once past 64 KiB and 4x its live entries |
 //! | `snapshots/{name}/{offset:020}.snap` | a snapshot: 32-byte header (magic, offset, length, blob CRC, header CRC), blob |
 //! | `compact.commit` | only while a committed compaction is swapped in: magic `CAUCECMP`, count `u64`, the rewritten bases `u64`, CRC |
 //! | `{base:020}.log.compact` | a rewritten segment waiting for its swap |
 //! | `lock` | `flock`ed by the one process that has the directory open for writing |
-//! | `start.meta.tmp`, `cursors.journal.tmp`, `compact.commit.tmp`, `{base:020}.index.tmp`, `snapshots/{name}/{offset:020}.snap.tmp` | a file being written, renamed over its target once whole; a writable open removes those a crash left (regular files of exactly these names, nothing else) |
+//! | `start.meta.tmp`, `segments.meta.tmp`, `cursors.journal.tmp`, `compact.commit.tmp`, `{base:020}.index.tmp`, `snapshots/{name}/{offset:020}.snap.tmp` | a file being written, renamed over its target once whole; a writable open removes those a crash left (regular files of exactly these names, nothing else) |
 //!
 //! **Segment header** (32 bytes): magic `CAUCELOG` (8), format version `u32` = 1, flags
 //! `u32` = 0, base offset `u64`, reserved `u32`, CRC of the 28 bytes before it `u32`.
@@ -149,9 +150,43 @@
 //!     deletes a segment and compaction never deletes the first, so a first segment file
 //!     starting past the start (`start.meta`'s, or 0 where retention never ran) means
 //!     files are missing: opening for writing fails with [`Error::Corrupt`] naming that
-//!     first file; [`LogStore::open_read_only`] opens what is there and reports it. (A
-//!     file missing between two others looks like the offsets compaction leaves out,
-//!     and is not detected.) (`a_missing_first_segment_is_damage`)
+//!     first file; [`LogStore::open_read_only`] opens what is there and reports it.
+//!     (`a_missing_first_segment_is_damage`)
+//! 16. **No segment file the manifest lists is missing**: a roll lists its new segment
+//!     in `segments.meta` before it creates the file, and compaction unlists the
+//!     segments it empties before it deletes them, so a listed file at or past the start
+//!     (and past the first file: rule 15) that is not there is lost, with its records.
+//!     Opening for writing fails with [`Error::Corrupt`] naming that file and the
+//!     offsets gone (from its base to the next file's), and changes nothing;
+//!     [`LogStore::open_read_only`] views the segments before it and reports it, as in
+//!     rule 3; [`LogStore::verify`] reports it too (a store open for writing checks the
+//!     directory as it is then). Only the newest listed segment may be missing, when no
+//!     file follows it: a roll that failed or crashed between listing and creating it
+//!     (a lost newest file looks the same). Files not listed are accepted: the emptied
+//!     segments of a compaction that crashed before deleting them, and segments rolled
+//!     under [`SyncPolicy::Never`], which the next [`Store::sync`] (or compaction, or
+//!     dropping the store) lists rather than the roll. A read-only open beside a running
+//!     writer lists the directory before and after it reads the manifest and the start,
+//!     so what the writer rolls, compacts or trims meanwhile is not taken for lost. A
+//!     log without the file (written before it existed) opens as before; a writable
+//!     open writes the file whenever it differs from the segments the open found
+//!     (entries below the first segment aside). The file is written whole, so a damaged
+//!     one is damage, as for `start.meta`: both opens fail with [`Error::Corrupt`]
+//!     naming it; without it, the log opens as one written before it existed. (A
+//!     version of this crate from before the manifest does not keep it: after one
+//!     compacted the directory, an open may report a segment it deleted; remove
+//!     `segments.meta`.)
+//!     (`a_missing_segment_the_manifest_lists_is_damage`,
+//!     `the_newest_segments_missing_past_a_crashed_roll_are_damage`,
+//!     `a_listed_newest_segment_never_created_is_a_crashed_roll`,
+//!     `a_log_whose_compaction_deleted_emptied_segments_reopens_clean`,
+//!     `a_log_whose_retention_deleted_segments_reopens_clean`,
+//!     `a_log_without_a_manifest_opens_and_gets_one`,
+//!     `a_damaged_manifest_is_an_error_naming_it`,
+//!     `verify_finds_a_segment_file_deleted_while_the_log_is_open`,
+//!     `rolls_under_never_are_listed_by_the_next_sync_or_the_close`, and in
+//!     `tests/log_compaction.rs`
+//!     `read_only_opens_beside_a_writer_that_rolls_compacts_and_trims_find_no_file_missing`)
 //!
 //! # Durability and visibility
 //!
@@ -161,7 +196,8 @@
 //! buffer, so a follower waiting in [`Store::wait_for`] sees a record as soon as its
 //! append returns. New segments are fsync'd, and so is the directory, before a record is
 //! acknowledged in them, and a sealed segment is fdatasync'd when it is sealed; under
-//! [`SyncPolicy::Never`] neither happens on its own, and the next [`Store::sync`] does both.
+//! [`SyncPolicy::Never`] neither happens on its own, and the next [`Store::sync`] does both
+//! (and writes the segment manifest the rolls left owed, rule 16).
 //! Compaction fdatasyncs every sealed segment before it writes a rewrite, whatever the
 //! policy: a rewrite drops records superseded by later ones, and must not become durable
 //! before they are.
@@ -535,6 +571,9 @@ pub(crate) struct Shared {
     /// The open files of the sealed segments.
     files: Arc<OpenFiles>,
     start: AtomicU64,
+    /// The segment files that must exist (rule 16); taken after the writer's lock, the
+    /// list's and `maintenance`, never before them.
+    manifest: Mutex<meta::Manifest>,
     cursors: Mutex<meta::CursorJournal>,
     /// Serialises retention and compaction.
     maintenance: Mutex<()>,
@@ -637,6 +676,19 @@ impl Shared {
         }
     }
 
+    /// Rules 15 and 16 against the directory as it is now: every segment file the store
+    /// holds is there.
+    fn check_files(&self) -> Result<()> {
+        // Retention and compaction delete segment files only under this lock.
+        let _maintenance = self.maintenance.lock();
+        // The list before the files: a roll lists a segment before it creates its file.
+        let listed = self.manifest.lock().bases().to_vec();
+        let present = recovery::list_segments(&self.dir)?;
+        let meta_start = meta::read_start(&self.dir)?;
+        let missing = recovery::missing_files(&self.dir, &present, meta_start, Some(&listed));
+        missing.into_error().map_or(Ok(()), Err)
+    }
+
     fn truncate_before(&self, offset: Offset) -> Result<()> {
         if !self.writable {
             return Err(Error::ReadOnly(
@@ -667,6 +719,9 @@ impl Shared {
                 .windows(2)
                 .take_while(|w| w[1].base <= offset)
                 .count();
+            if let Some(kept) = segments.get(keep_from) {
+                self.manifest.lock().forget_below(kept.base);
+            }
             segments.drain(..keep_from).collect()
         };
         for seg in &doomed {
@@ -751,12 +806,12 @@ impl LogStore {
     }
 
     /// Opens the log in `dir` without changing anything in it, up to the first damage:
-    /// every segment is checked now, and the view ends before the first bad batch
-    /// ([`corruption`](Self::corruption) says where). The cursor journal likewise answers
-    /// from its entries before any damage in it. A torn tail is left out of the view
-    /// but not cut. Appends, retention, compaction and cursor commits are
-    /// [`Error::ReadOnly`]. Takes no lock: a writer may be running, and the view is the
-    /// log as it was when opened (records appended later are not seen).
+    /// every segment is checked now, and the view ends before the first bad batch or
+    /// missing segment file ([`corruption`](Self::corruption) says where). The cursor
+    /// journal likewise answers from its entries before any damage in it. A torn tail
+    /// is left out of the view but not cut. Appends, retention, compaction and cursor
+    /// commits are [`Error::ReadOnly`]. Takes no lock: a writer may be running, and the
+    /// view is the log as it was when opened (records appended later are not seen).
     pub fn open_read_only(dir: impl AsRef<Path>, options: LogOptions) -> Result<LogStore> {
         let dir = dir.as_ref();
         options.validate()?;
@@ -801,6 +856,8 @@ impl LogStore {
             )))
         };
         let mut segments = recovered.segments;
+        // What a writable open listed in the manifest: its segments.
+        let manifest = meta::Manifest::new(dir, segments.iter().map(|s| s.base).collect());
         if segments.is_empty() {
             segments.push(empty()?);
         }
@@ -850,6 +907,7 @@ impl LogStore {
             segments: RwLock::new(segments),
             files,
             start: AtomicU64::new(recovered.start),
+            manifest: Mutex::new(manifest),
             cursors: Mutex::new(cursors),
             maintenance: Mutex::new(()),
             shutdown: AtomicBool::new(false),
@@ -941,12 +999,18 @@ impl LogStore {
     /// Checks every batch of every segment (checksums, framing, offsets in order), up to
     /// what is written to the files, and that the segments fit together (each header
     /// names the base its file name gives; no segment starts below the last record of
-    /// the one before); the first damage is an [`Error::Corrupt`].
+    /// the one before); the first damage is an [`Error::Corrupt`]. A store opened for
+    /// writing first checks that no segment file is missing from the directory (rules
+    /// 15 and 16), as an open would.
     ///
-    /// A store opened [read-only](Self::open_read_only) up to damage in its segments
-    /// checks the segments of its view, then returns that damage (the one
-    /// [`corruption`](Self::corruption) reports): its view ends there, the log does not.
+    /// A store opened [read-only](Self::open_read_only) up to damage in its segments, or
+    /// to a missing segment file, checks the segments of its view, then returns that
+    /// damage (the one [`corruption`](Self::corruption) reports): its view ends there,
+    /// the log does not.
     pub fn verify(&self) -> Result<LogVerification> {
+        if self.shared.writable {
+            self.shared.check_files()?;
+        }
         let segments: Vec<Arc<Segment>> = self.shared.segments.read().clone();
         let mut report = LogVerification::default();
         // One past the last record of the segment before, which the next one's base

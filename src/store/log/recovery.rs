@@ -22,7 +22,7 @@ pub(crate) struct Recovered {
 }
 
 /// The segment bases present in `dir`, sorted.
-fn list_segments(dir: &Path) -> Result<Vec<Offset>> {
+pub(crate) fn list_segments(dir: &Path) -> Result<Vec<Offset>> {
     let mut bases = Vec::new();
     let entries = fs::read_dir(dir).map_err(|e| Error::io("list", dir, e))?;
     for entry in entries {
@@ -35,6 +35,98 @@ fn list_segments(dir: &Path) -> Result<Vec<Offset>> {
     }
     bases.sort_unstable();
     Ok(bases)
+}
+
+/// The segment files missing from a directory: at the front (rule 15), and a file the
+/// manifest lists (rule 16), with the base where the view of a read-only open stops.
+pub(crate) struct Missing {
+    pub(crate) front: Option<Error>,
+    pub(crate) listed: Option<(Offset, Error)>,
+}
+
+impl Missing {
+    /// The first of them, as an error.
+    pub(crate) fn into_error(self) -> Option<Error> {
+        self.front.or(self.listed.map(|(_, e)| e))
+    }
+}
+
+/// What segment files are missing from `dir`, which holds the files `present` (sorted),
+/// given the start `start.meta` gives (if any) and the bases the manifest lists (if
+/// there is one).
+pub(crate) fn missing_files(
+    dir: &Path,
+    present: &[Offset],
+    meta_start: Option<Offset>,
+    listed: Option<&[Offset]>,
+) -> Missing {
+    let start = meta_start.unwrap_or(0);
+    let front = present
+        .first()
+        .filter(|&&first| first > start)
+        .map(|&first| missing_front(dir, first, meta_start));
+    // Below the first file, what is missing is rule 15's to report (and a read-only
+    // view then opens what is there); below the start, retention deleted it.
+    let from = present.first().map_or(start, |&first| first.max(start));
+    let listed = listed.and_then(|listed| missing_listed(dir, present, listed, from));
+    Missing { front, listed }
+}
+
+/// Rule 15: retention persists the start before it deletes a segment, and compaction
+/// never deletes the first, so a first segment file starting past the start means
+/// files are missing.
+fn missing_front(dir: &Path, first: Offset, meta_start: Option<Offset>) -> Error {
+    let path = segment::segment_path(dir, first);
+    Error::corrupt(
+        &path,
+        0,
+        Some(first),
+        format!(
+            "the log starts at offset {} ({}), but its first segment file starts at \
+             {first}: the segment files before it are missing",
+            meta_start.unwrap_or(0),
+            if meta_start.is_some() {
+                "as retention left it in start.meta"
+            } else {
+                "no retention has run"
+            }
+        ),
+    )
+}
+
+/// Rule 16: the first segment at or past `from` that the manifest lists and that has no
+/// file, with the error naming it and the offsets gone. The newest listed one may have
+/// no file when no file follows it: a roll lists a segment before it creates its file,
+/// and may fail or crash in between.
+fn missing_listed(
+    dir: &Path,
+    present: &[Offset],
+    listed: &[Offset],
+    from: Offset,
+) -> Option<(Offset, Error)> {
+    let newest = listed.last().copied();
+    let base = listed
+        .iter()
+        .copied()
+        .filter(|&b| b >= from && present.binary_search(&b).is_err())
+        .find(|&b| Some(b) != newest || present.last().is_some_and(|&p| p > b))?;
+    let path = segment::segment_path(dir, base);
+    let gone = match present.iter().find(|&&p| p > base) {
+        Some(next) => format!(
+            ": the records from offset {base} to {} are gone (the next segment file starts \
+             at {next})",
+            next - 1
+        ),
+        None => format!(
+            ", and so are the files listed after it: the records from offset {base} on are \
+             gone"
+        ),
+    };
+    let reason = format!(
+        "{} lists this segment file, but it is missing{gone}",
+        meta::MANIFEST_FILE
+    );
+    Some((base, Error::corrupt(&path, 0, Some(base), reason)))
 }
 
 fn open_file(path: &Path, writable: bool) -> Result<File> {
@@ -100,6 +192,18 @@ fn scan_segment(data: &[u8], base: Offset, interval: u64) -> Scanned {
     }
 }
 
+/// What an open goes by.
+struct Opening<'a> {
+    dir: &'a Path,
+    options: &'a LogOptions,
+    writable: bool,
+    /// How far cursors and snapshots say the log was durable (rule 14).
+    floor: Option<&'a (Offset, String)>,
+    files: &'a Arc<OpenFiles>,
+    /// The start retention left in `start.meta`, if any.
+    meta_start: Option<Offset>,
+}
+
 /// Opens (and, when `writable`, repairs) the log in `dir`. `floor` is how far the log was
 /// durable by its cursors and snapshots ([`meta::durable_floor`]): a log that ends
 /// before it has lost durable records, so its bad tail is damage, not a torn write.
@@ -110,12 +214,15 @@ pub(crate) fn recover(
     floor: Option<&(Offset, String)>,
     files: &Arc<OpenFiles>,
 ) -> Result<Recovered> {
-    if writable {
-        compact::settle(dir, |_| Ok(()))?;
-        meta::remove_temporaries(dir)?;
-    }
-    let meta_start = meta::read_start(dir)?;
-    let mut bases = list_segments(dir)?;
+    // Checked before anything is changed: a writable open that finds segment files
+    // missing (rules 14 to 16) fails, and leaves the directory as it found it.
+    // (Settling a compaction and removing temporaries create and delete no segment file.)
+    let Listing {
+        present,
+        meta_start,
+        listed,
+        mut bases,
+    } = read_directory(dir, writable)?;
     if bases.is_empty() {
         let base = meta_start.unwrap_or(0);
         if let Some((at, what)) = floor.filter(|(at, _)| *at > base) {
@@ -129,55 +236,140 @@ pub(crate) fn recover(
                 ),
             ));
         }
-        if !writable {
-            return Ok(Recovered {
-                segments: Vec::new(),
-                start: base,
-                next: base,
-                corruption: None,
-            });
+    }
+    let missing = missing_files(dir, &present, meta_start, listed.as_deref());
+    let at = Opening {
+        dir,
+        options,
+        writable,
+        floor,
+        files,
+        meta_start,
+    };
+    if writable {
+        if let Some(e) = missing.into_error() {
+            return Err(e);
         }
-        let seg = create_segment(dir, base, preallocation(options), true, files)?;
+        compact::settle(dir, |_| Ok(()))?;
+        meta::remove_temporaries(dir)?;
+        return recover_writable(&at, listed.as_deref(), bases);
+    }
+    // Read-only, the view is what is there, and says what is missing (unless it stops
+    // at damage further on, which it then names). With a listed file missing, it is
+    // the sealed segments before it.
+    let (gap, gap_damage) = missing.listed.unzip();
+    let newest = match gap {
+        Some(gap) => {
+            bases.retain(|&b| b < gap);
+            None
+        }
+        None => bases.pop(),
+    };
+    let mut recovered = open_segments(&at, &bases, newest)?;
+    recovered.corruption = recovered.corruption.or(gap_damage).or(missing.front);
+    Ok(recovered)
+}
+
+/// What an open reads of the directory.
+struct Listing {
+    /// The segment files present, for the checks of rules 15 and 16.
+    present: Vec<Offset>,
+    /// `start.meta`'s start.
+    meta_start: Option<Offset>,
+    /// The manifest's bases.
+    listed: Option<Vec<Offset>>,
+    /// The segment files to open.
+    bases: Vec<Offset>,
+}
+
+/// Reads the directory for an open.
+///
+/// Read-only, a writer may be running beside the open, and the directory is listed
+/// before and after `start.meta` and the manifest are read: what the writer deletes, it
+/// unlists (compaction) or puts below the start (retention) first, so the first listing
+/// still holds it; what it creates it lists first (but for the newest file of a roll),
+/// so the second listing holds it. Either way no file the two name goes missing. The
+/// segments opened are those of the second listing.
+fn read_directory(dir: &Path, writable: bool) -> Result<Listing> {
+    let mut present = list_segments(dir)?;
+    let meta_start = meta::read_start(dir)?;
+    let listed = meta::read_manifest(dir)?;
+    // Writable, the directory's lock keeps every other writer out.
+    let bases = if writable {
+        present.clone()
+    } else {
+        let after = list_segments(dir)?;
+        present.extend_from_slice(&after);
+        present.sort_unstable();
+        present.dedup();
+        after
+    };
+    Ok(Listing {
+        present,
+        meta_start,
+        listed,
+        bases,
+    })
+}
+
+/// A writable open, with no file missing: creates the first segment of an empty log or
+/// opens and repairs the segments there, and brings the manifest up to date.
+fn recover_writable(
+    at: &Opening<'_>,
+    listed: Option<&[Offset]>,
+    mut bases: Vec<Offset>,
+) -> Result<Recovered> {
+    let Some(newest) = bases.pop() else {
+        let base = at.meta_start.unwrap_or(0);
+        // Listed before it is created, as a roll does.
+        update_manifest(at.dir, listed, &[base])?;
+        let seg = create_segment(at.dir, base, preallocation(at.options), true, at.files)?;
         return Ok(Recovered {
             segments: vec![Arc::new(seg)],
             start: base,
             next: base,
             corruption: None,
         });
+    };
+    let recovered = open_segments(at, &bases, Some(newest))?;
+    let found: Vec<Offset> = recovered.segments.iter().map(|s| s.base).collect();
+    update_manifest(at.dir, listed, &found)?;
+    meta::sync_dir(at.dir)?;
+    Ok(recovered)
+}
+
+/// Writes the manifest listing the segments `found` unless it lists those already: a log
+/// written before the manifest existed gets one, and what an open accepts (the newest
+/// listed segment never created, files not listed) is written as it is now. Entries
+/// below the first segment (retention deleted those, and the next roll leaves them out)
+/// are no reason to write: an open of a sound log changes nothing.
+fn update_manifest(dir: &Path, listed: Option<&[Offset]>, found: &[Offset]) -> Result<()> {
+    let first = found.first().copied().unwrap_or(0);
+    if listed.is_some_and(|l| {
+        l.iter()
+            .copied()
+            .filter(|&b| b >= first)
+            .eq(found.iter().copied())
+    }) {
+        return Ok(());
     }
-    // Where the log starts: retention persists it before it deletes a segment, and
-    // compaction never deletes the first, so a first file past it means files are
-    // missing (rule 15).
-    let expected_start = meta_start.unwrap_or(0);
-    let first_file = bases.first().copied().unwrap_or_default(); // not empty: checked above
-    let mut missing = None;
-    if first_file > expected_start {
-        let path = segment::segment_path(dir, first_file);
-        let e = Error::corrupt(
-            &path,
-            0,
-            Some(first_file),
-            format!(
-                "the log starts at offset {expected_start} ({}), but its first segment \
-                 file starts at {first_file}: the segment files before it are missing",
-                if meta_start.is_some() {
-                    "as retention left it in start.meta"
-                } else {
-                    "no retention has run"
-                }
-            ),
-        );
-        if writable {
-            return Err(e);
-        }
-        // Read-only, the view is what is there, and says what is missing (unless it
-        // stops at damage further on, which it then names).
-        missing = Some(e);
-    }
-    let last_base = bases.pop().unwrap_or_default(); // not empty: checked above
-    let mut segments: Vec<Arc<Segment>> = Vec::with_capacity(bases.len() + 1);
+    meta::write_manifest(dir, found)
+}
+
+/// Opens the segments `sealed`, then `newest` unless the view stopped at damage
+/// before it (read-only). With neither, the log is empty at its start.
+fn open_segments(at: &Opening<'_>, sealed: &[Offset], newest: Option<Offset>) -> Result<Recovered> {
+    let Opening {
+        dir,
+        options,
+        writable,
+        floor,
+        files,
+        meta_start,
+    } = *at;
+    let mut segments: Vec<Arc<Segment>> = Vec::with_capacity(sealed.len() + 1);
     let mut corruption = None;
-    for &base in &bases {
+    for &base in sealed {
         match open_sealed(dir, base, options, writable, files) {
             Ok(mut seg) => {
                 let damage = seg.damage.take();
@@ -195,7 +387,7 @@ pub(crate) fn recover(
         }
     }
     let mut next = None;
-    if corruption.is_none() {
+    if let Some(last_base) = newest.filter(|_| corruption.is_none()) {
         let has_prev = !segments.is_empty();
         match open_last(dir, last_base, has_prev, options, writable, floor, files) {
             Ok((seg, last_next, found)) => {
@@ -221,18 +413,14 @@ pub(crate) fn recover(
                     segments,
                     start,
                     next: start,
-                    corruption: corruption.or(missing),
+                    corruption,
                 });
             }
         },
     };
-    let corruption = corruption.or(missing);
     let first_base = segments.first().map_or(0, |s| s.base);
     let start = meta_start.unwrap_or(first_base).max(first_base);
     let next = next.max(start);
-    if writable {
-        meta::sync_dir(dir)?;
-    }
     Ok(Recovered {
         segments,
         start,

@@ -583,6 +583,11 @@ impl Shared {
             .preallocate
             .then_some(self.options.segment_bytes);
         let durable = self.options.sync != SyncPolicy::Never;
+        // Listed before its file exists (rule 16): a segment file the manifest lists is
+        // gone only by damage, but for this newest one if the roll goes no further. The
+        // fsync of the directory after the file is created makes both durable; under
+        // `Never`, the list is written by the next sync, with the directory.
+        self.manifest.lock().list(st.next, durable)?;
         let new = Arc::new(create_segment(
             &self.dir,
             st.next,
@@ -631,6 +636,8 @@ impl Shared {
                     return Err(e);
                 }
             }
+            // The segments rolls listed under `Never`, then their directory entries.
+            self.manifest.lock().write_owed()?;
             if st.dir_unsynced {
                 meta::sync_dir(&self.dir)?;
                 st.dir_unsynced = false;
@@ -649,16 +656,25 @@ impl Shared {
         }
     }
 
-    /// Writes what is buffered on close (and syncs it unless the policy is `Never`).
+    /// Writes what is buffered on close (and syncs it unless the policy is `Never`), and
+    /// the manifest if rolls under `Never` left it owed: the next open then checks every
+    /// segment (rule 16).
     pub(crate) fn close(&self) {
         let mut st = self.writer.lock();
         self.wait_idle(&mut st);
-        if st.poisoned.is_some() || (st.buf.is_empty() && st.synced >= st.next) {
+        if st.poisoned.is_some() {
             return;
         }
-        let sync = self.options.sync != SyncPolicy::Never;
-        // A failure is logged by `lead`; there is no caller left to tell.
-        let _poisoned_on_error = self.lead(&mut st, sync);
+        if !st.buf.is_empty() || st.synced < st.next {
+            let sync = self.options.sync != SyncPolicy::Never;
+            // A failure is logged by `lead`; there is no caller left to tell.
+            let _poisoned_on_error = self.lead(&mut st, sync);
+        }
+        if st.poisoned.is_none() {
+            if let Err(e) = self.manifest.lock().write_owed() {
+                tracing::warn!("could not write the segment manifest on close: {e}");
+            }
+        }
     }
 
     /// The loop of the `Every` policy's background thread: syncs once the oldest
