@@ -63,7 +63,15 @@ fn a_lost_instance_that_idles_when_fenced_still_ends() {
         .build()
         .unwrap();
     let client = cluster.client();
-    assert_eq!(instance_threads(), 3);
+    // A thread names itself once it runs.
+    let since = Instant::now();
+    while instance_threads() < 3 {
+        assert!(
+            since.elapsed() < Duration::from_secs(10),
+            "instances not started"
+        );
+        thread::sleep(Duration::from_millis(5));
+    }
     client.submit("slow", Req::Slow).unwrap().wait().unwrap();
     let since = Instant::now();
     while cluster.metrics().stalls == 0 {
