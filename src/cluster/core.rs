@@ -2543,6 +2543,13 @@ impl<H: Handler> Shared<H> {
             Some(inst) => {
                 inst.fence_work();
                 let stuck = inst.stuck_on();
+                // The request it is on is adopted by its key, read from the log once the
+                // record is durable: waited for here, off the stripes (an fdatasync,
+                // or a disk that stalls), so that `adopt_orphans` finds it durable. An
+                // error is met again there, and answered.
+                if let Some(offset) = inst.current_offset() {
+                    let _ = self.wait_logged(offset + 1);
+                }
                 (stuck, self.prepare_replacement(id, inst.weight))
             }
             None => (None, None),

@@ -901,6 +901,16 @@ impl<S, R> Instance<S, R> {
         }
     }
 
+    /// The offset of the request the loop is on, if any: the one `take_left` leaves
+    /// without its key (the log has it).
+    pub(crate) fn current_offset(&self) -> Option<Offset> {
+        self.taken
+            .lock()
+            .current
+            .as_ref()
+            .map(|(offset, _)| *offset)
+    }
+
     /// Puts back a message the loop took just before its work was fenced (see
     /// [`fence_work`](Self::fence_work)), where `take_left` finds it: a request with
     /// its responder, a handoff with the states on their way. A query stays in
