@@ -374,6 +374,9 @@ impl Shared {
                 }
             }
         }
+        // What rolls under `SyncPolicy::Never` left owed, as rule 16 says (an unlist above
+        // wrote it already).
+        self.manifest.lock().write_owed()?;
         Ok(Compaction {
             until,
             kept,

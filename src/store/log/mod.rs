@@ -154,10 +154,11 @@
 //!     (`a_missing_first_segment_is_damage`)
 //! 16. **No segment file the manifest lists is missing**: a roll lists its new segment
 //!     in `segments.meta` before it creates the file, and compaction unlists the
-//!     segments it empties before it deletes them, so a listed file at or past the start
-//!     (and past the first file: rule 15) that is not there is lost, with its records.
-//!     Opening for writing fails with [`Error::Corrupt`] naming that file and the
-//!     offsets gone (from its base to the next file's), and changes nothing;
+//!     segments it empties before it deletes them, so a listed file from the one that
+//!     holds the start on (and past the first file: rule 15) that is not there is lost,
+//!     with its records. Opening for writing fails with [`Error::Corrupt`] naming that
+//!     file and the offsets gone (from its base to the next file's), and changes no
+//!     segment file (the cursor journal's torn tail, rule 11, is cut before);
 //!     [`LogStore::open_read_only`] views the segments before it and reports it, as in
 //!     rule 3; [`LogStore::verify`] reports it too (a store open for writing checks the
 //!     directory as it is then). Only the newest listed segment may be missing, when no
@@ -167,7 +168,8 @@
 //!     under [`SyncPolicy::Never`], which the next [`Store::sync`] (or compaction, or
 //!     dropping the store) lists rather than the roll. A read-only open beside a running
 //!     writer lists the directory before and after it reads the manifest and the start,
-//!     so what the writer rolls, compacts or trims meanwhile is not taken for lost. A
+//!     and reads those again after, so what the writer rolls, compacts or trims
+//!     meanwhile is not taken for lost. A
 //!     log without the file (written before it existed) opens as before; a writable
 //!     open writes the file whenever it differs from the segments the open found
 //!     (entries below the first segment aside). The file is written whole, so a damaged

@@ -66,8 +66,21 @@ pub(crate) fn missing_files(
         .filter(|&&first| first > start)
         .map(|&first| missing_front(dir, first, meta_start));
     // Below the first file, what is missing is rule 15's to report (and a read-only
-    // view then opens what is there); below the start, retention deleted it.
-    let from = present.first().map_or(start, |&first| first.max(start));
+    // view then opens what is there). Below the start, retention deleted it, but for
+    // the segment that holds the start: the greatest base at or below it, listed or
+    // present (a file retention failed to delete can survive below it).
+    let holder = listed
+        .unwrap_or_default()
+        .iter()
+        .chain(present)
+        .copied()
+        .filter(|&b| b <= start)
+        .max();
+    let from = match present.first() {
+        Some(&first) if first > start => first,
+        Some(&first) => holder.map_or(start, |h| h.max(first)),
+        None => holder.unwrap_or(start),
+    };
     let listed = listed.and_then(|listed| missing_listed(dir, present, listed, from));
     Missing { front, listed }
 }
@@ -288,12 +301,14 @@ struct Listing {
 /// before and after `start.meta` and the manifest are read: what the writer deletes, it
 /// unlists (compaction) or puts below the start (retention) first, so the first listing
 /// still holds it; what it creates it lists first (but for the newest file of a roll),
-/// so the second listing holds it. Either way no file the two name goes missing. The
-/// segments opened are those of the second listing.
+/// so the second listing holds it. A segment both created and deleted between the
+/// listings is in neither: the start and the manifest are read again after the second
+/// listing, and only what both reads list, past both starts, is checked. The segments
+/// opened are those of the second listing.
 fn read_directory(dir: &Path, writable: bool) -> Result<Listing> {
     let mut present = list_segments(dir)?;
-    let meta_start = meta::read_start(dir)?;
-    let listed = meta::read_manifest(dir)?;
+    let mut meta_start = meta::read_start(dir)?;
+    let mut listed = meta::read_manifest(dir)?;
     // Writable, the directory's lock keeps every other writer out.
     let bases = if writable {
         present.clone()
@@ -302,6 +317,19 @@ fn read_directory(dir: &Path, writable: bool) -> Result<Listing> {
         present.extend_from_slice(&after);
         present.sort_unstable();
         present.dedup();
+        // A segment rolled after the first listing and deleted before the second is in
+        // neither, though the manifest read between may list it: read again, a file
+        // counts as lost only if both reads list it and it is past both starts
+        // (compaction unlists, and retention moves the start, before they delete).
+        let start_after = meta::read_start(dir)?;
+        let listed_after = meta::read_manifest(dir)?;
+        meta_start = meta_start.max(start_after);
+        listed = match (listed, listed_after) {
+            (Some(before), Some(after)) => {
+                Some(before.into_iter().filter(|b| after.contains(b)).collect())
+            }
+            _ => None,
+        };
         after
     };
     Ok(Listing {
