@@ -1427,6 +1427,11 @@ fn base_of(path: &Path) -> u64 {
         .expect("base")
 }
 
+/// The bases of the segment files in `dir`, sorted.
+fn bases_on_disk(dir: &Path) -> Vec<u64> {
+    segments(dir).iter().map(|f| base_of(f)).collect()
+}
+
 /// A `segments.meta` file listing `bases`, in the documented format.
 fn manifest_of(bases: &[u64]) -> Vec<u8> {
     let mut b = b"CAUCESEG".to_vec();
@@ -1560,7 +1565,7 @@ fn a_listed_newest_segment_never_created_is_a_crashed_roll() {
     let tmp = tempfile::tempdir().expect("tmp");
     let dir = tmp.path().join("log");
     write_log(&dir, 100, 2);
-    let mut bases: Vec<u64> = segments(&dir).iter().map(|f| base_of(f)).collect();
+    let mut bases: Vec<u64> = bases_on_disk(&dir);
     let files = bases.clone();
     bases.push(100);
     fs::write(dir.join("segments.meta"), manifest_of(&bases)).expect("manifest");
@@ -1574,13 +1579,7 @@ fn a_listed_newest_segment_never_created_is_a_crashed_roll() {
     assert_eq!(got.len(), 200);
     got.iter().for_each(assert_is_original);
     log.verify().expect("verify");
-    assert_eq!(
-        listed(&dir),
-        segments(&dir)
-            .iter()
-            .map(|f| base_of(f))
-            .collect::<Vec<_>>()
-    );
+    assert_eq!(listed(&dir), bases_on_disk(&dir));
 }
 
 /// Compaction unlists the segments it empties before it deletes them: the log reopens
@@ -1599,7 +1598,7 @@ fn a_log_whose_compaction_deleted_emptied_segments_reopens_clean() {
     assert!(segments(&dir).len() < before, "emptied segments deleted");
     let compacted: Vec<Record> = read_all(&log);
     drop(log);
-    let bases: Vec<u64> = segments(&dir).iter().map(|f| base_of(f)).collect();
+    let bases: Vec<u64> = bases_on_disk(&dir);
     assert_eq!(listed(&dir), bases);
     let log = LogStore::open(&dir, options()).expect("reopen");
     assert_eq!(read_all(&log), compacted);
@@ -1617,13 +1616,7 @@ fn a_log_whose_compaction_deleted_emptied_segments_reopens_clean() {
     fs::write(uncompacted.join("segments.meta"), manifest_of(&bases)).expect("manifest");
     let log = LogStore::open(&uncompacted, options()).expect("open");
     assert_eq!(read_all(&log).len(), 100);
-    assert_eq!(
-        listed(&uncompacted),
-        segments(&uncompacted)
-            .iter()
-            .map(|f| base_of(f))
-            .collect::<Vec<_>>()
-    );
+    assert_eq!(listed(&uncompacted), bases_on_disk(&uncompacted));
 }
 
 /// Retention deletes front segments after persisting the start; the manifest may still
@@ -1657,7 +1650,7 @@ fn a_log_whose_retention_deleted_segments_reopens_clean() {
         got.iter().map(|r| r.offset).collect::<Vec<_>>(),
         (57..200).collect::<Vec<_>>()
     );
-    let bases: Vec<u64> = segments(&dir).iter().map(|f| base_of(f)).collect();
+    let bases: Vec<u64> = bases_on_disk(&dir);
     assert_eq!(
         listed(&dir),
         bases,
@@ -1762,7 +1755,7 @@ fn rolls_under_never_are_listed_by_the_next_sync_or_the_close() {
     let never = || options().sync(SyncPolicy::Never);
     let log = LogStore::open(&dir, never()).expect("open");
     append(&log, 0..100, 2);
-    let bases = || -> Vec<u64> { segments(&dir).iter().map(|f| base_of(f)).collect() };
+    let bases = || -> Vec<u64> { bases_on_disk(&dir) };
     assert_eq!(listed(&dir), [0], "written at the open only");
     log.sync().expect("sync");
     assert_eq!(listed(&dir), bases());
