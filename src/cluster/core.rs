@@ -120,6 +120,12 @@ impl StripeSlot {
         let _ended = Ended(|| self.store_calls.store(begun + 1, Ordering::Release));
         call()
     }
+
+    /// The count of calls, and whether one runs now.
+    fn progress(&self) -> (u64, bool) {
+        let count = self.store_calls.load(Ordering::Acquire);
+        (count, count % 2 == 1)
+    }
 }
 
 /// Runs its closure when dropped, by a return or an unwind.
@@ -146,6 +152,13 @@ impl StoreWaits {
             self.ended.fetch_add(1, Ordering::AcqRel);
         });
         wait()
+    }
+
+    /// The waits ended, and whether one runs now.
+    fn progress(&self) -> (u64, bool) {
+        let begun = self.begun.load(Ordering::Acquire);
+        let ended = self.ended.load(Ordering::Acquire);
+        (ended, begun > ended)
     }
 }
 
@@ -892,7 +905,6 @@ impl<H: Handler> Shared<H> {
         })?;
         Some(DraftedReplacement {
             replacement,
-            weight,
             prepared,
         })
     }
@@ -1604,11 +1616,10 @@ impl<H: Handler> Shared<H> {
             }
         };
         for (slot, seen) in self.stripes.iter().zip(watch.stripes.iter_mut()) {
-            let count = slot.store_calls.load(Ordering::Acquire);
-            look(seen, count, count % 2 == 1);
+            let (count, running) = slot.progress();
+            look(seen, count, running);
         }
-        let ended = self.store_waits.ended.load(Ordering::Acquire);
-        let running = self.store_waits.begun.load(Ordering::Acquire) > ended;
+        let (ended, running) = self.store_waits.progress();
         look(&mut watch.waits_ended, ended, running);
         if longest >= self.options.stall_timeout {
             let ms = u64::try_from(longest.as_millis())
@@ -1633,11 +1644,7 @@ impl<H: Handler> Shared<H> {
 
     /// Whether a call into the input store runs now (see [`watch_store`](Self::watch_store)).
     fn store_call_running(&self) -> bool {
-        self.stripes
-            .iter()
-            .any(|slot| slot.store_calls.load(Ordering::Acquire) % 2 == 1)
-            || self.store_waits.begun.load(Ordering::Acquire)
-                > self.store_waits.ended.load(Ordering::Acquire)
+        self.stripes.iter().any(|slot| slot.progress().1) || self.store_waits.progress().1
     }
 
     /// Whether to leave instance `id`, caught by a stall `busy_for` into a unit of work,
@@ -2612,7 +2619,7 @@ impl<H: Handler> Shared<H> {
         let replacement = InstanceId(self.next_id.fetch_add(1, Ordering::SeqCst));
         let weight = inst.weight;
         let prepared = drafted
-            .filter(|d| d.replacement == replacement && d.weight == weight)
+            .filter(|d| d.replacement == replacement)
             .map(|d| d.prepared);
         let result = (|| -> Result<()> {
             let started = self
@@ -3305,8 +3312,6 @@ fn catch_store_panic<T>(logged: bool, run: impl FnOnce() -> Result<T>) -> Result
 struct DraftedReplacement {
     /// The id the replacement was drafted with.
     replacement: InstanceId,
-    /// The lost instance's weight when the draft was taken.
-    weight: u32,
     prepared: Prepared,
 }
 
