@@ -204,6 +204,21 @@ pub enum Error {
         message: String,
     },
 
+    /// A request submitted with an id
+    /// ([`Client::submit_with_id`](crate::cluster::Client::submit_with_id)) repeats one
+    /// already logged for the same key with the same id, at `offset`: this one was not
+    /// logged, and changes nothing. The original is handled once, and its effect is in
+    /// the key's state (unless its handler panicked or stalled, which set it aside); its
+    /// own answer went to whoever submitted it. A retry after a timeout or a lost answer
+    /// gets this instead of applying the request twice.
+    #[error("request {id} for this key was already logged at offset {offset}; not logged again")]
+    Duplicate {
+        /// The request's id.
+        id: crate::cluster::RequestId,
+        /// Where the first request with this key and id is in the input log.
+        offset: Offset,
+    },
+
     /// The input store panicked while an appender thread logged an async submit
     /// ([`Client::submit_async`](crate::cluster::Client::submit_async) and its batch
     /// form, over a store whose appends wait for the disk). The thread goes on serving

@@ -26,6 +26,7 @@ use parking_lot::{Mutex, MutexGuard};
 
 use super::appenders::{Appenders, Finishes, Job};
 use super::fold::{self, CHECKPOINT, Checkpoint, Control, Envelope};
+use super::ids::RecentIds;
 use super::instance::{
     self, CheckpointRound, Exit, Handoff, Instance, Left, Message, NoPermit, Queued, QueuedBytes,
     Relays, Source, Start, Unavailable,
@@ -227,6 +228,8 @@ pub(crate) struct Options {
     pub(crate) rebuild_from_log: bool,
     /// See [`ClusterBuilder::append_threads`](super::ClusterBuilder::append_threads).
     pub(crate) append_threads: usize,
+    /// See [`ClusterBuilder::retry_window`](super::ClusterBuilder::retry_window).
+    pub(crate) retry_window: u64,
 }
 
 /// A batch's routing: each destination instance once, and each item's.
@@ -369,6 +372,8 @@ pub(crate) struct Shared<H: Handler> {
     store_watch: Mutex<StoreWatch>,
     /// Times a call into the input store ran past the stall timeout.
     store_stalls: AtomicU64,
+    /// Submits refused as duplicates (see `recent_ids`).
+    duplicates: AtomicU64,
     /// How long the call the supervisor saw stalled has run, in milliseconds, while it
     /// runs past the stall timeout; 0 otherwise.
     store_stalled_ms: AtomicU64,
@@ -386,6 +391,9 @@ pub(crate) struct Shared<H: Handler> {
     /// (after a panic, a stall, a move) folds the log from its first record instead.
     checkpoint_in_store: AtomicBool,
     poisoned: Mutex<BTreeSet<Offset>>,
+    /// The ids of requests submitted with one among the last records of the log (see
+    /// [`super::ids`]). Taken under a key's stripe lock, never the other way round.
+    recent_ids: Mutex<RecentIds>,
     /// Requests a stall caught an instance on, and that no fold has completed since: a
     /// second stall on one of them sets it aside (see
     /// [`Shared::claim_if_stalled_twice`]).
@@ -532,11 +540,14 @@ struct Recovered {
     /// The first requests after the checkpoint that are not set aside (offset, key,
     /// body), for an open to check that they decode.
     samples: Vec<(Offset, Bytes, Bytes)>,
+    /// The ids of the requests among the last `retry_window` records.
+    recent_ids: RecentIds,
 }
 
-/// Reads the latest checkpoint and the log after it; with `from_log`, ignores every
-/// checkpoint and reads the log from its first record, which must be offset 0.
-fn recover(input: &dyn Store, from_log: bool) -> Result<Recovered> {
+/// Reads the latest checkpoint and the log after it, and the ids of the requests among
+/// the last `retry_window` records; with `from_log`, ignores every checkpoint and reads
+/// the log from its first record, which must be offset 0.
+fn recover(input: &dyn Store, from_log: bool, retry_window: u64) -> Result<Recovered> {
     let checkpoint = if from_log {
         // Checked before anything is written: a refused open changes nothing.
         if input.start_offset() > 0 {
@@ -566,9 +577,24 @@ fn recover(input: &dyn Store, from_log: bool) -> Result<Recovered> {
     let mut requests = 0;
     let mut damage = None;
     let mut samples = Vec::new();
-    input.replay_from(
-        checkpoint.offset,
-        &mut |offset, entry| match fold::envelope_of(offset, entry.payload) {
+    let mut recent_ids = RecentIds::new(retry_window);
+    // The ids are read from the last `retry_window` records, which may begin before the
+    // checkpoint: one pass from whichever comes first.
+    let ids_from = input
+        .next_offset()
+        .saturating_sub(retry_window)
+        .max(input.start_offset());
+    input.replay_from(checkpoint.offset.min(ids_from), &mut |offset, entry| {
+        if retry_window > 0
+            && offset >= ids_from
+            && let Some(id) = fold::request_id(entry.payload)
+        {
+            recent_ids.insert(key_hash(entry.key), id, offset);
+        }
+        if offset < checkpoint.offset {
+            return;
+        }
+        match fold::envelope_of(offset, entry.payload) {
             Ok(Envelope::Request(body)) => {
                 requests += 1;
                 if samples.len() < 4 * REQUESTS_CHECKED_AT_OPEN {
@@ -586,8 +612,8 @@ fn recover(input: &dyn Store, from_log: bool) -> Result<Recovered> {
             Err(e) => {
                 damage.get_or_insert(e);
             }
-        },
-    )?;
+        }
+    })?;
     if let Some(e) = damage {
         return Err(e);
     }
@@ -600,6 +626,7 @@ fn recover(input: &dyn Store, from_log: bool) -> Result<Recovered> {
         keys,
         requests,
         samples,
+        recent_ids,
     })
 }
 
@@ -650,7 +677,7 @@ impl<H: Handler> Shared<H> {
         };
         let mut stripes: Vec<CachePadded<StripeSlot>> =
             (0..STRIPES).map(|_| CachePadded::default()).collect();
-        let recovered = recover(&*input, options.rebuild_from_log)?;
+        let recovered = recover(&*input, options.rebuild_from_log, options.retry_window)?;
         // A `State` type changed since the checkpoint was taken would make every key
         // unavailable once the instances rebuild them: refused here instead, with what
         // to do, before anything starts. A few states tell (they share one type).
@@ -708,6 +735,7 @@ impl<H: Handler> Shared<H> {
             store_waits: StoreWaits::default(),
             store_watch: Mutex::new(StoreWatch::default()),
             store_stalls: AtomicU64::new(0),
+            duplicates: AtomicU64::new(0),
             store_stalled_ms: AtomicU64::new(0),
             changes: Changes::default(),
             retiring: Mutex::new(Vec::new()),
@@ -715,6 +743,7 @@ impl<H: Handler> Shared<H> {
             checkpoint_cache: Mutex::new(Arc::downgrade(&checkpoint)),
             checkpoint_in_store: AtomicBool::new(checkpoint_in_store),
             poisoned: Mutex::new(recovered.poisoned),
+            recent_ids: Mutex::new(recovered.recent_ids),
             stalled_once: Mutex::new(BTreeSet::new()),
             any_stalled_once: AtomicBool::new(false),
             orphans: Mutex::new(Orphans {
@@ -1183,6 +1212,16 @@ impl<H: Handler> Shared<H> {
         block: bool,
     ) -> Result<Pending<H::Response>> {
         let payload = fold::Scratch::request(request)?;
+        self.submit_encoded(key, &payload, block)
+    }
+
+    /// [`submit`](Self::submit) of an encoded request.
+    pub(crate) fn submit_encoded(
+        &self,
+        key: &[u8],
+        payload: &fold::Scratch,
+        block: bool,
+    ) -> Result<Pending<H::Response>> {
         let mut room = if block { Room::Wait } else { Room::Refuse };
         match self.submit_payload(key, payload.as_slice(), &mut room) {
             Poll::Ready(submitted) => submitted,
@@ -1267,6 +1306,7 @@ impl<H: Handler> Shared<H> {
             return self.reserve_room(key, hash, timestamp, room);
         }
         let stripe = &self.stripes[stripe_of_hash(hash)];
+        let id = fold::request_id(payload);
         loop {
             let Poll::Ready(mut holders) = self.poll_stripe(stripe, room.context()) else {
                 if let Some(p) = permit {
@@ -1279,6 +1319,29 @@ impl<H: Handler> Shared<H> {
                     p.permits.release();
                 }
                 return Poll::Ready(Err(Error::Closed));
+            }
+            // Under the key's stripe lock, which every submit of the key takes through
+            // its append: no other submit of this key and id can be between this check
+            // and the append below. Checked again after a wait for room.
+            if let Some(id) = id
+                && let Some(offset) = self.recent_ids.lock().find(hash, id)
+            {
+                drop(holders);
+                if let Some(p) = permit {
+                    p.permits.release();
+                }
+                self.duplicates.fetch_add(1, Ordering::Relaxed);
+                // The first may still be on its way to the disk: a duplicate is only
+                // reported for a request that is logged, so its wait is this one's (a
+                // failed fdatasync is reported as it was to the first). Where appends
+                // wait for the disk, this runs on a thread that may block (a blocking
+                // submit, an appender thread), never in a poll.
+                if self.appends_elsewhere()
+                    && let Err(e) = self.wait_logged(offset + 1)
+                {
+                    return Poll::Ready(Err(e));
+                }
+                return Poll::Ready(Err(Error::Duplicate { id, offset }));
             }
             let mut routing = self.routing.lock();
             // Routed without counting the request: it is counted (and its key placed)
@@ -1351,6 +1414,9 @@ impl<H: Handler> Shared<H> {
                 }
             };
             holders.appended_end = offset + 1;
+            if let Some(id) = id {
+                self.recent_ids.lock().insert(hash, id, offset);
+            }
             if let Some(from) = moved_from {
                 let key = Bytes::copy_from_slice(key);
                 self.move_keys(&Moves::single(from, dest.id, key), offset, None);
@@ -3017,6 +3083,7 @@ impl<H: Handler> Shared<H> {
                 0 => None,
                 ms => Some(Duration::from_millis(ms)),
             },
+            duplicates: self.duplicates.load(Ordering::Relaxed),
         }
     }
 

@@ -4,6 +4,8 @@
 //! its payload:
 //! - `0`, a request: the record's key is the request's key, the rest of the payload is the
 //!   request encoded with the cluster's codec;
+//! - `2`, a request with an id ([`RequestId`]): the id's 16 bytes (little-endian), then
+//!   the request as for `0`;
 //! - `1`, a control record (empty key): a membership change or a poison mark, encoded
 //!   with bincode. A poison mark names a request whose handler panicked, or stalled
 //!   twice: no replay applies it again.
@@ -27,11 +29,14 @@ use crate::record::{Entry, Offset, Record};
 use crate::router::InstanceId;
 use crate::store::Store;
 
+use super::ids::RequestId;
+
 /// The snapshot name of cluster checkpoints in the input store.
 pub(crate) const CHECKPOINT: &str = "cluster-state";
 
 const TAG_REQUEST: u8 = 0;
 const TAG_CONTROL: u8 = 1;
+const TAG_REQUEST_WITH_ID: u8 = 2;
 const CHECKPOINT_MAGIC: &[u8; 4] = b"CCP1";
 
 /// The codec of requests and states. Replacing it is this one line.
@@ -95,6 +100,15 @@ impl Scratch {
         Ok(scratch)
     }
 
+    /// The payload of `request` submitted with `id`, encoded into this thread's buffer.
+    pub(crate) fn request_with_id<T: Serialize>(request: &T, id: RequestId) -> Result<Scratch> {
+        let mut scratch = Scratch::empty();
+        scratch.0.push(TAG_REQUEST_WITH_ID);
+        scratch.0.extend_from_slice(&id.to_bytes());
+        CODEC.encode_into(request, &mut scratch.0)?;
+        Ok(scratch)
+    }
+
     /// Appends the payload of `request`; returns where it lies in the buffer.
     pub(crate) fn push_request<T: Serialize>(
         &mut self,
@@ -135,6 +149,20 @@ pub(crate) fn control_payload(control: &Control) -> Result<Vec<u8>> {
 pub(crate) fn request_body(payload: &[u8]) -> Option<&[u8]> {
     match payload.split_first() {
         Some((&TAG_REQUEST, body)) => Some(body),
+        Some((&TAG_REQUEST_WITH_ID, rest)) => rest.get(ID_BYTES..),
+        _ => None,
+    }
+}
+
+const ID_BYTES: usize = 16;
+
+/// The id a request payload carries, if it was submitted with one.
+pub(crate) fn request_id(payload: &[u8]) -> Option<RequestId> {
+    match payload.split_first() {
+        Some((&TAG_REQUEST_WITH_ID, rest)) => {
+            let bytes: [u8; ID_BYTES] = rest.get(..ID_BYTES)?.try_into().ok()?;
+            Some(RequestId::from_bytes(bytes))
+        }
         _ => None,
     }
 }
@@ -148,6 +176,13 @@ pub(crate) fn envelope(record: &Record) -> Result<Envelope<'_>> {
 pub(crate) fn envelope_of(offset: Offset, payload: &[u8]) -> Result<Envelope<'_>> {
     match payload.split_first() {
         Some((&TAG_REQUEST, body)) => Ok(Envelope::Request(body)),
+        Some((&TAG_REQUEST_WITH_ID, rest)) => match rest.get(ID_BYTES..) {
+            Some(body) => Ok(Envelope::Request(body)),
+            None => Err(Error::Codec {
+                context: "input log envelope",
+                message: format!("record at offset {offset} is too short for its request id"),
+            }),
+        },
         Some((&TAG_CONTROL, body)) => Ok(Envelope::Control(CODEC.decode(body)?)),
         _ => Err(Error::Codec {
             context: "input log envelope",
@@ -506,6 +541,28 @@ mod tests {
         let mut huge = blob.to_vec();
         huge[4..12].copy_from_slice(&u64::MAX.to_le_bytes());
         assert!(Checkpoint::decode(42, &Bytes::from(huge)).is_err());
+    }
+
+    #[test]
+    fn requests_with_ids_read_as_requests_and_give_their_ids() {
+        let id = RequestId(0x0102_0304_0506_0708_090a_0b0c_0d0e_0f10);
+        let with = Scratch::request_with_id(&5u64, id).unwrap();
+        let without = Scratch::request(&5u64).unwrap();
+        assert_eq!(request_id(with.as_slice()), Some(id));
+        assert_eq!(request_id(without.as_slice()), None);
+        assert_eq!(
+            request_body(with.as_slice()),
+            request_body(without.as_slice())
+        );
+        match envelope_of(3, with.as_slice()).unwrap() {
+            Envelope::Request(body) => assert_eq!(Some(body), request_body(without.as_slice())),
+            Envelope::Control(_) => panic!("a request read as a control record"),
+        }
+        // Cut inside its id: a typed error, no id, no body.
+        let cut = &with.as_slice()[..10];
+        assert!(envelope_of(3, cut).is_err());
+        assert_eq!(request_id(cut), None);
+        assert_eq!(request_body(cut), None);
     }
 
     #[test]

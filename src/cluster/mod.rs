@@ -41,6 +41,11 @@
 //!   works the key's state folds them like every logged request.
 //! - the process dies: opening the same directory rebuilds every key from the last
 //!   checkpoint and the log, so each state is the fold of every logged request, once.
+//! - a client retries (its answer timed out, it restarted): a request submitted with an
+//!   id ([`Client::submit_with_id`]) is logged once; a retry with the same key and id is
+//!   refused [`Error::Duplicate`] while the first is among the last
+//!   [`retry_window`](ClusterBuilder::retry_window) records of the log, across restarts
+//!   and crashes too.
 //!
 //! Reads need no request: [`Client::query`] runs a function of one key's state on the
 //! instance that holds it, between the key's requests, with nothing logged or synced.
@@ -94,6 +99,7 @@ use parking_lot::Mutex;
 mod appenders;
 mod core;
 mod fold;
+mod ids;
 mod instance;
 mod metrics;
 mod owned;
@@ -104,6 +110,7 @@ mod replay;
 
 pub use crate::client::Pending;
 pub use crate::handler::{Context, EffectId, Handler};
+pub use ids::RequestId;
 pub use metrics::{InstanceMetrics, Metrics};
 pub use replay::{Replay, Rerun};
 
@@ -155,6 +162,9 @@ const EFFECTS_SEGMENT_BYTES: u64 = 4 << 20;
 /// The cluster's default ε for bounded loads (see [`ClusterBuilder::placement`]).
 const CLUSTER_EPSILON: f64 = 0.2;
 
+/// The default of [`ClusterBuilder::retry_window`].
+const DEFAULT_RETRY_WINDOW: u64 = 1 << 16;
+
 /// Builds a [`Cluster`]; every setting has a documented default.
 pub struct ClusterBuilder<H: Handler> {
     handler: H,
@@ -187,6 +197,7 @@ impl<H: Handler> Cluster<H> {
                 linger: Duration::ZERO,
                 rebuild_from_log: false,
                 append_threads: 16,
+                retry_window: DEFAULT_RETRY_WINDOW,
             },
             launcher: Arc::new(ThreadLauncher::new()),
         }
@@ -319,7 +330,9 @@ impl<H: Handler> Client<H> {
     /// disk anyway, and a cluster opened on the log again then handles it, as
     /// [`LogStore`] recovers what reached the disk. So after an `Io` or `ReadOnly` the
     /// request's fate is unknown until the log is reopened, as for a Kafka producer whose
-    /// send failed: requests that may be retried carry an id their handler remembers.
+    /// send failed: requests that may be retried are submitted with an id
+    /// ([`submit_with_id`](Client::submit_with_id)), so that a retry is applied only if
+    /// the first did not reach the log.
     ///
     /// The [`Pending`] then resolves to the handler's response, or to an error that
     /// says why the logged request got none: [`Error::HandlerPanicked`],
@@ -417,9 +430,8 @@ impl<H: Handler> Client<H> {
     /// future a timeout dropped may have been applied (under `SyncPolicy::Always`, where
     /// the append runs on an appender thread, a trial with 400 µs timeouts found 23% of
     /// the dropped ones logged), and the future gives no offset to look for: to retry
-    /// safely, use [`submit_async`], whose [`Pending`] names the request's offset once it
-    /// is logged, or make requests idempotent (an id in the request, remembered in the
-    /// state). The future owns
+    /// safely, submit with an id ([`submit_with_id_async`](Client::submit_with_id_async)),
+    /// which refuses a retry of a request already logged. The future owns
     /// what it needs (it holds the cluster, as a clone of the client does): it can be
     /// spawned, `tokio::spawn(client.request(key, req))`.
     ///
@@ -467,6 +479,84 @@ impl<H: Handler> Client<H> {
     ) -> impl Future<Output = Result<H::Response>> + Send + 'static {
         let submit = self.submit_async(key, request);
         async move { submit.await?.await }
+    }
+
+    /// Like [`submit`](Client::submit), for a request that may be submitted again (a
+    /// retry after a timeout, a lost answer, a restart of the client or the cluster):
+    /// whichever submit of `key` with `id` comes first is logged and handled, once; each
+    /// later one is refused with [`Error::Duplicate`], naming where the first is in the
+    /// log, and changes nothing.
+    ///
+    /// This is the broker-side half of an idempotent producer (Kafka's
+    /// `enable.idempotence`): the client picks an id per logical request and reuses it
+    /// on every retry. Ids are compared per key, and remembered while the first submit
+    /// is among the last [`retry_window`](ClusterBuilder::retry_window) records of the
+    /// log (65,536 by default): a retry later than that is applied again. An open reads
+    /// them back from the log, so a cluster restarted (or crashed, for requests that
+    /// were durable) still recognizes them. Only a logged request's id is remembered: a
+    /// submit refused before its append ([`Error::Busy`], [`Error::Closed`], a failed
+    /// write) can be retried with the same id. A retry of a request still on its way to
+    /// the disk waits for it as the first submit does (under
+    /// [`SyncPolicy::Always`](crate::store::SyncPolicy::Always)), and gets the store's
+    /// error instead if its fdatasync failed (the first's fate is then known once the
+    /// log is reopened, as for [`submit`](Client::submit)). Batches carry no ids.
+    ///
+    /// A duplicate gets no answer of the first request (it went to the first submit's
+    /// [`Pending`]); read the state with [`query`](Client::query) if the answer matters.
+    ///
+    /// ```
+    /// # use cauce::cluster::{Cluster, Context, Handler, RequestId};
+    /// # use cauce::Error;
+    /// # struct Counter;
+    /// # impl Handler for Counter {
+    /// #     type State = u64;
+    /// #     type Request = u64;
+    /// #     type Response = u64;
+    /// #     fn handle(&self, _: &mut Context<'_>, _: &[u8], t: &mut u64, a: u64) -> u64 { *t += a; *t }
+    /// # }
+    /// # let cluster = Cluster::builder(Counter).in_memory().build()?;
+    /// # let client = cluster.client();
+    /// let id = RequestId(0x5eed);
+    /// let first = client.submit_with_id("alice", id, 5)?;
+    /// let logged_at = first.offset();
+    /// assert_eq!(first.wait()?, 5);
+    /// // The answer was lost, say: the retry is recognized, and not applied again.
+    /// match client.submit_with_id("alice", id, 5) {
+    ///     Err(Error::Duplicate { offset, .. }) => assert_eq!(offset, logged_at),
+    ///     other => panic!("expected a duplicate, got {other:?}"),
+    /// }
+    /// assert_eq!(client.query("alice", |total: &u64| *total)?.wait()?, 5);
+    /// # cluster.shutdown()?;
+    /// # Ok::<(), cauce::Error>(())
+    /// ```
+    ///
+    /// # Errors
+    /// [`Error::Duplicate`], and those of [`submit`](Client::submit).
+    pub fn submit_with_id(
+        &self,
+        key: impl AsRef<[u8]>,
+        id: RequestId,
+        request: H::Request,
+    ) -> Result<Pending<H::Response>> {
+        let payload = fold::Scratch::request_with_id(&request, id)?;
+        self.shared.submit_encoded(key.as_ref(), &payload, true)
+    }
+
+    /// [`submit_with_id`](Client::submit_with_id) as a future, as
+    /// [`submit_async`](Client::submit_async) is [`submit`](Client::submit)'s: it
+    /// resolves to [`Error::Duplicate`] for a request already logged with this key and
+    /// id.
+    pub fn submit_with_id_async(
+        &self,
+        key: impl AsRef<[u8]>,
+        id: RequestId,
+        request: H::Request,
+    ) -> Submit<H> {
+        Submit {
+            shared: self.shared.clone(),
+            key: key.as_ref().to_vec(),
+            state: SubmitState::Start(fold::Scratch::request_with_id(&request, id)),
+        }
     }
 
     /// Like [`submit`](Client::submit), but never waits: a full queue is
@@ -1308,6 +1398,22 @@ impl<H: Handler> ClusterBuilder<H> {
     /// `State` type its checkpoint was written with.
     pub fn rebuild_from_log(mut self, rebuild: bool) -> Self {
         self.options.rebuild_from_log = rebuild;
+        self
+    }
+
+    /// How far back the ids of requests submitted with one are remembered, in records of
+    /// the input log (default 65,536; 0 remembers none). A retry through
+    /// [`Client::submit_with_id`] is recognized while its first submit is among the
+    /// last `records` records of the log (requests of every key and control records
+    /// count), and after a restart too, as far as the log still holds them.
+    ///
+    /// What it costs: memory for at most `records` ids (about 64 bytes each, so 4 MiB at
+    /// the default, only as many as requests with ids were logged), and at open a read
+    /// of the last `records` records of the log. Size it to cover the longest a client
+    /// may take to retry, at the busiest request rate: at 100,000 requests/s, the
+    /// default covers 0.65 s; a client that retries after a 5 s timeout needs 500,000.
+    pub fn retry_window(mut self, records: u64) -> Self {
+        self.options.retry_window = records;
         self
     }
 

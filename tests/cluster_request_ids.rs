@@ -1,0 +1,441 @@
+//! Requests submitted with an id (`Client::submit_with_id`): a retry of one already
+//! logged is refused as `Error::Duplicate` and applied once, across threads, restarts
+//! and SIGKILLs, within the retry window.
+
+mod common;
+#[path = "support/kill.rs"]
+mod kill;
+
+use std::collections::HashMap;
+use std::io::Write;
+use std::path::Path;
+use std::sync::{Arc, Barrier};
+use std::task::{Context as TaskContext, Poll, Wake, Waker};
+use std::time::Duration;
+
+use cauce::Error;
+use cauce::cluster::{Cluster, ClusterBuilder, RequestId};
+use cauce::store::{LogOptions, SyncPolicy};
+use common::{Req, Resp, Service, Tally};
+use rand::{RngExt, SeedableRng};
+
+fn state(cluster: &Cluster<Service>, key: &str) -> Tally {
+    match cluster
+        .client()
+        .submit(key, Req::Get)
+        .expect("submit")
+        .wait()
+    {
+        Ok(Resp::State(t)) => t,
+        other => panic!("state of {key}: {other:?}"),
+    }
+}
+
+fn on_disk(dir: &Path) -> ClusterBuilder<Service> {
+    Cluster::builder(Service::default())
+        .dir(dir)
+        .log_options(LogOptions::new().sync(SyncPolicy::Always))
+        .instances(3)
+}
+
+#[test]
+fn a_retry_is_refused_with_the_first_offset_and_applied_once() {
+    let cluster = Cluster::builder(Service::default())
+        .in_memory()
+        .instances(2)
+        .build()
+        .expect("build");
+    let client = cluster.client();
+    let first = client
+        .submit_with_id("alice", RequestId(1), Req::Add(5))
+        .expect("submit");
+    let offset = first.offset();
+    assert_eq!(first.wait().expect("answer"), Resp::Sum(5));
+    for _ in 0..3 {
+        match client.submit_with_id("alice", RequestId(1), Req::Add(5)) {
+            Err(Error::Duplicate { id, offset: at }) => {
+                assert_eq!(id, RequestId(1));
+                assert_eq!(at, offset);
+            }
+            other => panic!("a retry was not refused: {other:?}"),
+        }
+    }
+    // Another id of the same key, and the same id of another key, are new requests.
+    let other_id = client
+        .submit_with_id("alice", RequestId(2), Req::Add(7))
+        .expect("submit");
+    assert_eq!(other_id.wait().expect("answer"), Resp::Sum(12));
+    let other_key = client
+        .submit_with_id("bob", RequestId(1), Req::Add(3))
+        .expect("submit");
+    assert_eq!(other_key.wait().expect("answer"), Resp::Sum(3));
+    // Requests without ids are never refused.
+    client
+        .submit("alice", Req::Add(1))
+        .expect("submit")
+        .wait()
+        .expect("answer");
+    client
+        .submit("alice", Req::Add(1))
+        .expect("submit")
+        .wait()
+        .expect("answer");
+    assert_eq!(state(&cluster, "alice").sum, 14);
+    assert_eq!(state(&cluster, "alice").count, 4);
+    assert_eq!(cluster.metrics().duplicates, 3);
+    cluster.shutdown().expect("shutdown");
+}
+
+#[test]
+fn concurrent_submits_of_one_id_apply_it_once() {
+    let cluster = Cluster::builder(Service::default())
+        .in_memory()
+        .instances(3)
+        .build()
+        .expect("build");
+    const THREADS: usize = 6;
+    const IDS: u128 = 300;
+    let barrier = Barrier::new(THREADS);
+    let accepted: Vec<u128> = std::thread::scope(|s| {
+        let handles: Vec<_> = (0..THREADS)
+            .map(|_| {
+                let client = cluster.client();
+                let barrier = &barrier;
+                s.spawn(move || {
+                    let mut mine = Vec::new();
+                    for id in 0..IDS {
+                        if id % 50 == 0 {
+                            barrier.wait();
+                        }
+                        let key = format!("k{}", id % 4);
+                        match client.submit_with_id(&key, RequestId(id), Req::Add(1)) {
+                            Ok(p) => {
+                                p.wait().expect("answer");
+                                mine.push(id);
+                            }
+                            Err(Error::Duplicate { .. }) => {}
+                            Err(e) => panic!("submit {id}: {e}"),
+                        }
+                    }
+                    mine
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .flat_map(|h| h.join().expect("thread"))
+            .collect()
+    });
+    let mut seen = accepted.clone();
+    seen.sort_unstable();
+    seen.dedup();
+    assert_eq!(seen.len(), accepted.len(), "an id was accepted twice");
+    assert_eq!(seen.len() as u128, IDS, "every id was accepted once");
+    let total: u64 = (0..4)
+        .map(|k| state(&cluster, &format!("k{k}")).count)
+        .sum();
+    assert_eq!(total, IDS as u64);
+    assert_eq!(
+        cluster.metrics().duplicates,
+        (THREADS as u64 - 1) * IDS as u64
+    );
+    cluster.shutdown().expect("shutdown");
+}
+
+#[test]
+fn ids_are_remembered_across_a_restart() {
+    let tmp = tempfile::tempdir().expect("temp dir");
+    let dir = tmp.path().join("cluster");
+    // Checkpoints every 10 requests: the ids read back at open lie before the last
+    // checkpoint as well as after it.
+    let builder = || on_disk(&dir).checkpoint_every(10);
+    let mut offsets = HashMap::new();
+    {
+        let cluster = builder().build().expect("build");
+        let client = cluster.client();
+        for id in 0..40u128 {
+            let key = format!("k{}", id % 3);
+            let p = client
+                .submit_with_id(&key, RequestId(id), Req::Add(1))
+                .expect("submit");
+            offsets.insert(id, p.offset());
+            p.wait().expect("answer");
+        }
+        cluster.shutdown().expect("shutdown");
+    }
+    let cluster = builder().build().expect("reopen");
+    let client = cluster.client();
+    for id in 0..40u128 {
+        let key = format!("k{}", id % 3);
+        match client.submit_with_id(&key, RequestId(id), Req::Add(1)) {
+            Err(Error::Duplicate { offset, .. }) => assert_eq!(offset, offsets[&id]),
+            other => panic!("retry of {id} after the restart: {other:?}"),
+        }
+    }
+    let total: u64 = (0..3)
+        .map(|k| state(&cluster, &format!("k{k}")).count)
+        .sum();
+    assert_eq!(total, 40);
+    cluster.shutdown().expect("shutdown");
+}
+
+#[test]
+fn a_retry_older_than_the_window_is_a_new_request() {
+    let tmp = tempfile::tempdir().expect("temp dir");
+    let dir = tmp.path().join("cluster");
+    let builder = || on_disk(&dir).retry_window(8);
+    {
+        let cluster = builder().build().expect("build");
+        let client = cluster.client();
+        client
+            .submit_with_id("a", RequestId(1), Req::Add(1))
+            .expect("submit")
+            .wait()
+            .expect("answer");
+        // Within the window: refused.
+        assert!(matches!(
+            client.submit_with_id("a", RequestId(1), Req::Add(1)),
+            Err(Error::Duplicate { .. })
+        ));
+        for i in 0..8u128 {
+            client
+                .submit_with_id("b", RequestId(100 + i), Req::Add(1))
+                .expect("submit")
+                .wait()
+                .expect("answer");
+        }
+        // Eight records later, id 1 is forgotten: applied again, as documented.
+        client
+            .submit_with_id("a", RequestId(1), Req::Add(1))
+            .expect("submit")
+            .wait()
+            .expect("answer");
+        assert_eq!(state(&cluster, "a").count, 2);
+        cluster.shutdown().expect("shutdown");
+    }
+    // After a restart, the ids among the last 8 records are remembered, and no older.
+    let cluster = builder().build().expect("reopen");
+    let client = cluster.client();
+    assert!(matches!(
+        client.submit_with_id("a", RequestId(1), Req::Add(1)),
+        Err(Error::Duplicate { .. })
+    ));
+    assert!(matches!(
+        client.submit_with_id("b", RequestId(107), Req::Add(1)),
+        Err(Error::Duplicate { .. })
+    ));
+    client
+        .submit_with_id("b", RequestId(100), Req::Add(1))
+        .expect("an id older than the window after a restart")
+        .wait()
+        .expect("answer");
+    assert_eq!(state(&cluster, "b").count, 9);
+    cluster.shutdown().expect("shutdown");
+}
+
+struct Unpark(std::thread::Thread);
+
+impl Wake for Unpark {
+    fn wake(self: Arc<Self>) {
+        self.0.unpark()
+    }
+}
+
+fn block_on<F: std::future::Future>(f: F) -> F::Output {
+    let waker = Waker::from(Arc::new(Unpark(std::thread::current())));
+    let mut cx = TaskContext::from_waker(&waker);
+    let mut f = std::pin::pin!(f);
+    loop {
+        match f.as_mut().poll(&mut cx) {
+            Poll::Ready(out) => return out,
+            Poll::Pending => std::thread::park_timeout(Duration::from_millis(10)),
+        }
+    }
+}
+
+#[test]
+fn async_retries_are_refused_on_both_append_paths() {
+    let tmp = tempfile::tempdir().expect("temp dir");
+    // On disk under `Always`, appends run on appender threads; in memory, in the poll.
+    let clusters = [
+        on_disk(&tmp.path().join("cluster")).build().expect("build"),
+        Cluster::builder(Service::default())
+            .in_memory()
+            .build()
+            .expect("build"),
+    ];
+    for cluster in clusters {
+        let client = cluster.client();
+        let first =
+            block_on(client.submit_with_id_async("k", RequestId(9), Req::Add(4))).expect("submit");
+        let offset = first.offset();
+        assert_eq!(block_on(first).expect("answer"), Resp::Sum(4));
+        match block_on(client.submit_with_id_async("k", RequestId(9), Req::Add(4))) {
+            Err(Error::Duplicate { offset: at, .. }) => assert_eq!(at, offset),
+            other => panic!("an async retry was not refused: {other:?}"),
+        }
+        // The blocking and async forms share the ids.
+        assert!(matches!(
+            client.submit_with_id("k", RequestId(9), Req::Add(4)),
+            Err(Error::Duplicate { .. })
+        ));
+        assert_eq!(state(&cluster, "k").sum, 4);
+        cluster.shutdown().expect("shutdown");
+    }
+}
+
+const CHILD_ENV: &str = "CAUCE_REQUEST_IDS_CHILD_DIR";
+const ROUNDS: usize = 8;
+const KEYS: u64 = 12;
+
+fn crash_builder(dir: &Path) -> ClusterBuilder<Service> {
+    on_disk(dir)
+        .log_options(
+            LogOptions::new()
+                .sync(SyncPolicy::Always)
+                .segment_bytes(64 << 10),
+        )
+        .checkpoint_every(200)
+        .retry_window(1 << 20)
+        .supervise_every(Duration::from_millis(5))
+}
+
+/// The child: three threads submitting with fresh ids, printing `ack try <id> <key>
+/// <value>` before each submit and `ack done <id> <offset>` once it is answered.
+fn run_child(dir: &Path) {
+    let cluster = match crash_builder(dir).build() {
+        Ok(c) => c,
+        Err(e) => {
+            println!("error {e}");
+            return;
+        }
+    };
+    // The test harness has printed `test <name> ... ` without a newline: end that line,
+    // or the first `try` would be lost in it.
+    println!();
+    let pid = u128::from(std::process::id());
+    std::thread::scope(|s| {
+        for t in 0..3u128 {
+            let client = cluster.client();
+            s.spawn(move || {
+                let mut rng = rand::rngs::StdRng::seed_from_u64((pid * 7 + t) as u64);
+                for seq in 0u128.. {
+                    let id = (pid << 64) | (t << 48) | seq;
+                    let key = format!("k{}", rng.random_range(0..KEYS));
+                    let value = rng.random_range(1..1000u64);
+                    {
+                        let mut out = std::io::stdout().lock();
+                        writeln!(out, "ack try {id} {key} {value}").expect("stdout");
+                        out.flush().expect("stdout");
+                    }
+                    let pending = client
+                        .submit_with_id(&key, RequestId(id), Req::Add(value))
+                        .expect("submit");
+                    let offset = pending.offset();
+                    pending.wait().expect("answer");
+                    let mut out = std::io::stdout().lock();
+                    writeln!(out, "ack done {id} {offset}").expect("stdout");
+                    out.flush().expect("stdout");
+                }
+            });
+        }
+    });
+}
+
+/// The client's side of exactly-once: after each SIGKILL, the parent submits again every
+/// request the child tried (answered or not) with the same id. Each answered one must be
+/// refused as a duplicate at the offset it was answered from; each unanswered one is
+/// refused if it reached the log, applied now if not; and every key's state must then
+/// be the sum of every request tried for it, each counted once.
+#[test]
+fn retrying_everything_after_sigkill_applies_each_request_exactly_once() {
+    if let Some(dir) = std::env::var_os(CHILD_ENV) {
+        run_child(Path::new(&dir));
+        return;
+    }
+    let tmp = tempfile::tempdir().expect("temp dir");
+    let dir = tmp.path().join("cluster");
+    let mut rng = rand::rngs::StdRng::seed_from_u64(0x1d5);
+    let mut expected: HashMap<String, (u64, u64)> = HashMap::new();
+    let mut retried_new = 0;
+    let mut retried_duplicate = 0;
+    for round in 0..ROUNDS {
+        let after = Duration::from_millis(rng.random_range(0..100));
+        let lines = kill::run_and_kill(
+            "retrying_everything_after_sigkill_applies_each_request_exactly_once",
+            CHILD_ENV,
+            &dir,
+            Duration::from_secs(30),
+            after,
+        );
+        let mut tried: Vec<(u128, String, u64)> = Vec::new();
+        let mut done: HashMap<u128, u64> = HashMap::new();
+        for line in &lines {
+            let parts: Vec<&str> = line.split_whitespace().collect();
+            match parts[..] {
+                ["ack", "try", id, key, value] => {
+                    if let (Ok(id), Ok(value)) = (id.parse(), value.parse()) {
+                        tried.push((id, key.to_string(), value));
+                    }
+                }
+                ["ack", "done", id, offset] => {
+                    if let (Ok(id), Ok(offset)) = (id.parse(), offset.parse()) {
+                        done.insert(id, offset);
+                    }
+                }
+                _ => {} // a line cut by the kill
+            }
+        }
+        assert!(
+            !done.is_empty(),
+            "round {round}: the child answered requests"
+        );
+        let cluster = crash_builder(&dir)
+            .build()
+            .unwrap_or_else(|e| panic!("round {round}: recovery failed: {e}"));
+        let client = cluster.client();
+        for (id, key, value) in &tried {
+            match client.submit_with_id(key, RequestId(*id), Req::Add(*value)) {
+                Err(Error::Duplicate { offset, .. }) => {
+                    if let Some(&answered) = done.get(id) {
+                        assert_eq!(offset, answered, "round {round}: id {id}'s first offset");
+                    }
+                    retried_duplicate += 1;
+                }
+                Ok(p) => {
+                    assert!(
+                        !done.contains_key(id),
+                        "round {round}: id {id} was answered before the kill, and applied again"
+                    );
+                    p.wait().expect("answer");
+                    retried_new += 1;
+                }
+                Err(e) => panic!("round {round}: retry of {id}: {e}"),
+            }
+            let want = expected.entry(key.clone()).or_default();
+            want.0 += value;
+            want.1 += 1;
+        }
+        for (key, (sum, count)) in &expected {
+            let got = state(&cluster, key);
+            if (got.sum, got.count) != (*sum, *count) {
+                for (id, k, v) in &tried {
+                    if k == key {
+                        eprintln!("tried {id} {k} {v}, answered at {:?}", done.get(id));
+                    }
+                }
+            }
+            assert_eq!(
+                (got.sum, got.count),
+                (*sum, *count),
+                "round {round}: {key} holds each request tried once"
+            );
+        }
+        cluster.shutdown().expect("shutdown");
+    }
+    assert!(
+        retried_duplicate > 0,
+        "the retries met requests already logged"
+    );
+    eprintln!("retries: {retried_duplicate} refused as duplicates, {retried_new} new");
+}
