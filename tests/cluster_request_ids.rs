@@ -233,6 +233,42 @@ fn a_retry_older_than_the_window_is_a_new_request() {
     cluster.shutdown().expect("shutdown");
 }
 
+#[test]
+fn an_id_refused_for_room_can_be_submitted_again() {
+    let cluster = Cluster::builder(Service::default())
+        .in_memory()
+        .instances(1)
+        .queue_capacity(2)
+        .stall_timeout(Duration::from_secs(60))
+        .build()
+        .expect("build");
+    let client = cluster.client();
+    let stuck = client.submit("k", Req::Stall(300)).expect("submit");
+    std::thread::sleep(Duration::from_millis(50));
+    let queued = client
+        .try_submit_with_id("k", RequestId(1), Req::Add(1))
+        .expect("room for one more");
+    match client.try_submit_with_id("k", RequestId(2), Req::Add(2)) {
+        Err(Error::Busy { .. }) => {}
+        other => panic!("a full queue should refuse: {other:?}"),
+    }
+    // Refused for room, id 2 was never logged: its retry is a new request. A retry of
+    // id 1, queued and logged, is a duplicate even before it is handled.
+    assert!(matches!(
+        client.try_submit_with_id("k", RequestId(1), Req::Add(1)),
+        Err(Error::Duplicate { .. })
+    ));
+    stuck.wait().expect("answer");
+    queued.wait().expect("answer");
+    client
+        .submit_with_id("k", RequestId(2), Req::Add(2))
+        .expect("the id refused for room")
+        .wait()
+        .expect("answer");
+    assert_eq!(state(&cluster, "k").sum, 1 + 1 + 2);
+    cluster.shutdown().expect("shutdown");
+}
+
 struct Unpark(std::thread::Thread);
 
 impl Wake for Unpark {

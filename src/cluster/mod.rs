@@ -542,6 +542,19 @@ impl<H: Handler> Client<H> {
         self.shared.submit_encoded(key.as_ref(), &payload, true)
     }
 
+    /// [`submit_with_id`](Client::submit_with_id) that never waits for room, as
+    /// [`try_submit`](Client::try_submit) is [`submit`](Client::submit)'s: a full queue
+    /// is [`Error::Busy`], nothing is logged, and the id can be submitted again.
+    pub fn try_submit_with_id(
+        &self,
+        key: impl AsRef<[u8]>,
+        id: RequestId,
+        request: H::Request,
+    ) -> Result<Pending<H::Response>> {
+        let payload = fold::Scratch::request_with_id(&request, id)?;
+        self.shared.submit_encoded(key.as_ref(), &payload, false)
+    }
+
     /// [`submit_with_id`](Client::submit_with_id) as a future, as
     /// [`submit_async`](Client::submit_async) is [`submit`](Client::submit)'s: it
     /// resolves to [`Error::Duplicate`] for a request already logged with this key and
