@@ -9,13 +9,14 @@ mod kill;
 use std::collections::HashMap;
 use std::io::Write;
 use std::path::Path;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Barrier};
 use std::task::{Context as TaskContext, Poll, Wake, Waker};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
-use cauce::Error;
 use cauce::cluster::{Cluster, ClusterBuilder, RequestId};
-use cauce::store::{LogOptions, SyncPolicy};
+use cauce::store::{Deferred, LogOptions, MemoryStore, Store, SyncPolicy};
+use cauce::{Entry, Error, Offset};
 use common::{Req, Resp, Service, Tally};
 use rand::{RngExt, SeedableRng};
 
@@ -474,4 +475,196 @@ fn retrying_everything_after_sigkill_applies_each_request_exactly_once() {
         "the retries met requests already logged"
     );
     eprintln!("retries: {retried_duplicate} refused as duplicates, {retried_new} new");
+}
+
+/// A memory log whose `wait_appended` waits at a gate while `held`, or fails while
+/// `failing`; `disk` is what it says for `append_waits_for_disk`.
+#[derive(Default)]
+struct Gated {
+    live: MemoryStore,
+    held: AtomicBool,
+    failing: AtomicBool,
+    disk: bool,
+    waiting: AtomicUsize,
+}
+
+impl Store for Gated {
+    fn append(&self, batch: &[Entry<'_>]) -> cauce::Result<std::ops::Range<u64>> {
+        self.live.append(batch)
+    }
+    fn append_deferred(&self, batch: &[Entry<'_>]) -> cauce::Result<Deferred> {
+        Ok(Deferred {
+            offsets: self.live.append(batch)?,
+            pending: true,
+        })
+    }
+    fn append_waits_for_disk(&self) -> bool {
+        self.disk
+    }
+    fn wait_appended(&self, _end: Offset) -> cauce::Result<()> {
+        self.waiting.fetch_add(1, Ordering::SeqCst);
+        let since = Instant::now();
+        while self.held.load(Ordering::SeqCst) && since.elapsed() < Duration::from_secs(20) {
+            if self.failing.load(Ordering::SeqCst) {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        self.waiting.fetch_sub(1, Ordering::SeqCst);
+        if self.failing.load(Ordering::SeqCst) {
+            return Err(Error::ReadOnly("the test's fdatasync failed".into()));
+        }
+        Ok(())
+    }
+    common::forward_store_but_append!(live);
+}
+
+fn wait_until(what: &str, f: impl Fn() -> bool) {
+    let since = Instant::now();
+    while !f() {
+        assert!(
+            since.elapsed() < Duration::from_secs(5),
+            "timed out: {what}"
+        );
+        std::thread::sleep(Duration::from_millis(1));
+    }
+}
+
+/// A retry waiting for its first's fdatasync holds no lock the other submits need: a
+/// submit with an id of another key appends meanwhile.
+#[test]
+fn a_retry_waiting_for_the_disk_holds_up_no_other_submit() {
+    let input = Arc::new(Gated {
+        disk: true,
+        ..Gated::default()
+    });
+    let cluster = Cluster::builder(Service::default())
+        .stores(input.clone(), None)
+        .instances(1)
+        .build()
+        .expect("cluster");
+    input.held.store(true, Ordering::SeqCst);
+    std::thread::scope(|s| {
+        let c1 = cluster.client();
+        let before = input.live.next_offset();
+        s.spawn(move || {
+            c1.submit_with_id("a", RequestId(1), Req::Add(1))
+                .map(|_| ())
+        });
+        wait_until("first appended", || input.live.next_offset() == before + 1);
+        wait_until("first waiting", || {
+            input.waiting.load(Ordering::SeqCst) >= 1
+        });
+        let w = input.waiting.load(Ordering::SeqCst);
+        let c2 = cluster.client();
+        let dup = s.spawn(move || c2.submit_with_id("a", RequestId(1), Req::Add(1)).err());
+        wait_until("retry waiting", || input.waiting.load(Ordering::SeqCst) > w);
+        let c3 = cluster.client();
+        let other = s.spawn(move || {
+            c3.submit_with_id("b", RequestId(2), Req::Add(1))
+                .map(|_| ())
+        });
+        std::thread::sleep(Duration::from_millis(500));
+        let appended = input.live.next_offset() - before;
+        input.held.store(false, Ordering::SeqCst);
+        assert!(matches!(dup.join().unwrap(), Some(Error::Duplicate { .. })));
+        other.join().unwrap().expect("other key");
+        assert_eq!(
+            appended, 2,
+            "the submit of key b (another id) appended while a retry of a waited"
+        );
+    });
+    cluster.shutdown().expect("shutdown");
+}
+
+/// A store that defers (pending: true) but does not say its appends wait for the disk
+/// (the default of `append_waits_for_disk`): the first's fdatasync fails, it is refused
+/// and its instance applies nothing; its retry gets the store's error, not `Duplicate`.
+#[test]
+fn a_retry_of_a_request_whose_fdatasync_failed_is_not_a_duplicate() {
+    let input = Arc::new(Gated::default());
+    let cluster = Cluster::builder(Service::default())
+        .stores(input.clone(), None)
+        .instances(1)
+        .build()
+        .expect("cluster");
+    input.held.store(true, Ordering::SeqCst);
+    std::thread::scope(|s| {
+        let c1 = cluster.client();
+        let before = input.live.next_offset();
+        let first = s.spawn(move || {
+            c1.submit_with_id("a", RequestId(1), Req::Add(1))
+                .map(|_| ())
+        });
+        wait_until("first appended", || input.live.next_offset() == before + 1);
+        input.failing.store(true, Ordering::SeqCst);
+        let first = first.join().unwrap();
+        assert!(first.is_err(), "the first is refused: {first:?}");
+        let retry = cluster
+            .client()
+            .submit_with_id("a", RequestId(1), Req::Add(1));
+        assert!(
+            !matches!(retry, Err(Error::Duplicate { .. })),
+            "a retry of a refused request is refused as Duplicate: {retry:?}"
+        );
+    });
+}
+
+/// Damage in a sealed segment before the checkpoint, which an open does not need, costs
+/// the ids read from there, not the open.
+#[test]
+fn damage_before_the_checkpoint_does_not_fail_the_open() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let build = |window: u64| {
+        Cluster::builder(Service::default())
+            .dir(tmp.path())
+            .log_options(LogOptions::new().segment_bytes(4096))
+            .instances(1)
+            .retry_window(window)
+            .build()
+    };
+    let cluster = build(1 << 16).expect("cluster");
+    let client = cluster.client();
+    for i in 0..600u64 {
+        client
+            .submit(format!("k{}", i % 5), Req::Add(1))
+            .unwrap()
+            .wait()
+            .unwrap();
+    }
+    cluster.checkpoint().expect("checkpoint");
+    for _ in 0..5 {
+        client.submit("k0", Req::Add(1)).unwrap().wait().unwrap();
+    }
+    drop(client);
+    cluster.shutdown().expect("shutdown");
+    let mut files: Vec<_> = std::fs::read_dir(tmp.path().join("input"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == "log"))
+        .collect();
+    files.sort();
+    assert!(files.len() >= 3, "{files:?}");
+    let mut bytes = std::fs::read(&files[0]).unwrap();
+    bytes[32 + 24 + 5] ^= 0xff;
+    std::fs::write(&files[0], bytes).unwrap();
+    // Without the id scan (window 0) it opens, as every open did before the commit.
+    let c = build(0).expect("opens with retry_window(0)");
+    match c.client().submit("k0", Req::Get).unwrap().wait().unwrap() {
+        Resp::State(t) => assert_eq!(t.sum, 125),
+        other => panic!("{other:?}"),
+    }
+    c.shutdown().unwrap();
+    let opened = build(1 << 16).expect("opens with the default window");
+    match opened
+        .client()
+        .submit("k0", Req::Get)
+        .unwrap()
+        .wait()
+        .unwrap()
+    {
+        Resp::State(t) => assert_eq!(t.sum, 125),
+        other => panic!("{other:?}"),
+    }
+    opened.shutdown().unwrap();
 }

@@ -26,7 +26,7 @@ use parking_lot::{Mutex, MutexGuard};
 
 use super::appenders::{Appenders, Finishes, Job};
 use super::fold::{self, CHECKPOINT, Checkpoint, Control, Envelope};
-use super::ids::RecentIds;
+use super::ids::{RecentIds, RequestId};
 use super::instance::{
     self, CheckpointRound, Exit, Handoff, Instance, Left, Message, NoPermit, Queued, QueuedBytes,
     Relays, Source, Start, Unavailable,
@@ -501,6 +501,9 @@ pub(crate) enum Submitted<H: Handler> {
     Logged(Pending<H::Response>, bool),
     /// Room taken in this instance's queue, nothing logged.
     Room(Arc<Inst<H>>),
+    /// A request with an id already logged with its key, at `offset`; nothing logged.
+    /// Its submit returns [`Shared::duplicate`] (which waits for the first to be durable).
+    Duplicate(RequestId, Offset),
 }
 
 impl<H: Handler> Submitted<H> {
@@ -508,6 +511,10 @@ impl<H: Handler> Submitted<H> {
     pub(crate) fn logged(self) -> Result<(Pending<H::Response>, bool)> {
         match self {
             Submitted::Logged(p, waits) => Ok((p, waits)),
+            Submitted::Duplicate(id, offset) => {
+                debug_assert!(false, "a duplicate handled as logged");
+                Err(Error::Duplicate { id, offset })
+            }
             Submitted::Room(inst) => {
                 // Only `reserve` returns room; give it back rather than leak it.
                 inst.permits.release();
@@ -577,22 +584,23 @@ fn recover(input: &dyn Store, from_log: bool, retry_window: u64) -> Result<Recov
     let mut requests = 0;
     let mut damage = None;
     let mut samples = Vec::new();
+    // The ids of the last `retry_window` records. Those before the checkpoint are read
+    // first, apart: nothing else needs those records, so damage among them (the store
+    // checks a sealed segment when it reads it) costs their ids, not the open.
     let mut recent_ids = RecentIds::new(retry_window);
-    // The ids are read from the last `retry_window` records, which may begin before the
-    // checkpoint: one pass from whichever comes first.
     let ids_from = input
         .next_offset()
         .saturating_sub(retry_window)
         .max(input.start_offset());
-    input.replay_from(checkpoint.offset.min(ids_from), &mut |offset, entry| {
+    if retry_window > 0 && ids_from < checkpoint.offset {
+        read_ids_before(input, ids_from, checkpoint.offset, &mut recent_ids);
+    }
+    input.replay_from(checkpoint.offset, &mut |offset, entry| {
         if retry_window > 0
             && offset >= ids_from
             && let Some(id) = fold::request_id(entry.payload)
         {
-            recent_ids.insert(key_hash(entry.key), id, offset);
-        }
-        if offset < checkpoint.offset {
-            return;
+            recent_ids.insert(entry.key, id, offset);
         }
         match fold::envelope_of(offset, entry.payload) {
             Ok(Envelope::Request(body)) => {
@@ -628,6 +636,38 @@ fn recover(input: &dyn Store, from_log: bool, retry_window: u64) -> Result<Recov
         samples,
         recent_ids,
     })
+}
+
+/// Reads into `ids` the ids of the requests in `from..until`; stops at the first record
+/// the store cannot read, with a warning (the ids of the records after it are not
+/// remembered: their retries would be applied again).
+fn read_ids_before(input: &dyn Store, from: Offset, until: Offset, ids: &mut RecentIds) {
+    let records = match input.read_from(from) {
+        Ok(records) => records,
+        Err(e) => {
+            tracing::warn!(error = %e, from, until, "cannot read the request ids before the checkpoint");
+            return;
+        }
+    };
+    for record in records {
+        match record {
+            Ok(record) if record.offset >= until => return,
+            Ok(record) => {
+                if let Some(id) = fold::request_id(&record.payload) {
+                    ids.insert(&record.key, id, record.offset);
+                }
+            }
+            Err(e) => {
+                tracing::warn!(
+                    error = %e,
+                    until,
+                    "cannot read the request ids before the checkpoint: retries of the \
+                     requests from here to the checkpoint will not be recognized"
+                );
+                return;
+            }
+        }
+    }
 }
 
 /// Refuses an open whose `samples` (requests after the checkpoint) all fail to decode
@@ -1240,11 +1280,27 @@ impl<H: Handler> Shared<H> {
         room: &mut Room<'_, '_>,
     ) -> Poll<Result<Pending<H::Response>>> {
         let logged = ready!(self.submit_from(key, payload, room, None, false));
-        Poll::Ready(
-            logged
+        Poll::Ready(match logged {
+            Ok(Submitted::Duplicate(id, offset)) => Err(self.duplicate(id, offset)),
+            logged => logged
                 .and_then(Submitted::logged)
                 .and_then(|(p, waits)| self.durable(p, waits)),
-        )
+        })
+    }
+
+    /// What a submit refused as a duplicate of the request logged at `offset` returns:
+    /// [`Error::Duplicate`] once that request is durable, or the error that keeps it
+    /// from being so (a failed fdatasync, reported to its own submit too). The wait is
+    /// the first submit's: `Store::wait_appended`, at once for a store whose appends do
+    /// not wait for the disk, and for a request known durable.
+    pub(crate) fn duplicate(&self, id: RequestId, offset: Offset) -> Error {
+        match self.wait_logged(offset + 1) {
+            Ok(()) => {
+                self.duplicates.fetch_add(1, Ordering::Relaxed);
+                Error::Duplicate { id, offset }
+            }
+            Err(e) => e,
+        }
     }
 
     /// `pending` once its request is durable (see [`Submitted::Logged`]; at once unless
@@ -1299,14 +1355,22 @@ impl<H: Handler> Shared<H> {
         }
         let timestamp = now();
         let hash = key_hash(key);
+        let id = fold::request_id(payload);
         if reserve {
             if let Some(p) = permit {
                 p.permits.release();
             }
+            // A retry of a request known durable is refused before it takes room (the
+            // check that counts is the appender thread's, under the key's stripe).
+            if let Some(id) = id
+                && let Some(offset) = self.recent_ids.lock().find(key, id)
+                && offset < self.logged_ok.load(Ordering::Acquire)
+            {
+                return Poll::Ready(Ok(Submitted::Duplicate(id, offset)));
+            }
             return self.reserve_room(key, hash, timestamp, room);
         }
         let stripe = &self.stripes[stripe_of_hash(hash)];
-        let id = fold::request_id(payload);
         loop {
             let Poll::Ready(mut holders) = self.poll_stripe(stripe, room.context()) else {
                 if let Some(p) = permit {
@@ -1323,25 +1387,15 @@ impl<H: Handler> Shared<H> {
             // Under the key's stripe lock, which every submit of the key takes through
             // its append: no other submit of this key and id can be between this check
             // and the append below. Checked again after a wait for room.
-            if let Some(id) = id
-                && let Some(offset) = self.recent_ids.lock().find(hash, id)
-            {
+            let seen = id.and_then(|id| Some((id, self.recent_ids.lock().find(key, id)?)));
+            if let Some((id, offset)) = seen {
                 drop(holders);
                 if let Some(p) = permit {
                     p.permits.release();
                 }
-                self.duplicates.fetch_add(1, Ordering::Relaxed);
-                // The first may still be on its way to the disk: a duplicate is only
-                // reported for a request that is logged, so its wait is this one's (a
-                // failed fdatasync is reported as it was to the first). Where appends
-                // wait for the disk, this runs on a thread that may block (a blocking
-                // submit, an appender thread), never in a poll.
-                if self.appends_elsewhere()
-                    && let Err(e) = self.wait_logged(offset + 1)
-                {
-                    return Poll::Ready(Err(e));
-                }
-                return Poll::Ready(Err(Error::Duplicate { id, offset }));
+                // The first may still be on its way to the disk: the caller waits for it
+                // after the stripe lock (`Shared::duplicate`), as the first submit does.
+                return Poll::Ready(Ok(Submitted::Duplicate(id, offset)));
             }
             let mut routing = self.routing.lock();
             // Routed without counting the request: it is counted (and its key placed)
@@ -1415,7 +1469,7 @@ impl<H: Handler> Shared<H> {
             };
             holders.appended_end = offset + 1;
             if let Some(id) = id {
-                self.recent_ids.lock().insert(hash, id, offset);
+                self.recent_ids.lock().insert(key, id, offset);
             }
             if let Some(from) = moved_from {
                 let key = Bytes::copy_from_slice(key);
@@ -1542,6 +1596,15 @@ impl<H: Handler> Shared<H> {
                 }
             });
             let answer = match logged {
+                // As for a logged request, the wait for the disk comes after the
+                // thread's other appends.
+                Ok(Submitted::Duplicate(id, offset)) => {
+                    finishes.push(Box::new(move || {
+                        let refused = catch_store_panic(true, || Err(shared.duplicate(id, offset)));
+                        responder.answer(refused);
+                    }));
+                    return;
+                }
                 Ok(logged) => match logged.logged() {
                     // The wait for the disk comes after the thread's other appends
                     // (see `Finishes`).

@@ -5,7 +5,8 @@
 //! input log ([`ClusterBuilder::retry_window`]); a request whose key and id are
 //! remembered is refused as [`Error::Duplicate`] before anything is logged. The check and
 //! the append run under the key's stripe lock, so two submits of one key and id never
-//! both get in. An open reads the ids back from the last records of the log, so a retry
+//! both get in. Keys are compared by their bytes, not their hashes: keys chosen to
+//! collide cannot make one key's request pass for another's. An open reads the ids back from the last records of the log, so a retry
 //! after a restart (or a crash) is recognized too.
 //!
 //! [`Client::submit_with_id`]: super::Client::submit_with_id
@@ -16,6 +17,7 @@ use std::collections::{HashMap, VecDeque};
 use std::fmt;
 
 use crate::record::Offset;
+use crate::small::Key;
 
 /// The id of a request, chosen by its submitter, that makes a retry of it safe: see
 /// [`Client::submit_with_id`](super::Client::submit_with_id).
@@ -64,7 +66,7 @@ impl fmt::Display for RequestId {
 }
 
 /// The ids of the requests logged among the last `window` records of the input log,
-/// with their offsets, keyed by the key's hash and the id.
+/// with their offsets, keyed by the request's key and id.
 ///
 /// An entry is dropped once a later id's offset is `window` or more past it: an id is
 /// remembered at least while its request is among the last `window` records (longer if
@@ -73,9 +75,9 @@ impl fmt::Display for RequestId {
 #[derive(Debug)]
 pub(crate) struct RecentIds {
     window: u64,
-    offsets: HashMap<(u64, u128), Offset, ahash::RandomState>,
+    offsets: HashMap<(Key, u128), Offset, ahash::RandomState>,
     /// The entries in the order they were logged (offsets ascending).
-    order: VecDeque<(Offset, u64, u128)>,
+    order: VecDeque<(Offset, Key, u128)>,
 }
 
 impl RecentIds {
@@ -88,36 +90,49 @@ impl RecentIds {
         }
     }
 
-    /// Where the request of key hash `hash` with id `id` was logged, if it is remembered.
-    pub(crate) fn find(&self, hash: u64, id: RequestId) -> Option<Offset> {
-        self.offsets.get(&(hash, id.0)).copied()
+    /// Where the request of `key` with id `id` was logged, if it is remembered.
+    pub(crate) fn find(&self, key: &[u8], id: RequestId) -> Option<Offset> {
+        if self.offsets.is_empty() {
+            return None;
+        }
+        self.offsets.get(&(Key::copy_from(key), id.0)).copied()
     }
 
-    /// Remembers the request of key hash `hash` with id `id`, logged at `offset`, and
+    /// Remembers the request of `key` with id `id`, logged at `offset` (unless one with
+    /// the same key and id is remembered already: the first is the one named), and
     /// forgets those `window` or more records before it.
-    pub(crate) fn insert(&mut self, hash: u64, id: RequestId, offset: Offset) {
+    pub(crate) fn insert(&mut self, key: &[u8], id: RequestId, offset: Offset) {
         if self.window == 0 {
             return;
         }
-        while let Some(&(oldest, h, i)) = self.order.front() {
+        while let Some((oldest, ..)) = self.order.front() {
             if oldest.saturating_add(self.window) > offset {
                 break;
             }
-            self.order.pop_front();
+            let Some((oldest, key, id)) = self.order.pop_front() else {
+                break;
+            };
             // Only the entry this one put there: a later request with the same key and
             // id (logged once this one was forgotten) keeps its own.
-            if self.offsets.get(&(h, i)) == Some(&oldest) {
-                self.offsets.remove(&(h, i));
+            let entry = (key, id);
+            if self.offsets.get(&entry) == Some(&oldest) {
+                self.offsets.remove(&entry);
             }
         }
         if offset.saturating_add(self.window) <= self.order.back().map_or(0, |b| b.0) {
             return; // older than the window already (an open reading records out of order)
         }
-        self.offsets.insert((hash, id.0), offset);
+        let key = Key::copy_from(key);
+        match self.offsets.entry((key.clone(), id.0)) {
+            std::collections::hash_map::Entry::Occupied(_) => return,
+            std::collections::hash_map::Entry::Vacant(slot) => {
+                slot.insert(offset);
+            }
+        }
         // Appends of different stripes can reach here out of offset order; keep `order`
         // sorted so that the front is always the oldest.
-        let at = self.order.partition_point(|&(o, _, _)| o < offset);
-        self.order.insert(at, (offset, hash, id.0));
+        let at = self.order.partition_point(|(o, ..)| *o < offset);
+        self.order.insert(at, (offset, key, id.0));
     }
 
     /// How many ids are remembered.
@@ -134,20 +149,20 @@ mod tests {
     #[test]
     fn ids_are_remembered_for_the_window_and_then_forgotten() {
         let mut recent = RecentIds::new(10);
-        recent.insert(1, RequestId(7), 100);
-        recent.insert(2, RequestId(7), 101);
-        assert_eq!(recent.find(1, RequestId(7)), Some(100));
-        assert_eq!(recent.find(2, RequestId(7)), Some(101));
-        assert_eq!(recent.find(3, RequestId(7)), None);
-        recent.insert(1, RequestId(8), 109);
+        recent.insert(b"a", RequestId(7), 100);
+        recent.insert(b"b", RequestId(7), 101);
+        assert_eq!(recent.find(b"a", RequestId(7)), Some(100));
+        assert_eq!(recent.find(b"b", RequestId(7)), Some(101));
+        assert_eq!(recent.find(b"c", RequestId(7)), None);
+        recent.insert(b"a", RequestId(8), 109);
         assert_eq!(
-            recent.find(1, RequestId(7)),
+            recent.find(b"a", RequestId(7)),
             Some(100),
             "109 is within 10 of 100"
         );
-        recent.insert(1, RequestId(9), 110);
-        assert_eq!(recent.find(1, RequestId(7)), None, "110 is 10 past 100");
-        assert_eq!(recent.find(2, RequestId(7)), Some(101));
+        recent.insert(b"a", RequestId(9), 110);
+        assert_eq!(recent.find(b"a", RequestId(7)), None, "110 is 10 past 100");
+        assert_eq!(recent.find(b"b", RequestId(7)), Some(101));
         assert_eq!(recent.len(), 3);
     }
 
@@ -155,7 +170,7 @@ mod tests {
     fn the_set_never_holds_more_than_the_window() {
         let mut recent = RecentIds::new(64);
         for offset in 0..10_000u64 {
-            recent.insert(offset % 7, RequestId(u128::from(offset)), offset);
+            recent.insert(&[(offset % 7) as u8], RequestId(u128::from(offset)), offset);
             assert!(recent.len() <= 64);
         }
         assert_eq!(recent.len(), 64);
@@ -164,20 +179,38 @@ mod tests {
     #[test]
     fn out_of_order_inserts_keep_the_oldest_first() {
         let mut recent = RecentIds::new(5);
-        recent.insert(1, RequestId(1), 11);
-        recent.insert(1, RequestId(2), 10);
-        recent.insert(1, RequestId(3), 15);
-        assert_eq!(recent.find(1, RequestId(2)), None, "15 is 5 past 10");
-        assert_eq!(recent.find(1, RequestId(1)), Some(11));
-        recent.insert(1, RequestId(4), 3);
-        assert_eq!(recent.find(1, RequestId(4)), None, "older than the window");
+        recent.insert(b"k", RequestId(1), 11);
+        recent.insert(b"k", RequestId(2), 10);
+        recent.insert(b"k", RequestId(3), 15);
+        assert_eq!(recent.find(b"k", RequestId(2)), None, "15 is 5 past 10");
+        assert_eq!(recent.find(b"k", RequestId(1)), Some(11));
+        recent.insert(b"k", RequestId(4), 3);
+        assert_eq!(
+            recent.find(b"k", RequestId(4)),
+            None,
+            "older than the window"
+        );
+    }
+
+    #[test]
+    fn the_first_of_two_with_one_key_and_id_is_the_one_named() {
+        let mut recent = RecentIds::new(100);
+        recent.insert(b"k", RequestId(1), 10);
+        recent.insert(b"k", RequestId(1), 20);
+        assert_eq!(recent.find(b"k", RequestId(1)), Some(10));
+        assert_eq!(recent.len(), 1);
+        // Keys that differ are told apart whatever their hashes.
+        let long = vec![7u8; 100];
+        recent.insert(&long, RequestId(1), 30);
+        assert_eq!(recent.find(&long, RequestId(1)), Some(30));
+        assert_eq!(recent.find(&long[..99], RequestId(1)), None);
     }
 
     #[test]
     fn a_zero_window_remembers_nothing() {
         let mut recent = RecentIds::new(0);
-        recent.insert(1, RequestId(1), 1);
-        assert_eq!(recent.find(1, RequestId(1)), None);
+        recent.insert(b"k", RequestId(1), 1);
+        assert_eq!(recent.find(b"k", RequestId(1)), None);
     }
 
     #[test]

@@ -493,7 +493,8 @@ impl<H: Handler> Client<H> {
     /// is among the last [`retry_window`](ClusterBuilder::retry_window) records of the
     /// log (65,536 by default): a retry later than that is applied again. An open reads
     /// them back from the log, so a cluster restarted (or crashed, for requests that
-    /// were durable) still recognizes them. Only a logged request's id is remembered: a
+    /// were durable) still recognizes them, as far as the log still holds them (see
+    /// [`truncate_after_checkpoint`](ClusterBuilder::truncate_after_checkpoint)). Only a logged request's id is remembered: a
     /// submit refused before its append ([`Error::Busy`], [`Error::Closed`], a failed
     /// write) can be retried with the same id. A retry of a request still on its way to
     /// the disk waits for it as the first submit does (under
@@ -963,6 +964,10 @@ impl<H: Handler> Future for Submit<H> {
                         Poll::Ready(Ok(Submitted::Logged(p, waits))) => {
                             return Poll::Ready(this.shared.durable(p, waits));
                         }
+                        // Only for a request known durable: refused without a wait.
+                        Poll::Ready(Ok(Submitted::Duplicate(id, offset))) => {
+                            return Poll::Ready(Err(this.shared.duplicate(id, offset)));
+                        }
                         Poll::Ready(Ok(Submitted::Room(dest))) => {
                             let key = std::mem::take(&mut this.key);
                             let range = 0..payload.as_slice().len();
@@ -1183,6 +1188,10 @@ impl<H: Handler> SubmitBatch<H> {
                     Submitted::Logged(p, waits) => {
                         return Poll::Ready(self.shared.durable(p, waits).map(|p| vec![p]));
                     }
+                    // Batches carry no ids; as for a single submit if one did.
+                    Submitted::Duplicate(id, offset) => {
+                        return Poll::Ready(Err(self.shared.duplicate(id, offset)));
+                    }
                     Submitted::Room(dest) => {
                         let (key, range) = (key.clone(), range.clone());
                         let payloads =
@@ -1376,7 +1385,9 @@ impl<H: Handler> ClusterBuilder<H> {
     }
 
     /// Drop the input log before each checkpoint (default false: keep every record, so
-    /// any past state can be rebuilt and re-run).
+    /// any past state can be rebuilt and re-run). A restart then remembers the ids of
+    /// the requests since the last checkpoint only (see
+    /// [`retry_window`](Self::retry_window)).
     pub fn truncate_after_checkpoint(mut self, truncate: bool) -> Self {
         self.options.truncate_after_checkpoint = truncate;
         self
@@ -1420,11 +1431,18 @@ impl<H: Handler> ClusterBuilder<H> {
     /// last `records` records of the log (requests of every key and control records
     /// count), and after a restart too, as far as the log still holds them.
     ///
-    /// What it costs: memory for at most `records` ids (about 64 bytes each, so 4 MiB at
-    /// the default, only as many as requests with ids were logged), and at open a read
-    /// of the last `records` records of the log. Size it to cover the longest a client
-    /// may take to retry, at the busiest request rate: at 100,000 requests/s, the
-    /// default covers 0.65 s; a client that retries after a 5 s timeout needs 500,000.
+    /// What it costs: memory for at most `records` ids (about 150 bytes each with keys
+    /// of up to 30 bytes, so 10 MiB at the default, and only as many as requests with
+    /// ids were logged), and at open a read of the last `records` records of the log.
+    /// Size it to cover the longest a client may take to retry, at the busiest request
+    /// rate: at 100,000 requests/s, the default covers 0.65 s; a client that retries
+    /// after a 5 s timeout needs 500,000.
+    ///
+    /// A restart remembers only what the log still holds: with
+    /// [`truncate_after_checkpoint`](Self::truncate_after_checkpoint), the ids of the
+    /// requests since the last checkpoint. Records before the checkpoint that the store
+    /// cannot read (damage the open does not need to read past) lose their ids, with a
+    /// warning, not the open.
     pub fn retry_window(mut self, records: u64) -> Self {
         self.options.retry_window = records;
         self

@@ -155,10 +155,10 @@ pub fn fold(input: &dyn Store, journal: &HashMap<u64, u64>) -> Folded {
     let mut histories: HashMap<Vec<u8>, Vec<(u64, Tally)>> = HashMap::new();
     for r in input.read_from(input.start_offset()).unwrap() {
         let r = r.unwrap();
-        if r.payload.first() != Some(&0) {
+        let Some(body) = request_body(&r.payload) else {
             continue;
-        }
-        let req: Req = bincode::deserialize(&r.payload[1..]).unwrap();
+        };
+        let req: Req = bincode::deserialize(body).unwrap();
         let state = states.entry(r.key.to_vec()).or_default();
         let answer = match req {
             _ if aside.contains(&r.offset) => None,
@@ -243,12 +243,22 @@ pub fn requests(input: &dyn Store) -> HashMap<u64, (Vec<u8>, Req)> {
         .read_from(input.start_offset())
         .unwrap()
         .map(|r| r.unwrap())
-        .filter(|r| r.payload.first() == Some(&0))
-        .map(|r| {
-            let req: Req = bincode::deserialize(&r.payload[1..]).unwrap();
-            (r.offset, (r.key.to_vec(), req))
+        .filter_map(|r| {
+            let req: Req = bincode::deserialize(request_body(&r.payload)?).unwrap();
+            Some((r.offset, (r.key.to_vec(), req)))
         })
         .collect()
+}
+
+/// The encoded request of an input-log payload, as the crate writes it: a tag byte of 0
+/// then the request, or of 2 then a 16-byte request id and the request. `None` for a
+/// control record (tag 1).
+pub fn request_body(payload: &[u8]) -> Option<&[u8]> {
+    match payload.split_first()? {
+        (0, body) => Some(body),
+        (2, rest) => Some(&rest[16..]),
+        _ => None,
+    }
 }
 
 /// Checks every answer received against the fold of `input`, then asks `client` for
