@@ -814,6 +814,13 @@ impl LogStore {
     /// is left out of the view but not cut. Appends, retention, compaction and cursor
     /// commits are [`Error::ReadOnly`]. Takes no lock: a writer may be running, and the
     /// view is the log as it was when opened (records appended later are not seen).
+    ///
+    /// So that the view stays the same whatever a writer deletes or renames, it keeps
+    /// every segment file open ([`LogOptions::max_open_segments`] does not apply). When
+    /// the segments would take half or more of the process's soft limit on open files,
+    /// the open raises that limit by their number, up to the hard limit (logged at
+    /// `info`); with a hard limit too low, it fails with the [`Error::Io`] `EMFILE` of
+    /// the file that did not open.
     pub fn open_read_only(dir: impl AsRef<Path>, options: LogOptions) -> Result<LogStore> {
         let dir = dir.as_ref();
         options.validate()?;

@@ -175,6 +175,7 @@ impl LogOptions {
     /// and is read end to end, within the usual limit of 1,024 open files (`ulimit -n`),
     /// whatever its length. The active segment stays open, and so does one a reader is
     /// reading; a mapped window or a [kept mapping](Self::keep_mapped) needs no open file.
+    /// A [read-only](super::LogStore::open_read_only) store keeps every file open instead.
     pub fn max_open_segments(mut self, files: usize) -> Self {
         self.max_open_segments = files;
         self

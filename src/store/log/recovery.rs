@@ -278,9 +278,47 @@ pub(crate) fn recover(
         }
         None => bases.pop(),
     };
+    // Every file stays open (the view must not change under a writer): room for them.
+    make_room_for_files(bases.len() + usize::from(newest.is_some()));
     let mut recovered = open_segments(&at, &bases, newest)?;
     recovered.corruption = recovered.corruption.or(gap_damage).or(missing.front);
     Ok(recovered)
+}
+
+/// Makes room for a read-only view to keep `files` segment files open: if they would
+/// take half or more of the process's soft limit on open files, raises it by `files`,
+/// up to the hard limit (as Go's runtime raises it to the hard limit for every
+/// program). The usual soft limit, 1,024, is a relic of `select(2)`; the hard limit is
+/// commonly far higher (524,288 under systemd). Where the hard limit is too low too,
+/// the open fails as before, with the `EMFILE` of the file that did not open.
+fn make_room_for_files(files: usize) {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: `getrlimit` writes the limit into the struct passed, which lives on this
+    // stack frame for the call; nothing else is touched.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) } != 0 {
+        return;
+    }
+    let files = libc::rlim_t::try_from(files).unwrap_or(libc::rlim_t::MAX);
+    if files < limit.rlim_cur / 2 || limit.rlim_cur >= limit.rlim_max {
+        return;
+    }
+    let raised = libc::rlimit {
+        rlim_cur: limit.rlim_cur.saturating_add(files).min(limit.rlim_max),
+        rlim_max: limit.rlim_max,
+    };
+    // SAFETY: `setrlimit` reads the struct passed, which lives on this stack frame for
+    // the call; a soft limit at or below the hard one needs no privilege.
+    if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &raised) } == 0 {
+        tracing::info!(
+            from = limit.rlim_cur,
+            to = raised.rlim_cur,
+            files,
+            "raised the soft limit on open files for a read-only view of a log's segments"
+        );
+    }
 }
 
 /// What an open reads of the directory.
