@@ -471,7 +471,11 @@ impl Error {
     }
 
     /// True for errors that a retry may cure (full, busy, timed out, or a
-    /// [`Error::TeeRefused`] or [`Error::ForwardRefused`] for one of those).
+    /// [`Error::TeeRefused`] or [`Error::ForwardRefused`] for one of those). A
+    /// [`Pending`](crate::client::Pending)'s timeout is cured by waiting again: its
+    /// request is accepted, and a second submit of it would apply it twice (unless it
+    /// is submitted with an id, as by
+    /// [`Client::submit_with_id`](crate::cluster::Client::submit_with_id)).
     pub fn is_transient(&self) -> bool {
         match self {
             Error::Full | Error::Busy { .. } | Error::Timeout(_) => true,

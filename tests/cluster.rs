@@ -787,9 +787,12 @@ fn batches_fold_in_log_order_while_instances_come_and_go() {
 fn truncating_after_checkpoints_keeps_every_state() {
     let h = Harness::new();
     let build = || {
+        // Truncation keeps the last `retry_window` records (65,536 by default, more than
+        // this test writes): a small window lets it drop most of the log.
         h.cluster(2)
             .checkpoint_every(30)
             .truncate_after_checkpoint(true)
+            .retry_window(10)
             .build()
             .unwrap()
     };

@@ -270,6 +270,213 @@ fn an_id_refused_for_room_can_be_submitted_again() {
     cluster.shutdown().expect("shutdown");
 }
 
+#[test]
+fn a_batch_logs_its_new_requests_and_resolves_its_duplicates() {
+    let cluster = Cluster::builder(Service::default())
+        .in_memory()
+        .instances(3)
+        .build()
+        .expect("build");
+    let client = cluster.client();
+    let first = client
+        .submit_with_id("a", RequestId(1), Req::Add(1))
+        .expect("submit");
+    let first_at = first.offset();
+    first.wait().expect("answer");
+    let before = cluster.metrics().next_offset;
+    // id 1 of a: logged before; id 2 of b: new, then again in this batch; id 1 of c:
+    // new (ids are per key).
+    let batch = [
+        ("a", RequestId(1), Req::Add(10)),
+        ("b", RequestId(2), Req::Add(20)),
+        ("b", RequestId(2), Req::Add(20)),
+        ("c", RequestId(1), Req::Add(30)),
+    ];
+    let pendings = client.submit_batch_with_ids(batch).expect("batch");
+    assert_eq!(
+        cluster.metrics().next_offset,
+        before + 2,
+        "two records logged"
+    );
+    let offsets: Vec<u64> = pendings.iter().map(|p| p.offset()).collect();
+    assert_eq!(
+        offsets[0], first_at,
+        "a duplicate's pending names the first"
+    );
+    assert_eq!(
+        offsets[2], offsets[1],
+        "the second of the batch names the first"
+    );
+    let answers: Vec<_> = pendings.into_iter().map(|p| p.wait()).collect();
+    assert!(
+        matches!(answers[0], Err(Error::Duplicate { id: RequestId(1), offset }) if offset == first_at)
+    );
+    assert_eq!(answers[1].as_ref().ok(), Some(&Resp::Sum(20)));
+    assert!(
+        matches!(answers[2], Err(Error::Duplicate { id: RequestId(2), offset }) if offset == offsets[1])
+    );
+    assert_eq!(answers[3].as_ref().ok(), Some(&Resp::Sum(30)));
+    assert_eq!(cluster.metrics().duplicates, 2);
+    // A batch of duplicates only logs nothing; a batch of one with an id, too.
+    let again = client
+        .submit_batch_with_ids([
+            ("b", RequestId(2), Req::Add(20)),
+            ("c", RequestId(1), Req::Add(30)),
+        ])
+        .expect("batch");
+    let one = client
+        .submit_batch_with_ids([("a", RequestId(1), Req::Add(10))])
+        .expect("batch of one");
+    assert_eq!(
+        cluster.metrics().next_offset,
+        before + 2,
+        "nothing more logged"
+    );
+    for p in again.into_iter().chain(one) {
+        assert!(matches!(p.wait(), Err(Error::Duplicate { .. })));
+    }
+    // A single retry of a batch's request is refused too.
+    assert!(matches!(
+        client.submit_with_id("c", RequestId(1), Req::Add(30)),
+        Err(Error::Duplicate { .. })
+    ));
+    for (key, sum) in [("a", 1), ("b", 20), ("c", 30)] {
+        assert_eq!(state(&cluster, key).sum, sum, "{key}");
+    }
+    cluster.shutdown().expect("shutdown");
+}
+
+#[test]
+fn batches_and_single_submits_of_the_same_ids_apply_each_once() {
+    let tmp = tempfile::tempdir().expect("temp dir");
+    // On disk under `Always` (async batches append on appender threads), and in memory.
+    let clusters = [
+        on_disk(&tmp.path().join("cluster")).build().expect("build"),
+        Cluster::builder(Service::default())
+            .in_memory()
+            .instances(3)
+            .build()
+            .expect("build"),
+    ];
+    for cluster in clusters {
+        const IDS: u128 = 200;
+        std::thread::scope(|s| {
+            for t in 0..4u128 {
+                let client = cluster.client();
+                s.spawn(move || {
+                    let mut id = t % 3;
+                    while id < IDS {
+                        let n = 1 + (id % 4) as usize;
+                        let items: Vec<_> = (0..n as u128)
+                            .map(|k| id + k)
+                            .filter(|&i| i < IDS)
+                            .map(|i| (format!("k{}", i % 5), RequestId(i), Req::Add(1)))
+                            .collect();
+                        let pendings = match t {
+                            0 => items
+                                .into_iter()
+                                .filter_map(|(k, i, r)| match client.submit_with_id(k, i, r) {
+                                    Ok(p) => Some(p),
+                                    Err(Error::Duplicate { .. }) => None,
+                                    Err(e) => panic!("{e}"),
+                                })
+                                .collect(),
+                            1 => {
+                                block_on(client.submit_batch_with_ids_async(items)).expect("batch")
+                            }
+                            _ => client.submit_batch_with_ids(items).expect("batch"),
+                        };
+                        for p in pendings {
+                            match p.wait() {
+                                Ok(_) | Err(Error::Duplicate { .. }) => {}
+                                Err(e) => panic!("{e}"),
+                            }
+                        }
+                        id += n as u128;
+                    }
+                });
+            }
+        });
+        let total: u64 = (0..5)
+            .map(|k| state(&cluster, &format!("k{k}")).count)
+            .sum();
+        assert_eq!(total, IDS as u64, "each id applied once");
+        cluster.shutdown().expect("shutdown");
+    }
+}
+
+#[test]
+fn a_retry_of_a_request_set_aside_is_a_new_request() {
+    let tmp = tempfile::tempdir().expect("temp dir");
+    let dir = tmp.path().join("cluster");
+    let cluster = on_disk(&dir).build().expect("build");
+    let client = cluster.client();
+    // Its handler panics: the request is set aside, changes nothing, and its id is free.
+    let first = client
+        .submit_with_id("k", RequestId(1), Req::Panic)
+        .expect("submit");
+    assert!(matches!(first.wait(), Err(Error::HandlerPanicked { .. })));
+    client
+        .submit_with_id("k", RequestId(1), Req::Add(5))
+        .expect("a retry of a request set aside is logged")
+        .wait()
+        .expect("answer");
+    assert!(matches!(
+        client.submit_with_id("k", RequestId(1), Req::Add(5)),
+        Err(Error::Duplicate { .. })
+    ));
+    cluster.shutdown().expect("shutdown");
+    // After a restart too: the open reads the set-aside mark and the retry's id.
+    let cluster = on_disk(&dir).build().expect("reopen");
+    assert!(matches!(
+        cluster
+            .client()
+            .submit_with_id("k", RequestId(1), Req::Add(5)),
+        Err(Error::Duplicate { .. })
+    ));
+    assert_eq!(state(&cluster, "k").sum, 5);
+    cluster.shutdown().expect("shutdown");
+}
+
+#[test]
+fn a_clean_restart_with_truncation_remembers_the_window() {
+    let tmp = tempfile::tempdir().expect("temp dir");
+    let dir = tmp.path().join("cluster");
+    let builder = || {
+        on_disk(&dir)
+            .truncate_after_checkpoint(true)
+            .checkpoint_every(20)
+    };
+    {
+        let cluster = builder().build().expect("build");
+        let client = cluster.client();
+        for id in 0..100u128 {
+            client
+                .submit_with_id("k", RequestId(id), Req::Add(1))
+                .expect("submit")
+                .wait()
+                .expect("answer");
+        }
+        // The shutdown checkpoints, and truncates before that checkpoint but for the
+        // last `retry_window` records.
+        cluster.shutdown().expect("shutdown");
+    }
+    let cluster = builder().build().expect("reopen");
+    for id in 0..100u128 {
+        assert!(
+            matches!(
+                cluster
+                    .client()
+                    .submit_with_id("k", RequestId(id), Req::Add(1)),
+                Err(Error::Duplicate { .. })
+            ),
+            "id {id}"
+        );
+    }
+    assert_eq!(state(&cluster, "k").count, 100);
+    cluster.shutdown().expect("shutdown");
+}
+
 struct Unpark(std::thread::Thread);
 
 impl Wake for Unpark {
@@ -337,8 +544,9 @@ fn crash_builder(dir: &Path) -> ClusterBuilder<Service> {
         .supervise_every(Duration::from_millis(5))
 }
 
-/// The child: three threads submitting with fresh ids, printing `ack try <id> <key>
-/// <value>` before each submit and `ack done <id> <offset>` once it is answered.
+/// The child: three threads submitting with fresh ids (one of them in batches),
+/// printing `ack try <id> <key> <value>` before each submit and `ack done <id>
+/// <offset>` once it is answered.
 fn run_child(dir: &Path) {
     let cluster = match crash_builder(dir).build() {
         Ok(c) => c,
@@ -356,23 +564,42 @@ fn run_child(dir: &Path) {
             let client = cluster.client();
             s.spawn(move || {
                 let mut rng = rand::rngs::StdRng::seed_from_u64((pid * 7 + t) as u64);
-                for seq in 0u128.. {
-                    let id = (pid << 64) | (t << 48) | seq;
-                    let key = format!("k{}", rng.random_range(0..KEYS));
-                    let value = rng.random_range(1..1000u64);
+                let mut seq = 0u128;
+                loop {
+                    // The first thread submits batches of 1 to 5, the others one at a time.
+                    let n = if t == 0 { rng.random_range(1..6) } else { 1 };
+                    let items: Vec<(u128, String, u64)> = (0..n)
+                        .map(|_| {
+                            seq += 1;
+                            let id = (pid << 64) | (t << 48) | seq;
+                            let key = format!("k{}", rng.random_range(0..KEYS));
+                            (id, key, rng.random_range(1..1000u64))
+                        })
+                        .collect();
                     {
                         let mut out = std::io::stdout().lock();
-                        writeln!(out, "ack try {id} {key} {value}").expect("stdout");
+                        for (id, key, value) in &items {
+                            writeln!(out, "ack try {id} {key} {value}").expect("stdout");
+                        }
                         out.flush().expect("stdout");
                     }
-                    let pending = client
-                        .submit_with_id(&key, RequestId(id), Req::Add(value))
-                        .expect("submit");
-                    let offset = pending.offset();
-                    pending.wait().expect("answer");
-                    let mut out = std::io::stdout().lock();
-                    writeln!(out, "ack done {id} {offset}").expect("stdout");
-                    out.flush().expect("stdout");
+                    let requests = items
+                        .iter()
+                        .map(|(id, key, value)| (key.clone(), RequestId(*id), Req::Add(*value)));
+                    let pendings = if t == 0 {
+                        client.submit_batch_with_ids(requests).expect("submit")
+                    } else {
+                        requests
+                            .map(|(k, id, r)| client.submit_with_id(k, id, r).expect("submit"))
+                            .collect()
+                    };
+                    for ((id, _, _), pending) in items.iter().zip(pendings) {
+                        let offset = pending.offset();
+                        pending.wait().expect("answer");
+                        let mut out = std::io::stdout().lock();
+                        writeln!(out, "ack done {id} {offset}").expect("stdout");
+                        out.flush().expect("stdout");
+                    }
                 }
             });
         }
@@ -431,20 +658,50 @@ fn retrying_everything_after_sigkill_applies_each_request_exactly_once() {
             .build()
             .unwrap_or_else(|e| panic!("round {round}: recovery failed: {e}"));
         let client = cluster.client();
-        for (id, key, value) in &tried {
-            match client.submit_with_id(key, RequestId(*id), Req::Add(*value)) {
+        // Odd rounds retry in batches of 7, even rounds one at a time.
+        let outcomes: Vec<cauce::Result<Resp>> = if round % 2 == 1 {
+            tried
+                .chunks(7)
+                .flat_map(|chunk| {
+                    let requests = chunk
+                        .iter()
+                        .map(|(id, key, value)| (key.clone(), RequestId(*id), Req::Add(*value)));
+                    let pendings = client.submit_batch_with_ids(requests).expect("batch");
+                    pendings.into_iter().map(|p| {
+                        let offset = p.offset();
+                        p.wait().map_err(|e| match e {
+                            // The pending names the first request's offset too.
+                            Error::Duplicate { id, offset: at } if at == offset => {
+                                Error::Duplicate { id, offset }
+                            }
+                            e => panic!("round {round}: {e}, pending at {offset}"),
+                        })
+                    })
+                })
+                .collect()
+        } else {
+            tried
+                .iter()
+                .map(|(id, key, value)| {
+                    client
+                        .submit_with_id(key, RequestId(*id), Req::Add(*value))
+                        .and_then(|p| p.wait())
+                })
+                .collect()
+        };
+        for ((id, key, value), outcome) in tried.iter().zip(outcomes) {
+            match outcome {
                 Err(Error::Duplicate { offset, .. }) => {
                     if let Some(&answered) = done.get(id) {
                         assert_eq!(offset, answered, "round {round}: id {id}'s first offset");
                     }
                     retried_duplicate += 1;
                 }
-                Ok(p) => {
+                Ok(_) => {
                     assert!(
                         !done.contains_key(id),
                         "round {round}: id {id} was answered before the kill, and applied again"
                     );
-                    p.wait().expect("answer");
                     retried_new += 1;
                 }
                 Err(e) => panic!("round {round}: retry of {id}: {e}"),

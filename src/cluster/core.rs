@@ -83,6 +83,15 @@ type BatchLogged<H> = Result<Option<Vec<Pending<<H as Handler>::Response>>>>;
 /// (see [`Submitted::Logged`]).
 type LockedBatch<H> = (Vec<Pending<<H as Handler>::Response>>, bool);
 
+/// A request of a batch that repeats one with the same key and id.
+#[derive(Clone, Copy, Debug)]
+enum BatchDup {
+    /// Already logged, at this offset.
+    Logged(RequestId, Offset),
+    /// Given earlier in the same batch, as the item at this index.
+    InBatch(RequestId, usize),
+}
+
 /// The stripe locks a batch holds ([`Shared::lock_stripes`]): their indices in
 /// ascending order, and the guards in the same order.
 struct Stripes<'a> {
@@ -615,6 +624,7 @@ fn recover(input: &dyn Store, from_log: bool, retry_window: u64) -> Result<Recov
             }
             Ok(Envelope::Control(Control::Poison { offset })) => {
                 poisoned.insert(offset);
+                recent_ids.forget(offset);
             }
             Ok(Envelope::Control(_)) => {}
             Err(e) => {
@@ -655,6 +665,10 @@ fn read_ids_before(input: &dyn Store, from: Offset, until: Offset, ids: &mut Rec
             Ok(record) => {
                 if let Some(id) = fold::request_id(&record.payload) {
                     ids.insert(&record.key, id, record.offset);
+                } else if let Ok(Envelope::Control(Control::Poison { offset })) =
+                    fold::envelope(&record)
+                {
+                    ids.forget(offset);
                 }
             }
             Err(e) => {
@@ -1086,7 +1100,11 @@ impl<H: Handler> Shared<H> {
     pub(crate) fn poison(&self, offset: Offset) -> Result<()> {
         self.poisoned.lock().insert(offset);
         let at = self.journal(&Control::Poison { offset })?;
-        self.input.sync_until(at + 1)
+        self.input.sync_until(at + 1)?;
+        // It changed nothing: a retry of it with its id is a new request (once the mark
+        // is durable, so that no open applies the first one after all).
+        self.recent_ids.lock().forget(offset);
+        Ok(())
     }
 
     /// Answers the request at `offset` if it belonged to a lost instance and someone
@@ -1295,10 +1313,7 @@ impl<H: Handler> Shared<H> {
     /// not wait for the disk, and for a request known durable.
     pub(crate) fn duplicate(&self, id: RequestId, offset: Offset) -> Error {
         match self.wait_logged(offset + 1) {
-            Ok(()) => {
-                self.duplicates.fetch_add(1, Ordering::Relaxed);
-                Error::Duplicate { id, offset }
-            }
+            Ok(()) => Error::Duplicate { id, offset },
             Err(e) => e,
         }
     }
@@ -1366,6 +1381,7 @@ impl<H: Handler> Shared<H> {
                 && let Some(offset) = self.recent_ids.lock().find(key, id)
                 && offset < self.logged_ok.load(Ordering::Acquire)
             {
+                self.duplicates.fetch_add(1, Ordering::Relaxed);
                 return Poll::Ready(Ok(Submitted::Duplicate(id, offset)));
             }
             return self.reserve_room(key, hash, timestamp, room);
@@ -1390,6 +1406,7 @@ impl<H: Handler> Shared<H> {
             let seen = id.and_then(|id| Some((id, self.recent_ids.lock().find(key, id)?)));
             if let Some((id, offset)) = seen {
                 drop(holders);
+                self.duplicates.fetch_add(1, Ordering::Relaxed);
                 if let Some(p) = permit {
                     p.permits.release();
                 }
@@ -2043,10 +2060,13 @@ impl<H: Handler> Shared<H> {
         if let Err(e) = reentry::refuse_inside(self.cluster_id()) {
             return Poll::Ready(Err(e));
         }
-        if let [(key, payload)] = items {
+        if let [(key, payload)] = items
+            && fold::request_id(&payloads[payload.clone()]).is_none()
+        {
             // A batch of one is a single request, and the single path is cheaper: it
             // routes under the key's stripe and allocates no batch bookkeeping (a batch
-            // of one ran at 0.73 times the rate of `submit`).
+            // of one ran at 0.73 times the rate of `submit`). Not with an id: a batch's
+            // duplicate resolves its pending, where a single submit's is refused.
             let mut room = match cx {
                 None => Room::Wait,
                 Some(cx) => Room::Poll(cx),
@@ -2096,8 +2116,9 @@ impl<H: Handler> Shared<H> {
         pendings: Vec<Pending<H::Response>>,
         waits: bool,
     ) -> Result<Vec<Pending<H::Response>>> {
-        if let (true, Some(last)) = (waits, pendings.last()) {
-            self.wait_logged(last.offset() + 1)?;
+        // The furthest offset: the batch's last record, or a duplicate's first request.
+        if let (true, Some(end)) = (waits, pendings.iter().map(Pending::offset).max()) {
+            self.wait_logged(end + 1)?;
         }
         Ok(pendings)
     }
@@ -2366,6 +2387,50 @@ impl<H: Handler> Shared<H> {
     /// The part of `submit_batch` done under the keys' stripe locks (`hashes` are the
     /// items' key hashes); `None` if it must be routed again (the permits were given
     /// back).
+    /// Which requests of a batch repeat one already logged with the same key and id, or
+    /// an earlier one of the batch; empty if no request of the batch has an id. Called
+    /// under every stripe of the batch.
+    fn batch_duplicates<K: AsRef<[u8]>>(
+        &self,
+        items: &[(K, Range<usize>)],
+        payloads: &[u8],
+    ) -> Vec<Option<BatchDup>> {
+        let id_of = |p: &Range<usize>| payloads.get(p.clone()).and_then(fold::request_id);
+        // A batch without ids pays one look at each payload's first byte.
+        if items.iter().all(|(_, p)| id_of(p).is_none()) {
+            return Vec::new();
+        }
+        let ids: Vec<Option<RequestId>> = items.iter().map(|(_, p)| id_of(p)).collect();
+        let recent = self.recent_ids.lock();
+        let mut firsts: HashMap<(&[u8], RequestId), usize> = HashMap::new();
+        let mut found = 0;
+        let dups: Vec<Option<BatchDup>> = items
+            .iter()
+            .zip(&ids)
+            .enumerate()
+            .map(|(i, ((key, _), id))| {
+                let id = (*id)?;
+                let key = key.as_ref();
+                let dup = match recent.find(key, id) {
+                    Some(offset) => Some(BatchDup::Logged(id, offset)),
+                    None => match firsts.entry((key, id)) {
+                        std::collections::hash_map::Entry::Occupied(first) => {
+                            Some(BatchDup::InBatch(id, *first.get()))
+                        }
+                        std::collections::hash_map::Entry::Vacant(slot) => {
+                            slot.insert(i);
+                            None
+                        }
+                    },
+                };
+                found += usize::from(dup.is_some());
+                dup
+            })
+            .collect();
+        self.duplicates.fetch_add(found as u64, Ordering::Relaxed);
+        dups
+    }
+
     fn submit_batch_locked<K: AsRef<[u8]>>(
         &self,
         items: &[(K, Range<usize>)],
@@ -2415,37 +2480,59 @@ impl<H: Handler> Shared<H> {
                 }
             }
         }
+        // Requests with ids already logged, or given twice in this batch, are not logged
+        // (under every stripe of the batch, as a single submit's check is under its
+        // key's): their room is given back now, and their pendings resolve to
+        // `Error::Duplicate`. Empty when no request of the batch has an id.
+        let dups = self.batch_duplicates(items, payloads);
+        let kept = |i: usize| dups.get(i).is_none_or(Option::is_none);
+        for i in (0..items.len()).filter(|&i| !kept(i)) {
+            batch.dest(i).permits.release();
+        }
         // Each item's holder before it: to know what moves, and to undo.
         let mut previous = Vec::with_capacity(items.len());
         for (i, (key, _)) in items.iter().enumerate() {
             let dest = batch.dest(i).id;
-            previous.push(placement::hold(
-                &mut guards[shard_of(i)],
-                key.as_ref(),
-                dest,
-            ));
+            previous.push(if kept(i) {
+                placement::hold(&mut guards[shard_of(i)], key.as_ref(), dest)
+            } else {
+                None
+            });
         }
         let entries: Vec<Entry<'_>> = items
             .iter()
-            .map(|(k, p)| Entry::with_timestamp(timestamp, k.as_ref(), &payloads[p.clone()]))
+            .enumerate()
+            .filter(|&(i, _)| kept(i))
+            .map(|(_, (k, p))| Entry::with_timestamp(timestamp, k.as_ref(), &payloads[p.clone()]))
             .collect();
         // Undoes the holder changes, newest first, and gives the room back (to the
         // instances the batch goes to now: a membership change may have moved some of
         // its room since it was taken).
         let mut undo = |batch: &Routed<H>| {
-            for (i, (key, _)) in items.iter().enumerate().rev() {
+            for (i, (key, _)) in items.iter().enumerate().rev().filter(|&(i, _)| kept(i)) {
                 placement::unhold(&mut guards[shard_of(i)], key.as_ref(), previous[i]);
             }
-            give_back(batch);
+            (0..items.len())
+                .filter(|&i| kept(i))
+                .for_each(|i| batch.dest(i).permits.release());
         };
         // Deferred, as a single submit's append (see `submit_from`): the caller waits for
         // the records to be durable once the stripes are released.
         // Watched on the first stripe: the supervisor needs one to see a call that hangs.
         let watched = &self.stripes[order.first().copied().unwrap_or_default()];
-        let range = match unwinding_undoes(
-            || watched.watch_store(|| self.input.append_deferred(&entries)),
-            || undo(batch),
-        ) {
+        let appended = if entries.is_empty() {
+            // Every request a duplicate: nothing to log.
+            Ok(Deferred {
+                offsets: 0..0,
+                pending: false,
+            })
+        } else {
+            unwinding_undoes(
+                || watched.watch_store(|| self.input.append_deferred(&entries)),
+                || undo(batch),
+            )
+        };
+        let range = match appended {
             Ok(range) => range,
             Err(e) => {
                 undo(batch);
@@ -2456,35 +2543,71 @@ impl<H: Handler> Shared<H> {
             offsets: range,
             pending: waits,
         } = range;
+        // Each kept item's offset, in the order they were logged.
+        let mut offsets = Vec::with_capacity(items.len());
+        let mut next = range.start;
         for i in 0..items.len() {
-            guards[shard_of(i)].appended_end = range.end;
+            offsets.push(next);
+            if kept(i) {
+                guards[shard_of(i)].appended_end = range.end;
+                next += 1;
+            }
         }
         for (i, before) in previous.iter().enumerate() {
             if let Some(from) = before.filter(|&h| h != batch.dest(i).id) {
                 let key = Bytes::copy_from_slice(items[i].0.as_ref());
                 let moves = Moves::single(from, batch.dest(i).id, key);
-                self.move_keys(&moves, range.start + i as Offset, None);
+                self.move_keys(&moves, offsets[i], None);
+            }
+        }
+        if !dups.is_empty() {
+            let mut recent = self.recent_ids.lock();
+            for (i, (key, payload)) in items.iter().enumerate().filter(|&(i, _)| kept(i)) {
+                if let Some(id) = fold::request_id(&payloads[payload.clone()]) {
+                    recent.insert(key.as_ref(), id, offsets[i]);
+                }
             }
         }
         let mut pendings = Vec::with_capacity(items.len());
         let mut messages = Vec::with_capacity(items.len());
-        let answers = crate::client::pendings(range);
-        for ((i, (key, payload)), (pending, responder)) in items.iter().enumerate().zip(answers) {
-            let offset = pending.offset();
-            if !self.options.linger.is_zero() {
-                pending.set_answerer(batch.dest(i).clone());
+        let mut answers = crate::client::pendings(range);
+        for (i, (key, payload)) in items.iter().enumerate() {
+            match dups.get(i).copied().flatten() {
+                Some(dup) => {
+                    let (id, offset) = match dup {
+                        BatchDup::Logged(id, offset) => (id, offset),
+                        BatchDup::InBatch(id, first) => (id, offsets[first]),
+                    };
+                    let (pending, responder) = crate::client::pending(offset);
+                    responder.answer(Err(Error::Duplicate { id, offset }));
+                    pendings.push(pending);
+                    messages.push(None);
+                }
+                None => {
+                    let Some((pending, responder)) = answers.next() else {
+                        // As many answers as kept items: not reached.
+                        return Err(Error::Closed);
+                    };
+                    let offset = pending.offset();
+                    if !self.options.linger.is_zero() {
+                        pending.set_answerer(batch.dest(i).clone());
+                    }
+                    pendings.push(pending);
+                    messages.push(Some(Message::Request(Queued {
+                        offset,
+                        timestamp,
+                        key: QueuedBytes::copy_from(key.as_ref()),
+                        payload: QueuedBytes::copy_from(&payloads[payload.clone()]),
+                        submitted: instance::sampled(offset).then(Instant::now),
+                        responder: Some(responder),
+                        durable: !waits,
+                    })));
+                }
             }
-            pendings.push(pending);
-            messages.push(Some(Message::Request(Queued {
-                offset,
-                timestamp,
-                key: QueuedBytes::copy_from(key.as_ref()),
-                payload: QueuedBytes::copy_from(&payloads[payload.clone()]),
-                submitted: instance::sampled(offset).then(Instant::now),
-                responder: Some(responder),
-                durable: !waits,
-            })));
         }
+        // A duplicate's first request may still be on its way to the disk: the batch
+        // waits for it (see `batch_durable`), as a single retry does.
+        let waits = waits || dups.iter().any(Option::is_some);
         // Each instance's requests are moved into its queue in log order, from the one
         // vector of the batch's messages: a vector per instance, allocated for each
         // batch, cost batches of 2 about 9% of their rate.
@@ -2986,7 +3109,15 @@ impl<H: Handler> Shared<H> {
                 .store(!orphans.waiting.is_empty(), Ordering::Release);
         }
         if self.options.truncate_after_checkpoint {
-            self.input.truncate_before(offset)?;
+            // The last `retry_window` records stay, for an open to read their ids back.
+            let keep_from = offset.min(
+                self.input
+                    .next_offset()
+                    .saturating_sub(self.options.retry_window),
+            );
+            if keep_from > self.input.start_offset() {
+                self.input.truncate_before(keep_from)?;
+            }
             if let Some(effects) = &self.effects_store {
                 let first_kept = Effects::first_entry_at_or_after(&**effects, offset)?;
                 effects.truncate_before(first_kept)?;

@@ -103,10 +103,24 @@ impl Scratch {
     /// The payload of `request` submitted with `id`, encoded into this thread's buffer.
     pub(crate) fn request_with_id<T: Serialize>(request: &T, id: RequestId) -> Result<Scratch> {
         let mut scratch = Scratch::empty();
-        scratch.0.push(TAG_REQUEST_WITH_ID);
-        scratch.0.extend_from_slice(&id.to_bytes());
-        CODEC.encode_into(request, &mut scratch.0)?;
+        scratch.push_request_with_id(request, id)?;
         Ok(scratch)
+    }
+
+    /// Appends the payload of `request` submitted with `id`; returns where it lies.
+    pub(crate) fn push_request_with_id<T: Serialize>(
+        &mut self,
+        request: &T,
+        id: RequestId,
+    ) -> Result<std::ops::Range<usize>> {
+        let start = self.0.len();
+        self.0.push(TAG_REQUEST_WITH_ID);
+        self.0.extend_from_slice(&id.to_bytes());
+        if let Err(e) = CODEC.encode_into(request, &mut self.0) {
+            self.0.truncate(start);
+            return Err(e);
+        }
+        Ok(start..self.0.len())
     }
 
     /// Appends the payload of `request`; returns where it lies in the buffer.

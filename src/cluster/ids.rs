@@ -135,6 +135,21 @@ impl RecentIds {
         self.order.insert(at, (offset, key, id.0));
     }
 
+    /// Forgets the id of the request logged at `offset`, if one is remembered: it was set
+    /// aside (its handler panicked or stalled twice), changed nothing, and may be
+    /// submitted again.
+    pub(crate) fn forget(&mut self, offset: Offset) {
+        let at = self.order.partition_point(|(o, ..)| *o < offset);
+        if let Some((o, key, id)) = self.order.get(at)
+            && *o == offset
+        {
+            let entry = (key.clone(), *id);
+            if self.offsets.get(&entry) == Some(&offset) {
+                self.offsets.remove(&entry);
+            }
+        }
+    }
+
     /// How many ids are remembered.
     #[cfg(test)]
     pub(crate) fn len(&self) -> usize {
@@ -204,6 +219,22 @@ mod tests {
         recent.insert(&long, RequestId(1), 30);
         assert_eq!(recent.find(&long, RequestId(1)), Some(30));
         assert_eq!(recent.find(&long[..99], RequestId(1)), None);
+    }
+
+    #[test]
+    fn a_forgotten_id_can_be_remembered_again() {
+        let mut recent = RecentIds::new(100);
+        recent.insert(b"k", RequestId(1), 10);
+        recent.insert(b"k", RequestId(2), 11);
+        recent.forget(10);
+        recent.forget(12); // nothing there
+        assert_eq!(recent.find(b"k", RequestId(1)), None);
+        assert_eq!(recent.find(b"k", RequestId(2)), Some(11));
+        recent.insert(b"k", RequestId(1), 13);
+        assert_eq!(recent.find(b"k", RequestId(1)), Some(13));
+        // The old entry's eviction leaves the new one.
+        recent.insert(b"k", RequestId(3), 110);
+        assert_eq!(recent.find(b"k", RequestId(1)), Some(13));
     }
 
     #[test]

@@ -159,9 +159,10 @@ pub struct Metrics {
     /// While a call into the input store runs past the stall timeout: how long it has
     /// run, as the supervisor last saw it. `None` otherwise.
     pub store_stalled_for: Option<Duration>,
-    /// Submits refused as [`Error::Duplicate`](crate::Error::Duplicate) so far: retries
-    /// of a request already logged with the same key and id (see
-    /// [`Client::submit_with_id`](super::Client::submit_with_id)).
+    /// Requests found to repeat one already logged with the same key and id so far (see
+    /// [`Client::submit_with_id`](super::Client::submit_with_id)), and not logged: each
+    /// answered [`Error::Duplicate`](crate::Error::Duplicate), or the error of the first
+    /// one's wait for the disk if that failed.
     pub duplicates: u64,
 }
 

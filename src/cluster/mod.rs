@@ -481,29 +481,40 @@ impl<H: Handler> Client<H> {
         async move { submit.await?.await }
     }
 
-    /// Like [`submit`](Client::submit), for a request that may be submitted again (a
-    /// retry after a timeout, a lost answer, a restart of the client or the cluster):
-    /// whichever submit of `key` with `id` comes first is logged and handled, once; each
-    /// later one is refused with [`Error::Duplicate`], naming where the first is in the
-    /// log, and changes nothing.
+    /// Like [`submit`](Client::submit), for a request that may be submitted again (its
+    /// answer lost, a restart of the client or the cluster): whichever submit of `key`
+    /// with `id` comes first is logged and handled, once; each later one is refused with
+    /// [`Error::Duplicate`], naming where the first is in the log, and changes nothing.
+    /// The client picks an id per logical request and reuses it on every retry (an
+    /// idempotency key: unlike Kafka's `enable.idempotence`, which numbers a producer's
+    /// sends itself, the ids are the caller's, so they hold across client restarts).
+    /// An id names a request: a retry with the same key and id but another request is
+    /// refused too (the requests are not compared).
     ///
-    /// This is the broker-side half of an idempotent producer (Kafka's
-    /// `enable.idempotence`): the client picks an id per logical request and reuses it
-    /// on every retry. Ids are compared per key, and remembered while the first submit
-    /// is among the last [`retry_window`](ClusterBuilder::retry_window) records of the
-    /// log (65,536 by default): a retry later than that is applied again. An open reads
-    /// them back from the log, so a cluster restarted (or crashed, for requests that
-    /// were durable) still recognizes them, as far as the log still holds them (see
-    /// [`truncate_after_checkpoint`](ClusterBuilder::truncate_after_checkpoint)). Only a logged request's id is remembered: a
-    /// submit refused before its append ([`Error::Busy`], [`Error::Closed`], a failed
-    /// write) can be retried with the same id. A retry of a request still on its way to
-    /// the disk waits for it as the first submit does (under
+    /// How long an id is remembered: while the first submit is among the last
+    /// [`retry_window`](ClusterBuilder::retry_window) records of the log (65,536 by
+    /// default; a little longer if no request with an id follows), after a restart or a
+    /// crash too (an open reads the ids back from the log; a record a crash lost, under
+    /// [`SyncPolicy::Every`](crate::store::SyncPolicy::Every) say, takes its id with it,
+    /// and its retry is applied). A retry later than that is applied again.
+    ///
+    /// What is remembered: only a logged request's id. A submit refused before its
+    /// append ([`Error::Busy`], [`Error::Closed`], a failed write) can be retried with
+    /// the same id, and so can a request set aside because its handler panicked or
+    /// stalled twice ([`Error::HandlerPanicked`], [`Error::HandlerStalled`]: it changed
+    /// nothing), once its submitter was told so. A retry of a request still on its way
+    /// to the disk waits for it as the first submit does (under
     /// [`SyncPolicy::Always`](crate::store::SyncPolicy::Always)), and gets the store's
     /// error instead if its fdatasync failed (the first's fate is then known once the
-    /// log is reopened, as for [`submit`](Client::submit)). Batches carry no ids.
+    /// log is reopened, as for [`submit`](Client::submit)). Batches:
+    /// [`submit_batch_with_ids`](Client::submit_batch_with_ids).
     ///
     /// A duplicate gets no answer of the first request (it went to the first submit's
-    /// [`Pending`]); read the state with [`query`](Client::query) if the answer matters.
+    /// [`Pending`]): read the state with [`query`](Client::query) if the answer
+    /// matters. A first request still queued or running when its retry came may still
+    /// be set aside; a retry after its `HandlerPanicked` is logged. When a
+    /// [`wait_timeout`](Pending::wait_timeout) runs out, the request is still accepted:
+    /// waiting again is the cheaper retry; the id is for the answer that is lost.
     ///
     /// ```
     /// # use cauce::cluster::{Cluster, Context, Handler, RequestId};
@@ -625,6 +636,82 @@ impl<H: Handler> Client<H> {
     ) -> Result<Vec<Pending<H::Response>>> {
         let (items, payloads) = encode_batch(requests)?;
         self.shared.submit_batch(&items, payloads.as_slice())
+    }
+
+    /// [`submit_batch`](Client::submit_batch) of requests with ids, as
+    /// [`submit_with_id`](Client::submit_with_id) submits one: each request that repeats
+    /// one already logged with its key and id, or an earlier one of the same batch, is
+    /// not logged, and its [`Pending`] resolves to [`Error::Duplicate`] naming the first
+    /// one's offset (which is also the pending's [`offset`](Pending::offset)); the
+    /// others are logged as one batch, all of them or none. For a pipeline that
+    /// re-delivers what it is not sure was taken (a consumer that resumes from its last
+    /// committed position): ids derived from where each message came from (a Kafka
+    /// topic, partition and offset, say) make the second delivery change nothing,
+    /// however it is batched.
+    ///
+    /// ```
+    /// # use cauce::cluster::{Cluster, Context, Handler, RequestId};
+    /// # use cauce::Error;
+    /// # struct Counter;
+    /// # impl Handler for Counter {
+    /// #     type State = u64;
+    /// #     type Request = u64;
+    /// #     type Response = u64;
+    /// #     fn handle(&self, _: &mut Context<'_>, _: &[u8], t: &mut u64, a: u64) -> u64 { *t += a; *t }
+    /// # }
+    /// # let cluster = Cluster::builder(Counter).in_memory().build()?;
+    /// # let client = cluster.client();
+    /// let first = [("alice", RequestId(1), 5), ("bob", RequestId(2), 7)];
+    /// for pending in client.submit_batch_with_ids(first)? {
+    ///     pending.wait()?;
+    /// }
+    /// // Delivered again, with one more: only the new one is applied.
+    /// let again = [("alice", RequestId(1), 5), ("bob", RequestId(2), 7), ("alice", RequestId(3), 1)];
+    /// let answers: Vec<_> = client
+    ///     .submit_batch_with_ids(again)?
+    ///     .into_iter()
+    ///     .map(|p| p.wait())
+    ///     .collect();
+    /// assert!(matches!(answers[0], Err(Error::Duplicate { .. })));
+    /// assert!(matches!(answers[1], Err(Error::Duplicate { .. })));
+    /// assert_eq!(answers[2].as_ref().ok(), Some(&6));
+    /// # cluster.shutdown()?;
+    /// # Ok::<(), cauce::Error>(())
+    /// ```
+    ///
+    /// # Errors
+    /// Those of [`submit_batch`](Client::submit_batch).
+    pub fn submit_batch_with_ids<K: AsRef<[u8]>>(
+        &self,
+        requests: impl IntoIterator<Item = (K, RequestId, H::Request)>,
+    ) -> Result<Vec<Pending<H::Response>>> {
+        let (items, payloads) = encode_batch_with_ids(requests)?;
+        self.shared.submit_batch(&items, payloads.as_slice())
+    }
+
+    /// [`submit_batch_with_ids`](Client::submit_batch_with_ids) as a future, as
+    /// [`submit_batch_async`](Client::submit_batch_async) is
+    /// [`submit_batch`](Client::submit_batch)'s.
+    pub fn submit_batch_with_ids_async<K: AsRef<[u8]>>(
+        &self,
+        requests: impl IntoIterator<Item = (K, RequestId, H::Request)>,
+    ) -> SubmitBatch<H> {
+        let owned = requests
+            .into_iter()
+            .map(|(k, id, r)| (k.as_ref().to_vec(), id, r));
+        let (items, payloads, failed) = match encode_batch_with_ids(owned) {
+            Ok((items, payloads)) => (items, payloads, None),
+            Err(e) => (Vec::new(), fold::Scratch::empty(), Some(e)),
+        };
+        SubmitBatch {
+            shared: self.shared.clone(),
+            items,
+            payloads,
+            failed,
+            progress: BatchProgress::default(),
+            appending: None,
+            done: false,
+        }
     }
 
     /// Like [`submit_batch`](Client::submit_batch), but waits for room in full queues
@@ -1075,6 +1162,17 @@ fn encode_batch<K, R: serde::Serialize>(
     Ok((items, payloads))
 }
 
+fn encode_batch_with_ids<K, R: serde::Serialize>(
+    requests: impl IntoIterator<Item = (K, RequestId, R)>,
+) -> Result<EncodedBatch<K>> {
+    let mut payloads = fold::Scratch::empty();
+    let items = requests
+        .into_iter()
+        .map(|(k, id, r)| Ok((k, payloads.push_request_with_id(&r, id)?)))
+        .collect::<Result<Vec<_>>>()?;
+    Ok((items, payloads))
+}
+
 /// A batch submit that waits for room, and for its append, as a future: see
 /// [`Client::submit_batch_async`]. Resolves to the [`Pending`] responses, in the order
 /// given, once the batch is in the log.
@@ -1177,8 +1275,16 @@ impl<H: Handler> SubmitBatch<H> {
                     Some(cx),
                 );
             }
-            // Room is taken here, as a future; the append runs on an appender thread.
-            if let [(key, range)] = self.items.as_slice() {
+            // Room is taken here, as a future; the append runs on an appender thread. (A
+            // batch of one with an id goes the batch's way: its duplicate resolves its
+            // pending, where a single submit's is refused.)
+            if let [(key, range)] = self.items.as_slice()
+                && self
+                    .payloads
+                    .as_slice()
+                    .get(range.clone())
+                    .is_some_and(|p| fold::request_id(p).is_none())
+            {
                 let Some(body) = self.payloads.as_slice().get(range.clone()) else {
                     return Poll::Ready(Err(lost_payload()));
                 };
@@ -1188,7 +1294,7 @@ impl<H: Handler> SubmitBatch<H> {
                     Submitted::Logged(p, waits) => {
                         return Poll::Ready(self.shared.durable(p, waits).map(|p| vec![p]));
                     }
-                    // Batches carry no ids; as for a single submit if one did.
+                    // Only requests with ids, which go the batch's way (above).
                     Submitted::Duplicate(id, offset) => {
                         return Poll::Ready(Err(self.shared.duplicate(id, offset)));
                     }
@@ -1385,9 +1491,9 @@ impl<H: Handler> ClusterBuilder<H> {
     }
 
     /// Drop the input log before each checkpoint (default false: keep every record, so
-    /// any past state can be rebuilt and re-run). A restart then remembers the ids of
-    /// the requests since the last checkpoint only (see
-    /// [`retry_window`](Self::retry_window)).
+    /// any past state can be rebuilt and re-run). The last
+    /// [`retry_window`](Self::retry_window) records stay (65,536 by default), so that a
+    /// restart still recognizes their request ids.
     pub fn truncate_after_checkpoint(mut self, truncate: bool) -> Self {
         self.options.truncate_after_checkpoint = truncate;
         self
@@ -1438,11 +1544,12 @@ impl<H: Handler> ClusterBuilder<H> {
     /// rate: at 100,000 requests/s, the default covers 0.65 s; a client that retries
     /// after a 5 s timeout needs 500,000.
     ///
-    /// A restart remembers only what the log still holds: with
-    /// [`truncate_after_checkpoint`](Self::truncate_after_checkpoint), the ids of the
-    /// requests since the last checkpoint. Records before the checkpoint that the store
-    /// cannot read (damage the open does not need to read past) lose their ids, with a
-    /// warning, not the open.
+    /// A restart remembers what the log still holds:
+    /// [`truncate_after_checkpoint`](Self::truncate_after_checkpoint) keeps the last
+    /// `records` records for that, and retention on the store (or a log opened with a
+    /// larger window than it was written with) can leave fewer. Records before the
+    /// checkpoint that the store cannot read (damage the open does not need to read
+    /// past) lose their ids, with a warning, not the open.
     pub fn retry_window(mut self, records: u64) -> Self {
         self.options.retry_window = records;
         self
