@@ -347,6 +347,53 @@ fn a_batch_logs_its_new_requests_and_resolves_its_duplicates() {
 }
 
 #[test]
+fn a_redelivered_batch_larger_than_a_queue_takes_no_room() {
+    let cluster = Cluster::builder(Service::default())
+        .in_memory()
+        .instances(1)
+        .queue_capacity(2)
+        .build()
+        .expect("build");
+    let client = cluster.client();
+    for id in 0..3u64 {
+        client
+            .submit_with_id("k", RequestId::from(id), Req::Add(1))
+            .expect("submit")
+            .wait()
+            .expect("answer");
+    }
+    let load = cluster.metrics().instances[0].requests;
+    let again = || (0..3u64).map(|id| ("k", RequestId::from(id), Req::Add(1)));
+    let pendings = client
+        .submit_batch_with_ids(again())
+        .expect("a batch of duplicates is not too large");
+    let async_pendings =
+        block_on(client.submit_batch_with_ids_async(again())).expect("nor as a future");
+    for p in pendings.into_iter().chain(async_pendings) {
+        assert!(matches!(p.wait(), Err(Error::Duplicate { .. })));
+    }
+    // Mixed with a new request, only that one takes room.
+    let mixed = client
+        .submit_batch_with_ids(again().chain([("k", RequestId(9), Req::Add(1))]))
+        .expect("batch");
+    let answers: Vec<_> = mixed.into_iter().map(|p| p.wait()).collect();
+    assert!(
+        answers[..3]
+            .iter()
+            .all(|a| matches!(a, Err(Error::Duplicate { .. })))
+    );
+    assert_eq!(answers[3].as_ref().ok(), Some(&Resp::Sum(4)));
+    assert_eq!(state(&cluster, "k").count, 4);
+    assert_eq!(
+        cluster.metrics().instances[0].requests,
+        load + 2,
+        "the new one and a Get"
+    );
+    assert_eq!(cluster.metrics().duplicates, 9);
+    cluster.shutdown().expect("shutdown");
+}
+
+#[test]
 fn batches_and_single_submits_of_the_same_ids_apply_each_once() {
     let tmp = tempfile::tempdir().expect("temp dir");
     // On disk under `Always` (async batches append on appender threads), and in memory.
@@ -474,6 +521,78 @@ fn a_clean_restart_with_truncation_remembers_the_window() {
         );
     }
     assert_eq!(state(&cluster, "k").count, 100);
+    cluster.shutdown().expect("shutdown");
+}
+
+/// Counts its outside calls, and adds what it is asked to.
+#[derive(Default, Clone)]
+struct Calling {
+    calls: Arc<std::sync::atomic::AtomicU64>,
+}
+
+impl cauce::cluster::Handler for Calling {
+    type State = u64;
+    type Request = u64;
+    type Response = u64;
+
+    fn handle(
+        &self,
+        ctx: &mut cauce::cluster::Context<'_>,
+        _: &[u8],
+        total: &mut u64,
+        add: u64,
+    ) -> u64 {
+        let calls = self.calls.clone();
+        let _: u64 = ctx
+            .call("count", move |_| calls.fetch_add(1, Ordering::SeqCst))
+            .expect("journal");
+        *total += add;
+        *total
+    }
+}
+
+/// Truncation keeps the head of a log shorter than the retry window, and with it the
+/// journal of its outside calls: a rebuild from the log, or a replay, of the requests
+/// before the checkpoint gets their recorded answers, and calls nothing again.
+#[test]
+fn what_truncation_keeps_of_the_log_keeps_its_outside_calls() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let first = Calling::default();
+    let cluster = Cluster::builder(first.clone())
+        .dir(dir.path())
+        .checkpoint_every(u64::MAX)
+        .truncate_after_checkpoint(true)
+        .build()
+        .expect("build");
+    let mut offsets = Vec::new();
+    for i in 1..=5 {
+        let p = cluster.client().submit("k", i).expect("submit");
+        offsets.push(p.offset());
+        p.wait().expect("answer");
+    }
+    cluster.checkpoint().expect("checkpoint");
+    cluster.shutdown().expect("shutdown");
+    assert_eq!(first.calls.load(Ordering::SeqCst), 5);
+
+    let replay = cauce::cluster::Replay::open(dir.path(), Calling::default()).expect("replay");
+    assert_eq!(
+        replay.state_before(b"k", offsets[3]).expect("state"),
+        1 + 2 + 3
+    );
+
+    let second = Calling::default();
+    let cluster = Cluster::builder(second.clone())
+        .dir(dir.path())
+        .rebuild_from_log(true)
+        .build()
+        .expect("a log that still starts at 0 rebuilds from it");
+    let total = cluster.client().submit("k", 10).expect("submit").wait();
+    assert_eq!(total.expect("answer"), 25);
+    assert_eq!(
+        second.calls.load(Ordering::SeqCst),
+        1,
+        "only the new request called out"
+    );
     cluster.shutdown().expect("shutdown");
 }
 

@@ -609,7 +609,7 @@ fn recover(input: &dyn Store, from_log: bool, retry_window: u64) -> Result<Recov
             && offset >= ids_from
             && let Some(id) = fold::request_id(entry.payload)
         {
-            recent_ids.insert(entry.key, id, offset);
+            recent_ids.insert(entry.key, id, offset, true);
         }
         match fold::envelope_of(offset, entry.payload) {
             Ok(Envelope::Request(body)) => {
@@ -664,7 +664,7 @@ fn read_ids_before(input: &dyn Store, from: Offset, until: Offset, ids: &mut Rec
             Ok(record) if record.offset >= until => return,
             Ok(record) => {
                 if let Some(id) = fold::request_id(&record.payload) {
-                    ids.insert(&record.key, id, record.offset);
+                    ids.insert(&record.key, id, record.offset, true);
                 } else if let Ok(Envelope::Control(Control::Poison { offset })) =
                     fold::envelope(&record)
                 {
@@ -1101,7 +1101,7 @@ impl<H: Handler> Shared<H> {
         self.poisoned.lock().insert(offset);
         let at = self.journal(&Control::Poison { offset })?;
         self.input.sync_until(at + 1)?;
-        // It changed nothing: a retry of it with its id is a new request (once the mark
+        // It changed no state: a retry of it with its id is a new request (once the mark
         // is durable, so that no open applies the first one after all).
         self.recent_ids.lock().forget(offset);
         Ok(())
@@ -1378,8 +1378,8 @@ impl<H: Handler> Shared<H> {
             // A retry of a request known durable is refused before it takes room (the
             // check that counts is the appender thread's, under the key's stripe).
             if let Some(id) = id
-                && let Some(offset) = self.recent_ids.lock().find(key, id)
-                && offset < self.logged_ok.load(Ordering::Acquire)
+                && let Some((offset, settled)) = self.recent_ids.lock().find_settled(key, id)
+                && (settled || offset < self.logged_ok.load(Ordering::Acquire))
             {
                 self.duplicates.fetch_add(1, Ordering::Relaxed);
                 return Poll::Ready(Ok(Submitted::Duplicate(id, offset)));
@@ -1486,7 +1486,7 @@ impl<H: Handler> Shared<H> {
             };
             holders.appended_end = offset + 1;
             if let Some(id) = id {
-                self.recent_ids.lock().insert(key, id, offset);
+                self.recent_ids.lock().insert(key, id, offset, !waits);
             }
             if let Some(from) = moved_from {
                 let key = Bytes::copy_from_slice(key);
@@ -2387,6 +2387,66 @@ impl<H: Handler> Shared<H> {
     /// The part of `submit_batch` done under the keys' stripe locks (`hashes` are the
     /// items' key hashes); `None` if it must be routed again (the permits were given
     /// back).
+    /// The requests of a batch already logged with their key and id, looked up before
+    /// the batch is routed, so that they take no room in the queues and count no load:
+    /// each one's id and first offset; empty if there are none. From a poll
+    /// (`can_wait` false), only those whose first request is known durable, so that
+    /// [`with_duplicates`](Self::with_duplicates) waits for nothing. The batch's own
+    /// check, under its stripes, still catches the others.
+    pub(crate) fn logged_already<K: AsRef<[u8]>>(
+        &self,
+        items: &[(K, Range<usize>)],
+        payloads: &[u8],
+        can_wait: bool,
+    ) -> Vec<Option<(RequestId, Offset)>> {
+        let id_of = |p: &Range<usize>| payloads.get(p.clone()).and_then(fold::request_id);
+        // A closed cluster refuses the whole batch, in its submit.
+        if !self.accepting.load(Ordering::SeqCst) || items.iter().all(|(_, p)| id_of(p).is_none()) {
+            return Vec::new();
+        }
+        let recent = self.recent_ids.lock();
+        let logged_ok = self.logged_ok.load(Ordering::Acquire);
+        let known: Vec<Option<(RequestId, Offset)>> = items
+            .iter()
+            .map(|(key, p)| {
+                let id = id_of(p)?;
+                let (offset, settled) = recent.find_settled(key.as_ref(), id)?;
+                (can_wait || settled || offset < logged_ok).then_some((id, offset))
+            })
+            .collect();
+        let found = known.iter().flatten().count();
+        if found == 0 {
+            return Vec::new();
+        }
+        self.duplicates.fetch_add(found as u64, Ordering::Relaxed);
+        known
+    }
+
+    /// The pendings of a batch whose `known` duplicates ([`logged_already`]) were taken
+    /// out before it was submitted: `logged`'s, in order, with one resolved to
+    /// [`Error::Duplicate`] in each duplicate's place. Waits first for the duplicates'
+    /// first requests to be durable (at once for those known durable).
+    ///
+    /// [`logged_already`]: Self::logged_already
+    pub(crate) fn with_duplicates(
+        &self,
+        logged: Vec<Pending<H::Response>>,
+        known: &[Option<(RequestId, Offset)>],
+    ) -> Result<Vec<Pending<H::Response>>> {
+        if let Some(end) = known.iter().flatten().map(|&(_, offset)| offset).max() {
+            self.wait_logged(end + 1)?;
+        }
+        let mut logged = logged.into_iter();
+        known
+            .iter()
+            .map(|k| match *k {
+                Some((id, offset)) => Ok(resolved_duplicate(id, offset)),
+                // As many pendings as requests submitted: not reached.
+                None => logged.next().ok_or(Error::Closed),
+            })
+            .collect()
+    }
+
     /// Which requests of a batch repeat one already logged with the same key and id, or
     /// an earlier one of the batch; empty if no request of the batch has an id. Called
     /// under every stripe of the batch.
@@ -2403,15 +2463,14 @@ impl<H: Handler> Shared<H> {
         let ids: Vec<Option<RequestId>> = items.iter().map(|(_, p)| id_of(p)).collect();
         let recent = self.recent_ids.lock();
         let mut firsts: HashMap<(&[u8], RequestId), usize> = HashMap::new();
-        let mut found = 0;
-        let dups: Vec<Option<BatchDup>> = items
+        items
             .iter()
             .zip(&ids)
             .enumerate()
             .map(|(i, ((key, _), id))| {
                 let id = (*id)?;
                 let key = key.as_ref();
-                let dup = match recent.find(key, id) {
+                match recent.find(key, id) {
                     Some(offset) => Some(BatchDup::Logged(id, offset)),
                     None => match firsts.entry((key, id)) {
                         std::collections::hash_map::Entry::Occupied(first) => {
@@ -2422,13 +2481,9 @@ impl<H: Handler> Shared<H> {
                             None
                         }
                     },
-                };
-                found += usize::from(dup.is_some());
-                dup
+                }
             })
-            .collect();
-        self.duplicates.fetch_add(found as u64, Ordering::Relaxed);
-        dups
+            .collect()
     }
 
     fn submit_batch_locked<K: AsRef<[u8]>>(
@@ -2543,6 +2598,8 @@ impl<H: Handler> Shared<H> {
             offsets: range,
             pending: waits,
         } = range;
+        let found = dups.iter().flatten().count();
+        self.duplicates.fetch_add(found as u64, Ordering::Relaxed);
         // Each kept item's offset, in the order they were logged.
         let mut offsets = Vec::with_capacity(items.len());
         let mut next = range.start;
@@ -2564,7 +2621,7 @@ impl<H: Handler> Shared<H> {
             let mut recent = self.recent_ids.lock();
             for (i, (key, payload)) in items.iter().enumerate().filter(|&(i, _)| kept(i)) {
                 if let Some(id) = fold::request_id(&payloads[payload.clone()]) {
-                    recent.insert(key.as_ref(), id, offsets[i]);
+                    recent.insert(key.as_ref(), id, offsets[i], !waits);
                 }
             }
         }
@@ -2578,9 +2635,7 @@ impl<H: Handler> Shared<H> {
                         BatchDup::Logged(id, offset) => (id, offset),
                         BatchDup::InBatch(id, first) => (id, offsets[first]),
                     };
-                    let (pending, responder) = crate::client::pending(offset);
-                    responder.answer(Err(Error::Duplicate { id, offset }));
-                    pendings.push(pending);
+                    pendings.push(resolved_duplicate(id, offset));
                     messages.push(None);
                 }
                 None => {
@@ -3109,7 +3164,10 @@ impl<H: Handler> Shared<H> {
                 .store(!orphans.waiting.is_empty(), Ordering::Release);
         }
         if self.options.truncate_after_checkpoint {
-            // The last `retry_window` records stay, for an open to read their ids back.
+            // The last `retry_window` records stay, for an open to read their ids back,
+            // and the journal's answers of outside calls with them: a log that still
+            // holds a request must hold what its fold needs (a `rebuild_from_log`, or a
+            // `Replay`, of a log whose head truncation kept folds from there).
             let keep_from = offset.min(
                 self.input
                     .next_offset()
@@ -3117,10 +3175,10 @@ impl<H: Handler> Shared<H> {
             );
             if keep_from > self.input.start_offset() {
                 self.input.truncate_before(keep_from)?;
-            }
-            if let Some(effects) = &self.effects_store {
-                let first_kept = Effects::first_entry_at_or_after(&**effects, offset)?;
-                effects.truncate_before(first_kept)?;
+                if let Some(effects) = &self.effects_store {
+                    let first_kept = Effects::first_entry_at_or_after(&**effects, keep_from)?;
+                    effects.truncate_before(first_kept)?;
+                }
             }
         }
         Ok(offset)
@@ -3560,6 +3618,14 @@ fn unreadable(instance: InstanceId, offset: Offset, e: &Error) -> Error {
 /// [`Error::StorePanicked`]: the submit's caller learns what became of its request.
 /// What the append undoes as it unwinds is undone as for a panic on the caller's thread
 /// (see `unwinding_undoes`).
+/// A pending response already resolved to [`Error::Duplicate`] of the request logged at
+/// `offset` (which it names as its own).
+fn resolved_duplicate<T>(id: RequestId, offset: Offset) -> Pending<T> {
+    let (pending, responder) = crate::client::pending(offset);
+    responder.answer(Err(Error::Duplicate { id, offset }));
+    pending
+}
+
 fn catch_store_panic<T>(logged: bool, run: impl FnOnce() -> Result<T>) -> Result<T> {
     std::panic::catch_unwind(std::panic::AssertUnwindSafe(run)).unwrap_or_else(|panic| {
         Err(Error::StorePanicked {

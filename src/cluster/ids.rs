@@ -75,7 +75,10 @@ impl fmt::Display for RequestId {
 #[derive(Debug)]
 pub(crate) struct RecentIds {
     window: u64,
-    offsets: HashMap<(Key, u128), Offset, ahash::RandomState>,
+    /// Each entry's offset, and whether its record was durable (by the store's sync
+    /// policy) once appended: not deferred (`Store::append_deferred`), or read back at
+    /// open.
+    offsets: HashMap<(Key, u128), (Offset, bool), ahash::RandomState>,
     /// The entries in the order they were logged (offsets ascending).
     order: VecDeque<(Offset, Key, u128)>,
 }
@@ -92,6 +95,12 @@ impl RecentIds {
 
     /// Where the request of `key` with id `id` was logged, if it is remembered.
     pub(crate) fn find(&self, key: &[u8], id: RequestId) -> Option<Offset> {
+        self.find_settled(key, id).map(|(offset, _)| offset)
+    }
+
+    /// [`find`](Self::find), and whether the record was durable once appended (if not,
+    /// it may still be on its way to the disk).
+    pub(crate) fn find_settled(&self, key: &[u8], id: RequestId) -> Option<(Offset, bool)> {
         if self.offsets.is_empty() {
             return None;
         }
@@ -101,7 +110,7 @@ impl RecentIds {
     /// Remembers the request of `key` with id `id`, logged at `offset` (unless one with
     /// the same key and id is remembered already: the first is the one named), and
     /// forgets those `window` or more records before it.
-    pub(crate) fn insert(&mut self, key: &[u8], id: RequestId, offset: Offset) {
+    pub(crate) fn insert(&mut self, key: &[u8], id: RequestId, offset: Offset, settled: bool) {
         if self.window == 0 {
             return;
         }
@@ -115,7 +124,7 @@ impl RecentIds {
             // Only the entry this one put there: a later request with the same key and
             // id (logged once this one was forgotten) keeps its own.
             let entry = (key, id);
-            if self.offsets.get(&entry) == Some(&oldest) {
+            if self.offsets.get(&entry).map(|e| e.0) == Some(oldest) {
                 self.offsets.remove(&entry);
             }
         }
@@ -126,7 +135,7 @@ impl RecentIds {
         match self.offsets.entry((key.clone(), id.0)) {
             std::collections::hash_map::Entry::Occupied(_) => return,
             std::collections::hash_map::Entry::Vacant(slot) => {
-                slot.insert(offset);
+                slot.insert((offset, settled));
             }
         }
         // Appends of different stripes can reach here out of offset order; keep `order`
@@ -144,7 +153,7 @@ impl RecentIds {
             && *o == offset
         {
             let entry = (key.clone(), *id);
-            if self.offsets.get(&entry) == Some(&offset) {
+            if self.offsets.get(&entry).map(|e| e.0) == Some(offset) {
                 self.offsets.remove(&entry);
             }
         }
@@ -164,18 +173,18 @@ mod tests {
     #[test]
     fn ids_are_remembered_for_the_window_and_then_forgotten() {
         let mut recent = RecentIds::new(10);
-        recent.insert(b"a", RequestId(7), 100);
-        recent.insert(b"b", RequestId(7), 101);
+        recent.insert(b"a", RequestId(7), 100, true);
+        recent.insert(b"b", RequestId(7), 101, true);
         assert_eq!(recent.find(b"a", RequestId(7)), Some(100));
         assert_eq!(recent.find(b"b", RequestId(7)), Some(101));
         assert_eq!(recent.find(b"c", RequestId(7)), None);
-        recent.insert(b"a", RequestId(8), 109);
+        recent.insert(b"a", RequestId(8), 109, true);
         assert_eq!(
             recent.find(b"a", RequestId(7)),
             Some(100),
             "109 is within 10 of 100"
         );
-        recent.insert(b"a", RequestId(9), 110);
+        recent.insert(b"a", RequestId(9), 110, true);
         assert_eq!(recent.find(b"a", RequestId(7)), None, "110 is 10 past 100");
         assert_eq!(recent.find(b"b", RequestId(7)), Some(101));
         assert_eq!(recent.len(), 3);
@@ -185,7 +194,12 @@ mod tests {
     fn the_set_never_holds_more_than_the_window() {
         let mut recent = RecentIds::new(64);
         for offset in 0..10_000u64 {
-            recent.insert(&[(offset % 7) as u8], RequestId(u128::from(offset)), offset);
+            recent.insert(
+                &[(offset % 7) as u8],
+                RequestId(u128::from(offset)),
+                offset,
+                true,
+            );
             assert!(recent.len() <= 64);
         }
         assert_eq!(recent.len(), 64);
@@ -194,12 +208,12 @@ mod tests {
     #[test]
     fn out_of_order_inserts_keep_the_oldest_first() {
         let mut recent = RecentIds::new(5);
-        recent.insert(b"k", RequestId(1), 11);
-        recent.insert(b"k", RequestId(2), 10);
-        recent.insert(b"k", RequestId(3), 15);
+        recent.insert(b"k", RequestId(1), 11, true);
+        recent.insert(b"k", RequestId(2), 10, true);
+        recent.insert(b"k", RequestId(3), 15, true);
         assert_eq!(recent.find(b"k", RequestId(2)), None, "15 is 5 past 10");
         assert_eq!(recent.find(b"k", RequestId(1)), Some(11));
-        recent.insert(b"k", RequestId(4), 3);
+        recent.insert(b"k", RequestId(4), 3, true);
         assert_eq!(
             recent.find(b"k", RequestId(4)),
             None,
@@ -210,13 +224,13 @@ mod tests {
     #[test]
     fn the_first_of_two_with_one_key_and_id_is_the_one_named() {
         let mut recent = RecentIds::new(100);
-        recent.insert(b"k", RequestId(1), 10);
-        recent.insert(b"k", RequestId(1), 20);
+        recent.insert(b"k", RequestId(1), 10, true);
+        recent.insert(b"k", RequestId(1), 20, true);
         assert_eq!(recent.find(b"k", RequestId(1)), Some(10));
         assert_eq!(recent.len(), 1);
         // Keys that differ are told apart whatever their hashes.
         let long = vec![7u8; 100];
-        recent.insert(&long, RequestId(1), 30);
+        recent.insert(&long, RequestId(1), 30, true);
         assert_eq!(recent.find(&long, RequestId(1)), Some(30));
         assert_eq!(recent.find(&long[..99], RequestId(1)), None);
     }
@@ -224,23 +238,23 @@ mod tests {
     #[test]
     fn a_forgotten_id_can_be_remembered_again() {
         let mut recent = RecentIds::new(100);
-        recent.insert(b"k", RequestId(1), 10);
-        recent.insert(b"k", RequestId(2), 11);
+        recent.insert(b"k", RequestId(1), 10, true);
+        recent.insert(b"k", RequestId(2), 11, true);
         recent.forget(10);
         recent.forget(12); // nothing there
         assert_eq!(recent.find(b"k", RequestId(1)), None);
         assert_eq!(recent.find(b"k", RequestId(2)), Some(11));
-        recent.insert(b"k", RequestId(1), 13);
+        recent.insert(b"k", RequestId(1), 13, true);
         assert_eq!(recent.find(b"k", RequestId(1)), Some(13));
         // The old entry's eviction leaves the new one.
-        recent.insert(b"k", RequestId(3), 110);
+        recent.insert(b"k", RequestId(3), 110, true);
         assert_eq!(recent.find(b"k", RequestId(1)), Some(13));
     }
 
     #[test]
     fn a_zero_window_remembers_nothing() {
         let mut recent = RecentIds::new(0);
-        recent.insert(b"k", RequestId(1), 1);
+        recent.insert(b"k", RequestId(1), 1, true);
         assert_eq!(recent.find(b"k", RequestId(1)), None);
     }
 

@@ -502,7 +502,9 @@ impl<H: Handler> Client<H> {
     /// append ([`Error::Busy`], [`Error::Closed`], a failed write) can be retried with
     /// the same id, and so can a request set aside because its handler panicked or
     /// stalled twice ([`Error::HandlerPanicked`], [`Error::HandlerStalled`]: it changed
-    /// nothing), once its submitter was told so. A retry of a request still on its way
+    /// no state), once its submitter was told so. (Outside calls its handler made before
+    /// it panicked, or while it stalled, were made: its retry, a new request, makes
+    /// them again.) A retry of a request still on its way
     /// to the disk waits for it as the first submit does (under
     /// [`SyncPolicy::Always`](crate::store::SyncPolicy::Always)), and gets the store's
     /// error instead if its fdatasync failed (the first's fate is then known once the
@@ -679,6 +681,13 @@ impl<H: Handler> Client<H> {
     /// # Ok::<(), cauce::Error>(())
     /// ```
     ///
+    /// Requests found logged already before the batch is routed take no room in the
+    /// queues and count toward no load (a re-delivered batch larger than a queue is
+    /// not [`Error::BatchTooLarge`] for them); one whose first request is still on its
+    /// way to the disk, or that repeats an earlier one of the same batch, is found when
+    /// the batch is logged, and takes room until then. The async form takes out only
+    /// those known durable.
+    ///
     /// # Errors
     /// Those of [`submit_batch`](Client::submit_batch).
     pub fn submit_batch_with_ids<K: AsRef<[u8]>>(
@@ -686,7 +695,20 @@ impl<H: Handler> Client<H> {
         requests: impl IntoIterator<Item = (K, RequestId, H::Request)>,
     ) -> Result<Vec<Pending<H::Response>>> {
         let (items, payloads) = encode_batch_with_ids(requests)?;
-        self.shared.submit_batch(&items, payloads.as_slice())
+        let payloads = payloads.as_slice();
+        // Those logged already take no room and count no load: taken out first.
+        let known = self.shared.logged_already(&items, payloads, true);
+        if known.is_empty() {
+            return self.shared.submit_batch(&items, payloads);
+        }
+        let rest: Vec<(&[u8], std::ops::Range<usize>)> = items
+            .iter()
+            .zip(&known)
+            .filter(|(_, k)| k.is_none())
+            .map(|((key, range), _)| (key.as_ref(), range.clone()))
+            .collect();
+        let logged = self.shared.submit_batch(&rest, payloads)?;
+        self.shared.with_duplicates(logged, &known)
     }
 
     /// [`submit_batch_with_ids`](Client::submit_batch_with_ids) as a future, as
@@ -699,10 +721,21 @@ impl<H: Handler> Client<H> {
         let owned = requests
             .into_iter()
             .map(|(k, id, r)| (k.as_ref().to_vec(), id, r));
-        let (items, payloads, failed) = match encode_batch_with_ids(owned) {
+        let (mut items, payloads, failed) = match encode_batch_with_ids(owned) {
             Ok((items, payloads)) => (items, payloads, None),
             Err(e) => (Vec::new(), fold::Scratch::empty(), Some(e)),
         };
+        // Those logged already, and known durable, take no room and count no load.
+        let known = self
+            .shared
+            .logged_already(&items, payloads.as_slice(), false);
+        if !known.is_empty() {
+            let mut at = 0;
+            items.retain(|_| {
+                at += 1;
+                known[at - 1].is_none()
+            });
+        }
         SubmitBatch {
             shared: self.shared.clone(),
             items,
@@ -711,6 +744,7 @@ impl<H: Handler> Client<H> {
             progress: BatchProgress::default(),
             appending: None,
             done: false,
+            known,
         }
     }
 
@@ -775,6 +809,7 @@ impl<H: Handler> Client<H> {
             progress: BatchProgress::default(),
             appending: None,
             done: false,
+            known: Vec::new(),
         }
     }
 
@@ -1188,6 +1223,10 @@ pub struct SubmitBatch<H: Handler> {
     /// Room taken; an appender thread logs and queues the batch (see
     /// [`ClusterBuilder::append_threads`]).
     appending: Option<BatchAppend<H>>,
+    /// The requests found logged already (with their key and id) and taken out of
+    /// `items` before it was routed: their places among the answers (see
+    /// [`Shared::with_duplicates`]). Empty if none were.
+    known: Vec<Option<(RequestId, crate::Offset)>>,
     /// Resolved: polling again is [`Error::Closed`] and submits nothing.
     done: bool,
 }
@@ -1207,8 +1246,14 @@ impl<H: Handler> Future for SubmitBatch<H> {
 
     fn poll(self: Pin<&mut Self>, cx: &mut TaskContext<'_>) -> Poll<Self::Output> {
         let this = self.get_mut();
-        let submitted = this.poll_once(cx);
+        let mut submitted = this.poll_once(cx);
         this.done = submitted.is_ready();
+        if !this.known.is_empty()
+            && let Poll::Ready(Ok(logged)) = submitted
+        {
+            let known = std::mem::take(&mut this.known);
+            submitted = Poll::Ready(this.shared.with_duplicates(logged, &known));
+        }
         submitted
     }
 }
