@@ -2598,30 +2598,36 @@ impl<H: Handler> Shared<H> {
             offsets: range,
             pending: waits,
         } = range;
-        let found = dups.iter().flatten().count();
-        self.duplicates.fetch_add(found as u64, Ordering::Relaxed);
-        // Each kept item's offset, in the order they were logged.
-        let mut offsets = Vec::with_capacity(items.len());
-        let mut next = range.start;
-        for i in 0..items.len() {
-            offsets.push(next);
-            if kept(i) {
-                guards[shard_of(i)].appended_end = range.end;
-                next += 1;
+        // Each kept item's offset, in the order they were logged (without duplicates,
+        // the batch's offsets in order: nothing to count or allocate).
+        let mut offsets = Vec::new();
+        if !dups.is_empty() {
+            let found = dups.iter().flatten().count();
+            self.duplicates.fetch_add(found as u64, Ordering::Relaxed);
+            offsets.reserve(items.len());
+            let mut next = range.start;
+            for i in 0..items.len() {
+                offsets.push(next);
+                next += u64::from(kept(i));
             }
+        }
+        let base = range.start;
+        let offset_of = |i: usize| offsets.get(i).copied().unwrap_or(base + i as Offset);
+        for i in (0..items.len()).filter(|&i| kept(i)) {
+            guards[shard_of(i)].appended_end = range.end;
         }
         for (i, before) in previous.iter().enumerate() {
             if let Some(from) = before.filter(|&h| h != batch.dest(i).id) {
                 let key = Bytes::copy_from_slice(items[i].0.as_ref());
                 let moves = Moves::single(from, batch.dest(i).id, key);
-                self.move_keys(&moves, offsets[i], None);
+                self.move_keys(&moves, offset_of(i), None);
             }
         }
         if !dups.is_empty() {
             let mut recent = self.recent_ids.lock();
             for (i, (key, payload)) in items.iter().enumerate().filter(|&(i, _)| kept(i)) {
                 if let Some(id) = fold::request_id(&payloads[payload.clone()]) {
-                    recent.insert(key.as_ref(), id, offsets[i], !waits);
+                    recent.insert(key.as_ref(), id, offset_of(i), !waits);
                 }
             }
         }
@@ -2633,7 +2639,7 @@ impl<H: Handler> Shared<H> {
                 Some(dup) => {
                     let (id, offset) = match dup {
                         BatchDup::Logged(id, offset) => (id, offset),
-                        BatchDup::InBatch(id, first) => (id, offsets[first]),
+                        BatchDup::InBatch(id, first) => (id, offset_of(first)),
                     };
                     pendings.push(resolved_duplicate(id, offset));
                     messages.push(None);
