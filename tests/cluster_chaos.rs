@@ -48,6 +48,52 @@ enum Submits {
     /// `submit_batch` or `submit_batch_async`; the second submits each through
     /// `submit_async`. The async ones run on a minimal executor.
     BatchesAndAsync,
+    /// Every request with a request id: the first thread through `submit_with_id`, the
+    /// second in batches through `submit_batch_with_ids` (every other one async). A
+    /// quarter of the requests, or of the batches, are submitted again at once with the
+    /// same ids (a retry): each must be refused as a duplicate of the first, unless the
+    /// first was set aside already (a panicking request), when it is logged again.
+    Ids,
+}
+
+/// A request id unique to seed, step, thread and request.
+fn id_of(seed: u64, step: u64, t: u64, j: usize) -> cauce::cluster::RequestId {
+    cauce::cluster::RequestId(
+        u128::from(seed) << 64 | u128::from(step) << 32 | u128::from(t) << 16 | j as u128,
+    )
+}
+
+/// A retry's pendings against its first submit's: one resolved to `Duplicate` naming
+/// the first's offset; or, for a request whose first was set aside, a new request
+/// (returned, to be answered like any other).
+fn check_retry(
+    seed: u64,
+    first: u64,
+    req: &Req,
+    retry: cauce::Result<Pending<Resp>>,
+) -> Option<Pending<Resp>> {
+    match retry {
+        Err(Error::Duplicate { offset, .. }) => {
+            assert_eq!(offset, first, "seed {seed}: a duplicate names its first");
+            None
+        }
+        Ok(p) if p.offset() == first => {
+            match p.wait() {
+                Err(Error::Duplicate { offset, .. }) if offset == first => {}
+                other => panic!("seed {seed}: a batch's retry of {first}: {other:?}"),
+            }
+            None
+        }
+        Ok(p) => {
+            assert!(
+                matches!(req, Req::Panic),
+                "seed {seed}: a retry of {first} ({req:?}) was logged again, at {}",
+                p.offset()
+            );
+            Some(p)
+        }
+        Err(e) => panic!("seed {seed}: a retry of {first}: {e}"),
+    }
 }
 
 /// The cluster's default placement.
@@ -93,6 +139,10 @@ fn run_over(seed: u64, submits: Submits, placement: StickyOptions, input: Input)
     // Queries in flight, and the answered ones: (key, offset, answer).
     let mut queries: Vec<(String, Pending<Tally>)> = Vec::new();
     let mut queried: Vec<(String, u64, cauce::Result<Tally>)> = Vec::new();
+    // Requests with ids whose handler panics, by offset: once answered as panicked (set
+    // aside), each is submitted again with its id, and must be logged again.
+    let mut panicked: HashMap<u64, (String, cauce::cluster::RequestId)> = HashMap::new();
+    let mut retried_after_panic = 0;
     let settle = |pending: &mut Vec<Pending<Resp>>,
                   answers: &mut HashMap<u64, cauce::Result<Resp>>,
                   queries: &mut Vec<(String, Pending<Tally>)>,
@@ -150,6 +200,9 @@ fn run_over(seed: u64, submits: Submits, placement: StickyOptions, input: Input)
                                     (k, req)
                                 })
                                 .collect();
+                            // The panicking requests with ids (key, id, offset): retried
+                            // once set aside.
+                            let mut panics = Vec::new();
                             let pending = match (submits, t) {
                                 (Submits::One, _) => requests
                                     .into_iter()
@@ -186,15 +239,78 @@ fn run_over(seed: u64, submits: Submits, placement: StickyOptions, input: Input)
                                         block_on(client.submit_async(k, req)).unwrap()
                                     })
                                     .collect(),
+                                (Submits::Ids, 0) => {
+                                    let mut out = Vec::new();
+                                    for (j, (k, req)) in requests.into_iter().enumerate() {
+                                        query(&k, false);
+                                        let id = id_of(seed, step, t, j);
+                                        let first = client.submit_with_id(&k, id, req.clone());
+                                        let first = first.unwrap();
+                                        let at = first.offset();
+                                        if matches!(req, Req::Panic) {
+                                            panics.push((k.clone(), id, at));
+                                        }
+                                        out.push(first);
+                                        if r.random_range(0..4) == 0 {
+                                            let retry = client.submit_with_id(&k, id, req.clone());
+                                            out.extend(check_retry(seed, at, &req, retry));
+                                        }
+                                    }
+                                    out
+                                }
+                                (Submits::Ids, _) => {
+                                    let mut out = Vec::new();
+                                    let with_ids: Vec<_> = requests
+                                        .into_iter()
+                                        .enumerate()
+                                        .map(|(j, (k, req))| (k, id_of(seed, step, t, j), req))
+                                        .collect();
+                                    let mut rest = &with_ids[..];
+                                    for i in 0.. {
+                                        if rest.is_empty() {
+                                            break;
+                                        }
+                                        query(&rest[0].0, true);
+                                        let n = r.random_range(1..=8).min(rest.len());
+                                        let batch = rest[..n].iter().cloned();
+                                        let submit = |batch| {
+                                            if i % 2 == 0 {
+                                                client.submit_batch_with_ids(batch)
+                                            } else {
+                                                block_on(client.submit_batch_with_ids_async(batch))
+                                            }
+                                        };
+                                        let firsts = submit(batch.clone()).unwrap();
+                                        let ats: Vec<u64> =
+                                            firsts.iter().map(Pending::offset).collect();
+                                        for ((k, id, req), &at) in rest[..n].iter().zip(&ats) {
+                                            if matches!(req, Req::Panic) {
+                                                panics.push((k.clone(), *id, at));
+                                            }
+                                        }
+                                        out.extend(firsts);
+                                        if r.random_range(0..4) == 0 {
+                                            let retries = submit(batch).unwrap();
+                                            for ((at, retry), (_, _, req)) in
+                                                ats.into_iter().zip(retries).zip(&rest[..n])
+                                            {
+                                                out.extend(check_retry(seed, at, req, Ok(retry)));
+                                            }
+                                        }
+                                        rest = &rest[n..];
+                                    }
+                                    out
+                                }
                             };
-                            (pending, queries)
+                            (pending, queries, panics)
                         })
                     })
                     .collect();
                 for h in handles {
-                    let (p, q) = h.join().unwrap();
+                    let (p, q, panics) = h.join().unwrap();
                     pending.extend(p);
                     queries.extend(q);
+                    panicked.extend(panics.into_iter().map(|(k, id, at)| (at, (k, id))));
                 }
             }
             // A request that stalls its instance past the timeout.
@@ -230,6 +346,19 @@ fn run_over(seed: u64, submits: Submits, placement: StickyOptions, input: Input)
         if rng.random_range(0..4) == 0 {
             settle(&mut pending, &mut answers, &mut queries, &mut queried);
         }
+        panicked.retain(|at, (key, id)| match answers.get(at) {
+            Some(Err(Error::HandlerPanicked { .. })) => {
+                let retry = cluster.client().submit_with_id(&*key, *id, Req::Add(1));
+                match retry {
+                    Ok(p) => pending.push(p),
+                    Err(e) => panic!("seed {seed}: the retry of {at}, set aside: {e}"),
+                }
+                retried_after_panic += 1;
+                false
+            }
+            Some(_) => false,
+            None => true,
+        });
     }
     settle(&mut pending, &mut answers, &mut queries, &mut queried);
 
@@ -247,6 +376,28 @@ fn run_over(seed: u64, submits: Submits, placement: StickyOptions, input: Input)
             // stall timeout is 60 ms on a busy machine).
             Err(Error::QueryStalled { .. }) => {}
             Err(e) => panic!("{context}: query of {key} at {at}: {e}"),
+        }
+    }
+    if matches!(submits, Submits::Ids) {
+        assert!(
+            retried_after_panic > 0,
+            "{context}: no set-aside request retried"
+        );
+    }
+    // No key and id is logged twice but for a request set aside (which changed nothing).
+    let aside = common::set_aside(&*logs.input);
+    let mut firsts: HashMap<(Vec<u8>, Vec<u8>), u64> = HashMap::new();
+    for r in logs.input.read_from(logs.input.start_offset()).unwrap() {
+        let r = r.unwrap();
+        if let Some((2, rest)) = r.payload.split_first() {
+            let key = (r.key.to_vec(), rest[..16].to_vec());
+            if let Some(before) = firsts.insert(key, r.offset) {
+                assert!(
+                    aside.contains(&before),
+                    "{context}: the request at {before} logged again at {}",
+                    r.offset
+                );
+            }
         }
     }
     cluster.shutdown().unwrap();
@@ -269,6 +420,17 @@ fn the_same_with_batches_and_async_submits() {
     // the placement: the batch was refused with `NoInstance` (2 runs in 3).
     for seed in [1, 2, 3, 116] {
         run(seed, Submits::BatchesAndAsync, placement());
+    }
+}
+
+/// Every request with an id, a quarter of them retried at once, one at a time and in
+/// batches, among the failures and membership changes above, in memory and over a log
+/// that syncs every request.
+#[test]
+fn the_same_with_request_ids_and_retries() {
+    for seed in [1, 2, 3] {
+        run(seed, Submits::Ids, placement());
+        run_over(seed, Submits::Ids, placement(), Input::Durable);
     }
 }
 
