@@ -9,6 +9,9 @@
 //!   same with instances lingering 50 µs (`ClusterBuilder::linger`) against the default
 //!   (no linger), so what lingering buys and costs is measured in every run.
 //! - `throughput.batch64`: the same through `Client::submit_batch`, 64 at a time.
+//! - `throughput.ids.vs_without` and `throughput.batch64.ids.vs_without`: what request
+//!   ids cost, every request submitted with a fresh one (`Client::submit_with_id`,
+//!   `submit_batch_with_ids`) against none, one at a time and in batches of 64.
 //! - `peak_to_mean` (goal ≤ 1.25): requests per instance in the throughput run.
 //! - `p50/p99_at_half_load` (p99 goal ≤ 1 ms), default and `linger50`: one thread
 //!   submitting open-loop at half of the measured peak, latency from each request's due
@@ -39,7 +42,7 @@ use std::sync::Arc;
 use std::thread;
 use std::time::{Duration, Instant};
 
-use cauce::cluster::{Cluster, Context, Handler, Pending};
+use cauce::cluster::{Cluster, Context, Handler, Pending, RequestId};
 use cauce::store::{LogOptions, SyncPolicy};
 use crossbeam_channel::{Receiver, Sender, bounded, unbounded};
 use rand::{RngExt, SeedableRng, rngs::SmallRng};
@@ -260,26 +263,50 @@ fn start_cluster(linger: Option<Duration>) -> (Cluster<Counter>, tempfile::TempD
 /// flight, submitted one at a time (`batch` 1) or `batch` at a time
 /// (`Client::submit_batch`).
 fn run_cauce(work: &[Vec<Arc<[u8]>>], batch: usize, linger: Option<Duration>) -> Run {
+    run_cauce_with(work, batch, linger, false)
+}
+
+/// [`run_cauce`], every request with a request id (`Client::submit_with_id`, or
+/// `submit_batch_with_ids`) if `ids`: unique ones, so none is a duplicate.
+fn run_cauce_with(
+    work: &[Vec<Arc<[u8]>>],
+    batch: usize,
+    linger: Option<Duration>,
+    ids: bool,
+) -> Run {
     let (cluster, _dir) = start_cluster(linger);
     let started = Instant::now();
     let cpu = cpu_time();
     let total: usize = work.iter().map(Vec::len).sum();
     thread::scope(|s| {
-        for keys in work {
+        for (t, keys) in work.iter().enumerate() {
             let client = cluster.client();
             let thread = thread::Builder::new().name("cauce-client".into());
             thread
                 .spawn_scoped(s, move || {
                     let mut window: VecDeque<Pending<u64>> = VecDeque::with_capacity(WINDOW);
+                    let mut next_id = (t as u128) << 64;
+                    let mut id = || {
+                        next_id += 1;
+                        RequestId(next_id)
+                    };
                     for chunk in keys.chunks(batch) {
                         while window.len() + chunk.len() > WINDOW {
                             window.pop_front().expect("window").wait().expect("answer");
                         }
-                        if let [key] = chunk {
-                            window.push_back(client.submit(&**key, 1).expect("submit"));
-                        } else {
-                            let requests = chunk.iter().map(|k| (&**k, 1u64));
-                            window.extend(client.submit_batch(requests).expect("submit"));
+                        match chunk {
+                            [key] if ids => window
+                                .push_back(client.submit_with_id(&**key, id(), 1).expect("submit")),
+                            [key] => window.push_back(client.submit(&**key, 1).expect("submit")),
+                            _ if ids => {
+                                let requests = chunk.iter().map(|k| (&**k, id(), 1u64));
+                                let submitted = client.submit_batch_with_ids(requests);
+                                window.extend(submitted.expect("submit"));
+                            }
+                            _ => {
+                                let requests = chunk.iter().map(|k| (&**k, 1u64));
+                                window.extend(client.submit_batch(requests).expect("submit"));
+                            }
                         }
                     }
                     for p in window {
@@ -754,6 +781,24 @@ fn throughput(bench: &mut Bench, work: &[Vec<Arc<[u8]>>]) -> Option<f64> {
         None,
         || run_cauce(work, 64, None).rate,
         || Baseline::run(work).rate,
+    );
+    // What request ids cost: every request with a fresh id (remembered, checked under
+    // its key's stripe), one at a time and in batches of 64.
+    bench.compare(
+        "cluster.zipf.4.throughput.ids.vs_without",
+        "req/s",
+        Better::More,
+        None,
+        || run_cauce_with(work, 1, None, true).rate,
+        || run_cauce(work, 1, None).rate,
+    );
+    bench.compare(
+        "cluster.zipf.4.throughput.batch64.ids.vs_without",
+        "req/s",
+        Better::More,
+        None,
+        || run_cauce_with(work, 64, None, true).rate,
+        || run_cauce(work, 64, None).rate,
     );
     bench.record(
         "cluster.zipf.4.peak_to_mean.vs_static_channels",
