@@ -2462,7 +2462,8 @@ impl<H: Handler> Shared<H> {
         }
         let ids: Vec<Option<RequestId>> = items.iter().map(|(_, p)| id_of(p)).collect();
         let recent = self.recent_ids.lock();
-        let mut firsts: HashMap<(&[u8], RequestId), usize> = HashMap::new();
+        let mut firsts: HashMap<(&[u8], RequestId), usize, ahash::RandomState> =
+            HashMap::with_capacity_and_hasher(items.len(), ahash::RandomState::new());
         items
             .iter()
             .zip(&ids)

@@ -139,9 +139,15 @@ impl RecentIds {
             }
         }
         // Appends of different stripes can reach here out of offset order; keep `order`
-        // sorted so that the front is always the oldest.
-        let at = self.order.partition_point(|(o, ..)| *o < offset);
-        self.order.insert(at, (offset, key, id.0));
+        // sorted so that the front is always the oldest. (Nearly always in order: a
+        // search through a deque of thousands of entries, each a cache miss, cost about
+        // as much as the rest of the insert.)
+        if self.order.back().is_none_or(|b| b.0 < offset) {
+            self.order.push_back((offset, key, id.0));
+        } else {
+            let at = self.order.partition_point(|(o, ..)| *o < offset);
+            self.order.insert(at, (offset, key, id.0));
+        }
     }
 
     /// Forgets the id of the request logged at `offset`, if one is remembered: it was set
