@@ -32,6 +32,12 @@ fn state(cluster: &Cluster<Service>, key: &str) -> Tally {
     }
 }
 
+fn in_memory(instances: usize) -> ClusterBuilder<Service> {
+    Cluster::builder(Service::default())
+        .in_memory()
+        .instances(instances)
+}
+
 fn on_disk(dir: &Path) -> ClusterBuilder<Service> {
     Cluster::builder(Service::default())
         .dir(dir)
@@ -41,11 +47,7 @@ fn on_disk(dir: &Path) -> ClusterBuilder<Service> {
 
 #[test]
 fn a_retry_is_refused_with_the_first_offset_and_applied_once() {
-    let cluster = Cluster::builder(Service::default())
-        .in_memory()
-        .instances(2)
-        .build()
-        .expect("build");
+    let cluster = in_memory(2).build().expect("build");
     let client = cluster.client();
     let first = client
         .submit_with_id("alice", RequestId(1), Req::Add(5))
@@ -89,11 +91,7 @@ fn a_retry_is_refused_with_the_first_offset_and_applied_once() {
 
 #[test]
 fn concurrent_submits_of_one_id_apply_it_once() {
-    let cluster = Cluster::builder(Service::default())
-        .in_memory()
-        .instances(3)
-        .build()
-        .expect("build");
+    let cluster = in_memory(3).build().expect("build");
     const THREADS: usize = 6;
     const IDS: u128 = 300;
     let barrier = Barrier::new(THREADS);
@@ -236,9 +234,7 @@ fn a_retry_older_than_the_window_is_a_new_request() {
 
 #[test]
 fn an_id_refused_for_room_can_be_submitted_again() {
-    let cluster = Cluster::builder(Service::default())
-        .in_memory()
-        .instances(1)
+    let cluster = in_memory(1)
         .queue_capacity(2)
         .stall_timeout(Duration::from_secs(60))
         .build()
@@ -272,11 +268,7 @@ fn an_id_refused_for_room_can_be_submitted_again() {
 
 #[test]
 fn a_batch_logs_its_new_requests_and_resolves_its_duplicates() {
-    let cluster = Cluster::builder(Service::default())
-        .in_memory()
-        .instances(3)
-        .build()
-        .expect("build");
+    let cluster = in_memory(3).build().expect("build");
     let client = cluster.client();
     let first = client
         .submit_with_id("a", RequestId(1), Req::Add(1))
@@ -348,12 +340,7 @@ fn a_batch_logs_its_new_requests_and_resolves_its_duplicates() {
 
 #[test]
 fn a_redelivered_batch_larger_than_a_queue_takes_no_room() {
-    let cluster = Cluster::builder(Service::default())
-        .in_memory()
-        .instances(1)
-        .queue_capacity(2)
-        .build()
-        .expect("build");
+    let cluster = in_memory(1).queue_capacity(2).build().expect("build");
     let client = cluster.client();
     for id in 0..3u64 {
         client
@@ -399,11 +386,7 @@ fn batches_and_single_submits_of_the_same_ids_apply_each_once() {
     // On disk under `Always` (async batches append on appender threads), and in memory.
     let clusters = [
         on_disk(&tmp.path().join("cluster")).build().expect("build"),
-        Cluster::builder(Service::default())
-            .in_memory()
-            .instances(3)
-            .build()
-            .expect("build"),
+        in_memory(3).build().expect("build"),
     ];
     for cluster in clusters {
         const IDS: u128 = 200;

@@ -2399,17 +2399,20 @@ impl<H: Handler> Shared<H> {
         payloads: &[u8],
         can_wait: bool,
     ) -> Vec<Option<(RequestId, Offset)>> {
-        let id_of = |p: &Range<usize>| payloads.get(p.clone()).and_then(fold::request_id);
         // A closed cluster refuses the whole batch, in its submit.
-        if !self.accepting.load(Ordering::SeqCst) || items.iter().all(|(_, p)| id_of(p).is_none()) {
+        if !self.accepting.load(Ordering::SeqCst) {
             return Vec::new();
         }
+        let Some(ids) = batch_ids(items, payloads) else {
+            return Vec::new();
+        };
         let recent = self.recent_ids.lock();
         let logged_ok = self.logged_ok.load(Ordering::Acquire);
         let known: Vec<Option<(RequestId, Offset)>> = items
             .iter()
-            .map(|(key, p)| {
-                let id = id_of(p)?;
+            .zip(ids)
+            .map(|((key, _), id)| {
+                let id = id?;
                 let (offset, settled) = recent.find_settled(key.as_ref(), id)?;
                 (can_wait || settled || offset < logged_ok).then_some((id, offset))
             })
@@ -2455,12 +2458,9 @@ impl<H: Handler> Shared<H> {
         items: &[(K, Range<usize>)],
         payloads: &[u8],
     ) -> Vec<Option<BatchDup>> {
-        let id_of = |p: &Range<usize>| payloads.get(p.clone()).and_then(fold::request_id);
-        // A batch without ids pays one look at each payload's first byte.
-        if items.iter().all(|(_, p)| id_of(p).is_none()) {
+        let Some(ids) = batch_ids(items, payloads) else {
             return Vec::new();
-        }
-        let ids: Vec<Option<RequestId>> = items.iter().map(|(_, p)| id_of(p)).collect();
+        };
         let recent = self.recent_ids.lock();
         let mut firsts: HashMap<(&[u8], RequestId), usize, ahash::RandomState> =
             HashMap::with_capacity_and_hasher(items.len(), ahash::RandomState::new());
@@ -3625,6 +3625,16 @@ fn unreadable(instance: InstanceId, offset: Offset, e: &Error) -> Error {
 /// [`Error::StorePanicked`]: the submit's caller learns what became of its request.
 /// What the append undoes as it unwinds is undone as for a panic on the caller's thread
 /// (see `unwinding_undoes`).
+/// The request ids of a batch's items (`None` for those without), or `None` if no item
+/// has one: a batch without ids pays one look at each payload's first byte.
+fn batch_ids<K>(items: &[(K, Range<usize>)], payloads: &[u8]) -> Option<Vec<Option<RequestId>>> {
+    let id_of = |p: &Range<usize>| payloads.get(p.clone()).and_then(fold::request_id);
+    if items.iter().all(|(_, p)| id_of(p).is_none()) {
+        return None;
+    }
+    Some(items.iter().map(|(_, p)| id_of(p)).collect())
+}
+
 /// A pending response already resolved to [`Error::Duplicate`] of the request logged at
 /// `offset` (which it names as its own).
 fn resolved_duplicate<T>(id: RequestId, offset: Offset) -> Pending<T> {

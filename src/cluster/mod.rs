@@ -559,8 +559,7 @@ impl<H: Handler> Client<H> {
         id: RequestId,
         request: H::Request,
     ) -> Result<Pending<H::Response>> {
-        let payload = fold::Scratch::request_with_id(&request, id)?;
-        self.shared.submit_encoded(key.as_ref(), &payload, true)
+        self.submit_id(key.as_ref(), id, &request, true)
     }
 
     /// [`submit_with_id`](Client::submit_with_id) that never waits for room, as
@@ -572,8 +571,20 @@ impl<H: Handler> Client<H> {
         id: RequestId,
         request: H::Request,
     ) -> Result<Pending<H::Response>> {
-        let payload = fold::Scratch::request_with_id(&request, id)?;
-        self.shared.submit_encoded(key.as_ref(), &payload, false)
+        self.submit_id(key.as_ref(), id, &request, false)
+    }
+
+    /// [`submit_with_id`](Client::submit_with_id), waiting for room if `block`, else
+    /// [`try_submit_with_id`](Client::try_submit_with_id).
+    fn submit_id(
+        &self,
+        key: &[u8],
+        id: RequestId,
+        request: &H::Request,
+        block: bool,
+    ) -> Result<Pending<H::Response>> {
+        let payload = fold::Scratch::request_with_id(request, id)?;
+        self.shared.submit_encoded(key, &payload, block)
     }
 
     /// [`submit_with_id`](Client::submit_with_id) as a future, as
