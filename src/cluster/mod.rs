@@ -493,7 +493,8 @@ impl<H: Handler> Client<H> {
     ///
     /// How long an id is remembered: while the first submit is among the last
     /// [`retry_window`](ClusterBuilder::retry_window) records of the log (65,536 by
-    /// default; a little longer if no request with an id follows), after a restart or a
+    /// default), and at most twice as long (the ids are dropped a window's worth at a
+    /// time; longer if no request with an id follows), after a restart or a
     /// crash too (an open reads the ids back from the log; a record a crash lost, under
     /// [`SyncPolicy::Every`](crate::store::SyncPolicy::Every) say, takes its id with it,
     /// and its retry is applied). A retry later than that is applied again.
@@ -512,11 +513,12 @@ impl<H: Handler> Client<H> {
     /// [`submit_batch_with_ids`](Client::submit_batch_with_ids).
     ///
     /// What it costs: each submit with an id looks its key and id up in, and adds them
-    /// to, one set shared by every submitter (two lock round trips and three hash-table
-    /// accesses more per request). The bench's `cluster.zipf.4.throughput.ids.vs_without`
-    /// measures it: every request with an id made 0.47-0.54 of the requests/s of the
-    /// same load without (batches of 64: 0.42-0.45), on 2 cores where the submitters are
-    /// the bottleneck. Requests without ids pay a look at one byte.
+    /// to, one set shared by every submitter (two lock round trips, a hash of the key
+    /// and id, and a probe of one or two small tables more per request). The bench's
+    /// `cluster.zipf.4.throughput.ids.vs_without` measures it: every request with an id
+    /// made 0.62-0.75 of the requests/s of the same load without (batches of 64:
+    /// 0.53-0.59), on 2 cores where the submitters are the bottleneck. Requests without
+    /// ids pay a look at one byte.
     ///
     /// A duplicate gets no answer of the first request (it went to the first submit's
     /// [`Pending`]): read the state with [`query`](Client::query) if the answer
@@ -1600,9 +1602,10 @@ impl<H: Handler> ClusterBuilder<H> {
     /// last `records` records of the log (requests of every key and control records
     /// count), and after a restart too, as far as the log still holds them.
     ///
-    /// What it costs: memory for at most `records` ids (about 150 bytes each with keys
-    /// of up to 30 bytes, so 10 MiB at the default, and only as many as requests with
-    /// ids were logged), and at open a read of the last `records` records of the log.
+    /// What it costs: memory for at most twice `records` ids (about 85 bytes each with
+    /// keys of up to 30 bytes, so 11 MiB at the default, and only as many as requests
+    /// with ids were logged), and at open a read of the last `records` records of the
+    /// log.
     /// Size it to cover the longest a client may take to retry, at the busiest request
     /// rate: at 100,000 requests/s, the default covers 0.65 s; a client that retries
     /// after a 5 s timeout needs 500,000.
