@@ -387,6 +387,28 @@ pub enum Error {
         reason: String,
     },
 
+    /// A [`Replay`](crate::cluster::Replay) was asked for a state it cannot rebuild: the
+    /// log still holds the offset, but no longer the requests before it (its head was
+    /// dropped by
+    /// [`truncate_after_checkpoint`](crate::cluster::ClusterBuilder::truncate_after_checkpoint)
+    /// or by retention), and they exist only folded into the checkpoint, which was
+    /// taken later. States from the checkpoint's offset on can be rebuilt.
+    #[error(
+        "the state before offset {requested} cannot be rebuilt: the log no longer holds \
+         the requests before it, and {}",
+        match earliest {
+            Some(c) => format!("its checkpoint, where states can be rebuilt from, is at offset {c}"),
+            None => "it has no checkpoint".to_string(),
+        }
+    )]
+    BeforeCheckpoint {
+        /// The offset asked for.
+        requested: Offset,
+        /// The checkpoint's offset: the earliest a state can be rebuilt before (`None`:
+        /// there is no checkpoint, and no state can be rebuilt).
+        earliest: Option<Offset>,
+    },
+
     /// The record at an offset of a cluster's input log is not a request: it records a
     /// membership change or a request set aside after its handler panicked, so there is
     /// no request there to re-run or handle.

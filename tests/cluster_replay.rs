@@ -353,3 +353,52 @@ fn a_state_past_the_end_of_the_log_is_out_of_range() {
     let rerun = replay.rerun(offset).unwrap();
     assert!(format!("{rerun:?}").contains("Add(7)"));
 }
+
+/// After truncation kept the log's last records before the checkpoint, an offset among
+/// them is held by the log, but the requests before it are not: a replay says so, and
+/// names the checkpoint, instead of calling a held offset out of range.
+#[test]
+fn a_state_before_the_checkpoint_of_a_truncated_log_names_the_checkpoint() {
+    let dir = tempfile::tempdir().unwrap();
+    let cluster = Cluster::builder(Svc::default())
+        .dir(dir.path())
+        .log_options(LogOptions::new().segment_bytes(512))
+        .checkpoint_every(u64::MAX)
+        .retry_window(8)
+        .truncate_after_checkpoint(true)
+        .build()
+        .unwrap();
+    for i in 0..200 {
+        submit(&cluster, Req::Add(i));
+    }
+    let checkpoint = cluster.checkpoint().unwrap();
+    let (after, _) = submit(&cluster, Req::Add(1));
+    // Dropped, not shut down: a shutdown would checkpoint again.
+    drop(cluster);
+    let input = LogStore::open_read_only(dir.path().join("input"), LogOptions::new()).unwrap();
+    let start = input.start_offset();
+    assert!(
+        start > 0 && start < checkpoint,
+        "truncation kept some records before the checkpoint: start {start}, checkpoint {checkpoint}"
+    );
+    let replay = Replay::open(dir.path(), Svc::default()).unwrap();
+    for offset in start..checkpoint {
+        let err = replay.state_before(b"k", offset).unwrap_err();
+        assert!(
+            matches!(err, Error::BeforeCheckpoint { requested, earliest: Some(c) }
+                if requested == offset && c == checkpoint),
+            "{err:?}"
+        );
+        assert!(
+            err.to_string().contains(&format!("offset {checkpoint}")),
+            "{err}"
+        );
+    }
+    assert!(matches!(
+        replay.state_before(b"k", start - 1),
+        Err(Error::OffsetOutOfRange { requested, start: s, .. }) if requested == start - 1 && s == start
+    ));
+    let total: u64 = (0..200).sum();
+    assert_eq!(replay.state_before(b"k", checkpoint).unwrap(), total);
+    assert_eq!(replay.state_before(b"k", after + 1).unwrap(), total + 1);
+}

@@ -167,7 +167,9 @@ impl<H: Handler> Replay<H> {
     /// of `key` before it; requests whose handler panicked or stalled twice are not part
     /// of it). `offset` may be the log's next offset
     /// ([`next_offset`](Self::next_offset)), for the state after every request; past it
-    /// is [`Error::OffsetOutOfRange`].
+    /// is [`Error::OffsetOutOfRange`], and so is an offset before the log's start. An
+    /// offset the log holds, but before its checkpoint once the log's head was dropped
+    /// (the requests before it are gone), is [`Error::BeforeCheckpoint`].
     pub fn state_before(&self, key: impl AsRef<[u8]>, offset: Offset) -> Result<H::State> {
         let key = key.as_ref();
         let end = self.input.next_offset();
@@ -312,11 +314,18 @@ impl<H: Handler> Replay<H> {
         if let Some(c) = self.checkpoint.as_ref().filter(|c| c.offset <= offset) {
             return Ok(c.clone());
         }
-        if start > 0 {
+        if offset < start {
             return Err(Error::OffsetOutOfRange {
                 requested: offset,
                 start,
                 end: self.input.next_offset(),
+            });
+        }
+        if start > 0 {
+            // The offset is held, but the requests before it are not.
+            return Err(Error::BeforeCheckpoint {
+                requested: offset,
+                earliest: self.checkpoint.as_ref().map(|c| c.offset),
             });
         }
         Ok(Arc::new(Checkpoint::empty(0)))
