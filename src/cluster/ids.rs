@@ -120,6 +120,13 @@ const POSITION_MASK: u64 = (1 << POSITION_BITS) - 1;
 struct Generation {
     entries: Vec<Remembered>,
     index: Vec<u64>,
+    /// The largest offset among the entries.
+    newest: Offset,
+    /// How far an entry's offset was at most below the largest one before it: entries
+    /// come nearly in offset order (appends of different stripes reach the set in
+    /// another order than their offsets), and `forget` stops its search once it is
+    /// this far below the offset it looks for.
+    disorder: u64,
 }
 
 /// `id` as two `u64`s.
@@ -131,6 +138,8 @@ impl Generation {
     fn clear(&mut self) {
         self.entries.clear();
         self.index.fill(0);
+        self.newest = 0;
+        self.disorder = 0;
     }
 
     fn tag(hash: u64) -> u64 {
@@ -166,8 +175,32 @@ impl Generation {
                 self.link(position);
             }
         }
+        if self.entries.is_empty() || entry.offset > self.newest {
+            self.newest = entry.offset;
+        } else {
+            self.disorder = self.disorder.max(self.newest - entry.offset);
+        }
+        // Positions fit the index's slots: a generation never holds 2^40 entries (each
+        // takes 72 bytes).
         self.entries.push(entry);
         self.link(self.entries.len() - 1);
+    }
+
+    /// Marks the entry logged at `offset` forgotten, if there is one. Searched from the
+    /// newest entry back, as far as an entry before it could be (see `disorder`): an
+    /// entry `disorder` or more below `offset` follows every entry at `offset`, since
+    /// each entry is at most `disorder` below the largest offset before it.
+    fn forget(&mut self, offset: Offset) {
+        let floor = offset.saturating_sub(self.disorder);
+        for entry in self.entries.iter_mut().rev() {
+            if entry.offset < floor {
+                return;
+            }
+            if entry.offset == offset && !entry.forgotten {
+                entry.forgotten = true;
+                return;
+            }
+        }
     }
 
     /// Puts the entry at `position` in the index.
@@ -191,8 +224,7 @@ impl RecentIds {
     /// An empty set remembering ids over `window` records.
     pub(crate) fn new(window: u64) -> RecentIds {
         RecentIds {
-            // Positions in a generation must fit the index's slots.
-            window: window.min(POSITION_MASK - 1),
+            window,
             current: Generation::default(),
             previous: Generation::default(),
             span: 0,
@@ -266,8 +298,9 @@ impl RecentIds {
 
     /// Forgets the id of the request logged at `offset`, if one is remembered: it was set
     /// aside (its handler panicked or stalled twice), changed nothing, and may be
-    /// submitted again. (A scan of the offset's span from its newest entry: rare, and
-    /// the entries have no index by offset.)
+    /// submitted again. (A search of the offset's span back from its newest entry, no
+    /// further than the span's disorder allows: requests are set aside soon after they
+    /// are logged.)
     pub(crate) fn forget(&mut self, offset: Offset) {
         if self.window == 0 {
             return;
@@ -280,14 +313,7 @@ impl RecentIds {
         } else {
             return;
         };
-        if let Some(entry) = generation
-            .entries
-            .iter_mut()
-            .rev()
-            .find(|e| e.offset == offset && !e.forgotten)
-        {
-            entry.forgotten = true;
-        }
+        generation.forget(offset);
     }
 
     /// How many ids are remembered.
@@ -474,5 +500,188 @@ mod tests {
         assert_eq!(RequestId::from(bytes), RequestId(1));
         assert_eq!(RequestId::from_bytes(RequestId(5).to_bytes()), RequestId(5));
         assert_eq!(RequestId(255).to_string(), "0xff");
+    }
+
+    /// A plain model of the documented two-generation rules, compared op by op.
+    #[derive(Default)]
+    struct Model {
+        window: u64,
+        span: u64,
+        started: bool,
+        // (key, id, offset, settled, forgotten, span)
+        entries: Vec<(Vec<u8>, u128, u64, bool, bool, u64)>,
+    }
+    impl Model {
+        fn live(&self) -> impl Iterator<Item = &(Vec<u8>, u128, u64, bool, bool, u64)> {
+            let span = self.span;
+            self.entries
+                .iter()
+                .filter(move |e| e.5 == span || e.5 + 1 == span)
+        }
+        fn find(&self, key: &[u8], id: u128) -> Option<(u64, bool)> {
+            // current generation first, then previous; first inserted wins within one
+            let cur = self
+                .live()
+                .filter(|e| e.5 == self.span)
+                .find(|e| !e.4 && e.0 == key && e.1 == id);
+            let prev = self
+                .live()
+                .filter(|e| e.5 != self.span)
+                .find(|e| !e.4 && e.0 == key && e.1 == id);
+            cur.or(prev).map(|e| (e.2, e.3))
+        }
+        fn insert(&mut self, key: &[u8], id: u128, offset: u64, settled: bool) {
+            if self.window == 0 {
+                return;
+            }
+            let span = offset / self.window;
+            if span > self.span {
+                self.span = span;
+            } else if span + 1 < self.span {
+                return;
+            }
+            let _ = self.started;
+            let s = self.span;
+            self.entries.retain(|e| e.5 == s || e.5 + 1 == s);
+            if self.find(key, id).is_some() {
+                return;
+            }
+            self.entries
+                .push((key.to_vec(), id, offset, settled, false, span));
+        }
+        fn forget(&mut self, offset: u64) {
+            if self.window == 0 {
+                return;
+            }
+            let span = offset / self.window;
+            if !(span == self.span || span + 1 == self.span) {
+                return;
+            }
+            if let Some(e) = self
+                .entries
+                .iter_mut()
+                .rev()
+                .find(|e| e.5 == span && e.2 == offset && !e.4)
+            {
+                e.4 = true;
+            }
+        }
+    }
+
+    #[test]
+    fn the_set_agrees_with_a_model_of_its_rules() {
+        let mut seed = 0x9E37_79B9_7F4A_7C15u64;
+        let mut next = move || {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed
+        };
+        for &window in &[1u64, 2, 3, 7, 64, 100, 1000] {
+            let mut recent = RecentIds::new(window);
+            let mut model = Model {
+                window,
+                ..Model::default()
+            };
+            let mut offset = 0u64;
+            for _ in 0..30_000 {
+                let r = next();
+                match r % 10 {
+                    0..=5 => {
+                        // mostly ascending, sometimes back a bit (stripes), sometimes a jump
+                        offset += 1 + (next() % 3);
+                        if next() % 50 == 0 {
+                            offset += window * (next() % 4);
+                        }
+                        let at = if next() % 8 == 0 {
+                            offset.saturating_sub(next() % (2 * window + 2))
+                        } else {
+                            offset
+                        };
+                        let k = next() % 40;
+                        let key: Vec<u8> = if k % 3 == 0 {
+                            vec![k as u8; 45]
+                        } else {
+                            vec![k as u8]
+                        };
+                        let id = u128::from(next() % 30) << (if next() % 2 == 0 { 64 } else { 0 });
+                        let settled = next() % 2 == 0;
+                        recent.insert(&key, RequestId(id), at, settled);
+                        model.insert(&key, id, at, settled);
+                    }
+                    6 => {
+                        let at = offset.saturating_sub(next() % (2 * window + 2));
+                        recent.forget(at);
+                        model.forget(at);
+                    }
+                    _ => {
+                        let k = next() % 40;
+                        let key: Vec<u8> = if k % 3 == 0 {
+                            vec![k as u8; 45]
+                        } else {
+                            vec![k as u8]
+                        };
+                        let id = u128::from(next() % 30) << (if next() % 2 == 0 { 64 } else { 0 });
+                        assert_eq!(
+                            recent.find_settled(&key, RequestId(id)),
+                            model.find(&key, id),
+                            "window {window} key {key:?} id {id} at {offset}"
+                        );
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn a_huge_window_keeps_every_id_within_it() {
+        let mut recent = RecentIds::new(u64::MAX);
+        recent.insert(b"k", RequestId(1), 0, true);
+        recent.insert(b"k", RequestId(2), 1 << 41, true);
+        recent.insert(b"k", RequestId(3), u64::MAX - 1, true);
+        assert_eq!(recent.find(b"k", RequestId(1)), Some(0));
+        assert_eq!(recent.find(b"k", RequestId(3)), Some(u64::MAX - 1));
+    }
+
+    #[test]
+    fn forget_finds_entries_logged_out_of_order() {
+        let mut recent = RecentIds::new(1_000);
+        // Stripes reach the set out of offset order, by up to 5.
+        for base in (0..900u64).step_by(10) {
+            for offset in [base + 5, base + 1, base + 9, base, base + 3] {
+                recent.insert(&offset.to_le_bytes(), RequestId(1), offset, true);
+            }
+        }
+        for base in (0..900u64).step_by(10) {
+            for offset in [base, base + 3, base + 9] {
+                recent.forget(offset);
+                assert_eq!(
+                    recent.find(&offset.to_le_bytes(), RequestId(1)),
+                    None,
+                    "{offset}"
+                );
+            }
+            for offset in [base + 1, base + 5] {
+                assert_eq!(
+                    recent.find(&offset.to_le_bytes(), RequestId(1)),
+                    Some(offset)
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn keys_with_the_same_tag_and_slot_are_told_apart() {
+        let mut recent = RecentIds::new(1 << 20);
+        let mut seen = std::collections::HashMap::new();
+        let (a, b) = (0u64..)
+            .find_map(|i| {
+                let h = recent.hash(&i.to_le_bytes(), RequestId(1));
+                seen.insert((Generation::tag(h), h & 63), i).map(|j| (j, i))
+            })
+            .unwrap();
+        recent.insert(&a.to_le_bytes(), RequestId(1), 1, true);
+        assert_eq!(recent.find(&b.to_le_bytes(), RequestId(1)), None);
+        assert_eq!(recent.find(&a.to_le_bytes(), RequestId(1)), Some(1));
     }
 }

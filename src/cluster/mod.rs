@@ -1602,10 +1602,10 @@ impl<H: Handler> ClusterBuilder<H> {
     /// last `records` records of the log (requests of every key and control records
     /// count), and after a restart too, as far as the log still holds them.
     ///
-    /// What it costs: memory for at most twice `records` ids (about 85 bytes each with
-    /// keys of up to 30 bytes, so 11 MiB at the default, and only as many as requests
-    /// with ids were logged), and at open a read of the last `records` records of the
-    /// log.
+    /// What it costs: memory for at most twice `records` ids (88 bytes each with keys of
+    /// up to 30 bytes at the default, so 11 MiB; up to twice that per id at other sizes,
+    /// as its tables grow by doubling; and only as many as requests with ids were
+    /// logged), and at open a read of the last `records` records of the log.
     /// Size it to cover the longest a client may take to retry, at the busiest request
     /// rate: at 100,000 requests/s, the default covers 0.65 s; a client that retries
     /// after a 5 s timeout needs 500,000.
