@@ -402,3 +402,94 @@ fn a_state_before_the_checkpoint_of_a_truncated_log_names_the_checkpoint() {
     assert_eq!(replay.state_before(b"k", checkpoint).unwrap(), total);
     assert_eq!(replay.state_before(b"k", after + 1).unwrap(), total + 1);
 }
+
+/// Keeps every request of its key in order; panics on 13.
+struct Trail;
+
+impl Handler for Trail {
+    type State = Vec<u64>;
+    type Request = u64;
+    type Response = usize;
+
+    fn handle(&self, _: &mut Context<'_>, _: &[u8], trail: &mut Vec<u64>, req: u64) -> usize {
+        assert_ne!(req, 13, "13 is refused");
+        trail.push(req);
+        trail.len()
+    }
+}
+
+/// A replay folds on from the last state it folded when asked for a later offset of
+/// the same key: whatever the order of the questions (forward through a history, back,
+/// between keys, across a request set aside, past the checkpoint), every answer equals
+/// that of a fresh replay, which folds from the checkpoint.
+#[test]
+fn stepping_through_histories_gives_what_a_fresh_replay_gives() {
+    let dir = tempfile::tempdir().unwrap();
+    let cluster = Cluster::builder(Trail)
+        .dir(dir.path())
+        .instances(2)
+        .checkpoint_every(u64::MAX)
+        .build()
+        .unwrap();
+    let client = cluster.client();
+    let mut offsets = Vec::new();
+    for i in 0..120u64 {
+        if i == 70 {
+            cluster.checkpoint().unwrap();
+        }
+        let key = ["a", "b", "c"][(i % 3) as usize];
+        let req = if i == 40 || i == 95 { 13 } else { i };
+        let pending = client.submit(key, req).unwrap();
+        offsets.push((key, pending.offset()));
+        let answer = pending.wait();
+        assert_eq!(answer.is_err(), req == 13, "{answer:?}");
+    }
+    drop(client);
+    cluster.shutdown().unwrap();
+
+    let stepping = Replay::open(dir.path(), Trail).unwrap();
+    let fresh = || Replay::open(dir.path(), Trail).unwrap();
+    let end = stepping.next_offset();
+    let mut questions: Vec<(&str, u64)> = Vec::new();
+    // Forward through each key's history, then the whole log's offsets for another
+    // key, backward, and jumps.
+    for key in ["a", "b"] {
+        questions.extend(
+            offsets
+                .iter()
+                .filter(|(k, _)| *k == key)
+                .map(|&(k, o)| (k, o)),
+        );
+        questions.push((key, end));
+    }
+    questions.extend(offsets.iter().rev().step_by(7).map(|&(_, o)| ("c", o)));
+    questions.extend([
+        ("a", 0),
+        ("a", end),
+        ("a", offsets[60].1),
+        ("b", offsets[60].1),
+    ]);
+    for (key, offset) in questions {
+        assert_eq!(
+            stepping.state_before(key, offset).unwrap(),
+            fresh().state_before(key, offset).unwrap(),
+            "{key} before {offset}"
+        );
+    }
+    // Reruns step the same way.
+    let mut afters = Vec::new();
+    for &(key, offset) in offsets.iter().filter(|(k, _)| *k == "a") {
+        if stepping.panicked(offset) {
+            assert!(matches!(
+                stepping.rerun(offset),
+                Err(Error::HandlerPanicked { .. })
+            ));
+            continue;
+        }
+        let rerun = stepping.rerun(offset).unwrap();
+        assert_eq!(rerun.before, fresh().state_before(key, offset).unwrap());
+        afters.push(rerun.request);
+        assert_eq!(rerun.after, afters);
+    }
+    assert_eq!(stepping.state_before("a", end).unwrap(), afters);
+}

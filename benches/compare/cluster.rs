@@ -36,13 +36,17 @@
 //! - `reads.query.vs_logged_request` (group `cluster.reads`): reading a key's state
 //!   through `Client::query` (nothing logged) against through a request that changes
 //!   nothing (logged, like any request), same load and window, every key placed first.
+//! - `replay.rerun_forward.vs_backward` (group `cluster.replay`): `Replay::rerun` of
+//!   every request of one key in a log of 30,000 requests over 100 keys with no
+//!   checkpoint, in the order of its history (each fold goes on from the last one)
+//!   against in the reverse order (each folds from the log's start).
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 use std::thread;
 use std::time::{Duration, Instant};
 
-use cauce::cluster::{Cluster, Context, Handler, Pending, RequestId};
+use cauce::cluster::{Cluster, Context, Handler, Pending, Replay, RequestId};
 use cauce::store::{LogOptions, SyncPolicy};
 use crossbeam_channel::{Receiver, Sender, bounded, unbounded};
 use rand::{RngExt, SeedableRng, rngs::SmallRng};
@@ -527,6 +531,59 @@ fn run_reads(work: &[Vec<Arc<[u8]>>], query: bool) -> f64 {
     rate
 }
 
+/// A cluster's directory holding `requests` requests over 100 keys and no checkpoint
+/// (the cluster is dropped, not shut down), and one of its keys.
+fn replay_log(requests: usize) -> (tempfile::TempDir, String) {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("target");
+    let dir = tempfile::tempdir_in(root).expect("bench dir");
+    let cluster = Cluster::builder(Counter)
+        .dir(dir.path())
+        .log_options(LogOptions::new().sync(SyncPolicy::Never))
+        .checkpoint_every(u64::MAX)
+        .build()
+        .expect("cluster");
+    let client = cluster.client();
+    let mut window = VecDeque::with_capacity(WINDOW);
+    for i in 0..requests {
+        if window.len() == WINDOW {
+            let p: Pending<u64> = window.pop_front().expect("window");
+            p.wait().expect("answer");
+        }
+        window.push_back(
+            client
+                .submit(format!("user-{}", i % 100), 1)
+                .expect("submit"),
+        );
+    }
+    for p in window {
+        p.wait().expect("answer");
+    }
+    drop(client);
+    drop(cluster);
+    (dir, "user-7".to_string())
+}
+
+/// Reruns per second of every request of `key` in the log in `dir`, in the order of
+/// its history (`forward`) or the reverse.
+fn reruns(dir: &std::path::Path, key: &str, forward: bool) -> f64 {
+    let replay = Replay::open(dir, Counter).expect("replay");
+    let mut offsets: Vec<u64> = replay
+        .history(key)
+        .expect("history")
+        .into_iter()
+        .map(|(offset, _)| offset)
+        .collect();
+    if !forward {
+        offsets.reverse();
+    }
+    let started = Instant::now();
+    for &offset in &offsets {
+        let rerun = replay.rerun(offset).expect("rerun");
+        assert_eq!(rerun.after, rerun.before + 1);
+    }
+    offsets.len() as f64 / started.elapsed().as_secs_f64()
+}
+
 /// Sends `keys` at `rate` requests/s, calling `send(key, due)` for each at (or as soon
 /// as it can after) its due time, without spinning a core away from the system under test.
 fn paced(rate: f64, keys: &[Arc<[u8]>], mut send: impl FnMut(&Arc<[u8]>, Instant)) {
@@ -696,6 +753,17 @@ pub fn run(bench: &mut Bench) {
             None,
             || run_reads(&work, true),
             || run_reads(&work, false),
+        );
+    }
+    if bench.group("cluster.replay") {
+        let (dir, key) = replay_log(bench.size(30_000, 6_000));
+        bench.compare(
+            "cluster.replay.rerun_forward.vs_backward",
+            "reruns/s",
+            Better::More,
+            None,
+            || reruns(dir.path(), &key, true),
+            || reruns(dir.path(), &key, false),
         );
     }
     if bench.group("cluster.balance") {

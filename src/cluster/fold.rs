@@ -513,7 +513,7 @@ pub(crate) fn rebuild<H: Handler, U>(
             // Requests queued before they were durable are not visible before then (see
             // `Store::append_deferred`): the fold waits for those it must see.
             input.wait_appended(until)?;
-            input.replay_from(start, &mut fold_one)?;
+            input.replay_range(start, until, &mut fold_one)?;
         }
         match stop {
             Some(Err(e)) => return Err(e),

@@ -60,6 +60,14 @@ impl Store for OwnedLog {
     fn replay_from(&self, from: Offset, f: &mut dyn FnMut(Offset, Entry<'_>)) -> Result<Offset> {
         self.with(|l| LogStore::replay_from(l, from, f))
     }
+    fn replay_range(
+        &self,
+        from: Offset,
+        until: Offset,
+        f: &mut dyn FnMut(Offset, Entry<'_>),
+    ) -> Result<Offset> {
+        self.with(|l| LogStore::replay_range(l, from, until, f))
+    }
     fn start_offset(&self) -> Offset {
         match self.log.load().as_deref() {
             Some(log) => log.start_offset(),

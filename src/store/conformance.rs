@@ -59,6 +59,7 @@ pub fn run_all<F: Fixture>(fixture: &mut F) {
     large_and_empty_records_round_trip(fixture);
     oversized_records_are_refused_with_their_batch(fixture);
     replay_gives_the_records_read_gives(fixture);
+    replay_range_stops_before_its_end(fixture);
     deferred_appends_are_appends_once_waited_for(fixture);
 }
 
@@ -597,6 +598,52 @@ pub fn replay_gives_the_records_read_gives<F: Fixture>(fixture: &mut F) {
         store.replay_from(201, &mut |_, _| {}),
         Err(Error::OffsetOutOfRange { .. })
     ));
+}
+
+/// `replay_range` lends the records `read_from` returns before its end, and says where
+/// to resume.
+pub fn replay_range_stops_before_its_end<F: Fixture>(fixture: &mut F) {
+    let store = fixture.create();
+    for chunk in 0..8 {
+        append_numbered(&store, chunk * 25..(chunk + 1) * 25);
+    }
+    for (from, until) in [
+        (0, 0),
+        (0, 1),
+        (0, 24),
+        (0, 25),
+        (0, 26),
+        (1, 99),
+        (99, 150),
+        (150, 200),
+        (180, 500),
+        (200, 300),
+        (120, 60),
+        (7, u64::MAX),
+    ] {
+        let mut replayed = Vec::new();
+        let next = store
+            .replay_range(from, until, &mut |offset, entry| {
+                replayed.push(entry.to_record(offset))
+            })
+            .expect("replay_range");
+        let expected: Vec<Record> = read_all(&store, from)
+            .into_iter()
+            .filter(|r| r.offset < until)
+            .collect();
+        assert_eq!(replayed, expected, "replay of {from}..{until}");
+        assert_eq!(
+            next,
+            from.max(until.min(200)),
+            "replay of {from}..{until} resumes after its last record"
+        );
+    }
+    for until in [0, 300] {
+        assert!(matches!(
+            store.replay_range(201, until, &mut |_, _| {}),
+            Err(Error::OffsetOutOfRange { .. })
+        ));
+    }
 }
 
 /// `append_deferred` gives offsets as `append` does, from any number of threads at once;

@@ -143,6 +143,37 @@ pub trait Store: Send + Sync + 'static {
         Ok(next)
     }
 
+    /// [`replay_from`](Store::replay_from), stopping before `until`: calls `f` with the
+    /// committed records whose offsets are in `from..until`, and reads no further than it
+    /// must to find them (a fold up to an offset in the middle of a long log does not
+    /// read the rest). Returns the offset after the last record replayed (`from` if
+    /// none). `from` out of range is an error as for `read_from`, whatever `until`.
+    ///
+    /// The default goes through `read_from`; stores that can lend their buffers override
+    /// it.
+    fn replay_range(
+        &self,
+        from: Offset,
+        until: Offset,
+        f: &mut dyn FnMut(Offset, Entry<'_>),
+    ) -> Result<Offset> {
+        let mut next = from;
+        if until <= from {
+            // Only the range check.
+            drop(self.read_from(from)?);
+            return Ok(next);
+        }
+        for record in self.read_from(from)? {
+            let record = record?;
+            if record.offset >= until {
+                break;
+            }
+            f(record.offset, record.as_entry());
+            next = record.offset + 1;
+        }
+        Ok(next)
+    }
+
     /// The first offset still held.
     ///
     /// Retention can move it on at any time: to read from it, use [`read_from_start`],
@@ -399,6 +430,14 @@ impl<S: Store + ?Sized> Store for std::sync::Arc<S> {
     }
     fn replay_from(&self, from: Offset, f: &mut dyn FnMut(Offset, Entry<'_>)) -> Result<Offset> {
         (**self).replay_from(from, f)
+    }
+    fn replay_range(
+        &self,
+        from: Offset,
+        until: Offset,
+        f: &mut dyn FnMut(Offset, Entry<'_>),
+    ) -> Result<Offset> {
+        (**self).replay_range(from, until, f)
     }
     fn start_offset(&self) -> Offset {
         (**self).start_offset()

@@ -971,8 +971,19 @@ impl LogStore {
     ///
     /// [`Record`]: crate::Record
     pub fn replay_from(&self, from: Offset, f: impl FnMut(Offset, Entry<'_>)) -> Result<Offset> {
+        self.replay_range(from, Offset::MAX, f)
+    }
+
+    /// [`replay_from`](Self::replay_from), stopping before `until`
+    /// ([`Store::replay_range`]): no batch past the one that holds `until` is read.
+    pub fn replay_range(
+        &self,
+        from: Offset,
+        until: Offset,
+        f: impl FnMut(Offset, Entry<'_>),
+    ) -> Result<Offset> {
         check_read_range(from, self.start_offset(), self.next_offset())?;
-        reader::LogReader::new(self.shared.clone(), from).replay(f)
+        reader::LogReader::new(self.shared.clone(), from).replay(until, f)
     }
 
     /// For a store opened with [`open_read_only`](Self::open_read_only): the damage where
@@ -1122,6 +1133,15 @@ impl Store for LogStore {
 
     fn replay_from(&self, from: Offset, f: &mut dyn FnMut(Offset, Entry<'_>)) -> Result<Offset> {
         LogStore::replay_from(self, from, f)
+    }
+
+    fn replay_range(
+        &self,
+        from: Offset,
+        until: Offset,
+        f: &mut dyn FnMut(Offset, Entry<'_>),
+    ) -> Result<Offset> {
+        LogStore::replay_range(self, from, until, f)
     }
 
     fn start_offset(&self) -> Offset {

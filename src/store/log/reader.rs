@@ -347,7 +347,11 @@ impl LogReader {
 
     /// Calls `f` with every committed record from the reader's position on, borrowed
     /// from the read buffer; returns the offset after the last one. Errors stop it.
-    pub(crate) fn replay(&mut self, mut f: impl FnMut(Offset, Entry<'_>)) -> Result<Offset> {
+    pub(crate) fn replay(
+        &mut self,
+        until: Offset,
+        mut f: impl FnMut(Offset, Entry<'_>),
+    ) -> Result<Offset> {
         if self.failed {
             return Ok(self.next);
         }
@@ -364,6 +368,9 @@ impl LogReader {
                 if offset < self.next {
                     continue; // before the offset asked for (a seek lands on a batch start)
                 }
+                if offset >= until {
+                    return Ok(self.next);
+                }
                 // Per record, as `next` does: retention may run while `f` does.
                 let start = self.shared.start.load(Ordering::Acquire);
                 if offset < start {
@@ -377,6 +384,9 @@ impl LogReader {
                 let entry = self.pending.entry(at);
                 f(offset, entry);
                 self.next = offset + 1;
+            }
+            if self.next >= until {
+                return Ok(self.next);
             }
             match self.load_batch() {
                 None => return Ok(self.next),
