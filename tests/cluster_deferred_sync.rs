@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use cauce::cluster::{Cluster, Context, Handler};
 use cauce::store::{Deferred, LogOptions, LogStore, MemoryStore, Store, SyncPolicy};
 use cauce::{Entry, Error, Offset};
-use common::{Req, Resp, Service, Tally};
+use common::{Gated, Req, Resp, Service, Tally};
 
 mod common;
 
@@ -82,42 +82,6 @@ fn the_durable_requests_of_one_hot_key_share_fdatasyncs() {
         "{requests} durable requests of one key from {THREADS} threads took {syncs} fdatasyncs"
     );
     cluster.shutdown().expect("shutdown");
-}
-
-/// An input log whose `wait_appended` waits at a gate while `held`, or fails while
-/// `failing`; its appends are a memory store's.
-#[derive(Default)]
-struct Gated {
-    live: MemoryStore,
-    held: AtomicBool,
-    failing: AtomicBool,
-    /// Callers waiting at the gate now.
-    waiting: AtomicUsize,
-}
-
-impl Store for Gated {
-    fn append(&self, batch: &[Entry<'_>]) -> cauce::Result<std::ops::Range<u64>> {
-        self.live.append(batch)
-    }
-    fn append_deferred(&self, batch: &[Entry<'_>]) -> cauce::Result<Deferred> {
-        Ok(Deferred {
-            offsets: self.live.append(batch)?,
-            pending: true,
-        })
-    }
-    fn wait_appended(&self, _end: Offset) -> cauce::Result<()> {
-        if self.failing.load(Ordering::SeqCst) {
-            return Err(Error::ReadOnly("the test's fdatasync failed".into()));
-        }
-        self.waiting.fetch_add(1, Ordering::SeqCst);
-        let since = Instant::now();
-        while self.held.load(Ordering::SeqCst) && since.elapsed() < Duration::from_secs(30) {
-            std::thread::sleep(Duration::from_millis(1));
-        }
-        self.waiting.fetch_sub(1, Ordering::SeqCst);
-        Ok(())
-    }
-    common::forward_store_but_append!(live);
 }
 
 /// The offsets a `Noting` handler handled.

@@ -9,15 +9,15 @@ mod kill;
 use std::collections::HashMap;
 use std::io::Write;
 use std::path::Path;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Barrier};
 use std::task::{Context as TaskContext, Poll, Wake, Waker};
 use std::time::{Duration, Instant};
 
 use cauce::cluster::{Cluster, ClusterBuilder, RequestId};
-use cauce::store::{Deferred, LogOptions, MemoryStore, Store, SyncPolicy};
-use cauce::{Entry, Error, Offset};
-use common::{Req, Resp, Service, Tally};
+use cauce::store::{LogOptions, Store, SyncPolicy};
+use cauce::Error;
+use common::{Gated, Req, Resp, Service, Tally};
 use rand::{RngExt, SeedableRng};
 
 fn state(cluster: &Cluster<Service>, key: &str) -> Tally {
@@ -842,48 +842,6 @@ fn retrying_everything_after_sigkill_applies_each_request_exactly_once() {
         "the retries met requests already logged"
     );
     eprintln!("retries: {retried_duplicate} refused as duplicates, {retried_new} new");
-}
-
-/// A memory log whose `wait_appended` waits at a gate while `held`, or fails while
-/// `failing`; `disk` is what it says for `append_waits_for_disk`.
-#[derive(Default)]
-struct Gated {
-    live: MemoryStore,
-    held: AtomicBool,
-    failing: AtomicBool,
-    disk: bool,
-    waiting: AtomicUsize,
-}
-
-impl Store for Gated {
-    fn append(&self, batch: &[Entry<'_>]) -> cauce::Result<std::ops::Range<u64>> {
-        self.live.append(batch)
-    }
-    fn append_deferred(&self, batch: &[Entry<'_>]) -> cauce::Result<Deferred> {
-        Ok(Deferred {
-            offsets: self.live.append(batch)?,
-            pending: true,
-        })
-    }
-    fn append_waits_for_disk(&self) -> bool {
-        self.disk
-    }
-    fn wait_appended(&self, _end: Offset) -> cauce::Result<()> {
-        self.waiting.fetch_add(1, Ordering::SeqCst);
-        let since = Instant::now();
-        while self.held.load(Ordering::SeqCst) && since.elapsed() < Duration::from_secs(20) {
-            if self.failing.load(Ordering::SeqCst) {
-                break;
-            }
-            std::thread::sleep(Duration::from_millis(1));
-        }
-        self.waiting.fetch_sub(1, Ordering::SeqCst);
-        if self.failing.load(Ordering::SeqCst) {
-            return Err(Error::ReadOnly("the test's fdatasync failed".into()));
-        }
-        Ok(())
-    }
-    common::forward_store_but_append!(live);
 }
 
 fn wait_until(what: &str, f: impl Fn() -> bool) {

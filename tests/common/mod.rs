@@ -487,3 +487,48 @@ where
     fn enter(&self, _: &tracing::span::Id) {}
     fn exit(&self, _: &tracing::span::Id) {}
 }
+
+/// A memory log whose `wait_appended` (a deferred append's fdatasync) waits at a gate
+/// while `held`, and fails while `failing` (a wait under way ends then, failed);
+/// `disk` is what it says for `append_waits_for_disk`. Every append defers.
+#[derive(Default)]
+pub struct Gated {
+    pub live: cauce::store::MemoryStore,
+    pub held: std::sync::atomic::AtomicBool,
+    pub failing: std::sync::atomic::AtomicBool,
+    pub disk: bool,
+    /// Callers waiting at the gate now.
+    pub waiting: std::sync::atomic::AtomicUsize,
+}
+
+impl Store for Gated {
+    fn append(&self, batch: &[cauce::Entry<'_>]) -> cauce::Result<std::ops::Range<u64>> {
+        self.live.append(batch)
+    }
+    fn append_deferred(&self, batch: &[cauce::Entry<'_>]) -> cauce::Result<cauce::store::Deferred> {
+        Ok(cauce::store::Deferred {
+            offsets: self.live.append(batch)?,
+            pending: true,
+        })
+    }
+    fn append_waits_for_disk(&self) -> bool {
+        self.disk
+    }
+    fn wait_appended(&self, _end: u64) -> cauce::Result<()> {
+        use std::sync::atomic::Ordering;
+        self.waiting.fetch_add(1, Ordering::SeqCst);
+        let since = std::time::Instant::now();
+        while self.held.load(Ordering::SeqCst) && since.elapsed() < Duration::from_secs(30) {
+            if self.failing.load(Ordering::SeqCst) {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        self.waiting.fetch_sub(1, Ordering::SeqCst);
+        if self.failing.load(Ordering::SeqCst) {
+            return Err(cauce::Error::ReadOnly("the test's fdatasync failed".into()));
+        }
+        Ok(())
+    }
+    crate::common::forward_store_but_append!(live);
+}
