@@ -7,7 +7,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use cauce::Error;
 use cauce::cluster::{Cluster, Context, Handler, Replay};
-use cauce::store::{LogOptions, LogStore, Store};
+use cauce::store::{LogOptions, LogStore, MemoryStore, Store};
 use parking_lot::{Condvar, Mutex};
 use serde::{Deserialize, Serialize};
 
@@ -492,4 +492,127 @@ fn stepping_through_histories_gives_what_a_fresh_replay_gives() {
         assert_eq!(rerun.after, afters);
     }
     assert_eq!(stepping.state_before("a", end).unwrap(), afters);
+}
+
+/// A service whose outside call is journaled only in memory (a cluster on `stores(input,
+/// None)`): past the checkpoint that covers it, a replay cannot fold across it.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+enum Outside {
+    Add(u64),
+    Call,
+}
+
+struct OutsideSvc;
+
+impl Handler for OutsideSvc {
+    type State = u64;
+    type Request = Outside;
+    type Response = Result<u64, String>;
+
+    fn handle(
+        &self,
+        ctx: &mut Context<'_>,
+        _: &[u8],
+        total: &mut u64,
+        req: Outside,
+    ) -> Self::Response {
+        let add = match req {
+            Outside::Add(v) => v,
+            Outside::Call => ctx.call("ext", |_| 100u64).map_err(|e| e.to_string())?,
+        };
+        *total += add;
+        Ok(*total)
+    }
+}
+
+/// The state kept from a step before the checkpoint is not folded across it: a question
+/// past the checkpoint folds from there, as a fresh replay does (and needs nothing
+/// before it, such as an outside call's answer the journal no longer has).
+#[test]
+fn a_step_past_the_checkpoint_folds_from_the_checkpoint() {
+    let input: Arc<dyn Store> = Arc::new(MemoryStore::new());
+    let cluster = Cluster::builder(OutsideSvc)
+        .stores(input.clone(), None)
+        .instances(1)
+        .checkpoint_every(u64::MAX)
+        .build()
+        .unwrap();
+    let client = cluster.client();
+    let submit = |req| {
+        let p = client.submit("k", req).unwrap();
+        let offset = p.offset();
+        p.wait().unwrap().unwrap();
+        offset
+    };
+    let first = submit(Outside::Add(1));
+    submit(Outside::Call);
+    submit(Outside::Add(2));
+    drop(client);
+    cluster.shutdown().unwrap(); // a checkpoint at the end
+
+    let fresh = Replay::from_stores(input.clone(), None, OutsideSvc).unwrap();
+    let end = fresh.next_offset();
+    assert_eq!(fresh.state_before("k", end).unwrap(), 103);
+    let stepping = Replay::from_stores(input.clone(), None, OutsideSvc).unwrap();
+    assert_eq!(stepping.rerun(first).unwrap().after, 1);
+    assert_eq!(stepping.state_before("k", end).unwrap(), 103);
+}
+
+/// A state whose serde attributes bincode writes but cannot read back.
+#[derive(Debug, Default, Clone, PartialEq, Serialize, Deserialize)]
+struct Noted {
+    sum: u64,
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    note: Option<String>,
+}
+
+struct NotedSvc;
+
+impl Handler for NotedSvc {
+    type State = Noted;
+    type Request = u64;
+    type Response = u64;
+
+    fn handle(&self, _: &mut Context<'_>, _: &[u8], state: &mut Noted, add: u64) -> u64 {
+        state.sum += add;
+        state.sum
+    }
+}
+
+/// A state that does not decode as it was encoded is not kept for the next step: every
+/// answer is a fresh replay's.
+#[test]
+fn a_state_that_does_not_round_trip_is_folded_afresh_each_step() {
+    let input: Arc<dyn Store> = Arc::new(MemoryStore::new());
+    let cluster = Cluster::builder(NotedSvc)
+        .stores(input.clone(), None)
+        .instances(1)
+        .checkpoint_every(u64::MAX)
+        .build()
+        .unwrap();
+    let client = cluster.client();
+    let offsets: Vec<u64> = (1..=5u64)
+        .map(|v| {
+            let p = client.submit("k", v).unwrap();
+            let offset = p.offset();
+            p.wait().unwrap();
+            offset
+        })
+        .collect();
+    drop(client);
+    drop(cluster); // no checkpoint: it could not be read back either
+    let fresh = |offset| {
+        Replay::from_stores(input.clone(), None, NotedSvc)
+            .unwrap()
+            .state_before("k", offset)
+            .unwrap()
+    };
+    let stepping = Replay::from_stores(input.clone(), None, NotedSvc).unwrap();
+    for &offset in offsets.iter().chain([&(offsets[4] + 1)]) {
+        assert_eq!(
+            stepping.state_before("k", offset).unwrap(),
+            fresh(offset),
+            "before {offset}"
+        );
+    }
 }

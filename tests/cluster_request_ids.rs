@@ -14,9 +14,9 @@ use std::sync::{Arc, Barrier};
 use std::task::{Context as TaskContext, Poll, Wake, Waker};
 use std::time::{Duration, Instant};
 
+use cauce::Error;
 use cauce::cluster::{Cluster, ClusterBuilder, RequestId};
 use cauce::store::{LogOptions, Store, SyncPolicy};
-use cauce::Error;
 use common::{Gated, Req, Resp, Service, Tally};
 use rand::{RngExt, SeedableRng};
 

@@ -196,18 +196,40 @@ impl<H: Handler> Replay<H> {
             });
         }
         let key = Bytes::copy_from_slice(key);
-        let mut relayed: HashMap<Bytes, (Offset, Bytes), ahash::RandomState> = HashMap::default();
-        let last = self.last.lock().clone();
-        let base = match last.filter(|l| l.key == key && l.offset <= offset) {
-            // The same key, folded before up to an offset no later than this one: fold on
-            // from there (with no other key, a checkpoint at that offset with nothing in
-            // it only says where the log's read starts).
-            Some(last) => {
-                relayed.insert(key.clone(), (last.offset, last.state));
-                Arc::new(Checkpoint::empty(last.offset))
+        let base = self.base_for(offset)?;
+        // The same key, folded before up to an offset no later than this one and no
+        // earlier than the checkpoint a fold from scratch starts at: fold on from there.
+        let last = self
+            .last
+            .lock()
+            .clone()
+            .filter(|l| l.key == key && l.offset <= offset && l.offset >= base.offset);
+        if let Some(last) = last {
+            let mut relayed = HashMap::default();
+            relayed.insert(key.clone(), (last.offset, last.state));
+            // With no other key, a checkpoint at that offset with nothing in it only
+            // says where the log's read starts.
+            let from = Checkpoint::empty(last.offset);
+            match self.fold(&key, offset, &from, &relayed) {
+                Ok(state) => return Ok(state),
+                // A state that does not decode as it was encoded (a `State` whose serde
+                // attributes bincode cannot read back): fold from scratch, as if nothing
+                // were kept.
+                Err(_) => *self.last.lock() = None,
             }
-            None => self.base_for(offset)?,
-        };
+        }
+        self.fold(&key, offset, &base, &HashMap::default())
+    }
+
+    /// The state of `key` before `offset`, folded from `base` (and the state `relayed`
+    /// for `key`, if any); kept as the last state folded if it encodes.
+    fn fold(
+        &self,
+        key: &Bytes,
+        offset: Offset,
+        base: &Checkpoint,
+        relayed: &HashMap<Bytes, (Offset, Bytes), ahash::RandomState>,
+    ) -> Result<H::State> {
         let mut limits: HashMap<Bytes, Offset, ahash::RandomState> = HashMap::default();
         limits.insert(key.clone(), offset);
         let replay = fold::Replay {
@@ -220,21 +242,21 @@ impl<H: Handler> Replay<H> {
         let mut poisoned = self.poisoned.clone();
         let mut states = fold::rebuild(
             replay,
-            &base,
-            &relayed,
+            base,
+            relayed,
             &mut poisoned,
             &limits,
             &mut Silent,
             |_| (),
         )?;
         let state = states
-            .remove(&key)
+            .remove(key)
             .map(|slot| slot.state)
             .unwrap_or_default();
-        *self.last.lock() = Some(Folded {
-            key,
+        *self.last.lock() = fold::CODEC.encode(&state).ok().map(|encoded| Folded {
+            key: key.clone(),
             offset,
-            state: Bytes::from(fold::CODEC.encode(&state)?),
+            state: Bytes::from(encoded),
         });
         Ok(state)
     }

@@ -166,10 +166,13 @@ pub trait Store: Send + Sync + 'static {
         for record in self.read_from(from)? {
             let record = record?;
             if record.offset >= until {
-                break;
+                break; // past a gap that compaction left
             }
             f(record.offset, record.as_entry());
             next = record.offset + 1;
+            if next >= until {
+                break;
+            }
         }
         Ok(next)
     }
