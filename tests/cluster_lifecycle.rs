@@ -389,3 +389,40 @@ fn a_shared_cluster_is_shut_down_through_a_reference() {
     reopened.shutdown().unwrap();
     drop(cluster);
 }
+
+/// A request that stalls twice (live, then in its new owner's replay) is set aside while
+/// that replay is still in the handler. A shutdown then releases the directory at once:
+/// the cluster opens there again though the left-behind replay has not returned.
+#[test]
+fn a_shutdown_releases_the_directory_while_a_left_behind_replay_is_stuck() {
+    let dir = tempfile::tempdir().unwrap();
+    let svc = Svc::default();
+    let release = svc.release.clone();
+    let cluster = Cluster::builder(svc)
+        .dir(dir.path())
+        .instances(1)
+        .stall_timeout(Duration::from_millis(200))
+        .build()
+        .unwrap();
+    let client = cluster.client();
+    client.submit("k", 1).unwrap().wait().unwrap();
+    let stuck = client.submit("k", 7).unwrap();
+    let outcome = stuck.wait_timeout(Duration::from_secs(30));
+    assert!(
+        matches!(outcome, Err(Error::HandlerStalled { .. })),
+        "{outcome:?}"
+    );
+    drop(client);
+    let _ = cluster.shutdown();
+    drop(cluster);
+    let again = Cluster::builder(Svc::default()).dir(dir.path()).build();
+    let still_stuck = !release.load(Ordering::SeqCst);
+    release.store(true, Ordering::SeqCst);
+    let again = again.expect("the directory opens again at once");
+    assert!(still_stuck);
+    let client = again.client();
+    assert_eq!(client.query("k", |t: &u64| *t).unwrap().wait().unwrap(), 1);
+    assert_eq!(client.submit("k", 2).unwrap().wait().unwrap(), 3);
+    drop(client);
+    again.shutdown().unwrap();
+}

@@ -57,8 +57,11 @@ impl Store for OwnedLog {
     fn read_from(&self, from: Offset) -> Result<RecordIter> {
         self.with(|l| l.read_from(from))
     }
+    // A replay calls handlers, which can stall for as long as they like: it runs on a
+    // reader taken from the store, not inside `with`, so that closing the store at
+    // shutdown releases the directory even while a left-behind instance replays.
     fn replay_from(&self, from: Offset, f: &mut dyn FnMut(Offset, Entry<'_>)) -> Result<Offset> {
-        self.with(|l| LogStore::replay_from(l, from, f))
+        self.with(|l| l.reader_at(from))?.replay(Offset::MAX, f)
     }
     fn replay_range(
         &self,
@@ -66,7 +69,7 @@ impl Store for OwnedLog {
         until: Offset,
         f: &mut dyn FnMut(Offset, Entry<'_>),
     ) -> Result<Offset> {
-        self.with(|l| LogStore::replay_range(l, from, until, f))
+        self.with(|l| l.reader_at(from))?.replay(until, f)
     }
     fn start_offset(&self) -> Offset {
         match self.log.load().as_deref() {

@@ -267,6 +267,7 @@ mod index;
 mod meta;
 mod options;
 mod reader;
+pub(crate) use reader::LogReader;
 mod recovery;
 mod segment;
 mod writer;
@@ -982,8 +983,15 @@ impl LogStore {
         until: Offset,
         f: impl FnMut(Offset, Entry<'_>),
     ) -> Result<Offset> {
+        self.reader_at(from)?.replay(until, f)
+    }
+
+    /// A reader from `from` (checked against the log's range now). It holds the log's
+    /// files, not the store: dropping the store releases the directory's lock even
+    /// while the reader runs.
+    pub(crate) fn reader_at(&self, from: Offset) -> Result<LogReader> {
         check_read_range(from, self.start_offset(), self.next_offset())?;
-        reader::LogReader::new(self.shared.clone(), from).replay(until, f)
+        Ok(reader::LogReader::new(self.shared.clone(), from))
     }
 
     /// For a store opened with [`open_read_only`](Self::open_read_only): the damage where
