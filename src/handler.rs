@@ -74,15 +74,21 @@ use crate::store::{Store, read_from_start};
 /// - `Request`: add enum variants at the end only; never reorder, remove or change one
 ///   (a reordered enum decodes old requests as other variants, without an error). Avoid
 ///   serde attributes bincode cannot read back (`skip_serializing_if`, `flatten`,
-///   `untagged`): such a request is logged, then refused as undecodable. A `Request`
-///   changed so that the logged requests after the last checkpoint no longer decode is
-///   refused at open ([`Error::Codec`], naming the first such request; the build decodes
-///   a few before it starts anything), and a rebuild that meets one later fails (its key
-///   unavailable) rather than skip it. This check sees only requests logged after the
-///   last checkpoint: after a clean [`shutdown`](crate::cluster::Cluster::shutdown),
-///   which checkpoints, there are none, and a changed `Request` opens without a word
-///   (the log then holds both encodings, and [`Replay`](crate::cluster::Replay) of the
-///   old ones fails). Test a change against a copy of a real log first.
+///   `untagged`): such a request is logged, then refused as undecodable (and set aside,
+///   so that no rebuild meets it again). A `Request` changed so that the logged requests
+///   after the last checkpoint no longer decode is refused at open ([`Error::Codec`],
+///   naming the first such request; the build decodes a few before it starts anything).
+///   This check sees only requests logged after the last checkpoint: after a clean
+///   [`shutdown`](crate::cluster::Cluster::shutdown), which checkpoints, there are none,
+///   and a changed `Request` opens without a word, the log then holding both encodings.
+///   The requests before that checkpoint were all handled: a fold that meets one of them
+///   that does not decode (and was not set aside) fails on it, naming it, rather than
+///   leave it out of the state: a
+///   [`rebuild_from_log`](crate::cluster::ClusterBuilder::rebuild_from_log) open fails
+///   (and keeps the checkpoint), and [`Replay`](crate::cluster::Replay) of a state
+///   before the checkpoint fails with [`Error::Codec`]. (One after the checkpoint that
+///   does not decode is refused, as live: its instance may not have refused it yet when
+///   the process stopped.) Test a change against a copy of a real log first.
 /// - `State`: a `State` changed so that the last checkpoint's states no longer decode
 ///   is refused at open ([`Error::Codec`], naming a key and the checkpoint; the build
 ///   decodes a few states before it starts anything). Open once with

@@ -400,6 +400,8 @@ pub(crate) struct Shared<H: Handler> {
     /// (after a panic, a stall, a move) folds the log from its first record instead.
     checkpoint_in_store: AtomicBool,
     poisoned: Mutex<BTreeSet<Offset>>,
+    /// See `Recovered::handled_before`.
+    handled_before: Offset,
     /// The ids of requests submitted with one among the last records of the log (see
     /// [`super::ids`]). Taken under a key's stripe lock, never the other way round.
     recent_ids: Mutex<RecentIds>,
@@ -550,6 +552,9 @@ pub(crate) struct Parts<H: Handler> {
 /// What the log holds after the latest checkpoint, read once at open.
 struct Recovered {
     checkpoint: Checkpoint,
+    /// The latest checkpoint's offset, read even when `from_log` ignores its states:
+    /// every request before it was handled live (see `fold::Replay::handled_before`).
+    handled_before: Offset,
     poisoned: BTreeSet<Offset>,
     keys: HashSet<Bytes, ahash::RandomState>,
     requests: u64,
@@ -564,6 +569,7 @@ struct Recovered {
 /// the last `retry_window` records; with `from_log`, ignores every checkpoint and reads
 /// the log from its first record, which must be offset 0.
 fn recover(input: &dyn Store, from_log: bool, retry_window: u64) -> Result<Recovered> {
+    let mut handled_before = 0;
     let checkpoint = if from_log {
         // Checked before anything is written: a refused open changes nothing.
         if input.start_offset() > 0 {
@@ -574,6 +580,10 @@ fn recover(input: &dyn Store, from_log: bool, retry_window: u64) -> Result<Recov
                  checkpoint was written with",
                 input.start_offset()
             )));
+        }
+        // Its states may be of an older `State` type; its offset is all that is read.
+        if let Some(s) = input.latest_snapshot(CHECKPOINT)? {
+            handled_before = s.offset;
         }
         Checkpoint::empty(0)
     } else {
@@ -639,6 +649,7 @@ fn recover(input: &dyn Store, from_log: bool, retry_window: u64) -> Result<Recov
     samples.retain(|(offset, _, _)| !poisoned.contains(offset));
     samples.truncate(REQUESTS_CHECKED_AT_OPEN);
     Ok(Recovered {
+        handled_before: handled_before.max(checkpoint.offset),
         checkpoint,
         poisoned,
         keys,
@@ -797,6 +808,7 @@ impl<H: Handler> Shared<H> {
             checkpoint_cache: Mutex::new(Arc::downgrade(&checkpoint)),
             checkpoint_in_store: AtomicBool::new(checkpoint_in_store),
             poisoned: Mutex::new(recovered.poisoned),
+            handled_before: recovered.handled_before,
             recent_ids: Mutex::new(recovered.recent_ids),
             stalled_once: Mutex::new(BTreeSet::new()),
             any_stalled_once: AtomicBool::new(false),
@@ -1091,6 +1103,12 @@ impl<H: Handler> Shared<H> {
 
     pub(crate) fn poisoned(&self) -> BTreeSet<Offset> {
         self.poisoned.lock().clone()
+    }
+
+    /// The offset before which every request was handled live when the cluster opened
+    /// (see `fold::Replay::handled_before`).
+    pub(crate) fn handled_before(&self) -> Offset {
+        self.handled_before
     }
 
     /// Marks the request at `offset` as never to be applied again, durably (whatever

@@ -404,6 +404,13 @@ pub(crate) struct Replay<'a, H> {
     /// The instance's fence, for a rebuild on an instance (none for a debugging replay).
     pub(crate) fenced: Option<&'a std::sync::atomic::AtomicBool>,
     pub(crate) input: &'a dyn Store,
+    /// The requests before this offset were handled by the live service (a checkpoint
+    /// covers them): each was applied, or set aside with a mark. One of them that does
+    /// not decode, and is not set aside, means the `Request` type changed since: the
+    /// fold fails on it rather than skip it as refused, which would drop its effect from
+    /// the state without a word. (After it, an undecodable request may be one its
+    /// instance had not refused yet when the process stopped: refused, as live.)
+    pub(crate) handled_before: Offset,
 }
 
 /// Rebuilds the states of `limits`' keys: each key from the checkpoint, then every
@@ -432,6 +439,7 @@ pub(crate) fn rebuild<H: Handler, U>(
         instance,
         fenced,
         input,
+        handled_before,
     } = replay;
     loop {
         let mut states: HashMap<Bytes, Slot<H::State>, ahash::RandomState> =
@@ -505,6 +513,7 @@ pub(crate) fn rebuild<H: Handler, U>(
                     // Undecodable: refused, as the live instance refused it (and set
                     // it aside, unless the process stopped first). A changed `Request`
                     // type is refused at open instead (see `Shared::open`).
+                    Outcome::Refused(e) if offset < handled_before => stop = Some(Err(e)),
                     Outcome::Refused(e) => sink.handled(offset, Err(e)),
                     Outcome::Panicked(message) => stop = Some(Ok((offset, message))),
                     Outcome::Diverged(e) => stop = Some(Err(e)),

@@ -1708,6 +1708,7 @@ fn rebuild<H: Handler>(
         instance: me.id,
         fenced: Some(&me.fenced),
         input: &*shared.input,
+        handled_before: shared.handled_before(),
     };
     let rebuilt = fold::rebuild(
         replay,

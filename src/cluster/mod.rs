@@ -1574,7 +1574,8 @@ impl<H: Handler> ClusterBuilder<H> {
     /// option the build is refused with [`Error::Codec`] naming a key (it decodes a few
     /// of the checkpoint's states before it starts anything; a type change that some of
     /// them still decode as would leave those that do not [`Error::StateUnavailable`]).
-    /// The log still holds every request (its requests' type must be unchanged), so
+    /// The log still holds every request (its requests' type must be unchanged: a
+    /// request that does not decode fails its key's fold, and the build, as below), so
     /// folding it with the current handler rebuilds each state in the new type.
     ///
     /// What it costs: the open folds every request of the log, as a cluster that never

@@ -238,6 +238,7 @@ impl<H: Handler> Replay<H> {
             instance: REPLAY_INSTANCE,
             fenced: None,
             input: &*self.input,
+            handled_before: self.checkpoint.as_ref().map_or(0, |c| c.offset),
         };
         let mut poisoned = self.poisoned.clone();
         let mut states = fold::rebuild(
