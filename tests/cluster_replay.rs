@@ -382,6 +382,7 @@ fn a_state_before_the_checkpoint_of_a_truncated_log_names_the_checkpoint() {
         "truncation kept some records before the checkpoint: start {start}, checkpoint {checkpoint}"
     );
     let replay = Replay::open(dir.path(), Svc::default()).unwrap();
+    assert_eq!(replay.checkpoint_offset(), Some(checkpoint));
     for offset in start..checkpoint {
         let err = replay.state_before(b"k", offset).unwrap_err();
         assert!(
@@ -615,4 +616,31 @@ fn a_state_that_does_not_round_trip_is_folded_afresh_each_step() {
             "before {offset}"
         );
     }
+}
+
+/// A replay tells which requests came with an id, and which.
+#[test]
+fn a_replay_gives_each_requests_id() {
+    let dir = tempfile::tempdir().unwrap();
+    let cluster = service(dir.path());
+    let client = cluster.client();
+    let with = client
+        .submit_with_id("k", cauce::cluster::RequestId(77), Req::Add(1))
+        .unwrap();
+    let with_offset = with.offset();
+    with.wait().unwrap().unwrap();
+    let (without_offset, _) = submit(&cluster, Req::Add(2));
+    drop(client);
+    cluster.shutdown().unwrap();
+    let replay = Replay::open(dir.path(), Svc::default()).unwrap();
+    assert_eq!(
+        replay.request_id(with_offset).unwrap(),
+        Some(cauce::cluster::RequestId(77))
+    );
+    assert_eq!(replay.request_id(without_offset).unwrap(), None);
+    assert!(matches!(
+        replay.request_id(replay.next_offset()),
+        Err(Error::OffsetOutOfRange { .. })
+    ));
+    assert_eq!(replay.checkpoint_offset(), Some(replay.next_offset()));
 }

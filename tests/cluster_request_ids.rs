@@ -633,7 +633,16 @@ fn async_retries_are_refused_on_both_append_paths() {
             client.submit_with_id("k", RequestId(9), Req::Add(4)),
             Err(Error::Duplicate { .. })
         ));
-        assert_eq!(state(&cluster, "k").sum, 4);
+        // `request_with_id`: the submit and the answer in one future.
+        assert!(matches!(
+            block_on(client.request_with_id("k", RequestId(9), Req::Add(4))),
+            Err(Error::Duplicate { offset: at, .. }) if at == offset
+        ));
+        assert_eq!(
+            block_on(client.request_with_id("k", RequestId(10), Req::Add(1))).expect("answer"),
+            Resp::Sum(5)
+        );
+        assert_eq!(state(&cluster, "k").sum, 5);
         cluster.shutdown().expect("shutdown");
     }
 }

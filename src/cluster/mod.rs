@@ -606,6 +606,21 @@ impl<H: Handler> Client<H> {
         }
     }
 
+    /// [`request`](Client::request) with an id: submits as
+    /// [`submit_with_id_async`](Client::submit_with_id_async) and awaits the answer, in
+    /// one future. A duplicate resolves to [`Error::Duplicate`]; a future dropped before
+    /// it resolved may or may not have logged its request, and a retry with the same id
+    /// is how to find out safely.
+    pub fn request_with_id(
+        &self,
+        key: impl AsRef<[u8]>,
+        id: RequestId,
+        request: H::Request,
+    ) -> impl Future<Output = Result<H::Response>> + Send + 'static {
+        let submit = self.submit_with_id_async(key, id, request);
+        async move { submit.await?.await }
+    }
+
     /// Like [`submit`](Client::submit), but never waits: a full queue is
     /// [`Error::Busy`] and nothing is logged.
     ///

@@ -351,6 +351,24 @@ impl<H: Handler> Replay<H> {
         Ok(out)
     }
 
+    /// The offset of the checkpoint the replay folds from (the latest when it opened),
+    /// if the log has one. States before it are folded from the log's first record, and
+    /// only while the log still starts at offset 0: once its head was dropped (by
+    /// [`truncate_after_checkpoint`](super::ClusterBuilder::truncate_after_checkpoint)
+    /// or retention), [`state_before`](Self::state_before) and [`rerun`](Self::rerun)
+    /// of an earlier offset are [`Error::BeforeCheckpoint`].
+    pub fn checkpoint_offset(&self) -> Option<Offset> {
+        self.checkpoint.as_ref().map(|c| c.offset)
+    }
+
+    /// The id the request at `offset` was submitted with
+    /// ([`Client::submit_with_id`](super::Client::submit_with_id)), if any: `None` for a
+    /// request without one, and for a record that is not a request.
+    pub fn request_id(&self, offset: Offset) -> Result<Option<super::RequestId>> {
+        let record = self.record_at(offset)?;
+        Ok(fold::request_id(&record.payload))
+    }
+
     /// The offset one past the last record the replay sees: `state_before(key,
     /// replay.next_offset())` is the state of `key` after every request.
     pub fn next_offset(&self) -> Offset {
