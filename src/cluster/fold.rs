@@ -394,6 +394,11 @@ pub(crate) trait FoldSink<R> {
     fn handled(&mut self, offset: Offset, outcome: std::result::Result<R, Error>);
     /// The handler panicked on the request at `offset`: mark it so no fold applies it.
     fn poison(&mut self, offset: Offset, message: String) -> Result<()>;
+    /// The request at `offset` does not decode, and is refused: set it aside (marked) as
+    /// the live loop does, so that no later fold meets it unmarked (before a checkpoint,
+    /// an unmarked one means a changed `Request` type: see `Replay::handled_before`),
+    /// then answer `error`.
+    fn refused(&mut self, offset: Offset, error: Error);
 }
 
 /// Where a fold reads from and what it runs.
@@ -441,6 +446,8 @@ pub(crate) fn rebuild<H: Handler, U>(
         input,
         handled_before,
     } = replay;
+    // Requests refused (undecodable) by this fold: set aside by the sink.
+    let mut refused: BTreeSet<Offset> = BTreeSet::new();
     loop {
         let mut states: HashMap<Bytes, Slot<H::State>, ahash::RandomState> =
             HashMap::with_capacity_and_hasher(limits.len(), Default::default());
@@ -480,7 +487,7 @@ pub(crate) fn rebuild<H: Handler, U>(
                 let Some(&limit) = limits.get(entry.key) else {
                     return;
                 };
-                if offset >= limit || poisoned.contains(&offset) {
+                if offset >= limit || poisoned.contains(&offset) || refused.contains(&offset) {
                     return;
                 }
                 let Some(slot) = states.get_mut(entry.key) else {
@@ -514,7 +521,11 @@ pub(crate) fn rebuild<H: Handler, U>(
                     // it aside, unless the process stopped first). A changed `Request`
                     // type is refused at open instead (see `Shared::open`).
                     Outcome::Refused(e) if offset < handled_before => stop = Some(Err(e)),
-                    Outcome::Refused(e) => sink.handled(offset, Err(e)),
+                    Outcome::Refused(e) => {
+                        // A fold started again (after a panic) passes it by.
+                        refused.insert(offset);
+                        sink.refused(offset, e);
+                    }
                     Outcome::Panicked(message) => stop = Some(Ok((offset, message))),
                     Outcome::Diverged(e) => stop = Some(Err(e)),
                 }

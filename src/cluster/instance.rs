@@ -1142,6 +1142,18 @@ impl<H: Handler> FoldSink<H::Response> for Answer<'_, H> {
         );
         marked
     }
+
+    fn refused(&mut self, offset: Offset, error: Error) {
+        if self.me.is_fenced() {
+            return; // its new owner's fold refuses it, and marks it
+        }
+        // Set aside durably before the answer, as the live loop does (see `handle`).
+        if let Err(mark) = self.shared.poison(offset) {
+            tracing::error!(instance = %self.me.id, offset, error = %mark, "could not set aside an undecodable request");
+        }
+        self.shared.completed(offset);
+        self.shared.answer(offset, Err(error));
+    }
 }
 
 type States<S> = HashMap<Key, Slot<S>, ahash::RandomState>;

@@ -118,6 +118,7 @@ impl<R> FoldSink<R> for Silent {
     fn poison(&mut self, _: Offset, _: String) -> Result<()> {
         Ok(())
     }
+    fn refused(&mut self, _: Offset, _: Error) {}
 }
 
 const REPLAY_INSTANCE: InstanceId = InstanceId::REPLAY;
