@@ -1002,3 +1002,63 @@ fn damage_before_the_checkpoint_does_not_fail_the_open() {
     }
     opened.shutdown().unwrap();
 }
+
+/// `was_applied` tells a retrier refused as a duplicate whether the first request took
+/// effect: it waits for a first still queued, and reads the log for one before the
+/// checkpoint, across a restart too.
+#[test]
+fn was_applied_tells_whether_a_duplicates_first_took_effect() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let dir = tmp.path().join("cluster");
+    let builder = || on_disk(&dir).checkpoint_every(u64::MAX);
+    let cluster = builder().build().expect("build");
+    let client = cluster.client();
+    let first = client
+        .submit_with_id("k", RequestId(1), Req::Add(2))
+        .expect("submit");
+    let applied = first.offset();
+    first.wait().expect("answer");
+    assert!(matches!(
+        client.submit_with_id("k", RequestId(1), Req::Add(2)),
+        Err(Error::Duplicate { offset, .. }) if offset == applied
+    ));
+    assert!(client.was_applied("k", applied).expect("was_applied"));
+    // A first request still queued (behind one that sleeps) when its retry comes, and
+    // set aside later: its handler panics.
+    let sleeper = client.submit("k", Req::Stall(300)).expect("submit");
+    let panicking = client
+        .submit_with_id("k", RequestId(2), Req::Panic)
+        .expect("submit");
+    let aside = panicking.offset();
+    assert!(matches!(
+        client.submit_with_id("k", RequestId(2), Req::Panic),
+        Err(Error::Duplicate { offset, .. }) if offset == aside
+    ));
+    assert!(!client.was_applied("k", aside).expect("was_applied"));
+    assert!(matches!(
+        panicking.wait(),
+        Err(Error::HandlerPanicked { .. })
+    ));
+    sleeper.wait().expect("answer");
+    // Before the checkpoint: read from the log.
+    cluster.checkpoint().expect("checkpoint");
+    assert!(client.was_applied("k", applied).expect("was_applied"));
+    assert!(!client.was_applied("k", aside).expect("was_applied"));
+    assert!(matches!(
+        client.was_applied("other", applied),
+        Err(Error::NotARequest { .. })
+    ));
+    assert!(matches!(
+        client.was_applied("k", 1 << 40),
+        Err(Error::OffsetOutOfRange { .. })
+    ));
+    drop(client);
+    cluster.shutdown().expect("shutdown");
+    let cluster = builder().build().expect("reopen");
+    let client = cluster.client();
+    assert!(client.was_applied("k", applied).expect("was_applied"));
+    assert!(!client.was_applied("k", aside).expect("was_applied"));
+    assert_eq!(state(&cluster, "k").sum, 3);
+    drop(client);
+    cluster.shutdown().expect("shutdown");
+}

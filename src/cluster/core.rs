@@ -1105,6 +1105,41 @@ impl<H: Handler> Shared<H> {
         self.poisoned.lock().clone()
     }
 
+    /// Whether the request at `offset` was set aside (marked in the log: its handler
+    /// panicked or stalled twice, or it did not decode). Since the last checkpoint the
+    /// marks are in memory; before it, the log is read from `offset` on for one.
+    pub(crate) fn is_set_aside(&self, offset: Offset) -> Result<bool> {
+        {
+            // Under the set's lock, which a checkpoint takes to drop the marks before it
+            // after it published its offset.
+            let poisoned = self.poisoned.lock();
+            if poisoned.contains(&offset) {
+                return Ok(true);
+            }
+            if offset >= self.checkpoint_offset.load(Ordering::SeqCst) {
+                return Ok(false);
+            }
+        }
+        let mut marked = false;
+        let mut damage = None;
+        self.input.replay_from(
+            offset,
+            &mut |at, entry| match fold::envelope_of(at, entry.payload) {
+                Ok(Envelope::Control(Control::Poison { offset: o })) if o == offset => {
+                    marked = true
+                }
+                Ok(_) => {}
+                Err(e) => {
+                    damage.get_or_insert(e);
+                }
+            },
+        )?;
+        match damage {
+            Some(e) if !marked => Err(e),
+            _ => Ok(marked),
+        }
+    }
+
     /// The offset before which every request was handled live when the cluster opened
     /// (see `fold::Replay::handled_before`).
     pub(crate) fn handled_before(&self) -> Offset {

@@ -522,7 +522,8 @@ impl<H: Handler> Client<H> {
     ///
     /// A duplicate gets no answer of the first request (it went to the first submit's
     /// [`Pending`]): read the state with [`query`](Client::query) if the answer
-    /// matters. A first request still queued or running when its retry came may still
+    /// matters, and [`was_applied`](Client::was_applied) says whether the first took
+    /// effect. A first request still queued or running when its retry came may still
     /// be set aside; a retry after its `HandlerPanicked` is logged. When a
     /// [`wait_timeout`](Pending::wait_timeout) runs out, the request is still accepted:
     /// waiting again is the cheaper retry; the id is for the answer that is lost.
@@ -923,6 +924,51 @@ impl<H: Handler> Client<H> {
             Poll::Ready(queried) => queried,
             Poll::Pending => Err(Error::Closed),
         }
+    }
+
+    /// Whether the request of `key` logged at `offset` was applied (changed its state),
+    /// or set aside (its handler panicked or stalled twice, or it did not decode: it
+    /// changed nothing). For the `offset` of an [`Error::Duplicate`]: the retry was
+    /// refused because its first request was logged, and this tells whether that one
+    /// took effect, which a retry arriving while the first is still queued cannot know.
+    ///
+    /// It waits until the key's requests submitted before it are handled, as a
+    /// [`query`](Client::query) of the key does (and with a query's errors, such as
+    /// [`Error::StateUnavailable`]). Its answer is then final. For an offset before the
+    /// last checkpoint it reads the log from `offset` on (the set-aside marks of those
+    /// requests are not kept in memory), and fails [`Error::OffsetOutOfRange`] if the
+    /// log no longer holds it. A record at `offset` that is not a request of `key` is
+    /// [`Error::NotARequest`].
+    pub fn was_applied(&self, key: impl AsRef<[u8]>, offset: crate::Offset) -> Result<bool> {
+        let key = key.as_ref();
+        let record = match self.shared.input.read_from(offset)?.next() {
+            Some(Ok(record)) if record.offset == offset => record,
+            Some(Err(e)) => return Err(e),
+            _ => {
+                return Err(Error::OffsetOutOfRange {
+                    requested: offset,
+                    start: self.shared.input.start_offset(),
+                    end: self.shared.input.next_offset(),
+                });
+            }
+        };
+        match fold::envelope(&record)? {
+            fold::Envelope::Request(_) if &record.key[..] == key => {}
+            fold::Envelope::Request(_) => {
+                return Err(Error::NotARequest {
+                    offset,
+                    what: "a request of another key",
+                });
+            }
+            fold::Envelope::Control(control) => {
+                return Err(Error::NotARequest {
+                    offset,
+                    what: control.describe(),
+                });
+            }
+        }
+        self.query(key, |_: &H::State| ())?.wait()?;
+        Ok(!self.shared.is_set_aside(offset)?)
     }
 
     /// Like [`query`](Client::query), but never waits: a full queue is
