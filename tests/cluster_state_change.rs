@@ -126,6 +126,19 @@ fn check_v2(cluster: &Cluster<BankV2>, expected: &mut Expected) {
     }
 }
 
+/// Every key's balance, read with a query, is the one expected.
+fn assert_v1_balances<H: Handler<State = V1>>(cluster: &Cluster<H>, expected: &Expected) {
+    let client = cluster.client();
+    for key in KEYS {
+        let state = client
+            .query(key, |s: &V1| s.clone())
+            .unwrap()
+            .wait()
+            .unwrap();
+        assert_eq!(state.balance, expected[key].0, "key {key}");
+    }
+}
+
 /// Every file under `dir` with its bytes.
 fn files(dir: &Path) -> BTreeMap<PathBuf, Vec<u8>> {
     let mut out = BTreeMap::new();
@@ -331,15 +344,7 @@ fn a_changed_request_type_is_refused_at_open_and_loses_nothing() {
         .log_options(log_options())
         .build()
         .unwrap();
-    let client = cluster.client();
-    for key in KEYS {
-        let state = client
-            .query(key, |s: &V1| s.clone())
-            .unwrap()
-            .wait()
-            .unwrap();
-        assert_eq!(state.balance, expected[key].0, "key {key}");
-    }
+    assert_v1_balances(&cluster, &expected);
     cluster.shutdown().unwrap();
 }
 
@@ -420,15 +425,6 @@ fn a_rebuild_or_replay_that_meets_a_request_of_a_changed_type_fails_and_loses_no
         .log_options(log_options())
         .build()
         .unwrap();
-    let client = cluster.client();
-    for key in KEYS {
-        let state = client
-            .query(key, |s: &V1| s.clone())
-            .unwrap()
-            .wait()
-            .unwrap();
-        assert_eq!(state.balance, expected[key].0, "key {key}");
-    }
-    drop(client);
+    assert_v1_balances(&cluster, &expected);
     cluster.shutdown().unwrap();
 }

@@ -1237,15 +1237,7 @@ impl<H: Handler> Shared<H> {
 
     /// The key of the request at `offset` in the input log.
     fn key_at(&self, offset: Offset) -> Result<Key> {
-        match self.input.read_from(offset)?.next() {
-            Some(Ok(record)) if record.offset == offset => Ok(Key::copy_from(&record.key)),
-            Some(Err(e)) => Err(e),
-            _ => Err(Error::OffsetOutOfRange {
-                requested: offset,
-                start: self.input.start_offset(),
-                end: self.input.next_offset(),
-            }),
-        }
+        fold::record_at(&*self.input, offset).map(|record| Key::copy_from(&record.key))
     }
 
     /// A rebuild of `keys` (each with the offset it was to rebuild up to) on `instance`

@@ -181,6 +181,20 @@ pub(crate) fn request_id(payload: &[u8]) -> Option<RequestId> {
     }
 }
 
+/// The record at `offset` of `input`: [`Error::OffsetOutOfRange`] if the store does
+/// not hold it (before its start, at or past its end, or dropped by compaction).
+pub(crate) fn record_at(input: &dyn Store, offset: Offset) -> Result<Record> {
+    match input.read_from(offset)?.next() {
+        Some(Ok(record)) if record.offset == offset => Ok(record),
+        Some(Err(e)) => Err(e),
+        _ => Err(Error::OffsetOutOfRange {
+            requested: offset,
+            start: input.start_offset(),
+            end: input.next_offset(),
+        }),
+    }
+}
+
 /// Reads a record's envelope.
 pub(crate) fn envelope(record: &Record) -> Result<Envelope<'_>> {
     envelope_of(record.offset, &record.payload)

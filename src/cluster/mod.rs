@@ -941,17 +941,7 @@ impl<H: Handler> Client<H> {
     /// [`Error::NotARequest`].
     pub fn was_applied(&self, key: impl AsRef<[u8]>, offset: crate::Offset) -> Result<bool> {
         let key = key.as_ref();
-        let record = match self.shared.input.read_from(offset)?.next() {
-            Some(Ok(record)) if record.offset == offset => record,
-            Some(Err(e)) => return Err(e),
-            _ => {
-                return Err(Error::OffsetOutOfRange {
-                    requested: offset,
-                    start: self.shared.input.start_offset(),
-                    end: self.shared.input.next_offset(),
-                });
-            }
-        };
+        let record = fold::record_at(&*self.shared.input, offset)?;
         match fold::envelope(&record)? {
             fold::Envelope::Request(_) if &record.key[..] == key => {}
             fold::Envelope::Request(_) => {

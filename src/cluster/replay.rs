@@ -411,16 +411,7 @@ impl<H: Handler> Replay<H> {
     }
 
     fn record_at(&self, offset: Offset) -> Result<Record> {
-        let out_of_range = || Error::OffsetOutOfRange {
-            requested: offset,
-            start: self.input.start_offset(),
-            end: self.input.next_offset(),
-        };
-        match self.input.read_from(offset)?.next() {
-            Some(Ok(r)) if r.offset == offset => Ok(r),
-            Some(Err(e)) => Err(e),
-            _ => Err(out_of_range()),
-        }
+        fold::record_at(&*self.input, offset)
     }
 }
 
