@@ -644,3 +644,28 @@ fn a_replay_gives_each_requests_id() {
     ));
     assert_eq!(replay.checkpoint_offset(), Some(replay.next_offset()));
 }
+
+#[test]
+fn a_replay_of_a_directory_that_is_not_a_clusters_says_so_and_names_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let expect_not_found = |at: &std::path::Path, says: &str| match Replay::open(at, Svc::default())
+    {
+        Err(Error::Io { path, source, .. }) => {
+            assert_eq!(path, at);
+            assert_eq!(source.kind(), std::io::ErrorKind::NotFound);
+            let message = Error::Io {
+                op: "open a cluster's logs in",
+                path,
+                source,
+            }
+            .to_string();
+            assert!(message.contains(says), "{message}");
+        }
+        Err(e) => panic!("reported as {e}"),
+        Ok(_) => panic!("a replay opened {}", at.display()),
+    };
+    // A directory with something else in it: a plain log store, say.
+    LogStore::open(dir.path().join("log"), LogOptions::new()).unwrap();
+    expect_not_found(&dir.path().join("log"), "not the directory of a cluster");
+    expect_not_found(&dir.path().join("missing"), "no such directory");
+}

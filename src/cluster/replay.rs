@@ -134,8 +134,23 @@ impl<H: Handler> Replay<H> {
     /// [`LogStore::open_read_only`] and pass them to [`from_stores`](Self::from_stores).
     /// A directory without a journal (`effects`) is a service that made no outside
     /// calls; a journal that cannot be read is an error.
+    ///
+    /// A directory that is missing, or that holds no `input` log (not a cluster's), is
+    /// [`Error::Io`] with [`NotFound`](std::io::ErrorKind::NotFound), naming it.
     pub fn open(dir: impl AsRef<Path>, handler: H) -> Result<Self> {
         let dir = dir.as_ref();
+        let not_found = |what: &str| {
+            let e = std::io::Error::new(std::io::ErrorKind::NotFound, what.to_owned());
+            Error::io("open a cluster's logs in", dir, e)
+        };
+        if !dir.is_dir() {
+            return Err(not_found("no such directory"));
+        }
+        if !dir.join("input").is_dir() {
+            return Err(not_found(
+                "no `input` log in it: not the directory of a cluster (`ClusterBuilder::dir`)",
+            ));
+        }
         let input = LogStore::open_read_only(dir.join("input"), LogOptions::new())?;
         refuse_damage(&input)?;
         let journal = dir.join("effects");
