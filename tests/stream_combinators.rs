@@ -727,3 +727,26 @@ fn forward_into_a_closed_output_returns_the_record_it_read_and_the_count_moved()
         "two"
     );
 }
+
+/// `recv_timeout(ZERO)` takes a record that is already there on every subscriber; a
+/// filter looks at least once too, instead of giving up before it looks.
+#[test]
+fn a_filter_with_a_zero_timeout_returns_a_record_already_queued() {
+    let stream = MemoryStream::bounded(8).unwrap();
+    let mut plain = stream.subscribe(Position::End).unwrap();
+    let publisher = stream.publisher();
+    publisher.publish(Entry::new(b"k", b"0")).unwrap();
+    assert_eq!(plain.recv_timeout(Duration::ZERO).unwrap().payload, "0");
+    publisher.publish(Entry::new(b"k", b"1")).unwrap();
+    publisher.publish(Entry::new(b"k", b"2")).unwrap();
+    let mut odd = plain.filter(|r| r.payload != "1");
+    let got = odd.recv_timeout(Duration::ZERO);
+    assert!(
+        matches!(&got, Ok(r) if r.payload == "2"),
+        "a filter's recv_timeout(0) with a kept record queued: {got:?}"
+    );
+    assert!(matches!(
+        odd.recv_timeout(Duration::ZERO),
+        Err(Error::Timeout(_))
+    ));
+}

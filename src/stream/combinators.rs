@@ -101,8 +101,11 @@ where
         let Some(deadline) = Instant::now().checked_add(timeout) else {
             return self.recv();
         };
+        // Past the deadline it still takes what is already queued, as `recv_timeout`
+        // does on every other subscriber (a zero timeout looks at least once), and
+        // gives up only once the input has nothing ready.
+        let mut left = timeout;
         loop {
-            let left = remaining(deadline).ok_or(Error::Timeout(timeout))?;
             let record = match self.input.recv_timeout(left) {
                 Err(Error::Timeout(_)) => return Err(Error::Timeout(timeout)),
                 other => other?,
@@ -110,6 +113,7 @@ where
             if (self.keep)(&record) {
                 return Ok(record);
             }
+            left = remaining(deadline).unwrap_or(Duration::ZERO);
         }
     }
 

@@ -244,6 +244,10 @@ impl Stream for MemoryStream {
         let (sender, receiver) = bounded(self.inner.capacity);
         let readers = Readers::default();
         let mut joining = self.inner.joining.lock();
+        // Subscribers that left before a publish picked their queues up: each queue
+        // holds its whole capacity, so without this a stream nobody publishes into
+        // would keep one per subscribe, however many subscribers are left.
+        joining.retain(Queue::has_readers);
         // Under the `joining` lock, as in `close`: a subscriber added after close would
         // never see its queue disconnect.
         if !self.inner.closed.load(Ordering::SeqCst) {
@@ -276,6 +280,8 @@ impl Inner {
         // A load first: the common case (nobody joined) writes nothing.
         if self.has_joining.load(Ordering::SeqCst) && self.has_joining.swap(false, Ordering::SeqCst)
         {
+            // The queues of subscribers gone since the last publish go with them.
+            state.queues.retain(Queue::has_readers);
             state.queues.append(&mut self.joining.lock());
         }
     }
@@ -492,5 +498,34 @@ impl Subscribe for MemorySubscriber {
 
     fn commit(&mut self) -> Result<()> {
         Err(Error::CannotCommit("a memory stream is not stored"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Each fan-out queue holds its capacity (about 2.75 MiB at 2^15 slots): subscribers
+    /// that come and go on a stream nobody publishes into must not pile them up.
+    #[test]
+    fn fan_out_subscribers_that_leave_before_a_publish_leave_no_queue_behind() {
+        let stream = MemoryStream::fan_out(1 << 15).expect("stream");
+        let publisher = stream.publisher();
+        let stays = stream.subscribe(Position::End).expect("subscribe");
+        for _ in 0..64 {
+            drop(stream.subscribe(Position::End).expect("subscribe"));
+        }
+        assert!(stream.inner.joining.lock().len() <= 2);
+        for _ in 0..64 {
+            drop(stream.subscribe(Position::End).expect("subscribe"));
+        }
+        publisher
+            .publish(crate::Entry::new(b"k", b"v"))
+            .expect("publish");
+        let state = stream.inner.state.lock();
+        assert_eq!(state.queues.iter().filter(|q| q.has_readers()).count(), 1);
+        assert!(state.queues.len() <= 2);
+        drop(state);
+        drop(stays);
     }
 }
