@@ -121,7 +121,9 @@ pub enum Error {
 
     /// The other side is gone: every publisher (or every subscriber) was dropped, or the
     /// service shut down.
-    #[error("closed")]
+    #[error(
+        "closed: the other side is gone (every publisher or every subscriber dropped, or the service shut down)"
+    )]
     Closed,
 
     /// A blocking call gave up after its timeout.

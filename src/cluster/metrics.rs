@@ -96,7 +96,11 @@ pub(crate) struct InstanceStats {
 pub struct InstanceMetrics {
     /// The instance.
     pub id: InstanceId,
-    /// Keys whose state it holds.
+    /// Keys whose state it holds. It fills in as the instance loads them: right after
+    /// [`build`](super::ClusterBuilder::build) or
+    /// [`add_instance`](super::Cluster::add_instance) it can be below what the instance
+    /// owns (`moved_keys` counts the moves at once; a moved key's state arrives with the
+    /// handoff, and a key from the checkpoint is loaded by the instance's rebuild).
     pub keys: usize,
     /// Requests (and queries) in its queue: waiting, or handled in the batch it is on
     /// (an instance gives room back every 32 requests and when its batch ends). Exact
