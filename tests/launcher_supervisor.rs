@@ -119,3 +119,57 @@ fn a_supervisor_whose_target_panicked_is_not_running() {
     );
     supervisor.stop();
 }
+
+/// A `Supervised` that hands out a fresh heartbeat under the id it had (an instance
+/// restarted under its old id): the new one's count starts over.
+struct Swappable {
+    beat: parking_lot::Mutex<Arc<Heartbeat>>,
+    reports: AtomicUsize,
+}
+
+impl Supervised for Swappable {
+    fn heartbeats(&self) -> Vec<(InstanceId, Arc<Heartbeat>)> {
+        vec![(InstanceId(0), self.beat.lock().clone())]
+    }
+    fn stalled(&self, _: InstanceId, _: Duration) {
+        self.reports.fetch_add(1, Ordering::SeqCst);
+    }
+    fn tick(&self) {}
+}
+
+#[test]
+fn a_fresh_heartbeat_under_an_id_seen_before_is_timed_afresh() {
+    let target = Arc::new(Swappable {
+        beat: parking_lot::Mutex::new(Arc::new(Heartbeat::new())),
+        reports: AtomicUsize::new(0),
+    });
+    let supervisor = Supervisor::start(
+        target.clone(),
+        Duration::from_millis(5),
+        Duration::from_millis(50),
+    )
+    .unwrap();
+    let old = target.beat.lock().clone();
+    let unit = old.begin();
+    let since = Instant::now();
+    while target.reports.load(Ordering::SeqCst) < 1 && since.elapsed() < Duration::from_secs(10) {
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    assert_eq!(target.reports.load(Ordering::SeqCst), 1, "the first stall");
+    // The replacement's first unit has the count the reported one had: it stalls too.
+    let fresh = Arc::new(Heartbeat::new());
+    let fresh_unit = fresh.begin();
+    *target.beat.lock() = fresh.clone();
+    drop(unit);
+    let since = Instant::now();
+    while target.reports.load(Ordering::SeqCst) < 2 && since.elapsed() < Duration::from_secs(10) {
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    assert_eq!(
+        target.reports.load(Ordering::SeqCst),
+        2,
+        "the new heartbeat's unit, busy far past the stall timeout, was not reported"
+    );
+    drop(fresh_unit);
+    drop(supervisor);
+}

@@ -104,9 +104,13 @@ impl Supervisor {
                 // Cleared however the thread ends: returning, or a panic of the target.
                 let _running = ClearOnExit(r);
                 let (lock, cond) = &*s;
-                // Per instance: the odd heartbeat value last seen, since when, and whether
-                // that stall was reported.
-                let mut busy: HashMap<InstanceId, (u64, Instant, bool)> = HashMap::new();
+                // Per instance: the odd heartbeat value last seen, since when, whether
+                // that stall was reported, and the heartbeat it was read from (a
+                // `Supervised` may hand a fresh one under an id seen before, whose count
+                // starts over: its first unit is not the old one's). Holding the `Arc`
+                // keeps the old heartbeat's address from being reused by a new one.
+                let mut busy: HashMap<InstanceId, (u64, Instant, bool, Arc<Heartbeat>)> =
+                    HashMap::new();
                 let mut stopped = lock.lock();
                 while !*stopped {
                     cond.wait_for(&mut stopped, tick);
@@ -123,9 +127,11 @@ impl Supervisor {
                             busy.remove(&id);
                             continue;
                         }
-                        let since = busy.entry(id).or_insert((sample, now, false));
-                        if since.0 != sample {
-                            *since = (sample, now, false);
+                        let since = busy
+                            .entry(id)
+                            .or_insert_with(|| (sample, now, false, beat.clone()));
+                        if since.0 != sample || !Arc::ptr_eq(&since.3, &beat) {
+                            *since = (sample, now, false, beat.clone());
                         } else if !since.2 && now - since.1 > stall_timeout {
                             since.2 = true;
                             beat.declare_stalled(sample);
