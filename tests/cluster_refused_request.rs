@@ -14,7 +14,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use cauce::cluster::{Cluster, ClusterBuilder, Context, Handler, Replay};
+use cauce::cluster::{Client, Cluster, ClusterBuilder, Context, Handler, Replay};
 use cauce::store::{MemoryStore, Store};
 use cauce::{Bincode, Codec, Entry, Error};
 use serde::{Deserialize, Serialize};
@@ -72,6 +72,11 @@ fn open(store: &Arc<MemoryStore>) -> cauce::Result<Cluster<Sum>> {
     builder(store).build()
 }
 
+/// Submits `r` for `key` and waits for its answer, which must be a success.
+fn answer(client: &Client<Sum>, key: &str, r: Req) -> u64 {
+    client.submit(key, r).unwrap().wait().unwrap()
+}
+
 /// Key `a` gets 1, a request refused live (5, undecodable), and 2; then the cluster is
 /// dropped (a crash: no checkpoint).
 fn write_around_a_refused_request(store: &Arc<MemoryStore>) {
@@ -96,14 +101,7 @@ fn a_request_refused_live_does_not_make_the_log_unopenable() {
         Err(e) => panic!("reopening a log the live cluster wrote was refused: {e}"),
     };
     let client = cluster.client();
-    assert_eq!(
-        client
-            .submit("a", req(1, Some("z")))
-            .unwrap()
-            .wait()
-            .unwrap(),
-        4
-    );
+    assert_eq!(answer(&client, "a", req(1, Some("z"))), 4);
 }
 
 /// A handler panic on another key of the same instance restarts it: its keys are
@@ -113,22 +111,8 @@ fn a_request_refused_live_does_not_make_keys_unavailable_after_a_restart() {
     let store = Arc::new(MemoryStore::new());
     let cluster = open(&store).unwrap();
     let client = cluster.client();
-    assert_eq!(
-        client
-            .submit("a", req(1, Some("x")))
-            .unwrap()
-            .wait()
-            .unwrap(),
-        1
-    );
-    assert_eq!(
-        client
-            .submit("b", req(10, Some("x")))
-            .unwrap()
-            .wait()
-            .unwrap(),
-        10
-    );
+    assert_eq!(answer(&client, "a", req(1, Some("x"))), 1);
+    assert_eq!(answer(&client, "b", req(10, Some("x"))), 10);
     let refused = client.submit("a", req(5, None)).unwrap().wait();
     assert!(matches!(refused, Err(Error::Codec { .. })), "{refused:?}");
     let mut boom = req(0, Some("x"));
@@ -211,14 +195,7 @@ fn a_request_refused_by_the_rebuild_at_open_is_set_aside() {
     {
         let cluster = builder(&store).build().unwrap();
         let client = cluster.client();
-        assert_eq!(
-            client
-                .submit("a", req(1, Some("x")))
-                .unwrap()
-                .wait()
-                .unwrap(),
-            1
-        );
+        assert_eq!(answer(&client, "a", req(1, Some("x"))), 1);
         // Dropped: a crash, no checkpoint.
     }
     // The request the crashed process logged before its instance handled it.
@@ -228,14 +205,7 @@ fn a_request_refused_by_the_rebuild_at_open_is_set_aside() {
     {
         let cluster = builder(&store).build().unwrap();
         let client = cluster.client();
-        assert_eq!(
-            client
-                .submit("a", req(2, Some("y")))
-                .unwrap()
-                .wait()
-                .unwrap(),
-            3
-        );
+        assert_eq!(answer(&client, "a", req(2, Some("y"))), 3);
         drop(client);
         cluster.shutdown().unwrap();
     }
@@ -255,14 +225,7 @@ fn a_request_refused_by_a_replacements_rebuild_is_set_aside() {
             .build()
             .unwrap();
         let client = cluster.client();
-        assert_eq!(
-            client
-                .submit("a", req(1, Some("x")))
-                .unwrap()
-                .wait()
-                .unwrap(),
-            1
-        );
+        assert_eq!(answer(&client, "a", req(1, Some("x"))), 1);
         let mut slow = req(10, Some("x"));
         slow.slow = true;
         let slow = client.submit("a", slow).unwrap();
@@ -271,14 +234,7 @@ fn a_request_refused_by_a_replacements_rebuild_is_set_aside() {
         assert_eq!(slow.wait_timeout(Duration::from_secs(30)).unwrap(), 11);
         let bad = bad.wait_timeout(Duration::from_secs(30));
         assert!(matches!(bad, Err(Error::Codec { .. })), "{bad:?}");
-        assert_eq!(
-            client
-                .submit("a", req(2, Some("y")))
-                .unwrap()
-                .wait()
-                .unwrap(),
-            13
-        );
+        assert_eq!(answer(&client, "a", req(2, Some("y"))), 13);
         drop(client);
         cluster.shutdown().unwrap();
     }

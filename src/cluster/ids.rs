@@ -568,6 +568,19 @@ mod tests {
         }
     }
 
+    /// One of 40 keys (a third of them too long to be kept inline) and one of 60 ids,
+    /// drawn from `next`.
+    fn key_and_id(next: &mut impl FnMut() -> u64) -> (Vec<u8>, u128) {
+        let k = next() % 40;
+        let key = if k % 3 == 0 {
+            vec![k as u8; 45]
+        } else {
+            vec![k as u8]
+        };
+        let id = u128::from(next() % 30) << (if next() % 2 == 0 { 64 } else { 0 });
+        (key, id)
+    }
+
     #[test]
     fn the_set_agrees_with_a_model_of_its_rules() {
         let mut seed = 0x9E37_79B9_7F4A_7C15u64;
@@ -598,13 +611,7 @@ mod tests {
                         } else {
                             offset
                         };
-                        let k = next() % 40;
-                        let key: Vec<u8> = if k % 3 == 0 {
-                            vec![k as u8; 45]
-                        } else {
-                            vec![k as u8]
-                        };
-                        let id = u128::from(next() % 30) << (if next() % 2 == 0 { 64 } else { 0 });
+                        let (key, id) = key_and_id(&mut next);
                         let settled = next() % 2 == 0;
                         recent.insert(&key, RequestId(id), at, settled);
                         model.insert(&key, id, at, settled);
@@ -615,13 +622,7 @@ mod tests {
                         model.forget(at);
                     }
                     _ => {
-                        let k = next() % 40;
-                        let key: Vec<u8> = if k % 3 == 0 {
-                            vec![k as u8; 45]
-                        } else {
-                            vec![k as u8]
-                        };
-                        let id = u128::from(next() % 30) << (if next() % 2 == 0 { 64 } else { 0 });
+                        let (key, id) = key_and_id(&mut next);
                         assert_eq!(
                             recent.find_settled(&key, RequestId(id)),
                             model.find(&key, id),

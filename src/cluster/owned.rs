@@ -60,9 +60,7 @@ impl Store for OwnedLog {
     // A replay calls handlers, which can stall for as long as they like: it runs on a
     // reader taken from the store, not inside `with`, so that closing the store at
     // shutdown releases the directory even while a left-behind instance replays.
-    fn replay_from(&self, from: Offset, f: &mut dyn FnMut(Offset, Entry<'_>)) -> Result<Offset> {
-        self.with(|l| l.reader_at(from))?.replay(Offset::MAX, f)
-    }
+    // `replay_from` is this to the end (the trait's default).
     fn replay_range(
         &self,
         from: Offset,

@@ -434,11 +434,7 @@ impl Store for MemoryStore {
     }
 
     /// Lends each record from the reader's buffer: nothing is reference-counted per
-    /// record.
-    fn replay_from(&self, from: Offset, f: &mut dyn FnMut(Offset, Entry<'_>)) -> Result<Offset> {
-        self.reader(from)?.replay(Offset::MAX, f)
-    }
-
+    /// record. (`replay_from` is this to the end.)
     fn replay_range(
         &self,
         from: Offset,

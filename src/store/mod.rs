@@ -131,16 +131,10 @@ pub trait Store: Send + Sync + 'static {
     /// (where to resume). Errors as [`read_from`](Store::read_from) reports them, after
     /// the records before the damage were replayed.
     ///
-    /// The default goes through `read_from`; stores that can lend their buffers override
-    /// it.
+    /// The default is [`replay_range`](Store::replay_range) to the end: a store that can
+    /// lend its buffers overrides that one, and this follows.
     fn replay_from(&self, from: Offset, f: &mut dyn FnMut(Offset, Entry<'_>)) -> Result<Offset> {
-        let mut next = from;
-        for record in self.read_from(from)? {
-            let record = record?;
-            f(record.offset, record.as_entry());
-            next = record.offset + 1;
-        }
-        Ok(next)
+        self.replay_range(from, Offset::MAX, f)
     }
 
     /// [`replay_from`](Store::replay_from), stopping before `until`: calls `f` with the

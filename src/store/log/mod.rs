@@ -1139,10 +1139,7 @@ impl Store for LogStore {
         Ok(Box::new(reader::LogReader::new(self.shared.clone(), from)))
     }
 
-    fn replay_from(&self, from: Offset, f: &mut dyn FnMut(Offset, Entry<'_>)) -> Result<Offset> {
-        LogStore::replay_from(self, from, f)
-    }
-
+    // `replay_from` is this to the end (the trait's default).
     fn replay_range(
         &self,
         from: Offset,
