@@ -126,8 +126,11 @@ pub enum Error {
     )]
     Closed,
 
-    /// A blocking call gave up after its timeout.
-    #[error("timed out after {0:?}")]
+    /// A blocking call gave up after its timeout. What it waited for is not cancelled: a
+    /// request whose answer timed out is still handled, and can be waited on again.
+    #[error(
+        "timed out after {0:?} (a request waited for is not cancelled: it is still handled, and can be waited for again)"
+    )]
     Timeout(Duration),
 
     /// The store was opened read-only (for example up to a corruption point).
@@ -312,13 +315,22 @@ pub enum Error {
     },
 
     /// An instance was given a weight a router cannot take (weights must be positive).
-    #[error("instance {instance} cannot have weight {weight}: weights must be at least 1")]
+    #[error("{} cannot have weight {weight}: weights must be at least 1", match .instance { Some(id) => format!("instance {id}"), None => "a new instance".to_string() })]
     InvalidWeight {
-        /// The instance.
-        instance: InstanceId,
+        /// The instance; `None` for one that was to be added
+        /// ([`Cluster::add_instance`](crate::cluster::Cluster::add_instance)), which
+        /// gets no id.
+        instance: Option<InstanceId>,
         /// The weight refused.
         weight: u32,
     },
+
+    /// The cluster's last instance cannot be removed: a cluster always has one to route
+    /// to. Add another first, or shut the cluster down.
+    #[error(
+        "instance {0} is the cluster's last: add another before removing it, or shut the cluster down"
+    )]
+    LastInstance(InstanceId),
 
     /// A router already holds as many instances as it can.
     #[error("instance {instance} cannot join: the router holds at most {limit} instances")]

@@ -287,7 +287,7 @@ fn a_zero_weight_is_a_typed_error() {
     assert!(matches!(
         err,
         Error::InvalidWeight {
-            instance: InstanceId(3),
+            instance: Some(InstanceId(3)),
             weight: 0
         }
     ));

@@ -2830,9 +2830,9 @@ impl<H: Handler> Shared<H> {
 
     pub(crate) fn add_instance(&self, weight: u32) -> Result<InstanceId> {
         if weight == 0 {
-            // Named by the id it would have had; no id is taken.
+            // No id is taken, so none is named.
             return Err(Error::InvalidWeight {
-                instance: InstanceId(self.next_id.load(Ordering::SeqCst)),
+                instance: None,
                 weight,
             });
         }
@@ -2868,7 +2868,7 @@ impl<H: Handler> Shared<H> {
                 return Err(Error::UnknownInstance(id));
             }
             if routing.instances.len() == 1 {
-                return Err(Error::Config("cannot remove the last instance".into()));
+                return Err(Error::LastInstance(id));
             }
             routing
                 .instances

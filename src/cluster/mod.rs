@@ -213,7 +213,8 @@ impl<H: Handler> Cluster<H> {
     /// Adds an instance with `weight` (its share of keys relative to the others) while
     /// requests flow; the keys it takes over move to it with their state.
     ///
-    /// A weight of 0 is [`Error::InvalidWeight`]; past the router's
+    /// A weight of 0 is [`Error::InvalidWeight`] (naming no instance: none is added);
+    /// past the router's
     /// [`MAX_INSTANCES`](crate::router::MAX_INSTANCES), [`Error::TooManyInstances`]; a
     /// launcher that cannot start it, the launcher's error (and it is not a member);
     /// after [`shutdown`](Self::shutdown), [`Error::Closed`].
@@ -226,8 +227,8 @@ impl<H: Handler> Cluster<H> {
     /// moved, without waiting for the instance to finish.
     ///
     /// [`Error::UnknownInstance`] if `id` is not a member (a stalled instance is
-    /// replaced under a new id); [`Error::Config`] for the last instance: a cluster
-    /// always has one; after [`shutdown`](Self::shutdown), [`Error::Closed`].
+    /// replaced under a new id); [`Error::LastInstance`] for the last instance: a
+    /// cluster always has one; after [`shutdown`](Self::shutdown), [`Error::Closed`].
     pub fn remove_instance(&self, id: InstanceId) -> Result<()> {
         self.shared.remove_instance(id)
     }
@@ -1533,7 +1534,10 @@ impl<H: Handler> ClusterBuilder<H> {
         self
     }
 
-    /// Requests an instance may have queued before producers wait (default 1024).
+    /// Requests an instance may have queued before producers wait (default 1024; at
+    /// least 1). The queue grows as requests arrive, up to this bound: it is what bounds
+    /// an instance's memory when it falls behind (at most this many requests, each with
+    /// its key and payload), so a very large value leaves it next to unbounded.
     pub fn queue_capacity(mut self, n: usize) -> Self {
         self.options.queue_capacity = n;
         self

@@ -708,7 +708,7 @@ pub(crate) struct Prepared {
 fn check_weight(id: InstanceId, weight: u32) -> Result<()> {
     if weight == 0 {
         return Err(Error::InvalidWeight {
-            instance: id,
+            instance: Some(id),
             weight,
         });
     }
