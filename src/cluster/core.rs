@@ -182,6 +182,13 @@ struct StoreWatch {
     reported: bool,
 }
 
+/// The checkpoints handed to rebuilds (see [`Shared::checkpoint`]): the latest, which
+/// every rebuild that starts now shares, and older ones that rebuilds may still hold.
+struct HandedCheckpoints {
+    newest: Weak<Checkpoint>,
+    older: Vec<Weak<Checkpoint>>,
+}
+
 /// Membership changes under way, and who waits for them to end.
 #[derive(Default)]
 struct Changes {
@@ -393,7 +400,10 @@ pub(crate) struct Shared<H: Handler> {
     /// Offset of the latest checkpoint. Its states are not kept in memory: rebuilds load
     /// them from the store, sharing one decoded copy while any rebuild holds it.
     checkpoint_offset: AtomicU64,
-    checkpoint_cache: Mutex<Weak<Checkpoint>>,
+    /// The checkpoints rebuilds hold. What a newer checkpoint lets the cluster forget
+    /// (journaled answers, set-aside marks, the log's head) stays while any rebuild folds
+    /// from an older one.
+    checkpoint_cache: Mutex<HandedCheckpoints>,
     /// Whether the store's latest checkpoint is one to rebuild from. False from an open
     /// that rebuilt every key from the log until this cluster saves its first checkpoint:
     /// the ones before may hold states of an older `State` type, and a rebuild meanwhile
@@ -805,7 +815,10 @@ impl<H: Handler> Shared<H> {
             changes: Changes::default(),
             retiring: Mutex::new(Vec::new()),
             checkpoint_offset: AtomicU64::new(checkpoint.offset),
-            checkpoint_cache: Mutex::new(Arc::downgrade(&checkpoint)),
+            checkpoint_cache: Mutex::new(HandedCheckpoints {
+                newest: Arc::downgrade(&checkpoint),
+                older: Vec::new(),
+            }),
             checkpoint_in_store: AtomicBool::new(checkpoint_in_store),
             poisoned: Mutex::new(recovered.poisoned),
             handled_before: recovered.handled_before,
@@ -1078,9 +1091,12 @@ impl<H: Handler> Shared<H> {
     }
 
     /// The latest checkpoint, decoded (shared with any rebuild that holds it already).
+    ///
+    /// Under the lock a checkpoint takes to find the oldest one still held: one this
+    /// hands out from before a newer checkpoint is either counted there or not handed.
     pub(crate) fn checkpoint(&self) -> Result<Arc<Checkpoint>> {
         let mut cache = self.checkpoint_cache.lock();
-        if let Some(cp) = cache.upgrade() {
+        if let Some(cp) = cache.newest.upgrade() {
             if cp.offset == self.checkpoint_offset.load(Ordering::SeqCst) {
                 return Ok(cp);
             }
@@ -1097,7 +1113,10 @@ impl<H: Handler> Shared<H> {
                 None => Checkpoint::empty(self.input.start_offset()),
             }
         });
-        *cache = Arc::downgrade(&cp);
+        let older = std::mem::replace(&mut cache.newest, Arc::downgrade(&cp));
+        if older.strong_count() > 0 {
+            cache.older.push(older);
+        }
         Ok(cp)
     }
 
@@ -3195,14 +3214,28 @@ impl<H: Handler> Shared<H> {
         self.checkpoint_in_store.store(true, Ordering::SeqCst);
         let offset = checkpoint.offset;
         self.checkpoint_offset.store(offset, Ordering::SeqCst);
-        // Requests before it are replayed no more.
-        self.replay_stalls.lock().retain(|&o, _| o >= offset);
-        *self.checkpoint_cache.lock() = Weak::new();
-        self.effects.forget_before(offset);
-        self.poisoned.lock().retain(|&p| p >= offset);
+        // Requests before the oldest checkpoint a rebuild still folds from are replayed
+        // no more: what their replays need is forgotten up to there. A rebuild that
+        // began before this checkpoint folds from the one before, and needs the
+        // journal's answers, the set-aside marks and the log from there.
+        let floor = {
+            let mut cache = self.checkpoint_cache.lock();
+            let newest = std::mem::take(&mut cache.newest);
+            cache.older.push(newest);
+            cache.older.retain(|cp| cp.strong_count() > 0);
+            cache
+                .older
+                .iter()
+                .filter_map(Weak::upgrade)
+                .map(|cp| cp.offset)
+                .fold(offset, Offset::min)
+        };
+        self.replay_stalls.lock().retain(|&o, _| o >= floor);
+        self.effects.forget_before(floor);
+        self.poisoned.lock().retain(|&p| p >= floor);
         {
             let mut once = self.stalled_once.lock();
-            once.retain(|&p| p >= offset);
+            once.retain(|&p| p >= floor);
             self.any_stalled_once
                 .store(!once.is_empty(), Ordering::Release);
         }
@@ -3220,7 +3253,7 @@ impl<H: Handler> Shared<H> {
             // and the journal's answers of outside calls with them: a log that still
             // holds a request must hold what its fold needs (a `rebuild_from_log`, or a
             // `Replay`, of a log whose head truncation kept folds from there).
-            let keep_from = offset.min(
+            let keep_from = floor.min(
                 self.input
                     .next_offset()
                     .saturating_sub(self.options.retry_window),
