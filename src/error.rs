@@ -332,6 +332,11 @@ pub enum Error {
     )]
     LastInstance(InstanceId),
 
+    /// An instance id no router takes as a member: [`InstanceId::REPLAY`] (`u32::MAX`)
+    /// names the instance a replay runs handlers as, never a live one.
+    #[error("instance id {0} is reserved: it names a replay's handlers, never a member")]
+    ReservedInstance(InstanceId),
+
     /// A router already holds as many instances as it can.
     #[error("instance {instance} cannot join: the router holds at most {limit} instances")]
     TooManyInstances {

@@ -389,6 +389,10 @@ fn sticky_errors_are_typed() {
         Err(Error::InvalidWeight { .. })
     ));
     assert!(matches!(
+        sticky.add(InstanceId::REPLAY, 1),
+        Err(Error::ReservedInstance(InstanceId::REPLAY))
+    ));
+    assert!(matches!(
         sticky.remove(InstanceId(1)),
         Err(Error::UnknownInstance(InstanceId(1)))
     ));

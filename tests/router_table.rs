@@ -300,6 +300,21 @@ fn a_zero_weight_is_a_typed_error() {
     )
     .unwrap_err();
     assert!(matches!(err, Error::InvalidWeight { .. }));
+    // The id a replay's handlers run as is never a member: keys would route to it.
+    let err = router.add(InstanceId::REPLAY, 1).unwrap_err();
+    assert!(
+        matches!(err, Error::ReservedInstance(InstanceId::REPLAY)),
+        "{err:?}"
+    );
+    let err = SlotRouter::from_members(
+        SlotRouterOptions::default(),
+        &[Member {
+            id: InstanceId::REPLAY,
+            weight: 1,
+        }],
+    )
+    .unwrap_err();
+    assert!(matches!(err, Error::ReservedInstance(_)), "{err:?}");
     assert_eq!(router.epoch(), 0, "a refused change is no change");
 }
 

@@ -119,8 +119,9 @@ struct Counters {
 /// flight, and counts against it until its [`LoadGuard`] is dropped.
 ///
 /// Single-threaded, the cap is exact: no instance ever holds more. Under concurrent use
-/// an instance's count never passes its cap as computed, but the mean it is computed from
-/// may be a few requests stale.
+/// the mean a cap is computed from may be a few requests stale, and a request that then
+/// finds every instance of its list at its cap is served by its key's owner, over the
+/// cap, rather than refused.
 ///
 /// ```
 /// use std::sync::Arc;

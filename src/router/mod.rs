@@ -16,8 +16,9 @@
 //!   owner is busier than `(1 + ε)` times the mean spills down the key's preference
 //!   list.
 //! - [`Sticky`] places keys that own state: on first sight, on the first instance of the
-//!   preference list under the load cap, where the key stays until membership changes
-//!   or it goes idle. Placement is a deterministic function of the events it is fed, so
+//!   preference list under the load cap, where the key stays until membership changes,
+//!   it goes idle, or its instance is over the cap long enough to shed it
+//!   ([`StickyOptions::shed_when_over`]). Placement is a deterministic function of the events it is fed, so
 //!   routers reading the same log agree without talking.
 //!
 //! ```
@@ -29,8 +30,9 @@
 //! }
 //! let owner = router.owner_of(b"user-42").unwrap();
 //!
-//! // A fourth instance takes about a quarter of the keys, all from the other three;
-//! // a key that moves, moves to the newcomer.
+//! // A fourth instance takes about a quarter of the keys from the other three. Here a
+//! // key that moves, moves to the newcomer (with more instances, a few slots also move
+//! // between the others to keep the table balanced).
 //! router.add(InstanceId(4), 1).unwrap();
 //! let now = router.owner_of(b"user-42").unwrap();
 //! assert!(now == owner || now == InstanceId(4));
@@ -113,7 +115,8 @@ pub struct Member {
 ///   moves about `w / W` of the keys, to or from that instance.
 /// - Lookups may run concurrently with membership changes and see either the old or the
 ///   new membership, never a mix.
-/// - `add` with weight 0 is [`Error::InvalidWeight`](crate::Error::InvalidWeight);
+/// - `add` with weight 0 is [`Error::InvalidWeight`](crate::Error::InvalidWeight), of
+///   [`InstanceId::REPLAY`] [`Error::ReservedInstance`](crate::Error::ReservedInstance);
 ///   `remove` of an absent instance is
 ///   [`Error::UnknownInstance`](crate::Error::UnknownInstance). Every successful `add`
 ///   or `remove` returns a new, larger epoch.

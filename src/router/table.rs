@@ -518,7 +518,7 @@ impl SlotRouter {
         }
         let mut ids: Vec<InstanceId> = Vec::with_capacity(members.len());
         for m in members {
-            check_weight(m.id, m.weight)?;
+            check_member(m.id, m.weight)?;
             ids.push(m.id);
         }
         ids.sort_unstable();
@@ -643,7 +643,7 @@ impl Router for SlotRouter {
 
 /// Adds `id` (or changes its weight) in `builder`; checks as [`Router::add`] does.
 fn add_to(builder: &mut TableBuilder, id: InstanceId, weight: u32) -> Result<()> {
-    check_weight(id, weight)?;
+    check_member(id, weight)?;
     match builder.weight_of(id) {
         Some(old) if old == weight => {}
         None if builder.len() >= MAX_INSTANCES => {
@@ -705,7 +705,10 @@ pub(crate) struct Prepared {
     table: Arc<SlotTable>,
 }
 
-fn check_weight(id: InstanceId, weight: u32) -> Result<()> {
+fn check_member(id: InstanceId, weight: u32) -> Result<()> {
+    if id == InstanceId::REPLAY {
+        return Err(Error::ReservedInstance(id));
+    }
     if weight == 0 {
         return Err(Error::InvalidWeight {
             instance: Some(id),
