@@ -1189,12 +1189,20 @@ fn a_writable_open_removes_only_the_temporary_files_the_log_writes() {
         dir.join("compact.commit.tmp"),
         dir.join(format!("{:020}.index.tmp", 0)),
         snapshots.join(format!("{:020}.snap.tmp", 20)),
+        // Named as they are now, `{name}.{pid}.{n}.tmp`, unique to one write.
+        dir.join("segments.meta.4242.7.tmp"),
+        dir.join("cursors.journal.1.0.tmp"),
+        snapshots.join(format!("{:020}.snap.4242.8.tmp", 20)),
     ];
     let theirs = [
         dir.join("notes.tmp"),
         dir.join("7.index.tmp"),
         dir.join("start.meta.tmp.tmp"),
         snapshots.join("draft.tmp"),
+        dir.join("notes.4242.7.tmp"),
+        dir.join("start.meta.x.7.tmp"),
+        dir.join("start.meta.4242..tmp"),
+        snapshots.join("draft.1.2.tmp"),
     ];
     for f in ours.iter().chain(&theirs) {
         fs::write(f, b"half written").expect("leftover");
@@ -1223,6 +1231,57 @@ fn a_writable_open_removes_only_the_temporary_files_the_log_writes() {
     assert_eq!(read_all(&log).len(), 30);
     let s = log.latest_snapshot("state").expect("latest").expect("one");
     assert_eq!((s.offset, &s.blob[..]), (10, &b"ten"[..]));
+}
+
+/// A save writes its snapshot through a temporary file of its own, never through one
+/// fixed name: a directory (or anything else) left at `{offset:020}.snap.tmp` is no
+/// obstacle. Every save of an offset once wrote `{offset:020}.snap.tmp`, truncating
+/// what another save of it was writing there.
+#[test]
+fn a_snapshot_is_written_through_a_temporary_file_of_its_own() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let log = LogStore::open(tmp.path(), options()).expect("open");
+    append(&log, 0..30, 10);
+    log.save_snapshot("state", 10, b"ten").expect("save");
+    let sdir = tmp.path().join("snapshots").join("state");
+    fs::create_dir(sdir.join(format!("{:020}.snap.tmp", 20))).expect("obstacle");
+    log.save_snapshot("state", 20, b"twenty")
+        .expect("save past the obstacle");
+    let s = log.latest_snapshot("state").expect("latest").expect("one");
+    assert_eq!((s.offset, &s.blob[..]), (20, &b"twenty"[..]));
+    let mut names: Vec<String> = fs::read_dir(&sdir)
+        .expect("list")
+        .map(|e| e.expect("entry").file_name().into_string().expect("utf8"))
+        .collect();
+    names.sort();
+    assert_eq!(
+        names,
+        [10, 20]
+            .map(|o| format!("{o:020}.snap"))
+            .into_iter()
+            .chain([format!("{:020}.snap.tmp", 20)])
+            .collect::<Vec<_>>(),
+        "no temporary file left behind"
+    );
+}
+
+/// A file in `snapshots/` is not a snapshot name (each name is a directory): opening,
+/// for writing or read-only, goes on past it. Every open once failed listing it as a
+/// directory (`ENOTDIR`).
+#[test]
+fn a_stray_file_among_the_snapshot_names_does_not_stop_an_open() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let log = LogStore::open(tmp.path(), options()).expect("open");
+    append(&log, 0..30, 10);
+    log.save_snapshot("state", 10, b"ten").expect("save");
+    drop(log);
+    fs::write(tmp.path().join("snapshots").join("notes.txt"), b"hi").expect("stray file");
+    let ro = LogStore::open_read_only(tmp.path(), options()).expect("read-only open");
+    assert!(ro.corruption().is_none());
+    let log = LogStore::open(tmp.path(), options()).expect("open");
+    let s = log.latest_snapshot("state").expect("latest").expect("one");
+    assert_eq!((s.offset, &s.blob[..]), (10, &b"ten"[..]));
+    assert_eq!(read_all(&log).len(), 30);
 }
 
 /// Rule 13: one writer per directory.

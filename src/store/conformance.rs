@@ -469,6 +469,8 @@ pub fn snapshots_are_durable_and_latest_wins<F: Fixture>(fixture: &mut F) {
     store.save_snapshot("state", 30, b"thirty").expect("save");
     store.save_snapshot("state", 20, b"twenty").expect("save");
     store.save_snapshot("other", 5, &[0u8; 0]).expect("save");
+    // Below the newest two kept: superseded, `Ok`, and dropped by both kinds of store.
+    store.save_snapshot("state", 5, b"five").expect("save");
     let thirty = Snapshot {
         offset: 30,
         blob: bytes::Bytes::from_static(b"thirty"),

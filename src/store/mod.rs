@@ -280,7 +280,13 @@ pub trait Store: Send + Sync + 'static {
     fn cursor(&self, name: &str) -> Result<Option<Offset>>;
 
     /// Durably saves a snapshot `name` taken at `offset` (the fold of every record before
-    /// it). A later snapshot of the same name supersedes earlier ones.
+    /// it). A snapshot with a higher offset supersedes those of the same name below it
+    /// (and one saved at the same offset, the one saved before).
+    ///
+    /// A store keeps only the newest of each name: a [`MemoryStore`] the newest one, a
+    /// [`LogStore`] the newest two (the second for when the newest is found damaged).
+    /// So a snapshot saved below those it keeps returns `Ok` as superseded, and is
+    /// dropped at once: `Ok` says the snapshot, or a newer one, is saved.
     fn save_snapshot(&self, name: &str, offset: Offset, blob: &[u8]) -> Result<()>;
 
     /// The snapshot `name` with the highest offset, if any was saved.

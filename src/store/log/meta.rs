@@ -6,8 +6,10 @@ use std::fs::{self, File, OpenOptions};
 use std::io::{ErrorKind, Read, Write};
 use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use bytes::Bytes;
+use parking_lot::Mutex;
 
 use super::segment::{le32, le64};
 use crate::error::{Error, Result};
@@ -32,6 +34,15 @@ const SNAPSHOT_MAGIC: [u8; 8] = *b"CAUCESNP";
 const SNAPSHOT_HEADER_LEN: usize = 32;
 /// The journal is rewritten when it is larger than this and four times its live part.
 const JOURNAL_REWRITE_BYTES: u64 = 64 << 10;
+/// How many names [`create_temporary`] tries before it gives up: each is taken only by
+/// a leftover of an earlier process that had this one's pid.
+const TEMPORARY_NAME_TRIES: u32 = 64;
+/// How many times [`Snapshots::latest`] lists a name's snapshots without the lock of
+/// the saves before it takes it: each retry means a save pruned what it listed.
+const UNLOCKED_SNAPSHOT_LOOKS: u32 = 8;
+
+/// Numbers the temporary files this process writes, so that no two share a name.
+static TEMPORARIES: AtomicU64 = AtomicU64::new(0);
 
 /// Takes the exclusive lock of `dir`, or fails with [`Error::Locked`].
 pub(crate) fn lock_dir(dir: &Path) -> Result<File> {
@@ -72,16 +83,56 @@ pub(crate) fn write_atomic(dir: &Path, name: &str, bytes: &[u8]) -> Result<()> {
 
 /// [`write_atomic`] but for the fsync of the directory: the new file is whole once the
 /// rename is durable, which the next fsync of the directory makes it. Until then a
-/// crash leaves either file.
-fn write_renamed(dir: &Path, name: &str, bytes: &[u8]) -> Result<()> {
-    let tmp = dir.join(format!("{name}.tmp"));
+/// crash leaves either file. Returns the new file, open for writing.
+fn write_renamed(dir: &Path, name: &str, bytes: &[u8]) -> Result<File> {
+    let (tmp, mut file) = create_temporary(dir, name)?;
     let target = dir.join(name);
-    let mut file = File::create(&tmp).map_err(|e| Error::io("create", &tmp, e))?;
-    file.write_all(bytes)
-        .map_err(|e| Error::io("write", &tmp, e))?;
-    file.sync_all().map_err(|e| Error::io("fsync", &tmp, e))?;
-    drop(file);
-    fs::rename(&tmp, &target).map_err(|e| Error::io("rename", &target, e))
+    let written = file
+        .write_all(bytes)
+        .map_err(|e| Error::io("write", &tmp, e))
+        .and_then(|()| file.sync_all().map_err(|e| Error::io("fsync", &tmp, e)))
+        .and_then(|()| fs::rename(&tmp, &target).map_err(|e| Error::io("rename", &target, e)));
+    if let Err(e) = written {
+        // Its name is this call's alone, so nothing else would ever replace or remove
+        // it before the next writable open. Failing to remove it loses nothing: that
+        // open does.
+        let _ = fs::remove_file(&tmp);
+        return Err(e);
+    }
+    Ok(file)
+}
+
+/// Creates the temporary file for `dir/name` under a name no other write uses,
+/// `{name}.{pid}.{n}.tmp`, with `O_EXCL`: nothing already there (another write's
+/// temporary, a leftover, a symlink) is truncated or written through. Two writes to one
+/// fixed `{name}.tmp` once truncated each other's bytes, and the one that renamed first
+/// put the other's bytes, perhaps partial, under `name`.
+fn create_temporary(dir: &Path, name: &str) -> Result<(PathBuf, File)> {
+    let mut tries = 0;
+    loop {
+        let n = TEMPORARIES.fetch_add(1, Ordering::Relaxed);
+        let tmp = dir.join(format!("{name}.{}.{n}.tmp", std::process::id()));
+        match OpenOptions::new().write(true).create_new(true).open(&tmp) {
+            Ok(file) => return Ok((tmp, file)),
+            Err(e) if e.kind() == ErrorKind::AlreadyExists && tries < TEMPORARY_NAME_TRIES => {
+                tries += 1;
+            }
+            Err(e) => return Err(Error::io("create", &tmp, e)),
+        }
+    }
+}
+
+/// The file a temporary file of this crate named `name` was to become, if `name` is one:
+/// `{target}.{pid}.{n}.tmp` as [`create_temporary`] names them, or `{target}.tmp` as
+/// they were named before (and an index's still is).
+fn temporary_target(name: &str) -> Option<&str> {
+    let stem = name.strip_suffix(".tmp")?;
+    let digits = |s: &str| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit());
+    let unique = stem.rsplit_once('.').and_then(|(rest, n)| {
+        let (target, pid) = rest.rsplit_once('.')?;
+        (digits(pid) && digits(n)).then_some(target)
+    });
+    Some(unique.unwrap_or(stem))
 }
 
 /// True for the name of a temporary file this crate writes in a log directory and a
@@ -89,44 +140,55 @@ fn write_renamed(dir: &Path, name: &str, bytes: &[u8]) -> Result<()> {
 /// manifest, the cursor journal and the compaction marker, and an index's
 /// (`{base:020}.index.tmp`).
 fn is_own_temporary(name: &str) -> bool {
-    let Some(target) = name.strip_suffix(".tmp") else {
-        return false;
-    };
-    [
-        START_FILE,
-        MANIFEST_FILE,
-        CURSOR_FILE,
-        super::compact::MARKER,
-    ]
-    .contains(&target)
-        || super::segment::parse_base(target, "index").is_some()
+    temporary_target(name).is_some_and(|target| {
+        [
+            START_FILE,
+            MANIFEST_FILE,
+            CURSOR_FILE,
+            super::compact::MARKER,
+        ]
+        .contains(&target)
+            || super::segment::parse_base(target, "index").is_some()
+    })
 }
 
 /// Removes the temporary files a crash left in `dir`: those named by
-/// [`is_own_temporary`] in it, and `{offset:020}.snap.tmp` in each snapshot directory.
-/// Only regular files with exactly those names: anything else is not the log's.
+/// [`is_own_temporary`] in it, and a snapshot's (`{offset:020}.snap` as
+/// [`temporary_target`] reads it) in each snapshot directory. Only regular files with
+/// exactly those names: anything else is not the log's.
 pub(crate) fn remove_temporaries(dir: &Path) -> Result<()> {
     remove_files_named(dir, is_own_temporary)?;
+    for (_, sdir) in snapshot_dirs(dir)? {
+        remove_files_named(&sdir, |name| {
+            temporary_target(name).is_some_and(|t| super::segment::parse_base(t, "snap").is_some())
+        })?;
+    }
+    Ok(())
+}
+
+/// The name and path of each directory in `dir/snapshots` (symlinks followed), one per
+/// snapshot name. Anything else there, a stray file say, is not a snapshot name and is
+/// left out: listing it as one once made every open fail.
+fn snapshot_dirs(dir: &Path) -> Result<Vec<(std::ffi::OsString, PathBuf)>> {
     let root = dir.join(SNAPSHOT_DIR);
     let entries = match fs::read_dir(&root) {
         Ok(e) => e,
-        Err(e) if e.kind() == ErrorKind::NotFound => return Ok(()),
+        Err(e) if e.kind() == ErrorKind::NotFound => return Ok(Vec::new()),
         Err(e) => return Err(Error::io("list", &root, e)),
     };
+    let mut dirs = Vec::new();
     for entry in entries {
         let entry = entry.map_err(|e| Error::io("list", &root, e))?;
-        let is_dir = entry
-            .file_type()
-            .map_err(|e| Error::io("stat", entry.path(), e))?
-            .is_dir();
-        if is_dir {
-            remove_files_named(&entry.path(), |name| {
-                name.strip_suffix(".tmp")
-                    .is_some_and(|n| super::segment::parse_base(n, "snap").is_some())
-            })?;
+        let path = entry.path();
+        match fs::metadata(&path) {
+            Ok(m) if m.is_dir() => dirs.push((entry.file_name(), path)),
+            Ok(_) => {}
+            // Gone since it was listed, or a symlink to nothing: no snapshots there.
+            Err(e) if e.kind() == ErrorKind::NotFound => {}
+            Err(e) => return Err(Error::io("stat", &path, e)),
         }
     }
-    Ok(())
+    Ok(dirs)
 }
 
 /// Removes the regular files of `dir` whose name `doomed` accepts.
@@ -358,6 +420,9 @@ pub(crate) struct CursorJournal {
     file: Option<File>,
     cursors: HashMap<String, Offset>,
     len: u64,
+    /// A rewrite renamed the new journal into place but the fsync of the directory that
+    /// makes the rename durable failed: owed before a commit returns.
+    rename_unsynced: bool,
 }
 
 fn encode_cursor(out: &mut Vec<u8>, name: &str, offset: Offset) {
@@ -492,6 +557,7 @@ impl CursorJournal {
             file: None,
             cursors,
             len: whole as u64,
+            rename_unsynced: false,
         };
         if writable {
             let file = OpenOptions::new()
@@ -537,6 +603,9 @@ impl CursorJournal {
             .map_err(|e| Error::io("append to cursor journal", &self.path, e))?;
         self.len += entry.len() as u64;
         self.cursors.insert(name.to_string(), offset);
+        // The entry is in the file renamed into place by a rewrite: durable only once
+        // the rename is.
+        self.sync_rename()?;
         let live: usize = self.cursors.keys().map(|k| 13 + k.len()).sum();
         if self.len > JOURNAL_REWRITE_BYTES && self.len > 4 * live as u64 {
             self.rewrite()?;
@@ -550,13 +619,22 @@ impl CursorJournal {
         for (name, offset) in &self.cursors {
             encode_cursor(&mut bytes, name, *offset);
         }
-        write_atomic(&self.dir, CURSOR_FILE, &bytes)?;
-        let file = OpenOptions::new()
-            .write(true)
-            .open(&self.path)
-            .map_err(|e| Error::io("open", &self.path, e))?;
+        // The written file's own handle, not the path opened anew: from the rename on it
+        // is the journal. An open after the rename that failed once left commits
+        // appending to the replaced, unlinked file and returning `Ok`.
+        let file = write_renamed(&self.dir, CURSOR_FILE, &bytes)?;
         self.file = Some(file);
         self.len = bytes.len() as u64;
+        self.rename_unsynced = true;
+        self.sync_rename()
+    }
+
+    /// Makes a rewrite's rename durable if that is owed.
+    fn sync_rename(&mut self) -> Result<()> {
+        if self.rename_unsynced {
+            sync_dir(&self.dir)?;
+            self.rename_unsynced = false;
+        }
         Ok(())
     }
 }
@@ -565,30 +643,107 @@ fn snapshot_dir(dir: &Path, name: &str) -> PathBuf {
     dir.join(SNAPSHOT_DIR).join(name)
 }
 
-/// Saves a snapshot atomically and keeps the newest two of its name.
-pub(crate) fn save_snapshot(dir: &Path, name: &str, offset: Offset, blob: &[u8]) -> Result<()> {
-    let root = dir.join(SNAPSHOT_DIR);
-    let sdir = snapshot_dir(dir, name);
-    if !sdir.exists() {
-        fs::create_dir_all(&sdir).map_err(|e| Error::io("create directory", &sdir, e))?;
-        sync_dir(&root)?;
-        sync_dir(dir)?;
+/// The snapshots of a log directory, `snapshots/{name}/{offset:020}.snap`: each save
+/// keeps the newest two of its name.
+#[derive(Debug)]
+pub(crate) struct Snapshots {
+    dir: PathBuf,
+    /// Held by each save from its write to the end of its pruning, and by a read that
+    /// found the snapshots it listed pruned again and again. Two saves of one name and
+    /// offset once wrote one temporary file at once, and a read could list snapshots
+    /// that a save then deleted, every one, and answer that there were none.
+    saving: Mutex<()>,
+}
+
+/// What one look at a name's snapshots found.
+enum Look {
+    /// The newest that passes its checks, if any does.
+    Found(Option<Snapshot>),
+    /// A snapshot listed was gone when read: a save of a newer one pruned it.
+    Pruned(Error),
+}
+
+impl Snapshots {
+    /// The snapshots of the log in `dir`.
+    pub(crate) fn new(dir: &Path) -> Snapshots {
+        Snapshots {
+            dir: dir.to_path_buf(),
+            saving: Mutex::new(()),
+        }
     }
-    let mut bytes = Vec::with_capacity(SNAPSHOT_HEADER_LEN + blob.len());
-    bytes.extend_from_slice(&SNAPSHOT_MAGIC);
-    bytes.extend_from_slice(&offset.to_le_bytes());
-    bytes.extend_from_slice(&(blob.len() as u64).to_le_bytes());
-    bytes.extend_from_slice(&crc32c::crc32c(blob).to_le_bytes());
-    let header_crc = crc32c::crc32c(&bytes[0..28]);
-    bytes.extend_from_slice(&header_crc.to_le_bytes());
-    bytes.extend_from_slice(blob);
-    write_atomic(&sdir, &format!("{offset:020}.snap"), &bytes)?;
-    let mut offsets = list_snapshots(&sdir)?;
+
+    /// Saves a snapshot atomically and keeps the newest two of its name: one older
+    /// than those two is deleted again at once.
+    pub(crate) fn save(&self, name: &str, offset: Offset, blob: &[u8]) -> Result<()> {
+        let _saving = self.saving.lock();
+        let root = self.dir.join(SNAPSHOT_DIR);
+        let sdir = snapshot_dir(&self.dir, name);
+        if !sdir.exists() {
+            fs::create_dir_all(&sdir).map_err(|e| Error::io("create directory", &sdir, e))?;
+            sync_dir(&root)?;
+            sync_dir(&self.dir)?;
+        }
+        let mut bytes = Vec::with_capacity(SNAPSHOT_HEADER_LEN + blob.len());
+        bytes.extend_from_slice(&SNAPSHOT_MAGIC);
+        bytes.extend_from_slice(&offset.to_le_bytes());
+        bytes.extend_from_slice(&(blob.len() as u64).to_le_bytes());
+        bytes.extend_from_slice(&crc32c::crc32c(blob).to_le_bytes());
+        let header_crc = crc32c::crc32c(&bytes[0..28]);
+        bytes.extend_from_slice(&header_crc.to_le_bytes());
+        bytes.extend_from_slice(blob);
+        write_atomic(&sdir, &format!("{offset:020}.snap"), &bytes)?;
+        let mut offsets = list_snapshots(&sdir)?;
+        offsets.sort_unstable_by(|a, b| b.cmp(a));
+        for old in offsets.iter().skip(2) {
+            remove_if_exists(&sdir.join(format!("{old:020}.snap")))?;
+        }
+        Ok(())
+    }
+
+    /// The snapshot of `name` with the highest offset whose checks pass.
+    ///
+    /// Saves prune while this reads, so a snapshot listed can be gone when read: then
+    /// a newer one exists, and the name is listed again. After a few such looks the
+    /// last is made holding the lock of this store's saves, which holds pruning off.
+    /// (A read-only store's lock holds off no writer: should its last look find the
+    /// snapshots pruned again, it fails with the `NotFound` of the one that went.)
+    pub(crate) fn latest(&self, name: &str) -> Result<Option<Snapshot>> {
+        let sdir = snapshot_dir(&self.dir, name);
+        for _ in 0..UNLOCKED_SNAPSHOT_LOOKS {
+            if let Look::Found(found) = look(&sdir)? {
+                return Ok(found);
+            }
+        }
+        let _saving = self.saving.lock();
+        match look(&sdir)? {
+            Look::Found(found) => Ok(found),
+            Look::Pruned(e) => Err(e),
+        }
+    }
+}
+
+/// Lists the snapshots in `sdir` and reads them newest first, up to the first that
+/// passes its checks.
+fn look(sdir: &Path) -> Result<Look> {
+    let mut offsets = list_snapshots(sdir)?;
     offsets.sort_unstable_by(|a, b| b.cmp(a));
-    for old in offsets.iter().skip(2) {
-        remove_if_exists(&sdir.join(format!("{old:020}.snap")))?;
+    for offset in offsets {
+        let path = sdir.join(format!("{offset:020}.snap"));
+        let mut bytes = Vec::new();
+        match File::open(&path).and_then(|mut f| f.read_to_end(&mut bytes)) {
+            Ok(_) => {}
+            // Not the next older one: by now it may be older than the newest saved.
+            Err(e) if e.kind() == ErrorKind::NotFound => {
+                return Ok(Look::Pruned(Error::io("read", &path, e)));
+            }
+            Err(e) => return Err(Error::io("read", &path, e)),
+        }
+        if let Some(snapshot) = check_snapshot(&bytes, offset) {
+            return Ok(Look::Found(Some(snapshot)));
+        }
+        tracing::warn!(path = %path.display(), "snapshot fails its checks; trying an older one");
     }
-    Ok(())
+    Ok(Look::Found(None))
 }
 
 fn list_snapshots(sdir: &Path) -> Result<Vec<Offset>> {
@@ -623,19 +778,12 @@ pub(crate) fn durable_floor(
     let mut floor = cursors
         .furthest()
         .map(|(name, offset)| (offset, format!("cursor {name:?}")));
-    let root = dir.join(SNAPSHOT_DIR);
-    let names = match fs::read_dir(&root) {
-        Ok(names) => names,
-        Err(e) if e.kind() == ErrorKind::NotFound => return Ok(floor),
-        Err(e) => return Err(Error::io("list", &root, e)),
-    };
     let mut found = Vec::new();
-    for entry in names {
-        let entry = entry.map_err(|e| Error::io("list", &root, e))?;
-        let Some(name) = entry.file_name().to_str().map(str::to_owned) else {
+    for (name, sdir) in snapshot_dirs(dir)? {
+        let Some(name) = name.to_str().map(str::to_owned) else {
             continue;
         };
-        if let Some(&offset) = list_snapshots(&entry.path())?.iter().max() {
+        if let Some(&offset) = list_snapshots(&sdir)?.iter().max() {
             found.push((offset, name));
         }
     }
@@ -647,27 +795,6 @@ pub(crate) fn durable_floor(
         }
     }
     Ok(floor)
-}
-
-/// The snapshot of `name` with the highest offset whose checks pass.
-pub(crate) fn latest_snapshot(dir: &Path, name: &str) -> Result<Option<Snapshot>> {
-    let sdir = snapshot_dir(dir, name);
-    let mut offsets = list_snapshots(&sdir)?;
-    offsets.sort_unstable_by(|a, b| b.cmp(a));
-    for offset in offsets {
-        let path = sdir.join(format!("{offset:020}.snap"));
-        let mut bytes = Vec::new();
-        match File::open(&path).and_then(|mut f| f.read_to_end(&mut bytes)) {
-            Ok(_) => {}
-            Err(e) if e.kind() == ErrorKind::NotFound => continue,
-            Err(e) => return Err(Error::io("read", &path, e)),
-        }
-        if let Some(snapshot) = check_snapshot(&bytes, offset) {
-            return Ok(Some(snapshot));
-        }
-        tracing::warn!(path = %path.display(), "snapshot fails its checks; trying an older one");
-    }
-    Ok(None)
 }
 
 fn check_snapshot(bytes: &[u8], offset: Offset) -> Option<Snapshot> {

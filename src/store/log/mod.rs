@@ -38,7 +38,7 @@
 //! | `compact.commit` | only while a committed compaction is swapped in: magic `CAUCECMP`, count `u64`, the rewritten bases `u64`, CRC |
 //! | `{base:020}.log.compact` | a rewritten segment waiting for its swap |
 //! | `lock` | `flock`ed by the one process that has the directory open for writing |
-//! | `start.meta.tmp`, `segments.meta.tmp`, `cursors.journal.tmp`, `compact.commit.tmp`, `{base:020}.index.tmp`, `snapshots/{name}/{offset:020}.snap.tmp` | a file being written, renamed over its target once whole; a writable open removes those a crash left (regular files of exactly these names, nothing else) |
+//! | `start.meta.{pid}.{n}.tmp`, `segments.meta.{pid}.{n}.tmp`, `cursors.journal.{pid}.{n}.tmp`, `compact.commit.{pid}.{n}.tmp`, `snapshots/{name}/{offset:020}.snap.{pid}.{n}.tmp`, `{base:020}.index.tmp` | a file being written, renamed over its target once whole; `{pid}.{n}` (the writing process's id and a count, decimal) makes each write's name its own, so two writes never share one. A writable open removes those a crash left (regular files of exactly these names, nothing else), and those named `{target}.tmp` by versions before the count |
 //!
 //! **Segment header** (32 bytes): magic `CAUCELOG` (8), format version `u32` = 1, flags
 //! `u32` = 0, base offset `u64`, reserved `u32`, CRC of the 28 bytes before it `u32`.
@@ -135,7 +135,8 @@
 //!     (`cursor_journal_torn_tail_is_cut`,
 //!     `cursor_journal_damage_in_the_middle_is_an_error_not_a_cut`)
 //! 12. **The newest snapshot that passes its checks wins**: a damaged one falls back to
-//!     the one before it (the newest two of each name are kept).
+//!     the one before it (the newest two of each name are kept; a save below those two
+//!     is deleted again at once, superseded, as [`Store::save_snapshot`] says).
 //!     (`damaged_newest_snapshot_falls_back_to_the_previous_one`)
 //! 13. **One writer per directory**: a second writable open, in this process or another,
 //!     is [`Error::Locked`]. (`second_writable_open_of_a_directory_is_locked`)
@@ -578,6 +579,7 @@ pub(crate) struct Shared {
     /// list's and `maintenance`, never before them.
     manifest: Mutex<meta::Manifest>,
     cursors: Mutex<meta::CursorJournal>,
+    snapshots: meta::Snapshots,
     /// Serialises retention and compaction.
     maintenance: Mutex<()>,
     shutdown: AtomicBool,
@@ -919,6 +921,7 @@ impl LogStore {
             start: AtomicU64::new(recovered.start),
             manifest: Mutex::new(manifest),
             cursors: Mutex::new(cursors),
+            snapshots: meta::Snapshots::new(dir),
             maintenance: Mutex::new(()),
             shutdown: AtomicBool::new(false),
             writes: AtomicU64::new(0),
@@ -1215,12 +1218,12 @@ impl Store for LogStore {
         check_not_past_end(offset, self.start_offset(), self.next_offset())?;
         // As for cursors: the records the snapshot folds are durable first.
         self.sync_until(offset)?;
-        meta::save_snapshot(&self.shared.dir, name, offset, blob)
+        self.shared.snapshots.save(name, offset, blob)
     }
 
     fn latest_snapshot(&self, name: &str) -> Result<Option<Snapshot>> {
         check_name(name)?;
-        meta::latest_snapshot(&self.shared.dir, name)
+        self.shared.snapshots.latest(name)
     }
 }
 
