@@ -566,17 +566,19 @@ impl Shared {
             let upto = st.next;
             self.mark_synced(st, upto, started);
         }
-        seg.end.store(end, Ordering::Release);
-        seg.sealed.store(true, Ordering::Release);
-        seg.sealed_now();
-        if let Some((_, written)) = st.inflight.take() {
-            reuse(st, written);
-        }
+        // Written before the segment is sealed: a compaction takes only sealed
+        // segments, and the index of its rewrite must not be overwritten by this one.
         if let Some(entries) = seg.index_entries() {
             if let Err(e) = index::write(&self.dir, seg.base, &entries) {
                 // An index is a hint: a missing one is rebuilt on first use.
                 tracing::warn!("could not write the index of {}: {e}", seg.path.display());
             }
+        }
+        seg.end.store(end, Ordering::Release);
+        seg.sealed.store(true, Ordering::Release);
+        seg.sealed_now();
+        if let Some((_, written)) = st.inflight.take() {
+            reuse(st, written);
         }
         let preallocate = self
             .options
