@@ -428,10 +428,12 @@ pub enum Error {
         earliest: Option<Offset>,
     },
 
-    /// The record at an offset of a cluster's input log is not a request: it records a
-    /// membership change or a request set aside after its handler panicked, so there is
-    /// no request there to re-run or handle.
-    #[error("the record at offset {offset} is not a request: it records {what}")]
+    /// The record at an offset of a cluster's input log is not the request asked for:
+    /// it records a membership change or a request set aside after its handler
+    /// panicked, so there is no request there to re-run or handle; or, asked
+    /// [`was_applied`](crate::cluster::Client::was_applied) for one key, a request of
+    /// another key.
+    #[error("the record at offset {offset} is not the request asked for: it records {what}")]
     NotARequest {
         /// The record's offset in the input log.
         offset: Offset,

@@ -348,7 +348,9 @@ impl<H: Handler> Replay<H> {
     /// decoded (the live service refused it, and it changed no state) is listed with
     /// the error, which names its offset. A request whose handler panicked (or stalled
     /// twice) is listed like any other, though it changed no state either:
-    /// [`panicked`](Self::panicked) tells them apart.
+    /// [`panicked`](Self::panicked) tells them apart. Of a log whose head was truncated
+    /// (`truncate_after_checkpoint`), only the requests it still holds, from
+    /// [`Store::start_offset`](crate::store::Store::start_offset) on.
     pub fn history(&self, key: impl AsRef<[u8]>) -> Result<Vec<(Offset, Result<H::Request>)>> {
         let key = key.as_ref();
         let mut out = Vec::new();
@@ -396,7 +398,8 @@ impl<H: Handler> Replay<H> {
     /// [`Error::HandlerStalled`]) and marked in the log, and no state folds it:
     /// [`state_before`](Self::state_before) leaves it out, and [`rerun`](Self::rerun)
     /// runs it again (under a debugger, to see the panic or the hang), on the state it
-    /// met.
+    /// met. False for an offset before the log's start (of a truncated log): the marks
+    /// of those requests went with it.
     pub fn panicked(&self, offset: Offset) -> bool {
         self.poisoned.contains(&offset)
     }
