@@ -263,6 +263,55 @@ fn torn_tail_is_cut_not_returned() {
     assert_eq!(read_all(&log).len(), 12);
 }
 
+/// Rule 2: the length of a torn batch whose header checksum holds says where it ends, so
+/// a valid batch inside its body (a payload that holds this format's bytes) is its
+/// user's data, not a batch after it: the tear is still a torn tail, for a writable open
+/// and a read-only one.
+#[test]
+fn a_torn_batch_whose_payload_holds_a_batch_is_a_torn_tail() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let options = || options().segment_bytes(1 << 20);
+    // The encoded batch of record 3, taken from a log of its own: the offset a batch
+    // after the three records below would start at.
+    let scratch = tmp.path().join("scratch");
+    LogStore::open(&scratch, options())
+        .map(|log| append(&log, 0..4, 1))
+        .expect("open scratch");
+    let ends = single_record_batch_ends(4);
+    let scratch_bytes = fs::read(&segments(&scratch)[0]).expect("read");
+    let mut payload = scratch_bytes[ends[2].0 as usize..ends[3].0 as usize].to_vec();
+    payload.extend_from_slice(&[0xab; 4096]);
+
+    let dir = tmp.path().join("log");
+    let log = LogStore::open(&dir, options()).expect("open");
+    append(&log, 0..3, 1);
+    // A 4-byte key puts the payload 8-aligned in the file (24 + 20 + 4 bytes of headers
+    // and key), where a scan that trusted no length would look for a batch.
+    log.append(&[Entry::new(b"four", &payload)])
+        .expect("append");
+    drop(log);
+    let last = segments(&dir).pop().expect("segment");
+    assert_eq!(segments(&dir).len(), 1);
+    let whole = ends[2].0;
+    let bytes = fs::read(&last).expect("read");
+    // The crash: only the first 300 bytes of the last batch reached the file.
+    fs::write(&last, &bytes[..whole as usize + 300]).expect("cut");
+
+    let ro = LogStore::open_read_only(&dir, options()).expect("read-only open");
+    assert!(ro.corruption().is_none(), "{:?}", ro.corruption());
+    assert_eq!(read_all(&ro).len(), 3);
+    drop(ro);
+    let log = LogStore::open(&dir, options()).expect("a torn tail is cut, not damage");
+    let got = read_all(&log);
+    assert_eq!(got.len(), 3);
+    got.iter().for_each(assert_is_original);
+    assert_eq!(
+        fs::metadata(&last).expect("stat").len(),
+        whole,
+        "cut on disk"
+    );
+}
+
 /// Rule 3: a bad batch followed by a valid one is corruption, reported with its file,
 /// position and offset; a read-only open gets everything before it.
 #[test]

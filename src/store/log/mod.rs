@@ -69,8 +69,13 @@
 //!    checksum, framing, or a length past the end of the file) with no valid batch at any
 //!    aligned position after it is the trace of a write that a crash interrupted; the file
 //!    is truncated there and fdatasync'd, and its records were never acknowledged
-//!    (unless a cursor or snapshot says otherwise: rule 14).
-//!    (`torn_tail_is_cut_not_returned`,
+//!    (unless a cursor or snapshot says otherwise: rule 14). "After" a bad batch whose
+//!    header checksum holds is past the end its length gives (so a torn batch whose
+//!    length runs past the end of the file has nothing after it): its body is the
+//!    user's bytes, and a payload may hold anything, batches of this format included.
+//!    Only a header that fails its checksum is followed by every aligned position after
+//!    it. (`torn_tail_is_cut_not_returned`,
+//!    `a_torn_batch_whose_payload_holds_a_batch_is_a_torn_tail`,
 //!    `truncating_the_last_segment_at_any_byte_keeps_exactly_the_whole_records_before_it`,
 //!    and the SIGKILL test in `tests/log_crash.rs`)
 //! 3. **Corruption in the middle is an error, not a cut**: a bad batch followed by a valid

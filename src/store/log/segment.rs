@@ -532,7 +532,9 @@ pub(crate) fn check_batch_at(
 /// whose base offset is `base`) and calls `each` for every whole batch, in order.
 ///
 /// This is the recovery scan: it tells a torn tail (a bad batch with nothing valid after
-/// it) from corruption in the middle (a bad batch followed by a valid one).
+/// it) from corruption in the middle (a bad batch followed by a valid one). "After" a
+/// bad batch whose header checksum holds means past the end its length gives: its body
+/// is its user's bytes, which may hold anything, this format's batches included.
 pub(crate) fn scan(data: &[u8], base: Offset, mut each: impl FnMut(&ScannedBatch)) -> ScanEnd {
     let mut pos = SEGMENT_HEADER_LEN;
     let mut expected = base;
@@ -549,7 +551,7 @@ pub(crate) fn scan(data: &[u8], base: Offset, mut each: impl FnMut(&ScannedBatch
                         position: pos as u64,
                     };
                 }
-                return match first_valid_batch_from(data, pos + ALIGN, expected) {
+                return match valid_batch_after(data, pos, expected) {
                     Some(later) => ScanEnd::Corrupt {
                         position: pos as u64,
                         reason,
@@ -607,6 +609,26 @@ pub(crate) fn scan_whole(
         } => (position, reason),
     };
     Err(Error::corrupt(path, position, Some(next), reason))
+}
+
+/// The position of the first valid batch after the bad batch at `pos`, if any. A header
+/// whose checksum holds has a length to trust: the search starts past its end (a torn
+/// write's batch whose end is past the data's end has nothing after it), never inside
+/// its body. Only a header that fails its checksum gives no end, and the search then
+/// tries every aligned position after it.
+fn valid_batch_after(data: &[u8], pos: usize, expected: Offset) -> Option<u64> {
+    let from = match check_header(&data[pos..]) {
+        HeaderCheck::Valid(header) => {
+            // In u64, a position and a u32-bounded length cannot overflow the sum.
+            let end = pos as u64 + header.total_len();
+            if end > data.len() as u64 {
+                return None;
+            }
+            end as usize
+        }
+        HeaderCheck::Zero | HeaderCheck::Short | HeaderCheck::Bad(_) => pos + ALIGN,
+    };
+    first_valid_batch_from(data, from, expected)
 }
 
 /// The position of the first valid batch at an aligned position from `from` on, if any.
@@ -797,5 +819,31 @@ mod tests {
         zeros.extend_from_slice(&[0u8; 100]);
         let end = whole.len() as u64;
         assert_eq!(scan(&zeros, 0, |_| {}), ScanEnd::Zeros { position: end });
+    }
+
+    #[test]
+    fn a_scan_looks_for_a_later_batch_past_the_end_a_valid_header_gives() {
+        let mut data = encode_segment_header(0).to_vec();
+        // A 4-byte key puts the payload 8-aligned: it holds a batch that would pass.
+        let mut payload = one_batch(1, &[Entry::new(b"b", b"2")]);
+        payload.extend_from_slice(&[0xab; 64]);
+        let outer = one_batch(0, &[Entry::new(b"four", &payload)]);
+        data.extend_from_slice(&outer);
+        let torn = &data[..data.len() - 8];
+        let at = SEGMENT_HEADER_LEN as u64;
+        assert!(matches!(scan(torn, 0, |_| {}), ScanEnd::Torn { position, .. } if position == at));
+        // Damage to the body with a batch past its end stays corruption.
+        let mut damaged = data.clone();
+        damaged[SEGMENT_HEADER_LEN + 100] ^= 0xff;
+        damaged.extend_from_slice(&one_batch(1, &[Entry::new(b"c", b"3")]));
+        assert!(matches!(scan(&damaged, 0, |_| {}), ScanEnd::Corrupt { .. }));
+        // A header that fails its checksum has no end to trust: every aligned position
+        // after it is tried, and the batch inside the body counts.
+        let mut bad_header = torn.to_vec();
+        bad_header[SEGMENT_HEADER_LEN + 4] ^= 0xff;
+        assert!(matches!(
+            scan(&bad_header, 0, |_| {}),
+            ScanEnd::Corrupt { .. }
+        ));
     }
 }
