@@ -2,10 +2,12 @@
 //! whose write or fdatasync failed writes and syncs nothing again.
 //!
 //! Write failures are injected with `RLIMIT_FSIZE` (with `SIGXFSZ` ignored, a write past
-//! the limit fails with `EFBIG`). The limit holds for the whole process, so each test
-//! that sets it runs in a child process: this test binary, running only that test, with
-//! `CAUCE_WRITE_FAILURE_CHILD` set.
+//! the limit fails with `EFBIG`); fsync and fdatasync failures with the `LD_PRELOAD` shim
+//! `tests/support/failsync.c`, built by the test that uses it. The limit and the shim
+//! hold for the whole process, so each test that uses them runs in a child process:
+//! this test binary, running only that test, with `CAUCE_WRITE_FAILURE_CHILD` set.
 
+use std::ffi::OsStr;
 use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
@@ -18,6 +20,11 @@ const CHILD_ENV: &str = "CAUCE_WRITE_FAILURE_CHILD";
 /// Runs `scenario` in a child process running only the test `name` (this one); the
 /// scenario may call [`limit_file_size`].
 fn in_child(name: &str, scenario: impl FnOnce()) {
+    in_child_with(name, &[], scenario);
+}
+
+/// [`in_child`], with the variables `env` set in the child.
+fn in_child_with(name: &str, env: &[(&str, &OsStr)], scenario: impl FnOnce()) {
     if std::env::var_os(CHILD_ENV).is_some() {
         scenario();
         return;
@@ -25,6 +32,7 @@ fn in_child(name: &str, scenario: impl FnOnce()) {
     let out = Command::new(std::env::current_exe().unwrap())
         .args([name, "--exact", "--nocapture", "--test-threads=1"])
         .env(CHILD_ENV, "1")
+        .envs(env.iter().copied())
         .output()
         .unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);
@@ -51,12 +59,56 @@ fn limit_file_size(bytes: Option<u64>) {
     }
 }
 
+/// Runs `scenario` as [`in_child`] does, with the shim `tests/support/failsync.c`
+/// preloaded in the child: once the scenario calls [`arm_sync_failure`], the first fsync
+/// or fdatasync of the file or directory whose path ends with `name` fails with `EIO`,
+/// after the real call ran (the kernel reports a writeback error once, then clears it).
+/// The shim is built here with `cc`, which every machine that links Rust has: a missing
+/// one fails the test rather than skip what it checks.
+fn with_failing_sync(test: &str, name: &str, scenario: impl FnOnce()) {
+    if std::env::var_os(CHILD_ENV).is_some() {
+        scenario();
+        return;
+    }
+    let shim_dir = tempfile::tempdir().unwrap();
+    let shim = shim_dir.path().join("libfailsync.so");
+    let source = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/support/failsync.c");
+    let built = Command::new("cc")
+        .args(["-shared", "-fPIC", "-o"])
+        .arg(&shim)
+        .arg(&source)
+        .arg("-ldl")
+        .status()
+        .unwrap_or_else(|e| panic!("cannot run cc to build {}: {e}", source.display()));
+    assert!(built.success(), "cc failed to build {}", source.display());
+    let armed = shim_dir.path().join("armed");
+    let env = [
+        ("LD_PRELOAD", shim.as_os_str()),
+        ("FAILSYNC_NAME", OsStr::new(name)),
+        ("FAILSYNC_ARMED", armed.as_os_str()),
+    ];
+    in_child_with(test, &env, scenario);
+}
+
+/// From now on, in this child of [`with_failing_sync`], the next fsync or fdatasync of
+/// the file it names fails.
+fn arm_sync_failure() {
+    let armed = std::env::var_os("FAILSYNC_ARMED").expect("only in a child of with_failing_sync");
+    std::fs::write(armed, b"").unwrap();
+}
+
 /// The poisoned error: read-only, naming the file whose write failed and why.
 fn assert_poisoned(result: cauce::Result<impl std::fmt::Debug>, dir: &Path) {
+    assert_poisoned_by(result, dir, "too large");
+}
+
+/// The poisoned error: read-only, naming `path` (the file whose write or sync failed, or
+/// its directory) and `cause`.
+fn assert_poisoned_by(result: cauce::Result<impl std::fmt::Debug>, path: &Path, cause: &str) {
     match result {
         Err(Error::ReadOnly(message)) => {
             assert!(
-                message.contains(&dir.display().to_string()) && message.contains("too large"),
+                message.contains(&path.display().to_string()) && message.contains(cause),
                 "{message}"
             );
         }
@@ -329,4 +381,123 @@ fn a_failed_roll_keeps_the_committed_records_readable() {
         assert_reads_exactly(&log, acked);
         assert_poisoned(log.sync(), tmp.path());
     });
+}
+
+/// Appends 100 records under `Never` to a log in `dir` whose segments roll at 4 KiB, so
+/// that the sync that follows has sealed segments and a directory to sync.
+fn log_with_unsynced_rolls(dir: &Path) -> LogStore {
+    let log = LogStore::open(dir, unsynced_rolls()).unwrap();
+    for i in 0..100 {
+        log.append(&[Entry::new(b"k", &record(i))]).unwrap();
+    }
+    let files = std::fs::read_dir(dir).unwrap().count();
+    assert!(files > 3, "no roll: {files} files");
+    log
+}
+
+fn unsynced_rolls() -> LogOptions {
+    LogOptions::new()
+        .sync(SyncPolicy::Never)
+        .preallocate(false)
+        .segment_bytes(4096)
+}
+
+/// What a store poisoned by a failed sync of `path` does: refuses every sync, cursor and
+/// append, and goes on showing its records. A reopen finds those of the sealed segments
+/// (the shim ran the real sync; the buffered ones a poisoned store never writes).
+fn assert_poisoned_by_a_failed_sync(log: LogStore, dir: &Path, path: &Path) {
+    let cause = "Input/output error";
+    assert_poisoned_by(log.sync(), path, cause);
+    assert_poisoned_by(log.sync_until(100), path, cause);
+    assert_poisoned_by(log.commit_cursor("c", 100), path, cause);
+    assert_poisoned_by(log.append(&[Entry::new(b"k", b"later")]), path, cause);
+    assert_eq!(log.next_offset(), 100);
+    assert_reads_exactly(&log, 100);
+    assert_eq!(log.cursor("c").unwrap(), None);
+    drop(log);
+    let newest = std::fs::read_dir(dir)
+        .unwrap()
+        .filter_map(|e| e.unwrap().file_name().into_string().ok())
+        .filter_map(|name| name.strip_suffix(".log")?.parse::<u64>().ok())
+        .max()
+        .unwrap();
+    let log = LogStore::open(dir, unsynced_rolls()).unwrap();
+    let reopened = log.next_offset();
+    assert!((newest..=100).contains(&reopened), "{reopened}");
+    assert_reads_exactly(&log, reopened);
+}
+
+/// Under `Never` a roll leaves the fdatasync of the segment it seals to the next `sync`.
+/// When that fdatasync fails, what the kernel failed to write back may be lost, and the
+/// kernel says so only once: the store is poisoned, as after a failed fdatasync of the
+/// active segment. (The failure was returned, but the next `sync` fdatasync'd the
+/// segment again, succeeded, and called its records durable; cursors and appends went
+/// on.)
+#[test]
+fn a_failed_fdatasync_of_a_sealed_segment_poisons_the_store() {
+    let first = format!("{:020}.log", 0);
+    with_failing_sync(
+        "a_failed_fdatasync_of_a_sealed_segment_poisons_the_store",
+        &first,
+        || {
+            let tmp = tempfile::tempdir().unwrap();
+            let log = log_with_unsynced_rolls(tmp.path());
+            let sealed = tmp.path().join(&first);
+            arm_sync_failure();
+            match log.sync() {
+                Err(Error::Io { op, path, .. }) => {
+                    assert_eq!((op, path), ("fdatasync", sealed.clone()))
+                }
+                other => panic!("expected the failed fdatasync, got {other:?}"),
+            }
+            assert_poisoned_by_a_failed_sync(log, tmp.path(), &sealed);
+        },
+    );
+}
+
+/// Compaction fdatasyncs the sealed segments before it rewrites them, whatever the
+/// policy; when one of those fails, the store is poisoned as when `sync`'s does.
+#[test]
+fn a_failed_fdatasync_before_a_compaction_poisons_the_store() {
+    let first = format!("{:020}.log", 0);
+    with_failing_sync(
+        "a_failed_fdatasync_before_a_compaction_poisons_the_store",
+        &first,
+        || {
+            let tmp = tempfile::tempdir().unwrap();
+            let log = log_with_unsynced_rolls(tmp.path());
+            let sealed = tmp.path().join(&first);
+            arm_sync_failure();
+            match log.compact() {
+                Err(Error::Io { op, path, .. }) => {
+                    assert_eq!((op, path), ("fdatasync", sealed.clone()))
+                }
+                other => panic!("expected the failed fdatasync, got {other:?}"),
+            }
+            assert_poisoned_by_a_failed_sync(log, tmp.path(), &sealed);
+        },
+    );
+}
+
+/// Under `Never` a roll leaves the fsync of the directory, which makes the new segment
+/// files' names durable, to the next `sync`. When it fails, the store is poisoned alike.
+#[test]
+fn a_failed_fsync_of_the_directory_poisons_the_store() {
+    with_failing_sync(
+        "a_failed_fsync_of_the_directory_poisons_the_store",
+        "/log-whose-fsync-fails",
+        || {
+            let tmp = tempfile::tempdir().unwrap();
+            let dir = tmp.path().join("log-whose-fsync-fails");
+            let log = log_with_unsynced_rolls(&dir);
+            arm_sync_failure();
+            match log.sync() {
+                Err(Error::Io { op, path, .. }) => {
+                    assert_eq!((op, path), ("fsync directory", dir.clone()))
+                }
+                other => panic!("expected the failed fsync, got {other:?}"),
+            }
+            assert_poisoned_by_a_failed_sync(log, &dir, &dir);
+        },
+    );
 }

@@ -40,7 +40,7 @@ use bytes::Bytes;
 
 use super::index::{self, IndexEntry};
 use super::segment::{self, SEGMENT_HEADER_LEN};
-use super::{Segment, Shared, meta};
+use super::{Segment, Shared, meta, writer};
 use crate::error::{Error, Result};
 use crate::record::{Entry, Offset, Record};
 use crate::store::Compaction;
@@ -265,9 +265,15 @@ impl Shared {
         // earlier one, may hold records only in the page cache. Cheap next to the reads.
         for seg in &sealed {
             self.syncs.fetch_add(1, Ordering::Relaxed);
-            seg.file()?
-                .sync_data()
-                .map_err(|e| Error::io("fdatasync", &seg.path, e))?;
+            if let Err(e) = seg.file()?.sync_data() {
+                // As a failed fdatasync in `sync` (see `Shared::sync_all`): the next
+                // `sync` would fdatasync this segment again and call lost bytes durable.
+                let e = Error::io("fdatasync", &seg.path, e);
+                if !seg.is_gone() {
+                    writer::poison(&mut self.writer.lock(), &e);
+                }
+                return Err(e);
+            }
         }
         let mut latest: HashMap<Bytes, Offset> = HashMap::new();
         for seg in &sealed {

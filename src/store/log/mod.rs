@@ -212,7 +212,11 @@
 //!
 //! A write or `fdatasync` that fails *poisons* the store: nothing is written to its
 //! files or fdatasync'd again (a later write would land past the bytes that did not,
-//! leaving a hole, and a later `fdatasync` would call them durable). Every later append,
+//! leaving a hole, and a later `fdatasync` would call them durable: the kernel reports
+//! a failed writeback to one `fdatasync` only). That holds for the fdatasync of a
+//! segment sealed under `Never` (by the next sync, or by a compaction) and for the
+//! fsync of the directory that makes new segment files' names durable, as much as for
+//! the active segment's. Every later append,
 //! [`Store::sync`], [`Store::compact`], and [`Store::sync_until`] (so also a cursor or
 //! snapshot) past the records already durable fails with [`Error::ReadOnly`] naming the
 //! failed call and its file; reopening the store recovers what reached the disk. An

@@ -143,6 +143,14 @@ fn reuse(st: &mut WriterState, written: Bytes) {
     }
 }
 
+/// Poisons the store with the failure `e`: nothing is written or fdatasync'd again
+/// (see [`Shared::lead`]), and every later call that would need it fails with
+/// [`poisoned`].
+pub(crate) fn poison(st: &mut WriterState, e: &Error) {
+    tracing::error!("the log refuses writes from now on: {e}");
+    st.poisoned = Some(e.to_string());
+}
+
 fn poisoned(message: &str) -> Error {
     Error::ReadOnly(format!(
         "an earlier write or fdatasync failed ({message}); reopen the store to recover"
@@ -447,8 +455,7 @@ impl Shared {
                 reuse(st, bytes);
             }
             Err(e) => {
-                tracing::error!("the log refuses writes from now on: {e}");
-                st.poisoned = Some(e.to_string());
+                poison(st, e);
                 // Readers keep seeing the committed records that never reached the file.
                 st.inflight = Some((pos, bytes));
             }
@@ -517,7 +524,7 @@ impl Shared {
             }
             let result = self.roll_idle(st);
             if let Err(e) = &result {
-                st.poisoned = Some(e.to_string());
+                poison(st, e);
             }
             self.end_flush(st);
             result?;
@@ -626,24 +633,41 @@ impl Shared {
                 let Some(seg) = seg.upgrade().filter(|s| !s.is_gone()) else {
                     continue; // deleted or replaced since: nothing to make durable
                 };
-                if let Err(e) = seg.file().and_then(|f| {
-                    f.sync_data()
-                        .map_err(|e| Error::io("fdatasync", &seg.path, e))
-                }) {
+                let file = match seg.file() {
+                    Ok(file) => file,
+                    Err(_) if seg.is_gone() => continue,
+                    Err(e) => {
+                        // Opening its file again synced nothing, so lost nothing: those
+                        // not synced yet stay listed for the next `sync`.
+                        st.unsynced_sealed.extend(sealed[i..].iter().cloned());
+                        return Err(e);
+                    }
+                };
+                if let Err(e) = file.sync_data() {
                     if seg.is_gone() {
                         continue; // retired meanwhile, its file with it
                     }
-                    // Those not synced yet stay listed for the next `sync`.
-                    st.unsynced_sealed.extend(sealed[i..].iter().cloned());
+                    // The kernel reports a failed writeback to one fdatasync, then
+                    // forgets it: the next one would succeed and call lost bytes durable.
+                    let e = Error::io("fdatasync", &seg.path, e);
+                    poison(&mut st, &e);
                     return Err(e);
                 }
             }
-            // The segments rolls listed under `Never`, then their directory entries.
-            self.manifest.lock().write_owed()?;
-            if st.dir_unsynced {
-                meta::sync_dir(&self.dir)?;
-                st.dir_unsynced = false;
+            // The segments rolls listed under `Never`, then their directory entries. A
+            // failed fsync of the directory (the manifest's write ends with one) poisons
+            // the store as a failed fdatasync does, for the same reason: a later one
+            // would call the names of the new segment files durable.
+            let owed = self.manifest.lock().write_owed();
+            let synced = owed.and_then(|()| match st.dir_unsynced {
+                true => meta::sync_dir(&self.dir),
+                false => Ok(()),
+            });
+            if let Err(e) = synced {
+                poison(&mut st, &e);
+                return Err(e);
             }
+            st.dir_unsynced = false;
             if st.synced >= target {
                 return Ok(());
             }
