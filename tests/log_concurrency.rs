@@ -340,3 +340,61 @@ fn latest_snapshot_is_never_none_while_saves_of_the_name_prune() {
         "latest_snapshot was None {nones} times in {reads}"
     );
 }
+
+/// A read-only open takes no lock, and works beside a writer. A roll cuts the segment it
+/// seals back to its data when segments are preallocated (to `segment_bytes`, and zeroed
+/// ahead under `Always`), so an open that sized the newest segment before the cut and
+/// then read exactly that many bytes failed with "failed to fill whole buffer".
+#[test]
+fn a_read_only_open_beside_a_writer_that_rolls_preallocated_segments_reads_what_is_there() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let options = || {
+        LogOptions::new()
+            .sync(SyncPolicy::Always)
+            .preallocate(true)
+            .segment_bytes(2 << 20)
+    };
+    let writer = LogStore::open(tmp.path(), options()).expect("open");
+    let stop = AtomicBool::new(false);
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            let payload = vec![7u8; 16 << 10];
+            while !stop.load(Ordering::Relaxed) {
+                let r = writer
+                    .append(&[Entry::new(b"k", &payload)])
+                    .expect("append");
+                // Retention keeps the directory to the newest segment or two, which
+                // each open reads whole: most of an open's time goes to the newest.
+                if r.start % 8 == 0 {
+                    writer.truncate_before(r.start).expect("retention");
+                }
+            }
+        });
+        let started = std::time::Instant::now();
+        let (mut opened, mut failure) = (0, None);
+        // Not a panic here: the writer must stop before the scope can end.
+        while failure.is_none() && started.elapsed() < Duration::from_millis(2500) {
+            match LogStore::open_read_only(tmp.path(), options()) {
+                Ok(view) => match view.corruption() {
+                    None => opened += 1,
+                    Some(e) => failure = Some(e.to_string()),
+                },
+                // A segment deleted by retention between the listing and its open.
+                Err(cauce::Error::Io { source, .. })
+                    if source.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => failure = Some(e.to_string()),
+            }
+        }
+        stop.store(true, Ordering::Relaxed);
+        let records = writer.next_offset();
+        assert_eq!(
+            failure, None,
+            "after {opened} read-only opens, {records} records"
+        );
+        // 127 records fill a segment: the opens ran beside rolls.
+        assert!(
+            opened > 0 && records > 2 * 127,
+            "{opened} opens, {records} records"
+        );
+    });
+}

@@ -150,6 +150,10 @@ fn open_file(path: &Path, writable: bool) -> Result<File> {
         .map_err(|e| Error::io("open", path, e))
 }
 
+/// Reads the data of a segment file (see [`written_len`]), up to where it ends when
+/// read: a writer may cut the newest segment back to its data meanwhile (a roll of
+/// preallocated segments does), and a read-only open must take the shorter file as it
+/// is, not fail. A short read is the file's end.
 fn read_all(file: &File, path: &Path) -> Result<Vec<u8>> {
     let len = file
         .metadata()
@@ -157,8 +161,16 @@ fn read_all(file: &File, path: &Path) -> Result<Vec<u8>> {
         .len();
     let len = written_len(file, len);
     let mut data = vec![0u8; len as usize];
-    file.read_exact_at(&mut data, 0)
-        .map_err(|e| Error::io("read", path, e))?;
+    let mut read = 0;
+    while read < data.len() {
+        match file.read_at(&mut data[read..], read as u64) {
+            Ok(0) => break,
+            Ok(n) => read += n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(Error::io("read", path, e)),
+        }
+    }
+    data.truncate(read);
     Ok(data)
 }
 
