@@ -427,6 +427,28 @@ fn assert_poisoned_by_a_failed_sync(log: LogStore, dir: &Path, path: &Path) {
     assert_reads_exactly(&log, reopened);
 }
 
+/// Makes the fdatasync of the first (sealed) segment fail during `call`, in the child
+/// running the test `name`: `call` returns that failure, and the store is poisoned.
+fn a_failed_fdatasync_of_the_first_segment_during<T: std::fmt::Debug>(
+    name: &str,
+    call: impl FnOnce(&LogStore) -> cauce::Result<T>,
+) {
+    let first = format!("{:020}.log", 0);
+    with_failing_sync(name, &first, || {
+        let tmp = tempfile::tempdir().unwrap();
+        let log = log_with_unsynced_rolls(tmp.path());
+        let sealed = tmp.path().join(&first);
+        arm_sync_failure();
+        match call(&log) {
+            Err(Error::Io { op, path, .. }) => {
+                assert_eq!((op, path), ("fdatasync", sealed.clone()))
+            }
+            other => panic!("expected the failed fdatasync, got {other:?}"),
+        }
+        assert_poisoned_by_a_failed_sync(log, tmp.path(), &sealed);
+    });
+}
+
 /// Under `Never` a roll leaves the fdatasync of the segment it seals to the next `sync`.
 /// When that fdatasync fails, what the kernel failed to write back may be lost, and the
 /// kernel says so only once: the store is poisoned, as after a failed fdatasync of the
@@ -435,23 +457,9 @@ fn assert_poisoned_by_a_failed_sync(log: LogStore, dir: &Path, path: &Path) {
 /// on.)
 #[test]
 fn a_failed_fdatasync_of_a_sealed_segment_poisons_the_store() {
-    let first = format!("{:020}.log", 0);
-    with_failing_sync(
+    a_failed_fdatasync_of_the_first_segment_during(
         "a_failed_fdatasync_of_a_sealed_segment_poisons_the_store",
-        &first,
-        || {
-            let tmp = tempfile::tempdir().unwrap();
-            let log = log_with_unsynced_rolls(tmp.path());
-            let sealed = tmp.path().join(&first);
-            arm_sync_failure();
-            match log.sync() {
-                Err(Error::Io { op, path, .. }) => {
-                    assert_eq!((op, path), ("fdatasync", sealed.clone()))
-                }
-                other => panic!("expected the failed fdatasync, got {other:?}"),
-            }
-            assert_poisoned_by_a_failed_sync(log, tmp.path(), &sealed);
-        },
+        LogStore::sync,
     );
 }
 
@@ -459,23 +467,9 @@ fn a_failed_fdatasync_of_a_sealed_segment_poisons_the_store() {
 /// policy; when one of those fails, the store is poisoned as when `sync`'s does.
 #[test]
 fn a_failed_fdatasync_before_a_compaction_poisons_the_store() {
-    let first = format!("{:020}.log", 0);
-    with_failing_sync(
+    a_failed_fdatasync_of_the_first_segment_during(
         "a_failed_fdatasync_before_a_compaction_poisons_the_store",
-        &first,
-        || {
-            let tmp = tempfile::tempdir().unwrap();
-            let log = log_with_unsynced_rolls(tmp.path());
-            let sealed = tmp.path().join(&first);
-            arm_sync_failure();
-            match log.compact() {
-                Err(Error::Io { op, path, .. }) => {
-                    assert_eq!((op, path), ("fdatasync", sealed.clone()))
-                }
-                other => panic!("expected the failed fdatasync, got {other:?}"),
-            }
-            assert_poisoned_by_a_failed_sync(log, tmp.path(), &sealed);
-        },
+        LogStore::compact,
     );
 }
 
