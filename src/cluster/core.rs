@@ -29,7 +29,7 @@ use super::fold::{self, CHECKPOINT, Checkpoint, Control, Envelope};
 use super::ids::{RecentIds, RequestId};
 use super::instance::{
     self, CheckpointRound, Exit, Handoff, Instance, Left, Message, NoPermit, Queued, QueuedBytes,
-    Relays, Source, Start, Unavailable,
+    Registration, Relays, Source, Start, Unavailable,
 };
 use super::metrics::{InstanceMetrics, Metrics};
 use super::owned::OwnedLog;
@@ -283,7 +283,7 @@ impl<'w> Room<'_, 'w> {
     /// The context of a poll, if this is one.
     fn context(&mut self) -> Option<&mut std::task::Context<'w>> {
         match self {
-            Room::Poll(cx) => Some(cx),
+            Room::Poll(cx, _) => Some(cx),
             Room::Wait | Room::Refuse => None,
         }
     }
@@ -301,7 +301,9 @@ impl<'w> Room<'_, 'w> {
                 }));
             }
             Room::Wait => inst.permits.acquire(true).is_ok(),
-            Room::Poll(cx) => ready!(inst.permits.poll_acquire(cx)).is_ok(),
+            Room::Poll(cx, registration) => {
+                ready!(inst.permits.poll_acquire(cx, registration)).is_ok()
+            }
         }))
     }
 }
@@ -317,6 +319,8 @@ struct Stamp {
 pub(crate) struct BatchProgress<H: Handler> {
     /// Taken at the first poll.
     stamp: Option<Stamp>,
+    /// Where the batch's future waits for room, as a future.
+    registration: Registration,
     /// The placement epoch at which a routing pass last found a key with no live
     /// instance.
     unroutable_at: Option<crate::router::Epoch>,
@@ -330,6 +334,7 @@ impl<H: Handler> Default for BatchProgress<H> {
     fn default() -> Self {
         BatchProgress {
             stamp: None,
+            registration: Registration::default(),
             unroutable_at: None,
             held: None,
             waited_for_change: None,
@@ -361,8 +366,9 @@ pub(crate) enum Room<'c, 'w> {
     Wait,
     /// Fails with [`Error::Busy`].
     Refuse,
-    /// Returns `Pending`; the context's waker is woken when there may be room.
-    Poll(&'c mut std::task::Context<'w>),
+    /// Returns `Pending`; the context's waker, registered under the future's
+    /// [`Registration`], is woken when there may be room.
+    Poll(&'c mut std::task::Context<'w>, &'c mut Registration),
 }
 
 pub(crate) struct Shared<H: Handler> {
@@ -1717,6 +1723,7 @@ impl<H: Handler> Shared<H> {
         &self,
         id: InstanceId,
         cx: &mut std::task::Context<'_>,
+        registration: &mut Registration,
     ) -> Poll<Option<Arc<Inst<H>>>> {
         let inst = ready!(self.poll_routing(Some(&mut *cx)))
             .instances
@@ -1725,7 +1732,7 @@ impl<H: Handler> Shared<H> {
         let Some(inst) = inst else {
             return Poll::Ready(None);
         };
-        match inst.permits.poll_acquire(cx) {
+        match inst.permits.poll_acquire(cx, registration) {
             Poll::Ready(Ok(())) => Poll::Ready(Some(inst)),
             Poll::Ready(Err(_)) => Poll::Ready(None),
             Poll::Pending => Poll::Pending,
@@ -2133,7 +2140,7 @@ impl<H: Handler> Shared<H> {
             // duplicate resolves its pending, where a single submit's is refused.
             let mut room = match cx {
                 None => Room::Wait,
-                Some(cx) => Room::Poll(cx),
+                Some(cx) => Room::Poll(cx, &mut progress.registration),
             };
             let payload = &payloads[payload.clone()];
             return self
@@ -2289,6 +2296,7 @@ impl<H: Handler> Shared<H> {
             stamp,
             unroutable_at,
             held,
+            registration,
             ..
         } = progress;
         let stamp = stamp.get_or_insert_with(|| Stamp {
@@ -2319,7 +2327,7 @@ impl<H: Handler> Shared<H> {
                 let permits = &taking.routed.dests[d].permits;
                 let took = match cx.as_deref_mut() {
                     None => permits.acquire_many(n).is_ok(),
-                    Some(cx) => match permits.poll_acquire_many(n, cx) {
+                    Some(cx) => match permits.poll_acquire_many(n, cx, registration) {
                         Poll::Ready(took) => took.is_ok(),
                         Poll::Pending => return Poll::Pending,
                     },
@@ -2448,9 +2456,6 @@ impl<H: Handler> Shared<H> {
         })))
     }
 
-    /// The part of `submit_batch` done under the keys' stripe locks (`hashes` are the
-    /// items' key hashes); `None` if it must be routed again (the permits were given
-    /// back).
     /// The requests of a batch already logged with their key and id, looked up before
     /// the batch is routed, so that they take no room in the queues and count no load:
     /// each one's id and first offset; empty if there are none. From a poll
@@ -2551,6 +2556,9 @@ impl<H: Handler> Shared<H> {
             .collect()
     }
 
+    /// The part of `submit_batch` done under the keys' stripe locks (`hashes` are the
+    /// items' key hashes); `None` if it must be routed again (the permits were given
+    /// back).
     fn submit_batch_locked<K: AsRef<[u8]>>(
         &self,
         items: &[(K, Range<usize>)],
@@ -3698,11 +3706,6 @@ fn unreadable(instance: InstanceId, offset: Offset, e: &Error) -> Error {
     }
 }
 
-/// Runs an async submit's append (`logged` false) or its wait for the disk (`logged`
-/// true) on an appender thread, a panic of the store in it turned into
-/// [`Error::StorePanicked`]: the submit's caller learns what became of its request.
-/// What the append undoes as it unwinds is undone as for a panic on the caller's thread
-/// (see `unwinding_undoes`).
 /// The request ids of a batch's items (`None` for those without), or `None` if no item
 /// has one: a batch without ids pays one look at each payload's first byte.
 fn batch_ids<K>(items: &[(K, Range<usize>)], payloads: &[u8]) -> Option<Vec<Option<RequestId>>> {
@@ -3721,6 +3724,11 @@ fn resolved_duplicate<T>(id: RequestId, offset: Offset) -> Pending<T> {
     pending
 }
 
+/// Runs an async submit's append (`logged` false) or its wait for the disk (`logged`
+/// true) on an appender thread, a panic of the store in it turned into
+/// [`Error::StorePanicked`]: the submit's caller learns what became of its request.
+/// What the append undoes as it unwinds is undone as for a panic on the caller's thread
+/// (see `unwinding_undoes`).
 fn catch_store_panic<T>(logged: bool, run: impl FnOnce() -> Result<T>) -> Result<T> {
     std::panic::catch_unwind(std::panic::AssertUnwindSafe(run)).unwrap_or_else(|panic| {
         Err(Error::StorePanicked {

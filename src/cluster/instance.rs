@@ -478,14 +478,55 @@ impl<M> Mailbox<M> {
 pub(crate) struct Permits {
     capacity: usize,
     used: AtomicUsize,
+    /// Who waits for room (shared with the [`Registration`]s of asynchronous waiters,
+    /// which take their wakers out when dropped).
+    waiting: Arc<Waiting>,
+    retired: AtomicBool,
+}
+
+/// The producers waiting for room in one queue.
+struct Waiting {
     /// Producers sleeping in `acquire`, and wakers registered by `poll_acquire`:
     /// `release` takes the lock only when there are some.
-    waiters: AtomicUsize,
+    count: AtomicUsize,
     /// Guards the waits: blocked producers wait on `freed` with it; the wakers of
     /// asynchronous submits wait in it, each woken at the next release.
-    lock: Mutex<Vec<Waker>>,
+    lock: Mutex<Wakers>,
     freed: Condvar,
-    retired: AtomicBool,
+}
+
+/// The wakers of asynchronous waiters, each under the key its [`Registration`] holds.
+#[derive(Default)]
+struct Wakers {
+    next_key: u64,
+    by_key: HashMap<u64, Waker, ahash::RandomState>,
+}
+
+/// Where an asynchronous waiter for room (a submit or query future) has its waker: the
+/// future keeps it, and dropping it takes the waker out. A future dropped while it
+/// waited (a timeout around a submit, say) left its waker, and with it its task, in the
+/// queue's list until the next release: with a stalled or slow instance that list grew
+/// by one task per dropped future, and each poll scanned it.
+#[derive(Default)]
+pub(crate) struct Registration {
+    at: Option<(Arc<Waiting>, u64)>,
+}
+
+impl Registration {
+    /// Takes the waker out, if it is still registered.
+    fn cancel(&mut self) {
+        if let Some((waiting, key)) = self.at.take() {
+            if waiting.lock.lock().by_key.remove(&key).is_some() {
+                waiting.count.fetch_sub(1, Ordering::SeqCst);
+            }
+        }
+    }
+}
+
+impl Drop for Registration {
+    fn drop(&mut self) {
+        self.cancel();
+    }
 }
 
 /// Why a permit was not granted.
@@ -499,9 +540,11 @@ impl Permits {
         Permits {
             capacity,
             used: AtomicUsize::new(0),
-            waiters: AtomicUsize::new(0),
-            lock: Mutex::new(Vec::new()),
-            freed: Condvar::new(),
+            waiting: Arc::new(Waiting {
+                count: AtomicUsize::new(0),
+                lock: Mutex::new(Wakers::default()),
+                freed: Condvar::new(),
+            }),
             retired: AtomicBool::new(false),
         }
     }
@@ -549,6 +592,7 @@ impl Permits {
     /// could leave two batches each holding part of a queue's room while both wait for
     /// the rest of it.
     pub(crate) fn acquire_many(&self, n: usize) -> std::result::Result<(), NoPermit> {
+        let waiting = &*self.waiting;
         loop {
             if self.retired.load(Ordering::SeqCst) {
                 return Err(NoPermit::Retired);
@@ -558,26 +602,27 @@ impl Permits {
             }
             // Announce ourselves, then look again, both under the lock that `release`
             // takes before notifying: either `release` sees us, or we see its release.
-            let mut guard = self.lock.lock();
-            self.waiters.fetch_add(1, Ordering::SeqCst);
+            let mut guard = waiting.lock.lock();
+            waiting.count.fetch_add(1, Ordering::SeqCst);
             let took = !self.retired.load(Ordering::SeqCst) && self.try_take_many(n);
             if !took && !self.retired.load(Ordering::SeqCst) {
-                self.freed.wait(&mut guard);
+                waiting.freed.wait(&mut guard);
             }
-            self.waiters.fetch_sub(1, Ordering::SeqCst);
+            waiting.count.fetch_sub(1, Ordering::SeqCst);
             if took {
                 return Ok(());
             }
         }
     }
 
-    /// Takes a permit if there is one; otherwise registers `cx`'s waker, woken at the
-    /// next release (or retirement), and returns `Pending`.
+    /// Takes a permit if there is one; otherwise registers `cx`'s waker under
+    /// `registration`, woken at the next release (or retirement), and returns `Pending`.
     pub(crate) fn poll_acquire(
         &self,
         cx: &mut std::task::Context<'_>,
+        registration: &mut Registration,
     ) -> Poll<std::result::Result<(), NoPermit>> {
-        self.poll_acquire_many(1, cx)
+        self.poll_acquire_many(1, cx, registration)
     }
 
     /// [`poll_acquire`](Self::poll_acquire) for `n` permits, all at once.
@@ -585,22 +630,44 @@ impl Permits {
         &self,
         n: usize,
         cx: &mut std::task::Context<'_>,
+        registration: &mut Registration,
     ) -> Poll<std::result::Result<(), NoPermit>> {
+        let mine = registration
+            .at
+            .as_ref()
+            .is_some_and(|(w, _)| Arc::ptr_eq(w, &self.waiting));
+        if !mine {
+            // Registered with another queue's waiters (its instance retired, and the
+            // future routed here): out of there first, never holding two of the locks.
+            registration.cancel();
+        }
         if self.retired.load(Ordering::SeqCst) {
+            registration.cancel();
             return Poll::Ready(Err(NoPermit::Retired));
         }
         if self.try_take_many(n) {
+            registration.cancel();
             return Poll::Ready(Ok(()));
         }
         // Register, then look again under the lock `release` takes before waking: either
         // `release` sees the waker, or we see its release.
-        let mut wakers = self.lock.lock();
-        // A future polled again before a release (in a `select!` loop, say) is
-        // registered once, not once per poll.
-        let fresh = !wakers.iter().any(|w| w.will_wake(cx.waker()));
-        if fresh {
-            wakers.push(cx.waker().clone());
-            self.waiters.fetch_add(1, Ordering::SeqCst);
+        let mut wakers = self.waiting.lock.lock();
+        let key = registration.at.as_ref().map(|(_, key)| *key);
+        match key.and_then(|key| wakers.by_key.get_mut(&key)) {
+            // Polled again before a release (in a `select!` loop, say): registered once.
+            Some(waker) => {
+                if !waker.will_wake(cx.waker()) {
+                    *waker = cx.waker().clone();
+                }
+            }
+            // New, or woken since (a release takes every waker): registered anew.
+            None => {
+                let key = wakers.next_key;
+                wakers.next_key += 1;
+                wakers.by_key.insert(key, cx.waker().clone());
+                self.waiting.count.fetch_add(1, Ordering::SeqCst);
+                registration.at = Some((self.waiting.clone(), key));
+            }
         }
         let now = if self.retired.load(Ordering::SeqCst) {
             Some(Err(NoPermit::Retired))
@@ -611,10 +678,10 @@ impl Permits {
         };
         match now {
             Some(outcome) => {
-                if fresh {
-                    // Ours is the waker just pushed: nobody else held the lock since.
-                    wakers.pop();
-                    self.waiters.fetch_sub(1, Ordering::SeqCst);
+                if let Some((_, key)) = registration.at.take() {
+                    if wakers.by_key.remove(&key).is_some() {
+                        self.waiting.count.fetch_sub(1, Ordering::SeqCst);
+                    }
                 }
                 Poll::Ready(outcome)
             }
@@ -624,12 +691,13 @@ impl Permits {
 
     /// Wakes every waiter, holding the lock (`wakers`): blocked producers through
     /// `freed`, asynchronous ones through their wakers, woken once the lock is released.
-    fn wake_all(&self, mut wakers: parking_lot::MutexGuard<'_, Vec<Waker>>) {
-        self.freed.notify_all();
-        let taken = std::mem::take(&mut *wakers);
-        self.waiters.fetch_sub(taken.len(), Ordering::SeqCst);
+    /// Their registrations keep keys no longer listed: polled again, they register anew.
+    fn wake_all(&self, mut wakers: parking_lot::MutexGuard<'_, Wakers>) {
+        self.waiting.freed.notify_all();
+        let taken = std::mem::take(&mut wakers.by_key);
+        self.waiting.count.fetch_sub(taken.len(), Ordering::SeqCst);
         drop(wakers);
-        taken.into_iter().for_each(Waker::wake);
+        taken.into_values().for_each(Waker::wake);
     }
 
     /// Takes a permit even when full: a request of a batch whose key moved between
@@ -655,18 +723,18 @@ impl Permits {
             .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |u| {
                 Some(u.saturating_sub(n))
             });
-        if self.waiters.load(Ordering::SeqCst) > 0 {
+        if self.waiting.count.load(Ordering::SeqCst) > 0 {
             // All of them: a waiter for several permits woken alone by one freed permit
             // would sleep again, and leave asleep one that the permit would have served.
             // Every asynchronous waiter tries again: one that finds no room registers
             // anew, and none is left waiting on a wake-up that went to a dropped future.
-            self.wake_all(self.lock.lock());
+            self.wake_all(self.waiting.lock.lock());
         }
     }
 
     /// No more permits: wakes every waiter so that it routes elsewhere.
     pub(crate) fn retire(&self) {
-        let wakers = self.lock.lock();
+        let wakers = self.waiting.lock.lock();
         self.retired.store(true, Ordering::SeqCst);
         self.wake_all(wakers);
     }
@@ -1762,10 +1830,24 @@ mod tests {
         }
     }
 
-    fn poll_permit(permits: &Permits, count: &Arc<Count>) -> Poll<bool> {
+    /// Polls for a permit as the future whose waker counts its wake-ups in `count`, and
+    /// whose registration is `registration`.
+    fn poll_as(
+        permits: &Permits,
+        count: &Arc<Count>,
+        registration: &mut Registration,
+    ) -> Poll<bool> {
         let waker = Waker::from(count.clone());
         let mut cx = std::task::Context::from_waker(&waker);
-        permits.poll_acquire(&mut cx).map(|took| took.is_ok())
+        permits
+            .poll_acquire(&mut cx, registration)
+            .map(|took| took.is_ok())
+    }
+
+    fn waiters(permits: &Permits) -> usize {
+        let count = permits.waiting.count.load(Ordering::SeqCst);
+        assert_eq!(count, permits.waiting.lock.lock().by_key.len());
+        count
     }
 
     #[test]
@@ -1775,39 +1857,90 @@ mod tests {
             Arc::new(Count(AtomicUsize::new(0))),
             Arc::new(Count(AtomicUsize::new(0))),
         );
-        assert_eq!(poll_permit(&permits, &a), Poll::Ready(true));
-        // Full: both register. `b` stands for a future dropped before it was woken: its
-        // wake-up must not be the only one.
-        assert_eq!(poll_permit(&permits, &a), Poll::Pending);
-        assert_eq!(poll_permit(&permits, &b), Poll::Pending);
-        assert_eq!(permits.waiters.load(Ordering::SeqCst), 2);
+        let (mut ra, mut rb) = (Registration::default(), Registration::default());
+        assert_eq!(poll_as(&permits, &a, &mut ra), Poll::Ready(true));
+        // Full: both register. `b` stands for a future not polled again after its
+        // wake-up: the wake-up must not be the only one.
+        assert_eq!(poll_as(&permits, &a, &mut ra), Poll::Pending);
+        assert_eq!(poll_as(&permits, &b, &mut rb), Poll::Pending);
+        assert_eq!(waiters(&permits), 2);
         permits.release();
         assert_eq!(a.0.load(Ordering::SeqCst), 1);
         assert_eq!(b.0.load(Ordering::SeqCst), 1);
-        assert_eq!(permits.waiters.load(Ordering::SeqCst), 0);
+        assert_eq!(waiters(&permits), 0);
         // The woken one takes the room; polling again while full registers anew.
-        assert_eq!(poll_permit(&permits, &a), Poll::Ready(true));
-        assert_eq!(poll_permit(&permits, &a), Poll::Pending);
+        assert_eq!(poll_as(&permits, &a, &mut ra), Poll::Ready(true));
+        assert_eq!(poll_as(&permits, &a, &mut ra), Poll::Pending);
         permits.retire();
         assert_eq!(a.0.load(Ordering::SeqCst), 2);
-        assert_eq!(poll_permit(&permits, &a), Poll::Ready(false));
-        assert_eq!(permits.waiters.load(Ordering::SeqCst), 0);
+        assert_eq!(poll_as(&permits, &a, &mut ra), Poll::Ready(false));
+        assert_eq!(waiters(&permits), 0);
     }
 
     #[test]
     fn a_future_polled_again_before_a_release_is_registered_once() {
         let permits = Permits::new(1);
         let a = Arc::new(Count(AtomicUsize::new(0)));
-        assert_eq!(poll_permit(&permits, &a), Poll::Ready(true));
+        let mut ra = Registration::default();
+        assert_eq!(poll_as(&permits, &a, &mut ra), Poll::Ready(true));
         for _ in 0..100 {
-            assert_eq!(poll_permit(&permits, &a), Poll::Pending);
+            assert_eq!(poll_as(&permits, &a, &mut ra), Poll::Pending);
         }
-        assert_eq!(permits.waiters.load(Ordering::SeqCst), 1);
-        assert_eq!(permits.lock.lock().len(), 1);
+        assert_eq!(waiters(&permits), 1);
         permits.release();
         assert_eq!(a.0.load(Ordering::SeqCst), 1);
-        assert_eq!(poll_permit(&permits, &a), Poll::Ready(true));
-        assert_eq!(permits.waiters.load(Ordering::SeqCst), 0);
+        assert_eq!(poll_as(&permits, &a, &mut ra), Poll::Ready(true));
+        assert_eq!(waiters(&permits), 0);
+    }
+
+    #[test]
+    fn a_future_dropped_while_it_waits_leaves_no_waker_behind() {
+        let permits = Permits::new(1);
+        let holder = Arc::new(Count(AtomicUsize::new(0)));
+        assert_eq!(
+            poll_as(&permits, &holder, &mut Registration::default()),
+            Poll::Ready(true)
+        );
+        // Ten thousand futures, each polled once on a full queue and dropped (a timeout
+        // around each submit): none stays listed, and none keeps its task alive.
+        let task = Arc::new(Count(AtomicUsize::new(0)));
+        for _ in 0..10_000 {
+            let mut registration = Registration::default();
+            assert_eq!(poll_as(&permits, &task, &mut registration), Poll::Pending);
+        }
+        assert_eq!(waiters(&permits), 0);
+        assert_eq!(
+            Arc::strong_count(&task),
+            1,
+            "a dropped future's waker is held"
+        );
+        // One still waiting is woken by the release, as before.
+        let waiter = Arc::new(Count(AtomicUsize::new(0)));
+        let mut registration = Registration::default();
+        assert_eq!(poll_as(&permits, &waiter, &mut registration), Poll::Pending);
+        permits.release();
+        assert_eq!(waiter.0.load(Ordering::SeqCst), 1);
+        assert_eq!(
+            poll_as(&permits, &waiter, &mut registration),
+            Poll::Ready(true)
+        );
+        assert_eq!(waiters(&permits), 0);
+    }
+
+    #[test]
+    fn a_future_that_moves_to_another_queue_leaves_the_first() {
+        let (first, second) = (Permits::new(1), Permits::new(1));
+        let holder = Arc::new(Count(AtomicUsize::new(0)));
+        let mut held = Registration::default();
+        assert_eq!(poll_as(&first, &holder, &mut held), Poll::Ready(true));
+        assert_eq!(poll_as(&second, &holder, &mut held), Poll::Ready(true));
+        let task = Arc::new(Count(AtomicUsize::new(0)));
+        let mut registration = Registration::default();
+        assert_eq!(poll_as(&first, &task, &mut registration), Poll::Pending);
+        assert_eq!(poll_as(&second, &task, &mut registration), Poll::Pending);
+        assert_eq!((waiters(&first), waiters(&second)), (0, 1));
+        drop(registration);
+        assert_eq!(waiters(&second), 0);
     }
 
     struct Unpark(std::thread::Thread);
@@ -1833,11 +1966,12 @@ mod tests {
                 std::thread::spawn(move || {
                     let waker = Waker::from(Arc::new(Unpark(std::thread::current())));
                     let mut cx = std::task::Context::from_waker(&waker);
+                    let mut registration = Registration::default();
                     let (mut waited, mut timed_out) = (0, 0);
                     start.wait();
                     for i in 0..3_000 {
                         loop {
-                            match permits.poll_acquire(&mut cx) {
+                            match permits.poll_acquire(&mut cx, &mut registration) {
                                 Poll::Ready(took) => {
                                     assert!(took.is_ok());
                                     break;

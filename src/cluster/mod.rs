@@ -121,6 +121,7 @@ use crate::store::{LogOptions, LogStore, MemoryStore, Store};
 use core::{
     Appended, BatchAppended, BatchProgress, Options, Parts, Room, Shared, Submitted, lost_payload,
 };
+use instance::Registration;
 use owned::OwnedLog;
 
 /// A running keyed service. Dropping it stops it, blocking until its instances have
@@ -417,6 +418,7 @@ impl<H: Handler> Client<H> {
             shared: self.shared.clone(),
             key: key.as_ref().to_vec(),
             state: SubmitState::Start(fold::Scratch::request(&request)),
+            registration: Registration::default(),
         }
     }
 
@@ -608,6 +610,7 @@ impl<H: Handler> Client<H> {
             shared: self.shared.clone(),
             key: key.as_ref().to_vec(),
             state: SubmitState::Start(fold::Scratch::request_with_id(&request, id)),
+            registration: Registration::default(),
         }
     }
 
@@ -785,6 +788,7 @@ impl<H: Handler> Client<H> {
             appending: None,
             done: false,
             known,
+            registration: Registration::default(),
         }
     }
 
@@ -850,6 +854,7 @@ impl<H: Handler> Client<H> {
             appending: None,
             done: false,
             known: Vec::new(),
+            registration: Registration::default(),
         }
     }
 
@@ -1034,6 +1039,7 @@ impl<H: Handler> Client<H> {
             key: key.as_ref().to_vec(),
             query: Some(query),
             done: false,
+            registration: Registration::default(),
         }
     }
 
@@ -1109,6 +1115,8 @@ pub struct Submit<H: Handler> {
     shared: Arc<Shared<H>>,
     key: Vec<u8>,
     state: SubmitState<H>,
+    /// Where it waits for room in a full queue (dropped with it).
+    registration: Registration,
 }
 
 enum SubmitState<H: Handler> {
@@ -1135,7 +1143,7 @@ impl<H: Handler> Future for Submit<H> {
                 SubmitState::Done => return Poll::Ready(Err(Error::Closed)),
                 SubmitState::Start(Err(e)) => return Poll::Ready(Err(e)),
                 SubmitState::Start(Ok(payload)) => {
-                    let mut room = Room::Poll(cx);
+                    let mut room = Room::Poll(cx, &mut this.registration);
                     if !this.shared.appends_elsewhere() {
                         let submitted =
                             this.shared
@@ -1191,7 +1199,10 @@ impl<H: Handler> Future for Submit<H> {
                     }
                 },
                 SubmitState::Waiting(instance, payload) => {
-                    match this.shared.poll_room_in(instance, cx) {
+                    match this
+                        .shared
+                        .poll_room_in(instance, cx, &mut this.registration)
+                    {
                         Poll::Pending => {
                             this.state = SubmitState::Waiting(instance, payload);
                             return Poll::Pending;
@@ -1221,6 +1232,8 @@ pub struct Query<H: Handler, F> {
     query: Option<F>,
     /// Resolved: polling again is [`Error::Closed`].
     done: bool,
+    /// Where it waits for room in a full queue (dropped with it).
+    registration: Registration,
 }
 
 impl<H, F, T> Future for Query<H, F>
@@ -1236,7 +1249,7 @@ where
         if this.done {
             return Poll::Ready(Err(Error::Closed));
         }
-        let mut room = Room::Poll(cx);
+        let mut room = Room::Poll(cx, &mut this.registration);
         let queried = this
             .shared
             .submit_query(&this.key, &mut this.query, &mut room);
@@ -1304,6 +1317,9 @@ pub struct SubmitBatch<H: Handler> {
     known: Vec<Option<(RequestId, crate::Offset)>>,
     /// Resolved: polling again is [`Error::Closed`] and submits nothing.
     done: bool,
+    /// Where a batch of one waits for room in a full queue (dropped with it; a larger
+    /// batch waits under `progress`'s).
+    registration: Registration,
 }
 
 /// The answer of an appender thread logging a batch: a batch of one goes as a single
@@ -1357,7 +1373,10 @@ impl<H: Handler> SubmitBatch<H> {
                 },
                 Some(BatchAppend::OneWaiting(instance)) => {
                     let instance = *instance;
-                    match ready!(self.shared.poll_room_in(instance, cx)) {
+                    match ready!(
+                        self.shared
+                            .poll_room_in(instance, cx, &mut self.registration)
+                    ) {
                         Some(dest) => {
                             // A batch of one: its item is still here.
                             let Some((key, range)) = self.items.first().cloned() else {
@@ -1408,7 +1427,7 @@ impl<H: Handler> SubmitBatch<H> {
                 let Some(body) = self.payloads.as_slice().get(range.clone()) else {
                     return Poll::Ready(Err(lost_payload()));
                 };
-                let mut room = Room::Poll(cx);
+                let mut room = Room::Poll(cx, &mut self.registration);
                 let reserved = self.shared.submit_from(key, body, &mut room, None, true);
                 match ready!(reserved)? {
                     Submitted::Logged(p, waits) => {
