@@ -111,3 +111,52 @@ fn close_racing_publishers_of_a_memory_stream_loses_nothing_accepted() {
         close_stream_while_publishing(MemoryStream::fan_out(1024).expect("stream"), 4);
     }
 }
+
+/// A closed `LogStream` ends where its store ended when it closed: what is appended to
+/// the store after that (by a new `LogStream` over it, or directly) is not the closed
+/// stream's. A subscriber that had returned `Closed` went on to return such records,
+/// and one that had not drained yet returned them ahead of `Closed`.
+#[test]
+fn a_closed_log_stream_ends_where_its_store_ended_when_it_closed() {
+    let store = MemoryStore::new();
+    let stream = LogStream::new(store.clone());
+    let mut drained = stream.subscribe(Position::Beginning).expect("subscribe");
+    let mut behind = stream.subscribe(Position::Beginning).expect("subscribe");
+    let publisher = stream.publisher();
+    publisher.publish(Entry::new(b"k", b"1")).expect("publish");
+    publisher.close();
+    assert_eq!(
+        drained.recv().expect("the record before the close").offset,
+        0
+    );
+    assert!(matches!(drained.recv(), Err(Error::Closed)));
+    // A new stream over the same store, and the store itself, go on.
+    let next = LogStream::new(store.clone());
+    next.publisher()
+        .publish(Entry::new(b"k", b"2"))
+        .expect("a new stream is open");
+    store.append(&[Entry::new(b"k", b"3")]).expect("append");
+    for subscriber in [&mut drained, &mut behind] {
+        let mut got = Vec::new();
+        loop {
+            match subscriber.recv_timeout(Duration::from_millis(100)) {
+                Ok(record) => got.push(record.offset),
+                Err(Error::Closed) => break,
+                Err(e) => panic!("{e}"),
+            }
+        }
+        assert!(got.iter().all(|&o| o < 1), "past the close: {got:?}");
+        assert!(matches!(subscriber.try_recv(), Err(Error::Closed)));
+    }
+    assert_eq!(behind.position(), 1);
+    // A subscriber of the closed stream replays up to the close; one of the new stream
+    // sees everything the store holds.
+    let mut late = stream.subscribe(Position::Beginning).expect("subscribe");
+    assert_eq!(late.recv().expect("replay").offset, 0);
+    assert!(matches!(late.recv(), Err(Error::Closed)));
+    let mut fresh = next.subscribe(Position::Beginning).expect("subscribe");
+    let offsets: Vec<_> = (0..3)
+        .map(|_| fresh.recv().expect("record").offset)
+        .collect();
+    assert_eq!(offsets, vec![0, 1, 2]);
+}

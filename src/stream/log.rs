@@ -11,7 +11,7 @@
 
 use std::ops::Range;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use crossbeam_utils::{Backoff, CachePadded};
@@ -38,9 +38,11 @@ use crate::store::{RecordIter, Store, read_from_start};
 ///   after a restart, resumes after the last committed record.
 ///
 /// Closing: the stream closes when its last publisher and its last `LogStream` value
-/// are dropped, or on [`Publish::close`]. Subscribers then read what is stored and end
-/// with [`Error::Closed`]; new subscribers can still replay the stored records. The store
-/// itself stays open: a new `LogStream` over it is a new, open stream.
+/// are dropped, or on [`Publish::close`]. Subscribers then read what the store held when
+/// it closed and end with [`Error::Closed`], on every later call too; new subscribers
+/// can still replay those records. The store itself stays open: a new `LogStream` over
+/// it is a new, open stream, and what it (or anyone) appends after the close is not
+/// the closed stream's.
 ///
 /// ```
 /// use cauce::stream::{LogStream, Position, Publish, Stream, Subscribe};
@@ -101,6 +103,11 @@ struct Shared<S> {
     /// publish writes it, and followers keep reading `closed`.
     gate: CachePadded<RwLock<()>>,
     closed: AtomicBool,
+    /// The store's end when the stream closed (`Offset::MAX` while open): subscribers
+    /// end there. Records appended to the store after the close (by another
+    /// `LogStream` over it, or directly) are not this stream's: a subscriber that
+    /// returned `Closed` once returned records after it again.
+    closed_at: AtomicU64,
 }
 
 /// The longest a follower sleeps in `wait_for` before it checks whether the stream was
@@ -126,6 +133,7 @@ impl<S: Store> LogStream<S> {
             store,
             gate: CachePadded::new(RwLock::new(())),
             closed: AtomicBool::new(false),
+            closed_at: AtomicU64::new(Offset::MAX),
         });
         LogStream {
             handle: Arc::new(Handle { shared }),
@@ -163,7 +171,12 @@ impl<S: Store> Drop for Handle<S> {
 impl<S: Store> Shared<S> {
     fn close(&self) {
         let gate = self.gate.write();
-        self.closed.store(true, Ordering::SeqCst);
+        if !self.closed.load(Ordering::SeqCst) {
+            // No publish of this stream is under way: its records all end before this.
+            self.closed_at
+                .store(self.store.next_offset(), Ordering::SeqCst);
+            self.closed.store(true, Ordering::SeqCst);
+        }
         drop(gate);
         self.store.wake_waiters();
     }
@@ -288,6 +301,10 @@ impl<S: Store> LogSubscriber<S> {
                 None => self.reader.insert(shared.store.read_from(self.position)?),
             };
             match reader.next() {
+                // Appended to the store after the stream closed: not the stream's.
+                Some(Ok(record)) if record.offset >= shared.closed_at.load(Ordering::SeqCst) => {
+                    return Err(Error::Closed);
+                }
                 Some(Ok(record)) => {
                     self.position = record.offset + 1;
                     self.streak += 1;
