@@ -75,8 +75,20 @@ impl Codec for Bincode {
             .deserialize(bytes)
             .map_err(|e| Error::Codec {
                 context: "decode",
-                message: e.to_string(),
+                message: bincode_message(&e),
             })
+    }
+}
+
+/// What went wrong in bincode's words, but for running out of bytes: bincode reads from
+/// a slice that ends as an I/O error whose message is empty ("io error: ").
+fn bincode_message(e: &bincode::Error) -> String {
+    match &**e {
+        bincode::ErrorKind::Io(io) if io.kind() == std::io::ErrorKind::UnexpectedEof => {
+            "the bytes end before the value does (cut short, or written as another type)"
+                .to_string()
+        }
+        _ => e.to_string(),
     }
 }
 
@@ -94,6 +106,17 @@ mod tests {
             .decode::<Vec<(u64, String)>>(&[0xff; 9])
             .unwrap_err();
         assert!(matches!(err, Error::Codec { .. }), "{err}");
+    }
+
+    #[test]
+    fn bytes_that_end_too_soon_say_so() {
+        let bytes = Bincode.encode(&(1u64, 2u64)).unwrap();
+        let err = Bincode.decode::<(u64, u64)>(&bytes[..12]).unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("the bytes end before the value does"),
+            "{err}"
+        );
     }
 
     #[test]

@@ -438,7 +438,7 @@ pub enum Error {
         /// The record's offset in the input log.
         offset: Offset,
         /// What the record is instead.
-        what: &'static str,
+        what: String,
     },
 
     /// A handler (or a query function) submitted to, queried or shut down its own

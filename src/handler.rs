@@ -236,8 +236,9 @@ impl Context<'_> {
                 offset: id.offset,
                 detail: format!(
                     "call {} ({name:?}) has no journaled answer, and this replay does not call \
-                     out (the journal is missing, or the call's answer was not journaled yet \
-                     when the replay opened)",
+                     out: the call never returned when it was made (the request panicked or \
+                     stalled inside it: see `Replay::panicked`), or the journal is missing, or \
+                     the answer was not journaled yet when the replay opened",
                     id.index
                 ),
             });

@@ -701,7 +701,14 @@ fn replay_rebuilds_any_past_state_and_reruns_requests_without_calling_out() {
         match replay.rerun(o) {
             Err(Error::NotARequest { offset, what }) => {
                 assert_eq!(offset, o);
-                assert!(what.starts_with("an instance") || what.contains("panicked"));
+                // A mark names the request it sets aside, which panicked.
+                let marked = what
+                    .strip_prefix("that the request at offset ")
+                    .and_then(|rest| rest.split(' ').next()?.parse::<u64>().ok());
+                match marked {
+                    Some(m) => assert!(replay.panicked(m) && m < o, "{what}"),
+                    None => assert!(what.starts_with("instance #"), "{what}"),
+                }
             }
             Err(e) => panic!("rerun of the mark at {o}: {e}"),
             Ok(_) => panic!("rerun of the mark at {o} ran a request"),
@@ -723,6 +730,10 @@ fn replay_rebuilds_any_past_state_and_reruns_requests_without_calling_out() {
         .collect();
     assert_eq!(panicked, vec![offsets[77]]);
     assert!(offsets.iter().filter(|&&o| replay.panicked(o)).count() == 1);
+    assert_eq!(
+        replay.panicked_offsets().collect::<Vec<_>>(),
+        vec![offsets[77]]
+    );
 }
 
 /// A thread submitting batches: every answer it got, with its offset.

@@ -59,14 +59,15 @@ pub(crate) enum Control {
 
 impl Control {
     /// What the record says, for an error about it.
-    pub(crate) fn describe(&self) -> &'static str {
+    pub(crate) fn describe(&self) -> String {
         match self {
-            Control::Join { .. } => "an instance joining",
-            Control::Leave { .. } => "an instance leaving",
-            Control::Stalled { .. } => "an instance declared stalled",
-            Control::Poison { .. } => {
-                "a request set aside after its handler panicked or stalled twice"
-            }
+            Control::Join { id, .. } => format!("instance #{id} joining"),
+            Control::Leave { id } => format!("instance #{id} leaving"),
+            Control::Stalled { id } => format!("instance #{id} declared stalled"),
+            Control::Poison { offset } => format!(
+                "that the request at offset {offset} was set aside (its handler panicked or \
+                 stalled twice, or it did not decode)"
+            ),
         }
     }
 }

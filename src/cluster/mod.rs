@@ -956,7 +956,7 @@ impl<H: Handler> Client<H> {
             fold::Envelope::Request(_) => {
                 return Err(Error::NotARequest {
                     offset,
-                    what: "a request of another key",
+                    what: "a request of another key".to_string(),
                 });
             }
             fold::Envelope::Control(control) => {

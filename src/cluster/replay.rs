@@ -284,7 +284,10 @@ impl<H: Handler> Replay<H> {
     ///
     /// A handler that panics on the request panics again here: the panic hook runs
     /// (a debugger's breakpoint on `rust_panic` stops in the handler), then the panic is
-    /// caught and returned as [`Error::HandlerPanicked`] with its message.
+    /// caught and returned as [`Error::HandlerPanicked`] with its message. A request
+    /// whose live run panicked (or stalled) inside an outside call's function left no
+    /// answer of that call to replay: its rerun stops at the call, with
+    /// [`Error::Nondeterministic`] saying so.
     ///
     /// Each call folds the key's requests up to `offset`, as
     /// [`state_before`](Replay::state_before) does: from the last state it folded if that
@@ -402,6 +405,12 @@ impl<H: Handler> Replay<H> {
     /// of those requests went with it.
     pub fn panicked(&self, offset: Offset) -> bool {
         self.poisoned.contains(&offset)
+    }
+
+    /// The offsets of the requests [`panicked`](Self::panicked) is true for, in log
+    /// order: where to start looking into an incident.
+    pub fn panicked_offsets(&self) -> impl Iterator<Item = Offset> + '_ {
+        self.poisoned.iter().copied()
     }
 
     /// Where a fold up to `offset` can start: the latest checkpoint at or before it, or

@@ -183,7 +183,11 @@ pub trait Store: Send + Sync + 'static {
     /// Blocks until `next_offset() > offset`, the timeout passes (`None`: no timeout), or
     /// [`wake_waiters`](Store::wake_waiters) is called; returns `next_offset()`.
     ///
-    /// This is how followers of the tail wait without polling.
+    /// This is how followers of the tail wait without polling: pass the offset after
+    /// the last record the reader gave (not a `next_offset()` read after it ran dry,
+    /// which a record appended in between would already have passed, and the wait then
+    /// sleeps the whole timeout). A [`LogStream`](crate::stream::LogStream) over the
+    /// store follows its tail this way, with a blocking `recv`.
     fn wait_for(&self, offset: Offset, timeout: Option<Duration>) -> Offset;
 
     /// Wakes every thread blocked in [`wait_for`](Store::wait_for).
