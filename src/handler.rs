@@ -191,7 +191,11 @@ impl Context<'_> {
     /// the instance that took over a stalled one's request, say), `call` returns that
     /// first answer instead of `f`'s, so every handling and every replay of the request
     /// sees the same one. An instance that was declared stalled and replaced makes no
-    /// further call without a journaled answer: [`Error::Fenced`].
+    /// further call without a journaled answer: [`Error::Fenced`]. But `f` itself can
+    /// run twice: an instance declared stalled while inside `f` is not stopped there, and
+    /// its replacement, finding no answer yet, runs `f` again (so do crashes, as above).
+    /// Calls are made at least once and answered once: give the outside world the
+    /// [`EffectId`] `f` is passed as an idempotency key where it takes one.
     ///
     /// Refused before `f` runs: a `name` over 65,535 bytes ([`Error::InvalidName`]). An
     /// answer that cannot be encoded is a [`Error::Codec`] after `f` ran: that call is
