@@ -371,7 +371,12 @@ impl StickyOptions {
     /// one that stays within its own, and not again before `window` more requests have
     /// been routed since it was placed. A key that found no instance with room is not
     /// looked at again for a window either (the search costs more than a route).
-    /// Placements stay a function of the calls.
+    /// Placements stay a function of the calls. A small `window` counts few requests,
+    /// and its noise alone pushes instances over their caps: under a steady Zipf(1.1)
+    /// load over 200 keys on 4 instances, a window of 64 moved keys 12,209 times in
+    /// 400,000 routes (one key 801 times), one of 1,000 over 1,000 keys 26 times. Keep
+    /// the window at thousands of requests at least (the default is 65,536).
+    ///
     /// Off, a placed key stays where it is until membership changes or it goes idle.
     pub fn shed_when_over(mut self, shed: bool) -> Self {
         self.shed = shed;
