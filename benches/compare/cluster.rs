@@ -52,7 +52,7 @@ use crossbeam_channel::{Receiver, Sender, bounded, unbounded};
 use rand::{RngExt, SeedableRng, rngs::SmallRng};
 use rand_distr::Zipf;
 
-use crate::harness::{Bench, Better, Goal, median, quantile};
+use crate::harness::{Bench, Better, Goal, median, median_of_rounds, quantile};
 
 const INSTANCES: usize = 4;
 const CLIENTS: usize = 2;
@@ -246,8 +246,7 @@ struct Run {
 /// A fresh cluster on the embedded defaults (logs on disk under the target dir), the log
 /// synced every 10 ms; `linger` overrides the default linger.
 fn start_cluster(linger: Option<Duration>) -> (Cluster<Counter>, tempfile::TempDir) {
-    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("target");
-    let dir = tempfile::tempdir_in(root).expect("bench dir");
+    let dir = crate::harness::bench_dir();
     let sync = SyncPolicy::Every {
         records: u64::MAX,
         interval: Duration::from_millis(10),
@@ -341,8 +340,7 @@ const DURABLE_IN_FLIGHT: usize = 64;
 
 /// A cluster on the embedded default: every request fdatasync'd before it is answered.
 fn start_durable_cluster() -> (Cluster<Counter>, tempfile::TempDir) {
-    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("target");
-    let dir = tempfile::tempdir_in(root).expect("bench dir");
+    let dir = crate::harness::bench_dir();
     let cluster = Cluster::builder(Counter)
         .dir(dir.path())
         .instances(INSTANCES)
@@ -534,8 +532,7 @@ fn run_reads(work: &[Vec<Arc<[u8]>>], query: bool) -> f64 {
 /// A cluster's directory holding `requests` requests over 100 keys and no checkpoint
 /// (the cluster is dropped, not shut down), and one of its keys.
 fn replay_log(requests: usize) -> (tempfile::TempDir, String) {
-    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("target");
-    let dir = tempfile::tempdir_in(root).expect("bench dir");
+    let dir = crate::harness::bench_dir();
     let cluster = Cluster::builder(Counter)
         .dir(dir.path())
         .log_options(LogOptions::new().sync(SyncPolicy::Never))
@@ -773,7 +770,9 @@ pub fn run(bench: &mut Bench) {
             "cluster.zipf.4.hot_keys_collide.peak_to_mean.vs_static_channels",
             "peak/mean",
             Better::Less,
-            Some(Goal::OursAtMost(1.25)),
+            // The goal: where the static hash's is above 2, which this load is
+            // built to make it (met only if it is).
+            Some(Goal::OursAtMostWhereTheirsAbove(1.25, 2.0)),
             || peak_to_mean(&run_cauce(&work, 1, None).counts),
             || peak_to_mean(&Baseline::run(&work).counts),
         );
@@ -782,8 +781,8 @@ pub fn run(bench: &mut Bench) {
 
 /// Closed-loop throughput, CPU and balance; returns cauce's peak rate if it was measured.
 fn throughput(bench: &mut Bench, work: &[Vec<Arc<[u8]>>]) -> Option<f64> {
-    let mut ours_counts = Vec::new();
-    let mut base_counts = Vec::new();
+    // Peak/mean of each run (the median over the rounds is reported).
+    let (mut ours_balance, mut base_balance) = (Vec::new(), Vec::new());
     let (mut ours_cpu, mut base_cpu) = (Vec::new(), Vec::new());
     let throughput = bench.compare(
         "cluster.zipf.4.throughput.vs_static_channels",
@@ -792,13 +791,13 @@ fn throughput(bench: &mut Bench, work: &[Vec<Arc<[u8]>>]) -> Option<f64> {
         Some(Goal::RatioAtLeast(0.5)),
         || {
             let run = run_cauce(work, 1, None);
-            ours_counts = run.counts;
+            ours_balance.push(peak_to_mean(&run.counts));
             ours_cpu.push(run.cpu_ns);
             run.rate
         },
         || {
             let run = Baseline::run(work);
-            base_counts = run.counts;
+            base_balance.push(peak_to_mean(&run.counts));
             base_cpu.push(run.cpu_ns);
             run.rate
         },
@@ -809,8 +808,8 @@ fn throughput(bench: &mut Bench, work: &[Vec<Arc<[u8]>>]) -> Option<f64> {
             "ns",
             Better::Less,
             None,
-            median(&ours_cpu),
-            median(&base_cpu),
+            median_of_rounds(&ours_cpu),
+            median_of_rounds(&base_cpu),
         );
     }
     // The same load with instances lingering 50 µs between batches: what lingering buys,
@@ -838,8 +837,8 @@ fn throughput(bench: &mut Bench, work: &[Vec<Arc<[u8]>>]) -> Option<f64> {
             "ns",
             Better::Less,
             None,
-            median(&linger_cpu),
-            median(&default_cpu),
+            median_of_rounds(&linger_cpu),
+            median_of_rounds(&default_cpu),
         );
     }
     bench.compare(
@@ -873,8 +872,8 @@ fn throughput(bench: &mut Bench, work: &[Vec<Arc<[u8]>>]) -> Option<f64> {
         "peak/mean",
         Better::Less,
         Some(Goal::OursAtMost(1.25)),
-        peak_to_mean(&ours_counts),
-        peak_to_mean(&base_counts),
+        median_of_rounds(&ours_balance),
+        median_of_rounds(&base_balance),
     );
 
     throughput.map(|o| o.ours)

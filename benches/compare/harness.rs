@@ -20,6 +20,9 @@ pub enum Goal {
     OursAtMost(f64),
     /// cauce's own figure must be at least this (in the comparison's unit).
     OursAtLeast(f64),
+    /// cauce's own figure must be at most `.0` where the other side's is above `.1`
+    /// (the goal's premise: met only if both hold).
+    OursAtMostWhereTheirsAbove(f64, f64),
 }
 
 impl Goal {
@@ -28,14 +31,16 @@ impl Goal {
             Goal::RatioAtLeast(x) => format!(">= {x}"),
             Goal::OursAtMost(x) => format!("ours <= {x}"),
             Goal::OursAtLeast(x) => format!("ours >= {x}"),
+            Goal::OursAtMostWhereTheirsAbove(x, t) => format!("ours <= {x} where theirs > {t}"),
         }
     }
 
-    fn meets(self, ours: f64, ratio: f64) -> bool {
+    fn meets(self, ours: f64, theirs: f64, ratio: f64) -> bool {
         match self {
             Goal::RatioAtLeast(x) => ratio >= x,
             Goal::OursAtMost(x) => ours <= x,
             Goal::OursAtLeast(x) => ours >= x,
+            Goal::OursAtMostWhereTheirsAbove(x, t) => ours <= x && theirs > t,
         }
     }
 }
@@ -188,7 +193,7 @@ impl Bench {
             goal,
         };
         let verdict = match goal {
-            Some(g) if g.meets(ours, ratio) => format!("meets {}", g.describe()),
+            Some(g) if g.meets(ours, theirs, ratio) => format!("meets {}", g.describe()),
             Some(g) => format!("MISSES {}", g.describe()),
             None => String::new(),
         };
@@ -210,7 +215,7 @@ impl Bench {
         let mut json = String::from("[\n");
         for (i, o) in self.outcomes.iter().enumerate() {
             let goal = o.goal.map(Goal::describe);
-            let meets = o.goal.map(|g| g.meets(o.ours, o.ratio));
+            let meets = o.goal.map(|g| g.meets(o.ours, o.theirs, o.ratio));
             let _ = writeln!(
                 json,
                 "  {{\"id\": {:?}, \"unit\": {:?}, \"ours\": {}, \"theirs\": {}, \"ratio\": {}, \"goal\": {}, \"meets\": {}}}{}",
@@ -237,7 +242,7 @@ impl Bench {
         let missed = self
             .outcomes
             .iter()
-            .filter(|o| o.goal.is_some_and(|g| !g.meets(o.ours, o.ratio)))
+            .filter(|o| o.goal.is_some_and(|g| !g.meets(o.ours, o.theirs, o.ratio)))
             .count();
         println!(
             "{} comparisons, {} with goals missed, in {:.1} s; peak RSS {} MiB",
@@ -257,6 +262,23 @@ fn ratio(better: Better, ours: f64, theirs: f64) -> f64 {
 }
 
 /// The median of `xs` (the mean of the middle two for an even count).
+/// A fresh temporary directory in the target directory (`CARGO_TARGET_DIR`, or
+/// `target` beside the manifest), made if missing: every group's files go to the same
+/// disk as the build, never to /tmp (which may be memory).
+pub fn bench_dir() -> tempfile::TempDir {
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("target"));
+    std::fs::create_dir_all(&target).expect("target dir");
+    tempfile::tempdir_in(target).expect("bench dir")
+}
+
+/// The median of figures a `compare` closure collected on the side: the first is its
+/// warm-up call's, and is left out as the compared figures' is.
+pub fn median_of_rounds(xs: &[f64]) -> f64 {
+    median(xs.get(1..).filter(|r| !r.is_empty()).unwrap_or(xs))
+}
+
 pub fn median(xs: &[f64]) -> f64 {
     if xs.is_empty() {
         return f64::NAN;

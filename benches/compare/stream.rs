@@ -135,7 +135,7 @@ struct OnDisk {
 }
 
 fn log_store() -> OnDisk {
-    let dir = tempfile::tempdir().expect("temporary directory");
+    let dir = crate::harness::bench_dir();
     let options = LogOptions::new().sync(SyncPolicy::Never);
     let store = LogStore::open(dir.path(), options).expect("open");
     OnDisk { store, _dir: dir }
@@ -375,8 +375,8 @@ fn paced_latency(
         "us",
         Better::Less,
         None,
-        median(&ours_p50),
-        median(&theirs_p50),
+        crate::harness::median_of_rounds(&ours_p50),
+        crate::harness::median_of_rounds(&theirs_p50),
     );
 }
 
