@@ -264,7 +264,7 @@ impl Stream for MemoryStream {
     }
 }
 
-/// Copies an entry into one allocation that the record's key and payload share.
+/// Copies an entry's key and payload into a record (one allocation each).
 fn to_record(entry: &Entry<'_>) -> Record {
     Record {
         offset: 0,
