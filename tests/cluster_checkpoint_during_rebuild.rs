@@ -16,6 +16,7 @@ use std::time::Duration;
 
 use cauce::cluster::{Cluster, Context, EffectId, Handler};
 use cauce::router::InstanceId;
+use cauce::store::{MemoryStore, Store};
 use parking_lot::Mutex;
 use serde::{Deserialize, Serialize};
 
@@ -170,4 +171,94 @@ fn a_checkpoint_during_a_restart_rebuild_keeps_the_journals_answers() {
 #[test]
 fn a_checkpoint_during_a_restart_rebuild_keeps_the_log_it_reads() {
     a_checkpoint_during_a_restart_rebuild_keeps_what_it_folds(true);
+}
+
+/// What a checkpoint keeps for a rebuild folding from an older one, it keeps only while
+/// that rebuild's instance is live: a rebuild stuck in a replayed request (its instance
+/// declared stalled and replaced, its thread never coming back) held everything back
+/// for good, and no later checkpoint truncated the log or forgot a journaled answer.
+#[test]
+fn a_rebuild_stuck_for_good_holds_nothing_back_once_its_instance_is_replaced() {
+    #[derive(Clone, Copy, Debug, Serialize, Deserialize)]
+    enum Hang {
+        Add(u64),
+        /// Hangs on its first replay once `armed`, until `release`.
+        OnReplay,
+        /// Panics live.
+        Panic,
+    }
+
+    #[derive(Clone, Default)]
+    struct Hanging {
+        armed: Arc<std::sync::atomic::AtomicBool>,
+        hung: Arc<std::sync::atomic::AtomicBool>,
+        release: Arc<std::sync::atomic::AtomicBool>,
+    }
+
+    impl Handler for Hanging {
+        type State = u64;
+        type Request = Hang;
+        type Response = u64;
+        fn handle(&self, ctx: &mut Context<'_>, _: &[u8], total: &mut u64, req: Hang) -> u64 {
+            match req {
+                Hang::Add(n) => *total += n,
+                Hang::OnReplay => {
+                    if ctx.is_replay()
+                        && self.armed.load(Ordering::SeqCst)
+                        && !self.hung.swap(true, Ordering::SeqCst)
+                    {
+                        while !self.release.load(Ordering::SeqCst) {
+                            thread::sleep(Duration::from_millis(5));
+                        }
+                    }
+                }
+                Hang::Panic if !ctx.is_replay() => panic!("panics live"),
+                Hang::Panic => {}
+            }
+            *total
+        }
+    }
+
+    let handler = Hanging::default();
+    let input = Arc::new(MemoryStore::new());
+    let cluster = Cluster::builder(handler.clone())
+        .stores(input.clone(), Some(Arc::new(MemoryStore::new())))
+        .instances(1)
+        .checkpoint_every(u64::MAX)
+        .truncate_after_checkpoint(true)
+        .retry_window(0)
+        .stall_timeout(Duration::from_millis(300))
+        .build()
+        .unwrap();
+    let client = cluster.client();
+    client.submit("k", Hang::Add(1)).unwrap().wait().unwrap();
+    let first = cluster.checkpoint().unwrap();
+    // After the checkpoint: replayed by the restart below, and hanging there.
+    client.submit("k", Hang::OnReplay).unwrap().wait().unwrap();
+    handler.armed.store(true, Ordering::SeqCst);
+    assert!(client.submit("k", Hang::Panic).unwrap().wait().is_err());
+    let hung = std::time::Instant::now();
+    while !handler.hung.load(Ordering::SeqCst) {
+        assert!(
+            hung.elapsed() < Duration::from_secs(10),
+            "the rebuild never hung"
+        );
+        thread::sleep(Duration::from_millis(5));
+    }
+    // Its replacement serves the key; checkpoints go on, and truncate the log.
+    let served = client.query("k", |t: &u64| *t).unwrap();
+    assert_eq!(served.wait_timeout(Duration::from_secs(20)).unwrap(), 1);
+    assert_eq!(cluster.metrics().stalls, 1);
+    let mut last = first;
+    for _ in 0..3 {
+        client.submit("k", Hang::Add(10)).unwrap().wait().unwrap();
+        last = cluster.checkpoint().unwrap();
+    }
+    let start = input.start_offset();
+    handler.release.store(true, Ordering::SeqCst);
+    assert_eq!(
+        start, last,
+        "the log was not truncated past the stuck rebuild's checkpoint at {first}"
+    );
+    cluster.shutdown().unwrap();
 }

@@ -182,11 +182,13 @@ struct StoreWatch {
     reported: bool,
 }
 
-/// The checkpoints handed to rebuilds (see [`Shared::checkpoint`]): the latest, which
-/// every rebuild that starts now shares, and older ones that rebuilds may still hold.
+/// The checkpoints handed to rebuilds (see [`Shared::checkpoint_for`]): the latest,
+/// which every rebuild that starts now shares, and each instance's pin: the offset of
+/// the checkpoint its rebuild folds from (`Offset::MAX`: none), and whether it was
+/// fenced.
 struct HandedCheckpoints {
     newest: Weak<Checkpoint>,
-    older: Vec<Weak<Checkpoint>>,
+    pins: Vec<(Arc<AtomicU64>, Arc<AtomicBool>)>,
 }
 
 /// Membership changes under way, and who waits for them to end.
@@ -823,7 +825,7 @@ impl<H: Handler> Shared<H> {
             checkpoint_offset: AtomicU64::new(checkpoint.offset),
             checkpoint_cache: Mutex::new(HandedCheckpoints {
                 newest: Arc::downgrade(&checkpoint),
-                older: Vec::new(),
+                pins: Vec::new(),
             }),
             checkpoint_in_store: AtomicBool::new(checkpoint_in_store),
             poisoned: Mutex::new(recovered.poisoned),
@@ -1030,6 +1032,10 @@ impl<H: Handler> Shared<H> {
             self.options.queue_capacity,
             self.options.linger,
         ));
+        self.checkpoint_cache
+            .lock()
+            .pins
+            .push((inst.pinned.clone(), inst.fenced.clone()));
         self.routing.lock().instances.insert(id, inst.clone());
         if let Err(e) = self.launch(&inst, start) {
             // No thread runs it: a member left behind would be routed to, and would owe
@@ -1096,12 +1102,18 @@ impl<H: Handler> Shared<H> {
         Ok(self.input.append(&[Entry::new(b"", &payload)])?.start)
     }
 
-    /// The latest checkpoint, decoded (shared with any rebuild that holds it already).
-    ///
-    /// Under the lock a checkpoint takes to find the oldest one still held: one this
-    /// hands out from before a newer checkpoint is either counted there or not handed.
-    pub(crate) fn checkpoint(&self) -> Result<Arc<Checkpoint>> {
+    /// The latest checkpoint, decoded (shared with any rebuild that holds it already),
+    /// for a rebuild that folds from it: `pin` (the instance's) is set to its offset
+    /// under the lock a checkpoint takes to find the oldest pinned one, so a checkpoint
+    /// completing meanwhile either sees the pin or is the one handed out.
+    pub(crate) fn checkpoint_for(&self, pin: &AtomicU64) -> Result<Arc<Checkpoint>> {
         let mut cache = self.checkpoint_cache.lock();
+        let checkpoint = self.latest_checkpoint(&mut cache)?;
+        pin.store(checkpoint.offset, Ordering::SeqCst);
+        Ok(checkpoint)
+    }
+
+    fn latest_checkpoint(&self, cache: &mut HandedCheckpoints) -> Result<Arc<Checkpoint>> {
         if let Some(cp) = cache.newest.upgrade() {
             if cp.offset == self.checkpoint_offset.load(Ordering::SeqCst) {
                 return Ok(cp);
@@ -1119,10 +1131,7 @@ impl<H: Handler> Shared<H> {
                 None => Checkpoint::empty(self.input.start_offset()),
             }
         });
-        let older = std::mem::replace(&mut cache.newest, Arc::downgrade(&cp));
-        if older.strong_count() > 0 {
-            cache.older.push(older);
-        }
+        cache.newest = Arc::downgrade(&cp);
         Ok(cp)
     }
 
@@ -3226,16 +3235,19 @@ impl<H: Handler> Shared<H> {
         // no more: what their replays need is forgotten up to there. A rebuild that
         // began before this checkpoint folds from the one before, and needs the
         // journal's answers, the set-aside marks and the log from there.
+        // A fenced instance's rebuild is left out: its outside calls without an answer
+        // are refused and its states thrown away, and one stuck for good (a stalled
+        // replay) would hold everything back for good.
         let floor = {
             let mut cache = self.checkpoint_cache.lock();
-            let newest = std::mem::take(&mut cache.newest);
-            cache.older.push(newest);
-            cache.older.retain(|cp| cp.strong_count() > 0);
+            cache.newest = Weak::new();
+            // Pins of instances gone (the list holds the last reference).
+            cache.pins.retain(|(pin, _)| Arc::strong_count(pin) > 1);
             cache
-                .older
+                .pins
                 .iter()
-                .filter_map(Weak::upgrade)
-                .map(|cp| cp.offset)
+                .filter(|(_, fenced)| !fenced.load(Ordering::SeqCst))
+                .map(|(pin, _)| pin.load(Ordering::SeqCst))
                 .fold(offset, Offset::min)
         };
         self.replay_stalls.lock().retain(|&o, _| o >= floor);

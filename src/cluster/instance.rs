@@ -516,9 +516,17 @@ impl Registration {
     /// Takes the waker out, if it is still registered.
     fn cancel(&mut self) {
         if let Some((waiting, key)) = self.at.take() {
-            if waiting.lock.lock().by_key.remove(&key).is_some() {
-                waiting.count.fetch_sub(1, Ordering::SeqCst);
-            }
+            let removed = {
+                let mut wakers = waiting.lock.lock();
+                let removed = wakers.by_key.remove(&key);
+                if removed.is_some() {
+                    waiting.count.fetch_sub(1, Ordering::SeqCst);
+                }
+                removed
+            };
+            // Dropped without the lock: dropping a waker can run a task's own drop,
+            // which may cancel another registration here.
+            drop(removed);
         }
     }
 }
@@ -652,12 +660,14 @@ impl Permits {
         // Register, then look again under the lock `release` takes before waking: either
         // `release` sees the waker, or we see its release.
         let mut wakers = self.waiting.lock.lock();
+        // Wakers taken out, dropped once the lock is released (see `Registration::cancel`).
+        let (mut replaced, mut removed) = (None, None);
         let key = registration.at.as_ref().map(|(_, key)| *key);
         match key.and_then(|key| wakers.by_key.get_mut(&key)) {
             // Polled again before a release (in a `select!` loop, say): registered once.
             Some(waker) => {
                 if !waker.will_wake(cx.waker()) {
-                    *waker = cx.waker().clone();
+                    replaced = Some(std::mem::replace(waker, cx.waker().clone()));
                 }
             }
             // New, or woken since (a release takes every waker): registered anew.
@@ -676,17 +686,21 @@ impl Permits {
         } else {
             None
         };
-        match now {
+        let polled = match now {
             Some(outcome) => {
                 if let Some((_, key)) = registration.at.take() {
-                    if wakers.by_key.remove(&key).is_some() {
+                    removed = wakers.by_key.remove(&key);
+                    if removed.is_some() {
                         self.waiting.count.fetch_sub(1, Ordering::SeqCst);
                     }
                 }
                 Poll::Ready(outcome)
             }
             None => Poll::Pending,
-        }
+        };
+        drop(wakers);
+        drop((replaced, removed));
+        polled
     }
 
     /// Wakes every waiter, holding the lock (`wakers`): blocked producers through
@@ -767,7 +781,12 @@ pub(crate) struct Instance<S, R> {
     /// rebuild): written before each unit begins, so that a stall can tell which
     /// request it caught the instance on (see [`Instance::stuck_on`]).
     working_on: CachePadded<AtomicU64>,
-    fenced: AtomicBool,
+    /// Shared with the cluster's list of pins (see [`Shared::checkpoint_for`]): a
+    /// fenced instance's rebuild holds back nothing a checkpoint would forget.
+    pub(crate) fenced: Arc<AtomicBool>,
+    /// The offset of the checkpoint the instance's rebuild folds from, while one runs
+    /// (`Offset::MAX`: none): what checkpoints taken meanwhile must not forget.
+    pub(crate) pinned: Arc<AtomicU64>,
     /// Set by [`fence`](Instance::fence) once what the instance left was taken: nothing
     /// may be sent to it any more. Until then, an instance whose work is fenced (see
     /// [`fence_work`](Instance::fence_work)) still gets what is routed to it, for the
@@ -793,7 +812,8 @@ impl<S, R> Instance<S, R> {
             permits: CachePadded::new(Permits::new(capacity)),
             heartbeat: Arc::new(Heartbeat::new()),
             working_on: CachePadded::new(AtomicU64::new(0)),
-            fenced: AtomicBool::new(false),
+            fenced: Arc::new(AtomicBool::new(false)),
+            pinned: Arc::new(AtomicU64::new(Offset::MAX)),
             retired: AtomicBool::new(false),
             stats: CachePadded::new(InstanceStats::default()),
             releases: Mutex::new(Vec::new()),
@@ -1445,7 +1465,8 @@ fn rebuild_again<H: Handler>(
         .iter()
         .map(|k| (Bytes::copy_from_slice(k.as_slice()), until))
         .collect();
-    let rebuilt = shared.checkpoint().and_then(|checkpoint| {
+    let _pinned = Pinned(&me.pinned);
+    let rebuilt = shared.checkpoint_for(&me.pinned).and_then(|checkpoint| {
         if checkpoint.offset > at_most {
             return Err(Error::StateUnavailable {
                 instance: me.id,
@@ -1615,7 +1636,7 @@ fn handle<H: Handler>(
         &*shared.handler,
         &shared.effects,
         me.id,
-        Some(&me.fenced),
+        Some(&*me.fenced),
         false,
         request,
         &mut slot.state,
@@ -1722,7 +1743,8 @@ fn acquire<H: Handler>(
     if from_checkpoint.is_empty() && relayed.is_empty() {
         return Ok(());
     }
-    let checkpoint = shared.checkpoint()?;
+    let _pinned = Pinned(&me.pinned);
+    let checkpoint = shared.checkpoint_for(&me.pinned)?;
     // A checkpoint past the move holds records of these keys that the instance they
     // came from handled (and any newer than a relayed state was taken without it, so
     // poison marks and journaled answers before it may be forgotten): folding from it
@@ -1776,9 +1798,17 @@ fn rebuild<H: Handler>(
     checkpoint: Option<Arc<Checkpoint>>,
     relayed: &HashMap<Bytes, (Offset, Bytes), ahash::RandomState>,
 ) -> Result<States<H::State>> {
+    // Pinned by the caller that took it (`acquire`, `rebuild_again`), or here: the
+    // open's checkpoint, which no checkpoint can replace before this instance gives its
+    // part, after this rebuild (unless it is fenced, and then its pin counts for
+    // nothing).
+    let _pinned = Pinned(&me.pinned);
     let checkpoint = match checkpoint {
-        Some(cp) => cp,
-        None => shared.checkpoint()?,
+        Some(cp) => {
+            me.pinned.store(cp.offset, Ordering::SeqCst);
+            cp
+        }
+        None => shared.checkpoint_for(&me.pinned)?,
     };
     let mut poisoned: BTreeSet<Offset> = shared.poisoned();
     let mut sink = Answer { shared, me };
@@ -1786,7 +1816,7 @@ fn rebuild<H: Handler>(
         handler: &*shared.handler,
         effects: &shared.effects,
         instance: me.id,
-        fenced: Some(&me.fenced),
+        fenced: Some(&*me.fenced),
         input: &*shared.input,
         handled_before: shared.handled_before(),
     };
@@ -1804,6 +1834,16 @@ fn rebuild<H: Handler>(
         .into_iter()
         .map(|(key, slot)| (Key::copy_from(&key), slot))
         .collect())
+}
+
+/// Unpins the instance's checkpoint (see [`Instance::pinned`]) when the fold that pinned
+/// it ends, however it ends.
+struct Pinned<'a>(&'a AtomicU64);
+
+impl Drop for Pinned<'_> {
+    fn drop(&mut self) {
+        self.0.store(Offset::MAX, Ordering::SeqCst);
+    }
 }
 
 fn encode_states<H: Handler>(states: &States<H::State>) -> Result<Vec<(Bytes, Bytes)>> {
