@@ -70,7 +70,8 @@ pub(crate) fn lock_dir(dir: &Path) -> Result<File> {
 /// `fsync` of a directory, so that creations, renames and deletions in it are durable.
 pub(crate) fn sync_dir(dir: &Path) -> Result<()> {
     File::open(dir)
-        .and_then(|d| d.sync_all())
+        .map_err(|e| Error::io("open directory", dir, e))?
+        .sync_all()
         .map_err(|e| Error::io("fsync directory", dir, e))
 }
 

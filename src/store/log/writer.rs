@@ -664,7 +664,18 @@ impl Shared {
                 false => Ok(()),
             });
             if let Err(e) = synced {
-                poison(&mut st, &e);
+                // Only a failed fsync can have lost what it was to make durable; a
+                // temporary file or a directory that could not be opened (out of file
+                // descriptors, say) lost nothing, and the next `sync` tries again.
+                if matches!(
+                    e,
+                    Error::Io {
+                        op: "fsync" | "fsync directory",
+                        ..
+                    }
+                ) {
+                    poison(&mut st, &e);
+                }
                 return Err(e);
             }
             st.dir_unsynced = false;
