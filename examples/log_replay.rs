@@ -94,17 +94,28 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         count as f64 / replayed.as_secs_f64() / 1e6
     );
     let started = Instant::now();
-    let mut folded = 0u64;
+    let (mut folded, mut folded_records) = (0u64, 0u64);
     let next = log.replay_from(log.start_offset(), |_offset, entry| {
         folded += entry.payload.len() as u64;
+        folded_records += 1;
     })?;
     let borrowed = started.elapsed();
     println!(
         "replayed again with replay_from (records borrowed, no copies) up to offset {next}: {:.1} MB of payloads in {:.3} s ({:.2} M records/s)",
         folded as f64 / 1e6,
         borrowed.as_secs_f64(),
-        count as f64 / borrowed.as_secs_f64() / 1e6
+        folded_records as f64 / borrowed.as_secs_f64() / 1e6
     );
+    // Both replays saw every record the log holds (those written now among them), and
+    // nothing else.
+    let held = log.next_offset() - log.start_offset();
+    if count != held || folded_records != held || held < records || next != log.next_offset() {
+        eprintln!(
+            "replays disagree with the log: {count} and {folded_records} of {held} records, up to {next} of {}",
+            log.next_offset()
+        );
+        std::process::exit(1);
+    }
     let check = log.verify()?;
     println!(
         "verified {} segments, {} batches, {} records, {:.1} MB on disk: every checksum holds",

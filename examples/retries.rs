@@ -133,9 +133,18 @@ fn main() -> cauce::Result<()> {
             .map_while(Result::ok)
             .filter_map(|l| l.parse::<u64>().ok()),
     );
-    child
+    let status = child
         .wait()
         .map_err(|e| Error::io("wait", "the producer", e))?;
+    // The story needs a producer killed mid-stream, not one that failed or finished.
+    use std::os::unix::process::ExitStatusExt;
+    if status.signal() != Some(9) || answered.is_empty() || answered.len() as u64 >= PAYMENTS {
+        eprintln!(
+            "the producer was not killed mid-stream ({status}, {} of {PAYMENTS} answered)",
+            answered.len()
+        );
+        std::process::exit(1);
+    }
     let sent_up_to = answered.iter().max().map_or(0, |&n| n + 1);
     println!(
         "producer killed (SIGKILL) after {} payments answered, the last #{}",
