@@ -337,6 +337,17 @@ pub enum Error {
     #[error("instance id {0} is reserved: it names a replay's handlers, never a member")]
     ReservedInstance(InstanceId),
 
+    /// An input of a [`merge`](crate::stream::merge) panicked while it was read (in a
+    /// filter's or a map's closure, say): its thread stopped, and the records it had not
+    /// read yet are not received. The merge goes on with its other inputs.
+    #[error("merge input {input} panicked: {message}")]
+    InputPanicked {
+        /// The input's position among the merge's inputs.
+        input: usize,
+        /// The panic message.
+        message: String,
+    },
+
     /// A router already holds as many instances as it can.
     #[error("instance {instance} cannot join: the router holds at most {limit} instances")]
     TooManyInstances {

@@ -750,3 +750,94 @@ fn a_filter_with_a_zero_timeout_returns_a_record_already_queued() {
         Err(Error::Timeout(_))
     ));
 }
+
+/// Past its deadline a filter still takes records already queued, but only a few: a
+/// backlog of records it drops kept a `recv_timeout` going for as long as the backlog
+/// lasted (a 5 ms timeout over 300,000 dropped records took 184-276 ms).
+#[test]
+fn filter_timeout_does_not_wade_through_a_whole_backlog_of_dropped_records() {
+    let store = MemoryStore::new();
+    let stream = LogStream::new(store.clone());
+    let entries: Vec<Entry<'_>> = (0..10_000).map(|_| Entry::new(b"k", b"dropped")).collect();
+    stream.publisher().publish_batch(&entries).expect("publish");
+    let looked = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counted = looked.clone();
+    let mut filter = stream
+        .subscribe(Position::Beginning)
+        .expect("subscribe")
+        .filter(move |_| {
+            counted.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            false
+        });
+    assert!(matches!(
+        filter.recv_timeout(Duration::ZERO),
+        Err(Error::Timeout(_))
+    ));
+    let looked = looked.load(std::sync::atomic::Ordering::SeqCst);
+    assert!(
+        (1..=100).contains(&looked),
+        "a zero timeout looked at {looked} records"
+    );
+}
+
+/// A merge input that panics (here in a filter's closure) is an error of the merge,
+/// not the input's end: the merge took it for a clean end and its records were lost
+/// without a word. The other inputs go on.
+#[test]
+fn a_merge_input_that_panics_is_an_error_not_its_end() {
+    let (first, first_sub) = halves(8);
+    let (second, second_sub) = halves(8);
+    let panicking = first_sub.filter(|r| {
+        assert!(&r.payload[..] != b"boom", "the filter panics on boom");
+        true
+    });
+    let mut merged = merge([
+        Box::new(panicking) as Box<dyn Subscribe>,
+        Box::new(second_sub),
+    ])
+    .expect("merge");
+    publish_all(&first, &["before", "boom", "after"]);
+    let mut got = Vec::new();
+    let mut panicked = None;
+    publish_all(&second, &["other"]);
+    drop((first, second));
+    loop {
+        match merged.recv_timeout(PATIENCE) {
+            Ok(r) => got.push(String::from_utf8(r.payload.to_vec()).expect("utf-8")),
+            Err(Error::InputPanicked { input, message }) => panicked = Some((input, message)),
+            Err(Error::Closed) => break,
+            Err(e) => panic!("{e}"),
+        }
+    }
+    let (input, message) = panicked.expect("the panic is reported");
+    assert_eq!(input, 0);
+    assert!(message.contains("the filter panics on boom"), "{message}");
+    got.sort();
+    assert_eq!(got, ["before", "other"]);
+}
+
+/// A tee's `recv_timeout` waits for room in its second stream until its timeout, not
+/// past it (it waited for good: a merge over a tee whose second stream stayed full
+/// kept its thread after the merge was dropped). The record it holds comes first once
+/// there is room.
+#[test]
+fn tee_recv_timeout_gives_up_on_a_full_second_stream_at_its_timeout() {
+    let (publisher, subscriber) = halves(8);
+    let (audit, mut audit_log) = halves(1);
+    let mut handler = subscriber.tee(audit);
+    publish_all(&publisher, &["a", "b"]);
+    assert_eq!(handler.recv().expect("a").payload, "a");
+    // The audit stream is full; room comes only in 2 s.
+    let draining = thread::spawn(move || {
+        thread::sleep(Duration::from_secs(2));
+        payloads(&mut audit_log)
+    });
+    assert!(matches!(
+        handler.recv_timeout(Duration::from_millis(50)),
+        Err(Error::Timeout(_))
+    ));
+    assert!(matches!(handler.commit(), Err(Error::CannotCommit(_))));
+    drop(publisher);
+    assert_eq!(payloads(&mut handler), ["b"]);
+    assert_eq!(draining.join().expect("audit reader"), ["a", "b"]);
+}

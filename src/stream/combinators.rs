@@ -102,9 +102,11 @@ where
             return self.recv();
         };
         // Past the deadline it still takes what is already queued, as `recv_timeout`
-        // does on every other subscriber (a zero timeout looks at least once), and
-        // gives up only once the input has nothing ready.
+        // does on every other subscriber (a zero timeout looks at least once), but
+        // only so many records: a backlog of records the filter drops would otherwise
+        // keep it past its timeout for as long as the backlog lasts.
         let mut left = timeout;
+        let mut past_deadline = 0;
         loop {
             let record = match self.input.recv_timeout(left) {
                 Err(Error::Timeout(_)) => return Err(Error::Timeout(timeout)),
@@ -113,7 +115,14 @@ where
             if (self.keep)(&record) {
                 return Ok(record);
             }
-            left = remaining(deadline).unwrap_or(Duration::ZERO);
+            left = match remaining(deadline) {
+                Some(left) if !left.is_zero() => left,
+                _ if past_deadline < LOOKS_PAST_DEADLINE => {
+                    past_deadline += 1;
+                    Duration::ZERO
+                }
+                _ => return Err(Error::Timeout(timeout)),
+            };
         }
     }
 
@@ -135,8 +144,9 @@ where
 /// see [`SubscribeExt::tee`].
 ///
 /// A record is returned only once the second stream has taken it, so a full second
-/// stream holds the reader back (`try_recv` then answers `Ok(None)`, and `recv_timeout`
-/// waits for room beyond its timeout). When the input ends, the tee drops its publisher,
+/// stream holds the reader back: `try_recv` then answers `Ok(None)`, and `recv_timeout`
+/// waits for room until its timeout, then answers [`Error::Timeout`]; either way the
+/// tee holds the record, and the next call returns it once the second stream takes it. When the input ends, the tee drops its publisher,
 /// so the second stream closes too unless it has other publishers. The copy keeps the
 /// record's timestamp, key and payload and gets its offset from the second stream.
 ///
@@ -254,11 +264,32 @@ impl<S: Subscribe, P: Publish> Subscribe for Tee<S, P> {
     }
 
     fn recv_timeout(&mut self, timeout: Duration) -> Result<Record> {
-        let received = match self.pending {
+        let Some(deadline) = Instant::now().checked_add(timeout) else {
+            return self.recv();
+        };
+        let mut received = match self.pending {
             Some(_) => Ok(None),
             None => self.input.recv_timeout(timeout).map(Some),
         };
-        self.pass(received, true)?.ok_or(Error::Closed)
+        // Room in the second stream is waited for until the deadline, not past it: a
+        // merge reading this tee checks between its calls whether it was dropped.
+        let mut naps = 0u32;
+        loop {
+            if let Some(record) = self.pass(received, false)? {
+                return Ok(record);
+            }
+            if self.pending.is_none() {
+                return Err(Error::Closed);
+            }
+            let Some(left) = remaining(deadline).filter(|left| !left.is_zero()) else {
+                return Err(Error::Timeout(timeout));
+            };
+            // Short naps first (room usually comes back soon), then up to a millisecond.
+            let nap = Duration::from_micros(50 << naps.min(4)).min(left);
+            naps += 1;
+            thread::sleep(nap);
+            received = Ok(None);
+        }
     }
 
     fn try_recv(&mut self) -> Result<Option<Record>> {
@@ -306,7 +337,9 @@ const MERGE_STOP_CHECK: Duration = Duration::from_millis(50);
 /// thread of its own that holds at most a few (16) records ahead, so memory stays
 /// bounded and a merged subscriber that stops reading pushes back on every input. The
 /// merged subscriber ends with [`Error::Closed`] once every input has ended and its
-/// records are received; errors of an input are passed on as they come.
+/// records are received; errors of an input are passed on as they come, and an input
+/// that panics (a filter's closure, say) is [`Error::InputPanicked`] (its thread ends
+/// there, the merge goes on with the others).
 ///
 /// A merge has no single position, so [`commit`](Subscribe::commit) is
 /// [`Error::CannotCommit`]. Dropping the merged subscriber stops its threads within
@@ -339,7 +372,7 @@ where
         let stop_flag = stop.clone();
         let spawned = thread::Builder::new()
             .name(name.clone())
-            .spawn(move || forward_into(input, tx, &stop_flag));
+            .spawn(move || forward_into(i, input, tx, &stop_flag));
         if let Err(source) = spawned {
             stop.store(true, Ordering::SeqCst);
             return Err(Error::Spawn { name, source });
@@ -353,13 +386,34 @@ where
     })
 }
 
-/// A merge input's thread: moves its records into the merge's queue for it.
-fn forward_into<S: Subscribe>(mut input: S, queue: Sender<Result<Record>>, stop: &AtomicBool) {
+/// How many records a `Filter::recv_timeout` past its deadline still looks at (when
+/// they are queued already) before it gives up.
+const LOOKS_PAST_DEADLINE: usize = 64;
+
+/// A merge input's thread: moves the records of input `index` into the merge's queue
+/// for it. An input that panics (a filter's closure, say) is passed on as
+/// [`Error::InputPanicked`], not taken for the input's end.
+fn forward_into<S: Subscribe>(
+    index: usize,
+    mut input: S,
+    queue: Sender<Result<Record>>,
+    stop: &AtomicBool,
+) {
     while !stop.load(Ordering::SeqCst) {
-        let item = match input.recv_timeout(MERGE_STOP_CHECK) {
-            Err(Error::Timeout(_)) => continue,
-            Err(Error::Closed) => return,
-            item => item,
+        let received = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            input.recv_timeout(MERGE_STOP_CHECK)
+        }));
+        let item = match received {
+            Ok(Err(Error::Timeout(_))) => continue,
+            Ok(Err(Error::Closed)) => return,
+            Ok(item) => item,
+            Err(panic) => {
+                let _ = queue.send(Err(Error::InputPanicked {
+                    input: index,
+                    message: crate::launcher::thread::panic_message(&*panic),
+                }));
+                return;
+            }
         };
         // Blocks while the merged subscriber is behind; fails once it is dropped.
         if queue.send(item).is_err() {
