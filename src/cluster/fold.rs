@@ -261,12 +261,14 @@ impl Checkpoint {
         if blob.get(..4) != Some(&CHECKPOINT_MAGIC[..]) {
             return Err(bad("bad magic"));
         }
-        let mut pos = 4;
+        let mut pos: usize = 4;
         let mut take = |n: usize| -> Result<Bytes> {
-            let end = pos + n;
-            if end > blob.len() {
+            // A damaged length can be anything: checked, so that it is damage on every
+            // target, never an overflow.
+            let end = pos.checked_add(n).filter(|&end| end <= blob.len());
+            let Some(end) = end else {
                 return Err(bad("truncated"));
-            }
+            };
             let part = blob.slice(pos..end);
             pos = end;
             Ok(part)
@@ -282,7 +284,10 @@ impl Checkpoint {
             let key = take(len as usize)?;
             let len = u32::from_le_bytes(take(4)?[..].try_into().map_err(|_| bad("len"))?);
             let state = take(len as usize)?;
-            states.insert(key, state);
+            // Written from a map: a key twice is damage, not a state to pick from.
+            if states.insert(key, state).is_some() {
+                return Err(bad("a key twice"));
+            }
         }
         if pos != blob.len() {
             return Err(bad("trailing bytes"));
@@ -590,6 +595,22 @@ mod tests {
         let mut huge = blob.to_vec();
         huge[4..12].copy_from_slice(&u64::MAX.to_le_bytes());
         assert!(Checkpoint::decode(42, &Bytes::from(huge)).is_err());
+        // The same key twice (two entries of one key, the count raised to match).
+        let mut one = Checkpoint::empty(42);
+        one.states
+            .insert(Bytes::from_static(b"k"), Bytes::from_static(b"1"));
+        let single = one.encode();
+        let entry = &single[12..];
+        let mut twice = single[..4].to_vec();
+        twice.extend_from_slice(&2u64.to_le_bytes());
+        twice.extend_from_slice(entry);
+        twice.extend_from_slice(entry);
+        let err = Checkpoint::decode(42, &Bytes::from(twice)).err();
+        assert!(err.is_some_and(|e| e.to_string().contains("a key twice")));
+        // A length that would overflow a position is damage, on any target.
+        let mut long = single[..12].to_vec();
+        long.extend_from_slice(&u32::MAX.to_le_bytes());
+        assert!(Checkpoint::decode(42, &Bytes::from(long)).is_err());
     }
 
     #[test]
