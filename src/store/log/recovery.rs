@@ -154,6 +154,10 @@ fn open_file(path: &Path, writable: bool) -> Result<File> {
 /// read: a writer may cut the newest segment back to its data meanwhile (a roll of
 /// preallocated segments does), and a read-only open must take the shorter file as it
 /// is, not fail. A short read is the file's end.
+/// How many times a read-only open reads the newest segment again when it looks
+/// damaged (see `open_last`).
+const RACE_REREADS: u32 = 5;
+
 fn read_all(file: &File, path: &Path) -> Result<Vec<u8>> {
     let len = file
         .metadata()
@@ -604,7 +608,17 @@ fn open_last(
         repair_torn_header(dir, &path, &file, &mut data, base, has_prev, writable)
             .map_err(|_| header_error)?;
     }
-    let scanned = scan_segment(&data, base, options.index_interval_bytes);
+    let mut scanned = scan_segment(&data, base, options.index_interval_bytes);
+    // A read-only open beside a writer reads the newest segment while it is written: a
+    // preempted read can find a batch not yet copied in followed by one copied since,
+    // which looks like damage. The writer fills the gap within moments; damage stays.
+    let mut rereads = 0;
+    while !writable && matches!(scanned.end, ScanEnd::Corrupt { .. }) && rereads < RACE_REREADS {
+        rereads += 1;
+        std::thread::sleep(std::time::Duration::from_millis(2));
+        data = read_all(&file, &path)?;
+        scanned = scan_segment(&data, base, options.index_interval_bytes);
+    }
     let mut corruption = None;
     let whole_end = match &scanned.end {
         ScanEnd::Clean => Some(data.len() as u64),
