@@ -56,7 +56,7 @@ fn payloads(count: usize, size: usize) -> Vec<Bytes> {
 }
 
 /// How the raw loop's file is made, before its timer starts.
-#[derive(Clone, Copy, PartialEq, Eq)]
+#[derive(Clone, Copy)]
 enum RawFile {
     /// Created empty: every write extends it (and an fdatasync commits its new size).
     Growing,
@@ -277,24 +277,19 @@ fn durable(bench: &mut Bench, dirs: &Dirs) {
     // The limit is the raw loop overwriting a file written ahead (cauce preallocates its
     // segments and writes zeros ahead of its appends); into a growing file, as a log
     // without preallocation writes, is the second line.
-    let id = "log.durable.100b.one.vs_raw_fdatasync";
-    bench.compare(
-        id,
-        "rec/s",
-        Better::More,
-        Some(Goal::RatioAtLeast(0.9)),
-        || ours_durable(&dirs.fresh(), 1, &one, 1).0,
-        || raw_write(&dirs.fresh(), &one, Some(1), RawFile::Prefilled),
-    );
-    let id = "log.durable.100b.one.vs_raw_fdatasync_growing";
-    bench.compare(
-        id,
-        "rec/s",
-        Better::More,
-        None,
-        || ours_durable(&dirs.fresh(), 1, &one, 1).0,
-        || raw_write(&dirs.fresh(), &one, Some(1), RawFile::Growing),
-    );
+    for (file, suffix, goal) in [
+        (RawFile::Prefilled, "", Some(Goal::RatioAtLeast(0.9))),
+        (RawFile::Growing, "_growing", None),
+    ] {
+        bench.compare(
+            &format!("log.durable.100b.one.vs_raw_fdatasync{suffix}"),
+            "rec/s",
+            Better::More,
+            goal,
+            || ours_durable(&dirs.fresh(), 1, &one, 1).0,
+            || raw_write(&dirs.fresh(), &one, Some(1), file),
+        );
+    }
     let id = "log.durable.100b.one.vs_okaywal";
     bench.compare(
         id,
@@ -358,27 +353,19 @@ fn durable(bench: &mut Bench, dirs: &Dirs) {
         );
     }
     let batches = payloads(bench.size(200_000, 30_000), 100);
-    let id = "log.durable.100b.batch1000.vs_raw_fdatasync";
-    bench.compare(
-        id,
-        "rec/s",
-        Better::More,
-        None,
-        || ours_durable(&dirs.fresh(), 1, &batches, 1000).0,
-        || raw_write(&dirs.fresh(), &batches, Some(1000), RawFile::Prefilled),
-    );
     // Into new space (a growing file; cauce's preallocated but unwritten extents) each
     // fdatasync also commits the blocks' allocation: a log that is not overwriting old
     // files pays that, as the growing loop does.
-    let id = "log.durable.100b.batch1000.vs_raw_fdatasync_growing";
-    bench.compare(
-        id,
-        "rec/s",
-        Better::More,
-        None,
-        || ours_durable(&dirs.fresh(), 1, &batches, 1000).0,
-        || raw_write(&dirs.fresh(), &batches, Some(1000), RawFile::Growing),
-    );
+    for (file, suffix) in [(RawFile::Prefilled, ""), (RawFile::Growing, "_growing")] {
+        bench.compare(
+            &format!("log.durable.100b.batch1000.vs_raw_fdatasync{suffix}"),
+            "rec/s",
+            Better::More,
+            None,
+            || ours_durable(&dirs.fresh(), 1, &batches, 1000).0,
+            || raw_write(&dirs.fresh(), &batches, Some(1000), file),
+        );
+    }
     let id = "log.durable.100b.batch1000.vs_okaywal";
     bench.compare(
         id,
