@@ -102,8 +102,11 @@ fn a_panicking_append_gives_its_queue_room_back() -> Result<()> {
 fn a_key_moving_with_a_panicking_append_keeps_its_state() -> Result<()> {
     let store = panicky();
     // A window of 2: after two requests of the key, its instance has no room for a
-    // third, so the key, once idle (200 ms), is placed anew on the other instance.
-    let placement = StickyOptions::default().window(2)?.idle_after(200);
+    // third, so the key, once idle (a second), is placed anew on the other instance.
+    // The second is wide: the key must not go idle between the other requests, and the
+    // panic before the third can take a few hundred milliseconds to print its
+    // backtrace (`RUST_BACKTRACE=1`, a debug build, a loaded machine).
+    let placement = StickyOptions::default().window(2)?.idle_after(1_000);
     let cluster = cluster(&store, placement, 64)?;
     let client = cluster.client();
     for batch in [false, true] {
@@ -111,7 +114,7 @@ fn a_key_moving_with_a_panicking_append_keeps_its_state() -> Result<()> {
         assert_eq!(client.submit(&key, ())?.wait()?, 1);
         assert_eq!(client.submit(&key, ())?.wait()?, 2);
         let home = cluster.owner_of(&key);
-        std::thread::sleep(Duration::from_millis(300));
+        std::thread::sleep(Duration::from_millis(1_100));
         submit_while_panicking(&store, || match batch {
             false => drop(client.submit(&key, ())),
             true => drop(client.submit_batch([(&key, ())])),
@@ -323,6 +326,16 @@ impl Store for PanicsOnDisk {
             .is_some_and(|n| n.starts_with("cauce-append"));
         if appender && self.in_wait.swap(false, Ordering::SeqCst) {
             panic!("the store failed waiting");
+        }
+        // The instance's wait, once the request is queued, can come first: a success
+        // there is remembered, and the submitter's wait would then not reach the store
+        // (rightly: the records are durable). Held until the submitter's wait panicked.
+        let since = std::time::Instant::now();
+        while !appender
+            && self.in_wait.load(Ordering::SeqCst)
+            && since.elapsed() < Duration::from_secs(10)
+        {
+            std::thread::sleep(Duration::from_millis(1));
         }
         Ok(())
     }
