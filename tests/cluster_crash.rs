@@ -104,6 +104,7 @@ fn acknowledged_requests_survive_sigkill_exactly_once() {
             "acknowledged_requests_survive_sigkill_exactly_once",
             CHILD_ENV,
             &dir,
+            "ack ",
             Duration::from_secs(30),
             after,
         );

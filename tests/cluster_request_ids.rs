@@ -248,8 +248,9 @@ fn an_id_refused_for_room_can_be_submitted_again() {
         .build()
         .expect("build");
     let client = cluster.client();
-    let stuck = client.submit("k", Req::Stall(300)).expect("submit");
-    std::thread::sleep(Duration::from_millis(50));
+    // Holds its room until it is answered: two seconds, far longer than the submits
+    // below take on a loaded machine (at 300 ms its room once came back before them).
+    let stuck = client.submit("k", Req::Stall(2_000)).expect("submit");
     let queued = client
         .try_submit_with_id("k", RequestId(1), Req::Add(1))
         .expect("room for one more");
@@ -748,6 +749,7 @@ fn retrying_everything_after_sigkill_applies_each_request_exactly_once() {
             "retrying_everything_after_sigkill_applies_each_request_exactly_once",
             CHILD_ENV,
             &dir,
+            "ack done ",
             Duration::from_secs(30),
             after,
         );
@@ -857,7 +859,7 @@ fn wait_until(what: &str, f: impl Fn() -> bool) {
     let since = Instant::now();
     while !f() {
         assert!(
-            since.elapsed() < Duration::from_secs(5),
+            since.elapsed() < Duration::from_secs(30),
             "timed out: {what}"
         );
         std::thread::sleep(Duration::from_millis(1));
@@ -898,7 +900,12 @@ fn a_retry_waiting_for_the_disk_holds_up_no_other_submit() {
             c3.submit_with_id("b", RequestId(2), Req::Add(1))
                 .map(|_| ())
         });
-        std::thread::sleep(Duration::from_millis(500));
+        // Waits for b's append (at most 10 s), then opens the gate either way, so that
+        // a failure is an assertion below and not a test that hangs.
+        let since = Instant::now();
+        while input.live.next_offset() - before < 2 && since.elapsed() < Duration::from_secs(10) {
+            std::thread::sleep(Duration::from_millis(1));
+        }
         let appended = input.live.next_offset() - before;
         input.held.store(false, Ordering::SeqCst);
         assert!(matches!(dup.join().unwrap(), Some(Error::Duplicate { .. })));
@@ -1025,7 +1032,9 @@ fn was_applied_tells_whether_a_duplicates_first_took_effect() {
     assert!(client.was_applied("k", applied).expect("was_applied"));
     // A first request still queued (behind one that sleeps) when its retry comes, and
     // set aside later: its handler panics.
-    let sleeper = client.submit("k", Req::Stall(300)).expect("submit");
+    // Two seconds (the default stall timeout is five): the retry below must come while
+    // the first is still queued, however slowly this thread gets there.
+    let sleeper = client.submit("k", Req::Stall(2_000)).expect("submit");
     let panicking = client
         .submit_with_id("k", RequestId(2), Req::Panic)
         .expect("submit");

@@ -116,7 +116,8 @@ fn acknowledged_records_survive_sigkill_at_random_moments() {
             "acknowledged_records_survive_sigkill_at_random_moments",
             CHILD_ENV,
             &dir,
-            Duration::from_secs(10),
+            "ack ",
+            Duration::from_secs(30),
             after,
         );
         for line in lines {

@@ -79,7 +79,8 @@ fn cursors_and_snapshots_never_name_records_a_crash_loses() {
             "cursors_and_snapshots_never_name_records_a_crash_loses",
             CHILD_ENV,
             &dir,
-            Duration::from_secs(10),
+            "ack ",
+            Duration::from_secs(30),
             after,
         );
         for line in &lines {

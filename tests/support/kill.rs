@@ -6,16 +6,23 @@ use std::process::{Command, Stdio};
 use std::time::Duration;
 
 /// Runs the test `test` of the current test binary as a child, with `env` set to `dir`
-/// (the child's cue to do the work), waits for its first `ack ` line on stdout (at most
-/// `first_ack`), lets it run for `after`, SIGKILLs it, and returns every `ack ` line it
-/// printed. A line starting with `error` means the child could not start: a failure.
+/// (the child's cue to do the work), waits for its first line on stdout that starts with
+/// `first` (at most `first_ack`), lets it run for `after`, SIGKILLs it, and returns every
+/// `ack ` line it printed. A line starting with `error` means the child could not start:
+/// a failure.
+///
+/// `first` names a line the child prints once it has done the work the parent's checks
+/// need (an acknowledged request, say): the kill comes `after` that, however slowly the
+/// child got there.
 pub fn run_and_kill(
     test: &str,
     env: &str,
     dir: &Path,
+    first: &str,
     first_ack: Duration,
     after: Duration,
 ) -> Vec<String> {
+    let first = first.to_string();
     let exe = std::env::current_exe().expect("test binary");
     let mut child = Command::new(exe)
         .args(["--exact", test, "--nocapture", "--test-threads=1"])
@@ -31,10 +38,10 @@ pub fn run_and_kill(
         for line in BufReader::new(stdout).lines() {
             let Ok(line) = line else { break };
             assert!(!line.starts_with("error"), "child could not start: {line}");
+            if line.starts_with(&first) {
+                let _ = first_tx.send(());
+            }
             if line.starts_with("ack ") {
-                if lines.is_empty() {
-                    let _ = first_tx.send(());
-                }
                 lines.push(line);
             }
         }
