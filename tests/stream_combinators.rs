@@ -1,6 +1,8 @@
 //! The combinators: what each does, that backpressure passes through, and that closing
 //! propagates through every one of them.
 
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -72,20 +74,35 @@ fn filter_passes_only_kept_records_and_ends_with_its_input() {
 fn filter_timeout_covers_the_records_it_drops() {
     let (publisher, subscriber) = halves(64);
     let mut none = subscriber.filter(|_| false);
-    let feeding = thread::spawn(move || {
-        for _ in 0..40 {
-            publish_all(&publisher, &["dropped"]);
-            thread::sleep(Duration::from_millis(2));
-        }
-    });
+    // The feeder keeps records coming (every 2 ms) until told to stop, for at most
+    // FEEDING: a filter that let each dropped record start its timeout afresh would
+    // then wait until the feeding ends, far past the bound asserted below, while a
+    // loaded machine that delays the filter's return only stretches the wait a little.
+    const FEEDING: Duration = Duration::from_secs(5);
+    let stop = Arc::new(AtomicBool::new(false));
+    let feeding = {
+        let stop = stop.clone();
+        thread::spawn(move || {
+            let started = Instant::now();
+            while !stop.load(Ordering::SeqCst) && started.elapsed() < FEEDING {
+                publish_all(&publisher, &["dropped"]);
+                thread::sleep(Duration::from_millis(2));
+            }
+        })
+    };
     let started = Instant::now();
     let timeout = Duration::from_millis(30);
     assert!(matches!(none.recv_timeout(timeout), Err(Error::Timeout(t)) if t == timeout));
     let waited = started.elapsed();
+    stop.store(true, Ordering::SeqCst);
+    // The bound is far above the timeout so that a descheduled test thread does not
+    // fail it, and far below FEEDING so that a timeout restarted by every dropped
+    // record does.
     assert!(
-        waited >= timeout && waited < timeout * 3,
+        waited >= timeout && waited < Duration::from_secs(2),
         "waited {waited:?}, not about {timeout:?}"
     );
+    // Drops whatever came since (and frees a feeder blocked on the full queue).
     assert!(matches!(none.try_recv(), Ok(None)));
     feeding.join().expect("feeder");
 }
@@ -339,19 +356,37 @@ fn merge_takes_from_its_inputs_in_turn() {
             .expect("publish");
     }
     drop((busy, quiet));
-    let mut merged = merge([busy_sub, quiet_sub]).expect("merge");
-    // The reader is slower than the merge's forwarding threads, so both inputs always
-    // have records ready: which one is taken is then the merge's choice alone.
-    let first: Vec<_> = (0..100)
-        .map(|_| {
-            thread::sleep(Duration::from_micros(300));
-            merged.recv().expect("recv").key
+    // Counts the records each forwarding thread has taken from its input.
+    let taken = [Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0))];
+    let counted = |sub: MemorySubscriber, count: &Arc<AtomicUsize>| {
+        let count = count.clone();
+        sub.map(move |r: Record| {
+            count.fetch_add(1, Ordering::SeqCst);
+            r
         })
-        .collect();
-    let from_quiet = first.iter().filter(|k| &k[..] == b"quiet").count();
+    };
+    let mut merged =
+        merge([counted(busy_sub, &taken[0]), counted(quiet_sub, &taken[1])]).expect("merge");
+    // Each input's queue in the merge holds 16 records; its thread has taken one more
+    // once the queue is full (and waits to hand it over). Wait for that, so that both
+    // inputs have 16 records ready when reading starts: which one is taken is then the
+    // merge's choice alone, however late either forwarding thread was scheduled.
+    let started = Instant::now();
+    while taken.iter().any(|t| t.load(Ordering::SeqCst) < 17) {
+        assert!(
+            started.elapsed() < PATIENCE,
+            "the forwarding threads did not fill their queues"
+        );
+        thread::sleep(Duration::from_millis(1));
+    }
+    let first: Vec<_> = (0..32).map(|_| merged.recv().expect("recv").key).collect();
     assert!(
-        (35..=65).contains(&from_quiet),
-        "round robin: {from_quiet} of the first 100 records came from one of two full inputs"
+        first.windows(2).all(|w| w[0] != w[1]),
+        "round robin over two full inputs alternates: {:?}",
+        first
+            .iter()
+            .map(|k| String::from_utf8_lossy(k).into_owned())
+            .collect::<Vec<_>>()
     );
     let mut counts = (0, 0);
     for r in merged.records() {
@@ -362,7 +397,7 @@ fn merge_takes_from_its_inputs_in_turn() {
             counts.0 += 1;
         }
     }
-    assert_eq!(counts.0 + counts.1 + 100, 1_000, "every record once");
+    assert_eq!(counts.0 + counts.1 + 32, 1_000, "every record once");
 }
 
 #[test]
