@@ -6,7 +6,7 @@ use std::ops::Range;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::thread;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use cauce::store::{
     Compaction, LogOptions, LogStore, MemoryStore, RecordIter, Snapshot, Store, SyncPolicy,
@@ -41,6 +41,17 @@ fn slowest_fan_out_subscriber_holds_the_publisher_back() {
         }
         got
     });
+    // The publisher fills the slow subscriber's queue at its own pace (slow on a loaded
+    // machine): wait for it to get that far, then give it time to go past if it would.
+    // A publisher that did not wait for the slow subscriber would reach 100 at once.
+    let started = Instant::now();
+    while published.load(Ordering::SeqCst) < CAPACITY {
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "the publisher did not fill the queues"
+        );
+        thread::sleep(Duration::from_millis(1));
+    }
     thread::sleep(Duration::from_millis(50));
     assert_eq!(
         published.load(Ordering::SeqCst),
