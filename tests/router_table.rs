@@ -4,8 +4,9 @@
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::thread;
+use std::time::{Duration, Instant};
 
 use cauce::Error;
 use cauce::router::{
@@ -399,9 +400,13 @@ fn readers_see_whole_tables_while_membership_churns() {
         router.add(InstanceId(id), 1).unwrap();
     }
     let stop = Arc::new(AtomicBool::new(false));
+    // How many readers have checked a whole table through `router.table()` (every 64th
+    // read): membership keeps churning until all three have.
+    let checked = Arc::new(AtomicUsize::new(0));
     let readers: Vec<_> = (0..3)
         .map(|r| {
             let (router, stop) = (Arc::clone(&router), Arc::clone(&stop));
+            let checked = Arc::clone(&checked);
             thread::spawn(move || {
                 let mut reader = router.reader();
                 let mut seen = 0u64;
@@ -417,6 +422,9 @@ fn readers_see_whole_tables_while_membership_churns() {
                     if i % 64 == 0 {
                         let table = router.table();
                         assert_capped(&table);
+                        if seen == 0 {
+                            checked.fetch_add(1, Ordering::AcqRel);
+                        }
                         seen = seen.max(table.epoch());
                     }
                 }
@@ -424,13 +432,22 @@ fn readers_see_whole_tables_while_membership_churns() {
             })
         })
         .collect();
-    for round in 0..40u32 {
+    // At least 40 rounds, and on until every reader has done its first 64 reads (a
+    // reader thread scheduled late may not have started before 40 rounds are over);
+    // after 30 s the readers are stopped anyway, and one that never checked a table
+    // fails the test below.
+    let started = Instant::now();
+    let mut round = 0u32;
+    while round < 40
+        || (checked.load(Ordering::Acquire) < 3 && started.elapsed() < Duration::from_secs(30))
+    {
         let id = InstanceId(100 + round % 5);
         if router.members().iter().any(|m| m.id == id) {
             router.remove(id).unwrap();
         } else {
             router.add(id, 1 + round % 3).unwrap();
         }
+        round += 1;
     }
     stop.store(true, Ordering::Release);
     for reader in readers {
