@@ -295,15 +295,25 @@ pub fn wait_for_wakes_on_append_timeout_and_wake<F: Fixture>(fixture: &mut F) {
     append_numbered(&*store, 2..3);
     assert_eq!(waiter.join().expect("waiter"), 3);
 
+    // A wake reaches only threads already waiting, and the suite cannot see when the
+    // waiter has started to: a single wake sent before it got there (the thread was
+    // scheduled late) would leave it waiting forever. So the wake is repeated until
+    // the waiter returns; a store whose `wake_waiters` does not end a wait fails here
+    // after 30 s, however many wakes it was sent.
     let s = store.clone();
-    let waiter = thread::spawn(move || s.wait_for(100, None));
+    let (report, done) = std::sync::mpsc::channel();
+    thread::spawn(move || report.send(s.wait_for(100, None)));
     thread::sleep(Duration::from_millis(20));
-    store.wake_waiters();
-    assert_eq!(
-        waiter.join().expect("waiter"),
-        3,
-        "wake_waiters ends the wait"
-    );
+    let started = Instant::now();
+    let woken = loop {
+        store.wake_waiters();
+        match done.recv_timeout(Duration::from_millis(20)) {
+            Ok(end) => break end,
+            Err(_) if started.elapsed() < Duration::from_secs(30) => {}
+            Err(_) => panic!("wake_waiters did not end the wait in 30 s"),
+        }
+    };
+    assert_eq!(woken, 3, "wake_waiters ends the wait");
 }
 
 /// Retention moves the start exactly and keeps everything after it.

@@ -102,20 +102,42 @@ mod tests {
         assert_eq!(tail.wait_for(5, Some(Duration::from_millis(1))), 6);
     }
 
+    /// Waits until `n` threads are registered as waiting on `tail` (30 s at most), so
+    /// that what the test does next reaches a thread already in `wait_for`: a wake sent
+    /// before the waiter got there would leave it waiting forever.
+    fn until_waiting(tail: &Tail, n: usize) {
+        let started = Instant::now();
+        while tail.waiters.load(Ordering::SeqCst) < n {
+            assert!(
+                started.elapsed() < Duration::from_secs(30),
+                "the waiter never started waiting"
+            );
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }
+
+    /// Joins a waiter thread that reports on `done`, failing the test (rather than
+    /// hanging it) if it is not woken within 30 s.
+    fn woken(done: &std::sync::mpsc::Receiver<Offset>) -> Offset {
+        done.recv_timeout(Duration::from_secs(30))
+            .expect("the waiter was not woken")
+    }
+
     #[test]
     fn waiter_wakes_on_publish_and_on_wake() {
         let tail = Arc::new(Tail::new(0));
-        let t = tail.clone();
-        let h = std::thread::spawn(move || t.wait_for(4, None));
-        std::thread::sleep(Duration::from_millis(20));
+        let (report, done) = std::sync::mpsc::channel();
+        let (t, r) = (tail.clone(), report.clone());
+        std::thread::spawn(move || r.send(t.wait_for(4, None)).unwrap());
+        until_waiting(&tail, 1);
         tail.publish(5);
-        assert_eq!(h.join().unwrap(), 5);
+        assert_eq!(woken(&done), 5);
 
         let t = tail.clone();
-        let h = std::thread::spawn(move || t.wait_for(10, None));
-        std::thread::sleep(Duration::from_millis(20));
+        std::thread::spawn(move || report.send(t.wait_for(10, None)).unwrap());
+        until_waiting(&tail, 1);
         tail.wake();
-        assert_eq!(h.join().unwrap(), 5);
+        assert_eq!(woken(&done), 5);
         assert_eq!(tail.wait_for(10, Some(Duration::from_millis(5))), 5);
     }
 }
