@@ -122,6 +122,10 @@ mod rebuild_stall {
         held: Arc<AtomicBool>,
         /// The next replay (or run) of a request of value 1 hangs.
         hang_one: Arc<AtomicBool>,
+        /// Broken by the handler itself as HANG begins to hang: the log must be
+        /// unreadable before the stall is declared, and a test thread that sets it
+        /// after its submit can be descheduled past the stall timeout first.
+        input: Option<Arc<Unreadable>>,
     }
 
     impl Handler for Lists {
@@ -129,11 +133,16 @@ mod rebuild_stall {
         type Request = u64;
         type Response = usize;
         fn handle(&self, _: &mut Context<'_>, _: &[u8], l: &mut Vec<u64>, v: u64) -> usize {
+            // The hangs last far longer than the test waits for any answer (20 s), so
+            // that an answer that waited out a hang cannot pass for a prompt one.
             if v == HANG && !self.held.swap(true, Ordering::SeqCst) {
-                wait_for(&self.release, Duration::from_secs(30));
+                if let Some(input) = &self.input {
+                    input.broken.store(true, Ordering::SeqCst);
+                }
+                wait_for(&self.release, Duration::from_secs(60));
             }
             if v == 1 && self.hang_one.swap(false, Ordering::SeqCst) {
-                wait_for(&self.release, Duration::from_secs(30));
+                wait_for(&self.release, Duration::from_secs(60));
             }
             l.push(v);
             l.len()
@@ -142,24 +151,29 @@ mod rebuild_stall {
 
     #[test]
     fn a_query_whose_rebuild_stalls_is_run_by_the_new_owner() {
-        let svc = Lists::default();
-        let release = svc.release.clone();
-        let hang_one = svc.hang_one.clone();
         let input = Arc::new(Unreadable {
             live: MemoryStore::new(),
             broken: AtomicBool::new(false),
         });
+        let svc = Lists {
+            input: Some(input.clone()),
+            ..Lists::default()
+        };
+        let release = svc.release.clone();
+        let hang_one = svc.hang_one.clone();
+        // 1 s: a thread descheduled for a few hundred ms on a loaded machine does not
+        // add stalls of its own to the two deliberate ones (HANG, then the replay of k:1).
         let cluster = Cluster::builder(svc)
             .stores(input.clone(), None)
             .instances(2)
-            .stall_timeout(Duration::from_millis(300))
+            .stall_timeout(Duration::from_secs(1))
             .build()
             .unwrap();
         let client = cluster.client();
         client.submit("k", 1).unwrap().wait().unwrap();
-        // k's holder stalls while the log cannot be read: k is unavailable on its new owner.
+        // k's holder stalls while the log cannot be read (its handler breaks the log as
+        // it begins to hang): k is unavailable on its new owner.
         let hang = client.submit("k", HANG).unwrap();
-        input.broken.store(true, Ordering::SeqCst);
         let r = hang.wait_timeout(Duration::from_secs(10));
         assert!(matches!(r, Err(Error::StateUnavailable { .. })), "{r:?}");
         // Wait until k is unavailable on its new owner (a query refused while broken).
@@ -170,7 +184,7 @@ mod rebuild_stall {
             if matches!(r, Err(Error::StateUnavailable { .. })) {
                 break;
             }
-            assert!(since.elapsed() < Duration::from_secs(5));
+            assert!(since.elapsed() < Duration::from_secs(20));
             std::thread::sleep(Duration::from_millis(20));
         }
         input.broken.store(false, Ordering::SeqCst);
@@ -180,7 +194,8 @@ mod rebuild_stall {
         let stalls = cluster.metrics().stalls;
         let q = client.query("k", |l: &Vec<u64>| l.clone()).unwrap();
         let t = Instant::now();
-        let got = q.wait_timeout(Duration::from_secs(4));
+        // 20 s: far above a stall timeout and a rebuild, far below the 60 s hang.
+        let got = q.wait_timeout(Duration::from_secs(20));
         eprintln!(
             "after {:?}: {got:?}; stalls {} -> {}",
             t.elapsed(),
@@ -203,7 +218,7 @@ mod rebuild_stall {
         assert_eq!(
             got.as_ref().ok(),
             Some(&vec![1, HANG]),
-            "query not answered by k's new owner within 4 s (instance was replaced): {got:?}, then {after_release:?}"
+            "query not answered by k's new owner within 20 s (instance was replaced): {got:?}, then {after_release:?}"
         );
     }
 }
@@ -223,9 +238,15 @@ mod stale_rebuild {
     use cauce::cluster::{Cluster, Context, Handler};
 
     use crate::common::wait_for;
+    use cauce::router::{SlotRouterOptions, StickyOptions};
     use cauce::store::{MemoryStore, Store};
 
     use crate::common::Unreadable;
+
+    /// The stall timeout. Between HANG's start and the test breaking the log, the test
+    /// thread removes an instance and submits twice: that must take less than this,
+    /// even descheduled on a loaded machine. SLOW (300 ms) stays well under it.
+    const STALL_TIMEOUT: Duration = Duration::from_secs(2);
 
     const HANG: u64 = u64::MAX;
     const SLOW: u64 = u64::MAX - 1;
@@ -259,10 +280,14 @@ mod stale_rebuild {
             live: MemoryStore::new(),
             broken: AtomicBool::new(false),
         });
+        // A small placement table: `remove_instance` below walks every slot, and the
+        // default 2^16 slots take 0.1-0.3 s in a debug build, inside the window above.
+        let slots = SlotRouterOptions::default().slots(1 << 10).unwrap();
         let cluster = Cluster::builder(svc)
             .stores(input.clone(), None)
             .instances(2)
-            .stall_timeout(Duration::from_millis(300))
+            .stall_timeout(STALL_TIMEOUT)
+            .placement(StickyOptions::default().epsilon(0.2).unwrap().router(slots))
             .build()
             .unwrap();
         let client = cluster.client();
@@ -274,7 +299,8 @@ mod stale_rebuild {
         // A leaves (retiring, still hung); k moves to B.
         cluster.remove_instance(a).unwrap();
         let r4 = client.submit("k", 4).unwrap();
-        // Keeps B busy past REBUILD_RETRY_AFTER after it fails to rebuild k.
+        // Keeps B busy past REBUILD_RETRY_AFTER (100 ms) after it fails to rebuild k, and
+        // well under the stall timeout, so that B itself is not declared stalled.
         let slow = client.submit("j", SLOW).unwrap();
         input.broken.store(true, Ordering::SeqCst);
         // A is declared stalled: its handoff of k is abandoned, B's rebuild of k fails, and
