@@ -17,11 +17,16 @@ mod common;
 use common::{Unreadable, wait_for};
 
 /// Each key's state is the list of the requests it was sent, in order. A request of
-/// `u64::MAX` waits until `release` is set (at most a minute), the first time only.
+/// `u64::MAX` breaks `input` (when given), then waits until `release` is set (at most a
+/// minute), the first time only.
 #[derive(Clone, Default)]
 struct Lists {
     release: Arc<AtomicBool>,
     held: Arc<AtomicBool>,
+    /// Broken by the handler as it begins to hang: the log is then unreadable before
+    /// the stall can be declared (a test thread that breaks it after its submit can be
+    /// descheduled past the stall timeout first).
+    input: Option<Arc<Unreadable>>,
 }
 
 impl Handler for Lists {
@@ -31,6 +36,9 @@ impl Handler for Lists {
 
     fn handle(&self, _: &mut Context<'_>, _: &[u8], list: &mut Vec<u64>, v: u64) -> usize {
         if v == u64::MAX && !self.held.swap(true, Ordering::SeqCst) {
+            if let Some(input) = &self.input {
+                input.broken.store(true, Ordering::SeqCst);
+            }
             wait_for(&self.release, Duration::from_secs(60));
         }
         list.push(v);
@@ -39,6 +47,12 @@ impl Handler for Lists {
 }
 
 const PROMPTLY: Duration = Duration::from_secs(10);
+
+/// The stall timeout of the tests that stall an instance on purpose and then count
+/// stalls, or expect the replacement to answer: a unit of work descheduled for a few
+/// hundred ms on a loaded machine must not be a stall of its own (a second stall of an
+/// unanswered request sets it aside).
+const STALL_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// Submitters and readers race on a few keys while instances join and leave: every
 /// query returns exactly the requests of its key logged before its offset, in order.
@@ -225,7 +239,7 @@ fn a_stalled_query_is_answered_and_what_queued_behind_it_runs_on_the_new_owner()
     let cluster = Cluster::builder(Lists::default())
         .in_memory()
         .instances(2)
-        .stall_timeout(Duration::from_millis(200))
+        .stall_timeout(STALL_TIMEOUT)
         .build()
         .unwrap();
     let client = cluster.client();
@@ -282,7 +296,7 @@ fn queries_queued_on_a_lost_instance_run_on_the_new_owner() {
     let cluster = Cluster::builder(svc)
         .in_memory()
         .instances(2)
-        .stall_timeout(Duration::from_millis(200))
+        .stall_timeout(STALL_TIMEOUT)
         .build()
         .unwrap();
     let client = cluster.client();
@@ -395,12 +409,15 @@ fn a_query_after_a_restart_reads_the_recovered_state_and_after_shutdown_is_close
 /// is not guessed), and once the log reads again it is rebuilt and read.
 #[test]
 fn a_query_of_a_key_whose_rebuild_failed_is_refused_then_served_once_it_rebuilds() {
-    let svc = Lists::default();
-    let release = svc.release.clone();
     let input = Arc::new(Unreadable {
         live: MemoryStore::new(),
         broken: AtomicBool::new(false),
     });
+    let svc = Lists {
+        input: Some(input.clone()),
+        ..Lists::default()
+    };
+    let release = svc.release.clone();
     let cluster = Cluster::builder(svc)
         .stores(input.clone(), None)
         .instances(2)
@@ -409,8 +426,8 @@ fn a_query_of_a_key_whose_rebuild_failed_is_refused_then_served_once_it_rebuilds
         .unwrap();
     let client = cluster.client();
     client.submit("k", 1).unwrap().wait().unwrap();
+    // Its handler breaks the log as it begins to hang.
     let stuck = client.submit("k", u64::MAX).unwrap();
-    input.broken.store(true, Ordering::SeqCst);
     assert!(matches!(
         stuck.wait_timeout(PROMPTLY),
         Err(Error::StateUnavailable { .. })
