@@ -18,7 +18,20 @@ struct Svc {
     stalled: Arc<AtomicBool>,
     hanging: Arc<AtomicBool>,
     replays_of_5: Arc<AtomicU64>,
+    /// Broken by the handler of 7 as it begins to hang: the log must be unreadable
+    /// before the stall is declared, and a test thread that breaks it once it sees the
+    /// hang can be descheduled past the stall timeout first.
+    input: Option<Arc<Unreadable>>,
 }
+
+/// The stall timeout, and the replays of 5 measured against it. The retry's replay
+/// (`RETRY_REPLAY`) is a stall, and ends before the new owner, whose rebuild starts at
+/// the stall and takes `NEW_OWNER_REPLAY`, answers: that is when the fenced instance
+/// could answer the request wrongly. The new owner's replay stays 500 ms under the
+/// stall timeout, so that a loaded machine does not make it a stall too.
+const STALL_TIMEOUT: Duration = Duration::from_millis(1000);
+const RETRY_REPLAY: Duration = Duration::from_millis(1300);
+const NEW_OWNER_REPLAY: Duration = Duration::from_millis(500);
 
 impl Handler for Svc {
     type State = u64;
@@ -26,6 +39,9 @@ impl Handler for Svc {
     type Response = u64;
     fn handle(&self, ctx: &mut Context<'_>, _: &[u8], total: &mut u64, add: u64) -> u64 {
         if add == 7 && !self.stalled.swap(true, Ordering::SeqCst) {
+            if let Some(input) = &self.input {
+                input.broken.store(true, Ordering::SeqCst);
+            }
             self.hanging.store(true, Ordering::SeqCst);
             let since = Instant::now();
             while !self.release.load(Ordering::SeqCst) && since.elapsed() < Duration::from_secs(60)
@@ -36,9 +52,9 @@ impl Handler for Svc {
         if add == 5 && ctx.is_replay() {
             match self.replays_of_5.fetch_add(1, Ordering::SeqCst) {
                 // The retry on the instance the key is unavailable on: a stall.
-                0 => std::thread::sleep(Duration::from_millis(450)),
+                0 => std::thread::sleep(RETRY_REPLAY),
                 // The new owner's rebuild: slow, not a stall.
-                1 => std::thread::sleep(Duration::from_millis(250)),
+                1 => std::thread::sleep(NEW_OWNER_REPLAY),
                 _ => {}
             }
         }
@@ -48,6 +64,18 @@ impl Handler for Svc {
 }
 
 static REBUILD_FAILED: AtomicBool = AtomicBool::new(false);
+
+/// Waits until `done` says so; panics after 20 s.
+fn wait_until(what: &str, done: impl Fn() -> bool) {
+    let since = Instant::now();
+    while !done() {
+        assert!(
+            since.elapsed() < Duration::from_secs(20),
+            "timed out: {what}"
+        );
+        std::thread::sleep(Duration::from_millis(1));
+    }
+}
 
 #[test]
 fn a_fenced_retry_leaves_its_request_to_the_new_owner() {
@@ -59,43 +87,46 @@ fn a_fenced_retry_leaves_its_request_to_the_new_owner() {
         },
     ))
     .unwrap();
-    let svc = Svc::default();
-    let (release, hanging) = (svc.release.clone(), svc.hanging.clone());
     let input = Arc::new(Unreadable {
         live: MemoryStore::new(),
         broken: AtomicBool::new(false),
     });
+    let svc = Svc {
+        input: Some(input.clone()),
+        ..Svc::default()
+    };
+    let (release, hanging) = (svc.release.clone(), svc.hanging.clone());
     let cluster = Cluster::builder(svc)
         .stores(input.clone(), None)
         .instances(2)
-        .stall_timeout(Duration::from_millis(300))
+        .stall_timeout(STALL_TIMEOUT)
         .build()
         .unwrap();
     let client = cluster.client();
     assert_eq!(client.submit("k", 5).unwrap().wait().unwrap(), 5);
     let seven = client.submit("k", 7).unwrap();
-    while !hanging.load(Ordering::SeqCst) {
-        std::thread::sleep(Duration::from_millis(1));
-    }
-    input.broken.store(true, Ordering::SeqCst);
-    let r7 = seven.wait_timeout(Duration::from_secs(5));
+    wait_until("7 hangs", || hanging.load(Ordering::SeqCst));
+    // Its handler broke the log before it began to hang.
+    let r7 = seven.wait_timeout(Duration::from_secs(20));
     eprintln!("7 (its rebuild failed): {r7:?}");
     assert!(matches!(r7, Err(Error::StateUnavailable { .. })));
-    while !REBUILD_FAILED.load(Ordering::SeqCst) {
-        std::thread::sleep(Duration::from_millis(1));
-    }
+    wait_until("the rebuild failed", || {
+        REBUILD_FAILED.load(Ordering::SeqCst)
+    });
     input.broken.store(false, Ordering::SeqCst);
     release.store(true, Ordering::SeqCst);
-    std::thread::sleep(Duration::from_millis(150));
+    // Well past REBUILD_RETRY_AFTER (100 ms) since the rebuild failed: the next request
+    // of k retries it.
+    std::thread::sleep(Duration::from_millis(500));
     let owner = client.owner_of("k").unwrap();
     // Retries the rebuild up to it; the retry stalls on the replay of 5.
     let one = client.submit("k", 1).unwrap();
-    let r1 = one.wait_timeout(Duration::from_secs(5));
+    let r1 = one.wait_timeout(Duration::from_secs(20));
     let stalls = cluster.metrics().stalls;
     let now = client
         .submit("k", 0)
         .unwrap()
-        .wait_timeout(Duration::from_secs(5));
+        .wait_timeout(Duration::from_secs(20));
     eprintln!(
         "owner during retry {owner}, stalls {stalls}; answer of +1: {r1:?}; state now: {now:?}"
     );

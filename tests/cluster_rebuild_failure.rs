@@ -17,12 +17,17 @@ use cauce::store::MemoryStore;
 mod common;
 use common::Unreadable;
 
-/// Adds the request to the key's total. The first request of 7 waits until `release`
-/// is set (at most a minute), long enough for its instance to be declared stalled.
+/// Adds the request to the key's total. The first request of 7 breaks `input` (when
+/// given), then waits until `release` is set (at most a minute), long enough for its
+/// instance to be declared stalled.
 #[derive(Clone, Default)]
 struct Svc {
     release: Arc<AtomicBool>,
     stalled: Arc<AtomicBool>,
+    /// Broken by the handler as it begins to hang, so that the log is unreadable before
+    /// the stall can be declared: a test thread that breaks it after its submits can be
+    /// descheduled past the stall timeout first.
+    input: Option<Arc<Unreadable>>,
 }
 
 impl Handler for Svc {
@@ -32,6 +37,9 @@ impl Handler for Svc {
 
     fn handle(&self, _: &mut Context<'_>, _: &[u8], total: &mut u64, add: u64) -> u64 {
         if add == 7 && !self.stalled.swap(true, Ordering::SeqCst) {
+            if let Some(input) = &self.input {
+                input.broken.store(true, Ordering::SeqCst);
+            }
             let since = Instant::now();
             while !self.release.load(Ordering::SeqCst) && since.elapsed() < Duration::from_secs(60)
             {
@@ -43,9 +51,9 @@ impl Handler for Svc {
     }
 }
 
-/// How long any answer may take: far more than a rebuild of a few records, far less
-/// than forever.
-const PROMPTLY: Duration = Duration::from_secs(5);
+/// How long any answer may take: far more than a rebuild of a few records (and than a
+/// loaded machine's delays), far less than forever (the stuck request waits a minute).
+const PROMPTLY: Duration = Duration::from_secs(20);
 
 /// A cluster of two instances whose instance holding `"k"` is stuck in the first of
 /// `queued + 1` requests of `"k"`, with the input log broken before the stall is noticed:
@@ -61,16 +69,21 @@ struct Broken {
 }
 
 fn break_a_rebuild(queued: usize) -> Broken {
-    let svc = Svc::default();
-    let release = svc.release.clone();
     let input = Arc::new(Unreadable {
         live: MemoryStore::new(),
         broken: AtomicBool::new(false),
     });
+    let svc = Svc {
+        input: Some(input.clone()),
+        ..Svc::default()
+    };
+    let release = svc.release.clone();
+    // 1 s: the tests count stalls exactly, and a unit of work descheduled for a few
+    // hundred ms on a loaded machine must not be taken for one.
     let cluster = Cluster::builder(svc)
         .stores(input.clone(), None)
         .instances(2)
-        .stall_timeout(Duration::from_millis(300))
+        .stall_timeout(Duration::from_secs(1))
         .build()
         .unwrap();
     let client = cluster.client();
@@ -86,9 +99,9 @@ fn break_a_rebuild(queued: usize) -> Broken {
             (k, p)
         })
         .collect();
-    input.broken.store(true, Ordering::SeqCst);
+    // The handler of 7 broke the log as it began to hang.
     let since = Instant::now();
-    while cluster.metrics().stalls == 0 && since.elapsed() < Duration::from_secs(10) {
+    while cluster.metrics().stalls == 0 && since.elapsed() < Duration::from_secs(20) {
         std::thread::sleep(Duration::from_millis(10));
     }
     assert_eq!(cluster.metrics().stalls, 1, "instance {stuck_on} was lost");
