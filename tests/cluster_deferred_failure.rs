@@ -16,16 +16,20 @@ use cauce::{Entry, Error, Offset};
 
 mod common;
 
-/// Adds; an add of 0 sleeps 400 ms first (a slow request keeps the instance busy).
+/// Adds; an add of 0 first waits until `release` is set (at most 30 s): a slow request
+/// keeps the instance busy until the test lets it go (a fixed sleep let a test thread
+/// descheduled that long find the instance already past it).
 #[derive(Default)]
-struct SlowSum;
+struct SlowSum {
+    release: Arc<AtomicBool>,
+}
 impl Handler for SlowSum {
     type State = u64;
     type Request = u64;
     type Response = u64;
     fn handle(&self, _: &mut Context<'_>, _: &[u8], total: &mut u64, add: u64) -> u64 {
         if add == 0 {
-            std::thread::sleep(Duration::from_millis(400));
+            common::wait_for(&self.release, Duration::from_secs(30));
         }
         *total += add;
         *total
@@ -113,7 +117,9 @@ fn wait_until(what: &str, f: impl Fn() -> bool) {
 #[test]
 fn a_durable_request_acknowledged_after_another_failed_is_applied() {
     let input = Arc::new(Decided::new());
-    let cluster = Cluster::builder(SlowSum)
+    let handler = SlowSum::default();
+    let release = handler.release.clone();
+    let cluster = Cluster::builder(handler)
         .stores(input.clone(), None)
         .instances(1)
         .stall_timeout(Duration::from_secs(30))
@@ -121,10 +127,14 @@ fn a_durable_request_acknowledged_after_another_failed_is_applied() {
         .unwrap();
     let client = cluster.client();
     assert_eq!(client.submit("k", 1).unwrap().wait().unwrap(), 1);
-    // The instance is busy for 400 ms.
+    // The instance is busy until released.
+    let before_slow = input.next_offset();
     let c0 = client.clone();
     let slow = std::thread::spawn(move || c0.submit("k", 0).unwrap().wait());
-    std::thread::sleep(Duration::from_millis(50));
+    // B must be appended after the slow request: wait until that one is in the log.
+    wait_until("the slow request appended", || {
+        input.next_offset() > before_slow
+    });
     // B: its submitter's wait is slow to return (B is durable).
     let b_end = input.next_offset() + 1;
     input.gate_end.store(b_end, Ordering::SeqCst);
@@ -138,9 +148,16 @@ fn a_durable_request_acknowledged_after_another_failed_is_applied() {
     input.durable_until.store(b_end, Ordering::SeqCst);
     let c = client.submit("k", 7);
     assert!(c.is_err(), "C is refused");
-    // The instance finishes the slow request and comes to B.
+    // The instance finishes the slow request and comes to B: it asks the store about B
+    // while B's submitter still waits at the gate. (It waits at the same gate, as the
+    // store answers alike for the same records; a cluster that asked nothing would be
+    // given up on after a while, and the test goes on.)
+    release.store(true, Ordering::SeqCst);
     slow.join().unwrap().unwrap();
-    std::thread::sleep(Duration::from_millis(100));
+    let since = Instant::now();
+    while input.at_gate.load(Ordering::SeqCst) < 2 && since.elapsed() < Duration::from_secs(5) {
+        std::thread::sleep(Duration::from_millis(1));
+    }
     input.held.store(false, Ordering::SeqCst);
     let (b_offset, b_answer) = b.join().unwrap().expect("B's submit returned Ok");
     assert_eq!(b_offset + 1, b_end);
@@ -164,7 +181,7 @@ fn a_durable_request_acknowledged_after_another_failed_is_applied() {
 #[test]
 fn a_durable_request_waited_for_after_another_failed_is_not_refused() {
     let input = Arc::new(Decided::new());
-    let cluster = Cluster::builder(SlowSum)
+    let cluster = Cluster::builder(SlowSum::default())
         .stores(input.clone(), None)
         .instances(1)
         .build()
@@ -201,7 +218,7 @@ fn a_durable_request_waited_for_after_another_failed_is_not_refused() {
             .append(&[Entry::with_timestamp(r.timestamp, &r.key, &r.payload)])
             .unwrap();
     }
-    let cluster = Cluster::builder(SlowSum)
+    let cluster = Cluster::builder(SlowSum::default())
         .stores(reopened, None)
         .instances(1)
         .build()
