@@ -13,11 +13,17 @@ use cauce::cluster::{Cluster, Context, Handler};
 use serde::{Deserialize, Serialize};
 
 static STALLED: AtomicBool = AtomicBool::new(false);
+/// Set by the test once the slow request was answered.
+static ANSWERED: AtomicBool = AtomicBool::new(false);
 
 fn log(_: &tracing::Metadata<'_>, fields: &str) {
     if fields.contains("message=instance stalled ") && !STALLED.swap(true, Ordering::SeqCst) {
-        // Hold the supervisor until the stalled unit has ended and the instance idles.
-        thread::sleep(Duration::from_millis(700));
+        // Hold the supervisor until the stalled unit has ended (its request answered),
+        // then a little longer for the instance to go to sleep in its mailbox. A fixed
+        // hold raced the slow request on a loaded machine: the loss could come first, and
+        // the request then stalled again on its replay and was set aside.
+        common::wait_for(&ANSWERED, Duration::from_secs(30));
+        thread::sleep(Duration::from_millis(200));
     }
 }
 
@@ -34,10 +40,13 @@ impl Handler for Sum {
     type State = u64;
     type Request = Req;
     type Response = u64;
-    fn handle(&self, _: &mut Context<'_>, _: &[u8], sum: &mut u64, req: Req) -> u64 {
+    fn handle(&self, ctx: &mut Context<'_>, _: &[u8], sum: &mut u64, req: Req) -> u64 {
         match req {
             Req::Add(n) => *sum += n,
-            Req::Slow => thread::sleep(Duration::from_millis(300)),
+            // Runs until the supervisor has declared the stall (however late a loaded
+            // machine runs it), when live (its replays do not wait).
+            Req::Slow if !ctx.is_replay() => common::wait_for(&STALLED, Duration::from_secs(30)),
+            Req::Slow => {}
         }
         *sum
     }
@@ -58,7 +67,9 @@ fn a_lost_instance_that_idles_when_fenced_still_ends() {
     let cluster = Cluster::builder(Sum)
         .dir(tmp.path())
         .instances(3)
-        .stall_timeout(Duration::from_millis(100))
+        // 1 s: no unit of work a loaded machine deschedules for a few hundred ms is
+        // taken for a stall before the slow request's.
+        .stall_timeout(Duration::from_secs(1))
         .supervise_every(Duration::from_millis(5))
         .build()
         .unwrap();
@@ -73,14 +84,23 @@ fn a_lost_instance_that_idles_when_fenced_still_ends() {
         thread::sleep(Duration::from_millis(5));
     }
     client.submit("slow", Req::Slow).unwrap().wait().unwrap();
+    ANSWERED.store(true, Ordering::SeqCst);
     let since = Instant::now();
     while cluster.metrics().stalls == 0 {
         assert!(since.elapsed() < Duration::from_secs(10), "no loss");
         thread::sleep(Duration::from_millis(5));
     }
     client.submit("slow", Req::Add(1)).unwrap().wait().unwrap();
-    thread::sleep(Duration::from_millis(500));
-    let live = instance_threads();
+    // The replacement answered, so it runs (and named itself): from now on the count is
+    // at least 3, and it is 3 once the lost loop has ended. Polled, since a loaded
+    // machine can take a while to run the lost loop to its end; a loop that never ends
+    // keeps it at 4 past the deadline.
+    let since = Instant::now();
+    let mut live = instance_threads();
+    while live != 3 && since.elapsed() < Duration::from_secs(20) {
+        thread::sleep(Duration::from_millis(10));
+        live = instance_threads();
+    }
     cluster.shutdown().unwrap();
     thread::sleep(Duration::from_millis(200));
     let after = instance_threads();
