@@ -13,6 +13,7 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use cauce::cluster::{Cluster, Context, Handler};
+use cauce::router::{SlotRouterOptions, StickyOptions};
 use serde::{Deserialize, Serialize};
 
 static STALLS_SEEN: AtomicU64 = AtomicU64::new(0);
@@ -41,6 +42,9 @@ enum Req {
 #[derive(Clone, Default)]
 struct Sum {
     stalled: Arc<AtomicBool>,
+    /// The stalled request hangs until this is set (at most 60 s): the lost instance
+    /// never finishes its part of the checkpoint on its own while the test measures it.
+    release: Arc<AtomicBool>,
 }
 
 impl Handler for Sum {
@@ -52,7 +56,7 @@ impl Handler for Sum {
             Req::Add(n) => *sum += n,
             Req::StallOnce => {
                 if !self.stalled.swap(true, Ordering::SeqCst) {
-                    thread::sleep(Duration::from_millis(1500));
+                    common::wait_for(&self.release, Duration::from_secs(60));
                 }
             }
         }
@@ -64,13 +68,21 @@ impl Handler for Sum {
 fn a_checkpoint_does_not_wait_out_its_timeout_for_a_lost_instance_removed_meanwhile() {
     tracing::subscriber::set_global_default(common::OnEvent(log)).expect("the only subscriber");
     let tmp = tempfile::tempdir().unwrap();
+    let handler = Sum::default();
+    let release = handler.release.clone();
+    // A 1 s stall timeout: the checkpoint's timeout is still 10 s (4 stall timeouts, at
+    // least 10 s), and no unit of work a loaded machine deschedules for a few hundred ms
+    // is taken for the stall. A small placement table: `remove_instance` walks every
+    // slot, and the default 2^16 take 0.1-0.3 s in a debug build, inside the time measured.
+    let slots = SlotRouterOptions::default().slots(1 << 10).unwrap();
     let cluster = Arc::new(
-        Cluster::builder(Sum::default())
+        Cluster::builder(handler)
             .dir(tmp.path())
             .instances(3)
-            .stall_timeout(Duration::from_millis(100))
+            .stall_timeout(Duration::from_secs(1))
             .supervise_every(Duration::from_millis(5))
             .checkpoint_every(u64::MAX)
+            .placement(StickyOptions::default().epsilon(0.2).unwrap().router(slots))
             .build()
             .unwrap(),
     );
@@ -106,9 +118,12 @@ fn a_checkpoint_does_not_wait_out_its_timeout_for_a_lost_instance_removed_meanwh
     GO.store(true, Ordering::SeqCst);
     let (took, result) = checkpoint.join().unwrap();
     eprintln!("checkpoint: {result:?} after {took:?}");
+    release.store(true, Ordering::SeqCst);
     stall.wait_timeout(Duration::from_secs(30)).unwrap();
+    // Half the checkpoint's 10 s timeout: a prompt give-up takes well under a second,
+    // with room left for a loaded machine.
     assert!(
-        took < Duration::from_secs(3),
+        took < Duration::from_secs(5),
         "the checkpoint waited {took:?} for the lost instance's part: {result:?}"
     );
     match Arc::try_unwrap(cluster) {
