@@ -100,6 +100,11 @@ where
     polled.join().unwrap()
 }
 
+/// How long a poll that should return at once may take before the test calls it blocked:
+/// far more than a descheduled thread takes on a loaded machine, well under the 30 s the
+/// held launches below wait at most (a poll that blocks for the change still shows).
+const BLOCKED_AFTER: Duration = Duration::from_secs(15);
+
 /// Polls on a thread of its own; `None` if the poll did not return within `limit`.
 fn poll_within<F>(fut: F, limit: Duration) -> (std::thread::JoinHandle<(F, bool)>, Option<Duration>)
 where
@@ -206,7 +211,7 @@ fn a_future_dropped_before_its_append_begins_logs_nothing() {
             break;
         }
         assert!(
-            since.elapsed() < Duration::from_secs(5),
+            since.elapsed() < Duration::from_secs(20),
             "queue room kept: {depth}"
         );
         std::thread::sleep(Duration::from_millis(5));
@@ -621,17 +626,22 @@ impl cauce::launcher::Launcher for HeldLaunches {
     }
 }
 
-/// Stalls on a request of `u64::MAX`, the first time.
+/// Stalls on a request of `u64::MAX`, the first time: until `until` is set (at most
+/// 30 s). A fixed sleep could end before a supervisor that a loaded machine runs late
+/// declared the stall, and then no replacement was launched at all.
 #[derive(Default)]
-struct StallsOnce(AtomicBool);
+struct StallsOnce {
+    stalled: AtomicBool,
+    until: Arc<AtomicBool>,
+}
 
 impl Handler for StallsOnce {
     type State = u64;
     type Request = u64;
     type Response = u64;
     fn handle(&self, _: &mut Context<'_>, _: &[u8], total: &mut u64, add: u64) -> u64 {
-        if add == u64::MAX && !self.0.swap(true, Ordering::SeqCst) {
-            std::thread::sleep(Duration::from_millis(600));
+        if add == u64::MAX && !self.stalled.swap(true, Ordering::SeqCst) {
+            common::wait_for(&self.until, Duration::from_secs(30));
         }
         *total = total.wrapping_add(add);
         *total
@@ -652,9 +662,16 @@ fn a_submit_that_meets_a_change_half_done_waits_without_polling_again() {
 fn meet_a_change_half_done(disk_waits: bool) {
     let holding = Arc::new(AtomicBool::new(false));
     let release = Arc::new(AtomicBool::new(false));
-    let builder = Cluster::builder(StallsOnce::default())
+    // The stalled request runs until the replacement's launch began.
+    let handler = StallsOnce {
+        until: holding.clone(),
+        ..StallsOnce::default()
+    };
+    // 1 s: the replacement's replay of the stalled request, descheduled for a few hundred
+    // ms on a loaded machine, must not be a second stall (that would set it aside).
+    let builder = Cluster::builder(handler)
         .instances(1)
-        .stall_timeout(Duration::from_millis(100))
+        .stall_timeout(Duration::from_secs(1))
         .supervise_every(Duration::from_millis(5))
         .launcher(HeldLaunches {
             free: 1,
@@ -675,7 +692,7 @@ fn meet_a_change_half_done(disk_waits: bool) {
     let cluster = builder.build().unwrap();
     let client = cluster.client();
     let stalled = client.submit("stall", u64::MAX).unwrap();
-    common::wait_for(&holding, Duration::from_secs(10));
+    common::wait_for(&holding, Duration::from_secs(30));
     assert!(
         holding.load(Ordering::SeqCst),
         "the replacement's launch began"
@@ -731,7 +748,9 @@ fn meet_a_change_half_done(disk_waits: bool) {
             (one.unwrap(), two.unwrap())
         })
     };
-    let polls = reported.recv_timeout(Duration::from_secs(5));
+    // 20 s: the executor's thread reports after polling for 300 ms, however late a
+    // loaded machine runs it; only a poll that blocks on the change keeps it longer.
+    let polls = reported.recv_timeout(Duration::from_secs(20));
     release.store(true, Ordering::SeqCst);
     let polls = polls.unwrap_or_else(|_| panic!("a poll blocked on the change"));
     assert!(
@@ -815,12 +834,16 @@ fn an_async_batch_gets_in_during_a_scale_out() {
     let mut cx = TaskContext::from_waker(&waker);
     let mut batch = client.submit_batch_async([("a1", 1), ("a2", 2), ("a3", 3)]);
     let mut polls = 0;
+    // The adds done before the first poll: the batch waits for none of them. (This
+    // thread can be descheduled for a few adds after the scaler starts.)
+    let mut added_before = None;
     let in_after = loop {
         let seen = wakes.0.load(Ordering::SeqCst);
         polls += 1;
+        added_before.get_or_insert_with(|| added.load(Ordering::SeqCst));
         if let Poll::Ready(r) = Pin::new(&mut batch).poll(&mut cx) {
             r.unwrap();
-            break added.load(Ordering::SeqCst);
+            break added.load(Ordering::SeqCst) - added_before.unwrap();
         }
         let t = Instant::now();
         while wakes.0.load(Ordering::SeqCst) == seen {
@@ -831,7 +854,8 @@ fn an_async_batch_gets_in_during_a_scale_out() {
     let sync_after = sync.join().unwrap();
     scaler.join().unwrap();
     eprintln!(
-        "async batch got in after {in_after} of {adds} adds ({polls} polls); sync batch after {sync_after}"
+        "async batch got in after {in_after} of {adds} adds ({polls} polls, {added_before:?} \
+         done before the first); sync batch after {sync_after}"
     );
     assert!(
         in_after <= 3,
@@ -879,7 +903,7 @@ fn an_async_batch_polled_again_during_the_same_change_does_not_block() {
     let client = cluster.client();
     let batch = client.submit_batch_async([("a1", 1), ("a2", 2), ("a3", 3)]);
     // First poll: the change holds the stripes; waits for it as a future.
-    let (polled, took) = poll_within(batch, Duration::from_secs(2));
+    let (polled, took) = poll_within(batch, BLOCKED_AFTER);
     let first = took;
     let (batch, ready) = if first.is_some() {
         polled.join().unwrap()
@@ -890,14 +914,14 @@ fn an_async_batch_polled_again_during_the_same_change_does_not_block() {
     assert!(!ready);
     // A second poll, the change still under way (a spurious wake): should be Pending at
     // once too, as the first.
-    let (polled, took) = poll_within(batch, Duration::from_secs(2));
+    let (polled, took) = poll_within(batch, BLOCKED_AFTER);
     release.store(true, Ordering::SeqCst);
     let (_batch, ready) = polled.join().unwrap();
     adder.join().unwrap();
     let blocked = took.is_none();
     assert!(
         !blocked,
-        "a second poll during the same change blocked for over 2 s (ready afterwards: \
+        "a second poll during the same change blocked for over {BLOCKED_AFTER:?} (ready afterwards: \
          {ready}); the first took {first:?}"
     );
 }
@@ -913,7 +937,7 @@ fn a_batch_polled_during_a_slow_launch_does_not_block() {
     // A few supervisor ticks (20 ms apart by default) into the launch.
     std::thread::sleep(Duration::from_millis(100));
     let batch = client.submit_batch_async([("a1", 1), ("a2", 2), ("a3", 3)]);
-    let (polled, took) = poll_within(batch, Duration::from_secs(2));
+    let (polled, took) = poll_within(batch, BLOCKED_AFTER);
     release.store(true, Ordering::SeqCst);
     let (batch, _) = polled.join().unwrap();
     adding.join().unwrap();
@@ -936,7 +960,7 @@ fn a_read_polled_during_a_membership_change_does_not_block() {
     let (cluster, adding, release) = adding_an_instance_held_in_its_launch();
     let client = cluster.client();
     let read = Box::pin(client.read("a1", |t: &u64| *t));
-    let (polled, took) = poll_within(read, Duration::from_secs(2));
+    let (polled, took) = poll_within(read, BLOCKED_AFTER);
     release.store(true, Ordering::SeqCst);
     let (read, ready) = polled.join().unwrap();
     adding.join().unwrap();
