@@ -346,8 +346,11 @@ fn run_over(seed: u64, submits: Submits, placement: StickyOptions, input: Input)
         if rng.random_range(0..4) == 0 {
             settle(&mut pending, &mut answers, &mut queries, &mut queried);
         }
+        // Set aside either way: a panic, or two stalls in a row (with a 60 ms stall
+        // timeout, a panic that builds its backtrace on a loaded machine can be taken for
+        // a stall, twice). Both are documented as retryable with the same id.
         panicked.retain(|at, (key, id)| match answers.get(at) {
-            Some(Err(Error::HandlerPanicked { .. })) => {
+            Some(Err(Error::HandlerPanicked { .. } | Error::HandlerStalled { .. })) => {
                 let retry = cluster.client().submit_with_id(&*key, *id, Req::Add(1));
                 match retry {
                     Ok(p) => pending.push(p),
