@@ -11,6 +11,13 @@ use cauce::store::{MemoryStore, Store};
 
 mod common;
 
+// The timeline, at a stall timeout of 1 s (scaled up from 250 ms, where a descheduled
+// thread stretched request 2's live run past the timeout, and it was then set aside for
+// stalling twice): request 1 runs 0-1.15 s and is declared stalled at about 1 s; the
+// submit of "z" holds a stripe 0.75-1.35 s, so the loss takes the stripes at about
+// 1.35 s, while the instance runs request 2 (1.15-1.55 s, 0.6 s under the timeout).
+const STALL: Duration = Duration::from_secs(1);
+
 #[derive(Clone, Default)]
 struct Svc {
     runs_of_2: Arc<AtomicU64>,
@@ -23,13 +30,14 @@ impl Handler for Svc {
     fn handle(&self, ctx: &mut Context<'_>, _: &[u8], total: &mut u64, add: u64) -> u64 {
         // 1: slow live (a stall), fast on replay.
         if add == 1 && !ctx.is_replay() {
-            std::thread::sleep(Duration::from_millis(380));
+            std::thread::sleep(Duration::from_millis(1_150));
         }
-        // 2: 200 ms live (under the timeout), 450 ms on its first replay, then fast.
+        // 2: 400 ms live (under the timeout), 2 s on its first replay (a stall), then
+        // fast.
         if add == 2 {
             match self.runs_of_2.fetch_add(1, Ordering::SeqCst) {
-                0 => std::thread::sleep(Duration::from_millis(200)),
-                1 => std::thread::sleep(Duration::from_millis(450)),
+                0 => std::thread::sleep(Duration::from_millis(400)),
+                1 => std::thread::sleep(STALL * 2),
                 _ => {}
             }
         }
@@ -46,7 +54,7 @@ impl Store for SlowAppend {
     fn append(&self, batch: &[cauce::Entry<'_>]) -> cauce::Result<std::ops::Range<u64>> {
         if batch.iter().any(|e| e.key == b"z") {
             // A slow disk, under the submitter's stripe lock.
-            std::thread::sleep(Duration::from_millis(300));
+            std::thread::sleep(Duration::from_millis(600));
         }
         self.live.append(batch)
     }
@@ -61,18 +69,18 @@ fn a_request_that_never_stalled_live_is_not_counted_as_stalled() {
     let cluster = Cluster::builder(Svc::default())
         .stores(input.clone(), None)
         .instances(2)
-        .stall_timeout(Duration::from_millis(250))
+        .stall_timeout(STALL)
         .build()
         .unwrap();
     let client = cluster.client();
     let one = client.submit("k", 1).unwrap();
     let two = client.submit("k", 2).unwrap();
-    std::thread::sleep(Duration::from_millis(200));
+    std::thread::sleep(Duration::from_millis(750));
     // A submit of another key, slow to append, holds a stripe while the stall is seen.
     let c2 = client.clone();
     let z = std::thread::spawn(move || c2.submit("z", 0).unwrap().wait());
-    let r1 = one.wait_timeout(Duration::from_secs(5));
-    let r2 = two.wait_timeout(Duration::from_secs(5));
+    let r1 = one.wait_timeout(Duration::from_secs(20));
+    let r2 = two.wait_timeout(Duration::from_secs(20));
     eprintln!(
         "answers: 1 -> {r1:?}, 2 -> {r2:?}; stalls {}",
         cluster.metrics().stalls
@@ -81,6 +89,6 @@ fn a_request_that_never_stalled_live_is_not_counted_as_stalled() {
     cluster.shutdown().unwrap();
     assert!(
         r2.is_ok(),
-        "request 2 never stalled live (200 ms, timeout 250 ms) and stalled once on replay: handled again, not set aside"
+        "request 2 never stalled live (400 ms, timeout 1 s) and stalled once on replay: handled again, not set aside"
     );
 }
