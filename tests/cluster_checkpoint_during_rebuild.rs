@@ -227,7 +227,12 @@ fn a_rebuild_stuck_for_good_holds_nothing_back_once_its_instance_is_replaced() {
         .checkpoint_every(u64::MAX)
         .truncate_after_checkpoint(true)
         .retry_window(0)
-        .stall_timeout(Duration::from_millis(300))
+        // One stall is meant: the rebuild's hang, which lasts until the test releases it.
+        // The panic below is a unit of work too, and with RUST_BACKTRACE=1 the first
+        // panic of a debug test process takes over 200 ms to print its backtrace on a
+        // loaded machine; 3 s keeps it (and a descheduled thread) from counting as a
+        // second stall.
+        .stall_timeout(Duration::from_secs(3))
         .build()
         .unwrap();
     let client = cluster.client();
