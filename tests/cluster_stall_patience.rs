@@ -15,13 +15,28 @@ use serde::{Deserialize, Serialize};
 
 mod common;
 
+/// The stall timeout: 1 s, so that neither a descheduled thread nor a panic's backtrace
+/// (see `warm_up_backtraces`) counts as a stall beside the replay meant to.
+const STALL: Duration = Duration::from_secs(1);
+/// How long a replay of the slow request takes: past the stall timeout, within twice it.
+const REPLAY: Duration = Duration::from_millis(1_300);
+
 /// Prints every event; slow on the one that gives a replay longer: the supervisor's log
-/// sink is slow there, and the replay (500 ms) ends meanwhile, the instance going idle.
+/// sink is slow there (given when the replay has run the stall timeout, about 1 s), and
+/// the replay (1.3 s) ends meanwhile, the instance going idle.
 fn log(meta: &tracing::Metadata<'_>, fields: &str) {
     eprintln!("[{:?}] {} {fields}", thread::current().name(), meta.level());
     if meta.fields().field("allowance").is_some() {
-        thread::sleep(Duration::from_millis(400));
+        thread::sleep(Duration::from_millis(800));
     }
+}
+
+/// Has this process print its first panic's backtrace now, outside any stall timeout.
+/// With RUST_BACKTRACE=1 the first panic of a debug test process loads the debug symbols
+/// for its backtrace, which took over 200 ms on a loaded machine: a handler's panic that
+/// slow is declared a stall as well.
+fn warm_up_backtraces() {
+    let _ = std::panic::catch_unwind(|| panic!("warming up backtraces (not a failure)"));
 }
 
 #[derive(Clone, Copy, Debug, Serialize, Deserialize)]
@@ -58,13 +73,14 @@ impl Handler for Sum {
 #[test]
 fn a_replay_that_ends_while_it_is_given_longer_leaves_its_instance_alone() {
     tracing::subscriber::set_global_default(common::OnEvent(log)).expect("the only subscriber");
+    warm_up_backtraces();
     let tmp = tempfile::tempdir().unwrap();
     let handler = Sum::default();
     let replay_ms = handler.replay_ms.clone();
     let cluster = Cluster::builder(handler)
         .dir(tmp.path())
         .instances(2)
-        .stall_timeout(Duration::from_millis(300))
+        .stall_timeout(STALL)
         .supervise_every(Duration::from_millis(5))
         .build()
         .unwrap();
@@ -77,7 +93,7 @@ fn a_replay_that_ends_while_it_is_given_longer_leaves_its_instance_alone() {
             .unwrap(),
         10
     );
-    replay_ms.store(500, Ordering::SeqCst);
+    replay_ms.store(REPLAY.as_millis() as u64, Ordering::SeqCst);
     let p = client.submit("slow", Req::Panic).unwrap().wait();
     assert!(matches!(p, Err(Error::HandlerPanicked { .. })), "{p:?}");
     let since = Instant::now();
@@ -88,14 +104,16 @@ fn a_replay_that_ends_while_it_is_given_longer_leaves_its_instance_alone() {
         .expect("the key is served again");
     assert_eq!(state, 10);
     // Let the replay end and the instance go idle.
-    thread::sleep(Duration::from_millis(300));
+    thread::sleep(STALL);
     let owner = client.owner_of("slow");
     let stalls = cluster.metrics().stalls;
     eprintln!(
         "served after {:?}; owner {owner:?}; stalls {stalls}",
         since.elapsed()
     );
-    thread::sleep(Duration::from_millis(1_500));
+    // Past the twice-the-timeout allowance the replay was given: an idle instance
+    // wrongly held to it would be replaced by now.
+    thread::sleep(STALL * 5 / 2);
     let after = cluster.metrics().stalls;
     eprintln!("owner now {:?}; stalls {after}", client.owner_of("slow"));
     assert_eq!(after, stalls, "an idle, healthy instance was replaced");

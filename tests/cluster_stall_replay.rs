@@ -19,7 +19,7 @@ enum Req {
     Hang,
     /// Adds 100; the first time it is replayed, hangs until released.
     SlowOnFirstReplay,
-    /// Adds 100; its first and third runs take 600 ms, the others none.
+    /// Adds 100; its first and third runs hang until released, the others take no time.
     SlowFirstAndThird,
     /// Adds 10; each replay takes `replay_ms`.
     SlowReplays,
@@ -68,7 +68,9 @@ impl Handler for Sum {
             }
             Req::SlowFirstAndThird => {
                 if matches!(self.runs.fetch_add(1, Ordering::SeqCst), 0 | 2) {
-                    thread::sleep(Duration::from_millis(600));
+                    // Held, not slept: each of these runs must be declared stalled
+                    // however late the supervisor looks.
+                    self.hang_until_released();
                 }
                 *sum += 100;
             }
@@ -86,11 +88,19 @@ impl Handler for Sum {
     }
 }
 
+/// The stall timeout. The stalls these tests mean are requests held until released, or
+/// replays slept well past it; what must not stall is everything else: fast requests and
+/// replays, which a descheduled thread (0.5 s and more on a loaded machine) stretched
+/// past the 300 ms this was, and panics, whose backtrace takes a while to print (see
+/// `warm_up_backtraces`).
+const STALL: Duration = Duration::from_secs(1);
+
 fn cluster(dir: &std::path::Path, handler: Sum) -> Cluster<Sum> {
+    warm_up_backtraces();
     Cluster::builder(handler)
         .dir(dir)
         .instances(2)
-        .stall_timeout(Duration::from_millis(300))
+        .stall_timeout(STALL)
         .supervise_every(Duration::from_millis(5))
         .build()
         .unwrap()
@@ -106,6 +116,17 @@ fn state_of(client: &Client<Sum>, key: &str) -> u64 {
 }
 
 const KEYS: u64 = 12;
+
+/// Has this process print its first panic's backtrace now, outside any stall timeout.
+/// With RUST_BACKTRACE=1 the first panic of a debug test process loads the debug symbols
+/// for its backtrace, which took over 200 ms on a loaded machine: a handler's panic that
+/// slow is declared a stall as well, changing the stall and run counts checked here.
+fn warm_up_backtraces() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        let _ = std::panic::catch_unwind(|| panic!("warming up backtraces (not a failure)"));
+    });
+}
 
 fn key(i: u64) -> String {
     format!("key-{i}")
@@ -260,7 +281,7 @@ fn a_replayed_request_that_stalls_once_is_reported_and_folded_once() {
 fn stalls_with_a_completed_run_between_set_nothing_aside() {
     let dir = tempfile::tempdir().unwrap();
     let handler = Sum::default();
-    let runs = handler.runs.clone();
+    let (release, runs) = (handler.release.clone(), handler.runs.clone());
     let c = cluster(dir.path(), handler);
     let client = c.client();
     client.submit("k", Req::Add(1)).unwrap().wait().unwrap();
@@ -285,12 +306,16 @@ fn stalls_with_a_completed_run_between_set_nothing_aside() {
         4,
         "run live, then in three rebuilds"
     );
-    // Let the stalled runs end.
-    thread::sleep(Duration::from_millis(700));
+    // Let the stalled runs end: they apply and answer nothing.
+    release.store(true, Ordering::SeqCst);
+    thread::sleep(Duration::from_millis(300));
     assert_eq!(state_of(&client, "k"), 102);
     drop(client);
     drop(c);
-    let again = cluster(dir.path(), Sum::default());
+    // Its replays run through at once now: what is checked is that nothing was marked.
+    let handler = Sum::default();
+    handler.release.store(true, Ordering::SeqCst);
+    let again = cluster(dir.path(), handler);
     assert_eq!(state_of(&again.client(), "k"), 102, "nothing was marked");
     again.shutdown().unwrap();
 }
@@ -315,9 +340,10 @@ fn an_answered_request_whose_replays_outlast_the_stall_timeout_ends_replaced_twi
             .unwrap(),
         10
     );
-    // From now on a replay of it takes 500 ms, past the 300 ms stall timeout and within
-    // twice it. A panic on the key has its state rebuilt: replayed.
-    replay_ms.store(500, Ordering::SeqCst);
+    // From now on a replay of it takes 1.3 s, past the 1 s stall timeout and within
+    // twice it (0.7 s to spare for a descheduled replay). A panic on the key has its
+    // state rebuilt: replayed.
+    replay_ms.store(1_300, Ordering::SeqCst);
     let panicked = client.submit("slow", Req::Panic).unwrap().wait();
     assert!(
         matches!(panicked, Err(Error::HandlerPanicked { .. })),
@@ -332,7 +358,7 @@ fn an_answered_request_whose_replays_outlast_the_stall_timeout_ends_replaced_twi
     assert_eq!(state, 10);
     let stalls = cluster.metrics().stalls;
     // Long enough for two more rounds of replacements at the stall timeout.
-    thread::sleep(Duration::from_millis(1_500));
+    thread::sleep(STALL * 5 / 2);
     assert_eq!(cluster.metrics().stalls, stalls, "replacements went on");
     assert!(stalls <= 2, "{stalls} stalls in {:?}", since.elapsed());
     for i in 0..KEYS {
