@@ -12,12 +12,15 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use cauce::cluster::{Cluster, Context, Handler};
+use cauce::router::InstanceId;
 use serde::{Deserialize, Serialize};
 
 mod common;
 
 /// "instance stalled" events seen.
 static STALLS_SEEN: AtomicU64 = AtomicU64::new(0);
+/// The instance the first "instance stalled" event names.
+static FIRST_STALLED: AtomicU64 = AtomicU64::new(u64::MAX);
 /// Errors the crate logged.
 static ERRORS: AtomicU64 = AtomicU64::new(0);
 
@@ -26,6 +29,13 @@ fn log(meta: &tracing::Metadata<'_>, fields: &str) {
         eprintln!("[{:?}] {} {fields}", thread::current().name(), meta.level());
     }
     if fields.contains("message=instance stalled ") {
+        let id = fields
+            .split("instance=#")
+            .nth(1)
+            .and_then(|rest| rest.split(' ').next())
+            .and_then(|id| id.parse().ok())
+            .expect("the stalled instance's id");
+        let _ = FIRST_STALLED.compare_exchange(u64::MAX, id, Ordering::SeqCst, Ordering::SeqCst);
         STALLS_SEEN.fetch_add(1, Ordering::SeqCst);
     }
     if *meta.level() == tracing::Level::ERROR {
@@ -36,7 +46,8 @@ fn log(meta: &tracing::Metadata<'_>, fields: &str) {
 #[derive(Clone, Copy, Debug, Serialize, Deserialize)]
 enum Req {
     Add(u64),
-    /// Sleeps past the stall timeout the first time it runs; adds nothing.
+    /// The first time it runs, waits until the test releases it (past the stall
+    /// timeout); adds nothing.
     StallOnce,
     Get,
 }
@@ -44,6 +55,7 @@ enum Req {
 #[derive(Clone, Default)]
 struct Sum {
     stalled: Arc<AtomicBool>,
+    release: Arc<AtomicBool>,
 }
 
 impl Handler for Sum {
@@ -55,7 +67,14 @@ impl Handler for Sum {
             Req::Add(n) => *sum += n,
             Req::StallOnce => {
                 if !self.stalled.swap(true, Ordering::SeqCst) {
-                    thread::sleep(Duration::from_millis(800));
+                    // Held by the test rather than for a fixed time: the stall must be
+                    // declared whatever the machine's load. Bounded against a hang.
+                    let since = Instant::now();
+                    while !self.release.load(Ordering::SeqCst)
+                        && since.elapsed() < Duration::from_secs(60)
+                    {
+                        thread::sleep(Duration::from_millis(5));
+                    }
                 }
             }
             Req::Get => {}
@@ -68,10 +87,16 @@ impl Handler for Sum {
 fn a_membership_change_during_a_loss_moves_keys_to_and_from_the_lost_instance() {
     tracing::subscriber::set_global_default(common::OnEvent(log)).expect("the only subscriber");
     let tmp = tempfile::tempdir().unwrap();
-    let cluster = Cluster::builder(Sum::default())
+    let handler = Sum::default();
+    let release = handler.release.clone();
+    let cluster = Cluster::builder(handler)
         .dir(tmp.path())
         .instances(3)
-        .stall_timeout(Duration::from_millis(100))
+        // One stall is meant, the held request's. Every other request must be answered
+        // (a request caught by two stalls in a row is set aside): at 100 ms, a
+        // submitter's request preempted that long live and again in its replay was.
+        // 2 s is past any descheduling this test should meet.
+        .stall_timeout(Duration::from_secs(2))
         .supervise_every(Duration::from_millis(5))
         .build()
         .unwrap();
@@ -98,7 +123,6 @@ fn a_membership_change_during_a_loss_moves_keys_to_and_from_the_lost_instance() 
         })
         .collect();
     thread::sleep(Duration::from_millis(100));
-    let stalled_owner = cluster.owner_of("stall").expect("an owner");
     let stall = cluster.client().submit("stall", Req::StallOnce).unwrap();
     let since = Instant::now();
     while STALLS_SEEN.load(Ordering::SeqCst) == 0 {
@@ -108,6 +132,10 @@ fn a_membership_change_during_a_loss_moves_keys_to_and_from_the_lost_instance() 
         );
         thread::sleep(Duration::from_millis(1));
     }
+    // The instance declared stalled: the one the held request runs on. (Asking
+    // `owner_of("stall")` before the key's first request named its hash's instance, and
+    // placement, which bounds every instance's load, put it on another one now and then.)
+    let stalled_owner = InstanceId(FIRST_STALLED.load(Ordering::SeqCst) as u32);
     // While the loss drafts its table: a leave, whose keys may go to the lost instance
     // (still in the table), then a join, which takes keys from it.
     let other = cluster
@@ -118,6 +146,8 @@ fn a_membership_change_during_a_loss_moves_keys_to_and_from_the_lost_instance() 
     cluster.remove_instance(other).unwrap();
     let joined = cluster.add_instance(1).unwrap();
     thread::sleep(Duration::from_millis(500));
+    // The lost instance wakes up now; what it finishes has no effect.
+    release.store(true, Ordering::SeqCst);
     stop.store(true, Ordering::SeqCst);
     let mut acked: HashMap<String, u64> = HashMap::new();
     for s in submitters {
