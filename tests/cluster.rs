@@ -46,6 +46,49 @@ fn key(i: u64) -> String {
     format!("user-{i}")
 }
 
+/// The test service, but a live `Req::Stall(_)` is held until the test opens `gate`
+/// instead of sleeping a fixed time; `entered` counts the held runs begun. For the tests
+/// that need an instance busy while they check something: a sleep used as that clock ran
+/// out whenever the test's thread was descheduled for as long.
+#[derive(Default)]
+struct Held {
+    service: Service,
+    gate: Arc<AtomicBool>,
+    entered: Arc<std::sync::atomic::AtomicUsize>,
+}
+
+impl Held {
+    /// Waits (up to 30 s) until a held run has begun.
+    fn wait_entered(entered: &std::sync::atomic::AtomicUsize) {
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        while entered.load(Ordering::SeqCst) == 0 {
+            assert!(std::time::Instant::now() < deadline, "never held");
+            thread::sleep(Duration::from_millis(1));
+        }
+    }
+}
+
+impl cauce::cluster::Handler for Held {
+    type State = Tally;
+    type Request = Req;
+    type Response = Resp;
+    fn handle(
+        &self,
+        ctx: &mut cauce::cluster::Context<'_>,
+        key: &[u8],
+        state: &mut Tally,
+        req: Req,
+    ) -> Resp {
+        if matches!(req, Req::Stall(_)) && !ctx.is_replay() {
+            self.entered.fetch_add(1, Ordering::SeqCst);
+            // Bounded only against a hang.
+            common::wait_for(&self.gate, Duration::from_secs(60));
+            return self.service.handle(ctx, key, state, Req::Stall(0));
+        }
+        self.service.handle(ctx, key, state, req)
+    }
+}
+
 /// The state of `k`, asked of the cluster.
 fn state_of(client: &Client<Service>, k: &str) -> Tally {
     match client.submit(k, Req::Get).unwrap().wait().unwrap() {
@@ -266,8 +309,9 @@ fn an_awaited_answer_wakes_an_instance_that_lingers_forever() {
     thread::sleep(Duration::from_millis(50));
     let pending = client.submit("a", Req::Add(5)).unwrap();
     // One request is far below the half-full queue that wakes a napping instance: only
-    // the waiter's nudge does.
-    let answer = block_on_for(pending, Duration::from_secs(3));
+    // the waiter's nudge does. Without it the nap never ends, so the limit is only a
+    // bound against a hang, generous for a loaded machine.
+    let answer = block_on_for(pending, Duration::from_secs(20));
     assert!(
         matches!(answer, Some(Ok(Resp::Sum(5)))),
         "an awaited answer with linger(Duration::MAX): {answer:?}"
@@ -330,16 +374,19 @@ fn a_panicking_handler_is_answered_with_an_error_and_its_change_is_not_kept() {
 #[test]
 fn a_stalled_instance_is_replaced_and_nothing_is_lost_or_answered_twice() {
     let h = Harness::new();
+    // One stall is meant, past the 1 s timeout by 1.5 s. At 150 ms a request preempted
+    // that long live and again on its replacement was set aside as stalled twice, where
+    // every request must be answered.
     let cluster = h
         .cluster(3)
-        .stall_timeout(Duration::from_millis(150))
+        .stall_timeout(Duration::from_secs(1))
         .checkpoint_every(40)
         .build()
         .unwrap();
     let before = cluster.members();
     let answers = load(&cluster, 3, 200, 15, |i| {
         if i == 50 {
-            Req::Stall(800)
+            Req::Stall(2_500)
         } else {
             Req::Add(i % 3)
         }
@@ -358,8 +405,10 @@ fn a_stalled_instance_is_replaced_and_nothing_is_lost_or_answered_twice() {
         "a replacement took the stalled one's place"
     );
     assert_ne!(cluster.members(), before);
-    // The stalled thread wakes up later: it must not apply or answer anything.
-    thread::sleep(Duration::from_millis(900));
+    // The stalled thread wakes up later: it must not apply or answer anything. Its
+    // answer came after the stall was declared, at least 1 s into its 2.5 s sleep, so it
+    // wakes within 1.5 s from here.
+    thread::sleep(Duration::from_millis(1_700));
     h.check(&HashMap::new(), &cluster);
     cluster.shutdown().unwrap();
 }
@@ -381,6 +430,14 @@ fn scaling_from_2_to_8_to_3_under_load_moves_state_with_keys() {
             all
         })
     };
+    // Keys are placed by their first request: wait until the loader placed some (a
+    // loader thread that started late found every change made already, and no key
+    // moved), so that the first two instances, removed below, hold keys.
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while h.input.next_offset() < 2 + 50 {
+        assert!(std::time::Instant::now() < deadline, "the loader never ran");
+        thread::sleep(Duration::from_millis(1));
+    }
     let mut added = Vec::new();
     for _ in 0..6 {
         added.push(cluster.add_instance(1).unwrap());
@@ -406,15 +463,20 @@ fn scaling_from_2_to_8_to_3_under_load_moves_state_with_keys() {
 #[test]
 fn a_full_queue_pushes_back_and_nothing_refused_is_logged() {
     let h = Harness::new();
-    let cluster = h
-        .cluster(1)
+    let held = Held::default();
+    let (gate, entered) = (held.gate.clone(), held.entered.clone());
+    let cluster = Cluster::builder(held)
+        .stores(h.input.clone(), Some(h.effects.clone()))
+        .instances(1)
+        .supervise_every(Duration::from_millis(5))
         .queue_capacity(8)
         .stall_timeout(Duration::from_secs(60))
         .build()
         .unwrap();
     let client = cluster.client();
-    let stuck = client.submit("k", Req::Stall(400)).unwrap();
-    thread::sleep(Duration::from_millis(50));
+    // Held until the checks below are done.
+    let stuck = client.submit("k", Req::Stall(0)).unwrap();
+    Held::wait_entered(&entered);
     let mut queued = Vec::new();
     let mut busy = 0;
     for i in 0..20 {
@@ -439,6 +501,7 @@ fn a_full_queue_pushes_back_and_nothing_refused_is_logged() {
         !blocked.is_finished(),
         "submit waits while the queue is full"
     );
+    gate.store(true, Ordering::SeqCst);
     assert_eq!(stuck.wait().unwrap(), Resp::Sum(1));
     for p in queued {
         p.wait().unwrap();
@@ -890,10 +953,11 @@ fn shutdown_while_clients_submit_answers_everything_it_accepted() {
         let h = Harness::new();
         let cluster = h.cluster(4).build().unwrap();
         let stop = Arc::new(AtomicBool::new(false));
+        let accepted = Arc::new(std::sync::atomic::AtomicU64::new(0));
         let submitters: Vec<_> = (0..4u64)
             .map(|t| {
                 let client = cluster.client();
-                let stop = stop.clone();
+                let (stop, accepted) = (stop.clone(), accepted.clone());
                 thread::spawn(move || {
                     let mut pending = Vec::new();
                     for i in 0.. {
@@ -906,6 +970,7 @@ fn shutdown_while_clients_submit_answers_everything_it_accepted() {
                                     "round {round}: a submit begun after shutdown returned was accepted"
                                 );
                                 pending.push(p);
+                                accepted.fetch_add(1, Ordering::SeqCst);
                             }
                             Err(Error::Closed) => break,
                             Err(e) => panic!("round {round}: submit failed: {e}"),
@@ -915,7 +980,16 @@ fn shutdown_while_clients_submit_answers_everything_it_accepted() {
                 })
             })
             .collect();
-        thread::sleep(Duration::from_millis(20));
+        // Shut down once the clients submit: after a fixed 20 ms, submitter threads not
+        // yet scheduled had submitted nothing, and there was nothing to check.
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        while accepted.load(Ordering::SeqCst) < 20 {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "round {round}: no submits"
+            );
+            thread::sleep(Duration::from_millis(1));
+        }
         cluster.shutdown().unwrap();
         stop.store(true, Ordering::SeqCst);
         let mut answers = HashMap::new();
@@ -1283,12 +1357,13 @@ fn a_request_answered_as_panicked_stays_unapplied_after_a_crash() {
     cluster.shutdown().unwrap();
 }
 
-/// A handler whose outside call is slow the first time (past the stall timeout) and
-/// answers differently each time it is made. Requests: 1 calls out, 2 panics, anything
-/// else reads the state.
+/// A handler whose outside call, the first time, is held until `release` (past the stall
+/// timeout; `returned` is set as it returns) and which answers differently each time it
+/// is made. Requests: 1 calls out, 2 panics, anything else reads the state.
 struct SlowCall {
     made: Arc<std::sync::atomic::AtomicU64>,
-    slow: Duration,
+    release: Arc<AtomicBool>,
+    returned: Arc<AtomicBool>,
 }
 
 impl cauce::cluster::Handler for SlowCall {
@@ -1298,12 +1373,14 @@ impl cauce::cluster::Handler for SlowCall {
     fn handle(&self, ctx: &mut cauce::cluster::Context<'_>, _: &[u8], n: &mut u64, op: u8) -> u64 {
         match op {
             1 => {
-                let (made, slow) = (self.made.clone(), self.slow);
+                let (made, release) = (self.made.clone(), self.release.clone());
+                let returned = self.returned.clone();
                 let v: u64 = ctx
                     .call("slow", move |_| {
                         let i = made.fetch_add(1, Ordering::SeqCst);
                         if i == 0 {
-                            thread::sleep(slow);
+                            common::wait_for(&release, Duration::from_secs(60));
+                            returned.store(true, Ordering::SeqCst);
                         }
                         100 + i
                     })
@@ -1335,22 +1412,34 @@ fn a_call_that_outlives_its_stalled_instance_does_not_replace_the_journaled_answ
     let input = Arc::new(MemoryStore::new());
     let effects = Arc::new(MemoryStore::new());
     let made = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let (release, returned) = (Arc::new(AtomicBool::new(false)), Arc::default());
     let handler = SlowCall {
         made: made.clone(),
-        slow: Duration::from_millis(600),
+        release: release.clone(),
+        returned: Arc::clone(&returned),
     };
+    // The first call is held until the replacement answered, so the stall is declared
+    // however late the supervisor looks; the replacement's run must stay under the
+    // timeout, which at 100 ms a descheduled thread broke (the request, stalled twice,
+    // was set aside). 1 s is well past that.
     let cluster = Cluster::builder(handler)
         .stores(input.clone(), Some(effects.clone()))
         .placement(small_table())
         .instances(2)
-        .stall_timeout(Duration::from_millis(100))
+        .stall_timeout(Duration::from_secs(1))
         .supervise_every(Duration::from_millis(5))
         .build()
         .unwrap();
     let client = cluster.client();
     let answered = client.submit("k", 1).unwrap().wait().unwrap();
     // Let the stalled call return and try to journal its own answer.
-    thread::sleep(Duration::from_millis(900));
+    release.store(true, Ordering::SeqCst);
+    common::wait_for(&returned, Duration::from_secs(30));
+    assert!(
+        returned.load(Ordering::SeqCst),
+        "the stalled call never returned"
+    );
+    thread::sleep(Duration::from_millis(300));
     assert_eq!(
         made.load(Ordering::SeqCst),
         2,
@@ -1359,7 +1448,7 @@ fn a_call_that_outlives_its_stalled_instance_does_not_replace_the_journaled_answ
     assert_eq!(client.submit("k", 0).unwrap().wait().unwrap(), answered);
     // A panic makes the key's instance rebuild it by replaying the call from the journal.
     // With RUST_BACKTRACE set, the default panic hook's backtrace in a debug build can
-    // take longer than this test's 100 ms stall timeout: the panicking request is then
+    // take longer than this test's stall timeout: the panicking request is then
     // caught by a stall twice (live, then on its new owner) and set aside as stalled.
     // Either way it is set aside, and the key is rebuilt by replaying the call.
     assert!(matches!(
@@ -1502,8 +1591,9 @@ fn concurrent_batches_do_not_deadlock_on_each_others_room() {
     cluster.shutdown().unwrap();
 }
 
-/// Calls out twice per request: "slow" (past the stall timeout the first time it is made;
-/// the second time, until the first caller was refused its next call), then "after";
+/// Calls out twice per request: "slow" (the first time it is made, until it is made again
+/// by the replacement, past the stall timeout; the second time, until the first caller
+/// was refused its next call), then "after";
 /// counts how often each was really made.
 struct TwoCalls {
     slow: Arc<std::sync::atomic::AtomicU64>,
@@ -1523,16 +1613,19 @@ impl cauce::cluster::Handler for TwoCalls {
                 // is still out: the replaced one then reaches the next call first. The
                 // replacement's returns within the stall timeout: a replayed request
                 // that runs longer is a stall too.
-                match slow.fetch_add(1, Ordering::SeqCst) {
-                    0 => thread::sleep(Duration::from_millis(1_500)),
-                    _ => {
-                        let since = std::time::Instant::now();
-                        while told.load(Ordering::SeqCst) == 0
-                            && since.elapsed() < Duration::from_secs(2)
-                        {
-                            thread::sleep(Duration::from_millis(5));
-                        }
+                // Each waits for a condition, not a time (the bounds only end a hang):
+                // the first returns once the replacement made its call (so after the
+                // stall was declared and its instance fenced), the replacement's once
+                // the first was refused its next call.
+                let wait_for = |done: &dyn Fn() -> bool| {
+                    let since = std::time::Instant::now();
+                    while !done() && since.elapsed() < Duration::from_secs(30) {
+                        thread::sleep(Duration::from_millis(5));
                     }
+                };
+                match slow.fetch_add(1, Ordering::SeqCst) {
+                    0 => wait_for(&|| slow.load(Ordering::SeqCst) >= 2),
+                    _ => wait_for(&|| told.load(Ordering::SeqCst) > 0),
                 }
                 1
             })
@@ -1572,10 +1665,10 @@ fn a_replaced_instance_makes_no_more_outside_calls() {
         )
         .placement(small_table())
         .instances(2)
-        // Half a second either way on a loaded machine: the stall is declared and the
-        // replacement's call made before the first call returns (at 1.5 s), and the
-        // replacement's call, which returns soon after, takes less than the timeout.
-        .stall_timeout(Duration::from_millis(1_000))
+        // The first call is held until the stall is declared, so only the replacement's
+        // run must stay under the timeout: it waits for the replaced instance to wake and
+        // be refused, milliseconds unless a thread is descheduled, which 2 s covers.
+        .stall_timeout(Duration::from_secs(2))
         .supervise_every(Duration::from_millis(5))
         .build()
         .unwrap();
@@ -1600,9 +1693,22 @@ fn a_replaced_instance_makes_no_more_outside_calls() {
     cluster.shutdown().unwrap();
 }
 
-/// Adds one; the first time, sleeps past the stall timeout and then panics.
+/// Adds one; the first time, waits for `release` (past the stall timeout) and then
+/// panics, setting `unwound` as the panic unwinds (after its backtrace was printed).
+#[derive(Default)]
 struct StallsThenPanics {
     made: Arc<std::sync::atomic::AtomicU64>,
+    release: Arc<AtomicBool>,
+    unwound: Arc<AtomicBool>,
+}
+
+/// Sets its flag when dropped: in a panicking handler, once the panic unwinds.
+struct SetOnDrop(Arc<AtomicBool>);
+
+impl Drop for SetOnDrop {
+    fn drop(&mut self) {
+        self.0.store(true, Ordering::SeqCst);
+    }
 }
 
 impl cauce::cluster::Handler for StallsThenPanics {
@@ -1611,7 +1717,8 @@ impl cauce::cluster::Handler for StallsThenPanics {
     type Response = u64;
     fn handle(&self, _: &mut cauce::cluster::Context<'_>, _: &[u8], n: &mut u64, _: ()) -> u64 {
         if self.made.fetch_add(1, Ordering::SeqCst) == 0 {
-            thread::sleep(Duration::from_millis(400));
+            common::wait_for(&self.release, Duration::from_secs(60));
+            let _unwinding = SetOnDrop(self.unwound.clone());
             panic!("after stalling");
         }
         *n += 1;
@@ -1625,23 +1732,35 @@ impl cauce::cluster::Handler for StallsThenPanics {
 #[test]
 fn a_replaced_instance_that_panics_does_not_poison_the_request() {
     let input = Arc::new(MemoryStore::new());
-    let handler = StallsThenPanics {
-        made: Arc::new(std::sync::atomic::AtomicU64::new(0)),
-    };
+    let handler = StallsThenPanics::default();
+    let (release, unwound) = (handler.release.clone(), handler.unwound.clone());
+    // The first run is held until the replacement answered, so the stall is declared
+    // however late the supervisor looks; the replacement's run must stay under the
+    // timeout, which at 100 ms a descheduled thread broke (the request, stalled twice,
+    // was set aside). 1 s is well past that.
     let cluster = Cluster::builder(handler)
         .stores(input.clone(), None)
         .instances(2)
-        .stall_timeout(Duration::from_millis(100))
+        .stall_timeout(Duration::from_secs(1))
         .supervise_every(Duration::from_millis(5))
         .build()
         .unwrap();
     let answer = cluster.client().submit("k", ()).unwrap().wait().unwrap();
     assert_eq!(answer, 1, "the replacement's answer");
-    thread::sleep(Duration::from_millis(600));
+    // The replaced instance wakes up and panics; once the panic unwound, a little longer
+    // for the crate to handle it (where it would mark the request).
+    release.store(true, Ordering::SeqCst);
+    common::wait_for(&unwound, Duration::from_secs(30));
+    assert!(
+        unwound.load(Ordering::SeqCst),
+        "the replaced instance never panicked"
+    );
+    thread::sleep(Duration::from_millis(300));
     // Stopped without a checkpoint: the restart replays the request from the log.
     drop(cluster);
     let handler = StallsThenPanics {
         made: Arc::new(std::sync::atomic::AtomicU64::new(1)),
+        ..StallsThenPanics::default()
     };
     let cluster = Cluster::builder(handler)
         .stores(input, None)
@@ -1766,6 +1885,14 @@ fn await_wake(woken: &Woken, seen: usize) {
     }
 }
 
+/// One instance with room for 2 requests, in memory.
+fn one_instance_with_room_for_two(held: Held) -> ClusterBuilder<Held> {
+    Cluster::builder(held)
+        .in_memory()
+        .instances(1)
+        .queue_capacity(2)
+}
+
 /// Polls `future` each time `woken` is woken, until it is ready (as an executor would).
 fn poll_until_ready<F: std::future::Future + Unpin>(
     future: &mut F,
@@ -1780,20 +1907,15 @@ fn poll_until_ready<F: std::future::Future + Unpin>(
     }
 }
 
-/// One instance with room for 2 requests, in memory.
-fn one_instance_with_room_for_two() -> ClusterBuilder<Service> {
-    Cluster::builder(Service::default())
-        .in_memory()
-        .instances(1)
-        .queue_capacity(2)
-}
-
 #[test]
 fn submit_async_waits_for_room_without_blocking_and_is_woken_when_there_is_some() {
-    let cluster = one_instance_with_room_for_two().build().unwrap();
+    let held = Held::default();
+    let gate = held.gate.clone();
+    let cluster = one_instance_with_room_for_two(held).build().unwrap();
     let client = cluster.client();
-    // The instance sleeps in the first request; the second fills the queue.
-    let slow = client.submit("k", Req::Stall(300)).unwrap();
+    // The instance is held in the first request until the checks below are done; the
+    // second fills the queue.
+    let slow = client.submit("k", Req::Stall(0)).unwrap();
     let queued = client.submit("k", Req::Add(2)).unwrap();
     assert!(matches!(
         client.try_submit("k", Req::Add(3)),
@@ -1807,6 +1929,7 @@ fn submit_async_waits_for_room_without_blocking_and_is_woken_when_there_is_some(
     // A blocking submit would not return here until the stall ended.
     assert!(poll_once(&mut submit, &woken).is_pending());
     let next = client.metrics().next_offset;
+    gate.store(true, Ordering::SeqCst);
     await_wake(&woken, 0);
     let mut answer = poll_until_ready(&mut submit, &woken).unwrap();
     // Logged once it resolved, after the two before it.
@@ -1825,14 +1948,20 @@ fn submit_async_waits_for_room_without_blocking_and_is_woken_when_there_is_some(
 
 #[test]
 fn submit_async_waiting_on_a_stalled_instance_goes_to_its_replacement() {
-    let cluster = one_instance_with_room_for_two()
-        .stall_timeout(Duration::from_millis(100))
+    let held = Held::default();
+    let gate = held.gate.clone();
+    // The submit below must find the queue full before the stall is declared, and the
+    // replacement must answer the held request without a stall of its own (a second
+    // one sets it aside): at 100 ms a descheduled thread broke either. 1 s is well past.
+    let cluster = one_instance_with_room_for_two(held)
+        .stall_timeout(Duration::from_secs(1))
         .supervise_every(Duration::from_millis(5))
         .build()
         .unwrap();
     let client = cluster.client();
     let stalled = cluster.members()[0];
-    let slow = client.submit("k", Req::Stall(3_000)).unwrap();
+    // Held past the stall timeout, until the end of the test.
+    let slow = client.submit("k", Req::Stall(0)).unwrap();
     let queued = client.submit("k", Req::Add(2)).unwrap();
     let woken = Arc::new(Woken(Default::default()));
     let mut submit = client.submit_async("k", Req::Add(3));
@@ -1845,6 +1974,7 @@ fn submit_async_waiting_on_a_stalled_instance_goes_to_its_replacement() {
     assert_eq!(slow.wait().unwrap(), Resp::Sum(1));
     assert_eq!(queued.wait().unwrap(), Resp::Sum(3));
     assert_eq!(answer.wait().unwrap(), Resp::Sum(6));
+    gate.store(true, Ordering::SeqCst);
     cluster.shutdown().unwrap();
 }
 
@@ -1882,7 +2012,9 @@ fn submit_async_waiting_at_shutdown_ends_closed() {
 
 #[test]
 fn submit_batch_async_holds_the_room_it_took_and_gives_it_back_when_dropped() {
-    let cluster = Cluster::builder(Service::default())
+    let held = Held::default();
+    let gate = held.gate.clone();
+    let cluster = Cluster::builder(held)
         .in_memory()
         .instances(2)
         .queue_capacity(2)
@@ -1900,8 +2032,9 @@ fn submit_batch_async_holds_the_room_it_took_and_gives_it_back_when_dropped() {
         on.entry(client.owner_of(&k).unwrap()).or_default().push(k);
     }
     let (a, b) = (&on[&first], &on[&second]);
-    // The second instance's queue fills behind a slow request.
-    let slow = client.submit(&b[0], Req::Stall(300)).unwrap();
+    // The second instance's queue fills behind a request held until the checks below
+    // are done.
+    let slow = client.submit(&b[0], Req::Stall(0)).unwrap();
     let queued = client.submit(&b[1], Req::Add(1)).unwrap();
     let batch = || {
         client.submit_batch_async([
@@ -1931,6 +2064,7 @@ fn submit_batch_async_holds_the_room_it_took_and_gives_it_back_when_dropped() {
     let mut waiting = batch();
     let seen = woken.0.load(Ordering::SeqCst);
     assert!(poll_once(&mut waiting, &woken).is_pending());
+    gate.store(true, Ordering::SeqCst);
     await_wake(&woken, seen);
     let pendings = poll_until_ready(&mut waiting, &woken).unwrap();
     let answers: Vec<Resp> = pendings.into_iter().map(|p| p.wait().unwrap()).collect();
@@ -1945,9 +2079,12 @@ fn submit_batch_async_holds_the_room_it_took_and_gives_it_back_when_dropped() {
 #[test]
 fn a_batch_of_one_waits_for_room_and_is_logged_like_any_batch() {
     // A batch of one goes through the single-request path: the same promises hold.
-    let cluster = one_instance_with_room_for_two().build().unwrap();
+    let held = Held::default();
+    let gate = held.gate.clone();
+    let cluster = one_instance_with_room_for_two(held).build().unwrap();
     let client = cluster.client();
-    let slow = client.submit("s", Req::Stall(300)).unwrap();
+    // Held until the checks below are done.
+    let slow = client.submit("s", Req::Stall(0)).unwrap();
     let queued = client.submit("q", Req::Add(1)).unwrap();
     // The queue (2) is full: the slow request and the one behind it.
     let woken = Arc::new(Woken(Default::default()));
@@ -1963,6 +2100,7 @@ fn a_batch_of_one_waits_for_room_and_is_logged_like_any_batch() {
     let mut waiting = client.submit_batch_async([("one", Req::Add(5))]);
     let seen = woken.0.load(Ordering::SeqCst);
     assert!(poll_once(&mut waiting, &woken).is_pending());
+    gate.store(true, Ordering::SeqCst);
     await_wake(&woken, seen);
     let pendings = poll_until_ready(&mut waiting, &woken).unwrap();
     assert_eq!(pendings.len(), 1);
@@ -2108,7 +2246,9 @@ fn async_waits_for_room_that_are_dropped_leave_no_waker_behind() {
 
     for on_disk in [false, true] {
         let dir = tempfile::tempdir().unwrap();
-        let builder = Cluster::builder(Service::default())
+        let held = Held::default();
+        let (gate, entered) = (held.gate.clone(), held.entered.clone());
+        let builder = Cluster::builder(held)
             .instances(1)
             .queue_capacity(2)
             .stall_timeout(Duration::from_secs(60));
@@ -2118,10 +2258,10 @@ fn async_waits_for_room_that_are_dropped_leave_no_waker_behind() {
         };
         let cluster = builder.build().unwrap();
         let client = cluster.client();
-        // Being handled, it holds one of the queue's two places for a second; the other
-        // waits behind it.
-        let busy = client.submit("k", Req::Stall(1_000)).unwrap();
-        thread::sleep(Duration::from_millis(50));
+        // Being handled (held until the futures below were all polled), it holds one of
+        // the queue's two places; the other waits behind it.
+        let busy = client.submit("k", Req::Stall(0)).unwrap();
+        Held::wait_entered(&entered);
         let queued = client.submit("k", Req::Add(10)).unwrap();
         let live = Arc::new(AtomicUsize::new(0));
         for i in 0..3_000 {
@@ -2149,6 +2289,7 @@ fn async_waits_for_room_that_are_dropped_leave_no_waker_behind() {
             0,
             "on disk: {on_disk}: tasks kept alive by dropped futures' wakers"
         );
+        gate.store(true, Ordering::SeqCst);
         busy.wait().unwrap();
         queued.wait().unwrap();
         // Nothing the dropped futures asked for was logged: they waited for room first.
