@@ -150,14 +150,14 @@ fn open_file(path: &Path, writable: bool) -> Result<File> {
         .map_err(|e| Error::io("open", path, e))
 }
 
-/// Reads the data of a segment file (see [`written_len`]), up to where it ends when
-/// read: a writer may cut the newest segment back to its data meanwhile (a roll of
-/// preallocated segments does), and a read-only open must take the shorter file as it
-/// is, not fail. A short read is the file's end.
 /// How many times a read-only open reads the newest segment again when it looks
 /// damaged (see `open_last`).
 const RACE_REREADS: u32 = 5;
 
+/// Reads the data of a segment file (see [`written_len`]), up to where it ends when
+/// read: a writer may cut the newest segment back to its data meanwhile (a roll of
+/// preallocated segments does), and a read-only open must take the shorter file as it
+/// is, not fail. A short read is the file's end.
 fn read_all(file: &File, path: &Path) -> Result<Vec<u8>> {
     let len = file
         .metadata()
