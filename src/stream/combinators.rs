@@ -146,8 +146,9 @@ where
 /// A record is returned only once the second stream has taken it, so a full second
 /// stream holds the reader back: `try_recv` then answers `Ok(None)`, and `recv_timeout`
 /// waits for room until its timeout, then answers [`Error::Timeout`]; either way the
-/// tee holds the record, and the next call returns it once the second stream takes it. When the input ends, the tee drops its publisher,
-/// so the second stream closes too unless it has other publishers. The copy keeps the
+/// tee holds the record, and the next call returns it once the second stream takes it.
+/// When the input ends, the tee drops its publisher, so the second stream closes too
+/// unless it has other publishers. The copy keeps the
 /// record's timestamp, key and payload and gets its offset from the second stream.
 ///
 /// # When the second stream refuses a record
