@@ -1510,7 +1510,10 @@ impl<H: Handler> ClusterBuilder<H> {
     /// so a request whose submit returned survives a crash of the process or the
     /// machine; `SyncPolicy::Every` trades a window for throughput: the requests
     /// appended since the last sync are in the process's memory, and a crash of the
-    /// process loses them, even those already answered).
+    /// process loses them, even those already answered). Options with retention
+    /// ([`LogOptions::retain_for`], [`LogOptions::retain_bytes`]) are refused by
+    /// [`build`](Self::build) with [`Error::Config`]: see
+    /// [`truncate_after_checkpoint`](Self::truncate_after_checkpoint) instead.
     pub fn log_options(mut self, options: LogOptions) -> Self {
         self.log_options = options;
         self
@@ -1744,6 +1747,14 @@ impl<H: Handler> ClusterBuilder<H> {
             ),
             Storage::Stores { input, effects } => (input, effects),
             Storage::Dir(dir) => {
+                if self.log_options.retains() {
+                    return Err(Error::Config(
+                        "log_options set retention (retain_for or retain_bytes): a cluster \
+                         rebuilds every key's state from its log, and drops the log's head \
+                         itself once a checkpoint covers it (truncate_after_checkpoint)"
+                            .into(),
+                    ));
+                }
                 let input = Arc::new(OwnedLog::new(LogStore::open(
                     dir.join("input"),
                     self.log_options.clone(),

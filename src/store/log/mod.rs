@@ -269,7 +269,7 @@ use super::{
     check_read_range,
 };
 use crate::error::{Error, Result};
-use crate::record::{Entry, Offset};
+use crate::record::{Entry, Offset, Timestamp};
 
 mod compact;
 mod epoch;
@@ -309,6 +309,9 @@ pub(crate) struct Segment {
     /// The whole segment mapped into memory, once it is sealed and first read (`None`
     /// inside: the kernel refused, and readers read the file).
     pub(crate) mapped: std::sync::OnceLock<Option<Bytes>>,
+    /// The newest record timestamp in it, for retention by age: set by the writer when
+    /// it seals the segment, or found by a read of the segment when first needed.
+    pub(crate) newest: std::sync::OnceLock<Timestamp>,
 }
 
 /// The open files of a store's sealed segments. A log keeps every segment it holds, so
@@ -419,6 +422,7 @@ impl Segment {
             next_hint: base,
             damage: None,
             mapped: std::sync::OnceLock::new(),
+            newest: std::sync::OnceLock::new(),
         }
     }
 
@@ -553,6 +557,10 @@ pub(crate) struct WriterState {
     unsynced_sealed: Vec<std::sync::Weak<Segment>>,
     /// The active segment is written (data or zeros) up to here.
     zeroed_until: u64,
+    /// The newest timestamp appended to the active segment, kept under retention by
+    /// age; `None` when not known (the segment the store opened on, whose earlier
+    /// records it did not read).
+    active_newest: Option<Timestamp>,
 }
 
 /// Where the bytes at a position of the active segment are.
@@ -595,6 +603,9 @@ pub(crate) struct Shared {
     /// `write` calls and `fdatasync` calls made for appended records.
     writes: AtomicU64,
     syncs: AtomicU64,
+    /// A segment was sealed since retention was last applied (set only under a
+    /// retention option).
+    retention_due: AtomicBool,
 }
 
 impl Shared {
@@ -690,6 +701,27 @@ impl Shared {
         }
     }
 
+    /// The segments held, in order, with their sizes in bytes: a sealed one's file, the
+    /// active one's records so far (those still in the write buffer included).
+    fn segment_sizes(&self) -> Vec<(Arc<Segment>, u64)> {
+        let segments: Vec<Arc<Segment>> = self.segments.read().clone();
+        let active_len = {
+            let st = self.writer.lock();
+            (st.active.clone(), st.buf_pos + st.buf.len() as u64)
+        };
+        segments
+            .into_iter()
+            .map(|seg| {
+                let len = if Arc::ptr_eq(&seg, &active_len.0) {
+                    active_len.1
+                } else {
+                    seg.end.load(Ordering::Acquire)
+                };
+                (seg, len)
+            })
+            .collect()
+    }
+
     /// Rules 15 and 16 against the directory as it is now: every segment file the store
     /// holds is there.
     fn check_files(&self) -> Result<()> {
@@ -710,6 +742,12 @@ impl Shared {
             ));
         }
         let _maintenance = self.maintenance.lock();
+        self.truncate_locked(offset)
+    }
+
+    /// [`truncate_before`](Self::truncate_before) with the store writable and the
+    /// maintenance lock held.
+    fn truncate_locked(&self, offset: Offset) -> Result<()> {
         let start = self.start.load(Ordering::Acquire);
         let end = self.tail.get();
         if offset > end {
@@ -777,6 +815,12 @@ pub struct LogStats {
     /// `fdatasync` calls made for appended records (by appends, syncs, rolls, and
     /// compaction for the sealed segments it reads).
     pub syncs: u64,
+    /// Segment files the store holds now, the active one included.
+    pub segments: u64,
+    /// Bytes of those segments now: the sealed ones' files, the active one's records so
+    /// far (those still in the write buffer included; not the zeros of
+    /// [preallocation](LogOptions::preallocate)).
+    pub bytes: u64,
 }
 
 /// A [`Store`] in a directory of segment files; see the [module docs](self) for the
@@ -913,6 +957,7 @@ impl LogStore {
             sleepers: 0,
             dir_unsynced: false,
             zeroed_until: buf_pos,
+            active_newest: None,
         };
         let sync = options.sync;
         let shared = Arc::new(Shared {
@@ -935,6 +980,7 @@ impl LogStore {
             shutdown: AtomicBool::new(false),
             writes: AtomicU64::new(0),
             syncs: AtomicU64::new(0),
+            retention_due: AtomicBool::new(false),
         });
         let flusher = match sync {
             SyncPolicy::Every { interval, .. } if writable => {
@@ -950,14 +996,18 @@ impl LogStore {
             }
             _ => None,
         };
-        Ok(LogStore {
+        let store = LogStore {
             shared,
             flusher,
             segment_damage: recovered.corruption,
             journal_damage,
             opened_at: recovered.next,
             _lock: lock,
-        })
+        };
+        if writable && store.shared.options.retains() {
+            store.apply_retention()?;
+        }
+        Ok(store)
     }
 
     /// Replays every committed record from `from` on, in order: `f` gets each record's
@@ -1017,12 +1067,135 @@ impl LogStore {
             .or(self.journal_damage.as_ref())
     }
 
-    /// What the store did since it was opened (records, writes, fdatasyncs).
+    /// What the store did since it was opened (records, writes, fdatasyncs), and the
+    /// segment files it holds now.
     pub fn stats(&self) -> LogStats {
+        let records = self.shared.writer.lock().next - self.opened_at;
+        let sizes = self.shared.segment_sizes();
         LogStats {
-            records: self.shared.writer.lock().next - self.opened_at,
+            records,
             writes: self.shared.writes.load(Ordering::Relaxed),
             syncs: self.shared.syncs.load(Ordering::Relaxed),
+            segments: sizes.len() as u64,
+            bytes: sizes.iter().map(|(_, len)| len).sum(),
+        }
+    }
+
+    /// Applies the retention of its options ([`LogOptions::retain_for`],
+    /// [`LogOptions::retain_bytes`]) now: deletes the oldest sealed segments they let
+    /// go, as [`Store::truncate_before`] of the first offset kept would, and returns the
+    /// start offset after it. The store does this itself when it opens and after each
+    /// append that seals a segment; a host calls it on a timer for retention by age on
+    /// a log that can go quiet (no thread of the store's wakes for it). Does nothing
+    /// without a retention option. [`Error::ReadOnly`] on a store opened read-only.
+    ///
+    /// Finding a segment's newest timestamp reads the segment once, for a segment this
+    /// store did not seal itself (one it found when it opened, or a compaction's
+    /// rewrite); the store remembers it after.
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use cauce::store::{LogOptions, LogStore, Store};
+    /// use cauce::Entry;
+    ///
+    /// let dir = tempfile::tempdir().unwrap();
+    /// let options = LogOptions::new().segment_bytes(4096).retain_for(Duration::from_secs(3600));
+    /// let log = LogStore::open(dir.path(), options).unwrap();
+    /// // Records stamped two hours ago, a few segments' worth, then one of now.
+    /// let old = cauce::record::now() - 2 * 3600 * 1000;
+    /// for _ in 0..100 {
+    ///     log.append(&[Entry::with_timestamp(old, b"k", &[0u8; 100])]).unwrap();
+    /// }
+    /// log.append(&[Entry::new(b"k", b"now")]).unwrap();
+    /// // Every sealed segment held only old records; the active one stays.
+    /// assert_eq!(log.apply_retention().unwrap(), log.start_offset());
+    /// assert_eq!(log.stats().segments, 1);
+    /// # Ok::<(), cauce::Error>(())
+    /// ```
+    pub fn apply_retention(&self) -> Result<Offset> {
+        let shared = &self.shared;
+        if !shared.writable {
+            return Err(Error::ReadOnly(
+                "opened read-only: retention is refused".into(),
+            ));
+        }
+        shared.retention_due.store(false, Ordering::Release);
+        if !shared.options.retains() {
+            return Ok(self.start_offset());
+        }
+        let _maintenance = shared.maintenance.lock();
+        if let Some(cut) = self.retention_cut()? {
+            let before = self.start_offset();
+            shared.truncate_locked(cut)?;
+            tracing::info!(
+                dir = %shared.dir.display(),
+                from = before,
+                to = cut,
+                "retention dropped the oldest segments"
+            );
+        }
+        Ok(self.start_offset())
+    }
+
+    /// The first offset that retention keeps, if it lets any sealed segment go. Called
+    /// under the maintenance lock: the segments do not change under it but by a roll,
+    /// which only adds one.
+    fn retention_cut(&self) -> Result<Option<Offset>> {
+        let options = &self.shared.options;
+        let segments = self.shared.segment_sizes();
+        // Every segment but the last (the active one) may go.
+        let sealed = segments.len().saturating_sub(1);
+        let mut drop = 0;
+        if let Some(limit) = options.retain_bytes {
+            let mut total: u64 = segments.iter().map(|(_, len)| len).sum();
+            while drop < sealed {
+                let size = segments[drop].1;
+                if total - size < limit {
+                    break;
+                }
+                total -= size;
+                drop += 1;
+            }
+        }
+        if let Some(age) = options.retain_for {
+            let age = u64::try_from(age.as_millis()).unwrap_or(u64::MAX);
+            let horizon = crate::record::now().saturating_sub(age);
+            while drop < sealed {
+                if self.newest_timestamp(&segments[drop].0, segments[drop + 1].0.base)? >= horizon {
+                    break;
+                }
+                drop += 1;
+            }
+        }
+        Ok((drop > 0).then(|| segments[drop].0.base))
+    }
+
+    /// The newest record timestamp of sealed segment `seg`, whose records end before
+    /// `until` (the next segment's base), reading the segment if the writer did not
+    /// note it. Records below the start do not count (they are gone).
+    fn newest_timestamp(&self, seg: &Segment, until: Offset) -> Result<Timestamp> {
+        if let Some(&newest) = seg.newest.get() {
+            return Ok(newest);
+        }
+        let from = seg.base.max(self.start_offset());
+        let mut newest = 0;
+        if from < until {
+            self.reader_at(from)?
+                .replay(until, |_, e| newest = newest.max(e.timestamp))?;
+        }
+        Ok(*seg.newest.get_or_init(|| newest))
+    }
+
+    /// After an append: applies retention if the append sealed a segment. The append
+    /// stands whatever this finds; a failure is logged, and tried again after the next
+    /// seal (or by [`apply_retention`](Self::apply_retention)).
+    fn retain_after_seal(&self) {
+        if !self.shared.options.retains() || !self.shared.retention_due.load(Ordering::Acquire) {
+            return;
+        }
+        if let Err(e) = self.apply_retention() {
+            tracing::warn!(dir = %self.shared.dir.display(), error = %e, "retention failed; tried again after the next seal");
+            self.shared.retention_due.store(true, Ordering::Release);
         }
     }
 
@@ -1123,12 +1296,16 @@ impl Drop for LogStore {
 
 impl Store for LogStore {
     fn append(&self, batch: &[Entry<'_>]) -> Result<Range<Offset>> {
-        self.shared.append(batch)
+        let offsets = self.shared.append(batch)?;
+        self.retain_after_seal();
+        Ok(offsets)
     }
 
     fn append_deferred(&self, batch: &[Entry<'_>]) -> Result<Deferred> {
+        let offsets = self.shared.append_deferred(batch)?;
+        self.retain_after_seal();
         Ok(Deferred {
-            offsets: self.shared.append_deferred(batch)?,
+            offsets,
             pending: self.shared.options.sync == SyncPolicy::Always,
         })
     }
@@ -1195,7 +1372,9 @@ impl Store for LogStore {
     }
 
     fn compact(&self) -> Result<Compaction> {
-        self.shared.compact()
+        let compaction = self.shared.compact()?;
+        self.retain_after_seal();
+        Ok(compaction)
     }
 
     fn commit_cursor(&self, name: &str, offset: Offset) -> Result<()> {

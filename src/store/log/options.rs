@@ -62,6 +62,8 @@ pub struct LogOptions {
     pub(crate) write_buffer_bytes: usize,
     pub(crate) keep_mapped: bool,
     pub(crate) max_open_segments: usize,
+    pub(crate) retain_for: Option<Duration>,
+    pub(crate) retain_bytes: Option<u64>,
 }
 
 impl Default for LogOptions {
@@ -75,6 +77,8 @@ impl Default for LogOptions {
             write_buffer_bytes: 512 << 10,
             keep_mapped: false,
             max_open_segments: 128,
+            retain_for: None,
+            retain_bytes: None,
         }
     }
 }
@@ -90,7 +94,9 @@ impl LogOptions {
 
     /// The defaults: [`SyncPolicy::Always`], 64 MiB segments (preallocated), records up
     /// to 8 MiB, an index entry every 4 KiB, a 512 KiB write buffer, no mapping kept
-    /// between reads, at most 128 sealed segment files open.
+    /// between reads, at most 128 sealed segment files open, every record kept until
+    /// [`Store::truncate_before`](crate::store::Store::truncate_before) drops it (no
+    /// [retention by age](Self::retain_for) or [by size](Self::retain_bytes)).
     pub fn new() -> Self {
         LogOptions::default()
     }
@@ -179,6 +185,68 @@ impl LogOptions {
     pub fn max_open_segments(mut self, files: usize) -> Self {
         self.max_open_segments = files;
         self
+    }
+
+    /// Deletes the oldest sealed segments once every record in them is older than
+    /// `age` (Kafka's `retention.ms`): a segment goes when the newest
+    /// [`timestamp`](crate::Record::timestamp) in it is more than `age` before now
+    /// ([`now`](crate::record::now), milliseconds of the wall clock), and only with every
+    /// segment before it, so the log keeps a contiguous range of offsets. Default: no
+    /// limit.
+    ///
+    /// Retention works a whole segment at a time and never deletes the active one (the
+    /// segment being appended to): records older than `age` stay until their segment
+    /// is sealed, which [`segment_bytes`](Self::segment_bytes) bounds. It is applied
+    /// when the store opens (read-write), after each append that sealed a segment,
+    /// and by [`LogStore::apply_retention`](super::LogStore::apply_retention), which a
+    /// host whose log can go quiet calls on a timer (no thread of the store's wakes for
+    /// it). What it deletes is dropped as by
+    /// [`Store::truncate_before`](crate::store::Store::truncate_before) of the first
+    /// offset kept: the start moves past it, and a reader or cursor behind it gets
+    /// [`Error::OffsetOutOfRange`]. Timestamps are the ones appended (a record appended
+    /// with an old [`Entry::with_timestamp`](crate::Entry::with_timestamp) counts as
+    /// old); a clock set back makes segments look younger, never older.
+    ///
+    /// A [`Cluster`](crate::cluster::Cluster) refuses logs with retention: it drops the
+    /// head of its own log only past a checkpoint
+    /// ([`truncate_after_checkpoint`](crate::cluster::ClusterBuilder::truncate_after_checkpoint)),
+    /// since every key's state is rebuilt from there.
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use cauce::store::LogOptions;
+    ///
+    /// // Kafka's default: a week.
+    /// let options = LogOptions::new().retain_for(Duration::from_secs(7 * 24 * 3600));
+    /// assert_eq!(options.retention(), (Some(Duration::from_secs(604_800)), None));
+    /// ```
+    pub fn retain_for(mut self, age: Duration) -> Self {
+        self.retain_for = Some(age);
+        self
+    }
+
+    /// Deletes the oldest sealed segments while the log would still hold at least
+    /// `bytes` without them (Kafka's `retention.bytes`): the segment files, headers
+    /// included, the active one counted too, stay between `bytes` and `bytes` plus one
+    /// segment. Applied as [`retain_for`](Self::retain_for) is (at open, after each
+    /// append that sealed a segment, and by
+    /// [`LogStore::apply_retention`](super::LogStore::apply_retention)), a whole sealed
+    /// segment at a time; with both set, a segment goes when either says so. Default:
+    /// no limit.
+    pub fn retain_bytes(mut self, bytes: u64) -> Self {
+        self.retain_bytes = Some(bytes);
+        self
+    }
+
+    /// The retention set: by age ([`retain_for`](Self::retain_for)) and by size
+    /// ([`retain_bytes`](Self::retain_bytes)); `None` for no limit.
+    pub fn retention(&self) -> (Option<Duration>, Option<u64>) {
+        (self.retain_for, self.retain_bytes)
+    }
+
+    /// Whether any retention is set.
+    pub(crate) fn retains(&self) -> bool {
+        self.retain_for.is_some() || self.retain_bytes.is_some()
     }
 
     /// The sync policy set.

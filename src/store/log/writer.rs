@@ -25,7 +25,7 @@ use parking_lot::MutexGuard;
 use super::segment::{self, SEGMENT_HEADER_LEN};
 use super::{OpenFiles, Segment, Shared, SyncPolicy, WriterState, index, meta};
 use crate::error::{Error, Result};
-use crate::record::{Entry, Offset};
+use crate::record::{Entry, Offset, Timestamp};
 
 /// With a leader writing, `Never`/`Every` appenders wait once the next buffer holds this
 /// many times `write_buffer_bytes` (back-pressure instead of unbounded memory).
@@ -233,6 +233,14 @@ impl Shared {
         }
         st.next = end;
         st.buf_appends += 1;
+        if self.options.retain_for.is_some() {
+            if let Some(newest) = &mut st.active_newest {
+                *newest = batch
+                    .iter()
+                    .map(|e| e.timestamp)
+                    .fold(*newest, Timestamp::max);
+            }
+        }
         // Under `Every` and `Never` the records are committed from here on, whatever a
         // write this call goes on to run returns: a failed one poisons the store, and
         // the calls after it report it (module docs, "Durability and visibility").
@@ -582,8 +590,14 @@ impl Shared {
             }
         }
         seg.end.store(end, Ordering::Release);
+        if let Some(newest) = st.active_newest {
+            let _ = seg.newest.set(newest);
+        }
         seg.sealed.store(true, Ordering::Release);
         seg.sealed_now();
+        if self.options.retains() {
+            self.retention_due.store(true, Ordering::Release);
+        }
         if let Some((_, written)) = st.inflight.take() {
             reuse(st, written);
         }
@@ -610,6 +624,7 @@ impl Shared {
         st.buf_pos = SEGMENT_HEADER_LEN as u64;
         st.zeroed_until = SEGMENT_HEADER_LEN as u64;
         st.next_index_pos = 0;
+        st.active_newest = Some(0);
         Ok(())
     }
 

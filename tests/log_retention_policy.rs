@@ -1,0 +1,250 @@
+//! Retention by age and by size ([`LogOptions::retain_for`], [`LogOptions::retain_bytes`]):
+//! which segments go, when, and that every record kept reads back whole.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::time::Duration;
+
+use cauce::cluster::{Cluster, Context, Handler};
+use cauce::record::now;
+use cauce::store::{LogOptions, LogStore, Store, SyncPolicy};
+use cauce::{Entry, Error, Offset};
+
+const SEGMENT: u64 = 4096;
+const HOUR_MS: u64 = 3600 * 1000;
+
+fn options() -> LogOptions {
+    LogOptions::new()
+        .sync(SyncPolicy::Never)
+        .segment_bytes(SEGMENT)
+        .index_interval_bytes(256)
+}
+
+fn payload(i: u64) -> Vec<u8> {
+    format!("value-{i}-{}", "x".repeat(80 + (i % 13) as usize)).into_bytes()
+}
+
+/// Appends records `range` one at a time, record `i` stamped `stamp(i)`.
+fn append(log: &LogStore, range: std::ops::Range<u64>, stamp: impl Fn(u64) -> u64) {
+    for i in range {
+        let at = log
+            .append(&[Entry::with_timestamp(stamp(i), b"k", &payload(i))])
+            .expect("append");
+        assert_eq!(at, i..i + 1);
+    }
+}
+
+/// The segment files in `dir`: base offset to length.
+fn segment_files(dir: &Path) -> BTreeMap<Offset, u64> {
+    std::fs::read_dir(dir)
+        .expect("list")
+        .filter_map(|e| {
+            let e = e.expect("entry");
+            let name = e.file_name().into_string().ok()?;
+            let base = name.strip_suffix(".log")?.parse().ok()?;
+            Some((base, e.metadata().expect("stat").len()))
+        })
+        .collect()
+}
+
+/// Every record from the start to the end reads back whole, at its offset.
+fn check_kept(log: &LogStore, end: u64) {
+    let start = log.start_offset();
+    let offsets: Vec<u64> = log
+        .read_from(start)
+        .expect("read")
+        .map(|r| {
+            let r = r.expect("record");
+            assert_eq!(r.payload.to_vec(), payload(r.offset), "offset {}", r.offset);
+            r.offset
+        })
+        .collect();
+    assert_eq!(offsets, (start..end).collect::<Vec<_>>());
+}
+
+#[test]
+fn retention_by_size_keeps_between_the_limit_and_one_segment_more() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let limit = 5 * SEGMENT;
+    let log = LogStore::open(dir.path(), options().retain_bytes(limit)).expect("open");
+    let mut sealed_checks = 0;
+    let mut active_before = 0;
+    for i in 0..600u64 {
+        append(&log, i..i + 1, |_| now());
+        let stats = log.stats();
+        let files = segment_files(dir.path());
+        let active = files.keys().last().copied().expect("a segment");
+        if active != active_before {
+            // A seal happened in this append, and retention ran after it: dropping
+            // the oldest segment left would go below the limit.
+            assert_eq!(files.len() as u64, stats.segments);
+            let sealed: Vec<u64> = files.values().copied().collect();
+            let total = stats.bytes;
+            if stats.segments > 1 {
+                assert!(
+                    total - sealed[0] < limit,
+                    "after append {i}: {total} bytes, the oldest {} could go",
+                    sealed[0]
+                );
+            }
+            assert!(
+                total <= limit + 2 * SEGMENT,
+                "{total} bytes after append {i}"
+            );
+            sealed_checks += 1;
+        }
+        active_before = active;
+    }
+    assert!(sealed_checks > 10, "only {sealed_checks} seals seen");
+    assert!(log.start_offset() > 0, "nothing was dropped");
+    assert!(log.stats().bytes >= limit - SEGMENT, "{:?}", log.stats());
+    check_kept(&log, 600);
+    // Retention applied again now (the active segment grew since the last seal) is
+    // what a reopen with the same options finds.
+    let start = log.apply_retention().expect("retention");
+    assert!(log.stats().bytes - segment_files(dir.path())[&start] < limit);
+    drop(log);
+    let log = LogStore::open(dir.path(), options().retain_bytes(limit)).expect("reopen");
+    assert_eq!(log.start_offset(), start);
+    check_kept(&log, 600);
+}
+
+#[test]
+fn retention_by_age_drops_the_segments_whose_newest_record_is_old() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let log =
+        LogStore::open(dir.path(), options().retain_for(Duration::from_secs(3600))).expect("open");
+    let old = now() - 2 * HOUR_MS;
+    // Old records over several segments; one recent record among old ones (the
+    // newest of its segment counts, not the last); then old ones again, and recent.
+    let fresh = 150;
+    append(&log, 0..300, |i| if i == fresh { now() } else { old });
+    append(&log, 300..400, |_| now());
+    let start = log.start_offset();
+    assert!(start > 0, "no old segment went");
+    assert!(
+        start <= fresh,
+        "the segment of the recent record {fresh} went (start {start})"
+    );
+    // Every segment left starts at or after the start, and the first one holds the
+    // recent record: the one before it held only old records and went.
+    let files = segment_files(dir.path());
+    assert_eq!(files.keys().next(), Some(&start));
+    let second = files.keys().nth(1).copied().expect("two segments");
+    assert!(second > fresh, "segments {files:?}");
+    check_kept(&log, 400);
+}
+
+#[test]
+fn the_active_segment_stays_however_old() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let opts = || options().retain_for(Duration::ZERO).retain_bytes(0);
+    let log = LogStore::open(dir.path(), opts()).expect("open");
+    append(&log, 0..5, |_| 0);
+    assert_eq!(log.apply_retention().expect("retention"), 0);
+    check_kept(&log, 5);
+    append(&log, 5..200, |_| 0);
+    let start = log.apply_retention().expect("retention");
+    assert!(start > 0);
+    assert_eq!(log.stats().segments, 1);
+    assert_eq!(segment_files(dir.path()).len(), 1);
+    check_kept(&log, 200);
+    // Appends go on at the next offset.
+    append(&log, 200..201, |_| 0);
+    check_kept(&log, 201);
+}
+
+#[test]
+fn retention_applies_when_the_store_opens_reading_the_segments_it_finds() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let old = now() - 2 * HOUR_MS;
+    let fresh = 120;
+    {
+        let log = LogStore::open(dir.path(), options()).expect("open");
+        append(&log, 0..200, |i| if i == fresh { now() } else { old });
+        append(&log, 200..260, |_| now());
+        assert_eq!(log.start_offset(), 0);
+    }
+    let before = segment_files(dir.path());
+    assert!(before.len() > 5, "{before:?}");
+    // Opened read-only, nothing changes, and retention is refused.
+    {
+        let view =
+            LogStore::open_read_only(dir.path(), options().retain_for(Duration::from_secs(3600)))
+                .expect("open read-only");
+        assert_eq!(view.start_offset(), 0);
+        assert!(matches!(view.apply_retention(), Err(Error::ReadOnly(_))));
+        assert_eq!(segment_files(dir.path()), before);
+    }
+    let log = LogStore::open(dir.path(), options().retain_for(Duration::from_secs(3600)))
+        .expect("reopen");
+    let start = log.start_offset();
+    assert!(start > 0 && start <= fresh, "start {start}");
+    assert_eq!(segment_files(dir.path()).keys().next(), Some(&start));
+    check_kept(&log, 260);
+    // Without retention, a reopen keeps what is there.
+    drop(log);
+    let log = LogStore::open(dir.path(), options()).expect("reopen");
+    assert_eq!(log.start_offset(), start);
+    assert_eq!(log.apply_retention().expect("no retention"), start);
+    check_kept(&log, 260);
+}
+
+#[test]
+fn retention_after_compaction_reads_the_rewritten_segments() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let log =
+        LogStore::open(dir.path(), options().retain_for(Duration::from_secs(3600))).expect("open");
+    let old = now() - 2 * HOUR_MS;
+    // Distinct keys, so compaction keeps every record and only rewrites the files.
+    for i in 0..200u64 {
+        let stamp = if i < 100 { old } else { now() };
+        log.append(&[Entry::with_timestamp(
+            stamp,
+            format!("k{i}").as_bytes(),
+            &payload(i),
+        )])
+        .expect("append");
+    }
+    // The appends sealed segments and retention ran after them.
+    let start = log.start_offset();
+    assert!(start > 0 && start <= 100, "start {start}");
+    log.compact().expect("compact");
+    assert_eq!(log.apply_retention().expect("retention"), start);
+    check_kept(&log, 200);
+}
+
+#[derive(Default)]
+struct Count;
+
+impl Handler for Count {
+    type State = u64;
+    type Request = u64;
+    type Response = u64;
+    fn handle(&self, _: &mut Context<'_>, _: &[u8], total: &mut u64, add: u64) -> u64 {
+        *total += add;
+        *total
+    }
+}
+
+#[test]
+fn a_cluster_refuses_logs_with_retention() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    for options in [
+        LogOptions::new().retain_for(Duration::from_secs(60)),
+        LogOptions::new().retain_bytes(1 << 30),
+    ] {
+        let built = Cluster::builder(Count)
+            .dir(dir.path())
+            .log_options(options)
+            .instances(1)
+            .build();
+        match built {
+            Err(Error::Config(message)) => assert!(message.contains("retention"), "{message}"),
+            Err(e) => panic!("another error: {e}"),
+            Ok(_) => panic!("a cluster with log retention was built"),
+        }
+    }
+    // Nothing was created in the directory.
+    assert!(!dir.path().join("input").exists());
+}
