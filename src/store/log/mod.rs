@@ -1186,6 +1186,63 @@ impl LogStore {
         Ok(*seg.newest.get_or_init(|| newest))
     }
 
+    /// The offset of the first record, from the start on, whose timestamp is at or
+    /// after `at` (Kafka's `offsetsForTimes`): where to read from to replay what
+    /// happened since a moment. `None` if no record held is that recent. Timestamps
+    /// need not grow with offsets: the answer is the lowest offset whose own
+    /// timestamp qualifies, whatever the records after it carry.
+    ///
+    /// Sealed segments whose newest timestamp is older than `at` are skipped without
+    /// reading them, once that newest timestamp is known (the writer notes it for a
+    /// segment it seals under [`LogOptions::retain_for`]; otherwise the first lookup,
+    /// or retention, reads the segment once). The segment that holds the answer is
+    /// read up to it. Waits for a compaction or retention that is running.
+    ///
+    /// ```
+    /// use cauce::store::{LogOptions, LogStore, Store};
+    /// use cauce::Entry;
+    ///
+    /// let dir = tempfile::tempdir().unwrap();
+    /// let log = LogStore::open(dir.path(), LogOptions::new()).unwrap();
+    /// for (at, payload) in [(1_000, "a"), (2_000, "b"), (3_000, "c")] {
+    ///     log.append(&[Entry::with_timestamp(at, b"k", payload.as_bytes())]).unwrap();
+    /// }
+    /// assert_eq!(log.offset_for_timestamp(1_500).unwrap(), Some(1));
+    /// assert_eq!(log.offset_for_timestamp(3_000).unwrap(), Some(2));
+    /// assert_eq!(log.offset_for_timestamp(3_001).unwrap(), None);
+    /// ```
+    pub fn offset_for_timestamp(&self, at: Timestamp) -> Result<Option<Offset>> {
+        // No segment leaves the list, and the start does not move, while this runs.
+        let _maintenance = self.shared.maintenance.lock();
+        let segments: Vec<Arc<Segment>> = self.shared.segments.read().clone();
+        for (i, seg) in segments.iter().enumerate() {
+            let until = match segments.get(i + 1) {
+                Some(next) => {
+                    if self.newest_timestamp(seg, next.base)? < at {
+                        continue;
+                    }
+                    next.base
+                }
+                // The active segment: read to the end.
+                None => self.next_offset(),
+            };
+            let from = seg.base.max(self.start_offset());
+            if from >= until {
+                continue;
+            }
+            for record in self.reader_at(from)? {
+                let record = record?;
+                if record.offset >= until {
+                    break;
+                }
+                if record.timestamp >= at {
+                    return Ok(Some(record.offset));
+                }
+            }
+        }
+        Ok(None)
+    }
+
     /// After an append: applies retention if the append sealed a segment. The append
     /// stands whatever this finds; a failure is logged, and tried again after the next
     /// seal (or by [`apply_retention`](Self::apply_retention)).

@@ -624,7 +624,8 @@ impl Shared {
         st.buf_pos = SEGMENT_HEADER_LEN as u64;
         st.zeroed_until = SEGMENT_HEADER_LEN as u64;
         st.next_index_pos = 0;
-        st.active_newest = Some(0);
+        // Noted only under retention by age (an append pays for it otherwise).
+        st.active_newest = self.options.retain_for.map(|_| 0);
         Ok(())
     }
 

@@ -1,5 +1,7 @@
-//! Retention by age and by size ([`LogOptions::retain_for`], [`LogOptions::retain_bytes`]):
-//! which segments go, when, and that every record kept reads back whole.
+//! A log's records in time: retention by age and by size ([`LogOptions::retain_for`],
+//! [`LogOptions::retain_bytes`]): which segments go, when, and that every record kept
+//! reads back whole; and the lookup of an offset by timestamp
+//! ([`LogStore::offset_for_timestamp`]).
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -212,6 +214,61 @@ fn retention_after_compaction_reads_the_rewritten_segments() {
     log.compact().expect("compact");
     assert_eq!(log.apply_retention().expect("retention"), start);
     check_kept(&log, 200);
+}
+
+/// Timestamps that mostly grow, with jitter that puts some out of order, and runs of
+/// equal ones.
+fn jittered_stamps(n: u64) -> Vec<u64> {
+    let mut state = 0x2545_f491_4f6c_dd1d_u64;
+    (0..n)
+        .map(|i| {
+            state = state
+                .wrapping_mul(6_364_136_223_846_793_005)
+                .wrapping_add(1);
+            let jitter = (state >> 33) % 40;
+            1_000_000 + (i / 3) * 10 + jitter
+        })
+        .collect()
+}
+
+/// `offset_for_timestamp` against the model (the first offset from `start` whose own
+/// timestamp is at or after it) at every timestamp held, one past each, and the edges.
+fn check_lookups(log: &LogStore, stamps: &[u64], start: u64) {
+    let mut probes: Vec<u64> = stamps.iter().flat_map(|&s| [s, s + 1]).collect();
+    probes.extend([0, u64::MAX]);
+    for at in probes {
+        let expected = (start..stamps.len() as u64).find(|&o| stamps[o as usize] >= at);
+        assert_eq!(
+            log.offset_for_timestamp(at).expect("lookup"),
+            expected,
+            "timestamp {at}"
+        );
+    }
+}
+
+#[test]
+fn offset_for_timestamp_is_the_first_record_at_or_after_it() {
+    let stamps = jittered_stamps(400);
+    // The newest timestamps of sealed segments read from them (no retention), and
+    // noted by the writer (retention by an age that keeps everything).
+    for options in [
+        options(),
+        options().retain_for(Duration::from_secs(u64::from(u32::MAX))),
+    ] {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let log = LogStore::open(dir.path(), options.clone()).expect("open");
+        append(&log, 0..400, |i| stamps[i as usize]);
+        assert_eq!(log.start_offset(), 0);
+        assert!(segment_files(dir.path()).len() > 10);
+        check_lookups(&log, &stamps, 0);
+        // Records before the start do not count.
+        log.truncate_before(123).expect("truncate");
+        check_lookups(&log, &stamps, 123);
+        log.sync().expect("sync");
+        // A read-only view answers the same, reading the segments it opened.
+        let view = LogStore::open_read_only(dir.path(), options).expect("read-only");
+        check_lookups(&view, &stamps, 123);
+    }
 }
 
 #[derive(Default)]
