@@ -305,3 +305,87 @@ fn a_cluster_refuses_logs_with_retention() {
     // Nothing was created in the directory.
     assert!(!dir.path().join("input").exists());
 }
+
+#[test]
+fn retention_runs_while_appenders_and_readers_do() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let limit = 6 * SEGMENT;
+    let log = LogStore::open(
+        dir.path(),
+        options().sync(SyncPolicy::Always).retain_bytes(limit),
+    )
+    .expect("open");
+    // Each record's payload is its key repeated: a reader can check it whole without
+    // knowing its offset.
+    let record = |t: u64, i: u64| {
+        let key = format!("t{t}-{i}");
+        let payload = key.repeat(100 / key.len() + 1);
+        (key, payload)
+    };
+    let stop = std::sync::atomic::AtomicBool::new(false);
+    let read = std::sync::atomic::AtomicU64::new(0);
+    std::thread::scope(|s| {
+        let writers: Vec<_> = (0..3u64)
+            .map(|t| {
+                let log = &log;
+                s.spawn(move || {
+                    for i in 0..600 {
+                        let (key, payload) = record(t, i);
+                        log.append(&[Entry::new(key.as_bytes(), payload.as_bytes())])
+                            .expect("append");
+                    }
+                })
+            })
+            .collect();
+        for _ in 0..2 {
+            s.spawn(|| {
+                while !stop.load(std::sync::atomic::Ordering::Acquire) {
+                    let reader = match log.read_from(log.start_offset()) {
+                        Ok(reader) => reader,
+                        // Retention moved the start between the two calls.
+                        Err(Error::OffsetOutOfRange { .. }) => continue,
+                        Err(e) => panic!("read: {e}"),
+                    };
+                    for r in reader {
+                        match r {
+                            Ok(r) => {
+                                let key = std::str::from_utf8(&r.key).expect("key");
+                                assert!(r.payload.starts_with(key.as_bytes()), "{r:?}");
+                                assert_eq!(r.payload.len() % key.len(), 0, "{r:?}");
+                                read.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                            }
+                            // Retention passed the reader: start again from the start.
+                            Err(Error::OffsetOutOfRange { .. }) => break,
+                            Err(e) => panic!("read: {e}"),
+                        }
+                    }
+                }
+            });
+        }
+        for w in writers {
+            w.join().expect("writer");
+        }
+        stop.store(true, std::sync::atomic::Ordering::Release);
+    });
+    assert!(read.load(std::sync::atomic::Ordering::Relaxed) > 0);
+    let start = log.apply_retention().expect("retention");
+    assert!(start > 0, "nothing was dropped");
+    let stats = log.stats();
+    assert!(
+        stats.bytes >= limit - SEGMENT && stats.bytes <= limit + SEGMENT,
+        "{stats:?}"
+    );
+    assert_eq!(segment_files(dir.path()).len() as u64, stats.segments);
+    // What is kept reads back whole, every offset from the start to the end.
+    let kept: Vec<u64> = log
+        .read_from(start)
+        .expect("read")
+        .map(|r| {
+            let r = r.expect("record");
+            let key = std::str::from_utf8(&r.key).expect("key").to_owned();
+            assert!(r.payload.starts_with(key.as_bytes()));
+            r.offset
+        })
+        .collect();
+    assert_eq!(kept, (start..1800).collect::<Vec<_>>());
+}
