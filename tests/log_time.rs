@@ -138,22 +138,63 @@ fn retention_by_age_drops_the_segments_whose_newest_record_is_old() {
 }
 
 #[test]
-fn the_active_segment_stays_however_old() {
+fn the_active_segment_goes_by_age_once_every_record_in_it_expired() {
+    // By size, the active segment stays whatever the limit.
     let dir = tempfile::tempdir().expect("tempdir");
-    let opts = || options().retain_for(Duration::ZERO).retain_bytes(0);
-    let log = LogStore::open(dir.path(), opts()).expect("open");
-    append(&log, 0..5, |_| 0);
-    assert_eq!(log.apply_retention().expect("retention"), 0);
-    check_kept(&log, 5);
-    append(&log, 5..200, |_| 0);
+    let log = LogStore::open(dir.path(), options().retain_bytes(0)).expect("open");
+    append(&log, 0..200, |_| now());
     let start = log.apply_retention().expect("retention");
     assert!(start > 0);
     assert_eq!(log.stats().segments, 1);
     assert_eq!(segment_files(dir.path()).len(), 1);
     check_kept(&log, 200);
-    // Appends go on at the next offset.
-    append(&log, 200..201, |_| 0);
-    check_kept(&log, 201);
+
+    // By age, a log that went quiet loses its last records too, once they expired: the
+    // active segment is sealed, then goes. Appends go on at the next offset.
+    let dir = tempfile::tempdir().expect("tempdir");
+    let opts = || options().retain_for(Duration::from_secs(3600));
+    let log = LogStore::open(dir.path(), opts()).expect("open");
+    let old = now() - 2 * HOUR_MS;
+    append(&log, 0..5, |_| old);
+    assert_eq!(log.apply_retention().expect("retention"), 5);
+    assert_eq!(segment_files(dir.path()).keys().collect::<Vec<_>>(), [&5]);
+    check_kept(&log, 5);
+    append(&log, 5..6, |_| now());
+    check_kept(&log, 6);
+    // One recent record keeps the active segment, and the old records after it.
+    append(&log, 6..10, |_| old);
+    assert_eq!(log.apply_retention().expect("retention"), 5);
+    check_kept(&log, 10);
+    // Expired records of the segment a store opens on are found by reading it.
+    drop(log);
+    let dir = tempfile::tempdir().expect("tempdir");
+    {
+        let log = LogStore::open(dir.path(), options()).expect("open");
+        append(&log, 0..7, |_| old);
+    }
+    let log = LogStore::open(dir.path(), opts()).expect("reopen");
+    assert_eq!(log.start_offset(), 7);
+    append(&log, 7..8, |_| now());
+    check_kept(&log, 8);
+}
+
+#[test]
+fn a_segment_older_than_segment_age_is_sealed_at_the_next_append() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let log =
+        LogStore::open(dir.path(), options().segment_age(Duration::from_secs(1))).expect("open");
+    append(&log, 0..3, |_| now());
+    std::thread::sleep(Duration::from_millis(1100));
+    append(&log, 3..4, |_| now());
+    // The append after the segment's age sealed it and started the next one.
+    assert_eq!(segment_files(dir.path()).keys().last(), Some(&3));
+    append(&log, 4..5, |_| now());
+    check_kept(&log, 5);
+    // Reopened, the files are the same segments.
+    drop(log);
+    let log = LogStore::open(dir.path(), options()).expect("reopen");
+    check_kept(&log, 5);
+    assert_eq!(segment_files(dir.path()).keys().last(), Some(&3));
 }
 
 #[test]

@@ -561,6 +561,8 @@ pub(crate) struct WriterState {
     /// age; `None` when not known (the segment the store opened on, whose earlier
     /// records it did not read).
     active_newest: Option<Timestamp>,
+    /// When the active segment became the active one (or the store opened on it).
+    active_since: Instant,
 }
 
 /// Where the bytes at a position of the active segment are.
@@ -958,6 +960,7 @@ impl LogStore {
             dir_unsynced: false,
             zeroed_until: buf_pos,
             active_newest: None,
+            active_since: Instant::now(),
         };
         let sync = options.sync;
         let shared = Arc::new(Shared {
@@ -1124,7 +1127,14 @@ impl LogStore {
             return Ok(self.start_offset());
         }
         let _maintenance = shared.maintenance.lock();
-        if let Some(cut) = self.retention_cut()? {
+        let (mut cut, expired_active) = self.retention_cut()?;
+        if let Some(active) = expired_active {
+            // A quiet log whose every record expired: its active segment is sealed so
+            // that it can go too. A record appended meanwhile is in it now, and keeps it.
+            shared.seal_active(&active)?;
+            cut = self.retention_cut()?.0;
+        }
+        if let Some(cut) = cut {
             let before = self.start_offset();
             shared.truncate_locked(cut)?;
             tracing::info!(
@@ -1137,10 +1147,11 @@ impl LogStore {
         Ok(self.start_offset())
     }
 
-    /// The first offset that retention keeps, if it lets any sealed segment go. Called
-    /// under the maintenance lock: the segments do not change under it but by a roll,
-    /// which only adds one.
-    fn retention_cut(&self) -> Result<Option<Offset>> {
+    /// The first offset that retention keeps, if it lets any sealed segment go; and the
+    /// active segment, if every segment before it goes and every record in it is older
+    /// than the retention age (to be sealed, then let go). Called under the maintenance
+    /// lock: the segments do not change under it but by a roll, which only adds one.
+    fn retention_cut(&self) -> Result<(Option<Offset>, Option<Arc<Segment>>)> {
         let options = &self.shared.options;
         let segments = self.shared.segment_sizes();
         // Every segment but the last (the active one) may go.
@@ -1157,6 +1168,7 @@ impl LogStore {
                 drop += 1;
             }
         }
+        let mut expired_active = None;
         if let Some(age) = options.retain_for {
             let age = u64::try_from(age.as_millis()).unwrap_or(u64::MAX);
             let horizon = crate::record::now().saturating_sub(age);
@@ -1166,8 +1178,40 @@ impl LogStore {
                 }
                 drop += 1;
             }
+            if let Some((active, len)) = segments.last().filter(|_| drop == sealed) {
+                if *len > segment::SEGMENT_HEADER_LEN as u64
+                    && self.active_newest(active)?.is_some_and(|t| t < horizon)
+                {
+                    expired_active = Some(active.clone());
+                }
+            }
         }
-        Ok((drop > 0).then(|| segments[drop].0.base))
+        let cut = (drop > 0).then(|| segments[drop].0.base);
+        Ok((cut, expired_active))
+    }
+
+    /// The newest record timestamp of the active segment `seg` so far: the writer's
+    /// note, or a read of its records (not remembered: it grows). `None` if `seg` is no
+    /// longer the active segment, or holds no record from the start on.
+    fn active_newest(&self, seg: &Arc<Segment>) -> Result<Option<Timestamp>> {
+        let noted = {
+            let st = self.shared.writer.lock();
+            if !Arc::ptr_eq(&st.active, seg) {
+                return Ok(None);
+            }
+            st.active_newest
+        };
+        if noted.is_some() {
+            return Ok(noted);
+        }
+        let (from, until) = (seg.base.max(self.start_offset()), self.next_offset());
+        let mut newest = None;
+        if from < until {
+            self.reader_at(from)?.replay(until, |_, e| {
+                newest = Some(newest.map_or(e.timestamp, |n: Timestamp| n.max(e.timestamp)));
+            })?;
+        }
+        Ok(newest)
     }
 
     /// The newest record timestamp of sealed segment `seg`, whose records end before

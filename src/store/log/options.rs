@@ -64,6 +64,7 @@ pub struct LogOptions {
     pub(crate) max_open_segments: usize,
     pub(crate) retain_for: Option<Duration>,
     pub(crate) retain_bytes: Option<u64>,
+    pub(crate) segment_age: Option<Duration>,
 }
 
 impl Default for LogOptions {
@@ -79,6 +80,7 @@ impl Default for LogOptions {
             max_open_segments: 128,
             retain_for: None,
             retain_bytes: None,
+            segment_age: None,
         }
     }
 }
@@ -111,6 +113,18 @@ impl LogOptions {
     /// (default 64 MiB). A batch larger than this gets a segment of its own.
     pub fn segment_bytes(mut self, bytes: u64) -> Self {
         self.segment_bytes = bytes;
+        self
+    }
+
+    /// A segment is also sealed once it has been the active one this long, at the next
+    /// append (Kafka's `segment.ms`; default: no limit, only
+    /// [`segment_bytes`](Self::segment_bytes) seals). With
+    /// [retention by age](Self::retain_for), this bounds how long past `age` a slow
+    /// log keeps a record: a segment that fills in weeks would otherwise hold its
+    /// oldest records for weeks after they expired. The time counts from the segment's
+    /// creation, or from the open for the segment a store opens on.
+    pub fn segment_age(mut self, age: Duration) -> Self {
+        self.segment_age = Some(age);
         self
     }
 
@@ -194,9 +208,12 @@ impl LogOptions {
     /// segment before it, so the log keeps a contiguous range of offsets. Default: no
     /// limit.
     ///
-    /// Retention works a whole segment at a time and never deletes the active one (the
-    /// segment being appended to): records older than `age` stay until their segment
-    /// is sealed, which [`segment_bytes`](Self::segment_bytes) bounds. It is applied
+    /// Retention works a whole segment at a time. The active segment (the one being
+    /// appended to) is sealed and deleted only once every record in it is older than
+    /// `age` and every segment before it went too (a log that went quiet); otherwise
+    /// records older than `age` stay until their segment is sealed, which
+    /// [`segment_bytes`](Self::segment_bytes) and [`segment_age`](Self::segment_age)
+    /// bound. It is applied
     /// when the store opens (read-write), after each append that sealed a segment,
     /// and by [`LogStore::apply_retention`](super::LogStore::apply_retention), which a
     /// host whose log can go quiet calls on a timer (no thread of the store's wakes for

@@ -204,7 +204,12 @@ impl Shared {
         }
         let full = |st: &WriterState| {
             let pos = st.buf_pos + st.buf.len() as u64;
-            pos > SEGMENT_HEADER_LEN as u64 && pos + len > self.options.segment_bytes
+            pos > SEGMENT_HEADER_LEN as u64
+                && (pos + len > self.options.segment_bytes
+                    || self
+                        .options
+                        .segment_age
+                        .is_some_and(|age| st.active_since.elapsed() >= age))
         };
         if full(&st) {
             self.roll_while(&mut st, full)?;
@@ -539,6 +544,19 @@ impl Shared {
         }
     }
 
+    /// Seals `seg` and starts a new segment, if `seg` is still the active one and holds
+    /// a record (retention by age letting the active segment of a quiet log go).
+    pub(crate) fn seal_active(&self, seg: &Arc<Segment>) -> Result<()> {
+        let mut st = self.writer.lock();
+        if let Some(p) = &st.poisoned {
+            return Err(poisoned(p));
+        }
+        self.roll_while(&mut st, |st| {
+            Arc::ptr_eq(&st.active, seg)
+                && st.buf_pos + st.buf.len() as u64 > SEGMENT_HEADER_LEN as u64
+        })
+    }
+
     /// The roll itself, under the lock. On an error the caller poisons the store; the
     /// records written by then stay readable: those that failed to be written stay in
     /// `buf`, and those written but not yet counted in `seg.end` (a failed truncation or
@@ -626,6 +644,7 @@ impl Shared {
         st.next_index_pos = 0;
         // Noted only under retention by age (an append pays for it otherwise).
         st.active_newest = self.options.retain_for.map(|_| 0);
+        st.active_since = Instant::now();
         Ok(())
     }
 
