@@ -6,7 +6,7 @@ use std::time::Duration;
 use arc_swap::ArcSwapOption;
 
 use crate::error::{Error, Result};
-use crate::record::{Entry, Offset};
+use crate::record::{Entry, Offset, Timestamp};
 use crate::store::{Compaction, Deferred, LogStore, RecordIter, Snapshot, Store};
 
 /// A [`LogStore`] that can be closed while other handles to it (clients of a shut-down
@@ -68,6 +68,9 @@ impl Store for OwnedLog {
         f: &mut dyn FnMut(Offset, Entry<'_>),
     ) -> Result<Offset> {
         self.with(|l| l.reader_at(from))?.replay(until, f)
+    }
+    fn offset_for_timestamp(&self, at: Timestamp) -> Result<Option<Offset>> {
+        self.with(|l| l.offset_for_timestamp(at))
     }
     fn start_offset(&self) -> Offset {
         match self.log.load().as_deref() {

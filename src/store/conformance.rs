@@ -61,6 +61,7 @@ pub fn run_all<F: Fixture>(fixture: &mut F) {
     replay_gives_the_records_read_gives(fixture);
     replay_range_stops_before_its_end(fixture);
     deferred_appends_are_appends_once_waited_for(fixture);
+    offset_for_timestamp_is_the_first_record_at_or_after_it(fixture);
 }
 
 fn key(i: u64) -> Vec<u8> {
@@ -719,4 +720,51 @@ pub fn deferred_appends_are_appends_once_waited_for<F: Fixture>(fixture: &mut F)
             .all(|r| r.key.as_ref() == b"deferred" && r.payload.as_ref() == b"payload"),
         "deferred records come back as written"
     );
+}
+
+/// `offset_for_timestamp` is the lowest offset from the start whose own timestamp is at
+/// or after the one asked for, with timestamps that do not grow with offsets; `None`
+/// past every one; the same after retention (from the new start), compaction (its
+/// gaps) and a reopen.
+pub fn offset_for_timestamp_is_the_first_record_at_or_after_it<F: Fixture>(fixture: &mut F) {
+    let store = fixture.create();
+    assert_eq!(
+        store.offset_for_timestamp(0).expect("lookup"),
+        None,
+        "empty"
+    );
+    // Runs of three records per step of 10 ms, each shifted by up to 25 ms either way.
+    let stamp = |i: u64| 10_000 + (i / 3) * 10 + (i * 7_919) % 51 - 25;
+    let keys: Vec<Vec<u8>> = (0..300).map(key).collect();
+    for chunk in (0..300).collect::<Vec<u64>>().chunks(30) {
+        let batch: Vec<Entry<'_>> = chunk
+            .iter()
+            .map(|&i| Entry::with_timestamp(stamp(i), &keys[i as usize], b"t"))
+            .collect();
+        store.append(&batch).expect("append");
+    }
+    let check = |store: &F::Store, what: &str| {
+        let held: Vec<(Offset, u64)> = read_all(store, store.start_offset())
+            .iter()
+            .map(|r| (r.offset, r.timestamp))
+            .collect();
+        let mut probes: Vec<u64> = held.iter().flat_map(|&(_, t)| [t - 1, t, t + 1]).collect();
+        probes.extend([0, u64::MAX]);
+        for at in probes {
+            let expected = held.iter().find(|&&(_, t)| t >= at).map(|&(o, _)| o);
+            assert_eq!(
+                store.offset_for_timestamp(at).expect("lookup"),
+                expected,
+                "{what}: timestamp {at}"
+            );
+        }
+    };
+    check(&store, "appended");
+    store.truncate_before(100).expect("truncate");
+    check(&store, "after retention");
+    store.compact().expect("compact");
+    check(&store, "after compaction");
+    store.sync().expect("sync");
+    let store = fixture.reopen(store);
+    check(&store, "after a reopen");
 }

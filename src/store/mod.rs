@@ -37,7 +37,7 @@ use std::time::Duration;
 use bytes::Bytes;
 
 use crate::error::{Error, Result};
-use crate::record::{Entry, Offset, Record};
+use crate::record::{Entry, Offset, Record, Timestamp};
 
 pub mod conformance;
 pub mod log;
@@ -169,6 +169,43 @@ pub trait Store: Send + Sync + 'static {
             }
         }
         Ok(next)
+    }
+
+    /// The offset of the first record, from the start on, whose timestamp is at or after
+    /// `at` (Kafka's `offsetsForTimes`): where to read from to replay what happened since
+    /// a moment. `None` if no record held is that recent. Timestamps need not grow with
+    /// offsets: the answer is the lowest offset whose own timestamp qualifies, whatever
+    /// the records after it carry.
+    ///
+    /// The default reads the records from the start until it finds one;
+    /// [`LogStore`] skips the sealed segments whose newest timestamp is older.
+    ///
+    /// ```
+    /// use cauce::store::{MemoryStore, Store};
+    /// use cauce::Entry;
+    ///
+    /// let store = MemoryStore::new();
+    /// for (at, payload) in [(1_000, "a"), (3_000, "b"), (2_000, "c")] {
+    ///     store.append(&[Entry::with_timestamp(at, b"k", payload.as_bytes())])?;
+    /// }
+    /// assert_eq!(store.offset_for_timestamp(1_500)?, Some(1));
+    /// assert_eq!(store.offset_for_timestamp(3_000)?, Some(1));
+    /// assert_eq!(store.offset_for_timestamp(3_001)?, None);
+    /// # Ok::<(), cauce::Error>(())
+    /// ```
+    fn offset_for_timestamp(&self, at: Timestamp) -> Result<Option<Offset>> {
+        let (_, records) = read_from_start(self)?;
+        let end = self.next_offset();
+        for record in records {
+            let record = record?;
+            if record.offset >= end {
+                break;
+            }
+            if record.timestamp >= at {
+                return Ok(Some(record.offset));
+            }
+        }
+        Ok(None)
     }
 
     /// The first offset still held.
@@ -445,6 +482,9 @@ impl<S: Store + ?Sized> Store for std::sync::Arc<S> {
         f: &mut dyn FnMut(Offset, Entry<'_>),
     ) -> Result<Offset> {
         (**self).replay_range(from, until, f)
+    }
+    fn offset_for_timestamp(&self, at: Timestamp) -> Result<Option<Offset>> {
+        (**self).offset_for_timestamp(at)
     }
     fn start_offset(&self) -> Offset {
         (**self).start_offset()

@@ -453,6 +453,7 @@ pub fn positions_and_cursors<F: Fixture>(fixture: &mut F) {
         for from in [
             Position::Beginning,
             Position::Offset(0),
+            Position::Timestamp(0),
             Position::Cursor("reader".into()),
         ] {
             assert!(
@@ -474,10 +475,20 @@ pub fn positions_and_cursors<F: Fixture>(fixture: &mut F) {
     };
     assert_eq!(first_of(Position::Beginning), 0);
     assert_eq!(first_of(Position::Offset(7)), 7);
+    // Record i is stamped 1_000 + i.
+    assert_eq!(first_of(Position::Timestamp(1_007)), 7);
+    assert_eq!(first_of(Position::Timestamp(0)), 0);
     let mut at_end = stream.subscribe(Position::End).expect("subscribe");
     assert!(
         matches!(at_end.try_recv(), Ok(None)),
         "End starts after the last"
+    );
+    let mut after_last = stream
+        .subscribe(Position::Timestamp(1_010))
+        .expect("subscribe");
+    assert!(
+        matches!(after_last.try_recv(), Ok(None)),
+        "a time after every record starts at the end"
     );
     assert!(matches!(
         stream.subscribe(Position::Offset(11)),
@@ -514,7 +525,7 @@ pub fn positions_and_cursors<F: Fixture>(fixture: &mut F) {
         number_of(&recv(&mut cursor, "resumed"))
     };
     assert_eq!(resumed(&stream), 3, "a cursor resumes after its commit");
-    drop((publisher, plain, at_end));
+    drop((publisher, plain, at_end, after_last));
     let stream = fixture.reopen(stream);
     assert_eq!(resumed(&stream), 3, "a cursor resumes after a reopen");
     assert_eq!(

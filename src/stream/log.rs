@@ -19,7 +19,7 @@ use parking_lot::RwLock;
 
 use super::{Position, Publish, Stream, Subscribe, remaining};
 use crate::error::{Error, Result};
-use crate::record::{Entry, Offset, Record};
+use crate::record::{Entry, Offset, Record, Timestamp};
 use crate::store::{RecordIter, Store, read_from_start};
 
 /// A stream stored in a [`Store`]: subscribers can start anywhere in it and replay.
@@ -210,6 +210,7 @@ impl<S: Store> Stream for LogStream<S> {
             // retention moved it since `start_offset` was read.
             Position::Beginning => (read_from_start(store)?, None),
             Position::Offset(offset) => (at(offset)?, None),
+            Position::Timestamp(time) => (from_time(store, time)?, None),
             Position::End => (at(store.next_offset())?, None),
             Position::Cursor(name) => {
                 let opened = match store.cursor(&name)? {
@@ -226,6 +227,25 @@ impl<S: Store> Stream for LogStream<S> {
             streak: 0,
             cursor,
         })
+    }
+}
+
+/// A reader at the first record of `store` stamped at or after `time`, or at the end.
+/// Retention that drops that record between the lookup and the open has the lookup
+/// made again (from the new start), a few times before its error is returned.
+fn from_time<S: Store>(store: &S, time: Timestamp) -> Result<(Offset, RecordIter)> {
+    let mut attempts = 1;
+    loop {
+        let offset = store
+            .offset_for_timestamp(time)?
+            .unwrap_or_else(|| store.next_offset());
+        match store.read_from(offset) {
+            Ok(reader) => return Ok((offset, reader)),
+            Err(Error::OffsetOutOfRange { start, .. }) if offset < start && attempts < 3 => {
+                attempts += 1;
+            }
+            Err(e) => return Err(e),
+        }
     }
 }
 

@@ -75,7 +75,7 @@ use std::ops::Range;
 use std::time::Duration;
 
 use crate::error::{Error, Result};
-use crate::record::{Entry, Offset, Record};
+use crate::record::{Entry, Offset, Record, Timestamp};
 
 mod combinators;
 pub mod conformance;
@@ -202,6 +202,11 @@ pub enum Position {
     Beginning,
     /// The record at this offset (stored streams only).
     Offset(Offset),
+    /// The first record stamped at or after this time (stored streams only), as
+    /// [`Store::offset_for_timestamp`](crate::store::Store::offset_for_timestamp) finds
+    /// it: to consume what was published since a moment (Kafka's `offsetsForTimes`
+    /// and a seek). The [end](Position::End) if no record is that recent.
+    Timestamp(Timestamp),
     /// The next record published: a subscription that starts now. For a
     /// [`MemoryStream`] shared queue, the oldest record still queued.
     End,

@@ -1230,32 +1230,8 @@ impl LogStore {
         Ok(*seg.newest.get_or_init(|| newest))
     }
 
-    /// The offset of the first record, from the start on, whose timestamp is at or
-    /// after `at` (Kafka's `offsetsForTimes`): where to read from to replay what
-    /// happened since a moment. `None` if no record held is that recent. Timestamps
-    /// need not grow with offsets: the answer is the lowest offset whose own
-    /// timestamp qualifies, whatever the records after it carry.
-    ///
-    /// Sealed segments whose newest timestamp is older than `at` are skipped without
-    /// reading them, once that newest timestamp is known (the writer notes it for a
-    /// segment it seals under [`LogOptions::retain_for`]; otherwise the first lookup,
-    /// or retention, reads the segment once). The segment that holds the answer is
-    /// read up to it. Waits for a compaction or retention that is running.
-    ///
-    /// ```
-    /// use cauce::store::{LogOptions, LogStore, Store};
-    /// use cauce::Entry;
-    ///
-    /// let dir = tempfile::tempdir().unwrap();
-    /// let log = LogStore::open(dir.path(), LogOptions::new()).unwrap();
-    /// for (at, payload) in [(1_000, "a"), (2_000, "b"), (3_000, "c")] {
-    ///     log.append(&[Entry::with_timestamp(at, b"k", payload.as_bytes())]).unwrap();
-    /// }
-    /// assert_eq!(log.offset_for_timestamp(1_500).unwrap(), Some(1));
-    /// assert_eq!(log.offset_for_timestamp(3_000).unwrap(), Some(2));
-    /// assert_eq!(log.offset_for_timestamp(3_001).unwrap(), None);
-    /// ```
-    pub fn offset_for_timestamp(&self, at: Timestamp) -> Result<Option<Offset>> {
+    /// The lookup of [`Store::offset_for_timestamp`], segment by segment.
+    fn lookup_timestamp(&self, at: Timestamp) -> Result<Option<Offset>> {
         // No segment leaves the list, and the start does not move, while this runs.
         let _maintenance = self.shared.maintenance.lock();
         let segments: Vec<Arc<Segment>> = self.shared.segments.read().clone();
@@ -1470,6 +1446,15 @@ impl Store for LogStore {
 
     fn truncate_before(&self, offset: Offset) -> Result<()> {
         self.shared.truncate_before(offset)
+    }
+
+    /// Sealed segments whose newest timestamp is older than `at` are skipped without
+    /// reading them, once that newest timestamp is known (the writer notes it for a
+    /// segment it seals under [`LogOptions::retain_for`]; otherwise the first lookup,
+    /// or retention, reads the segment once). The segment that holds the answer is read
+    /// up to it. Waits for a compaction or retention that is running.
+    fn offset_for_timestamp(&self, at: Timestamp) -> Result<Option<Offset>> {
+        self.lookup_timestamp(at)
     }
 
     fn compact(&self) -> Result<Compaction> {
