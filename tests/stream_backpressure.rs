@@ -312,8 +312,8 @@ impl Store for CountingStore {
     fn truncate_before(&self, offset: Offset) -> Result<()> {
         self.store.truncate_before(offset)
     }
-    fn compact(&self) -> Result<Compaction> {
-        self.store.compact()
+    fn compact_with(&self, options: cauce::store::CompactOptions) -> Result<Compaction> {
+        self.store.compact_with(options)
     }
     fn commit_cursor(&self, name: &str, offset: Offset) -> Result<()> {
         self.store.commit_cursor(name, offset)

@@ -189,8 +189,11 @@ impl Store for OnDisk {
     fn truncate_before(&self, offset: u64) -> cauce::Result<()> {
         self.store.truncate_before(offset)
     }
-    fn compact(&self) -> cauce::Result<cauce::store::Compaction> {
-        self.store.compact()
+    fn compact_with(
+        &self,
+        options: cauce::store::CompactOptions,
+    ) -> cauce::Result<cauce::store::Compaction> {
+        self.store.compact_with(options)
     }
     fn commit_cursor(&self, name: &str, offset: u64) -> cauce::Result<()> {
         self.store.commit_cursor(name, offset)

@@ -7,7 +7,7 @@ use arc_swap::ArcSwapOption;
 
 use crate::error::{Error, Result};
 use crate::record::{Entry, Offset, Timestamp};
-use crate::store::{Compaction, Deferred, LogStore, RecordIter, Snapshot, Store};
+use crate::store::{CompactOptions, Compaction, Deferred, LogStore, RecordIter, Snapshot, Store};
 
 /// A [`LogStore`] that can be closed while other handles to it (clients of a shut-down
 /// cluster) still exist: closing drops the store, which syncs it and releases the
@@ -114,8 +114,8 @@ impl Store for OwnedLog {
     fn truncate_before(&self, offset: Offset) -> Result<()> {
         self.with(|l| l.truncate_before(offset))
     }
-    fn compact(&self) -> Result<Compaction> {
-        self.with(|l| l.compact())
+    fn compact_with(&self, options: CompactOptions) -> Result<Compaction> {
+        self.with(|l| l.compact_with(options))
     }
     fn commit_cursor(&self, name: &str, offset: Offset) -> Result<()> {
         self.with(|l| l.commit_cursor(name, offset))

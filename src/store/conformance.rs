@@ -23,7 +23,7 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use super::{DEFAULT_MAX_RECORD_BYTES, Snapshot, Store, record_size};
+use super::{CompactOptions, DEFAULT_MAX_RECORD_BYTES, Snapshot, Store, record_size};
 use crate::error::Error;
 use crate::record::{Entry, Offset, Record};
 
@@ -62,6 +62,7 @@ pub fn run_all<F: Fixture>(fixture: &mut F) {
     replay_range_stops_before_its_end(fixture);
     deferred_appends_are_appends_once_waited_for(fixture);
     offset_for_timestamp_is_the_first_record_at_or_after_it(fixture);
+    compact_with_keeps_what_its_options_say(fixture);
 }
 
 fn key(i: u64) -> Vec<u8> {
@@ -767,4 +768,98 @@ pub fn offset_for_timestamp_is_the_first_record_at_or_after_it<F: Fixture>(fixtu
     store.sync().expect("sync");
     let store = fixture.reopen(store);
     check(&store, "after a reopen");
+}
+
+/// `compact_with` against a model: only records before `before` are compacted (and only
+/// they count as later records of their keys); with tombstones, a key whose latest
+/// record has an empty payload loses the records before it, and that record too once
+/// it is stamped before the expiry; records with an empty key stay. The same records
+/// after a reopen; a second compaction with the same options drops nothing.
+pub fn compact_with_keeps_what_its_options_say<F: Fixture>(fixture: &mut F) {
+    // Keys key-0..key-4 and the empty key; every fourth payload empty; record i stamped
+    // 1_000 + i.
+    let key_of = |i: u64| match i % 6 {
+        5 => Vec::new(),
+        k => format!("key-{k}").into_bytes(),
+    };
+    let payload_of = |i: u64| match i % 4 {
+        3 => Vec::new(),
+        _ => format!("value-{i}").into_bytes(),
+    };
+    let cases: [(Option<Offset>, Option<u64>, Offset); 6] = [
+        (None, None, 0),
+        (Some(40), None, 0),
+        (None, Some(1_056), 0),
+        (Some(45), Some(1_100), 10),
+        (Some(1_000), Some(u64::MAX), 0),
+        (Some(0), Some(u64::MAX), 0),
+    ];
+    for (before, tombstones, start) in cases {
+        let what = format!("before {before:?}, tombstones {tombstones:?}, start {start}");
+        let store = fixture.create();
+        let (keys, payloads): (Vec<_>, Vec<_>) =
+            (0..60).map(|i| (key_of(i), payload_of(i))).unzip();
+        let batch: Vec<Entry<'_>> = (0..60u64)
+            .map(|i| Entry::with_timestamp(1_000 + i, &keys[i as usize], &payloads[i as usize]))
+            .collect();
+        store.append(&batch[..35]).expect("append");
+        store.append(&batch[35..]).expect("append");
+        store.truncate_before(start).expect("truncate");
+        let mut options = CompactOptions::new();
+        if let Some(b) = before {
+            options = options.before(b);
+        }
+        if let Some(t) = tombstones {
+            options = options.tombstones(t);
+        }
+        // The model.
+        let limit = before.map_or(60, |b| b.min(60));
+        let mut latest: std::collections::HashMap<Vec<u8>, Offset> = Default::default();
+        for i in start..limit {
+            if !key_of(i).is_empty() {
+                latest.insert(key_of(i), i);
+            }
+        }
+        let expected: Vec<Offset> = (start..60)
+            .filter(|&i| {
+                i >= limit
+                    || key_of(i).is_empty()
+                    || (latest.get(&key_of(i)) == Some(&i)
+                        && !(payload_of(i).is_empty() && tombstones.is_some_and(|t| 1_000 + i < t)))
+            })
+            .collect();
+        let done = if options == CompactOptions::new() {
+            store.compact()
+        } else {
+            store.compact_with(options)
+        }
+        .expect("compact");
+        let kept_before_limit = expected.iter().filter(|&&o| o < limit).count() as u64;
+        assert_eq!(
+            (done.until, done.kept, done.dropped),
+            (limit, kept_before_limit, 60 - start - expected.len() as u64),
+            "{what}: what compaction reports"
+        );
+        let check = |store: &F::Store, when: &str| {
+            let records = read_all(store, store.start_offset());
+            let offsets: Vec<Offset> = records.iter().map(|r| r.offset).collect();
+            assert_eq!(offsets, expected, "{what}: records kept, {when}");
+            for r in &records {
+                assert_eq!(
+                    (r.key.to_vec(), r.payload.to_vec(), r.timestamp),
+                    (key_of(r.offset), payload_of(r.offset), 1_000 + r.offset),
+                    "{what}: record {}, {when}",
+                    r.offset
+                );
+            }
+        };
+        check(&store, "after compaction");
+        let again = store.compact_with(options).expect("compact again");
+        assert_eq!(again.dropped, 0, "{what}: a second compaction");
+        check(&store, "after a second compaction");
+        store.sync().expect("sync");
+        let store = fixture.reopen(store);
+        check(&store, "after a reopen");
+        assert_eq!(store.next_offset(), 60, "{what}: offsets go on");
+    }
 }

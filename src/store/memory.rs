@@ -12,7 +12,7 @@ use parking_lot::RwLock;
 
 use super::tail::Tail;
 use super::{
-    Compaction, DEFAULT_MAX_RECORD_BYTES, RecordIter, Snapshot, Store, check_name,
+    CompactOptions, Compaction, DEFAULT_MAX_RECORD_BYTES, RecordIter, Snapshot, Store, check_name,
     check_not_past_end, check_read_range, check_record_sizes,
 };
 use crate::error::{Error, Result};
@@ -483,26 +483,32 @@ impl Store for MemoryStore {
         Ok(())
     }
 
-    fn compact(&self) -> Result<Compaction> {
+    fn compact_with(&self, options: CompactOptions) -> Result<Compaction> {
         let mut data = self.shared.data.write();
+        let limit = options.limit(data.next);
         let mut latest: HashMap<&[u8], Offset> = HashMap::new();
-        for r in &data.records {
+        for r in data.records.iter().take_while(|r| r.offset < limit) {
             latest.insert(&r.key, r.offset);
         }
         let keep: Vec<bool> = data
             .records
             .iter()
-            .map(|r| r.key.is_empty() || latest.get(&r.key[..]) == Some(&r.offset))
+            .map(|r| {
+                r.offset >= limit
+                    || r.key.is_empty()
+                    || (latest.get(&r.key[..]) == Some(&r.offset)
+                        && !options.drops_latest(r.payload.is_empty(), r.timestamp))
+            })
             .collect();
         drop(latest);
         let before = data.records.len() as u64;
         let mut flags = keep.into_iter();
         data.records.retain(|_| flags.next().unwrap_or(true));
-        let kept = data.records.len() as u64;
+        let kept = data.records.iter().filter(|r| r.offset < limit).count() as u64;
         Ok(Compaction {
-            until: data.next,
+            until: limit,
             kept,
-            dropped: before - kept,
+            dropped: before - data.records.len() as u64,
         })
     }
 
@@ -594,8 +600,8 @@ mod tests {
         fn truncate_before(&self, offset: Offset) -> Result<()> {
             self.0.truncate_before(offset)
         }
-        fn compact(&self) -> Result<Compaction> {
-            self.0.compact()
+        fn compact_with(&self, options: CompactOptions) -> Result<Compaction> {
+            self.0.compact_with(options)
         }
         fn commit_cursor(&self, name: &str, offset: Offset) -> Result<()> {
             self.0.commit_cursor(name, offset)

@@ -64,15 +64,94 @@ pub struct Snapshot {
     pub blob: Bytes,
 }
 
-/// What [`Store::compact`] did.
+/// What [`Store::compact`] (or [`Store::compact_with`]) did.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Compaction {
     /// Records before this offset are compacted (only the latest per key remains).
     pub until: Offset,
-    /// Records kept.
+    /// Records kept, of those from the start up to `until`.
     pub kept: u64,
-    /// Records dropped because a later record has the same key.
+    /// Records dropped because a later record has the same key, or because they were
+    /// expired [tombstones](CompactOptions::tombstones).
     pub dropped: u64,
+}
+
+/// How [`Store::compact_with`] compacts. The default ([`CompactOptions::new`]) is
+/// [`Store::compact`]'s: every committed record that has a later record of its key goes.
+///
+/// ```
+/// use cauce::store::{CompactOptions, MemoryStore, Store};
+/// use cauce::Entry;
+///
+/// let store = MemoryStore::new();
+/// store.append(&[
+///     Entry::with_timestamp(1_000, b"alice", b"v1"),
+///     Entry::with_timestamp(2_000, b"bob", b"v1"),
+///     Entry::with_timestamp(3_000, b"alice", b""), // alice deleted
+///     Entry::with_timestamp(4_000, b"bob", b"v2"),
+/// ])?;
+/// // A consumer's cursor stands at 3: what it has not read yet stays as it is.
+/// let options = CompactOptions::new().before(3).tombstones(10_000);
+/// let done = store.compact_with(options)?;
+/// assert_eq!((done.until, done.kept, done.dropped), (3, 1, 2));
+/// let left: Vec<_> = store.read_from(0)?.map(|r| r.map(|r| r.offset)).collect::<Result<_, _>>()?;
+/// assert_eq!(left, [1, 3]); // bob's v1 (v2 is past `before`), and bob's v2
+/// # Ok::<(), cauce::Error>(())
+/// ```
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct CompactOptions {
+    before: Option<Offset>,
+    tombstones: Option<Timestamp>,
+}
+
+impl CompactOptions {
+    /// The default: every committed record is compacted, and an empty payload is a
+    /// value like any other.
+    pub fn new() -> Self {
+        CompactOptions::default()
+    }
+
+    /// Compacts only the records before `offset` (Kafka's `min.compaction.lag`, by
+    /// offset): the ones at or after it stay as they are and do not count as later
+    /// records of their keys, so a consumer whose cursor stands at `offset` still reads
+    /// every record past it. An offset past the end compacts everything.
+    pub fn before(mut self, offset: Offset) -> Self {
+        self.before = Some(offset);
+        self
+    }
+
+    /// Treats a record with an empty payload as a tombstone, which deletes its key: once
+    /// it is the latest record of its key, the records before it go, as any older
+    /// record does; the tombstone itself goes too if its timestamp is before
+    /// `expired_before` (Kafka's `delete.retention.ms`: a consumer has had until then
+    /// to see the delete). Without this, an empty payload is a value, and the key keeps
+    /// its latest record forever.
+    pub fn tombstones(mut self, expired_before: Timestamp) -> Self {
+        self.tombstones = Some(expired_before);
+        self
+    }
+
+    /// The offset set by [`before`](Self::before), if any.
+    pub fn before_offset(&self) -> Option<Offset> {
+        self.before
+    }
+
+    /// The time set by [`tombstones`](Self::tombstones), if any.
+    pub fn tombstones_expired_before(&self) -> Option<Timestamp> {
+        self.tombstones
+    }
+
+    /// Whether the latest record of its key (before the limit), `payload_empty` and
+    /// stamped `timestamp`, is a tombstone that goes.
+    pub(crate) fn drops_latest(&self, payload_empty: bool, timestamp: Timestamp) -> bool {
+        payload_empty && self.tombstones.is_some_and(|t| timestamp < t)
+    }
+
+    /// The end of what a compaction of a store whose committed records end at `end`
+    /// compacts.
+    pub(crate) fn limit(&self, end: Offset) -> Offset {
+        self.before.map_or(end, |b| b.min(end))
+    }
 }
 
 /// What [`Store::append_deferred`] appended.
@@ -102,6 +181,9 @@ pub struct Deferred {
 ///   [`Error::OffsetOutOfRange`].
 /// - `compact()` drops every committed record that has a later record with the same key
 ///   (records with an empty key are kept); offsets of the kept records do not change.
+///   `compact_with` does the same up to [`CompactOptions::before`], and with
+///   [`CompactOptions::tombstones`] drops the keys whose latest record has an empty
+///   payload (that record too once it expired).
 /// - Named cursors and snapshots are durable once their call returns, and so is every
 ///   record before their offset, whatever the sync policy: a crash never keeps a cursor
 ///   or a snapshot but loses records it stands after. An offset past `next_offset()` is
@@ -312,7 +394,17 @@ pub trait Store: Send + Sync + 'static {
     fn truncate_before(&self, offset: Offset) -> Result<()>;
 
     /// Keeps only the latest committed record of each key; see the contract above.
-    fn compact(&self) -> Result<Compaction>;
+    /// [`compact_with`](Store::compact_with) with the default options.
+    fn compact(&self) -> Result<Compaction> {
+        self.compact_with(CompactOptions::new())
+    }
+
+    /// Compacts as `options` say: the records before
+    /// [`before`](CompactOptions::before) that have a later record of their key
+    /// before it go, and with [`tombstones`](CompactOptions::tombstones) the keys whose
+    /// latest such record has an empty payload. Returns how far it compacted and what
+    /// it kept and dropped there.
+    fn compact_with(&self, options: CompactOptions) -> Result<Compaction>;
 
     /// Durably records that the consumer `name` has processed everything before `offset`.
     fn commit_cursor(&self, name: &str, offset: Offset) -> Result<()>;
@@ -516,8 +608,8 @@ impl<S: Store + ?Sized> Store for std::sync::Arc<S> {
     fn truncate_before(&self, offset: Offset) -> Result<()> {
         (**self).truncate_before(offset)
     }
-    fn compact(&self) -> Result<Compaction> {
-        (**self).compact()
+    fn compact_with(&self, options: CompactOptions) -> Result<Compaction> {
+        (**self).compact_with(options)
     }
     fn commit_cursor(&self, name: &str, offset: Offset) -> Result<()> {
         (**self).commit_cursor(name, offset)

@@ -376,8 +376,11 @@ impl Store for Unreadable {
     fn truncate_before(&self, offset: u64) -> cauce::Result<()> {
         self.live.truncate_before(offset)
     }
-    fn compact(&self) -> cauce::Result<cauce::store::Compaction> {
-        self.live.compact()
+    fn compact_with(
+        &self,
+        options: cauce::store::CompactOptions,
+    ) -> cauce::Result<cauce::store::Compaction> {
+        self.live.compact_with(options)
     }
     fn commit_cursor(&self, name: &str, offset: u64) -> cauce::Result<()> {
         self.live.commit_cursor(name, offset)
@@ -436,8 +439,8 @@ macro_rules! forward_store_but_append {
         fn truncate_before(&self, offset: u64) -> cauce::Result<()> {
             self.$live.truncate_before(offset)
         }
-        fn compact(&self) -> cauce::Result<cauce::store::Compaction> {
-            self.$live.compact()
+        fn compact_with(&self, options: cauce::store::CompactOptions) -> cauce::Result<cauce::store::Compaction> {
+            self.$live.compact_with(options)
         }
         fn commit_cursor(&self, name: &str, offset: u64) -> cauce::Result<()> {
             self.$live.commit_cursor(name, offset)

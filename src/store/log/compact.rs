@@ -43,7 +43,7 @@ use super::segment::{self, SEGMENT_HEADER_LEN};
 use super::{Segment, Shared, meta, writer};
 use crate::error::{Error, Result};
 use crate::record::{Entry, Offset, Record};
-use crate::store::Compaction;
+use crate::store::{CompactOptions, Compaction};
 
 /// The commit marker of a compaction.
 pub(crate) const MARKER: &str = "compact.commit";
@@ -233,7 +233,7 @@ fn write_segment(
 
 impl Shared {
     /// Compacts the sealed segments; see the module docs.
-    pub(crate) fn compact(&self) -> Result<Compaction> {
+    pub(crate) fn compact(&self, options: CompactOptions) -> Result<Compaction> {
         if !self.writable {
             return Err(Error::ReadOnly("opened read-only: cannot compact".into()));
         }
@@ -243,15 +243,15 @@ impl Shared {
         self.settle_under_readers()?;
         let until = {
             let mut st = self.writer.lock();
-            // Seal every record appended so far, unless a roll by an appender already did
+            // Seal every record to compact, unless a roll by an appender already did
             // while this one waited.
-            let target = st.next;
+            let target = options.limit(st.next);
             self.roll_while(&mut st, |st| {
                 st.active.base < target
                     && st.buf_pos + st.buf.len() as u64 > SEGMENT_HEADER_LEN as u64
             })?;
-            // The sealed segments, read below, hold exactly the records before it.
-            st.active.base
+            // The sealed segments, read below, hold every record before the limit.
+            options.limit(st.active.base)
         };
         let start = self.start.load(Ordering::Acquire);
         let sealed: Vec<Arc<Segment>> = self
@@ -278,7 +278,7 @@ impl Shared {
         let mut latest: HashMap<Bytes, Offset> = HashMap::new();
         for seg in &sealed {
             for r in records_of(seg)? {
-                if r.offset >= start && !r.key.is_empty() {
+                if r.offset >= start && r.offset < until && !r.key.is_empty() {
                     latest.insert(Bytes::copy_from_slice(&r.key), r.offset);
                 }
             }
@@ -296,11 +296,16 @@ impl Shared {
                 .into_iter()
                 .filter(|r| {
                     r.offset < start
+                        || r.offset >= until
                         || r.key.is_empty()
-                        || latest.get(&r.key[..]) == Some(&r.offset)
+                        || (latest.get(&r.key[..]) == Some(&r.offset)
+                            && !options.drops_latest(r.payload.is_empty(), r.timestamp))
                 })
                 .collect();
-            let live = keep.iter().filter(|r| r.offset >= start).count() as u64;
+            let live = keep
+                .iter()
+                .filter(|r| r.offset >= start && r.offset < until)
+                .count() as u64;
             kept += live;
             dropped += (before - keep.len()) as u64;
             if keep.len() == before {

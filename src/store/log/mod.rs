@@ -265,8 +265,8 @@ use parking_lot::{Condvar, Mutex, MutexGuard, RwLock};
 
 use super::tail::Tail;
 use super::{
-    Compaction, Deferred, RecordIter, Snapshot, Store, check_name, check_not_past_end,
-    check_read_range,
+    CompactOptions, Compaction, Deferred, RecordIter, Snapshot, Store, check_name,
+    check_not_past_end, check_read_range,
 };
 use crate::error::{Error, Result};
 use crate::record::{Entry, Offset, Timestamp};
@@ -1457,8 +1457,8 @@ impl Store for LogStore {
         self.lookup_timestamp(at)
     }
 
-    fn compact(&self) -> Result<Compaction> {
-        let compaction = self.shared.compact()?;
+    fn compact_with(&self, options: CompactOptions) -> Result<Compaction> {
+        let compaction = self.shared.compact(options)?;
         self.retain_after_seal();
         Ok(compaction)
     }
