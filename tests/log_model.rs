@@ -1,7 +1,8 @@
-//! Property test: any sequence of appends, syncs, retention, compaction and reopens
-//! leaves a `LogStore` holding the same records as the model, a `MemoryStore`.
+//! Property test: any sequence of appends, syncs, retention, compaction (with and
+//! without options) and reopens leaves a `LogStore` holding the same records as the
+//! model, a `MemoryStore`, and finding the same offsets by timestamp.
 
-use cauce::store::{LogOptions, LogStore, MemoryStore, Store, SyncPolicy};
+use cauce::store::{CompactOptions, LogOptions, LogStore, MemoryStore, Store, SyncPolicy};
 use cauce::{Entry, Record};
 use proptest::prelude::*;
 
@@ -13,6 +14,11 @@ enum Op {
     /// Retention up to this fraction (per mille) of the way from start to end.
     TruncateBefore(u16),
     Compact,
+    /// `compact_with`: `before` at this fraction (per mille) of the way from start to
+    /// end, tombstones expired before this fraction of the latest timestamp.
+    CompactWith(Option<u16>, Option<u16>),
+    /// `offset_for_timestamp` at this fraction (per mille) of the latest timestamp + 2.
+    Lookup(u16),
     Reopen,
 }
 
@@ -23,6 +29,9 @@ fn op() -> impl Strategy<Value = Op> {
         1 => Just(Op::Sync),
         1 => (0u16..=1000).prop_map(Op::TruncateBefore),
         1 => Just(Op::Compact),
+        1 => (prop::option::of(0u16..=1100), prop::option::of(0u16..=1100))
+            .prop_map(|(b, t)| Op::CompactWith(b, t)),
+        1 => (0u16..=1000).prop_map(Op::Lookup),
         2 => Just(Op::Reopen),
     ]
 }
@@ -71,6 +80,26 @@ fn run(ops: &[Op], options: &LogOptions) -> Result<(), TestCaseError> {
                 let want = model.compact().expect("model compact");
                 let got = log.compact().expect("compact");
                 prop_assert_eq!((got.kept, got.dropped), (want.kept, want.dropped));
+            }
+            Op::CompactWith(before, tombstones) => {
+                let (s, e) = (model.start_offset(), model.next_offset());
+                let mut options = CompactOptions::new();
+                if let Some(per_mille) = before {
+                    options = options.before(s + (e - s) * u64::from(*per_mille) / 1000);
+                }
+                if let Some(per_mille) = tombstones {
+                    options = options.tombstones(stamp * u64::from(*per_mille) / 1000);
+                }
+                let want = model.compact_with(options).expect("model compact");
+                let got = log.compact_with(options).expect("compact");
+                prop_assert_eq!(got, want);
+            }
+            Op::Lookup(per_mille) => {
+                let at = (stamp + 2) * u64::from(*per_mille) / 1000;
+                prop_assert_eq!(
+                    log.offset_for_timestamp(at).expect("lookup"),
+                    model.offset_for_timestamp(at).expect("model lookup")
+                );
             }
             Op::Reopen => {
                 drop(log);
