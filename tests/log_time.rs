@@ -7,7 +7,6 @@ use std::collections::BTreeMap;
 use std::path::Path;
 use std::time::Duration;
 
-use cauce::cluster::{Cluster, Context, Handler};
 use cauce::record::now;
 use cauce::store::{LogOptions, LogStore, Store, SyncPolicy};
 use cauce::{Entry, Error, Offset};
@@ -310,41 +309,6 @@ fn offset_for_timestamp_is_the_first_record_at_or_after_it() {
         let view = LogStore::open_read_only(dir.path(), options).expect("read-only");
         check_lookups(&view, &stamps, 123);
     }
-}
-
-#[derive(Default)]
-struct Count;
-
-impl Handler for Count {
-    type State = u64;
-    type Request = u64;
-    type Response = u64;
-    fn handle(&self, _: &mut Context<'_>, _: &[u8], total: &mut u64, add: u64) -> u64 {
-        *total += add;
-        *total
-    }
-}
-
-#[test]
-fn a_cluster_refuses_logs_with_retention() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    for options in [
-        LogOptions::new().retain_for(Duration::from_secs(60)),
-        LogOptions::new().retain_bytes(1 << 30),
-    ] {
-        let built = Cluster::builder(Count)
-            .dir(dir.path())
-            .log_options(options)
-            .instances(1)
-            .build();
-        match built {
-            Err(Error::Config(message)) => assert!(message.contains("retention"), "{message}"),
-            Err(e) => panic!("another error: {e}"),
-            Ok(_) => panic!("a cluster with log retention was built"),
-        }
-    }
-    // Nothing was created in the directory.
-    assert!(!dir.path().join("input").exists());
 }
 
 #[test]

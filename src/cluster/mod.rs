@@ -1500,7 +1500,10 @@ impl<H: Handler> ClusterBuilder<H> {
     /// `dir/input` and the journal of outside calls in `dir/effects`, both [`LogStore`]s
     /// opened with [`log_options`](ClusterBuilder::log_options) (the journal's segments
     /// are at most 4 MiB: with preallocation on, each log reserves one segment on disk).
-    /// Opening a directory that holds logs rebuilds every key's state from them.
+    /// Opening a directory that holds logs rebuilds every key's state from them. A
+    /// directory that is itself a [`LogStore`]'s (its segments at the top) is refused
+    /// with [`Error::Config`] at [`build`](Self::build): its records are not a
+    /// cluster's; [`stores`](Self::stores) takes such a log.
     pub fn dir(mut self, dir: impl Into<std::path::PathBuf>) -> Self {
         self.storage = Storage::Dir(dir.into());
         self
@@ -1755,6 +1758,14 @@ impl<H: Handler> ClusterBuilder<H> {
                             .into(),
                     ));
                 }
+                if let Some(file) = log_store_file_in(&dir) {
+                    return Err(Error::Config(format!(
+                        "{} holds a LogStore's own files ({file}): a cluster keeps its logs \
+                         in input/ and effects/ under the directory it is given; give it \
+                         another directory, or open that log and pass it with .stores(..)",
+                        dir.display()
+                    )));
+                }
                 let input = Arc::new(OwnedLog::new(LogStore::open(
                     dir.join("input"),
                     self.log_options.clone(),
@@ -1798,4 +1809,18 @@ impl<H: Handler> ClusterBuilder<H> {
         }
         Ok(cluster)
     }
+}
+
+/// The name of a file in `dir` that only a [`LogStore`] opened on `dir` itself writes
+/// (its segment manifest, or a segment), if there is one: a cluster's directory holds
+/// its logs one level down.
+fn log_store_file_in(dir: &std::path::Path) -> Option<String> {
+    let entries = std::fs::read_dir(dir).ok()?;
+    entries.filter_map(|e| e.ok()).find_map(|e| {
+        let name = e.file_name().into_string().ok()?;
+        let segment = name
+            .strip_suffix(".log")
+            .is_some_and(|base| base.len() == 20 && base.bytes().all(|b| b.is_ascii_digit()));
+        (segment || name == "segments.meta").then_some(name)
+    })
 }
