@@ -1,6 +1,7 @@
 //! [`OwnedLog`]: a log store the cluster opened itself, and releases at shutdown.
 
 use std::ops::Range;
+use std::task::Poll;
 use std::time::Duration;
 
 use arc_swap::ArcSwapOption;
@@ -86,6 +87,9 @@ impl Store for OwnedLog {
     }
     fn wait_for(&self, offset: Offset, timeout: Option<Duration>) -> Offset {
         self.read(0, |l| l.wait_for(offset, timeout))
+    }
+    fn poll_committed(&self, offset: Offset, cx: &mut std::task::Context<'_>) -> Poll<Offset> {
+        self.read(Poll::Ready(0), |l| l.poll_committed(offset, cx))
     }
     fn wake_waiters(&self) {
         self.read((), |l| l.wake_waiters())

@@ -5,6 +5,7 @@ use std::collections::{HashMap, VecDeque};
 use std::ops::Range;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::task::Poll;
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
@@ -454,6 +455,10 @@ impl Store for MemoryStore {
 
     fn wait_for(&self, offset: Offset, timeout: Option<Duration>) -> Offset {
         self.shared.tail.wait_for(offset, timeout)
+    }
+
+    fn poll_committed(&self, offset: Offset, cx: &mut std::task::Context<'_>) -> Poll<Offset> {
+        self.shared.tail.poll_wait(offset, cx)
     }
 
     fn wake_waiters(&self) {

@@ -32,6 +32,7 @@
 //! ```
 
 use std::ops::Range;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -309,7 +310,27 @@ pub trait Store: Send + Sync + 'static {
     /// store follows its tail this way, with a blocking `recv`.
     fn wait_for(&self, offset: Offset, timeout: Option<Duration>) -> Offset;
 
-    /// Wakes every thread blocked in [`wait_for`](Store::wait_for).
+    /// [`wait_for`](Store::wait_for) for async code: `Ready` with `next_offset()` once it
+    /// is past `offset`; otherwise the task's waker is registered, and woken when a
+    /// record is committed or [`wake_waiters`](Store::wake_waiters) is called (the
+    /// caller then checks what it waits for again: a closed stream, say). Never blocks.
+    /// [`LogSubscriber::recv_async`](crate::stream::LogSubscriber::recv_async) follows
+    /// the tail this way.
+    ///
+    /// The default wakes the task at once and is `Pending`: the executor polls again
+    /// soon, a busy loop that costs a core while nothing comes. The stores of this crate
+    /// register the waker instead; a store of one's own should too.
+    fn poll_committed(&self, offset: Offset, cx: &mut Context<'_>) -> Poll<Offset> {
+        let now = self.next_offset();
+        if now > offset {
+            return Poll::Ready(now);
+        }
+        cx.waker().wake_by_ref();
+        Poll::Pending
+    }
+
+    /// Wakes every thread blocked in [`wait_for`](Store::wait_for), and every task
+    /// registered by [`poll_committed`](Store::poll_committed).
     fn wake_waiters(&self);
 
     /// Makes every committed record durable, whatever the sync policy.
@@ -586,6 +607,9 @@ impl<S: Store + ?Sized> Store for std::sync::Arc<S> {
     }
     fn wait_for(&self, offset: Offset, timeout: Option<Duration>) -> Offset {
         (**self).wait_for(offset, timeout)
+    }
+    fn poll_committed(&self, offset: Offset, cx: &mut Context<'_>) -> Poll<Offset> {
+        (**self).poll_committed(offset, cx)
     }
     fn wake_waiters(&self) {
         (**self).wake_waiters()

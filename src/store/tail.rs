@@ -1,6 +1,7 @@
 //! The committed end of a store, and the threads waiting for it to move.
 
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::task::{Context, Poll, Waker};
 use std::time::{Duration, Instant};
 
 use parking_lot::{Condvar, Mutex};
@@ -8,14 +9,18 @@ use parking_lot::{Condvar, Mutex};
 use crate::record::Offset;
 
 /// Publishes a store's committed end (`next_offset`) and lets readers block until it
-/// passes an offset, without a lock on the append path when nobody waits.
+/// passes an offset, or register a [`Waker`] for it, without a lock on the append path
+/// when nobody waits.
 #[derive(Debug, Default)]
 pub(crate) struct Tail {
     next: AtomicU64,
+    /// Threads blocked in `wait_for`, plus the wakers registered.
     waiters: AtomicUsize,
     wakes: AtomicU64,
     lock: Mutex<()>,
     cond: Condvar,
+    /// Registered by `poll_wait`; all woken (and dropped) at the next publish or wake.
+    wakers: Mutex<Vec<Waker>>,
 }
 
 impl Tail {
@@ -43,16 +48,59 @@ impl Tail {
         // load sees the waiter, or the waiter's load sees the new end.
         self.next.fetch_max(next, Ordering::SeqCst);
         if self.waiters.load(Ordering::SeqCst) > 0 {
-            let _guard = self.lock.lock();
-            self.cond.notify_all();
+            {
+                let _guard = self.lock.lock();
+                self.cond.notify_all();
+            }
+            self.wake_registered();
         }
     }
 
     /// Wakes every waiter, whether the end moved or not.
     pub(crate) fn wake(&self) {
         self.wakes.fetch_add(1, Ordering::SeqCst);
-        let _guard = self.lock.lock();
-        self.cond.notify_all();
+        {
+            let _guard = self.lock.lock();
+            self.cond.notify_all();
+        }
+        self.wake_registered();
+    }
+
+    /// Wakes (and forgets) every registered waker.
+    fn wake_registered(&self) {
+        let wakers = std::mem::take(&mut *self.wakers.lock());
+        if wakers.is_empty() {
+            return;
+        }
+        self.waiters.fetch_sub(wakers.len(), Ordering::SeqCst);
+        for waker in wakers {
+            waker.wake();
+        }
+    }
+
+    /// `Ready` with the end once it is past `offset`; otherwise registers `cx`'s waker,
+    /// to be woken at the next publish or [`wake`](Self::wake) (which the caller checks
+    /// for by its own state: a closed stream), and is `Pending`. A waker registered
+    /// twice (the same task polling again) is kept once.
+    pub(crate) fn poll_wait(&self, offset: Offset, cx: &mut Context<'_>) -> Poll<Offset> {
+        let now = self.get();
+        if now > offset {
+            return Poll::Ready(now);
+        }
+        {
+            let mut wakers = self.wakers.lock();
+            if !wakers.iter().any(|w| w.will_wake(cx.waker())) {
+                wakers.push(cx.waker().clone());
+                // SeqCst, then the load below: pairs with `publish`'s store then load,
+                // as in `wait_for`.
+                self.waiters.fetch_add(1, Ordering::SeqCst);
+            }
+        }
+        let now = self.get();
+        if now > offset {
+            return Poll::Ready(now);
+        }
+        Poll::Pending
     }
 
     /// Blocks until the end is past `offset`, `timeout` passes, or [`wake`](Self::wake)
@@ -121,6 +169,39 @@ mod tests {
     fn woken(done: &std::sync::mpsc::Receiver<Offset>) -> Offset {
         done.recv_timeout(Duration::from_secs(30))
             .expect("the waiter was not woken")
+    }
+
+    /// Counts its wakes.
+    struct Counting(std::sync::atomic::AtomicUsize);
+
+    impl std::task::Wake for Counting {
+        fn wake(self: Arc<Self>) {
+            self.0.fetch_add(1, Ordering::SeqCst);
+        }
+    }
+
+    #[test]
+    fn a_registered_waker_is_woken_once_by_publish_and_by_wake() {
+        let tail = Tail::new(3);
+        let counting = Arc::new(Counting(AtomicUsize::new(0)));
+        let waker = Waker::from(counting.clone());
+        let mut cx = Context::from_waker(&waker);
+        assert_eq!(tail.poll_wait(2, &mut cx), Poll::Ready(3));
+        assert_eq!(tail.poll_wait(3, &mut cx), Poll::Pending);
+        // Polled again before anything happened: registered once.
+        assert_eq!(tail.poll_wait(3, &mut cx), Poll::Pending);
+        assert_eq!(tail.waiters.load(Ordering::SeqCst), 1);
+        tail.publish(4);
+        assert_eq!(counting.0.load(Ordering::SeqCst), 1);
+        assert_eq!(tail.waiters.load(Ordering::SeqCst), 0);
+        // Woken wakers are forgotten: another publish does not wake it again.
+        tail.publish(5);
+        assert_eq!(counting.0.load(Ordering::SeqCst), 1);
+        assert_eq!(tail.poll_wait(4, &mut cx), Poll::Ready(5));
+        assert_eq!(tail.poll_wait(5, &mut cx), Poll::Pending);
+        tail.wake();
+        assert_eq!(counting.0.load(Ordering::SeqCst), 2);
+        assert_eq!(tail.waiters.load(Ordering::SeqCst), 0);
     }
 
     #[test]

@@ -12,6 +12,7 @@
 use std::ops::Range;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use crossbeam_utils::{Backoff, CachePadded};
@@ -114,6 +115,9 @@ struct Shared<S> {
 /// closed. Closing wakes it at once; this only bounds the race where the close lands
 /// between its check and its sleep.
 const WAIT_SLICE: Duration = Duration::from_millis(50);
+
+/// How many times `poll_recv` reads and registers before it yields to the executor.
+const POLL_TURNS: usize = 8;
 
 /// A follower that has taken this many records without sleeping follows a busy stream.
 const BUSY_STREAK: u64 = 1024;
@@ -286,6 +290,77 @@ impl<S: Store> LogSubscriber<S> {
     /// The named cursor this subscription commits to, if it has one.
     pub fn cursor(&self) -> Option<&str> {
         self.cursor.as_deref()
+    }
+
+    /// [`recv`](Subscribe::recv) for async code: resolves to the next record, or to
+    /// [`Error::Closed`] at the end, without blocking the executor's thread while it
+    /// waits (the store wakes the task when a record is committed or the stream closes:
+    /// [`Store::poll_committed`]). Works on any executor; no runtime is needed.
+    /// Dropping the future loses nothing: a record is taken from the store only in the
+    /// poll that returns it. A timeout is the executor's (`tokio::time::timeout`, say).
+    ///
+    /// ```
+    /// use cauce::stream::{LogStream, Position, Publish, Stream};
+    /// use cauce::store::MemoryStore;
+    /// use cauce::Entry;
+    ///
+    /// let stream = LogStream::new(MemoryStore::new());
+    /// let mut subscriber = stream.subscribe(Position::End)?;
+    /// let publisher = stream.publisher();
+    /// std::thread::spawn(move || publisher.publish(Entry::new(b"k", b"hello")));
+    /// # // A minimal executor, for the example: any runtime's block_on will do.
+    /// # fn block_on<F: std::future::Future>(f: F) -> F::Output {
+    /// #     struct Unpark(std::thread::Thread);
+    /// #     impl std::task::Wake for Unpark {
+    /// #         fn wake(self: std::sync::Arc<Self>) { self.0.unpark() }
+    /// #     }
+    /// #     let waker = std::sync::Arc::new(Unpark(std::thread::current())).into();
+    /// #     let mut cx = std::task::Context::from_waker(&waker);
+    /// #     let mut f = std::pin::pin!(f);
+    /// #     loop {
+    /// #         if let std::task::Poll::Ready(out) = f.as_mut().poll(&mut cx) { return out; }
+    /// #         std::thread::park();
+    /// #     }
+    /// # }
+    /// let record = block_on(async { subscriber.recv_async().await })?;
+    /// assert_eq!(record.payload, "hello");
+    /// # Ok::<(), cauce::Error>(())
+    /// ```
+    pub fn recv_async(&mut self) -> impl Future<Output = Result<Record>> + Send + '_ {
+        std::future::poll_fn(move |cx| self.poll_recv(cx))
+    }
+
+    /// The poll behind [`recv_async`](Self::recv_async), for a hand-written future or
+    /// stream adapter: `Ready` with the next record (or the error `recv` would return),
+    /// `Pending` with `cx`'s waker registered to be woken when there may be one.
+    pub fn poll_recv(&mut self, cx: &mut Context<'_>) -> Poll<Result<Record>> {
+        // A store whose end moves without a record to read (a record appended to it
+        // after the stream closed) would have this loop forever: it yields after a few
+        // turns, asking to be polled again.
+        for _ in 0..POLL_TURNS {
+            match self.next_record(Wait::No) {
+                Ok(Some(record)) => return Poll::Ready(Ok(record)),
+                Err(e) => return Poll::Ready(Err(e)),
+                Ok(None) => {}
+            }
+            if self
+                .shared
+                .store
+                .poll_committed(self.position, cx)
+                .is_ready()
+            {
+                continue;
+            }
+            // Registered. A close sets `closed`, then wakes: one that came before the
+            // registration is seen here, one after it wakes the task.
+            if self.shared.closed.load(Ordering::SeqCst) {
+                continue;
+            }
+            self.streak = 0;
+            return Poll::Pending;
+        }
+        cx.waker().wake_by_ref();
+        Poll::Pending
     }
 
     /// Spins and yields briefly (crossbeam's backoff: a few microseconds) while the

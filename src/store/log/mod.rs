@@ -256,6 +256,7 @@ use std::ops::Range;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::task::Poll;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -1425,6 +1426,10 @@ impl Store for LogStore {
 
     fn wait_for(&self, offset: Offset, timeout: Option<Duration>) -> Offset {
         self.shared.tail.wait_for(offset, timeout)
+    }
+
+    fn poll_committed(&self, offset: Offset, cx: &mut std::task::Context<'_>) -> Poll<Offset> {
+        self.shared.tail.poll_wait(offset, cx)
     }
 
     fn wake_waiters(&self) {
