@@ -21,6 +21,9 @@ pub(crate) struct Tail {
     cond: Condvar,
     /// Registered by `poll_wait`; all woken (and dropped) at the next publish or wake.
     wakers: Mutex<Vec<Waker>>,
+    /// How many wakers are registered: a publish with only blocked threads waiting
+    /// does not take the wakers' lock.
+    registered: AtomicUsize,
 }
 
 impl Tail {
@@ -68,10 +71,14 @@ impl Tail {
 
     /// Wakes (and forgets) every registered waker.
     fn wake_registered(&self) {
+        if self.registered.load(Ordering::SeqCst) == 0 {
+            return;
+        }
         let wakers = std::mem::take(&mut *self.wakers.lock());
         if wakers.is_empty() {
             return;
         }
+        self.registered.fetch_sub(wakers.len(), Ordering::SeqCst);
         self.waiters.fetch_sub(wakers.len(), Ordering::SeqCst);
         for waker in wakers {
             waker.wake();
@@ -93,6 +100,7 @@ impl Tail {
                 wakers.push(cx.waker().clone());
                 // SeqCst, then the load below: pairs with `publish`'s store then load,
                 // as in `wait_for`.
+                self.registered.fetch_add(1, Ordering::SeqCst);
                 self.waiters.fetch_add(1, Ordering::SeqCst);
             }
         }
