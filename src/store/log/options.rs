@@ -220,9 +220,12 @@ impl LogOptions {
     /// it). What it deletes is dropped as by
     /// [`Store::truncate_before`](crate::store::Store::truncate_before) of the first
     /// offset kept: the start moves past it, and a reader or cursor behind it gets
-    /// [`Error::OffsetOutOfRange`]. Timestamps are the ones appended (a record appended
-    /// with an old [`Entry::with_timestamp`](crate::Entry::with_timestamp) counts as
-    /// old); a clock set back makes segments look younger, never older.
+    /// [`Error::OffsetOutOfRange`]. Timestamps are the ones appended: records backfilled
+    /// with an [`Entry::with_timestamp`](crate::Entry::with_timestamp) older than `age`
+    /// are deleted at the next seal or `apply_retention`, maybe before anybody read
+    /// them, and one record stamped in the future keeps its segment, and every later
+    /// one, until that time has passed. A clock set back makes segments look younger,
+    /// never older.
     ///
     /// A [`Cluster`](crate::cluster::Cluster) refuses logs with retention: it drops the
     /// head of its own log only past a checkpoint
@@ -243,13 +246,14 @@ impl LogOptions {
     }
 
     /// Deletes the oldest sealed segments while the log would still hold at least
-    /// `bytes` without them (Kafka's `retention.bytes`): the segment files, headers
-    /// included, the active one counted too, stay between `bytes` and `bytes` plus one
-    /// segment. Applied as [`retain_for`](Self::retain_for) is (at open, after each
-    /// append that sealed a segment, and by
+    /// `bytes` without them (Kafka's `retention.bytes`), counting the segment files,
+    /// headers included, the active one too. Applied as [`retain_for`](Self::retain_for)
+    /// is (at open, after each append that sealed a segment, and by
     /// [`LogStore::apply_retention`](super::LogStore::apply_retention)), a whole sealed
-    /// segment at a time; with both set, a segment goes when either says so. Default:
-    /// no limit.
+    /// segment at a time; with both set, a segment goes when either says so. Right after
+    /// it is applied the log holds less than `bytes` plus its oldest segment; until the
+    /// next seal the active segment grows on, so the log stays under `bytes` plus two
+    /// segments ([`segment_bytes`](Self::segment_bytes)). Default: no limit.
     pub fn retain_bytes(mut self, bytes: u64) -> Self {
         self.retain_bytes = Some(bytes);
         self
@@ -264,6 +268,11 @@ impl LogOptions {
     /// Whether any retention is set.
     pub(crate) fn retains(&self) -> bool {
         self.retain_for.is_some() || self.retain_bytes.is_some()
+    }
+
+    /// The segment age set by [`segment_age`](Self::segment_age), if any.
+    pub fn segment_age_value(&self) -> Option<Duration> {
+        self.segment_age
     }
 
     /// The sync policy set.
