@@ -145,3 +145,68 @@ fn a_dropped_future_loses_no_record() {
         .expect("recv");
     assert_eq!((record.offset, &record.payload[..]), (0, &b"first"[..]));
 }
+
+/// A compaction that drops the records at the tail (an expired tombstone and the value
+/// before it) leaves the end past a follower's position with nothing to read: the
+/// follower waits for the next record (a timeout ends a blocking wait, an async one
+/// stays pending without waking itself), then gets it.
+fn a_gap_at_the_tail_is_waited_over<S: Store + Clone>(store: S) {
+    use cauce::store::CompactOptions;
+    let stream = LogStream::new(store.clone());
+    let publisher = stream.publisher();
+    publisher
+        .publish(Entry::with_timestamp(1, b"k", b"v"))
+        .expect("publish");
+    publisher
+        .publish(Entry::with_timestamp(2, b"k", b""))
+        .expect("publish tombstone");
+    let mut blocking = stream.subscribe(Position::Beginning).expect("subscribe");
+    let mut waiting = stream.subscribe(Position::Beginning).expect("subscribe");
+    let done = store
+        .compact_with(CompactOptions::new().tombstones(1_000))
+        .expect("compact");
+    assert_eq!((done.kept, done.dropped), (0, 2));
+    assert_eq!(store.next_offset(), 2);
+    let started = Instant::now();
+    let timed_out = blocking.recv_timeout(Duration::from_millis(200));
+    assert!(matches!(timed_out, Err(Error::Timeout(_))), "{timed_out:?}");
+    assert!(
+        started.elapsed() < Duration::from_secs(20),
+        "the timeout was not kept"
+    );
+    let unpark = Arc::new(Unpark {
+        thread: thread::current(),
+        wakes: AtomicUsize::new(0),
+    });
+    let waker = Waker::from(unpark.clone());
+    let mut cx = Context::from_waker(&waker);
+    assert!(waiting.poll_recv(&mut cx).is_pending());
+    assert_eq!(unpark.wakes.load(Ordering::SeqCst), 0, "it woke itself");
+    publisher
+        .publish(Entry::new(b"j", b"next"))
+        .expect("publish");
+    assert!(
+        unpark.wakes.load(Ordering::SeqCst) >= 1,
+        "the publish did not wake it"
+    );
+    match waiting.poll_recv(&mut cx) {
+        Poll::Ready(Ok(record)) => assert_eq!(record.offset, 2),
+        other => panic!("{other:?}"),
+    }
+    let record = blocking
+        .recv_timeout(Duration::from_secs(30))
+        .expect("recv");
+    assert_eq!(record.offset, 2);
+}
+
+#[test]
+fn a_gap_at_the_tail_of_a_memory_store_is_waited_over() {
+    a_gap_at_the_tail_is_waited_over(MemoryStore::new());
+}
+
+#[test]
+fn a_gap_at_the_tail_of_a_log_store_is_waited_over() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let log = LogStore::open(dir.path(), LogOptions::new().sync(SyncPolicy::Never)).expect("open");
+    a_gap_at_the_tail_is_waited_over(Arc::new(log));
+}

@@ -391,6 +391,8 @@ impl<S: Store> LogSubscriber<S> {
             // Read `closed` before reading: if it was set, every append had returned by
             // then, so the read below sees everything there will ever be.
             let closed = shared.closed.load(Ordering::SeqCst);
+            // Every record below it is committed before the read below starts.
+            let end = shared.store.next_offset();
             let reader = match &mut self.reader {
                 Some(reader) => reader,
                 None => self.reader.insert(shared.store.read_from(self.position)?),
@@ -411,12 +413,24 @@ impl<S: Store> LogSubscriber<S> {
                     return Err(e);
                 }
                 None if closed => return Err(Error::Closed),
-                None => {}
+                None => {
+                    // The reader found nothing from `position` to `end`, all committed
+                    // before it read: a compaction dropped them (an expired tombstone at
+                    // the tail), and the next record is past `end`. Without this the
+                    // end stayed past the position with nothing to read, and a wait
+                    // for it returned at once, forever.
+                    self.position = self.position.max(end);
+                }
             }
             if let Wait::No = wait {
                 return Ok(None);
             }
             if self.spin_until_committed() {
+                if let Wait::Until(deadline, timeout) = wait {
+                    if remaining(deadline).is_none_or(|left| left.is_zero()) {
+                        return Err(Error::Timeout(timeout));
+                    }
+                }
                 continue;
             }
             let slice = match wait {
