@@ -1009,7 +1009,11 @@ impl LogStore {
             _lock: lock,
         };
         if writable && store.shared.options.retains() {
-            store.apply_retention()?;
+            // As after a seal: the store opens whatever retention finds (a damaged
+            // sealed segment it reads for its newest timestamp is reported when read,
+            // as without retention), and retention is tried again after the next seal.
+            store.shared.retention_due.store(true, Ordering::Release);
+            store.retain_after_seal();
         }
         Ok(store)
     }
@@ -1117,17 +1121,23 @@ impl LogStore {
     /// # Ok::<(), cauce::Error>(())
     /// ```
     pub fn apply_retention(&self) -> Result<Offset> {
-        let shared = &self.shared;
-        if !shared.writable {
+        if !self.shared.writable {
             return Err(Error::ReadOnly(
                 "opened read-only: retention is refused".into(),
             ));
         }
+        let _maintenance = self.shared.maintenance.lock();
+        self.apply_retention_locked()
+    }
+
+    /// [`apply_retention`](Self::apply_retention) on a writable store, with the
+    /// maintenance lock held.
+    fn apply_retention_locked(&self) -> Result<Offset> {
+        let shared = &self.shared;
         shared.retention_due.store(false, Ordering::Release);
         if !shared.options.retains() {
             return Ok(self.start_offset());
         }
-        let _maintenance = shared.maintenance.lock();
         let (mut cut, expired_active) = self.retention_cut()?;
         if let Some(active) = expired_active {
             // A quiet log whose every record expired: its active segment is sealed so
@@ -1266,12 +1276,17 @@ impl LogStore {
 
     /// After an append: applies retention if the append sealed a segment. The append
     /// stands whatever this finds; a failure is logged, and tried again after the next
-    /// seal (or by [`apply_retention`](Self::apply_retention)).
+    /// seal (or by [`apply_retention`](Self::apply_retention)). A compaction or a
+    /// lookup by timestamp holding the maintenance lock leaves it to the next seal,
+    /// or to the compaction's own call of this: an append does not wait for them.
     fn retain_after_seal(&self) {
         if !self.shared.options.retains() || !self.shared.retention_due.load(Ordering::Acquire) {
             return;
         }
-        if let Err(e) = self.apply_retention() {
+        let Some(_maintenance) = self.shared.maintenance.try_lock() else {
+            return;
+        };
+        if let Err(e) = self.apply_retention_locked() {
             tracing::warn!(dir = %self.shared.dir.display(), error = %e, "retention failed; tried again after the next seal");
             self.shared.retention_due.store(true, Ordering::Release);
         }
