@@ -289,6 +289,13 @@ impl Shared {
         // first one, whose base is where the log starts.
         let first = self.segments.read().first().map(|s| s.base);
         let mut emptied = Vec::new();
+        // With tombstones a key's latest record can go too, and an emptied segment may
+        // hold the only other record of a key whose tombstone a rewrite drops: deleted
+        // after the swap, a crash between the two would bring that record back. Such
+        // segments are rewritten empty in the swap itself (atomic with the other
+        // rewrites), then deleted. Without tombstones every dropped record has a later
+        // one of its key that stays, and deleting them in any order is safe.
+        let empties_in_swap = options.tombstones_expired_before().is_some();
         for seg in sealed {
             let records = records_of(&seg)?;
             let before = records.len();
@@ -313,7 +320,9 @@ impl Shared {
             }
             if keep.is_empty() && Some(seg.base) != first {
                 emptied.push(seg.base);
-                continue;
+                if !empties_in_swap {
+                    continue;
+                }
             }
             let path = compacted_path(&self.dir, seg.base);
             let (len, entries) =
@@ -342,8 +351,10 @@ impl Shared {
                 // Every record of these has a later one of its key, durable in a sealed
                 // segment (synced above) and kept by the rewrites, or in the segments
                 // they replace until the swap: deleting them, in any order, and a crash
-                // at any point of it, leaves the latest record of every key. Readers
-                // step over the gap, as over the offsets a rewrite leaves out.
+                // at any point of it, leaves the latest record of every key. (With
+                // tombstones they were swapped for empty rewrites above: nothing of
+                // theirs is left to come back.) Readers step over the gap, as over the
+                // offsets a rewrite leaves out.
                 // Unlisted first (rule 16): a crash between leaves files no manifest
                 // lists, which an open accepts.
                 if !emptied.is_empty() {
@@ -367,6 +378,9 @@ impl Shared {
             }
             segments.retain(|s| !emptied.contains(&s.base));
             for (base, len, entries) in rewritten {
+                if emptied.contains(&base) {
+                    continue; // swapped empty, then deleted
+                }
                 let path = segment::segment_path(&self.dir, base);
                 if let Err(e) = index::write(&self.dir, base, &entries) {
                     tracing::warn!("could not write the index of {}: {e}", path.display());
