@@ -278,17 +278,7 @@ pub trait Store: Send + Sync + 'static {
     /// ```
     fn offset_for_timestamp(&self, at: Timestamp) -> Result<Option<Offset>> {
         let (_, records) = read_from_start(self)?;
-        let end = self.next_offset();
-        for record in records {
-            let record = record?;
-            if record.offset >= end {
-                break;
-            }
-            if record.timestamp >= at {
-                return Ok(Some(record.offset));
-            }
-        }
-        Ok(None)
+        first_stamped_since(records, self.next_offset(), at)
     }
 
     /// The first offset still held.
@@ -445,6 +435,25 @@ pub trait Store: Send + Sync + 'static {
 
     /// The snapshot `name` with the highest offset, if any was saved.
     fn latest_snapshot(&self, name: &str) -> Result<Option<Snapshot>>;
+}
+
+/// The offset of the first of `records` stamped at or after `at`, looking no further
+/// than `until`.
+pub(crate) fn first_stamped_since(
+    records: impl Iterator<Item = Result<Record>>,
+    until: Offset,
+    at: Timestamp,
+) -> Result<Option<Offset>> {
+    for record in records {
+        let record = record?;
+        if record.offset >= until {
+            break;
+        }
+        if record.timestamp >= at {
+            return Ok(Some(record.offset));
+        }
+    }
+    Ok(None)
 }
 
 /// How many times [`read_from_start`] opens a reader before it lets retention win.

@@ -1261,14 +1261,8 @@ impl LogStore {
             if from >= until {
                 continue;
             }
-            for record in self.reader_at(from)? {
-                let record = record?;
-                if record.offset >= until {
-                    break;
-                }
-                if record.timestamp >= at {
-                    return Ok(Some(record.offset));
-                }
+            if let Some(found) = super::first_stamped_since(self.reader_at(from)?, until, at)? {
+                return Ok(Some(found));
             }
         }
         Ok(None)
