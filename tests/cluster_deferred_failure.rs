@@ -100,15 +100,9 @@ impl Store for Decided {
     common::forward_store_but_append!(live);
 }
 
-fn wait_until(what: &str, f: impl Fn() -> bool) {
-    let since = Instant::now();
-    while !f() {
-        assert!(
-            since.elapsed() < Duration::from_secs(10),
-            "timed out: {what}"
-        );
-        std::thread::sleep(Duration::from_millis(1));
-    }
+/// Waits until `done()` holds, at most 10 s.
+fn wait_until(what: &str, done: impl Fn() -> bool) {
+    common::wait_until(what, Duration::from_secs(10), done);
 }
 
 /// The submitter's wait for B is answered Ok by the store (B is durable), but returns

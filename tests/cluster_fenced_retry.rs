@@ -65,16 +65,9 @@ impl Handler for Svc {
 
 static REBUILD_FAILED: AtomicBool = AtomicBool::new(false);
 
-/// Waits until `done` says so; panics after 20 s.
+/// Waits until `done()` holds, at most 20 s.
 fn wait_until(what: &str, done: impl Fn() -> bool) {
-    let since = Instant::now();
-    while !done() {
-        assert!(
-            since.elapsed() < Duration::from_secs(20),
-            "timed out: {what}"
-        );
-        std::thread::sleep(Duration::from_millis(1));
-    }
+    common::wait_until(what, Duration::from_secs(20), done);
 }
 
 #[test]

@@ -855,15 +855,9 @@ fn retrying_everything_after_sigkill_applies_each_request_exactly_once() {
     eprintln!("retries: {retried_duplicate} refused as duplicates, {retried_new} new");
 }
 
-fn wait_until(what: &str, f: impl Fn() -> bool) {
-    let since = Instant::now();
-    while !f() {
-        assert!(
-            since.elapsed() < Duration::from_secs(30),
-            "timed out: {what}"
-        );
-        std::thread::sleep(Duration::from_millis(1));
-    }
+/// Waits until `done()` holds, at most 30 s.
+fn wait_until(what: &str, done: impl Fn() -> bool) {
+    common::wait_until(what, Duration::from_secs(30), done);
 }
 
 /// A retry waiting for its first's fdatasync holds no lock the other submits need: a

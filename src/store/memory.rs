@@ -498,12 +498,7 @@ impl Store for MemoryStore {
         let keep: Vec<bool> = data
             .records
             .iter()
-            .map(|r| {
-                r.offset >= limit
-                    || r.key.is_empty()
-                    || (latest.get(&r.key[..]) == Some(&r.offset)
-                        && !options.drops_latest(r.payload.is_empty(), r.timestamp))
-            })
+            .map(|r| options.keeps(r, limit, latest.get(&r.key[..]).copied()))
             .collect();
         drop(latest);
         let before = data.records.len() as u64;

@@ -142,10 +142,16 @@ impl CompactOptions {
         self.tombstones
     }
 
-    /// Whether the latest record of its key (before the limit), `payload_empty` and
-    /// stamped `timestamp`, is a tombstone that goes.
-    pub(crate) fn drops_latest(&self, payload_empty: bool, timestamp: Timestamp) -> bool {
-        payload_empty && self.tombstones.is_some_and(|t| timestamp < t)
+    /// Whether a compaction up to `limit` keeps `record`, `latest` being the offset of
+    /// the latest record of its key before `limit` (the store's rule, in one place):
+    /// records past the limit and records with an empty key stay; others stay if they
+    /// are the latest of their key, unless that is an expired tombstone.
+    pub(crate) fn keeps(&self, record: &Record, limit: Offset, latest: Option<Offset>) -> bool {
+        let expired_tombstone =
+            record.payload.is_empty() && self.tombstones.is_some_and(|t| record.timestamp < t);
+        record.offset >= limit
+            || record.key.is_empty()
+            || (latest == Some(record.offset) && !expired_tombstone)
     }
 
     /// The end of what a compaction of a store whose committed records end at `end`

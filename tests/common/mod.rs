@@ -301,6 +301,16 @@ pub fn wait_for(flag: &std::sync::atomic::AtomicBool, at_most: Duration) {
     }
 }
 
+/// Waits until `done()` holds, failing the test with `timed out: {what}` after
+/// `at_most`.
+pub fn wait_until(what: &str, at_most: Duration, done: impl Fn() -> bool) {
+    let since = std::time::Instant::now();
+    while !done() {
+        assert!(since.elapsed() < at_most, "timed out: {what}");
+        std::thread::sleep(Duration::from_millis(1));
+    }
+}
+
 /// A minimal executor: polls `fut` on this thread, parking until woken.
 pub fn block_on<F: std::future::Future>(fut: F) -> F::Output {
     use std::sync::Arc;

@@ -302,11 +302,7 @@ impl Shared {
             let keep: Vec<Record> = records
                 .into_iter()
                 .filter(|r| {
-                    r.offset < start
-                        || r.offset >= until
-                        || r.key.is_empty()
-                        || (latest.get(&r.key[..]) == Some(&r.offset)
-                            && !options.drops_latest(r.payload.is_empty(), r.timestamp))
+                    r.offset < start || options.keeps(r, until, latest.get(&r.key[..]).copied())
                 })
                 .collect();
             let live = keep

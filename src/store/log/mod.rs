@@ -1215,7 +1215,13 @@ impl LogStore {
         if noted.is_some() {
             return Ok(noted);
         }
-        let (from, until) = (seg.base.max(self.start_offset()), self.next_offset());
+        self.read_newest(seg, self.next_offset())
+    }
+
+    /// The newest timestamp of the records of `seg` from the start on and before
+    /// `until`, read from the log; `None` if there is none.
+    fn read_newest(&self, seg: &Segment, until: Offset) -> Result<Option<Timestamp>> {
+        let from = seg.base.max(self.start_offset());
         let mut newest = None;
         if from < until {
             self.reader_at(from)?.replay(until, |_, e| {
@@ -1232,12 +1238,8 @@ impl LogStore {
         if let Some(&newest) = seg.newest.get() {
             return Ok(newest);
         }
-        let from = seg.base.max(self.start_offset());
-        let mut newest = 0;
-        if from < until {
-            self.reader_at(from)?
-                .replay(until, |_, e| newest = newest.max(e.timestamp))?;
-        }
+        // A segment with no record left counts as older than any time.
+        let newest = self.read_newest(seg, until)?.unwrap_or(0);
         Ok(*seg.newest.get_or_init(|| newest))
     }
 
