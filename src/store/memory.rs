@@ -424,9 +424,12 @@ impl Store for MemoryStore {
         data.next = first + batch.len() as Offset;
         let next = data.next;
         // Published under the lock: a reader, which takes records under it, then never
-        // finds one the end does not cover yet.
-        self.shared.tail.publish(next);
+        // finds one the end does not cover yet. Its waiters are woken after it.
+        let waiting = self.shared.tail.advance(next);
         drop(data);
+        if waiting {
+            self.shared.tail.wake_waiting();
+        }
         Ok(first..next)
     }
 

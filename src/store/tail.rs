@@ -39,34 +39,49 @@ impl Tail {
         self.next.load(Ordering::SeqCst)
     }
 
-    /// Moves the committed end up to `next` (never down) and wakes the waiters.
+    /// Moves the committed end up to `next` (never down), and says whether anyone
+    /// waits for it: the caller then calls [`wake_waiting`](Self::wake_waiting), once it
+    /// has let go of its own lock.
     ///
-    /// A store publishes under the lock that orders its appends: a reader that finds
-    /// records under that lock then finds none the end does not cover yet, and ends
-    /// arrive in order. Never down is only a guard (the max costs what a `SeqCst` store
-    /// costs): a late publish of an older end would otherwise hide committed records from
-    /// readers until the next append.
-    pub(crate) fn publish(&self, next: Offset) {
+    /// A store advances the end under the lock that orders its appends: a reader that
+    /// finds records under that lock then finds none the end does not cover yet, and
+    /// ends arrive in order. Never down is only a guard (the max costs what a `SeqCst`
+    /// store costs): a late call with an older end would otherwise hide committed
+    /// records from readers until the next append. The wake-up comes after that lock: a
+    /// waiter woken under it would first wait for it (a reader takes it for the records
+    /// not yet written out), and an executor's waker would run under it. A wake-up that
+    /// comes late is never lost: a waiter checks the end under the tail's own lock
+    /// before it sleeps.
+    #[must_use = "wake the waiters with `wake_waiting` when this is true"]
+    pub(crate) fn advance(&self, next: Offset) -> bool {
         // SeqCst pairs with the waiter's increment then load in `wait_for`: either this
         // load sees the waiter, or the waiter's load sees the new end.
         self.next.fetch_max(next, Ordering::SeqCst);
-        if self.waiters.load(Ordering::SeqCst) > 0 {
-            {
-                let _guard = self.lock.lock();
-                self.cond.notify_all();
-            }
-            self.wake_registered();
+        self.waiters.load(Ordering::SeqCst) > 0
+    }
+
+    /// Wakes the threads blocked in `wait_for` and the registered wakers, after an
+    /// [`advance`](Self::advance) that found some.
+    pub(crate) fn wake_waiting(&self) {
+        {
+            let _guard = self.lock.lock();
+            self.cond.notify_all();
+        }
+        self.wake_registered();
+    }
+
+    /// [`advance`](Self::advance), then the wake-up.
+    #[cfg(test)]
+    pub(crate) fn publish(&self, next: Offset) {
+        if self.advance(next) {
+            self.wake_waiting();
         }
     }
 
     /// Wakes every waiter, whether the end moved or not.
     pub(crate) fn wake(&self) {
         self.wakes.fetch_add(1, Ordering::SeqCst);
-        {
-            let _guard = self.lock.lock();
-            self.cond.notify_all();
-        }
-        self.wake_registered();
+        self.wake_waiting();
     }
 
     /// Wakes (and forgets) every registered waker.
@@ -98,7 +113,7 @@ impl Tail {
             let mut wakers = self.wakers.lock();
             if !wakers.iter().any(|w| w.will_wake(cx.waker())) {
                 wakers.push(cx.waker().clone());
-                // SeqCst, then the load below: pairs with `publish`'s store then load,
+                // SeqCst, then the load below: pairs with `advance`'s store then load,
                 // as in `wait_for`.
                 self.registered.fetch_add(1, Ordering::SeqCst);
                 self.waiters.fetch_add(1, Ordering::SeqCst);

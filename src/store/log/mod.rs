@@ -534,6 +534,9 @@ pub(crate) struct WriterState {
     dir_unsynced: bool,
     /// Followers that went to sleep on `Shared::flush_epoch` since the last write ended.
     sleepers: u32,
+    /// Readers wait for the committed end, which a sync under `Always` moved: they are
+    /// woken with the followers, once the lock is let go (`Shared::end_flush`).
+    tail_waiting: bool,
     active: Arc<Segment>,
     /// The buffer a leader is writing right now, at its file position.
     inflight: Option<(u64, Bytes)>,
@@ -958,6 +961,7 @@ impl LogStore {
             group_started: None,
             unsynced_sealed: Vec::new(),
             sleepers: 0,
+            tail_waiting: false,
             dir_unsynced: false,
             zeroed_until: buf_pos,
             active_newest: None,

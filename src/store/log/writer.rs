@@ -256,12 +256,18 @@ impl Shared {
             // Counted in its group (`buf_appends`): the group waits for this append's
             // caller to come and wait, as for any other appender.
             SyncPolicy::Always => {}
+            // The readers waiting for these records are woken once the lock is let go
+            // (see `Tail::advance`).
             SyncPolicy::Never => {
-                self.tail.publish(end);
+                let waiting = self.tail.advance(end);
                 self.maybe_write(&mut st);
+                drop(st);
+                if waiting {
+                    self.tail.wake_waiting();
+                }
             }
             SyncPolicy::Every { records, .. } => {
-                self.tail.publish(end);
+                let waiting = self.tail.advance(end);
                 st.unsynced_records += batch.len() as u64;
                 if st.unsynced_since.is_none() {
                     st.unsynced_since = Some(Instant::now());
@@ -274,6 +280,10 @@ impl Shared {
                     }
                 }
                 self.hand_over_write(&mut st);
+                drop(st);
+                if waiting {
+                    self.tail.wake_waiting();
+                }
             }
         }
         Ok(first..end)
@@ -393,12 +403,22 @@ impl Shared {
         ((st.last_fill + st.last_sync) * 3 / 2).min(MAX_GATHER)
     }
 
-    /// Ends a write (or a roll): wakes the followers parked for it and the threads
-    /// waiting for the writer to be idle.
+    /// Ends a write (or a roll): wakes the followers parked for it, the readers waiting
+    /// for the records it made durable, and the threads waiting for the writer to be
+    /// idle.
     fn end_flush(&self, st: &mut MutexGuard<'_, WriterState>) {
         self.flush_epoch.advance();
-        if std::mem::take(&mut st.sleepers) > 0 {
-            MutexGuard::unlocked(st, || self.flush_epoch.wake_all());
+        let followers = std::mem::take(&mut st.sleepers) > 0;
+        let readers = std::mem::take(&mut st.tail_waiting);
+        if followers || readers {
+            MutexGuard::unlocked(st, || {
+                if followers {
+                    self.flush_epoch.wake_all();
+                }
+                if readers {
+                    self.tail.wake_waiting();
+                }
+            });
         }
         self.flushed.notify_all();
     }
@@ -505,7 +525,8 @@ impl Shared {
         if self.options.sync == SyncPolicy::Always {
             // Before `durable`: an appender that sees `durable` cover its records returns
             // without the lock, and its records must be visible to readers by then.
-            self.tail.publish(st.synced);
+            // Every caller ends with `end_flush`, which wakes the readers waiting.
+            st.tail_waiting |= self.tail.advance(st.synced);
         }
         self.durable.store(st.synced, Ordering::Release);
         st.unsynced_records = st.next - st.synced;
