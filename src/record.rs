@@ -25,6 +25,46 @@ pub fn now() -> Timestamp {
         .unwrap_or(0)
 }
 
+/// `time` as a [`Timestamp`] (milliseconds since the Unix epoch, rounded down); a time
+/// before 1970 is 0, and one past the year 584 million `u64::MAX`.
+///
+/// ```
+/// use std::time::{Duration, UNIX_EPOCH};
+/// use cauce::record::{system_time, timestamp_of};
+///
+/// let t = UNIX_EPOCH + Duration::from_millis(1_700_000_000_123);
+/// assert_eq!(timestamp_of(t), 1_700_000_000_123);
+/// assert_eq!(system_time(1_700_000_000_123), t);
+/// ```
+pub fn timestamp_of(time: SystemTime) -> Timestamp {
+    time.duration_since(UNIX_EPOCH)
+        .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+        .unwrap_or(0)
+}
+
+/// The [`SystemTime`] a [`Timestamp`] stands for (the Unix epoch plus that many
+/// milliseconds; the latest time the platform can hold for one beyond it).
+pub fn system_time(timestamp: Timestamp) -> SystemTime {
+    let since = std::time::Duration::from_millis(timestamp);
+    UNIX_EPOCH
+        .checked_add(since)
+        .unwrap_or_else(|| latest_system_time(since))
+}
+
+/// The latest [`SystemTime`] at or before `UNIX_EPOCH + since`: halves the step until
+/// it fits (a platform's `SystemTime` can be narrower than `u64` milliseconds).
+fn latest_system_time(since: std::time::Duration) -> SystemTime {
+    let mut at = UNIX_EPOCH;
+    let mut step = since;
+    while !step.is_zero() {
+        match at.checked_add(step) {
+            Some(next) => at = next,
+            None => step /= 2,
+        }
+    }
+    at
+}
+
 /// A record as stored or delivered: an offset, a timestamp, a key and a payload.
 ///
 /// `key` and `payload` are [`Bytes`], so cloning a record, or fanning it out to many
@@ -42,6 +82,11 @@ pub struct Record {
 }
 
 impl Record {
+    /// The record's [`timestamp`](Record::timestamp) as a [`SystemTime`].
+    pub fn time(&self) -> SystemTime {
+        system_time(self.timestamp)
+    }
+
     /// The record as an [`Entry`], to append or publish it elsewhere with its timestamp.
     pub fn as_entry(&self) -> Entry<'_> {
         Entry {
@@ -92,5 +137,22 @@ impl<'a> Entry<'a> {
             key: Bytes::copy_from_slice(self.key),
             payload: Bytes::copy_from_slice(self.payload),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    #[test]
+    fn timestamps_and_system_times_convert_both_ways_at_the_edges() {
+        assert_eq!(timestamp_of(UNIX_EPOCH - Duration::from_secs(1)), 0);
+        assert_eq!(system_time(0), UNIX_EPOCH);
+        for t in [1, 1_700_000_000_123, u64::MAX / 2, u64::MAX] {
+            assert_eq!(timestamp_of(system_time(t)), t, "{t}");
+        }
+        let late = latest_system_time(Duration::from_millis(u64::MAX));
+        assert_eq!(timestamp_of(late), u64::MAX);
     }
 }

@@ -1,14 +1,14 @@
 //! A log's records in time: retention by age and by size ([`LogOptions::retain_for`],
 //! [`LogOptions::retain_bytes`]): which segments go, when, and that every record kept
 //! reads back whole; and the lookup of an offset by timestamp
-//! ([`LogStore::offset_for_timestamp`]).
+//! ([`LogStore::offset_for_timestamp`]); compaction keeping tombstones for a while.
 
 use std::collections::BTreeMap;
 use std::path::Path;
 use std::time::Duration;
 
 use cauce::record::now;
-use cauce::store::{LogOptions, LogStore, Store, SyncPolicy};
+use cauce::store::{CompactOptions, LogOptions, LogStore, Store, SyncPolicy};
 use cauce::{Entry, Error, Offset};
 
 const SEGMENT: u64 = 4096;
@@ -423,4 +423,44 @@ fn a_damaged_sealed_segment_does_not_stop_an_open_with_retention() {
             Err(Error::Corrupt { .. }) | Ok(0)
         ));
     }
+}
+
+#[test]
+fn tombstones_kept_for_a_while_go_only_once_that_long_has_passed() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let log = LogStore::open(dir.path(), options()).expect("open");
+    let now = now();
+    let day = 24 * HOUR_MS;
+    log.append(&[
+        Entry::with_timestamp(now - 3 * day, b"old", b"v1"),
+        Entry::with_timestamp(now - 2 * day, b"old", b""),
+        Entry::with_timestamp(now - 2 * day, b"recent", b"v1"),
+        Entry::with_timestamp(now - HOUR_MS, b"recent", b""),
+        Entry::with_timestamp(now - HOUR_MS, b"kept", b"v1"),
+    ])
+    .expect("append");
+    let options = CompactOptions::new().tombstones_kept_for(Duration::from_secs(86_400));
+    let done = log.compact_with(options).expect("compact");
+    // "old": its value and its tombstone, two days old, go; "recent": its value goes,
+    // its tombstone (an hour old) stays for consumers still to see it.
+    assert_eq!((done.kept, done.dropped), (2, 3));
+    let left: Vec<(Offset, Vec<u8>)> = log
+        .read_from(log.start_offset())
+        .expect("read")
+        .map(|r| r.map(|r| (r.offset, r.key.to_vec())))
+        .collect::<Result<_, _>>()
+        .expect("records");
+    assert_eq!(left, [(3, b"recent".to_vec()), (4, b"kept".to_vec())]);
+    assert_eq!(
+        cauce::record::timestamp_of(
+            log.read_from(4)
+                .expect("read")
+                .next()
+                .unwrap()
+                .unwrap()
+                .time()
+        ),
+        now - HOUR_MS,
+        "a record's time is its timestamp"
+    );
 }

@@ -125,11 +125,29 @@ impl CompactOptions {
     /// it is the latest record of its key, the records before it go, as any older
     /// record does; the tombstone itself goes too if its timestamp is before
     /// `expired_before` (Kafka's `delete.retention.ms`: a consumer has had until then
-    /// to see the delete). Without this, an empty payload is a value, and the key keeps
-    /// its latest record forever.
+    /// to see the delete; [`tombstones_kept_for`](Self::tombstones_kept_for) takes it
+    /// as a duration). Without this, an empty payload is a value, and the key keeps its
+    /// latest record forever.
     pub fn tombstones(mut self, expired_before: Timestamp) -> Self {
         self.tombstones = Some(expired_before);
         self
+    }
+
+    /// [`tombstones`](Self::tombstones) expiring those stamped more than `kept_for`
+    /// before now (the clock read by this call): a tombstone is kept at least that long
+    /// after it was written, as Kafka's `delete.retention.ms` says it.
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use cauce::store::CompactOptions;
+    ///
+    /// let day = CompactOptions::new().tombstones_kept_for(Duration::from_secs(86_400));
+    /// let expiry = day.tombstones_expired_before().unwrap();
+    /// assert!(expiry <= cauce::record::now() - 86_400_000);
+    /// ```
+    pub fn tombstones_kept_for(self, kept_for: Duration) -> Self {
+        let kept_for = u64::try_from(kept_for.as_millis()).unwrap_or(u64::MAX);
+        self.tombstones(crate::record::now().saturating_sub(kept_for))
     }
 
     /// The offset set by [`before`](Self::before), if any.
