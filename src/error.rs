@@ -71,6 +71,28 @@ pub enum Error {
         limit: usize,
     },
 
+    /// A record of a batch is stamped further ahead of the store's clock than its
+    /// options allow
+    /// ([`LogOptions::max_timestamp_ahead`](crate::store::LogOptions::max_timestamp_ahead));
+    /// nothing of the batch was appended.
+    #[error(
+        "record {index} of the batch (0 for a single record) is stamped {timestamp}, \
+         {} ms ahead of the store's clock ({now}); the store accepts at most {} ms \
+         (LogOptions::max_timestamp_ahead)",
+        .timestamp.saturating_sub(*.now),
+        .max_ahead.as_millis()
+    )]
+    TimestampAhead {
+        /// Where the record is in the batch given to `append` (0 for the first).
+        index: usize,
+        /// Its timestamp.
+        timestamp: crate::record::Timestamp,
+        /// The store's clock when the append was called.
+        now: crate::record::Timestamp,
+        /// The most a timestamp may be ahead of it.
+        max_ahead: Duration,
+    },
+
     /// A batch is larger than one append can write (a [`LogStore`](crate::store::LogStore)
     /// frames a batch with a 32-bit length), though each of its records is within the
     /// limit; nothing of it was appended. Append it in parts.

@@ -464,3 +464,62 @@ fn tombstones_kept_for_a_while_go_only_once_that_long_has_passed() {
         "a record's time is its timestamp"
     );
 }
+
+#[test]
+fn a_batch_stamped_too_far_ahead_is_refused_whole_and_names_its_record() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let ahead = Duration::from_secs(3600);
+    let log = LogStore::open(dir.path(), options().max_timestamp_ahead(ahead)).expect("open");
+    let now = now();
+    log.append(&[Entry::with_timestamp(now - HOUR_MS, b"k", b"past")])
+        .expect("a past timestamp is accepted");
+    log.append(&[Entry::with_timestamp(now + HOUR_MS / 2, b"k", b"soon")])
+        .expect("a timestamp within the limit is accepted");
+    let refused = log.append(&[
+        Entry::with_timestamp(now, b"k", b"a"),
+        Entry::with_timestamp(now + 2 * HOUR_MS, b"k", b"b"),
+        Entry::with_timestamp(now + 3 * HOUR_MS, b"k", b"c"),
+    ]);
+    let message = refused.as_ref().map_err(|e| e.to_string()).err();
+    assert!(
+        message
+            .as_deref()
+            .is_some_and(|m| m.starts_with("record 1 of the batch")
+                && m.contains("max_timestamp_ahead")
+                && m.contains("at most 3600000 ms")),
+        "{message:?}"
+    );
+    match refused {
+        Err(Error::TimestampAhead {
+            index,
+            timestamp,
+            now: clock,
+            max_ahead,
+        }) => {
+            assert_eq!((index, timestamp, max_ahead), (1, now + 2 * HOUR_MS, ahead));
+            assert!(
+                clock >= now && clock < now + HOUR_MS,
+                "the store's clock: {clock}"
+            );
+        }
+        other => panic!("expected TimestampAhead, got {other:?}"),
+    }
+    assert_eq!(
+        log.next_offset(),
+        2,
+        "nothing of the refused batch is appended"
+    );
+    log.append(&[Entry::with_timestamp(now, b"k", b"after")])
+        .expect("the log goes on");
+    drop(log);
+    let log = LogStore::open(dir.path(), options()).expect("reopen without the limit");
+    let payloads: Vec<Vec<u8>> = log
+        .read_from(0)
+        .expect("read")
+        .map(|r| r.map(|r| r.payload.to_vec()))
+        .collect::<Result<_, _>>()
+        .expect("records");
+    assert_eq!(payloads, [&b"past"[..], b"soon", b"after"]);
+    log.append(&[Entry::with_timestamp(u64::MAX, b"k", b"far")])
+        .expect("without the limit every timestamp is accepted");
+}

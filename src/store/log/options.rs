@@ -65,6 +65,7 @@ pub struct LogOptions {
     pub(crate) retain_for: Option<Duration>,
     pub(crate) retain_bytes: Option<u64>,
     pub(crate) segment_age: Option<Duration>,
+    pub(crate) max_timestamp_ahead: Option<Duration>,
 }
 
 impl Default for LogOptions {
@@ -81,6 +82,7 @@ impl Default for LogOptions {
             retain_for: None,
             retain_bytes: None,
             segment_age: None,
+            max_timestamp_ahead: None,
         }
     }
 }
@@ -224,8 +226,9 @@ impl LogOptions {
     /// with an [`Entry::with_timestamp`](crate::Entry::with_timestamp) older than `age`
     /// are deleted at the next seal or `apply_retention`, maybe before anybody read
     /// them, and one record stamped in the future keeps its segment, and every later
-    /// one, until that time has passed. A clock set back makes segments look younger,
-    /// never older.
+    /// one, until that time has passed
+    /// ([`max_timestamp_ahead`](Self::max_timestamp_ahead) refuses such records). A
+    /// clock set back makes segments look younger, never older.
     ///
     /// A [`Cluster`](crate::cluster::Cluster) refuses logs with retention: it drops the
     /// head of its own log only past a checkpoint
@@ -257,6 +260,42 @@ impl LogOptions {
     pub fn retain_bytes(mut self, bytes: u64) -> Self {
         self.retain_bytes = Some(bytes);
         self
+    }
+
+    /// Refuses a batch holding a record stamped more than `ahead` after the store's
+    /// clock ([`now`](crate::record::now) when the append is called): the append is
+    /// [`Error::TimestampAhead`](crate::Error::TimestampAhead), naming the record, and
+    /// nothing of the batch is appended (Kafka's `message.timestamp.after.max.ms`). A
+    /// record stamped in the future would hold [retention by age](Self::retain_for)
+    /// back for its whole segment, and come after later records in a lookup by time.
+    /// Records stamped in the past are always accepted. Default: no limit (every
+    /// timestamp is accepted).
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use cauce::store::{LogOptions, LogStore, Store};
+    /// use cauce::{Entry, Error};
+    ///
+    /// let dir = tempfile::tempdir()?;
+    /// let options = LogOptions::new().max_timestamp_ahead(Duration::from_secs(3600));
+    /// let log = LogStore::open(dir.path(), options)?;
+    /// let tomorrow = cauce::record::now() + 24 * 3600 * 1000;
+    /// let refused = log.append(&[
+    ///     Entry::new(b"k", b"now"),
+    ///     Entry::with_timestamp(tomorrow, b"k", b"later"),
+    /// ]);
+    /// assert!(matches!(refused, Err(Error::TimestampAhead { index: 1, .. })));
+    /// assert_eq!(log.next_offset(), 0); // nothing of the batch
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
+    pub fn max_timestamp_ahead(mut self, ahead: Duration) -> Self {
+        self.max_timestamp_ahead = Some(ahead);
+        self
+    }
+
+    /// The limit set by [`max_timestamp_ahead`](Self::max_timestamp_ahead), if any.
+    pub fn max_timestamp_ahead_value(&self) -> Option<Duration> {
+        self.max_timestamp_ahead
     }
 
     /// The retention set: by age ([`retain_for`](Self::retain_for)) and by size

@@ -151,6 +151,22 @@ pub(crate) fn poison(st: &mut WriterState, e: &Error) {
     st.poisoned = Some(e.to_string());
 }
 
+/// [`Error::TimestampAhead`] for the first record of `batch` stamped more than `ahead`
+/// after now.
+fn check_timestamps(batch: &[Entry<'_>], ahead: Duration) -> Result<()> {
+    let now = crate::record::now();
+    let limit = now.saturating_add(u64::try_from(ahead.as_millis()).unwrap_or(u64::MAX));
+    match batch.iter().position(|e| e.timestamp > limit) {
+        Some(index) => Err(Error::TimestampAhead {
+            index,
+            timestamp: batch[index].timestamp,
+            now,
+            max_ahead: ahead,
+        }),
+        None => Ok(()),
+    }
+}
+
 fn poisoned(message: &str) -> Error {
     Error::ReadOnly(format!(
         "an earlier write or fdatasync failed ({message}); reopen the store to recover"
@@ -193,6 +209,9 @@ impl Shared {
             ));
         }
         let body_len = segment::check_batch(batch, self.options.max_record_bytes)?;
+        if let Some(ahead) = self.options.max_timestamp_ahead {
+            check_timestamps(batch, ahead)?;
+        }
         let len = segment::batch_len(body_len) as u64;
         let mut st = self.writer.lock();
         // Poisoned first: every append after a failed write reports it, empty or not.
