@@ -8,6 +8,13 @@
 //! When the reader has caught up, the subscriber sleeps in [`Store::wait_for`] until the
 //! store's committed end passes its position; closing the stream calls
 //! [`Store::wake_waiters`].
+//!
+//! Retention can drop records a subscriber has not read yet. Its reader then reports
+//! [`Error::OffsetOutOfRange`] and stops; the subscriber's [`OffsetReset`] says whether
+//! that error is returned or a new reader opens at the store's start or end, in the
+//! same call. Opening a reader at a subscription's first position and reopening one
+//! after an error are one path ([`read_at`]), so a reset is the same wherever it
+//! happens.
 
 use std::ops::Range;
 use std::sync::Arc;
@@ -18,7 +25,7 @@ use std::time::{Duration, Instant};
 use crossbeam_utils::{Backoff, CachePadded};
 use parking_lot::RwLock;
 
-use super::{Position, Publish, Stream, Subscribe, remaining};
+use super::{OffsetReset, Position, Publish, Stream, Subscribe, remaining};
 use crate::error::{Error, Result};
 use crate::record::{Entry, Offset, Record, Timestamp};
 use crate::store::{RecordIter, Store, read_from_start};
@@ -37,6 +44,10 @@ use crate::store::{RecordIter, Store, read_from_start};
 /// - A cursor subscription's [`commit`](Subscribe::commit) saves its position with
 ///   [`Store::commit_cursor`]; subscribing to the same cursor later, in this process or
 ///   after a restart, resumes after the last committed record.
+/// - Records that retention dropped before a subscriber read them are
+///   [`Error::OffsetOutOfRange`] by default;
+///   [`subscribe_with`](LogStream::subscribe_with) an [`OffsetReset`] to go on from the
+///   store's start or end instead.
 ///
 /// Closing: the stream closes when its last publisher and its last `LogStream` value
 /// are dropped, or on [`Publish::close`]. Subscribers then read what the store held when
@@ -82,9 +93,13 @@ pub struct LogSubscriber<S: Store> {
     shared: Arc<Shared<S>>,
     /// `None` after the reader failed: the next call opens a new one at `position`.
     reader: Option<RecordIter>,
-    /// The offset after the last record delivered: what `commit` saves.
+    /// The offset after the last record delivered (or where a reset went): what
+    /// `commit` saves.
     position: Offset,
     cursor: Option<String>,
+    reset: OffsetReset,
+    /// The offsets resets jumped over, in total.
+    skipped: u64,
     /// Records delivered since the follower last slept in `wait_for`: a long streak is a
     /// busy stream, worth spinning for through a short stall of its writer.
     streak: u64,
@@ -148,6 +163,71 @@ impl<S: Store> LogStream<S> {
     pub fn store(&self) -> &S {
         &self.handle.shared.store
     }
+
+    /// A new subscriber starting at `from`, which goes on as `reset` says where the
+    /// store does not hold its position: at subscribe, a [`Cursor`](Position::Cursor) or
+    /// [`Offset`](Position::Offset) before the store's start or past its end; later,
+    /// records that retention dropped before the subscriber read them (in the receive
+    /// that finds them gone). A cursor subscription keeps its cursor through a reset, so
+    /// its next [`commit`](Subscribe::commit) saves where the reset went.
+    /// [`subscribe`](Stream::subscribe) is this with [`OffsetReset::Fail`].
+    ///
+    /// The other positions are wherever the store is when the reader opens; `reset`
+    /// does not change where they start. Retention that overtakes the opening of a
+    /// reader at the store's start or end on each of a few attempts in a row is
+    /// [`Error::OffsetOutOfRange`], whatever the policy.
+    ///
+    /// ```
+    /// use cauce::stream::{LogStream, OffsetReset, Position, Stream, Subscribe};
+    /// use cauce::store::{MemoryStore, Store};
+    /// use cauce::Entry;
+    ///
+    /// let store = MemoryStore::new();
+    /// let stream = LogStream::new(store.clone());
+    /// let mailer = Position::Cursor("mailer".into());
+    /// let mut subscriber = stream.subscribe_with(mailer.clone(), OffsetReset::Earliest)?;
+    /// store.append(&[Entry::new(b"a", b"1"), Entry::new(b"b", b"2")])?;
+    /// store.truncate_before(1)?; // record 0 goes before the mailer read it
+    /// assert_eq!(subscriber.recv()?.offset, 1);
+    /// assert_eq!(subscriber.skipped(), 1);
+    /// subscriber.commit()?;
+    /// assert_eq!(stream.subscribe(mailer)?.position(), 2);
+    /// # Ok::<(), cauce::Error>(())
+    /// ```
+    pub fn subscribe_with(&self, from: Position, reset: OffsetReset) -> Result<LogSubscriber<S>> {
+        let shared = &self.handle.shared;
+        let store = &shared.store;
+        let opened = |(at, reader): (Offset, RecordIter)| (at, Some(reader));
+        let mut cursor = None;
+        // A reader of `None`: a position the store may not hold, opened below.
+        let (position, reader) = match from {
+            // The beginning is where the log begins when the reader opens, however
+            // retention moved it since `start_offset` was read.
+            Position::Beginning => opened(read_from_start(store)?),
+            Position::Offset(offset) => (offset, None),
+            Position::Timestamp(time) => opened(from_time(store, time)?),
+            Position::End => opened(read_from_end(store)?),
+            Position::Cursor(name) => {
+                let committed = store.cursor(&name)?;
+                cursor = Some(name);
+                match committed {
+                    Some(offset) => (offset, None),
+                    None => opened(read_from_start(store)?),
+                }
+            }
+        };
+        let mut subscriber = LogSubscriber {
+            shared: shared.clone(),
+            reader,
+            position,
+            cursor,
+            reset,
+            skipped: 0,
+            streak: 0,
+        };
+        subscriber.reader()?;
+        Ok(subscriber)
+    }
 }
 
 impl<S: Store> Clone for LogStream<S> {
@@ -204,53 +284,63 @@ impl<S: Store> Stream for LogStream<S> {
         }
     }
 
+    /// [`subscribe_with`](LogStream::subscribe_with) [`OffsetReset::Fail`]: a position
+    /// the store does not hold is [`Error::OffsetOutOfRange`].
     fn subscribe(&self, from: Position) -> Result<LogSubscriber<S>> {
-        let shared = &self.handle.shared;
-        let store = &shared.store;
-        let at =
-            |offset| -> Result<(Offset, RecordIter)> { Ok((offset, store.read_from(offset)?)) };
-        let ((position, reader), cursor) = match from {
-            // The beginning is where the log begins when the reader opens, however
-            // retention moved it since `start_offset` was read.
-            Position::Beginning => (read_from_start(store)?, None),
-            Position::Offset(offset) => (at(offset)?, None),
-            Position::Timestamp(time) => (from_time(store, time)?, None),
-            Position::End => (at(store.next_offset())?, None),
-            Position::Cursor(name) => {
-                let opened = match store.cursor(&name)? {
-                    Some(offset) => at(offset)?,
-                    None => read_from_start(store)?,
-                };
-                (opened, Some(name))
-            }
-        };
-        Ok(LogSubscriber {
-            reader: Some(reader),
-            shared: shared.clone(),
-            position,
-            streak: 0,
-            cursor,
-        })
+        self.subscribe_with(from, OffsetReset::Fail)
     }
 }
 
-/// A reader at the first record of `store` stamped at or after `time`, or at the end.
-/// Retention that drops that record between the lookup and the open has the lookup
-/// made again (from the new start), a few times before its error is returned.
-fn from_time<S: Store>(store: &S, time: Timestamp) -> Result<(Offset, RecordIter)> {
+/// A reader at `from`, or, where the store does not hold `from`, where `reset` says (the
+/// error for [`OffsetReset::Fail`]); returns where the reader is.
+fn read_at<S: Store>(store: &S, from: Offset, reset: OffsetReset) -> Result<(Offset, RecordIter)> {
+    match (store.read_from(from), reset) {
+        (Ok(reader), _) => Ok((from, reader)),
+        (Err(Error::OffsetOutOfRange { .. }), OffsetReset::Earliest) => read_from_start(store),
+        (Err(Error::OffsetOutOfRange { .. }), OffsetReset::Latest) => read_from_end(store),
+        (Err(e), _) => Err(e),
+    }
+}
+
+/// How many times [`read_located`] looks an offset up and opens a reader there before it
+/// lets retention win.
+const LOCATE_ATTEMPTS: usize = 3;
+
+/// A reader at the offset `locate` finds in `store`. Retention that drops that offset
+/// between the lookup and the open has the lookup made again (from the new start), a
+/// few times before its error is returned.
+fn read_located<S: Store>(
+    store: &S,
+    locate: impl Fn(&S) -> Result<Offset>,
+) -> Result<(Offset, RecordIter)> {
     let mut attempts = 1;
     loop {
-        let offset = store
-            .offset_for_timestamp(time)?
-            .unwrap_or_else(|| store.next_offset());
+        let offset = locate(store)?;
         match store.read_from(offset) {
             Ok(reader) => return Ok((offset, reader)),
-            Err(Error::OffsetOutOfRange { start, .. }) if offset < start && attempts < 3 => {
+            Err(Error::OffsetOutOfRange { start, .. })
+                if offset < start && attempts < LOCATE_ATTEMPTS =>
+            {
                 attempts += 1;
             }
             Err(e) => return Err(e),
         }
     }
+}
+
+/// A reader at the first record of `store` stamped at or after `time`, or at the end.
+fn from_time<S: Store>(store: &S, time: Timestamp) -> Result<(Offset, RecordIter)> {
+    read_located(store, |store| {
+        Ok(store
+            .offset_for_timestamp(time)?
+            .unwrap_or_else(|| store.next_offset()))
+    })
+}
+
+/// A reader at the end of `store`: the next record appended. Appends and retention can
+/// move the start past the end just read before the reader opens.
+fn read_from_end<S: Store>(store: &S) -> Result<(Offset, RecordIter)> {
+    read_located(store, |store| Ok(store.next_offset()))
 }
 
 impl<S: Store> Publish for LogPublisher<S> {
@@ -290,6 +380,21 @@ impl<S: Store> LogSubscriber<S> {
     /// The named cursor this subscription commits to, if it has one.
     pub fn cursor(&self) -> Option<&str> {
         self.cursor.as_deref()
+    }
+
+    /// What the subscription does where the store does not hold its position; see
+    /// [`LogStream::subscribe_with`].
+    pub fn reset_policy(&self) -> OffsetReset {
+        self.reset
+    }
+
+    /// How many offsets resets jumped over, in total, at subscribe and since: records
+    /// this subscriber never received because retention dropped them first (offsets a
+    /// compaction had already emptied count too). Zero while nothing was lost; a
+    /// consumer that must not lose records silently alerts on it. A reset back (from an
+    /// offset past the store's end) jumps over nothing.
+    pub fn skipped(&self) -> u64 {
+        self.skipped
     }
 
     /// [`recv`](Subscribe::recv) for async code: resolves to the next record, or to
@@ -385,21 +490,51 @@ impl<S: Store> LogSubscriber<S> {
         }
     }
 
+    /// The reader, opened at `position` first if there is none (at subscribe, or after
+    /// an error): where the reset policy says if the store does not hold `position`.
+    fn reader(&mut self) -> Result<&mut RecordIter> {
+        let reader = match self.reader.take() {
+            Some(reader) => reader,
+            None => {
+                let (at, reader) = read_at(&self.shared.store, self.position, self.reset)?;
+                self.reset_to(at);
+                reader
+            }
+        };
+        Ok(self.reader.insert(reader))
+    }
+
+    /// Moves the position to `at`, where a reset opened the reader, counting and
+    /// reporting the offsets it jumps over.
+    fn reset_to(&mut self, at: Offset) {
+        if at == self.position {
+            return;
+        }
+        let skipped = at.saturating_sub(self.position);
+        tracing::warn!(
+            cursor = self.cursor.as_deref(),
+            from = self.position,
+            to = at,
+            skipped,
+            policy = ?self.reset,
+            "the store does not hold the subscription's position: reset"
+        );
+        self.skipped = self.skipped.saturating_add(skipped);
+        self.position = at;
+    }
+
     fn next_record(&mut self, wait: Wait) -> Result<Option<Record>> {
-        let shared = &*self.shared;
         loop {
             // Read `closed` before reading: if it was set, every append had returned by
             // then, so the read below sees everything there will ever be.
-            let closed = shared.closed.load(Ordering::SeqCst);
+            let closed = self.shared.closed.load(Ordering::SeqCst);
             // Every record below it is committed before the read below starts.
-            let end = shared.store.next_offset();
-            let reader = match &mut self.reader {
-                Some(reader) => reader,
-                None => self.reader.insert(shared.store.read_from(self.position)?),
-            };
-            match reader.next() {
+            let end = self.shared.store.next_offset();
+            match self.reader()?.next() {
                 // Appended to the store after the stream closed: not the stream's.
-                Some(Ok(record)) if record.offset >= shared.closed_at.load(Ordering::SeqCst) => {
+                Some(Ok(record))
+                    if record.offset >= self.shared.closed_at.load(Ordering::SeqCst) =>
+                {
                     return Err(Error::Closed);
                 }
                 Some(Ok(record)) => {
@@ -408,9 +543,17 @@ impl<S: Store> LogSubscriber<S> {
                     return Ok(Some(record));
                 }
                 Some(Err(e)) => {
-                    // A reader yields nothing after an error; start a new one next time.
+                    // A reader yields nothing after an error; a new one opens at
+                    // `position`. After retention overtook the reader, and the policy
+                    // resets, it opens where the policy says in this call; otherwise the
+                    // error is returned and it opens in the next.
                     self.reader = None;
-                    return Err(e);
+                    match e {
+                        Error::OffsetOutOfRange {
+                            requested, start, ..
+                        } if requested < start && self.reset != OffsetReset::Fail => continue,
+                        e => return Err(e),
+                    }
                 }
                 None if closed => return Err(Error::Closed),
                 None => {
@@ -442,7 +585,7 @@ impl<S: Store> LogSubscriber<S> {
                 },
             };
             self.streak = 0;
-            shared.store.wait_for(self.position, Some(slice));
+            self.shared.store.wait_for(self.position, Some(slice));
         }
     }
 }
@@ -479,6 +622,8 @@ impl<S: Store> std::fmt::Debug for LogSubscriber<S> {
         f.debug_struct("LogSubscriber")
             .field("position", &self.position)
             .field("cursor", &self.cursor)
+            .field("reset", &self.reset)
+            .field("skipped", &self.skipped)
             .finish_non_exhaustive()
     }
 }

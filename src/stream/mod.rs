@@ -11,7 +11,8 @@
 //!   A subscriber starts from any [`Position`] (the beginning, an offset, the end, or a
 //!   durable named cursor), replays what is stored, then follows the tail as new records
 //!   are committed. Publishers never wait for subscribers; a slow subscriber simply reads
-//!   the store at its own pace.
+//!   the store at its own pace. Records that retention drops before a subscriber
+//!   reads them are an error for it, or skipped as its [`OffsetReset`] says.
 //!
 //! ```
 //! use cauce::stream::{MemoryStream, Position, Publish, Stream, Subscribe, SubscribeExt};
@@ -214,8 +215,65 @@ pub enum Position {
     /// [beginning](Position::Beginning) if it never was (stored streams only). [`Subscribe::commit`] moves the cursor. If retention
     /// dropped records after the cursor, subscribing is [`Error::OffsetOutOfRange`],
     /// which names the first offset still held: those records are gone, and the caller
-    /// chooses where to go on from ([`Position::Offset`] of that start, say).
+    /// chooses where to go on from ([`Position::Offset`] of that start, say), or
+    /// subscribes with an [`OffsetReset`] that chooses
+    /// ([`LogStream::subscribe_with`]).
     Cursor(String),
+}
+
+/// What a stored-stream subscription does when the store no longer holds its position
+/// (Kafka's `auto.offset.reset`): retention ([`Store::truncate_before`]) dropped the
+/// records at a [`Cursor`](Position::Cursor) or [`Offset`](Position::Offset) it
+/// starts from, or overtook a running subscriber that had not read them yet.
+///
+/// Pass it to [`LogStream::subscribe_with`]; [`Stream::subscribe`] uses the default,
+/// [`Fail`](OffsetReset::Fail). A reset that jumps over offsets is a loss the consumer
+/// never sees: [`LogSubscriber::skipped`] counts those offsets, and each reset logs a
+/// warning (`tracing`) naming the cursor, if any, and the offsets it went from and to.
+///
+/// An offset past the store's end (the store is not the one the offset was taken from,
+/// or lost its tail) is reset by the same policy when subscribing, as Kafka does:
+/// `Earliest` goes to the start, `Latest` to the end. A reset back like that jumps over
+/// nothing, and [`skipped`](LogSubscriber::skipped) does not count it.
+///
+/// [`Store::truncate_before`]: crate::store::Store::truncate_before
+///
+/// ```
+/// use cauce::stream::{LogStream, OffsetReset, Position, Stream, Subscribe};
+/// use cauce::store::{MemoryStore, Store};
+/// use cauce::{Entry, Error};
+///
+/// let store = MemoryStore::new();
+/// let stream = LogStream::new(store.clone());
+/// store.append(&[Entry::new(b"a", b"1"), Entry::new(b"b", b"2"), Entry::new(b"c", b"3")])?;
+/// store.truncate_before(2)?; // retention dropped offsets 0 and 1
+///
+/// // By default a position the store no longer holds is an error...
+/// let failed = stream.subscribe(Position::Offset(0));
+/// assert!(matches!(failed, Err(Error::OffsetOutOfRange { requested: 0, start: 2, .. })));
+///
+/// // ...with `Earliest` the subscription goes on from the first record still stored.
+/// let mut billing = stream.subscribe_with(Position::Offset(0), OffsetReset::Earliest)?;
+/// assert_eq!(billing.recv()?.offset, 2);
+/// assert_eq!(billing.skipped(), 2); // offsets 0 and 1 were never received
+///
+/// // With `Latest` it goes on from the end: only records published from now on.
+/// let latest = stream.subscribe_with(Position::Offset(0), OffsetReset::Latest)?;
+/// assert_eq!((latest.position(), latest.skipped()), (3, 3));
+/// # Ok::<(), cauce::Error>(())
+/// ```
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum OffsetReset {
+    /// Report [`Error::OffsetOutOfRange`], which names the first offset still held, and
+    /// move nowhere: subscribing fails, and a running subscriber returns the error from
+    /// every receive until the caller subscribes anew. The default.
+    #[default]
+    Fail,
+    /// Go on from the first record still stored (Kafka's `earliest`).
+    Earliest,
+    /// Go on from the store's end, with the records published from then on (Kafka's
+    /// `latest`).
+    Latest,
 }
 
 /// A stream: makes publishers and subscribers of the same flow of records.
@@ -244,7 +302,8 @@ pub trait Stream {
 
     /// A new subscriber starting at `from`. A position a stream cannot start at is an
     /// error: [`Error::NotStored`] for stored positions on a notified stream,
-    /// [`Error::OffsetOutOfRange`] for offsets a store does not hold.
+    /// [`Error::OffsetOutOfRange`] for offsets a store does not hold (a
+    /// [`LogStream`] can reset those instead: [`LogStream::subscribe_with`]).
     fn subscribe(&self, from: Position) -> Result<Self::Subscriber>;
 }
 
