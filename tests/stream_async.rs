@@ -210,3 +210,45 @@ fn a_gap_at_the_tail_of_a_log_store_is_waited_over() {
     let log = LogStore::open(dir.path(), LogOptions::new().sync(SyncPolicy::Never)).expect("open");
     a_gap_at_the_tail_is_waited_over(Arc::new(log));
 }
+
+/// As a `futures_core::Stream` (feature `futures`): every record in order from a
+/// publisher on another thread, then the end, and the end again.
+#[cfg(feature = "futures")]
+#[test]
+fn a_log_subscriber_is_a_stream_that_ends_at_the_close() {
+    use cauce::stream::LogSubscriber;
+    use futures_core::Stream as _;
+
+    let dir = tempfile::tempdir().expect("tempdir");
+    let log = LogStore::open(dir.path(), LogOptions::new().sync(SyncPolicy::Never)).expect("open");
+    let stream = LogStream::new(Arc::new(log));
+    let mut subscriber = stream.subscribe(Position::Beginning).expect("subscribe");
+    let publisher = stream.publisher();
+    let writer = thread::spawn(move || {
+        for i in 0..500u64 {
+            publisher
+                .publish(Entry::new(b"k", &payload(i)))
+                .expect("publish");
+            if i % 100 == 99 {
+                thread::sleep(Duration::from_millis(5));
+            }
+        }
+        publisher.close();
+    });
+    let next = |subscriber: &mut LogSubscriber<Arc<LogStore>>| {
+        block_on(std::future::poll_fn(|cx| {
+            std::pin::Pin::new(&mut *subscriber).poll_next(cx)
+        }))
+        .0
+    };
+    for i in 0..500u64 {
+        let record = next(&mut subscriber).expect("an item").expect("a record");
+        assert_eq!((record.offset, record.payload.to_vec()), (i, payload(i)));
+    }
+    assert!(
+        next(&mut subscriber).is_none(),
+        "the stream ends at the close"
+    );
+    assert!(next(&mut subscriber).is_none(), "and stays ended");
+    writer.join().expect("writer");
+}

@@ -80,6 +80,8 @@ use crate::record::{Entry, Offset, Record, Timestamp};
 
 mod combinators;
 pub mod conformance;
+#[cfg(feature = "futures")]
+mod futures;
 mod log;
 mod memory;
 mod typed;
