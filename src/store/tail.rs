@@ -19,9 +19,9 @@ pub(crate) struct Tail {
     wakes: AtomicU64,
     lock: Mutex<()>,
     cond: Condvar,
-    /// Registered by `poll_wait`; all woken (and dropped) at the next publish or wake.
+    /// Registered by `poll_wait`; all woken (and dropped) when the end next moves, or at a wake.
     wakers: Mutex<Vec<Waker>>,
-    /// How many wakers are registered: a publish with only blocked threads waiting
+    /// How many wakers are registered: a wake-up with only blocked threads waiting
     /// does not take the wakers' lock.
     registered: AtomicUsize,
 }
@@ -32,6 +32,12 @@ impl Tail {
             next: AtomicU64::new(next),
             ..Tail::default()
         }
+    }
+
+    /// How many threads and wakers wait.
+    #[cfg(test)]
+    pub(crate) fn waiters(&self) -> usize {
+        self.waiters.load(Ordering::SeqCst)
     }
 
     /// The committed end.
@@ -101,7 +107,7 @@ impl Tail {
     }
 
     /// `Ready` with the end once it is past `offset`; otherwise registers `cx`'s waker,
-    /// to be woken at the next publish or [`wake`](Self::wake) (which the caller checks
+    /// to be woken when the end next moves or at [`wake`](Self::wake) (which the caller checks
     /// for by its own state: a closed stream), and is `Pending`. A waker registered
     /// twice (the same task polling again) is kept once.
     pub(crate) fn poll_wait(&self, offset: Offset, cx: &mut Context<'_>) -> Poll<Offset> {

@@ -214,7 +214,8 @@ impl Shared {
         }
         let len = segment::batch_len(body_len) as u64;
         let mut st = self.writer.lock();
-        // Poisoned first: every append after a failed write reports it, empty or not.
+        // Every append after a failed write reports it, empty or not (a batch refused
+        // for itself, above, is refused for that first).
         if let Some(p) = &st.poisoned {
             return Err(poisoned(p));
         }
@@ -276,9 +277,11 @@ impl Shared {
             // caller to come and wait, as for any other appender.
             SyncPolicy::Always => {}
             // The readers waiting for these records are woken once the lock is let go
-            // (see `Tail::advance`).
+            // (see `Tail::advance`), or before this append writes or waits.
             SyncPolicy::Never => {
-                let waiting = self.tail.advance(end);
+                let mut waiting = self.tail.advance(end);
+                let writes = st.buf.len() >= self.options.write_buffer_bytes;
+                self.wake_before_writing(&mut st, &mut waiting, writes);
                 self.maybe_write(&mut st);
                 drop(st);
                 if waiting {
@@ -286,12 +289,15 @@ impl Shared {
                 }
             }
             SyncPolicy::Every { records, .. } => {
-                let waiting = self.tail.advance(end);
+                let mut waiting = self.tail.advance(end);
                 st.unsynced_records += batch.len() as u64;
                 if st.unsynced_since.is_none() {
                     st.unsynced_since = Some(Instant::now());
                     self.flusher_wake.notify_one();
                 }
+                let writes = st.unsynced_records >= records.max(1)
+                    || st.buf.len() >= self.options.write_buffer_bytes;
+                self.wake_before_writing(&mut st, &mut waiting, writes);
                 if st.unsynced_records >= records.max(1) {
                     self.wait_idle(&mut st);
                     if st.unsynced_records >= records.max(1) {
@@ -306,6 +312,23 @@ impl Shared {
             }
         }
         Ok(first..end)
+    }
+
+    /// Wakes the readers waiting for the records an append just committed, if some wait
+    /// (`waiting`, then cleared) and the append goes on to write or to wait for a write
+    /// (`writes`): letting go of the lock for the wake-up, so that they do not sleep
+    /// through a `pwrite` or an fdatasync with their records visible. Otherwise they are
+    /// woken after the append lets go of the lock.
+    fn wake_before_writing(
+        &self,
+        st: &mut MutexGuard<'_, WriterState>,
+        waiting: &mut bool,
+        writes: bool,
+    ) {
+        if *waiting && writes {
+            *waiting = false;
+            MutexGuard::unlocked(st, || self.tail.wake_waiting());
+        }
     }
 
     /// Under `Every`, a full buffer is the background thread's to write: an appender
@@ -638,6 +661,12 @@ impl Shared {
                 .map_err(|e| Error::io("fdatasync", &seg.path, e))?;
             let upto = st.next;
             self.mark_synced(st, upto, started);
+            // Woken now, under the lock (a roll is rare): the roll's index, manifest
+            // and new segment (two fsyncs more) would otherwise keep them asleep with
+            // their records visible.
+            if std::mem::take(&mut st.tail_waiting) {
+                self.tail.wake_waiting();
+            }
         }
         // Written before the segment is sealed: a compaction takes only sealed
         // segments, and the index of its rewrite must not be overwritten by this one.
@@ -904,5 +933,53 @@ mod tests {
             log.append(&[Entry::new(b"k", b"later")]),
             Err(Error::ReadOnly(_))
         ));
+    }
+
+    /// A reader waiting for records is woken once they are committed, not once the
+    /// append that committed them is done writing: under `Every` an append that reaches
+    /// `records` waits for the write in flight (the flusher's fdatasync, here a leader
+    /// held in flight by the test) and then leads its own. The reader must return while
+    /// that write is still in flight.
+    #[test]
+    fn a_reader_is_woken_before_the_append_waits_for_a_write() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let options = LogOptions::new().sync(SyncPolicy::Every {
+            records: 1,
+            interval: Duration::from_secs(3600),
+        });
+        let log = Arc::new(LogStore::open(dir.path(), options).expect("open"));
+        log.shared.writer.lock().flushing = true; // a write in flight
+        let (woken, reader_done) = std::sync::mpsc::channel();
+        let reader = {
+            let log = log.clone();
+            std::thread::spawn(move || woken.send(log.wait_for(0, None)))
+        };
+        // Until the reader waits (a wake-up sent before would not be for it).
+        let waiting_since = Instant::now();
+        while log.shared.tail.waiters() == 0 {
+            assert!(
+                waiting_since.elapsed() < Duration::from_secs(30),
+                "no reader waits"
+            );
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        let appender = {
+            let log = log.clone();
+            std::thread::spawn(move || log.append(&[Entry::new(b"k", b"v")]))
+        };
+        // 30 s only bounds a hang: the write stays in flight until the reader returned.
+        let end = reader_done.recv_timeout(Duration::from_secs(30));
+        {
+            let mut st = log.shared.writer.lock();
+            st.flushing = false;
+            log.shared.flushed.notify_all();
+        }
+        assert_eq!(
+            end,
+            Ok(1),
+            "the reader slept while the append waited for the write in flight"
+        );
+        appender.join().expect("appender").expect("append");
+        reader.join().expect("reader").expect("report");
     }
 }
