@@ -1,4 +1,6 @@
 //! Runs a test of this binary as a child process and SIGKILLs it mid-work.
+// Each test binary that includes this uses the one of the two it needs.
+#![allow(dead_code)]
 
 use std::io::{BufRead, BufReader};
 use std::path::Path;
@@ -23,6 +25,23 @@ pub fn run_and_kill(
     after: Duration,
 ) -> Vec<String> {
     let first = first.to_string();
+    let trigger = move |line: &str| line.starts_with(&first);
+    let mut lines = run_and_kill_after(test, env, dir, trigger, first_ack, after);
+    lines.retain(|line| line.starts_with("ack "));
+    lines
+}
+
+/// [`run_and_kill`], but the kill comes `after` the first line for which `trigger`
+/// returns true (it sees every line, in order), and every line the child printed is
+/// returned, the last one perhaps cut short by the kill.
+pub fn run_and_kill_after(
+    test: &str,
+    env: &str,
+    dir: &Path,
+    mut trigger: impl FnMut(&str) -> bool + Send + 'static,
+    first_ack: Duration,
+    after: Duration,
+) -> Vec<String> {
     let exe = std::env::current_exe().expect("test binary");
     let mut child = Command::new(exe)
         .args(["--exact", test, "--nocapture", "--test-threads=1"])
@@ -38,12 +57,10 @@ pub fn run_and_kill(
         for line in BufReader::new(stdout).lines() {
             let Ok(line) = line else { break };
             assert!(!line.starts_with("error"), "child could not start: {line}");
-            if line.starts_with(&first) {
+            if trigger(&line) {
                 let _ = first_tx.send(());
             }
-            if line.starts_with("ack ") {
-                lines.push(line);
-            }
+            lines.push(line);
         }
         lines
     });

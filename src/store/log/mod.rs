@@ -124,9 +124,10 @@
 //!    record the rewrite kept). Without a marker, `.log.compact` files are deleted. [`Store::compact`] settles the directory the same
 //!    way before it writes anything, so a marker that a failed swap left is never on disk
 //!    beside the files of a later compaction.
-//!    (`committed_compaction_rolls_forward_and_uncommitted_one_is_dropped`, and in
+//!    (`committed_compaction_rolls_forward_and_uncommitted_one_is_dropped`, in
 //!    `tests/log_compaction.rs`
-//!    `a_compaction_after_a_failed_swap_first_finishes_the_committed_one`)
+//!    `a_compaction_after_a_failed_swap_first_finishes_the_committed_one`, and the
+//!    SIGKILL test in `tests/log_compaction_crash.rs`)
 //! 10. **Retention's start offset is exact**: it is persisted atomically before any
 //!     segment is deleted, so reads below it are [`Error::OffsetOutOfRange`] after a
 //!     crash too. (`retention_start_offset_is_exact_after_reopen`)
