@@ -75,6 +75,8 @@
 //! - Damaged storage, bad input and full queues are typed [`Error`]s that say what and
 //!   where; library code does not panic on them.
 #![warn(missing_docs)]
+// docs.rs marks what a feature adds (`--cfg docsrs`, see Cargo.toml).
+#![cfg_attr(docsrs, feature(doc_cfg))]
 
 pub mod client;
 pub mod cluster;

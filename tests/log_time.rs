@@ -451,6 +451,17 @@ fn tombstones_kept_for_a_while_go_only_once_that_long_has_passed() {
         .collect::<Result<_, _>>()
         .expect("records");
     assert_eq!(left, [(3, b"recent".to_vec()), (4, b"kept".to_vec())]);
+    // The options hold the duration: built once, each use reads the clock again.
+    let first = options.tombstones_expired_before().expect("tombstones");
+    let waited = std::time::Instant::now();
+    while cauce::record::now() <= first + 24 * HOUR_MS {
+        assert!(
+            waited.elapsed() < Duration::from_secs(30),
+            "the clock stands still"
+        );
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    assert!(options.tombstones_expired_before().expect("tombstones") > first);
     assert_eq!(
         cauce::record::timestamp_of(
             log.read_from(4)

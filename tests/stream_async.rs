@@ -252,3 +252,48 @@ fn a_log_subscriber_is_a_stream_that_ends_at_the_close() {
     assert!(next(&mut subscriber).is_none(), "and stays ended");
     writer.join().expect("writer");
 }
+
+/// As a `futures_core::Stream`, an error is the last item: a subscriber that retention
+/// overtook (policy `Fail`) yields its `OffsetOutOfRange` once, then ends, rather than
+/// yielding it at every poll.
+#[cfg(feature = "futures")]
+#[test]
+fn an_error_ends_a_log_subscriber_as_a_stream() {
+    use futures_core::{FusedStream as _, Stream as _};
+
+    let store = MemoryStore::new();
+    let stream = LogStream::new(store.clone());
+    let mut subscriber = stream.subscribe(Position::Beginning).expect("subscribe");
+    let entries: Vec<_> = (0..4).map(|_| Entry::new(b"k", b"v")).collect();
+    store.append(&entries).expect("append");
+    let waker = Waker::noop();
+    let mut cx = Context::from_waker(waker);
+    let mut poll = |subscriber: &mut cauce::stream::LogSubscriber<MemoryStore>| {
+        std::pin::Pin::new(subscriber).poll_next(&mut cx)
+    };
+    assert!(matches!(poll(&mut subscriber), Poll::Ready(Some(Ok(r))) if r.offset == 0));
+    store.truncate_before(3).expect("retention");
+    assert!(
+        matches!(
+            poll(&mut subscriber),
+            Poll::Ready(Some(Err(Error::OffsetOutOfRange {
+                requested: 1,
+                start: 3,
+                ..
+            })))
+        ),
+        "the error is an item"
+    );
+    assert!(subscriber.is_terminated());
+    for _ in 0..3 {
+        assert!(
+            matches!(poll(&mut subscriber), Poll::Ready(None)),
+            "then the end"
+        );
+    }
+    assert_eq!(
+        subscriber.position(),
+        1,
+        "from where a new subscription goes on"
+    );
+}

@@ -66,6 +66,7 @@ on_both_stores!(
     a_commit_after_a_reset_saves_where_it_went,
     skipped_counts_exactly_the_offsets_jumped_over,
     a_reset_that_races_retention_goes_on_from_the_newest_start,
+    a_cursor_never_committed_starts_where_the_policy_says,
 );
 
 /// A stream over `store` holding offsets `0..HELD`, the cursor "mailer" committed at
@@ -478,4 +479,36 @@ fn the_default_policy_is_fail() {
     let subscriber = stream.subscribe(Position::End).expect("subscribe");
     assert_eq!(subscriber.reset_policy(), OffsetReset::Fail);
     assert_eq!(subscriber.skipped(), 0);
+}
+
+/// As Kafka's `auto.offset.reset` for a group with no committed offset: `Latest` starts
+/// a new cursor at the end, `Earliest` and `Fail` at the first record still stored;
+/// none of them is a reset (nothing skipped). A commit then saves where it started.
+fn a_cursor_never_committed_starts_where_the_policy_says<S: Store>(store: S) {
+    let stream = stream_of(store);
+    stream.store().truncate_before(START).expect("retention");
+    for (reset, at) in [
+        (OffsetReset::Fail, START),
+        (OffsetReset::Earliest, START),
+        (OffsetReset::Latest, HELD),
+    ] {
+        // A cursor of its own for each policy: each is new when first subscribed.
+        let cursor = || Position::Cursor(format!("new-{reset:?}"));
+        let mut subscriber = stream.subscribe_with(cursor(), reset).expect("subscribe");
+        assert_eq!(
+            (subscriber.position(), subscriber.skipped()),
+            (at, 0),
+            "{reset:?}"
+        );
+        let next = if at < HELD {
+            assert_eq!(subscriber.recv().expect("recv").offset, at, "{reset:?}");
+            at + 1
+        } else {
+            assert_eq!(subscriber.try_recv().expect("try_recv"), None, "{reset:?}");
+            HELD
+        };
+        subscriber.commit().expect("commit");
+        let resumed = stream.subscribe(cursor()).expect("resubscribe");
+        assert_eq!(resumed.position(), next, "{reset:?}: the commit saved it");
+    }
 }

@@ -492,6 +492,7 @@ impl Store for MemoryStore {
     }
 
     fn compact_with(&self, options: CompactOptions) -> Result<Compaction> {
+        let options = options.resolved();
         let mut data = self.shared.data.write();
         let limit = options.limit(data.next);
         let mut latest: HashMap<&[u8], Offset> = HashMap::new();

@@ -102,7 +102,15 @@ pub struct Compaction {
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct CompactOptions {
     before: Option<Offset>,
-    tombstones: Option<Timestamp>,
+    tombstones: Option<Tombstones>,
+}
+
+/// When tombstones expire: before a time, or once older than a duration at each
+/// compaction.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Tombstones {
+    Before(Timestamp),
+    KeptFor(Duration),
 }
 
 impl CompactOptions {
@@ -129,25 +137,36 @@ impl CompactOptions {
     /// as a duration). Without this, an empty payload is a value, and the key keeps its
     /// latest record forever.
     pub fn tombstones(mut self, expired_before: Timestamp) -> Self {
-        self.tombstones = Some(expired_before);
+        self.tombstones = Some(Tombstones::Before(expired_before));
         self
     }
 
     /// [`tombstones`](Self::tombstones) expiring those stamped more than `kept_for`
-    /// before now (the clock read by this call): a tombstone is kept at least that long
-    /// after it was written, as Kafka's `delete.retention.ms` says it.
+    /// before the compaction: each compaction reads the clock as it starts, so options
+    /// built once serve a compaction run every hour. A tombstone is kept at least that
+    /// long after its timestamp (Kafka's `delete.retention.ms` counts from when its
+    /// cleaner first compacted the tombstone's segment instead).
     ///
     /// ```
     /// use std::time::Duration;
-    /// use cauce::store::CompactOptions;
+    /// use cauce::store::{CompactOptions, MemoryStore, Store};
+    /// use cauce::Entry;
     ///
+    /// let hour_ago = cauce::record::now() - 3_600_000;
+    /// let store = MemoryStore::new();
+    /// store.append(&[
+    ///     Entry::with_timestamp(hour_ago, b"alice", b"v1"),
+    ///     Entry::with_timestamp(hour_ago, b"alice", b""), // deleted an hour ago
+    /// ])?;
     /// let day = CompactOptions::new().tombstones_kept_for(Duration::from_secs(86_400));
-    /// let expiry = day.tombstones_expired_before().unwrap();
-    /// assert!(expiry <= cauce::record::now() - 86_400_000);
+    /// assert_eq!(store.compact_with(day)?.kept, 1); // the tombstone stays, for a day
+    /// let minute = CompactOptions::new().tombstones_kept_for(Duration::from_secs(60));
+    /// assert_eq!(store.compact_with(minute)?.kept, 0); // now alice is gone
+    /// # Ok::<(), cauce::Error>(())
     /// ```
-    pub fn tombstones_kept_for(self, kept_for: Duration) -> Self {
-        let kept_for = u64::try_from(kept_for.as_millis()).unwrap_or(u64::MAX);
-        self.tombstones(crate::record::now().saturating_sub(kept_for))
+    pub fn tombstones_kept_for(mut self, kept_for: Duration) -> Self {
+        self.tombstones = Some(Tombstones::KeptFor(kept_for));
+        self
     }
 
     /// The offset set by [`before`](Self::before), if any.
@@ -155,18 +174,42 @@ impl CompactOptions {
         self.before
     }
 
-    /// The time set by [`tombstones`](Self::tombstones), if any.
+    /// Before what time tombstones expire, if they are tombstones at all: the time set
+    /// by [`tombstones`](Self::tombstones), or now less the duration set by
+    /// [`tombstones_kept_for`](Self::tombstones_kept_for) (the clock read by this call).
+    /// A `Store` of one's own calls it once as its compaction starts.
     pub fn tombstones_expired_before(&self) -> Option<Timestamp> {
-        self.tombstones
+        self.tombstones.map(|t| match t {
+            Tombstones::Before(at) => at,
+            Tombstones::KeptFor(kept_for) => {
+                let kept_for = u64::try_from(kept_for.as_millis()).unwrap_or(u64::MAX);
+                crate::record::now().saturating_sub(kept_for)
+            }
+        })
+    }
+
+    /// These options with the expiry of tombstones fixed at its time now: what one
+    /// compaction applies throughout.
+    pub(crate) fn resolved(self) -> Self {
+        CompactOptions {
+            before: self.before,
+            tombstones: self.tombstones_expired_before().map(Tombstones::Before),
+        }
     }
 
     /// Whether a compaction up to `limit` keeps `record`, `latest` being the offset of
     /// the latest record of its key before `limit` (the store's rule, in one place):
     /// records past the limit and records with an empty key stay; others stay if they
-    /// are the latest of their key, unless that is an expired tombstone.
+    /// are the latest of their key, unless that is an expired tombstone. On
+    /// [`resolved`](Self::resolved) options (a duration is read here as no expiry).
     pub(crate) fn keeps(&self, record: &Record, limit: Offset, latest: Option<Offset>) -> bool {
+        let expiry = match self.tombstones {
+            Some(Tombstones::Before(at)) => Some(at),
+            Some(Tombstones::KeptFor(_)) => Some(0),
+            None => None,
+        };
         let expired_tombstone =
-            record.payload.is_empty() && self.tombstones.is_some_and(|t| record.timestamp < t);
+            record.payload.is_empty() && expiry.is_some_and(|t| record.timestamp < t);
         record.offset >= limit
             || record.key.is_empty()
             || (latest == Some(record.offset) && !expired_tombstone)

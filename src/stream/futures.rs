@@ -6,15 +6,24 @@ use std::pin::Pin;
 use std::task::{Context, Poll};
 
 use super::LogSubscriber;
-use crate::error::{Error, Result};
+#[cfg(doc)]
+use crate::error::Error;
+use crate::error::Result;
 use crate::record::Record;
 use crate::store::Store;
 
 /// The records of a [`LogSubscriber`] as a [`futures_core::Stream`] (feature
 /// `futures`): each item is what [`recv_async`](LogSubscriber::recv_async) resolves
 /// to, and the stream ends (`None`) where it resolves to [`Error::Closed`], once the
-/// stream closed and every record before the close was received; it then stays ended.
-/// Other errors are items, and the stream goes on after them as `recv` does.
+/// stream closed and every record before the close was received.
+///
+/// An error ([`Error::OffsetOutOfRange`] once retention overtook a subscriber whose
+/// policy is [`OffsetReset::Fail`](super::OffsetReset::Fail), or an `Io` or `Corrupt`
+/// error of the store) is the stream's last item: each of them would come back at
+/// every poll, and a stream that kept yielding one would spin a `filter_map` that
+/// skips errors. To go on, subscribe again from
+/// [`position()`](LogSubscriber::position), or with a reset policy. Once ended, the
+/// stream stays ended ([`FusedStream`](futures_core::FusedStream)).
 ///
 /// ```
 /// use cauce::stream::{LogStream, Position, Publish, Stream};
@@ -36,14 +45,19 @@ use crate::store::Store;
 /// assert!(matches!(end, std::task::Poll::Ready(None)));
 /// # Ok::<(), cauce::Error>(())
 /// ```
+#[cfg_attr(docsrs, doc(cfg(feature = "futures")))]
 impl<S: Store> futures_core::Stream for LogSubscriber<S> {
     type Item = Result<Record>;
 
     fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Record>>> {
-        match self.get_mut().poll_recv(cx) {
-            Poll::Ready(Err(Error::Closed)) => Poll::Ready(None),
-            Poll::Ready(item) => Poll::Ready(Some(item)),
-            Poll::Pending => Poll::Pending,
-        }
+        self.get_mut().poll_next_item(cx)
+    }
+}
+
+/// Ended for good at the close or after an error.
+#[cfg_attr(docsrs, doc(cfg(feature = "futures")))]
+impl<S: Store> futures_core::FusedStream for LogSubscriber<S> {
+    fn is_terminated(&self) -> bool {
+        self.stream_ended()
     }
 }

@@ -100,6 +100,9 @@ pub struct LogSubscriber<S: Store> {
     reset: OffsetReset,
     /// The offsets resets jumped over, in total.
     skipped: u64,
+    /// As a `futures_core::Stream`: ended (at the close, or after an error).
+    #[cfg(feature = "futures")]
+    stream_ended: bool,
     /// Records delivered since the follower last slept in `wait_for`: a long streak is a
     /// busy stream, worth spinning for through a short stall of its writer.
     streak: u64,
@@ -169,8 +172,9 @@ impl<S: Store> LogStream<S> {
     /// [`Offset`](Position::Offset) before the store's start or past its end; later,
     /// records that retention dropped before the subscriber read them (in the receive
     /// that finds them gone). A cursor subscription keeps its cursor through a reset, so
-    /// its next [`commit`](Subscribe::commit) saves where the reset went.
-    /// [`subscribe`](Stream::subscribe) is this with [`OffsetReset::Fail`].
+    /// its next [`commit`](Subscribe::commit) saves where the reset went. A cursor never
+    /// committed starts at the end under [`OffsetReset::Latest`], at the beginning
+    /// otherwise. [`subscribe`](Stream::subscribe) is this with [`OffsetReset::Fail`].
     ///
     /// The other positions are wherever the store is when the reader opens; `reset`
     /// does not change where they start. Retention that overtakes the opening of a
@@ -210,9 +214,13 @@ impl<S: Store> LogStream<S> {
             Position::Cursor(name) => {
                 let committed = store.cursor(&name)?;
                 cursor = Some(name);
-                match committed {
-                    Some(offset) => (offset, None),
-                    None => opened(read_from_start(store)?),
+                // Never committed: where the policy says a new consumer starts.
+                match (committed, reset) {
+                    (Some(offset), _) => (offset, None),
+                    (None, OffsetReset::Latest) => opened(read_from_end(store)?),
+                    (None, OffsetReset::Earliest | OffsetReset::Fail) => {
+                        opened(read_from_start(store)?)
+                    }
                 }
             }
         };
@@ -223,6 +231,8 @@ impl<S: Store> LogStream<S> {
             cursor,
             reset,
             skipped: 0,
+            #[cfg(feature = "futures")]
+            stream_ended: false,
             streak: 0,
         };
         subscriber.reader()?;
@@ -388,11 +398,14 @@ impl<S: Store> LogSubscriber<S> {
         self.reset
     }
 
-    /// How many offsets resets jumped over, in total, at subscribe and since: records
-    /// this subscriber never received because retention dropped them first (offsets a
-    /// compaction had already emptied count too). Zero while nothing was lost; a
-    /// consumer that must not lose records silently alerts on it. A reset back (from an
-    /// offset past the store's end) jumps over nothing.
+    /// How many offsets resets jumped over, in total, at subscribe and since: with
+    /// [`Earliest`](OffsetReset::Earliest), the records retention dropped before this
+    /// subscriber read them; with [`Latest`](OffsetReset::Latest), those and the records
+    /// still stored that the reset passed over to reach the end (offsets a compaction
+    /// had already emptied count too). Zero while nothing was passed over; a consumer
+    /// that must not lose records silently alerts on it. A reset back (from an offset
+    /// past the store's end) jumps over nothing, and a never-committed cursor starting
+    /// at the end under `Latest` is not a reset.
     pub fn skipped(&self) -> u64 {
         self.skipped
     }
@@ -466,6 +479,29 @@ impl<S: Store> LogSubscriber<S> {
         }
         cx.waker().wake_by_ref();
         Poll::Pending
+    }
+
+    /// The next item as a `futures_core::Stream` (see `stream::futures`): records, then
+    /// `None` from the close on; an error is the last item before `None`.
+    #[cfg(feature = "futures")]
+    pub(super) fn poll_next_item(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<Record>>> {
+        if self.stream_ended {
+            return Poll::Ready(None);
+        }
+        let item = match self.poll_recv(cx) {
+            Poll::Pending => return Poll::Pending,
+            Poll::Ready(Ok(record)) => return Poll::Ready(Some(Ok(record))),
+            Poll::Ready(Err(Error::Closed)) => None,
+            Poll::Ready(Err(e)) => Some(Err(e)),
+        };
+        self.stream_ended = true;
+        Poll::Ready(item)
+    }
+
+    /// Whether [`poll_next_item`](Self::poll_next_item) returns only `None` from now on.
+    #[cfg(feature = "futures")]
+    pub(super) fn stream_ended(&self) -> bool {
+        self.stream_ended
     }
 
     /// Spins and yields briefly (crossbeam's backoff: a few microseconds) while the

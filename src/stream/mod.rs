@@ -229,14 +229,21 @@ pub enum Position {
 /// starts from, or overtook a running subscriber that had not read them yet.
 ///
 /// Pass it to [`LogStream::subscribe_with`]; [`Stream::subscribe`] uses the default,
-/// [`Fail`](OffsetReset::Fail). A reset that jumps over offsets is a loss the consumer
-/// never sees: [`LogSubscriber::skipped`] counts those offsets, and each reset logs a
-/// warning (`tracing`) naming the cursor, if any, and the offsets it went from and to.
+/// [`Fail`](OffsetReset::Fail) (so generic code over [`Stream`], and the combinators,
+/// subscribe with `Fail`). A reset that jumps over offsets is a loss the consumer never
+/// sees: [`LogSubscriber::skipped`] counts those offsets, and each reset logs a warning
+/// (`tracing`) naming the cursor, if any, and the offsets it went from and to.
+///
+/// As in Kafka, the policy also says where a [`Cursor`](Position::Cursor) that was
+/// never committed starts: `Latest` at the end (a new consumer sees only what is
+/// published from then on), `Earliest` and `Fail` at the beginning (Kafka's `none`
+/// fails there instead; `Fail` keeps what [`Stream::subscribe`] always did).
 ///
 /// An offset past the store's end (the store is not the one the offset was taken from,
 /// or lost its tail) is reset by the same policy when subscribing, as Kafka does:
 /// `Earliest` goes to the start, `Latest` to the end. A reset back like that jumps over
-/// nothing, and [`skipped`](LogSubscriber::skipped) does not count it.
+/// nothing, and [`skipped`](LogSubscriber::skipped) does not count it; `Earliest` then
+/// delivers again the records from the start, which the consumer may have seen before.
 ///
 /// [`Store::truncate_before`]: crate::store::Store::truncate_before
 ///

@@ -238,6 +238,8 @@ impl Shared {
             return Err(Error::ReadOnly("opened read-only: cannot compact".into()));
         }
         let _maintenance = self.maintenance.lock();
+        // Tombstones kept for a duration expire before a time read once, now.
+        let options = options.resolved();
         // No marker may be on disk while the `.log.compact` files below are written: a
         // stale one would roll a half-written file over its segment after a crash.
         self.settle_under_readers()?;

@@ -268,8 +268,11 @@ impl LogOptions {
     /// nothing of the batch is appended (Kafka's `message.timestamp.after.max.ms`). A
     /// record stamped in the future would hold [retention by age](Self::retain_for)
     /// back for its whole segment, and come after later records in a lookup by time.
-    /// Records stamped in the past are always accepted. Default: no limit (every
-    /// timestamp is accepted).
+    /// Records stamped in the past are always accepted. The limit reads the wall clock:
+    /// a clock stepped back by more than `ahead` refuses, for as long as the step,
+    /// records stamped just before it (or by a clock that was not stepped), so keep
+    /// `ahead` well above the clock's steps (Kafka's default is an hour). Default: no
+    /// limit (every timestamp is accepted).
     ///
     /// ```
     /// use std::time::Duration;
