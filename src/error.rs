@@ -144,14 +144,14 @@ pub enum Error {
     /// The other side is gone: every publisher (or every subscriber) was dropped, or the
     /// service shut down.
     #[error(
-        "closed: the other side is gone (every publisher or every subscriber dropped, or the service shut down)"
+        "closed: the other side is gone (every publisher or every subscriber dropped, the stream closed, or the service shut down)"
     )]
     Closed,
 
     /// A blocking call gave up after its timeout. What it waited for is not cancelled: a
     /// request whose answer timed out is still handled, and can be waited on again.
     #[error(
-        "timed out after {0:?} (a request waited for is not cancelled: it is still handled, and can be waited for again)"
+        "timed out after {0:?} (what was waited for is not cancelled: a request is still handled, a record still comes, and either can be waited for again)"
     )]
     Timeout(Duration),
 

@@ -534,3 +534,36 @@ fn a_batch_stamped_too_far_ahead_is_refused_whole_and_names_its_record() {
     log.append(&[Entry::with_timestamp(u64::MAX, b"k", b"far")])
         .expect("without the limit every timestamp is accepted");
 }
+
+/// Retention runs after appends that seal a segment, not after the append that follows
+/// `apply_retention`'s seal of a quiet log's active segment: that append's own record
+/// (backfilled past the age) was dropped before the append returned, and a follower
+/// waiting at the end found its position gone.
+#[test]
+fn the_append_after_retention_sealed_a_quiet_log_keeps_its_record() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let options = options().retain_for(Duration::from_secs(60));
+    let log = std::sync::Arc::new(LogStore::open(dir.path(), options).expect("open"));
+    let old = now() - 10 * 60 * 1000;
+    log.append(&[Entry::with_timestamp(old, b"k", b"expired")])
+        .expect("append");
+    assert_eq!(
+        log.apply_retention().expect("retention"),
+        1,
+        "the quiet log emptied"
+    );
+    let stream = cauce::stream::LogStream::new(log.clone());
+    let mut follower =
+        cauce::stream::Stream::subscribe(&stream, cauce::stream::Position::End).expect("subscribe");
+    let at = log
+        .append(&[Entry::with_timestamp(old, b"k", b"backfilled")])
+        .expect("append");
+    assert_eq!(at, 1..2);
+    assert_eq!(log.start_offset(), 1, "its own append let the record go");
+    let record = cauce::stream::Subscribe::recv_timeout(&mut follower, Duration::from_secs(30))
+        .expect("the follower reads it");
+    assert_eq!(
+        (record.offset, &record.payload[..]),
+        (1, &b"backfilled"[..])
+    );
+}

@@ -1148,6 +1148,11 @@ impl LogStore {
             // A quiet log whose every record expired: its active segment is sealed so
             // that it can go too. A record appended meanwhile is in it now, and keeps it.
             shared.seal_active(&active)?;
+            // The seal asked for retention after it: this is it. Left set, the next
+            // append (which seals nothing) ran retention again, and dropped its own
+            // record if it was backfilled past the age before the call returned. A
+            // segment sealed from here on asks again; one sealed before is in the cut.
+            shared.retention_due.store(false, Ordering::Release);
             cut = self.retention_cut()?.0;
         }
         if let Some(cut) = cut {
