@@ -20,12 +20,16 @@ use std::ops::Range;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::task::{Context, Poll};
+use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+use bytes::Bytes;
+use crossbeam_channel::Sender;
 use crossbeam_utils::{Backoff, CachePadded};
-use parking_lot::RwLock;
+use parking_lot::{Mutex, RwLock};
 
 use super::{OffsetReset, Position, Publish, Stream, Subscribe, remaining};
+use crate::client::{Pending, Responder, pending};
 use crate::error::{Error, Result};
 use crate::record::{Entry, Offset, Record, Timestamp};
 use crate::store::{RecordIter, Store, read_from_start};
@@ -37,9 +41,10 @@ use crate::store::{RecordIter, Store, read_from_start};
 ///   never full ([`try_publish`](Publish::try_publish) is `publish`): a slow subscriber
 ///   does not hold publishers back, it reads the store at its own pace and keeps at most
 ///   what the store's reader buffers.
-/// - Subscribing from [`Position::Beginning`], an [`Offset`](Position::Offset),
-///   [`End`](Position::End) or a named [`Cursor`](Position::Cursor) replays what is
-///   stored from there, then follows the tail. Each subscriber sees every record from its
+/// - Subscribing from [`Position::Beginning`], an [`Offset`](Position::Offset), a
+///   [`Timestamp`](Position::Timestamp), the [`End`](Position::End) or a named
+///   [`Cursor`](Position::Cursor) replays what is stored from there, then follows the
+///   tail. Each subscriber sees every record from its
 ///   start, in order, once (records dropped by retention or compaction excepted).
 /// - A cursor subscription's [`commit`](Subscribe::commit) saves its position with
 ///   [`Store::commit_cursor`]; subscribing to the same cursor later, in this process or
@@ -54,7 +59,11 @@ use crate::store::{RecordIter, Store, read_from_start};
 /// it closed and end with [`Error::Closed`], on every later call too; new subscribers
 /// can still replay those records. The store itself stays open: a new `LogStream` over
 /// it is a new, open stream, and what it (or anyone) appends after the close is not
-/// the closed stream's.
+/// the closed stream's. (So a subscriber outlives the stream only as a reader of what
+/// was published: keep a `LogStream` value or a publisher alive for as long as it
+/// should follow the tail.) A close waits for the
+/// [async publish](LogPublisher::publish_async) the stream's appender thread is
+/// running, if any, to end; those queued behind it are refused ([`Error::Closed`]).
 ///
 /// ```
 /// use cauce::stream::{LogStream, Position, Publish, Stream, Subscribe};
@@ -127,7 +136,30 @@ struct Shared<S> {
     /// `LogStream` over it, or directly) are not this stream's: a subscriber that
     /// returned `Closed` once returned records after it again.
     closed_at: AtomicU64,
+    /// The queue of the thread that runs async publishes whose appends may wait for the
+    /// disk, started by the first one, and the thread; taken out when the stream
+    /// closes, which ends the thread once it drained the queue.
+    appender: Mutex<Option<(Sender<AsyncAppend>, JoinHandle<()>)>>,
 }
+
+/// An async publish handed to the stream's appender thread: its entries, owned, and
+/// whom to answer.
+struct AsyncAppend {
+    entries: Vec<(Timestamp, Bytes, Bytes)>,
+    answer: Responder<Range<Offset>>,
+}
+
+impl std::fmt::Debug for AsyncAppend {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AsyncAppend")
+            .field("entries", &self.entries.len())
+            .finish_non_exhaustive()
+    }
+}
+
+/// The most async publishes the appender thread appends before it waits for them to be
+/// durable (one fdatasync for all of them under `SyncPolicy::Always`).
+const ASYNC_GROUP: usize = 256;
 
 /// The longest a follower sleeps in `wait_for` before it checks whether the stream was
 /// closed. Closing wakes it at once; this only bounds the race where the close lands
@@ -156,6 +188,7 @@ impl<S: Store> LogStream<S> {
             gate: CachePadded::new(RwLock::new(())),
             closed: AtomicBool::new(false),
             closed_at: AtomicU64::new(Offset::MAX),
+            appender: Mutex::new(None),
         });
         LogStream {
             handle: Arc::new(Handle { shared }),
@@ -272,6 +305,16 @@ impl<S: Store> Shared<S> {
             self.closed.store(true, Ordering::SeqCst);
         }
         drop(gate);
+        // The appender thread drains what was queued (each refused: `Closed`), then ends;
+        // waited for, so that the store is let go of once the last handle is (a store
+        // reopened right after, say, finds its lock free).
+        let appender = self.appender.lock().take();
+        if let Some((queue, thread)) = appender {
+            drop(queue);
+            if thread.thread().id() != std::thread::current().id() {
+                let _ = thread.join();
+            }
+        }
         self.store.wake_waiters();
     }
 
@@ -281,6 +324,107 @@ impl<S: Store> Shared<S> {
             return Err(Error::Closed);
         }
         self.store.append(entries)
+    }
+}
+
+impl<S: Store> Shared<S> {
+    /// Appends `entries` without blocking the caller on the disk: at once (the answer
+    /// ready) where the store's appends never wait for it, or on the stream's appender
+    /// thread, which appends every publish queued meanwhile and waits for them to be
+    /// durable together.
+    fn append_async(self: &Arc<Self>, entries: &[Entry<'_>]) -> Pending<Range<Offset>> {
+        let (pending, answer) = pending(0);
+        if !self.store.append_waits_for_disk() {
+            answer.answer(self.append(entries));
+            return pending;
+        }
+        let job = AsyncAppend {
+            entries: entries
+                .iter()
+                .map(|e| {
+                    let key = Bytes::copy_from_slice(e.key);
+                    (e.timestamp, key, Bytes::copy_from_slice(e.payload))
+                })
+                .collect(),
+            answer,
+        };
+        let mut appender = self.appender.lock();
+        if self.closed.load(Ordering::SeqCst) {
+            job.answer.answer(Err(Error::Closed));
+            return pending;
+        }
+        if appender.is_none() {
+            match self.start_appender() {
+                Ok(started) => *appender = Some(started),
+                Err(e) => {
+                    job.answer.answer(Err(e));
+                    return pending;
+                }
+            }
+        }
+        if let Some((sender, _)) = appender.as_ref() {
+            // The thread holds the receiver until the sender goes: it cannot be gone.
+            let _ = sender.send(job);
+        }
+        pending
+    }
+
+    /// Starts the appender thread; it ends when the stream closes (its sender dropped)
+    /// and it has answered every publish queued.
+    fn start_appender(self: &Arc<Self>) -> Result<(Sender<AsyncAppend>, JoinHandle<()>)> {
+        let (sender, queue) = crossbeam_channel::unbounded::<AsyncAppend>();
+        let shared = self.clone();
+        let thread = std::thread::Builder::new()
+            .name("cauce-stream-append".into())
+            .spawn(move || {
+                while let Ok(first) = queue.recv() {
+                    let mut group = vec![first];
+                    group.extend(queue.try_iter().take(ASYNC_GROUP - 1));
+                    shared.append_group(group);
+                }
+            })
+            .map_err(|source| Error::Spawn {
+                name: "cauce-stream-append".to_string(),
+                source,
+            })?;
+        Ok((sender, thread))
+    }
+
+    /// Appends each publish of `group` (deferred: `Store::append_deferred`), then waits
+    /// once for them all to be durable, and answers each.
+    fn append_group(&self, group: Vec<AsyncAppend>) {
+        let mut appended = Vec::with_capacity(group.len());
+        for job in group {
+            let entries: Vec<Entry<'_>> = job
+                .entries
+                .iter()
+                .map(|(t, k, p)| Entry::with_timestamp(*t, k, p))
+                .collect();
+            let result = {
+                let _gate = self.gate.read();
+                if self.closed.load(Ordering::SeqCst) {
+                    Err(Error::Closed)
+                } else {
+                    self.store.append_deferred(&entries)
+                }
+            };
+            match result {
+                Ok(deferred) => appended.push((job.answer, deferred)),
+                Err(e) => {
+                    job.answer.answer(Err(e));
+                }
+            }
+        }
+        // The first wait makes every record appended above durable (one group commit);
+        // the later ones find them so. Each publish gets the store's own answer for its
+        // records (`Ok` if and only if they are durable).
+        for (answer, deferred) in appended {
+            let durable = match deferred.pending {
+                true => self.store.wait_appended(deferred.offsets.end),
+                false => Ok(()),
+            };
+            answer.answer(durable.map(|()| deferred.offsets));
+        }
     }
 }
 
@@ -370,6 +514,69 @@ impl<S: Store> Publish for LogPublisher<S> {
 
     fn close(&self) {
         self.handle.shared.close();
+    }
+}
+
+impl<S: Store> LogPublisher<S> {
+    /// [`publish`](Publish::publish) for async code: resolves to the entry's offset once
+    /// the append returned what `publish` returns (durable as the store's sync policy
+    /// says), without blocking the executor's thread on the disk. Works on any
+    /// executor; no runtime is needed.
+    ///
+    /// Where the store's appends may wait for the disk
+    /// ([`Store::append_waits_for_disk`]: a [`LogStore`](crate::store::LogStore) under
+    /// `SyncPolicy::Always` or `Every`), the entry is copied and appended on the
+    /// stream's appender thread (started by the first such publish, ended when the
+    /// stream closes), which appends every publish queued meanwhile, in the order they
+    /// were made, and waits for them together: many async publishers share one
+    /// fdatasync, as threads publishing at once do. Elsewhere (a `MemoryStore`) it
+    /// appends in this call and the future is ready. Dropping the future does not take
+    /// the entry back: it is published all the same.
+    ///
+    /// ```
+    /// use cauce::stream::{LogStream, Position, Stream, Subscribe};
+    /// use cauce::store::{LogOptions, LogStore};
+    /// use cauce::Entry;
+    ///
+    /// let dir = tempfile::tempdir()?;
+    /// let log = LogStore::open(dir.path(), LogOptions::new())?; // fdatasync each append
+    /// let stream = LogStream::new(std::sync::Arc::new(log));
+    /// let publisher = stream.publisher();
+    /// let published = publisher.publish_async(Entry::new(b"k", b"durable"));
+    /// # // Any runtime's block_on will do.
+    /// # fn block_on<F: std::future::Future>(f: F) -> F::Output {
+    /// #     struct Unpark(std::thread::Thread);
+    /// #     impl std::task::Wake for Unpark {
+    /// #         fn wake(self: std::sync::Arc<Self>) { self.0.unpark() }
+    /// #     }
+    /// #     let waker = std::sync::Arc::new(Unpark(std::thread::current())).into();
+    /// #     let mut cx = std::task::Context::from_waker(&waker);
+    /// #     let mut f = std::pin::pin!(f);
+    /// #     loop {
+    /// #         if let std::task::Poll::Ready(out) = f.as_mut().poll(&mut cx) { return out; }
+    /// #         std::thread::park();
+    /// #     }
+    /// # }
+    /// let offset = block_on(published)?; // on the disk by now
+    /// assert_eq!(stream.subscribe(Position::Beginning)?.recv()?.offset, offset);
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
+    pub fn publish_async(
+        &self,
+        entry: Entry<'_>,
+    ) -> impl Future<Output = Result<Offset>> + Send + 'static + use<S> {
+        let published = self.handle.shared.append_async(&[entry]);
+        async move { Ok(published.await?.start) }
+    }
+
+    /// [`publish_batch`](Publish::publish_batch) for async code, as
+    /// [`publish_async`](Self::publish_async): one atomic batch, its offsets once it is
+    /// appended and durable as the store's sync policy says.
+    pub fn publish_batch_async(
+        &self,
+        entries: &[Entry<'_>],
+    ) -> impl Future<Output = Result<Range<Offset>>> + Send + 'static + use<S> {
+        self.handle.shared.append_async(entries)
     }
 }
 

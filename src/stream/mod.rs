@@ -213,8 +213,9 @@ pub enum Position {
     /// The next record published: a subscription that starts now. For a
     /// [`MemoryStream`] shared queue, the oldest record still queued.
     End,
-    /// Where the named cursor was last committed, or the
-    /// [beginning](Position::Beginning) if it never was (stored streams only). [`Subscribe::commit`] moves the cursor. If retention
+    /// Where the named cursor was last committed, or, if it never was, the
+    /// [beginning](Position::Beginning) (the end under [`OffsetReset::Latest`]; stored
+    /// streams only). [`Subscribe::commit`] moves the cursor. If retention
     /// dropped records after the cursor, subscribing is [`Error::OffsetOutOfRange`],
     /// which names the first offset still held: those records are gone, and the caller
     /// chooses where to go on from ([`Position::Offset`] of that start, say), or

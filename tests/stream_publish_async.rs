@@ -1,0 +1,309 @@
+//! `LogPublisher::publish_async`: a publish awaited on an executor's thread never waits
+//! for the disk there (a store whose durability wait is held shut leaves the future
+//! pending, and the thread free), resolves once the store says the records are durable,
+//! gets the store's error when they are not, and is refused once the stream closed.
+
+use std::future::Future;
+use std::ops::Range;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::task::{Context, Poll, Wake, Waker};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use cauce::store::{
+    Compaction, Deferred, LogOptions, LogStore, MemoryStore, RecordIter, Snapshot, Store,
+    SyncPolicy,
+};
+use cauce::stream::{LogStream, Position, Publish, Stream, Subscribe};
+use cauce::{Entry, Error, Offset, Result};
+use parking_lot::{Condvar, Mutex};
+
+/// A `MemoryStore` whose appends say they wait for the disk: an append is deferred
+/// (pending), and `wait_appended` blocks while `shut`, then answers `Ok` or, once
+/// `fail` is set, an I/O error, as a store whose fdatasync failed does.
+struct HeldDisk {
+    store: MemoryStore,
+    shut: Mutex<bool>,
+    opened: Condvar,
+    fail: AtomicBool,
+    waits: AtomicUsize,
+    /// The threads that called `wait_appended`.
+    waiters: Mutex<Vec<thread::ThreadId>>,
+}
+
+impl HeldDisk {
+    fn new() -> Arc<HeldDisk> {
+        Arc::new(HeldDisk {
+            store: MemoryStore::new(),
+            shut: Mutex::new(true),
+            opened: Condvar::new(),
+            fail: AtomicBool::new(false),
+            waits: AtomicUsize::new(0),
+            waiters: Mutex::new(Vec::new()),
+        })
+    }
+
+    fn open(&self) {
+        *self.shut.lock() = false;
+        self.opened.notify_all();
+    }
+}
+
+impl Store for HeldDisk {
+    fn append(&self, batch: &[Entry<'_>]) -> Result<Range<Offset>> {
+        let deferred = self.append_deferred(batch)?;
+        self.wait_appended(deferred.offsets.end)?;
+        Ok(deferred.offsets)
+    }
+    fn append_waits_for_disk(&self) -> bool {
+        true
+    }
+    fn append_deferred(&self, batch: &[Entry<'_>]) -> Result<Deferred> {
+        Ok(Deferred {
+            offsets: self.store.append(batch)?,
+            pending: true,
+        })
+    }
+    fn wait_appended(&self, _end: Offset) -> Result<()> {
+        self.waits.fetch_add(1, Ordering::SeqCst);
+        self.waiters.lock().push(thread::current().id());
+        // Held at most 30 s: a wait on the test's own thread fails the test, not hangs it.
+        let mut shut = self.shut.lock();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while *shut {
+            if self.opened.wait_until(&mut shut, deadline).timed_out() {
+                return Err(Error::Timeout(Duration::from_secs(30)));
+            }
+        }
+        match self.fail.load(Ordering::SeqCst) {
+            false => Ok(()),
+            true => Err(Error::Io {
+                op: "fdatasync",
+                path: "held-disk".into(),
+                source: std::io::Error::other("the disk failed"),
+            }),
+        }
+    }
+    fn read_from(&self, from: Offset) -> Result<RecordIter> {
+        self.store.read_from(from)
+    }
+    fn start_offset(&self) -> Offset {
+        self.store.start_offset()
+    }
+    fn next_offset(&self) -> Offset {
+        self.store.next_offset()
+    }
+    fn wait_for(&self, offset: Offset, timeout: Option<Duration>) -> Offset {
+        self.store.wait_for(offset, timeout)
+    }
+    fn wake_waiters(&self) {
+        self.store.wake_waiters()
+    }
+    fn sync(&self) -> Result<()> {
+        self.store.sync()
+    }
+    fn truncate_before(&self, offset: Offset) -> Result<()> {
+        self.store.truncate_before(offset)
+    }
+    fn compact_with(&self, options: cauce::store::CompactOptions) -> Result<Compaction> {
+        self.store.compact_with(options)
+    }
+    fn commit_cursor(&self, name: &str, offset: Offset) -> Result<()> {
+        self.store.commit_cursor(name, offset)
+    }
+    fn cursor(&self, name: &str) -> Result<Option<Offset>> {
+        self.store.cursor(name)
+    }
+    fn save_snapshot(&self, name: &str, offset: Offset, blob: &[u8]) -> Result<()> {
+        self.store.save_snapshot(name, offset, blob)
+    }
+    fn latest_snapshot(&self, name: &str) -> Result<Option<Snapshot>> {
+        self.store.latest_snapshot(name)
+    }
+}
+
+/// Unparks the executor's thread.
+struct Unpark(thread::Thread);
+
+impl Wake for Unpark {
+    fn wake(self: Arc<Self>) {
+        self.0.unpark();
+    }
+}
+
+/// Polls every future of `futures` on this thread until all are ready (30 s at most);
+/// returns their outputs in order.
+fn run_all<F: Future + Unpin>(mut futures: Vec<F>) -> Vec<F::Output> {
+    let waker = Waker::from(Arc::new(Unpark(thread::current())));
+    let mut cx = Context::from_waker(&waker);
+    let mut outputs: Vec<Option<F::Output>> = futures.iter().map(|_| None).collect();
+    let started = Instant::now();
+    while outputs.iter().any(Option::is_none) {
+        for (future, output) in futures.iter_mut().zip(&mut outputs) {
+            if output.is_none() {
+                if let Poll::Ready(out) = std::pin::Pin::new(future).poll(&mut cx) {
+                    *output = Some(out);
+                }
+            }
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "not every future was woken in 30 s"
+        );
+        thread::park_timeout(Duration::from_millis(100));
+    }
+    outputs.into_iter().flatten().collect()
+}
+
+#[test]
+fn an_async_publish_waits_for_the_disk_on_another_thread_and_resolves_once_durable() {
+    let store = HeldDisk::new();
+    let stream = LogStream::new(store.clone());
+    let publisher = stream.publisher();
+    let mut futures: Vec<_> = (0..20u64)
+        .map(|i| Box::pin(publisher.publish_async(Entry::new(b"k", &i.to_le_bytes()))))
+        .collect();
+    // The disk is held: every future stays pending, and this thread is free.
+    let waker = Waker::noop();
+    let mut cx = Context::from_waker(waker);
+    for future in &mut futures {
+        assert!(future.as_mut().poll(&mut cx).is_pending());
+    }
+    let waited_since = Instant::now();
+    while store.waits.load(Ordering::SeqCst) == 0 {
+        assert!(
+            waited_since.elapsed() < Duration::from_secs(30),
+            "nobody waits"
+        );
+        thread::sleep(Duration::from_millis(1));
+    }
+    assert!(
+        futures
+            .iter_mut()
+            .all(|f| f.as_mut().poll(&mut cx).is_pending())
+    );
+    store.open();
+    let offsets: Vec<Offset> = run_all(futures)
+        .into_iter()
+        .map(|r| r.expect("published"))
+        .collect();
+    assert_eq!(offsets, (0..20).collect::<Vec<_>>(), "in the order made");
+    let here = thread::current().id();
+    assert!(
+        store.waiters.lock().iter().all(|&t| t != here),
+        "the wait for the disk ran on the executor's thread"
+    );
+    let mut subscriber = stream.subscribe(Position::Beginning).expect("subscribe");
+    for i in 0..20u64 {
+        let record = subscriber.recv().expect("recv");
+        assert_eq!(record.payload.to_vec(), i.to_le_bytes());
+    }
+}
+
+#[test]
+fn an_async_publish_gets_the_stores_error_when_its_records_are_not_durable() {
+    let store = HeldDisk::new();
+    store.fail.store(true, Ordering::SeqCst);
+    store.open();
+    let stream = LogStream::new(store.clone());
+    let publisher = stream.publisher();
+    let batch = [Entry::new(b"a", b"1"), Entry::new(b"b", b"2")];
+    let results = run_all(vec![
+        Box::pin(publisher.publish_batch_async(&batch)),
+        Box::pin(publisher.publish_batch_async(&batch)),
+    ]);
+    for result in results {
+        assert!(
+            matches!(
+                &result,
+                Err(Error::Io {
+                    op: "fdatasync",
+                    ..
+                })
+            ),
+            "{result:?}"
+        );
+    }
+}
+
+#[test]
+fn an_async_publish_after_the_close_is_refused() {
+    let store = HeldDisk::new();
+    store.open();
+    let stream = LogStream::new(store.clone());
+    let publisher = stream.publisher();
+    let first = run_all(vec![Box::pin(
+        publisher.publish_async(Entry::new(b"k", b"v")),
+    )]);
+    assert_eq!(first.into_iter().next().map(|r| r.ok()), Some(Some(0)));
+    publisher.close();
+    let refused = run_all(vec![Box::pin(
+        publisher.publish_async(Entry::new(b"k", b"v")),
+    )]);
+    assert!(
+        matches!(refused.as_slice(), [Err(Error::Closed)]),
+        "{refused:?}"
+    );
+    assert_eq!(store.next_offset(), 1, "nothing appended after the close");
+}
+
+/// On the embedded default (`SyncPolicy::Always`), 8 tasks on one thread each publish
+/// 50 entries in turn: every publish resolves, every record is on disk after a reopen.
+#[test]
+fn async_publishes_on_a_synced_log_are_all_durable() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let options = LogOptions::new().sync(SyncPolicy::Always);
+    let log = Arc::new(LogStore::open(dir.path(), options.clone()).expect("open"));
+    let stream = LogStream::new(log.clone());
+    let tasks: Vec<_> = (0..8u8)
+        .map(|task| {
+            let publisher = stream.publisher();
+            Box::pin(async move {
+                let mut offsets = Vec::new();
+                for i in 0..50u8 {
+                    let published = publisher.publish_async(Entry::new(&[task], &[i]));
+                    offsets.push(published.await?);
+                }
+                Ok::<_, Error>(offsets)
+            })
+        })
+        .collect();
+    let mut all: Vec<Offset> = run_all(tasks)
+        .into_iter()
+        .flat_map(|r| r.expect("published"))
+        .collect();
+    all.sort_unstable();
+    assert_eq!(all, (0..400).collect::<Vec<_>>());
+    drop(stream);
+    drop(log);
+    let log = LogStore::open(dir.path(), options).expect("reopen");
+    let mut seen = vec![0u8; 8];
+    for record in log.read_from(0).expect("read") {
+        let record = record.expect("record");
+        let task = record.key[0] as usize;
+        assert_eq!(
+            record.payload[0], seen[task],
+            "task {task}'s records in order"
+        );
+        seen[task] += 1;
+    }
+    assert_eq!(seen, vec![50u8; 8]);
+}
+
+/// A store whose appends do not wait for the disk is appended in the call: the future
+/// is ready at its first poll.
+#[test]
+fn an_async_publish_to_a_memory_store_is_ready_at_once() {
+    let stream = LogStream::new(MemoryStore::new());
+    let publisher = stream.publisher();
+    let mut published = Box::pin(publisher.publish_async(Entry::new(b"k", b"v")));
+    assert_eq!(stream.store().next_offset(), 1, "appended in the call");
+    let waker = Waker::noop();
+    let mut cx = Context::from_waker(waker);
+    assert!(matches!(
+        published.as_mut().poll(&mut cx),
+        Poll::Ready(Ok(0))
+    ));
+    drop(publisher.publish(Entry::new(b"k", b"w")));
+}
