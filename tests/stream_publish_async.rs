@@ -307,3 +307,88 @@ fn an_async_publish_to_a_memory_store_is_ready_at_once() {
     ));
     drop(publisher.publish(Entry::new(b"k", b"w")));
 }
+
+/// `commit_async` runs off the executor's thread, after the async publishes queued
+/// before it: held with them while the disk is, then the cursor stands where the
+/// subscriber was when it asked, and a new subscription resumes there.
+#[test]
+fn an_async_commit_runs_after_the_publishes_queued_before_it() {
+    let store = HeldDisk::new();
+    let stream = LogStream::new(store.clone());
+    let publisher = stream.publisher();
+    store
+        .store
+        .append(&[Entry::new(b"k", b"0"), Entry::new(b"k", b"1")])
+        .expect("append");
+    let mut subscriber = stream
+        .subscribe(Position::Cursor("mailer".into()))
+        .expect("subscribe");
+    assert_eq!(subscriber.recv().expect("recv").offset, 0);
+    let published = Box::pin(publisher.publish_async(Entry::new(b"k", b"2")));
+    let mut committed = Box::pin(subscriber.commit_async());
+    let waker = Waker::noop();
+    let mut cx = Context::from_waker(waker);
+    assert!(
+        committed.as_mut().poll(&mut cx).is_pending(),
+        "held behind the publish"
+    );
+    assert_eq!(store.cursor("mailer").expect("cursor"), None);
+    assert_eq!(
+        subscriber.recv().expect("recv").offset,
+        1,
+        "the subscriber goes on"
+    );
+    store.open();
+    let results = run_all(vec![
+        Box::pin(async move { published.await.map(|_| ()) })
+            as std::pin::Pin<Box<dyn Future<Output = Result<()>> + Send>>,
+        Box::pin(committed),
+    ]);
+    assert!(results.iter().all(Result::is_ok), "{results:?}");
+    assert_eq!(
+        store.cursor("mailer").expect("cursor"),
+        Some(1),
+        "where it was asked"
+    );
+    let resumed = stream
+        .subscribe(Position::Cursor("mailer".into()))
+        .expect("resubscribe");
+    assert_eq!(resumed.position(), 1);
+    // After the close, on a thread of its own.
+    publisher.close();
+    let after = run_all(vec![Box::pin(subscriber.commit_async())]);
+    assert!(matches!(after.as_slice(), [Ok(())]), "{after:?}");
+    assert_eq!(store.cursor("mailer").expect("cursor"), Some(2));
+    // Without a cursor there is nothing to commit.
+    let mut plain = stream.subscribe(Position::Beginning).expect("subscribe");
+    let refused = run_all(vec![Box::pin(plain.commit_async())]);
+    assert!(
+        matches!(refused.as_slice(), [Err(Error::CannotCommit(_))]),
+        "{refused:?}"
+    );
+}
+
+/// On the embedded default, a cursor committed with `commit_async` is there after a
+/// reopen.
+#[test]
+fn an_async_commit_on_a_synced_log_survives_a_reopen() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let options = LogOptions::new().sync(SyncPolicy::Always);
+    let log = Arc::new(LogStore::open(dir.path(), options.clone()).expect("open"));
+    let stream = LogStream::new(log.clone());
+    let publisher = stream.publisher();
+    for i in 0..5u8 {
+        publisher.publish(Entry::new(b"k", &[i])).expect("publish");
+    }
+    let mut subscriber = stream
+        .subscribe(Position::Cursor("billing".into()))
+        .expect("subscribe");
+    for _ in 0..3 {
+        subscriber.recv().expect("recv");
+    }
+    let committed = run_all(vec![Box::pin(subscriber.commit_async())]);
+    assert!(matches!(committed.as_slice(), [Ok(())]), "{committed:?}");
+    drop((subscriber, publisher, stream, log));
+    let log = LogStore::open(dir.path(), options).expect("reopen");
+    assert_eq!(log.cursor("billing").expect("cursor"), Some(3));
+}

@@ -409,12 +409,18 @@ fn skipped_counts_exactly_the_offsets_jumped_over<S: Store>(store: S) {
         .subscribe_with(mailer(), OffsetReset::Earliest)
         .expect("subscribe");
     assert_eq!(subscriber.skipped(), 0, "nothing lost, nothing counted");
+    assert_eq!(
+        subscriber.lag(),
+        HELD - BEHIND,
+        "behind the end by what it has to read"
+    );
     stream
         .store()
         .truncate_before(BEHIND + 2)
         .expect("retention");
     assert_eq!(subscriber.recv().expect("recv").offset, BEHIND + 2);
     assert_eq!(subscriber.skipped(), 2, "offsets 3 and 4");
+    assert_eq!(subscriber.lag(), HELD - (BEHIND + 3));
     // Retention up to exactly the position drops nothing this subscriber still needs.
     stream
         .store()

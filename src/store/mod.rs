@@ -123,7 +123,9 @@ impl CompactOptions {
     /// Compacts only the records before `offset` (Kafka's `min.compaction.lag`, by
     /// offset): the ones at or after it stay as they are and do not count as later
     /// records of their keys, so a consumer whose cursor stands at `offset` still reads
-    /// every record past it. An offset past the end compacts everything.
+    /// every record past it. An offset past the end compacts everything. An offset, not
+    /// a time (both are `u64`): to spare the last hour's records, pass
+    /// [`Store::offset_for_timestamp`] of an hour ago (the end if `None`).
     pub fn before(mut self, offset: Offset) -> Self {
         self.before = Some(offset);
         self

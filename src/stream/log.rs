@@ -32,7 +32,7 @@ use super::{OffsetReset, Position, Publish, Stream, Subscribe, remaining};
 use crate::client::{Pending, Responder, pending};
 use crate::error::{Error, Result};
 use crate::record::{Entry, Offset, Record, Timestamp};
-use crate::store::{RecordIter, Store, read_from_start};
+use crate::store::{Deferred, RecordIter, Store, read_from_start};
 
 /// A stream stored in a [`Store`]: subscribers can start anywhere in it and replay.
 ///
@@ -139,21 +139,36 @@ struct Shared<S> {
     /// The queue of the thread that runs async publishes whose appends may wait for the
     /// disk, started by the first one, and the thread; taken out when the stream
     /// closes, which ends the thread once it drained the queue.
-    appender: Mutex<Option<(Sender<AsyncAppend>, JoinHandle<()>)>>,
+    appender: Mutex<Option<(Sender<AsyncJob>, JoinHandle<()>)>>,
 }
 
-/// An async publish handed to the stream's appender thread: its entries, owned, and
-/// whom to answer.
-struct AsyncAppend {
-    entries: Vec<(Timestamp, Bytes, Bytes)>,
-    answer: Responder<Range<Offset>>,
+/// Work handed to the stream's appender thread: an async publish (its entries, owned,
+/// and whom to answer), or an async commit of a cursor.
+enum AsyncJob {
+    Append {
+        entries: Vec<(Timestamp, Bytes, Bytes)>,
+        answer: Responder<Range<Offset>>,
+    },
+    Commit {
+        cursor: String,
+        offset: Offset,
+        answer: Responder<()>,
+    },
 }
 
-impl std::fmt::Debug for AsyncAppend {
+impl std::fmt::Debug for AsyncJob {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("AsyncAppend")
-            .field("entries", &self.entries.len())
-            .finish_non_exhaustive()
+        match self {
+            AsyncJob::Append { entries, .. } => f
+                .debug_struct("Append")
+                .field("entries", &entries.len())
+                .finish_non_exhaustive(),
+            AsyncJob::Commit { cursor, offset, .. } => f
+                .debug_struct("Commit")
+                .field("cursor", cursor)
+                .field("offset", offset)
+                .finish_non_exhaustive(),
+        }
     }
 }
 
@@ -338,41 +353,87 @@ impl<S: Store> Shared<S> {
             answer.answer(self.append(entries));
             return pending;
         }
-        let job = AsyncAppend {
-            entries: entries
-                .iter()
-                .map(|e| {
-                    let key = Bytes::copy_from_slice(e.key);
-                    (e.timestamp, key, Bytes::copy_from_slice(e.payload))
-                })
-                .collect(),
+        let entries = entries
+            .iter()
+            .map(|e| {
+                let key = Bytes::copy_from_slice(e.key);
+                (e.timestamp, key, Bytes::copy_from_slice(e.payload))
+            })
+            .collect();
+        if let Err(refused) = self.run_async(AsyncJob::Append { entries, answer })
+            && let (AsyncJob::Append { answer, .. }, e) = *refused
+        {
+            answer.answer(Err(e));
+        }
+        pending
+    }
+
+    /// Commits `cursor` at `offset` without blocking the caller on the disk: at once
+    /// where the store's writes never wait for it, on the appender thread while the
+    /// stream is open (after the publishes queued before it), or on a thread of its own
+    /// once it closed.
+    fn commit_async(self: &Arc<Self>, cursor: String, offset: Offset) -> Pending<()> {
+        let (pending, answer) = pending(0);
+        if !self.store.append_waits_for_disk() {
+            answer.answer(self.store.commit_cursor(&cursor, offset));
+            return pending;
+        }
+        let job = AsyncJob::Commit {
+            cursor,
+            offset,
             answer,
         };
+        if let Err(refused) = self.run_async(job)
+            && let (
+                AsyncJob::Commit {
+                    cursor,
+                    offset,
+                    answer,
+                },
+                _,
+            ) = *refused
+        {
+            let shared = self.clone();
+            let commit = move || answer.answer(shared.store.commit_cursor(&cursor, offset));
+            let spawned = std::thread::Builder::new()
+                .name("cauce-stream-commit".into())
+                .spawn(commit);
+            if let Err(source) = spawned {
+                // The closure (and its answer) is gone with the failed spawn: the
+                // pending answer is `Closed`. Say why in the log.
+                tracing::warn!(error = %source, "could not spawn a thread for a commit");
+            }
+        }
+        pending
+    }
+
+    /// Queues `job` for the appender thread, starting it if need be; the job back, with
+    /// why, if the stream is closed or the thread could not start.
+    fn run_async(
+        self: &Arc<Self>,
+        job: AsyncJob,
+    ) -> std::result::Result<(), Box<(AsyncJob, Error)>> {
         let mut appender = self.appender.lock();
         if self.closed.load(Ordering::SeqCst) {
-            job.answer.answer(Err(Error::Closed));
-            return pending;
+            return Err(Box::new((job, Error::Closed)));
         }
         if appender.is_none() {
             match self.start_appender() {
                 Ok(started) => *appender = Some(started),
-                Err(e) => {
-                    job.answer.answer(Err(e));
-                    return pending;
-                }
+                Err(e) => return Err(Box::new((job, e))),
             }
         }
         if let Some((sender, _)) = appender.as_ref() {
             // The thread holds the receiver until the sender goes: it cannot be gone.
             let _ = sender.send(job);
         }
-        pending
+        Ok(())
     }
 
     /// Starts the appender thread; it ends when the stream closes (its sender dropped)
-    /// and it has answered every publish queued.
-    fn start_appender(self: &Arc<Self>) -> Result<(Sender<AsyncAppend>, JoinHandle<()>)> {
-        let (sender, queue) = crossbeam_channel::unbounded::<AsyncAppend>();
+    /// and it has answered every job queued.
+    fn start_appender(self: &Arc<Self>) -> Result<(Sender<AsyncJob>, JoinHandle<()>)> {
+        let (sender, queue) = crossbeam_channel::unbounded::<AsyncJob>();
         let shared = self.clone();
         let thread = std::thread::Builder::new()
             .name("cauce-stream-append".into())
@@ -380,7 +441,7 @@ impl<S: Store> Shared<S> {
                 while let Ok(first) = queue.recv() {
                     let mut group = vec![first];
                     group.extend(queue.try_iter().take(ASYNC_GROUP - 1));
-                    shared.append_group(group);
+                    shared.run_group(group);
                 }
             })
             .map_err(|source| Error::Spawn {
@@ -390,35 +451,53 @@ impl<S: Store> Shared<S> {
         Ok((sender, thread))
     }
 
-    /// Appends each publish of `group` (deferred: `Store::append_deferred`), then waits
-    /// once for them all to be durable, and answers each.
-    fn append_group(&self, group: Vec<AsyncAppend>) {
+    /// Runs the jobs of `group` in order: appends each publish (deferred:
+    /// `Store::append_deferred`) and, before a commit and at the end, waits for those
+    /// appended to be durable and answers them; a commit after the publishes queued
+    /// before it.
+    fn run_group(&self, group: Vec<AsyncJob>) {
         let mut appended = Vec::with_capacity(group.len());
         for job in group {
-            let entries: Vec<Entry<'_>> = job
-                .entries
-                .iter()
-                .map(|(t, k, p)| Entry::with_timestamp(*t, k, p))
-                .collect();
-            let result = {
-                let _gate = self.gate.read();
-                if self.closed.load(Ordering::SeqCst) {
-                    Err(Error::Closed)
-                } else {
-                    self.store.append_deferred(&entries)
+            match job {
+                AsyncJob::Append { entries, answer } => {
+                    let entries: Vec<Entry<'_>> = entries
+                        .iter()
+                        .map(|(t, k, p)| Entry::with_timestamp(*t, k, p))
+                        .collect();
+                    let result = {
+                        let _gate = self.gate.read();
+                        if self.closed.load(Ordering::SeqCst) {
+                            Err(Error::Closed)
+                        } else {
+                            self.store.append_deferred(&entries)
+                        }
+                    };
+                    match result {
+                        Ok(deferred) => appended.push((answer, deferred)),
+                        Err(e) => {
+                            answer.answer(Err(e));
+                        }
+                    }
                 }
-            };
-            match result {
-                Ok(deferred) => appended.push((job.answer, deferred)),
-                Err(e) => {
-                    job.answer.answer(Err(e));
+                AsyncJob::Commit {
+                    cursor,
+                    offset,
+                    answer,
+                } => {
+                    self.answer_appended(&mut appended);
+                    answer.answer(self.store.commit_cursor(&cursor, offset));
                 }
             }
         }
-        // The first wait makes every record appended above durable (one group commit);
-        // the later ones find them so. Each publish gets the store's own answer for its
-        // records (`Ok` if and only if they are durable).
-        for (answer, deferred) in appended {
+        self.answer_appended(&mut appended);
+    }
+
+    /// Waits for the publishes `appended` to be durable, and answers each. The first
+    /// wait makes every record appended durable (one group commit); the later ones find
+    /// them so. Each publish gets the store's own answer for its records (`Ok` if and
+    /// only if they are durable).
+    fn answer_appended(&self, appended: &mut Vec<(Responder<Range<Offset>>, Deferred)>) {
+        for (answer, deferred) in appended.drain(..) {
             let durable = match deferred.pending {
                 true => self.store.wait_appended(deferred.offsets.end),
                 false => Ok(()),
@@ -597,6 +676,35 @@ impl<S: Store> LogSubscriber<S> {
     /// The named cursor this subscription commits to, if it has one.
     pub fn cursor(&self) -> Option<&str> {
         self.cursor.as_deref()
+    }
+
+    /// [`commit`](Subscribe::commit) for async code: resolves once the cursor is
+    /// committed at the subscriber's [`position`](Self::position) as this call found
+    /// it, without blocking the executor's thread on the disk (a `LogStore` makes the
+    /// records before the cursor durable, then writes the cursor's journal: milliseconds
+    /// under `SyncPolicy::Always`). Where the store's writes may wait for the disk, the
+    /// commit runs on the stream's appender thread, after the
+    /// [async publishes](LogPublisher::publish_async) queued before it (on a thread of
+    /// its own once the stream closed); elsewhere in this call. Dropping the future
+    /// does not take the commit back. [`Error::CannotCommit`] without a cursor.
+    pub fn commit_async(&mut self) -> impl Future<Output = Result<()>> + Send + 'static + use<S> {
+        let committed = match &self.cursor {
+            Some(name) => Ok(self.shared.commit_async(name.clone(), self.position)),
+            None => Err(Error::CannotCommit(
+                "the subscription was not opened from a named cursor",
+            )),
+        };
+        async move { committed?.await }
+    }
+
+    /// How many records the subscriber is behind the store's end (Kafka's consumer
+    /// lag): offsets from its [`position`](Self::position) to the committed end, gaps
+    /// that compaction left included; 0 when caught up.
+    pub fn lag(&self) -> u64 {
+        self.shared
+            .store
+            .next_offset()
+            .saturating_sub(self.position)
     }
 
     /// What the subscription does where the store does not hold its position; see
