@@ -371,12 +371,12 @@ fn main() {
             note: format!("second half; {shed_keys} users shed to other instances"),
         });
     }
-    if let [(off, _), (on, shed)] = second_halves[..] {
-        if on >= off || shed == 0 {
-            failed.push(format!(
-                "shedding did not help: peak/mean {on:.2} with it, {off:.2} without ({shed} shed)"
-            ));
-        }
+    if let [(off, _), (on, shed)] = second_halves[..]
+        && (on >= off || shed == 0)
+    {
+        failed.push(format!(
+            "shedding did not help: peak/mean {on:.2} with it, {off:.2} without ({shed} shed)"
+        ));
     }
 
     println!(

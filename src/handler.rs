@@ -218,10 +218,11 @@ impl Context<'_> {
         self.calls += 1;
         effect_name_len(name)?;
         let answered = self.journaled_or_make(id, name, f);
-        if let Err(Error::Nondeterministic { offset, detail }) = &answered {
-            if self.effects.journal_only && self.diverged.is_none() {
-                self.diverged = Some((*offset, detail.clone()));
-            }
+        if let Err(Error::Nondeterministic { offset, detail }) = &answered
+            && self.effects.journal_only
+            && self.diverged.is_none()
+        {
+            self.diverged = Some((*offset, detail.clone()));
         }
         answered
     }

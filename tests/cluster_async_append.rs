@@ -531,11 +531,11 @@ fn stuck_instance_under_fresh_async_submits(batches_of_one: bool) {
             futures.push(Some(fut));
         }
         for slot in futures.iter_mut() {
-            if let Some(f) = slot {
-                if let Poll::Ready(answer) = f.as_mut().poll(&mut cx) {
-                    answers.push(answer);
-                    *slot = None;
-                }
+            if let Some(f) = slot
+                && let Poll::Ready(answer) = f.as_mut().poll(&mut cx)
+            {
+                answers.push(answer);
+                *slot = None;
             }
         }
         let m = cluster.metrics();
@@ -560,11 +560,11 @@ fn stuck_instance_under_fresh_async_submits(batches_of_one: bool) {
             "submits still pending"
         );
         for slot in futures.iter_mut() {
-            if let Some(f) = slot {
-                if let Poll::Ready(answer) = f.as_mut().poll(&mut cx) {
-                    answers.push(answer);
-                    *slot = None;
-                }
+            if let Some(f) = slot
+                && let Poll::Ready(answer) = f.as_mut().poll(&mut cx)
+            {
+                answers.push(answer);
+                *slot = None;
             }
         }
         std::thread::sleep(Duration::from_millis(1));
@@ -732,15 +732,15 @@ fn meet_a_change_half_done(disk_waits: bool) {
                 let now = wakes.0.load(Ordering::SeqCst);
                 if now > seen {
                     seen = now;
-                    if one.is_none() {
-                        if let Poll::Ready(done) = Pin::new(&mut submit).poll(&mut cx) {
-                            one = Some(done.unwrap());
-                        }
+                    if one.is_none()
+                        && let Poll::Ready(done) = Pin::new(&mut submit).poll(&mut cx)
+                    {
+                        one = Some(done.unwrap());
                     }
-                    if two.is_none() {
-                        if let Poll::Ready(done) = Pin::new(&mut batch).poll(&mut cx) {
-                            two = Some(done.unwrap());
-                        }
+                    if two.is_none()
+                        && let Poll::Ready(done) = Pin::new(&mut batch).poll(&mut cx)
+                    {
+                        two = Some(done.unwrap());
                     }
                 }
                 std::thread::sleep(Duration::from_millis(1));

@@ -193,10 +193,10 @@ impl Handler for Stops {
     type Response = u64;
 
     fn handle(&self, _: &mut Context<'_>, _: &[u8], total: &mut u64, add: u64) -> u64 {
-        if add == 0 {
-            if let Some(cluster) = self.me.get().and_then(|c| c.upgrade()) {
-                *self.answer.lock().unwrap() = Some(cluster.shutdown());
-            }
+        if add == 0
+            && let Some(cluster) = self.me.get().and_then(|c| c.upgrade())
+        {
+            *self.answer.lock().unwrap() = Some(cluster.shutdown());
         }
         *total += add;
         *total

@@ -423,7 +423,7 @@ fn read_only_opens_beside_a_writer_that_rolls_compacts_and_trims_find_no_file_mi
                 }
                 writer.compact().expect("compact");
                 round += 1;
-                if round % 4 == 0 {
+                if round.is_multiple_of(4) {
                     writer
                         .truncate_before(writer.next_offset() - 20)
                         .expect("retention");

@@ -378,7 +378,7 @@ fn a_read_only_open_beside_a_writer_that_rolls_preallocated_segments_reads_what_
                     .expect("append");
                 // Retention keeps the directory to the newest segment or two, which
                 // each open reads whole: most of an open's time goes to the newest.
-                if r.start % 8 == 0 {
+                if r.start.is_multiple_of(8) {
                     writer.truncate_before(r.start).expect("retention");
                 }
             }

@@ -16,7 +16,7 @@ mod records;
 fn payload(i: u64) -> Vec<u8> {
     let len = match i {
         700 => 5 << 20,
-        _ if i % 97 == 0 => 64 << 10 << (i % 5),
+        _ if i.is_multiple_of(97) => 64 << 10 << (i % 5),
         _ => (i * 37 % 300) as usize,
     };
     (0..len).map(|j| (i as usize * 131 + j * 7) as u8).collect()

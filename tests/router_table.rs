@@ -419,7 +419,7 @@ fn readers_see_whole_tables_while_membership_churns() {
                     assert!(table.members().iter().any(|m| m.id == owner));
                     // Through the trait too: some member of some published table.
                     assert!(router.owner_of(&key).is_some());
-                    if i % 64 == 0 {
+                    if i.is_multiple_of(64) {
                         let table = router.table();
                         assert_capped(&table);
                         if seen == 0 {

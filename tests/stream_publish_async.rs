@@ -141,10 +141,10 @@ fn run_all<F: Future + Unpin>(mut futures: Vec<F>) -> Vec<F::Output> {
     let started = Instant::now();
     while outputs.iter().any(Option::is_none) {
         for (future, output) in futures.iter_mut().zip(&mut outputs) {
-            if output.is_none() {
-                if let Poll::Ready(out) = std::pin::Pin::new(future).poll(&mut cx) {
-                    *output = Some(out);
-                }
+            if output.is_none()
+                && let Poll::Ready(out) = std::pin::Pin::new(future).poll(&mut cx)
+            {
+                *output = Some(out);
             }
         }
         assert!(

@@ -454,10 +454,10 @@ fn worst_submit(keys: &[Arc<[u8]>], changes: bool) -> f64 {
                     let pending = client.submit(&**key, 1).expect("submit");
                     worst = worst.max(at.elapsed());
                     window.push_back(pending);
-                    if window.len() >= 64 {
-                        if let Some(p) = window.pop_front() {
-                            p.wait().expect("answer");
-                        }
+                    if window.len() >= 64
+                        && let Some(p) = window.pop_front()
+                    {
+                        p.wait().expect("answer");
                     }
                 }
                 for p in window {

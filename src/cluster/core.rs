@@ -1114,10 +1114,10 @@ impl<H: Handler> Shared<H> {
     }
 
     fn latest_checkpoint(&self, cache: &mut HandedCheckpoints) -> Result<Arc<Checkpoint>> {
-        if let Some(cp) = cache.newest.upgrade() {
-            if cp.offset == self.checkpoint_offset.load(Ordering::SeqCst) {
-                return Ok(cp);
-            }
+        if let Some(cp) = cache.newest.upgrade()
+            && cp.offset == self.checkpoint_offset.load(Ordering::SeqCst)
+        {
+            return Ok(cp);
         }
         let cp = Arc::new(if !self.checkpoint_in_store.load(Ordering::SeqCst) {
             // The log was checked to start at 0 at open: a head dropped since then
@@ -3495,10 +3495,8 @@ impl<H: Handler> Shared<H> {
         // How long an instance may take to finish: to give its part of the checkpoint,
         // then to stop.
         let grace = self.options.stall_timeout.max(Duration::from_secs(1));
-        if checkpoint {
-            if let Err(e) = self.checkpoint_within(Patience::WhileProgressing(grace)) {
-                first_error = Some(e);
-            }
+        if checkpoint && let Err(e) = self.checkpoint_within(Patience::WhileProgressing(grace)) {
+            first_error = Some(e);
         }
         let all: Vec<_> = {
             let _all = self.exclusive();
@@ -3764,10 +3762,10 @@ fn apply_or(
     prepared: Option<Prepared>,
     make: impl FnOnce(&mut dyn placement::Placement) -> Result<()>,
 ) -> Result<()> {
-    if let Some(prepared) = prepared {
-        if placement.apply(prepared) {
-            return Ok(());
-        }
+    if let Some(prepared) = prepared
+        && placement.apply(prepared)
+    {
+        return Ok(());
     }
     make(placement)
 }

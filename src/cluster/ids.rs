@@ -460,7 +460,7 @@ mod tests {
         let mut recent = RecentIds::new(window);
         let key = |i: u64| -> Vec<u8> {
             let mut key = format!("user-{}", i % 5_000).into_bytes();
-            if i % 2 == 0 {
+            if i.is_multiple_of(2) {
                 key.extend_from_slice(&[b'x'; 40]); // past the inline length
             }
             key
@@ -572,12 +572,12 @@ mod tests {
     /// drawn from `next`.
     fn key_and_id(next: &mut impl FnMut() -> u64) -> (Vec<u8>, u128) {
         let k = next() % 40;
-        let key = if k % 3 == 0 {
+        let key = if k.is_multiple_of(3) {
             vec![k as u8; 45]
         } else {
             vec![k as u8]
         };
-        let id = u128::from(next() % 30) << (if next() % 2 == 0 { 64 } else { 0 });
+        let id = u128::from(next() % 30) << (if next().is_multiple_of(2) { 64 } else { 0 });
         (key, id)
     }
 

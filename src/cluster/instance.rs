@@ -1589,11 +1589,9 @@ fn handle<H: Handler>(
     // Queued before it was durable (its submit waits for that after releasing the key's
     // stripe: see `Shared::submit_from`), and not handled before it is. A log that
     // cannot make it durable refuses it here as it refuses its submit.
-    if !durable {
-        if let Err(e) = shared.wait_logged(offset + 1) {
-            answer(Err(e));
-            return None;
-        }
+    if !durable && let Err(e) = shared.wait_logged(offset + 1) {
+        answer(Err(e));
+        return None;
     }
     let Some(body) = fold::request_body(payload.as_slice()) else {
         // Only the cluster queues requests, always tagged; refuse anything else.

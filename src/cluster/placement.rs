@@ -154,14 +154,14 @@ impl<S, R> Routing<S, R> {
                 None if alive(*holder) => Some(*holder),
                 None => placement.owner_of(key),
             };
-            if let Some(dest) = dest {
-                if dest != *holder {
-                    by_route
-                        .entry((*holder, dest))
-                        .or_default()
-                        .push(Bytes::copy_from_slice(key));
-                    *holder = dest;
-                }
+            if let Some(dest) = dest
+                && dest != *holder
+            {
+                by_route
+                    .entry((*holder, dest))
+                    .or_default()
+                    .push(Bytes::copy_from_slice(key));
+                *holder = dest;
             }
         }
         Moves { by_route }

@@ -926,29 +926,29 @@ impl Sticky {
         let state = &mut self.states[index as usize];
         let load = u64::from(state.in_window);
         state.settled_at = self.routed;
-        if let Some((_, from)) = state.placed.replace(to) {
-            if let Some(from) = self.loads.get_mut(from) {
-                *from -= load;
-            }
+        if let Some((_, from)) = state.placed.replace(to)
+            && let Some(from) = self.loads.get_mut(from)
+        {
+            *from -= load;
         }
         self.loads[to.1] += load;
     }
 
     /// Counts a request of key `index`, retiring the oldest one past the window.
     fn count_request(&mut self, index: u32) {
-        if self.window.len() >= self.options.window {
-            if let Some(old) = self.window.pop_front() {
-                let state = &mut self.states[old as usize];
-                state.in_window -= 1;
-                let gone = state.in_window == 0 && !state.known;
-                if let Some((_, seat)) = state.placed {
-                    if let Some(load) = self.loads.get_mut(seat) {
-                        *load -= 1;
-                    }
-                }
-                if gone {
-                    self.release(old);
-                }
+        if self.window.len() >= self.options.window
+            && let Some(old) = self.window.pop_front()
+        {
+            let state = &mut self.states[old as usize];
+            state.in_window -= 1;
+            let gone = state.in_window == 0 && !state.known;
+            if let Some((_, seat)) = state.placed
+                && let Some(load) = self.loads.get_mut(seat)
+            {
+                *load -= 1;
+            }
+            if gone {
+                self.release(old);
             }
         }
         self.window.push_back(index);
@@ -1036,11 +1036,12 @@ impl Sticky {
             if !state.known {
                 continue;
             }
-            if let Some(owner) = self.table.owner_of_hash(state.hash) {
-                if owner != id && changed.contains(&owner) {
-                    let owner_seat = self.table.seat_of(owner).unwrap_or(DEPARTED);
-                    offered.push((index as u32, (owner, owner_seat)));
-                }
+            if let Some(owner) = self.table.owner_of_hash(state.hash)
+                && owner != id
+                && changed.contains(&owner)
+            {
+                let owner_seat = self.table.seat_of(owner).unwrap_or(DEPARTED);
+                offered.push((index as u32, (owner, owner_seat)));
             }
         }
         let states = &self.states;

@@ -265,10 +265,10 @@ impl TableBuilder {
                 continue;
             };
             let c = candidate(rank, id);
-            if let Some(at) = self.cache.offer(slot, c, members_before) {
-                if at < RANKED_PER_SLOT {
-                    self.stale_rows.push(slot as u32);
-                }
+            if let Some(at) = self.cache.offer(slot, c, members_before)
+                && at < RANKED_PER_SLOT
+            {
+                self.stale_rows.push(slot as u32);
             }
             if !was_empty && self.prefers(slot, c) {
                 wanted.push(Reverse(edge(c, slot as u32)));
@@ -491,12 +491,12 @@ impl TableBuilder {
         // slot that moved up since (pulled by a better instance, then released by it)
         // proposes from above the bound, and is ranked anew: reading the extension would
         // skip the candidates between.
-        if let Some((bound, ext)) = self.extended.get(&slot) {
-            if after >= *bound {
-                let at = ext.partition_point(|&c| c <= after);
-                if let Some(&c) = ext.get(at) {
-                    return Some(c);
-                }
+        if let Some((bound, ext)) = self.extended.get(&slot)
+            && after >= *bound
+        {
+            let at = ext.partition_point(|&c| c <= after);
+            if let Some(&c) = ext.get(at) {
+                return Some(c);
             }
         }
         // Past what is known: rank the slot in full, refresh its cached head, and keep
@@ -909,7 +909,7 @@ mod tests {
         let mut state = seed;
         for _ in 0..steps {
             let roll = next(&mut state);
-            if roll % 3 == 0 && !members.is_empty() {
+            if roll.is_multiple_of(3) && !members.is_empty() {
                 let at = (next(&mut state) % members.len() as u64) as usize;
                 let id = *members.keys().nth(at).unwrap();
                 members.remove(&id);

@@ -645,7 +645,7 @@ mod tests {
             0 => 0,
             1 => COPY_LIMIT,
             2 => COPY_LIMIT + 1,
-            3 if i % 5 == 0 => READ_BYTES + 3,
+            3 if i.is_multiple_of(5) => READ_BYTES + 3,
             _ => (i % 300) as usize,
         };
         let payload = (0..len).map(|b| (b as u64 * 31 + i) as u8).collect();

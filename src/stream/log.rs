@@ -920,10 +920,10 @@ impl<S: Store> LogSubscriber<S> {
                 return Ok(None);
             }
             if self.spin_until_committed() {
-                if let Wait::Until(deadline, timeout) = wait {
-                    if remaining(deadline).is_none_or(|left| left.is_zero()) {
-                        return Err(Error::Timeout(timeout));
-                    }
+                if let Wait::Until(deadline, timeout) = wait
+                    && remaining(deadline).is_none_or(|left| left.is_zero())
+                {
+                    return Err(Error::Timeout(timeout));
                 }
                 continue;
             }

@@ -87,7 +87,7 @@ pub(crate) fn decode_checked(
             && e.position
                 .checked_add(BATCH_HEADER_LEN as u64)
                 .is_some_and(|end| end <= data_len)
-            && e.position % segment::ALIGN as u64 == 0;
+            && e.position.is_multiple_of(segment::ALIGN as u64);
         let increasing = entries
             .last()
             .is_none_or(|p: &IndexEntry| p.offset < e.offset && p.position < e.position);
@@ -161,12 +161,10 @@ pub(crate) fn load_or_rebuild(
         builder.add(b.base, b.position);
     });
     let entries = builder.entries;
-    if writable {
-        if let Err(e) = write(dir, base, &entries) {
-            // As after a roll or a compaction: the index in memory serves, and a later
-            // open rebuilds the file.
-            tracing::warn!("could not write a rebuilt index: {e}");
-        }
+    if writable && let Err(e) = write(dir, base, &entries) {
+        // As after a roll or a compaction: the index in memory serves, and a later
+        // open rebuilds the file.
+        tracing::warn!("could not write a rebuilt index: {e}");
     }
     Ok((entries, false))
 }

@@ -790,10 +790,10 @@ pub(crate) fn durable_floor(
     }
     // The same one named whatever order the directory lists them in.
     found.sort_unstable_by(|a, b| a.0.cmp(&b.0).then(b.1.cmp(&a.1)));
-    if let Some((offset, name)) = found.pop() {
-        if floor.as_ref().is_none_or(|(at, _)| offset > *at) {
-            floor = Some((offset, format!("snapshot {name:?}")));
-        }
+    if let Some((offset, name)) = found.pop()
+        && floor.as_ref().is_none_or(|(at, _)| offset > *at)
+    {
+        floor = Some((offset, format!("snapshot {name:?}")));
     }
     Ok(floor)
 }

@@ -645,10 +645,11 @@ impl Shared {
         if !std::ptr::eq(Arc::as_ptr(&st.active), seg) || pos < seg.end.load(Ordering::Acquire) {
             return TailBytes::File;
         }
-        if let Some((at, bytes)) = &st.inflight {
-            if pos >= *at && pos < at + bytes.len() as u64 {
-                return TailBytes::Memory(bytes.slice((pos - at) as usize..));
-            }
+        if let Some((at, bytes)) = &st.inflight
+            && pos >= *at
+            && pos < at + bytes.len() as u64
+        {
+            return TailBytes::Memory(bytes.slice((pos - at) as usize..));
         }
         if pos >= st.buf_pos && pos < st.buf_pos + st.buf.len() as u64 {
             let from = (pos - st.buf_pos) as usize;
@@ -1199,12 +1200,11 @@ impl LogStore {
                 }
                 drop += 1;
             }
-            if let Some((active, len)) = segments.last().filter(|_| drop == sealed) {
-                if *len > segment::SEGMENT_HEADER_LEN as u64
-                    && self.active_newest(active)?.is_some_and(|t| t < horizon)
-                {
-                    expired_active = Some(active.clone());
-                }
+            if let Some((active, len)) = segments.last().filter(|_| drop == sealed)
+                && *len > segment::SEGMENT_HEADER_LEN as u64
+                && self.active_newest(active)?.is_some_and(|t| t < horizon)
+            {
+                expired_active = Some(active.clone());
             }
         }
         let cut = (drop > 0).then(|| segments[drop].0.base);

@@ -363,12 +363,12 @@ impl LogOptions {
                 LogOptions::MAX_INDEX_INTERVAL_BYTES
             )));
         }
-        if let SyncPolicy::Every { interval, .. } = self.sync {
-            if interval.is_zero() {
-                return Err(Error::Config(
-                    "SyncPolicy::Every needs an interval above zero".into(),
-                ));
-            }
+        if let SyncPolicy::Every { interval, .. } = self.sync
+            && interval.is_zero()
+        {
+            return Err(Error::Config(
+                "SyncPolicy::Every needs an interval above zero".into(),
+            ));
         }
         Ok(())
     }

@@ -189,12 +189,12 @@ impl LogReader {
                 // A whole window of written bytes, or the rest of a sealed segment, is
                 // mapped; a follower at the tail reads (a mapping per batch costs more).
                 let written = end - pos;
-                if written >= MAP_BYTES as u64 || sealed {
-                    if let Some(mapped) = map_window(seg, pos, want, end) {
-                        self.chunk = mapped;
-                        self.chunk_pos = pos;
-                        return Ok(Some(self.chunk.clone()));
-                    }
+                if (written >= MAP_BYTES as u64 || sealed)
+                    && let Some(mapped) = map_window(seg, pos, want, end)
+                {
+                    self.chunk = mapped;
+                    self.chunk_pos = pos;
+                    return Ok(Some(self.chunk.clone()));
                 }
                 let len = CHUNK_BYTES.max(want).min((end - pos) as usize);
                 // Reuse the last chunk when no record holds a slice of it any more (its
@@ -324,10 +324,10 @@ impl LogReader {
             if self.next >= committed {
                 return None;
             }
-            if self.segment.is_none() {
-                if let Err(e) = self.locate() {
-                    return Some(Err(e));
-                }
+            if self.segment.is_none()
+                && let Err(e) = self.locate()
+            {
+                return Some(Err(e));
             }
             match self.read_batch(committed) {
                 Ok(true) => return Some(Ok(())),

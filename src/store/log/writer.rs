@@ -258,13 +258,13 @@ impl Shared {
         }
         st.next = end;
         st.buf_appends += 1;
-        if self.options.retain_for.is_some() {
-            if let Some(newest) = &mut st.active_newest {
-                *newest = batch
-                    .iter()
-                    .map(|e| e.timestamp)
-                    .fold(*newest, Timestamp::max);
-            }
+        if self.options.retain_for.is_some()
+            && let Some(newest) = &mut st.active_newest
+        {
+            *newest = batch
+                .iter()
+                .map(|e| e.timestamp)
+                .fold(*newest, Timestamp::max);
         }
         // Under `Every` and `Never` the records are committed from here on, whatever a
         // write this call goes on to run returns: a failed one poisons the store, and
@@ -670,11 +670,11 @@ impl Shared {
         }
         // Written before the segment is sealed: a compaction takes only sealed
         // segments, and the index of its rewrite must not be overwritten by this one.
-        if let Some(entries) = seg.index_entries() {
-            if let Err(e) = index::write(&self.dir, seg.base, &entries) {
-                // An index is a hint: a missing one is rebuilt on first use.
-                tracing::warn!("could not write the index of {}: {e}", seg.path.display());
-            }
+        if let Some(entries) = seg.index_entries()
+            && let Err(e) = index::write(&self.dir, seg.base, &entries)
+        {
+            // An index is a hint: a missing one is rebuilt on first use.
+            tracing::warn!("could not write the index of {}: {e}", seg.path.display());
         }
         seg.end.store(end, Ordering::Release);
         if let Some(newest) = st.active_newest {
@@ -811,10 +811,10 @@ impl Shared {
             // A failure is logged by `lead`; there is no caller left to tell.
             let _poisoned_on_error = self.lead(&mut st, sync);
         }
-        if st.poisoned.is_none() {
-            if let Err(e) = self.manifest.lock().write_owed() {
-                tracing::warn!("could not write the segment manifest on close: {e}");
-            }
+        if st.poisoned.is_none()
+            && let Err(e) = self.manifest.lock().write_owed()
+        {
+            tracing::warn!("could not write the segment manifest on close: {e}");
         }
     }
 
