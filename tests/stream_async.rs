@@ -296,4 +296,10 @@ fn an_error_ends_a_log_subscriber_as_a_stream() {
         1,
         "from where a new subscription goes on"
     );
+    subscriber.seek(Position::Offset(3)).expect("seek");
+    assert!(
+        !subscriber.is_terminated(),
+        "a seek starts the stream again"
+    );
+    assert!(matches!(poll(&mut subscriber), Poll::Ready(Some(Ok(r))) if r.offset == 3));
 }

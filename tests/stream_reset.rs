@@ -67,6 +67,7 @@ on_both_stores!(
     skipped_counts_exactly_the_offsets_jumped_over,
     a_reset_that_races_retention_goes_on_from_the_newest_start,
     a_cursor_never_committed_starts_where_the_policy_says,
+    seek_moves_a_subscriber_and_an_error_leaves_it_where_it_was,
 );
 
 /// A stream over `store` holding offsets `0..HELD`, the cursor "mailer" committed at
@@ -517,4 +518,61 @@ fn a_cursor_never_committed_starts_where_the_policy_says<S: Store>(store: S) {
         let resumed = stream.subscribe(cursor()).expect("resubscribe");
         assert_eq!(resumed.position(), next, "{reset:?}: the commit saved it");
     }
+}
+
+/// `seek` to each kind of position: the next record is the one there; a commit saves
+/// where it moved; a seek the store cannot serve (under `Fail`) leaves the subscriber
+/// where it was, reading on; under `Earliest` the same seek resets, counted in
+/// `skipped`.
+fn seek_moves_a_subscriber_and_an_error_leaves_it_where_it_was<S: Store>(store: S) {
+    let stream = stream_of(store);
+    let mut subscriber = stream.subscribe(mailer()).expect("subscribe");
+    assert_eq!(subscriber.recv().expect("recv").offset, BEHIND);
+    let next_is = |subscriber: &mut LogSubscriber<S>, offset: Offset, what: &str| {
+        assert_eq!(subscriber.position(), offset, "{what}: position");
+        assert_eq!(
+            subscriber.recv().expect("recv").offset,
+            offset,
+            "{what}: next"
+        );
+    };
+    subscriber.seek(Position::Offset(12)).expect("seek");
+    next_is(&mut subscriber, 12, "an offset");
+    subscriber.seek(Position::Beginning).expect("seek");
+    next_is(&mut subscriber, 0, "the beginning, back");
+    subscriber.seek(Position::End).expect("seek");
+    assert_eq!(subscriber.position(), HELD, "the end");
+    assert_eq!(subscriber.try_recv().expect("try_recv"), None);
+    stream
+        .store()
+        .commit_cursor("other", 7)
+        .expect("commit_cursor");
+    subscriber
+        .seek(Position::Cursor("other".into()))
+        .expect("seek");
+    next_is(&mut subscriber, 7, "another cursor's position");
+    subscriber.commit().expect("commit");
+    assert_eq!(
+        stream.store().cursor("mailer").expect("cursor"),
+        Some(8),
+        "the subscriber's own cursor saves where it moved"
+    );
+    assert_eq!(stream.store().cursor("other").expect("cursor"), Some(7));
+    stream.store().truncate_before(START).expect("retention");
+    assert_out_of_range(subscriber.seek(Position::Offset(2)), 2);
+    assert_eq!(subscriber.position(), 8, "where it was");
+    // Its own reader, from before, was overtaken by the retention meanwhile.
+    assert_out_of_range(subscriber.recv(), 8);
+    subscriber.seek(Position::Offset(START)).expect("seek");
+    next_is(&mut subscriber, START, "past the retention");
+    let mut earliest = stream
+        .subscribe_with(Position::End, OffsetReset::Earliest)
+        .expect("subscribe");
+    earliest
+        .seek(Position::Offset(2))
+        .expect("a seek that resets");
+    assert_eq!(
+        (earliest.position(), earliest.skipped()),
+        (START, START - 2)
+    );
 }

@@ -248,30 +248,11 @@ impl<S: Store> LogStream<S> {
     /// ```
     pub fn subscribe_with(&self, from: Position, reset: OffsetReset) -> Result<LogSubscriber<S>> {
         let shared = &self.handle.shared;
-        let store = &shared.store;
-        let opened = |(at, reader): (Offset, RecordIter)| (at, Some(reader));
-        let mut cursor = None;
-        // A reader of `None`: a position the store may not hold, opened below.
-        let (position, reader) = match from {
-            // The beginning is where the log begins when the reader opens, however
-            // retention moved it since `start_offset` was read.
-            Position::Beginning => opened(read_from_start(store)?),
-            Position::Offset(offset) => (offset, None),
-            Position::Timestamp(time) => opened(from_time(store, time)?),
-            Position::End => opened(read_from_end(store)?),
-            Position::Cursor(name) => {
-                let committed = store.cursor(&name)?;
-                cursor = Some(name);
-                // Never committed: where the policy says a new consumer starts.
-                match (committed, reset) {
-                    (Some(offset), _) => (offset, None),
-                    (None, OffsetReset::Latest) => opened(read_from_end(store)?),
-                    (None, OffsetReset::Earliest | OffsetReset::Fail) => {
-                        opened(read_from_start(store)?)
-                    }
-                }
-            }
+        let cursor = match &from {
+            Position::Cursor(name) => Some(name.clone()),
+            _ => None,
         };
+        let (position, reader) = locate(&shared.store, from, reset)?;
         let mut subscriber = LogSubscriber {
             shared: shared.clone(),
             reader,
@@ -524,6 +505,31 @@ impl<S: Store> Stream for LogStream<S> {
     }
 }
 
+/// Where a subscription to `from` under `reset` starts, with its reader if it is open
+/// already; `None` for a position the store may not hold, which the subscriber opens
+/// (resetting it as `reset` says: `LogSubscriber::reader`).
+fn locate<S: Store>(
+    store: &S,
+    from: Position,
+    reset: OffsetReset,
+) -> Result<(Offset, Option<RecordIter>)> {
+    let opened = |(at, reader): (Offset, RecordIter)| (at, Some(reader));
+    Ok(match from {
+        // The beginning is where the log begins when the reader opens, however
+        // retention moved it since `start_offset` was read.
+        Position::Beginning => opened(read_from_start(store)?),
+        Position::Offset(offset) => (offset, None),
+        Position::Timestamp(time) => opened(from_time(store, time)?),
+        Position::End => opened(read_from_end(store)?),
+        // Never committed: where the policy says a new consumer starts.
+        Position::Cursor(name) => match (store.cursor(&name)?, reset) {
+            (Some(offset), _) => (offset, None),
+            (None, OffsetReset::Latest) => opened(read_from_end(store)?),
+            (None, OffsetReset::Earliest | OffsetReset::Fail) => opened(read_from_start(store)?),
+        },
+    })
+}
+
 /// A reader at `from`, or, where the store does not hold `from`, where `reset` says (the
 /// error for [`OffsetReset::Fail`]); returns where the reader is.
 fn read_at<S: Store>(store: &S, from: Offset, reset: OffsetReset) -> Result<(Offset, RecordIter)> {
@@ -695,6 +701,48 @@ impl<S: Store> LogSubscriber<S> {
             )),
         };
         async move { committed?.await }
+    }
+
+    /// Moves the subscriber to `to` (Kafka's `seek`): the next record received is the
+    /// one there, as for a new subscription from `to` under this subscriber's
+    /// [reset policy](Self::reset_policy), which keeps its own cursor (a later
+    /// [`commit`](Subscribe::commit) saves where it moved) and its
+    /// [`skipped`](Self::skipped) count (a reset at the new position adds to it; the
+    /// move itself does not). A [`Cursor`](Position::Cursor) is another cursor's
+    /// committed position. Back is allowed: the records from there are received
+    /// again. On an error the subscriber is where it was. As a `futures_core::Stream`
+    /// (the `futures` feature), a seek starts a stream that had ended over again.
+    ///
+    /// ```
+    /// use cauce::stream::{LogStream, Position, Publish, Stream, Subscribe};
+    /// use cauce::store::MemoryStore;
+    /// use cauce::Entry;
+    ///
+    /// let stream = LogStream::new(MemoryStore::new());
+    /// let publisher = stream.publisher();
+    /// publisher.publish_batch(&[Entry::new(b"a", b"1"), Entry::new(b"b", b"2")])?;
+    /// let mut subscriber = stream.subscribe(Position::End)?;
+    /// subscriber.seek(Position::Offset(1))?;
+    /// assert_eq!(subscriber.recv()?.payload, "2");
+    /// subscriber.seek(Position::Beginning)?; // and again from the start
+    /// assert_eq!(subscriber.recv()?.payload, "1");
+    /// # Ok::<(), cauce::Error>(())
+    /// ```
+    pub fn seek(&mut self, to: Position) -> Result<()> {
+        let (position, reader) = locate(&self.shared.store, to, self.reset)?;
+        let was = (self.position, self.reader.take(), self.skipped);
+        self.position = position;
+        self.reader = reader;
+        self.streak = 0;
+        if let Err(e) = self.reader() {
+            (self.position, self.reader, self.skipped) = was;
+            return Err(e);
+        }
+        #[cfg(feature = "futures")]
+        {
+            self.stream_ended = false;
+        }
+        Ok(())
     }
 
     /// How many records the subscriber is behind the store's end (Kafka's consumer
