@@ -567,3 +567,43 @@ fn the_append_after_retention_sealed_a_quiet_log_keeps_its_record() {
         (1, &b"backfilled"[..])
     );
 }
+
+/// Nor after an append that rolls a segment itself: retention after it lets sealed
+/// segments go, but never seals the active one, which holds the append's own record
+/// (backfilled past the age here).
+#[test]
+fn an_append_that_rolls_keeps_its_own_backfilled_record() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let options = options().retain_for(Duration::from_secs(60));
+    let log = LogStore::open(dir.path(), options).expect("open");
+    let old = now() - 10 * 60 * 1000;
+    let mut i = 0;
+    // Old records fill segments; the first sealed ones go as they seal.
+    let last = loop {
+        let at = log
+            .append(&[Entry::with_timestamp(old, b"k", &payload(i))])
+            .expect("append");
+        assert_eq!(
+            log.start_offset().max(at.start),
+            at.start,
+            "its own record kept"
+        );
+        i += 1;
+        // Stop at the append that rolled and had the sealed segment go.
+        if log.start_offset() > 0 {
+            break at.start;
+        }
+        assert!(i < 10_000, "no segment went");
+    };
+    let record = log
+        .read_from(last)
+        .expect("the last append's record is held")
+        .next()
+        .expect("a record")
+        .expect("whole");
+    assert_eq!(record.payload, payload(last));
+    assert!(
+        log.start_offset() > 0,
+        "sealed segments of old records went"
+    );
+}

@@ -6,7 +6,7 @@
 use std::future::Future;
 use std::ops::Range;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::task::{Context, Poll, Wake, Waker};
 use std::thread;
 use std::time::{Duration, Instant};
@@ -360,7 +360,7 @@ fn an_async_commit_runs_after_the_publishes_queued_before_it() {
     assert!(matches!(after.as_slice(), [Ok(())]), "{after:?}");
     assert_eq!(store.cursor("mailer").expect("cursor"), Some(2));
     // Without a cursor there is nothing to commit.
-    let mut plain = stream.subscribe(Position::Beginning).expect("subscribe");
+    let plain = stream.subscribe(Position::Beginning).expect("subscribe");
     let refused = run_all(vec![Box::pin(plain.commit_async())]);
     assert!(
         matches!(refused.as_slice(), [Err(Error::CannotCommit(_))]),
@@ -391,4 +391,194 @@ fn an_async_commit_on_a_synced_log_survives_a_reopen() {
     drop((subscriber, publisher, stream, log));
     let log = LogStore::open(dir.path(), options).expect("reopen");
     assert_eq!(log.cursor("billing").expect("cursor"), Some(3));
+}
+
+/// A `LogStore` (which shows a deferred record only once it is durable) wrapper:
+/// forwards everything; `wait_appended` sleeps `wait_delay` first,
+/// `commit_cursor` sleeps `slow_commit_ms` when committing offset `slow_commit_at`.
+struct Slow {
+    inner: Arc<LogStore>,
+    wait_delay: Duration,
+    slow_commit_at: AtomicU64,
+    /// Set when a `wait_appended` starts.
+    waiting: AtomicBool,
+}
+
+impl Store for Slow {
+    fn append(&self, batch: &[Entry<'_>]) -> Result<Range<Offset>> {
+        self.inner.append(batch)
+    }
+    fn append_waits_for_disk(&self) -> bool {
+        self.inner.append_waits_for_disk()
+    }
+    fn append_deferred(&self, batch: &[Entry<'_>]) -> Result<Deferred> {
+        self.inner.append_deferred(batch)
+    }
+    fn wait_appended(&self, end: Offset) -> Result<()> {
+        self.waiting.store(true, Ordering::SeqCst);
+        thread::sleep(self.wait_delay);
+        self.inner.wait_appended(end)
+    }
+    fn read_from(&self, from: Offset) -> Result<RecordIter> {
+        self.inner.read_from(from)
+    }
+    fn start_offset(&self) -> Offset {
+        self.inner.start_offset()
+    }
+    fn next_offset(&self) -> Offset {
+        self.inner.next_offset()
+    }
+    fn wait_for(&self, offset: Offset, timeout: Option<Duration>) -> Offset {
+        self.inner.wait_for(offset, timeout)
+    }
+    fn poll_committed(&self, offset: Offset, cx: &mut Context<'_>) -> Poll<Offset> {
+        self.inner.poll_committed(offset, cx)
+    }
+    fn wake_waiters(&self) {
+        self.inner.wake_waiters()
+    }
+    fn sync(&self) -> Result<()> {
+        self.inner.sync()
+    }
+    fn truncate_before(&self, offset: Offset) -> Result<()> {
+        self.inner.truncate_before(offset)
+    }
+    fn compact_with(&self, options: cauce::store::CompactOptions) -> Result<Compaction> {
+        self.inner.compact_with(options)
+    }
+    fn commit_cursor(&self, name: &str, offset: Offset) -> Result<()> {
+        if offset == self.slow_commit_at.load(Ordering::SeqCst) {
+            thread::sleep(Duration::from_millis(300));
+        }
+        self.inner.commit_cursor(name, offset)
+    }
+    fn cursor(&self, name: &str) -> Result<Option<Offset>> {
+        self.inner.cursor(name)
+    }
+    fn save_snapshot(&self, name: &str, offset: Offset, blob: &[u8]) -> Result<()> {
+        self.inner.save_snapshot(name, offset, blob)
+    }
+    fn latest_snapshot(&self, name: &str) -> Result<Option<Snapshot>> {
+        self.inner.latest_snapshot(name)
+    }
+}
+
+fn slow(log: &Arc<LogStore>, wait_delay: Duration, slow_commit_at: Offset) -> Arc<Slow> {
+    Arc::new(Slow {
+        inner: log.clone(),
+        wait_delay,
+        slow_commit_at: AtomicU64::new(slow_commit_at),
+        waiting: AtomicBool::new(false),
+    })
+}
+
+fn synced(dir: &std::path::Path) -> Arc<LogStore> {
+    Arc::new(LogStore::open(dir, LogOptions::new().sync(SyncPolicy::Always)).expect("open"))
+}
+
+/// A close that comes while the appender thread waits for a publish to be durable
+/// waits for it: the publish answered `Ok` is the closed stream's, which its followers
+/// and a new subscriber receive. (Waited for outside the stream's gate, the close set
+/// the stream's end below the record, and nobody received it.)
+#[test]
+fn a_close_during_an_async_publishs_wait_keeps_the_record_in_the_stream() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let log = synced(dir.path());
+    let store = slow(&log, Duration::from_millis(300), u64::MAX);
+    let stream = LogStream::new(store.clone());
+    let mut follower = stream.subscribe(Position::End).expect("subscribe");
+    let publisher = stream.publisher();
+    let published = publisher.publish_async(Entry::new(b"k", b"v"));
+    let since = Instant::now();
+    while !store.waiting.load(Ordering::SeqCst) {
+        assert!(
+            since.elapsed() < Duration::from_secs(30),
+            "the appender never waits"
+        );
+        thread::sleep(Duration::from_millis(1));
+    }
+    publisher.close();
+    let offset = run_all(vec![Box::pin(published)]).remove(0);
+    assert_eq!(offset.as_ref().ok(), Some(&0), "{offset:?}");
+    let got = follower
+        .recv_timeout(Duration::from_secs(30))
+        .expect("the follower gets it");
+    assert_eq!(got.offset, 0);
+    let mut fresh = stream.subscribe(Position::Beginning).expect("subscribe");
+    assert_eq!(fresh.recv().expect("a new subscriber gets it").offset, 0);
+}
+
+/// A cursor's commits take effect in the order they were made: a blocking `commit`
+/// after a `commit_async` queued behind a publish waits for it (else the queued one
+/// moved the cursor back), and after the close, commits are made in the call.
+#[test]
+fn commits_of_a_cursor_take_effect_in_the_order_made() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let log = synced(dir.path());
+    log.append(&[
+        Entry::new(b"k", b"0"),
+        Entry::new(b"k", b"1"),
+        Entry::new(b"k", b"2"),
+    ])
+    .expect("append");
+    let store = slow(&log, Duration::from_millis(200), 1);
+    let stream = LogStream::new(store.clone());
+    let publisher = stream.publisher();
+    let mut subscriber = stream
+        .subscribe(Position::Cursor("c".into()))
+        .expect("subscribe");
+    assert_eq!(subscriber.recv().expect("recv").offset, 0);
+    let published = publisher.publish_async(Entry::new(b"k", b"3"));
+    let first = subscriber.commit_async(); // at 1, queued behind the publish
+    assert_eq!(subscriber.recv().expect("recv").offset, 1);
+    subscriber.commit().expect("commit"); // at 2
+    assert_eq!(log.cursor("c").expect("cursor"), Some(2));
+    let answers = run_all(vec![
+        Box::pin(async move { published.await.map(drop) })
+            as std::pin::Pin<Box<dyn Future<Output = Result<()>> + Send>>,
+        Box::pin(first),
+    ]);
+    assert!(answers.iter().all(Result::is_ok), "{answers:?}");
+    assert_eq!(
+        log.cursor("c").expect("cursor"),
+        Some(2),
+        "the cursor went back"
+    );
+    // Closed: each commit in its call, in order (the first slowed down).
+    drop(publisher);
+    drop(stream);
+    subscriber.seek(Position::Offset(1)).expect("seek");
+    let slowed = subscriber.commit_async(); // at 1
+    subscriber.seek(Position::Offset(3)).expect("seek");
+    let later = subscriber.commit_async(); // at 3
+    let answers = run_all(vec![Box::pin(later), Box::pin(slowed)]);
+    assert!(answers.iter().all(Result::is_ok), "{answers:?}");
+    assert_eq!(
+        log.cursor("c").expect("cursor"),
+        Some(3),
+        "the cursor went back"
+    );
+}
+
+/// After a `commit_async` on a closed stream, its future dropped, and every handle
+/// dropped, the store is let go of: it reopens at once.
+#[test]
+fn the_store_is_let_go_of_after_an_async_commit_on_a_closed_stream() {
+    for _ in 0..5 {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let log = synced(dir.path());
+        log.append(&[Entry::new(b"k", b"0"), Entry::new(b"k", b"1")])
+            .expect("append");
+        let stream = LogStream::new(log.clone());
+        let mut subscriber = stream
+            .subscribe(Position::Cursor("c".into()))
+            .expect("subscribe");
+        drop(stream);
+        subscriber.recv().expect("recv");
+        drop(subscriber.commit_async());
+        drop(subscriber);
+        drop(log);
+        let log = LogStore::open(dir.path(), LogOptions::new()).expect("reopen at once");
+        assert_eq!(log.cursor("c").expect("cursor"), Some(1));
+    }
 }

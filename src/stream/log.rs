@@ -20,19 +20,19 @@ use std::ops::Range;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::task::{Context, Poll};
-use std::thread::JoinHandle;
+use std::thread::{JoinHandle, ThreadId};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use crossbeam_channel::Sender;
 use crossbeam_utils::{Backoff, CachePadded};
-use parking_lot::{Mutex, RwLock};
+use parking_lot::{Condvar, Mutex, RwLock};
 
 use super::{OffsetReset, Position, Publish, Stream, Subscribe, remaining};
 use crate::client::{Pending, Responder, pending};
 use crate::error::{Error, Result};
 use crate::record::{Entry, Offset, Record, Timestamp};
-use crate::store::{Deferred, RecordIter, Store, read_from_start};
+use crate::store::{RecordIter, Store, read_from_start};
 
 /// A stream stored in a [`Store`]: subscribers can start anywhere in it and replay.
 ///
@@ -61,9 +61,12 @@ use crate::store::{Deferred, RecordIter, Store, read_from_start};
 /// it is a new, open stream, and what it (or anyone) appends after the close is not
 /// the closed stream's. (So a subscriber outlives the stream only as a reader of what
 /// was published: keep a `LogStream` value or a publisher alive for as long as it
-/// should follow the tail.) A close waits for the
-/// [async publish](LogPublisher::publish_async) the stream's appender thread is
-/// running, if any, to end; those queued behind it are refused ([`Error::Closed`]).
+/// should follow the tail.) A close waits for the stream's appender thread, if an
+/// [async publish](LogPublisher::publish_async) or
+/// [commit](LogSubscriber::commit_async) started one, to end: the group of publishes it
+/// is appending (up to 256, and their fdatasync) and the commits queued (one per
+/// cursor and group) are made; the publishes queued behind them are refused
+/// ([`Error::Closed`]). So the last handle's drop can take that long.
 ///
 /// ```
 /// use cauce::stream::{LogStream, Position, Publish, Stream, Subscribe};
@@ -139,7 +142,23 @@ struct Shared<S> {
     /// The queue of the thread that runs async publishes whose appends may wait for the
     /// disk, started by the first one, and the thread; taken out when the stream
     /// closes, which ends the thread once it drained the queue.
-    appender: Mutex<Option<(Sender<AsyncJob>, JoinHandle<()>)>>,
+    appender: Mutex<Appender>,
+    /// Notified once a close joined the appender thread (see `Appender::ended`).
+    appender_ended: Condvar,
+}
+
+/// The stream's appender thread, once an async call started it.
+#[derive(Debug, Default)]
+struct Appender {
+    /// Its queue: `None` before it starts, and once the stream closed.
+    queue: Option<Sender<AsyncJob>>,
+    /// The thread, until a close takes it to join it.
+    thread: Option<JoinHandle<()>>,
+    /// Its id, once started.
+    id: Option<ThreadId>,
+    /// Set once a close joined it: a close running beside that one waits for this, so
+    /// that each returns with the store let go of by the thread.
+    ended: bool,
 }
 
 /// Work handed to the stream's appender thread: an async publish (its entries, owned,
@@ -172,6 +191,9 @@ impl std::fmt::Debug for AsyncJob {
     }
 }
 
+/// A commit asked of the appender thread: the offset, and whom to answer.
+type CommitAsked = (Offset, Responder<()>);
+
 /// The most async publishes the appender thread appends before it waits for them to be
 /// durable (one fdatasync for all of them under `SyncPolicy::Always`).
 const ASYNC_GROUP: usize = 256;
@@ -203,7 +225,8 @@ impl<S: Store> LogStream<S> {
             gate: CachePadded::new(RwLock::new(())),
             closed: AtomicBool::new(false),
             closed_at: AtomicU64::new(Offset::MAX),
-            appender: Mutex::new(None),
+            appender: Mutex::new(Appender::default()),
+            appender_ended: Condvar::new(),
         });
         LogStream {
             handle: Arc::new(Handle { shared }),
@@ -301,16 +324,10 @@ impl<S: Store> Shared<S> {
             self.closed.store(true, Ordering::SeqCst);
         }
         drop(gate);
-        // The appender thread drains what was queued (each refused: `Closed`), then ends;
-        // waited for, so that the store is let go of once the last handle is (a store
-        // reopened right after, say, finds its lock free).
-        let appender = self.appender.lock().take();
-        if let Some((queue, thread)) = appender {
-            drop(queue);
-            if thread.thread().id() != std::thread::current().id() {
-                let _ = thread.join();
-            }
-        }
+        // The appender thread drains what was queued (publishes refused: `Closed`;
+        // commits made), then ends; waited for, so that the store is let go of once the
+        // last handle is (a store reopened right after, say, finds its lock free).
+        self.end_appender();
         self.store.wake_waiters();
     }
 
@@ -324,6 +341,39 @@ impl<S: Store> Shared<S> {
 }
 
 impl<S: Store> Shared<S> {
+    /// Ends the appender thread, if one started: drops its queue, and joins it (or, if
+    /// another close is joining it, waits for that). On the thread itself (the last
+    /// handle dropped by a job's answer, say) it only drops the queue: the thread ends
+    /// after the job.
+    fn end_appender(&self) {
+        let here = std::thread::current().id();
+        let mut appender = self.appender.lock();
+        drop(appender.queue.take());
+        let Some(id) = appender.id else {
+            return;
+        };
+        if id == here {
+            appender.thread = None; // detached: it is this thread
+            appender.ended = true;
+            self.appender_ended.notify_all();
+            return;
+        }
+        match appender.thread.take() {
+            Some(thread) => {
+                drop(appender);
+                let _ = thread.join();
+                appender = self.appender.lock();
+                appender.ended = true;
+                self.appender_ended.notify_all();
+            }
+            None => {
+                while !appender.ended {
+                    self.appender_ended.wait(&mut appender);
+                }
+            }
+        }
+    }
+
     /// Appends `entries` without blocking the caller on the disk: at once (the answer
     /// ready) where the store's appends never wait for it, or on the stream's appender
     /// thread, which appends every publish queued meanwhile and waits for them to be
@@ -349,10 +399,10 @@ impl<S: Store> Shared<S> {
         pending
     }
 
-    /// Commits `cursor` at `offset` without blocking the caller on the disk: at once
-    /// where the store's writes never wait for it, on the appender thread while the
-    /// stream is open (after the publishes queued before it), or on a thread of its own
-    /// once it closed.
+    /// Commits `cursor` at `offset` without blocking the caller on the disk where it can:
+    /// at once where the store's writes never wait for it, on the appender thread
+    /// while the stream is open (after the publishes and commits queued before it), in
+    /// this call once it closed.
     fn commit_async(self: &Arc<Self>, cursor: String, offset: Offset) -> Pending<()> {
         let (pending, answer) = pending(0);
         if !self.store.append_waits_for_disk() {
@@ -374,18 +424,35 @@ impl<S: Store> Shared<S> {
                 _,
             ) = *refused
         {
-            let shared = self.clone();
-            let commit = move || answer.answer(shared.store.commit_cursor(&cursor, offset));
-            let spawned = std::thread::Builder::new()
-                .name("cauce-stream-commit".into())
-                .spawn(commit);
-            if let Err(source) = spawned {
-                // The closure (and its answer) is gone with the failed spawn: the
-                // pending answer is `Closed`. Say why in the log.
-                tracing::warn!(error = %source, "could not spawn a thread for a commit");
-            }
+            answer.answer(self.store.commit_cursor(&cursor, offset));
         }
         pending
+    }
+
+    /// A blocking commit: behind the async publishes and commits queued on the
+    /// appender thread, if it runs (commits of a cursor are made in the order they were
+    /// asked, as Kafka's `commitSync` waits for the `commitAsync`s before it); in this
+    /// call otherwise.
+    fn commit(&self, cursor: &str, offset: Offset) -> Result<()> {
+        let queue = {
+            let appender = self.appender.lock();
+            match appender.id == Some(std::thread::current().id()) {
+                true => None,
+                false => appender.queue.clone(),
+            }
+        };
+        if let Some(queue) = queue {
+            let (pending, answer) = pending(0);
+            let job = AsyncJob::Commit {
+                cursor: cursor.to_owned(),
+                offset,
+                answer,
+            };
+            if queue.send(job).is_ok() {
+                return pending.wait();
+            }
+        }
+        self.store.commit_cursor(cursor, offset)
     }
 
     /// Queues `job` for the appender thread, starting it if need be; the job back, with
@@ -398,20 +465,28 @@ impl<S: Store> Shared<S> {
         if self.closed.load(Ordering::SeqCst) {
             return Err(Box::new((job, Error::Closed)));
         }
-        if appender.is_none() {
+        if appender.queue.is_none() {
+            if appender.id.is_some() {
+                // Started and ended: only a close ends it, and `closed` is set first.
+                return Err(Box::new((job, Error::Closed)));
+            }
             match self.start_appender() {
-                Ok(started) => *appender = Some(started),
+                Ok((queue, thread)) => {
+                    appender.id = Some(thread.thread().id());
+                    appender.queue = Some(queue);
+                    appender.thread = Some(thread);
+                }
                 Err(e) => return Err(Box::new((job, e))),
             }
         }
-        if let Some((sender, _)) = appender.as_ref() {
-            // The thread holds the receiver until the sender goes: it cannot be gone.
-            let _ = sender.send(job);
+        if let Some(queue) = appender.queue.as_ref() {
+            // The thread holds the receiver until the queue goes: it cannot be gone.
+            let _ = queue.send(job);
         }
         Ok(())
     }
 
-    /// Starts the appender thread; it ends when the stream closes (its sender dropped)
+    /// Starts the appender thread; it ends when the stream closes (its queue dropped)
     /// and it has answered every job queued.
     fn start_appender(self: &Arc<Self>) -> Result<(Sender<AsyncJob>, JoinHandle<()>)> {
         let (sender, queue) = crossbeam_channel::unbounded::<AsyncJob>();
@@ -432,58 +507,80 @@ impl<S: Store> Shared<S> {
         Ok((sender, thread))
     }
 
-    /// Runs the jobs of `group` in order: appends each publish (deferred:
-    /// `Store::append_deferred`) and, before a commit and at the end, waits for those
-    /// appended to be durable and answers them; a commit after the publishes queued
-    /// before it.
+    /// Runs a group of jobs. The publishes are appended (`Store::append_deferred`) in
+    /// the order they were made, and waited for (`Store::wait_appended`: the first wait
+    /// a group commit of them all), under the stream's gate as a blocking publish is:
+    /// a close then finds them committed (its `closed_at` past them), or refuses them.
+    /// Then the commits, after every publish queued before them, one per cursor (the
+    /// last asked, which is where committing each in turn leaves the cursor; each
+    /// answered once it is durable). Every answer is given with the gate let go: an
+    /// answer can run a waker, and dropping a task can close the stream on this thread.
     fn run_group(&self, group: Vec<AsyncJob>) {
-        let mut appended = Vec::with_capacity(group.len());
+        let mut appends = Vec::new();
+        // Per cursor, in the order first asked: the offsets asked, each with its answer.
+        let mut commits: Vec<(String, Vec<CommitAsked>)> = Vec::new();
         for job in group {
             match job {
-                AsyncJob::Append { entries, answer } => {
-                    let entries: Vec<Entry<'_>> = entries
-                        .iter()
-                        .map(|(t, k, p)| Entry::with_timestamp(*t, k, p))
-                        .collect();
-                    let result = {
-                        let _gate = self.gate.read();
-                        if self.closed.load(Ordering::SeqCst) {
-                            Err(Error::Closed)
-                        } else {
-                            self.store.append_deferred(&entries)
-                        }
-                    };
-                    match result {
-                        Ok(deferred) => appended.push((answer, deferred)),
-                        Err(e) => {
-                            answer.answer(Err(e));
-                        }
-                    }
-                }
+                AsyncJob::Append { entries, answer } => appends.push((entries, answer)),
                 AsyncJob::Commit {
                     cursor,
                     offset,
                     answer,
-                } => {
-                    self.answer_appended(&mut appended);
-                    answer.answer(self.store.commit_cursor(&cursor, offset));
+                } => match commits.iter_mut().find(|(c, _)| *c == cursor) {
+                    Some((_, asked)) => asked.push((offset, answer)),
+                    None => commits.push((cursor, vec![(offset, answer)])),
+                },
+            }
+        }
+        let mut answers = Vec::with_capacity(appends.len());
+        {
+            let _gate = self.gate.read();
+            let closed = self.closed.load(Ordering::SeqCst);
+            for (entries, answer) in appends {
+                let entries: Vec<Entry<'_>> = entries
+                    .iter()
+                    .map(|(t, k, p)| Entry::with_timestamp(*t, k, p))
+                    .collect();
+                let result = match closed {
+                    true => Err(Error::Closed),
+                    false => self.store.append_deferred(&entries),
+                };
+                answers.push((answer, result));
+            }
+            // Each publish gets the store's own answer for its records (`Ok` if and
+            // only if they are durable).
+            for (_, result) in &mut answers {
+                if let Ok(deferred) = result
+                    && deferred.pending
+                    && let Err(e) = self.store.wait_appended(deferred.offsets.end)
+                {
+                    *result = Err(e);
                 }
             }
         }
-        self.answer_appended(&mut appended);
-    }
-
-    /// Waits for the publishes `appended` to be durable, and answers each. The first
-    /// wait makes every record appended durable (one group commit); the later ones find
-    /// them so. Each publish gets the store's own answer for its records (`Ok` if and
-    /// only if they are durable).
-    fn answer_appended(&self, appended: &mut Vec<(Responder<Range<Offset>>, Deferred)>) {
-        for (answer, deferred) in appended.drain(..) {
-            let durable = match deferred.pending {
-                true => self.store.wait_appended(deferred.offsets.end),
-                false => Ok(()),
+        for (answer, result) in answers {
+            answer.answer(result.map(|deferred| deferred.offsets));
+        }
+        for (cursor, mut asked) in commits {
+            let Some((last, answer)) = asked.pop() else {
+                continue;
             };
-            answer.answer(durable.map(|()| deferred.offsets));
+            match self.store.commit_cursor(&cursor, last) {
+                Ok(()) => {
+                    answer.answer(Ok(()));
+                    for (_, earlier) in asked {
+                        earlier.answer(Ok(()));
+                    }
+                }
+                // Each of the others made in turn, with its own answer: where that
+                // leaves the cursor is where committing them all in turn would.
+                Err(e) => {
+                    for (offset, earlier) in asked {
+                        earlier.answer(self.store.commit_cursor(&cursor, offset));
+                    }
+                    answer.answer(Err(e));
+                }
+            }
         }
     }
 }
@@ -616,7 +713,13 @@ impl<S: Store> LogPublisher<S> {
     /// were made, and waits for them together: many async publishers share one
     /// fdatasync, as threads publishing at once do. Elsewhere (a `MemoryStore`) it
     /// appends in this call and the future is ready. Dropping the future does not take
-    /// the entry back: it is published all the same.
+    /// the entry back: it is published all the same, unless the stream closes before
+    /// the appender thread gets to it (then it is refused).
+    ///
+    /// Async publishes keep the order they were made in among themselves; a blocking
+    /// [`publish`](Publish::publish) made while some are queued can come before them.
+    /// The appender thread's queue is not bounded: a publisher that does not await its
+    /// publishes (or bound how many it has in flight) can queue without limit.
     ///
     /// ```
     /// use cauce::stream::{LogStream, Position, Stream, Subscribe};
@@ -690,10 +793,13 @@ impl<S: Store> LogSubscriber<S> {
     /// records before the cursor durable, then writes the cursor's journal: milliseconds
     /// under `SyncPolicy::Always`). Where the store's writes may wait for the disk, the
     /// commit runs on the stream's appender thread, after the
-    /// [async publishes](LogPublisher::publish_async) queued before it (on a thread of
-    /// its own once the stream closed); elsewhere in this call. Dropping the future
-    /// does not take the commit back. [`Error::CannotCommit`] without a cursor.
-    pub fn commit_async(&mut self) -> impl Future<Output = Result<()>> + Send + 'static + use<S> {
+    /// [async publishes](LogPublisher::publish_async) and commits queued before it;
+    /// elsewhere, and once the stream closed (its appender thread gone), in this call.
+    /// A cursor's commits take effect in the order they were made, a blocking
+    /// [`commit`](Subscribe::commit) after them too (as Kafka's `commitSync` after
+    /// `commitAsync`). Dropping the future does not take the commit back.
+    /// [`Error::CannotCommit`] without a cursor.
+    pub fn commit_async(&self) -> impl Future<Output = Result<()>> + Send + 'static + use<S> {
         let committed = match &self.cursor {
             Some(name) => Ok(self.shared.commit_async(name.clone(), self.position)),
             None => Err(Error::CannotCommit(
@@ -746,12 +852,15 @@ impl<S: Store> LogSubscriber<S> {
     }
 
     /// How many records the subscriber is behind the store's end (Kafka's consumer
-    /// lag): offsets from its [`position`](Self::position) to the committed end, gaps
-    /// that compaction left included; 0 when caught up.
+    /// lag): offsets from its [`position`](Self::position) to the committed end (the
+    /// end when the stream closed, once it did), gaps that compaction left included;
+    /// 0 when caught up.
     pub fn lag(&self) -> u64 {
+        let closed_at = self.shared.closed_at.load(Ordering::SeqCst);
         self.shared
             .store
             .next_offset()
+            .min(closed_at)
             .saturating_sub(self.position)
     }
 
@@ -1006,9 +1115,12 @@ impl<S: Store> Subscribe for LogSubscriber<S> {
         self.next_record(Wait::No)
     }
 
+    /// Commits behind the [async publishes](LogPublisher::publish_async) and
+    /// [commits](LogSubscriber::commit_async) the stream's appender thread has queued,
+    /// if any, so that a cursor's commits take effect in the order they were made.
     fn commit(&mut self) -> Result<()> {
         match &self.cursor {
-            Some(name) => self.shared.store.commit_cursor(name, self.position),
+            Some(name) => self.shared.commit(name, self.position),
             None => Err(Error::CannotCommit(
                 "the subscription was not opened from a named cursor",
             )),

@@ -1019,7 +1019,7 @@ impl LogStore {
             // sealed segment it reads for its newest timestamp is reported when read,
             // as without retention), and retention is tried again after the next seal.
             store.shared.retention_due.store(true, Ordering::Release);
-            store.retain_after_seal();
+            store.retain_if_due(true);
         }
         Ok(store)
     }
@@ -1133,19 +1133,22 @@ impl LogStore {
             ));
         }
         let _maintenance = self.shared.maintenance.lock();
-        self.apply_retention_locked()
+        self.apply_retention_locked(true)
     }
 
     /// [`apply_retention`](Self::apply_retention) on a writable store, with the
-    /// maintenance lock held.
-    fn apply_retention_locked(&self) -> Result<Offset> {
+    /// maintenance lock held. `seal_active`: whether a quiet log's active segment whose
+    /// every record expired may be sealed to go too (by `apply_retention` and at open;
+    /// not after an append, whose own record, backfilled past the age, would then be
+    /// dropped before the append returned).
+    fn apply_retention_locked(&self, seal_active: bool) -> Result<Offset> {
         let shared = &self.shared;
         shared.retention_due.store(false, Ordering::Release);
         if !shared.options.retains() {
             return Ok(self.start_offset());
         }
         let (mut cut, expired_active) = self.retention_cut()?;
-        if let Some(active) = expired_active {
+        if let Some(active) = expired_active.filter(|_| seal_active) {
             // A quiet log whose every record expired: its active segment is sealed so
             // that it can go too. A record appended meanwhile is in it now, and keeps it.
             shared.seal_active(&active)?;
@@ -1280,19 +1283,25 @@ impl LogStore {
         Ok(None)
     }
 
-    /// After an append: applies retention if the append sealed a segment. The append
-    /// stands whatever this finds; a failure is logged, and tried again after the next
-    /// seal (or by [`apply_retention`](Self::apply_retention)). A compaction or a
-    /// lookup by timestamp holding the maintenance lock leaves it to the next seal,
-    /// or to the compaction's own call of this: an append does not wait for them.
+    /// After an append (or a compaction): applies retention if a segment was sealed,
+    /// never sealing the active one (see `apply_retention_locked`).
     fn retain_after_seal(&self) {
+        self.retain_if_due(false);
+    }
+
+    /// Applies retention if a seal (or the open) asked for it. The append stands
+    /// whatever this finds; a failure is logged, and tried again after the next seal
+    /// (or by [`apply_retention`](Self::apply_retention)). A compaction or a lookup by
+    /// timestamp holding the maintenance lock leaves it to the next seal, or to the
+    /// compaction's own call of this: an append does not wait for them.
+    fn retain_if_due(&self, seal_active: bool) {
         if !self.shared.options.retains() || !self.shared.retention_due.load(Ordering::Acquire) {
             return;
         }
         let Some(_maintenance) = self.shared.maintenance.try_lock() else {
             return;
         };
-        if let Err(e) = self.apply_retention_locked() {
+        if let Err(e) = self.apply_retention_locked(seal_active) {
             tracing::warn!(dir = %self.shared.dir.display(), error = %e, "retention failed; tried again after the next seal");
             self.shared.retention_due.store(true, Ordering::Release);
         }
