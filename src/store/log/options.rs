@@ -212,7 +212,9 @@ impl LogOptions {
     ///
     /// Retention works a whole segment at a time. The active segment (the one being
     /// appended to) is sealed and deleted only once every record in it is older than
-    /// `age` and every segment before it went too (a log that went quiet); otherwise
+    /// `age` and every segment before it went too (a log that went quiet), and only by
+    /// `apply_retention` or at the open (never by the retention after an append, which
+    /// would drop that append's own record if it was backfilled past `age`); otherwise
     /// records older than `age` stay until their segment is sealed, which
     /// [`segment_bytes`](Self::segment_bytes) and [`segment_age`](Self::segment_age)
     /// bound. It is applied
