@@ -8,11 +8,13 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use cauce::store::{
-    Compaction, LogOptions, LogStore, MemoryStore, RecordIter, Snapshot, Store, SyncPolicy,
-};
+use cauce::store::{LogOptions, LogStore, MemoryStore, RecordIter, Store, SyncPolicy};
 use cauce::stream::{LogStream, MemoryStream, Position, Publish, Stream, Subscribe};
 use cauce::{Entry, Error, Offset, Result};
+
+#[path = "support/forward.rs"]
+mod forward;
+use forward::forward_store;
 
 #[test]
 fn slowest_fan_out_subscriber_holds_the_publisher_back() {
@@ -294,39 +296,20 @@ impl Store for CountingStore {
             handed_out.fetch_add(1, Ordering::SeqCst);
         })))
     }
-    fn start_offset(&self) -> Offset {
-        self.store.start_offset()
-    }
-    fn next_offset(&self) -> Offset {
-        self.store.next_offset()
-    }
-    fn wait_for(&self, offset: Offset, timeout: Option<Duration>) -> Offset {
-        self.store.wait_for(offset, timeout)
-    }
-    fn wake_waiters(&self) {
-        self.store.wake_waiters()
-    }
-    fn sync(&self) -> Result<()> {
-        self.store.sync()
-    }
-    fn truncate_before(&self, offset: Offset) -> Result<()> {
-        self.store.truncate_before(offset)
-    }
-    fn compact_with(&self, options: cauce::store::CompactOptions) -> Result<Compaction> {
-        self.store.compact_with(options)
-    }
-    fn commit_cursor(&self, name: &str, offset: Offset) -> Result<()> {
-        self.store.commit_cursor(name, offset)
-    }
-    fn cursor(&self, name: &str) -> Result<Option<Offset>> {
-        self.store.cursor(name)
-    }
-    fn save_snapshot(&self, name: &str, offset: Offset, blob: &[u8]) -> Result<()> {
-        self.store.save_snapshot(name, offset, blob)
-    }
-    fn latest_snapshot(&self, name: &str) -> Result<Option<Snapshot>> {
-        self.store.latest_snapshot(name)
-    }
+    forward_store!(
+        store;
+        start_offset,
+        next_offset,
+        wait_for,
+        wake_waiters,
+        sync,
+        truncate_before,
+        compact_with,
+        commit_cursor,
+        cursor,
+        save_snapshot,
+        latest_snapshot
+    );
 }
 
 #[test]

@@ -11,13 +11,14 @@ use std::task::{Context, Poll, Wake, Waker};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use cauce::store::{
-    Compaction, Deferred, LogOptions, LogStore, MemoryStore, RecordIter, Snapshot, Store,
-    SyncPolicy,
-};
+use cauce::store::{Deferred, LogOptions, LogStore, MemoryStore, Store, SyncPolicy};
 use cauce::stream::{LogStream, Position, Publish, Stream, Subscribe};
 use cauce::{Entry, Error, Offset, Result};
 use parking_lot::{Condvar, Mutex};
+
+#[path = "support/forward.rs"]
+mod forward;
+use forward::forward_store;
 
 /// A `MemoryStore` whose appends say they wait for the disk: an append is deferred
 /// (pending), and `wait_appended` blocks while `shut`, then answers `Ok` or, once
@@ -85,42 +86,21 @@ impl Store for HeldDisk {
             }),
         }
     }
-    fn read_from(&self, from: Offset) -> Result<RecordIter> {
-        self.store.read_from(from)
-    }
-    fn start_offset(&self) -> Offset {
-        self.store.start_offset()
-    }
-    fn next_offset(&self) -> Offset {
-        self.store.next_offset()
-    }
-    fn wait_for(&self, offset: Offset, timeout: Option<Duration>) -> Offset {
-        self.store.wait_for(offset, timeout)
-    }
-    fn wake_waiters(&self) {
-        self.store.wake_waiters()
-    }
-    fn sync(&self) -> Result<()> {
-        self.store.sync()
-    }
-    fn truncate_before(&self, offset: Offset) -> Result<()> {
-        self.store.truncate_before(offset)
-    }
-    fn compact_with(&self, options: cauce::store::CompactOptions) -> Result<Compaction> {
-        self.store.compact_with(options)
-    }
-    fn commit_cursor(&self, name: &str, offset: Offset) -> Result<()> {
-        self.store.commit_cursor(name, offset)
-    }
-    fn cursor(&self, name: &str) -> Result<Option<Offset>> {
-        self.store.cursor(name)
-    }
-    fn save_snapshot(&self, name: &str, offset: Offset, blob: &[u8]) -> Result<()> {
-        self.store.save_snapshot(name, offset, blob)
-    }
-    fn latest_snapshot(&self, name: &str) -> Result<Option<Snapshot>> {
-        self.store.latest_snapshot(name)
-    }
+    forward_store!(
+        store;
+        read_from,
+        start_offset,
+        next_offset,
+        wait_for,
+        wake_waiters,
+        sync,
+        truncate_before,
+        compact_with,
+        commit_cursor,
+        cursor,
+        save_snapshot,
+        latest_snapshot
+    );
 }
 
 /// Unparks the executor's thread.
@@ -405,46 +385,10 @@ struct Slow {
 }
 
 impl Store for Slow {
-    fn append(&self, batch: &[Entry<'_>]) -> Result<Range<Offset>> {
-        self.inner.append(batch)
-    }
-    fn append_waits_for_disk(&self) -> bool {
-        self.inner.append_waits_for_disk()
-    }
-    fn append_deferred(&self, batch: &[Entry<'_>]) -> Result<Deferred> {
-        self.inner.append_deferred(batch)
-    }
     fn wait_appended(&self, end: Offset) -> Result<()> {
         self.waiting.store(true, Ordering::SeqCst);
         thread::sleep(self.wait_delay);
         self.inner.wait_appended(end)
-    }
-    fn read_from(&self, from: Offset) -> Result<RecordIter> {
-        self.inner.read_from(from)
-    }
-    fn start_offset(&self) -> Offset {
-        self.inner.start_offset()
-    }
-    fn next_offset(&self) -> Offset {
-        self.inner.next_offset()
-    }
-    fn wait_for(&self, offset: Offset, timeout: Option<Duration>) -> Offset {
-        self.inner.wait_for(offset, timeout)
-    }
-    fn poll_committed(&self, offset: Offset, cx: &mut Context<'_>) -> Poll<Offset> {
-        self.inner.poll_committed(offset, cx)
-    }
-    fn wake_waiters(&self) {
-        self.inner.wake_waiters()
-    }
-    fn sync(&self) -> Result<()> {
-        self.inner.sync()
-    }
-    fn truncate_before(&self, offset: Offset) -> Result<()> {
-        self.inner.truncate_before(offset)
-    }
-    fn compact_with(&self, options: cauce::store::CompactOptions) -> Result<Compaction> {
-        self.inner.compact_with(options)
     }
     fn commit_cursor(&self, name: &str, offset: Offset) -> Result<()> {
         if offset == self.slow_commit_at.load(Ordering::SeqCst) {
@@ -452,15 +396,24 @@ impl Store for Slow {
         }
         self.inner.commit_cursor(name, offset)
     }
-    fn cursor(&self, name: &str) -> Result<Option<Offset>> {
-        self.inner.cursor(name)
-    }
-    fn save_snapshot(&self, name: &str, offset: Offset, blob: &[u8]) -> Result<()> {
-        self.inner.save_snapshot(name, offset, blob)
-    }
-    fn latest_snapshot(&self, name: &str) -> Result<Option<Snapshot>> {
-        self.inner.latest_snapshot(name)
-    }
+    forward_store!(
+        inner;
+        append,
+        append_waits_for_disk,
+        append_deferred,
+        read_from,
+        start_offset,
+        next_offset,
+        wait_for,
+        poll_committed,
+        wake_waiters,
+        sync,
+        truncate_before,
+        compact_with,
+        cursor,
+        save_snapshot,
+        latest_snapshot
+    );
 }
 
 fn slow(log: &Arc<LogStore>, wait_delay: Duration, slow_commit_at: Offset) -> Arc<Slow> {

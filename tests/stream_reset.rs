@@ -5,6 +5,8 @@
 //! `Fail` is the default and behaves as before; `skipped` counts exactly the offsets
 //! the resets jumped over; a commit after a reset saves where it went.
 
+#[path = "support/forward.rs"]
+mod forward;
 #[path = "support/retention_first.rs"]
 mod retention_first;
 

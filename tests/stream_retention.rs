@@ -1,6 +1,8 @@
 //! Retention against subscribers that start "from the beginning": the beginning is
 //! wherever the log begins when the reader opens, however retention moved it meanwhile.
 
+#[path = "support/forward.rs"]
+mod forward;
 #[path = "support/retention_first.rs"]
 mod retention_first;
 

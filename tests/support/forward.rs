@@ -1,0 +1,143 @@
+//! `forward_store!`: the `Store` methods a test's store wrapper does not change, each
+//! forwarded to the store it wraps, so that a wrapper writes out only what it changes.
+//!
+//! ```ignore
+//! impl Store for Wrapper {
+//!     fn read_from(&self, from: Offset) -> Result<RecordIter> { /* changed */ }
+//!     forward_store!(inner; append, start_offset, next_offset, wait_for, ...);
+//! }
+//! ```
+
+/// Forwards the named `Store` methods to the field `$inner`.
+macro_rules! forward_store {
+    ($inner:ident;) => {};
+    ($inner:ident; append $(, $rest:ident)*) => {
+        fn append(
+            &self,
+            batch: &[::cauce::Entry<'_>],
+        ) -> ::cauce::Result<::std::ops::Range<::cauce::Offset>> {
+            self.$inner.append(batch)
+        }
+        forward_store!($inner; $($rest),*);
+    };
+    ($inner:ident; read_from $(, $rest:ident)*) => {
+        fn read_from(&self, from: ::cauce::Offset) -> ::cauce::Result<::cauce::store::RecordIter> {
+            self.$inner.read_from(from)
+        }
+        forward_store!($inner; $($rest),*);
+    };
+    ($inner:ident; start_offset $(, $rest:ident)*) => {
+        fn start_offset(&self) -> ::cauce::Offset {
+            self.$inner.start_offset()
+        }
+        forward_store!($inner; $($rest),*);
+    };
+    ($inner:ident; next_offset $(, $rest:ident)*) => {
+        fn next_offset(&self) -> ::cauce::Offset {
+            self.$inner.next_offset()
+        }
+        forward_store!($inner; $($rest),*);
+    };
+    ($inner:ident; wait_for $(, $rest:ident)*) => {
+        fn wait_for(
+            &self,
+            offset: ::cauce::Offset,
+            timeout: Option<::std::time::Duration>,
+        ) -> ::cauce::Offset {
+            self.$inner.wait_for(offset, timeout)
+        }
+        forward_store!($inner; $($rest),*);
+    };
+    ($inner:ident; poll_committed $(, $rest:ident)*) => {
+        fn poll_committed(
+            &self,
+            offset: ::cauce::Offset,
+            cx: &mut ::std::task::Context<'_>,
+        ) -> ::std::task::Poll<::cauce::Offset> {
+            self.$inner.poll_committed(offset, cx)
+        }
+        forward_store!($inner; $($rest),*);
+    };
+    ($inner:ident; wake_waiters $(, $rest:ident)*) => {
+        fn wake_waiters(&self) {
+            self.$inner.wake_waiters()
+        }
+        forward_store!($inner; $($rest),*);
+    };
+    ($inner:ident; sync $(, $rest:ident)*) => {
+        fn sync(&self) -> ::cauce::Result<()> {
+            self.$inner.sync()
+        }
+        forward_store!($inner; $($rest),*);
+    };
+    ($inner:ident; truncate_before $(, $rest:ident)*) => {
+        fn truncate_before(&self, offset: ::cauce::Offset) -> ::cauce::Result<()> {
+            self.$inner.truncate_before(offset)
+        }
+        forward_store!($inner; $($rest),*);
+    };
+    ($inner:ident; compact_with $(, $rest:ident)*) => {
+        fn compact_with(
+            &self,
+            options: ::cauce::store::CompactOptions,
+        ) -> ::cauce::Result<::cauce::store::Compaction> {
+            self.$inner.compact_with(options)
+        }
+        forward_store!($inner; $($rest),*);
+    };
+    ($inner:ident; commit_cursor $(, $rest:ident)*) => {
+        fn commit_cursor(&self, name: &str, offset: ::cauce::Offset) -> ::cauce::Result<()> {
+            self.$inner.commit_cursor(name, offset)
+        }
+        forward_store!($inner; $($rest),*);
+    };
+    ($inner:ident; cursor $(, $rest:ident)*) => {
+        fn cursor(&self, name: &str) -> ::cauce::Result<Option<::cauce::Offset>> {
+            self.$inner.cursor(name)
+        }
+        forward_store!($inner; $($rest),*);
+    };
+    ($inner:ident; save_snapshot $(, $rest:ident)*) => {
+        fn save_snapshot(
+            &self,
+            name: &str,
+            offset: ::cauce::Offset,
+            blob: &[u8],
+        ) -> ::cauce::Result<()> {
+            self.$inner.save_snapshot(name, offset, blob)
+        }
+        forward_store!($inner; $($rest),*);
+    };
+    ($inner:ident; latest_snapshot $(, $rest:ident)*) => {
+        fn latest_snapshot(
+            &self,
+            name: &str,
+        ) -> ::cauce::Result<Option<::cauce::store::Snapshot>> {
+            self.$inner.latest_snapshot(name)
+        }
+        forward_store!($inner; $($rest),*);
+    };
+    ($inner:ident; append_waits_for_disk $(, $rest:ident)*) => {
+        fn append_waits_for_disk(&self) -> bool {
+            self.$inner.append_waits_for_disk()
+        }
+        forward_store!($inner; $($rest),*);
+    };
+    ($inner:ident; append_deferred $(, $rest:ident)*) => {
+        fn append_deferred(
+            &self,
+            batch: &[::cauce::Entry<'_>],
+        ) -> ::cauce::Result<::cauce::store::Deferred> {
+            self.$inner.append_deferred(batch)
+        }
+        forward_store!($inner; $($rest),*);
+    };
+    ($inner:ident; wait_appended $(, $rest:ident)*) => {
+        fn wait_appended(&self, end: ::cauce::Offset) -> ::cauce::Result<()> {
+            self.$inner.wait_appended(end)
+        }
+        forward_store!($inner; $($rest),*);
+    };
+}
+
+pub(crate) use forward_store;
