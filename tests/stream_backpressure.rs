@@ -14,7 +14,6 @@ use cauce::{Entry, Error, Offset, Result};
 
 #[path = "support/forward.rs"]
 mod forward;
-use forward::forward_store;
 
 #[test]
 fn slowest_fan_out_subscriber_holds_the_publisher_back() {

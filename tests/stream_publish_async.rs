@@ -18,7 +18,6 @@ use parking_lot::{Condvar, Mutex};
 
 #[path = "support/forward.rs"]
 mod forward;
-use forward::forward_store;
 
 /// A `MemoryStore` whose appends say they wait for the disk: an append is deferred
 /// (pending), and `wait_appended` blocks while `shut`, then answers `Ok` or, once

@@ -1,6 +1,9 @@
 //! A test service whose state remembers the order of its requests, and a model of it.
 #![allow(dead_code)]
 
+#[path = "../support/forward.rs"]
+mod forward;
+
 use std::collections::HashMap;
 use std::time::Duration;
 
@@ -353,9 +356,7 @@ impl Unreadable {
 }
 
 impl Store for Unreadable {
-    fn append(&self, batch: &[cauce::Entry<'_>]) -> cauce::Result<std::ops::Range<u64>> {
-        self.live.append(batch)
-    }
+    crate::forward_store!(live; append);
     fn read_from(&self, from: u64) -> cauce::Result<cauce::store::RecordIter> {
         self.check()?;
         self.live.read_from(from)
@@ -368,42 +369,20 @@ impl Store for Unreadable {
         self.check()?;
         self.live.replay_from(from, f)
     }
-    fn start_offset(&self) -> u64 {
-        self.live.start_offset()
-    }
-    fn next_offset(&self) -> u64 {
-        self.live.next_offset()
-    }
-    fn wait_for(&self, offset: u64, timeout: Option<Duration>) -> u64 {
-        self.live.wait_for(offset, timeout)
-    }
-    fn wake_waiters(&self) {
-        self.live.wake_waiters()
-    }
-    fn sync(&self) -> cauce::Result<()> {
-        self.live.sync()
-    }
-    fn truncate_before(&self, offset: u64) -> cauce::Result<()> {
-        self.live.truncate_before(offset)
-    }
-    fn compact_with(
-        &self,
-        options: cauce::store::CompactOptions,
-    ) -> cauce::Result<cauce::store::Compaction> {
-        self.live.compact_with(options)
-    }
-    fn commit_cursor(&self, name: &str, offset: u64) -> cauce::Result<()> {
-        self.live.commit_cursor(name, offset)
-    }
-    fn cursor(&self, name: &str) -> cauce::Result<Option<u64>> {
-        self.live.cursor(name)
-    }
-    fn save_snapshot(&self, name: &str, offset: u64, blob: &[u8]) -> cauce::Result<()> {
-        self.live.save_snapshot(name, offset, blob)
-    }
-    fn latest_snapshot(&self, name: &str) -> cauce::Result<Option<cauce::store::Snapshot>> {
-        self.live.latest_snapshot(name)
-    }
+    crate::forward_store!(
+        live;
+        start_offset,
+        next_offset,
+        wait_for,
+        wake_waiters,
+        sync,
+        truncate_before,
+        compact_with,
+        commit_cursor,
+        cursor,
+        save_snapshot,
+        latest_snapshot
+    );
 }
 
 /// Inside an `impl Store for T` that writes its own `append`: every other method, passed
@@ -412,55 +391,19 @@ impl Store for Unreadable {
 #[allow(unused_macros)]
 macro_rules! forward_store_but_append {
     ($live:ident) => {
-        crate::common::forward_store_but_append!($live, but sync);
-        fn sync(&self) -> cauce::Result<()> {
-            self.$live.sync()
-        }
+        $crate::forward_store!($live; sync, save_snapshot, read_from, replay_from,
+            start_offset, next_offset, wait_for, wake_waiters, truncate_before, compact_with,
+            commit_cursor, cursor, latest_snapshot);
     };
     ($live:ident, but sync) => {
-        crate::common::forward_store_but_append!($live, but sync and save_snapshot);
-        fn save_snapshot(&self, name: &str, offset: u64, blob: &[u8]) -> cauce::Result<()> {
-            self.$live.save_snapshot(name, offset, blob)
-        }
+        $crate::forward_store!($live; save_snapshot, read_from, replay_from, start_offset,
+            next_offset, wait_for, wake_waiters, truncate_before, compact_with,
+            commit_cursor, cursor, latest_snapshot);
     };
     ($live:ident, but sync and save_snapshot) => {
-        fn read_from(&self, from: u64) -> cauce::Result<cauce::store::RecordIter> {
-            self.$live.read_from(from)
-        }
-        fn replay_from(
-            &self,
-            from: u64,
-            f: &mut dyn FnMut(u64, cauce::Entry<'_>),
-        ) -> cauce::Result<u64> {
-            self.$live.replay_from(from, f)
-        }
-        fn start_offset(&self) -> u64 {
-            self.$live.start_offset()
-        }
-        fn next_offset(&self) -> u64 {
-            self.$live.next_offset()
-        }
-        fn wait_for(&self, offset: u64, timeout: Option<std::time::Duration>) -> u64 {
-            self.$live.wait_for(offset, timeout)
-        }
-        fn wake_waiters(&self) {
-            self.$live.wake_waiters()
-        }
-        fn truncate_before(&self, offset: u64) -> cauce::Result<()> {
-            self.$live.truncate_before(offset)
-        }
-        fn compact_with(&self, options: cauce::store::CompactOptions) -> cauce::Result<cauce::store::Compaction> {
-            self.$live.compact_with(options)
-        }
-        fn commit_cursor(&self, name: &str, offset: u64) -> cauce::Result<()> {
-            self.$live.commit_cursor(name, offset)
-        }
-        fn cursor(&self, name: &str) -> cauce::Result<Option<u64>> {
-            self.$live.cursor(name)
-        }
-        fn latest_snapshot(&self, name: &str) -> cauce::Result<Option<cauce::store::Snapshot>> {
-            self.$live.latest_snapshot(name)
-        }
+        $crate::forward_store!($live; read_from, replay_from, start_offset, next_offset,
+            wait_for, wake_waiters, truncate_before, compact_with, commit_cursor, cursor,
+            latest_snapshot);
     };
 }
 #[allow(unused_imports)]

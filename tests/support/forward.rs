@@ -4,11 +4,17 @@
 //! ```ignore
 //! impl Store for Wrapper {
 //!     fn read_from(&self, from: Offset) -> Result<RecordIter> { /* changed */ }
-//!     forward_store!(inner; append, start_offset, next_offset, wait_for, ...);
+//!     crate::forward_store!(inner; append, start_offset, next_offset, wait_for, ...);
 //! }
 //! ```
+//!
+//! `common::forward_store_but_append!` (the cluster tests' wrappers) expands to it.
 
-/// Forwards the named `Store` methods to the field `$inner`.
+/// Forwards the named `Store` methods to the field `$inner`. Exported at the root of
+/// the test crate that includes this file, so that its own recursion (and
+/// `common::forward_store_but_append!`) finds it by `$crate::forward_store!` from any
+/// module.
+#[macro_export]
 macro_rules! forward_store {
     ($inner:ident;) => {};
     ($inner:ident; append $(, $rest:ident)*) => {
@@ -18,25 +24,35 @@ macro_rules! forward_store {
         ) -> ::cauce::Result<::std::ops::Range<::cauce::Offset>> {
             self.$inner.append(batch)
         }
-        forward_store!($inner; $($rest),*);
+        $crate::forward_store!($inner; $($rest),*);
     };
     ($inner:ident; read_from $(, $rest:ident)*) => {
         fn read_from(&self, from: ::cauce::Offset) -> ::cauce::Result<::cauce::store::RecordIter> {
             self.$inner.read_from(from)
         }
-        forward_store!($inner; $($rest),*);
+        $crate::forward_store!($inner; $($rest),*);
+    };
+    ($inner:ident; replay_from $(, $rest:ident)*) => {
+        fn replay_from(
+            &self,
+            from: ::cauce::Offset,
+            f: &mut dyn FnMut(::cauce::Offset, ::cauce::Entry<'_>),
+        ) -> ::cauce::Result<::cauce::Offset> {
+            self.$inner.replay_from(from, f)
+        }
+        $crate::forward_store!($inner; $($rest),*);
     };
     ($inner:ident; start_offset $(, $rest:ident)*) => {
         fn start_offset(&self) -> ::cauce::Offset {
             self.$inner.start_offset()
         }
-        forward_store!($inner; $($rest),*);
+        $crate::forward_store!($inner; $($rest),*);
     };
     ($inner:ident; next_offset $(, $rest:ident)*) => {
         fn next_offset(&self) -> ::cauce::Offset {
             self.$inner.next_offset()
         }
-        forward_store!($inner; $($rest),*);
+        $crate::forward_store!($inner; $($rest),*);
     };
     ($inner:ident; wait_for $(, $rest:ident)*) => {
         fn wait_for(
@@ -46,7 +62,7 @@ macro_rules! forward_store {
         ) -> ::cauce::Offset {
             self.$inner.wait_for(offset, timeout)
         }
-        forward_store!($inner; $($rest),*);
+        $crate::forward_store!($inner; $($rest),*);
     };
     ($inner:ident; poll_committed $(, $rest:ident)*) => {
         fn poll_committed(
@@ -56,25 +72,25 @@ macro_rules! forward_store {
         ) -> ::std::task::Poll<::cauce::Offset> {
             self.$inner.poll_committed(offset, cx)
         }
-        forward_store!($inner; $($rest),*);
+        $crate::forward_store!($inner; $($rest),*);
     };
     ($inner:ident; wake_waiters $(, $rest:ident)*) => {
         fn wake_waiters(&self) {
             self.$inner.wake_waiters()
         }
-        forward_store!($inner; $($rest),*);
+        $crate::forward_store!($inner; $($rest),*);
     };
     ($inner:ident; sync $(, $rest:ident)*) => {
         fn sync(&self) -> ::cauce::Result<()> {
             self.$inner.sync()
         }
-        forward_store!($inner; $($rest),*);
+        $crate::forward_store!($inner; $($rest),*);
     };
     ($inner:ident; truncate_before $(, $rest:ident)*) => {
         fn truncate_before(&self, offset: ::cauce::Offset) -> ::cauce::Result<()> {
             self.$inner.truncate_before(offset)
         }
-        forward_store!($inner; $($rest),*);
+        $crate::forward_store!($inner; $($rest),*);
     };
     ($inner:ident; compact_with $(, $rest:ident)*) => {
         fn compact_with(
@@ -83,19 +99,19 @@ macro_rules! forward_store {
         ) -> ::cauce::Result<::cauce::store::Compaction> {
             self.$inner.compact_with(options)
         }
-        forward_store!($inner; $($rest),*);
+        $crate::forward_store!($inner; $($rest),*);
     };
     ($inner:ident; commit_cursor $(, $rest:ident)*) => {
         fn commit_cursor(&self, name: &str, offset: ::cauce::Offset) -> ::cauce::Result<()> {
             self.$inner.commit_cursor(name, offset)
         }
-        forward_store!($inner; $($rest),*);
+        $crate::forward_store!($inner; $($rest),*);
     };
     ($inner:ident; cursor $(, $rest:ident)*) => {
         fn cursor(&self, name: &str) -> ::cauce::Result<Option<::cauce::Offset>> {
             self.$inner.cursor(name)
         }
-        forward_store!($inner; $($rest),*);
+        $crate::forward_store!($inner; $($rest),*);
     };
     ($inner:ident; save_snapshot $(, $rest:ident)*) => {
         fn save_snapshot(
@@ -106,7 +122,7 @@ macro_rules! forward_store {
         ) -> ::cauce::Result<()> {
             self.$inner.save_snapshot(name, offset, blob)
         }
-        forward_store!($inner; $($rest),*);
+        $crate::forward_store!($inner; $($rest),*);
     };
     ($inner:ident; latest_snapshot $(, $rest:ident)*) => {
         fn latest_snapshot(
@@ -115,13 +131,13 @@ macro_rules! forward_store {
         ) -> ::cauce::Result<Option<::cauce::store::Snapshot>> {
             self.$inner.latest_snapshot(name)
         }
-        forward_store!($inner; $($rest),*);
+        $crate::forward_store!($inner; $($rest),*);
     };
     ($inner:ident; append_waits_for_disk $(, $rest:ident)*) => {
         fn append_waits_for_disk(&self) -> bool {
             self.$inner.append_waits_for_disk()
         }
-        forward_store!($inner; $($rest),*);
+        $crate::forward_store!($inner; $($rest),*);
     };
     ($inner:ident; append_deferred $(, $rest:ident)*) => {
         fn append_deferred(
@@ -130,14 +146,12 @@ macro_rules! forward_store {
         ) -> ::cauce::Result<::cauce::store::Deferred> {
             self.$inner.append_deferred(batch)
         }
-        forward_store!($inner; $($rest),*);
+        $crate::forward_store!($inner; $($rest),*);
     };
     ($inner:ident; wait_appended $(, $rest:ident)*) => {
         fn wait_appended(&self, end: ::cauce::Offset) -> ::cauce::Result<()> {
             self.$inner.wait_appended(end)
         }
-        forward_store!($inner; $($rest),*);
+        $crate::forward_store!($inner; $($rest),*);
     };
 }
-
-pub(crate) use forward_store;

@@ -3,7 +3,7 @@
 use cauce::store::{RecordIter, Store};
 use cauce::{Offset, Result};
 
-use crate::forward::forward_store;
+use crate::forward_store;
 
 /// A store whose retention runs at the worst moment: every `read_from` first drops the
 /// records before `retain_from(requested)` (when that moves the start), then opens the
