@@ -37,9 +37,13 @@ pub fn now() -> Timestamp {
 /// assert_eq!(system_time(1_700_000_000_123), t);
 /// ```
 pub fn timestamp_of(time: SystemTime) -> Timestamp {
-    time.duration_since(UNIX_EPOCH)
-        .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
-        .unwrap_or(0)
+    time.duration_since(UNIX_EPOCH).map(millis).unwrap_or(0)
+}
+
+/// `d` in whole milliseconds, `u64::MAX` for a duration longer than that: what a
+/// duration of an option adds to or takes from a [`Timestamp`].
+pub(crate) fn millis(d: std::time::Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
 }
 
 /// The [`SystemTime`] a [`Timestamp`] stands for (the Unix epoch plus that many

@@ -297,17 +297,7 @@ impl Store for CountingStore {
     }
     forward_store!(
         store;
-        start_offset,
-        next_offset,
-        wait_for,
-        wake_waiters,
-        sync,
-        truncate_before,
-        compact_with,
-        commit_cursor,
-        cursor,
-        save_snapshot,
-        latest_snapshot
+        all_but_appends_and_reads
     );
 }
 

@@ -88,17 +88,7 @@ impl Store for HeldDisk {
     forward_store!(
         store;
         read_from,
-        start_offset,
-        next_offset,
-        wait_for,
-        wake_waiters,
-        sync,
-        truncate_before,
-        compact_with,
-        commit_cursor,
-        cursor,
-        save_snapshot,
-        latest_snapshot
+        all_but_appends_and_reads
     );
 }
 

@@ -184,8 +184,7 @@ impl CompactOptions {
         self.tombstones.map(|t| match t {
             Tombstones::Before(at) => at,
             Tombstones::KeptFor(kept_for) => {
-                let kept_for = u64::try_from(kept_for.as_millis()).unwrap_or(u64::MAX);
-                crate::record::now().saturating_sub(kept_for)
+                crate::record::now().saturating_sub(crate::record::millis(kept_for))
             }
         })
     }

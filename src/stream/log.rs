@@ -23,7 +23,6 @@ use std::task::{Context, Poll};
 use std::thread::{JoinHandle, ThreadId};
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
 use crossbeam_channel::Sender;
 use crossbeam_utils::{Backoff, CachePadded};
 use parking_lot::{Condvar, Mutex, RwLock};
@@ -165,7 +164,8 @@ struct Appender {
 /// and whom to answer), or an async commit of a cursor.
 enum AsyncJob {
     Append {
-        entries: Vec<(Timestamp, Bytes, Bytes)>,
+        /// The entries, owned (their offsets unset: an entry has none).
+        entries: Vec<Record>,
         answer: Responder<Range<Offset>>,
     },
     Commit {
@@ -384,13 +384,7 @@ impl<S: Store> Shared<S> {
             answer.answer(self.append(entries));
             return pending;
         }
-        let entries = entries
-            .iter()
-            .map(|e| {
-                let key = Bytes::copy_from_slice(e.key);
-                (e.timestamp, key, Bytes::copy_from_slice(e.payload))
-            })
-            .collect();
+        let entries = entries.iter().map(|e| e.to_record(0)).collect();
         if let Err(refused) = self.run_async(AsyncJob::Append { entries, answer })
             && let (AsyncJob::Append { answer, .. }, e) = *refused
         {
@@ -537,10 +531,7 @@ impl<S: Store> Shared<S> {
             let _gate = self.gate.read();
             let closed = self.closed.load(Ordering::SeqCst);
             for (entries, answer) in appends {
-                let entries: Vec<Entry<'_>> = entries
-                    .iter()
-                    .map(|(t, k, p)| Entry::with_timestamp(*t, k, p))
-                    .collect();
+                let entries: Vec<Entry<'_>> = entries.iter().map(Record::as_entry).collect();
                 let result = match closed {
                     true => Err(Error::Closed),
                     false => self.store.append_deferred(&entries),
@@ -800,13 +791,17 @@ impl<S: Store> LogSubscriber<S> {
     /// `commitAsync`). Dropping the future does not take the commit back.
     /// [`Error::CannotCommit`] without a cursor.
     pub fn commit_async(&self) -> impl Future<Output = Result<()>> + Send + 'static + use<S> {
-        let committed = match &self.cursor {
-            Some(name) => Ok(self.shared.commit_async(name.clone(), self.position)),
-            None => Err(Error::CannotCommit(
-                "the subscription was not opened from a named cursor",
-            )),
-        };
+        let committed = self
+            .committing()
+            .map(|name| self.shared.commit_async(name.to_owned(), self.position));
         async move { committed?.await }
+    }
+
+    /// The cursor a commit saves, or why the subscription cannot commit.
+    fn committing(&self) -> Result<&str> {
+        self.cursor.as_deref().ok_or(Error::CannotCommit(
+            "the subscription was not opened from a named cursor",
+        ))
     }
 
     /// Moves the subscriber to `to` (Kafka's `seek`): the next record received is the
@@ -1119,12 +1114,7 @@ impl<S: Store> Subscribe for LogSubscriber<S> {
     /// [commits](LogSubscriber::commit_async) the stream's appender thread has queued,
     /// if any, so that a cursor's commits take effect in the order they were made.
     fn commit(&mut self) -> Result<()> {
-        match &self.cursor {
-            Some(name) => self.shared.commit(name, self.position),
-            None => Err(Error::CannotCommit(
-                "the subscription was not opened from a named cursor",
-            )),
-        }
+        self.shared.commit(self.committing()?, self.position)
     }
 }
 

@@ -371,17 +371,7 @@ impl Store for Unreadable {
     }
     crate::forward_store!(
         live;
-        start_offset,
-        next_offset,
-        wait_for,
-        wake_waiters,
-        sync,
-        truncate_before,
-        compact_with,
-        commit_cursor,
-        cursor,
-        save_snapshot,
-        latest_snapshot
+        all_but_appends_and_reads
     );
 }
 
@@ -391,9 +381,7 @@ impl Store for Unreadable {
 #[allow(unused_macros)]
 macro_rules! forward_store_but_append {
     ($live:ident) => {
-        $crate::forward_store!($live; sync, save_snapshot, read_from, replay_from,
-            start_offset, next_offset, wait_for, wake_waiters, truncate_before, compact_with,
-            commit_cursor, cursor, latest_snapshot);
+        $crate::forward_store!($live; read_from, replay_from, all_but_appends_and_reads);
     };
     ($live:ident, but sync) => {
         $crate::forward_store!($live; save_snapshot, read_from, replay_from, start_offset,

@@ -17,6 +17,15 @@
 #[macro_export]
 macro_rules! forward_store {
     ($inner:ident;) => {};
+    // Every method but the appends (`append`, `append_deferred`, `append_waits_for_disk`,
+    // `wait_appended`) and the reads (`read_from`, `replay_from`, `poll_committed`):
+    // what most wrappers leave as it is.
+    ($inner:ident; all_but_appends_and_reads $(, $rest:ident)*) => {
+        $crate::forward_store!(
+            $inner; start_offset, next_offset, wait_for, wake_waiters, sync, truncate_before,
+            compact_with, commit_cursor, cursor, save_snapshot, latest_snapshot $(, $rest)*
+        );
+    };
     ($inner:ident; append $(, $rest:ident)*) => {
         fn append(
             &self,

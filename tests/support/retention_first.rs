@@ -29,16 +29,6 @@ where
     forward_store!(
         store;
         append,
-        start_offset,
-        next_offset,
-        wait_for,
-        wake_waiters,
-        sync,
-        truncate_before,
-        compact_with,
-        commit_cursor,
-        cursor,
-        save_snapshot,
-        latest_snapshot
+        all_but_appends_and_reads
     );
 }

@@ -1195,8 +1195,7 @@ impl LogStore {
         }
         let mut expired_active = None;
         if let Some(age) = options.retain_for {
-            let age = u64::try_from(age.as_millis()).unwrap_or(u64::MAX);
-            let horizon = crate::record::now().saturating_sub(age);
+            let horizon = crate::record::now().saturating_sub(crate::record::millis(age));
             while drop < sealed {
                 if self.newest_timestamp(&segments[drop].0, segments[drop + 1].0.base)? >= horizon {
                     break;

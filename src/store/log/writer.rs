@@ -155,7 +155,7 @@ pub(crate) fn poison(st: &mut WriterState, e: &Error) {
 /// after now.
 fn check_timestamps(batch: &[Entry<'_>], ahead: Duration) -> Result<()> {
     let now = crate::record::now();
-    let limit = now.saturating_add(u64::try_from(ahead.as_millis()).unwrap_or(u64::MAX));
+    let limit = now.saturating_add(crate::record::millis(ahead));
     match batch.iter().position(|e| e.timestamp > limit) {
         Some(index) => Err(Error::TimestampAhead {
             index,
